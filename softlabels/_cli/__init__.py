@@ -1,0 +1,69 @@
+"""The ``softlabels`` command line: a thin click layer over the library API.
+
+Each command lives in its own module and only parses options, calls the library
+and prints. Library errors become one-line messages and exit status 2; nothing
+deliberate ever reaches the user as a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from softlabels import __version__
+from softlabels.errors import SoftLabelsError
+
+
+class _Group(click.Group):
+    """A click group that turns library errors into one-line messages."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D401 - click API
+        try:
+            return super().invoke(ctx)
+        except SoftLabelsError as err:
+            raise _OneLine(str(err)) from None
+        except KeyboardInterrupt:
+            raise _OneLine("interrupted; rerun the same command to resume") from None
+        except OSError as err:
+            # Disk full, permission denied, ... from the OS: say which file and why.
+            raise _OneLine(_describe_os_error(err)) from None
+
+
+class _OneLine(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # one line, no traceback
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _describe_os_error(err: OSError) -> str:
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    reason = err.strerror or str(err)
+    return f"{reason}{where}; fix the path or free the resource and rerun the same command"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="softlabels")
+def main() -> None:
+    """Offline knowledge distillation with precomputed teacher logits."""
+
+
+def _register() -> None:
+    from softlabels._cli import inspect as _inspect
+
+    main.add_command(_inspect.inspect_cmd)
+    for name in ("generate", "train", "eval", "report"):
+        try:
+            module = __import__(f"softlabels._cli.{name}", fromlist=["command"])
+        except ModuleNotFoundError as err:  # command not built in this version
+            if err.name != f"softlabels._cli.{name}":
+                raise
+            continue
+        main.add_command(module.command)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""``softlabels inspect``: describe a store."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from softlabels.format import chunk_list
+from softlabels.summary import summarize
+
+
+@click.command("inspect")
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--verify", is_flag=True, help="Read every chunk and check its checksum.")
+def inspect_cmd(store: str, as_json: bool, verify: bool) -> None:
+    """Describe STORE: format, layout, sizes, status, labels and teacher statistics."""
+    info = summarize(store, verify=verify)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    k = f"  K={info['topk']}" if info["topk"] else ""
+    rows = [
+        ("store", f"{info['path']}  ({info['backend']}, format v{info['format_version']})"),
+        ("status", info["status"] + (f"  missing chunks: {chunk_list(info['missing_chunks'])}" if info["missing_chunks"] else "")),
+        ("layout", f"{info['layout']}  {info['logits_dtype']}  N={info['num_samples']}  C={info['num_classes']}{k}"),
+        ("chunking", f"{info['chunk_rows']} rows x {info['num_chunks']} chunks"
+                     + (f", shards of {info['shard_rows']} rows" if info["shard_rows"] else "")),
+        ("labels", f"{info['labeled']} labeled, {info['unlabeled']} unlabeled"),
+        ("teacher accuracy", _pct(info["teacher_accuracy"]) + "  (argmax vs label, labeled rows)"),
+        ("teacher entropy", _num(info["mean_teacher_entropy"]) + " nats/row"
+                            + (f"  ({info['entropy_note']})" if info["entropy_note"] else "")),
+        ("size on disk", f"{info['size_on_disk_bytes'] / 2**20:.2f} MiB"),
+        ("teacher", json.dumps(info["teacher"], sort_keys=True)),
+        ("source", json.dumps(info["source"], sort_keys=True)),
+        ("created by", json.dumps(info["created_by"], sort_keys=True)),
+    ]
+    if verify:
+        bad = info["corrupt_chunks"]
+        rows.append(("checksums", f"{len(bad)} corrupt chunks: {chunk_list(bad)} (repair: softlabels generate "
+                                  "--repair with the original arguments)" if bad else "all chunks verified"))
+    elif info["unreadable_chunks"]:
+        rows.append(("damaged", f"chunks {chunk_list(info['unreadable_chunks'])} cannot be read (run with --verify)"))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

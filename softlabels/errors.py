@@ -1,0 +1,97 @@
+"""Exception hierarchy.
+
+Every error softlabels raises on purpose is a :class:`SoftLabelsError`. Most also
+subclass the matching built-in, so callers can catch either
+(``except FileNotFoundError`` still works for a missing store). The CLI prints
+``str(err)`` on one line and exits non-zero; messages therefore name the problem
+*and* the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SoftLabelsError",
+    "StoreError",
+    "StoreNotFound",
+    "NotAStore",
+    "UnsupportedFormat",
+    "CorruptStore",
+    "IncompleteStore",
+    "StoreExists",
+    "StoreMismatch",
+    "StoreLocked",
+    "SpecError",
+    "DataError",
+    "FingerprintMismatch",
+    "ModelMismatch",
+    "NonFiniteOutputs",
+    "ConfigError",
+]
+
+
+class SoftLabelsError(Exception):
+    """Base class of every error softlabels raises deliberately."""
+
+
+class StoreError(SoftLabelsError):
+    """A problem with a soft-label store."""
+
+
+class StoreNotFound(StoreError, FileNotFoundError):
+    """The store path does not exist."""
+
+
+class NotAStore(StoreError, ValueError):
+    """The path exists but is not a softlabels store."""
+
+
+class UnsupportedFormat(StoreError, ValueError):
+    """The store's format version (or layout) is not one this version reads."""
+
+
+class CorruptStore(StoreError, ValueError):
+    """The store's arrays or attributes are damaged or inconsistent."""
+
+
+class IncompleteStore(StoreError, RuntimeError):
+    """The store is still being written (or its writer died) and is not complete."""
+
+
+class StoreExists(StoreError, FileExistsError):
+    """A store already exists where a new one was asked for."""
+
+
+class StoreMismatch(StoreError, ValueError):
+    """An existing store was made with different settings than the ones given."""
+
+
+class StoreLocked(StoreError, BlockingIOError):
+    """Another process is writing this store."""
+
+
+class SpecError(SoftLabelsError, ValueError):
+    """A --teacher/--student/--data spec cannot be resolved."""
+
+
+class DataError(SoftLabelsError, ValueError):
+    """Input data is missing, malformed or does not fit the model."""
+
+
+class FingerprintMismatch(SoftLabelsError, ValueError):
+    """The inputs given do not match the inputs the store was generated from."""
+
+
+class ModelMismatch(SoftLabelsError, ValueError):
+    """A model does not fit its weights, its inputs, or the store's class count."""
+
+
+class NonFiniteOutputs(SoftLabelsError, ArithmeticError):
+    """The teacher produced NaN or infinite logits."""
+
+
+class ConfigError(SoftLabelsError, ValueError):
+    """Invalid option values; the message lists every problem found."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))

@@ -1,0 +1,299 @@
+"""The on-disk format, version 1: names, attributes, shapes, validation.
+
+This module is the only place that knows the schema (docs/FORMAT.md describes it
+for people). A store is one tree of arrays plus root attributes, identical in an
+HDF5 file and a Zarr v3 group. Every per-row array is chunked along N only, with
+``chunk_rows`` rows per chunk. New layouts (multi-view, ragged token logits) are
+added by extending :func:`row_arrays`, not by changing the reader or writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+from softlabels.errors import CorruptStore, UnsupportedFormat
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LAYOUTS",
+    "LOGITS_DTYPES",
+    "ROW_KEYS",
+    "ArraySpec",
+    "StoreMeta",
+    "chunk_checksum",
+    "encode_logits",
+    "storage_dtype",
+]
+
+FORMAT_VERSION = 1
+
+Layout = Literal["dense", "topk"]
+LAYOUTS: tuple[str, ...] = ("dense", "topk")
+STATUS_WRITING = "writing"
+STATUS_COMPLETE = "complete"
+
+# logits dtype name -> numpy dtype it is stored as (bfloat16 as its raw uint16 bits)
+LOGITS_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("float32"),
+    "float16": np.dtype("float16"),
+    "bfloat16": np.dtype("uint16"),
+}
+
+# array names (the public contract)
+LOGITS = "logits"
+TOPK_VALUES = "topk_values"
+TOPK_INDICES = "topk_indices"
+LOGSUMEXP = "logsumexp"
+LABELS = "labels"
+SAMPLE_IDS = "sample_ids"
+CHUNK_DONE = "chunk_done"
+CHECKSUMS = "checksums"
+
+# every per-row array any layout may hold, in checksum order
+ROW_KEYS: tuple[str, ...] = (LOGITS, TOPK_VALUES, TOPK_INDICES, LOGSUMEXP, LABELS, SAMPLE_IDS)
+
+# root attributes whose values are objects (JSON strings in HDF5)
+OBJECT_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by")
+REQUIRED_ATTRS: tuple[str, ...] = (
+    "softlabels_format", "status", "layout", "num_samples", "num_classes",
+    "logits_dtype", "chunk_rows",
+)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Shape and stored dtype of one array; ``per_row`` arrays are chunked along N."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    per_row: bool = True
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Everything a store's root attributes say, validated."""
+
+    layout: str
+    num_samples: int
+    num_classes: int
+    logits_dtype: str = "float32"
+    chunk_rows: int = 1024
+    topk: int | None = None
+    status: str = STATUS_WRITING
+    teacher: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    created_by: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise CorruptStore("invalid store metadata: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every inconsistency in these values (empty when valid)."""
+        p: list[str] = []
+        if self.layout not in LAYOUTS:
+            p.append(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if not _is_int(self.num_samples) or self.num_samples < 0:
+            p.append(f"num_samples must be an integer >= 0, got {self.num_samples!r}")
+        if not _is_int(self.num_classes) or self.num_classes < 1:
+            p.append(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        if self.logits_dtype not in LOGITS_DTYPES:
+            p.append(f"logits_dtype {self.logits_dtype!r} is not one of {', '.join(LOGITS_DTYPES)}")
+        if not _is_int(self.chunk_rows) or self.chunk_rows < 1:
+            p.append(f"chunk_rows must be an integer >= 1, got {self.chunk_rows!r}")
+        if self.layout == "topk":
+            if not _is_int(self.topk) or not 1 <= self.topk <= (self.num_classes if _is_int(self.num_classes) else 0):
+                p.append(f"topk must be an integer in 1..num_classes, got {self.topk!r}")
+        elif self.topk is not None:
+            p.append("topk is set but the layout is not 'topk'")
+        if self.status not in (STATUS_WRITING, STATUS_COMPLETE):
+            p.append(f"status {self.status!r} is not 'writing' or 'complete'")
+        return p
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_samples / self.chunk_rows)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == STATUS_COMPLETE
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """Row range ``[start, stop)`` of chunk number ``chunk``."""
+        if not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"chunk {chunk} out of range 0..{self.num_chunks - 1}")
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.num_samples)
+
+    def row_arrays(self) -> dict[str, ArraySpec]:
+        """The per-row arrays of this layout, in checksum order."""
+        n, c = self.num_samples, self.num_classes
+        values = LOGITS_DTYPES[self.logits_dtype]
+        if self.layout == "dense":
+            arrays = {LOGITS: ArraySpec((n, c), values)}
+        else:
+            k = int(self.topk)  # validated above
+            arrays = {
+                TOPK_VALUES: ArraySpec((n, k), values),
+                TOPK_INDICES: ArraySpec((n, k), topk_index_dtype(c)),
+                LOGSUMEXP: ArraySpec((n,), np.dtype("float32")),
+            }
+        arrays[LABELS] = ArraySpec((n,), np.dtype("int64"))
+        arrays[SAMPLE_IDS] = ArraySpec((n,), np.dtype("int64"))
+        return arrays
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """Every array of the store: per-row arrays plus the per-chunk bookkeeping."""
+        per_chunk = {
+            CHUNK_DONE: ArraySpec((self.num_chunks,), np.dtype("uint8"), per_row=False),
+            CHECKSUMS: ArraySpec((self.num_chunks,), np.dtype("uint32"), per_row=False),
+        }
+        return {**self.row_arrays(), **per_chunk}
+
+    def to_attrs(self) -> dict[str, Any]:
+        """Root attributes as plain JSON-serialisable values."""
+        attrs: dict[str, Any] = {
+            "softlabels_format": self.format_version,
+            "status": self.status,
+            "layout": self.layout,
+            "num_samples": int(self.num_samples),
+            "num_classes": int(self.num_classes),
+            "logits_dtype": self.logits_dtype,
+            "chunk_rows": int(self.chunk_rows),
+            "teacher": self.teacher,
+            "source": self.source,
+            "created_by": self.created_by,
+        }
+        if self.layout == "topk":
+            attrs["topk"] = int(self.topk)
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreMeta:
+        """Parse and validate root attributes (JSON data only, never evaluated)."""
+        version = attrs.get("softlabels_format")
+        if version is None:
+            raise CorruptStore("root attribute 'softlabels_format' is missing; this is not a softlabels store or its metadata was damaged")
+        if not _is_int(version) or version != FORMAT_VERSION:
+            raise UnsupportedFormat(
+                f"unsupported softlabels format version {version!r}; this softlabels reads version {FORMAT_VERSION} "
+                "(upgrade softlabels or regenerate the store)"
+            )
+        missing = [a for a in REQUIRED_ATTRS if a not in attrs]
+        if missing:
+            raise CorruptStore(f"root attributes missing: {', '.join(missing)}; regenerate the store")
+        objects = {}
+        for name in OBJECT_ATTRS:
+            value = attrs.get(name, {})
+            if not isinstance(value, dict):
+                raise CorruptStore(f"root attribute {name!r} must be an object, got {type(value).__name__}")
+            objects[name] = value
+        return cls(
+            layout=attrs["layout"],
+            num_samples=attrs["num_samples"],
+            num_classes=attrs["num_classes"],
+            logits_dtype=attrs["logits_dtype"],
+            chunk_rows=attrs["chunk_rows"],
+            topk=attrs.get("topk"),
+            status=attrs["status"],
+            format_version=version,
+            **objects,
+        )
+
+    def with_status(self, status: str) -> StoreMeta:
+        return replace(self, status=status)
+
+    def same_shape(self, other: StoreMeta) -> list[str]:
+        """Differences in what decides the arrays' shapes and types (for resume checks)."""
+        keys = ("layout", "num_samples", "num_classes", "logits_dtype", "chunk_rows", "topk")
+        return [f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}" for k in keys
+                if getattr(self, k) != getattr(other, k)]
+
+
+def topk_index_dtype(num_classes: int) -> np.dtype:
+    """uint16 when every class index fits (C <= 65536), else int32."""
+    return np.dtype("uint16") if num_classes <= 65536 else np.dtype("int32")
+
+
+def storage_dtype(logits_dtype: str) -> np.dtype:
+    """The numpy dtype logits of this kind are stored as."""
+    return LOGITS_DTYPES[logits_dtype]
+
+
+def encode_logits(values: Any, logits_dtype: str) -> np.ndarray:
+    """Convert float logits (numpy or torch) to their stored representation."""
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        t = values.detach().cpu()
+    else:
+        arr = np.asarray(values)
+        if logits_dtype == "bfloat16" and arr.dtype == np.uint16:
+            return arr  # already bfloat16 bits
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if logits_dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return t.to(getattr(torch, logits_dtype)).numpy()
+
+
+def decode_logits(stored: np.ndarray, logits_dtype: str):
+    """Stored logits as a torch tensor of the logical dtype (no copy)."""
+    import torch
+
+    t = torch.from_numpy(stored)
+    if logits_dtype == "bfloat16":
+        return t.view(torch.int16).view(torch.bfloat16)
+    return t
+
+
+def chunk_checksum(block: Mapping[str, np.ndarray]) -> int:
+    """crc32 over the bytes of a chunk's per-row arrays, in ROW_KEYS order."""
+    crc = 0
+    for key in ROW_KEYS:
+        if key in block:
+            crc = zlib.crc32(np.ascontiguousarray(block[key]).view(np.uint8), crc)
+    return crc
+
+
+def encode_h5_attr(name: str, value: Any) -> Any:
+    """HDF5 attribute value: objects as JSON strings, scalars as themselves."""
+    return json.dumps(value, sort_keys=True) if name in OBJECT_ATTRS else value
+
+
+def decode_h5_attr(name: str, value: Any) -> Any:
+    """Inverse of :func:`encode_h5_attr`; parses JSON only (never evaluates)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if name in OBJECT_ATTRS and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise CorruptStore(f"root attribute {name!r} is not valid JSON ({err.msg}); regenerate the store") from None
+    return value
+
+
+def default_chunk_rows(num_classes: int, itemsize: int, target_bytes: int = 1 << 20) -> int:
+    """A power of two giving ~1 MiB logits chunks, between 16 and 4096 rows."""
+    rows = max(1, target_bytes // max(1, num_classes * itemsize))
+    return int(min(4096, max(16, 1 << (rows.bit_length() - 1))))
+
+
+def chunk_list(indices: Any, limit: int = 20) -> str:
+    """'3, 7, 9' (at most ``limit`` numbers, then a count) for messages."""
+    items = [int(i) for i in indices]
+    text = ", ".join(str(i) for i in items[:limit])
+    return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

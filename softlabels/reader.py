@@ -1,0 +1,246 @@
+"""SoftLabelStore: open, validate and read a store.
+
+Opening checks the format version, the attributes, every array's shape, dtype
+and chunking, and the status; a store still being written is refused unless
+``allow_partial``. Reads are whole chunks or row ranges into numpy (torch views
+via :func:`to_torch`), verified against the per-chunk checksums on request.
+The backend handle opens lazily and reopens after a fork, so a store object can
+be handed to DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softlabels import format as fmt
+from softlabels.errors import CorruptStore, IncompleteStore, NotAStore, SoftLabelsError
+from softlabels.format import StoreMeta
+from softlabels.store import Backend, backend_kind, open_backend
+
+__all__ = ["SoftLabelStore", "open_store", "to_torch", "densify_topk"]
+
+
+def open_store(path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> SoftLabelStore:
+    """Open a store for reading; see :class:`SoftLabelStore`."""
+    return SoftLabelStore(path, allow_partial=allow_partial, backend=backend)
+
+
+class SoftLabelStore:
+    """A validated, read-only view of one store."""
+
+    def __init__(self, path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> None:
+        self.path = Path(path)
+        self.backend_kind = backend_kind(self.path, backend)
+        self._backend: Backend | None = None
+        self._pid = -1
+        self._cache: dict[str, np.ndarray] = {}
+        b = self._handle()
+        try:
+            self.meta = StoreMeta.from_attrs(b.attrs())
+        except SoftLabelsError as err:
+            self.close()
+            raise type(err)(f"{self.path}: {err}") from None
+        self.unit_rows = self._check_arrays(b)
+        done = self.chunk_done()
+        missing = np.flatnonzero(~done)
+        if self.meta.complete and len(missing):
+            self.close()
+            raise CorruptStore(
+                f"{self.path} is marked complete but chunks {fmt.chunk_list(missing)} are not flagged done; "
+                "regenerate them by rerunning 'softlabels generate' with the same arguments"
+            )
+        if not self.meta.complete and not allow_partial:
+            self.close()
+            raise IncompleteStore(
+                f"{self.path} is incomplete (status {self.meta.status!r}, {len(missing)} of {self.num_chunks} chunks "
+                f"missing: {fmt.chunk_list(missing)}); finish it by rerunning 'softlabels generate' with the "
+                "same arguments, or read it explicitly as partial"
+            )
+
+    # -- handle management (fork-safe) -------------------------------------------------
+    def _handle(self) -> Backend:
+        if self._backend is None or self._pid != os.getpid():
+            self._backend = open_backend(self.path, "r", self.backend_kind)
+            self._pid = os.getpid()
+        return self._backend
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_backend"], state["_pid"] = None, -1
+        return state
+
+    def close(self) -> None:
+        if self._backend is not None and self._pid == os.getpid():
+            self._backend.close()
+        self._backend = None
+
+    def __enter__(self) -> SoftLabelStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- validation ----------------------------------------------------------------------
+    def _check_arrays(self, b: Backend) -> int:
+        """Check every array against the schema; return the write-unit size in rows."""
+        problems: list[str] = []
+        present = set(b.array_names())
+        for name, spec in self.meta.arrays().items():
+            if name not in present:
+                problems.append(f"array {name!r} is missing")
+                continue
+            shape, dtype, chunks = b.array_info(name)
+            if shape != spec.shape:
+                problems.append(f"{name} has shape {shape}, the attributes say {spec.shape}")
+            if dtype != spec.dtype:
+                problems.append(f"{name} has dtype {dtype}, expected {spec.dtype}")
+            if spec.per_row and shape and chunks[0] != min(self.meta.chunk_rows, max(1, shape[0])):
+                problems.append(f"{name} is chunked by {chunks[0]} rows, chunk_rows says {self.meta.chunk_rows}")
+        if problems:
+            self.close()
+            if not present:
+                raise NotAStore(f"{self.path} has softlabels attributes but no arrays; regenerate the store")
+            raise CorruptStore(f"{self.path} does not match its metadata: {'; '.join(problems)}; regenerate the store")
+        return b.shard_rows(fmt.LABELS) or self.meta.chunk_rows
+
+    # -- metadata ------------------------------------------------------------------------
+    num_samples = property(lambda self: self.meta.num_samples)
+    num_classes = property(lambda self: self.meta.num_classes)
+    num_chunks = property(lambda self: self.meta.num_chunks)
+    chunk_rows = property(lambda self: self.meta.chunk_rows)
+    layout = property(lambda self: self.meta.layout)
+    topk = property(lambda self: self.meta.topk)
+    logits_dtype = property(lambda self: self.meta.logits_dtype)
+    status = property(lambda self: self.meta.status)
+    teacher = property(lambda self: self.meta.teacher)
+    source = property(lambda self: self.meta.source)
+    created_by = property(lambda self: self.meta.created_by)
+
+    def __len__(self) -> int:
+        return self.meta.num_samples
+
+    def __repr__(self) -> str:
+        k = f", K={self.topk}" if self.topk else ""
+        return (f"SoftLabelStore({str(self.path)!r}, {self.layout}, N={self.num_samples}, C={self.num_classes}{k}, "
+                f"{self.logits_dtype}, {self.status})")
+
+    @property
+    def row_keys(self) -> tuple[str, ...]:
+        """Names of this layout's per-row arrays."""
+        return tuple(self.meta.row_arrays())
+
+    def _whole(self, name: str) -> np.ndarray:
+        arr = self._cache.get(name)
+        if arr is None:
+            arr = self._cache[name] = self._handle().read(name, 0, self.meta.arrays()[name].shape[0])
+        return arr
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All labels, int64 [N] (-1 = unlabeled); read once and cached."""
+        return self._whole(fmt.LABELS)
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """All sample ids, int64 [N]; read once and cached."""
+        return self._whole(fmt.SAMPLE_IDS)
+
+    def chunk_done(self) -> np.ndarray:
+        """bool [num_chunks], read fresh from disk."""
+        return self._handle().read(fmt.CHUNK_DONE, 0, self.num_chunks).astype(bool)
+
+    def missing_chunks(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.chunk_done())]
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        return self.meta.chunk_bounds(chunk)
+
+    # -- reading -------------------------------------------------------------------------
+    def read_rows(self, start: int, stop: int, *, keys: tuple[str, ...] | None = None,
+                  out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of the given arrays (default: all per-row arrays)."""
+        if not 0 <= start <= stop <= self.num_samples:
+            raise IndexError(f"rows {start}..{stop} outside 0..{self.num_samples}")
+        b = self._handle()
+        keys = keys or self.row_keys
+        return {k: b.read(k, start, stop, None if out is None else out.get(k)) for k in keys}
+
+    def read_chunk(self, chunk: int, *, keys: tuple[str, ...] | None = None, verify: bool = True) -> dict[str, np.ndarray]:
+        """One whole chunk; with ``verify`` its checksum is checked (all arrays are then read)."""
+        start, stop = self.chunk_bounds(chunk)
+        try:
+            block = self.read_rows(start, stop, keys=self.row_keys if verify else keys)
+        except CorruptStore as err:
+            raise CorruptStore(
+                f"chunk {chunk} (rows {start}..{stop}) of {self.path} cannot be read ({err.__cause__ or err}); "
+                "regenerate it with 'softlabels generate --repair' and the original arguments"
+            ) from err
+        if verify:
+            self._verify(chunk, block)
+            if keys is not None:
+                block = {k: block[k] for k in keys}
+        return block
+
+    def _verify(self, chunk: int, block: dict[str, np.ndarray]) -> None:
+        expected = int(self._whole(fmt.CHECKSUMS)[chunk])
+        if fmt.chunk_checksum(block) != expected:
+            start, stop = self.chunk_bounds(chunk)
+            raise CorruptStore(
+                f"chunk {chunk} (rows {start}..{stop}) of {self.path} fails its checksum; regenerate it with "
+                "'softlabels generate --repair' and the original arguments"
+            )
+
+    def verify(self) -> list[int]:
+        """Read every finished chunk; return those that are unreadable or fail their checksum."""
+        bad = []
+        for c in np.flatnonzero(self.chunk_done()):
+            c = int(c)
+            try:
+                self.read_chunk(c, verify=True)
+            except CorruptStore:
+                bad.append(c)
+        return bad
+
+    def size_on_disk(self) -> int:
+        return self._handle().size_on_disk()
+
+
+def to_torch(block: dict[str, np.ndarray], logits_dtype: str) -> dict[str, torch.Tensor]:
+    """numpy block -> torch tensors without copying (bfloat16 bits viewed as bfloat16)."""
+    out = {}
+    for k, v in block.items():
+        if k in (fmt.LOGITS, fmt.TOPK_VALUES):
+            out[k] = fmt.decode_logits(v, logits_dtype)
+        elif v.dtype == np.uint16:  # top-k indices: torch indexing wants int64
+            out[k] = torch.from_numpy(v.astype(np.int64))
+        else:
+            out[k] = torch.from_numpy(v)
+    return out
+
+
+def densify_topk(values: torch.Tensor, indices: torch.Tensor, logsumexp: torch.Tensor, num_classes: int, *,
+                 tail: str = "spread") -> torch.Tensor:
+    """Teacher log-probabilities at T = 1 from a top-k row.
+
+    ``tail="spread"``: [B, C], the tail mass ``1 - sum(top-k probs)`` shared evenly
+    among the C - K classes not stored. ``tail="bucket"``: [B, K + 1], the K stored
+    classes in stored order followed by one bucket holding the whole tail mass.
+    Both are exact for the stored classes; only the tail's split is assumed.
+    """
+    logp_k = values.float() - logsumexp.float().unsqueeze(-1)
+    log_tail = torch.log(-torch.expm1(torch.logsumexp(logp_k, dim=-1).clamp(max=-1e-7)))
+    if tail == "bucket":
+        return torch.cat([logp_k, log_tail.unsqueeze(-1)], dim=-1)
+    if tail != "spread":
+        raise ValueError(f"tail must be 'spread' or 'bucket', got {tail!r}")
+    k = values.shape[-1]
+    if k == num_classes:
+        return torch.full_like(logp_k, 0).scatter(-1, indices.long(), logp_k)
+    fill = (log_tail - np.log(num_classes - k)).unsqueeze(-1)
+    out = fill.expand(*values.shape[:-1], num_classes).clone()
+    return out.scatter(-1, indices.long(), logp_k)

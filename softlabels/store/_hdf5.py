@@ -1,0 +1,99 @@
+"""HDF5 backend (h5py).
+
+Arrays are chunked along N and allocated in full when created
+(``H5D_ALLOC_TIME_EARLY``), so writing a chunk later only writes raw data and
+never touches the file's metadata: a writer killed mid-way leaves a readable
+file. Object-valued root attributes are stored as JSON strings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from softlabels.errors import CorruptStore, NotAStore, StoreLocked
+from softlabels.format import ArraySpec, decode_h5_attr, encode_h5_attr
+
+
+class HDF5Backend:
+    kind = "hdf5"
+
+    def __init__(self, path: Path, mode: str) -> None:
+        self.path = path
+        try:
+            self._f = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode])
+        except BlockingIOError as err:
+            raise StoreLocked(f"{str(path)!r} is open for writing by another process; wait for it or stop it") from err
+        except OSError as err:
+            text = str(err)
+            if "lock" in text.lower():
+                raise StoreLocked(f"{str(path)!r} is locked by another process; wait for it or stop it") from err
+            if mode == "w":
+                raise
+            raise NotAStore(
+                f"{str(path)!r} is not a readable HDF5 file ({_first_line(text)}); check the path or regenerate the store"
+            ) from err
+
+    def attrs(self) -> dict[str, Any]:
+        return {k: decode_h5_attr(k, v) for k, v in self._f.attrs.items()}
+
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        for k, v in attrs.items():
+            self._f.attrs[k] = encode_h5_attr(k, v)
+
+    def array_names(self) -> list[str]:
+        return [k for k, v in self._f.items() if isinstance(v, h5py.Dataset)]
+
+    def array_info(self, name: str) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
+        d = self._f[name]
+        return tuple(d.shape), d.dtype, tuple(d.chunks or d.shape)
+
+    def shard_rows(self, name: str) -> int | None:
+        return None  # HDF5 has no shards
+
+    def create_array(self, name: str, spec: ArraySpec, *, chunk_rows: int, shard_rows: int | None,
+                     compress: bool) -> None:
+        rows = chunk_rows if spec.per_row else min(max(1, spec.shape[0]), 4096)
+        chunks = (max(1, min(rows, spec.shape[0] or 1)),) + spec.shape[1:]
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        self._f.create_dataset(
+            name, shape=spec.shape, dtype=spec.dtype, chunks=chunks, fillvalue=0, dcpl=dcpl,
+            compression="gzip" if compress else None, shuffle=compress,
+        )
+
+    def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        d = self._f[name]
+        if out is None:
+            out = np.empty((stop - start,) + d.shape[1:], dtype=d.dtype)
+        if stop > start:
+            try:
+                d.read_direct(out, source_sel=np.s_[start:stop])
+            except (OSError, RuntimeError) as err:
+                raise CorruptStore(
+                    f"cannot read rows {start}..{stop} of {name!r} in {str(self.path)!r} ({_first_line(str(err))}); "
+                    "the file is damaged: regenerate it with 'softlabels generate --overwrite'"
+                ) from err
+        return out
+
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        self._f[name][start:start + len(data)] = data
+
+    def flush(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.id.get_vfd_handle())  # "done" must mean on disk, not in the page cache
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def size_on_disk(self) -> int:
+        return self.path.stat().st_size
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"

@@ -1,0 +1,84 @@
+"""What ``softlabels inspect`` reports about a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softlabels import format as fmt
+from softlabels.errors import CorruptStore
+from softlabels.reader import SoftLabelStore, densify_topk, to_torch
+
+__all__ = ["summarize"]
+
+
+def summarize(path: str | Path, *, verify: bool = False, backend: str | None = None) -> dict[str, Any]:
+    """Describe a store: layout, sizes, status, label counts and teacher statistics.
+
+    Incomplete stores are described too (statistics cover the chunks done so far).
+    With ``verify``, every chunk is read and checked against its checksum.
+    """
+    with SoftLabelStore(path, allow_partial=True, backend=backend) as store:
+        done = store.chunk_done()
+        info: dict[str, Any] = {
+            "path": str(store.path),
+            "backend": store.backend_kind,
+            "format_version": store.meta.format_version,
+            "status": store.status,
+            "layout": store.layout,
+            "logits_dtype": store.logits_dtype,
+            "num_samples": store.num_samples,
+            "num_classes": store.num_classes,
+            "topk": store.topk,
+            "chunk_rows": store.chunk_rows,
+            "num_chunks": store.num_chunks,
+            "shard_rows": store.unit_rows if store.unit_rows != store.chunk_rows else None,
+            "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
+            "size_on_disk_bytes": store.size_on_disk(),
+        }
+        info.update(_teacher_stats(store, done, verify=verify))
+        info["teacher"] = store.teacher
+        info["source"] = store.source
+        info["created_by"] = store.created_by
+        return info
+
+
+def _teacher_stats(store: SoftLabelStore, done: np.ndarray, *, verify: bool) -> dict[str, Any]:
+    """Label counts, teacher top-1 accuracy on labeled rows and mean entropy (nats, T = 1).
+
+    Reads chunk by chunk; damaged chunks are skipped and listed.
+    """
+    correct = labeled = rows = 0
+    entropy = 0.0
+    damaged = []
+    for c in np.flatnonzero(done):
+        try:
+            block = to_torch(store.read_chunk(int(c), verify=verify), store.logits_dtype)
+        except CorruptStore:
+            damaged.append(int(c))
+            continue
+        if store.layout == "dense":
+            logp = torch.log_softmax(block[fmt.LOGITS].float(), dim=-1)
+            top1 = logp.argmax(-1)
+        else:  # entropy over the K stored classes plus one tail bucket: a lower bound
+            logp = densify_topk(block[fmt.TOPK_VALUES], block[fmt.TOPK_INDICES], block[fmt.LOGSUMEXP],
+                                store.num_classes, tail="bucket")
+            top1 = block[fmt.TOPK_INDICES][:, 0]
+        entropy += float(-(logp.exp() * logp).nan_to_num().sum())
+        lab = block[fmt.LABELS]
+        mask = lab >= 0
+        correct += int((top1[mask] == lab[mask]).sum())
+        labeled += int(mask.sum())
+        rows += len(lab)
+    stats = {
+        "labeled": labeled,
+        "unlabeled": rows - labeled,
+        "teacher_accuracy": correct / labeled if labeled else None,
+        "mean_teacher_entropy": entropy / rows if rows else None,
+        "entropy_note": "over the top-k classes plus a tail bucket (a lower bound)" if store.layout == "topk" else None,
+    }
+    stats["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
+    return stats

@@ -1,0 +1,50 @@
+"""Shared test helpers: tiny stores made in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from softlabels.writer import StoreWriter
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def make_rows(n: int, c: int, *, layout: str = "dense", k: int | None = None, seed: int = 0,
+              unlabeled_every: int = 3) -> dict[str, np.ndarray]:
+    """Random rows for a store: float32 logits (or top-k), labels with some -1, ids."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, c)).astype(np.float32) * 3
+    labels = rng.integers(0, c, n).astype(np.int64)
+    labels[::unlabeled_every] = -1
+    rows = {"labels": labels, "sample_ids": rng.permutation(n).astype(np.int64)}
+    if layout == "dense":
+        rows["logits"] = z
+    else:
+        t = torch.from_numpy(z)
+        v, i = t.topk(k, dim=-1)
+        rows.update(topk_values=v.numpy(), topk_indices=i.numpy(), logsumexp=t.logsumexp(-1).numpy())
+    return rows
+
+
+def write_store(path: Path, rows: dict[str, np.ndarray], *, num_classes: int, chunk_rows: int = 8,
+                finish: bool = True, **kw) -> Path:
+    n = len(rows["labels"])
+    layout = "topk" if "topk_values" in rows else "dense"
+    k = rows["topk_values"].shape[1] if layout == "topk" else None
+    w = StoreWriter.create(path, num_samples=n, num_classes=num_classes, layout=layout, topk=k,
+                           chunk_rows=chunk_rows, **kw)
+    w.write(0, **rows)
+    if finish:
+        w.finish()
+    w.close()
+    return path
