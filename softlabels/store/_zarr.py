@@ -65,7 +65,7 @@ class ZarrBackend:
     def create_array(self, name: str, spec: ArraySpec, *, chunk_rows: int, shard_rows: int | None,
                      compress: bool) -> None:
         if spec.per_row:
-            chunks = (max(1, min(chunk_rows, spec.shape[0] or 1)),) + spec.shape[1:]
+            chunks = (chunk_rows,) + spec.shape[1:]  # zarr allows chunks larger than the array
             shards = None if shard_rows is None else (shard_rows,) + spec.shape[1:]
         else:  # one element per file: concurrent writers never share a file
             chunks, shards = (1,), None
