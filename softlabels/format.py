@@ -99,13 +99,13 @@ class StoreMeta:
     def problems(self) -> list[str]:
         """Every inconsistency in these values (empty when valid)."""
         p: list[str] = []
-        if self.layout not in LAYOUTS:
+        if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
             p.append(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if not _is_int(self.num_samples) or self.num_samples < 0:
             p.append(f"num_samples must be an integer >= 0, got {self.num_samples!r}")
         if not _is_int(self.num_classes) or self.num_classes < 1:
             p.append(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
-        if self.logits_dtype not in LOGITS_DTYPES:
+        if not isinstance(self.logits_dtype, str) or self.logits_dtype not in LOGITS_DTYPES:
             p.append(f"logits_dtype {self.logits_dtype!r} is not one of {', '.join(LOGITS_DTYPES)}")
         if not _is_int(self.chunk_rows) or self.chunk_rows < 1:
             p.append(f"chunk_rows must be an integer >= 1, got {self.chunk_rows!r}")
@@ -114,7 +114,7 @@ class StoreMeta:
                 p.append(f"topk must be an integer in 1..num_classes, got {self.topk!r}")
         elif self.topk is not None:
             p.append("topk is set but the layout is not 'topk'")
-        if self.status not in (STATUS_WRITING, STATUS_COMPLETE):
+        if not isinstance(self.status, str) or self.status not in (STATUS_WRITING, STATUS_COMPLETE):
             p.append(f"status {self.status!r} is not 'writing' or 'complete'")
         return p
 
