@@ -1,0 +1,360 @@
+"""Resolve ``--teacher``/``--student`` model specs and ``--data`` dataset specs.
+
+Data spec grammar (``SPEC[?unlabeled]``; the suffix hides every label)::
+
+    digits:train | digits:pool | digits:test | digits:all     built-in (scikit-learn digits)
+    PATH.npz[:X[,Y]]                                          arrays x and y (if present), or X and Y
+    PATH.npy                                                  inputs only
+    PATH.h5[:X[,Y]] | PATH.hdf5[:X[,Y]] | PATH.zarr[:X[,Y]]   as .npz, read lazily
+    package.module:factory                                    callable -> map-style Dataset
+
+Model spec grammar: a built-in name (see ``softlabels.models.BUILTIN_MODELS``),
+``package.module:factory`` (called with no arguments, returns an ``nn.Module``), a
+TorchScript file (``torch.jit.save``) or a ``torch.export`` program (``*.pt2``).
+A file suffix decides between a file and a module spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from softlabels.data import DIGITS_SPLITS, InputDataset, load_digits_split, open_array_file
+from softlabels.errors import DataError, ModelMismatch, SpecError
+from softlabels.models import BUILTIN_MODELS, build_model, count_parameters
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "ModelInfo",
+    "ModelKind",
+    "resolve_data",
+    "resolve_model",
+    "sha256_file",
+]
+
+BUILTIN_DATASETS = tuple(f"digits:{split}" for split in DIGITS_SPLITS)
+"""Built-in data specs."""
+
+ModelKind = Literal["builtin", "factory", "torchscript", "export"]
+
+_DATA_FILE = re.compile(r"(?P<path>.+?\.(?:npz|npy|h5|hdf5|zarr))/?(?::(?P<names>[^:]*))?", re.I)
+_MODEL_FILE_SUFFIXES = (".pt", ".ts", ".pt2", ".jit")
+_DATA_OPTIONS = ("unlabeled",)
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception squeezed onto one line."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
+
+
+def _load_object(spec: str, what: str) -> Any:
+    """Import ``package.module:attr[.attr]`` and return the attribute; SpecError on failure."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SpecError(f"{what} spec '{spec}' is not package.module:factory; name both parts")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:  # user code: ImportError, SyntaxError, anything raised at import
+        raise SpecError(
+            f"cannot import module '{module_name}' for {what} spec '{spec}' ({_one_line(err)}); "
+            "check that it is installed or on PYTHONPATH"
+        ) from err
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as err:
+            raise SpecError(
+                f"module '{module_name}' has no attribute '{attr}' for {what} spec '{spec}'; "
+                "check the name after ':'"
+            ) from err
+    return obj
+
+
+def _call_factory(spec: str, what: str, wanted: type) -> Any:
+    """Resolve ``spec`` to an instance of ``wanted``, calling it with no arguments if needed."""
+    obj = _load_object(spec, what)
+    if not isinstance(obj, wanted):
+        if not callable(obj):
+            raise SpecError(
+                f"'{spec}' is a {type(obj).__name__}, not a callable; point the {what} spec "
+                "at a factory function or class"
+            )
+        try:
+            obj = obj()
+        except Exception as err:  # user code
+            raise SpecError(f"{what} factory '{spec}' raised {_one_line(err)}; fix the factory") from err
+    return obj
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class _MapDataset(InputDataset):
+    """A user's map-style dataset with items ``x`` or ``(x, y)``, made into an InputDataset.
+
+    ``num_classes`` comes from the dataset's ``num_classes`` or ``len(classes)`` when it
+    has one; ``has_labels`` from the first item (a scan would read every item).
+    """
+
+    def __init__(self, dataset: Any, source: str) -> None:
+        self.dataset, self.source = dataset, source
+        try:
+            first = dataset[0] if len(dataset) else None
+        except Exception as err:  # user code
+            raise DataError(f"dataset '{source}' failed on item 0 ({_one_line(err)}); fix the dataset") from err
+        if first is None:
+            raise DataError(f"dataset '{source}' is empty; return a dataset with at least one item")
+        x, y = self._convert(first, 0)
+        self.input_shape = tuple(x.shape)
+        self.has_labels = bool(y >= 0)
+        classes = getattr(dataset, "classes", None)
+        self.num_classes = getattr(dataset, "num_classes", None) or (
+            len(classes) if classes is not None else None
+        )
+
+    def _convert(self, item: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = item, None
+        if isinstance(item, tuple | list):
+            if len(item) not in (1, 2):
+                raise DataError(
+                    f"item {index} of '{self.source}' has {len(item)} parts; yield x or (x, y)"
+                )
+            x, y = item[0], (item[1] if len(item) == 2 else None)
+        try:
+            x = torch.as_tensor(x, dtype=torch.float32, device="cpu").detach()
+            y = torch.as_tensor(-1 if y is None else y, device="cpu")
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DataError(
+                f"item {index} of '{self.source}' is not numeric ({_one_line(err)}); "
+                "yield tensors or arrays, e.g. via a ToTensor transform"
+            ) from err
+        if y.ndim != 0 or y.is_floating_point() or y.is_complex() or int(y) < -1:
+            raise DataError(
+                f"item {index} of '{self.source}' has label {y.tolist()!r}; "
+                "labels must be integer class ids >= 0, or -1/None for unlabeled"
+            )
+        return x, y.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._convert(self.dataset[index], index)
+        if tuple(x.shape) != self.input_shape:
+            raise DataError(
+                f"item {index} of '{self.source}' has shape {tuple(x.shape)} but item 0 has "
+                f"{self.input_shape}; yield inputs of one shape"
+            )
+        return x, y
+
+
+def resolve_data(spec: str) -> InputDataset:
+    """Resolve a ``--data`` spec (see the module docstring for the grammar) to a dataset."""
+    base, options = spec, ""
+    if "?" in spec and not Path(spec).exists():
+        base, _, options = spec.rpartition("?")
+        unknown = [o for o in options.split(",") if o not in _DATA_OPTIONS]
+        if unknown:
+            raise SpecError(
+                f"unknown data option '{unknown[0]}' in '{spec}'; "
+                f"supported: {', '.join('?' + o for o in _DATA_OPTIONS)}"
+            )
+    ds = _resolve_base(base)
+    return ds.without_labels() if "unlabeled" in options.split(",") else ds
+
+
+def _resolve_base(spec: str) -> InputDataset:
+    if spec in BUILTIN_DATASETS:
+        return load_digits_split(spec.partition(":")[2])
+    match = _DATA_FILE.fullmatch(spec)
+    if match:
+        names = match["names"]
+        if not names:
+            return open_array_file(match["path"])
+        name, _, labels = names.partition(",")
+        return open_array_file(match["path"], name, labels or None)
+    if Path(spec).exists():
+        raise DataError(f"unsupported data file '{spec}'; use a .npz, .npy, .h5/.hdf5 or .zarr file")
+    if ":" in spec:
+        ds = _call_factory(spec, "data", Dataset)
+        if isinstance(ds, InputDataset):
+            return ds
+        if isinstance(ds, IterableDataset) or not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+            raise SpecError(
+                f"data factory '{spec}' returned {type(ds).__name__}; return a map-style "
+                "torch Dataset (with __len__ and __getitem__)"
+            )
+        return _MapDataset(ds, spec)
+    raise SpecError(
+        f"unknown dataset '{spec}'; use one of: {', '.join(BUILTIN_DATASETS)} "
+        "or a .npz/.npy/.h5:NAME/.zarr:NAME file or module:factory"
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A resolved model (in eval mode) and what identifies it in a store's metadata.
+
+    ``weights_sha256`` is the hex sha256 of the weights file when one was given, else
+    of the TorchScript/.pt2 file, else ``None`` (random init).
+    """
+
+    module: nn.Module
+    spec: str
+    kind: ModelKind
+    weights_sha256: str | None
+    num_parameters: int
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable description (everything but the module)."""
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "weights_sha256": self.weights_sha256,
+            "num_parameters": self.num_parameters,
+        }
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_model_file(path: str) -> tuple[nn.Module, ModelKind]:
+    if not Path(path).is_file():
+        raise SpecError(f"model file '{path}' does not exist; check the path or use a built-in name")
+    kind: ModelKind = "export" if path.lower().endswith(".pt2") else "torchscript"
+    try:
+        if kind == "export":
+            return torch.export.load(path).module(), kind
+        return torch.jit.load(path, map_location="cpu"), kind
+    except Exception as err:
+        raise SpecError(
+            f"cannot load '{path}' as {'a torch.export program' if kind == 'export' else 'TorchScript'} "
+            f"({_one_line(err)}); if it holds a state_dict, pass it as weights with an architecture spec"
+        ) from err
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def _read_state_dict(path: str, allow_pickle: bool) -> Mapping[str, Any]:
+    """The state_dict in a weights file (a checkpoint's ``model`` entry if it is one)."""
+    if not Path(path).is_file():
+        raise SpecError(f"weights file '{path}' does not exist; check the weights path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        if allow_pickle:
+            raise SpecError(f"cannot unpickle weights '{path}' ({_one_line(err)}); re-save them") from err
+        raise SpecError(
+            f"refusing to unpickle weights '{path}': it holds objects other than tensors; pass "
+            "allow_pickle=True (--allow-pickle) only for a file you trust, or save model.state_dict()"
+        ) from err
+    except Exception as err:
+        raise SpecError(
+            f"cannot read weights '{path}' ({_one_line(err)}); save them with "
+            "torch.save(model.state_dict(), path)"
+        ) from err
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise SpecError(
+            f"weights '{path}' hold a {type(obj).__name__}, not a state_dict; "
+            "save them with torch.save(model.state_dict(), path)"
+        )
+    return obj
+
+
+def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -> None:
+    """Strictly load the weights in ``path`` into ``module``; ModelMismatch if they do not fit."""
+    given = dict(_read_state_dict(path, allow_pickle))
+    expected = module.state_dict()
+    if given and all(k.startswith("module.") for k in given) and not any(k in expected for k in given):
+        given = {k.removeprefix("module."): v for k, v in given.items()}  # saved from DDP's wrapper
+    problems = []
+    if missing := [k for k in expected if k not in given]:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected := [k for k in given if k not in expected]:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    wrong = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in given.items()
+        if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
+        and v.shape != expected[k].shape
+    ]
+    if wrong:
+        problems.append(f"shape mismatch {_few(wrong)}")
+    if not problems:
+        try:
+            module.load_state_dict(given, strict=True)
+        except (RuntimeError, ValueError, TypeError) as err:
+            problems.append(_one_line(err))
+    if problems:
+        raise ModelMismatch(
+            f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
+            "pass weights saved from this architecture"
+        )
+
+
+def resolve_model(
+    spec: str,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    weights: str | os.PathLike[str] | None = None,
+    allow_pickle: bool = False,
+) -> ModelInfo:
+    """Resolve a ``--teacher``/``--student`` spec to a model in eval mode.
+
+    ``input_shape`` (per sample) and ``num_classes`` size the built-ins. ``weights`` is a
+    state_dict file (or a checkpoint with a ``model`` entry) loaded strictly, with
+    ``weights_only=True`` unless ``allow_pickle`` (trusted files only).
+    """
+    digest: str | None = None
+    kind: ModelKind
+    if spec in BUILTIN_MODELS:
+        module, kind = build_model(spec, tuple(input_shape), num_classes), "builtin"
+    elif Path(spec).suffix.lower() in _MODEL_FILE_SUFFIXES or Path(spec).is_file():
+        module, kind = _load_model_file(spec)
+        digest = sha256_file(spec)
+    elif ":" in spec:
+        module, kind = _call_factory(spec, "model", nn.Module), "factory"
+        if not isinstance(module, nn.Module):
+            raise SpecError(
+                f"model factory '{spec}' returned {type(module).__name__}, not a torch.nn.Module; "
+                "return the model instance"
+            )
+    else:
+        raise SpecError(
+            f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "
+            "a package.module:factory, a TorchScript file or a .pt2 torch.export file"
+        )
+    if weights is not None:
+        _load_weights(module, str(weights), spec, allow_pickle)
+        digest = sha256_file(weights)
+    if kind != "export":  # exported programs refuse eval(); they keep the mode they were exported in
+        module.eval()
+    return ModelInfo(module, spec, kind, digest, count_parameters(module))
