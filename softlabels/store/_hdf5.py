@@ -37,6 +37,16 @@ class HDF5Backend:
             raise NotAStore(
                 f"{str(path)!r} is not a readable HDF5 file ({_first_line(text)}); check the path or regenerate the store"
             ) from err
+        self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        d = self._datasets.get(name)
+        if d is None:
+            try:
+                d = self._datasets[name] = self._f[name]
+            except KeyError:
+                raise CorruptStore(f"array {name!r} is missing from {str(self.path)!r}; regenerate the store") from None
+        return d
 
     def attrs(self) -> dict[str, Any]:
         return {k: decode_h5_attr(k, v) for k, v in self._f.attrs.items()}
@@ -49,7 +59,7 @@ class HDF5Backend:
         return [k for k, v in self._f.items() if isinstance(v, h5py.Dataset)]
 
     def array_info(self, name: str) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
-        d = self._f[name]
+        d = self._dataset(name)
         return tuple(d.shape), d.dtype, tuple(d.chunks or d.shape)
 
     def shard_rows(self, name: str) -> int | None:
@@ -67,7 +77,7 @@ class HDF5Backend:
         )
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        d = self._f[name]
+        d = self._dataset(name)
         if out is None:
             out = np.empty((stop - start,) + d.shape[1:], dtype=d.dtype)
         if stop > start:
@@ -81,13 +91,14 @@ class HDF5Backend:
         return out
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        self._f[name][start:start + len(data)] = data
+        self._dataset(name)[start:start + len(data)] = data
 
     def flush(self) -> None:
         self._f.flush()
         os.fsync(self._f.id.get_vfd_handle())  # "done" must mean on disk, not in the page cache
 
     def close(self) -> None:
+        self._datasets.clear()
         if self._f.id.valid:
             self._f.close()
 
