@@ -1,0 +1,305 @@
+"""Stream soft-label stores (joined with their inputs) into a training loop.
+
+:class:`SoftLabelDataset` reads whole chunks only: random single-row reads are
+500-1000x slower than contiguous chunk reads (docs/DESIGN.md), so it shuffles
+chunks, splits the row stream across ranks and DataLoader workers, shuffles rows
+within windows of a few chunks, and batches itself. Use it with
+``DataLoader(ds, batch_size=None, num_workers=W)``. The ordering math lives in
+:mod:`softlabels._order`.
+
+:class:`SoftLabelMapDataset` serves single rows from an LRU cache of whole chunks,
+for code that needs a ``Sampler``; a random sampler over it is slow (see there).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from softlabels import _order
+from softlabels import format as fmt
+from softlabels.data import InputDataset, fingerprint
+from softlabels.errors import ConfigError, DataError, FingerprintMismatch, IncompleteStore, StoreMismatch
+from softlabels.reader import SoftLabelStore
+
+__all__ = ["SoftLabelDataset", "SoftLabelMapDataset"]
+
+Source = tuple[str | Path | SoftLabelStore, InputDataset | None]
+
+
+def _open(store: str | Path | SoftLabelStore) -> SoftLabelStore:
+    if isinstance(store, SoftLabelStore):
+        if not store.meta.complete:
+            raise IncompleteStore(f"{store.path} is incomplete (status {store.status!r}); finish it by rerunning "
+                                  "'softlabels generate' with the same arguments")
+        return store
+    return SoftLabelStore(store)  # refuses incomplete stores
+
+
+def _short(fp: Any) -> str:
+    return str(fp)[:19] + "..." if fp and len(str(fp)) > 19 else str(fp)
+
+
+def _check_data(store: SoftLabelStore, data: InputDataset, check_fingerprint: bool) -> None:
+    """Refuse inputs that are not the ones the store's teacher saw."""
+    expected = store.source.get("fingerprint")
+    if check_fingerprint and expected:  # stores made without a fingerprint cannot be checked
+        got = fingerprint(data)
+        if got != expected:
+            spec = store.source.get("spec") or store.source.get("data")
+            hint = f" ({spec})" if spec else ""
+            raise FingerprintMismatch(
+                f"{store.path}: the data given (fingerprint {_short(got)}) is not the data the store was generated "
+                f"from ({_short(expected)}); pass the --data the store was generated from{hint}")
+    ids = store.sample_ids
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(data)):
+        raise DataError(f"{store.path} refers to sample ids {int(ids.min())}..{int(ids.max())} but the data has "
+                        f"{len(data)} items; pass the --data the store was generated from")
+
+
+def _teacher_tensors(block: dict[str, np.ndarray], logits_dtype: str) -> dict[str, torch.Tensor]:
+    """numpy arrays -> torch without copies (bfloat16 bits viewed as bfloat16)."""
+    return {k: fmt.decode_logits(v, logits_dtype) if k in (fmt.LOGITS, fmt.TOPK_VALUES) else torch.from_numpy(v)
+            for k, v in block.items()}
+
+
+class SoftLabelDataset(IterableDataset):
+    """Batches of teacher outputs (and joined inputs) from one or more complete stores.
+
+    ``sources`` is a list of ``(store, data)``: ``store`` a path or
+    :class:`SoftLabelStore`, ``data`` the :class:`InputDataset` the store was
+    generated from (joined by sample id into ``"x"``) or ``None`` for logits only.
+    All sources need the same layout, class count, logits dtype and K.
+
+    Each epoch, every row of every source is yielded exactly once across all ranks
+    and workers (order: see :mod:`softlabels._order`); the order depends only on
+    ``(seed, epoch, rank, world_size, num_workers)``. Batches are dicts of tensors:
+    ``labels``, ``sample_ids``, ``source`` (int64 [B]), ``x`` (float32, with data),
+    and ``logits`` [B, C] (stored dtype) or ``topk_values``, ``topk_indices``
+    (int64), ``logsumexp`` (float32). A rank's last batch may be short.
+
+    Memory: each worker holds one window, ``window_chunks * chunk_rows`` rows of
+    teacher outputs and inputs. Call :meth:`set_epoch` before each epoch; do not use
+    ``persistent_workers`` (workers copy the dataset when an epoch's iterator starts).
+
+    Resuming mid-epoch: save ``ds.state_dict(batches_done=k)`` where ``k`` counts the
+    batches this rank's loop has consumed since the start of the epoch (including
+    any skipped by an earlier resume); after restarting, call
+    ``ds.load_state_dict(state)`` and iterate with the same world size and
+    ``num_workers``: the epoch continues with batch ``k + 1`` of the uninterrupted
+    order (the new DataLoader's workers take over the streams in the round-robin
+    order where it stopped), and chunks wholly consumed are not read again. The
+    state's seed and epoch replace the dataset's; the resume point holds until
+    :meth:`set_epoch` moves to another epoch. ``len(ds)`` stays the full epoch's count.
+    """
+
+    def __init__(self, sources: Sequence[Source], *, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 window_chunks: int = 8, rank: int | None = None, world_size: int | None = None,
+                 verify: bool = True, check_fingerprint: bool = True) -> None:
+        super().__init__()
+        rank, world_size = self._resolve_rank(rank, world_size)
+        problems = []
+        if not isinstance(batch_size, int) or batch_size < 1:
+            problems.append(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(window_chunks, int) or window_chunks < 1:
+            problems.append(f"window_chunks must be an integer >= 1, got {window_chunks!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            problems.append(f"rank must lie in 0..world_size-1, got rank={rank}, world_size={world_size}")
+        pairs = list(sources) if isinstance(sources, (list, tuple)) else []
+        if not pairs or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in pairs):
+            problems.append("sources must be a non-empty list of (store, data) pairs; data may be None")
+        if problems:
+            raise ConfigError(problems)
+        if len({d is None for _, d in pairs}) > 1:
+            raise ConfigError("give input data for every source or for none (batches mix sources)")
+        self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
+        self.window_chunks, self.rank, self.world_size = window_chunks, rank, world_size
+        self.verify = bool(verify)
+        self.stores = [_open(s) for s, _ in pairs]
+        self.data = [d for _, d in pairs]
+        self._check_stores()
+        for store, data in zip(self.stores, self.data):
+            if data is not None:
+                _check_data(store, data, check_fingerprint)
+        # global chunk list: (source, chunk, rows), source by source
+        self._g_source = np.concatenate([np.full(s.num_chunks, i, np.int64) for i, s in enumerate(self.stores)])
+        self._g_chunk = np.concatenate([np.arange(s.num_chunks, dtype=np.int64) for s in self.stores])
+        self._g_rows = np.array([b - a for s in self.stores for a, b in map(s.chunk_bounds, range(s.num_chunks))],
+                                dtype=np.int64)
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches_done)
+        for s in self.stores:
+            s.close()  # no open handle crosses a fork; each process reopens lazily
+
+    @staticmethod
+    def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+        if rank is not None and world_size is not None:
+            return int(rank), int(world_size)
+        if rank is not None or world_size is not None:
+            raise ConfigError("pass both rank and world_size, or neither (then torch.distributed decides)")
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _check_stores(self) -> None:
+        first = self.stores[0]
+        problems = []
+        for s in self.stores[1:]:
+            for key in ("layout", "num_classes", "logits_dtype", "topk"):
+                if getattr(s, key) != getattr(first, key):
+                    problems.append(f"{s.path} has {key} {getattr(s, key)!r} but {first.path} has "
+                                    f"{getattr(first, key)!r}")
+        if problems:
+            raise StoreMismatch("stores cannot be mixed in one dataset: " + "; ".join(problems)
+                                + "; use stores generated with the same settings")
+
+    # -- metadata ------------------------------------------------------------------------
+    num_classes = property(lambda self: self.stores[0].num_classes)
+    layout = property(lambda self: self.stores[0].layout)
+    num_samples = property(lambda self: int(sum(s.num_samples for s in self.stores)))
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (whatever the number of DataLoader workers)."""
+        a, b = _order.split(self.num_samples, self.world_size, self.rank)
+        return -(-(b - a) // self.batch_size)
+
+    # -- epochs and resumption -------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self._resume is not None and self._resume[0] != self.epoch:
+            self._resume = None
+
+    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
+        """Resume state after the loop consumed ``batches_done`` batches of the current epoch."""
+        if not 0 <= batches_done <= len(self):
+            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got {batches_done}")
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue ``state["epoch"]`` after its first ``state["batches_done"]`` batches."""
+        missing = [k for k in ("epoch", "seed", "batches_done") if k not in state]
+        if missing:
+            raise ConfigError(f"dataset state lacks {', '.join(missing)}; pass a dict from state_dict()")
+        k = int(state["batches_done"])
+        if not 0 <= k <= len(self):
+            raise ConfigError(f"dataset state has batches_done={k} but this rank yields {len(self)} batches per "
+                              "epoch; resume with the same stores, batch size and world size")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume = (self.epoch, k)
+
+    # -- iteration -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self._iter_worker(worker, workers)
+
+    def _iter_worker(self, loader_worker: int, workers: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches that DataLoader worker ``loader_worker`` of ``workers`` delivers for this rank."""
+        worker, skip = loader_worker, 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            counts = _order.worker_batch_counts(self.num_samples, self.batch_size, self.rank, self.world_size,
+                                                workers)
+            taken, due = _order.resume_point(counts, self._resume[1])
+            worker = (due + loader_worker) % workers  # continue the round-robin where it stopped
+            skip = int(taken[worker]) * self.batch_size
+        order = _order.chunk_order(len(self._g_rows), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
+        lo, hi = _order.worker_range(self.num_samples, self.batch_size, self.rank, self.world_size, worker, workers)
+        windows, offset = _order.plan_windows(self._g_rows, order, lo, hi, self.window_chunks, skip)
+        current, buf, perm = -1, {}, None
+        for pieces in _order.batch_pieces([w.rows for w in windows], self.batch_size, offset):
+            parts = []
+            for w, a, b in pieces:
+                if w != current:
+                    current, buf = w, self._load_window(windows[w])
+                    perm = _order.window_perm(windows[w].rows, shuffle=self.shuffle, seed=self.seed,
+                                              epoch=self.epoch, rank=self.rank, worker=worker,
+                                              window=windows[w].index)
+                # a fresh compact array per batch: a view would drag the whole window
+                # buffer into shared memory when a worker sends the batch
+                parts.append({k: v[a:b].copy() if perm is None else np.take(v, perm[a:b], axis=0)
+                              for k, v in buf.items()})
+            batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            yield _teacher_tensors(batch, self.stores[0].logits_dtype)
+
+    def _load_window(self, win: _order.Window) -> dict[str, np.ndarray]:
+        """Read a window's chunks whole, slice the pieces, join inputs by sample id."""
+        cols: dict[str, list[np.ndarray]] = {}
+        for g, a, b in zip(win.chunks, win.lo, win.hi):
+            s = int(self._g_source[g])
+            block = self.stores[s].read_chunk(int(self._g_chunk[g]), verify=self.verify)
+            piece = {k: v[a:b] for k, v in block.items()}
+            piece["source"] = np.full(b - a, s, dtype=np.int64)
+            if self.data[s] is not None:
+                piece["x"] = self.data[s].get_batch(piece[fmt.SAMPLE_IDS])[0].numpy()
+            for k, v in piece.items():
+                cols.setdefault(k, []).append(v)
+        buf = {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in cols.items()}
+        if fmt.TOPK_INDICES in buf:  # torch indexing wants int64; convert once per window
+            buf[fmt.TOPK_INDICES] = buf[fmt.TOPK_INDICES].astype(np.int64)
+        return buf
+
+
+class SoftLabelMapDataset(Dataset):
+    """Map-style access to one store: ``ds[i]`` is row ``i`` as a dict of tensors.
+
+    Rows come from an LRU cache of ``cache_chunks`` whole chunks (inputs joined per
+    chunk with ``data.get_batch``). Sequential or chunk-grouped access is fast; a
+    **random sampler is slow**: each index most likely falls in a chunk not in the
+    cache, so every row costs a whole chunk read (``chunk_rows`` times the data),
+    and single-row reads are 500-1000x slower than streaming. Prefer
+    :class:`SoftLabelDataset`, which shuffles chunks and rows within windows.
+    Item keys match the batches of :class:`SoftLabelDataset` (``source`` is 0).
+    """
+
+    def __init__(self, store: str | Path | SoftLabelStore, data: InputDataset | None = None, cache_chunks: int = 4,
+                 *, verify: bool = True, check_fingerprint: bool = True) -> None:
+        if not isinstance(cache_chunks, int) or cache_chunks < 1:
+            raise ConfigError(f"cache_chunks must be an integer >= 1, got {cache_chunks!r}")
+        self.store = _open(store)
+        self.data, self.cache_chunks, self.verify = data, cache_chunks, bool(verify)
+        if data is not None:
+            _check_data(self.store, data, check_fingerprint)
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.store.close()
+
+    num_classes = property(lambda self: self.store.num_classes)
+    layout = property(lambda self: self.store.layout)
+
+    def __len__(self) -> int:
+        return self.store.num_samples
+
+    def _chunk(self, c: int) -> dict[str, torch.Tensor]:
+        block = self._cache.get(c)
+        if block is not None:
+            self._cache.move_to_end(c)
+            return block
+        arrays = self.store.read_chunk(c, verify=self.verify)
+        if fmt.TOPK_INDICES in arrays:
+            arrays[fmt.TOPK_INDICES] = arrays[fmt.TOPK_INDICES].astype(np.int64)
+        block = _teacher_tensors(arrays, self.store.logits_dtype)
+        if self.data is not None:
+            block["x"] = self.data.get_batch(arrays[fmt.SAMPLE_IDS])[0]
+        self._cache[c] = block
+        while len(self._cache) > self.cache_chunks:
+            self._cache.popitem(last=False)
+        return block
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        i = int(index) + (n if int(index) < 0 else 0)
+        if not 0 <= i < n:
+            raise IndexError(f"row {index} out of range for a store of {n} rows")
+        c = i // self.store.chunk_rows
+        block = self._chunk(c)
+        r = i - c * self.store.chunk_rows
+        # clone: a view would keep (and, in a worker, share) the whole chunk
+        item = {k: v[r].clone() for k, v in block.items()}
+        item["source"] = torch.tensor(0, dtype=torch.int64)
+        return item
+
