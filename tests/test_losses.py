@@ -296,3 +296,18 @@ def test_losses_run_on_cuda_without_host_syncs(name: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(s.grad).all()
+
+
+def test_kl_with_minus_inf_teacher_logits_is_finite_and_exact():
+    """A masked class (teacher logit -inf, p = 0) contributes 0, not NaN."""
+    t = torch.tensor([[2.0, float("-inf"), 0.5, -1.0]])
+    s = torch.tensor([[0.3, 1.2, -0.4, 0.0]], requires_grad=True)
+    T = 2.0
+    loss = KLDivergence(T)(s, {"logits": t, "labels": torch.tensor([-1])})
+    p = np.exp(t.numpy()[0] / T - np.logaddexp.reduce(t.numpy()[0] / T))
+    log_q = s.detach().numpy()[0] / T - np.logaddexp.reduce(s.detach().numpy()[0] / T)
+    keep = p > 0
+    want = T * T * np.sum(p[keep] * (np.log(p[keep]) - log_q[keep]))
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    loss.sum().backward()
+    assert torch.isfinite(s.grad).all()
