@@ -1,0 +1,216 @@
+"""The teacher job's settings and its store: create, or check and resume, or repair.
+
+Called by rank 0 only, with the store's lock held. A rerun may resume only a store
+made with the same settings: the shape-deciding ones (layout, N, C, dtype, K,
+chunk and shard rows) and what decides the values (teacher spec, weights sha256,
+amp, and the inputs' fingerprint). ``chunk_rows``/``shard_chunks`` left unset
+adopt the store's. A mismatch is refused on one line naming every difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from softlabels import format as fmt
+from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
+from softlabels.reader import SoftLabelStore, open_store
+from softlabels.store import open_backend
+from softlabels.writer import StoreWriter
+
+__all__ = ["JobStore", "Settings", "open_job_store", "scan_nonfinite"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a ``generate`` call was asked to do (validated by :meth:`problems`)."""
+
+    teacher: str
+    data: str
+    out: Path
+    weights: str | None = None
+    allow_pickle: bool = False
+    layout: str = "dense"
+    topk: int | None = None
+    dtype: str = "float32"
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    chunk_rows: int | None = None
+    shard_chunks: int | None = None
+    num_classes: int | None = None
+    overwrite: bool = False
+    on_nonfinite: str = "error"
+    repair: bool = False
+    progress: bool | None = None
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.layout not in fmt.LAYOUTS:
+            p.append(f"--layout must be one of {', '.join(fmt.LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "topk" and (self.topk is None or self.topk < 1):
+            p.append("--layout topk needs --topk K with K >= 1")
+        if self.layout == "dense" and self.topk is not None:
+            p.append("--topk is only for --layout topk")
+        if self.dtype not in fmt.LOGITS_DTYPES:
+            p.append(f"--dtype must be one of {', '.join(fmt.LOGITS_DTYPES)}, got {self.dtype!r}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.on_nonfinite not in ("error", "record"):
+            p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
+        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.num_workers < 0:
+            p.append(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.out.suffix.lower() not in (".h5", ".hdf5", ".zarr"):
+            p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
+        elif self.shard_chunks is not None and self.out.suffix.lower() != ".zarr":
+            p.append("--shard-chunks needs a Zarr store (*.zarr)")
+        if self.repair and self.overwrite:
+            p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")
+        return p
+
+    def recorded(self, chunk_rows: int) -> dict[str, Any]:
+        """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""
+        return {"batch_size": self.batch_size, "layout": self.layout, "topk": self.topk,
+                "logits_dtype": self.dtype, "chunk_rows": chunk_rows, "shard_chunks": self.shard_chunks,
+                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite}
+
+
+@dataclass
+class JobStore:
+    """The store a job writes: open (``writer``), or still to be made by ``create``."""
+
+    writer: StoreWriter | None
+    create: Callable[[], StoreWriter] | None
+    unit_rows: int
+    missing: list[int]  # write units still to compute
+    complete: bool
+    repaired: list[int]  # chunks a --repair found bad
+
+
+def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: dict[str, Any],
+                   source: dict[str, Any], say: Callable[[str], None], defer_create: bool = False) -> JobStore:
+    """Open the job's store (resumed or repaired), or plan a new one.
+
+    With ``defer_create`` a new store is not created here but by ``JobStore.create``,
+    so the caller can create it on its writer thread while the teacher already runs.
+    """
+    out = s.out
+    chunk_rows = s.chunk_rows or fmt.default_chunk_rows(s.topk or num_classes, fmt.storage_dtype(s.dtype).itemsize)
+
+    def create() -> StoreWriter:
+        return StoreWriter.create(out, num_samples=num_samples, num_classes=num_classes, layout=s.layout,
+                                  topk=s.topk, logits_dtype=s.dtype, chunk_rows=chunk_rows,
+                                  shard_chunks=s.shard_chunks, teacher=teacher, source=source, overwrite=True,
+                                  created_by={"settings": s.recorded(chunk_rows)}, finalize_on_exit=False)
+
+    def new() -> JobStore:
+        unit_rows = chunk_rows * (s.shard_chunks or 1)
+        units = list(range(-(-num_samples // unit_rows)))
+        if defer_create:
+            return JobStore(None, create, unit_rows, units, False, [])
+        return JobStore(create(), None, unit_rows, units, False, [])
+
+    if s.overwrite or not out.exists():
+        if s.repair:
+            raise ConfigError(f"--repair: there is no store at {str(out)!r} to repair; drop --repair")
+        return new()
+    _unmark_complete_with_holes(out)
+    try:
+        reader = open_store(out, allow_partial=True)
+    except (CorruptStore, NotAStore) as err:
+        if not _creation_interrupted(out):
+            raise type(err)(f"{err} (or pass --overwrite to replace it)") from None
+        say(f"{out}: the previous job died while creating the store; starting over")
+        return new()
+    repaired: list[int] = []
+    with reader:
+        want = {"layout": s.layout, "num_samples": num_samples, "num_classes": num_classes,
+                "logits_dtype": s.dtype, "topk": s.topk}
+        diffs = _diffs(reader, want, s, teacher=teacher, source=source)
+        if diffs:
+            raise StoreMismatch(f"{str(out)!r} was made with other settings ({'; '.join(diffs)}); rerun "
+                                "with the original settings, or pass --overwrite to replace it")
+        if s.repair:
+            done = reader.chunk_done()
+            repaired = [c for c in reader.verify() if done[c]]
+    writer = StoreWriter.resume(out, finalize_on_exit=False)
+    if repaired:
+        say(f"repair: {len(repaired)} chunk(s) fail their checksum ({fmt.chunk_list(repaired)}); regenerating them")
+        writer.invalidate(repaired)
+    elif s.repair:
+        say(f"repair: every written chunk of {out} passes its checksum")
+    missing = writer.missing_units()
+    return JobStore(writer, None, writer.unit_rows, missing, writer.meta.complete and not missing, repaired)
+
+
+def _diffs(reader: SoftLabelStore, want: dict[str, Any], s: Settings, *, teacher: dict[str, Any],
+           source: dict[str, Any]) -> list[str]:
+    m = reader.meta
+    if s.chunk_rows is not None:
+        want = {**want, "chunk_rows": s.chunk_rows}
+    diffs = [f"{k} {getattr(m, k)!r} in the store, {v!r} asked" for k, v in want.items() if getattr(m, k) != v]
+    if s.shard_chunks is not None and reader.unit_rows != s.shard_chunks * m.chunk_rows:
+        diffs.append(f"shards of {reader.unit_rows} rows in the store, {s.shard_chunks * m.chunk_rows} asked")
+    for attr, keys, mine in (("teacher", ("spec", "weights_sha256", "amp"), teacher),
+                             ("source", ("fingerprint", "num_samples"), source)):
+        have = getattr(m, attr)
+        diffs += [f"{attr}.{k} {have.get(k)!r} in the store, {mine[k]!r} asked" for k in keys if have.get(k) != mine[k]]
+    return diffs
+
+
+def _flags(path: Path) -> tuple[str | None, np.ndarray | None]:
+    """(status, chunk_done) read straight from the backend; (None, None) if unreadable."""
+    try:
+        b = open_backend(path, "r")
+    except SoftLabelsError:
+        return None, None
+    try:
+        status = b.attrs().get("status")
+        if fmt.CHUNK_DONE not in b.array_names():
+            return status, None
+        return status, b.read(fmt.CHUNK_DONE, 0, b.array_info(fmt.CHUNK_DONE)[0][0])
+    except Exception:  # noqa: BLE001 - damaged: the caller reports the reader's error instead
+        return None, None
+    finally:
+        b.close()
+
+
+def _unmark_complete_with_holes(path: Path) -> None:
+    """A store marked complete with chunks unflagged (invalidated by hand) goes back to writing."""
+    status, done = _flags(path)
+    if status == fmt.STATUS_COMPLETE and done is not None and not done.all():
+        b = open_backend(path, "r+")
+        b.set_attrs({"status": fmt.STATUS_WRITING})
+        b.flush()
+        b.close()
+
+
+def _creation_interrupted(path: Path) -> bool:
+    """True when a damaged store never had a chunk flagged: its creation died, nothing is lost."""
+    status, done = _flags(path)
+    return status == fmt.STATUS_WRITING and (done is None or not done.any())
+
+
+def scan_nonfinite(path: Path) -> list[int]:
+    """Sample ids of stored rows holding a non-finite value (``--on-nonfinite record``)."""
+    ids: list[int] = []
+    with open_store(path, allow_partial=True) as store:
+        keys = tuple(k for k in store.row_keys if k in (fmt.LOGITS, fmt.TOPK_VALUES, fmt.LOGSUMEXP))
+        for c in range(store.num_chunks):
+            block = store.read_chunk(c, keys=keys + (fmt.SAMPLE_IDS,), verify=False)
+            bad = np.zeros(len(block[fmt.SAMPLE_IDS]), dtype=bool)
+            for k in keys:
+                raw = block[k]
+                v = torch.from_numpy(raw) if k == fmt.LOGSUMEXP else fmt.decode_logits(raw, store.logits_dtype)
+                bad |= ~torch.isfinite(v.float().reshape(len(bad), -1)).all(dim=1).numpy()
+            ids += block[fmt.SAMPLE_IDS][bad].tolist()
+    return ids

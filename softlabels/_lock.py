@@ -1,0 +1,83 @@
+"""An exclusive, non-blocking lock on a store, held by the job writing it.
+
+The lock is an ``fcntl.flock`` on a sibling file ``STORE.lock`` (a Zarr store is a
+directory and an HDF5 file may not exist yet, so the store itself cannot be
+locked). The kernel drops a flock when its holder dies, so a lock file left by a
+killed job never blocks the next one: only a *live* holder does.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from softlabels.errors import StoreLocked
+
+__all__ = ["StoreLock", "lock_path"]
+
+
+def lock_path(store: str | Path) -> Path:
+    """``out.zarr`` -> ``out.zarr.lock`` (beside the store, never inside it)."""
+    store = Path(store)
+    return store.with_name(store.name + ".lock")
+
+
+class StoreLock:
+    """``with StoreLock(path):`` holds the store's lock, or raises :class:`StoreLocked`."""
+
+    def __init__(self, store: str | Path) -> None:
+        self.store = Path(store)
+        self.path = lock_path(store)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = _read_pid(self.path)
+                raise StoreLocked(
+                    f"{str(self.store)!r} is being written by another job{holder} (lock {str(self.path)!r}); "
+                    "wait for it to finish or stop it, then rerun"
+                ) from None
+            # The previous holder may have unlinked the file between our open and our
+            # flock; then we hold a lock on a dead inode. Retry on the current file.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it, so no one else can own it) and unlock."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""

@@ -1,0 +1,247 @@
+"""The teacher job's moving parts: batch plan, input loader, teacher step, background writer.
+
+Batches never straddle write units and always start at a unit's first row, so
+every row's logits come from the same batch whichever units are missing and
+whichever rank computes them: a resumed or multi-rank store is bit-identical to
+a one-shot one (for a deterministic teacher with the same batch size and device).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from softlabels import format as fmt
+from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
+from softlabels.writer import StoreWriter
+
+__all__ = ["Block", "BackgroundWriter", "Teacher", "batch_spans", "make_loader"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def batch_spans(units: list[int], bounds, batch_size: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of the batches of ``units``, each unit cut from its first row."""
+    spans = []
+    for u in units:
+        u0, u1 = bounds(u)
+        spans += [(s, min(s + batch_size, u1)) for s in range(u0, u1, batch_size)]
+    return spans
+
+
+class _Batches(Dataset):
+    """Item ``(start, stop)`` -> ``(start, x, y)`` read with the dataset's vectorised ``get_batch``."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:  # pragma: no cover - the sampler decides
+        return len(self.ds)
+
+    def __getitem__(self, span: tuple[int, int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        start, stop = span
+        x, y = self.ds.get_batch(np.arange(start, stop, dtype=np.int64))
+        return start, x, y
+
+
+def make_loader(ds: Any, spans: list[tuple[int, int]], *, num_workers: int, pin_memory: bool) -> Iterator:
+    """An iterator over ``(start, x, y)`` batches, in ``spans`` order.
+
+    Call it *before* starting any thread: worker processes are forked here, and a
+    fork while another thread holds a library lock (h5py's) can deadlock a worker.
+    """
+    loader = DataLoader(_Batches(ds), batch_size=None, sampler=spans, num_workers=num_workers,
+                        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
+    return iter(loader)
+
+
+@dataclass
+class Block:
+    """One batch of finished rows on its way to the store (tensors may still be on the GPU)."""
+
+    start: int
+    arrays: dict[str, torch.Tensor]  # the layout's value arrays, logits already in the store dtype
+    labels: torch.Tensor
+
+    def to_cpu(self) -> Block:
+        return Block(self.start, {k: v.cpu() for k, v in self.arrays.items()}, self.labels.cpu())
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """CPU tensor -> numpy without copying (bfloat16 as its uint16 bits, the stored form)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _finite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """bool [B]: every stored value of the row is finite (NaN/inf logits, or overflow of a 16-bit store).
+
+    numpy, not torch: this runs on the writer thread, where a torch op would start a
+    second OpenMP team and slow the teacher's own ops down.
+    """
+    ok = None
+    for a in arrays.values():
+        if a.dtype == np.uint16:  # bfloat16 bits: non-finite when the exponent is all ones
+            rows = ((a & 0x7F80) != 0x7F80).all(axis=1)
+        elif a.dtype == np.float16:  # the same on the bits: 8x faster than np.isfinite on float16
+            rows = ((a.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
+        elif a.dtype.kind == "f":
+            rows = np.isfinite(a).reshape(len(a), -1).all(axis=1)
+        else:
+            continue
+        ok = rows if ok is None else ok & rows
+    return ok
+
+
+class Teacher:
+    """Runs the teacher on a batch and turns raw logits into the layout's arrays, on the device."""
+
+    def __init__(self, module: torch.nn.Module, spec: str, *, device: torch.device, amp: str, layout: str,
+                 topk: int | None, logits_dtype: str, num_classes: int) -> None:
+        self.module, self.spec, self.device = module, spec, device
+        amp_dtype = AMP_DTYPES[amp]
+        self._autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+        self.layout, self.topk, self.num_classes = layout, topk, num_classes
+        self.store_dtype = _TORCH_DTYPES[logits_dtype]
+
+    def forward(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        try:
+            with torch.inference_mode(), self._autocast():
+                out = self.module(x)
+        except torch.OutOfMemoryError as err:
+            raise ConfigError(f"out of memory running the teacher on {where} ({_one_line(err)}); "
+                              "lower --batch-size") from err
+        except Exception as err:  # user models raise anything
+            raise ModelMismatch(f"teacher '{self.spec}' failed on {where} of shape {tuple(x.shape)}: "
+                                f"{_one_line(err)}") from err
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+            got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelMismatch(f"teacher '{self.spec}' returned {got} for inputs of shape {tuple(x.shape)}; "
+                                "it must return one row of raw logits per sample, [batch, classes]")
+        if out.shape[1] != self.num_classes:
+            raise ModelMismatch(
+                f"teacher '{self.spec}' outputs {out.shape[1]} logits per sample but {self.num_classes} classes "
+                f"are expected; pass --num-classes {out.shape[1]} if that is the class count, or use a teacher "
+                f"for {self.num_classes} classes")
+        return out
+
+    def block(self, start: int, x: torch.Tensor, y: torch.Tensor) -> Block:
+        """Raw logits -> the layout's arrays. Never softmax: the store keeps logits (T = 1 later).
+
+        As few torch ops as possible here (on a small CPU every extra op of the
+        main thread competes with the writer thread); the checks run on the writer.
+        """
+        stop = start + len(x)
+        top_label = int(y.numpy().max()) if y.numel() else -1
+        if top_label >= self.num_classes:
+            raise DataError(f"rows {start}..{stop} have label {top_label} but there are {self.num_classes} "
+                            "classes; pass the right --num-classes or fix the labels")
+        with torch.inference_mode():
+            z = self.forward(x, f"rows {start}..{stop}")
+            if self.layout == "dense":
+                arrays = {fmt.LOGITS: z.to(self.store_dtype)}  # no-op for float32 logits into a float32 store
+            else:
+                z = z.float()
+                top, idx = torch.topk(z, self.topk, dim=1, largest=True, sorted=True)
+                arrays = {fmt.TOPK_VALUES: top.to(self.store_dtype), fmt.TOPK_INDICES: idx.to(torch.int32),
+                          fmt.LOGSUMEXP: torch.logsumexp(z, dim=1)}
+        return Block(start, arrays, y)
+
+
+class BackgroundWriter:
+    """Writes blocks to a :class:`StoreWriter` on a thread, behind a bounded queue.
+
+    The teacher waits only when ``depth`` blocks are queued. An error in the thread
+    is raised in the caller at its next :meth:`put` or at :meth:`close`; after an
+    error the thread drains the queue without writing, so the caller never blocks.
+    ``writer`` may be a function that creates the store: it then runs on the thread,
+    while the teacher computes its first batches (creating a store writes metadata
+    and, in HDF5, pre-allocates every chunk).
+    """
+
+    def __init__(self, writer: StoreWriter | Callable[[], StoreWriter], *, on_nonfinite: str,
+                 depth: int = 8) -> None:
+        self._open = None if isinstance(writer, StoreWriter) else writer
+        self.writer: StoreWriter | None = writer if isinstance(writer, StoreWriter) else None
+        self.on_nonfinite = on_nonfinite
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=depth)
+        self._kill_after = int(os.environ.get("SOFTLABELS_TEST_KILL_AFTER_UNITS", "0"))  # test hook
+        self._missing0 = 0
+        self._thread = threading.Thread(target=self._run, name="softlabels-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, block: Block) -> None:
+        while True:
+            self.check()
+            try:
+                self._queue.put(block, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Write everything queued, stop the thread, and raise its error if it had one."""
+        self._queue.put(None)  # the thread always drains, so this cannot block for long
+        self._thread.join()
+        self.check()
+
+    def _run(self) -> None:
+        try:
+            if self.writer is None:
+                self.writer = self._open()
+            if self._kill_after:
+                self._missing0 = len(self.writer.missing_units())
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            self._error = err
+        while (block := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                self._write(block)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                self._error = err
+
+    def _write(self, block: Block) -> None:
+        b = block.to_cpu()
+        arrays = {k: _to_numpy(v) for k, v in b.arrays.items()}
+        n = len(b.labels)
+        bad = np.flatnonzero(~_finite_rows(arrays))
+        if len(bad) and self.on_nonfinite == "error":  # "record": written as they are, listed at the end
+            raise NonFiniteOutputs(
+                f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
+                f"ids {fmt.chunk_list(b.start + bad, 5)}; nothing was marked complete; fix the teacher or its "
+                "inputs, or pass --on-nonfinite record to store them as they are")
+        ids = np.arange(b.start, b.start + n, dtype=np.int64)  # row i holds the dataset's item i
+        self.writer.write(b.start, labels=b.labels.numpy(), sample_ids=ids, **arrays)
+        if self._kill_after and self._missing0 - len(self.writer.missing_units()) >= self._kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a killed job, right after a unit is flagged
+
+
+def unit_delay_hook() -> None:
+    """Test hook: ``SOFTLABELS_TEST_DELAY_PER_UNIT`` seconds of sleep after each unit is computed."""
+    delay = float(os.environ.get("SOFTLABELS_TEST_DELAY_PER_UNIT", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
