@@ -1,0 +1,192 @@
+"""A training run's directory: checkpoint, weights, metrics log, summary.
+
+Layout of ``--out DIR`` (every file replaced atomically: temp file + ``os.replace``)::
+
+    checkpoint.pt   {"format": 1, "model", "optimizer", "scheduler", "epoch" (completed),
+                     "step", "rng", "config"}; plain tensors/containers, loadable with
+                     torch.load(weights_only=True)
+    model.pt        the student's plain state_dict (``--weights`` for generate/eval)
+    metrics.jsonl   one JSON object per completed epoch
+    summary.json    written once, after the last epoch
+
+A killed run leaves at worst a stale temp file; the files it names are always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softlabels.errors import ConfigError, SoftLabelsError
+
+__all__ = [
+    "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
+    "CheckpointError", "CheckpointNotFound",
+    "atomic_save", "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
+    "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics",
+]
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+RUN_FILES = (CHECKPOINT, MODEL, METRICS, SUMMARY)
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(SoftLabelsError, ValueError):
+    """A checkpoint file is unreadable or is not a softlabels training checkpoint."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        torch.save(obj, tmp)
+        _fsync_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(text)
+        _fsync_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Check ``out`` for a previous run (read-only); return its checkpoint when resuming, else None.
+
+    Refuses a directory holding run files unless ``resume`` or ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; pass a directory")
+    if resume:
+        ckpt = out / CHECKPOINT
+        return ckpt if ckpt.exists() else None
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(
+            f"--out {str(out)!r} already holds a training run ({', '.join(found)}); "
+            "pass --resume to continue it, --overwrite to replace it, or choose another directory"
+        )
+    return None
+
+
+def start_out_dir(out: str | Path, *, keep: bool) -> None:
+    """Create ``out``; unless ``keep`` (resuming), delete an earlier run's files. Rank 0, after setup succeeded."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not keep:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file for ``path``: a run directory or a checkpoint file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT
+    if not p.is_file():
+        raise CheckpointNotFound(
+            f"no training checkpoint at {str(path)!r}; pass a 'softlabels train --out' directory or its {CHECKPOINT}"
+        )
+    return p
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    p = find_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, pickle with objects, not a torch file ...
+        raise CheckpointError(f"cannot read checkpoint {str(p)!r} ({type(err).__name__}); "
+                              "it is damaged or not a softlabels checkpoint") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        hint = f"; {MODEL} holds weights only, pass the run directory or its {CHECKPOINT}" \
+            if p.name == MODEL else ""
+        raise CheckpointError(f"{str(p)!r} is not a softlabels training checkpoint{hint}")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {str(p)!r} has format {ckpt.get('format')!r}; "
+                              f"this softlabels reads format {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+# -- RNG state, as plain containers so the checkpoint loads with weights_only=True ----------
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# -- metrics.jsonl -------------------------------------------------------------------------
+def append_metrics(out: str | Path, record: dict[str, Any]) -> None:
+    with open(Path(out) / METRICS, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / METRICS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a crash mid-write: that epoch reruns
+            continue
+    return records
+
+
+def truncate_metrics(out: str | Path, epochs_done: int) -> None:
+    """Keep only epochs <= ``epochs_done`` (a crash may have logged an epoch it never checkpointed)."""
+    path = Path(out) / METRICS
+    if path.exists():
+        keep = [r for r in read_metrics(out) if r.get("epoch", 0) <= epochs_done]
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))

@@ -1,0 +1,142 @@
+"""Evaluate a trained student: accuracy and calibration, and agreement with its teacher.
+
+:func:`evaluate` loads a ``softlabels train`` run (its checkpoint's config names
+the student spec, input shape and class count), runs it over a ``--data`` spec and,
+given the store of teacher logits for exactly that data, compares it with the
+teacher row by row (rows joined by ``sample_ids``; the store's fingerprint of its
+inputs must match the data). :func:`evaluate_model` is the loop, shared with the
+trainer's per-epoch validation.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from softlabels.checkpoint import MODEL, find_checkpoint, load_checkpoint
+from softlabels.data import InputDataset
+from softlabels.errors import ModelMismatch
+from softlabels.metrics import EvalAccumulator
+from softlabels.models import count_flops, count_parameters
+
+__all__ = ["evaluate", "evaluate_model", "load_student", "format_table"]
+
+TEACHER_KEYS = ("logits", "topk_values", "topk_indices", "logsumexp")
+
+
+def _batches_from_data(dataset: InputDataset, batch_size: int):
+    for start in range(0, len(dataset), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(dataset)), dtype=np.int64)
+        x, y = dataset.get_batch(idx)
+        yield {"x": x, "labels": y}
+
+
+def _batches_from_store(store: Any, dataset: InputDataset, batch_size: int):
+    from softlabels.dataset import SoftLabelDataset
+
+    # In order, one rank: every row exactly once; SoftLabelDataset joins by sample_ids
+    # and refuses data whose fingerprint differs from the one the store recorded.
+    yield from SoftLabelDataset([(store, dataset)], batch_size=batch_size, shuffle=False, rank=0, world_size=1)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int, batch_size: int = 512,
+                   device: str | torch.device = "cpu", store: Any = None) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset`` (see :class:`EvalAccumulator`), against ``store`` if given."""
+    acc = EvalAccumulator(num_classes)
+    was_training = model.training
+    model.eval()
+    try:
+        batches = _batches_from_data(dataset, batch_size) if store is None else \
+            _batches_from_store(store, dataset, batch_size)
+        for batch in batches:
+            logits = model(batch["x"].to(device, non_blocking=True))
+            teacher = {k: v for k, v in batch.items() if k in TEACHER_KEYS} or None
+            acc.update(logits, batch["labels"], teacher)
+    finally:
+        model.train(was_training)
+    return acc.compute()
+
+
+def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained student (eval mode) and the run's config, from a run directory or checkpoint file."""
+    from softlabels.specs import resolve_model
+
+    ckpt_path = find_checkpoint(checkpoint)
+    state = load_checkpoint(ckpt_path)
+    config = {**state["config"], "epochs_done": state["epoch"]}
+    weights = ckpt_path.parent / MODEL if Path(checkpoint).is_dir() and (ckpt_path.parent / MODEL).is_file() \
+        else ckpt_path  # resolve_model reads a checkpoint's "model" entry as a state_dict too
+    info = resolve_model(config["student"], input_shape=tuple(config["input_shape"]),
+                         num_classes=int(config["num_classes"]), weights=weights)
+    config = {**config, "weights": str(weights), "weights_sha256": info.weights_sha256}
+    return info.module.to(device).eval(), config
+
+
+def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = None, *,
+             batch_size: int = 512, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher).
+
+    Returns a flat dict: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store also
+    ``teacher_accuracy``, ``agreement``, ``kl_to_teacher``, ``correlation`` and (dense
+    stores) ``teacher_ece``; plus ``num_parameters`` and ``flops`` (multiply-accumulates
+    per sample) of the student and what was evaluated.
+    """
+    from softlabels.reader import open_store
+    from softlabels.specs import resolve_data
+
+    model, config = load_student(checkpoint, device=device)
+    dataset = resolve_data(data_spec)
+    input_shape, num_classes = tuple(config["input_shape"]), int(config["num_classes"])
+    if tuple(dataset.input_shape) != input_shape:
+        raise ModelMismatch(
+            f"the student was trained on inputs of shape {input_shape} but {data_spec!r} has {tuple(dataset.input_shape)}; "
+            "evaluate on data of the kind it was trained on"
+        )
+    opened = None
+    if store is not None:
+        opened = open_store(store)
+        if opened.num_classes != num_classes:
+            raise ModelMismatch(f"the student has {num_classes} classes but store {str(store)!r} has "
+                                f"{opened.num_classes}; pass the store of this student's teacher")
+    try:
+        metrics = evaluate_model(model, dataset, num_classes=num_classes, batch_size=batch_size, device=device,
+                                 store=opened)
+    finally:
+        if opened is not None:
+            opened.close()
+    return {
+        "checkpoint": str(checkpoint), "data": data_spec, "store": None if store is None else str(store),
+        "student": config["student"], "weights_sha256": config["weights_sha256"],
+        "num_parameters": count_parameters(model), "flops": count_flops(model, input_shape),
+        "epochs_trained": config.get("epochs_done"), **metrics,
+    }
+
+
+_ROWS = (
+    ("accuracy", "accuracy", "pct"), ("ece", "ECE", "f4"),
+    ("teacher_accuracy", "teacher accuracy", "pct"), ("agreement", "top-1 agreement", "pct"),
+    ("kl_to_teacher", "KL to teacher", "f4"), ("correlation", "logit correlation", "f4"),
+    ("teacher_ece", "teacher ECE", "f4"), ("n", "samples", "int"), ("n_labeled", "labeled", "int"),
+    ("num_parameters", "parameters", "int"), ("flops", "MACs / sample", "int"),
+)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result as an aligned two-column text table (metrics absent from it are skipped)."""
+    def fmt(value: Any, how: str) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if how == "pct":
+            return f"{100 * value:.2f} %"
+        return f"{value:,}" if how == "int" else f"{value:.4f}"
+
+    rows = [(label, fmt(result[key], how)) for key, label, how in _ROWS if key in result]
+    width = max(len(label) for label, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    return "\n".join(f"{label:<{width}}  {value:>{vwidth}}" for label, value in rows)

@@ -1,0 +1,420 @@
+"""The student trainer: knowledge distillation from stores, or plain supervised training.
+
+With stores, each batch of a :class:`~softlabels.dataset.SoftLabelDataset` (inputs
+joined to teacher logits by ``sample_ids``) goes through the student and a
+:class:`~softlabels.losses.DistillationLoss`; without stores the student learns the
+hard labels of ``--data`` (how teachers and baselines are trained). Under
+``torchrun`` the student is wrapped in DDP and each rank streams its share of rows;
+only rank 0 writes files or prints. See :mod:`softlabels.checkpoint` for ``--out``.
+
+Ranks may hold one row more or less than each other, hence one batch more or less.
+Every rank therefore runs the same number of optimizer steps per epoch: a rank out
+of data repeats its last batch with loss weight 0. DDP's ``Join`` would instead skip
+the optimizer step on the early rank, so Adam's moments and the LR schedule would
+drift apart between ranks; with equal step counts the weights stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from softlabels import checkpoint as ckpt_io
+from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, weights_digest
+from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
+from softlabels.losses import LOSSES, TOPK_KEYS, DistillationLoss, make_soft_loss
+
+__all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"]
+
+DEFAULT_TEMPERATURE = 2.0
+DEFAULT_ALPHA = 0.5
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+# options that must equal the checkpoint's for --resume to continue the same run
+_RESUME_KEYS = ("student", "student_weights", "stores", "data", "loss", "temperature", "alpha", "batch_size",
+                "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Every option of ``softlabels train``. ``None`` for loss/temperature/alpha means the default."""
+
+    student: str
+    out: str
+    student_weights: str | None = None
+    stores: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()
+    loss: str | None = None
+    temperature: float | None = None
+    alpha: float | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    val_data: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def problems(self, *, online: bool = False) -> list[str]:
+        """Every invalid option value (empty when all are valid)."""
+        p = []
+        for name in ("epochs", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "num_workers"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                p.append(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"--lr must be a number > 0, got {self.lr!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            p.append(f"--weight-decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            p.append(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.loss is not None and self.loss not in LOSSES:
+            p.append(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            p.append(f"--alpha must be between 0 and 1, got {self.alpha!r}")
+        if self.stores and self.data and len(self.data) != len(self.stores):
+            p.append(f"{len(self.data)} --data for {len(self.stores)} --store; give --data once per store, "
+                     "in the same order, or not at all (each store's recorded data spec is then used)")
+        if not self.stores and not self.data:
+            p.append("nothing to train on; pass --store (distillation) or --data (hard labels)")
+        if not self.stores and not online and (self.loss or self.temperature is not None or self.alpha is not None):
+            p.append("--loss, --temperature and --alpha apply to distillation; pass --store, or drop them "
+                     "to train on hard labels")
+        if self.resume and self.overwrite:
+            p.append("--resume and --overwrite exclude each other; pick one")
+        return p
+
+
+def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callable[[str], None] | None = None,
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train the student described by ``config``; return the run summary (also in ``summary.json``).
+
+    ``teacher``: run this module live on each batch's inputs and use its logits instead
+    of the store's (online distillation; for tests and benchmarks). ``log`` receives
+    progress lines (rank 0 only). ``on_epoch_end(record)`` is called on every rank after
+    each epoch's checkpoint is written; an exception there stops training.
+    """
+    problems = config.problems(online=teacher is not None)
+    if problems:
+        raise ConfigError(problems)
+    env = DistEnv.start(config.device)
+    try:
+        run, error = None, None
+        try:
+            run = _Run(config, env, teacher, log if env.rank == 0 else None)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+        env.group.agree(error)  # one rank's setup error stops all ranks, none waits forever
+        try:
+            run.connect()
+            return run.fit(on_epoch_end)
+        finally:
+            run.close()
+    finally:
+        env.stop()
+
+
+class _Run:
+    """One training run, set up from a config: data, student, loss, optimizer, out dir."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv, teacher: nn.Module | None, log) -> None:
+        from softlabels.reader import open_store
+        from softlabels.specs import resolve_data, resolve_model
+
+        self.config, self.env, self.log = config, env, log or (lambda _msg: None)
+        self.resume_from = ckpt_io.check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
+        self.stores: list = []
+        self.sl = None
+        # -- data ------------------------------------------------------------------------
+        if config.stores:
+            self.stores = [open_store(p) for p in config.stores]
+            specs = list(config.data) or [self._recorded_spec(s) for s in self.stores]
+            datasets = [resolve_data(s) for s in specs]
+            from softlabels.dataset import SoftLabelDataset
+
+            self.sl = SoftLabelDataset(list(zip(self.stores, datasets)), batch_size=config.batch_size, shuffle=True,
+                                       seed=config.seed)
+            num_classes, layout = int(self.sl.num_classes), self.sl.layout
+            batches: Any = self.sl
+        else:
+            specs = list(config.data)
+            datasets = [resolve_data(s) for s in specs]
+            if teacher is None and not any(d.has_labels for d in datasets):
+                raise DataError(f"{', '.join(specs)} has no labels; train on labeled data, or distil from a store")
+            counts = [d.num_classes for d in datasets if d.num_classes is not None]
+            if not counts:
+                raise DataError(f"cannot tell the class count of {', '.join(specs)}; give it labels")
+            num_classes, layout = max(counts), None
+            batches = self.index_batches = IndexBatches(
+                datasets, labeled_only=teacher is None, batch_size=config.batch_size, seed=config.seed,
+                rank=env.rank, world=env.world)
+        shapes = {tuple(d.input_shape) for d in datasets}
+        if len(shapes) > 1:
+            raise DataError(f"the inputs differ in shape ({', '.join(map(str, sorted(shapes)))}); "
+                            "train on data of one kind")
+        self.input_shape, self.num_classes = shapes.pop(), num_classes
+        self.loader = DataLoader(batches, batch_size=None, num_workers=config.num_workers,
+                                 pin_memory=env.device.type == "cuda")
+        self.val = resolve_data(config.val_data) if config.val_data else None
+        if self.val is not None and tuple(self.val.input_shape) != self.input_shape:
+            raise DataError(f"--val-data {config.val_data!r} has inputs of shape {tuple(self.val.input_shape)}, "
+                            f"the training data {self.input_shape}; validate on data of the same kind")
+        # -- loss --------------------------------------------------------------------------
+        self.teacher = None if teacher is None else teacher.to(env.device).eval()
+        distil = bool(config.stores) or teacher is not None
+        temperature = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
+        alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
+        loss_name = None
+        if distil:
+            layout = "dense" if teacher is not None else layout
+            loss_name = config.loss or ("topk_kl" if layout == "topk" else "kl")
+            where = ", ".join(config.stores)
+            if layout == "topk" and loss_name != "topk_kl":
+                raise ConfigError(f"loss {loss_name!r} needs dense teacher logits but {where} holds top-k logits; "
+                                  "use --loss topk_kl")
+            if layout == "dense" and loss_name == "topk_kl":
+                raise ConfigError(f"loss 'topk_kl' is for top-k stores but {where or 'the teacher'} gives dense "
+                                  "logits; use --loss kl, soft_ce or mse")
+        self.loss_fn = DistillationLoss(make_soft_loss(loss_name, temperature) if distil else None, alpha)
+        # -- student -----------------------------------------------------------------------
+        torch.manual_seed(config.seed)
+        info = resolve_model(config.student, input_shape=self.input_shape, num_classes=num_classes,
+                             weights=config.student_weights)
+        if info.kind == "export":
+            raise ConfigError(f"{config.student!r} is a torch.export program, which cannot be trained; pass the "
+                              "architecture (built-in name, module:factory or TorchScript) and --student-weights")
+        self.student = info.module
+        self._check_width(config.student, num_classes)
+        self.student.to(env.device).train()
+        params = self.student.parameters()
+        if config.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+        self.local_steps = len(batches)
+        self.run_config = {
+            **{k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "progress")},
+            "stores": [str(Path(p).resolve()) for p in config.stores], "data": specs,
+            "loss": loss_name, "temperature": temperature if distil else None, "alpha": alpha if distil else None,
+            "input_shape": list(self.input_shape), "num_classes": num_classes, "layout": layout,
+            "online_teacher": teacher is not None, "world_size": env.world,
+            "student_kind": info.kind, "student_weights_sha256": info.weights_sha256,
+            "num_parameters": info.num_parameters,
+            "teachers": [{"store": str(Path(s.path).resolve()), "layout": s.layout, "num_samples": s.num_samples,
+                          "num_classes": s.num_classes, "logits_dtype": s.logits_dtype, "teacher": s.teacher,
+                          "source": s.source} for s in self.stores],
+        }
+        self.state = None
+        if self.resume_from is not None:
+            self.state = ckpt_io.load_checkpoint(self.resume_from)
+            old = self.state["config"]
+            diffs = [f"{k}: {old.get(k)!r} -> {self.run_config[k]!r}" for k in _RESUME_KEYS
+                     if old.get(k) != self.run_config[k]]
+            if diffs:
+                raise ConfigError(f"--resume with other settings than {self.resume_from} ({'; '.join(diffs)}); "
+                                  "rerun with the original options, or pass --overwrite to start over")
+
+    def connect(self) -> None:
+        """The collective part of the setup: step count, DDP, schedule, resumed state."""
+        config, env = self.config, self.env
+        local = torch.tensor([self.local_steps, -self.local_steps], dtype=torch.int64)
+        hi, neg_lo = env.all_reduce(local, dist.ReduceOp.MAX).tolist()
+        if -neg_lo < 1:
+            raise DataError(f"a rank got no rows to train on; use fewer processes than the {config.batch_size}"
+                            "-row batches the data holds")
+        self.steps_per_epoch = self.run_config["steps_per_epoch"] = hi
+        self.model = self.student
+        if env.world > 1:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=ids)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_factor(config.schedule, config.warmup_steps, config.epochs * hi))
+        self.start_epoch, self.step = 0, 0
+        if env.rank == 0:  # only now that every rank's setup succeeded: an earlier run is replaced
+            ckpt_io.start_out_dir(config.out, keep=self.state is not None)
+        if self.state is not None:
+            self._restore(self.state)
+        elif config.resume:
+            self.log(f"--resume: no checkpoint in {config.out}; starting a new run")
+
+    def _recorded_spec(self, store) -> str:
+        spec = store.source.get("spec")
+        if not spec:
+            raise ConfigError(f"store {str(store.path)!r} does not record its data spec; pass --data for it")
+        self.log(f"inputs for {store.path}: {spec} (the store's recorded source.spec)")
+        return spec
+
+    def _check_width(self, spec: str, num_classes: int) -> None:
+        with torch.no_grad():
+            out = self.student.eval()(torch.zeros((1, *self.input_shape)))
+        width = out.shape[-1] if out.ndim == 2 else tuple(out.shape[1:])
+        if width != num_classes:
+            what = f"store {', '.join(self.config.stores)} has" if self.config.stores else "the data has"
+            raise ModelMismatch(f"student {spec!r} outputs {width} classes per sample but {what} {num_classes}; "
+                                f"use a student with {num_classes} outputs (built-in models size themselves)")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        old = state["config"]
+        if old.get("world_size") != self.env.world:
+            self.log(f"note: resuming a {old.get('world_size')}-process run on {self.env.world} processes; "
+                     "the data split per rank changes")
+        self.student.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        ckpt_io.set_rng_state(state["rng"])
+        self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+        if self.env.rank == 0:
+            ckpt_io.truncate_metrics(self.config.out, self.start_epoch)
+        self.log(f"resuming {self.config.out} after epoch {self.start_epoch} (step {self.step})")
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        if self.teacher is not None:
+            with torch.no_grad():
+                logits = self.teacher(batch["x"]).float()
+            batch = {k: v for k, v in batch.items() if k != "logits" and k not in TOPK_KEYS}
+            batch["logits"] = logits
+        return batch
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, env = self.config, self.env
+        (self.sl if self.sl is not None else self.index_batches).set_epoch(epoch)  # len() may be 0
+        sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, hard, soft (row-weighted), rows
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not (cfg.progress and env.rank == 0), leave=False, dynamic_ncols=True)
+        every = max(1, self.steps_per_epoch // 50)
+        t0 = time.perf_counter()
+        it, last = iter(self.loader), None
+        for i in range(self.steps_per_epoch):
+            batch = next(it, None)
+            weight = 1.0
+            if batch is None:  # this rank is out of rows: a zero-weight step keeps the ranks in lockstep
+                batch, weight = last, 0.0
+            else:
+                batch = last = self._to_device(batch)
+            loss = self.loss_fn(self.model(batch["x"]), batch)
+            self.opt.zero_grad(set_to_none=True)
+            (loss * weight if weight != 1.0 else loss).backward()
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            rows = weight * len(batch["labels"])
+            parts = self.loss_fn.last_parts
+            sums += torch.stack([loss.detach(), parts["hard"], parts["soft"], loss.new_ones(())]).double() * rows
+            if (i + 1) % every == 0 and not bar.disable:
+                s = sums.tolist()
+                bar.set_postfix(loss=f"{s[0] / max(s[3], 1):.4f}",
+                                samples_s=f"{s[3] * env.world / (time.perf_counter() - t0):.0f}")
+            bar.update()
+        bar.close()
+        for _ in it:  # never expected: the dataset yielded more batches than len() said
+            raise DataError("the soft-label dataset yielded more batches than it announced; this is a bug")
+        total = env.all_reduce(sums.cpu()).tolist()
+        seconds = time.perf_counter() - t0
+        rows = max(total[3], 1)
+        return {"epoch": epoch + 1, "step": self.step, "loss": total[0] / rows, "loss_hard": total[1] / rows,
+                "loss_soft": total[2] / rows, "lr": self.sched.get_last_lr()[0], "samples": int(total[3]),
+                "epoch_seconds": seconds, "samples_per_s": total[3] / seconds}
+
+    def _save(self, epoch_done: int) -> None:
+        out = Path(self.config.out)
+        ckpt_io.atomic_save(self.student.state_dict(), out / ckpt_io.MODEL)
+        ckpt_io.atomic_save({
+            "format": ckpt_io.CHECKPOINT_FORMAT, "model": self.student.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "epoch": epoch_done, "step": self.step, "rng": ckpt_io.rng_state(), "config": self.run_config,
+        }, out / ckpt_io.CHECKPOINT)
+
+    def fit(self, on_epoch_end) -> dict[str, Any]:
+        from softlabels.evaluate import evaluate_model
+
+        cfg, env = self.config, self.env
+        t_start = time.perf_counter()
+        what = f"from {len(self.stores)} store(s), loss {self.run_config['loss']}" if self.stores else "on hard labels"
+        self.log(f"training {cfg.student} ({self.run_config['num_parameters']:,} parameters) {what}, "
+                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {env.world} x {env.device}")
+        record: dict[str, Any] = {}
+        for epoch in range(self.start_epoch, cfg.epochs):
+            record = self._epoch(epoch)
+            if not math.isfinite(record["loss"]):  # same on every rank (all-reduced): all stop together
+                kept = f" (the checkpoint after epoch {epoch} is kept)" if epoch else ""
+                raise NonFiniteOutputs(f"training diverged: loss {record['loss']} in epoch {epoch + 1}; "
+                                       f"lower --lr{kept}")
+            if self.val is not None and env.rank == 0:
+                t0 = time.perf_counter()
+                m = evaluate_model(self.student, self.val, num_classes=self.num_classes,
+                                   batch_size=max(cfg.batch_size, 256), device=env.device)
+                record.update(val_accuracy=m["accuracy"], val_ece=m["ece"], val_n=m["n"],
+                              val_seconds=time.perf_counter() - t0)
+            if env.rank == 0:
+                ckpt_io.append_metrics(cfg.out, record)  # before the checkpoint: a resume rewrites it
+                self._save(epoch + 1)
+                val = f", val acc {record['val_accuracy']:.4f}" if record.get("val_accuracy") is not None else ""
+                if not cfg.progress:  # the bar shows progress otherwise
+                    self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}{val}")
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+        return self._finish(time.perf_counter() - t_start)
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        from softlabels.models import count_flops
+
+        env, cfg = self.env, self.config
+        digest = weights_digest(self.student)
+        digests = [digest]
+        if env.world > 1:
+            digests = [None] * env.world
+            dist.all_gather_object(digests, digest)
+        history = ckpt_io.read_metrics(cfg.out) if env.rank == 0 else []
+        summary = {
+            "student": cfg.student, "out": str(cfg.out), "epochs": cfg.epochs, "steps": self.step,
+            "world_size": env.world, "num_parameters": self.run_config["num_parameters"],
+            "flops": count_flops(self.student, self.input_shape), "seconds": seconds,
+            "final": history[-1] if history else {}, "first_loss": history[0]["loss"] if history else None,
+            "weights_digest": digest, "weights_digest_per_rank": digests,
+            "config": self.run_config,
+        }
+        if env.rank == 0:
+            ckpt_io.atomic_write_text(Path(cfg.out) / ckpt_io.SUMMARY, _json(summary))
+            final = summary["final"]
+            val = f", val accuracy {final['val_accuracy']:.4f}" if final.get("val_accuracy") is not None else ""
+            self.log(f"done: {cfg.epochs} epochs, {self.step} steps in {seconds:.1f}s; loss "
+                     f"{final.get('loss', float('nan')):.4f}{val}; wrote {cfg.out}/{ckpt_io.MODEL}")
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks finished with different weights ({digests}); this is a bug")
+        env.barrier()
+        return summary
+
+    def close(self) -> None:
+        for s in self.stores:
+            s.close()
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
