@@ -20,6 +20,7 @@ __all__ = [
     "StoreExists",
     "StoreMismatch",
     "StoreLocked",
+    "StoreWriteError",
     "SpecError",
     "DataError",
     "FingerprintMismatch",
@@ -67,6 +68,10 @@ class StoreMismatch(StoreError, ValueError):
 
 class StoreLocked(StoreError, BlockingIOError):
     """Another process is writing this store."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """The operating system refused a write (disk full, read-only, permissions)."""
 
 
 class SpecError(SoftLabelsError, ValueError):

@@ -9,13 +9,15 @@ file. Object-valued root attributes are stored as JSON strings.
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from softlabels.errors import CorruptStore, NotAStore, StoreLocked
+from softlabels.errors import CorruptStore, NotAStore, StoreLocked, StoreWriteError
 from softlabels.format import ArraySpec, decode_h5_attr, encode_h5_attr
 
 
@@ -52,8 +54,22 @@ class HDF5Backend:
         return {k: decode_h5_attr(k, v) for k, v in self._f.attrs.items()}
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
-        for k, v in attrs.items():
-            self._f.attrs[k] = encode_h5_attr(k, v)
+        with self._writing():
+            for k, v in attrs.items():
+                self._f.attrs[k] = encode_h5_attr(k, v)
+
+    @contextmanager
+    def _writing(self):
+        """h5py reports a failed write as ValueError/OSError text with an errno inside: name it."""
+        try:
+            yield
+        except (OSError, ValueError, RuntimeError) as err:
+            found = re.search(r"errno = (\d+)", str(err))
+            reason = os.strerror(int(found.group(1))) if found else _first_line(str(err))
+            raise StoreWriteError(
+                f"cannot write {str(self.path)!r}: {reason}; free space or fix permissions (or choose another "
+                "--out), then rerun the same command to resume"
+            ) from err
 
     def array_names(self) -> list[str]:
         return [k for k, v in self._f.items() if isinstance(v, h5py.Dataset)]
@@ -71,10 +87,11 @@ class HDF5Backend:
         chunks = (max(1, min(rows, spec.shape[0] or 1)),) + spec.shape[1:]
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        self._f.create_dataset(
-            name, shape=spec.shape, dtype=spec.dtype, chunks=chunks, fillvalue=0, dcpl=dcpl,
-            compression="gzip" if compress else None, shuffle=compress,
-        )
+        with self._writing():
+            self._f.create_dataset(
+                name, shape=spec.shape, dtype=spec.dtype, chunks=chunks, fillvalue=0, dcpl=dcpl,
+                compression="gzip" if compress else None, shuffle=compress,
+            )
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         d = self._dataset(name)
@@ -91,11 +108,13 @@ class HDF5Backend:
         return out
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        self._dataset(name)[start:start + len(data)] = data
+        with self._writing():
+            self._dataset(name)[start:start + len(data)] = data
 
     def flush(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.id.get_vfd_handle())  # "done" must mean on disk, not in the page cache
+        with self._writing():
+            self._f.flush()
+            os.fsync(self._f.id.get_vfd_handle())  # "done" must mean on disk, not in the page cache
 
     def close(self) -> None:
         self._datasets.clear()
