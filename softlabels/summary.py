@@ -12,7 +12,7 @@ from softlabels import format as fmt
 from softlabels.errors import CorruptStore
 from softlabels.reader import SoftLabelStore, densify_topk, to_torch
 
-__all__ = ["summarize"]
+__all__ = ["diff_stores", "summarize"]
 
 
 def summarize(path: str | Path, *, verify: bool = False, backend: str | None = None) -> dict[str, Any]:
@@ -82,3 +82,37 @@ def _teacher_stats(store: SoftLabelStore, done: np.ndarray, *, verify: bool) -> 
     }
     stats["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
     return stats
+
+
+def diff_stores(a: str | Path, b: str | Path, *, ignore: tuple[str, ...] = ("timings",)) -> list[str]:
+    """Differences between two stores: every array bit for bit, and the root attributes.
+
+    Keys named in ``ignore`` are dropped from ``created_by`` before comparing (by
+    default the timings, which differ from run to run). Partial stores compare too.
+    """
+    from softlabels.store import open_backend
+
+    found: list[str] = []
+    sides = []
+    for path in (a, b):
+        backend = open_backend(path, "r")
+        try:
+            attrs = backend.attrs()
+            attrs["created_by"] = {k: v for k, v in dict(attrs.get("created_by") or {}).items() if k not in ignore}
+            arrays = {n: backend.read(n, 0, backend.array_info(n)[0][0]) if backend.array_info(n)[0] else None
+                      for n in backend.array_names()}
+        finally:
+            backend.close()
+        sides.append((attrs, arrays))
+    (attrs_a, arr_a), (attrs_b, arr_b) = sides
+    for key in sorted(set(attrs_a) | set(attrs_b)):
+        if attrs_a.get(key) != attrs_b.get(key):
+            found.append(f"attribute {key}: {attrs_a.get(key)!r} != {attrs_b.get(key)!r}")
+    for name in sorted(set(arr_a) | set(arr_b)):
+        x, y = arr_a.get(name), arr_b.get(name)
+        if x is None or y is None:
+            found.append(f"array {name} exists in only one store")
+        elif x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1)) if x.shape == y.shape else []
+            found.append(f"array {name} differs" + (f" in rows {fmt.chunk_list(rows)}" if len(rows) else ""))
+    return found

@@ -1,0 +1,22 @@
+"""A handful of the fault-injection tool's kill points in CI (the tool itself runs 20+ per backend)."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import faults  # noqa: E402
+
+
+@pytest.mark.slow
+def test_killed_generate_and_train_resume_to_identical_results(tmp_path):
+    records = faults.run(kills=2, train_kills=1, backends=[".zarr", ".h5"], seed=1, work=tmp_path)
+    assert len(records) == 5
+    for r in records:
+        assert r["identical"], r
+    # a kill time can fall after a quick run ends; most must land inside the job
+    assert sum(bool(r["kill_delays_s"]) for r in records) >= 3

@@ -1,0 +1,212 @@
+"""Fault injection: SIGKILL `softlabels generate` and `softlabels train` at random moments.
+
+For each kill point the job runs in a subprocess, is killed after a random delay,
+then the same command is rerun (generate) or resumed (train --resume), sometimes
+killed again, until it finishes. The result must equal an uninterrupted run:
+stores bit-identical (every array, checksums and flags included, and every
+attribute but the timings); training's final weights and the metrics of every
+epoch (timings aside) identical.
+
+    python tools/faults.py --kills 20              # 20 kill points per backend, and 20 for train
+    python tools/faults.py --kills 3 --train-kills 2 --backend zarr
+
+Prints one line per kill point and a summary; exits 1 if any result differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softlabels.summary import diff_stores
+
+N, D, C = 600, 16, 5
+CHUNK, BATCH = 16, 16  # 38 units: plenty of places to die in
+# Slows each unit a little so kill times land inside the job rather than in start-up.
+DELAY = {"SOFTLABELS_TEST_DELAY_PER_UNIT": "0.02"}
+
+
+def make_inputs(work: Path) -> dict[str, Path]:
+    """Tiny data with some unlabeled rows, and fixed teacher weights."""
+    from softlabels.specs import resolve_model
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    y = (x[:, :C].argmax(1)).astype(np.int64)
+    y[::4] = -1
+    np.savez(work / "data.npz", x=x, y=y)
+    torch.manual_seed(0)
+    teacher = resolve_model("mlp", input_shape=(D,), num_classes=C).module
+    torch.save(teacher.state_dict(), work / "teacher.pt")
+    return {"data": work / "data.npz", "weights": work / "teacher.pt"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "softlabels", *args]
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, kill_after: float | None = None) -> int | None:
+    """Run cmd; with kill_after, SIGKILL it after that many seconds. None = killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    try:
+        _, err = proc.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        return None
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:5])} ... failed ({proc.returncode}): {err.strip()}")
+    return proc.returncode
+
+
+def generate_cmd(inputs: dict[str, Path], out: Path) -> list[str]:
+    return _cli("generate", "--teacher", "mlp", "--weights", str(inputs["weights"]), "--data", str(inputs["data"]),
+                "--out", str(out), "--chunk-rows", str(CHUNK), "--batch-size", str(BATCH), "--dtype", "float16",
+                "--no-progress")
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    _run(cmd, env)
+    return time.perf_counter() - t0
+
+
+def _kill_delay(rng: random.Random, killed: int, start_s: float, clean_s: float) -> float | None:
+    """A kill time inside the job (after interpreter start-up), or None to let the run finish.
+
+    The first run is always killed; reruns are killed again with probability 0.3, at most 3 times.
+    """
+    if killed >= 3 or (killed and rng.random() >= 0.3):
+        return None
+    return rng.uniform(0.8 * start_s, clean_s)
+
+
+def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int, rng: random.Random,
+                    start_s: float) -> list[dict]:
+    """Kill points for one backend; returns one record per kill point."""
+    ref = work / f"ref{suffix}"
+    clean_s = _timed(generate_cmd(inputs, ref), DELAY)
+    records = []
+    for i in range(kills):
+        out = work / f"g{i}{suffix}"
+        delays, progress, killed = [], [], 0
+        while True:  # kill, rerun, sometimes kill the rerun too, until it finishes
+            delay = _kill_delay(rng, killed, start_s, clean_s)
+            if _run(generate_cmd(inputs, out), DELAY, kill_after=delay) is not None:
+                break
+            killed += 1
+            delays.append(round(delay, 2))
+            progress.append(_chunks_done(out))
+        diffs = diff_stores(ref, out)
+        records.append({"job": "generate", "backend": suffix, "kill_delays_s": delays, "identical": not diffs,
+                        "diffs": diffs[:3], "state_at_kill": progress})
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    return records
+
+
+def _chunks_done(path: Path) -> str:
+    """How far a killed job got: 'k/n chunks', or why there is no readable store."""
+    from softlabels.errors import SoftLabelsError
+    from softlabels.reader import open_store
+
+    try:
+        with open_store(path, allow_partial=True) as store:
+            return f"{store.num_chunks - len(store.missing_chunks())}/{store.num_chunks} chunks"
+    except SoftLabelsError as err:
+        return f"no readable store yet ({type(err).__name__})"
+
+
+TIMING_KEYS = ("epoch_seconds", "samples_per_s", "seconds", "wall_s")
+
+
+def train_cmd(store: Path, out: Path, resume: bool) -> list[str]:
+    return _cli("train", "--student", "mlp", "--store", str(store), "--epochs", "8", "--batch-size", "32",
+                "--out", str(out), "--no-progress", "--resume" if resume else "--overwrite")
+
+
+def _train_result(out: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    weights = torch.load(out / "model.pt", weights_only=True)
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+               for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return weights, metrics
+
+
+def train_faults(work: Path, store: Path, kills: int, rng: random.Random, start_s: float) -> list[dict]:
+    """Kill `softlabels train` at random moments, resume, compare with an uninterrupted run."""
+    ref = work / "train-ref"
+    clean_s = _timed(train_cmd(store, ref, resume=False))
+    ref_weights, ref_metrics = _train_result(ref)
+    records = []
+    for i in range(kills):
+        out = work / f"t{i}"
+        delays, progress, killed = [], [], 0
+        while True:
+            resume = (out / "checkpoint.pt").exists()
+            delay = _kill_delay(rng, killed, start_s, clean_s)
+            if _run(train_cmd(store, out, resume), kill_after=delay) is not None:
+                break
+            killed += 1
+            delays.append(round(delay, 2))
+            progress.append(f"{len((out / 'metrics.jsonl').read_text().splitlines()) if (out / 'metrics.jsonl').exists() else 0} epochs")
+        weights, metrics = _train_result(out)
+        same_weights = weights.keys() == ref_weights.keys() and all(torch.equal(weights[k], ref_weights[k])
+                                                                   for k in weights)
+        records.append({"job": "train", "backend": store.suffix, "kill_delays_s": delays,
+                        "identical": same_weights and metrics == ref_metrics,
+                        "diffs": [] if same_weights else ["final weights differ"]
+                        + ([] if metrics == ref_metrics else ["metrics differ"]), "state_at_kill": progress})
+        shutil.rmtree(out)
+    return records
+
+
+def run(kills: int, train_kills: int, backends: list[str], seed: int, work: Path) -> list[dict]:
+    rng = random.Random(seed)
+    inputs = make_inputs(work)
+    start_s = _timed(_cli("--version"))  # interpreter + imports: kills before this test nothing
+    records = []
+    for suffix in backends:
+        records += generate_faults(work, inputs, suffix, kills, rng, start_s)
+    if train_kills:
+        records += train_faults(work, work / f"ref{backends[0]}", train_kills, rng, start_s)
+    return records
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=20, help="kill points per backend for generate")
+    parser.add_argument("--train-kills", type=int, default=None, help="kill points for train (default: --kills)")
+    parser.add_argument("--backend", nargs="+", default=[".zarr", ".h5"], choices=[".zarr", ".h5"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        records = run(args.kills, args.kills if args.train_kills is None else args.train_kills,
+                      args.backend, args.seed, Path(tmp))
+    for r in records:
+        print(f"{r['job']:8} {r['backend']:5} kills at {r['kill_delays_s'] or 'none (finished first)'} "
+              f"({', '.join(r['state_at_kill']) or '-'}): "
+              f"{'identical' if r['identical'] else 'DIFFERENT ' + '; '.join(r['diffs'])}")
+    killed = [r for r in records if r["kill_delays_s"]]
+    bad = [r for r in records if not r["identical"]]
+    for job in ("generate", "train"):
+        for suffix in sorted({r["backend"] for r in records if r["job"] == job}):
+            sel = [r for r in killed if r["job"] == job and r["backend"] == suffix]
+            print(f"summary {job} {suffix}: {len(sel)} runs killed ({sum(len(r['kill_delays_s']) for r in sel)} kills), "
+                  f"{sum(r['identical'] for r in sel)} identical to the uninterrupted run")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
