@@ -18,6 +18,13 @@ from softlabels.errors import SoftLabelsError
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # No path or spec may hold a NUL byte; the OS would raise ValueError deep inside.
+        bad = [a for a in args if "\x00" in a]
+        if bad:
+            raise _OneLine(f"argument {bad[0]!r} contains a NUL byte; remove it")
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
         try:
             return super().invoke(ctx)
@@ -49,21 +56,15 @@ def main() -> None:
     """Offline knowledge distillation with precomputed teacher logits."""
 
 
-def _register() -> None:
-    from softlabels._cli import inspect as _inspect
+# Imported here, after ``main`` exists: each command module is a thin layer over the library.
+from softlabels._cli import eval as _eval  # noqa: E402
+from softlabels._cli import generate as _generate  # noqa: E402
+from softlabels._cli import inspect as _inspect  # noqa: E402
+from softlabels._cli import report as _report  # noqa: E402
+from softlabels._cli import train as _train  # noqa: E402
 
-    main.add_command(_inspect.inspect_cmd)
-    for name in ("generate", "train", "eval", "report"):
-        try:
-            module = __import__(f"softlabels._cli.{name}", fromlist=["command"])
-        except ModuleNotFoundError as err:  # command not built in this version
-            if err.name != f"softlabels._cli.{name}":
-                raise
-            continue
-        main.add_command(module.command)
-
-
-_register()
+for _module in (_generate, _train, _eval, _inspect, _report):
+    main.add_command(_module.command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

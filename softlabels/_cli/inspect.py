@@ -14,7 +14,7 @@ from softlabels.summary import summarize
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--verify", is_flag=True, help="Read every chunk and check its checksum.")
-def inspect_cmd(store: str, as_json: bool, verify: bool) -> None:
+def command(store: str, as_json: bool, verify: bool) -> None:
     """Describe STORE: format, layout, sizes, status, labels and teacher statistics."""
     info = summarize(store, verify=verify)
     if as_json:
