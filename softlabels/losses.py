@@ -95,14 +95,18 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
 
 
-class KLDivergence(nn.Module):
-    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row (Hinton et al., 2015); dense targets."""
-
-    name = "kl"
+class _Softened(nn.Module):
+    """A soft loss evaluated at a distillation temperature T."""
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
+
+
+class KLDivergence(_Softened):
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row (Hinton et al., 2015); dense targets."""
+
+    name = "kl"
 
     def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
         """Per-row loss, shape [B]."""
@@ -112,7 +116,7 @@ class KLDivergence(nn.Module):
         return t * t * _kl_rows(F.log_softmax(teacher / t, -1), F.log_softmax(s / t, -1))
 
 
-class SoftCrossEntropy(nn.Module):
+class SoftCrossEntropy(_Softened):
     """T^2 * cross-entropy -sum softmax(t/T) log_softmax(s/T) per row; dense targets.
 
     Equals :class:`KLDivergence` plus T^2 times the (student-independent) teacher
@@ -120,10 +124,6 @@ class SoftCrossEntropy(nn.Module):
     """
 
     name = "soft_ce"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
 
     def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
         """Per-row loss, shape [B]."""
@@ -149,7 +149,7 @@ class LogitsMSE(nn.Module):
         return (student_logits.to(teacher.dtype) - teacher).square().mean(-1)
 
 
-class TopKKL(nn.Module):
+class TopKKL(_Softened):
     """T^2 * KL over K+1 buckets (the K stored classes plus one tail) for top-k stores.
 
     Teacher bucket logits are the K stored values plus
@@ -161,10 +161,6 @@ class TopKKL(nn.Module):
     """
 
     name = "topk_kl"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
 
     def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
         """Per-row loss, shape [B]."""

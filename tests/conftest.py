@@ -11,6 +11,25 @@ import torch
 from softlabels.writer import StoreWriter
 
 
+def run_cli(*args: str):
+    """Invoke the real CLI in-process."""
+    from click.testing import CliRunner
+
+    from softlabels._cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """Exit status 2, one `error:` line holding every needle, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")

@@ -11,23 +11,8 @@ import h5py
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 
-from softlabels._cli import main
-from tests.conftest import make_rows, write_store
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from tests.conftest import assert_one_line_error, make_rows, run_cli, write_store
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".zarr"])

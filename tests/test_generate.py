@@ -22,13 +22,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
 
-from softlabels._cli import main
 from softlabels._lock import StoreLock, lock_path
 from softlabels.generate import generate
 from softlabels.models import build_model
 from softlabels.specs import resolve_model
+from tests.conftest import assert_one_line_error, run_cli
 
 N, D, C = 100, 12, 10
 CHUNK, BATCH = 16, 8  # 7 chunks; batches of 8 never straddle a chunk
@@ -66,23 +65,10 @@ def gen_args(tiny, out: Path, *extra: str, data: str | None = None, weights: str
             "--out", str(out), "--chunk-rows", str(CHUNK), "--batch-size", str(BATCH), "--no-progress", *extra]
 
 
-def run_cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
 def ok(result) -> str:
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     return result.output
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def read_plain(path: Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from softlabels._cli import main
 from softlabels.report import build_report, plot_size
+from tests.conftest import assert_one_line_error, run_cli
 
 try:
     import matplotlib  # noqa: F401  - optional: pip install 'softlabels[demo]'
@@ -22,10 +21,6 @@ needs_mpl = pytest.mark.skipif(matplotlib is None, reason="needs matplotlib (pip
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACCURACY = {"teacher": 0.9722, "a_hard": 0.9361, "b_kd": 0.9444, "d_unlabeled": 0.9583}
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -145,14 +140,6 @@ def test_reliability_is_computed_from_the_checkpoint_when_eval_has_no_bins(tmp_p
     assert [Path(p).name for p in info["plots"]] == ["report-curves.png", "report-accuracy.png",
                                                      "report-reliability.png"]
     assert_image(run / "report-reliability.png", plot_size("reliability", 1))
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_missing_run_dir_is_a_one_line_error(tmp_path: Path):
