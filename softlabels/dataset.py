@@ -211,7 +211,11 @@ class SoftLabelDataset(IterableDataset):
         order = _order.chunk_order(len(self._g_rows), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
         lo, hi = _order.worker_range(self.num_samples, self.batch_size, self.rank, self.world_size, worker, workers)
         windows, offset = _order.plan_windows(self._g_rows, order, lo, hi, self.window_chunks, skip)
-        current, buf, perm = -1, {}, None
+        # In a DataLoader worker each batch must be a fresh compact array: a view would drag
+        # the whole window buffer into shared memory when the worker sends the batch. In the
+        # main process views are free (a window buffer is never written after it is built).
+        copy = get_worker_info() is not None
+        current, buf = -1, {}
         for pieces in _order.batch_pieces([w.rows for w in windows], self.batch_size, offset):
             parts = []
             for w, a, b in pieces:
@@ -220,10 +224,9 @@ class SoftLabelDataset(IterableDataset):
                     perm = _order.window_perm(windows[w].rows, shuffle=self.shuffle, seed=self.seed,
                                               epoch=self.epoch, rank=self.rank, worker=worker,
                                               window=windows[w].index)
-                # a fresh compact array per batch: a view would drag the whole window
-                # buffer into shared memory when a worker sends the batch
-                parts.append({k: v[a:b].copy() if perm is None else np.take(v, perm[a:b], axis=0)
-                              for k, v in buf.items()})
+                    if perm is not None:  # one gather per window, not one per batch and key
+                        buf = {k: np.take(v, perm, axis=0) for k, v in buf.items()}
+                parts.append({k: v[a:b].copy() if copy else v[a:b] for k, v in buf.items()})
             batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             yield _teacher_tensors(batch, self.stores[0].logits_dtype)
 

@@ -15,8 +15,8 @@ import faults  # noqa: E402
 @pytest.mark.slow
 def test_killed_generate_and_train_resume_to_identical_results(tmp_path):
     records = faults.run(kills=2, train_kills=1, backends=[".zarr", ".h5"], seed=1, work=tmp_path)
-    assert len(records) == 5
     for r in records:
         assert r["identical"], r
-    # a kill time can fall after a quick run ends; most must land inside the job
-    assert sum(bool(r["kill_delays_s"]) for r in records) >= 3
+    killed = [r for r in records if r["kill_delays_s"]]
+    assert {(r["job"], r["backend"]) for r in killed} == {("generate", ".zarr"), ("generate", ".h5"), ("train", ".zarr")}
+    assert len(killed) >= 5

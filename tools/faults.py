@@ -7,7 +7,7 @@ stores bit-identical (every array, checksums and flags included, and every
 attribute but the timings); training's final weights and the metrics of every
 epoch (timings aside) identical.
 
-    python tools/faults.py --kills 20              # 20 kill points per backend, and 20 for train
+    python tools/faults.py --kills 20              # 20 killed runs per backend, and 20 for train
     python tools/faults.py --kills 3 --train-kills 2 --backend zarr
 
 Prints one line per kill point and a summary; exits 1 if any result differs.
@@ -35,7 +35,7 @@ from softlabels.summary import diff_stores
 N, D, C = 600, 16, 5
 CHUNK, BATCH = 16, 16  # 38 units: plenty of places to die in
 # Slows each unit a little so kill times land inside the job rather than in start-up.
-DELAY = {"SOFTLABELS_TEST_DELAY_PER_UNIT": "0.02"}
+DELAY = {"SOFTLABELS_TEST_DELAY_PER_UNIT": "0.04"}
 
 
 def make_inputs(work: Path) -> dict[str, Path]:
@@ -99,8 +99,10 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
     """Kill points for one backend; returns one record per kill point."""
     ref = work / f"ref{suffix}"
     clean_s = _timed(generate_cmd(inputs, ref), DELAY)
-    records = []
-    for i in range(kills):
+    records: list[dict] = []
+    for i in range(3 * kills):  # until `kills` runs were really killed (a kill can come after the end)
+        if sum(bool(r["kill_delays_s"]) for r in records) >= kills:
+            break
         out = work / f"g{i}{suffix}"
         delays, progress, killed = [], [], 0
         while True:  # kill, rerun, sometimes kill the rerun too, until it finishes
@@ -149,8 +151,10 @@ def train_faults(work: Path, store: Path, kills: int, rng: random.Random, start_
     ref = work / "train-ref"
     clean_s = _timed(train_cmd(store, ref, resume=False))
     ref_weights, ref_metrics = _train_result(ref)
-    records = []
-    for i in range(kills):
+    records: list[dict] = []
+    for i in range(3 * kills):
+        if sum(bool(r["kill_delays_s"]) for r in records) >= kills:
+            break
         out = work / f"t{i}"
         delays, progress, killed = [], [], 0
         while True:
@@ -186,7 +190,7 @@ def run(kills: int, train_kills: int, backends: list[str], seed: int, work: Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=20, help="kill points per backend for generate")
+    parser.add_argument("--kills", type=int, default=20, help="killed runs per backend for generate")
     parser.add_argument("--train-kills", type=int, default=None, help="kill points for train (default: --kills)")
     parser.add_argument("--backend", nargs="+", default=[".zarr", ".h5"], choices=[".zarr", ".h5"])
     parser.add_argument("--seed", type=int, default=0)
