@@ -9,7 +9,6 @@ a one-shot one (for a deterministic teacher with the same batch size and device)
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import threading
 import time
@@ -162,44 +161,53 @@ class Teacher:
 
 
 class BackgroundWriter:
-    """Writes blocks to a :class:`StoreWriter` on a thread, behind a bounded queue.
+    """Writes blocks to a :class:`StoreWriter` on a thread, behind a bounded buffer.
 
-    The teacher waits only when ``depth`` blocks are queued. An error in the thread
-    is raised in the caller at its next :meth:`put` or at :meth:`close`; after an
-    error the thread drains the queue without writing, so the caller never blocks.
+    The teacher waits only when ``depth`` blocks are pending. The thread writes in
+    bursts of ``burst`` blocks (or whatever is pending after ``linger`` seconds):
+    when the teacher keeps every CPU core busy, each wake-up of the writer (and of
+    the storage library's own threads) stalls a parallel op of the teacher, so few
+    long bursts cost less than many short ones. An error in the thread is raised
+    in the caller at its next :meth:`put` or at :meth:`close`; after an error the
+    thread keeps draining without writing, so the caller never blocks.
     ``writer`` may be a function that creates the store: it then runs on the thread,
     while the teacher computes its first batches (creating a store writes metadata
     and, in HDF5, pre-allocates every chunk).
     """
 
     def __init__(self, writer: StoreWriter | Callable[[], StoreWriter], *, on_nonfinite: str,
-                 depth: int = 8) -> None:
+                 depth: int = 8, burst: int | None = None, linger: float = 0.25) -> None:
         self._open = None if isinstance(writer, StoreWriter) else writer
         self.writer: StoreWriter | None = writer if isinstance(writer, StoreWriter) else None
         self.on_nonfinite = on_nonfinite
+        self._depth, self._burst, self._linger = depth, burst or max(1, depth // 2), linger
+        self._pending: list[Block] = []
+        self._closed = False
+        self._cv = threading.Condition()
         self._error: BaseException | None = None
-        self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=depth)
         self._kill_after = int(os.environ.get("SOFTLABELS_TEST_KILL_AFTER_UNITS", "0"))  # test hook
         self._missing0 = 0
         self._thread = threading.Thread(target=self._run, name="softlabels-writer", daemon=True)
         self._thread.start()
 
     def put(self, block: Block) -> None:
-        while True:
+        with self._cv:
+            while len(self._pending) >= self._depth and self._error is None:
+                self._cv.wait()
             self.check()
-            try:
-                self._queue.put(block, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            self._pending.append(block)
+            if len(self._pending) in (1, self._burst):  # start the linger clock, or a burst is ready
+                self._cv.notify_all()
 
     def check(self) -> None:
         if self._error is not None:
             raise self._error
 
     def close(self) -> None:
-        """Write everything queued, stop the thread, and raise its error if it had one."""
-        self._queue.put(None)  # the thread always drains, so this cannot block for long
+        """Write everything pending, stop the thread, and raise its error if it had one."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
         self._thread.join()
         self.check()
 
@@ -211,13 +219,27 @@ class BackgroundWriter:
                 self._missing0 = len(self.writer.missing_units())
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             self._error = err
-        while (block := self._queue.get()) is not None:
-            if self._error is not None:
-                continue
-            try:
-                self._write(block)
-            except BaseException as err:  # noqa: BLE001 - handed to the main thread
-                self._error = err
+        while True:
+            with self._cv:
+                deadline = None
+                while not self._closed and len(self._pending) < self._burst:
+                    if self._pending:  # something waits: write it within `linger` seconds
+                        deadline = deadline or time.monotonic() + self._linger
+                        if time.monotonic() >= deadline:
+                            break
+                    self._cv.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                blocks, self._pending = self._pending, []
+                done = self._closed and not blocks
+                self._cv.notify_all()  # room again for the teacher
+            if done:
+                return
+            for block in blocks:
+                if self._error is not None:
+                    break
+                try:
+                    self._write(block)
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                    self._error = err
 
     def _write(self, block: Block) -> None:
         b = block.to_cpu()

@@ -87,6 +87,9 @@ class HDF5Backend:
         chunks = (max(1, min(rows, spec.shape[0] or 1)),) + spec.shape[1:]
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        # Keep the zero-fill at creation: it reserves the disk space up front. Without it the
+        # filesystem allocates lazily, a full disk strikes mid-job, and HDF5 is left in a state
+        # that crashes the process at exit (seen on a full tmpfs: SIGSEGV after ENOSPC).
         with self._writing():
             self._f.create_dataset(
                 name, shape=spec.shape, dtype=spec.dtype, chunks=chunks, fillvalue=0, dcpl=dcpl,
@@ -119,7 +122,8 @@ class HDF5Backend:
     def close(self) -> None:
         self._datasets.clear()
         if self._f.id.valid:
-            self._f.close()
+            with self._writing():  # closing flushes: a full disk can fail here too
+                self._f.close()
 
     def size_on_disk(self) -> int:
         return self.path.stat().st_size
