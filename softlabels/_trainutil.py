@@ -20,10 +20,10 @@ from torch.utils.data import Dataset
 from softlabels import _distributed
 from softlabels.errors import ConfigError
 
-__all__ = ["DistEnv", "IndexBatches", "lr_factor", "weights_digest"]
+__all__ = ["DistEnv", "IndexBatches", "lr_factor", "resolve_device", "weights_digest"]
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,7 +45,7 @@ class DistEnv:
 
     @classmethod
     def start(cls, device: str) -> DistEnv:
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         return cls(_distributed.init(dev.type), dev)
 
     rank = property(lambda self: self.group.rank)

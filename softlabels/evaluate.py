@@ -87,9 +87,11 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     stores) ``teacher_ece``; plus ``num_parameters`` and ``flops`` (multiply-accumulates
     per sample) of the student and what was evaluated.
     """
+    from softlabels._trainutil import resolve_device
     from softlabels.reader import open_store
     from softlabels.specs import resolve_data
 
+    device = resolve_device(device)  # an unknown or absent device is a one-line error
     model, config = load_student(checkpoint, device=device)
     dataset = resolve_data(data_spec)
     input_shape, num_classes = tuple(config["input_shape"]), int(config["num_classes"])

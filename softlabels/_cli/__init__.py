@@ -46,7 +46,7 @@ class _OneLine(click.ClickException):
 
 def _describe_os_error(err: OSError) -> str:
     where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-    reason = err.strerror or str(err)
+    reason = " ".join((err.strerror or str(err)).split())  # some libraries' texts span lines
     return f"{reason}{where}; fix the path or free the resource and rerun the same command"
 
 

@@ -35,7 +35,7 @@ class HDF5Backend:
             if "lock" in text.lower():
                 raise StoreLocked(f"{str(path)!r} is locked by another process; wait for it or stop it") from err
             if mode == "w":
-                raise
+                raise _write_error(path, err) from err
             raise NotAStore(
                 f"{str(path)!r} is not a readable HDF5 file ({_first_line(text)}); check the path or regenerate the store"
             ) from err
@@ -51,7 +51,9 @@ class HDF5Backend:
         return d
 
     def attrs(self) -> dict[str, Any]:
-        return {k: decode_h5_attr(k, v) for k, v in self._f.attrs.items()}
+        # list() first: raising mid-iteration would leave an h5py generator holding its global
+        # lock, and any later HDF5 call from another thread of this process would hang.
+        return {k: decode_h5_attr(k, v) for k, v in list(self._f.attrs.items())}
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         with self._writing():
@@ -64,12 +66,7 @@ class HDF5Backend:
         try:
             yield
         except (OSError, ValueError, RuntimeError) as err:
-            found = re.search(r"errno = (\d+)", str(err))
-            reason = os.strerror(int(found.group(1))) if found else _first_line(str(err))
-            raise StoreWriteError(
-                f"cannot write {str(self.path)!r}: {reason}; free space or fix permissions (or choose another "
-                "--out), then rerun the same command to resume"
-            ) from err
+            raise _write_error(self.path, err) from err
 
     def array_names(self) -> list[str]:
         return [k for k, v in self._f.items() if isinstance(v, h5py.Dataset)]
@@ -127,6 +124,14 @@ class HDF5Backend:
 
     def size_on_disk(self) -> int:
         return self.path.stat().st_size
+
+
+def _write_error(path: Path, err: BaseException) -> StoreWriteError:
+    """h5py reports failed writes as text with an errno inside; name the reason on one line."""
+    found = re.search(r"errno = (\d+)", str(err))
+    reason = os.strerror(int(found.group(1))) if found else _first_line(str(err))
+    return StoreWriteError(f"cannot write {str(path)!r}: {reason}; free space or fix permissions (or choose "
+                           "another --out), then rerun the same command to resume")
 
 
 def _first_line(text: str) -> str:
