@@ -140,10 +140,6 @@ class StoreWriter:
         start = unit * self.unit_rows
         return start, min(start + self.unit_rows, self.meta.num_samples)
 
-    @property
-    def num_units(self) -> int:
-        return -(-self.meta.num_samples // self.unit_rows)
-
     # -- writing -------------------------------------------------------------------
     def write(self, start: int, **arrays: Any) -> None:
         """Write rows ``[start, start + n)``; every per-row array of the layout must be given."""
