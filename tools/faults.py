@@ -100,7 +100,7 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
     ref = work / f"ref{suffix}"
     clean_s = _timed(generate_cmd(inputs, ref), DELAY)
     records: list[dict] = []
-    for i in range(3 * kills):  # until `kills` runs were really killed (a kill can come after the end)
+    for i in range(3 * kills + 5):  # until `kills` runs were really killed (a kill can come after the end)
         if sum(bool(r["kill_delays_s"]) for r in records) >= kills:
             break
         out = work / f"g{i}{suffix}"
@@ -152,7 +152,7 @@ def train_faults(work: Path, store: Path, kills: int, rng: random.Random, start_
     clean_s = _timed(train_cmd(store, ref, resume=False))
     ref_weights, ref_metrics = _train_result(ref)
     records: list[dict] = []
-    for i in range(3 * kills):
+    for i in range(3 * kills + 5):
         if sum(bool(r["kill_delays_s"]) for r in records) >= kills:
             break
         out = work / f"t{i}"
