@@ -140,8 +140,7 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
             raise StoreMismatch(f"{str(out)!r} was made with other settings ({'; '.join(diffs)}); rerun "
                                 "with the original settings, or pass --overwrite to replace it")
         if s.repair:
-            done = reader.chunk_done()
-            repaired = [c for c in reader.verify() if done[c]]
+            repaired = reader.verify()  # checks the chunks flagged done
     writer = StoreWriter.resume(out, finalize_on_exit=False)
     if repaired:
         say(f"repair: {len(repaired)} chunk(s) fail their checksum ({fmt.chunk_list(repaired)}); regenerating them")

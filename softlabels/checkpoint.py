@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from softlabels.errors import ConfigError, SoftLabelsError
+from softlabels.errors import CheckpointError, CheckpointNotFound, ConfigError
 
 __all__ = [
     "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
-    "CheckpointError", "CheckpointNotFound",
     "atomic_save", "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
     "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics",
 ]
@@ -38,14 +37,6 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 RUN_FILES = (CHECKPOINT, MODEL, METRICS, SUMMARY)
 CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(SoftLabelsError, ValueError):
-    """A checkpoint file is unreadable or is not a softlabels training checkpoint."""
-
-
-class CheckpointNotFound(CheckpointError, FileNotFoundError):
-    """No checkpoint where one was expected."""
 
 
 def _tmp_path(path: Path) -> Path:

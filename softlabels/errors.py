@@ -27,6 +27,10 @@ __all__ = [
     "ModelMismatch",
     "NonFiniteOutputs",
     "ConfigError",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "RunNotFound",
+    "Interrupted",
 ]
 
 
@@ -100,3 +104,19 @@ class ConfigError(SoftLabelsError, ValueError):
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("; ".join(self.problems))
+
+
+class CheckpointError(SoftLabelsError, ValueError):
+    """A checkpoint file is unreadable or is not a softlabels training checkpoint."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+class RunNotFound(SoftLabelsError, FileNotFoundError):
+    """The run directory does not exist or holds no training run."""
+
+
+class Interrupted(SoftLabelsError):
+    """The user stopped a job (Ctrl-C); every finished unit or epoch is kept."""

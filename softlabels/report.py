@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from softlabels.checkpoint import CHECKPOINT, METRICS, SUMMARY, read_metrics
-from softlabels.errors import ConfigError, SoftLabelsError
+from softlabels.errors import ConfigError, RunNotFound, SoftLabelsError
 
 __all__ = [
-    "FORMATS", "PLOT_DPI", "ModelRun", "RunNotFound", "build_report", "compute_reliability", "find_models", "plot_size",
+    "FORMATS", "PLOT_DPI", "ModelRun", "build_report", "compute_reliability", "find_models", "plot_size",
 ]
 
 FORMATS = ("md", "html")
@@ -43,10 +43,6 @@ EVAL = "eval.json"
 PLOT_DPI = 100
 _PANEL_PX = {"curves": (600, 420), "accuracy": (800, 420), "reliability": (300, 400)}
 _MAX_COLS = 5  # reliability panels per row
-
-
-class RunNotFound(SoftLabelsError, FileNotFoundError):
-    """The run directory does not exist or holds no training run."""
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from softlabels.errors import SoftLabelsError
+from softlabels.errors import Interrupted
 from softlabels.losses import LOSSES
 from softlabels.train import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, OPTIMIZERS, SCHEDULES, TrainConfig, train
 
@@ -54,7 +54,3 @@ def command(student, student_weights, stores, data, loss, temperature, alpha, ep
     except KeyboardInterrupt:  # the group's generic advice ("rerun the same command") would hit the --out check
         raise Interrupted(f"interrupted; continue with the same command plus --resume (every finished epoch "
                           f"is checkpointed in {out})") from None
-
-
-class Interrupted(SoftLabelsError):
-    """Training was stopped by the user."""
