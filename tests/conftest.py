@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from softlabels.writer import StoreWriter
 
@@ -28,6 +31,18 @@ def assert_one_line_error(result, *needles: str) -> None:
     assert "Traceback" not in result.output
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def read_plain(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Every array and the root attributes of a store, read with plain h5py / zarr (no softlabels)."""
+    if path.suffix == ".zarr":
+        g = zarr.open_group(str(path), mode="r")
+        return {name: a[...] for name, a in g.arrays()}, dict(g.attrs)
+    with h5py.File(path, "r") as f:
+        arrays = {k: f[k][...] for k in f}
+        attrs = {k: json.loads(v) if k in ("teacher", "source", "created_by") else (v.item() if hasattr(v, "item") else v)
+                 for k, v in f.attrs.items()}
+    return arrays, attrs
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,6 +20,7 @@ from softlabels.errors import (ConfigError, CorruptStore, DataError, Fingerprint
                                StoreMismatch)
 from softlabels.reader import SoftLabelStore
 from softlabels.writer import StoreWriter
+from tests.conftest import read_plain
 
 BACKENDS = {"hdf5": ".h5", "zarr": ".zarr"}
 N, C, CHUNK, BATCH, WINDOW = 103, 6, 8, 10, 3  # N is a multiple of neither CHUNK nor BATCH
@@ -53,20 +54,12 @@ def make_data(n: int = N, seed: int = 0) -> ArrayDataset:
     return ArrayDataset(x, np.random.default_rng(seed).integers(0, C, n))
 
 
-def plain_read(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a store, read with plain h5py / zarr."""
-    if path.suffix == ".h5":
-        with h5py.File(path, "r") as f:
-            return {k: f[k][...] for k in f.keys()}
-    return {name: a[...] for name, a in zarr.open_group(str(path), mode="r").arrays()}
-
-
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def dense(request, tmp_path_factory):
     """(path, data, plain arrays) of a dense float32 store joined with inputs."""
     data = make_data()
     path = make_store(tmp_path_factory.mktemp("d") / f"s{BACKENDS[request.param]}", data=data)
-    return path, data, plain_read(path)
+    return path, data, read_plain(path)[0]
 
 
 def ids_of(batches) -> np.ndarray:
@@ -181,7 +174,7 @@ def test_joined_inputs_and_logits_match_plain_reads(dense):
 def test_bfloat16_bit_exact_and_float16(tmp_path, backend):
     for dtype in ("bfloat16", "float16"):
         path = make_store(tmp_path / f"{dtype}{BACKENDS[backend]}", dtype=dtype, seed=3)
-        arrays = plain_read(path)
+        arrays = read_plain(path)[0]
         row_of = np.argsort(arrays["sample_ids"])
         for b in SoftLabelDataset([(path, None)], batch_size=BATCH):
             assert "x" not in b
@@ -194,7 +187,7 @@ def test_bfloat16_bit_exact_and_float16(tmp_path, backend):
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_topk_store_dtypes_and_values(tmp_path, backend):
     path = make_store(tmp_path / f"k{BACKENDS[backend]}", layout="topk", k=3, dtype="float16", seed=4)
-    arrays = plain_read(path)
+    arrays = read_plain(path)[0]
     row_of = np.argsort(arrays["sample_ids"])
     ds = SoftLabelDataset([(path, None)], batch_size=BATCH, rank=1, world_size=2)
     seen = []

@@ -9,7 +9,6 @@ with plain h5py / zarr.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import signal
 import subprocess
@@ -27,11 +26,10 @@ from softlabels._lock import StoreLock, lock_path
 from softlabels.generate import generate
 from softlabels.models import build_model
 from softlabels.specs import resolve_model
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, read_plain, run_cli
 
 N, D, C = 100, 12, 10
 CHUNK, BATCH = 16, 8  # 7 chunks; batches of 8 never straddle a chunk
-OBJECT_ATTRS = ("teacher", "source", "created_by")
 
 
 # -- tiny inputs, a teacher with saved weights, and helpers ------------------------------------
@@ -69,18 +67,6 @@ def ok(result) -> str:
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     return result.output
-
-
-def read_plain(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Every array and the root attributes, with plain h5py / zarr (no softlabels)."""
-    if path.suffix == ".zarr":
-        g = zarr.open_group(str(path), mode="r")
-        return {name: a[...] for name, a in g.arrays()}, dict(g.attrs)
-    with h5py.File(path, "r") as f:
-        arrays = {k: f[k][...] for k in f}
-        attrs = {k: json.loads(v) if k in OBJECT_ATTRS else (v.item() if hasattr(v, "item") else v)
-                 for k, v in f.attrs.items()}
-    return arrays, attrs
 
 
 def without_timings(attrs: dict) -> dict:

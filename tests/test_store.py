@@ -23,7 +23,7 @@ from softlabels.errors import (CorruptStore, IncompleteStore, NotAStore, StoreEx
 from softlabels.format import StoreMeta
 from softlabels.reader import densify_topk, open_store, to_torch
 from softlabels.writer import StoreWriter
-from tests.conftest import make_rows, write_store
+from tests.conftest import make_rows, read_plain, write_store
 
 SUFFIXES = {"hdf5": ".h5", "zarr": ".zarr", "zarr-sharded": ".zarr"}
 
@@ -39,16 +39,6 @@ def expected_stored(rows: dict[str, np.ndarray], dtype: str) -> dict[str, np.nda
             else:
                 out[key] = t.to(getattr(torch, dtype)).numpy()
     return out
-
-
-def plain_read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read a store with h5py / zarr only, as docs/FORMAT.md shows."""
-    if path.suffix == ".h5":
-        with h5py.File(path, "r") as f:
-            attrs = {k: (json.loads(v) if k in ("teacher", "source", "created_by") else v) for k, v in f.attrs.items()}
-            return attrs, {k: f[k][...] for k in f.keys()}
-    g = zarr.open_group(str(path), mode="r")
-    return dict(g.attrs), {name: a[...] for name, a in g.arrays()}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -91,7 +81,7 @@ def test_round_trip_any_block_order(backend, layout, dtype, n, c, chunk_rows, da
                 t = to_torch(got, dtype)[key]
                 assert t.dtype == torch.bfloat16
                 assert torch.equal(t, torch.from_numpy(rows[key]).to(torch.bfloat16))
-        attrs, arrays = plain_read(path)
+        arrays, attrs = read_plain(path)
         assert attrs["softlabels_format"] == 1 and attrs["status"] == "complete" and attrs["layout"] == layout
         assert (attrs["num_samples"], attrs["num_classes"], attrs["chunk_rows"]) == (n, c, chunk_rows)
         for key in want:
