@@ -5,14 +5,20 @@ Every soft loss is a plain :class:`torch.nn.Module` with one signature,
 loss so that :class:`DistillationLoss` can mask and weight rows. Losses are
 chosen by name from :data:`LOSSES`.
 
-A batch is a dict of tensors: ``"labels"`` int64 [B] (-1 = unlabeled) plus the
-teacher targets in one of two layouts:
+The teacher side is a typed target (:mod:`softlabels.layouts.targets`):
+``DenseTarget``, ``TopKTarget`` or ``SampledTarget``. ``batch`` may be such a
+target, a dict holding one under ``"target"``, or a dict of the store's arrays
+(:func:`as_target` turns it into one):
 
 * dense: ``"logits"`` [B, C] raw teacher logits;
 * top-k: ``"topk_values"`` [B, K] (largest raw logits, descending),
-  ``"topk_indices"`` [B, K] and ``"logsumexp"`` [B] over all C raw logits.
+  ``"topk_indices"`` [B, K] and ``"logsumexp"`` [B] over all C raw logits;
+* sampled: ``"sampled_ids"``, ``"sampled_counts"``, ``"sampled_logits"`` [B, S] and ``"logsumexp"`` [B].
 
-The temperature T is applied here and nowhere else. Half-precision inputs are
+Forward KL has one loss per layout (``kl``, ``topk_kl``, ``sampled_kl``); the
+other divergences (``reverse_kl``, ``skew_kl``, ``skew_reverse_kl``, ``jsd``) take
+any layout (:mod:`softlabels.kd` says how sparse targets are handled). The
+temperature T is applied here and nowhere else. Half-precision inputs are
 computed in float32 (float64 inputs stay float64). Nothing in a forward pass
 copies to the host, so the losses add no CUDA synchronisation.
 """
@@ -20,33 +26,68 @@ copies to the host, so the losses add no CUDA synchronisation.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from softlabels import kd
 from softlabels.errors import ConfigError, DataError, ModelMismatch
+from softlabels.layouts.targets import DenseTarget, SampledTarget, TopKTarget
 
 __all__ = [
     "Batch",
     "TOPK_KEYS",
+    "SAMPLED_KEYS",
     "KLDivergence",
     "SoftCrossEntropy",
     "LogitsMSE",
     "TopKKL",
+    "SampledKL",
+    "ReverseKL",
+    "SkewKL",
+    "SkewReverseKL",
+    "JSD",
     "LOSSES",
+    "as_target",
     "make_soft_loss",
     "DistillationLoss",
 ]
 
-Batch = dict[str, Tensor]
+Batch = dict[str, Any]
 TOPK_KEYS = ("topk_values", "topk_indices", "logsumexp")
+SAMPLED_KEYS = ("sampled_ids", "sampled_counts", "sampled_logits", "logsumexp")
 _DENSE_LOSS_NAMES = "kl, soft_ce or mse"
+_LAYOUT_WORDS = {DenseTarget: "dense", TopKTarget: "top-k", SampledTarget: "sampled"}
+_DEFAULT_LOSS = {DenseTarget: "kl", TopKTarget: "topk_kl", SampledTarget: "sampled_kl"}
 
 
-def _compute_dtype(student_logits: Tensor) -> torch.dtype:
-    # float16/bfloat16 are too coarse for log-softmax sums; float64 is kept.
-    return torch.promote_types(student_logits.dtype, torch.float32)
+def as_target(batch: Any) -> DenseTarget | TopKTarget | SampledTarget | None:
+    """The typed teacher target of a batch (a target, ``batch["target"]``, or the store's arrays), or None."""
+    if isinstance(batch, (DenseTarget, TopKTarget, SampledTarget)):
+        return batch
+    target = batch.get("target")
+    if target is not None:
+        return target
+    if "logits" in batch:
+        return DenseTarget(batch["logits"])
+    if "sampled_ids" in batch:
+        missing = [k for k in SAMPLED_KEYS if k not in batch]
+        if missing:
+            raise DataError(f"sampled batch lacks {', '.join(missing)}; rebuild the batch with all of "
+                            f"{', '.join(SAMPLED_KEYS)}")
+        return SampledTarget(*(batch[k] for k in SAMPLED_KEYS))
+    present = [k for k in TOPK_KEYS if k in batch]
+    if not present:
+        return None
+    if len(present) < len(TOPK_KEYS):
+        missing = [k for k in TOPK_KEYS if k not in batch]
+        raise DataError(f"top-k batch lacks {', '.join(missing)}; rebuild the batch with all of {', '.join(TOPK_KEYS)}")
+    return TopKTarget(batch["topk_values"], batch["topk_indices"], batch["logsumexp"])
+
+
+_compute_dtype = kd.compute_dtype
 
 
 def _as_float(value: object) -> float:
@@ -63,36 +104,39 @@ def _check_temperature(temperature: float) -> float:
     return t
 
 
-def _dense_teacher(student_logits: Tensor, batch: Batch, loss_name: str) -> Tensor:
-    """The batch's dense teacher logits in the compute dtype, or a clear error."""
-    if "logits" not in batch:
-        if any(k in batch for k in TOPK_KEYS):
-            raise ConfigError(
-                f"loss {loss_name!r} needs dense teacher logits but the batch has the top-k layout; "
-                "use --loss topk_kl for a top-k store"
-            )
+def _no_teacher(loss_name: str) -> ConfigError:
+    return ConfigError(
+        f"loss {loss_name!r} needs teacher logits but the batch has none; "
+        "pass a soft-label store or train on hard labels only (no soft loss)"
+    )
+
+
+def _dense_target(student_logits: Tensor, batch: Batch, loss_name: str) -> DenseTarget:
+    """The batch's dense teacher target, or a clear error."""
+    target = as_target(batch)
+    if target is None:
+        raise _no_teacher(loss_name)
+    if not isinstance(target, DenseTarget):
+        word, default = _LAYOUT_WORDS[type(target)], _DEFAULT_LOSS[type(target)]
         raise ConfigError(
-            f"loss {loss_name!r} needs teacher logits but the batch has none; "
-            "pass a soft-label store or train on hard labels only (no soft loss)"
+            f"loss {loss_name!r} needs dense teacher logits but the batch has the {word} layout; "
+            f"use --loss {default} for a {word} store"
         )
-    teacher = batch["logits"]
-    if teacher.shape != student_logits.shape:
+    _check_dense_shape(student_logits, target)
+    return target
+
+
+def _check_dense_shape(student_logits: Tensor, target: DenseTarget) -> None:
+    if target.logits.shape != student_logits.shape:
         raise ModelMismatch(
             f"student logits have shape {tuple(student_logits.shape)} but teacher logits "
-            f"{tuple(teacher.shape)}; the student's class count must match the store's"
+            f"{tuple(target.logits.shape)}; the student's class count must match the store's"
         )
-    return teacher.to(_compute_dtype(student_logits))
 
 
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Row-wise KL(p || q) from log-probs, with 0 log 0 = 0.
-
-    The fused kl_div is ~30% faster than an explicit select; clamping the teacher's
-    log-probs (data, never differentiated) to the finite minimum keeps -inf logits
-    (p = 0) from turning 0 * inf into NaN.
-    """
-    log_p = log_p.detach().clamp(min=torch.finfo(log_p.dtype).min)
-    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+def _dense_teacher(student_logits: Tensor, batch: Batch, loss_name: str) -> Tensor:
+    """The batch's dense teacher logits in the compute dtype, or a clear error."""
+    return _dense_target(student_logits, batch, loss_name).logits.to(_compute_dtype(student_logits))
 
 
 class _Softened(nn.Module):
@@ -104,16 +148,23 @@ class _Softened(nn.Module):
 
 
 class KLDivergence(_Softened):
-    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row (Hinton et al., 2015); dense targets."""
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row (Hinton et al., 2015); dense targets.
+
+    One fused pass over blocks of rows (:func:`softlabels.kd.dense_kl_and_ce`), which
+    also gives :class:`DistillationLoss` the hard CE without another log-softmax.
+    """
 
     name = "kl"
 
     def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
         """Per-row loss, shape [B]."""
+        return self.rows_with_ce(student_logits, batch, None)[0]
+
+    def rows_with_ce(self, student_logits: Tensor, batch: Batch, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(per-row soft loss, per-row hard CE) from one pass; CE is 0 where label < 0 or labels is None."""
         t = self.temperature
-        teacher = _dense_teacher(student_logits, batch, self.name)
-        s = student_logits.to(teacher.dtype)
-        return t * t * _kl_rows(F.log_softmax(teacher / t, -1), F.log_softmax(s / t, -1))
+        kl, ce = kd.dense_kl_and_ce(student_logits, _dense_target(student_logits, batch, self.name), labels, t)
+        return t * t * kl, ce
 
 
 class SoftCrossEntropy(_Softened):
@@ -149,67 +200,147 @@ class LogitsMSE(nn.Module):
         return (student_logits.to(teacher.dtype) - teacher).square().mean(-1)
 
 
-class TopKKL(_Softened):
-    """T^2 * KL over K+1 buckets (the K stored classes plus one tail) for top-k stores.
+class _Sparse(_Softened):
+    """A soft loss over a sparse target's stored ids: the student's side is one gather and one logsumexp."""
 
-    Teacher bucket logits are the K stored values plus
-    ``z_tail = lse + log(1 - sum_topk exp(z_i - lse))``; student bucket logits are
-    its logits at the K indices plus the log-sum-exp of the others. Both are
-    softened by T. At T = 1 this is the exact KL between the bucketed teacher and
-    student distributions; with K = C it equals :class:`KLDivergence` for any T.
-    Top-k indices within a row are assumed distinct (not checked: that would sync).
-    """
-
-    name = "topk_kl"
+    target_type: type = TopKTarget
 
     def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
         """Per-row loss, shape [B]."""
-        t = self.temperature
-        teacher_log_p, student_log_q = _topk_bucket_log_probs(student_logits, batch, t)
-        return t * t * _kl_rows(teacher_log_p, student_log_q)
+        target = self._target(student_logits, batch)
+        return self._rows(student_logits, target, None)
+
+    def rows_with_ce(self, student_logits: Tensor, batch: Batch, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(per-row soft loss, per-row hard CE); at T = 1 both come from the same logsumexp."""
+        target = self._target(student_logits, batch)
+        ids = target.ids.long()
+        labeled = labels >= 0
+        if self.temperature == 1:
+            g, lse = kd.gather_lse(student_logits, torch.cat([ids, labels.clamp_min(0).long()[:, None]], 1))
+            soft = self._rows(student_logits, target, (g[:, :-1], lse))
+            picked = g[:, -1]
+        else:
+            soft = self._rows(student_logits, target, None)
+            picked, lse = kd.gather_lse(student_logits, labels.clamp_min(0).long()[:, None])
+            picked = picked[:, 0]
+        return soft, torch.where(labeled, lse - picked, torch.zeros_like(lse))
+
+    def _rows(self, student_logits: Tensor, target: Any, student: tuple[Tensor, Tensor] | None) -> Tensor:
+        raise NotImplementedError
+
+    def _target(self, student_logits: Tensor, batch: Batch) -> Any:
+        target = as_target(batch)
+        want = _LAYOUT_WORDS[self.target_type]
+        if target is None:
+            raise ConfigError(f"loss {self.name!r} needs teacher targets but the batch has none; "
+                              f"pass a {want} soft-label store or train on hard labels only (no soft loss)")
+        if isinstance(target, DenseTarget):
+            raise ConfigError(f"loss {self.name!r} needs a {want} batch but the batch has dense 'logits'; "
+                              f"use --loss {_DENSE_LOSS_NAMES} for a dense store")
+        if not isinstance(target, self.target_type):
+            word = _LAYOUT_WORDS[type(target)]
+            raise ConfigError(f"loss {self.name!r} needs a {want} batch but the batch has the {word} layout; "
+                              f"use --loss {_DEFAULT_LOSS[type(target)]} for a {word} store")
+        _check_sparse_shape(student_logits, target)
+        return target
 
 
-def _topk_bucket_log_probs(student_logits: Tensor, batch: Batch, temperature: float) -> tuple[Tensor, Tensor]:
-    """Teacher and student log-probs over the K+1 top-k buckets at ``temperature``, each [B, K+1]."""
-    missing = [k for k in TOPK_KEYS if k not in batch]
-    if missing:
-        if "logits" in batch and len(missing) == len(TOPK_KEYS):
-            raise ConfigError(
-                f"loss 'topk_kl' needs a top-k batch but the batch has dense 'logits'; "
-                f"use --loss {_DENSE_LOSS_NAMES} for a dense store"
-            )
-        if len(missing) == len(TOPK_KEYS):
-            raise ConfigError(
-                "loss 'topk_kl' needs teacher targets but the batch has none; "
-                "pass a top-k soft-label store or train on hard labels only (no soft loss)"
-            )
-        raise DataError(f"top-k batch lacks {', '.join(missing)}; rebuild the batch with all of {', '.join(TOPK_KEYS)}")
-    dtype = _compute_dtype(student_logits)
-    values = batch["topk_values"].to(dtype)
-    indices = batch["topk_indices"].long()
-    lse = batch["logsumexp"].to(dtype)
+def _check_sparse_shape(student_logits: Tensor, target: TopKTarget | SampledTarget) -> None:
+    """Shapes only: ids >= C are not checked here (that would sync); the gather refuses them."""
+    values = target.values if isinstance(target, TopKTarget) else target.logits
     b, c = student_logits.shape
-    if values.shape != indices.shape or values.shape[0] != b or lse.shape != (b,) or values.shape[1] > c:
+    if values.shape != target.ids.shape or values.shape[0] != b or target.logsumexp.shape != (b,) \
+            or (isinstance(target, TopKTarget) and values.shape[1] > c):
+        word = _LAYOUT_WORDS[type(target)]
         raise ModelMismatch(
-            f"top-k batch shapes values {tuple(values.shape)}, indices {tuple(indices.shape)}, "
-            f"logsumexp {tuple(lse.shape)} do not fit student logits {tuple(student_logits.shape)}; "
+            f"{word} batch shapes values {tuple(values.shape)}, indices {tuple(target.ids.shape)}, "
+            f"logsumexp {tuple(target.logsumexp.shape)} do not fit student logits {tuple(student_logits.shape)}; "
             "the student's class count must match the store's"
         )
-    s = student_logits.to(dtype) / temperature
 
-    # Classes outside the top-k set; a row whose set covers every class has no tail.
-    outside = torch.ones_like(s, dtype=torch.bool).scatter(1, indices, False)
-    no_tail = ~outside.any(-1)
-    # finfo.min rather than -inf keeps an empty tail finite: no inf - inf in backward.
-    student_tail = s.masked_fill(~outside, torch.finfo(dtype).min).logsumexp(-1)
-    student_buckets = torch.cat([s.gather(1, indices), student_tail[:, None]], 1)
 
-    # Tail mass 1 - exp(lse_topk - lse) via expm1; rounding can make it slightly
-    # negative, and it is exactly 0 when there is no tail, so clamp and allow -inf.
-    tail_mass = (-torch.expm1(values.logsumexp(-1) - lse)).clamp_min(0)
-    teacher_tail = torch.where(no_tail, torch.full_like(lse, -math.inf), lse + tail_mass.log())
-    teacher_buckets = torch.cat([values, teacher_tail[:, None]], 1) / temperature
-    return F.log_softmax(teacher_buckets, -1), F.log_softmax(student_buckets, -1)
+class TopKKL(_Sparse):
+    """T^2 * KL over K+1 buckets (the K stored classes plus one tail) for top-k stores.
+
+    Teacher bucket logits are the K stored values plus
+    ``z_tail = lse + log(1 - sum_topk exp(z_i - lse))``; student bucket log-probs are
+    its exact log-softmax at the K indices plus the log of the rest, both at T
+    (the student's tail comes from its one logsumexp over all C). At T = 1 this is
+    the exact KL between the bucketed teacher and student distributions; with
+    K = C it equals :class:`KLDivergence` for any T. Top-k indices within a row are
+    assumed distinct (not checked: that would sync).
+    """
+
+    name = "topk_kl"
+    target_type = TopKTarget
+
+    def _rows(self, student_logits: Tensor, target: TopKTarget, student: tuple[Tensor, Tensor] | None) -> Tensor:
+        t = self.temperature
+        return t * t * kd.divergence("forward_kl", student_logits, target, t, student=student)
+
+
+class SampledKL(_Sparse):
+    """T^2 * the sampled layout's forward-KL estimate: unbiased at T = 1, self-normalised IS otherwise."""
+
+    name = "sampled_kl"
+    target_type = SampledTarget
+
+    def _rows(self, student_logits: Tensor, target: SampledTarget, student: tuple[Tensor, Tensor] | None) -> Tensor:
+        t = self.temperature
+        return t * t * kd.sampled_kl(student_logits, target, t, student=student)
+
+
+class _Divergence(_Softened):
+    """T^2 * a divergence for any layout: exact on dense targets, over stored ids + tail on sparse ones."""
+
+    kind = ""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.1) -> None:
+        super().__init__(temperature)
+        a = _as_float(alpha)
+        if not 0.0 < a < 1.0:
+            raise ConfigError(f"loss {self.name!r}: alpha must lie strictly between 0 and 1, got {alpha!r}; "
+                              "pass e.g. 0.1")
+        self.alpha = a
+
+    def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
+        """Per-row loss, shape [B]."""
+        target = as_target(batch)
+        if target is None:
+            raise _no_teacher(self.name)
+        if isinstance(target, DenseTarget):
+            _check_dense_shape(student_logits, target)
+        else:
+            _check_sparse_shape(student_logits, target)
+        t = self.temperature
+        return t * t * kd.divergence(self.kind, student_logits, target, t, alpha=self.alpha, beta=self.alpha)
+
+
+class ReverseKL(_Divergence):
+    """T^2 * KL(q_T || p_T): mode-seeking."""
+
+    name = kind = "reverse_kl"
+
+
+class SkewKL(_Divergence):
+    """T^2 * KL(p || alpha p + (1 - alpha) q) (DistiLLM's skew KL, alpha = 0.1 by default)."""
+
+    name = kind = "skew_kl"
+
+
+class SkewReverseKL(_Divergence):
+    """T^2 * KL(q || (1 - alpha) p + alpha q) (DistiLLM's skew reverse KL, alpha = 0.1 by default)."""
+
+    name = kind = "skew_reverse_kl"
+
+
+class JSD(_Divergence):
+    """T^2 * (b KL(p || m) + (1 - b) KL(q || m)), m = b p + (1 - b) q; b = ``alpha``, 0.5 by default (plain JSD)."""
+
+    name = kind = "jsd"
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5) -> None:
+        super().__init__(temperature, alpha)
 
 
 LOSSES: dict[str, type[nn.Module]] = {
@@ -217,6 +348,11 @@ LOSSES: dict[str, type[nn.Module]] = {
     "soft_ce": SoftCrossEntropy,
     "mse": LogitsMSE,
     "topk_kl": TopKKL,
+    "sampled_kl": SampledKL,
+    "reverse_kl": ReverseKL,
+    "skew_kl": SkewKL,
+    "skew_reverse_kl": SkewReverseKL,
+    "jsd": JSD,
 }
 
 
@@ -274,13 +410,18 @@ class DistillationLoss(nn.Module):
             hard = ce / (labels >= 0).sum().clamp_min(1)
             soft = zero
         else:
-            hard = zero
-            soft = zero
-            if self.alpha > 0:
-                ce_rows = F.cross_entropy(s, labels, ignore_index=-1, reduction="none")
-                hard = self.alpha * ce_rows.mean()
-            if self.alpha < 1:
-                soft = (1 - self.alpha) * self.soft(student_logits, batch).mean()
+            fused = getattr(self.soft, "rows_with_ce", None) if 0 < self.alpha < 1 else None
+            if fused is not None:  # one pass over the student's logits for both terms
+                soft_rows, ce_rows = fused(student_logits, batch, labels)
+                hard, soft = self.alpha * ce_rows.mean(), (1 - self.alpha) * soft_rows.mean()
+            else:
+                hard = zero
+                soft = zero
+                if self.alpha > 0:
+                    ce_rows = F.cross_entropy(s, labels, ignore_index=-1, reduction="none")
+                    hard = self.alpha * ce_rows.mean()
+                if self.alpha < 1:
+                    soft = (1 - self.alpha) * self.soft(student_logits, batch).mean()
         self.last_parts = {"hard": hard.detach(), "soft": soft.detach()}
         return hard + soft
 

@@ -165,7 +165,7 @@ def test_bad_loss_name_and_temperature_raise_config_error() -> None:
     assert len(info.value.problems) == 2 and isinstance(info.value, ValueError)
     with pytest.raises(ConfigError):
         TopKKL(-2.0)
-    assert set(LOSSES) == {"kl", "soft_ce", "mse", "topk_kl"}
+    assert set(LOSSES) == {"kl", "soft_ce", "mse", "topk_kl", "sampled_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd"}
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, math.nan])

@@ -1,0 +1,260 @@
+"""KD divergences between a student's logits and a typed teacher target, per row.
+
+Every function returns a [B] tensor *without* the T^2 factor (the loss modules
+in :mod:`softlabels.losses` apply it). Teacher targets are data: no gradient
+flows into them.
+
+Dense targets are exact. Sparse targets (top-k, sampled) know the teacher's
+exact probability of each stored class (logit - logsumexp) and the exact total
+of the rest (the tail), so every divergence is computed over the stored classes
+plus one tail *bucket*, for teacher and student alike. At T = 1 that is the
+exact divergence between the two bucketed distributions, which by the data
+processing inequality is a lower bound of the full one; with all C classes
+stored it equals the dense divergence for any T. At T != 1 the teacher's tail
+bucket is softened as if it were one class with logit ``lse + log(tail mass)``.
+
+The sampled layout's forward KL is instead the estimator of Anshumann et al.
+(2025): at T = 1, sum_j (c_j / S) (log p_j - log q_j), an unbiased estimate of
+KL(p || q) and of its gradient. At T != 1 the draws (from p at T = 1) are
+reweighted to p_T by self-normalised importance sampling, w_j ~ c_j exp(z_j (1/T - 1)),
+and log p_T(j) uses the same estimate of the partition function; this is
+consistent (S -> inf) but not unbiased, and reduces to the T = 1 estimator at T = 1.
+
+The student's side of a sparse divergence needs only its logits at the stored
+ids and one logsumexp over all C (:class:`_GatherLSE`: no [B, C] temporaries
+beyond the gradient itself); dense forward KL and the hard-label CE share one
+fused pass (:class:`_DenseKD`). Both work over bounded blocks of rows, so a
+128k vocabulary never makes a second [B, C] float32 copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from softlabels.layouts._base import row_chunks
+from softlabels.layouts.targets import DenseTarget, SampledTarget, TopKTarget
+
+__all__ = ["DIVERGENCES", "compute_dtype", "dense_kl_and_ce", "divergence", "sampled_kl", "topk_kl", "gather_lse"]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
+# rows per block: about this many elements of [rows, C] live at once in the fused paths
+BLOCK_ELEMENTS = 1 << 23
+
+
+def compute_dtype(student_logits: Tensor) -> torch.dtype:
+    """float32 for half-precision students (too coarse for log-softmax sums); float64 stays."""
+    return torch.promote_types(student_logits.dtype, torch.float32)
+
+
+# -- the student's side, fused --------------------------------------------------------------------
+class _GatherLSE(torch.autograd.Function):
+    """(s[cols] / T, logsumexp(s / T)) in the compute dtype, s [B, C], cols [B, W].
+
+    Backward writes softmax(s / T) * dL into one [B, C] buffer, block by block,
+    and scatter-adds the gathered columns' gradients into it.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, cols: Tensor, temperature: float, block: int) -> tuple[Tensor, Tensor]:
+        dt = compute_dtype(s)
+        lse = torch.empty(len(s), dtype=dt, device=s.device)
+        for rows in row_chunks(len(s), s.shape[-1], block):
+            x = s[rows].to(dt)
+            lse[rows] = torch.logsumexp(x if temperature == 1 else x / temperature, -1)
+        gathered = s.gather(1, cols).to(dt) / temperature
+        ctx.save_for_backward(s, cols, lse)
+        ctx.temperature, ctx.block = temperature, block
+        return gathered, lse
+
+    @staticmethod
+    def backward(ctx, d_gathered: Tensor, d_lse: Tensor):
+        s, cols, lse = ctx.saved_tensors
+        t = ctx.temperature
+        dt = lse.dtype
+        grad = torch.empty(s.shape, dtype=dt, device=s.device)
+        for rows in row_chunks(len(s), s.shape[-1], ctx.block):
+            x = s[rows].to(dt)
+            g = grad[rows]
+            torch.sub(x if t == 1 else x / t, lse[rows, None], out=g)
+            g.exp_().mul_(d_lse[rows, None] / t)
+        grad.scatter_add_(1, cols, d_gathered / t)
+        return grad.to(s.dtype), None, None, None
+
+
+def gather_lse(s: Tensor, cols: Tensor, temperature: float = 1.0, block: int = BLOCK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """The student's scaled logits at ``cols`` [B, W] and its logsumexp over all C at ``temperature``."""
+    return _GatherLSE.apply(s, cols.long(), float(temperature), block)
+
+
+class _DenseKD(torch.autograd.Function):
+    """Per row: KL(softmax(t/T) || softmax(s/T)) and the hard CE of s, in one pass over blocks of rows.
+
+    Saves only the three [B] logsumexps; backward recomputes the softmaxes into
+    the gradient buffer. Rows with label < 0 have CE 0.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, block: int):
+        dt = compute_dtype(s)
+        b = len(s)
+        ls, lt, l1 = (torch.empty(b, dtype=dt, device=s.device) for _ in range(3))
+        kl = torch.empty(b, dtype=dt, device=s.device)
+        lo = torch.finfo(dt).min
+        for rows in row_chunks(b, s.shape[-1], block):
+            x, y = s[rows].to(dt), t[rows].to(dt)
+            if temperature != 1:
+                x, y = x / temperature, y / temperature
+            ls[rows], lt[rows] = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
+            lp = y - lt[rows, None]
+            # p log p - p log q, with 0 log 0 = 0 for -inf teacher logits (clamped, never NaN)
+            kl[rows] = (lp.exp() * (lp.clamp_min(lo) - x + ls[rows, None])).sum(-1)
+            if labels is not None:
+                l1[rows] = ls[rows] if temperature == 1 else torch.logsumexp(s[rows].to(dt), -1)
+        ctx.with_ce = labels is not None
+        if labels is None:  # no hard CE wanted: skip its logsumexp at T != 1
+            labels = torch.full((b,), -1, dtype=torch.int64, device=s.device)
+            l1.zero_()
+        labeled = labels >= 0
+        picked = s.gather(1, labels.clamp_min(0).long()[:, None]).squeeze(1).to(dt)
+        ce = torch.where(labeled, l1 - picked, torch.zeros_like(l1))
+        ctx.save_for_backward(s, t, labels, ls, lt, l1)
+        ctx.temperature, ctx.block = temperature, block
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx, d_kl: Tensor, d_ce: Tensor):
+        s, t, labels, ls, lt, l1 = ctx.saved_tensors
+        temp = ctx.temperature
+        dt = ls.dtype
+        grad = torch.empty(s.shape, dtype=dt, device=s.device)
+        labeled = labels >= 0
+        for rows in row_chunks(len(s), s.shape[-1], ctx.block):
+            x, y = s[rows].to(dt), t[rows].to(dt)
+            g = grad[rows]
+            # d KL / d s = (q_T - p_T) / T;  d CE / d s = q_1 - onehot
+            torch.sub(x if temp == 1 else x / temp, ls[rows, None], out=g)
+            g.exp_()
+            ce_w = torch.where(labeled[rows], d_ce[rows], torch.zeros_like(d_ce[rows]))[:, None]
+            if temp == 1:
+                g.mul_(d_kl[rows, None] + ce_w)
+            else:
+                g.mul_(d_kl[rows, None] / temp)
+                if ctx.with_ce:
+                    g.add_(torch.exp(x - l1[rows, None]) * ce_w)
+            g.sub_(torch.exp((y if temp == 1 else y / temp) - lt[rows, None]) * (d_kl[rows, None] / temp))
+        ce_w = torch.where(labeled, d_ce, torch.zeros_like(d_ce))
+        grad.scatter_add_(1, labels.clamp_min(0).long()[:, None], -ce_w[:, None])
+        return grad.to(s.dtype), None, None, None, None
+
+
+def dense_kl_and_ce(s: Tensor, target: DenseTarget, labels: Tensor | None, temperature: float,
+                    block: int = BLOCK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """Fused per-row KL(p_T || q_T) (no T^2) and hard CE (0 where label < 0; all 0 for ``labels=None``)."""
+    return _DenseKD.apply(s, target.logits.detach(), labels, float(temperature), block)
+
+
+# -- sparse targets: stored support plus one tail bucket -------------------------------------------
+def _support(target: TopKTarget | SampledTarget, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(ids, raw teacher logits with padding at -inf, valid mask or None) of a sparse target."""
+    if isinstance(target, TopKTarget):
+        return target.ids.long(), target.values.to(dt), None
+    valid = target.valid
+    return target.ids.long(), target.logits.to(dt).masked_fill(~valid, -math.inf), valid
+
+
+def _buckets(g: Tensor, lse_s: Tensor, v: Tensor, lse_t: Tensor, valid: Tensor | None, num_classes: int,
+             temperature: float) -> tuple[Tensor, Tensor]:
+    """Teacher and student log-probs [B, W + 1] over the stored classes plus the tail, at T."""
+    stored = v.shape[-1] if valid is None else valid.sum(-1)
+    no_tail = torch.as_tensor(stored >= num_classes, device=g.device)
+    lq = g - lse_s[:, None]  # the student's exact log q_T at the stored ids
+    if valid is not None:
+        lq = lq.masked_fill(~valid, -math.inf)
+    # the student's tail from its one logsumexp: log(1 - sum q); clamped so rounding never gives log(<= 0)
+    tail_q = (-torch.expm1(lq.logsumexp(-1).clamp_max(0))).clamp_min(torch.finfo(g.dtype).tiny).log()
+    lq_tail = torch.where(no_tail, torch.full_like(tail_q, -math.inf), tail_q)
+    tail_mass = (-torch.expm1(v.logsumexp(-1) - lse_t)).clamp_min(0)
+    t_tail = torch.where(no_tail, torch.full_like(lse_t, -math.inf), lse_t + tail_mass.log())
+    lp = torch.log_softmax(torch.cat([v, t_tail[:, None]], 1) / temperature, -1)
+    return lp, torch.cat([lq, lq_tail[:, None]], 1)
+
+
+def topk_kl(s: Tensor, target: TopKTarget, temperature: float, block: int = BLOCK_ELEMENTS) -> Tensor:
+    """Per-row KL over the K + 1 buckets (exact bucketed KL at T = 1); no T^2."""
+    return divergence("forward_kl", s, target, temperature, block=block)
+
+
+def sampled_kl(s: Tensor, target: SampledTarget, temperature: float, block: int = BLOCK_ELEMENTS,
+               student: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Per-row estimate of KL(p_T || q_T) from S draws (see the module doc); no T^2."""
+    dt = compute_dtype(s)
+    ids, v, valid = _support(target, dt)
+    g, lse_s = student or gather_lse(s, ids, temperature, block)
+    lse_t = target.logsumexp.to(dt)
+    log_c = target.counts.to(dt).log()  # -inf on padding
+    # log importance weights of p_T against p (the draws' distribution); 0 at T = 1
+    log_w = log_c + (0 if temperature == 1 else v.masked_fill(~valid, 0) * (1 / temperature - 1))
+    w = torch.softmax(log_w, -1)
+    samples = target.counts.sum(-1, keepdim=True).to(dt)
+    log_z = lse_t + (log_w - samples.log()).logsumexp(-1)  # estimate of log sum exp(z / T)
+    lp = v / temperature - log_z[:, None]
+    lq = g - lse_s[:, None]
+    lo = torch.finfo(dt).min
+    return (w * (lp.clamp_min(lo) - lq)).sum(-1)
+
+
+# -- every divergence from log-probs ------------------------------------------------------------------
+def _term(log_a: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """sum exp(log_a) * (x - y) per row; terms with exp(log_a) = 0 are 0 even where x or y is -inf."""
+    lo = torch.finfo(x.dtype).min
+    return (log_a.exp() * (x.clamp_min(lo) - y.clamp_min(lo))).sum(-1)
+
+
+def _mix(la: Tensor, lb: Tensor, weight_a: float) -> Tensor:
+    """log(w a + (1 - w) b) from log a and log b, finite where both are -inf (no NaN gradients)."""
+    lo = torch.finfo(la.dtype).min
+    return torch.logaddexp(la.clamp_min(lo) + math.log(weight_a), lb.clamp_min(lo) + math.log1p(-weight_a))
+
+
+def from_log_probs(kind: str, lp: Tensor, lq: Tensor, alpha: float = 0.1, beta: float = 0.5) -> Tensor:
+    """Per-row divergence ``kind`` between teacher ``lp`` and student ``lq`` log-probs over the last axis.
+
+    forward_kl: KL(p || q); reverse_kl: KL(q || p); skew_kl: KL(p || a p + (1 - a) q);
+    skew_reverse_kl: KL(q || (1 - a) p + a q) (DistiLLM, Ko et al. 2024); jsd:
+    b KL(p || m) + (1 - b) KL(q || m) with m = b p + (1 - b) q (b = 0.5: the Jensen-Shannon divergence).
+    """
+    lp = lp.detach()
+    if kind == "forward_kl":
+        return _term(lp, lp, lq)
+    if kind == "reverse_kl":
+        return _term(lq, lq, lp)
+    if kind == "skew_kl":
+        return _term(lp, lp, _mix(lp, lq, alpha))
+    if kind == "skew_reverse_kl":
+        return _term(lq, lq, _mix(lp, lq, 1 - alpha))
+    if kind == "jsd":
+        m = _mix(lp, lq, beta)
+        return beta * _term(lp, lp, m) + (1 - beta) * _term(lq, lq, m)
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def divergence(kind: str, s: Tensor, target: DenseTarget | TopKTarget | SampledTarget, temperature: float, *,
+               alpha: float = 0.1, beta: float = 0.5, block: int = BLOCK_ELEMENTS,
+               student: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Per-row divergence between the student and a teacher target at T (no T^2).
+
+    Dense: exact, over all C. Top-k and sampled: over the stored classes plus one
+    tail bucket (the module doc). ``student`` may pass a precomputed :func:`gather_lse`
+    of the target's ids at T.
+    """
+    dt = compute_dtype(s)
+    if isinstance(target, DenseTarget):
+        lp = torch.log_softmax(target.logits.to(dt) / temperature, -1)
+        return from_log_probs(kind, lp, torch.log_softmax(s.to(dt) / temperature, -1), alpha, beta)
+    ids, v, valid = _support(target, dt)
+    g, lse_s = student or gather_lse(s, ids, temperature, block)
+    lp, lq = _buckets(g, lse_s, v, target.logsumexp.to(dt), valid, s.shape[-1], temperature)
+    return from_log_probs(kind, lp, lq, alpha, beta)
