@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softlabels.errors import ConfigError
+from softlabels.layouts import make_layout, to_numpy
 from softlabels.losses import (
     LOSSES,
     DistillationLoss,
@@ -288,6 +289,11 @@ def test_topk_full_k_equals_dense_kl_property(shape: tuple[int, int], temperatur
 def test_losses_run_on_cuda_without_host_syncs(name: str) -> None:
     s, t = logits(32, 50).cuda().requires_grad_(), logits(32, 50, seed=1).cuda()
     batch = topk_batch(t, 5) if name == "topk_kl" else {"logits": t.half()}
+    if name == "sampled_kl":
+        layout = make_layout("sampled", num_classes=50, samples=8)
+        ids = torch.arange(32, device="cuda")
+        batch = {"target": layout.decode({k: to_numpy(v.cpu()) for k, v in
+                                          layout.encode(t, sample_ids=ids, positions=ids * 0).items()}).to("cuda")}
     batch["labels"] = torch.arange(32, device="cuda") % 7 - 1
     loss_fn = DistillationLoss(make_soft_loss(name, 2.0), 0.5)
     torch.cuda.set_sync_debug_mode("error")
