@@ -12,6 +12,8 @@ exact divergence between the two bucketed distributions, which by the data
 processing inequality is a lower bound of the full one; with all C classes
 stored it equals the dense divergence for any T. At T != 1 the teacher's tail
 bucket is softened as if it were one class with logit ``lse + log(tail mass)``.
+A tail mass below :data:`TAIL_FLOOR` (float32's resolution, that of the stored
+logsumexp) is taken as the floor, so reverse-type divergences stay finite.
 
 The sampled layout's forward KL is instead the estimator of Anshumann et al.
 (2025): at T = 1, sum_j (c_j / S) (log p_j - log q_j), an unbiased estimate of
@@ -42,6 +44,8 @@ __all__ = ["DIVERGENCES", "compute_dtype", "dense_kl_and_ce", "divergence", "sam
 DIVERGENCES = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
 # rows per block: about this many elements of [rows, C] live at once in the fused paths
 BLOCK_ELEMENTS = 1 << 23
+# smallest teacher tail mass a sparse target is taken to have (when some classes are not stored)
+TAIL_FLOOR = torch.finfo(torch.float32).eps
 
 
 def compute_dtype(student_logits: Tensor) -> torch.dtype:
@@ -109,8 +113,10 @@ class _DenseKD(torch.autograd.Function):
                 x, y = x / temperature, y / temperature
             ls[rows], lt[rows] = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
             lp = y - lt[rows, None]
-            # p log p - p log q, with 0 log 0 = 0 for -inf teacher logits (clamped, never NaN)
-            kl[rows] = (lp.exp() * (lp.clamp_min(lo) - x + ls[rows, None])).sum(-1)
+            # p (log p - log q), with 0 log 0 = 0 for -inf teacher logits (clamped, never NaN);
+            # in place where possible: every pass over [rows, C] costs as much as the exps
+            diff = lp.clamp_min(lo).sub_(x).add_(ls[rows, None])
+            kl[rows] = torch.einsum("bc,bc->b", lp.exp_(), diff)
             if labels is not None:
                 l1[rows] = ls[rows] if temperature == 1 else torch.logsumexp(s[rows].to(dt), -1)
         ctx.with_ce = labels is not None
@@ -144,7 +150,8 @@ class _DenseKD(torch.autograd.Function):
                 g.mul_(d_kl[rows, None] / temp)
                 if ctx.with_ce:
                     g.add_(torch.exp(x - l1[rows, None]) * ce_w)
-            g.sub_(torch.exp((y if temp == 1 else y / temp) - lt[rows, None]) * (d_kl[rows, None] / temp))
+            p = torch.sub(y if temp == 1 else y / temp, lt[rows, None])
+            g.sub_(p.exp_().mul_(d_kl[rows, None] / temp))
         ce_w = torch.where(labeled, d_ce, torch.zeros_like(d_ce))
         grad.scatter_add_(1, labels.clamp_min(0).long()[:, None], -ce_w[:, None])
         return grad.to(s.dtype), None, None, None, None
@@ -176,7 +183,9 @@ def _buckets(g: Tensor, lse_s: Tensor, v: Tensor, lse_t: Tensor, valid: Tensor |
     # the student's tail from its one logsumexp: log(1 - sum q); clamped so rounding never gives log(<= 0)
     tail_q = (-torch.expm1(lq.logsumexp(-1).clamp_max(0))).clamp_min(torch.finfo(g.dtype).tiny).log()
     lq_tail = torch.where(no_tail, torch.full_like(tail_q, -math.inf), tail_q)
-    tail_mass = (-torch.expm1(v.logsumexp(-1) - lse_t)).clamp_min(0)
+    # the teacher's tail mass is known only to the float32 logsumexp's resolution: below it, take that
+    # resolution, so a student tail over a rounded-to-zero teacher tail is not an infinite reverse KL
+    tail_mass = (-torch.expm1(v.logsumexp(-1) - lse_t)).clamp_min(TAIL_FLOOR)
     t_tail = torch.where(no_tail, torch.full_like(lse_t, -math.inf), lse_t + tail_mass.log())
     lp = torch.log_softmax(torch.cat([v, t_tail[:, None]], 1) / temperature, -1)
     return lp, torch.cat([lq, lq_tail[:, None]], 1)
