@@ -637,6 +637,7 @@ def _kl(teacher: dict) -> Callable[[Ctx], Any]:
 
 def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
     from softlabels import losses, open_store
+    from softlabels.layouts import make_layout
     from softlabels.metrics import EvalAccumulator
 
     return {
@@ -660,7 +661,28 @@ def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L118": _kl({"logits": torch.zeros(2, C + 1)}),
         "L119": lambda c: EvalAccumulator(0),
         "L120": lambda c: EvalAccumulator(C).update(torch.zeros(2, C), torch.tensor([0, C + 1])),
+        "L201": lambda c: make_layout("sparse", num_classes=C),
+        "L202": lambda c: make_layout("topk", num_classes=C, k=C + 1),
+        "L203": lambda c: make_layout("sampled", num_classes=C, samples=0),
+        "L204": lambda c: make_layout("dense", num_classes=0),
+        "L205": lambda c: make_layout("sampled", num_classes=C, samples=4, k=2),
+        "L206": lambda c: make_layout("topk", num_classes=C, k=2).encode(torch.zeros(2, C + 1)),
+        "L207": lambda c: make_layout("sampled", num_classes=C, samples=4).encode(torch.zeros(2, C)),
+        "L208": lambda c: make_layout("topk", num_classes=C, k=2).check(
+            {"topk_values": np.zeros((2, 2), np.float32), "topk_indices": np.full((2, 2), C, np.uint16),
+             "logsumexp": np.zeros(2, np.float32)}),
+        "L209": lambda c: losses.SampledKL(1.0)(torch.zeros(2, C), _topk_target()),
+        "L210": lambda c: losses.KLDivergence(1.0)(torch.zeros(2, C), _topk_target()),
+        "L211": lambda c: losses.SkewKL(1.0, alpha=0.0),
+        "L212": lambda c: losses.SampledKL(1.0)(torch.zeros(2, C), {"sampled_ids": torch.zeros(2, 3)}),
+        "L213": lambda c: losses.TopKKL(1.0)(torch.zeros(3, C), _topk_target()),
     }
+
+
+def _topk_target() -> Any:
+    from softlabels.layouts import TopKTarget
+
+    return TopKTarget(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2))
 
 
 LIB_CASES = _library_cases()
