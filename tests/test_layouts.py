@@ -246,3 +246,33 @@ def test_finite_rows_checks_values_not_ids(dtype: str) -> None:
     assert layout.nonfinite_rows(block).tolist() == [1, 3]
     ids_only = {"topk_indices": np.full((2, 3), 0xFFFF, np.uint16)}
     assert finite_rows(ids_only).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(["dense", "topk", "sampled"]), c=st.sampled_from([1, 3, 17, 70_000]),
+       dtype=st.sampled_from(["float32", "float16", "bfloat16"]), b=st.integers(0, 5), data=st.data())
+def test_every_layout_round_trips(name: str, c: int, dtype: str, b: int, data) -> None:
+    width = data.draw(st.integers(1, min(c, 6)))
+    params = {"dense": {}, "topk": {"k": width}, "sampled": {"samples": width, "seed": data.draw(st.integers(0, 99))}}
+    layout = make_layout(name, num_classes=c, logits_dtype=dtype, **params[name])
+    z = teacher_logits(b, c, seed=data.draw(st.integers(0, 999)))
+    ids = torch.arange(b) * 7
+    block = stored(layout.encode(z, sample_ids=ids, positions=ids % 3))
+    assert {k: (a.dtype, a.shape[1:]) for k, a in block.items()} == \
+        {k: (s.dtype, s.shape) for k, s in layout.arrays().items()}
+    assert layout.validate(block) == [] and len(layout.nonfinite_rows(block)) == 0
+    assert sum(a[:1].nbytes for a in block.values()) == (layout.bytes_per_position if b else 0)
+    target = layout.decode(block)
+    rounded = z.to(layout.store_dtype)
+    if name == "dense":
+        assert torch.equal(target.logits, rounded)
+    elif name == "topk":
+        values, idx = torch.topk(z, width, dim=1)
+        assert torch.equal(target.ids, idx) and torch.equal(target.values, values.to(layout.store_dtype))
+    else:
+        valid = target.counts > 0
+        assert (target.counts.sum(-1) == width).all()
+        assert torch.equal(target.logits[valid], rounded.gather(1, target.ids)[valid])
+    if b:  # stored half-precision values and a float32 logsumexp of the raw logits differ by rounding
+        tol = 1e-5 if dtype == "float32" else 3e-2
+        torch.testing.assert_close(layout.densify(target).exp().sum(-1), torch.ones(b), rtol=0, atol=tol)

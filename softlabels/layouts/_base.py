@@ -79,13 +79,14 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         if a.dtype == np.uint16 and name not in _BF16_ARRAYS:
             continue  # uint16 ids
         if a.dtype == np.uint16:  # bfloat16 bits: non-finite when the exponent is all ones
-            rows = ((a & 0x7F80) != 0x7F80).reshape(len(a), -1).all(axis=1)
+            bad = (a & 0x7F80) == 0x7F80
         elif a.dtype == np.float16:  # on the bits: 8x faster than np.isfinite on float16
-            rows = ((a.view(np.uint16) & 0x7C00) != 0x7C00).reshape(len(a), -1).all(axis=1)
+            bad = (a.view(np.uint16) & 0x7C00) == 0x7C00
         elif a.dtype.kind == "f":
-            rows = np.isfinite(a).reshape(len(a), -1).all(axis=1)
+            bad = ~np.isfinite(a)
         else:
             continue
+        rows = ~bad.reshape(len(a), math.prod(a.shape[1:])).any(axis=1)
         ok = rows if ok is None else ok & rows
     if ok is None:
         n = len(next(iter(arrays.values()))) if arrays else 0
