@@ -39,7 +39,7 @@ from torch import Tensor
 from softlabels.layouts._base import row_chunks
 from softlabels.layouts.targets import DenseTarget, SampledTarget, TopKTarget
 
-__all__ = ["DIVERGENCES", "compute_dtype", "dense_kl_and_ce", "divergence", "sampled_kl", "topk_kl", "gather_lse"]
+__all__ = ["DIVERGENCES", "compute_dtype", "dense_kl_and_ce", "divergence", "from_log_probs", "gather_lse", "sampled_kl"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
 # rows per block: about this many elements of [rows, C] live at once in the fused paths
@@ -189,11 +189,6 @@ def _buckets(g: Tensor, lse_s: Tensor, v: Tensor, lse_t: Tensor, valid: Tensor |
     t_tail = torch.where(no_tail, torch.full_like(lse_t, -math.inf), lse_t + tail_mass.log())
     lp = torch.log_softmax(torch.cat([v, t_tail[:, None]], 1) / temperature, -1)
     return lp, torch.cat([lq, lq_tail[:, None]], 1)
-
-
-def topk_kl(s: Tensor, target: TopKTarget, temperature: float, block: int = BLOCK_ELEMENTS) -> Tensor:
-    """Per-row KL over the K + 1 buckets (exact bucketed KL at T = 1); no T^2."""
-    return divergence("forward_kl", s, target, temperature, block=block)
 
 
 def sampled_kl(s: Tensor, target: SampledTarget, temperature: float, block: int = BLOCK_ELEMENTS,
