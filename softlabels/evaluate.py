@@ -87,7 +87,8 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     Returns a flat dict: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store also
     ``teacher_accuracy``, ``agreement``, ``kl_to_teacher``, ``correlation`` and (dense
     stores) ``teacher_ece``; plus ``num_parameters`` and ``flops`` (multiply-accumulates
-    per sample) of the student and what was evaluated.
+    per sample) of the student and what was evaluated. ``threads`` sets torch's CPU
+    threads (0: torch's default); defaults as in :class:`softlabels.config.EvalConfig`.
     """
     from softlabels._trainutil import resolve_device, set_threads
     from softlabels.reader import open_store

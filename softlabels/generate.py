@@ -101,8 +101,12 @@ def generate(
 
     Reruns resume an unfinished store (same settings required; ``chunk_rows`` and
     ``shard_chunks`` left as ``None`` adopt the store's). ``repair`` re-verifies the
-    checksums and regenerates bad chunks. ``progress=None`` shows a bar on a TTY.
-    ``echo`` receives status lines (warnings, repairs) on rank 0.
+    checksums and regenerates bad chunks. ``num_classes=None`` takes the teacher's
+    class count (a built-in's from its weights, any other's from its output width).
+    ``threads`` sets torch's CPU threads (0: torch's default). ``progress=None``
+    shows a bar on a TTY and a line every 30 s through ``echo`` otherwise. ``echo``
+    receives status lines (warnings, repairs, progress) on rank 0. Option defaults
+    and their meaning: :class:`softlabels.config.GenerateConfig`.
     """
     s = Settings(teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
                  allow_pickle=allow_pickle, layout=layout, topk=topk, dtype=dtype, batch_size=batch_size,

@@ -18,8 +18,8 @@ from softlabels.config import GenerateConfig as D  # defaults: the dataclass's f
               help="Allow unpickling arbitrary objects in --weights (only for files you trust).")
 @click.option("--data", required=True, metavar="SPEC",
               help="The inputs: digits:train, x.npz, data.h5:X,Y, package.module:factory and so on; append "
-                   "'?unlabeled' to hide every label (e.g. 'pool.npz?unlabeled'). Relative paths are recorded "
-                   "resolved to absolute ones.")
+                   "'?unlabeled' to hide every label (e.g. 'pool.npz?unlabeled'). The store records it with "
+                   "absolute paths.")
 @click.option("--out", required=True, type=click.Path(), help="The store to write: *.h5, *.hdf5 or *.zarr.")
 @click.option("--layout", type=click.Choice(LAYOUTS), default=D.layout, show_default=True,
               help="Store every logit (dense) or the K largest per row plus their logsumexp (topk).")

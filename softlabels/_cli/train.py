@@ -20,8 +20,8 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--store", "stores", multiple=True, metavar="STORE",
               help="A soft-label store to distil from; repeat it for several (labeled + unlabeled, say).")
 @click.option("--data", multiple=True, metavar="SPEC",
-              help="The inputs, once per --store in the same order (default: each store's recorded data spec, "
-                   "resolved against the store's folder); without --store, the labeled data to train on.")
+              help="The inputs, once per --store in the same order (default: the data spec each store recorded, "
+                   "with absolute paths); without --store, the labeled data to train on.")
 @click.option("--loss", help=f"The soft loss: {', '.join(LOSS_NAMES)} [default: kl, or topk_kl for top-k stores].")
 @click.option("--temperature", type=float, help=f"The distillation temperature T [default: {DEFAULT_TEMPERATURE}].")
 @click.option("--alpha", type=float,
