@@ -111,9 +111,8 @@ def generate(
     s = Settings(teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
                  allow_pickle=allow_pickle, layout=layout, topk=topk, dtype=dtype, batch_size=batch_size,
                  num_workers=num_workers, device=device, threads=threads, amp=amp, chunk_rows=chunk_rows,
-                 shard_chunks=shard_chunks,
-                 num_classes=num_classes, overwrite=overwrite, on_nonfinite=on_nonfinite, repair=repair,
-                 progress=progress)
+                 shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite, on_nonfinite=on_nonfinite,
+                 repair=repair, progress=progress)
     problems = s.problems()
     if problems:
         raise ConfigError(problems)
