@@ -17,71 +17,13 @@ import numpy as np
 import torch
 
 from softlabels import format as fmt
+from softlabels.config import GenerateConfig as Settings
 from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
 from softlabels.reader import SoftLabelStore, open_store
 from softlabels.store import open_backend
 from softlabels.writer import StoreWriter
 
 __all__ = ["JobStore", "Settings", "open_job_store", "scan_nonfinite"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything a ``generate`` call was asked to do (validated by :meth:`problems`)."""
-
-    teacher: str
-    data: str
-    out: Path
-    weights: str | None = None
-    allow_pickle: bool = False
-    layout: str = "dense"
-    topk: int | None = None
-    dtype: str = "float32"
-    batch_size: int = 256
-    num_workers: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    chunk_rows: int | None = None
-    shard_chunks: int | None = None
-    num_classes: int | None = None
-    overwrite: bool = False
-    on_nonfinite: str = "error"
-    repair: bool = False
-    progress: bool | None = None
-
-    def problems(self) -> list[str]:
-        p = []
-        if self.layout not in fmt.LAYOUTS:
-            p.append(f"--layout must be one of {', '.join(fmt.LAYOUTS)}, got {self.layout!r}")
-        if self.layout == "topk" and (self.topk is None or self.topk < 1):
-            p.append("--layout topk needs --topk K with K >= 1")
-        if self.layout == "dense" and self.topk is not None:
-            p.append("--topk is only for --layout topk")
-        if self.dtype not in fmt.LOGITS_DTYPES:
-            p.append(f"--dtype must be one of {', '.join(fmt.LOGITS_DTYPES)}, got {self.dtype!r}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.on_nonfinite not in ("error", "record"):
-            p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
-        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                p.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.num_workers < 0:
-            p.append(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.out.suffix.lower() not in (".h5", ".hdf5", ".zarr"):
-            p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
-        elif self.shard_chunks is not None and self.out.suffix.lower() != ".zarr":
-            p.append("--shard-chunks needs a Zarr store (*.zarr)")
-        if self.repair and self.overwrite:
-            p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")
-        return p
-
-    def recorded(self, chunk_rows: int) -> dict[str, Any]:
-        """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""
-        return {"batch_size": self.batch_size, "layout": self.layout, "topk": self.topk,
-                "logits_dtype": self.dtype, "chunk_rows": chunk_rows, "shard_chunks": self.shard_chunks,
-                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite}
 
 
 @dataclass

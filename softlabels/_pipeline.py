@@ -108,7 +108,7 @@ class Teacher:
     """Runs the teacher on a batch and turns raw logits into the layout's arrays, on the device."""
 
     def __init__(self, module: torch.nn.Module, spec: str, *, device: torch.device, amp: str, layout: str,
-                 topk: int | None, logits_dtype: str, num_classes: int) -> None:
+                 topk: int | None, logits_dtype: str, num_classes: int | None) -> None:
         self.module, self.spec, self.device = module, spec, device
         amp_dtype = AMP_DTYPES[amp]
         self._autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -130,7 +130,7 @@ class Teacher:
             got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelMismatch(f"teacher '{self.spec}' returned {got} for inputs of shape {tuple(x.shape)}; "
                                 "it must return one row of raw logits per sample, [batch, classes]")
-        if out.shape[1] != self.num_classes:
+        if self.num_classes is not None and out.shape[1] != self.num_classes:
             raise ModelMismatch(
                 f"teacher '{self.spec}' outputs {out.shape[1]} logits per sample but {self.num_classes} classes "
                 f"are expected; pass --num-classes {out.shape[1]} if that is the class count, or use a teacher "

@@ -1,4 +1,6 @@
-"""Pieces of the student trainer: device and process group, hard-label batches, LR schedule.
+"""Pieces of the student trainer: device, threads and process group, hard-label batches, LR schedule.
+
+The device resolver and the thread setting serve every command (generate and eval too).
 
 Kept apart from :mod:`softlabels.train` so that module reads as the training loop.
 """
@@ -20,20 +22,42 @@ from torch.utils.data import Dataset
 from softlabels import _distributed
 from softlabels.errors import ConfigError
 
-__all__ = ["DistEnv", "IndexBatches", "lr_factor", "resolve_device", "weights_digest"]
+__all__ = ["DistEnv", "IndexBatches", "lr_factor", "resolve_device", "set_threads", "weights_digest"]
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The device for ``--device`` (auto, cpu, cuda or cuda:N), for every command.
+
+    ``auto`` is a GPU when torch sees one, else the CPU; plain ``cuda`` is this
+    process's GPU under torchrun (``LOCAL_RANK``), else GPU 0.
+    """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
-    except RuntimeError:
-        raise ConfigError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for CUDA but torch sees no GPU; pass --device cpu")
+        dev = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 and name == "cuda":
+            raise ConfigError(f"--device {name} asked for CUDA but torch sees no GPU; pass --device cpu")
+        if dev.index is None or dev.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu")
     return dev
+
+
+def set_threads(threads: int) -> None:
+    """Apply ``--threads`` to torch's intra-op pool (0 leaves torch's default: one per core).
+
+    One thread is the default: on a 2-core machine shared with other jobs, a small
+    student trained 10x faster with 1 thread than with 2 (docs/BENCHMARKS.md), and
+    CPU results do not depend on the machine's core count.
+    """
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from softlabels.errors import DataError
 
 __all__ = [
     "InputDataset", "ArrayDataset", "FileArrayDataset", "FileKind", "open_array_file",
-    "DIGITS_SPLITS", "load_digits_split", "fingerprint",
+    "DIGITS_SPLITS", "load_digits_split", "fingerprint", "class_count",
 ]
 
 DIGITS_SPLITS = ("train", "pool", "test", "all")
@@ -61,6 +61,18 @@ class InputDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def without_labels(self) -> InputDataset:
         """The same inputs with every label hidden (``-1``); ``num_classes`` is kept."""
         return _Unlabeled(self)
+
+
+def class_count(ds: InputDataset) -> int | None:
+    """``ds.num_classes``; else, for labeled data (e.g. a factory dataset without a ``num_classes``
+    attribute), the largest label + 1, from one pass over the labels; else ``None``."""
+    if ds.num_classes is not None or not ds.has_labels:
+        return ds.num_classes
+    top = -1
+    for start in range(0, len(ds), 4096):
+        _, y = ds.get_batch(np.arange(start, min(start + 4096, len(ds)), dtype=np.int64))
+        top = max(top, int(y.max()) if len(y) else -1)
+    return top + 1 if top >= 0 else None
 
 
 class _Unlabeled(InputDataset):

@@ -1,7 +1,7 @@
 """Stream soft-label stores (joined with their inputs) into a training loop.
 
 :class:`SoftLabelDataset` reads whole chunks only: random single-row reads are
-500-1000x slower than contiguous chunk reads (docs/DESIGN.md), so it shuffles
+400-800x slower than its chunk-wise streaming (docs/BENCHMARKS.md), so it shuffles
 chunks, splits the row stream across ranks and DataLoader workers, shuffles rows
 within windows of a few chunks, and batches itself. Use it with
 ``DataLoader(ds, batch_size=None, num_workers=W)``. The ordering math lives in

@@ -20,7 +20,8 @@ from torch import nn
 
 from softlabels.checkpoint import MODEL, find_checkpoint, load_checkpoint
 from softlabels.data import InputDataset
-from softlabels.errors import ModelMismatch
+from softlabels.config import EvalConfig, threads_problem
+from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.metrics import EvalAccumulator
 from softlabels.models import count_flops, count_parameters
 
@@ -79,18 +80,23 @@ def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu") 
 
 
 def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = None, *,
-             batch_size: int = 512, device: str = "cpu") -> dict[str, Any]:
+             batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
+             threads: int = EvalConfig.threads) -> dict[str, Any]:
     """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher).
 
     Returns a flat dict: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store also
     ``teacher_accuracy``, ``agreement``, ``kl_to_teacher``, ``correlation`` and (dense
     stores) ``teacher_ece``; plus ``num_parameters`` and ``flops`` (multiply-accumulates
-    per sample) of the student and what was evaluated.
+    per sample) of the student and what was evaluated. ``threads`` sets torch's CPU
+    threads (0: torch's default); defaults as in :class:`softlabels.config.EvalConfig`.
     """
-    from softlabels._trainutil import resolve_device
+    from softlabels._trainutil import resolve_device, set_threads
     from softlabels.reader import open_store
     from softlabels.specs import resolve_data
 
+    if problems := threads_problem(threads):
+        raise ConfigError(problems)
+    set_threads(threads)
     device = resolve_device(device)  # an unknown or absent device is a one-line error
     model, config = load_student(checkpoint, device=device)
     dataset = resolve_data(data_spec)

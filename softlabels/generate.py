@@ -41,16 +41,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from softlabels import _distributed
 from softlabels import format as fmt
 from softlabels._jobstore import Settings, open_job_store, scan_nonfinite
 from softlabels._lock import StoreLock
 from softlabels._pipeline import BackgroundWriter, Teacher, batch_spans, make_loader, unit_delay_hook
-from softlabels.data import fingerprint
-from softlabels.errors import ConfigError, DataError
-from softlabels.specs import resolve_data, resolve_model
+from softlabels._progress import progress
+from softlabels._trainutil import resolve_device, set_threads
+from softlabels.data import class_count, fingerprint
+from softlabels.errors import ConfigError, DataError, ModelMismatch
+from softlabels.models import BUILTIN_MODELS
+from softlabels.specs import absolute_data_spec, resolve_data, resolve_model, teacher_classes
 from softlabels.writer import StoreWriter
 
 __all__ = ["GenerateResult", "generate"]
@@ -84,6 +86,7 @@ def generate(
     batch_size: int = 256,
     num_workers: int = 0,
     device: str = "auto",
+    threads: int = 1,
     amp: str = "none",
     chunk_rows: int | None = None,
     shard_chunks: int | None = None,
@@ -98,42 +101,29 @@ def generate(
 
     Reruns resume an unfinished store (same settings required; ``chunk_rows`` and
     ``shard_chunks`` left as ``None`` adopt the store's). ``repair`` re-verifies the
-    checksums and regenerates bad chunks. ``progress=None`` shows a bar on a TTY.
-    ``echo`` receives status lines (warnings, repairs) on rank 0.
+    checksums and regenerates bad chunks. ``num_classes=None`` takes the teacher's
+    class count (a built-in's from its weights, any other's from its output width).
+    ``threads`` sets torch's CPU threads (0: torch's default). ``progress=None``
+    shows a bar on a TTY and a line every 30 s through ``echo`` otherwise. ``echo``
+    receives status lines (warnings, repairs, progress) on rank 0. Option defaults
+    and their meaning: :class:`softlabels.config.GenerateConfig`.
     """
     s = Settings(teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
                  allow_pickle=allow_pickle, layout=layout, topk=topk, dtype=dtype, batch_size=batch_size,
-                 num_workers=num_workers, device=device, amp=amp, chunk_rows=chunk_rows, shard_chunks=shard_chunks,
-                 num_classes=num_classes, overwrite=overwrite, on_nonfinite=on_nonfinite, repair=repair,
-                 progress=progress)
+                 num_workers=num_workers, device=device, threads=threads, amp=amp, chunk_rows=chunk_rows,
+                 shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite, on_nonfinite=on_nonfinite,
+                 repair=repair, progress=progress)
     problems = s.problems()
     if problems:
         raise ConfigError(problems)
-    dev = _pick_device(device)
+    set_threads(threads)
+    dev = resolve_device(device)
     dist = _distributed.init(dev.type)
-    if dist.active and dev.type == "cuda" and device in ("auto", "cuda"):
-        dev = torch.device("cuda", dist.local_rank)
     job = _Job(s, dist, dev, echo if echo is not None and dist.is_main else (lambda _line: None))
     try:
         return job.run()
     finally:
         job.close()
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (dev.index is not None and dev.index >= count):
-            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu")
-    return dev
 
 
 @dataclass
@@ -162,8 +152,9 @@ class _Job:
             return GenerateResult(self.s.out, n, 0, time.perf_counter() - self.t0, 0.0, already_complete=True,
                                   repaired_chunks=tuple(plan["repaired"]), is_main=self.dist.is_main)
         rows = sum(b - a for a, b in map(self._bounds, missing))
-        self.bar = tqdm(total=rows, unit="samples", unit_scale=True, dynamic_ncols=True, desc="generate",
-                        disable=_bar_disabled(self.dist.is_main, self.s.progress))
+        shown = self.dist.is_main and self.s.progress is not False
+        self.bar = progress(total=rows, desc="generate", unit="samples", show=self.s.progress if shown else False,
+                            say=self.say if shown else (lambda _line: None), unit_scale=True)
         with self.bar:
             if self.dist.active and self.s.out.suffix.lower() != ".zarr":
                 self._compute_gathered(missing)
@@ -188,28 +179,41 @@ class _Job:
         self.n = len(ds)
         if self.n == 0:
             raise DataError(f"--data {s.data!r} has no samples; nothing to generate")
-        c = s.num_classes or ds.num_classes
-        if c is None:
-            raise ConfigError(f"cannot tell the number of classes of --data {s.data!r} (it has no labels); "
-                              "pass --num-classes")
-        if s.num_classes and ds.num_classes and ds.num_classes > s.num_classes:
-            raise ConfigError(f"--num-classes {s.num_classes} is less than the {ds.num_classes} classes of "
-                              f"--data {s.data!r}; pass --num-classes {ds.num_classes} or more")
-        if s.layout == "topk" and s.topk > c:
-            raise ConfigError(f"--topk {s.topk} is more than the {c} classes; pass --topk {c} or fewer")
-        self.c = c
-        info = resolve_model(s.teacher, input_shape=tuple(ds.input_shape), num_classes=c,
-                              weights=s.weights, allow_pickle=s.allow_pickle)
+        if s.allow_pickle and s.weights is None:
+            self.say("warning: --allow-pickle has no effect without --weights; drop it")
+        data_classes = class_count(ds)
+        shape = tuple(ds.input_shape)
+        c = s.num_classes or teacher_classes(s.teacher, input_shape=shape, data_classes=data_classes,
+                                             weights=s.weights, allow_pickle=s.allow_pickle)
+        if c is None and s.teacher in BUILTIN_MODELS:  # a random built-in on unlabeled data
+            raise ConfigError(f"cannot tell the number of classes of --data {s.data!r} (it has no labels) for "
+                              f"the untrained built-in teacher {s.teacher!r}; pass --weights (their output "
+                              "width gives it) or --num-classes")
+        if s.num_classes and data_classes and data_classes > s.num_classes:
+            raise ConfigError(f"--num-classes {s.num_classes} is less than the {data_classes} classes of "
+                              f"--data {s.data!r}; pass --num-classes {data_classes} or more")
+        info = resolve_model(s.teacher, input_shape=shape, num_classes=c or 1,  # c None: not a built-in
+                             weights=s.weights, allow_pickle=s.allow_pickle)
         module = info.module.to(self.dev)
         self.teacher = Teacher(module, s.teacher, device=self.dev, amp=s.amp, layout=s.layout, topk=s.topk,
                                logits_dtype=s.dtype, num_classes=c)
         x, _ = ds.get_batch(np.arange(min(2, self.n), dtype=np.int64))
-        self.teacher.forward(x, "inputs")  # fails here, before any store exists, if it does not fit
+        width = self.teacher.forward(x, "inputs").shape[1]  # fails here, before any store exists, if it cannot run
+        if c is None:  # the teacher's output width is the class count
+            c = self.teacher.num_classes = width
+        if data_classes and data_classes > c:
+            raise ModelMismatch(f"--data {s.data!r} has labels up to {data_classes - 1} but teacher {s.teacher!r} "
+                                f"outputs {c} logits per sample; use a teacher for {data_classes} classes, "
+                                "or fix the labels")
+        if s.layout == "topk" and s.topk > c:
+            raise ConfigError(f"--topk {s.topk} is more than the {c} classes; pass --topk {c} or fewer")
+        self.c = c
         param = next(iter(module.parameters()), None)
         self.teacher_attrs = {**info.metadata(), "amp": s.amp, "device": self.dev.type,
                               "param_dtype": str(param.dtype).removeprefix("torch.") if param is not None else None}
         if self.dist.is_main:
-            self.source_attrs = {"spec": s.data, "num_samples": self.n, "fingerprint": fingerprint(ds),
+            self.source_attrs = {"spec": absolute_data_spec(s.data), "num_samples": self.n,
+                                 "fingerprint": fingerprint(ds),
                                  "input_shape": list(ds.input_shape)}
 
     # -- phase 2, rank 0: lock, create / validate / repair ------------------------------------
@@ -353,13 +357,6 @@ class _Job:
             self.writer.close()
         if self.lock is not None:
             self.lock.release()
-
-
-def _bar_disabled(is_main: bool, progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: off on other ranks or when asked; ``None`` = only on a TTY."""
-    if not is_main or progress is False:
-        return True
-    return None if progress is None else False
 
 
 def _close_quietly(bw: BackgroundWriter) -> None:

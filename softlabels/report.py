@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from softlabels.checkpoint import CHECKPOINT, METRICS, SUMMARY, read_metrics
+from softlabels.config import REPORT_FORMATS
 from softlabels.errors import ConfigError, RunNotFound, SoftLabelsError
 
 __all__ = [
     "FORMATS", "PLOT_DPI", "ModelRun", "build_report", "compute_reliability", "find_models", "plot_size",
 ]
 
-FORMATS = ("md", "html")
+FORMATS = REPORT_FORMATS
 RESULTS = "results.json"
 EVAL = "eval.json"
 PLOT_DPI = 100

@@ -41,6 +41,8 @@ __all__ = [
     "resolve_data",
     "resolve_model",
     "sha256_file",
+    "absolute_data_spec",
+    "teacher_classes",
 ]
 
 BUILTIN_DATASETS = tuple(f"digits:{split}" for split in DIGITS_SPLITS)
@@ -173,6 +175,21 @@ def resolve_data(spec: str) -> InputDataset:
             )
     ds = _resolve_base(base)
     return ds.without_labels() if "unlabeled" in options.split(",") else ds
+
+
+def absolute_data_spec(spec: str) -> str:
+    """``spec`` with its file path made absolute, so that it resolves from any working directory.
+
+    Stores record their ``--data`` this way. Built-in and ``module:factory`` specs are
+    returned as they are (a factory's module is found on ``PYTHONPATH``).
+    """
+    base, sep, options = spec, "", ""
+    if "?" in spec and not Path(spec).exists():
+        base, sep, options = spec.rpartition("?")
+    match = None if base.startswith("digits:") else _DATA_FILE.fullmatch(base)
+    if match is None:
+        return spec
+    return os.path.abspath(match["path"]) + base[match.end("path"):] + sep + options
 
 
 def _resolve_base(spec: str) -> InputDataset:
@@ -317,6 +334,38 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
             f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
             "pass weights saved from this architecture"
         )
+
+
+def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: int | None,
+                    weights: str | os.PathLike[str] | None = None, allow_pickle: bool = False) -> int | None:
+    """The class count to build teacher ``spec`` for, before it runs.
+
+    A built-in with weights: the width its weights were saved with (so unlabeled data
+    needs no class count); a built-in without: ``data_classes``. Other teachers are
+    complete models: ``None``, and their output width gives the count.
+    """
+    if spec not in BUILTIN_MODELS:
+        return None
+    if weights is None:
+        return data_classes
+    return _saved_classes(spec, tuple(input_shape), str(weights), allow_pickle) or data_classes
+
+
+def _saved_classes(spec: str, input_shape: tuple[int, ...], weights: str, allow_pickle: bool) -> int | None:
+    """The class count of built-in ``spec``'s weights: the one parameter dimension that changes with
+    it (found by building the model for 1 and 2 classes); None if the file does not hold that parameter."""
+    one = build_model(spec, input_shape, 1).state_dict()
+    two = build_model(spec, input_shape, 2).state_dict()
+    given = dict(_read_state_dict(weights, allow_pickle))
+    for key, a in one.items():
+        if a.shape == two[key].shape:
+            continue
+        dim = next(i for i, (m, n) in enumerate(zip(a.shape, two[key].shape)) if m != n)
+        saved = given.get(key, given.get(f"module.{key}"))  # a DDP state_dict keeps the wrapper's prefix
+        if isinstance(saved, torch.Tensor) and saved.ndim == a.ndim:
+            return int(saved.shape[dim])
+        return None
+    return None
 
 
 def resolve_model(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,82 +28,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from softlabels import checkpoint as ckpt_io
-from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, weights_digest
+from softlabels._progress import progress, wants_bar
+from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, set_threads, weights_digest
+from softlabels.config import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, TrainConfig
+from softlabels.data import class_count
 from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
-from softlabels.losses import LOSSES, TOPK_KEYS, DistillationLoss, make_soft_loss
+from softlabels.losses import TOPK_KEYS, DistillationLoss, make_soft_loss
 
 __all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"]
 
-DEFAULT_TEMPERATURE = 2.0
-DEFAULT_ALPHA = 0.5
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
 # options that must equal the checkpoint's for --resume to continue the same run
 _RESUME_KEYS = ("student", "student_weights", "stores", "data", "loss", "temperature", "alpha", "batch_size",
                 "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Every option of ``softlabels train``. ``None`` for loss/temperature/alpha means the default."""
-
-    student: str
-    out: str
-    student_weights: str | None = None
-    stores: tuple[str, ...] = ()
-    data: tuple[str, ...] = ()
-    loss: str | None = None
-    temperature: float | None = None
-    alpha: float | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "auto"
-    val_data: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    def problems(self, *, online: bool = False) -> list[str]:
-        """Every invalid option value (empty when all are valid)."""
-        p = []
-        for name in ("epochs", "batch_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "num_workers"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                p.append(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            p.append(f"--lr must be a number > 0, got {self.lr!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            p.append(f"--weight-decay must be a number >= 0, got {self.weight_decay!r}")
-        if self.optimizer not in OPTIMIZERS:
-            p.append(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            p.append(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.loss is not None and self.loss not in LOSSES:
-            p.append(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
-            p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
-        if self.alpha is not None and not 0 <= self.alpha <= 1:
-            p.append(f"--alpha must be between 0 and 1, got {self.alpha!r}")
-        if self.stores and self.data and len(self.data) != len(self.stores):
-            p.append(f"{len(self.data)} --data for {len(self.stores)} --store; give --data once per store, "
-                     "in the same order, or not at all (each store's recorded data spec is then used)")
-        if not self.stores and not self.data:
-            p.append("nothing to train on; pass --store (distillation) or --data (hard labels)")
-        if not self.stores and not online and (self.loss or self.temperature is not None or self.alpha is not None):
-            p.append("--loss, --temperature and --alpha apply to distillation; pass --store, or drop them "
-                     "to train on hard labels")
-        if self.resume and self.overwrite:
-            p.append("--resume and --overwrite exclude each other; pick one")
-        return p
 
 
 def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callable[[str], None] | None = None,
@@ -118,6 +54,7 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
     problems = config.problems(online=teacher is not None)
     if problems:
         raise ConfigError(problems)
+    set_threads(config.threads)
     env = DistEnv.start(config.device)
     try:
         run, error = None, None
@@ -143,6 +80,9 @@ class _Run:
         from softlabels.specs import resolve_data, resolve_model
 
         self.config, self.env, self.log = config, env, log or (lambda _msg: None)
+        # rank 0: a bar on a terminal (or with progress=True); in a log, a line every LINE_EVERY_S s and per epoch
+        self.bar_shown = env.rank == 0 and wants_bar(config.progress)
+        self.lines_shown = env.rank == 0 and not self.bar_shown and config.progress is None
         self.resume_from = ckpt_io.check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
         self.stores: list = []
         self.sl = None
@@ -162,7 +102,7 @@ class _Run:
             datasets = [resolve_data(s) for s in specs]
             if teacher is None and not any(d.has_labels for d in datasets):
                 raise DataError(f"{', '.join(specs)} has no labels; train on labeled data, or distil from a store")
-            counts = [d.num_classes for d in datasets if d.num_classes is not None]
+            counts = [c for c in map(class_count, datasets) if c is not None]
             if not counts:
                 raise DataError(f"cannot tell the class count of {', '.join(specs)}; give it labels")
             num_classes, layout = max(counts), None
@@ -197,10 +137,12 @@ class _Run:
                 raise ConfigError(f"loss 'topk_kl' is for top-k stores but {where or 'the teacher'} gives dense "
                                   "logits; use --loss kl, soft_ce or mse")
         self.loss_fn = DistillationLoss(make_soft_loss(loss_name, temperature) if distil else None, alpha)
+        for line in self._without_effect(distil, loss_name, alpha):
+            self.log(f"warning: {line}")
         # -- student -----------------------------------------------------------------------
         torch.manual_seed(config.seed)
         info = resolve_model(config.student, input_shape=self.input_shape, num_classes=num_classes,
-                             weights=config.student_weights)
+                             weights=config.student_weights, allow_pickle=config.allow_pickle)
         if info.kind == "export":
             raise ConfigError(f"{config.student!r} is a torch.export program, which cannot be trained; pass the "
                               "architecture (built-in name, module:factory or TorchScript) and --student-weights")
@@ -258,6 +200,25 @@ class _Run:
         elif config.resume:
             self.log(f"--resume: no checkpoint in {config.out}; starting a new run")
 
+    def _without_effect(self, distil: bool, loss: str | None, alpha: float) -> list[str]:
+        """The options given that change nothing in this run, each with what to do instead."""
+        cfg, notes = self.config, []
+        if cfg.allow_pickle and cfg.student_weights is None:
+            notes.append("--allow-pickle has no effect without --student-weights; drop it")
+        if not distil:
+            return notes
+        if alpha == 1 and (cfg.loss is not None or cfg.temperature is not None):
+            notes.append("--alpha 1 leaves only the hard-label loss, so --loss and --temperature have no effect "
+                         "and the teacher's logits are not used; lower --alpha to distil")
+        if loss == "mse" and cfg.temperature is not None:
+            notes.append("--temperature has no effect with --loss mse, which matches raw logits; drop it")
+        if alpha > 0 and self.stores and not any((s.labels >= 0).any() for s in self.stores):
+            given = "" if cfg.alpha is not None else " (the default)"
+            notes.append(f"the stores hold no labels, so --alpha {alpha}{given} only scales the soft loss by "
+                         f"{1 - alpha:g} (the hard-label term is 0 on unlabeled rows); pass --alpha 0, or add a "
+                         "labeled store")
+        return notes
+
     def _recorded_spec(self, store) -> str:
         spec = store.source.get("spec")
         if not spec:
@@ -299,13 +260,11 @@ class _Run:
         return batch
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
         cfg, env = self.config, self.env
         (self.sl if self.sl is not None else self.index_batches).set_epoch(epoch)  # len() may be 0
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, hard, soft (row-weighted), rows
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not (cfg.progress and env.rank == 0), leave=False, dynamic_ncols=True)
+        bar = progress(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batches",
+                       show=self.bar_shown, say=self.log if self.lines_shown else (lambda _line: None), leave=False)
         every = max(1, self.steps_per_epoch // 50)
         t0 = time.perf_counter()
         it, last = iter(self.loader), None
@@ -325,7 +284,7 @@ class _Run:
             rows = weight * len(batch["labels"])
             parts = self.loss_fn.last_parts
             sums += torch.stack([loss.detach(), parts["hard"], parts["soft"], loss.new_ones(())]).double() * rows
-            if (i + 1) % every == 0 and not bar.disable:
+            if (i + 1) % every == 0 and (self.bar_shown or self.lines_shown):
                 s = sums.tolist()
                 bar.set_postfix(loss=f"{s[0] / max(s[3], 1):.4f}",
                                 samples_s=f"{s[3] * env.world / (time.perf_counter() - t0):.0f}")
@@ -374,7 +333,7 @@ class _Run:
                 ckpt_io.append_metrics(cfg.out, record)  # before the checkpoint: a resume rewrites it
                 self._save(epoch + 1)
                 val = f", val acc {record['val_accuracy']:.4f}" if record.get("val_accuracy") is not None else ""
-                if not cfg.progress:  # the bar shows progress otherwise
+                if not self.bar_shown:  # the bar shows progress otherwise
                     self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}{val}")
             if on_epoch_end is not None:
                 on_epoch_end(record)

@@ -77,7 +77,7 @@ class StoreWriter:
             raise ConfigError(f"unknown logits dtype {logits_dtype!r}; use one of {', '.join(fmt.LOGITS_DTYPES)}")
         if chunk_rows is None:
             chunk_rows = fmt.default_chunk_rows(topk or num_classes, fmt.LOGITS_DTYPES[logits_dtype].itemsize)
-        from softlabels import __version__
+        from softlabels._version import __version__
 
         meta = StoreMeta(
             layout=layout, num_samples=num_samples, num_classes=num_classes, logits_dtype=logits_dtype,

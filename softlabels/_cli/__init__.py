@@ -1,8 +1,12 @@
 """The ``softlabels`` command line: a thin click layer over the library API.
 
 Each command lives in its own module and only parses options, calls the library
-and prints. Library errors become one-line messages and exit status 2; nothing
-deliberate ever reaches the user as a traceback.
+and prints. Library errors, and click's own usage errors, become one-line messages
+and exit status 2; nothing deliberate ever reaches the user as a traceback.
+
+The command modules import nothing heavy at import time (options, defaults and
+choices come from :mod:`softlabels.config`): ``softlabels --help`` and
+``softlabels CMD --help`` never import torch, h5py or zarr.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import sys
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
-from softlabels import __version__
+from softlabels._version import __version__
 from softlabels.errors import SoftLabelsError
 
 
@@ -23,11 +28,16 @@ class _Group(click.Group):
         bad = [a for a in args if "\x00" in a]
         if bad:
             raise _OneLine(f"argument {bad[0]!r} contains a NUL byte; remove it")
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as err:
+            raise _usage_error(err) from None
 
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # an unknown option, a missing one, a value click cannot parse
+            raise _usage_error(err) from None
         except SoftLabelsError as err:
             raise _OneLine(str(err)) from None
         except KeyboardInterrupt:
@@ -44,13 +54,22 @@ class _OneLine(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def _usage_error(err: click.UsageError) -> click.ClickException:
+    """Click's usage error as the one ``error:`` line every other error has (no usage block)."""
+    if isinstance(err, NoArgsIsHelpError):  # a bare command: click prints its help instead
+        return err
+    text = " ".join(err.format_message().split()).replace(". (", " (").rstrip(".")
+    where = err.ctx.command_path if err.ctx is not None else "softlabels"
+    return _OneLine(f"{where}: {text[:1].lower()}{text[1:]}; see '{where} --help'")
+
+
 def _describe_os_error(err: OSError) -> str:
     where = f" ({err.filename})" if getattr(err, "filename", None) else ""
     reason = " ".join((err.strerror or str(err)).split())  # some libraries' texts span lines
     return f"{reason}{where}; fix the path or free the resource and rerun the same command"
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("softlabels", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="softlabels")
 def main() -> None:
     """Offline knowledge distillation with precomputed teacher logits."""

@@ -6,19 +6,29 @@ import json
 
 import click
 
-from softlabels.evaluate import evaluate, format_table
+from softlabels.config import DEVICE_HELP, THREADS_HELP
+from softlabels.config import EvalConfig as D  # defaults: the dataclass's field defaults
 
 
-@click.command("eval")
-@click.option("--checkpoint", required=True, type=click.Path(), help="A 'softlabels train' run directory or its checkpoint.pt.")
-@click.option("--data", "data_spec", required=True, metavar="SPEC", help="Data to evaluate on.")
-@click.option("--store", type=click.Path(), help="Teacher logits for exactly this data: adds agreement, KL, ...")
+@click.command("eval", short_help="Evaluate a trained student, alone or against its teacher.")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A 'softlabels train' run directory, or its checkpoint.pt.")
+@click.option("--data", "data_spec", required=True, metavar="SPEC", help="The data to evaluate on.")
+@click.option("--store", type=click.Path(),
+              help="The teacher's logits for exactly this data; adds agreement, KL to the teacher and more.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-def command(checkpoint: str, data_spec: str, store: str | None, as_json: bool, batch_size: int, device: str) -> None:
-    """Evaluate the student of CHECKPOINT on --data (and against --store's teacher)."""
-    result = evaluate(checkpoint, data_spec, store, batch_size=batch_size, device=device)
+@click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True,
+              help="Rows per forward pass.")
+@click.option("--device", default=D.device, show_default=True, help=DEVICE_HELP)
+@click.option("--threads", type=int, default=D.threads, show_default=True, help=THREADS_HELP)
+def command(checkpoint: str, data_spec: str, store: str | None, as_json: bool, batch_size: int, device: str,
+            threads: int) -> None:
+    """Evaluate the student of CHECKPOINT on --data: accuracy and calibration, and
+    with --store also its agreement with the teacher that made the store.
+    """
+    from softlabels.evaluate import evaluate, format_table
+
+    result = evaluate(checkpoint, data_spec, store, batch_size=batch_size, device=device, threads=threads)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return

@@ -6,36 +6,46 @@ import os
 
 import click
 
-from softlabels.errors import SoftLabelsError
+from softlabels.config import AMP_MODES, DEVICE_HELP, LAYOUTS, LOGITS_DTYPES, ON_NONFINITE, THREADS_HELP
+from softlabels.config import GenerateConfig as D  # defaults: the dataclass's field defaults
 
 
-@click.command("generate")
+@click.command("generate", short_help="Run a teacher once over data and store its logits.")
 @click.option("--teacher", required=True,
-              help="Teacher model: a built-in name, module:factory, TorchScript or .pt2 file.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="state_dict file loaded into the teacher.")
+              help="The teacher model: a built-in name, package.module:factory, a TorchScript or a .pt2 file.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="A state_dict file loaded into the teacher.")
 @click.option("--allow-pickle", is_flag=True,
-              help="Allow unpickling arbitrary objects in --weights (trusted files only).")
-@click.option("--data", required=True, help="Input data spec, e.g. digits:train, x.npz, data.h5:X,Y, module:factory.")
-@click.option("--out", required=True, type=click.Path(), help="Store to write: *.h5, *.hdf5 or *.zarr.")
-@click.option("--layout", type=click.Choice(["dense", "topk"]), default="dense", show_default=True)
+              help="Allow unpickling arbitrary objects in --weights (only for files you trust).")
+@click.option("--data", required=True, metavar="SPEC",
+              help="The inputs: digits:train, x.npz, data.h5:X,Y, package.module:factory and so on; append "
+                   "'?unlabeled' to hide every label (e.g. 'pool.npz?unlabeled'). The store records it with "
+                   "absolute paths.")
+@click.option("--out", required=True, type=click.Path(), help="The store to write: *.h5, *.hdf5 or *.zarr.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=D.layout, show_default=True,
+              help="Store every logit (dense) or the K largest per row plus their logsumexp (topk).")
 @click.option("--topk", type=int, help="K for --layout topk.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Stored logits dtype.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
-              help="Run the teacher under autocast.")
-@click.option("--chunk-rows", type=int, help="Rows per chunk (default: ~1 MiB chunks; a rerun adopts the store's).")
+@click.option("--dtype", type=click.Choice(LOGITS_DTYPES), default=D.dtype, show_default=True,
+              help="The stored logits' dtype.")
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows per teacher call.")
+@click.option("--num-workers", type=int, default=D.num_workers, show_default=True,
+              help="DataLoader worker processes.")
+@click.option("--device", default=D.device, show_default=True, help=DEVICE_HELP)
+@click.option("--threads", type=int, default=D.threads, show_default=True, help=THREADS_HELP)
+@click.option("--amp", type=click.Choice(AMP_MODES), default=D.amp, show_default=True,
+              help="Run the teacher under autocast in this precision.")
+@click.option("--chunk-rows", type=int,
+              help="Rows per chunk (default: chunks of about 1 MiB; a rerun adopts the store's).")
 @click.option("--shard-chunks", type=int, help="Chunks per shard (Zarr only).")
-@click.option("--num-classes", type=int, help="Class count (default: from the data).")
+@click.option("--num-classes", type=int,
+              help="The class count C (default: the teacher's output width, which must then cover the labels).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
-@click.option("--on-nonfinite", type=click.Choice(["error", "record"]), default="error", show_default=True,
-              help="NaN/inf teacher outputs: stop, or store them and list their sample ids.")
-@click.option("--repair", is_flag=True, help="Verify checksums and regenerate the chunks that fail.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (it is shown only on a terminal anyway).")
+@click.option("--on-nonfinite", type=click.Choice(ON_NONFINITE), default=D.on_nonfinite, show_default=True,
+              help="On NaN/inf teacher outputs: stop (error), or store them and list their sample ids (record).")
+@click.option("--repair", is_flag=True, help="Verify the checksums and regenerate the chunks that fail.")
+@click.option("--no-progress", is_flag=True,
+              help="No progress at all (without it: a bar on a terminal, else a line every 30 s).")
 def command(teacher: str, weights: str | None, allow_pickle: bool, data: str, out: str, layout: str,
-            topk: int | None, dtype: str, batch_size: int, num_workers: int, device: str, amp: str,
+            topk: int | None, dtype: str, batch_size: int, num_workers: int, device: str, threads: int, amp: str,
             chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
             on_nonfinite: str, repair: bool, no_progress: bool) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
@@ -44,13 +54,14 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, data: str, ou
     store is already complete). Under torchrun --nproc-per-node=P the ranks
     share the work.
     """
+    from softlabels.errors import SoftLabelsError
     from softlabels.generate import generate
 
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         result = generate(
             teacher, data, out, weights=weights, allow_pickle=allow_pickle, layout=layout, topk=topk,
-            dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
+            dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
             chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
             on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,
             echo=lambda line: click.echo(line, err=True),

@@ -6,16 +6,16 @@ import json
 
 import click
 
-from softlabels.format import chunk_list
-from softlabels.summary import summarize
 
-
-@click.command("inspect")
+@click.command("inspect", short_help="Describe a store: status, sizes, labels and teacher statistics.")
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--verify", is_flag=True, help="Read every chunk and check its checksum.")
 def command(store: str, as_json: bool, verify: bool) -> None:
     """Describe STORE: format, layout, sizes, status, labels and teacher statistics."""
+    from softlabels.format import chunk_list
+    from softlabels.summary import summarize
+
     info = summarize(store, verify=verify)
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))

@@ -4,50 +4,66 @@ from __future__ import annotations
 
 import click
 
-from softlabels.errors import Interrupted
-from softlabels.losses import LOSSES
-from softlabels.train import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, OPTIMIZERS, SCHEDULES, TrainConfig, train
+from softlabels.config import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DEVICE_HELP, LOSS_NAMES, OPTIMIZERS, SCHEDULES,
+                               THREADS_HELP, TrainConfig)
+
+D = TrainConfig  # defaults: the dataclass's field defaults
 
 
-@click.command("train")
-@click.option("--student", required=True, help="Student model spec: built-in name, module:factory or model file.")
-@click.option("--student-weights", type=click.Path(dir_okay=False), help="Initial weights (a state_dict file).")
+@click.command("train", short_help="Train a student from teacher stores, or on hard labels.")
+@click.option("--student", required=True,
+              help="The student model: a built-in name, package.module:factory, or a TorchScript file.")
+@click.option("--student-weights", type=click.Path(dir_okay=False),
+              help="A state_dict file with the student's initial weights.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow unpickling arbitrary objects in --student-weights (only for files you trust).")
 @click.option("--store", "stores", multiple=True, metavar="STORE",
-              help="Soft-label store to distil from (repeat for several, e.g. labeled + unlabeled).")
+              help="A soft-label store to distil from; repeat it for several (labeled + unlabeled, say).")
 @click.option("--data", multiple=True, metavar="SPEC",
-              help="Inputs: once per --store in the same order (default: each store's recorded data spec); "
-                   "without --store, the labeled data to train on.")
-@click.option("--loss", help=f"Soft loss: {', '.join(LOSSES)} [default: kl, or topk_kl for top-k stores].")
-@click.option("--temperature", type=float, help=f"Distillation temperature [default: {DEFAULT_TEMPERATURE}].")
-@click.option("--alpha", type=float, help=f"Weight of the hard-label loss, 0..1 [default: {DEFAULT_ALPHA}].")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Rows per batch and rank.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the student's init and the data order.")
-@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers per rank.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+              help="The inputs, once per --store in the same order (default: the data spec each store recorded, "
+                   "with absolute paths); without --store, the labeled data to train on.")
+@click.option("--loss", help=f"The soft loss: {', '.join(LOSS_NAMES)} [default: kl, or topk_kl for top-k stores].")
+@click.option("--temperature", type=float, help=f"The distillation temperature T [default: {DEFAULT_TEMPERATURE}].")
+@click.option("--alpha", type=float,
+              help=f"The weight of the hard-label loss, 0 to 1; it needs labeled rows [default: {DEFAULT_ALPHA}].")
+@click.option("--epochs", type=int, default=D.epochs, show_default=True, help="Passes over the training rows.")
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows per batch and rank.")
+@click.option("--lr", type=float, default=D.lr, show_default=True, help="The peak learning rate.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True,
+              help="The optimizer (sgd uses momentum 0.9).")
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True, help="The weight decay.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True,
+              help="The learning-rate schedule after the warm-up.")
+@click.option("--warmup-steps", type=int, default=D.warmup_steps, show_default=True,
+              help="Steps of linear learning-rate warm-up.")
+@click.option("--seed", type=int, default=D.seed, show_default=True,
+              help="Seeds the student's init and the data order.")
+@click.option("--num-workers", type=int, default=D.num_workers, show_default=True, help="DataLoader workers per rank.")
+@click.option("--device", default=D.device, show_default=True, help=DEVICE_HELP)
+@click.option("--threads", type=int, default=D.threads, show_default=True, help=THREADS_HELP)
 @click.option("--val-data", metavar="SPEC", help="Data to report accuracy and ECE on after each epoch.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The run directory to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
-@click.option("--no-progress", is_flag=True, help="No progress bar; one line per epoch instead.")
-def command(student, student_weights, stores, data, loss, temperature, alpha, epochs, batch_size, lr, optimizer,
-            weight_decay, schedule, warmup_steps, seed, num_workers, device, val_data, out, resume, overwrite,
-            no_progress) -> None:
+@click.option("--no-progress", is_flag=True,
+              help="No progress bar: one line per epoch (what a log file gets anyway when stderr is no terminal).")
+def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
+            optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
+            overwrite, no_progress) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
     OUT/checkpoint.pt, model.pt, metrics.jsonl and summary.json.
     """
+    from softlabels.errors import Interrupted
+    from softlabels.train import train
+
     config = TrainConfig(
-        student=student, student_weights=student_weights, stores=tuple(stores), data=tuple(data), loss=loss,
-        temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed, num_workers=num_workers,
-        device=device, val_data=val_data, out=out, resume=resume, overwrite=overwrite, progress=not no_progress,
+        student=student, student_weights=student_weights, allow_pickle=allow_pickle, stores=tuple(stores),
+        data=tuple(data), loss=loss, temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
+        num_workers=num_workers, device=device, threads=threads, val_data=val_data, out=out, resume=resume,
+        overwrite=overwrite, progress=False if no_progress else None,
     )
     try:
         train(config, log=click.echo)

@@ -1,0 +1,186 @@
+"""One frozen config per command: every option, its default and its valid choices.
+
+The command line reads its defaults and choices from these classes (nothing is
+written twice), and the library functions take them or keyword arguments with the
+same defaults (kept equal by a test). This module imports neither torch nor numpy,
+so ``softlabels --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AMP_MODES", "DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "DEVICE_HELP", "EvalConfig", "GenerateConfig",
+    "LAYOUTS", "LOGITS_DTYPES", "LOSS_NAMES", "ON_NONFINITE", "OPTIMIZERS", "REPORT_FORMATS", "SCHEDULES",
+    "THREADS_HELP", "TrainConfig", "threads_problem",
+]
+
+# Choices. LAYOUTS and LOGITS_DTYPES equal softlabels.format's, LOSS_NAMES softlabels.losses.LOSSES'
+# keys (tests/test_firstuse.py checks both): those modules need numpy and torch.
+LAYOUTS = ("dense", "topk")
+LOGITS_DTYPES = ("float32", "float16", "bfloat16")
+LOSS_NAMES = ("kl", "soft_ce", "mse", "topk_kl")
+AMP_MODES = ("none", "bf16", "fp16")
+ON_NONFINITE = ("error", "record")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+REPORT_FORMATS = ("md", "html")
+
+DEFAULT_TEMPERATURE = 2.0
+DEFAULT_ALPHA = 0.5
+DEVICE_HELP = "Device to run on: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N."
+THREADS_HELP = ("CPU threads torch may use in this process (0: torch's own default, one per core). One is "
+                "fastest for small models, above all on a busy machine, and gives the same bits on every machine.")
+
+
+def threads_problem(threads: Any) -> list[str]:
+    if isinstance(threads, int) and threads >= 0:
+        return []
+    return [f"--threads must be an integer >= 0, got {threads!r}"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Every option of ``softlabels train``. ``None`` for loss/temperature/alpha means the default."""
+
+    student: str
+    out: str
+    student_weights: str | None = None
+    allow_pickle: bool = False
+    stores: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()
+    loss: str | None = None
+    temperature: float | None = None
+    alpha: float | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    threads: int = 1
+    val_data: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None: a bar on a terminal, one line per epoch otherwise
+
+    def problems(self, *, online: bool = False) -> list[str]:
+        """Every invalid option value (empty when all are valid)."""
+        p = []
+        for name in ("epochs", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "num_workers"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                p.append(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")
+        p += threads_problem(self.threads)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"--lr must be a number > 0, got {self.lr!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            p.append(f"--weight-decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            p.append(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.loss is not None and self.loss not in LOSS_NAMES:
+            p.append(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            p.append(f"--alpha must be between 0 and 1, got {self.alpha!r}")
+        if self.stores and self.data and len(self.data) != len(self.stores):
+            p.append(f"{len(self.data)} --data for {len(self.stores)} --store; give --data once per store, "
+                     "in the same order, or not at all (each store's recorded data spec is then used)")
+        if not self.stores and not self.data:
+            p.append("nothing to train on; pass --store (distillation) or --data (hard labels)")
+        if not self.stores and not online and (self.loss or self.temperature is not None or self.alpha is not None):
+            p.append("--loss, --temperature and --alpha apply to distillation; pass --store, or drop them "
+                     "to train on hard labels")
+        if self.resume and self.overwrite:
+            p.append("--resume and --overwrite exclude each other; pick one")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """Every option of ``softlabels generate`` (validated by :meth:`problems`).
+
+    ``num_classes`` left ``None`` is the teacher's output width; ``progress=None``
+    shows a bar on a terminal and periodic one-line progress otherwise.
+    """
+
+    teacher: str
+    data: str
+    out: Path
+    weights: str | None = None
+    allow_pickle: bool = False
+    layout: str = "dense"
+    topk: int | None = None
+    dtype: str = "float32"
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"
+    threads: int = 1
+    amp: str = "none"
+    chunk_rows: int | None = None
+    shard_chunks: int | None = None
+    num_classes: int | None = None
+    overwrite: bool = False
+    on_nonfinite: str = "error"
+    repair: bool = False
+    progress: bool | None = None
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.layout not in LAYOUTS:
+            p.append(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "topk" and (self.topk is None or self.topk < 1):
+            p.append("--layout topk needs --topk K with K >= 1")
+        if self.layout == "dense" and self.topk is not None:
+            p.append("--topk is only for --layout topk")
+        if self.dtype not in LOGITS_DTYPES:
+            p.append(f"--dtype must be one of {', '.join(LOGITS_DTYPES)}, got {self.dtype!r}")
+        if self.amp not in AMP_MODES:
+            p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
+        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.num_workers < 0:
+            p.append(f"--num-workers must be >= 0, got {self.num_workers}")
+        p += threads_problem(self.threads)
+        if self.out.suffix.lower() not in (".h5", ".hdf5", ".zarr"):
+            p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
+        elif self.shard_chunks is not None and self.out.suffix.lower() != ".zarr":
+            p.append("--shard-chunks needs a Zarr store (*.zarr)")
+        if self.repair and self.overwrite:
+            p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")
+        return p
+
+    def recorded(self, chunk_rows: int) -> dict[str, Any]:
+        """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""
+        return {"batch_size": self.batch_size, "layout": self.layout, "topk": self.topk,
+                "logits_dtype": self.dtype, "chunk_rows": chunk_rows, "shard_chunks": self.shard_chunks,
+                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Every option of ``softlabels eval``."""
+
+    checkpoint: str
+    data: str
+    store: str | None = None
+    batch_size: int = 512
+    device: str = "auto"
+    threads: int = 1
