@@ -37,6 +37,14 @@ def next_token_targets(ids: Tensor, mask: Tensor | None = None, lengths: Tensor 
     return targets.masked_fill_(~valid, IGNORE), valid
 
 
+def _check_logits(logits: Tensor, ids: Tensor) -> None:
+    if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+        raise ModelMismatch(
+            f"logits {tuple(logits.shape)} do not fit token ids {tuple(ids.shape)}; the model must "
+            "return [B, L, V] for ids [B, L]"
+        )
+
+
 def next_token_ce(
     logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
     *, reduction: str = "mean",
@@ -46,13 +54,9 @@ def next_token_ce(
     ``reduction="mean"`` averages over the positions that count (0 when none does, keeping
     the graph); ``"sum"`` sums them, for callers that divide by a total across batches or ranks.
     """
-    if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-        raise ModelMismatch(
-            f"logits {tuple(logits.shape)} do not fit token ids {tuple(ids.shape)}; the model must "
-            "return [B, L, V] for ids [B, L]"
-        )
+    _check_logits(logits, ids)
     if reduction not in ("mean", "sum"):
-        raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}; pass one of them")
     targets, valid = next_token_targets(ids, mask, lengths)
     # ignore_index skips the masked rows without gathering a [P, V] copy of the logits.
     total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -92,8 +96,7 @@ class LMEvalAccumulator:
     ) -> None:
         """Add a batch: student logits [B, L, V], ids [B, L], optional mask/lengths, and
         optional dense teacher logits [B, L, V] (raw logits or log-probabilities)."""
-        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-            raise ModelMismatch(f"logits {tuple(logits.shape)} do not fit token ids {tuple(ids.shape)}; pass [B, L, V]")
+        _check_logits(logits, ids)
         if teacher_logits is not None and teacher_logits.shape != logits.shape:
             raise ModelMismatch(
                 f"student logits have shape {tuple(logits.shape)} but teacher logits "

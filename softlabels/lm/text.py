@@ -82,8 +82,9 @@ def resolve_token_data(
                 f"text data '{spec}' needs a tokenizer and a window length; "
                 "pass --tokenizer tokenizer.json and --seq-len N"
             )
+        text = _read_text(path)
         tok = load_tokenizer(tokenizer)
-        ids = encode_text(_read_text(path), tok)
+        ids = encode_text(text, tok)
         if ids.size == 0:
             raise DataError(f"text file '{path}' holds no tokens; pass a non-empty text")
         return pack_stream(ids, seq_len, source=spec, vocab_size=tok.get_vocab_size())

@@ -64,7 +64,10 @@ def _pad(flat_ids: np.ndarray, flat_mask: np.ndarray, lengths: np.ndarray) -> To
 
 def _check_ids(ids: np.ndarray, source: str, where: str) -> np.ndarray:
     if ids.size and ids.min() < 0:
-        raise DataError(f"{source} has negative token id {int(ids.min())} in {where}; token ids must be >= 0")
+        raise DataError(
+            f"{source} has negative token id {int(ids.min())} in {where}; store token ids >= 0 in an "
+            "integer type wide enough for the vocabulary (int16 wraps above 32,767)"
+        )
     return ids.astype(np.int64, copy=False)
 
 
@@ -102,9 +105,7 @@ class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = int(index)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for a dataset of {len(self)} sequences")
-        batch = self.get_batch(np.array([i % len(self)]))
+        batch = self.get_batch(np.array([i + len(self) if i < 0 else i]))
         return batch.ids[0], batch.mask[0]
 
 
