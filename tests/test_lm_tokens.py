@@ -88,15 +88,22 @@ def test_ragged_round_trip(tmp_path_factory, suffix, data):
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 9), length=st.integers(1, 30), seed=st.integers(0, 2**16), masked=st.booleans())
-def test_packed_round_trip(tmp_path_factory, n, length, seed, masked):
+@given(n=st.integers(1, 9), length=st.integers(1, 30), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(["npy", "npz", "h5"]))
+def test_packed_round_trip(tmp_path_factory, n, length, seed, kind):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, BIG_VOCAB, (n, length)).astype(np.int64)
     mask = rng.random((n, length)) < 0.5
     d = tmp_path_factory.mktemp("p")
-    if masked:
+    masked = kind != "npy"
+    if kind == "npz":
         np.savez(d / "t.npz", tokens=tokens, mask=mask)
         ds = resolve_token_data(str(d / "t.npz"))
+    elif kind == "h5":
+        with h5py.File(d / "t.h5", "w") as f:
+            f.create_dataset("tokens", data=tokens.astype(np.uint32), chunks=(1, length))
+            f.create_dataset("mask", data=mask.astype(np.uint8), chunks=(1, length))
+        ds = resolve_token_data(str(d / "t.h5"))
     else:
         np.save(d / "t.npy", tokens)
         ds, mask = resolve_token_data(str(d / "t.npy")), np.ones_like(mask)
@@ -142,8 +149,16 @@ def test_stream_is_cut_into_windows(tmp_path):
     np.testing.assert_array_equal(ds.lengths(), [5, 5, 5, 5, 3])
     batch = ds.get_batch(np.arange(len(ds)))
     np.testing.assert_array_equal(batch.ids.numpy()[batch.valid.numpy()], stream)
+    assert ds.get_batch(np.array([], np.int64)).ids.shape == (0, 0)
     with pytest.raises(DataError, match="pass --seq-len"):
         resolve_token_data(str(tmp_path / "s.npy"))
+    mask = np.arange(23) % 3 == 0
+    np.savez(tmp_path / "m.npz", tokens=stream, mask=mask)  # a masked stream: the mask is cut alike
+    batch = resolve_token_data(str(tmp_path / "m.npz"), seq_len=5).get_batch(np.arange(5))
+    np.testing.assert_array_equal(batch.mask.numpy()[batch.valid.numpy()], mask)
+    np.save(tmp_path / "p.npy", stream[:20].reshape(4, 5))
+    with pytest.raises(DataError, match="already holds sequences"):
+        resolve_token_data(str(tmp_path / "p.npy"), seq_len=5)
 
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Über naïve café — ✓ done.\n"
@@ -160,6 +175,8 @@ def test_text_spec_tokenizes_and_packs(tmp_path):
     batch = ds.get_batch(np.arange(len(ds)))
     np.testing.assert_array_equal(batch.ids.numpy()[batch.valid.numpy()], expected)
     assert tok.decode(expected.tolist()) == TEXT  # byte-level BPE: lossless
+    np.save(tmp_path / "ids.npy", expected[None, :])
+    assert resolve_token_data(str(tmp_path / "ids.npy"), tokenizer=tmp_path / "tokenizer.json").vocab_size == 300
 
 
 def test_bpe_training_is_deterministic():

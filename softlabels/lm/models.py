@@ -144,7 +144,7 @@ class CausalLM(nn.Module):
         if ids.ndim != 2 or ids.dtype != torch.int64:
             raise DataError(f"token ids have shape {tuple(ids.shape)} and dtype {ids.dtype}; pass int64 [B, L]")
         if self.vocab_size is not None and ids.numel():
-            low, high = int(ids.min()), int(ids.max())
+            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync, not two
             if low < 0 or high >= self.vocab_size:
                 raise DataError(
                     f"token id {high if high >= self.vocab_size else low} is outside the vocabulary of "

@@ -72,8 +72,9 @@ def resolve_token_data(
 ) -> TokenDataset:
     """Resolve a token data spec (grammar in the module docstring) to a :class:`TokenDataset`.
 
-    ``tokenizer`` (a tokenizer.json) is needed by ``text:`` specs, whose ``vocab_size``
-    it sets; ``seq_len`` cuts a text or a 1-D token stream into windows of that length.
+    ``tokenizer`` (a tokenizer.json) is needed by ``text:`` specs and sets the data's
+    ``vocab_size`` for any spec; ``seq_len`` cuts a text or a 1-D token stream into
+    windows of that length (and is refused for data that already holds sequences).
     """
     if spec.startswith("text:"):
         path = spec.removeprefix("text:")
@@ -89,7 +90,10 @@ def resolve_token_data(
             raise DataError(f"text file '{path}' holds no tokens; pass a non-empty text")
         return pack_stream(ids, seq_len, source=spec, vocab_size=tok.get_vocab_size())
     if Path(spec.rstrip("/")).suffix.lower() in (".npy", ".npz", ".h5", ".hdf5", ".zarr"):
-        return open_token_file(spec, seq_len=seq_len)
+        ds = open_token_file(spec, seq_len=seq_len)
+        if tokenizer is not None:
+            ds.vocab_size = load_tokenizer(tokenizer).get_vocab_size()
+        return ds
     raise SpecError(
         f"unknown token data '{spec}'; use a .npy/.npz/.h5/.zarr file of token ids, or text:FILE "
         "with --tokenizer"

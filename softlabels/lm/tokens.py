@@ -40,7 +40,7 @@ class TokenBatch:
 
     @property
     def valid(self) -> torch.Tensor:
-        return torch.arange(self.ids.shape[1]) < self.lengths[:, None]
+        return torch.arange(self.ids.shape[1], device=self.lengths.device) < self.lengths[:, None]
 
 
 def offsets_of(lengths: np.ndarray) -> np.ndarray:
@@ -208,10 +208,10 @@ class RaggedTokens(TokenDataset):
         return ids, mask
 
 
-def pack_stream(stream: np.ndarray, seq_len: int, *, source: str = "tokens",
+def pack_stream(stream: Any, seq_len: int, mask: Any = None, *, source: str = "tokens",
                 vocab_size: int | None = None) -> TokenDataset:
-    """Cut a 1-D token stream (an array or memmap, not copied) into consecutive ``seq_len``
-    windows; the last may be shorter."""
+    """Cut a 1-D token stream (an array or memmap, not copied) and its optional flat mask
+    into consecutive ``seq_len`` windows; the last may be shorter."""
     if len(stream.shape) != 1 or stream.shape[0] == 0:
         raise DataError(f"{source} holds no tokens; pass a non-empty text or token stream")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
@@ -220,7 +220,7 @@ def pack_stream(stream: np.ndarray, seq_len: int, *, source: str = "tokens",
     n = -(-size // seq_len)
     lengths = np.full(n, seq_len, dtype=np.int64)
     lengths[-1] = size - seq_len * (n - 1)
-    return RaggedTokens(stream, offsets_of(lengths), source=source, vocab_size=vocab_size)
+    return RaggedTokens(stream, offsets_of(lengths), mask, source=source, vocab_size=vocab_size)
 
 
 class _LazyArray:
@@ -286,15 +286,20 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
             "store token ids as 'tokens' (with 'offsets' [N + 1] if ragged, and an optional 'mask')"
         )
     tokens, offsets, mask = arrays["tokens"], arrays.get("offsets"), arrays.get("mask")
+    if seq_len is not None and (offsets is not None or len(tokens.shape) != 1):
+        raise DataError(
+            f"'{path}' already holds sequences ({'offsets' if offsets is not None else 'a [N, L] array'}); "
+            "drop --seq-len, which cuts flat token streams and text into windows"
+        )
     if offsets is not None:
         return RaggedTokens(tokens, offsets, mask, source=path)
     if len(tokens.shape) == 1:
-        if seq_len is None or mask is not None:
+        if seq_len is None:
             raise DataError(
                 f"'{path}' holds flat tokens without offsets; store 'offsets' [N + 1] beside them, "
-                "or pass --seq-len to cut the stream into windows (without a mask)"
+                "or pass --seq-len to cut the stream into windows"
             )
-        return pack_stream(tokens, seq_len, source=path)
+        return pack_stream(tokens, seq_len, mask, source=path)
     return PackedTokens(tokens, mask, source=path)
 
 
