@@ -55,10 +55,9 @@ def _pad(flat_ids: np.ndarray, flat_mask: np.ndarray, lengths: np.ndarray) -> To
     b, width = lengths.size, int(lengths.max(initial=0))
     ids = np.zeros((b, width), dtype=np.int64)
     mask = np.zeros((b, width), dtype=bool)
-    rows = np.repeat(np.arange(b), lengths)
-    cols = np.arange(flat_ids.size) - np.repeat(offsets_of(lengths)[:-1], lengths)
-    ids[rows, cols] = flat_ids
-    mask[rows, cols] = flat_mask
+    valid = np.arange(width) < lengths[:, None]  # row-major True cells = the concatenation's order
+    ids[valid] = flat_ids
+    mask[valid] = flat_mask
     return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(lengths.astype(np.int64)))
 
 
