@@ -692,6 +692,101 @@ def _topk_target() -> Any:
 LIB_CASES = _library_cases()
 
 
+# -- section 15, token data and language models: raised through softlabels.lm, checked like the
+# library rows until the commands take token data; then each case moves to CASES.
+def _token_npz(c: Ctx, **arrays: Any) -> str:
+    return c.npz("tokens.npz", **arrays)
+
+
+def _lm_factories(c: Ctx) -> str:
+    class Raising(torch.nn.Embedding):
+        def forward(self, ids):
+            raise RuntimeError("boom")
+
+    class LastOnly(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids)[:, -1]
+
+    factories = SimpleNamespace(raising=lambda: Raising(7, 7), last=lambda: LastOnly(7, 7),
+                                wide=lambda: torch.nn.Embedding(7, 9))  # 9 logits per token
+    c.mp.setitem(sys.modules, "errcat_lm", factories)
+    return "errcat_lm"
+
+
+def _hf_dir(c: Ctx, *files: str) -> Path:
+    d = c.mkdir("hf")
+    for name in ("config.json", *files):
+        (d / name).write_text("{}")
+    return d
+
+
+def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
+    from softlabels.lm import GPTConfig, LMEvalAccumulator, build_lm, next_token_ce, resolve_lm
+    from softlabels.lm.models import GPT
+    from softlabels.lm.text import resolve_token_data, train_bpe
+    from softlabels.lm.tokens import open_token_file, pack_stream
+
+    ids = torch.zeros((2, 3), dtype=torch.int64)
+
+    def text_data(c: Ctx, text: str | bytes, tokenizer: Path | None = None) -> Any:
+        if tokenizer is None:
+            tokenizer = c.tmp / "tokenizer.json"
+            train_bpe("some text", 260).save(str(tokenizer))
+        return resolve_token_data(f"text:{c.write('t.txt', text)}", tokenizer=tokenizer, seq_len=4)
+
+    def without(module: str, call: Callable[[Ctx], Any]) -> Callable[[Ctx], Any]:
+        def run(c: Ctx) -> Any:
+            c.mp.setitem(sys.modules, module, None)  # an import of it now fails as if not installed
+            return call(c)
+        return run
+
+    return {
+        "E1501": lambda c: resolve_token_data("no-such-tokens"),
+        "E1502": lambda c: open_token_file(c.write("ids.txt", "1 2 3")),
+        "E1503": lambda c: resolve_token_data(str(c.tmp / "missing.npz")),
+        "E1504": lambda c: resolve_token_data(_token_npz(c, ids=np.zeros((2, 3), np.int64))),
+        "E1505": lambda c: resolve_token_data(_token_npz(c, tokens=np.zeros((2, 3), np.float32))),
+        "E1506": lambda c: resolve_token_data(_token_npz(c, tokens=np.zeros((2, 3), np.int64), offsets=[0, 3, 6])),
+        "E1507": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5), offsets=[0, 3, 2, 5])),
+        "E1508": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5), offsets=[0, 2, 2, 5])),
+        "E1509": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5), offsets=[0, 5], mask=np.ones(4))),
+        "E1510": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5))),
+        "E1511": lambda c: resolve_token_data(_token_npz(c, tokens=np.zeros((2, 3), np.int64)), seq_len=3),
+        "E1512": lambda c: resolve_token_data(_token_npz(c, tokens=np.array([[3, -2]], np.int16))).get_batch([0]),
+        "E1513": lambda c: resolve_token_data(_token_npz(c, tokens=np.zeros((2, 3), np.int64)))[2],
+        "E1514": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5)), seq_len=0),
+        "E1515": lambda c: pack_stream(np.zeros(0, np.int64), 4),
+        "E1516": lambda c: resolve_token_data(f"text:{c.write('t.txt', 'text')}"),
+        "E1517": without("tokenizers", lambda c: text_data(c, "text", tokenizer=c.tmp / "tokenizer.json")),
+        "E1518": lambda c: text_data(c, "text", tokenizer=c.tmp / "missing.json"),
+        "E1519": lambda c: text_data(c, "text", tokenizer=c.write("vocab.json", '{"a": 1}')),
+        "E1520": lambda c: resolve_token_data(f"text:{c.tmp / 'missing.txt'}", tokenizer=c.tmp / "t.json", seq_len=4),
+        "E1521": lambda c: text_data(c, "caf\xe9".encode("latin-1")),
+        "E1522": lambda c: text_data(c, ""),
+        "E1523": lambda c: resolve_lm("gpt-huge", vocab_size=7),
+        "E1524": lambda c: resolve_lm("gpt-tiny"),
+        "E1525": lambda c: build_lm("gpt-tiny", 0, 16),
+        "E1526": lambda c: GPT(GPTConfig(vocab_size=7, context=4, n_layer=1, n_head=3, d_model=8)),
+        "E1527": lambda c: resolve_lm("gpt-tiny", vocab_size=7, context=2).module(ids),
+        "E1528": lambda c: resolve_lm("gpt-tiny", vocab_size=7, context=4).module(ids[0]),
+        "E1529": lambda c: resolve_lm("gpt-tiny", vocab_size=7, context=4).module(ids + 7),
+        "E1530": lambda c: resolve_lm(f"{_lm_factories(c)}:last"),
+        "E1531": lambda c: resolve_lm(f"{_lm_factories(c)}:raising"),
+        "E1532": lambda c: resolve_lm(f"{_lm_factories(c)}:wide", vocab_size=7),
+        "E1533": lambda c: resolve_lm(f"hf:{c.tmp / 'nothing'}"),
+        "E1534": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'pytorch_model.bin')}"),
+        "E1535": without("transformers", lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors')}")),
+        "E1536": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors')}"),
+        "E1537": lambda c: next_token_ce(torch.zeros(2, 4, 7), ids),
+        "E1538": lambda c: next_token_ce(torch.zeros(2, 3, 7), ids, reduction="none"),
+        "E1539": lambda c: LMEvalAccumulator().update(torch.zeros(2, 3, 7), ids, teacher_logits=torch.zeros(2, 3, 8)),
+        "E1540": lambda c: LMEvalAccumulator(0),
+    }
+
+
+LM_CASES = _lm_cases()
+
+
 # -- running the cases -----------------------------------------------------------------------------
 @pytest.fixture
 def raised(monkeypatch) -> list[BaseException]:
@@ -744,11 +839,11 @@ def test_cli_error(cid, env, tmp_path, monkeypatch, raised):
         assert_classes(row, raised[0])
 
 
-@pytest.mark.parametrize("cid", sorted(LIB_CASES))
+@pytest.mark.parametrize("cid", sorted(LIB_CASES) + sorted(LM_CASES))
 def test_library_error(cid, env, tmp_path, monkeypatch):
     row = ROWS[cid]
     with pytest.raises(Exception) as info:
-        LIB_CASES[cid](Ctx(env, tmp_path, monkeypatch))
+        {**LIB_CASES, **LM_CASES}[cid](Ctx(env, tmp_path, monkeypatch))
     assert_message(row, str(info.value))
     assert_classes(row, info.value)
 
@@ -757,7 +852,8 @@ def test_library_error(cid, env, tmp_path, monkeypatch):
 def test_every_row_has_exactly_one_case():
     duplicates = sorted({i for i in IDS if IDS.count(i) > 1})
     assert not duplicates, f"ids used twice in {DOC.name}: {duplicates}"
-    tables = {"CASES": set(CASES), "LIB_CASES": set(LIB_CASES), "COVERED_ELSEWHERE": set(COVERED_ELSEWHERE)}
+    tables = {"CASES": set(CASES), "LIB_CASES": set(LIB_CASES), "LM_CASES": set(LM_CASES),
+              "COVERED_ELSEWHERE": set(COVERED_ELSEWHERE)}
     names = list(tables)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -766,6 +862,7 @@ def test_every_row_has_exactly_one_case():
     assert not set(IDS) - covered, f"rows without a case: {sorted(set(IDS) - covered)}"
     assert not covered - set(IDS), f"cases for rows not in {DOC.name}: {sorted(covered - set(IDS))}"
     assert all(i.startswith("E") for i in CASES) and all(i.startswith("L") for i in LIB_CASES)
+    assert all(i.startswith("E15") for i in LM_CASES)
     assert set(KNOWN_BUGS) <= set(CASES)
 
 

@@ -1,0 +1,144 @@
+"""Next-token cross-entropy and token-level evaluation metrics for causal LMs.
+
+The prediction made at position ``t`` is for token ``t + 1``; it counts when ``t + 1`` is
+inside the sequence and ``mask[t + 1]`` is set (token ``t + 1`` is a target). The last
+position of every sequence and every padding position never count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from softlabels.errors import ConfigError, ModelMismatch
+
+__all__ = ["next_token_targets", "next_token_ce", "LMEvalAccumulator", "IGNORE"]
+
+IGNORE = -100
+"""Target id of positions that do not count (PyTorch's and Hugging Face's ``ignore_index``)."""
+
+
+def next_token_targets(ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Shifted targets for ids [B, L]: ``(targets [B, L] int64, valid [B, L] bool)``.
+
+    ``targets[b, t] = ids[b, t + 1]`` where ``valid``, else :data:`IGNORE`. ``mask`` (bool
+    [B, L], token is a target) and ``lengths`` [B] (real tokens; the rest is padding) are optional.
+    """
+    b, length = ids.shape
+    valid = torch.zeros((b, length), dtype=torch.bool, device=ids.device)
+    valid[:, :-1] = True if mask is None else mask[:, 1:].to(torch.bool)
+    if lengths is not None:
+        valid &= torch.arange(length, device=ids.device) + 1 < lengths.to(ids.device)[:, None]
+    targets = torch.full_like(ids, IGNORE)
+    targets[:, :-1] = ids[:, 1:]
+    return targets.masked_fill_(~valid, IGNORE), valid
+
+
+def _check_logits(logits: Tensor, ids: Tensor) -> None:
+    if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+        raise ModelMismatch(
+            f"logits {tuple(logits.shape)} do not fit token ids {tuple(ids.shape)}; the model must "
+            "return [B, L, V] for ids [B, L]"
+        )
+
+
+def next_token_ce(
+    logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
+    *, reduction: str = "mean",
+) -> Tensor:
+    """Hard next-token cross-entropy of logits [B, L, V] against ids [B, L], masked and shifted.
+
+    ``reduction="mean"`` averages over the positions that count (0 when none does, keeping
+    the graph); ``"sum"`` sums them, for callers that divide by a total across batches or ranks.
+    """
+    _check_logits(logits, ids)
+    if reduction not in ("mean", "sum"):
+        raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}; pass one of them")
+    targets, valid = next_token_targets(ids, mask, lengths)
+    # ignore_index skips the masked rows without gathering a [P, V] copy of the logits.
+    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)
+
+
+_SUMS = ("n", "nll", "correct", "n_teacher", "teacher_nll", "agree", "kl")
+
+
+class LMEvalAccumulator:
+    """Accumulates next-token metrics over batches; :meth:`compute` returns:
+
+    * ``positions`` (that count), ``loss`` (mean next-token CE, nats), ``perplexity``
+      (``exp(loss)``), ``accuracy`` (student top-1 == next token), ``ece`` (expected
+      calibration error of the student's top-1 over ``n_bins`` equal-width confidence
+      bins, closed on the right);
+    * with teacher logits: ``agreement`` (student top-1 == teacher top-1), ``kl_to_teacher``
+      (mean KL(teacher || student) at T = 1), ``teacher_loss`` and ``teacher_perplexity``.
+
+    Per-position values are computed where the logits are (float32), and only [P]-sized
+    vectors move to the CPU (float64 sums), so V = 128k costs no host copy of the logits.
+    """
+
+    def __init__(self, n_bins: int = 15) -> None:
+        if not (isinstance(n_bins, int) and n_bins >= 1):
+            raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}; the usual choice is 15")
+        self.n_bins = n_bins
+        self._edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+        self._sums = dict.fromkeys(_SUMS, 0.0)
+        self._bins = torch.zeros(2, n_bins, dtype=torch.float64)  # per bin: correct, confidence sums
+
+    def update(
+        self, logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
+        teacher_logits: Tensor | None = None,
+    ) -> None:
+        """Add a batch: student logits [B, L, V], ids [B, L], optional mask/lengths, and
+        optional dense teacher logits [B, L, V] (raw logits or log-probabilities)."""
+        _check_logits(logits, ids)
+        if teacher_logits is not None and teacher_logits.shape != logits.shape:
+            raise ModelMismatch(
+                f"student logits have shape {tuple(logits.shape)} but teacher logits "
+                f"{tuple(teacher_logits.shape)}; the student's vocabulary must match the teacher's"
+            )
+        targets, valid = next_token_targets(ids, mask, lengths)
+        with torch.no_grad():
+            logp = F.log_softmax(logits.detach()[valid].float(), dim=-1)  # [P, V]
+            y = targets[valid]
+            nll = -logp.gather(1, y[:, None])[:, 0]
+            conf, pred = logp.max(-1)
+            correct = (pred == y).double().cpu()
+            self._add(n=y.numel(), nll=nll.double().sum(), correct=correct.sum())
+            conf = conf.exp().double().cpu()
+            idx = torch.bucketize(conf, self._edges[1:-1])  # bin i holds edge_i < c <= edge_{i+1}
+            for row, values in enumerate((correct, conf)):
+                self._bins[row].index_add_(0, idx, values)
+            if teacher_logits is not None:
+                t_logp = F.log_softmax(teacher_logits.detach()[valid].float(), dim=-1)
+                kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+                self._add(n_teacher=y.numel(), teacher_nll=-t_logp.gather(1, y[:, None]).double().sum(),
+                          agree=(t_logp.argmax(-1) == pred).sum(), kl=kl.double().sum())
+
+    def _add(self, **values: Tensor | float | int) -> None:
+        for key, value in values.items():
+            self._sums[key] += float(value)
+
+    def compute(self) -> dict[str, float | int | None]:
+        """The metrics so far (None where nothing counted yet)."""
+        s = self._sums
+        n, nt = int(s["n"]), int(s["n_teacher"])
+        out: dict[str, float | int | None] = {"positions": n}
+        loss = s["nll"] / n if n else None
+        correct, conf = self._bins
+        out.update(
+            loss=loss,
+            perplexity=math.exp(loss) if loss is not None else None,
+            accuracy=s["correct"] / n if n else None,
+            ece=float((correct - conf).abs().sum() / n) if n else None,
+        )
+        if nt:
+            teacher_loss = s["teacher_nll"] / nt
+            out.update(agreement=s["agree"] / nt, kl_to_teacher=s["kl"] / nt,
+                       teacher_loss=teacher_loss, teacher_perplexity=math.exp(teacher_loss))
+        return out
