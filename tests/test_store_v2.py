@@ -162,3 +162,40 @@ def test_damaged_offsets_and_shapes_refused_before_reading(tmp_path):
     g.attrs["num_classes"] = 600
     with pytest.raises(CorruptStore, match="logits has shape"):
         UnitStore(path, allow_partial=True)
+
+
+def _doc_snippets() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
+    v2 = text[text.index("# Store format, version 2"):]
+    return [block.split("```", 1)[0] for block in v2.split("```python\n")[1:]]
+
+
+def test_format_doc_snippets_read_v2_stores(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    lengths = np.array([2, 5, 0, 3], np.int64)
+    meta = _meta("tokens", "topk", 4, 70_000, "float16", 2, 1, lengths)  # 3-byte ids
+    with UnitWriter.create(tmp_path / "tokens.h5", meta, lengths=lengths) as w:
+        tokens_units = {u: _unit_arrays(w, u, rng) for u in range(w.num_units)}
+        for u, arrays in tokens_units.items():
+            w.write_unit(u, arrays)
+    vmeta = _meta("views", "sampled", 3, 6, "float32", 2, 1, views=4)
+    with UnitWriter.create(tmp_path / "views.zarr", vmeta) as w:
+        views_units = {u: _unit_arrays(w, u, rng) for u in range(w.num_units)}
+        for u, arrays in views_units.items():
+            w.write_unit(u, arrays)
+    monkeypatch.chdir(tmp_path)
+    tokens_snippet, views_snippet = _doc_snippets()
+    ns: dict = {}
+    exec(compile(tokens_snippet, "FORMAT.md", "exec"), ns)
+    layout = meta.layout_obj()
+    target = layout.decode({k: v[2:7] for k, v in tokens_units[0].items() if k in layout.arrays()})  # sample 1
+    np.testing.assert_array_equal(ns["ids"], target.ids.numpy())
+    np.testing.assert_allclose(ns["p_topk"], np.exp(target.values.float().numpy() - target.logsumexp.numpy()[:, None]),
+                               rtol=1e-6)
+    ns = {}
+    exec(compile(views_snippet, "FORMAT.md", "exec"), ns)
+    np.testing.assert_array_equal(ns["params"], views_units[0]["view_params"][0])
+    np.testing.assert_allclose(ns["q"].sum(-1), 1.0)
+    np.testing.assert_array_equal(ns["ids"], views_units[0]["sampled_ids"][0])
