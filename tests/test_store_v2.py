@@ -199,3 +199,37 @@ def test_format_doc_snippets_read_v2_stores(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ns["params"], views_units[0]["view_params"][0])
     np.testing.assert_allclose(ns["q"].sum(-1), 1.0)
     np.testing.assert_array_equal(ns["ids"], views_units[0]["sampled_ids"][0])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(positions=st.sampled_from(["sample", "views", "tokens"]), n=st.integers(1, 11), chunk=st.integers(1, 4),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_blocks_in_any_order_equal_whole_units(tmp_path_factory, positions, n, chunk, seed, data):
+    rng = np.random.default_rng(seed)
+    lengths = np.array(data.draw(st.lists(st.sampled_from([0, 1, 4, 9]), min_size=n, max_size=n)), np.int64) \
+        if positions == "tokens" else None
+    meta = _meta(positions, "topk", n, 6, "float16", chunk, 1, lengths)
+    root = tmp_path_factory.mktemp("blocks")
+    whole = UnitWriter.create(root / "a.zarr", meta, lengths=lengths)
+    units = {u: _unit_arrays(whole, u, rng) for u in range(whole.num_units)}
+    for u, arrays in units.items():
+        whole.write_unit(u, arrays)
+    whole.finish()
+    whole.close()
+    # the same rows, concatenated over samples, cut into random blocks written in random order
+    cat = {k: np.concatenate([units[u][k] for u in sorted(units)]) for k in units[0]}
+    cum = np.concatenate([[0], np.cumsum(lengths)]) if lengths is not None else np.arange(n + 1)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=n)) if n > 1 else []))
+    bounds = list(zip([0, *cuts], [*cuts, n]))
+    w = UnitWriter.create(root / "b.zarr", meta, lengths=lengths)
+    for i in rng.permutation(len(bounds)):
+        lo, hi = bounds[i]
+        piece = {k: (v[cum[lo]:cum[hi]] if meta.arrays()[k].family == "position" else v[lo:hi]) for k, v in cat.items()}
+        w.write(lo, piece)
+    w.finish()
+    w.close()
+    with UnitStore(root / "a.zarr") as a, UnitStore(root / "b.zarr") as b:
+        for u in range(a.num_units):
+            ga, gb = a.read_unit(u), b.read_unit(u)
+            for k in ga:
+                np.testing.assert_array_equal(ga[k], gb[k])

@@ -47,6 +47,9 @@ class UnitWriter:
         self.positions = positions
         self._arrays = meta.arrays()
         self._done = backend.read(UNIT_DONE, 0, meta.num_units).astype(bool)
+        self._pending: dict[int, _Pending] = {}
+        if isinstance(positions, TokenPositions):  # real positions before each sample, padding excluded
+            self._cum = np.concatenate([[0], np.cumsum(positions.lengths)])
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -111,6 +114,47 @@ class UnitWriter:
         return self.positions.unit_axis_range(unit)
 
     # -- writing -----------------------------------------------------------------------------
+    def write(self, start: int, arrays: Mapping[str, Any]) -> None:
+        """Write samples ``[start, start + n)`` arriving in any order and any block size.
+
+        Per-sample arrays have n rows; per-position arrays have one row per position of
+        those samples, in order (``sample``: n; ``views``: n rows of V; ``tokens``: the
+        samples' lengths summed). Samples are buffered until their unit is whole, then
+        the unit is written (:meth:`write_unit`); a block aligned to a unit is not copied.
+        """
+        n = len(np.asarray(arrays[fmt.SAMPLE_IDS]))
+        if start < 0 or start + n > self.meta.num_samples:
+            raise DataError(f"samples {start}..{start + n} fall outside 0..{self.meta.num_samples}")
+        unit_samples = self.meta.geometry.unit_samples
+        pos = start
+        while pos < start + n:
+            unit = pos // unit_samples
+            u0, u1 = self.unit_samples(unit)
+            stop = min(u1, start + n)
+            piece = {k: self._rows(k, v, start, pos, stop) for k, v in arrays.items()}
+            if pos == u0 and stop == u1 and unit not in self._pending:
+                self.write_unit(unit, piece)
+            else:
+                pend = self._pending.setdefault(unit, _Pending(self, unit))
+                pend.put(pos, stop, piece)
+                if pend.full:
+                    del self._pending[unit]
+                    self.write_unit(unit, pend.arrays())
+            pos = stop
+
+    def _position_index(self, sample: int) -> int:
+        """First per-position row of ``sample`` counted from sample 0 without padding."""
+        if isinstance(self.positions, TokenPositions):
+            return int(self._cum[sample])
+        return sample
+
+    def _rows(self, key: str, value: Any, start: int, lo: int, hi: int) -> np.ndarray:
+        arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+        if self._arrays[key].family == "position":
+            base = self._position_index(start)
+            return arr[self._position_index(lo) - base:self._position_index(hi) - base]
+        return arr[lo - start:hi - start]
+
     def write_unit(self, unit: int, arrays: Mapping[str, Any]) -> None:
         """Write a whole unit: every per-position array over :meth:`unit_positions`, every
         per-sample array over :meth:`unit_samples` (creation-time arrays excluded)."""
@@ -176,7 +220,7 @@ class UnitWriter:
         """Set ``status = "complete"`` if, and only if, every unit is flagged on disk."""
         on_disk = self._backend.read(UNIT_DONE, 0, self.num_units).astype(bool)
         missing = np.flatnonzero(~on_disk)
-        if len(missing):
+        if self._pending or len(missing):
             raise IncompleteStore(f"cannot finish {str(self._backend.path)!r}: {len(missing)} of {self.num_units} "
                                   f"units not written ({fmt.chunk_list(missing)}); write them, then finish")
         self._backend.set_attrs({"status": fmt.STATUS_COMPLETE})
@@ -184,6 +228,8 @@ class UnitWriter:
         self.meta = self.meta.with_status(fmt.STATUS_COMPLETE)
 
     def close(self) -> None:
+        """Close without finishing; partly filled units are dropped (they are rewritten on resume)."""
+        self._pending.clear()
         self._backend.close()
 
     def __enter__(self) -> UnitWriter:
@@ -195,6 +241,35 @@ class UnitWriter:
                 self.finish()
         finally:
             self.close()
+
+
+class _Pending:
+    """A unit being filled from blocks that arrive in any order."""
+
+    def __init__(self, writer: UnitWriter, unit: int) -> None:
+        self.s0, s1 = writer.unit_samples(unit)
+        self._index = writer._position_index
+        self.p0 = self._index(self.s0)
+        rows = {"position": self._index(s1) - self.p0, "sample": s1 - self.s0}
+        self._sample_keys = {k for k, a in writer._arrays.items() if a.family == "sample"}
+        self._buffers = {k: np.zeros((rows[a.family], *a.shape[1:]), a.dtype)
+                         for k, a in writer._arrays.items() if a.family in rows}
+        self._filled = np.zeros(s1 - self.s0, dtype=bool)
+
+    def put(self, lo: int, hi: int, piece: Mapping[str, np.ndarray]) -> None:
+        for k, v in piece.items():
+            if k in self._sample_keys:
+                self._buffers[k][lo - self.s0:hi - self.s0] = v
+            else:
+                self._buffers[k][self._index(lo) - self.p0:self._index(hi) - self.p0] = v
+        self._filled[lo - self.s0:hi - self.s0] = True
+
+    @property
+    def full(self) -> bool:
+        return bool(self._filled.all())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return self._buffers
 
 
 def _remove(path: Path) -> None:
