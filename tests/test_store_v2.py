@@ -225,7 +225,7 @@ def test_blocks_in_any_order_equal_whole_units(tmp_path_factory, positions, n, c
     for i in rng.permutation(len(bounds)):
         lo, hi = bounds[i]
         piece = {k: (v[cum[lo]:cum[hi]] if meta.arrays()[k].family == "position" else v[lo:hi]) for k, v in cat.items()}
-        w.write(lo, piece)
+        w.write(lo, **piece)
     w.finish()
     w.close()
     with UnitStore(root / "a.zarr") as a, UnitStore(root / "b.zarr") as b:

@@ -114,7 +114,7 @@ class UnitWriter:
         return self.positions.unit_axis_range(unit)
 
     # -- writing -----------------------------------------------------------------------------
-    def write(self, start: int, arrays: Mapping[str, Any]) -> None:
+    def write(self, start: int, **arrays: Any) -> None:
         """Write samples ``[start, start + n)`` arriving in any order and any block size.
 
         Per-sample arrays have n rows; per-position arrays have one row per position of
