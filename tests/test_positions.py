@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from softlabels.positions.views import choose_views
 from softlabels.positions import (
     POSITION_KINDS,
     SamplePositions,
@@ -121,3 +122,24 @@ def test_tokens_refuse_bad_lengths(bad):
     kw = dict(lengths=np.array([1, 2]), chunk_positions=4) | bad
     with pytest.raises(ValueError):
         TokenPositions(UnitGeometry(2, 1), **kw)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**40), st.integers(1, 12), st.integers(0, 3), st.lists(st.integers(0, 10**9), min_size=1,
+                                                                               max_size=20, unique=True))
+def test_views_cycle_through_every_view_before_repeating(seed, num_views, cycle, ids):
+    ids = np.array(ids)
+    epochs = range(cycle * num_views, (cycle + 1) * num_views)
+    chosen = np.stack([choose_views(seed, ids, e, num_views) for e in epochs], axis=1)  # [B, V]
+    assert np.all(np.sort(chosen, axis=1) == np.arange(num_views))
+    # independent of batch composition: one sample alone gets the same view
+    for e in epochs:
+        assert choose_views(seed, ids[-1:], e, num_views)[0] == choose_views(seed, ids, e, num_views)[-1]
+
+
+def test_views_differ_across_samples_cycles_and_seeds():
+    ids = np.arange(2000)
+    a, b = choose_views(0, ids, 0, 8), choose_views(0, ids, 8, 8)
+    assert 0.05 < np.mean(a == b) < 0.25  # another cycle, another permutation (1/8 agree by chance)
+    assert np.bincount(a, minlength=8).min() > 150  # spread over the views
+    assert np.mean(choose_views(1, ids, 0, 8) == a) < 0.25

@@ -17,9 +17,37 @@ import numpy as np
 
 from softlabels.positions.base import UnitGeometry
 
-__all__ = ["VIEW_PARAMS", "ViewPositions"]
+__all__ = ["VIEW_PARAMS", "ViewPositions", "choose_views"]
 
 VIEW_PARAMS = "view_params"
+
+
+_GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of uint64 arrays (wrapping arithmetic, vectorised)."""
+    with np.errstate(over="ignore"):
+        z = x + _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int) -> np.ndarray:
+    """Which stored view each sample trains on in ``epoch``: int64 [B] in ``0..V-1``.
+
+    Every sample walks through a random permutation of its V views, a fresh one every V
+    epochs, so all V views are used before any repeats. The permutation of cycle
+    ``epoch // V`` is the argsort of splitmix64(seed, sample id, cycle, view), so the
+    choice depends on nothing but those numbers: not on batch composition, rank, worker
+    or resume point.
+    """
+    ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
+    cycle, step = divmod(int(epoch), int(num_views))
+    key = _mix(_mix(_mix(np.full(ids.shape, seed, np.uint64)) ^ ids) ^ np.uint64(cycle))
+    keys = _mix(key[:, None] ^ _mix(np.arange(num_views, dtype=np.uint64))[None, :])
+    return np.argsort(keys, axis=1, kind="stable")[:, step].astype(np.int64)
 
 
 @dataclass(frozen=True)
