@@ -59,7 +59,7 @@ CHECKSUMS = "checksums"
 ROW_KEYS: tuple[str, ...] = (LOGITS, TOPK_VALUES, TOPK_INDICES, LOGSUMEXP, LABELS, SAMPLE_IDS)
 
 # root attributes whose values are objects (JSON strings in HDF5)
-OBJECT_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by")
+OBJECT_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by", "layout_params", "views", "tokens")
 REQUIRED_ATTRS: tuple[str, ...] = (
     "softlabels_format", "status", "layout", "num_samples", "num_classes",
     "logits_dtype", "chunk_rows",

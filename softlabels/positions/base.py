@@ -1,0 +1,122 @@
+"""What every position kind shares: write-unit geometry and the bookkeeping groups.
+
+A v2 store's arrays come in two families:
+
+- *per-sample* arrays (``sample_ids``, ``labels``, ``view_params``), chunked along N by
+  ``chunk_samples``;
+- *per-position* arrays (a layout's ``logits``, ``topk_values``, ...), whose first axis is
+  the *position axis*: N for ``sample`` and ``views`` (views add a second axis V), the
+  flat, padded token axis for ``tokens``.
+
+A *write unit* is ``unit_samples = chunk_samples * shard_chunks`` consecutive samples
+(``shard_chunks`` = 1 without Zarr sharding) and their positions. The bookkeeping arrays
+``unit_done`` and ``unit_checksums`` hold one element per unit and are chunked by
+``group_units`` units, so their file count does not grow with the number of data chunks;
+a writer owns whole groups (under torchrun, ranks split groups, never units), which keeps
+the rule that no two writers share any chunk or shard file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+__all__ = ["Positions", "UnitGeometry", "group_units_for"]
+
+MAX_BOOKKEEPING_CHUNKS = 1024
+"""Default cap on bookkeeping chunks (files, in Zarr) per bookkeeping array."""
+
+
+def group_units_for(num_units: int, max_chunks: int = MAX_BOOKKEEPING_CHUNKS) -> int:
+    """The smallest power of two ``G`` with ``ceil(num_units / G) <= max_chunks``."""
+    if num_units < 0 or max_chunks < 1:
+        raise ValueError("num_units must be >= 0 and max_chunks >= 1")
+    g = 1
+    while math.ceil(num_units / g) > max_chunks:
+        g *= 2
+    return g
+
+
+@dataclass(frozen=True)
+class UnitGeometry:
+    """Write units along the sample axis: ``unit_samples`` samples each, the last one shorter."""
+
+    num_samples: int
+    chunk_samples: int
+    shard_chunks: int = 1
+    group_units: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_samples", "shard_chunks", "group_units"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+
+    @property
+    def unit_samples(self) -> int:
+        return self.chunk_samples * self.shard_chunks
+
+    @property
+    def num_units(self) -> int:
+        return math.ceil(self.num_samples / self.unit_samples)
+
+    @property
+    def num_groups(self) -> int:
+        return math.ceil(self.num_units / self.group_units)
+
+    def unit_samples_range(self, unit: int) -> tuple[int, int]:
+        """Samples ``[s0, s1)`` of write unit ``unit``."""
+        if not 0 <= unit < self.num_units:
+            raise IndexError(f"unit {unit} out of range 0..{self.num_units - 1}")
+        s0 = unit * self.unit_samples
+        return s0, min(s0 + self.unit_samples, self.num_samples)
+
+    def group_units_range(self, group: int) -> range:
+        """The units of bookkeeping group ``group`` (a writer owns whole groups)."""
+        if not 0 <= group < self.num_groups:
+            raise IndexError(f"group {group} out of range 0..{self.num_groups - 1}")
+        return range(group * self.group_units, min((group + 1) * self.group_units, self.num_units))
+
+    def groups_of_rank(self, rank: int, world: int) -> range:
+        """Contiguous groups owned by ``rank`` of ``world`` writers (balanced to within one)."""
+        base, extra = divmod(self.num_groups, world)
+        start = rank * base + min(rank, extra)
+        return range(start, start + base + (rank < extra))
+
+
+class Positions(Protocol):
+    """One position kind: shapes, attributes and the unit -> position-axis map."""
+
+    kind: ClassVar[str]
+    geometry: UnitGeometry
+
+    @property
+    def num_positions(self) -> int:
+        """Teacher outputs stored (real positions, padding excluded)."""
+
+    @property
+    def axis_length(self) -> int:
+        """Length of the per-position arrays' first axis (padding included)."""
+
+    @property
+    def axis_chunk(self) -> int:
+        """Chunk length of the per-position arrays along their first axis."""
+
+    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
+        """Full shape of a per-position array whose one-position shape is ``per_position``."""
+
+    def unit_axis_range(self, unit: int) -> tuple[int, int]:
+        """Range along the position axis holding unit ``unit``'s real positions."""
+
+    def unit_written_range(self, unit: int) -> tuple[int, int]:
+        """Range along the position axis the unit's writer writes (whole chunks or shards)."""
+
+    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
+        """Kind-specific arrays: name -> (shape, dtype, "sample" | "creation")."""
+
+    def to_attrs(self) -> dict[str, Any]:
+        """Kind-specific root attributes (JSON values)."""

@@ -1,0 +1,105 @@
+"""``views`` positions: ``V`` augmented views per sample, each replayable from its parameters.
+
+Per-position arrays are [N, V, ...] and chunked along N only (a chunk holds every view of
+its samples), so a write unit is whole samples with all their views. ``view_params``
+[N, V, P] float32 holds each view's augmentation parameters; the root attribute ``views``
+records V, the augmentation spec, its parameter names and the seed the views were drawn
+with (``softlabels.augment`` draws view ``v`` of sample ``id`` from (seed, id, v), so any
+batch composition, rank or resume draws the same views).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from softlabels.positions.base import UnitGeometry
+
+__all__ = ["VIEW_PARAMS", "ViewPositions", "choose_views"]
+
+VIEW_PARAMS = "view_params"
+
+
+_GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of uint64 arrays (wrapping arithmetic, vectorised)."""
+    with np.errstate(over="ignore"):
+        z = x + _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int) -> np.ndarray:
+    """Which stored view each sample trains on in ``epoch``: int64 [B] in ``0..V-1``.
+
+    Every sample walks through a random permutation of its V views, a fresh one every V
+    epochs, so all V views are used before any repeats. The permutation of cycle
+    ``epoch // V`` is the argsort of splitmix64(seed, sample id, cycle, view), so the
+    choice depends on nothing but those numbers: not on batch composition, rank, worker
+    or resume point.
+    """
+    ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
+    cycle, step = divmod(int(epoch), int(num_views))
+    key = _mix(_mix(_mix(np.full(ids.shape, seed, np.uint64)) ^ ids) ^ np.uint64(cycle))
+    keys = _mix(key[:, None] ^ _mix(np.arange(num_views, dtype=np.uint64))[None, :])
+    return np.argsort(keys, axis=1, kind="stable")[:, step].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ViewPositions:
+    """Position ``(i, v)`` is view ``v`` of sample ``i``."""
+
+    geometry: UnitGeometry
+    num_views: int
+    param_names: tuple[str, ...]
+    augment: str = ""
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[str] = "views"
+
+    def __post_init__(self) -> None:
+        if self.num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {self.num_views}")
+
+    @property
+    def num_positions(self) -> int:
+        return self.geometry.num_samples * self.num_views
+
+    @property
+    def axis_length(self) -> int:
+        return self.geometry.num_samples
+
+    @property
+    def axis_chunk(self) -> int:
+        return self.geometry.chunk_samples
+
+    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.geometry.num_samples, self.num_views, *per_position)
+
+    def unit_axis_range(self, unit: int) -> tuple[int, int]:
+        return self.geometry.unit_samples_range(unit)
+
+    def unit_written_range(self, unit: int) -> tuple[int, int]:
+        return self.geometry.unit_samples_range(unit)
+
+    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
+        shape = (self.geometry.num_samples, self.num_views, len(self.param_names))
+        return {VIEW_PARAMS: (shape, np.dtype("float32"), "sample")}
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"views": {"count": self.num_views, "augment": self.augment, "seed": self.seed,
+                          "param_names": list(self.param_names), **self.extra}}
+
+    @classmethod
+    def from_attrs(cls, geometry: UnitGeometry, attrs: dict[str, Any]) -> ViewPositions:
+        """Rebuild from the ``views`` root attribute (JSON data, never evaluated)."""
+        v = dict(attrs["views"])
+        known = ("count", "augment", "seed", "param_names")
+        return cls(geometry, num_views=int(v["count"]), param_names=tuple(str(n) for n in v["param_names"]),
+                   augment=str(v.get("augment", "")), seed=int(v.get("seed", 0)),
+                   extra={k: val for k, val in v.items() if k not in known})

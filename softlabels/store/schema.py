@@ -1,0 +1,228 @@
+"""The on-disk format, version 2: positions × layouts (docs/FORMAT.md, "Version 2").
+
+Version 1 (``softlabels.format``) holds one output per sample. Version 2 separates
+*what an output belongs to* (a position kind: ``sample``, ``views``, ``tokens``; see
+``softlabels.positions``) from *how one output is encoded* (a layout: ``dense``,
+``topk``, ``sampled``; see ``softlabels.layouts``). This module owns the v2 names,
+attributes and validation; it knows neither library nor teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from softlabels import format as fmt
+from softlabels.errors import CorruptStore, SoftLabelsError
+from softlabels.positions import POSITION_KINDS, Positions, SamplePositions, TokenPositions, UnitGeometry, ViewPositions
+from softlabels.positions.tokens import LENGTHS, OFFSETS
+from softlabels.positions.views import VIEW_PARAMS
+
+if TYPE_CHECKING:
+    from softlabels.layouts import Layout
+
+__all__ = ["FORMAT_VERSION_2", "StoreMetaV2", "V2Array", "UNIT_CHECKSUMS", "UNIT_DONE"]
+
+FORMAT_VERSION_2 = 2
+UNIT_DONE = "unit_done"
+UNIT_CHECKSUMS = "unit_checksums"
+CHECKSUMS = ("crc32",)
+
+# per-sample arrays in checksum order (after the layout's per-position arrays)
+SAMPLE_ORDER: tuple[str, ...] = (VIEW_PARAMS, OFFSETS, LENGTHS, fmt.LABELS, fmt.SAMPLE_IDS)
+REQUIRED = ("softlabels_format", "status", "positions", "layout", "num_samples", "num_classes",
+            "logits_dtype", "chunk_samples", "shard_chunks", "group_units", "layout_params", "checksum")
+OBJECTS = ("layout_params", "views", "tokens", "teacher", "source", "created_by")
+
+
+@dataclass(frozen=True)
+class V2Array:
+    """One array of a v2 store: full shape, stored dtype, first-axis chunk, and its family.
+
+    ``family``: ``position`` (a layout's per-position array), ``sample`` (one row per
+    sample, written with its unit), ``creation`` (written once at creation: offsets,
+    lengths) or ``unit`` (bookkeeping: one element per write unit).
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk: int
+    family: str
+
+    @property
+    def per_row(self) -> bool:
+        return self.family != "unit"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class StoreMetaV2:
+    """Everything a v2 store's root attributes say, validated on construction."""
+
+    positions: str
+    layout: str
+    num_samples: int
+    num_classes: int
+    logits_dtype: str = "float32"
+    chunk_samples: int = 1024
+    shard_chunks: int = 1
+    group_units: int = 1
+    layout_params: dict[str, Any] = field(default_factory=dict)
+    views: dict[str, Any] | None = None
+    tokens: dict[str, Any] | None = None
+    checksum: str = "crc32"
+    status: str = fmt.STATUS_WRITING
+    teacher: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    created_by: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION_2
+
+    def __post_init__(self) -> None:
+        if problems := self.problems():
+            raise CorruptStore("invalid store metadata: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every inconsistency in these values (empty when valid)."""
+        from softlabels.layouts import LAYOUTS
+
+        p: list[str] = []
+        if self.positions not in POSITION_KINDS:
+            p.append(f"positions {self.positions!r} is not one of {', '.join(POSITION_KINDS)}")
+        if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
+            p.append(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        for name, low in (("num_samples", 0), ("num_classes", 1), ("chunk_samples", 1), ("shard_chunks", 1),
+                          ("group_units", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                p.append(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.logits_dtype, str) or self.logits_dtype not in fmt.LOGITS_DTYPES:
+            p.append(f"logits_dtype {self.logits_dtype!r} is not one of {', '.join(fmt.LOGITS_DTYPES)}")
+        if self.checksum not in CHECKSUMS:
+            p.append(f"checksum {self.checksum!r} is not one of {', '.join(CHECKSUMS)}")
+        if self.status not in (fmt.STATUS_WRITING, fmt.STATUS_COMPLETE):
+            p.append(f"status {self.status!r} is not 'writing' or 'complete'")
+        if (self.positions == "views") != (self.views is not None):
+            p.append("the 'views' attribute belongs to, and only to, positions 'views'")
+        if (self.positions == "tokens") != (self.tokens is not None):
+            p.append("the 'tokens' attribute belongs to, and only to, positions 'tokens'")
+        if p:
+            return p
+        if self.views is not None:
+            v = self.views
+            if not _is_int(v.get("count")) or v["count"] < 1 or not isinstance(v.get("param_names"), list):
+                p.append("views needs an integer 'count' >= 1 and a list 'param_names'")
+        if self.tokens is not None:
+            t = self.tokens
+            if not _is_int(t.get("chunk_positions")) or t["chunk_positions"] < 1 \
+                    or not _is_int(t.get("axis_length")) or t["axis_length"] < 0:
+                p.append("tokens needs integers 'chunk_positions' >= 1 and 'axis_length' >= 0")
+        if not p:
+            try:
+                self.layout_obj()
+            except SoftLabelsError as err:
+                p.append(str(err))
+        return p
+
+    def layout_obj(self) -> Layout:
+        """The layout, configured from ``layout_params`` (JSON data: names and integers only)."""
+        from softlabels.layouts import make_layout
+
+        return make_layout(self.layout, num_classes=self.num_classes, logits_dtype=self.logits_dtype,
+                           **self.layout_params)
+
+    # -- geometry -------------------------------------------------------------------------
+    @property
+    def geometry(self) -> UnitGeometry:
+        return UnitGeometry(self.num_samples, self.chunk_samples, self.shard_chunks, self.group_units)
+
+    @property
+    def num_units(self) -> int:
+        return self.geometry.num_units
+
+    @property
+    def complete(self) -> bool:
+        return self.status == fmt.STATUS_COMPLETE
+
+    def make_positions(self, lengths: np.ndarray | None = None) -> Positions:
+        """The position kind's geometry; ``tokens`` needs the stored (or planned) ``lengths``."""
+        g = self.geometry
+        if self.positions == "sample":
+            return SamplePositions(g)
+        if self.positions == "views":
+            return ViewPositions.from_attrs(g, {"views": self.views})
+        if lengths is None:
+            raise ValueError("tokens positions need the per-sample lengths")
+        pos = TokenPositions(g, lengths, int(self.tokens["chunk_positions"]))
+        if pos.axis_length != self.tokens["axis_length"]:
+            raise CorruptStore(f"the stored lengths give a token axis of {pos.axis_length} positions but the "
+                               f"attributes say {self.tokens['axis_length']}; regenerate the store")
+        return pos
+
+    def _axis(self) -> tuple[int, int, tuple[int, ...]]:
+        """(position-axis length, its chunk, extra leading dims after it) without reading lengths."""
+        if self.positions == "tokens":
+            return int(self.tokens["axis_length"]), int(self.tokens["chunk_positions"]), ()
+        extra = (int(self.views["count"]),) if self.positions == "views" else ()
+        return self.num_samples, self.chunk_samples, extra
+
+    def arrays(self) -> dict[str, V2Array]:
+        """Every array: per-position (layout order), per-sample, creation-time, bookkeeping."""
+        length, chunk, extra = self._axis()
+        out: dict[str, V2Array] = {}
+        for name, spec in self.layout_obj().arrays().items():
+            out[name] = V2Array((length, *extra, *spec.shape), spec.dtype, chunk, "position")
+        n, cs = self.num_samples, self.chunk_samples
+        if self.positions == "views":
+            out[VIEW_PARAMS] = V2Array((n, *extra, len(self.views["param_names"])), np.dtype("float32"), cs, "sample")
+        if self.positions == "tokens":
+            out[OFFSETS] = V2Array((n + 1,), np.dtype("int64"), cs, "creation")
+            out[LENGTHS] = V2Array((n,), np.dtype("int64"), cs, "creation")
+        out[fmt.LABELS] = V2Array((n,), np.dtype("int64"), cs, "sample")
+        out[fmt.SAMPLE_IDS] = V2Array((n,), np.dtype("int64"), cs, "sample")
+        u, g = self.num_units, self.group_units
+        out[UNIT_DONE] = V2Array((u,), np.dtype("uint8"), g, "unit")
+        out[UNIT_CHECKSUMS] = V2Array((u,), np.dtype("uint32"), g, "unit")
+        return out
+
+    def checksum_order(self) -> tuple[str, ...]:
+        """Arrays a unit's checksum covers, in order: per-position, then per-sample and creation."""
+        arrays = self.arrays()
+        position = tuple(k for k, a in arrays.items() if a.family == "position")
+        return position + tuple(k for k in SAMPLE_ORDER if k in arrays)
+
+    # -- attributes -----------------------------------------------------------------------
+    def to_attrs(self) -> dict[str, Any]:
+        attrs = {"softlabels_format": self.format_version, "status": self.status, "positions": self.positions,
+                 "layout": self.layout, "num_samples": int(self.num_samples), "num_classes": int(self.num_classes),
+                 "logits_dtype": self.logits_dtype, "chunk_samples": int(self.chunk_samples),
+                 "shard_chunks": int(self.shard_chunks), "group_units": int(self.group_units),
+                 "layout_params": dict(self.layout_params), "checksum": self.checksum,
+                 "teacher": self.teacher, "source": self.source, "created_by": self.created_by}
+        if self.views is not None:
+            attrs["views"] = dict(self.views)
+        if self.tokens is not None:
+            attrs["tokens"] = dict(self.tokens)
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreMetaV2:
+        """Parse and validate v2 root attributes (JSON data only, never evaluated)."""
+        missing = [a for a in REQUIRED if a not in attrs]
+        if missing:
+            raise CorruptStore(f"root attributes missing: {', '.join(missing)}; regenerate the store")
+        for name in OBJECTS:
+            if name in attrs and not isinstance(attrs[name], dict):
+                raise CorruptStore(f"root attribute {name!r} must be an object, got {type(attrs[name]).__name__}; "
+                                   "regenerate the store")
+        fields = {k: attrs[k] for k in REQUIRED if k != "softlabels_format"}
+        return cls(format_version=FORMAT_VERSION_2, views=attrs.get("views"), tokens=attrs.get("tokens"),
+                   teacher=attrs.get("teacher", {}), source=attrs.get("source", {}),
+                   created_by=attrs.get("created_by", {}), **fields)
+
+    def with_status(self, status: str) -> StoreMetaV2:
+        return replace(self, status=status)
