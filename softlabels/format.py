@@ -59,7 +59,9 @@ CHECKSUMS = "checksums"
 ROW_KEYS: tuple[str, ...] = (LOGITS, TOPK_VALUES, TOPK_INDICES, LOGSUMEXP, LABELS, SAMPLE_IDS)
 
 # root attributes whose values are objects (JSON strings in HDF5)
-OBJECT_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by", "layout_params", "views", "tokens")
+OBJECT_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by")
+# every object-valued attribute of any version: JSON strings in HDF5 (version 2 adds three)
+JSON_ATTRS: tuple[str, ...] = (*OBJECT_ATTRS, "layout_params", "views", "tokens")
 REQUIRED_ATTRS: tuple[str, ...] = (
     "softlabels_format", "status", "layout", "num_samples", "num_classes",
     "logits_dtype", "chunk_rows",
@@ -265,7 +267,7 @@ def chunk_checksum(block: Mapping[str, np.ndarray]) -> int:
 
 def encode_h5_attr(name: str, value: Any) -> Any:
     """HDF5 attribute value: objects as JSON strings, scalars as themselves."""
-    return json.dumps(value, sort_keys=True) if name in OBJECT_ATTRS else value
+    return json.dumps(value, sort_keys=True) if name in JSON_ATTRS else value
 
 
 def decode_h5_attr(name: str, value: Any) -> Any:
@@ -274,7 +276,7 @@ def decode_h5_attr(name: str, value: Any) -> Any:
         value = value.decode("utf-8", "replace")
     if isinstance(value, np.generic):
         value = value.item()
-    if name in OBJECT_ATTRS and isinstance(value, str):
+    if name in JSON_ATTRS and isinstance(value, str):
         try:
             return json.loads(value)
         except json.JSONDecodeError as err:
