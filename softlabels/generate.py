@@ -48,6 +48,7 @@ from softlabels import format as fmt
 from softlabels._jobstore import Settings, open_job_store, scan_nonfinite
 from softlabels._lock import StoreLock
 from softlabels._pipeline import BackgroundWriter, Teacher, batch_spans, make_loader, unit_delay_hook
+from softlabels.augment import refuse_random_data
 from softlabels.data import fingerprint
 from softlabels.errors import ConfigError, DataError
 from softlabels.specs import resolve_data, resolve_model
@@ -188,6 +189,7 @@ class _Job:
         self.n = len(ds)
         if self.n == 0:
             raise DataError(f"--data {s.data!r} has no samples; nothing to generate")
+        refuse_random_data(ds, s.data)  # else its store fails the fingerprint check at train time
         c = s.num_classes or ds.num_classes
         if c is None:
             raise ConfigError(f"cannot tell the number of classes of --data {s.data!r} (it has no labels); "
