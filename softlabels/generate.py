@@ -49,6 +49,7 @@ from softlabels._lock import StoreLock
 from softlabels._pipeline import BackgroundWriter, Teacher, batch_spans, make_loader, unit_delay_hook
 from softlabels._progress import progress
 from softlabels._trainutil import resolve_device, set_threads
+from softlabels.augment import refuse_random_data
 from softlabels.data import class_count, fingerprint
 from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.models import BUILTIN_MODELS
@@ -179,6 +180,7 @@ class _Job:
         self.n = len(ds)
         if self.n == 0:
             raise DataError(f"--data {s.data!r} has no samples; nothing to generate")
+        refuse_random_data(ds, s.data)  # else its store fails the fingerprint check at train time
         if s.allow_pickle and s.weights is None:
             self.say("warning: --allow-pickle has no effect without --weights; drop it")
         data_classes = class_count(ds)

@@ -6,6 +6,7 @@ Data spec grammar (``SPEC[?unlabeled]``; the suffix hides every label)::
     PATH.npz[:X[,Y]]                                          arrays x and y (if present), or X and Y
     PATH.npy                                                  inputs only
     PATH.h5[:X[,Y]] | PATH.hdf5[:X[,Y]] | PATH.zarr[:X[,Y]]   as .npz, read lazily
+    imagefolder:DIR[?size=S][,gray]                           DIR/<class>/<image>, see softlabels.imagefolder
     package.module:factory                                    callable -> map-style Dataset
 
 Model spec grammar: a built-in name (see ``softlabels.models.BUILTIN_MODELS``),
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from softlabels.data import DIGITS_SPLITS, InputDataset, load_digits_split, open_array_file
 from softlabels.errors import DataError, ModelMismatch, SpecError
+from softlabels.imagefolder import open_imagefolder
 from softlabels.models import BUILTIN_MODELS, build_model, count_parameters
 
 __all__ = [
@@ -167,13 +169,17 @@ def resolve_data(spec: str) -> InputDataset:
     base, options = spec, ""
     if "?" in spec and not Path(spec).exists():
         base, _, options = spec.rpartition("?")
-        unknown = [o for o in options.split(",") if o not in _DATA_OPTIONS]
+        unknown = [o for o in options.split(",") if o not in _DATA_OPTIONS and not base.startswith("imagefolder:")]
         if unknown:
             raise SpecError(
                 f"unknown data option '{unknown[0]}' in '{spec}'; "
                 f"supported: {', '.join('?' + o for o in _DATA_OPTIONS)}"
             )
-    ds = _resolve_base(base)
+    if base.startswith("imagefolder:"):
+        own = [o for o in options.split(",") if o and o not in _DATA_OPTIONS]
+        ds: InputDataset = open_imagefolder(base.partition(":")[2], own, spec)
+    else:
+        ds = _resolve_base(base)
     return ds.without_labels() if "unlabeled" in options.split(",") else ds
 
 

@@ -42,6 +42,8 @@ CHUNK, BATCH = 16, 8  # 3 chunks per store
 # Rows that need more than one process: the test that covers each.
 COVERED_ELSEWHERE = {
     "E951": "tests/test_generate_distributed.py::test_two_ranks_equal_one_process",
+    # --augment specs, raised through the library until generate takes --augment
+    **{f"E{i}": "tests/test_augment.py::test_errors_match_the_catalogue" for i in range(1408, 1420)},
 }
 
 # Cases of known bugs: they must fail until the bug is fixed (strict xfail), then the mark goes.
@@ -137,6 +139,12 @@ def not_numeric(): return Items([("abc", 1)])
 def float_label(): return Items([(torch.zeros(6), 1.5)])
 def ragged(): return Items([(torch.zeros(6), 0), (torch.zeros(5), 1)], num_classes=2)
 def few_classes(): return Items([(torch.zeros(6), 0), (torch.zeros(6), 5)], num_classes=2)
+
+class Random(Dataset):  # augments in __getitem__
+    def __len__(self): return 8
+    def __getitem__(self, i): return torch.rand(6), i % 2
+
+def random(): return Random()
 '''
 
 
@@ -593,6 +601,38 @@ def _(c):  # a second rank with no rows, simulated: a real torchrun run takes ~2
 
     c.mp.setattr(DistEnv, "all_reduce", all_reduce)
     return c.train("--data", c.env.data)
+
+
+# 14. views and augmentation: image folders
+def image_folder(c: Ctx, *images: tuple[str, bytes | tuple[int, int]]) -> Path:
+    """DIR/a/<name> for each (name, PNG size (w, h) or raw bytes)."""
+    folder = c.tmp / "images" / "a"
+    folder.mkdir(parents=True)
+    for name, content in images:
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            from PIL import Image
+
+            Image.new("RGB", content).save(folder / name)
+    return folder.parent
+
+
+CASES.update({
+    "E1401": lambda c: c.gen(data="errcat_data:random"),
+    "E1402": lambda c: c.gen(data=f"imagefolder:{c.tmp / 'nope'}"),
+    "E1403": lambda c: c.gen(data=f"imagefolder:{c.mkdir('empty')}"),
+    "E1404": lambda c: c.gen(data=f"imagefolder:{c.tmp}?size=big"),
+    "E1405": lambda c: c.gen(data=f"imagefolder:{image_folder(c, ('0.png', b'not a png'))}"),
+    "E1406": lambda c: c.gen(data=f"imagefolder:{image_folder(c, ('0.png', (8, 8)), ('1.png', (9, 8)))}"),
+})
+
+
+@case("E1407")
+def _(c):
+    folder = image_folder(c, ("0.png", b"any bytes"))
+    c.mp.setitem(sys.modules, "PIL", None)  # from PIL import Image -> ImportError
+    return c.gen(data=f"imagefolder:{folder}")
 
 
 # -- library only: each raises ------------------------------------------------------------------
