@@ -23,7 +23,7 @@ __all__ = [
 # keys (tests/test_firstuse.py checks both): those modules need numpy and torch.
 LAYOUTS = ("dense", "topk")
 LOGITS_DTYPES = ("float32", "float16", "bfloat16")
-LOSS_NAMES = ("kl", "soft_ce", "mse", "topk_kl")
+LOSS_NAMES = ("kl", "soft_ce", "mse", "topk_kl", "sampled_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
 AMP_MODES = ("none", "bf16", "fp16")
 ON_NONFINITE = ("error", "record")
 OPTIMIZERS = ("adamw", "sgd")
