@@ -760,6 +760,20 @@ def _hf_dir(c: Ctx, *files: str) -> Path:
     return d
 
 
+def _hf_load_fails(c: Ctx) -> Any:
+    """transformers refusing a directory, stood in for: importing the real one here would
+    fix its view of torchvision for the whole session (tests/test_lm_models.py loads real ones)."""
+    from softlabels.lm import resolve_lm
+
+    def from_pretrained(*args, **kwargs):
+        raise OSError("model.safetensors is not a safetensors file")
+
+    fake = SimpleNamespace(AutoModelForCausalLM=SimpleNamespace(from_pretrained=from_pretrained),
+                           utils=SimpleNamespace(logging=SimpleNamespace(disable_progress_bar=lambda: None)))
+    c.mp.setitem(sys.modules, "transformers", fake)
+    return resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors')}")
+
+
 def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
     from softlabels.lm import GPTConfig, LMEvalAccumulator, build_lm, next_token_ce, resolve_lm
     from softlabels.lm.models import GPT
@@ -816,7 +830,7 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
         "E1533": lambda c: resolve_lm(f"hf:{c.tmp / 'nothing'}"),
         "E1534": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'pytorch_model.bin')}"),
         "E1535": without("transformers", lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors')}")),
-        "E1536": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors')}"),
+        "E1536": _hf_load_fails,
         "E1537": lambda c: next_token_ce(torch.zeros(2, 4, 7), ids),
         "E1538": lambda c: next_token_ce(torch.zeros(2, 3, 7), ids, reduction="none"),
         "E1539": lambda c: LMEvalAccumulator().update(torch.zeros(2, 3, 7), ids, teacher_logits=torch.zeros(2, 3, 8)),

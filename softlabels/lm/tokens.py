@@ -73,7 +73,8 @@ def _check_ids(ids: np.ndarray, source: str, where: str) -> np.ndarray:
 class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Map-style dataset of token sequences; subclasses implement ``_read(indices)``.
 
-    ``vocab_size`` is the tokenizer's vocabulary when known (text specs), else ``None``;
+    ``vocab_size`` is the tokenizer's vocabulary when known (text specs, or any spec given a
+    tokenizer), else ``None``;
     ``has_mask`` is False when every token is a target; ``source`` names the data.
     """
 
