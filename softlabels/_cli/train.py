@@ -35,9 +35,10 @@ from softlabels.train import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, OPTIMIZERS, SCH
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar; one line per epoch instead.")
+@click.option("--init", metavar="RUN", help="Fine-tune: start from the model.pt of this training run (new optimizer).")
 def command(student, student_weights, stores, data, loss, temperature, alpha, epochs, batch_size, lr, optimizer,
             weight_decay, schedule, warmup_steps, seed, num_workers, device, val_data, out, resume, overwrite,
-            no_progress) -> None:
+            no_progress, init) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
@@ -48,6 +49,7 @@ def command(student, student_weights, stores, data, loss, temperature, alpha, ep
         temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed, num_workers=num_workers,
         device=device, val_data=val_data, out=out, resume=resume, overwrite=overwrite, progress=not no_progress,
+        init=init,
     )
     try:
         train(config, log=click.echo)
