@@ -101,9 +101,9 @@ def _missing(*modules: str) -> list[str]:
 def _check_packages(config: CompressConfig) -> None:
     """Refuse an option whose optional package is missing before anything is loaded or written."""
     if config.quantize and _missing("torchao"):
-        raise ConfigError("--quantize needs torchao, which is not installed; pip install 'softlabels[compress]'")
+        raise ConfigError("--quantize needs torchao, not installed here; pip install 'softlabels[compress]'")
     if config.onnx and (missing := _missing("onnx", "onnxscript")):
-        raise ConfigError(f"--onnx needs {' and '.join(missing)}, which is not installed; "
+        raise ConfigError(f"--onnx needs {' and '.join(missing)}, not installed here; "
                           "pip install 'softlabels[compress]', or drop --onnx")
 
 
@@ -183,25 +183,33 @@ def count_nonzero(model: nn.Module) -> int:
 
 
 # -- measuring -------------------------------------------------------------------------------------
-def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one forward pass on ``x``, on one CPU thread, in milliseconds."""
+def latencies_ms(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
+    """Median and fastest wall time of a forward pass of each model on ``x``, one CPU thread, in ms.
+
+    The models take turns, so a change in machine load during the measurement hits
+    every model alike; each turn starts with an untimed pass, so no model is timed
+    with caches just filled by another. On a shared machine the fastest pass is the
+    steadier figure: other processes only ever add time.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    times: list[list[float]] = [[] for _ in models]
     try:
-        times = []
         with torch.no_grad():
-            for i in range(repeats + 3):  # 3 warm-up passes
-                t0 = time.perf_counter()
-                model(x)
-                if i >= 3:
-                    times.append(time.perf_counter() - t0)
+            for i in range(repeats + 3):  # 3 warm-up rounds
+                for model, t in zip(models, times):
+                    model(x)
+                    t0 = time.perf_counter()
+                    model(x)
+                    if i >= 3:
+                        t.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
-    return 1000 * statistics.median(times)
+    return [(1000 * statistics.median(t), 1000 * min(t)) for t in times]
 
 
-def _measure(name: str, model: nn.Module, file: Path, dataset, store, x: torch.Tensor,
-             config: CompressConfig, num_classes: int) -> dict[str, Any]:
+def _measure(name: str, model: nn.Module, file: Path, dataset, store, config: CompressConfig,
+             num_classes: int) -> dict[str, Any]:
     from softlabels.evaluate import evaluate_model
 
     blob = file.read_bytes()
@@ -212,7 +220,6 @@ def _measure(name: str, model: nn.Module, file: Path, dataset, store, x: torch.T
         "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement"),
         "kl_to_teacher": metrics.get("kl_to_teacher"), "correlation": metrics.get("correlation"),
         "teacher_accuracy": metrics.get("teacher_accuracy"),
-        "latency_ms": _latency_ms(model, x, config.repeats), "latency_batch": len(x),
     }
 
 
@@ -315,16 +322,19 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
         small.eval()
         atomic_save(small.state_dict(), tmp / "model.pt")
         files = {"model": "model.pt", **_export(small, x, tmp, config.onnx)}
-        rows = []
+        measured = [("student", student, run.weights), ("compressed", small, tmp / "model.pt")]
+        if teacher is not None:
+            measured.insert(0, ("teacher", teacher, teacher_run.weights))
         try:
-            if teacher is not None:
-                rows.append(_measure("teacher", teacher, teacher_run.weights, dataset, store, x, config,
-                                     run.num_classes))
-            rows.append(_measure("student", student, run.weights, dataset, store, x, config, run.num_classes))
-            rows.append(_measure("compressed", small, tmp / "model.pt", dataset, store, x, config, run.num_classes))
+            rows = [_measure(name, model, file, dataset, store, config, run.num_classes)
+                    for name, model, file in measured]
         finally:
             if store is not None:
                 store.close()
+        times = latencies_ms([m for _, m, _ in measured], x, config.repeats)
+        for row, (ms, fastest) in zip(rows, times):  # the ratio: fastest passes, timed in the same rounds
+            row.update(latency_ms=ms, latency_min_ms=fastest, latency_batch=len(x),
+                       latency_vs_student=fastest / times[-2][1])
         for row in rows:
             row["file"] = files["model"] if row["model"] == "compressed" else row["file"]
         result = {"run": str(config.run), "student": spec, "settings": asdict(config), **info, "files": files,
@@ -350,11 +360,11 @@ def format_markdown(result: dict[str, Any]) -> str:
         return "-" if v is None else f.format(v)
 
     lines = ["| model | size (KiB) | gzip (KiB) | parameters | nonzero | accuracy | agreement | KL to teacher "
-             f"| CORR | CPU ms / batch of {result['rows'][0]['latency_batch']} (1 thread) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| CORR | CPU ms / batch of {result['rows'][0]['latency_batch']}, median (fastest) | fastest vs RUN |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['size_bytes'] / 1024:.1f} | {r['size_gzip_bytes'] / 1024:.1f} "
                      f"| {r['parameters']:,} | {r['nonzero_parameters']:,} | {pct(r['accuracy'])} "
                      f"| {pct(r['agreement'])} | {num(r['kl_to_teacher'])} | {num(r['correlation'])} "
-                     f"| {r['latency_ms']:.3f} |")
+                     f"| {r['latency_ms']:.3f} ({r['latency_min_ms']:.3f}) | {r['latency_vs_student']:.2f}x |")
     return "\n".join(lines)

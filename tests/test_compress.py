@@ -65,7 +65,7 @@ def test_table_fields_consistent_with_files_and_eval(runs, tmp_path):
     rows = {r["model"]: r for r in got["rows"]}
     assert list(rows) == ["teacher", "student", "compressed"]
     keys = {"size_bytes", "size_gzip_bytes", "parameters", "nonzero_parameters", "accuracy", "agreement",
-            "kl_to_teacher", "correlation", "latency_ms", "latency_batch"}
+            "kl_to_teacher", "correlation", "latency_ms", "latency_min_ms", "latency_batch", "latency_vs_student"}
     assert all(keys <= set(r) for r in rows.values())
     assert rows["student"]["size_bytes"] == (runs.student / "model.pt").stat().st_size
     assert rows["teacher"]["size_bytes"] == (runs.teacher / "model.pt").stat().st_size
@@ -81,7 +81,10 @@ def test_table_fields_consistent_with_files_and_eval(runs, tmp_path):
                         "--json").output)
     for key in ("accuracy", "agreement", "kl_to_teacher", "correlation"):
         assert rows["student"][key] == pytest.approx(ev[key], rel=1e-9), key
-    assert all(r["latency_ms"] > 0 and r["latency_batch"] == 256 for r in rows.values())
+    assert all(0 < r["latency_min_ms"] <= r["latency_ms"] and r["latency_batch"] == 256 for r in rows.values())
+    assert rows["student"]["latency_vs_student"] == 1.0
+    assert rows["teacher"]["latency_vs_student"] == pytest.approx(
+        rows["teacher"]["latency_min_ms"] / rows["student"]["latency_min_ms"])
     md = (tmp_path / "c" / "compress.md").read_text().splitlines()
     assert len(md) == 5 and md[2].startswith("| teacher |") and md[4].startswith("| compressed |")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary directory left
