@@ -26,6 +26,7 @@ a failed run leaves no half-written ``out``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -273,7 +274,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
-    from softlabels.checkpoint import atomic_save
     from softlabels.reader import open_store
     from softlabels.runs import open_run
     from softlabels.specs import resolve_data
@@ -297,11 +297,23 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
     if tuple(dataset.input_shape) != run.input_shape:
         raise ModelMismatch(f"the student was trained on inputs of shape {run.input_shape} but {config.data!r} has "
                             f"{tuple(dataset.input_shape)}; evaluate on data of the kind it was trained on")
-    store = open_store(config.store) if config.store else None
-    if store is not None and store.num_classes != run.num_classes:
-        store.close()
-        raise ModelMismatch(f"the student has {run.num_classes} classes but store {config.store!r} has "
-                            f"{store.num_classes}; pass the store of this student's teacher")
+    with contextlib.ExitStack() as stack:
+        store = open_store(config.store) if config.store else None
+        if store is not None:
+            stack.callback(store.close)
+            if store.num_classes != run.num_classes:
+                raise ModelMismatch(f"the student has {run.num_classes} classes but store {config.store!r} has "
+                                    f"{store.num_classes}; pass the store of this student's teacher")
+        result = _write(config, out, spec, run, student, small, info, teacher_run, teacher, dataset, store, log)
+    log(f"wrote {', '.join(f'{out}/{f}' for f in result['files'].values())}, {out}/compress.json and compress.md")
+    return result
+
+
+def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module, small: nn.Module,
+           info: dict[str, Any], teacher_run, teacher: nn.Module | None, dataset, store, log) -> dict[str, Any]:
+    """Prune, fine-tune, quantize, export and measure into a temporary directory, then rename it to ``out``."""
+    from softlabels.checkpoint import atomic_save
+
     x = dataset.get_batch(torch.arange(min(config.batch_size, len(dataset))).numpy())[0].float()
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -325,12 +337,7 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
         measured = [("student", student, run.weights), ("compressed", small, tmp / "model.pt")]
         if teacher is not None:
             measured.insert(0, ("teacher", teacher, teacher_run.weights))
-        try:
-            rows = [_measure(name, model, file, dataset, store, config, run.num_classes)
-                    for name, model, file in measured]
-        finally:
-            if store is not None:
-                store.close()
+        rows = [_measure(name, model, file, dataset, store, config, run.num_classes) for name, model, file in measured]
         times = latencies_ms([m for _, m, _ in measured], x, config.repeats)
         for row, (ms, fastest) in zip(rows, times):  # the ratio: fastest passes, timed in the same rounds
             row.update(latency_ms=ms, latency_min_ms=fastest, latency_batch=len(x),
@@ -346,8 +353,6 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {out}/model.pt, {', '.join(f'{out}/{f}' for k, f in files.items() if k != 'model')}, "
-        f"{out}/compress.json and compress.md")
     return result
 
 

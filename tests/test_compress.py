@@ -6,6 +6,9 @@ References are computed independently with numpy from the student's own ``model.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import importlib.util
 import json
 from pathlib import Path
@@ -217,3 +220,17 @@ def test_student_spec_from_the_run_is_data(runs, tmp_path):
     assert_one_line_error(r, "'os:system'", "--student SPEC")
     cli("compress", fake, "--out", tmp_path / "c", "--data", "digits:test", "--student", "mlp", "--repeats", "1")
     assert json.loads((tmp_path / "c" / "compress.json").read_text())["student"] == "mlp"
+
+
+@pytest.mark.slow
+def test_compress_demo_script(tmp_path):
+    """tools/compress_demo.py runs end to end and writes the tables of docs/COMPRESS.md."""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "tools" / "compress_demo.py"), "--out", str(tmp_path),
+                        "--finetune-epochs", "1"], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    tables = [b for b in (tmp_path / "compress_demo.md").read_text().split("\n\n") if b.startswith("|")]
+    assert [len(t.splitlines()) for t in tables] == [2 + 10, 2 + 5, 2 + 3]
+    result = json.loads((tmp_path / "compress_demo.json").read_text())
+    assert result["compress"]["teacher, hidden units -50%"]["hidden_units"] == [256, 256]
