@@ -234,3 +234,11 @@ def test_compress_demo_script(tmp_path):
     assert [len(t.splitlines()) for t in tables] == [2 + 10, 2 + 5, 2 + 3]
     result = json.loads((tmp_path / "compress_demo.json").read_text())
     assert result["compress"]["teacher, hidden units -50%"]["hidden_units"] == [256, 256]
+
+
+def test_cli_choices_match_the_library():
+    """The CLI spells the --quantize choices out (importing softlabels.compress would pull in torch)."""
+    from softlabels import compress as lib
+    from softlabels._cli import compress as cli_module
+
+    assert cli_module.QUANTIZE == lib.QUANTIZE
