@@ -71,6 +71,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool | None = None  # None: a bar on a terminal, one line per epoch otherwise
+    init: str | None = None  # fine-tuning: start from this training run's model.pt (weights only)
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
@@ -106,6 +107,8 @@ class TrainConfig:
                      "to train on hard labels")
         if self.resume and self.overwrite:
             p.append("--resume and --overwrite exclude each other; pick one")
+        if self.init and self.student_weights:
+            p.append("--init and --student-weights both give initial weights; pick one")
         return p
 
 

@@ -129,7 +129,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
 _ROWS = (
     ("accuracy", "accuracy", "pct"), ("ece", "ECE", "f4"),
     ("teacher_accuracy", "teacher accuracy", "pct"), ("agreement", "top-1 agreement", "pct"),
-    ("kl_to_teacher", "KL to teacher", "f4"), ("correlation", "logit correlation", "f4"),
+    ("kl_to_teacher", "KL to teacher", "f4"), ("correlation", "logit correlation (CORR)", "f4"),
     ("teacher_ece", "teacher ECE", "f4"), ("n", "samples", "int"), ("n_labeled", "labeled", "int"),
     ("num_parameters", "parameters", "int"), ("flops", "MACs / sample", "int"),
 )

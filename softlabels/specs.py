@@ -50,7 +50,7 @@ __all__ = [
 BUILTIN_DATASETS = tuple(f"digits:{split}" for split in DIGITS_SPLITS)
 """Built-in data specs."""
 
-ModelKind = Literal["builtin", "factory", "torchscript", "export"]
+ModelKind = Literal["builtin", "factory", "torchscript", "export", "module"]
 
 _DATA_FILE = re.compile(r"(?P<path>.+?\.(?:npz|npy|h5|hdf5|zarr))/?(?::(?P<names>[^:]*))?", re.I)
 _MODEL_FILE_SUFFIXES = (".pt", ".ts", ".pt2", ".jit")

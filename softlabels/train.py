@@ -39,17 +39,20 @@ __all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEF
 
 # options that must equal the checkpoint's for --resume to continue the same run
 _RESUME_KEYS = ("student", "student_weights", "stores", "data", "loss", "temperature", "alpha", "batch_size",
-                "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher")
+                "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher", "init")
 
 
 def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callable[[str], None] | None = None,
-          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+          student: nn.Module | None = None) -> dict[str, Any]:
     """Train the student described by ``config``; return the run summary (also in ``summary.json``).
 
     ``teacher``: run this module live on each batch's inputs and use its logits instead
     of the store's (online distillation; for tests and benchmarks). ``log`` receives
     progress lines (rank 0 only). ``on_epoch_end(record)`` is called on every rank after
-    each epoch's checkpoint is written; an exception there stops training.
+    each epoch's checkpoint is written; an exception there stops training. ``student``:
+    train this module (e.g. a pruned one, see :mod:`softlabels.compress`) instead of
+    building ``config.student``, which then only names it in the run.
     """
     problems = config.problems(online=teacher is not None)
     if problems:
@@ -59,7 +62,7 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
     try:
         run, error = None, None
         try:
-            run = _Run(config, env, teacher, log if env.rank == 0 else None)
+            run = _Run(config, env, teacher, log if env.rank == 0 else None, student)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
         env.group.agree(error)  # one rank's setup error stops all ranks, none waits forever
@@ -75,7 +78,8 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
 class _Run:
     """One training run, set up from a config: data, student, loss, optimizer, out dir."""
 
-    def __init__(self, config: TrainConfig, env: DistEnv, teacher: nn.Module | None, log) -> None:
+    def __init__(self, config: TrainConfig, env: DistEnv, teacher: nn.Module | None, log,
+                 student: nn.Module | None = None) -> None:
         from softlabels.reader import open_store
         from softlabels.specs import resolve_data, resolve_model
 
@@ -141,8 +145,18 @@ class _Run:
             self.log(f"warning: {line}")
         # -- student -----------------------------------------------------------------------
         torch.manual_seed(config.seed)
-        info = resolve_model(config.student, input_shape=self.input_shape, num_classes=num_classes,
-                             weights=config.student_weights, allow_pickle=config.allow_pickle)
+        # -- fine-tuning (--init RUN) or a caller's module (compress) ---------------------------
+        from softlabels.runs import run_weights
+        from softlabels.specs import ModelInfo
+
+        init = run_weights(config.init) if config.init else config.student_weights
+        if student is not None:
+            info = ModelInfo(student, config.student, "module", None, sum(p.numel() for p in student.parameters()))
+        else:
+            info = resolve_model(config.student, input_shape=self.input_shape, num_classes=num_classes, weights=init,
+                                 allow_pickle=config.allow_pickle and not config.init)
+        if config.init:
+            self.log(f"starting from the weights of {init} (sha256 {info.weights_sha256[:12]}); new optimizer")
         if info.kind == "export":
             raise ConfigError(f"{config.student!r} is a torch.export program, which cannot be trained; pass the "
                               "architecture (built-in name, module:factory or TorchScript) and --student-weights")

@@ -634,6 +634,55 @@ def _(c):
     c.mp.setitem(sys.modules, "PIL", None)  # from PIL import Image -> ImportError
     return c.gen(data=f"imagefolder:{folder}")
 
+# -- 16. compression and fine-tuning ---------------------------------------------------------------
+def _compress(c: Ctx, *extra: Any, run: Any = None):
+    return c.cli("compress", run or c.env.run, "--out", c.tmp / "c", "--data", c.env.data, "--repeats", "1", *extra)
+
+
+CASES.update({
+    "E1601": lambda c: _compress(c, run=c.tmp / "nope"),
+    "E1602": lambda c: _compress(c, run=c.mkdir("empty")),
+    "E1604": lambda c: _compress(c, "--prune", "1"),
+    "E1605": lambda c: _compress(c, "--finetune-epochs", "0"),
+    "E1606": lambda c: _compress(c, "--finetune-lr", "0"),
+    "E1610": lambda c: _compress(c, "--out", c.env.run),
+    "E1611": lambda c: c.cli("compress", c.env.run, "--out", c.tmp / "c", "--data", c.env.wide),
+    "E1613": lambda c: c.train("--data", c.env.data, "--init", c.tmp / "nope"),
+    "E1614": lambda c: c.train("--data", c.env.data, "--init", c.env.run, "--student-weights", c.env.w),
+})
+
+
+@case("E1603")
+def _(c):
+    run = c.copy(c.env.run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["student"] = "errcat_models:wrong_width"
+    torch.save(ckpt, run / "checkpoint.pt")
+    return _compress(c, run=run)
+
+
+@case("E1607")
+def _(c):
+    c.mp.setitem(sys.modules, "torchao", None)  # find_spec -> None: as if not installed
+    return _compress(c, "--quantize", "int8-weight")
+
+
+@case("E1608")
+def _(c):
+    c.mp.setitem(sys.modules, "onnxscript", None)
+    return _compress(c, "--onnx")
+
+
+@case("E1609")
+def _(c):
+    assert c.train("--data", c.env.data, student="linear").exit_code == 0
+    return _compress(c, "--prune-structured", "0.5", run=c.tmp / "run")
+
+
+@case("E1612")
+def _(c):
+    return _compress(c, "--store", write_store(c.tmp / "c3.h5", make_rows(N, 3), num_classes=3))
+
 
 # -- library only: each raises ------------------------------------------------------------------
 def _writer(name: str = "s.zarr", **kw) -> Callable[[Ctx], Any]:

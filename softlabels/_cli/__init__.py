@@ -76,6 +76,7 @@ def main() -> None:
 
 
 # Imported here, after ``main`` exists: each command module is a thin layer over the library.
+from softlabels._cli import compress as _compress  # noqa: E402
 from softlabels._cli import eval as _eval  # noqa: E402
 from softlabels._cli import generate as _generate  # noqa: E402
 from softlabels._cli import inspect as _inspect  # noqa: E402
@@ -84,6 +85,7 @@ from softlabels._cli import train as _train  # noqa: E402
 
 for _module in (_generate, _train, _eval, _inspect, _report):
     main.add_command(_module.command)
+main.add_command(_compress.command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
