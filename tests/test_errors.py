@@ -65,7 +65,7 @@ def read_catalogue() -> tuple[list[str], dict[str, Row]]:
     """Every row id in document order (duplicates kept), and the rows by id."""
     ids, rows = [], {}
     for line in DOC.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"\|\s*([EL]\d{3})\s*\|(.*)", line)
+        m = re.match(r"\|\s*([EL]\d{3,4})\s*\|(.*)", line)
         if not m:
             continue
         cells = re.split(r"(?<!\\)\|", m[2])
@@ -129,6 +129,14 @@ class Broken(Dataset):
     def __len__(self): return 3
     def __getitem__(self, i): raise IndexError("no item here")
 
+class WorkerOnly(Dataset):  # fine in the main process, fails in a DataLoader worker
+    num_classes = 4
+    def __len__(self): return 40
+    def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is not None:
+            raise OSError("cannot open image 7")
+        return torch.zeros(6), i % 4
+
 def iterable(): return Stream()
 def broken(): return Broken()
 def empty(): return Items([])
@@ -137,6 +145,7 @@ def not_numeric(): return Items([("abc", 1)])
 def float_label(): return Items([(torch.zeros(6), 1.5)])
 def ragged(): return Items([(torch.zeros(6), 0), (torch.zeros(5), 1)], num_classes=2)
 def few_classes(): return Items([(torch.zeros(6), 0), (torch.zeros(6), 5)], num_classes=2)
+def worker_only(): return WorkerOnly()
 '''
 
 
@@ -256,6 +265,19 @@ def edit_zarr_attrs(path: Path, **attrs: Any) -> Path:
 def damage_chunk(store: Path, damage: Callable[[bytes], bytes]) -> Path:
     chunk = store / "logits" / "c" / "1" / "0"  # chunk 1 (rows 16..32) of a Zarr store
     chunk.write_bytes(damage(chunk.read_bytes()))
+    return store
+
+
+def set_value(store: Path, name: str, row: int, value: int) -> Path:
+    """Write one value into an HDF5 store and re-checksum its chunk: damage that checksums cannot see."""
+    from softlabels.format import ROW_KEYS, chunk_checksum
+
+    with h5py.File(store, "r+") as f:
+        f[name][row] = value
+        rows = int(f.attrs["chunk_rows"])
+        c = row // rows
+        block = {k: f[k][c * rows:(c + 1) * rows] for k in ROW_KEYS if k in f}
+        f["checksums"][c] = chunk_checksum(block, f.attrs.get("checksum", "crc32"))
     return store
 
 
@@ -383,6 +405,11 @@ CASES: dict[str, Callable[[Ctx], Any]] = {
     "E805": lambda c: c.gen(out=c.write("a-file", "x") / "s.zarr"),
     "E901": lambda c: c.gen(data=c.env.nan),
     "E902": lambda c: c.train("--data", c.env.data, "--lr", "1e30", "--batch-size", "4"),
+    # 13. reading and writing
+    "E1301": lambda c: c.train("--store", set_value(c.copy(c.env.h5), "labels", 20, 99)),
+    "E1302": lambda c: c.train("--store", set_value(c.copy(c.env.topk), "topk_indices", 20, C + 3),
+                               "--loss", "topk_kl"),
+    "E1303": lambda c: c.train("--data", "errcat_data:worker_only", "--num-workers", "2"),
 }
 
 
