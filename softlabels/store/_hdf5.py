@@ -40,6 +40,7 @@ class HDF5Backend:
                 f"{str(path)!r} is not a readable HDF5 file ({_first_line(text)}); check the path or regenerate the store"
             ) from err
         self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
+        self._reserve = False  # arrays created without HDF5's zero-fill: reserve their space at the next flush
 
     def _dataset(self, name: str) -> h5py.Dataset:
         d = self._datasets.get(name)
@@ -84,14 +85,20 @@ class HDF5Backend:
         chunks = (max(1, min(rows, spec.shape[0] or 1)),) + spec.shape[1:]
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        # Keep the zero-fill at creation: it reserves the disk space up front. Without it the
-        # filesystem allocates lazily, a full disk strikes mid-job, and HDF5 is left in a state
-        # that crashes the process at exit (seen on a full tmpfs: SIGSEGV after ENOSPC).
+        # The disk space must be reserved at creation: allocated lazily, a full disk strikes
+        # mid-job and leaves HDF5 in a state that crashes the process at exit (seen on a full
+        # tmpfs: SIGSEGV after ENOSPC). posix_fallocate reserves it without writing the zeros
+        # HDF5's fill would write (half the bytes of a whole job); unwritten blocks read as
+        # zeros. Compressed chunks keep HDF5's fill: an unfilled one would not decompress.
+        reserve = hasattr(os, "posix_fallocate") and not compress  # done by the next flush
+        if reserve:
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         with self._writing():
             self._f.create_dataset(
                 name, shape=spec.shape, dtype=spec.dtype, chunks=chunks, fillvalue=0, dcpl=dcpl,
                 compression="gzip" if compress else None, shuffle=compress,
             )
+        self._reserve |= reserve
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         d = self._dataset(name)
@@ -114,7 +121,11 @@ class HDF5Backend:
     def flush(self) -> None:
         with self._writing():
             self._f.flush()
-            os.fsync(self._f.id.get_vfd_handle())  # "done" must mean on disk, not in the page cache
+            fd = self._f.id.get_vfd_handle()
+            if self._reserve:  # after HDF5's flush has set the file's size: fallocate must not change it
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+                self._reserve = False
+            os.fsync(fd)  # "done" must mean on disk, not in the page cache
 
     def close(self) -> None:
         self._datasets.clear()
