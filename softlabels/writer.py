@@ -243,9 +243,17 @@ class StoreWriter:
         if not burst:
             return
         self._backend.flush()
-        for chunks, sums in burst:
-            self._backend.write(fmt.CHECKSUMS, chunks.start, sums)
-            self._backend.write(fmt.CHUNK_DONE, chunks.start, np.ones(len(chunks), dtype=np.uint8))
+        # adjacent units in one write each (Zarr writes their one-element files in one call)
+        runs: list[tuple[int, list[np.ndarray]]] = []
+        for chunks, sums in sorted(burst, key=lambda item: item[0].start):
+            if runs and runs[-1][0] + sum(map(len, runs[-1][1])) == chunks.start:
+                runs[-1][1].append(sums)
+            else:
+                runs.append((chunks.start, [sums]))
+        for start, parts in runs:
+            sums = np.concatenate(parts)
+            self._backend.write(fmt.CHECKSUMS, start, sums)
+            self._backend.write(fmt.CHUNK_DONE, start, np.ones(len(sums), dtype=np.uint8))
         self._backend.flush()
         for chunks, _ in burst:
             self._done[chunks.start:chunks.stop] = True
