@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # ruff: noqa: E402  (the version must exist before the modules that record it are imported)
 from softlabels.data import ArrayDataset, InputDataset, fingerprint
-from softlabels.dataset import SoftLabelDataset, SoftLabelMapDataset
+from softlabels.dataset import SoftLabelDataset, SoftLabelMapDataset, batch_loader
 from softlabels.errors import SoftLabelsError
 from softlabels.evaluate import evaluate, load_student
 from softlabels.format import FORMAT_VERSION, StoreMeta
@@ -42,6 +42,7 @@ __all__ = [
     "StoreWriter",
     "TrainConfig",
     "__version__",
+    "batch_loader",
     "densify_topk",
     "diff_stores",
     "evaluate",

@@ -3,8 +3,10 @@
 :class:`SoftLabelDataset` reads whole chunks only: random single-row reads are
 500-1000x slower than contiguous chunk reads (docs/DESIGN.md), so it shuffles
 chunks, splits the row stream across ranks and DataLoader workers, shuffles rows
-within windows of a few chunks, and batches itself. Use it with
-``DataLoader(ds, batch_size=None, num_workers=W)``. The ordering math lives in
+within windows of a few chunks, and batches itself. Iterate it directly, or with
+workers through :func:`batch_loader` (``batch_loader(ds, num_workers=W)``: the
+batches of ``DataLoader(ds, batch_size=None, num_workers=W)``, in the same order,
+3-4x faster, and worker errors as one line). The ordering math lives in
 :mod:`softlabels._order`.
 
 :class:`SoftLabelMapDataset` serves single rows from an LRU cache of whole chunks,
@@ -22,12 +24,13 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from softlabels import _order
+from softlabels._loader import batch_loader
 from softlabels import format as fmt
 from softlabels.data import InputDataset, fingerprint
 from softlabels.errors import ConfigError, DataError, FingerprintMismatch, IncompleteStore, StoreMismatch
 from softlabels.reader import SoftLabelStore
 
-__all__ = ["SoftLabelDataset", "SoftLabelMapDataset"]
+__all__ = ["SoftLabelDataset", "SoftLabelMapDataset", "batch_loader"]
 
 Source = tuple[str | Path | SoftLabelStore, InputDataset | None]
 
