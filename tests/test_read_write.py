@@ -246,3 +246,25 @@ def test_hdf5_space_is_reserved_at_creation_without_writing_it(tmp_path):
     w.close()
     with h5py.File(path, "r") as f:  # unwritten rows read as zeros, as with HDF5's own fill
         assert not f["logits"][...].any() and not f["chunk_done"][...].any()
+
+
+def test_generate_input_loader_errors_are_one_line(tmp_path, monkeypatch):
+    """generate --num-workers 2 with a dataset that fails only in a worker: one line, no traceback."""
+    (tmp_path / "rw_worker_data.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import Dataset\n"
+        "class WorkerOnly(Dataset):\n"
+        "    num_classes = 4\n"
+        "    def __len__(self): return 40\n"
+        "    def __getitem__(self, i):\n"
+        "        if torch.utils.data.get_worker_info() is not None:\n"
+        "            raise OSError('cannot open image 7')\n"
+        "        return torch.zeros(6), i % 4\n"
+        "def make(): return WorkerOnly()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = run_cli("generate", "--teacher", "mlp", "--data", "rw_worker_data:make", "--out", str(tmp_path / "s.h5"),
+                "--num-workers", "2", "--no-progress")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last == ("error: a DataLoader worker failed: OSError: cannot open image 7; fix the dataset, or rerun "
+                    "with --num-workers 0 to see where it is raised"), r.output
