@@ -21,7 +21,7 @@ from softlabels._version import __version__
 # public name -> the module that defines it
 _WHERE = {
     "ArrayDataset": "data", "InputDataset": "data", "fingerprint": "data",
-    "SoftLabelDataset": "dataset", "SoftLabelMapDataset": "dataset",
+    "SoftLabelDataset": "dataset", "SoftLabelMapDataset": "dataset", "batch_loader": "dataset",
     "SoftLabelsError": "errors",
     "evaluate": "evaluate", "load_student": "evaluate",
     "FORMAT_VERSION": "format", "StoreMeta": "format",

@@ -18,9 +18,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from softlabels import format as fmt
+from softlabels._loader import batch_loader
 from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
 from softlabels.writer import StoreWriter
 
@@ -60,8 +61,8 @@ def make_loader(ds: Any, spans: list[tuple[int, int]], *, num_workers: int, pin_
     Call it *before* starting any thread: worker processes are forked here, and a
     fork while another thread holds a library lock (h5py's) can deadlock a worker.
     """
-    loader = DataLoader(_Batches(ds), batch_size=None, sampler=spans, num_workers=num_workers,
-                        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
+    loader = batch_loader(_Batches(ds), sampler=spans, num_workers=num_workers, pin_memory=pin_memory,
+                          prefetch_factor=4 if num_workers else None)
     return iter(loader)
 
 
@@ -167,7 +168,8 @@ class BackgroundWriter:
     bursts of ``burst`` blocks (or whatever is pending after ``linger`` seconds):
     when the teacher keeps every CPU core busy, each wake-up of the writer (and of
     the storage library's own threads) stalls a parallel op of the teacher, so few
-    long bursts cost less than many short ones. An error in the thread is raised
+    long bursts cost less than many short ones. Each burst is one
+    :meth:`StoreWriter.burst`: one flush of its data, then one of its flags. An error in the thread is raised
     in the caller at its next :meth:`put` or at :meth:`close`; after an error the
     thread keeps draining without writing, so the caller never blocks.
     ``writer`` may be a function that creates the store: it then runs on the thread,
@@ -233,13 +235,22 @@ class BackgroundWriter:
                 self._cv.notify_all()  # room again for the teacher
             if done:
                 return
-            for block in blocks:
+            # One flush of the data and one of the flags per `burst` blocks (a backlog is not
+            # one burst: flags keep coming). The kill hook commits block by block instead, to
+            # die right after an exact unit.
+            size = 1 if self._kill_after else self._burst
+            for group in (blocks[i:i + size] for i in range(0, len(blocks), size)):
                 if self._error is not None:
                     break
                 try:
-                    self._write(block)
+                    with self.writer.burst():
+                        for block in group:
+                            self._write(block)
                 except BaseException as err:  # noqa: BLE001 - handed to the main thread
                     self._error = err
+                    break
+                if self._kill_after and self._missing0 - len(self.writer.missing_units()) >= self._kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a killed job, right after a unit
 
     def _write(self, block: Block) -> None:
         b = block.to_cpu()
@@ -253,8 +264,6 @@ class BackgroundWriter:
                 "inputs, or pass --on-nonfinite record to store them as they are")
         ids = np.arange(b.start, b.start + n, dtype=np.int64)  # row i holds the dataset's item i
         self.writer.write(b.start, labels=b.labels.numpy(), sample_ids=ids, **arrays)
-        if self._kill_after and self._missing0 - len(self.writer.missing_units()) >= self._kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a killed job, right after a unit is flagged
 
 
 def unit_delay_hook() -> None:

@@ -38,6 +38,10 @@ LAYOUTS: tuple[str, ...] = ("dense", "topk")
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
 
+# chunk checksum algorithms (root attribute "checksum"; absent means crc32, the first one)
+CHECKSUM_ALGORITHMS: tuple[str, ...] = ("crc32", "crc32c")
+NEW_STORE_CHECKSUM = "crc32c"  # hardware CRC: ~7x zlib.crc32 (docs/BENCHMARKS.md), same 32 bits
+
 # logits dtype name -> numpy dtype it is stored as (bfloat16 as its raw uint16 bits)
 LOGITS_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("float32"),
@@ -92,6 +96,7 @@ class StoreMeta:
     source: dict[str, Any] = field(default_factory=dict)
     created_by: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    checksum: str = NEW_STORE_CHECKSUM
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -118,6 +123,8 @@ class StoreMeta:
             p.append("topk is set but the layout is not 'topk'")
         if not isinstance(self.status, str) or self.status not in (STATUS_WRITING, STATUS_COMPLETE):
             p.append(f"status {self.status!r} is not 'writing' or 'complete'")
+        if not isinstance(self.checksum, str) or self.checksum not in CHECKSUM_ALGORITHMS:
+            p.append(f"checksum {self.checksum!r} is not one of {', '.join(CHECKSUM_ALGORITHMS)}")
         return p
 
     @property
@@ -173,6 +180,7 @@ class StoreMeta:
             "teacher": self.teacher,
             "source": self.source,
             "created_by": self.created_by,
+            "checksum": self.checksum,
         }
         if self.layout == "topk":
             attrs["topk"] = int(self.topk)
@@ -207,6 +215,7 @@ class StoreMeta:
             topk=attrs.get("topk"),
             status=attrs["status"],
             format_version=version,
+            checksum=attrs.get("checksum", "crc32"),  # stores from before the attribute use crc32
             **objects,
         )
 
@@ -256,13 +265,26 @@ def decode_logits(stored: np.ndarray, logits_dtype: str):
     return t
 
 
-def chunk_checksum(block: Mapping[str, np.ndarray]) -> int:
-    """crc32 over the bytes of a chunk's per-row arrays, in ROW_KEYS order."""
+def chunk_checksum(block: Mapping[str, np.ndarray], algorithm: str = "crc32") -> int:
+    """CRC (``crc32`` or ``crc32c``) over the bytes of a chunk's per-row arrays, in ROW_KEYS order."""
+    if algorithm == "crc32c":
+        import google_crc32c
+
+        def update(crc: int, data: np.ndarray) -> int:
+            return google_crc32c.extend(crc, data)
+    else:
+        def update(crc: int, data: np.ndarray) -> int:
+            return zlib.crc32(data, crc)
     crc = 0
     for key in ROW_KEYS:
         if key in block:
-            crc = zlib.crc32(np.ascontiguousarray(block[key]).view(np.uint8), crc)
+            crc = update(crc, _bytes(block[key]))
     return crc
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    """A uint8 view of an array's bytes (no copy when it is contiguous, as whole-chunk rows are)."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
 def encode_h5_attr(name: str, value: Any) -> Any:

@@ -174,27 +174,54 @@ class SoftLabelStore:
     def read_chunk(self, chunk: int, *, keys: tuple[str, ...] | None = None, verify: bool = True) -> dict[str, np.ndarray]:
         """One whole chunk; with ``verify`` its checksum is checked (all arrays are then read)."""
         start, stop = self.chunk_bounds(chunk)
+        specs = self.meta.row_arrays()
+        names = self.row_keys if verify else keys or self.row_keys
+        block = {k: np.empty((stop - start,) + specs[k].shape[1:], specs[k].dtype) for k in names}
+        self.read_chunk_into(chunk, block, verify=verify)
+        return block if keys is None else {k: block[k] for k in keys}
+
+    def read_chunk_into(self, chunk: int, out: dict[str, np.ndarray], *, verify: bool = True) -> None:
+        """Read one whole chunk into ``out`` (name -> array of the chunk's rows, e.g. a slice of a window buffer).
+
+        With ``verify``, ``out`` must hold every per-row array and the chunk's checksum
+        is checked. Labels and top-k indices are always checked against the class count.
+        """
+        start, stop = self.chunk_bounds(chunk)
         try:
-            block = self.read_rows(start, stop, keys=self.row_keys if verify else keys)
+            self.read_rows(start, stop, keys=tuple(out), out=out)
         except CorruptStore as err:
             raise CorruptStore(
                 f"chunk {chunk} (rows {start}..{stop}) of {self.path} cannot be read ({err.__cause__ or err}); "
                 "regenerate it with 'softlabels generate --repair' and the original arguments"
             ) from err
         if verify:
-            self._verify(chunk, block)
-            if keys is not None:
-                block = {k: block[k] for k in keys}
-        return block
+            self._verify(chunk, out)
+        self._check_values(chunk, out)
 
     def _verify(self, chunk: int, block: dict[str, np.ndarray]) -> None:
         expected = int(self._whole(fmt.CHECKSUMS)[chunk])
-        if fmt.chunk_checksum(block) != expected:
+        if fmt.chunk_checksum(block, self.meta.checksum) != expected:
             start, stop = self.chunk_bounds(chunk)
             raise CorruptStore(
                 f"chunk {chunk} (rows {start}..{stop}) of {self.path} fails its checksum; regenerate it with "
                 "'softlabels generate --repair' and the original arguments"
             )
+
+    def _check_values(self, chunk: int, block: dict[str, np.ndarray]) -> None:
+        """Labels in [-1, C) and top-k indices in [0, C): a bad one would crash (or silently skew) a loss."""
+        c = self.num_classes
+        for key, low, what in ((fmt.LABELS, -1, "label"), (fmt.TOPK_INDICES, 0, "top-k index")):
+            a = block.get(key)
+            if a is None or not a.size:
+                continue
+            lo, hi = a.min(), a.max()
+            if lo < low or hi >= c:
+                start, stop = self.chunk_bounds(chunk)
+                raise CorruptStore(
+                    f"chunk {chunk} (rows {start}..{stop}) of {self.path} holds {what} {int(lo if lo < low else hi)}, "
+                    f"outside {low}..{c - 1}; regenerate it with 'softlabels generate --repair' and the original "
+                    "arguments"
+                )
 
     def verify(self) -> list[int]:
         """Read every finished chunk; return those that are unreadable or fail their checksum."""

@@ -25,13 +25,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from softlabels import checkpoint as ckpt_io
 from softlabels._progress import progress, wants_bar
 from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, set_threads, weights_digest
 from softlabels.config import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, TrainConfig
 from softlabels.data import class_count
+from softlabels._loader import batch_loader
 from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
 from softlabels.losses import TOPK_KEYS, DistillationLoss, make_soft_loss
 
@@ -118,8 +118,7 @@ class _Run:
             raise DataError(f"the inputs differ in shape ({', '.join(map(str, sorted(shapes)))}); "
                             "train on data of one kind")
         self.input_shape, self.num_classes = shapes.pop(), num_classes
-        self.loader = DataLoader(batches, batch_size=None, num_workers=config.num_workers,
-                                 pin_memory=env.device.type == "cuda")
+        self.loader = batch_loader(batches, num_workers=config.num_workers, pin_memory=env.device.type == "cuda")
         self.val = resolve_data(config.val_data) if config.val_data else None
         if self.val is not None and tuple(self.val.input_shape) != self.input_shape:
             raise DataError(f"--val-data {config.val_data!r} has inputs of shape {tuple(self.val.input_shape)}, "

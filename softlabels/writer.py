@@ -3,16 +3,20 @@
 Rows arrive in blocks, in any order and of any size. They are buffered until a
 whole *unit* (a chunk, or a shard when Zarr sharding is on) is filled, then the
 unit is written, flushed, and only then are its chunks' checksums and
-``chunk_done`` flags set. ``finish()`` flips ``status`` to ``"complete"`` last,
-and only when every flag is set, so a writer killed at any moment leaves a store
-that readers refuse and that :meth:`StoreWriter.resume` can finish.
+``chunk_done`` flags set. Inside :meth:`StoreWriter.burst` the flush and the
+flags wait for the end of the burst: one data flush, then the flags of every unit
+of the burst, then one more flush (two fsyncs per burst instead of two per unit).
+``finish()`` flips ``status`` to ``"complete"`` last, and only when every flag is
+set, so a writer killed at any moment leaves a store that readers refuse and
+that :meth:`StoreWriter.resume` can finish.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -47,6 +51,7 @@ class StoreWriter:
         self.finalize_on_exit = finalize_on_exit
         self._specs = meta.row_arrays()
         self._pending: dict[int, _Pending] = {}
+        self._burst: list[tuple[range, np.ndarray]] | None = None  # written units awaiting their flags
         self._done = backend.read(fmt.CHUNK_DONE, 0, meta.num_chunks).astype(bool)
 
     # -- construction --------------------------------------------------------------
@@ -201,13 +206,57 @@ class StoreWriter:
             self._set_flags(chunks, 0)
         for key, arr in block.items():
             self._backend.write(key, u0, arr)
-        self._backend.flush()
         sums = np.empty(len(chunks), dtype=np.uint32)
         for j, c in enumerate(chunks):
             c0, c1 = self.meta.chunk_bounds(c)
-            sums[j] = fmt.chunk_checksum({k: v[c0 - u0:c1 - u0] for k, v in block.items()})
-        self._backend.write(fmt.CHECKSUMS, chunks.start, sums)
-        self._set_flags(chunks, 1)
+            sums[j] = fmt.chunk_checksum({k: v[c0 - u0:c1 - u0] for k, v in block.items()}, self.meta.checksum)
+        if self._burst is None:
+            self._burst = [(chunks, sums)]
+            self._commit()
+        else:
+            self._burst.append((chunks, sums))
+
+    @contextmanager
+    def burst(self) -> Iterator[None]:
+        """Write several units with one flush of their data and one of their flags (at the end).
+
+        Crash-safe like unit-by-unit writing: no flag is set before the data it covers is
+        flushed; a crash inside the burst loses only the burst's units, which resume rewrites.
+        """
+        if self._burst is not None:  # nested: the outer burst commits
+            yield
+            return
+        self._burst = []
+        try:
+            yield
+        except BaseException:
+            try:
+                self._commit()  # the units written before the error are whole: keep them
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                self._burst = None
+            raise
+        self._commit()
+
+    def _commit(self) -> None:
+        """Flush the burst's data, then set its checksums and flags, and flush them."""
+        burst, self._burst = self._burst or [], None
+        if not burst:
+            return
+        self._backend.flush()
+        # adjacent units in one write each (Zarr writes their one-element files in one call)
+        runs: list[tuple[int, list[np.ndarray]]] = []
+        for chunks, sums in sorted(burst, key=lambda item: item[0].start):
+            if runs and runs[-1][0] + sum(map(len, runs[-1][1])) == chunks.start:
+                runs[-1][1].append(sums)
+            else:
+                runs.append((chunks.start, [sums]))
+        for start, parts in runs:
+            sums = np.concatenate(parts)
+            self._backend.write(fmt.CHECKSUMS, start, sums)
+            self._backend.write(fmt.CHUNK_DONE, start, np.ones(len(sums), dtype=np.uint8))
+        self._backend.flush()
+        for chunks, _ in burst:
+            self._done[chunks.start:chunks.stop] = True
 
     def _set_flags(self, chunks: range, value: int) -> None:
         self._backend.write(fmt.CHUNK_DONE, chunks.start, np.full(len(chunks), value, dtype=np.uint8))

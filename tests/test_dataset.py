@@ -118,14 +118,22 @@ def test_every_row_once_per_epoch_across_ranks_and_workers(dense, world):
             assert max(sizes) - min(sizes) <= 1
 
 
+def _loaders():
+    from softlabels._loader import batch_loader
+
+    return {"DataLoader": lambda ds, w: DataLoader(ds, batch_size=None, num_workers=w),
+            "batch_loader": lambda ds, w: batch_loader(ds, num_workers=w)}
+
+
+@pytest.mark.parametrize("transport", ["DataLoader", "batch_loader"])
 @pytest.mark.parametrize("world", [1, 2])
-def test_real_dataloader_workers_match_simulation(dense, world):
+def test_real_dataloader_workers_match_simulation(dense, world, transport):
     path, data, _ = dense
     got_ids = []
     for rank in range(world):
         ds = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=WINDOW, rank=rank, world_size=world)
         ds.set_epoch(1)
-        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        loader = _loaders()[transport](ds, 2)
         real = list(loader)
         assert len(loader) == len(ds) == len(real)
         assert_same_batches(real, rank_batches(ds, 2))
@@ -217,18 +225,20 @@ def test_resume_yields_exactly_the_remaining_batches(dense):
             assert_same_batches(rank_batches(again, workers), full[k:])
 
 
-def test_resume_with_real_workers(dense):
+@pytest.mark.parametrize("transport", ["DataLoader", "batch_loader"])
+def test_resume_with_real_workers(dense, transport):
     path, data, _ = dense
+    loader = _loaders()[transport]
     ds = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=2, seed=7)
     ds.set_epoch(1)
-    full = list(DataLoader(ds, batch_size=None, num_workers=2))
+    full = list(loader(ds, 2))
     for k in (3, 6):
         state = ds.state_dict(batches_done=k)
         assert state == {"epoch": 1, "seed": 7, "batches_done": k}
         again = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=2)  # seed comes from the state
         again.load_state_dict(state)
         again.set_epoch(1)  # same epoch: the resume point holds
-        assert_same_batches(list(DataLoader(again, batch_size=None, num_workers=2)), full[k:])
+        assert_same_batches(list(loader(again, 2)), full[k:])
     again.set_epoch(2)  # another epoch: starts from its beginning
     assert len(list(again)) == len(again)
 
@@ -236,13 +246,13 @@ def test_resume_with_real_workers(dense):
 def test_resume_does_not_reread_consumed_windows(dense, monkeypatch):
     path, data, _ = dense
     reads: list[int] = []
-    original = SoftLabelStore.read_chunk
+    original = SoftLabelStore.read_chunk_into
 
-    def counting(self, chunk, **kw):
+    def counting(self, chunk, out, **kw):
         reads.append(chunk)
-        return original(self, chunk, **kw)
+        return original(self, chunk, out, **kw)
 
-    monkeypatch.setattr(SoftLabelStore, "read_chunk", counting)
+    monkeypatch.setattr(SoftLabelStore, "read_chunk_into", counting)
     window = 2
     ds = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=window)
     sizes = np.diff(np.r_[0:N:CHUNK, N])

@@ -131,6 +131,14 @@ class Broken(Dataset):
     def __len__(self): return 3
     def __getitem__(self, i): raise IndexError("no item here")
 
+class WorkerOnly(Dataset):  # fine in the main process, fails in a DataLoader worker
+    num_classes = 4
+    def __len__(self): return 40
+    def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is not None:
+            raise OSError("cannot open image 7")
+        return torch.zeros(6), i % 4
+
 def iterable(): return Stream()
 def broken(): return Broken()
 def empty(): return Items([])
@@ -145,6 +153,8 @@ class Random(Dataset):  # augments in __getitem__
     def __getitem__(self, i): return torch.rand(6), i % 2
 
 def random(): return Random()
+
+def worker_only(): return WorkerOnly()
 '''
 
 
@@ -264,6 +274,19 @@ def edit_zarr_attrs(path: Path, **attrs: Any) -> Path:
 def damage_chunk(store: Path, damage: Callable[[bytes], bytes]) -> Path:
     chunk = store / "logits" / "c" / "1" / "0"  # chunk 1 (rows 16..32) of a Zarr store
     chunk.write_bytes(damage(chunk.read_bytes()))
+    return store
+
+
+def set_value(store: Path, name: str, row: int, value: int) -> Path:
+    """Write one value into an HDF5 store and re-checksum its chunk: damage that checksums cannot see."""
+    from softlabels.format import ROW_KEYS, chunk_checksum
+
+    with h5py.File(store, "r+") as f:
+        f[name][row] = value
+        rows = int(f.attrs["chunk_rows"])
+        c = row // rows
+        block = {k: f[k][c * rows:(c + 1) * rows] for k in ROW_KEYS if k in f}
+        f["checksums"][c] = chunk_checksum(block, f.attrs.get("checksum", "crc32"))
     return store
 
 
@@ -395,6 +418,12 @@ CASES: dict[str, Callable[[Ctx], Any]] = {
     "E1201": lambda c: c.train("--store", c.env.h5, "--no-such-option"),
     "E1202": lambda c: c.train("--store", c.env.h5, "--threads", "-1"),
     "E1203": lambda c: c.gen(teacher="errcat_models:wrong_width"),  # 3 outputs, labels up to 3
+
+    # 13. reading and writing
+    "E1301": lambda c: c.train("--store", set_value(c.copy(c.env.h5), "labels", 20, 99)),
+    "E1302": lambda c: c.train("--store", set_value(c.copy(c.env.topk), "topk_indices", 20, C + 3),
+                               "--loss", "topk_kl"),
+    "E1303": lambda c: c.train("--data", "errcat_data:worker_only", "--num-workers", "2"),
 }
 
 

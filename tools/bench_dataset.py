@@ -1,22 +1,23 @@
-"""Benchmark: SoftLabelDataset throughput against contiguous chunk reads and naive row reads.
+"""Benchmark: SoftLabelDataset and StoreWriter against the storage libraries, memcpy and a per-sample-file cache.
 
-Not a test. Makes a store in a temp dir (default N=200k rows, C=100 float16,
-chunk_rows=1024: ~40 MB of logits) for each backend and prints samples/s of
+Not a test. Makes a store in a temp dir for each backend (default N=200k rows,
+C=1000 float16, the default ~1 MiB chunks: 400 MB of logits) and prints samples/s of
 
-  (a) SoftLabelDataset, logits only, batch 256, shuffle on, num_workers 0 and 2
-  (b) contiguous whole-chunk reads of the same store (a loop over read_chunk, and
-      a plain h5py read_direct / zarr slice loop over the logits array)
-  (c) a naive map-style reader: store.read_rows(i, i + 1) for random i
-      (a few thousand rows, extrapolated)
-  (d) the DataLoader's own transport: a no-op IterableDataset yielding batches of
-      the same shapes with 2 workers (the ceiling for (a) with workers)
+  reads, in-process (interleaved rounds, best round kept):
+    memcpy       chunk-sized copies of the same bytes (logits, labels, ids) between resident arrays
+    plain        the storage library's own whole-chunk reads of the same arrays into preallocated
+                 buffers (h5py ``read_direct``; zarr ``get_basic_selection(out=)``), no checksums
+    read_chunk   ``SoftLabelStore.read_chunk`` loop, checksums verified
+    dataset      ``SoftLabelDataset``, shuffled, batch 256, checksums on / off
+  reads, with 2 DataLoader workers (after the in-process ones):
+    dataset through ``batch_loader`` (softlabels' transport) and through a plain DataLoader,
+    and a no-op dataset yielding batches of the same shapes through each (the transport alone)
+  the per-sample-file cache (one ``torch.save`` file per sample, read back in shuffled order;
+  the design torchdistill uses), on a few thousand samples, extrapolated
+  writes: ``StoreWriter`` in bursts of 64 batches (as ``generate`` writes) against that cache
+  checksums: GB/s of zlib.crc32, CRC-32C (google-crc32c) and, when installed, xxhash's xxh3 on 1 MiB
 
-and the ratios (a)/(b) (target >= 0.5) and (a)/(c) (target >= 100), measured side
-by side in one run: candidates run interleaved, round by round, best round kept
-(in-process ones first, then those with DataLoader workers).
-The store is freshly written, so reads come from the page cache.
-
-    python tools/bench_dataset.py [--rows 200000] [--classes 100] [--backends hdf5 zarr]
+    python tools/bench_dataset.py [--rows 200000] [--classes 1000] [--backends hdf5 zarr]
 """
 
 from __future__ import annotations
@@ -31,107 +32,160 @@ import numpy as np
 import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset
+from zarr.core.buffer.cpu import NDBuffer
 
+from softlabels._loader import batch_loader
 from softlabels.dataset import SoftLabelDataset
 from softlabels.reader import SoftLabelStore
 from softlabels.writer import StoreWriter
 
+KEYS = ("logits", "labels", "sample_ids")
 
-def make_store(path: Path, n: int, c: int, chunk_rows: int) -> None:
-    rng = np.random.default_rng(0)
-    w = StoreWriter.create(path, num_samples=n, num_classes=c, logits_dtype="float16", chunk_rows=chunk_rows)
-    step = chunk_rows * 16
-    for start in range(0, n, step):
-        m = min(step, n - start)
-        w.write(start, logits=rng.standard_normal((m, c), dtype=np.float32).astype(np.float16),
-                labels=rng.integers(0, c, m), sample_ids=np.arange(start, start + m))
+
+def rows(n: int, c: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"logits": rng.standard_normal((n, c), dtype=np.float32).astype(np.float16),
+            "labels": rng.integers(0, c, n), "sample_ids": np.arange(n)}
+
+
+def write_store(path: Path, data: dict[str, np.ndarray], c: int, batch: int, burst: int = 64) -> float:
+    """Seconds to write ``data`` as ``generate`` does: batches, committed in bursts."""
+    n = len(data["labels"])
+    t = time.perf_counter()
+    w = StoreWriter.create(path, num_samples=n, num_classes=c, logits_dtype="float16", overwrite=True)
+    for b0 in range(0, n, batch * burst):
+        with w.burst():
+            for a in range(b0, min(n, b0 + batch * burst), batch):
+                w.write(a, **{k: v[a:a + batch] for k, v in data.items()})
     w.finish()
     w.close()
+    return time.perf_counter() - t
 
 
-def bench(path: Path, n: int, batch: int, repeats: int, naive_rows: int) -> dict[str, float]:
-    """samples/s of every reader; the candidates run interleaved, round by round, and
-    each keeps its best round, so load from other processes hits them alike."""
+def per_sample_files(tmp: Path, data: dict[str, np.ndarray], count: int) -> tuple[float, float]:
+    """samples/s of writing and of reading (shuffled) one torch.save file per sample."""
+    d = tmp / "per-sample"
+    d.mkdir(exist_ok=True)
+    t = time.perf_counter()
+    for i in range(count):
+        torch.save({"logits": torch.from_numpy(data["logits"][i].copy()), "label": int(data["labels"][i])},
+                   d / f"{i}.pt")
+    write = count / (time.perf_counter() - t)
+    order = np.random.default_rng(2).permutation(count)
+    t = time.perf_counter()
+    for i in order:
+        torch.load(d / f"{i}.pt", weights_only=True)
+    return write, count / (time.perf_counter() - t)
+
+
+def checksum_rates(nbytes: int = 1 << 20, rounds: int = 300) -> dict[str, float]:
+    """GB/s of each candidate checksum over one chunk-sized buffer."""
+    import zlib
+
+    import google_crc32c
+
+    buf = np.random.default_rng(3).integers(0, 256, nbytes, dtype=np.uint8)
+    cands = {"zlib.crc32": lambda: zlib.crc32(buf), "crc32c (google-crc32c)": lambda: google_crc32c.extend(0, buf),
+             "memcpy": lambda: np.copyto(np.empty_like(buf), buf)}
+    try:
+        import xxhash
+
+        cands["xxh3_64 (xxhash)"] = lambda: xxhash.xxh3_64_intdigest(buf)
+    except ImportError:
+        pass
+    rates = dict.fromkeys(cands, 0.0)
+    for _ in range(3):
+        for name, f in cands.items():
+            t = time.perf_counter()
+            for _ in range(rounds):
+                f()
+            rates[name] = max(rates[name], nbytes * rounds / (time.perf_counter() - t) / 1e9)
+    return rates
+
+
+def bench(path: Path, data: dict[str, np.ndarray], batch: int, repeats: int) -> dict[str, float]:
+    n = len(data["labels"])
     store = SoftLabelStore(path)
+    cr = store.chunk_rows
+    bufs = {k: np.empty((cr,) + v.shape[1:], v.dtype) for k, v in data.items()}
 
-    def chunks(verify: bool):
-        def run() -> int:
-            for c in range(store.num_chunks):
-                store.read_chunk(c, verify=verify)
-            return n
-        return run
+    def memcpy() -> int:
+        for a in range(0, n, cr):
+            for k, v in data.items():
+                np.copyto(bufs[k][:min(cr, n - a)], v[a:a + cr])
+        return n
 
     def plain() -> int:
         if path.suffix == ".h5":
             with h5py.File(path, "r") as f:
-                d = f["logits"]
-                out = np.empty((store.chunk_rows, d.shape[1]), d.dtype)
-                for c in range(store.num_chunks):
-                    a, b = store.chunk_bounds(c)
-                    d.read_direct(out, np.s_[a:b], np.s_[0:b - a])
+                ds = [(f[k], bufs[k]) for k in KEYS]
+                for a in range(0, n, cr):
+                    b = min(n, a + cr)
+                    for d, out in ds:
+                        d.read_direct(out, np.s_[a:b], np.s_[0:b - a])
         else:
-            d = zarr.open_array(str(path), path="logits", mode="r")
-            for c in range(store.num_chunks):
-                a, b = store.chunk_bounds(c)
-                d[a:b]
+            ds = [(zarr.open_array(str(path), path=k, mode="r"), bufs[k]) for k in KEYS]
+            for a in range(0, n, cr):
+                b = min(n, a + cr)
+                for d, out in ds:
+                    d.get_basic_selection(slice(a, b), out=NDBuffer.from_numpy_array(out[:b - a]))
         return n
 
-    def dataset(verify: bool, workers: int):
+    def chunks() -> int:
+        for c in range(store.num_chunks):
+            store.read_chunk(c, verify=True)
+        return n
+
+    def dataset(verify: bool, workers: int = 0, transport: str = "batch_loader"):
         ds = SoftLabelDataset([(path, None)], batch_size=batch, shuffle=True, verify=verify)
-        loader = DataLoader(ds, batch_size=None, num_workers=workers)
 
         def run() -> int:
             ds.set_epoch(ds.epoch + 1)
-            rows = sum(len(b["labels"]) for b in loader)
-            assert rows == n, rows
-            return rows
+            it = (ds if workers == 0 else batch_loader(ds, num_workers=workers) if transport == "batch_loader"
+                  else DataLoader(ds, batch_size=None, num_workers=workers))
+            got = sum(len(b["labels"]) for b in it)
+            assert got == n, got
+            return got
         return run
 
-    def noop_loader(workers: int):
-        """DataLoader transport alone: batches shaped like (a)'s, made without any reading."""
-        class Noop(IterableDataset):
-            def __iter__(self):
-                for a in range(0, n, batch):
-                    m = min(batch, n - a)
-                    yield {"logits": torch.zeros(m, store.num_classes, dtype=torch.float16),
-                           **{k: torch.zeros(m, dtype=torch.int64) for k in ("labels", "sample_ids", "source")}}
-        loader = DataLoader(Noop(), batch_size=None, num_workers=workers)
-        return lambda: sum(len(b["labels"]) for b in loader)
+    class Noop(IterableDataset):
+        """Batches shaped like the dataset's, made without reading (each worker yields its share)."""
 
-    rng = np.random.default_rng(1)
-    idx = rng.integers(0, n, naive_rows)
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            w, workers = (0, 1) if info is None else (info.id, info.num_workers)
+            for a in range(w * batch, n, batch * workers):
+                m = min(batch, n - a)
+                yield {"logits": torch.empty(m, data["logits"].shape[1], dtype=torch.float16),
+                       **{k: torch.empty(m, dtype=torch.int64) for k in ("labels", "sample_ids", "source")}}
 
-    def naive() -> int:
-        for i in idx:
-            store.read_rows(int(i), int(i) + 1)
-        return naive_rows
+    def noop(transport: str):
+        return lambda: sum(len(b["labels"]) for b in (batch_loader(Noop(), num_workers=2) if transport == "batch_loader"
+                                                      else DataLoader(Noop(), batch_size=None, num_workers=2)))
 
-    cands = {
-        "(b) read_chunk verify=True": chunks(True),
-        "(b) read_chunk verify=False": chunks(False),
-        "(b) plain logits-only loop": plain,
-        "(a) dataset verify=True workers=0": dataset(True, 0),
-        "(a) dataset verify=False workers=0": dataset(False, 0),
-        "(a) dataset verify=True workers=2": dataset(True, 2),
-        "(a) dataset verify=False workers=2": dataset(False, 2),
-        "(d) no-op IterableDataset workers=2": noop_loader(2),
-        "(c) naive read_rows(i, i+1)": naive,
-    }
-    rates = dict.fromkeys(cands, 0.0)
-    # two phases, each interleaved: in-process readers, then DataLoader workers (their
-    # processes wind down asynchronously and would disturb the in-process timings)
-    for phase in (lambda name: "workers=2" not in name, lambda name: "workers=2" in name):
-        names = [name for name in cands if phase(name)]
-        for name in names:  # warm-up: page cache, worker imports
-            if not name.startswith("(c)"):
-                cands[name]()
-        for r in range(repeats):
-            for name in names:
-                if name.startswith("(c)") and r > 0:
-                    continue  # slow; one round of a few thousand rows is plenty
+    phases = [{
+        "memcpy of the same bytes": memcpy,
+        "plain whole-chunk reads (no checksums)": plain,
+        "read_chunk loop, checksums on": chunks,
+        "dataset, checksums on, in-process": dataset(True),
+        "dataset, checksums off, in-process": dataset(False),
+    }, {
+        "dataset, checksums on, 2 workers (batch_loader)": dataset(True, 2),
+        "dataset, checksums on, 2 workers (plain DataLoader)": dataset(True, 2, "DataLoader"),
+        "no-op, 2 workers (batch_loader)": noop("batch_loader"),
+        "no-op, 2 workers (plain DataLoader)": noop("DataLoader"),
+    }]
+    rates: dict[str, float] = {}
+    # two phases, each interleaved round by round: worker processes wind down asynchronously
+    # and would disturb the in-process timings
+    for cands in phases:
+        for f in cands.values():  # warm-up: page cache, worker imports
+            f()
+        for _ in range(repeats):
+            for name, f in cands.items():
                 t = time.perf_counter()
-                rows = cands[name]()
-                rates[name] = max(rates[name], rows / (time.perf_counter() - t))
+                got = f()
+                rates[name] = max(rates.get(name, 0.0), got / (time.perf_counter() - t))
     store.close()
     return rates
 
@@ -139,37 +193,37 @@ def bench(path: Path, n: int, batch: int, repeats: int, naive_rows: int) -> dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--chunk-rows", type=int, default=1024)
+    p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--naive-rows", type=int, default=3000)
+    p.add_argument("--files", type=int, default=3000, help="samples for the per-sample-file cache")
     p.add_argument("--backends", nargs="+", default=["hdf5", "zarr"], choices=["hdf5", "zarr"])
     args = p.parse_args()
     torch.set_num_threads(1)
+    data = rows(args.rows, args.classes)
+    gb = sum(v.nbytes for v in data.values()) / args.rows / 1e9  # bytes per sample, in GB
+    print("checksums over 1 MiB: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in checksum_rates().items()))
     with tempfile.TemporaryDirectory() as tmp:
+        file_write, file_read = per_sample_files(Path(tmp), data, args.files)
         for backend in args.backends:
             path = Path(tmp) / f"bench{'.h5' if backend == 'hdf5' else '.zarr'}"
-            make_store(path, args.rows, args.classes, args.chunk_rows)
-            mb = args.rows * args.classes * 2 / 1e6
-            print(f"\n{backend}: N={args.rows} C={args.classes} float16 chunk_rows={args.chunk_rows} "
-                  f"({mb:.0f} MB logits), batch {args.batch}")
-            rates = bench(path, args.rows, args.batch, args.repeats, args.naive_rows)
+            writes = [write_store(path, data, args.classes, args.batch) for _ in range(2)]
+            write = args.rows / min(writes)
+            print(f"\n{backend}: N={args.rows} C={args.classes} float16, batch {args.batch}")
+            rates = bench(path, data, args.batch, args.repeats)
             width = max(map(len, rates))
             for name, r in rates.items():
-                print(f"  {name:<{width}}  {r:>12,.0f} samples/s  {r * args.classes * 2 / 1e9:6.2f} GB/s")
-            c = rates["(c) naive read_rows(i, i+1)"]
-            for verify in (True, False):
-                a0 = rates[f"(a) dataset verify={verify} workers=0"]
-                a2 = rates[f"(a) dataset verify={verify} workers=2"]
-                b = rates[f"(b) read_chunk verify={verify}"]
-                print(f"  verify={verify!s:<5}: (a)/(b) = {a0 / b:.2f} (workers 0), {a2 / b:.2f} (workers 2);  "
-                      f"(a)/(c) = {a0 / c:,.0f} (workers 0), {a2 / c:,.0f} (workers 2)")
-            plain = rates["(b) plain logits-only loop"]
-            print(f"  (a, verify=False, workers 0) / (b, plain logits-only loop) = "
-                  f"{rates['(a) dataset verify=False workers=0'] / plain:.2f}")
-            print(f"  (a, verify=False, workers 2) / (d, DataLoader transport ceiling) = "
-                  f"{rates['(a) dataset verify=False workers=2'] / rates['(d) no-op IterableDataset workers=2']:.2f}")
+                print(f"  {name:<{width}}  {r:>12,.0f} samples/s  {r * gb:6.2f} GB/s")
+            ds0 = rates["dataset, checksums on, in-process"]
+            ds2 = rates["dataset, checksums on, 2 workers (batch_loader)"]
+            print(f"  dataset (checksums on) / plain library reads = {ds0 / rates['plain whole-chunk reads (no checksums)']:.2f}"
+                  f";  / memcpy = {ds0 / rates['memcpy of the same bytes']:.2f}")
+            print(f"  2 workers / in-process = {ds2 / ds0:.2f} (batch_loader), "
+                  f"{rates['dataset, checksums on, 2 workers (plain DataLoader)'] / ds0:.2f} (plain DataLoader)")
+            print(f"  per-sample files: read {file_read:,.0f} samples/s, write {file_write:,.0f} samples/s; "
+                  f"store write {write:,.0f} samples/s")
+            print(f"  vs per-sample files: read {ds0 / file_read:,.0f}x (in-process), {ds2 / file_read:,.0f}x "
+                  f"(2 workers); write {write / file_write:,.0f}x")
 
 
 if __name__ == "__main__":

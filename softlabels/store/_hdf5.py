@@ -40,6 +40,8 @@ class HDF5Backend:
                 f"{str(path)!r} is not a readable HDF5 file ({_first_line(text)}); check the path or regenerate the store"
             ) from err
         self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
+        self._raw: dict[str, int] = {}  # see _raw_rows
+        self._reserve = False  # arrays created without HDF5's zero-fill: reserve their space at the next flush
 
     def _dataset(self, name: str) -> h5py.Dataset:
         d = self._datasets.get(name)
@@ -85,28 +87,53 @@ class HDF5Backend:
         chunks = (max(1, min(rows, spec.shape[0])),) + spec.shape[1:] if spec.shape[0] else None
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        # Keep the zero-fill at creation: it reserves the disk space up front. Without it the
-        # filesystem allocates lazily, a full disk strikes mid-job, and HDF5 is left in a state
-        # that crashes the process at exit (seen on a full tmpfs: SIGSEGV after ENOSPC).
+        # The disk space must be reserved at creation: allocated lazily, a full disk strikes
+        # mid-job and leaves HDF5 in a state that crashes the process at exit (seen on a full
+        # tmpfs: SIGSEGV after ENOSPC). posix_fallocate reserves it without writing the zeros
+        # HDF5's fill would write (half the bytes of a whole job); unwritten blocks read as
+        # zeros. Compressed chunks keep HDF5's fill: an unfilled one would not decompress.
+        reserve = hasattr(os, "posix_fallocate") and not compress  # done by the next flush
+        if reserve:
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         with self._writing():
             self._f.create_dataset(
                 name, shape=spec.shape, dtype=spec.dtype, chunks=chunks, fillvalue=0, dcpl=dcpl,
                 compression="gzip" if compress else None, shuffle=compress,
             )
+        self._reserve |= reserve
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         d = self._dataset(name)
+        shape = d.shape
         if out is None:
-            out = np.empty((stop - start,) + d.shape[1:], dtype=d.dtype)
+            out = np.empty((stop - start,) + shape[1:], dtype=d.dtype)
         if stop > start:
             try:
-                d.read_direct(out, source_sel=np.s_[start:stop])
+                if self._raw_rows(name, d) == stop - start and start % (stop - start) == 0 and out.flags.c_contiguous:
+                    # one whole uncompressed chunk: its bytes are the rows (H5Dread_chunk, ~3x H5Dread here)
+                    d.id.read_direct_chunk((start,) + (0,) * (len(shape) - 1), out=out.reshape(-1).view(np.uint8))
+                else:
+                    # the low-level read: read_direct's selection logic costs as much as a small array's read
+                    space = d.id.get_space()
+                    space.select_hyperslab((start,) + (0,) * (len(shape) - 1), (stop - start,) + shape[1:])
+                    d.id.read(h5py.h5s.create_simple(out.shape), space, out)
             except (OSError, RuntimeError) as err:
                 raise CorruptStore(
                     f"cannot read rows {start}..{stop} of {name!r} in {str(self.path)!r} ({_first_line(str(err))}); "
                     "the file is damaged: regenerate it with 'softlabels generate --overwrite'"
                 ) from err
         return out
+
+    def _raw_rows(self, name: str, d: h5py.Dataset) -> int:
+        """Rows per chunk when a chunk's stored bytes are exactly its rows (no filter, native order,
+        chunked along N only), else 0."""
+        rows = self._raw.get(name)
+        if rows is None:
+            chunks = d.chunks
+            plain = (chunks is not None and chunks[1:] == d.shape[1:] and d.dtype.isnative
+                     and d.id.get_create_plist().get_nfilters() == 0)
+            rows = self._raw[name] = chunks[0] if plain else 0
+        return rows
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
         with self._writing():
@@ -115,10 +142,15 @@ class HDF5Backend:
     def flush(self) -> None:
         with self._writing():
             self._f.flush()
-            os.fsync(self._f.id.get_vfd_handle())  # "done" must mean on disk, not in the page cache
+            fd = self._f.id.get_vfd_handle()
+            if self._reserve:  # after HDF5's flush has set the file's size: fallocate must not change it
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+                self._reserve = False
+            os.fsync(fd)  # "done" must mean on disk, not in the page cache
 
     def close(self) -> None:
         self._datasets.clear()
+        self._raw.clear()
         if self._f.id.valid:
             with self._writing():  # closing flushes: a full disk can fail here too
                 self._f.close()
@@ -130,7 +162,10 @@ class HDF5Backend:
 def _write_error(path: Path, err: BaseException) -> StoreWriteError:
     """h5py reports failed writes as text with an errno inside; name the reason on one line."""
     found = re.search(r"errno = (\d+)", str(err))
-    reason = os.strerror(int(found.group(1))) if found else _first_line(str(err))
+    if isinstance(err, OSError) and err.errno:  # from the OS itself (posix_fallocate, fsync)
+        reason = os.strerror(err.errno)
+    else:
+        reason = os.strerror(int(found.group(1))) if found else _first_line(str(err))
     return StoreWriteError(f"cannot write {str(path)!r}: {reason}; free space or fix permissions (or choose "
                            "another --out), then rerun the same command to resume")
 

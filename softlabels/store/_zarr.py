@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.buffer.cpu import NDBuffer
 
 from softlabels.errors import CorruptStore, NotAStore
 from softlabels.format import ArraySpec
@@ -76,7 +77,12 @@ class ZarrBackend:
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         try:
-            data = self._array(name)[start:stop]
+            arr = self._array(name)
+            if out is None:
+                return arr[start:stop]
+            # decoded straight into the caller's buffer (a window slice), not into a new array
+            arr.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+            return out
         except CorruptStore:
             raise
         except Exception as err:
@@ -84,10 +90,6 @@ class ZarrBackend:
                 f"cannot read rows {start}..{stop} of {name!r} in {str(self.path)!r} ({type(err).__name__}: {err}); "
                 "a chunk file is damaged: regenerate it with 'softlabels generate'"
             ) from err
-        if out is None:
-            return data
-        out[...] = data
-        return out
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
         self._array(name)[start:start + len(data)] = data
