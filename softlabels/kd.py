@@ -67,38 +67,55 @@ def _blocks(s: Tensor, block: int) -> list[slice]:
 
 
 class _GatherLSE(torch.autograd.Function):
-    """(s[cols] / T, logsumexp(s / T)) in the compute dtype, s [B, C], cols [B, W].
+    """(s[cols] / T, logsumexp(s / T), logsumexp(s) or empty) in the compute dtype, s [B, C], cols [B, W].
 
-    Backward writes softmax(s / T) * dL into one [B, C] buffer block by block and
-    scatter-adds the gathered columns' gradients; nothing of size [B, C] is saved.
+    The logsumexp at T = 1 (for the hard CE at T != 1) comes from the same pass.
+    Backward writes softmax(s / T) * dL (+ softmax(s) * dL1) into one [B, C]
+    buffer block by block and scatter-adds the gathered columns' gradients;
+    nothing of size [B, C] is saved.
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, cols: Tensor, temperature: float, block: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx, s: Tensor, cols: Tensor, temperature: float, block: int, with_t1: bool):
         dt = compute_dtype(s)
-        # torch.logsumexp only reduces: at large C it beats the log_softmax kernel, which writes [rows, C]
-        lse = torch.cat([torch.logsumexp(_scaled(s, rows, dt, temperature), -1) for rows in _blocks(s, block)])
+        with_t1 = with_t1 and temperature != 1
+        lse, lse1 = [], []
+        for rows in _blocks(s, block):
+            # torch.logsumexp only reduces: at large C it beats the log_softmax kernel, which writes [rows, C]
+            x = s[rows].to(dt)
+            lse.append(torch.logsumexp(x if temperature == 1 else x / temperature, -1))
+            if with_t1:
+                lse1.append(torch.logsumexp(x, -1))
+        lse = torch.cat(lse)
+        lse1 = torch.cat(lse1) if with_t1 else lse.new_empty(0)
         gathered = s.gather(1, cols).to(dt) / temperature
-        ctx.save_for_backward(s, cols, lse)
-        ctx.temperature, ctx.block = temperature, block
-        return gathered, lse
+        ctx.save_for_backward(s, cols, lse, lse1)
+        ctx.temperature, ctx.block, ctx.with_t1 = temperature, block, with_t1
+        return gathered, lse, lse1
 
     @staticmethod
-    def backward(ctx, d_gathered: Tensor, d_lse: Tensor):
-        s, cols, lse = ctx.saved_tensors
+    def backward(ctx, d_gathered: Tensor, d_lse: Tensor, d_lse1: Tensor):
+        s, cols, lse, lse1 = ctx.saved_tensors
         t = ctx.temperature
         grad = torch.empty(s.shape, dtype=lse.dtype, device=s.device)
         for rows in _blocks(s, ctx.block):  # softmax * dL, computed in place in the gradient
             g = grad[rows]
             torch.sub(_scaled(s, rows, lse.dtype, t), lse[rows, None], out=g)
             g.exp_().mul_(d_lse[rows, None] / t)
+            if ctx.with_t1:
+                g.add_(torch.sub(s[rows].to(lse.dtype), lse1[rows, None]).exp_().mul_(d_lse1[rows, None]))
         grad.scatter_add_(1, cols, d_gathered / t)
-        return grad.to(s.dtype), None, None, None
+        return grad.to(s.dtype), None, None, None, None
 
 
-def gather_lse(s: Tensor, cols: Tensor, temperature: float = 1.0, block: int = BLOCK_ELEMENTS) -> tuple[Tensor, Tensor]:
-    """The student's scaled logits at ``cols`` [B, W] and its logsumexp over all C at ``temperature``."""
-    return _GatherLSE.apply(s, cols.long(), float(temperature), block)
+def gather_lse(s: Tensor, cols: Tensor, temperature: float = 1.0, block: int = BLOCK_ELEMENTS,
+               with_t1: bool = False) -> tuple[Tensor, ...]:
+    """The student's scaled logits at ``cols`` [B, W] and its logsumexp over all C at ``temperature``.
+
+    With ``with_t1`` (and T != 1) a third tensor: the logsumexp at T = 1, from the same pass.
+    """
+    out = _GatherLSE.apply(s, cols.long(), float(temperature), block, with_t1)
+    return out if with_t1 else out[:2]
 
 
 class _DenseKD(torch.autograd.Function):

@@ -213,17 +213,12 @@ class _Sparse(_Softened):
     def rows_with_ce(self, student_logits: Tensor, batch: Batch, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(per-row soft loss, per-row hard CE); at T = 1 both come from the same logsumexp."""
         target = self._target(student_logits, batch)
-        ids = target.ids.long()
-        labeled = labels >= 0
-        if self.temperature == 1:
-            g, lse = kd.gather_lse(student_logits, torch.cat([ids, labels.clamp_min(0).long()[:, None]], 1))
-            soft = self._rows(student_logits, target, (g[:, :-1], lse))
-            picked = g[:, -1]
-        else:
-            soft = self._rows(student_logits, target, None)
-            picked, lse = kd.gather_lse(student_logits, labels.clamp_min(0).long()[:, None])
-            picked = picked[:, 0]
-        return soft, torch.where(labeled, lse - picked, torch.zeros_like(lse))
+        t = self.temperature
+        cols = torch.cat([target.ids.long(), labels.clamp_min(0).long()[:, None]], 1)
+        g, lse, *rest = kd.gather_lse(student_logits, cols, t, with_t1=True)  # one pass, one gradient buffer
+        soft = self._rows(student_logits, target, (g[:, :-1], lse))
+        lse1 = rest[0] if t != 1 else lse
+        return soft, torch.where(labels >= 0, lse1 - g[:, -1] * t, torch.zeros_like(lse))
 
     def _rows(self, student_logits: Tensor, target: Any, student: tuple[Tensor, Tensor] | None) -> Tensor:
         raise NotImplementedError

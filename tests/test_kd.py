@@ -172,12 +172,13 @@ def test_sampled_kl_at_other_t_is_exact_with_expected_counts(temperature: float)
 def test_gather_lse_in_blocks_equals_plain(temperature: float) -> None:
     s = logits(7, 13, seed=15).requires_grad_()
     cols = torch.randint(0, 13, (7, 4), generator=torch.Generator().manual_seed(0))
-    g, lse = kd.gather_lse(s, cols, temperature, block=13 * 2)  # two rows per block
-    dg, dl = logits(7, 4, seed=16), logits(7, seed=17)
-    (got,) = torch.autograd.grad((g * dg).sum() + (lse * dl).sum(), s)
+    g, lse, *lse1 = kd.gather_lse(s, cols, temperature, block=13 * 2, with_t1=True)  # two rows per block
+    lse1 = lse1[0] if temperature != 1 else lse
+    dg, dl, d1 = logits(7, 4, seed=16), logits(7, seed=17), logits(7, seed=18)
+    (got,) = torch.autograd.grad((g * dg).sum() + (lse * dl).sum() + (lse1 * d1).sum(), s)
     g2, lse2 = s.gather(1, cols) / temperature, torch.logsumexp(s / temperature, -1)
-    (want,) = torch.autograd.grad((g2 * dg).sum() + (lse2 * dl).sum(), s)
-    torch.testing.assert_close((g, lse), (g2, lse2), rtol=1e-12, atol=1e-12)
+    (want,) = torch.autograd.grad((g2 * dg).sum() + (lse2 * dl).sum() + (torch.logsumexp(s, -1) * d1).sum(), s)
+    torch.testing.assert_close((g, lse, lse1), (g2, lse2, torch.logsumexp(s, -1)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
