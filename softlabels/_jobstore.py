@@ -128,7 +128,8 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
         reader = open_store(out, allow_partial=True)
     except (CorruptStore, NotAStore) as err:
         if not _creation_interrupted(out):
-            raise type(err)(f"{err} (or pass --overwrite to replace it)") from None
+            raise type(err)(str(err) if "--overwrite" in str(err) else f"{err} (or pass --overwrite to replace it)") \
+                from None
         say(f"{out}: the previous job died while creating the store; starting over")
         return new()
     repaired: list[int] = []

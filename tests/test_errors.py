@@ -65,7 +65,7 @@ def read_catalogue() -> tuple[list[str], dict[str, Row]]:
     """Every row id in document order (duplicates kept), and the rows by id."""
     ids, rows = [], {}
     for line in DOC.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"\|\s*([EL]\d{3})\s*\|(.*)", line)
+        m = re.match(r"\|\s*([EL]\d{3,4})\s*\|(.*)", line)
         if not m:
             continue
         cells = re.split(r"(?<!\\)\|", m[2])
@@ -396,7 +396,7 @@ def case(cid: str, table: dict = CASES):
 
 @case("E105")
 def _(c):
-    (c.mkdir("bad.zarr") / "zarr.json").write_text("{not json")
+    (c.mkdir("bad.zarr") / "zarr.json").write_text('{"zarr_format": 3, "node_type": "array"}')
     return c.cli("inspect", c.tmp / "bad.zarr")
 
 
@@ -592,6 +592,55 @@ def _(c):  # a second rank with no rows, simulated: a real torchrun run takes ~2
 
 
 # -- library only: each raises ------------------------------------------------------------------
+@case("E1101")
+def _(c):
+    p = c.copy(c.env.zarr)
+    (p / "logits" / "zarr.json").write_text("")
+    return c.gen("--repair", out=p, weights=c.env.w)
+
+
+@case("E1102")
+def _(c):  # 16 KB of HDF5 claiming 10^9 rows of logits, never allocated
+    return c.cli("inspect", claimed_store(c.tmp / "claims.h5", num_samples=10**9, num_classes=1000, chunk_rows=1 << 16))
+
+
+@case("E1103")
+def _(c):
+    return c.cli("inspect", edit_h5(c.copy(c.env.h5), lambda f: f.attrs.update(num_samples=1 << 25, chunk_rows=1)))
+
+
+@case("E1104")
+def _(c):  # one 2 GiB chunk flagged done, no chunk file behind it
+    return c.cli("inspect", claimed_store(c.tmp / "claims.zarr", num_samples=1 << 26, num_classes=8,
+                                          chunk_rows=1 << 26, done=[0]))
+
+
+def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:
+    """A tiny store whose attributes and array shapes agree but whose data was never written."""
+    from softlabels.format import StoreMeta
+    from softlabels.store import open_backend
+
+    meta = StoreMeta(layout="dense", num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows,
+                     status="complete" if len(done) else "writing")
+    if path.suffix == ".zarr":
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        g.attrs.update(meta.to_attrs())
+        for name, spec in meta.arrays().items():
+            g.create_array(name, shape=spec.shape, dtype=spec.dtype, fill_value=0,
+                           chunks=(chunk_rows,) + spec.shape[1:] if spec.per_row else (1,))
+        for chunk in done:
+            g["chunk_done"][chunk] = 1
+        return path
+    with h5py.File(path, "w") as f:  # h5py's default: chunks allocated only when written
+        for name, spec in meta.arrays().items():
+            rows = min(chunk_rows if spec.per_row else 4096, spec.shape[0])
+            f.create_dataset(name, shape=spec.shape, dtype=spec.dtype, chunks=(rows,) + spec.shape[1:])
+    backend = open_backend(path, "r+")
+    backend.set_attrs(meta.to_attrs())
+    backend.close()
+    return path
+
+
 def _writer(name: str = "s.zarr", **kw) -> Callable[[Ctx], Any]:
     from softlabels.writer import StoreWriter
 
