@@ -10,6 +10,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from softlabels import _startup
+
+_startup.begin()  # before the slow imports below: Ctrl-C there is one line (started as the CLI only)
+
 # ruff: noqa: E402  (the version must exist before the modules that record it are imported)
 from softlabels.data import ArrayDataset, InputDataset, fingerprint
 from softlabels.dataset import SoftLabelDataset, SoftLabelMapDataset

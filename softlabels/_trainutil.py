@@ -29,8 +29,10 @@ def resolve_device(device: str) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise ConfigError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):  # mps, meta, xpu ...: torch knows them, softlabels does not run there
+        raise ConfigError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} asked for CUDA but torch sees no GPU; pass --device cpu")
     return dev

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -137,6 +138,15 @@ def not_numeric(): return Items([("abc", 1)])
 def float_label(): return Items([(torch.zeros(6), 1.5)])
 def ragged(): return Items([(torch.zeros(6), 0), (torch.zeros(5), 1)], num_classes=2)
 def few_classes(): return Items([(torch.zeros(6), 0), (torch.zeros(6), 5)], num_classes=2)
+
+class LaterFailure(Dataset):  # item 0 fine, item 3 raises: inside generate's loop
+    num_classes = 4
+    def __len__(self): return 40
+    def __getitem__(self, i):
+        if i >= 3: raise RuntimeError("disk went away")
+        return torch.zeros(6), i % 4
+
+def later_failure(): return LaterFailure()
 '''
 
 
@@ -613,6 +623,31 @@ def _(c):
 def _(c):  # one 2 GiB chunk flagged done, no chunk file behind it
     return c.cli("inspect", claimed_store(c.tmp / "claims.zarr", num_samples=1 << 26, num_classes=8,
                                           chunk_rows=1 << 26, done=[0]))
+
+
+@case("E1105")
+def _(c):
+    return c.gen(data="errcat_data:later_failure")
+
+
+@case("E1106")
+def _(c):
+    return c.gen(data=c.npz("u64.npz", x=np.zeros((3, D), np.float32), y=np.array([0, 1, 2**63], np.uint64)))
+
+
+@case("E1107")
+def _(c):
+    return c.gen(data=str(c.write("cut.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'sh")))
+
+
+@case("E1108")
+def _(c):  # a planted 'click' sends SIGINT while the command is still importing
+    (c.mkdir("plant") / "click.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                                "time.sleep(30)\n")
+    p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(c.env.h5)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(c.tmp / "plant"), str(ROOT)])})
+    return SimpleNamespace(exit_code=p.returncode, stdout=p.stdout, stderr=p.stderr, output=p.stdout + p.stderr,
+                           in_process=False)
 
 
 def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:

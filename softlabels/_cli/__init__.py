@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from softlabels import __version__
+from softlabels import __version__, _startup
 from softlabels.errors import SoftLabelsError
 
 
@@ -26,6 +26,7 @@ class _Group(click.Group):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
+        _startup.end()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
         try:
             return super().invoke(ctx)
         except SoftLabelsError as err:
