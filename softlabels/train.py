@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from softlabels import checkpoint as ckpt_io
 from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, weights_digest
-from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
+from softlabels.errors import CheckpointError, ConfigError, DataError, ModelMismatch, NonFiniteOutputs
 from softlabels.losses import LOSSES, TOPK_KEYS, DistillationLoss, make_soft_loss
 
 __all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"]
@@ -279,10 +279,15 @@ class _Run:
         if old.get("world_size") != self.env.world:
             self.log(f"note: resuming a {old.get('world_size')}-process run on {self.env.world} processes; "
                      "the data split per rank changes")
-        self.student.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        ckpt_io.set_rng_state(state["rng"])
+        try:  # well-formed fields (checked on load) that still do not fit this student
+            self.student.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            ckpt_io.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
+            raise CheckpointError(f"checkpoint {str(self.resume_from)!r} does not fit this run "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); start over "
+                                  "with --overwrite") from None
         self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
         if self.env.rank == 0:
             ckpt_io.truncate_metrics(self.config.out, self.start_epoch)

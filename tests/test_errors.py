@@ -650,6 +650,23 @@ def _(c):  # a planted 'click' sends SIGINT while the command is still importing
                            in_process=False)
 
 
+def _resume_with(c: Ctx, **fields: Any):
+    run = c.copy(c.env.run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, **{k: f(ckpt) for k, f in fields.items()}}, run / "checkpoint.pt")
+    return c.train("--store", c.env.h5, "--resume", "--epochs", "2", out=run)
+
+
+@case("E1109")
+def _(c):
+    return _resume_with(c, rng=lambda ck: {**ck["rng"], "numpy": []})
+
+
+@case("E1110")
+def _(c):
+    return _resume_with(c, model=lambda ck: {k: torch.zeros(2) for k in ck["model"]})
+
+
 def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:
     """A tiny store whose attributes and array shapes agree but whose data was never written."""
     from softlabels.format import StoreMeta
