@@ -144,7 +144,7 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
             repaired = reader.verify()  # checks the chunks flagged done
     writer = StoreWriter.resume(out, finalize_on_exit=False)
     if repaired:
-        say(f"repair: {len(repaired)} chunk(s) fail their checksum ({fmt.chunk_list(repaired)}); regenerating them")
+        say(f"repair: {len(repaired)} chunk(s) fail verification ({fmt.chunk_list(repaired)}); regenerating them")
         writer.invalidate(repaired)
     elif s.repair:
         say(f"repair: every written chunk of {out} passes its checksum")

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from softlabels import checkpoint as ckpt_io
+from softlabels import format as fmt
 from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, weights_digest
 from softlabels.errors import CheckpointError, ConfigError, DataError, ModelMismatch, NonFiniteOutputs
 from softlabels.losses import LOSSES, TOPK_KEYS, DistillationLoss, make_soft_loss
@@ -293,6 +294,18 @@ class _Run:
             ckpt_io.truncate_metrics(self.config.out, self.start_epoch)
         self.log(f"resuming {self.config.out} after epoch {self.start_epoch} (step {self.step})")
 
+    def _check_stores_finite(self) -> None:
+        """After a NaN loss, before blaming --lr: a store holding NaN/inf teacher values (one scan, on failure only)."""
+        from softlabels._jobstore import scan_nonfinite
+
+        for store in self.stores:
+            ids = scan_nonfinite(Path(store.path))
+            if ids:
+                raise NonFiniteOutputs(
+                    f"store {str(store.path)!r} holds NaN/inf teacher values for {len(ids)} sample id(s) "
+                    f"({fmt.chunk_list(ids)}), so every loss is NaN; lowering --lr will not help: regenerate the store "
+                    "with a fixed teacher or without those inputs")
+
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         batch = {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
@@ -367,6 +380,7 @@ class _Run:
             record = self._epoch(epoch)
             if not math.isfinite(record["loss"]):  # same on every rank (all-reduced): all stop together
                 kept = f" (the checkpoint after epoch {epoch} is kept)" if epoch else ""
+                self._check_stores_finite()
                 raise NonFiniteOutputs(f"training diverged: loss {record['loss']} in epoch {epoch + 1}; "
                                        f"lower --lr{kept}")
             if self.val is not None and env.rank == 0:

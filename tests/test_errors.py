@@ -667,6 +667,12 @@ def _(c):
     return _resume_with(c, model=lambda ck: {k: torch.zeros(2) for k in ck["model"]})
 
 
+@case("E1111")
+def _(c):
+    p = edit_h5(c.copy(c.env.h5), lambda f: f["sample_ids"].__setitem__(slice(0, 2), [5, 5]))
+    return c.train("--store", p)
+
+
 def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:
     """A tiny store whose attributes and array shapes agree but whose data was never written."""
     from softlabels.format import StoreMeta
