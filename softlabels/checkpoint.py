@@ -229,11 +229,13 @@ def read_metrics(out: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a crash mid-write: that epoch reruns
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):  # a line torn by a crash mid-write: that epoch reruns
             continue
+        if isinstance(record, dict):  # anything else is not a line softlabels wrote
+            records.append(record)
     return records
 
 

@@ -644,8 +644,9 @@ def _(c):
 def _(c):  # a planted 'click' sends SIGINT while the command is still importing
     (c.mkdir("plant") / "click.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
                                                 "time.sleep(30)\n")
+    path = os.pathsep.join([str(c.tmp / "plant"), str(ROOT)])
     p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(c.env.h5)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(c.tmp / "plant"), str(ROOT)])})
+                       timeout=120, env={**os.environ, "PYTHONPATH": path})
     return SimpleNamespace(exit_code=p.returncode, stdout=p.stdout, stderr=p.stderr, output=p.stdout + p.stderr,
                            in_process=False)
 
