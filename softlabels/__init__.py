@@ -16,7 +16,11 @@ import types
 from importlib import import_module
 from typing import Any
 
-from softlabels._version import __version__
+from softlabels import _startup
+
+_startup.begin()  # first: Ctrl-C while a command starts is one line (started as the CLI only)
+
+from softlabels._version import __version__  # noqa: E402
 
 # public name -> the module that defines it
 _WHERE = {

@@ -70,7 +70,8 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
         reader = open_store(out, allow_partial=True)
     except (CorruptStore, NotAStore) as err:
         if not _creation_interrupted(out):
-            raise type(err)(f"{err} (or pass --overwrite to replace it)") from None
+            raise type(err)(str(err) if "--overwrite" in str(err) else f"{err} (or pass --overwrite to replace it)") \
+                from None
         say(f"{out}: the previous job died while creating the store; starting over")
         return new()
     repaired: list[int] = []
@@ -85,7 +86,7 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
             repaired = reader.verify()  # checks the chunks flagged done
     writer = StoreWriter.resume(out, finalize_on_exit=False)
     if repaired:
-        say(f"repair: {len(repaired)} chunk(s) fail their checksum ({fmt.chunk_list(repaired)}); regenerating them")
+        say(f"repair: {len(repaired)} chunk(s) fail verification ({fmt.chunk_list(repaired)}); regenerating them")
         writer.invalidate(repaired)
     elif s.repair:
         say(f"repair: every written chunk of {out} passes its checksum")

@@ -126,7 +126,69 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {str(p)!r} has format {ckpt.get('format')!r}; "
                               f"this softlabels reads format {CHECKPOINT_FORMAT}")
+    for name, check in _FIELDS.items():
+        problem = check(ckpt.get(name)) if name in ckpt else "is missing"
+        if problem:
+            raise CheckpointError(f"checkpoint {str(p)!r} is damaged: field {name!r} {problem}; start over with "
+                                  "--overwrite (or evaluate a run whose checkpoint is intact)")
     return ckpt
+
+
+# -- field checks: a checkpoint is data; each returns what is wrong, or None --------------------
+def _count(x: Any) -> str | None:
+    ok = isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62
+    return None if ok else f"must be an integer >= 0, got {_short(x)}"
+
+
+def _model(x: Any) -> str | None:
+    if not isinstance(x, dict) or not x:
+        return f"must be a non-empty state_dict, got {_short(x)}"
+    bad = [k for k, v in x.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    return f"holds non-tensor entries ({', '.join(map(repr, bad[:3]))})" if bad else None
+
+
+def _optimizer(x: Any) -> str | None:
+    ok = isinstance(x, dict) and isinstance(x.get("state"), dict) and isinstance(x.get("param_groups"), list) \
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in x["param_groups"])
+    return None if ok else "must be an optimizer state_dict (state, param_groups with params)"
+
+
+def _scheduler(x: Any) -> str | None:
+    ok = isinstance(x, dict) and isinstance(x.get("last_epoch"), int) and isinstance(x.get("base_lrs"), list)
+    return None if ok else "must be a scheduler state_dict (base_lrs, last_epoch)"
+
+
+def _rng(x: Any) -> str | None:
+    try:
+        ok = (isinstance(x, dict) and isinstance(x["torch"], torch.Tensor) and x["torch"].dtype == torch.uint8
+              and len(x["numpy"]) == 5 and isinstance(x["numpy"][0], str) and len(x["numpy"][1]) == 624
+              and len(x["python"]) == 3 and len(x["python"][1]) == 625
+              and all(isinstance(v, int) for v in x["python"][1]))
+    except (KeyError, TypeError, IndexError):
+        ok = False
+    return None if ok else "must hold the torch, numpy and python generator states written by softlabels"
+
+
+def _config(x: Any) -> str | None:
+    if not isinstance(x, dict):
+        return f"must be a dict of the run's options, got {_short(x)}"
+    shape, classes = x.get("input_shape"), x.get("num_classes")
+    if not isinstance(x.get("student"), str) or not x["student"]:
+        return "lacks the student spec"
+    if not isinstance(shape, list) or not shape or not all(_count(d) is None and d > 0 for d in shape):
+        return f"has input_shape {_short(shape)}, not a list of positive integers"
+    if _count(classes) or classes < 1:
+        return f"has num_classes {_short(classes)}, not a positive integer"
+    return None
+
+
+def _short(x: Any) -> str:
+    text = repr(x) if not isinstance(x, torch.Tensor) else f"a tensor of shape {tuple(x.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_FIELDS = {"epoch": _count, "step": _count, "model": _model, "optimizer": _optimizer, "scheduler": _scheduler,
+           "rng": _rng, "config": _config}
 
 
 # -- RNG state, as plain containers so the checkpoint loads with weights_only=True ----------
@@ -167,11 +229,13 @@ def read_metrics(out: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a crash mid-write: that epoch reruns
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):  # a line torn by a crash mid-write: that epoch reruns
             continue
+        if isinstance(record, dict):  # anything else is not a line softlabels wrote
+            records.append(record)
     return records
 
 

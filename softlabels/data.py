@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,8 +101,11 @@ def _check_labels(y: Any, n: int, source: str) -> np.ndarray:
     """Validate labels (one integer >= -1 per input) and return them as int64."""
     y = np.asarray(y)
     integer = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
+    if integer and y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max:
+        raise DataError(f"labels of {source} reach {y.max()}, beyond int64 (they would wrap to negative ids); "
+                        "store class ids as int64")
     if y.shape != (n,) or not integer or (n and y.min() < -1):
-        low = y.min() if y.size else None
+        low = y.min() if integer and y.size else None  # strings and objects have no usable minimum
         raise DataError(
             f"labels of {source} have shape {y.shape}, dtype {y.dtype}, minimum {low}; "
             f"pass {n} integer class ids >= 0, one per input (-1 for unlabeled)"
@@ -197,6 +202,15 @@ def _read_rows(array: Any, idx: np.ndarray) -> np.ndarray:
     return rows[inverse]
 
 
+# What parsing a damaged numpy/HDF5/Zarr file raises (a zip member cut short, a bad header ...).
+_GARBAGE = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:200]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _array_names(path: str, kind: str) -> list[str]:
     """Names of every array in an HDF5 file or Zarr group (nested ones as ``a/b``)."""
     names: list[str] = []
@@ -249,7 +263,11 @@ class FileArrayDataset(ArrayDataset):
         if kind != "npy":
             _require_arrays(self.path, _array_names(self.path, kind), name, labels_name)
         try:
-            array = self._inputs()
+            try:
+                array = self._inputs()
+            except _GARBAGE as err:
+                raise DataError(f"cannot read '{self.path}' as {kind} ({_reason(err)}); check that the file is "
+                                "intact and written by numpy.save, h5py or zarr") from err
             shape = tuple(int(s) for s in array.shape)
             _check_inputs(np.dtype(array.dtype), shape, source)
             labels = None if labels_name is None else self._read_labels(labels_name)
@@ -325,8 +343,8 @@ def open_array_file(
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read '{path}' as .npz ({err}); write it with numpy.savez") from err
+        except _GARBAGE as err:
+            raise DataError(f"cannot read '{path}' as .npz ({_reason(err)}); write it with numpy.savez") from err
         found = list(arrays)
     elif name is None:
         found = _array_names(path, kind)

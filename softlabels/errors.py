@@ -17,6 +17,7 @@ __all__ = [
     "UnsupportedFormat",
     "CorruptStore",
     "IncompleteStore",
+    "StoreLimitExceeded",
     "StoreExists",
     "StoreMismatch",
     "StoreLocked",
@@ -56,6 +57,13 @@ class UnsupportedFormat(StoreError, ValueError):
 
 class CorruptStore(StoreError, ValueError):
     """The store's arrays or attributes are damaged or inconsistent."""
+
+
+class StoreLimitExceeded(StoreError, ValueError):
+    """A store's claimed sizes would make a reader allocate more than the documented bound.
+
+    Not a :class:`CorruptStore`: it stops the command instead of marking one chunk damaged.
+    """
 
 
 class IncompleteStore(StoreError, RuntimeError):

@@ -25,7 +25,7 @@ from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.metrics import EvalAccumulator
 from softlabels.models import count_flops, count_parameters
 
-__all__ = ["evaluate", "evaluate_model", "load_student", "format_table"]
+__all__ = ["evaluate", "evaluate_model", "finite_json", "load_student", "format_table"]
 
 TEACHER_KEYS = ("logits", "topk_values", "topk_indices", "logsumexp")
 
@@ -118,12 +118,27 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     finally:
         if opened is not None:
             opened.close()
-    return {
+    return finite_json({
         "checkpoint": str(checkpoint), "data": data_spec, "store": None if store is None else str(store),
         "student": config["student"], "weights_sha256": config["weights_sha256"],
         "num_parameters": count_parameters(model), "flops": count_flops(model, input_shape),
         "epochs_trained": config.get("epochs_done"), **metrics,
-    }
+    })
+
+
+def finite_json(result: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf metrics become None and are named in ``warnings``: JSON has no NaN, and a reader must see why."""
+    warnings = list(result.get("warnings", []))
+    out = dict(result)
+    for key, value in result.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+            warnings.append(f"{key} is {value} (non-finite); reported as null")
+    if result.get("nonfinite_rows"):
+        warnings.append(f"{result['nonfinite_rows']} of {result.get('n')} rows of student logits are NaN/inf; "
+                        "they count as wrong and are left out of the ECE")
+    out["warnings"] = warnings
+    return out
 
 
 _ROWS = (
@@ -132,6 +147,7 @@ _ROWS = (
     ("kl_to_teacher", "KL to teacher", "f4"), ("correlation", "logit correlation (CORR)", "f4"),
     ("teacher_ece", "teacher ECE", "f4"), ("n", "samples", "int"), ("n_labeled", "labeled", "int"),
     ("num_parameters", "parameters", "int"), ("flops", "MACs / sample", "int"),
+    ("nonfinite_rows", "NaN/inf rows", "int"),
 )
 
 
@@ -144,7 +160,8 @@ def format_table(result: dict[str, Any]) -> str:
             return f"{100 * value:.2f} %"
         return f"{value:,}" if how == "int" else f"{value:.4f}"
 
-    rows = [(label, fmt(result[key], how)) for key, label, how in _ROWS if key in result]
+    rows = [(label, fmt(result[key], how)) for key, label, how in _ROWS
+            if key in result and (key != "nonfinite_rows" or result[key])]
     width = max(len(label) for label, _ in rows)
     vwidth = max(len(v) for _, v in rows)
     return "\n".join(f"{label:<{width}}  {value:>{vwidth}}" for label, value in rows)

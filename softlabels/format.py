@@ -9,15 +9,17 @@ added by extending :func:`row_arrays`, not by changing the reader or writer.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from softlabels.errors import CorruptStore, UnsupportedFormat
+from softlabels.errors import CorruptStore, StoreLimitExceeded, UnsupportedFormat
 
 __all__ = [
     "FORMAT_VERSION",
@@ -27,6 +29,7 @@ __all__ = [
     "ArraySpec",
     "StoreMeta",
     "chunk_checksum",
+    "load_json",
     "encode_logits",
     "storage_dtype",
 ]
@@ -61,6 +64,61 @@ CHECKSUMS = "checksums"
 
 # every per-row array any layout may hold, in checksum order
 ROW_KEYS: tuple[str, ...] = (LOGITS, TOPK_VALUES, TOPK_INDICES, LOGSUMEXP, LABELS, SAMPLE_IDS)
+
+# Limits on what a store's own claims may make a reader do (docs/FORMAT.md, "Limits"): a store of a
+# few KB can claim any shape, so every allocation sized by a claim is checked against these first.
+MAX_JSON_BYTES = 16 << 20  # one metadata document (zarr.json, an HDF5 JSON attribute)
+MAX_CHUNKS = 1 << 24  # chunks per store: bookkeeping is O(chunks) Python objects in places
+READ_LIMIT_ENV = "SOFTLABELS_MAX_READ_BYTES"
+DEFAULT_MAX_READ_BYTES = 1 << 30  # one read of one array into memory
+
+
+def max_read_bytes() -> int:
+    """The largest single array read a reader will allocate (``SOFTLABELS_MAX_READ_BYTES`` overrides)."""
+    raw = os.environ.get(READ_LIMIT_ENV, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_MAX_READ_BYTES
+
+
+def check_read_size(path: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse a read whose result would exceed :func:`max_read_bytes`, before allocating it."""
+    nbytes = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+    limit = max_read_bytes()
+    if nbytes > limit:
+        raise StoreLimitExceeded(
+            f"reading {name} {tuple(int(n) for n in shape)} from {str(path)!r} would allocate {nbytes:,} bytes, over "
+            f"the limit of {limit:,}; the store claims more data than is plausible: regenerate it, or if it really "
+            f"is this large raise the limit with {READ_LIMIT_ENV}"
+        )
+
+
+def load_json(raw: bytes | str, *, where: str, fix: str) -> Any:
+    """Parse one store-internal JSON document (data only, never evaluated); any damage -> CorruptStore.
+
+    The single entry point for metadata JSON, so an empty, truncated, oversized, deeply nested
+    or non-UTF-8 document is one line naming ``where`` and ``fix``, never a parser traceback.
+    """
+    if len(raw) > MAX_JSON_BYTES:
+        reason = f"{len(raw):,} bytes, over the {MAX_JSON_BYTES:,}-byte limit for metadata"
+    elif not (raw.strip() if isinstance(raw, str) else raw.strip()):
+        reason = "empty"
+    else:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            reason = f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        except UnicodeDecodeError:
+            reason = "not UTF-8 text"
+        except RecursionError:
+            reason = "nested too deeply"
+    raise CorruptStore(f"{where} is damaged ({reason}); {fix}")
+
+
+def load_json_file(path: Any, *, fix: str) -> Any:
+    """:func:`load_json` of a file, reading at most one byte past the limit."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    return load_json(raw, where=repr(str(path)), fix=fix)
+
 
 # root attributes whose values are objects (JSON strings in HDF5)
 OBJECT_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by")
@@ -125,6 +183,9 @@ class StoreMeta:
             p.append(f"status {self.status!r} is not 'writing' or 'complete'")
         if not isinstance(self.checksum, str) or self.checksum not in CHECKSUM_ALGORITHMS:
             p.append(f"checksum {self.checksum!r} is not one of {', '.join(CHECKSUM_ALGORITHMS)}")
+        if not p and self.num_chunks > MAX_CHUNKS:
+            p.append(f"num_samples {self.num_samples} in chunks of {self.chunk_rows} rows make {self.num_chunks:,} "
+                     f"chunks, over the limit of {MAX_CHUNKS:,}")
         return p
 
     @property
@@ -299,10 +360,7 @@ def decode_h5_attr(name: str, value: Any) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
     if name in JSON_ATTRS and isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as err:
-            raise CorruptStore(f"root attribute {name!r} is not valid JSON ({err.msg}); regenerate the store") from None
+        return load_json(value, where=f"root attribute {name!r}", fix="regenerate the store")
     return value
 
 
@@ -314,9 +372,10 @@ def default_chunk_rows(num_classes: int, itemsize: int, target_bytes: int = 1 <<
 
 def chunk_list(indices: Any, limit: int = 20) -> str:
     """'3, 7, 9' (at most ``limit`` numbers, then a count) for messages."""
-    items = [int(i) for i in indices]
-    text = ", ".join(str(i) for i in items[:limit])
-    return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    items = [int(i) for i in itertools.islice(indices, limit)]  # a hostile count must not be listed whole
+    total = len(indices) if hasattr(indices, "__len__") else len(items)
+    text = ", ".join(str(i) for i in items)
+    return text + (f", ... ({total - limit} more)" if total > limit else "")
 
 
 def _is_int(x: Any) -> bool:

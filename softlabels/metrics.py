@@ -20,7 +20,7 @@ __all__ = ["EvalAccumulator"]
 Metrics = dict[str, float | int | None]
 _SUM_KEYS = (
     "n", "n_labeled", "correct", "n_teacher", "n_teacher_labeled", "teacher_correct", "agree", "kl", "corr", "n_corr",
-    "n_dense",
+    "n_dense", "nonfinite",
 )  # fmt: skip
 
 
@@ -38,10 +38,11 @@ class EvalAccumulator:
 
     Call :meth:`update` per batch, then :meth:`compute`. Its keys:
 
-    * always: ``n`` (rows), ``n_labeled`` (rows with label >= 0), ``accuracy``
-      (student argmax == label) and ``ece`` (student expected calibration error,
+    * always: ``n`` (rows), ``n_labeled`` (rows with label >= 0), ``accuracy`` (student argmax == label) and ``ece`` (student expected calibration error,
       ``sum_b |B_b|/n |acc_b - conf_b|`` over ``n_bins`` equal-width confidence bins
       closed on the right); both over labeled rows, None when there are none;
+    * once any row of student logits held NaN/inf: ``nonfinite_rows`` (such rows count
+      as wrong and stay out of the ECE bins);
     * once any batch carried a teacher (dense or top-k): ``agreement`` (student
       top-1 == teacher top-1, all teacher rows), ``kl_to_teacher`` (mean
       KL(teacher || student) at T = 1; for top-k the exact bucketed form of
@@ -81,11 +82,15 @@ class EvalAccumulator:
         if y.numel() and not (y.min() >= -1 and y.max() < self.num_classes):
             raise DataError(f"labels must lie in [-1, {self.num_classes}); check the dataset's label column")
         labeled = y >= 0
+        # A NaN/inf row has no prediction: torch's argmax would still name a class (and an all-NaN
+        # student could score 100%), so such rows count as wrong and stay out of the calibration bins.
+        finite = torch.isfinite(s).all(-1)
         sums = self._sums
         sums["n"] += len(y)
         sums["n_labeled"] += float(labeled.sum())
-        sums["correct"] += float((s.argmax(-1) == y)[labeled].sum())
-        self._add_bins("student", s, y, labeled)
+        sums["nonfinite"] += float((~finite).sum())
+        sums["correct"] += float(((s.argmax(-1) == y) & finite)[labeled].sum())
+        self._add_bins("student", s, y, labeled & finite)
 
         teacher = self._teacher(batch)
         if teacher is None:
@@ -145,6 +150,8 @@ class EvalAccumulator:
             "accuracy": sums["correct"] / nl if nl else None,
             "ece": self._ece("student"),
         }
+        if sums["nonfinite"]:
+            out["nonfinite_rows"] = int(sums["nonfinite"])
         if sums["n_teacher"]:
             ntl = sums["n_teacher_labeled"]
             out["teacher_accuracy"] = sums["teacher_correct"] / ntl if ntl else None

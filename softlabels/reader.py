@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -102,6 +102,8 @@ class SoftLabelStore:
             # HDF5 cannot chunk beyond a fixed dimension, so a short store's chunk is N rows
             if spec.per_row and shape and chunks[0] not in (self.meta.chunk_rows, min(self.meta.chunk_rows, max(1, shape[0]))):
                 problems.append(f"{name} is chunked by {chunks[0]} rows, chunk_rows says {self.meta.chunk_rows}")
+            if shape == spec.shape and (claim := b.unbacked(name)):
+                problems.append(claim)
         if problems:
             self.close()
             if not present:
@@ -148,8 +150,17 @@ class SoftLabelStore:
 
     @property
     def sample_ids(self) -> np.ndarray:
-        """All sample ids, int64 [N]; read once and cached."""
-        return self._whole(fmt.SAMPLE_IDS)
+        """All sample ids, int64 [N]; read once and cached. A complete store's ids must be unique."""
+        first = fmt.SAMPLE_IDS not in self._cache
+        ids = self._whole(fmt.SAMPLE_IDS)
+        if first and self.meta.complete and len(dup := duplicates(ids)):
+            rows = np.flatnonzero(np.isin(ids, dup[:1]))
+            raise CorruptStore(
+                f"{self.path} holds sample id {int(dup[0])} {len(rows)} times (rows {fmt.chunk_list(rows)}; "
+                f"{len(dup)} duplicated id(s) in all); each input must appear once: repair it with 'softlabels "
+                "generate --repair' and the original arguments"
+            )
+        return ids
 
     def chunk_done(self) -> np.ndarray:
         """bool [num_chunks], read fresh from disk."""
@@ -223,19 +234,50 @@ class SoftLabelStore:
                     "arguments"
                 )
 
-    def verify(self) -> list[int]:
-        """Read every finished chunk; return those that are unreadable or fail their checksum."""
-        bad = []
+    def verify(self, each: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> list[int]:
+        """Read every finished chunk; return those that are unreadable, fail their checksum, repeat an
+        index within a top-k row, or share a sample id with another row (every copy is listed).
+
+        ``each(chunk, block)`` is called with every chunk that passes the per-chunk checks.
+        """
+        bad, ids, owner = [], [], []
         for c in np.flatnonzero(self.chunk_done()):
             c = int(c)
             try:
-                self.read_chunk(c, verify=True)
+                block = self.read_chunk(c, verify=True)
             except CorruptStore:
                 bad.append(c)
-        return bad
+                continue
+            if fmt.TOPK_INDICES in block and repeated_in_rows(block[fmt.TOPK_INDICES]).any():
+                bad.append(c)
+                continue
+            if each is not None:
+                each(c, block)
+            ids.append(block[fmt.SAMPLE_IDS])
+            owner.append(np.full(len(ids[-1]), c, dtype=np.int64))
+        if ids:
+            all_ids = np.concatenate(ids)
+            dup = duplicates(all_ids)
+            if len(dup):
+                bad += np.unique(np.concatenate(owner)[np.isin(all_ids, dup)]).tolist()
+        return sorted(set(bad))
 
     def size_on_disk(self) -> int:
         return self._handle().size_on_disk()
+
+
+def duplicates(ids: np.ndarray) -> np.ndarray:
+    """The values occurring more than once in ``ids`` (sorted; one sort, no Python loop)."""
+    s = np.sort(ids)
+    return np.unique(s[1:][s[1:] == s[:-1]])
+
+
+def repeated_in_rows(indices: np.ndarray) -> np.ndarray:
+    """bool [B]: the row of top-k indices names some class twice (densifying it would be wrong)."""
+    if indices.shape[-1] < 2 or not len(indices):
+        return np.zeros(len(indices), dtype=bool)
+    s = np.sort(indices, axis=-1)
+    return (s[:, 1:] == s[:, :-1]).any(axis=-1)
 
 
 def to_torch(block: dict[str, np.ndarray], logits_dtype: str) -> dict[str, torch.Tensor]:

@@ -155,7 +155,16 @@ class _MapDataset(InputDataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self._convert(self.dataset[index], index)
+        try:
+            item = self.dataset[index]
+        except IndexError:
+            if not 0 <= index < len(self.dataset):
+                raise  # the sequence protocol's end, not a failure
+            raise DataError(f"dataset '{self.source}' failed on item {index} (IndexError); fix the dataset") from None
+        except Exception as err:  # user code, any item: one line, not a traceback from generate's or train's loop
+            raise DataError(f"dataset '{self.source}' failed on item {index} ({_one_line(err)}); fix the dataset") \
+                from err
+        x, y = self._convert(item, index)
         if tuple(x.shape) != self.input_shape:
             raise DataError(
                 f"item {index} of '{self.source}' has shape {tuple(x.shape)} but item 0 has "

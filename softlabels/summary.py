@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from softlabels import format as fmt
+from softlabels._pipeline import _finite_rows
 from softlabels.errors import CorruptStore
 from softlabels.reader import SoftLabelStore, densify_topk, to_torch
 
@@ -47,19 +48,18 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
 
 
 def _teacher_stats(store: SoftLabelStore, done: np.ndarray, *, verify: bool) -> dict[str, Any]:
-    """Label counts, teacher top-1 accuracy on labeled rows and mean entropy (nats, T = 1).
+    """Label counts, teacher top-1 accuracy on labeled rows, mean entropy (nats, T = 1), non-finite rows.
 
-    Reads chunk by chunk; damaged chunks are skipped and listed.
+    Reads chunk by chunk; damaged chunks are skipped and listed (with ``verify``, also chunks
+    repeating a top-k index in a row or sharing sample ids: see :meth:`SoftLabelStore.verify`).
     """
-    correct = labeled = rows = 0
-    entropy = 0.0
-    damaged = []
-    for c in np.flatnonzero(done):
-        try:
-            block = to_torch(store.read_chunk(int(c), verify=verify), store.logits_dtype)
-        except CorruptStore:
-            damaged.append(int(c))
-            continue
+    sums = dict.fromkeys(("correct", "labeled", "rows", "nonfinite"), 0)
+    entropy = [0.0]
+
+    def add(_chunk: int, raw: dict[str, np.ndarray]) -> None:
+        values = {k: v for k, v in raw.items() if k in (fmt.LOGITS, fmt.TOPK_VALUES, fmt.LOGSUMEXP)}
+        sums["nonfinite"] += int((~_finite_rows({k: v.reshape(len(v), -1) for k, v in values.items()})).sum())
+        block = to_torch(raw, store.logits_dtype)
         if store.layout == "dense":
             logp = torch.log_softmax(block[fmt.LOGITS].float(), dim=-1)
             top1 = logp.argmax(-1)
@@ -67,18 +67,30 @@ def _teacher_stats(store: SoftLabelStore, done: np.ndarray, *, verify: bool) -> 
             logp = densify_topk(block[fmt.TOPK_VALUES], block[fmt.TOPK_INDICES], block[fmt.LOGSUMEXP],
                                 store.num_classes, tail="bucket")
             top1 = block[fmt.TOPK_INDICES][:, 0]
-        entropy += float(-(logp.exp() * logp).nan_to_num().sum())
+        entropy[0] += float(-(logp.exp() * logp).nan_to_num().sum())
         lab = block[fmt.LABELS]
         mask = lab >= 0
-        correct += int((top1[mask] == lab[mask]).sum())
-        labeled += int(mask.sum())
-        rows += len(lab)
+        sums["correct"] += int((top1[mask] == lab[mask]).sum())
+        sums["labeled"] += int(mask.sum())
+        sums["rows"] += len(lab)
+
+    if verify:
+        damaged = store.verify(add)
+    else:
+        damaged = []
+        for c in np.flatnonzero(done):
+            try:
+                add(int(c), store.read_chunk(int(c), verify=False))
+            except CorruptStore:
+                damaged.append(int(c))
+    labeled, rows = sums["labeled"], sums["rows"]
     stats = {
         "labeled": labeled,
         "unlabeled": rows - labeled,
-        "teacher_accuracy": correct / labeled if labeled else None,
-        "mean_teacher_entropy": entropy / rows if rows else None,
+        "teacher_accuracy": sums["correct"] / labeled if labeled else None,
+        "mean_teacher_entropy": entropy[0] / rows if rows else None,
         "entropy_note": "over the top-k classes plus a tail bucket (a lower bound)" if store.layout == "topk" else None,
+        "nonfinite_rows": sums["nonfinite"],
     }
     stats["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
     return stats

@@ -27,12 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 from softlabels import checkpoint as ckpt_io
+from softlabels import format as fmt
+from softlabels._loader import batch_loader
 from softlabels._progress import progress, wants_bar
 from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, set_threads, weights_digest
 from softlabels.config import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, TrainConfig
 from softlabels.data import class_count
-from softlabels._loader import batch_loader
-from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
+from softlabels.errors import CheckpointError, ConfigError, DataError, ModelMismatch, NonFiniteOutputs
 from softlabels.losses import TOPK_KEYS, DistillationLoss, make_soft_loss
 
 __all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"]
@@ -253,14 +254,31 @@ class _Run:
         if old.get("world_size") != self.env.world:
             self.log(f"note: resuming a {old.get('world_size')}-process run on {self.env.world} processes; "
                      "the data split per rank changes")
-        self.student.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        ckpt_io.set_rng_state(state["rng"])
+        try:  # well-formed fields (checked on load) that still do not fit this student
+            self.student.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            ckpt_io.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
+            raise CheckpointError(f"checkpoint {str(self.resume_from)!r} does not fit this run "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); start over "
+                                  "with --overwrite") from None
         self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
         if self.env.rank == 0:
             ckpt_io.truncate_metrics(self.config.out, self.start_epoch)
         self.log(f"resuming {self.config.out} after epoch {self.start_epoch} (step {self.step})")
+
+    def _check_stores_finite(self) -> None:
+        """After a NaN loss, before blaming --lr: a store holding NaN/inf teacher values (one scan, on failure only)."""
+        from softlabels._jobstore import scan_nonfinite
+
+        for store in self.stores:
+            ids = scan_nonfinite(Path(store.path))
+            if ids:
+                raise NonFiniteOutputs(
+                    f"store {str(store.path)!r} holds NaN/inf teacher values for {len(ids)} sample id(s) "
+                    f"({fmt.chunk_list(ids)}), so every loss is NaN; lowering --lr will not help: regenerate the store "
+                    "with a fixed teacher or without those inputs")
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         batch = {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -334,6 +352,7 @@ class _Run:
             record = self._epoch(epoch)
             if not math.isfinite(record["loss"]):  # same on every rank (all-reduced): all stop together
                 kept = f" (the checkpoint after epoch {epoch} is kept)" if epoch else ""
+                self._check_stores_finite()
                 raise NonFiniteOutputs(f"training diverged: loss {record['loss']} in epoch {epoch + 1}; "
                                        f"lower --lr{kept}")
             if self.val is not None and env.rank == 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -155,6 +156,15 @@ class Random(Dataset):  # augments in __getitem__
 def random(): return Random()
 
 def worker_only(): return WorkerOnly()
+
+class LaterFailure(Dataset):  # item 0 fine, item 3 raises: inside generate's loop
+    num_classes = 4
+    def __len__(self): return 40
+    def __getitem__(self, i):
+        if i >= 3: raise RuntimeError("disk went away")
+        return torch.zeros(6), i % 4
+
+def later_failure(): return LaterFailure()
 '''
 
 
@@ -437,7 +447,7 @@ def case(cid: str, table: dict = CASES):
 
 @case("E105")
 def _(c):
-    (c.mkdir("bad.zarr") / "zarr.json").write_text("{not json")
+    (c.mkdir("bad.zarr") / "zarr.json").write_text('{"zarr_format": 3, "node_type": "array"}')
     return c.cli("inspect", c.tmp / "bad.zarr")
 
 
@@ -714,6 +724,104 @@ def _(c):
 
 
 # -- library only: each raises ------------------------------------------------------------------
+@case("E1101")
+def _(c):
+    p = c.copy(c.env.zarr)
+    (p / "logits" / "zarr.json").write_text("")
+    return c.gen("--repair", out=p, weights=c.env.w)
+
+
+@case("E1102")
+def _(c):  # 16 KB of HDF5 claiming 10^9 rows of logits, never allocated
+    return c.cli("inspect", claimed_store(c.tmp / "claims.h5", num_samples=10**9, num_classes=1000, chunk_rows=1 << 16))
+
+
+@case("E1103")
+def _(c):
+    return c.cli("inspect", edit_h5(c.copy(c.env.h5), lambda f: f.attrs.update(num_samples=1 << 25, chunk_rows=1)))
+
+
+@case("E1104")
+def _(c):  # one 2 GiB chunk flagged done, no chunk file behind it
+    return c.cli("inspect", claimed_store(c.tmp / "claims.zarr", num_samples=1 << 26, num_classes=8,
+                                          chunk_rows=1 << 26, done=[0]))
+
+
+@case("E1105")
+def _(c):
+    return c.gen(data="errcat_data:later_failure")
+
+
+@case("E1106")
+def _(c):
+    return c.gen(data=c.npz("u64.npz", x=np.zeros((3, D), np.float32), y=np.array([0, 1, 2**63], np.uint64)))
+
+
+@case("E1107")
+def _(c):
+    return c.gen(data=str(c.write("cut.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'sh")))
+
+
+@case("E1108")
+def _(c):  # a planted 'click' sends SIGINT while the command is still importing
+    (c.mkdir("plant") / "click.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                                "time.sleep(30)\n")
+    path = os.pathsep.join([str(c.tmp / "plant"), str(ROOT)])
+    p = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(c.env.h5)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": path})
+    return SimpleNamespace(exit_code=p.returncode, stdout=p.stdout, stderr=p.stderr, output=p.stdout + p.stderr,
+                           in_process=False)
+
+
+def _resume_with(c: Ctx, **fields: Any):
+    run = c.copy(c.env.run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, **{k: f(ckpt) for k, f in fields.items()}}, run / "checkpoint.pt")
+    return c.train("--store", c.env.h5, "--resume", "--epochs", "2", out=run)
+
+
+@case("E1109")
+def _(c):
+    return _resume_with(c, rng=lambda ck: {**ck["rng"], "numpy": []})
+
+
+@case("E1110")
+def _(c):
+    return _resume_with(c, model=lambda ck: {k: torch.zeros(2) for k in ck["model"]})
+
+
+@case("E1111")
+def _(c):
+    p = edit_h5(c.copy(c.env.h5), lambda f: f["sample_ids"].__setitem__(slice(0, 2), [5, 5]))
+    return c.train("--store", p)
+
+
+def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:
+    """A tiny store whose attributes and array shapes agree but whose data was never written."""
+    from softlabels.format import StoreMeta
+    from softlabels.store import open_backend
+
+    meta = StoreMeta(layout="dense", num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows,
+                     status="complete" if len(done) else "writing")
+    if path.suffix == ".zarr":
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        g.attrs.update(meta.to_attrs())
+        for name, spec in meta.arrays().items():
+            g.create_array(name, shape=spec.shape, dtype=spec.dtype, fill_value=0,
+                           chunks=(chunk_rows,) + spec.shape[1:] if spec.per_row else (1,))
+        for chunk in done:
+            g["chunk_done"][chunk] = 1
+        return path
+    with h5py.File(path, "w") as f:  # h5py's default: chunks allocated only when written
+        for name, spec in meta.arrays().items():
+            rows = min(chunk_rows if spec.per_row else 4096, spec.shape[0])
+            f.create_dataset(name, shape=spec.shape, dtype=spec.dtype, chunks=(rows,) + spec.shape[1:])
+    backend = open_backend(path, "r+")
+    backend.set_attrs(meta.to_attrs())
+    backend.close()
+    return path
+
+
 def _writer(name: str = "s.zarr", **kw) -> Callable[[Ctx], Any]:
     from softlabels.writer import StoreWriter
 

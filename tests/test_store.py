@@ -256,3 +256,25 @@ def test_unknown_version_and_bad_attrs(tmp_path):
     g.attrs["layout"] = "sparse"
     with pytest.raises(CorruptStore, match="layout 'sparse'"):
         open_store(path)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(flags=st.lists(st.integers(0, 1), min_size=1, max_size=40), sums=st.data(), start=st.integers(0, 40))
+def test_zarr_bookkeeping_read_from_files_equals_zarr(tmp_path_factory, flags, sums, start):
+    """chunk_done/checksums come from the chunk files present; the values equal plain zarr's read."""
+    from softlabels.store import open_backend
+
+    path = tmp_path_factory.mktemp("book") / "s.zarr"
+    n = len(flags)
+    w = StoreWriter.create(path, num_samples=n, num_classes=3, chunk_rows=1)
+    w.close()
+    g = zarr.open_group(str(path), mode="r+")
+    written = sums.draw(st.lists(st.integers(0, n - 1), unique=True))
+    values = sums.draw(st.lists(st.integers(0, 2**32 - 1), min_size=len(written), max_size=len(written)))
+    for i, v in zip(written, values):  # only these chunk files exist
+        g["chunk_done"][i], g["checksums"][i] = flags[i], v
+    b = open_backend(path, "r")
+    for name in ("chunk_done", "checksums"):
+        plain = zarr.open_array(str(path / name), mode="r")[...]
+        np.testing.assert_array_equal(b.read(name, min(start, n), n), plain[min(start, n):])
+    b.close()

@@ -16,6 +16,7 @@ import sys
 import click
 from click.exceptions import NoArgsIsHelpError
 
+from softlabels import _startup
 from softlabels._version import __version__
 from softlabels.errors import SoftLabelsError
 
@@ -34,6 +35,7 @@ class _Group(click.Group):
             raise _usage_error(err) from None
 
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
+        _startup.end()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
         try:
             return super().invoke(ctx)
         except click.UsageError as err:  # an unknown option, a missing one, a value click cannot parse

@@ -30,8 +30,10 @@ def command(checkpoint: str, data_spec: str, store: str | None, as_json: bool, b
 
     result = evaluate(checkpoint, data_spec, store, batch_size=batch_size, device=device, threads=threads)
     if as_json:
-        click.echo(json.dumps(result, sort_keys=True))
+        click.echo(json.dumps(result, sort_keys=True, allow_nan=False))  # evaluate() already nulled NaN
         return
     header = f"{result['student']} from {checkpoint} on {data_spec}" + (f" vs {store}" if store else "")
     click.echo(header)
     click.echo(format_table(result))
+    for warning in result.get("warnings", []):
+        click.echo(f"warning: {warning}")

@@ -36,6 +36,9 @@ def command(store: str, as_json: bool, verify: bool) -> None:
         ("source", json.dumps(info["source"], sort_keys=True)),
         ("created by", json.dumps(info["created_by"], sort_keys=True)),
     ]
+    if info["nonfinite_rows"]:
+        rows.append(("non-finite", f"{info['nonfinite_rows']} rows hold NaN/inf teacher values (training on them "
+                                   "gives a NaN loss; see created_by.nonfinite_sample_ids)"))
     if verify:
         bad = info["corrupt_chunks"]
         rows.append(("checksums", f"{len(bad)} corrupt chunks: {chunk_list(bad)} (repair: softlabels generate "

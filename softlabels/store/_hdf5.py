@@ -8,6 +8,7 @@ file. Object-valued root attributes are stored as JSON strings.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import h5py
 import numpy as np
 
 from softlabels.errors import CorruptStore, NotAStore, StoreLocked, StoreWriteError
-from softlabels.format import ArraySpec, decode_h5_attr, encode_h5_attr
+from softlabels.format import ArraySpec, check_read_size, decode_h5_attr, encode_h5_attr
 
 
 class HDF5Backend:
@@ -80,6 +81,20 @@ class HDF5Backend:
     def shard_rows(self, name: str) -> int | None:
         return None  # HDF5 has no shards
 
+    def unbacked(self, name: str) -> str | None:
+        """What the array's shape claims beyond the storage the file holds for it (None if backed).
+
+        Stores allocate every chunk at creation, so a shape the file does not back with
+        allocated chunks is a claim only: refused before anything is read or allocated.
+        """
+        d = self._dataset(name)
+        if d.chunks is None:
+            held, want = d.id.get_storage_size(), d.nbytes
+            return None if held >= want else f"{name} claims {want:,} bytes but the file holds {held:,} for it"
+        want = math.prod(-(-n // c) for n, c in zip(d.shape, d.chunks))
+        held = d.id.get_num_chunks()
+        return None if held >= want else f"{name} claims {want:,} chunks but the file holds {held:,} of them"
+
     def create_array(self, name: str, spec: ArraySpec, *, chunk_rows: int, shard_rows: int | None,
                      compress: bool) -> None:
         rows = chunk_rows if spec.per_row else min(max(1, spec.shape[0]), 4096)
@@ -106,7 +121,8 @@ class HDF5Backend:
         d = self._dataset(name)
         shape = d.shape
         if out is None:
-            out = np.empty((stop - start,) + shape[1:], dtype=d.dtype)
+            check_read_size(self.path, name, (max(0, min(stop, d.shape[0]) - start),) + d.shape[1:], d.dtype)
+            out = np.empty((stop - start,) + d.shape[1:], dtype=d.dtype)
         if stop > start:
             try:
                 if self._raw_rows(name, d) == stop - start and start % (stop - start) == 0 and out.flags.c_contiguous:
