@@ -2,8 +2,8 @@
 
 Called by rank 0 only, with the store's lock held. A rerun may resume only a store
 made with the same settings: the shape-deciding ones (layout, N, C, dtype, K,
-chunk and shard rows) and what decides the values (teacher spec, weights sha256,
-amp, and the inputs' fingerprint). ``chunk_rows``/``shard_chunks`` left unset
+chunk and shard rows) and what decides the values (teacher spec, weights sha256 or
+the seed of a random init, amp, device type, batch size, and the inputs' fingerprint). ``chunk_rows``/``shard_chunks`` left unset
 adopt the store's. A mismatch is refused on one line naming every difference.
 """
 
@@ -34,6 +34,8 @@ class Settings:
     out: Path
     weights: str | None = None
     allow_pickle: bool = False
+    random_teacher: bool = False
+    seed: int = 0
     layout: str = "dense"
     topk: int | None = None
     dtype: str = "float32"
@@ -50,7 +52,15 @@ class Settings:
     progress: bool | None = None
 
     def problems(self) -> list[str]:
+        from softlabels.models import BUILTIN_MODELS
+
         p = []
+        if self.teacher in BUILTIN_MODELS and self.weights is None and not self.random_teacher:
+            p.append(f"--teacher {self.teacher} is an architecture without --weights, so it would label the data "
+                     "with random weights; pass --weights FILE (e.g. a 'softlabels train' run's model.pt), or "
+                     "--random-teacher for a random teacher seeded by --seed (for tests)")
+        if self.random_teacher and self.weights is not None:
+            p.append("--random-teacher and --weights exclude each other; pick one")
         if self.layout not in fmt.LAYOUTS:
             p.append(f"--layout must be one of {', '.join(fmt.LAYOUTS)}, got {self.layout!r}")
         if self.layout == "topk" and (self.topk is None or self.topk < 1):
@@ -73,6 +83,13 @@ class Settings:
             p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
         elif self.shard_chunks is not None and self.out.suffix.lower() != ".zarr":
             p.append("--shard-chunks needs a Zarr store (*.zarr)")
+        from softlabels._paths import out_overlaps
+        from softlabels.specs import data_spec_path, is_model_file
+
+        clash = out_overlaps(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
+                                        ("--teacher", self.teacher if is_model_file(self.teacher) else None)])
+        if clash:
+            p.append(clash)
         if self.repair and self.overwrite:
             p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")
         return p
@@ -81,7 +98,8 @@ class Settings:
         """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""
         return {"batch_size": self.batch_size, "layout": self.layout, "topk": self.topk,
                 "logits_dtype": self.dtype, "chunk_rows": chunk_rows, "shard_chunks": self.shard_chunks,
-                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite}
+                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite,
+                "seed": self.seed, "random_teacher": self.random_teacher}
 
 
 @dataclass
@@ -159,7 +177,10 @@ def _diffs(reader: SoftLabelStore, want: dict[str, Any], s: Settings, *, teacher
     diffs = [f"{k} {getattr(m, k)!r} in the store, {v!r} asked" for k, v in want.items() if getattr(m, k) != v]
     if s.shard_chunks is not None and reader.unit_rows != s.shard_chunks * m.chunk_rows:
         diffs.append(f"shards of {reader.unit_rows} rows in the store, {s.shard_chunks * m.chunk_rows} asked")
-    for attr, keys, mine in (("teacher", ("spec", "weights_sha256", "amp"), teacher),
+    recorded = (m.created_by or {}).get("settings") or {}
+    if recorded.get("batch_size") != s.batch_size:  # batches round differently: rows differ in the last bits
+        diffs.append(f"batch_size {recorded.get('batch_size')!r} in the store, {s.batch_size!r} asked")
+    for attr, keys, mine in (("teacher", ("spec", "weights_sha256", "init_seed", "amp", "device"), teacher),
                              ("source", ("fingerprint", "num_samples"), source)):
         have = getattr(m, attr)
         diffs += [f"{attr}.{k} {have.get(k)!r} in the store, {mine[k]!r} asked" for k in keys if have.get(k) != mine[k]]

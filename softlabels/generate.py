@@ -78,6 +78,8 @@ def generate(
     *,
     weights: str | Path | None = None,
     allow_pickle: bool = False,
+    random_teacher: bool = False,
+    seed: int = 0,
     layout: str = "dense",
     topk: int | None = None,
     dtype: str = "float32",
@@ -99,10 +101,12 @@ def generate(
     Reruns resume an unfinished store (same settings required; ``chunk_rows`` and
     ``shard_chunks`` left as ``None`` adopt the store's). ``repair`` re-verifies the
     checksums and regenerates bad chunks. ``progress=None`` shows a bar on a TTY.
-    ``echo`` receives status lines (warnings, repairs) on rank 0.
+    ``echo`` receives status lines (warnings, repairs) on rank 0. A built-in teacher
+    needs ``weights``, or ``random_teacher=True`` (tests): its init is seeded by ``seed``,
+    which the store records, so a resumed store holds one teacher.
     """
     s = Settings(teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
-                 allow_pickle=allow_pickle, layout=layout, topk=topk, dtype=dtype, batch_size=batch_size,
+                 allow_pickle=allow_pickle, random_teacher=random_teacher, seed=seed, layout=layout, topk=topk, dtype=dtype, batch_size=batch_size,
                  num_workers=num_workers, device=device, amp=amp, chunk_rows=chunk_rows, shard_chunks=shard_chunks,
                  num_classes=num_classes, overwrite=overwrite, on_nonfinite=on_nonfinite, repair=repair,
                  progress=progress)
@@ -198,8 +202,10 @@ class _Job:
         if s.layout == "topk" and s.topk > c:
             raise ConfigError(f"--topk {s.topk} is more than the {c} classes; pass --topk {c} or fewer")
         self.c = c
-        info = resolve_model(s.teacher, input_shape=tuple(ds.input_shape), num_classes=c,
-                              weights=s.weights, allow_pickle=s.allow_pickle)
+        with torch.random.fork_rng(devices=[]):  # any random init comes from --seed, and is recorded
+            torch.manual_seed(s.seed)
+            info = resolve_model(s.teacher, input_shape=tuple(ds.input_shape), num_classes=c,
+                                 weights=s.weights, allow_pickle=s.allow_pickle)
         module = info.module.to(self.dev)
         self.teacher = Teacher(module, s.teacher, device=self.dev, amp=s.amp, layout=s.layout, topk=s.topk,
                                logits_dtype=s.dtype, num_classes=c)
@@ -207,6 +213,7 @@ class _Job:
         self.teacher.forward(x, "inputs")  # fails here, before any store exists, if it does not fit
         param = next(iter(module.parameters()), None)
         self.teacher_attrs = {**info.metadata(), "amp": s.amp, "device": self.dev.type,
+                              "init_seed": s.seed if info.weights_sha256 is None else None,
                               "param_dtype": str(param.dtype).removeprefix("torch.") if param is not None else None}
         if self.dist.is_main:
             self.source_attrs = {"spec": s.data, "num_samples": self.n, "fingerprint": fingerprint(ds),

@@ -15,6 +15,9 @@ from softlabels.errors import SoftLabelsError
 @click.option("--weights", type=click.Path(dir_okay=False), help="state_dict file loaded into the teacher.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow unpickling arbitrary objects in --weights (trusted files only).")
+@click.option("--random-teacher", is_flag=True,
+              help="Allow a built-in --teacher without --weights: random weights seeded by --seed (for tests).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds a teacher's random init (recorded).")
 @click.option("--data", required=True, help="Input data spec, e.g. digits:train, x.npz, data.h5:X,Y, module:factory.")
 @click.option("--out", required=True, type=click.Path(), help="Store to write: *.h5, *.hdf5 or *.zarr.")
 @click.option("--layout", type=click.Choice(["dense", "topk"]), default="dense", show_default=True)
@@ -34,8 +37,8 @@ from softlabels.errors import SoftLabelsError
               help="NaN/inf teacher outputs: stop, or store them and list their sample ids.")
 @click.option("--repair", is_flag=True, help="Verify checksums and regenerate the chunks that fail.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is shown only on a terminal anyway).")
-def command(teacher: str, weights: str | None, allow_pickle: bool, data: str, out: str, layout: str,
-            topk: int | None, dtype: str, batch_size: int, num_workers: int, device: str, amp: str,
+def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,
+            out: str, layout: str, topk: int | None, dtype: str, batch_size: int, num_workers: int, device: str, amp: str,
             chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
             on_nonfinite: str, repair: bool, no_progress: bool) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
@@ -49,7 +52,8 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, data: str, ou
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         result = generate(
-            teacher, data, out, weights=weights, allow_pickle=allow_pickle, layout=layout, topk=topk,
+            teacher, data, out, weights=weights, allow_pickle=allow_pickle, random_teacher=random_teacher,
+            seed=seed, layout=layout, topk=topk,
             dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
             chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
             on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,

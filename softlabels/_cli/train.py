@@ -12,6 +12,8 @@ from softlabels.train import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, OPTIMIZERS, SCH
 @click.command("train")
 @click.option("--student", required=True, help="Student model spec: built-in name, module:factory or model file.")
 @click.option("--student-weights", type=click.Path(dir_okay=False), help="Initial weights (a state_dict file).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow unpickling arbitrary objects in --student-weights (trusted files only).")
 @click.option("--store", "stores", multiple=True, metavar="STORE",
               help="Soft-label store to distil from (repeat for several, e.g. labeled + unlabeled).")
 @click.option("--data", multiple=True, metavar="SPEC",
@@ -35,7 +37,7 @@ from softlabels.train import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, OPTIMIZERS, SCH
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar; one line per epoch instead.")
-def command(student, student_weights, stores, data, loss, temperature, alpha, epochs, batch_size, lr, optimizer,
+def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr, optimizer,
             weight_decay, schedule, warmup_steps, seed, num_workers, device, val_data, out, resume, overwrite,
             no_progress) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
@@ -44,7 +46,7 @@ def command(student, student_weights, stores, data, loss, temperature, alpha, ep
     OUT/checkpoint.pt, model.pt, metrics.jsonl and summary.json.
     """
     config = TrainConfig(
-        student=student, student_weights=student_weights, stores=tuple(stores), data=tuple(data), loss=loss,
+        student=student, student_weights=student_weights, allow_pickle=allow_pickle, stores=tuple(stores), data=tuple(data), loss=loss,
         temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed, num_workers=num_workers,
         device=device, val_data=val_data, out=out, resume=resume, overwrite=overwrite, progress=not no_progress,

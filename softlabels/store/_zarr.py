@@ -9,6 +9,7 @@ zeros (``write_empty_chunks``), so a missing chunk file means damage.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ class ZarrBackend:
 
     def __init__(self, path: Path, mode: str) -> None:
         self.path = path
+        if mode != "w":
+            escape = _escape(path, writing=mode == "r+")
+            if escape:
+                raise CorruptStore(f"{str(path)!r}: {escape}, and every file of a store must lie inside it; "
+                                   "nothing was read or written: regenerate the store")
         try:
             self._g = zarr.open_group(str(path), mode={"r": "r", "r+": "r+", "w": "w"}[mode], zarr_format=3)
         except Exception as err:  # zarr raises a variety of types for a bad tree
@@ -100,3 +106,24 @@ class ZarrBackend:
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def _escape(root: Path, *, writing: bool) -> str | None:
+    """The first entry of the store tree that leads outside it, or None.
+
+    zarr opens files by path, so a symlink (to a file or a directory) would take reads
+    and writes anywhere its target is; one resolving outside the store's real root is
+    refused, dangling ones included. Before writing, a file with more than one hard link
+    is refused too: zarr would write through it into the other name's file.
+    """
+    top = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(top):  # does not descend into symlinked directories
+        for name in dirnames + filenames:
+            entry = os.path.join(dirpath, name)
+            if os.path.islink(entry):
+                target = os.path.realpath(entry)
+                if os.path.commonpath([top, target]) != top:
+                    return f"{os.path.relpath(entry, top)} is a symlink to {target}, outside the store"
+            elif writing and name in filenames and os.lstat(entry).st_nlink > 1:
+                return f"{os.path.relpath(entry, top)} has another hard link, which a write would change too"
+    return None
