@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from softlabels import _distributed
+from softlabels import _distributed, _signals
 from softlabels import format as fmt
 from softlabels._jobstore import Settings, open_job_store, scan_nonfinite
 from softlabels._lock import StoreLock
@@ -261,6 +261,7 @@ class _Job:
     def _blocks(self, it: Any, stop_row: int | None = None):
         """Teacher output blocks from the loader (up to the end of the unit ending at ``stop_row``)."""
         for start, x, y in it:
+            _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             yield self.teacher.block(start, x, y)
             self.bar.update(min(len(x) * self.dist.world, self.bar.total - self.bar.n))  # ranks progress alike
             end = start + len(x)

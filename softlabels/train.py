@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from softlabels import _signals
 from softlabels import checkpoint as ckpt_io
 from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, weights_digest
 from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
@@ -336,6 +337,7 @@ class _Run:
         t0 = time.perf_counter()
         it, last = iter(self.loader), None
         for i in range(self.steps_per_epoch):
+            _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             batch = next(it, None)
             weight = 1.0
             if batch is None:  # this rank is out of rows: a zero-weight step keeps the ranks in lockstep

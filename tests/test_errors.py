@@ -614,12 +614,20 @@ def pickled_pt2(path: Path, marker: Path) -> Path:
     import zipfile
 
     clean = path.with_name("clean.pt2")
-    torch.export.save(torch.export.export(build_model("linear", (D,), C), (torch.zeros(2, D),)), clean)
+    export_linear(clean)
     buf = io.BytesIO()
     torch.save(((_Touch(marker),), {}), buf)
     with zipfile.ZipFile(clean) as z, zipfile.ZipFile(path, "w") as out:
         for name in z.namelist():
             out.writestr(name, buf.getvalue() if name.endswith("sample_inputs/model.pt") else z.read(name))
+    return path
+
+
+def export_linear(path: Path) -> Path:
+    """A clean .pt2 of a linear model over batches of any size."""
+    program = torch.export.export(build_model("linear", (D,), C), (torch.zeros(2, D),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
     return path
 
 

@@ -7,14 +7,12 @@ deliberate ever reaches the user as a traceback.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 
 import click
 
 from softlabels import __version__
+from softlabels._signals import stop_signals_as_ctrl_c
 from softlabels.errors import SoftLabelsError
 
 
@@ -30,7 +28,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
         try:
-            with _sigterm_as_ctrl_c():
+            with stop_signals_as_ctrl_c():  # SIGTERM (a scheduler's stop) is Ctrl-C too
                 return super().invoke(ctx)
         except SoftLabelsError as err:
             raise _OneLine(str(err)) from None
@@ -39,24 +37,6 @@ class _Group(click.Group):
         except OSError as err:
             # Disk full, permission denied, ... from the OS: say which file and why.
             raise _OneLine(_describe_os_error(err)) from None
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (``kill``, a scheduler's stop) takes the Ctrl-C path: the finished units or
-    epochs are kept, locks released, DataLoader workers joined, and one line printed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    old = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 class _OneLine(click.ClickException):
