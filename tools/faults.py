@@ -134,7 +134,14 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
     job = "gen-rand" if random_teacher else "generate"
     ref = work / f"ref-{job}{suffix}"
     clean_s = _timed(generate_cmd(inputs, ref, random_teacher=random_teacher), DELAY)
-    records: list[dict] = []
+    # The store records --num-workers (nothing else differs): a reference per worker count,
+    # checked to hold the same bytes.
+    refs = {0: ref, workers: work / f"ref-{job}-w{workers}{suffix}"}
+    _run(generate_cmd(inputs, refs[workers], workers, random_teacher))
+    same = diff_stores(ref, refs[workers], ignore=("timings", "settings"))
+    records: list[dict] = [{"job": job, "backend": suffix, "workers": workers, "kill_delays_s": [],
+                            "identical": not same, "diffs": same[:3], "state_at_kill": [], "ends": [],
+                            "lock_held_after_stop": 0}]  # 0 vs `workers` workers: the same bytes
     for i in range(3 * kills + 5):  # until `kills` runs were really stopped (a stop can come after the end)
         if sum(bool(r["kill_delays_s"]) for r in records) >= kills:
             break
@@ -152,7 +159,7 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
             ends.append(f"{sig}: {end}")
             lock_held += not _lock_free(out)
             progress.append(_chunks_done(out))
-        diffs = diff_stores(ref, out)
+        diffs = diff_stores(refs[w], out)
         if random_teacher and killed:  # the same rerun without --random-teacher is refused
             cmd = [a for a in generate_cmd(inputs, out, w, True) if a not in ("--random-teacher",)]
             p = subprocess.run(cmd, capture_output=True, text=True)
