@@ -2,8 +2,8 @@
 
 Called by rank 0 only, with the store's lock held. A rerun may resume only a store
 made with the same settings: the shape-deciding ones (layout, N, C, dtype, K,
-chunk and shard rows) and what decides the values (teacher spec, weights sha256,
-amp, and the inputs' fingerprint). ``chunk_rows``/``shard_chunks`` left unset
+chunk and shard rows) and what decides the values (teacher spec, weights sha256 or
+the seed of a random init, amp, device type, batch size, and the inputs' fingerprint). ``chunk_rows``/``shard_chunks`` left unset
 adopt the store's. A mismatch is refused on one line naming every difference.
 """
 
@@ -102,7 +102,10 @@ def _diffs(reader: SoftLabelStore, want: dict[str, Any], s: Settings, *, teacher
     diffs = [f"{k} {getattr(m, k)!r} in the store, {v!r} asked" for k, v in want.items() if getattr(m, k) != v]
     if s.shard_chunks is not None and reader.unit_rows != s.shard_chunks * m.chunk_rows:
         diffs.append(f"shards of {reader.unit_rows} rows in the store, {s.shard_chunks * m.chunk_rows} asked")
-    for attr, keys, mine in (("teacher", ("spec", "weights_sha256", "amp"), teacher),
+    recorded = (m.created_by or {}).get("settings") or {}
+    if recorded.get("batch_size") != s.batch_size:  # batches round differently: rows differ in the last bits
+        diffs.append(f"batch_size {recorded.get('batch_size')!r} in the store, {s.batch_size!r} asked")
+    for attr, keys, mine in (("teacher", ("spec", "weights_sha256", "init_seed", "amp", "device"), teacher),
                              ("source", ("fingerprint", "num_samples"), source)):
         have = getattr(m, attr)
         diffs += [f"{attr}.{k} {have.get(k)!r} in the store, {mine[k]!r} asked" for k in keys if have.get(k) != mine[k]]

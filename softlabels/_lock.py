@@ -3,23 +3,44 @@
 The lock is an ``fcntl.flock`` on a sibling file ``STORE.lock`` (a Zarr store is a
 directory and an HDF5 file may not exist yet, so the store itself cannot be
 locked). The kernel drops a flock when its holder dies, so a lock file left by a
-killed job never blocks the next one: only a *live* holder does.
+killed job never blocks the next one: only a *live* holder does. A flock belongs to
+the open file, which ``fork`` shares: forked children (DataLoader workers) close their
+copy at once, so a worker left behind by a killed job never holds the lock.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import weakref
 from pathlib import Path
 
 from softlabels.errors import StoreLocked
 
 __all__ = ["StoreLock", "lock_path"]
 
+_HELD: weakref.WeakSet[StoreLock] = weakref.WeakSet()
+
+
+def _drop_in_child() -> None:
+    """After ``fork``, in the child: close the inherited descriptors (the parent keeps its lock)."""
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
 
 def lock_path(store: str | Path) -> Path:
-    """``out.zarr`` -> ``out.zarr.lock`` (beside the store, never inside it)."""
-    store = Path(store)
+    """``out.zarr`` -> ``out.zarr.lock`` beside the store's *real* path (never inside it).
+
+    Symlinks are resolved first, so every path to one store (a symlink to it, or to a
+    folder above it) names the same lock.
+    """
+    store = Path(os.path.realpath(store))
     return store.with_name(store.name + ".lock")
 
 
@@ -56,9 +77,11 @@ class StoreLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         """Remove the lock file (while still holding it, so no one else can own it) and unlock."""
+        _HELD.discard(self)
         if self._fd is None:
             return
         try:

@@ -109,6 +109,17 @@ class TrainConfig:
             p.append("--resume and --overwrite exclude each other; pick one")
         if self.init and self.student_weights:
             p.append("--init and --student-weights both give initial weights; pick one")
+        from softlabels._paths import out_overlaps  # the library's, at call time: --help stays light
+        from softlabels.checkpoint import RUN_FILES
+        from softlabels.specs import data_spec_path, is_model_file
+
+        inputs = [("--store", s) for s in self.stores] + [("--data", data_spec_path(d)) for d in self.data]
+        inputs += [("--val-data", self.val_data and data_spec_path(self.val_data)),
+                   ("--student-weights", self.student_weights),
+                   ("--student", self.student if is_model_file(self.student) else None)]
+        clash = out_overlaps(self.out, inputs, writes=RUN_FILES)
+        if clash:
+            p.append(clash)
         return p
 
 
@@ -125,6 +136,8 @@ class GenerateConfig:
     out: Path
     weights: str | None = None
     allow_pickle: bool = False
+    random_teacher: bool = False
+    seed: int = 0
     layout: str = "dense"
     topk: int | None = None
     dtype: str = "float32"
@@ -142,7 +155,17 @@ class GenerateConfig:
     progress: bool | None = None
 
     def problems(self) -> list[str]:
+        from softlabels._paths import out_overlaps  # the library's, at call time: --help stays light
+        from softlabels.models import BUILTIN_MODELS
+        from softlabels.specs import data_spec_path, is_model_file
+
         p = []
+        if self.teacher in BUILTIN_MODELS and self.weights is None and not self.random_teacher:
+            p.append(f"--teacher {self.teacher} is an architecture without --weights, so it would label the data "
+                     "with random weights; pass --weights FILE (e.g. a 'softlabels train' run's model.pt), or "
+                     "--random-teacher for a random teacher seeded by --seed (for tests)")
+        if self.random_teacher and self.weights is not None:
+            p.append("--random-teacher and --weights exclude each other; pick one")
         if self.layout not in LAYOUTS:
             p.append(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.layout == "topk" and (self.topk is None or self.topk < 1):
@@ -166,6 +189,10 @@ class GenerateConfig:
             p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
         elif self.shard_chunks is not None and self.out.suffix.lower() != ".zarr":
             p.append("--shard-chunks needs a Zarr store (*.zarr)")
+        clash = out_overlaps(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
+                                        ("--teacher", self.teacher if is_model_file(self.teacher) else None)])
+        if clash:
+            p.append(clash)
         if self.repair and self.overwrite:
             p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")
         return p
@@ -174,7 +201,8 @@ class GenerateConfig:
         """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""
         return {"batch_size": self.batch_size, "layout": self.layout, "topk": self.topk,
                 "logits_dtype": self.dtype, "chunk_rows": chunk_rows, "shard_chunks": self.shard_chunks,
-                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite}
+                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite,
+                "seed": self.seed, "random_teacher": self.random_teacher}
 
 
 @dataclass(frozen=True, kw_only=True)

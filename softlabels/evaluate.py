@@ -64,16 +64,25 @@ def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int,
     return acc.compute()
 
 
-def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained student (eval mode) and the run's config, from a run directory or checkpoint file."""
-    from softlabels.specs import resolve_model
+def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu",
+                 student: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained student (eval mode) and the run's config, from a run directory or checkpoint file.
+
+    ``student`` is the architecture spec; by default the checkpoint's recorded one, which
+    is data and so must be a built-in name (:func:`~softlabels.specs.recorded_spec`).
+    """
+    from softlabels.specs import recorded_spec, resolve_model
 
     ckpt_path = find_checkpoint(checkpoint)
     state = load_checkpoint(ckpt_path)
     config = {**state["config"], "epochs_done": state["epoch"]}
+    if student is None:
+        student = recorded_spec(config.get("student"), kind="model", where=f"checkpoint {str(ckpt_path)!r}",
+                                flag="--student")
+    config["student"] = student
     weights = ckpt_path.parent / MODEL if Path(checkpoint).is_dir() and (ckpt_path.parent / MODEL).is_file() \
         else ckpt_path  # resolve_model reads a checkpoint's "model" entry as a state_dict too
-    info = resolve_model(config["student"], input_shape=tuple(config["input_shape"]),
+    info = resolve_model(student, input_shape=tuple(config["input_shape"]),
                          num_classes=int(config["num_classes"]), weights=weights)
     config = {**config, "weights": str(weights), "weights_sha256": info.weights_sha256}
     return info.module.to(device).eval(), config
@@ -81,8 +90,10 @@ def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu") 
 
 def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = None, *,
              batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
-             threads: int = EvalConfig.threads) -> dict[str, Any]:
+             threads: int = EvalConfig.threads, student: str | None = None) -> dict[str, Any]:
     """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher).
+
+    ``student`` overrides the checkpoint's recorded architecture spec (see :func:`load_student`).
 
     Returns a flat dict: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store also
     ``teacher_accuracy``, ``agreement``, ``kl_to_teacher``, ``correlation`` and (dense
@@ -98,7 +109,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         raise ConfigError(problems)
     set_threads(threads)
     device = resolve_device(device)  # an unknown or absent device is a one-line error
-    model, config = load_student(checkpoint, device=device)
+    model, config = load_student(checkpoint, device=device, student=student)
     dataset = resolve_data(data_spec)
     input_shape, num_classes = tuple(config["input_shape"]), int(config["num_classes"])
     if tuple(dataset.input_shape) != input_shape:

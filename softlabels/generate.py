@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from softlabels import _distributed
+from softlabels import _distributed, _signals
 from softlabels import format as fmt
 from softlabels._jobstore import Settings, open_job_store, scan_nonfinite
 from softlabels._lock import StoreLock
@@ -81,6 +81,8 @@ def generate(
     *,
     weights: str | Path | None = None,
     allow_pickle: bool = False,
+    random_teacher: bool = False,
+    seed: int = 0,
     layout: str = "dense",
     topk: int | None = None,
     dtype: str = "float32",
@@ -106,14 +108,16 @@ def generate(
     class count (a built-in's from its weights, any other's from its output width).
     ``threads`` sets torch's CPU threads (0: torch's default). ``progress=None``
     shows a bar on a TTY and a line every 30 s through ``echo`` otherwise. ``echo``
-    receives status lines (warnings, repairs, progress) on rank 0. Option defaults
+    receives status lines (warnings, repairs, progress) on rank 0. A built-in teacher
+    needs ``weights``, or ``random_teacher=True`` (tests): its init is seeded by ``seed``,
+    which the store records, so a resumed store holds one teacher. Option defaults
     and their meaning: :class:`softlabels.config.GenerateConfig`.
     """
     s = Settings(teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
-                 allow_pickle=allow_pickle, layout=layout, topk=topk, dtype=dtype, batch_size=batch_size,
-                 num_workers=num_workers, device=device, threads=threads, amp=amp, chunk_rows=chunk_rows,
-                 shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite, on_nonfinite=on_nonfinite,
-                 repair=repair, progress=progress)
+                 allow_pickle=allow_pickle, random_teacher=random_teacher, seed=seed, layout=layout, topk=topk,
+                 dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
+                 chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
+                 on_nonfinite=on_nonfinite, repair=repair, progress=progress)
     problems = s.problems()
     if problems:
         raise ConfigError(problems)
@@ -194,8 +198,10 @@ class _Job:
         if s.num_classes and data_classes and data_classes > s.num_classes:
             raise ConfigError(f"--num-classes {s.num_classes} is less than the {data_classes} classes of "
                               f"--data {s.data!r}; pass --num-classes {data_classes} or more")
-        info = resolve_model(s.teacher, input_shape=shape, num_classes=c or 1,  # c None: not a built-in
-                             weights=s.weights, allow_pickle=s.allow_pickle)
+        with torch.random.fork_rng(devices=[]):  # any random init comes from --seed, and is recorded
+            torch.manual_seed(s.seed)
+            info = resolve_model(s.teacher, input_shape=shape, num_classes=c or 1,  # c None: not a built-in
+                                 weights=s.weights, allow_pickle=s.allow_pickle)
         module = info.module.to(self.dev)
         self.teacher = Teacher(module, s.teacher, device=self.dev, amp=s.amp, layout=s.layout, topk=s.topk,
                                logits_dtype=s.dtype, num_classes=c)
@@ -212,6 +218,7 @@ class _Job:
         self.c = c
         param = next(iter(module.parameters()), None)
         self.teacher_attrs = {**info.metadata(), "amp": s.amp, "device": self.dev.type,
+                              "init_seed": s.seed if info.weights_sha256 is None else None,
                               "param_dtype": str(param.dtype).removeprefix("torch.") if param is not None else None}
         if self.dist.is_main:
             self.source_attrs = {"spec": absolute_data_spec(s.data), "num_samples": self.n,
@@ -260,6 +267,7 @@ class _Job:
     def _blocks(self, it: Any, stop_row: int | None = None):
         """Teacher output blocks from the loader (up to the end of the unit ending at ``stop_row``)."""
         for start, x, y in it:
+            _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             yield self.teacher.block(start, x, y)
             self.bar.update(min(len(x) * self.dist.world, self.bar.total - self.bar.n))  # ranks progress alike
             end = start + len(x)

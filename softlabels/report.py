@@ -156,11 +156,13 @@ def compute_reliability(model: ModelRun, *, n_bins: int = 15) -> None:
 
     from softlabels.evaluate import load_student
     from softlabels.metrics import EvalAccumulator
-    from softlabels.specs import resolve_data
+    from softlabels.specs import recorded_spec, resolve_data
 
-    try:
+    try:  # the eval's data spec and the checkpoint's student spec are data: built-ins and files only
+        spec = recorded_spec(data, kind="data", where=f"the eval results of {model.name!r}",
+                             flag=f"softlabels eval --checkpoint {model.dir} --json --data")
         net, config = load_student(model.dir)
-        dataset = resolve_data(str(data))
+        dataset = resolve_data(spec)
         acc = EvalAccumulator(int(config["num_classes"]), n_bins=n_bins)
         with torch.no_grad():
             for start in range(0, len(dataset), 1024):

@@ -13,6 +13,11 @@ Model spec grammar: a built-in name (see ``softlabels.models.BUILTIN_MODELS``),
 ``package.module:factory`` (called with no arguments, returns an ``nn.Module``), a
 TorchScript file (``torch.jit.save``) or a ``torch.export`` program (``*.pt2``).
 A file suffix decides between a file and a module spec.
+
+Specs on the command line are trusted: a ``module:factory`` is imported and called, a
+model file is run. Specs *recorded* in a store, checkpoint or ``eval.json`` are data:
+:func:`recorded_spec` lets through only what runs no code from outside the installed
+package (built-in names, plain data files) and asks for the rest on the command line.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import importlib
 import os
 import pickle
 import re
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +47,9 @@ __all__ = [
     "BUILTIN_DATASETS",
     "ModelInfo",
     "ModelKind",
+    "data_spec_path",
+    "is_model_file",
+    "recorded_spec",
     "resolve_data",
     "resolve_model",
     "sha256_file",
@@ -100,6 +110,39 @@ def _call_factory(spec: str, what: str, wanted: type) -> Any:
         except Exception as err:  # user code
             raise SpecError(f"{what} factory '{spec}' raised {_one_line(err)}; fix the factory") from err
     return obj
+
+
+# ------------------------------------------------------------------- recorded specs
+
+
+def _split_options(spec: str) -> str:
+    """``SPEC?unlabeled`` -> ``SPEC`` (a path that exists with a '?' in its name is kept whole)."""
+    return spec.rpartition("?")[0] if "?" in spec and not Path(spec).exists() else spec
+
+
+def data_spec_path(spec: str) -> str | None:
+    """The file a ``--data`` spec reads (``x.h5:X,Y?unlabeled`` -> ``x.h5``), or None (built-in, factory)."""
+    match = _DATA_FILE.fullmatch(_split_options(spec))
+    return match["path"] if match else None
+
+
+def recorded_spec(spec: Any, *, kind: Literal["data", "model"], where: str, flag: str) -> str:
+    """A spec read from a file (``where``), checked to run no code: the one rule for recorded specs.
+
+    Data: a built-in dataset or a plain data file (read as arrays, never unpickled).
+    Model: a built-in name only, since a TorchScript or ``.pt2`` file is a program
+    (TorchScript code runs any registered op; ``.pt2`` may hold pickles and native code).
+    Anything else must be named on the command line with ``flag``; it is never imported.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise SpecError(f"{where} records no usable {kind} spec ({spec!r}); pass {flag} SPEC")
+    ok = (spec.startswith("digits:") or data_spec_path(spec) is not None) if kind == "data" \
+        else spec in BUILTIN_MODELS
+    if not ok:
+        what = "a program" if kind == "model" and Path(spec).suffix.lower() in _MODEL_FILE_SUFFIXES else "code"
+        raise SpecError(f"{where} records the {kind} spec {spec!r}, which names {what}; specs read from files are "
+                        f"never imported or run: pass {flag} {spec} explicitly if you trust it")
+    return spec
 
 
 # ---------------------------------------------------------------------------- data
@@ -175,9 +218,9 @@ class _MapDataset(InputDataset):
 
 def resolve_data(spec: str) -> InputDataset:
     """Resolve a ``--data`` spec (see the module docstring for the grammar) to a dataset."""
-    base, options = spec, ""
-    if "?" in spec and not Path(spec).exists():
-        base, _, options = spec.rpartition("?")
+    base, options = _split_options(spec), ""
+    if base != spec:
+        options = spec.rpartition("?")[2]
         unknown = [o for o in options.split(",") if o not in _DATA_OPTIONS and not base.startswith("imagefolder:")]
         if unknown:
             raise SpecError(
@@ -271,19 +314,70 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _load_model_file(path: str) -> tuple[nn.Module, ModelKind]:
+# Entries of a .pt2 archive that torch.export.load unpickles or runs as native code
+# whatever the weights_only setting: refused without allow_pickle.
+_PT2_UNSAFE = ("data/aotinductor/", "opaque_obj_", "custom_obj_", "data/weights/model.pt",
+               "data/constants/model.pt")
+
+
+@contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside (torch.export.load's own, too) with ``weights_only=True``.
+
+    torch.export.load retries its sample inputs, and loads pickled weights and constants,
+    with ``weights_only=False``; torch's documented switch overrides those call sites.
+    """
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def _load_export(path: str, allow_pickle: bool) -> nn.Module:
+    """A ``.pt2`` program, loaded without unpickling anything unless ``allow_pickle``."""
+    if allow_pickle:
+        return torch.export.load(path).module()
+    refuse = SpecError(f"refusing to load '{path}': a torch.export program with pickled objects or compiled code; "
+                       "pass --allow-pickle only for a file you trust, or re-export it with plain tensors")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = []  # not an archive: torch.export.load gives the error
+    if any(unsafe in name for name in names for unsafe in _PT2_UNSAFE):
+        raise refuse
+    try:
+        with _weights_only_loads():
+            return torch.export.load(path).module()
+    except pickle.UnpicklingError as err:
+        raise refuse from err
+
+
+def _load_model_file(path: str, allow_pickle: bool = False) -> tuple[nn.Module, ModelKind]:
     if not Path(path).is_file():
         raise SpecError(f"model file '{path}' does not exist; check the path or use a built-in name")
     kind: ModelKind = "export" if path.lower().endswith(".pt2") else "torchscript"
     try:
         if kind == "export":
-            return torch.export.load(path).module(), kind
+            return _load_export(path, allow_pickle), kind
         return torch.jit.load(path, map_location="cpu"), kind
+    except SpecError:
+        raise
     except Exception as err:
         raise SpecError(
             f"cannot load '{path}' as {'a torch.export program' if kind == 'export' else 'TorchScript'} "
             f"({_one_line(err)}); if it holds a state_dict, pass it as weights with an architecture spec"
         ) from err
+
+
+def is_model_file(spec: str) -> bool:
+    """Whether a model spec names a file (by suffix, or because the file exists)."""
+    return Path(spec).suffix.lower() in _MODEL_FILE_SUFFIXES or Path(spec).is_file()
 
 
 def _few(keys: list[str]) -> str:
@@ -395,14 +489,15 @@ def resolve_model(
 
     ``input_shape`` (per sample) and ``num_classes`` size the built-ins. ``weights`` is a
     state_dict file (or a checkpoint with a ``model`` entry) loaded strictly, with
-    ``weights_only=True`` unless ``allow_pickle`` (trusted files only).
+    ``weights_only=True`` unless ``allow_pickle`` (trusted files only); a ``.pt2``
+    program holding pickles or compiled code is refused without it too.
     """
     digest: str | None = None
     kind: ModelKind
     if spec in BUILTIN_MODELS:
         module, kind = build_model(spec, tuple(input_shape), num_classes), "builtin"
-    elif Path(spec).suffix.lower() in _MODEL_FILE_SUFFIXES or Path(spec).is_file():
-        module, kind = _load_model_file(spec)
+    elif is_model_file(spec):
+        module, kind = _load_model_file(spec, allow_pickle)
         digest = sha256_file(spec)
     elif ":" in spec:
         module, kind = _call_factory(spec, "model", nn.Module), "factory"

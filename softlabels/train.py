@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from softlabels import _signals
 from softlabels import checkpoint as ckpt_io
 from softlabels import format as fmt
 from softlabels._loader import batch_loader
@@ -39,7 +40,8 @@ from softlabels.losses import TOPK_KEYS, DistillationLoss, make_soft_loss
 __all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"]
 
 # options that must equal the checkpoint's for --resume to continue the same run
-_RESUME_KEYS = ("student", "student_weights", "stores", "data", "loss", "temperature", "alpha", "batch_size",
+# (the stores by identity, not path: see _store_identity)
+_RESUME_KEYS = ("student", "student_weights", "data", "loss", "temperature", "alpha", "batch_size",
                 "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher", "init")
 
 
@@ -59,10 +61,15 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
     if problems:
         raise ConfigError(problems)
     set_threads(config.threads)
+    from softlabels._lock import StoreLock
+
     env = DistEnv.start(config.device)
+    lock = StoreLock(config.out)  # one run per --out: a second one would interleave its files
     try:
         run, error = None, None
         try:
+            if env.rank == 0:
+                lock.acquire()
             run = _Run(config, env, teacher, log if env.rank == 0 else None, student)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
@@ -73,6 +80,7 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
         finally:
             run.close()
     finally:
+        lock.release()
         env.stop()
 
 
@@ -170,7 +178,7 @@ class _Run:
             self.opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
         self.local_steps = len(batches)
         self.run_config = {
-            **{k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "progress")},
+            **{k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "progress", "allow_pickle")},
             "stores": [str(Path(p).resolve()) for p in config.stores], "data": specs,
             "loss": loss_name, "temperature": temperature if distil else None, "alpha": alpha if distil else None,
             "input_shape": list(self.input_shape), "num_classes": num_classes, "layout": layout,
@@ -180,13 +188,17 @@ class _Run:
             "teachers": [{"store": str(Path(s.path).resolve()), "layout": s.layout, "num_samples": s.num_samples,
                           "num_classes": s.num_classes, "logits_dtype": s.logits_dtype, "teacher": s.teacher,
                           "source": s.source} for s in self.stores],
+            "store_identity": [_store_identity(s) for s in self.stores],
         }
         self.state = None
         if self.resume_from is not None:
             self.state = ckpt_io.load_checkpoint(self.resume_from)
             old = self.state["config"]
-            diffs = [f"{k}: {old.get(k)!r} -> {self.run_config[k]!r}" for k in _RESUME_KEYS
+            keys = _RESUME_KEYS if "store_identity" in old else ("stores", *_RESUME_KEYS)  # older runs: paths
+            diffs = [f"{k}: {old.get(k)!r} -> {self.run_config[k]!r}" for k in keys
                      if old.get(k) != self.run_config[k]]
+            if "store_identity" in old:
+                _check_same_stores(old["store_identity"], self.run_config["store_identity"], config.out)
             if diffs:
                 raise ConfigError(f"--resume with other settings than {self.resume_from} ({'; '.join(diffs)}); "
                                   "rerun with the original options, or pass --overwrite to start over")
@@ -234,9 +246,12 @@ class _Run:
         return notes
 
     def _recorded_spec(self, store) -> str:
+        from softlabels.specs import recorded_spec
+
         spec = store.source.get("spec")
         if not spec:
             raise ConfigError(f"store {str(store.path)!r} does not record its data spec; pass --data for it")
+        recorded_spec(spec, kind="data", where=f"store {str(store.path)!r}", flag="--data")
         self.log(f"inputs for {store.path}: {spec} (the store's recorded source.spec)")
         return spec
 
@@ -300,6 +315,7 @@ class _Run:
         t0 = time.perf_counter()
         it, last = iter(self.loader), None
         for i in range(self.steps_per_epoch):
+            _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             batch = next(it, None)
             weight = 1.0
             if batch is None:  # this rank is out of rows: a zero-weight step keeps the ranks in lockstep
@@ -403,6 +419,41 @@ class _Run:
     def close(self) -> None:
         for s in self.stores:
             s.close()
+
+
+def _store_identity(store) -> dict[str, Any]:
+    """What makes a store's targets the ones a run trained on, wherever the store now lies."""
+    import hashlib
+
+    from softlabels import format as fmt
+
+    checksums = store._whole(fmt.CHECKSUMS).astype("<u4").tobytes()
+    return {"teacher": store.teacher, "layout": store.layout, "logits_dtype": store.logits_dtype,
+            "num_samples": store.num_samples, "num_classes": store.num_classes, "topk": store.meta.topk,
+            "checksums_sha256": hashlib.sha256(checksums).hexdigest()}
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    """``{"teacher": {"spec": ..}}`` -> ``{"teacher.spec": ..}`` (one level), to name each difference."""
+    return {f"{k}.{j}" if isinstance(v, dict) else k: w for k, v in d.items()
+            for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+def _check_same_stores(old: list[dict[str, Any]], new: list[dict[str, Any]], out: str) -> None:
+    """--resume: the stores must be the ones the run trained on (same teacher, dtype, layout, bytes)."""
+    from softlabels.errors import StoreMismatch
+
+    diffs = [] if len(old) == len(new) else [f"{len(old)} store(s) in the run, {len(new)} given"]
+    for i, (a, b) in enumerate(zip(old, new)):
+        flat_a, flat_b = _flat(a), _flat(b)
+        for key in sorted(set(flat_a) | set(flat_b)):
+            x, y = flat_a.get(key), flat_b.get(key)
+            if x != y:
+                diffs.append(f"store {i + 1}: " + ("checksums differ" if key == "checksums_sha256" else
+                                                    f"{key} {x!r} -> {y!r}"))
+    if diffs:
+        raise StoreMismatch(f"--resume: the stores are not the ones the run in {str(out)!r} trained on "
+                            f"({'; '.join(diffs)}); pass those stores, or --overwrite to start a new run")
 
 
 def _json(obj: Any) -> str:

@@ -110,7 +110,23 @@ class CtrlCStudent(nn.Linear):  # Ctrl-C at the first training step
         if self.training: raise KeyboardInterrupt
         return super().forward(x)
 
+class TermTeacher(nn.Linear):  # SIGTERM to this process at the first real batch
+    def forward(self, x):
+        if x.shape[0] != 2:
+            import os, signal
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(x)
+
+class TermStudent(nn.Linear):  # SIGTERM at the first training step
+    def forward(self, x):
+        if self.training:
+            import os, signal
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(x)
+
 def tuple_out(): return TupleOut(6, 4)
+def term_teacher(): return TermTeacher(6, 4)
+def term_student(): return TermStudent(6, 4)
 def oom(): return OutOfMemory(6, 4)
 def ctrl_c_teacher(): return CtrlCTeacher(6, 4)
 def ctrl_c_student(): return CtrlCStudent(6, 4)
@@ -221,8 +237,8 @@ class Ctx:
 
     def gen(self, *extra: Any, out: Path | None = None, teacher: str = "mlp", weights: Path | None = None,
             data: Any = None):
-        """``softlabels generate`` of the shared data (by default a random-init ``mlp``, no weights)."""
-        args = ["generate", "--teacher", teacher, *(["--weights", weights] if weights else []),
+        """``softlabels generate`` of the shared data (by default a seeded random-init ``mlp``, no weights)."""
+        args = ["generate", "--teacher", teacher, *(["--weights", weights] if weights else ["--random-teacher"]),
                 "--data", data or self.env.data, "--out", out or self.tmp / "o.h5", "--chunk-rows", CHUNK,
                 "--batch-size", BATCH, "--no-progress", *extra]
         return invoke(*args)
@@ -721,6 +737,138 @@ def _(c):
 @case("E1612")
 def _(c):
     return _compress(c, "--store", write_store(c.tmp / "c3.h5", make_rows(N, 3), num_classes=3))
+
+# 10. trust boundaries
+def pickled_pt2(path: Path, marker: Path) -> Path:
+    """A .pt2 program whose sample inputs unpickle to a call that creates ``marker``."""
+    import io
+    import zipfile
+
+    clean = path.with_name("clean.pt2")
+    export_linear(clean)
+    buf = io.BytesIO()
+    torch.save(((_Touch(marker),), {}), buf)
+    with zipfile.ZipFile(clean) as z, zipfile.ZipFile(path, "w") as out:
+        for name in z.namelist():
+            out.writestr(name, buf.getvalue() if name.endswith("sample_inputs/model.pt") else z.read(name))
+    return path
+
+
+def export_linear(path: Path) -> Path:
+    """A clean .pt2 of a linear model over batches of any size."""
+    program = torch.export.export(build_model("linear", (D,), C), (torch.zeros(2, D),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    return path
+
+
+class _Touch:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def checkpoint_with(c: Ctx, **config: Any) -> Path:
+    ckpt = torch.load(c.env.run / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], **config}}, c.tmp / "checkpoint.pt")
+    return c.tmp / "checkpoint.pt"
+
+
+@case("E1001")
+def _(c):
+    p = write_store(c.tmp / "f.h5", make_rows(N, C), num_classes=C, source={"spec": "errcat_data:empty"})
+    return c.train("--store", p)
+
+
+@case("E1002")
+def _(c):
+    return c.cli("eval", "--checkpoint", checkpoint_with(c, student="errcat_models:wrong_width"), "--data", c.env.data)
+
+
+@case("E1003")
+def _(c):
+    return c.cli("eval", "--checkpoint", checkpoint_with(c, student=None), "--data", c.env.data)
+
+
+@case("E1004")
+def _(c):
+    r = c.gen(teacher=str(pickled_pt2(c.tmp / "t.pt2", c.tmp / "marker")))
+    assert not (c.tmp / "marker").exists()
+    return r
+
+
+@case("E1005")
+def _(c):
+    def link_labels(f: h5py.File) -> None:
+        del f["labels"]
+        f["labels"] = h5py.ExternalLink(str(c.env.topk), "/labels")
+    return c.cli("inspect", edit_h5(c.copy(c.env.h5), link_labels))
+
+
+@case("E1006")
+def _(c):
+    p = c.copy(c.env.zarr)
+    outside = c.write("outside", b"")
+    chunk = p / "logits" / "c" / "1" / "0"
+    chunk.unlink()
+    chunk.symlink_to(outside)
+    return c.gen("--repair", weights=c.env.w, out=p)
+
+
+@case("E1007")
+def _(c):
+    with h5py.File(c.tmp / "in.h5", "w") as f:
+        f["x"], f["y"] = np.zeros((N, D), np.float32), np.zeros(N, np.int64)
+    return c.gen("--overwrite", data=f"{c.tmp / 'in.h5'}:x,y", out=c.tmp / "in.h5")
+
+
+@case("E1008")
+def _(c):
+    run = c.copy(c.env.run)
+    return c.train("--store", c.env.h5, "--student-weights", run / "model.pt", "--overwrite", out=run)
+
+
+@case("E1009")
+def _(c):
+    return c.cli("generate", "--teacher", "mlp", "--data", c.env.data, "--out", c.tmp / "o.h5")
+
+
+@case("E1010")
+def _(c):
+    return c.gen("--random-teacher", weights=c.env.w)
+
+
+@case("E1011")
+def _(c):
+    assert c.gen("--seed", "1").exit_code == 0
+    return c.gen("--seed", "2")
+
+
+@case("E1012")
+def _(c):
+    other = c.tmp / "other.h5"
+    assert c.gen(out=other).exit_code == 0  # the same data, another (random) teacher
+    return c.train("--store", other, "--resume", out=c.copy(c.env.run))
+
+
+@case("E1013")
+def _(c):
+    from softlabels._lock import StoreLock
+
+    with StoreLock(c.tmp / "run"):  # another train holds the run directory
+        return c.train("--data", c.env.data, out=c.tmp / "run")
+
+
+@case("E1014")
+def _(c):
+    return c.gen(teacher="errcat_models:term_teacher")
+
+
+@case("E1015")
+def _(c):
+    return c.train("--data", c.env.data, student="errcat_models:term_student")
 
 
 # -- library only: each raises ------------------------------------------------------------------

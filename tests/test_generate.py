@@ -154,8 +154,8 @@ def test_sharded_zarr_amp_and_library_api(tmp_path, tiny):
 
 def test_unlabeled_builtin_data(tmp_path):
     out = tmp_path / "pool.h5"
-    ok(run_cli("generate", "--teacher", "linear", "--data", "digits:test?unlabeled", "--out", str(out),
-               "--no-progress"))
+    ok(run_cli("generate", "--teacher", "linear", "--random-teacher", "--data", "digits:test?unlabeled",
+               "--out", str(out), "--no-progress"))
     arrays, attrs = read_plain(out)
     assert (arrays["labels"] == -1).all() and np.array_equal(arrays["sample_ids"], np.arange(len(arrays["labels"])))
     assert attrs["source"]["spec"] == "digits:test?unlabeled" and attrs["num_classes"] == 10

@@ -1,16 +1,21 @@
-"""Fault injection: SIGKILL `softlabels generate` and `softlabels train` at random moments.
+"""Fault injection: stop `softlabels generate` and `softlabels train` at random moments.
 
-For each kill point the job runs in a subprocess, is killed after a random delay,
-then the same command is rerun (generate) or resumed (train --resume), sometimes
-killed again, until it finishes. The result must equal an uninterrupted run:
-stores bit-identical (every array, checksums and flags included, and every
-attribute but the timings); training's final weights and the metrics of every
-epoch (timings aside) identical.
+For each kill point the job runs in a subprocess and gets SIGKILL, SIGTERM or SIGINT
+(Ctrl-C) after a random delay, then the same command is rerun (generate) or resumed
+(train --resume), sometimes stopped again, until it finishes. The result must equal
+an uninterrupted run: stores bit-identical (every array, checksums and flags
+included, and every attribute but the timings); training's final weights and the
+metrics of every epoch (timings aside) identical. Generate runs alternate between 0
+and --workers DataLoader workers; after every stop the store's lock must be free at
+once (no orphaned worker holds it). A third generate job uses a seeded random
+teacher (--random-teacher --seed): the same checks, and a rerun without the flag
+must be refused.
 
-    python tools/faults.py --kills 20              # 20 killed runs per backend, and 20 for train
-    python tools/faults.py --kills 3 --train-kills 2 --backend zarr
+    python tools/faults.py --kills 20              # 20 stopped runs per backend, and 20 for train
+    python tools/faults.py --kills 3 --train-kills 2 --backend .zarr
 
-Prints one line per kill point and a summary; exits 1 if any result differs.
+Prints one line per kill point and a summary; exits 1 if any result differs, a lock
+is held after a stop, or a SIGTERM/SIGINT did not end in the one-line message.
 """
 
 from __future__ import annotations
@@ -57,25 +62,54 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "softlabels", *args]
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None, kill_after: float | None = None) -> int | None:
-    """Run cmd; with kill_after, SIGKILL it after that many seconds. None = killed."""
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+STOPPED = "error: interrupted"  # the one line SIGTERM and SIGINT end in
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, kill_after: float | None = None,
+         sig: str = "KILL") -> str | None:
+    """Run cmd; with kill_after, send ``sig`` after that many seconds.
+
+    Returns None when it finished, else how the stop ended: 'killed', 'one line'
+    (the interrupted message, exit 2) or 'other: ...' (e.g. a signal during start-up).
+    """
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     try:
         _, err = proc.communicate(timeout=kill_after)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        return None
+        proc.send_signal(SIGNALS[sig])
+        _, err = proc.communicate()
+        if proc.returncode == 0:  # the signal came after the work was done
+            return None
+        if sig == "KILL":
+            return "killed"
+        lines = err.strip().splitlines()
+        if proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(STOPPED):
+            return "one line"
+        # Before the CLI installs its handlers (interpreter start-up) a signal acts as usual.
+        return f"other: exit {proc.returncode}, {lines[-1] if lines else 'no output'}"
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[2:5])} ... failed ({proc.returncode}): {err.strip()}")
-    return proc.returncode
+    return None
 
 
-def generate_cmd(inputs: dict[str, Path], out: Path) -> list[str]:
-    return _cli("generate", "--teacher", "mlp", "--weights", str(inputs["weights"]), "--data", str(inputs["data"]),
+def _lock_free(path: Path) -> bool:
+    from softlabels._lock import StoreLock
+    from softlabels.errors import StoreLocked
+
+    try:
+        with StoreLock(path):
+            return True
+    except StoreLocked:
+        return False
+
+
+def generate_cmd(inputs: dict[str, Path], out: Path, workers: int = 0, random_teacher: bool = False) -> list[str]:
+    teacher = ["--random-teacher", "--seed", "7"] if random_teacher else ["--weights", str(inputs["weights"])]
+    return _cli("generate", "--teacher", "mlp", *teacher, "--data", str(inputs["data"]),
                 "--out", str(out), "--chunk-rows", str(CHUNK), "--batch-size", str(BATCH), "--dtype", "float16",
-                "--no-progress")
+                "--num-workers", str(workers), "--no-progress")
 
 
 def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -95,26 +129,45 @@ def _kill_delay(rng: random.Random, killed: int, start_s: float, clean_s: float)
 
 
 def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int, rng: random.Random,
-                    start_s: float) -> list[dict]:
+                    start_s: float, workers: int, random_teacher: bool = False) -> list[dict]:
     """Kill points for one backend; returns one record per kill point."""
-    ref = work / f"ref{suffix}"
-    clean_s = _timed(generate_cmd(inputs, ref), DELAY)
-    records: list[dict] = []
-    for i in range(3 * kills + 5):  # until `kills` runs were really killed (a kill can come after the end)
+    job = "gen-rand" if random_teacher else "generate"
+    ref = work / f"ref-{job}{suffix}"
+    clean_s = _timed(generate_cmd(inputs, ref, random_teacher=random_teacher), DELAY)
+    # The store records --num-workers (nothing else differs): a reference per worker count,
+    # checked to hold the same bytes.
+    refs = {0: ref, workers: work / f"ref-{job}-w{workers}{suffix}"}
+    _run(generate_cmd(inputs, refs[workers], workers, random_teacher))
+    same = diff_stores(ref, refs[workers], ignore=("timings", "settings"))
+    records: list[dict] = [{"job": job, "backend": suffix, "workers": workers, "kill_delays_s": [],
+                            "identical": not same, "diffs": same[:3], "state_at_kill": [], "ends": [],
+                            "lock_held_after_stop": 0}]  # 0 vs `workers` workers: the same bytes
+    for i in range(3 * kills + 5):  # until `kills` runs were really stopped (a stop can come after the end)
         if sum(bool(r["kill_delays_s"]) for r in records) >= kills:
             break
-        out = work / f"g{i}{suffix}"
-        delays, progress, killed = [], [], 0
-        while True:  # kill, rerun, sometimes kill the rerun too, until it finishes
+        out = work / f"g{i}-{job}{suffix}"
+        w = workers if i % 2 else 0
+        delays, progress, ends, killed, lock_held = [], [], [], 0, 0
+        while True:  # stop, rerun, sometimes stop the rerun too, until it finishes
             delay = _kill_delay(rng, killed, start_s, clean_s)
-            if _run(generate_cmd(inputs, out), DELAY, kill_after=delay) is not None:
+            sig = rng.choice(list(SIGNALS))
+            end = _run(generate_cmd(inputs, out, w, random_teacher), DELAY, kill_after=delay, sig=sig)
+            if end is None:
                 break
             killed += 1
             delays.append(round(delay, 2))
+            ends.append(f"{sig}: {end}")
+            lock_held += not _lock_free(out)
             progress.append(_chunks_done(out))
-        diffs = diff_stores(ref, out)
-        records.append({"job": "generate", "backend": suffix, "kill_delays_s": delays, "identical": not diffs,
-                        "diffs": diffs[:3], "state_at_kill": progress})
+        diffs = diff_stores(refs[w], out)
+        if random_teacher and killed:  # the same rerun without --random-teacher is refused
+            cmd = [a for a in generate_cmd(inputs, out, w, True) if a not in ("--random-teacher",)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 2 or "--random-teacher" not in p.stderr:
+                diffs.append(f"rerun without --random-teacher not refused: {p.returncode} {p.stderr.strip()[-200:]}")
+        records.append({"job": job, "backend": suffix, "workers": w, "kill_delays_s": delays,
+                        "identical": not diffs, "diffs": diffs[:3], "state_at_kill": progress, "ends": ends,
+                        "lock_held_after_stop": lock_held})
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     return records
 
@@ -156,14 +209,18 @@ def train_faults(work: Path, store: Path, kills: int, rng: random.Random, start_
         if sum(bool(r["kill_delays_s"]) for r in records) >= kills:
             break
         out = work / f"t{i}"
-        delays, progress, killed = [], [], 0
+        delays, progress, ends, killed, lock_held = [], [], [], 0, 0
         while True:
             resume = (out / "checkpoint.pt").exists()
             delay = _kill_delay(rng, killed, start_s, clean_s)
-            if _run(train_cmd(store, out, resume), kill_after=delay) is not None:
+            sig = rng.choice(list(SIGNALS))
+            end = _run(train_cmd(store, out, resume), kill_after=delay, sig=sig)
+            if end is None:
                 break
             killed += 1
             delays.append(round(delay, 2))
+            ends.append(f"{sig}: {end}")
+            lock_held += not _lock_free(out)
             progress.append(f"{len((out / 'metrics.jsonl').read_text().splitlines()) if (out / 'metrics.jsonl').exists() else 0} epochs")
         weights, metrics = _train_result(out)
         same_weights = weights.keys() == ref_weights.keys() and all(torch.equal(weights[k], ref_weights[k])
@@ -171,20 +228,25 @@ def train_faults(work: Path, store: Path, kills: int, rng: random.Random, start_
         records.append({"job": "train", "backend": store.suffix, "kill_delays_s": delays,
                         "identical": same_weights and metrics == ref_metrics,
                         "diffs": [] if same_weights else ["final weights differ"]
-                        + ([] if metrics == ref_metrics else ["metrics differ"]), "state_at_kill": progress})
+                        + ([] if metrics == ref_metrics else ["metrics differ"]), "state_at_kill": progress,
+                        "ends": ends, "lock_held_after_stop": lock_held, "workers": 0})
         shutil.rmtree(out)
     return records
 
 
-def run(kills: int, train_kills: int, backends: list[str], seed: int, work: Path) -> list[dict]:
+def run(kills: int, train_kills: int, backends: list[str], seed: int, work: Path, workers: int = 2,
+        random_kills: int | None = None) -> list[dict]:
     rng = random.Random(seed)
     inputs = make_inputs(work)
     start_s = _timed(_cli("--version"))  # interpreter + imports: kills before this test nothing
     records = []
     for suffix in backends:
-        records += generate_faults(work, inputs, suffix, kills, rng, start_s)
+        records += generate_faults(work, inputs, suffix, kills, rng, start_s, workers)
+    random_kills = kills if random_kills is None else random_kills
+    if random_kills:
+        records += generate_faults(work, inputs, backends[0], random_kills, rng, start_s, workers, random_teacher=True)
     if train_kills:
-        records += train_faults(work, work / f"ref{backends[0]}", train_kills, rng, start_s)
+        records += train_faults(work, work / f"ref-generate{backends[0]}", train_kills, rng, start_s)
     return records
 
 
@@ -192,23 +254,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="killed runs per backend for generate")
     parser.add_argument("--train-kills", type=int, default=None, help="kill points for train (default: --kills)")
+    parser.add_argument("--random-kills", type=int, default=None,
+                        help="stopped runs of the random-teacher job (default: --kills)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of every other generate run")
     parser.add_argument("--backend", nargs="+", default=[".zarr", ".h5"], choices=[".zarr", ".h5"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         records = run(args.kills, args.kills if args.train_kills is None else args.train_kills,
-                      args.backend, args.seed, Path(tmp))
+                      args.backend, args.seed, Path(tmp), args.workers, args.random_kills)
     for r in records:
-        print(f"{r['job']:8} {r['backend']:5} kills at {r['kill_delays_s'] or 'none (finished first)'} "
-              f"({', '.join(r['state_at_kill']) or '-'}): "
-              f"{'identical' if r['identical'] else 'DIFFERENT ' + '; '.join(r['diffs'])}")
+        print(f"{r['job']:8} {r['backend']:5} workers {r['workers']} stops {r['ends'] or 'none (finished first)'} "
+              f"at {r['kill_delays_s'] or '-'} s ({', '.join(r['state_at_kill']) or '-'}): "
+              f"{'identical' if r['identical'] else 'DIFFERENT ' + '; '.join(r['diffs'])}"
+              f"{'; LOCK HELD after a stop' if r['lock_held_after_stop'] else ''}")
     killed = [r for r in records if r["kill_delays_s"]]
-    bad = [r for r in records if not r["identical"]]
-    for job in ("generate", "train"):
+    bad = [r for r in records if not r["identical"] or r["lock_held_after_stop"]]
+    for job in ("generate", "gen-rand", "train"):
         for suffix in sorted({r["backend"] for r in records if r["job"] == job}):
             sel = [r for r in killed if r["job"] == job and r["backend"] == suffix]
-            print(f"summary {job} {suffix}: {len(sel)} runs killed ({sum(len(r['kill_delays_s']) for r in sel)} kills), "
-                  f"{sum(r['identical'] for r in sel)} identical to the uninterrupted run")
+            ends = [e for r in sel for e in r["ends"]]
+            by_sig = ", ".join(f"{s} {sum(e.startswith(s + ':') for e in ends)}" for s in SIGNALS)
+            clean = sum(e.endswith("one line") for e in ends)
+            soft = sum(not e.startswith("KILL") for e in ends)
+            print(f"summary {job} {suffix}: {len(sel)} runs stopped ({len(ends)} stops: {by_sig}; "
+                  f"{clean}/{soft} TERM/INT ended in the one-line message), "
+                  f"{sum(r['identical'] for r in sel)} identical to the uninterrupted run, "
+                  f"{sum(r['lock_held_after_stop'] for r in sel)} with a lock held after a stop")
     return 1 if bad else 0
 
 

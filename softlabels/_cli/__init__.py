@@ -17,6 +17,7 @@ import click
 from click.exceptions import NoArgsIsHelpError
 
 from softlabels import _startup
+from softlabels._signals import stop_signals_as_ctrl_c
 from softlabels._version import __version__
 from softlabels.errors import SoftLabelsError
 
@@ -37,7 +38,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
         _startup.end()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
         try:
-            return super().invoke(ctx)
+            with stop_signals_as_ctrl_c():  # SIGTERM (a scheduler's stop) is Ctrl-C too
+                return super().invoke(ctx)
         except click.UsageError as err:  # an unknown option, a missing one, a value click cannot parse
             raise _usage_error(err) from None
         except SoftLabelsError as err:

@@ -16,6 +16,10 @@ from softlabels.config import GenerateConfig as D  # defaults: the dataclass's f
 @click.option("--weights", type=click.Path(dir_okay=False), help="A state_dict file loaded into the teacher.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow unpickling arbitrary objects in --weights (only for files you trust).")
+@click.option("--random-teacher", is_flag=True,
+              help="Allow a built-in --teacher without --weights: random weights seeded by --seed (for tests).")
+@click.option("--seed", type=int, default=D.seed, show_default=True,
+              help="Seeds a teacher's random initialisation (recorded in the store).")
 @click.option("--data", required=True, metavar="SPEC",
               help="The inputs: digits:train, x.npz, data.h5:X,Y, package.module:factory and so on; append "
                    "'?unlabeled' to hide every label (e.g. 'pool.npz?unlabeled'). The store records it with "
@@ -44,8 +48,9 @@ from softlabels.config import GenerateConfig as D  # defaults: the dataclass's f
 @click.option("--repair", is_flag=True, help="Verify the checksums and regenerate the chunks that fail.")
 @click.option("--no-progress", is_flag=True,
               help="No progress at all (without it: a bar on a terminal, else a line every 30 s).")
-def command(teacher: str, weights: str | None, allow_pickle: bool, data: str, out: str, layout: str,
-            topk: int | None, dtype: str, batch_size: int, num_workers: int, device: str, threads: int, amp: str,
+def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,
+            out: str, layout: str, topk: int | None, dtype: str, batch_size: int, num_workers: int, device: str,
+            threads: int, amp: str,
             chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
             on_nonfinite: str, repair: bool, no_progress: bool) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
@@ -60,8 +65,9 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, data: str, ou
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         result = generate(
-            teacher, data, out, weights=weights, allow_pickle=allow_pickle, layout=layout, topk=topk,
-            dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
+            teacher, data, out, weights=weights, allow_pickle=allow_pickle, random_teacher=random_teacher,
+            seed=seed, layout=layout, topk=topk, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
+            device=device, threads=threads, amp=amp,
             chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
             on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,
             echo=lambda line: click.echo(line, err=True),

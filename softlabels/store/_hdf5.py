@@ -43,6 +43,12 @@ class HDF5Backend:
         self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
         self._raw: dict[str, int] = {}  # see _raw_rows
         self._reserve = False  # arrays created without HDF5's zero-fill: reserve their space at the next flush
+        if mode != "w":
+            escape = _escape(self._f)
+            if escape:
+                self._f.close()
+                raise CorruptStore(f"{str(path)!r}: {escape}, and a store's data must lie inside its own file; "
+                                   "nothing was read or written: regenerate the store")
 
     def _dataset(self, name: str) -> h5py.Dataset:
         d = self._datasets.get(name)
@@ -173,6 +179,32 @@ class HDF5Backend:
 
     def size_on_disk(self) -> int:
         return self.path.stat().st_size
+
+
+def _escape(group: h5py.Group, prefix: str = "/") -> str | None:
+    """The first link or dataset whose data lies outside this file (or elsewhere in it), or None.
+
+    Refused: external and soft links (h5py would follow them for reads and writes),
+    datasets with external raw storage, and virtual datasets; a store makes none of them.
+    """
+    for name in list(group):  # link names: listing resolves no link
+        link = group.get(name, getlink=True)
+        where = f"{prefix}{name}"
+        if isinstance(link, h5py.ExternalLink):
+            return f"{where} is an external link to {link.filename}:{link.path}"
+        if isinstance(link, h5py.SoftLink):
+            return f"{where} is a soft link to {link.path}"
+        obj = group.get(name)
+        if isinstance(obj, h5py.Group):
+            found = _escape(obj, where + "/")
+            if found:
+                return found
+        elif isinstance(obj, h5py.Dataset):
+            if obj.is_virtual:
+                return f"{where} is a virtual dataset (its data comes from other datasets or files)"
+            if obj.external:
+                return f"{where} keeps its data in external file(s) {', '.join(str(e[0]) for e in obj.external)}"
+    return None
 
 
 def _write_error(path: Path, err: BaseException) -> StoreWriteError:

@@ -33,8 +33,12 @@ class ZarrBackend:
     def __init__(self, path: Path, mode: str) -> None:
         self.path = path
         self._meta: dict[str, dict[str, Any]] = {}
-        if mode != "w":  # parsed here first, so zarr never meets a damaged document
-            self._node(None)
+        if mode != "w":
+            escape = _escape(path, writing=mode == "r+")
+            if escape:
+                raise CorruptStore(f"{str(path)!r}: {escape}, and every file of a store must lie inside it; "
+                                   "nothing was read or written: regenerate the store")
+            self._node(None)  # parsed here first, so zarr never meets a damaged document
         try:
             self._g = zarr.open_group(str(path), mode={"r": "r", "r+": "r+", "w": "w"}[mode], zarr_format=3)
         except Exception as err:  # zarr raises a variety of types for a bad tree
@@ -175,3 +179,28 @@ class ZarrBackend:
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def _escape(root: Path, *, writing: bool) -> str | None:
+    """The first entry of the store tree that leads outside it, or None.
+
+    zarr opens files by path, so a symlink (to a file or a directory) would take reads
+    and writes anywhere its target is; one resolving outside the store's real root is
+    refused, dangling ones included. Before writing, a file with more than one hard link
+    is refused too: zarr would write through it into the other name's file. The walk
+    uses the directory entries' types, no stat per file when reading (~0.1 s per 20k files).
+    """
+    top = os.path.realpath(root)
+    stack = [top]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if os.path.commonpath([top, target]) != top:
+                        return f"{os.path.relpath(entry.path, top)} is a symlink to {target}, outside the store"
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)  # a symlinked directory inside the store is walked at its target
+                elif writing and entry.stat(follow_symlinks=False).st_nlink > 1:
+                    return f"{os.path.relpath(entry.path, top)} has another hard link, which a write would change too"
+    return None
