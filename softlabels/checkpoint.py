@@ -173,8 +173,6 @@ def _config(x: Any) -> str | None:
     if not isinstance(x, dict):
         return f"must be a dict of the run's options, got {_short(x)}"
     shape, classes = x.get("input_shape"), x.get("num_classes")
-    if not isinstance(x.get("student"), str) or not x["student"]:
-        return "lacks the student spec"
     if not isinstance(shape, list) or not shape or not all(_count(d) is None and d > 0 for d in shape):
         return f"has input_shape {_short(shape)}, not a list of positive integers"
     if _count(classes) or classes < 1:

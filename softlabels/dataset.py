@@ -220,7 +220,9 @@ class SoftLabelDataset(IterableDataset):
         # One buffer per array, reused by every window: chunks are read straight into it,
         # and each batch is gathered from it once (no per-window permute or concatenate).
         specs = self.stores[0].meta.row_arrays()
-        cap = self.window_chunks * max(s.chunk_rows for s in self.stores)
+        cap = min(self.window_chunks * max(s.chunk_rows for s in self.stores), self.num_samples)
+        for k, spec in specs.items():  # sized from the stores' attributes: refuse an implausible size first
+            fmt.check_read_size(self.stores[0].path, k, (cap,) + spec.shape[1:], spec.dtype)
         buf = {k: np.empty((cap,) + spec.shape[1:], spec.dtype) for k, spec in specs.items()}
         current, rows, source = -1, np.empty(0, np.int64), np.empty(0, np.int64)
         for pieces in _order.batch_pieces([w.rows for w in windows], self.batch_size, offset):

@@ -187,6 +187,8 @@ class SoftLabelStore:
         start, stop = self.chunk_bounds(chunk)
         specs = self.meta.row_arrays()
         names = self.row_keys if verify else keys or self.row_keys
+        for k in names:  # the attributes decide this size: refuse an implausible one before allocating it
+            fmt.check_read_size(self.path, k, (stop - start,) + specs[k].shape[1:], specs[k].dtype)
         block = {k: np.empty((stop - start,) + specs[k].shape[1:], specs[k].dtype) for k in names}
         self.read_chunk_into(chunk, block, verify=verify)
         return block if keys is None else {k: block[k] for k in keys}

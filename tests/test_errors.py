@@ -135,6 +135,7 @@ def ctrl_c_student(): return CtrlCStudent(6, 4)
 DATASETS = '''
 import torch
 from torch.utils.data import Dataset, IterableDataset
+from softlabels.data import InputDataset
 
 class Items(Dataset):
     def __init__(self, items, **attrs): self.items = items; self.__dict__.update(attrs)
@@ -148,13 +149,13 @@ class Broken(Dataset):
     def __len__(self): return 3
     def __getitem__(self, i): raise IndexError("no item here")
 
-class WorkerOnly(Dataset):  # fine in the main process, fails in a DataLoader worker
-    num_classes = 4
+class WorkerOnly(InputDataset):  # fine in the main process, fails in a DataLoader worker; an InputDataset
+    input_shape, num_classes, has_labels = (6,), 4, True  # is used as it is, so its error is not a DataError
     def __len__(self): return 40
     def __getitem__(self, i):
         if torch.utils.data.get_worker_info() is not None:
             raise OSError("cannot open image 7")
-        return torch.zeros(6), i % 4
+        return torch.zeros(6), torch.tensor(i % 4)
 
 def iterable(): return Stream()
 def broken(): return Broken()

@@ -239,8 +239,8 @@ def test_warnings_for_options_without_effect(world, elsewhere):
     assert "warning" not in ok(cli(*train, "--alpha", 0, "--out", "b")).output
     r = ok(cli(*train, "--alpha", 0, "--loss", "mse", "--temperature", 4, "--out", "c"))
     assert "warning: --temperature has no effect with --loss mse" in r.output
-    r = ok(cli("generate", "--teacher", "mlp", "--num-classes", C, "--data", world / "train.npz", "--out", "x.h5",
-               "--allow-pickle"))
+    r = ok(cli("generate", "--teacher", "mlp", "--random-teacher", "--num-classes", C, "--data", world / "train.npz",
+               "--out", "x.h5", "--allow-pickle"))
     assert "warning: --allow-pickle has no effect without --weights" in r.stderr
 
 
