@@ -15,7 +15,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import numpy as np
 
@@ -326,8 +326,8 @@ def decode_logits(stored: np.ndarray, logits_dtype: str):
     return t
 
 
-def chunk_checksum(block: Mapping[str, np.ndarray], algorithm: str = "crc32") -> int:
-    """CRC (``crc32`` or ``crc32c``) over the bytes of a chunk's per-row arrays, in ROW_KEYS order."""
+def checksum_of(parts: Iterable[np.ndarray], algorithm: str = "crc32") -> int:
+    """CRC (``crc32`` or ``crc32c``) chained over the bytes of ``parts``, in order."""
     if algorithm == "crc32c":
         import google_crc32c
 
@@ -337,10 +337,14 @@ def chunk_checksum(block: Mapping[str, np.ndarray], algorithm: str = "crc32") ->
         def update(crc: int, data: np.ndarray) -> int:
             return zlib.crc32(data, crc)
     crc = 0
-    for key in ROW_KEYS:
-        if key in block:
-            crc = update(crc, _bytes(block[key]))
+    for a in parts:
+        crc = update(crc, _bytes(a))
     return crc
+
+
+def chunk_checksum(block: Mapping[str, np.ndarray], algorithm: str = "crc32") -> int:
+    """The CRC of a version-1 chunk: its per-row arrays in ROW_KEYS order."""
+    return checksum_of((block[key] for key in ROW_KEYS if key in block), algorithm)
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:

@@ -233,3 +233,10 @@ def test_blocks_in_any_order_equal_whole_units(tmp_path_factory, positions, n, c
             ga, gb = a.read_unit(u), b.read_unit(u)
             for k in ga:
                 np.testing.assert_array_equal(ga[k], gb[k])
+
+
+@pytest.mark.parametrize("layout", ["dense", "topk", "sampled"])
+def test_layout_params_round_trip_through_make_layout(layout):
+    lay = make_layout(layout, num_classes=9, logits_dtype="float16", **LAYOUT_PARAMS[layout])
+    assert make_layout(layout, num_classes=9, logits_dtype="float16", **lay.params()) == lay
+    assert lay.params() == LAYOUT_PARAMS[layout]

@@ -151,7 +151,8 @@ class Layout:
         return _TORCH_LOGITS[self.logits_dtype]
 
     def params(self) -> dict[str, Any]:
-        """What a store records to rebuild this layout (besides num_classes and logits_dtype)."""
+        """What a store records to rebuild this layout (besides num_classes and logits_dtype): the
+        keyword arguments of :func:`softlabels.layouts.make_layout`, so a store's ``layout_params`` round-trip."""
         return {}
 
     def validate(self, block: Mapping[str, np.ndarray]) -> list[str]:

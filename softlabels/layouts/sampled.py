@@ -90,7 +90,7 @@ class Sampled(Layout):
         return p
 
     def params(self) -> dict[str, Any]:
-        return {"samples": int(self.samples), "sample_seed": int(self.seed)}
+        return {"samples": int(self.samples), "seed": int(self.seed)}
 
     def arrays(self) -> dict[str, fmt.ArraySpec]:
         s = self.samples

@@ -45,7 +45,7 @@ class TopK(Layout):
         return p
 
     def params(self) -> dict[str, Any]:
-        return {"topk": int(self.k)}
+        return {"k": int(self.k)}
 
     def arrays(self) -> dict[str, fmt.ArraySpec]:
         ids, tail = id_dtype(self.num_classes)

@@ -28,7 +28,6 @@ __all__ = ["FORMAT_VERSION_2", "StoreMetaV2", "V2Array", "UNIT_CHECKSUMS", "UNIT
 FORMAT_VERSION_2 = 2
 UNIT_DONE = "unit_done"
 UNIT_CHECKSUMS = "unit_checksums"
-CHECKSUMS = ("crc32",)
 
 # per-sample arrays in checksum order (after the layout's per-position arrays)
 SAMPLE_ORDER: tuple[str, ...] = (VIEW_PARAMS, OFFSETS, LENGTHS, fmt.LABELS, fmt.SAMPLE_IDS)
@@ -75,7 +74,7 @@ class StoreMetaV2:
     layout_params: dict[str, Any] = field(default_factory=dict)
     views: dict[str, Any] | None = None
     tokens: dict[str, Any] | None = None
-    checksum: str = "crc32"
+    checksum: str = fmt.NEW_STORE_CHECKSUM
     status: str = fmt.STATUS_WRITING
     teacher: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
@@ -102,8 +101,8 @@ class StoreMetaV2:
                 p.append(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.logits_dtype, str) or self.logits_dtype not in fmt.LOGITS_DTYPES:
             p.append(f"logits_dtype {self.logits_dtype!r} is not one of {', '.join(fmt.LOGITS_DTYPES)}")
-        if self.checksum not in CHECKSUMS:
-            p.append(f"checksum {self.checksum!r} is not one of {', '.join(CHECKSUMS)}")
+        if self.checksum not in fmt.CHECKSUM_ALGORITHMS:
+            p.append(f"checksum {self.checksum!r} is not one of {', '.join(fmt.CHECKSUM_ALGORITHMS)}")
         if self.status not in (fmt.STATUS_WRITING, fmt.STATUS_COMPLETE):
             p.append(f"status {self.status!r} is not 'writing' or 'complete'")
         if (self.positions == "views") != (self.views is not None):

@@ -14,7 +14,6 @@ the store is created, before any unit.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,11 +30,8 @@ __all__ = ["UnitWriter", "unit_checksum"]
 
 
 def unit_checksum(meta: StoreMetaV2, block: Mapping[str, np.ndarray]) -> int:
-    """CRC-32 chained over a unit's arrays in :meth:`StoreMetaV2.checksum_order`."""
-    crc = 0
-    for key in meta.checksum_order():
-        crc = zlib.crc32(np.ascontiguousarray(block[key]).view(np.uint8), crc)
-    return crc
+    """The store's CRC chained over a unit's arrays in :meth:`StoreMetaV2.checksum_order`."""
+    return fmt.checksum_of((block[key] for key in meta.checksum_order()), meta.checksum)
 
 
 class UnitWriter:
