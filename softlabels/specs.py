@@ -129,14 +129,15 @@ def data_spec_path(spec: str) -> str | None:
 def recorded_spec(spec: Any, *, kind: Literal["data", "model"], where: str, flag: str) -> str:
     """A spec read from a file (``where``), checked to run no code: the one rule for recorded specs.
 
-    Data: a built-in dataset or a plain data file (read as arrays, never unpickled).
+    Data: a built-in dataset, a plain data file (read as arrays, never unpickled) or an
+    image folder (decoded as images).
     Model: a built-in name only, since a TorchScript or ``.pt2`` file is a program
     (TorchScript code runs any registered op; ``.pt2`` may hold pickles and native code).
     Anything else must be named on the command line with ``flag``; it is never imported.
     """
     if not isinstance(spec, str) or not spec:
         raise SpecError(f"{where} records no usable {kind} spec ({spec!r}); pass {flag} SPEC")
-    ok = (spec.startswith("digits:") or data_spec_path(spec) is not None) if kind == "data" \
+    ok = (spec.startswith(("digits:", "imagefolder:")) or data_spec_path(spec) is not None) if kind == "data" \
         else spec in BUILTIN_MODELS
     if not ok:
         what = "a program" if kind == "model" and Path(spec).suffix.lower() in _MODEL_FILE_SUFFIXES else "code"

@@ -127,7 +127,7 @@ def test_bad_folders_and_options(tmp_path, digits_dir):
 def test_generate_and_train_on_an_imagefolder(digits_dir, tmp_path):
     root = digits_dir[0]
     store = tmp_path / "s.h5"
-    r = run_cli("generate", "--teacher", "cnn", "--data", f"imagefolder:{root}?gray", "--out", str(store),
+    r = run_cli("generate", "--teacher", "cnn", "--random-teacher", "--data", f"imagefolder:{root}?gray", "--out", str(store),
                 "--batch-size", "32", "--no-progress")
     assert r.exit_code == 0, r.output
     r = run_cli("train", "--student", "cnn", "--store", str(store), "--epochs", "1", "--batch-size", "32",
