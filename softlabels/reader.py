@@ -102,7 +102,7 @@ class SoftLabelStore:
             # HDF5 cannot chunk beyond a fixed dimension, so a short store's chunk is N rows
             if spec.per_row and shape and chunks[0] not in (self.meta.chunk_rows, min(self.meta.chunk_rows, max(1, shape[0]))):
                 problems.append(f"{name} is chunked by {chunks[0]} rows, chunk_rows says {self.meta.chunk_rows}")
-            if shape == spec.shape and (claim := b.unbacked(name)):
+            if shape == spec.shape and (claim := b.unbacked(name, complete=spec.per_row and self.meta.complete)):
                 problems.append(claim)
         if problems:
             self.close()

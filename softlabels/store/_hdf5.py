@@ -87,7 +87,7 @@ class HDF5Backend:
     def shard_rows(self, name: str) -> int | None:
         return None  # HDF5 has no shards
 
-    def unbacked(self, name: str) -> str | None:
+    def unbacked(self, name: str, *, complete: bool = False) -> str | None:
         """What the array's shape claims beyond the storage the file holds for it (None if backed).
 
         Stores allocate every chunk at creation, so a shape the file does not back with

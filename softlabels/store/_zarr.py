@@ -95,9 +95,24 @@ class ZarrBackend:
         shards = self._array(name).shards
         return None if shards is None else int(shards[0])
 
-    def unbacked(self, name: str) -> str | None:
-        """Zarr writes chunk files as units finish, so absent files are no claim; reads are bounded instead."""
-        return None
+    def unbacked(self, name: str, *, complete: bool = False) -> str | None:
+        """What a *complete* store's array claims beyond its chunk (or shard) files (None if backed).
+
+        Zarr writes a chunk file as its unit finishes, even all zeros, so while a store is
+        being written absent files are no claim; once it is complete every file must exist.
+        Counting directory entries costs one listing, not a read.
+        """
+        a = self._array(name)
+        if not complete or not a.shape or not a.shape[0]:
+            return None
+        rows = int((a.shards or a.chunks)[0])
+        want = -(-int(a.shape[0]) // rows)
+        folder = self.path / name / "c"
+        try:
+            held = sum(1 for _ in os.scandir(folder)) if folder.is_dir() else 0
+        except OSError:
+            held = 0
+        return None if held >= want else f"{name} claims {want:,} chunk files but the store holds {held:,} of them"
 
     def create_array(self, name: str, spec: ArraySpec, *, chunk_rows: int, shard_rows: int | None,
                      compress: bool) -> None:
