@@ -10,7 +10,6 @@ be handed to DataLoader workers.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ import torch
 from softlabels import format as fmt
 from softlabels.errors import CorruptStore, IncompleteStore, NotAStore, SoftLabelsError
 from softlabels.format import StoreMeta
-from softlabels.store import Backend, backend_kind, open_backend
+from softlabels.store import Backend, ReadHandle, backend_kind
 
 __all__ = ["SoftLabelStore", "open_store", "to_torch", "densify_topk"]
 
@@ -30,12 +29,13 @@ def open_store(path: str | Path, *, allow_partial: bool = False, backend: str | 
     return SoftLabelStore(path, allow_partial=allow_partial, backend=backend)
 
 
-class SoftLabelStore:
+class SoftLabelStore(ReadHandle):
     """A validated, read-only view of one store."""
 
     def __init__(self, path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> None:
         self.path = Path(path)
         self.backend_kind = backend_kind(self.path, backend)
+        self._allow_partial = allow_partial
         self._backend: Backend | None = None
         self._pid = -1
         self._cache: dict[str, np.ndarray] = {}
@@ -62,29 +62,6 @@ class SoftLabelStore:
                 "same arguments, or read it explicitly as partial"
             )
 
-    # -- handle management (fork-safe) -------------------------------------------------
-    def _handle(self) -> Backend:
-        if self._backend is None or self._pid != os.getpid():
-            self._backend = open_backend(self.path, "r", self.backend_kind)
-            self._pid = os.getpid()
-        return self._backend
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_backend"], state["_pid"] = None, -1
-        return state
-
-    def close(self) -> None:
-        if self._backend is not None and self._pid == os.getpid():
-            self._backend.close()
-        self._backend = None
-
-    def __enter__(self) -> SoftLabelStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- validation ----------------------------------------------------------------------
     def _check_arrays(self, b: Backend) -> int:
         """Check every array against the schema; return the write-unit size in rows."""
@@ -102,7 +79,9 @@ class SoftLabelStore:
             # HDF5 cannot chunk beyond a fixed dimension, so a short store's chunk is N rows
             if spec.per_row and shape and chunks[0] not in (self.meta.chunk_rows, min(self.meta.chunk_rows, max(1, shape[0]))):
                 problems.append(f"{name} is chunked by {chunks[0]} rows, chunk_rows says {self.meta.chunk_rows}")
-            if shape == spec.shape and (claim := b.unbacked(name, complete=spec.per_row and self.meta.complete)):
+            # a partial read (resume, repair) finds missing files chunk by chunk and regenerates them
+            if shape == spec.shape and (claim := b.unbacked(name, complete=spec.per_row and self.meta.complete
+                                                             and not self._allow_partial)):
                 problems.append(claim)
         if problems:
             self.close()

@@ -9,7 +9,6 @@ after a fork, so a store can be handed to DataLoader workers.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,20 @@ import numpy as np
 from softlabels import format as fmt
 from softlabels.errors import CorruptStore, IncompleteStore, NotAStore, SoftLabelsError, UnsupportedFormat
 from softlabels.positions.tokens import LENGTHS, OFFSETS, TokenPositions
-from softlabels.store import Backend, backend_kind, open_backend
+from softlabels.store import Backend, ReadHandle, backend_kind
 from softlabels.store.schema import FORMAT_VERSION_2, UNIT_CHECKSUMS, UNIT_DONE, StoreMetaV2
 from softlabels.store.unit_writer import unit_checksum
 
 __all__ = ["UnitStore"]
 
 
-class UnitStore:
+class UnitStore(ReadHandle):
     """A validated, read-only view of one v2 store."""
 
     def __init__(self, path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> None:
         self.path = Path(path)
         self.backend_kind = backend_kind(self.path, backend)
+        self._allow_partial = allow_partial
         self._backend: Backend | None = None
         self._pid = -1
         b = self._handle()
@@ -59,29 +59,6 @@ class UnitStore:
                                   f"{self.meta.num_units} units missing: {fmt.chunk_list(missing)}); finish it by "
                                   "rerunning 'softlabels generate' with the same arguments")
 
-    # -- handle management (fork-safe) ----------------------------------------------------------
-    def _handle(self) -> Backend:
-        if self._backend is None or self._pid != os.getpid():
-            self._backend = open_backend(self.path, "r", self.backend_kind)
-            self._pid = os.getpid()
-        return self._backend
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_backend"], state["_pid"] = None, -1
-        return state
-
-    def close(self) -> None:
-        if self._backend is not None and self._pid == os.getpid():
-            self._backend.close()
-        self._backend = None
-
-    def __enter__(self) -> UnitStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- validation -----------------------------------------------------------------------------
     def _check_arrays(self, b: Backend) -> None:
         problems: list[str] = []
@@ -97,6 +74,9 @@ class UnitStore:
                 problems.append(f"{name} has dtype {dtype}, expected {spec.dtype}")
             elif shape[0] and chunks[0] not in (spec.chunk, min(spec.chunk, max(1, shape[0]))):
                 problems.append(f"{name} is chunked by {chunks[0]} along its first axis, expected {spec.chunk}")
+            elif claim := b.unbacked(name, complete=spec.family == "position" and self.meta.complete
+                                     and not self._allow_partial):
+                problems.append(claim)
         if problems:
             if not present:
                 raise NotAStore("it has softlabels attributes but no arrays; regenerate the store")
