@@ -92,6 +92,13 @@ class CompressConfig:
                 p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             p.append(f"--finetune-lr must be a number > 0, got {self.finetune_lr!r}")
+        from softlabels._paths import out_overlaps  # OUT is replaced whole: it may touch no input
+        from softlabels.specs import data_spec_path
+
+        inputs = [("RUN", self.run), ("--data", data_spec_path(self.data)), ("--store", self.store),
+                  ("--teacher", self.teacher), *(("--finetune-store", s) for s in self.finetune_stores)]
+        if clash := out_overlaps(self.out, inputs):
+            p.append(clash)
         return p
 
 

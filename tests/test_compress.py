@@ -242,3 +242,17 @@ def test_cli_choices_match_the_library():
     from softlabels._cli import compress as cli_module
 
     assert cli_module.QUANTIZE == lib.QUANTIZE
+
+
+def test_compress_never_replaces_its_input_run(tmp_path):
+    """--out on the run itself, or on a folder holding it, is refused even with --overwrite."""
+    from softlabels.compress import CompressConfig
+
+    run = tmp_path / "par" / "run"
+    run.mkdir(parents=True)
+    (run / "model.pt").write_bytes(b"weights")
+    for out in (run, run.parent):
+        problems = CompressConfig(run=str(run), out=str(out), data="digits:test", overwrite=True).problems()
+        assert any("an input is never overwritten" in p and "RUN" in p for p in problems), problems
+    assert (run / "model.pt").read_bytes() == b"weights"
+    assert CompressConfig(run=str(run), out=str(tmp_path / "small"), data="digits:test").problems() == []

@@ -33,7 +33,7 @@ class HDF5Backend:
             raise StoreLocked(f"{str(path)!r} is open for writing by another process; wait for it or stop it") from err
         except OSError as err:
             text = str(err)
-            if "lock" in text.lower():
+            if "unable to lock file" in text.lower():  # not just "lock": a truncated file's text says "sblock"
                 raise StoreLocked(f"{str(path)!r} is locked by another process; wait for it or stop it") from err
             if mode == "w":
                 raise _write_error(path, err) from err
