@@ -11,6 +11,7 @@ choices come from :mod:`softlabels.config`): ``softlabels --help`` and
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -37,6 +38,9 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
         _startup.end()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
+        # zarr writes through asyncio: after an error (a full disk, say) that we report in one line,
+        # asyncio would log the same error again with a traceback when its future is collected
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         try:
             with stop_signals_as_ctrl_c():  # SIGTERM (a scheduler's stop) is Ctrl-C too
                 return super().invoke(ctx)
