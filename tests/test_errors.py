@@ -701,7 +701,7 @@ CASES.update({
     "E1604": lambda c: _compress(c, "--prune", "1"),
     "E1605": lambda c: _compress(c, "--finetune-epochs", "0"),
     "E1606": lambda c: _compress(c, "--finetune-lr", "0"),
-    "E1610": lambda c: _compress(c, "--out", c.env.run),
+    "E1610": lambda c: _compress(c, "--out", c.mkdir("existing")),
     "E1611": lambda c: c.cli("compress", c.env.run, "--out", c.tmp / "c", "--data", c.env.wide),
     "E1613": lambda c: c.train("--data", c.env.data, "--init", c.tmp / "nope"),
     "E1614": lambda c: c.train("--data", c.env.data, "--init", c.env.run, "--student-weights", c.env.w),
