@@ -96,6 +96,15 @@ def _load_object(spec: str, what: str) -> Any:
     return obj
 
 
+def factory_module(spec: str) -> nn.Module:
+    """The ``nn.Module`` a ``package.module:factory`` model spec returns (SpecError otherwise)."""
+    module = _call_factory(spec, "model", nn.Module)
+    if not isinstance(module, nn.Module):
+        raise SpecError(f"model factory '{spec}' returned {type(module).__name__}, not a torch.nn.Module; "
+                        "return the model instance")
+    return module
+
+
 def _call_factory(spec: str, what: str, wanted: type) -> Any:
     """Resolve ``spec`` to an instance of ``wanted``, calling it with no arguments if needed."""
     obj = _load_object(spec, what)
@@ -501,12 +510,7 @@ def resolve_model(
         module, kind = _load_model_file(spec, allow_pickle)
         digest = sha256_file(spec)
     elif ":" in spec:
-        module, kind = _call_factory(spec, "model", nn.Module), "factory"
-        if not isinstance(module, nn.Module):
-            raise SpecError(
-                f"model factory '{spec}' returned {type(module).__name__}, not a torch.nn.Module; "
-                "return the model instance"
-            )
+        module, kind = factory_module(spec), "factory"
     else:
         raise SpecError(
             f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "

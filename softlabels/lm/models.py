@@ -26,7 +26,7 @@ from torch import nn
 
 from softlabels.errors import DataError, ModelMismatch, SpecError
 from softlabels.models import count_parameters
-from softlabels.specs import _call_factory, _load_weights, _one_line, sha256_file
+from softlabels.specs import _load_weights, _one_line, factory_module, sha256_file
 
 __all__ = ["GPTConfig", "GPT", "BUILTIN_LMS", "CausalLM", "LMInfo", "build_lm", "resolve_lm"]
 
@@ -254,12 +254,7 @@ def resolve_lm(
         module, digest = _load_hf(spec.removeprefix("hf:"))
         kind = "hf"
     elif ":" in spec:
-        module, kind = _call_factory(spec, "model", nn.Module), "factory"
-        if not isinstance(module, nn.Module):
-            raise SpecError(
-                f"model factory '{spec}' returned {type(module).__name__}, not a torch.nn.Module; "
-                "return the model instance"
-            )
+        module, kind = factory_module(spec), "factory"
     else:
         raise SpecError(
             f"unknown language model '{spec}'; use one of: {', '.join(BUILTIN_LMS)}, "
