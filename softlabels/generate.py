@@ -83,8 +83,13 @@ def generate(
     allow_pickle: bool = False,
     random_teacher: bool = False,
     seed: int = 0,
-    layout: str = "dense",
+    layout: str | None = None,
     topk: int | None = None,
+    samples: int | None = None,
+    views: int | None = None,
+    augment: str | None = None,
+    views_from: str | Path | None = None,
+    format_version: int | None = None,
     dtype: str = "float32",
     batch_size: int = 256,
     num_workers: int = 0,
@@ -112,10 +117,18 @@ def generate(
     needs ``weights``, or ``random_teacher=True`` (tests): its init is seeded by ``seed``,
     which the store records, so a resumed store holds one teacher. Option defaults
     and their meaning: :class:`softlabels.config.GenerateConfig`.
+
+    Format 2 (``softlabels.job``): ``views`` views per sample drawn by ``augment`` (or
+    reused from the views store ``views_from``), the ``sampled`` layout (``samples`` draws
+    per output), or ``format_version=2`` for a plain per-sample store.
     """
+    if layout is None:  # views: top-k with a small K (docs/VIEWS.md); else every logit
+        viewed = views is not None or views_from is not None
+        layout, topk = ("topk", topk or _default_view_topk()) if viewed else ("dense", topk)
     s = Settings(teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
                  allow_pickle=allow_pickle, random_teacher=random_teacher, seed=seed, layout=layout, topk=topk,
-                 dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
+                 samples=samples, views=views, augment=augment, views_from=None if views_from is None else str(views_from),
+                 format_version=format_version, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
                  chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
                  on_nonfinite=on_nonfinite, repair=repair, progress=progress)
     problems = s.problems()
@@ -126,9 +139,32 @@ def generate(
     dist = _distributed.init(dev.type)
     job = _Job(s, dist, dev, echo if echo is not None and dist.is_main else (lambda _line: None))
     try:
+        if _format_of(s) == 2:
+            from softlabels.job.classify import generate_v2
+
+            return generate_v2(job)
         return job.run()
     finally:
         job.close()
+
+
+def _default_view_topk() -> int:
+    from softlabels.job.classify import DEFAULT_VIEW_TOPK
+
+    return DEFAULT_VIEW_TOPK
+
+
+def _format_of(s: Settings) -> int:
+    """The format to write: asked, needed (views, sampled), or the one of the store being resumed; else 1."""
+    if s.format_version is not None:
+        return s.format_version
+    if s.needs_format2:
+        return 2
+    if not s.overwrite and s.out.exists():
+        from softlabels.job.runner import store_format
+
+        return 2 if store_format(s.out) == 2 else 1
+    return 1
 
 
 @dataclass
