@@ -178,8 +178,8 @@ class GenerateConfig:
             p.append("--random-teacher and --weights exclude each other; pick one")
         if self.layout not in GENERATE_LAYOUTS:
             p.append(f"--layout must be one of {', '.join(GENERATE_LAYOUTS)}, got {self.layout!r}")
-        if self.layout == "topk" and (self.topk is None or self.topk < 1):
-            p.append("--layout topk needs --topk K with K >= 1")
+        if self.layout == "topk" and (self.topk < 1 if self.topk is not None else not self.viewed):
+            p.append("--layout topk needs --topk K with K >= 1")  # views default to K = min(5, C)
         if self.layout == "dense" and self.topk is not None:
             p.append("--topk is only for --layout topk")
         p += self._format2_problems()
@@ -231,8 +231,12 @@ class GenerateConfig:
         return p
 
     @property
+    def viewed(self) -> bool:
+        return self.views is not None or self.views_from is not None
+
+    @property
     def needs_format2(self) -> bool:
-        return self.views is not None or self.views_from is not None or self.layout == "sampled"
+        return self.viewed or self.layout == "sampled"
 
     def recorded(self, chunk_rows: int) -> dict[str, Any]:
         """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""

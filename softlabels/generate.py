@@ -117,14 +117,11 @@ def generate(
     needs ``weights``, or ``random_teacher=True`` (tests): its init is seeded by ``seed``,
     which the store records, so a resumed store holds one teacher. Option defaults
     and their meaning: :class:`softlabels.config.GenerateConfig`.
-
-    Format 2 (``softlabels.job``): ``views`` views per sample drawn by ``augment`` (or
-    reused from the views store ``views_from``), the ``sampled`` layout (``samples`` draws
-    per output), or ``format_version=2`` for a plain per-sample store.
+    Format 2 (``views``/``augment``/``views_from``, ``layout="sampled"``, ``format_version=2``):
+    :mod:`softlabels.job.classify`.
     """
     if layout is None:  # views: top-k with a small K (docs/VIEWS.md); else every logit
-        viewed = views is not None or views_from is not None
-        layout, topk = ("topk", topk or _default_view_topk()) if viewed else ("dense", topk)
+        layout = "topk" if views is not None or views_from is not None else "dense"
     s = Settings(teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
                  allow_pickle=allow_pickle, random_teacher=random_teacher, seed=seed, layout=layout, topk=topk,
                  samples=samples, views=views, augment=augment, views_from=None if views_from is None else str(views_from),
@@ -148,23 +145,13 @@ def generate(
         job.close()
 
 
-def _default_view_topk() -> int:
-    from softlabels.job.classify import DEFAULT_VIEW_TOPK
-
-    return DEFAULT_VIEW_TOPK
-
-
 def _format_of(s: Settings) -> int:
-    """The format to write: asked, needed (views, sampled), or the one of the store being resumed; else 1."""
-    if s.format_version is not None:
-        return s.format_version
-    if s.needs_format2:
-        return 2
-    if not s.overwrite and s.out.exists():
-        from softlabels.job.runner import store_format
+    """The format to write: asked, needed (views, sampled), or the resumed store's; else 1."""
+    if s.format_version is not None or s.needs_format2:
+        return s.format_version or 2
+    from softlabels.job.runner import store_format
 
-        return 2 if store_format(s.out) == 2 else 1
-    return 1
+    return 2 if not s.overwrite and s.out.exists() and store_format(s.out) == 2 else 1
 
 
 @dataclass
@@ -249,7 +236,7 @@ class _Job:
             raise ModelMismatch(f"--data {s.data!r} has labels up to {data_classes - 1} but teacher {s.teacher!r} "
                                 f"outputs {c} logits per sample; use a teacher for {data_classes} classes, "
                                 "or fix the labels")
-        if s.layout == "topk" and s.topk > c:
+        if s.layout == "topk" and s.topk is not None and s.topk > c:  # None: views' default, min(5, C)
             raise ConfigError(f"--topk {s.topk} is more than the {c} classes; pass --topk {c} or fewer")
         self.c = c
         param = next(iter(module.parameters()), None)

@@ -239,17 +239,24 @@ def test_v1_stays_the_default_and_a_v1_store_is_not_resumed_as_v2(inputs, tmp_pa
 
 
 DRIVER = '''
-import os, sys, json
+import contextlib, io, os, sys, json
+import click
 from softlabels._cli import main
 rank = int(os.environ["RANK"])
 cases = json.load(open(sys.argv[1]))
 codes = []
 for args in cases:
-    try:
-        main(args, standalone_mode=False)
-        codes.append(0)
-    except SystemExit as err:
-        codes.append(err.code)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            main(args, standalone_mode=False)
+            code = 0
+        except click.ClickException as err:
+            err.show()
+            code = err.exit_code
+        except SystemExit as err:
+            code = err.code
+    codes.append([code, buf.getvalue()])
 open(os.path.join(sys.argv[2], f"codes-{rank}.json"), "w").write(json.dumps(codes))
 '''
 
@@ -263,6 +270,9 @@ def test_two_ranks_write_the_same_views_store_as_one_process(inputs, tmp_path):
         cases.append(["generate", "--teacher", "mlp", "--weights", inputs["weights"], "--data", inputs["data"],
                       "--out", str(tmp_path / f"two-{name}"), "--chunk-rows", "4", "--batch-size", "12",
                       "--seed", str(SEED), "--no-progress", *extra])
+    h5 = cases[0][:]
+    h5[h5.index("--out") + 1] = str(tmp_path / "two.h5")  # E1707: every rank writes, which HDF5 cannot take
+    cases.append(h5)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     (tmp_path / "driver.py").write_text(DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -271,7 +281,11 @@ def test_two_ranks_write_the_same_views_store_as_one_process(inputs, tmp_path):
                           timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"codes-{rank}.json").read_text()) == [0, 0]
+        codes = json.loads((tmp_path / f"codes-{rank}.json").read_text())
+        assert [c for c, _ in codes] == [0, 0, 2], codes
+    line = json.loads((tmp_path / "codes-0.json").read_text())[2][1].strip()
+    assert line.startswith("error: under torchrun every rank writes its own units") and "\n" not in line, line
+    assert not (tmp_path / "two.h5").exists()
     for name in names:
         two, one = tmp_path / f"two-{name}", tmp_path / f"one-{name}"
         (x, xa), (y, ya) = _all(two), _all(one)

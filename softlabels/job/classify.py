@@ -105,7 +105,7 @@ def store_meta(*, layout: str, topk: int | None, samples: int | None, dtype: str
     params = {"topk": {"k": topk}, "sampled": {"samples": samples, "seed": seed}}.get(layout, {})
     lay = make_layout(layout, num_classes=num_classes, logits_dtype=dtype, **params)
     per_sample = lay.bytes_per_position * (views.count if views else 1)
-    chunk = chunk_rows or fmt.default_chunk_rows(per_sample, 1)
+    chunk = chunk_rows or min(fmt.default_chunk_rows(per_sample, 1), max(1, num_samples))  # no padded chunk
     shard = shard_chunks or 1
     group = group_units or group_units_for(math.ceil(num_samples / (chunk * shard)))
     return StoreMetaV2(positions="views" if views else "sample", layout=layout, num_samples=num_samples,
@@ -197,7 +197,8 @@ def generate_v2(job: Any) -> Any:
                           data=s.data)
         geometry = {} if s.overwrite or not s.out.exists() else adopted_geometry(s.out)
         settings = {"batch_size": s.batch_size, "amp": s.amp, "seed": s.seed, "random_teacher": s.random_teacher}
-        meta = store_meta(layout=s.layout, topk=s.topk, samples=s.samples, dtype=s.dtype, seed=s.seed,
+        topk = s.topk or (min(DEFAULT_VIEW_TOPK, job.c) if s.layout == "topk" else None)
+        meta = store_meta(layout=s.layout, topk=topk, samples=s.samples, dtype=s.dtype, seed=s.seed,
                           num_samples=job.n, num_classes=job.c, chunk_rows=s.chunk_rows or geometry.get("chunk_rows"),
                           shard_chunks=s.shard_chunks or geometry.get("shard_chunks"),
                           group_units=geometry.get("group_units"), views=views, teacher=job.teacher_attrs,
