@@ -292,3 +292,90 @@ def test_two_ranks_write_the_same_views_store_as_one_process(inputs, tmp_path):
         for k in x:
             assert np.array_equal(x[k], y[k]), (name, k)
         assert {k: v for k, v in xa.items() if k != "created_by"} == {k: v for k, v in ya.items() if k != "created_by"}
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_nonfinite_outputs_stop_the_job_or_are_recorded(inputs, tmp_path, suffix):
+    x = np.load(inputs["data"])["x"].copy()
+    x[[5, 17]] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(N, np.int64))
+    args = ("--views", "2", "--augment", "flip", "--data", str(tmp_path / "nan.npz"))
+    r = run_cli("generate", "--teacher", "mlp", "--weights", inputs["weights"], "--out", str(tmp_path / f"a{suffix}"),
+                "--chunk-rows", "8", "--no-progress", *args)
+    assert_one_line_error(r, "non-finite", "sample ids 5")
+    assert read_plain(tmp_path / f"a{suffix}")[1]["status"] == "writing"
+    r = ok(run_cli("generate", "--teacher", "mlp", "--weights", inputs["weights"], "--out",
+                   str(tmp_path / f"a{suffix}"), "--chunk-rows", "8", "--no-progress", "--on-nonfinite", "record",
+                   *args))
+    assert "2 sample(s): 5, 17" in r.output
+    attrs = read_plain(tmp_path / f"a{suffix}")[1]
+    created = attrs["created_by"] if isinstance(attrs["created_by"], dict) else json.loads(attrs["created_by"])
+    assert attrs["status"] == "complete" and created["nonfinite_sample_ids"] == [5, 17]
+
+
+class _TokenProducer:
+    """A toy producer of a ragged ``tokens`` store: logits are a pure function of (sample, position)."""
+
+    def __init__(self, meta, lengths, nan_sample=None):
+        self._meta, self._lengths, self.nan_sample, self.spans = meta, lengths, nan_sample, []
+        self.cum = np.concatenate([[0], np.cumsum(lengths)])
+
+    def meta(self):
+        return self._meta
+
+    def lengths(self):
+        return self._lengths
+
+    def logits(self, lo, hi):
+        pos = np.arange(self.cum[lo], self.cum[hi])
+        z = np.sin(pos[:, None] * 0.37 + np.arange(self._meta.num_classes)).astype(np.float32)
+        if self.nan_sample is not None and lo <= self.nan_sample < hi:
+            z[self.cum[self.nan_sample] - self.cum[lo]] = np.nan
+        return z
+
+    def batches(self, spans):
+        self.spans += list(spans)
+        for lo, hi in spans:
+            yield lo, {"logits": self.logits(lo, hi), "labels": np.zeros(hi - lo, np.int64),
+                       "sample_ids": np.arange(lo, hi, dtype=np.int64)}
+
+
+def _token_meta(lengths):
+    from softlabels.positions import TokenPositions, UnitGeometry
+    from softlabels.store.schema import StoreMetaV2
+
+    g = UnitGeometry(len(lengths), 3, 1, 2)
+    tokens = TokenPositions(g, lengths, chunk_positions=4).to_attrs()["tokens"]
+    return StoreMetaV2(positions="tokens", layout="dense", num_samples=len(lengths), num_classes=4,
+                       chunk_samples=3, group_units=2, tokens=tokens)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_the_runner_is_generic_a_ragged_token_producer(tmp_path, suffix):
+    """The runner drives any producer: ragged tokens, batches of 5 samples over units of 3, resume, non-finite."""
+    from softlabels.errors import NonFiniteOutputs
+    from softlabels.job import run_job
+    from softlabels.store.unit_reader import UnitStore
+    from softlabels.store.unit_writer import UnitWriter
+
+    lengths = np.array([3, 0, 7, 1, 2, 9, 4, 0, 5, 6, 2], np.int64)
+    out = tmp_path / f"t{suffix}"
+    prod = _TokenProducer(_token_meta(lengths), lengths)
+    r = run_job(prod, out, batch_size=5)
+    assert r.samples_generated == 11 and prod.spans == [(0, 5), (5, 10), (10, 11)]
+    with UnitStore(out) as store:
+        got = np.concatenate([store.read_unit(u)["logits"] for u in range(store.num_units)])
+    assert np.array_equal(got, prod.logits(0, 11))
+    w = UnitWriter.resume(out)
+    w.invalidate([1, 3])  # samples 3..6 and 9..11
+    w.close()
+    prod2 = _TokenProducer(_token_meta(lengths), lengths)
+    run_job(prod2, out, batch_size=5)
+    assert prod2.spans == [(0, 5), (5, 10), (10, 11)]  # the grid's batches around the missing units
+    with UnitStore(out) as store:
+        assert np.array_equal(np.concatenate([store.read_unit(u)["logits"] for u in range(4)]), prod.logits(0, 11))
+    with pytest.raises(NonFiniteOutputs, match="sample ids 5;"):
+        run_job(_TokenProducer(_token_meta(lengths), lengths, nan_sample=5), tmp_path / f"n{suffix}", batch_size=5)
+    r = run_job(_TokenProducer(_token_meta(lengths), lengths, nan_sample=5), tmp_path / f"n{suffix}", batch_size=5,
+                on_nonfinite="record")
+    assert r.nonfinite_sample_ids == (5,)

@@ -82,7 +82,8 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
     say = say if say is not None and dist.is_main else (lambda _line: None)
     path, t0 = Path(out), time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta = producer.meta()
+    meta, lengths = producer.meta(), producer.lengths()
+    cum = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     if dist.active and backend_kind(path) != "zarr":
         raise ConfigError(f"under torchrun every rank writes its own units, which an HDF5 file cannot take; "
                           f"write {path.with_suffix('.zarr').name!r} (*.zarr) instead, or run one process")
@@ -92,7 +93,7 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
             try:
                 lock = StoreLock(path)
                 lock.acquire()  # before touching (or overwriting) anything
-                writer, repaired = _open(path, meta, producer.lengths(), overwrite=overwrite, repair=repair, say=say)
+                writer, repaired = _open(path, meta, lengths, overwrite=overwrite, repair=repair, say=say)
                 missing = writer.missing_units()
                 plan = {"missing": missing, "repaired": repaired, "complete": writer.meta.complete and not missing}
             except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
@@ -114,7 +115,7 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
                 show = progress if dist.is_main else False
                 with progress_bar(total=total, desc="generate", unit="samples", show=show,
                                   say=say if show is not False else (lambda _line: None), unit_scale=True) as bar:
-                    _compute(producer, writer, wanted, batch_size, on_nonfinite, bar, dist.world)
+                    _compute(producer, writer, wanted, batch_size, on_nonfinite, bar, dist.world, cum)
         except Exception as err:  # noqa: BLE001
             exc = err
         dist.agree(exc)  # also the barrier: every rank's units are flagged before rank 0 finishes
@@ -240,13 +241,13 @@ def _diffs(have: StoreMetaV2, want: StoreMetaV2) -> list[str]:
 # -- computing -----------------------------------------------------------------------------------
 
 def _compute(producer: Producer, writer: UnitWriter, wanted: list[tuple[int, int]], batch_size: int,
-             on_nonfinite: str, bar: Any, world: int) -> None:
+             on_nonfinite: str, bar: Any, world: int, cum: np.ndarray | None) -> None:
     meta = writer.meta
     spans = grid_spans(wanted, batch_size, meta.num_samples)
     pieces = producer.batches(spans)  # before the writer thread: the producer may fork input workers
     bytes_per_sample = meta.layout_obj().bytes_per_position * int((meta.views or {}).get("count", 1)) + 16
     depth = int(min(1024, max(8, (64 << 20) // (batch_size * bytes_per_sample))))  # ~64 MiB may wait
-    bw = _PieceWriter(writer, wanted, on_nonfinite=on_nonfinite, depth=depth)
+    bw = _PieceWriter(writer, wanted, cum, on_nonfinite=on_nonfinite, depth=depth)
     try:
         for start, arrays in pieces:
             _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
@@ -262,10 +263,14 @@ def _compute(producer: Producer, writer: UnitWriter, wanted: list[tuple[int, int
 
 
 class _PieceWriter(BackgroundWriter):
-    """The background writer for ``(start, arrays)`` pieces: keeps the wanted samples, checks finiteness."""
+    """The background writer for ``(start, arrays)`` pieces: keeps the wanted samples, checks finiteness.
 
-    def __init__(self, writer: UnitWriter, wanted: list[tuple[int, int]], *, on_nonfinite: str, depth: int) -> None:
-        self.wanted = wanted
+    ``cum`` (tokens only): the first position of every sample, and N + 1 the total.
+    """
+
+    def __init__(self, writer: UnitWriter, wanted: list[tuple[int, int]], cum: np.ndarray | None, *,
+                 on_nonfinite: str, depth: int) -> None:
+        self.wanted, self.cum = wanted, cum
         self.layout = writer.meta.layout_obj()
         self.position_keys = [k for k, a in writer.meta.arrays().items() if a.family == "position"]
         super().__init__(writer, on_nonfinite=on_nonfinite, depth=depth)
@@ -277,10 +282,11 @@ class _PieceWriter(BackgroundWriter):
             a, b = max(lo, start), min(hi, start + n)
             if a >= b:
                 continue
-            piece = arrays if (a, b) == (start, start + n) else _slice(arrays, self.position_keys, start, a, b)
+            piece = arrays if (a, b) == (start, start + n) else _slice(arrays, self.position_keys, start, a, b, self.cum)
             bad = np.flatnonzero(~finite_rows({k: piece[k] for k in self.position_keys}))
             if len(bad) and self.on_nonfinite == "error":  # "record": written, listed at the end
-                ids = np.unique(_sample_of_rows(piece, bad))
+                lengths = None if self.cum is None else np.diff(self.cum[a:b + 1])
+                ids = np.unique(_sample_of_rows(piece[fmt.SAMPLE_IDS], bad, lengths))
                 raise NonFiniteOutputs(
                     f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
                     f"ids {fmt.chunk_list(ids, 5)}; nothing was marked complete; fix the teacher or its inputs, or "
@@ -288,22 +294,20 @@ class _PieceWriter(BackgroundWriter):
             self.writer.write(a, **piece)
 
 
-def _slice(arrays: dict[str, Any], position_keys: list[str], start: int, a: int, b: int) -> dict[str, Any]:
-    """Samples ``[a, b)`` of a piece starting at ``start`` (positions of ragged tokens via ``lengths``)."""
-    if "lengths" in arrays:
-        cum = np.concatenate([[0], np.cumsum(arrays["lengths"])])
-        p0, p1 = int(cum[a - start]), int(cum[b - start])
+def _slice(arrays: dict[str, Any], position_keys: list[str], start: int, a: int, b: int,
+           cum: np.ndarray | None) -> dict[str, Any]:
+    """Samples ``[a, b)`` of a piece starting at ``start`` (ragged tokens: their positions by ``cum``)."""
+    if cum is not None:
+        p0, p1 = int(cum[a] - cum[start]), int(cum[b] - cum[start])
     else:
         p0, p1 = a - start, b - start
     return {k: (v[p0:p1] if k in position_keys else v[a - start:b - start]) for k, v in arrays.items()}
 
 
-def _sample_of_rows(block: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Sample ids of per-position rows (rows are samples, except for ragged tokens)."""
-    ids = block[fmt.SAMPLE_IDS]
-    if "lengths" in block:
-        cum = np.cumsum(block["lengths"])
-        return ids[np.searchsorted(cum, rows, side="right")]
+def _sample_of_rows(ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    """Sample ids of per-position rows (rows are samples, except for ragged tokens: ``lengths`` maps them)."""
+    if lengths is not None:
+        return ids[np.searchsorted(np.cumsum(lengths), rows, side="right")]
     return ids[rows]
 
 
@@ -335,5 +339,6 @@ def scan_nonfinite(path: Path) -> list[int]:
         layout = store.meta.layout_obj()
         for u in np.flatnonzero(store.unit_done()):
             block = store.read_unit(int(u), verify=False)
-            ids += np.unique(_sample_of_rows(block, layout.nonfinite_rows(block))).tolist()
+            rows = layout.nonfinite_rows(block)
+            ids += np.unique(_sample_of_rows(block[fmt.SAMPLE_IDS], rows, block.get("lengths"))).tolist()
     return ids
