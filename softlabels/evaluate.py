@@ -102,8 +102,8 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     threads (0: torch's default); defaults as in :class:`softlabels.config.EvalConfig`.
     """
     from softlabels._trainutil import resolve_device, set_threads
-    from softlabels.reader import open_store
     from softlabels.specs import resolve_data
+    from softlabels.store import open_any
 
     if problems := threads_problem(threads):
         raise ConfigError(problems)
@@ -119,7 +119,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         )
     opened = None
     if store is not None:
-        opened = open_store(store)
+        opened = open_any(store)
         if opened.num_classes != num_classes:
             raise ModelMismatch(f"the student has {num_classes} classes but store {str(store)!r} has "
                                 f"{opened.num_classes}; pass the store of this student's teacher")
