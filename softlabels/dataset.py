@@ -29,8 +29,8 @@ from softlabels import format as fmt
 from softlabels._units import UnitSource, is_v2
 from softlabels.data import InputDataset, fingerprint
 from softlabels.errors import ConfigError, DataError, FingerprintMismatch, IncompleteStore, StoreMismatch
-from softlabels.layouts import DenseTarget, Layout, SampledTarget, TopKTarget, make_layout
-from softlabels.reader import SoftLabelStore
+from softlabels.layouts import Layout, make_layout
+from softlabels.reader import SoftLabelStore, to_torch
 
 __all__ = ["SoftLabelDataset", "SoftLabelMapDataset", "batch_loader"]
 
@@ -95,13 +95,6 @@ def _signature(store: SoftLabelStore | UnitSource) -> dict[str, Any]:
             "logits_dtype": store.logits_dtype, "topk": store.topk}
 
 
-# the arrays' names under which a target's tensors also appear in a batch (what version 1 batches held)
-_TARGET_KEYS = {DenseTarget: {"logits": fmt.LOGITS},
-                TopKTarget: {"values": fmt.TOPK_VALUES, "ids": fmt.TOPK_INDICES, "logsumexp": fmt.LOGSUMEXP},
-                SampledTarget: {"ids": "sampled_ids", "counts": "sampled_counts", "logits": "sampled_logits",
-                                "logsumexp": fmt.LOGSUMEXP}}
-
-
 def _tensors(block: dict[str, np.ndarray], layout: Layout) -> dict[str, torch.Tensor]:
     """A batch's numpy arrays -> tensors, the teacher's decoded by the layout (no copies).
 
@@ -109,10 +102,7 @@ def _tensors(block: dict[str, np.ndarray], layout: Layout) -> dict[str, torch.Te
     object: plain tensors are what DataLoader transports, pins and moves to a device;
     :func:`softlabels.losses.as_target` rebuilds the typed target from them.
     """
-    target = layout.decode(block)
-    out = {k: torch.from_numpy(v) for k, v in block.items() if k not in layout.arrays()}
-    out.update({name: getattr(target, f) for f, name in _TARGET_KEYS[type(target)].items()})
-    return out
+    return to_torch(block, layout.logits_dtype, layout)
 
 
 class SoftLabelDataset(IterableDataset):
