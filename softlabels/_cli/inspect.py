@@ -25,9 +25,8 @@ def command(store: str, as_json: bool, verify: bool) -> None:
         ("store", f"{info['path']}  ({info['backend']}, format v{info['format_version']})"),
         ("status", info["status"] + (f"  missing chunks: {chunk_list(info['missing_chunks'])}" if info["missing_chunks"] else "")),
         ("layout", f"{info['layout']}  {info['logits_dtype']}  N={info['num_samples']}  C={info['num_classes']}{k}"),
-        ("chunking", f"{info['chunk_rows']} rows x {info['num_chunks']} chunks" if info["format_version"] != 2 else
-                     f"{info['chunk_rows']} samples per chunk, "
-                     f"{info['num_chunks']} write units"
+        ("chunking", (f"{info['chunk_rows']} rows x {info['num_chunks']} chunks" if info["format_version"] != 2
+                      else f"{info['chunk_rows']} samples per chunk, {info['num_chunks']} write units")
                      + (f", shards of {info['shard_rows']} rows" if info["shard_rows"] else "")),
         *_v2_rows(info),
         ("labels", f"{info['labeled']} labeled, {info['unlabeled']} unlabeled"),
