@@ -43,8 +43,11 @@ class Teacher(torch.nn.Module):
 
 def write_v2(path: Path, spec: str, *, positions: str = "sample", layout: str = "dense", views: int = 3,
              augment: str = "crop(6,padding=1)+flip", dtype: str = "float32", chunk: int = 8,
-             view_seed: int = 5) -> dict[str, np.ndarray]:
-    """A complete v2 store of the teacher on ``spec`` (rows in a shuffled id order); returns what was written."""
+             view_seed: int = 5, views_attrs: dict | None = None, source: dict | None = None) -> dict[str, np.ndarray]:
+    """A complete v2 store of the teacher on ``spec`` (rows in a shuffled id order); returns what was written.
+
+    ``views_attrs`` override entries of the recorded ``views`` attribute, ``source`` the recorded source.
+    """
     ds = resolve_data(spec)
     n = len(ds)
     ids = np.random.default_rng(7).permutation(n).astype(np.int64)
@@ -58,7 +61,7 @@ def write_v2(path: Path, spec: str, *, positions: str = "sample", layout: str = 
         with torch.no_grad():
             z = torch.stack([teacher(aug.apply(x, params[:, v])) for v in range(views)], 1)  # [N, V, C]
         extra["views"] = {"count": views, "augment": aug.spec, "seed": view_seed,
-                          "param_names": [f"p{i}" for i in range(aug.num_params)]}
+                          "param_names": [f"p{i}" for i in range(aug.num_params)], **(views_attrs or {})}
     else:
         with torch.no_grad():
             z = teacher(x)
@@ -68,7 +71,8 @@ def write_v2(path: Path, spec: str, *, positions: str = "sample", layout: str = 
            for k, t in lay.encode(flat, sample_ids=pos, positions=pos).items()}
     meta = StoreMetaV2(positions=positions, layout=layout, num_samples=n, num_classes=C, logits_dtype=dtype,
                        chunk_samples=chunk, layout_params=lay.params(), teacher={"spec": "exact-linear"},
-                       source={"spec": spec, "num_samples": n, "fingerprint": fingerprint(ds)}, **extra)
+                       source=source if source is not None else
+                       {"spec": spec, "num_samples": n, "fingerprint": fingerprint(ds)}, **extra)
     arrays = {**enc, "labels": y.numpy().astype(np.int64), "sample_ids": ids}
     if positions == "views":
         arrays["view_params"] = params.numpy()
@@ -76,3 +80,17 @@ def write_v2(path: Path, spec: str, *, positions: str = "sample", layout: str = 
         w.write(0, **arrays)
         w.finish()
     return arrays
+
+
+def write_tokens(path: Path, spec: str) -> None:
+    """A complete dense ``tokens`` store of 4 samples (a language-model store), recording ``spec`` as its data."""
+    from softlabels.positions import TokenPositions, UnitGeometry
+
+    lengths = np.array([2, 3, 1, 2])
+    tokens = TokenPositions(UnitGeometry(4, 2), lengths, chunk_positions=4)
+    meta = StoreMetaV2(positions="tokens", layout="dense", num_samples=4, num_classes=C, chunk_samples=2,
+                       tokens=tokens.to_attrs()["tokens"], source={"spec": spec})
+    with UnitWriter.create(path, meta, lengths=lengths) as w:
+        w.write(0, logits=np.zeros((int(lengths.sum()), C), np.float32), labels=np.zeros(4, np.int64),
+                sample_ids=np.arange(4))
+        w.finish()

@@ -124,9 +124,13 @@ def open_any(path: str | Path, **kw: Any):
     The root attribute ``softlabels_format`` decides; ``kw`` (``allow_partial``, ``backend``)
     go to the reader.
     """
+    from softlabels.errors import SoftLabelsError
+
     b = open_backend(path, "r", kw.get("backend"))
     try:
         version = b.attrs().get("softlabels_format")
+    except SoftLabelsError:  # damaged attributes: the version 1 reader names the problem with the path
+        version = None
     finally:
         b.close()
     if version == 2:
