@@ -10,6 +10,7 @@ be handed to DataLoader workers.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -268,6 +269,12 @@ TARGET_KEYS = {"DenseTarget": {"logits": fmt.LOGITS},
                                  "logsumexp": fmt.LOGSUMEXP}}
 
 
+@functools.lru_cache(maxsize=64)
+def _array_names(layout: Any) -> frozenset[str]:
+    """The layout's array names (cached: a batch loop asks once per batch)."""
+    return frozenset(layout.arrays())
+
+
 def to_torch(block: dict[str, np.ndarray], logits_dtype: str, layout: Any = None) -> dict[str, torch.Tensor]:
     """numpy block -> torch tensors, the teacher's arrays decoded by their layout (no copies where possible).
 
@@ -284,7 +291,7 @@ def to_torch(block: dict[str, np.ndarray], logits_dtype: str, layout: Any = None
         else:  # decoding top-k does not depend on C: any C >= K describes the block
             k = block[fmt.TOPK_VALUES].shape[-1]
             layout = make_layout("topk", num_classes=k, logits_dtype=logits_dtype, k=k)
-    names = layout.arrays()
+    names = _array_names(layout)
     target = layout.decode(block)
     out = {k: torch.from_numpy(v) for k, v in block.items() if k not in names}
     out.update({name: getattr(target, f) for f, name in TARGET_KEYS[type(target).__name__].items()})
