@@ -119,12 +119,12 @@ def test_views_coverage_ranks_workers_and_resume(tmp_path):
         assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
 
 
-def _train(tmp_path, store, out, *, teacher=None, epochs=3, **kw):
+def _train(tmp_path, store, out, *, teacher=None, epochs=3, on_epoch_end=None, **kw):
     from softlabels.train import TrainConfig, train
 
     cfg = TrainConfig(stores=[str(store)], student="linear", epochs=epochs, batch_size=8, lr=0.05, seed=3,
                       out=str(tmp_path / out), progress=False, **kw)
-    train(cfg, teacher=teacher)
+    train(cfg, teacher=teacher, on_epoch_end=on_epoch_end)
     return torch.load(tmp_path / out / "model.pt", weights_only=True)
 
 
@@ -229,3 +229,20 @@ def test_loss_check_per_layout(tmp_path):
         r = run_cli("train", "--store", str(store), "--student", "linear", "--epochs", "1", "--loss", loss,
                     "--out", str(tmp_path / loss))
         assert r.exit_code == 0, r.output
+
+
+def test_resumed_views_run_equals_an_uninterrupted_one(tmp_path):
+    """Killed after epoch 1 and resumed: the views of epochs 2 and 3 are the ones an uninterrupted run uses."""
+    spec = make_images(tmp_path)
+    store = tmp_path / "v.zarr"
+    write_v2(store, spec, positions="views", layout="topk", views=3)
+    straight = _train(tmp_path, store, "a", epochs=3)
+
+    def crash(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, store, "b", epochs=3, on_epoch_end=crash)
+    resumed = _train(tmp_path, store, "b", epochs=3, resume=True)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
