@@ -40,6 +40,9 @@ Source = tuple[str | Path | SoftLabelStore, InputDataset | None]
 def _open(store: Any) -> SoftLabelStore | UnitSource:
     """A v1 store as it is, a v2 store source (or a path to one) as a :class:`UnitSource`."""
     if is_v2(store):
+        if not store.meta.complete:
+            raise IncompleteStore(f"{store.path} is incomplete (status {store.meta.status!r}); finish it by "
+                                  "rerunning 'softlabels generate' with the same arguments")
         return UnitSource(store)
     if isinstance(store, SoftLabelStore):
         if not store.meta.complete:

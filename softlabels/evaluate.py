@@ -120,9 +120,9 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     opened = None
     if store is not None:
         opened = open_any(store)
-        if opened.num_classes != num_classes:
+        if opened.meta.num_classes != num_classes:
             raise ModelMismatch(f"the student has {num_classes} classes but store {str(store)!r} has "
-                                f"{opened.num_classes}; pass the store of this student's teacher")
+                                f"{opened.meta.num_classes}; pass the store of this student's teacher")
     try:
         metrics = evaluate_model(model, dataset, num_classes=num_classes, batch_size=batch_size, device=device,
                                  store=opened)
