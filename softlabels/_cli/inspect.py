@@ -34,7 +34,7 @@ def command(store: str, as_json: bool, verify: bool) -> None:
         ("teacher entropy", _num(info["mean_teacher_entropy"]) + " nats/row"
                             + (f"  ({info['entropy_note']})" if info["entropy_note"] else "")),
         *[(f"mean {k.replace('_', ' ')}", _num(v) + f" per {info['stats_over'][:-1]}")
-          for k, v in sorted(info["teacher_stats"].items())],
+          for k, v in sorted(info["teacher_stats"].items()) if info["format_version"] == 2],
         ("size on disk", f"{info['size_on_disk_bytes'] / 2**20:.2f} MiB"),
         ("teacher", json.dumps(info["teacher"], sort_keys=True)),
         ("source", json.dumps(info["source"], sort_keys=True)),
