@@ -26,29 +26,39 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from softlabels import _order
 from softlabels._loader import batch_loader
 from softlabels import format as fmt
+from softlabels._units import UnitSource, is_v2
 from softlabels.data import InputDataset, fingerprint
 from softlabels.errors import ConfigError, DataError, FingerprintMismatch, IncompleteStore, StoreMismatch
-from softlabels.reader import SoftLabelStore
+from softlabels.layouts import Layout, make_layout
+from softlabels.reader import SoftLabelStore, to_torch
 
 __all__ = ["SoftLabelDataset", "SoftLabelMapDataset", "batch_loader"]
 
 Source = tuple[str | Path | SoftLabelStore, InputDataset | None]
 
 
-def _open(store: str | Path | SoftLabelStore) -> SoftLabelStore:
+def _open(store: Any) -> SoftLabelStore | UnitSource:
+    """A v1 store as it is, a v2 store source (or a path to one) as a :class:`UnitSource`."""
+    if is_v2(store):
+        if not store.meta.complete:
+            raise IncompleteStore(f"{store.path} is incomplete (status {store.meta.status!r}); finish it by "
+                                  "rerunning 'softlabels generate' with the same arguments")
+        return UnitSource(store)
     if isinstance(store, SoftLabelStore):
         if not store.meta.complete:
             raise IncompleteStore(f"{store.path} is incomplete (status {store.status!r}); finish it by rerunning "
                                   "'softlabels generate' with the same arguments")
         return store
-    return SoftLabelStore(store)  # refuses incomplete stores
+    from softlabels.store import open_any
+
+    return _open(open_any(store))  # refuses incomplete stores
 
 
 def _short(fp: Any) -> str:
     return str(fp)[:19] + "..." if fp and len(str(fp)) > 19 else str(fp)
 
 
-def _check_data(store: SoftLabelStore, data: InputDataset, check_fingerprint: bool) -> None:
+def _check_data(store: SoftLabelStore | UnitSource, data: InputDataset, check_fingerprint: bool) -> None:
     """Refuse inputs that are not the ones the store's teacher saw."""
     expected = store.source.get("fingerprint")
     if check_fingerprint and expected:  # stores made without a fingerprint cannot be checked
@@ -59,35 +69,68 @@ def _check_data(store: SoftLabelStore, data: InputDataset, check_fingerprint: bo
             raise FingerprintMismatch(
                 f"{store.path}: the data given (fingerprint {_short(got)}) is not the data the store was generated "
                 f"from ({_short(expected)}); pass the --data the store was generated from{hint}")
+    if isinstance(store, UnitSource):  # ids are checked batch by batch (reading them all costs a pass)
+        return
     ids = store.sample_ids
     if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(data)):
         raise DataError(f"{store.path} refers to sample ids {int(ids.min())}..{int(ids.max())} but the data has "
                         f"{len(data)} items; pass the --data the store was generated from")
 
 
-def _teacher_tensors(block: dict[str, np.ndarray], logits_dtype: str) -> dict[str, torch.Tensor]:
-    """numpy arrays -> torch without copies (bfloat16 bits viewed as bfloat16; top-k indices as int64)."""
-    out = {k: fmt.decode_logits(v, logits_dtype) if k in (fmt.LOGITS, fmt.TOPK_VALUES) else torch.from_numpy(v)
-           for k, v in block.items()}
-    if fmt.TOPK_INDICES in out:  # torch indexing wants int64
-        out[fmt.TOPK_INDICES] = out[fmt.TOPK_INDICES].long()
-    return out
+def _layout(store: SoftLabelStore | UnitSource) -> Layout:
+    if isinstance(store, UnitSource):
+        return store.layout_obj
+    params = {"k": store.topk} if store.layout == "topk" else {}
+    return make_layout(store.layout, num_classes=store.num_classes, logits_dtype=store.logits_dtype, **params)
+
+
+def _row_specs(store: SoftLabelStore | UnitSource) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-row arrays of a source: name -> (shape after the row axis, dtype)."""
+    if isinstance(store, UnitSource):
+        return store.row_arrays()
+    return {k: (s.shape[1:], s.dtype) for k, s in store.meta.row_arrays().items()}
+
+
+def _signature(store: SoftLabelStore | UnitSource) -> dict[str, Any]:
+    if isinstance(store, UnitSource):
+        return store.signature()
+    return {"format": 1, "layout": store.layout, "num_classes": store.num_classes,
+            "logits_dtype": store.logits_dtype, "topk": store.topk}
+
+
+def _tensors(block: dict[str, np.ndarray], layout: Layout) -> dict[str, torch.Tensor]:
+    """A batch's numpy arrays -> tensors, the teacher's decoded by the layout (no copies).
+
+    The batch holds the target's tensors under the stored arrays' names, not the target
+    object: plain tensors are what DataLoader transports, pins and moves to a device;
+    :func:`softlabels.losses.as_target` rebuilds the typed target from them.
+    """
+    return to_torch(block, layout.logits_dtype, layout)
 
 
 class SoftLabelDataset(IterableDataset):
     """Batches of teacher outputs (and joined inputs) from one or more complete stores.
 
-    ``sources`` is a list of ``(store, data)``: ``store`` a path or
-    :class:`SoftLabelStore`, ``data`` the :class:`InputDataset` the store was
-    generated from (joined by sample id into ``"x"``) or ``None`` for logits only.
-    All sources need the same layout, class count, logits dtype and K.
+    ``sources`` is a list of ``(store, data)``: ``store`` a path (either format
+    version), a :class:`SoftLabelStore` or a format-2 store source (``UnitStore``, an
+    ensemble), ``data`` the :class:`InputDataset` the store was generated from (joined
+    by sample id into ``"x"``) or ``None`` for logits only. All sources need the same
+    format, positions, layout, class count, logits dtype and layout parameters.
+    Token stores are refused (they belong to the language-model trainer).
 
     Each epoch, every row of every source is yielded exactly once across all ranks
     and workers (order: see :mod:`softlabels._order`); the order depends only on
     ``(seed, epoch, rank, world_size, num_workers)``. Batches are dicts of tensors:
     ``labels``, ``sample_ids``, ``source`` (int64 [B]), ``x`` (float32, with data),
-    and ``logits`` [B, C] (stored dtype) or ``topk_values``, ``topk_indices``
-    (int64), ``logsumexp`` (float32). A rank's last batch may be short.
+    and the teacher's target as the layout decodes it (stored dtypes, ids int64),
+    under the stored arrays' names: ``logits``; ``topk_values``, ``topk_indices``,
+    ``logsumexp``; or ``sampled_ids``, ``sampled_counts``, ``sampled_logits``,
+    ``logsumexp``. ``softlabels.losses.as_target(batch)`` (or :meth:`target`) gives
+    the typed target (``DenseTarget``, ``TopKTarget``, ``SampledTarget``). A views store's batches add ``view`` (int64 [B], the view
+    :func:`~softlabels.positions.views.choose_views` picks for the sample in this
+    epoch) and ``view_params`` (float32 [B, P]): the inputs ``x`` are the
+    un-augmented ones, and ``augment.apply(x, view_params)`` (on any device) builds
+    the view the target belongs to. A rank's last batch may be short.
 
     Memory: each worker holds one window, ``window_chunks * chunk_rows`` rows of
     teacher outputs and inputs. Call :meth:`set_epoch` before each epoch; do not use
@@ -154,13 +197,14 @@ class SoftLabelDataset(IterableDataset):
         return 0, 1
 
     def _check_stores(self) -> None:
-        first = self.stores[0]
+        first = _signature(self.stores[0])
         problems = []
         for s in self.stores[1:]:
-            for key in ("layout", "num_classes", "logits_dtype", "topk"):
-                if getattr(s, key) != getattr(first, key):
-                    problems.append(f"{s.path} has {key} {getattr(s, key)!r} but {first.path} has "
-                                    f"{getattr(first, key)!r}")
+            sig = _signature(s)
+            for key in first.keys() | sig.keys():
+                if sig.get(key) != first.get(key):
+                    problems.append(f"{s.path} has {key} {sig.get(key)!r} but {self.stores[0].path} has "
+                                    f"{first.get(key)!r}")
         if problems:
             raise StoreMismatch("stores cannot be mixed in one dataset: " + "; ".join(problems)
                                 + "; use stores generated with the same settings")
@@ -168,6 +212,22 @@ class SoftLabelDataset(IterableDataset):
     # -- metadata ------------------------------------------------------------------------
     num_classes = property(lambda self: self.stores[0].num_classes)
     layout = property(lambda self: self.stores[0].layout)
+    layout_obj = property(lambda self: _layout(self.stores[0]))
+    positions = property(lambda self: getattr(self.stores[0], "positions", "sample"))
+    num_views = property(lambda self: getattr(self.stores[0], "num_views", 0))
+
+    @staticmethod
+    def target(batch: dict[str, torch.Tensor]):
+        """The typed teacher target of one of this dataset's batches (no copies)."""
+        from softlabels.losses import as_target
+
+        return as_target(batch)
+
+    @property
+    def augment(self) -> str | None:
+        """The augmentation spec a views store recorded (its ``view_params`` replay it); else None."""
+        s = self.stores[0]
+        return str(s.meta.views.get("augment", "")) if isinstance(s, UnitSource) and s.num_views else None
     num_samples = property(lambda self: int(sum(s.num_samples for s in self.stores)))
 
     def __len__(self) -> int:
@@ -219,11 +279,12 @@ class SoftLabelDataset(IterableDataset):
         windows, offset = _order.plan_windows(self._g_rows, order, lo, hi, self.window_chunks, skip)
         # One buffer per array, reused by every window: chunks are read straight into it,
         # and each batch is gathered from it once (no per-window permute or concatenate).
-        specs = self.stores[0].meta.row_arrays()
+        specs = _row_specs(self.stores[0])
+        layout = _layout(self.stores[0])
         cap = min(self.window_chunks * max(s.chunk_rows for s in self.stores), self.num_samples)
-        for k, spec in specs.items():  # sized from the stores' attributes: refuse an implausible size first
-            fmt.check_read_size(self.stores[0].path, k, (cap,) + spec.shape[1:], spec.dtype)
-        buf = {k: np.empty((cap,) + spec.shape[1:], spec.dtype) for k, spec in specs.items()}
+        for k, (shape, dtype) in specs.items():  # sized from the stores' attributes: refuse an implausible size first
+            fmt.check_read_size(self.stores[0].path, k, (cap,) + shape, dtype)
+        buf = {k: np.empty((cap,) + shape, dtype) for k, (shape, dtype) in specs.items()}
         current, rows, source = -1, np.empty(0, np.int64), np.empty(0, np.int64)
         for pieces in _order.batch_pieces([w.rows for w in windows], self.batch_size, offset):
             n = sum(b - a for _, a, b in pieces)
@@ -243,7 +304,7 @@ class SoftLabelDataset(IterableDataset):
                     np.take(v, rows[a:b], axis=0, out=batch[k][pos:pos + b - a], mode="clip")
                 batch["source"][pos:pos + b - a] = source[a:b]
                 pos += b - a
-            tensors = _teacher_tensors(batch, self.stores[0].logits_dtype)
+            tensors = _tensors(batch, layout)
             if self.data[0] is not None:
                 tensors["x"] = self._inputs(batch[fmt.SAMPLE_IDS], batch["source"])
             yield tensors
@@ -253,8 +314,13 @@ class SoftLabelDataset(IterableDataset):
         rows, sources, at = [], [], 0
         for g, a, b in zip(win.chunks, win.lo, win.hi):
             s, c = int(self._g_source[g]), int(self._g_chunk[g])
-            c0, c1 = self.stores[s].chunk_bounds(c)
-            self.stores[s].read_chunk_into(c, {k: v[at:at + c1 - c0] for k, v in buf.items()}, verify=self.verify)
+            store = self.stores[s]
+            c0, c1 = store.chunk_bounds(c)
+            out = {k: v[at:at + c1 - c0] for k, v in buf.items()}
+            if isinstance(store, UnitSource):
+                store.read_into(c, out, verify=self.verify, seed=self.seed, epoch=self.epoch)
+            else:
+                store.read_chunk_into(c, out, verify=self.verify)
             rows.append(np.arange(at + a, at + b))
             sources.append(np.full(b - a, s, dtype=np.int64))
             at += c1 - c0
@@ -262,6 +328,11 @@ class SoftLabelDataset(IterableDataset):
 
     def _inputs(self, ids: np.ndarray, source: np.ndarray) -> torch.Tensor:
         """The batch's inputs, joined by sample id (one vectorised read per source)."""
+        for s in np.unique(source):
+            ids_s, n = ids[source == s], len(self.data[s])
+            if len(ids_s) and (int(ids_s.min()) < 0 or int(ids_s.max()) >= n):
+                raise DataError(f"{self.stores[s].path} refers to sample id {int(ids_s.max())} but the data has "
+                                f"{n} items; pass the --data the store was generated from")
         if len(self.data) == 1:
             return self.data[0].get_batch(ids)[0]
         parts = [(m, self.data[s].get_batch(ids[m])[0]) for s in np.unique(source) for m in (source == s,)]
@@ -288,6 +359,9 @@ class SoftLabelMapDataset(Dataset):
         if not isinstance(cache_chunks, int) or cache_chunks < 1:
             raise ConfigError(f"cache_chunks must be an integer >= 1, got {cache_chunks!r}")
         self.store = _open(store)
+        if isinstance(self.store, UnitSource):
+            raise ConfigError(f"{self.store.path} is a format-2 store; SoftLabelMapDataset reads version 1 stores: "
+                              "stream it with SoftLabelDataset")
         self.data, self.cache_chunks, self.verify = data, cache_chunks, bool(verify)
         if data is not None:
             _check_data(self.store, data, check_fingerprint)
@@ -306,7 +380,7 @@ class SoftLabelMapDataset(Dataset):
             self._cache.move_to_end(c)
             return block
         arrays = self.store.read_chunk(c, verify=self.verify)
-        block = _teacher_tensors(arrays, self.store.logits_dtype)
+        block = _tensors(arrays, _layout(self.store))
         if self.data is not None:
             block["x"] = self.data.get_batch(arrays[fmt.SAMPLE_IDS])[0]
         self._cache[c] = block

@@ -102,8 +102,8 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     threads (0: torch's default); defaults as in :class:`softlabels.config.EvalConfig`.
     """
     from softlabels._trainutil import resolve_device, set_threads
-    from softlabels.reader import open_store
     from softlabels.specs import resolve_data
+    from softlabels.store import open_any
 
     if problems := threads_problem(threads):
         raise ConfigError(problems)
@@ -119,10 +119,10 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         )
     opened = None
     if store is not None:
-        opened = open_store(store)
-        if opened.num_classes != num_classes:
+        opened = open_any(store)
+        if opened.meta.num_classes != num_classes:
             raise ModelMismatch(f"the student has {num_classes} classes but store {str(store)!r} has "
-                                f"{opened.num_classes}; pass the store of this student's teacher")
+                                f"{opened.meta.num_classes}; pass the store of this student's teacher")
     try:
         metrics = evaluate_model(model, dataset, num_classes=num_classes, batch_size=batch_size, device=device,
                                  store=opened)

@@ -10,6 +10,7 @@ be handed to DataLoader workers.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -261,16 +262,39 @@ def repeated_in_rows(indices: np.ndarray) -> np.ndarray:
     return (s[:, 1:] == s[:, :-1]).any(axis=-1)
 
 
-def to_torch(block: dict[str, np.ndarray], logits_dtype: str) -> dict[str, torch.Tensor]:
-    """numpy block -> torch tensors without copying (bfloat16 bits viewed as bfloat16)."""
-    out = {}
-    for k, v in block.items():
-        if k in (fmt.LOGITS, fmt.TOPK_VALUES):
-            out[k] = fmt.decode_logits(v, logits_dtype)
-        elif v.dtype == np.uint16:  # top-k indices: torch indexing wants int64
-            out[k] = torch.from_numpy(v.astype(np.int64))
-        else:
-            out[k] = torch.from_numpy(v)
+# the arrays' names under which a target's tensors appear in a batch dict (what version 1 batches held)
+TARGET_KEYS = {"DenseTarget": {"logits": fmt.LOGITS},
+               "TopKTarget": {"values": fmt.TOPK_VALUES, "ids": fmt.TOPK_INDICES, "logsumexp": fmt.LOGSUMEXP},
+               "SampledTarget": {"ids": "sampled_ids", "counts": "sampled_counts", "logits": "sampled_logits",
+                                 "logsumexp": fmt.LOGSUMEXP}}
+
+
+@functools.lru_cache(maxsize=64)
+def _array_names(layout: Any) -> frozenset[str]:
+    """The layout's array names (cached: a batch loop asks once per batch)."""
+    return frozenset(layout.arrays())
+
+
+def to_torch(block: dict[str, np.ndarray], logits_dtype: str, layout: Any = None) -> dict[str, torch.Tensor]:
+    """numpy block -> torch tensors, the teacher's arrays decoded by their layout (no copies where possible).
+
+    ``layout`` (a :class:`softlabels.layouts.Layout`) is inferred for dense and top-k
+    blocks. Logits keep their stored dtype (bfloat16 bits viewed as bfloat16); class ids
+    become int64; other arrays are wrapped as they are.
+    :func:`softlabels.losses.as_target` turns the result into a typed target.
+    """
+    if layout is None:
+        from softlabels.layouts import make_layout
+
+        if fmt.LOGITS in block:
+            layout = make_layout("dense", num_classes=block[fmt.LOGITS].shape[-1], logits_dtype=logits_dtype)
+        else:  # decoding top-k does not depend on C: any C >= K describes the block
+            k = block[fmt.TOPK_VALUES].shape[-1]
+            layout = make_layout("topk", num_classes=k, logits_dtype=logits_dtype, k=k)
+    names = _array_names(layout)
+    target = layout.decode(block)
+    out = {k: torch.from_numpy(v) for k, v in block.items() if k not in names}
+    out.update({name: getattr(target, f) for f, name in TARGET_KEYS[type(target).__name__].items()})
     return out
 
 

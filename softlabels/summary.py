@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from softlabels import format as fmt
-from softlabels._pipeline import _finite_rows
 from softlabels.errors import CorruptStore
-from softlabels.reader import SoftLabelStore, densify_topk, to_torch
+from softlabels.layouts import Layout, make_layout
+from softlabels.reader import SoftLabelStore
 
 __all__ = ["diff_stores", "summarize"]
 
@@ -21,8 +21,15 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
 
     Incomplete stores are described too (statistics cover the chunks done so far).
     With ``verify``, every chunk is read and checked against its checksum.
+    Format-2 stores (see :func:`_summarize_v2`) are described per write unit.
     """
-    with SoftLabelStore(path, allow_partial=True, backend=backend) as store:
+    from softlabels.store import open_any
+
+    store = open_any(path, allow_partial=True, backend=backend)
+    if not isinstance(store, SoftLabelStore):
+        with store:
+            return _summarize_v2(store, verify=verify)
+    with store:
         done = store.chunk_done()
         info: dict[str, Any] = {
             "path": str(store.path),
@@ -40,60 +47,116 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
             "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
             "size_on_disk_bytes": store.size_on_disk(),
         }
-        info.update(_teacher_stats(store, done, verify=verify))
+        layout = make_layout(store.layout, num_classes=store.num_classes, logits_dtype=store.logits_dtype,
+                             **({"k": store.topk} if store.layout == "topk" else {}))
+        stats = _Stats(layout)
+        if verify:
+            damaged = store.verify(lambda _c, raw: stats.add(raw))
+        else:
+            damaged = []
+            for c in np.flatnonzero(done):
+                try:
+                    stats.add(store.read_chunk(int(c), verify=False))
+                except CorruptStore:
+                    damaged.append(int(c))
+        info.update(stats.result())
+        info["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
         info["teacher"] = store.teacher
         info["source"] = store.source
         info["created_by"] = store.created_by
         return info
 
 
-def _teacher_stats(store: SoftLabelStore, done: np.ndarray, *, verify: bool) -> dict[str, Any]:
-    """Label counts, teacher top-1 accuracy on labeled rows, mean entropy (nats, T = 1), non-finite rows.
+def _summarize_v2(store: Any, *, verify: bool) -> dict[str, Any]:
+    """A format-2 store: v1's keys (a write unit in place of a chunk) plus positions, views and bytes.
 
-    Reads chunk by chunk; damaged chunks are skipped and listed (with ``verify``, also chunks
-    repeating a top-k index in a row or sharing sample ids: see :meth:`SoftLabelStore.verify`).
+    ``num_positions`` counts stored teacher outputs (N x V for views); ``bytes_per_position``
+    is the layout's per-output size, and a views store adds ``bytes_per_view`` (with the
+    view's float32 parameters). Teacher statistics cover every position of the done units.
     """
-    sums = dict.fromkeys(("correct", "labeled", "rows", "nonfinite"), 0)
-    entropy = [0.0]
-
-    def add(_chunk: int, raw: dict[str, np.ndarray]) -> None:
-        values = {k: v for k, v in raw.items() if k in (fmt.LOGITS, fmt.TOPK_VALUES, fmt.LOGSUMEXP)}
-        sums["nonfinite"] += int((~_finite_rows({k: v.reshape(len(v), -1) for k, v in values.items()})).sum())
-        block = to_torch(raw, store.logits_dtype)
-        if store.layout == "dense":
-            logp = torch.log_softmax(block[fmt.LOGITS].float(), dim=-1)
-            top1 = logp.argmax(-1)
-        else:  # entropy over the K stored classes plus one tail bucket: a lower bound
-            logp = densify_topk(block[fmt.TOPK_VALUES], block[fmt.TOPK_INDICES], block[fmt.LOGSUMEXP],
-                                store.num_classes, tail="bucket")
-            top1 = block[fmt.TOPK_INDICES][:, 0]
-        entropy[0] += float(-(logp.exp() * logp).nan_to_num().sum())
-        lab = block[fmt.LABELS]
-        mask = lab >= 0
-        sums["correct"] += int((top1[mask] == lab[mask]).sum())
-        sums["labeled"] += int(mask.sum())
-        sums["rows"] += len(lab)
-
-    if verify:
-        damaged = store.verify(add)
-    else:
-        damaged = []
-        for c in np.flatnonzero(done):
-            try:
-                add(int(c), store.read_chunk(int(c), verify=False))
-            except CorruptStore:
-                damaged.append(int(c))
-    labeled, rows = sums["labeled"], sums["rows"]
-    stats = {
-        "labeled": labeled,
-        "unlabeled": rows - labeled,
-        "teacher_accuracy": sums["correct"] / labeled if labeled else None,
-        "mean_teacher_entropy": entropy[0] / rows if rows else None,
-        "entropy_note": "over the top-k classes plus a tail bucket (a lower bound)" if store.layout == "topk" else None,
-        "nonfinite_rows": sums["nonfinite"],
+    meta = store.meta
+    layout = meta.layout_obj()
+    done = store.unit_done()
+    views = int(meta.views["count"]) if meta.views else 1
+    params = len(meta.views["param_names"]) if meta.views else 0
+    geometry = meta.geometry
+    info: dict[str, Any] = {
+        "path": str(store.path),
+        "backend": getattr(store, "backend_kind", None),
+        "format_version": 2,
+        "status": meta.status,
+        "positions": meta.positions,
+        "layout": meta.layout,
+        "layout_params": dict(meta.layout_params),
+        "logits_dtype": meta.logits_dtype,
+        "num_samples": meta.num_samples,
+        "num_classes": meta.num_classes,
+        "topk": meta.layout_params.get("k") if meta.layout == "topk" else None,
+        "chunk_rows": meta.chunk_samples,
+        "num_chunks": meta.num_units,
+        "shard_rows": geometry.unit_samples if meta.shard_chunks > 1 else None,
+        "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
+        "num_positions": meta.num_samples * views,
+        "bytes_per_position": layout.bytes_per_position,
+        "views": dict(meta.views) if meta.views else None,
+        "bytes_per_view": layout.bytes_per_position + 4 * params if meta.views else None,
+        "size_on_disk_bytes": store._handle().size_on_disk() if hasattr(store, "_handle") else None,
     }
-    stats["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
-    return stats
+    stats = _Stats(layout)
+    damaged = []
+    for u in np.flatnonzero(done):
+        try:
+            block = store.read_unit(int(u), verify=verify)
+        except CorruptStore:
+            damaged.append(int(u))
+            continue
+        if views > 1 or meta.positions == "views":  # every view of a sample is a row with the sample's label
+            n = len(block[fmt.LABELS])
+            block = {**{k: block[k].reshape(n * views, *block[k].shape[2:]) for k in layout.arrays()},
+                     fmt.LABELS: np.repeat(block[fmt.LABELS], views)}
+        stats.add(block)
+    info.update(stats.result(rows="positions"))
+    info["labeled"] //= views  # each sample's label was counted once per view
+    info["unlabeled"] //= views
+    info["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
+    info["teacher"], info["source"], info["created_by"] = meta.teacher, meta.source, meta.created_by
+    return info
+
+
+class _Stats:
+    """Label counts, teacher top-1 accuracy on labeled rows, the layout's ``inspect`` means, non-finite rows."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.sums: dict[str, float] = dict.fromkeys(("correct", "labeled", "rows", "nonfinite"), 0)
+        self.means: dict[str, float] = {}
+
+    def add(self, raw: dict[str, np.ndarray]) -> None:
+        self.sums["nonfinite"] += len(self.layout.nonfinite_rows(raw))
+        target = self.layout.decode(raw)
+        for key, value in self.layout.inspect(target).items():
+            self.means[key] = self.means.get(key, 0.0) + float(value.double().sum())
+        lab = torch.from_numpy(raw[fmt.LABELS])
+        mask = lab >= 0
+        self.sums["correct"] += int((target.top1()[mask] == lab[mask]).sum())
+        self.sums["labeled"] += int(mask.sum())
+        self.sums["rows"] += len(lab)
+
+    def result(self, rows: str = "rows") -> dict[str, Any]:
+        labeled, n = int(self.sums["labeled"]), int(self.sums["rows"])
+        means = {k: v / n if n else None for k, v in self.means.items()}
+        entropy = means.pop("entropy", None)
+        return {
+            "labeled": labeled,
+            "unlabeled": n - labeled,
+            "teacher_accuracy": self.sums["correct"] / labeled if labeled else None,
+            "mean_teacher_entropy": entropy,
+            "entropy_note": ("over the top-k classes plus a tail bucket (a lower bound)"
+                             if self.layout.name == "topk" else None),
+            "teacher_stats": means,
+            "nonfinite_rows": int(self.sums["nonfinite"]),
+            "stats_over": rows,
+        }
 
 
 def diff_stores(a: str | Path, b: str | Path, *, ignore: tuple[str, ...] = ("timings",)) -> list[str]:

@@ -35,7 +35,7 @@ from softlabels._trainutil import DistEnv, IndexBatches, lr_factor, set_threads,
 from softlabels.config import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, TrainConfig
 from softlabels.data import class_count
 from softlabels.errors import CheckpointError, ConfigError, DataError, ModelMismatch, NonFiniteOutputs
-from softlabels.losses import TOPK_KEYS, DistillationLoss, make_soft_loss
+from softlabels.losses import DistillationLoss, make_soft_loss
 
 __all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"]
 
@@ -89,8 +89,8 @@ class _Run:
 
     def __init__(self, config: TrainConfig, env: DistEnv, teacher: nn.Module | None, log,
                  student: nn.Module | None = None) -> None:
-        from softlabels.reader import open_store
         from softlabels.specs import resolve_data, resolve_model
+        from softlabels.store import open_any
 
         self.config, self.env, self.log = config, env, log or (lambda _msg: None)
         # rank 0: a bar on a terminal (or with progress=True); in a log, a line every LINE_EVERY_S s and per epoch
@@ -99,9 +99,10 @@ class _Run:
         self.resume_from = ckpt_io.check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
         self.stores: list = []
         self.sl = None
+        self.augment = None  # a views store's augmentation, replayed on the device from each batch's view_params
         # -- data ------------------------------------------------------------------------
         if config.stores:
-            self.stores = [open_store(p) for p in config.stores]
+            self.stores = [open_any(p) for p in config.stores]
             specs = list(config.data) or [self._recorded_spec(s) for s in self.stores]
             datasets = [resolve_data(s) for s in specs]
             from softlabels.dataset import SoftLabelDataset
@@ -127,6 +128,10 @@ class _Run:
             raise DataError(f"the inputs differ in shape ({', '.join(map(str, sorted(shapes)))}); "
                             "train on data of one kind")
         self.input_shape, self.num_classes = shapes.pop(), num_classes
+        if self.sl is not None and self.sl.augment is not None:
+            from softlabels._replay import replay_op
+
+            self.augment, self.input_shape = replay_op(self.sl, self.input_shape)
         self.loader = batch_loader(batches, num_workers=config.num_workers, pin_memory=env.device.type == "cuda")
         self.val = resolve_data(config.val_data) if config.val_data else None
         if self.val is not None and tuple(self.val.input_shape) != self.input_shape:
@@ -139,15 +144,10 @@ class _Run:
         alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
         loss_name = None
         if distil:
+            from softlabels._replay import check_loss
+
             layout = "dense" if teacher is not None else layout
-            loss_name = config.loss or ("topk_kl" if layout == "topk" else "kl")
-            where = ", ".join(config.stores)
-            if layout == "topk" and loss_name != "topk_kl":
-                raise ConfigError(f"loss {loss_name!r} needs dense teacher logits but {where} holds top-k logits; "
-                                  "use --loss topk_kl")
-            if layout == "dense" and loss_name == "topk_kl":
-                raise ConfigError(f"loss 'topk_kl' is for top-k stores but {where or 'the teacher'} gives dense "
-                                  "logits; use --loss kl, soft_ce or mse")
+            loss_name = check_loss(config.loss, layout, ", ".join(config.stores))
         self.loss_fn = DistillationLoss(make_soft_loss(loss_name, temperature) if distil else None, alpha)
         for line in self._without_effect(distil, loss_name, alpha):
             self.log(f"warning: {line}")
@@ -185,9 +185,10 @@ class _Run:
             "online_teacher": teacher is not None, "world_size": env.world,
             "student_kind": info.kind, "student_weights_sha256": info.weights_sha256,
             "num_parameters": info.num_parameters,
-            "teachers": [{"store": str(Path(s.path).resolve()), "layout": s.layout, "num_samples": s.num_samples,
-                          "num_classes": s.num_classes, "logits_dtype": s.logits_dtype, "teacher": s.teacher,
-                          "source": s.source} for s in self.stores],
+            "teachers": [{"store": str(Path(s.path).resolve()), "layout": s.meta.layout,
+                          "num_samples": s.meta.num_samples, "num_classes": s.meta.num_classes,
+                          "logits_dtype": s.meta.logits_dtype, "teacher": s.meta.teacher,
+                          "source": s.meta.source} for s in self.stores],
             "store_identity": [_store_identity(s) for s in self.stores],
         }
         self.state = None
@@ -238,7 +239,8 @@ class _Run:
                          "and the teacher's logits are not used; lower --alpha to distil")
         if loss == "mse" and cfg.temperature is not None:
             notes.append("--temperature has no effect with --loss mse, which matches raw logits; drop it")
-        if alpha > 0 and self.stores and not any((s.labels >= 0).any() for s in self.stores):
+        if alpha > 0 and self.stores and all(hasattr(s, "labels") for s in self.stores) \
+                and not any((s.labels >= 0).any() for s in self.stores):
             given = "" if cfg.alpha is not None else " (the default)"
             notes.append(f"the stores hold no labels, so --alpha {alpha}{given} only scales the soft loss by "
                          f"{1 - alpha:g} (the hard-label term is 0 on unlabeled rows); pass --alpha 0, or add a "
@@ -248,7 +250,7 @@ class _Run:
     def _recorded_spec(self, store) -> str:
         from softlabels.specs import recorded_spec
 
-        spec = store.source.get("spec")
+        spec = store.meta.source.get("spec")
         if not spec:
             raise ConfigError(f"store {str(store.path)!r} does not record its data spec; pass --data for it")
         recorded_spec(spec, kind="data", where=f"store {str(store.path)!r}", flag="--data")
@@ -288,7 +290,7 @@ class _Run:
         from softlabels._jobstore import scan_nonfinite
 
         for store in self.stores:
-            ids = scan_nonfinite(Path(store.path))
+            ids = scan_nonfinite(Path(store.path)) if hasattr(store, "chunk_done") else _v2_nonfinite(store)
             if ids:
                 raise NonFiniteOutputs(
                     f"store {str(store.path)!r} holds NaN/inf teacher values for {len(ids)} sample id(s) "
@@ -296,13 +298,18 @@ class _Run:
                     "with a fixed teacher or without those inputs")
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from softlabels.layouts import DenseTarget
+        from softlabels.losses import as_target
+
         batch = {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
+        if self.augment is not None:  # the stored view, rebuilt from its parameters (docs/VIEWS.md)
+            batch["x"] = self.augment.apply(batch["x"], batch["view_params"])
         if self.teacher is not None:
             with torch.no_grad():
-                logits = self.teacher(batch["x"]).float()
-            batch = {k: v for k, v in batch.items() if k != "logits" and k not in TOPK_KEYS}
-            batch["logits"] = logits
+                batch["target"] = DenseTarget(self.teacher(batch["x"]).float())
+        elif self.stores:
+            batch["target"] = as_target(batch)
         return batch
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
@@ -427,10 +434,25 @@ def _store_identity(store) -> dict[str, Any]:
 
     from softlabels import format as fmt
 
+    if not hasattr(store, "chunk_done"):  # format 2 (or an ensemble of such stores)
+        from softlabels._replay import v2_identity
+
+        return v2_identity(store)
     checksums = store._whole(fmt.CHECKSUMS).astype("<u4").tobytes()
     return {"teacher": store.teacher, "layout": store.layout, "logits_dtype": store.logits_dtype,
             "num_samples": store.num_samples, "num_classes": store.num_classes, "topk": store.meta.topk,
             "checksums_sha256": hashlib.sha256(checksums).hexdigest()}
+
+
+def _v2_nonfinite(store) -> list[int]:
+    """Sample ids whose stored teacher values hold NaN/inf, in a format-2 store source."""
+    from softlabels import format as fmt
+
+    layout, ids = store.meta.layout_obj(), []
+    for u in range(store.meta.num_units):
+        block = store.read_unit(u, verify=False)
+        ids += block[fmt.SAMPLE_IDS][layout.nonfinite_rows(block)].tolist()
+    return sorted(ids)
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:

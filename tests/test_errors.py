@@ -784,6 +784,34 @@ def _(c):
     store = views_store(c, augment="errcat_aug:make")
     return c.gen("--views-from", store, data=image_npz(c))
 
+# 17. reading format-2 stores and views replay
+def _v2(c: Ctx, **kw: Any) -> tuple[Path, str]:
+    """A format-2 store of tiny images (tests/_v2stores.py) and their data spec."""
+    from tests._v2stores import make_images, write_v2
+
+    spec = make_images(c.tmp)
+    write_v2(c.tmp / "v2.h5", spec, **kw)
+    return c.tmp / "v2.h5", spec
+
+
+@case("E1750")
+def _(c):
+    from tests._v2stores import make_images, write_tokens
+
+    write_tokens(c.tmp / "t.h5", make_images(c.tmp))
+    return c.train("--store", c.tmp / "t.h5", student="linear")
+
+
+CASES.update({
+    "E1751": lambda c: c.train("--store", _v2(c, positions="views", views_attrs={
+        "augment": "crop(6,padding=1)+flip+mypkg.augs:jitter"})[0], student="linear"),
+    "E1752": lambda c: c.train("--store", _v2(c, positions="views", views_attrs={"augment": "flip"})[0],
+                               student="linear"),
+    "E1753": lambda c: c.train("--store", _v2(c, layout="topk")[0], "--loss", "sampled_kl", student="linear"),
+    "E1754": lambda c: c.train("--store", _v2(c, source={})[0], "--data", c.npz(
+        "few.npz", x=np.zeros((10, 1, 6, 6), np.float32), y=np.zeros(10, np.int64)), student="linear"),
+})
+
 # 10. trust boundaries
 def pickled_pt2(path: Path, marker: Path) -> Path:
     """A .pt2 program whose sample inputs unpickle to a call that creates ``marker``."""
@@ -1053,6 +1081,12 @@ def _map_dataset(c: Ctx, **kw) -> Any:
     return SoftLabelMapDataset(c.env.h5, **kw)
 
 
+def SoftLabelMapDataset_of(store: Path) -> Any:
+    from softlabels.dataset import SoftLabelMapDataset
+
+    return SoftLabelMapDataset(store)
+
+
 def _kl(teacher: dict) -> Callable[[Ctx], Any]:
     from softlabels.losses import KLDivergence
 
@@ -1100,6 +1134,7 @@ def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L211": lambda c: losses.SkewKL(1.0, alpha=0.0),
         "L212": lambda c: losses.SampledKL(1.0)(torch.zeros(2, C), {"sampled_ids": torch.zeros(2, 3)}),
         "L213": lambda c: losses.TopKKL(1.0)(torch.zeros(3, C), _topk_target()),
+        "L1750": lambda c: SoftLabelMapDataset_of(_v2(c)[0]),
     }
 
 

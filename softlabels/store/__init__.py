@@ -14,7 +14,7 @@ import numpy as np
 from softlabels.errors import ConfigError, NotAStore, StoreNotFound
 from softlabels.format import ArraySpec
 
-__all__ = ["Backend", "BackendKind", "ReadHandle", "backend_kind", "open_backend"]
+__all__ = ["Backend", "BackendKind", "ReadHandle", "backend_kind", "open_any", "open_backend"]
 
 BackendKind = Literal["hdf5", "zarr"]
 SUFFIXES: dict[str, BackendKind] = {".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}
@@ -116,3 +116,27 @@ class ReadHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_any(path: str | Path, **kw: Any):
+    """Open a store of either format version: a v1 ``SoftLabelStore`` or a v2 ``UnitStore``.
+
+    The root attribute ``softlabels_format`` decides; ``kw`` (``allow_partial``, ``backend``)
+    go to the reader.
+    """
+    from softlabels.errors import SoftLabelsError
+
+    b = open_backend(path, "r", kw.get("backend"))
+    try:
+        version = b.attrs().get("softlabels_format")
+    except SoftLabelsError:  # damaged attributes: the version 1 reader names the problem with the path
+        version = None
+    finally:
+        b.close()
+    if version == 2:
+        from softlabels.store.unit_reader import UnitStore
+
+        return UnitStore(path, **kw)
+    from softlabels.reader import SoftLabelStore
+
+    return SoftLabelStore(path, **kw)
