@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import zarr
 
 from softlabels._loader import batch_loader
 from softlabels.config import TrainConfig
@@ -36,21 +37,28 @@ def stores(tmp_path_factory):
     teacher = tiny_teacher(V, 16)
     return {"spec": spec, "data": data, "teacher": teacher,
             **{layout: write_token_store(tmp / f"{layout}.h5", teacher, data, layout, spec=spec)
-               for layout in ("dense", "topk", "sampled")}}
+               for layout in ("dense", "topk", "sampled")},
+            "sampled-zarr": write_token_store(tmp / "sampled.zarr", teacher, data, "sampled", spec=spec,
+                                              chunk_samples=3, chunk_positions=4)}
 
 
 def _plain(path: str, layout: str, sample: int) -> dict[str, np.ndarray]:
-    """One sequence's stored arrays, read with h5py alone."""
+    """One sequence's stored arrays, read with h5py or zarr alone."""
+    names = make_layout(layout, num_classes=V, **PARAMS[layout]).arrays()
+    if path.endswith(".zarr"):
+        g = zarr.open_group(path, mode="r")
+        a, n = int(g["offsets"][sample]), int(g["lengths"][sample])
+        return {k: np.asarray(g[k][a:a + n]) for k in names}
     with h5py.File(path, "r") as f:
         a = int(f["offsets"][sample])
         n = int(f["lengths"][sample])
-        names = make_layout(layout, num_classes=V, **PARAMS[layout]).arrays()
         return {k: f[k][a:a + n] for k in names}
 
 
-@pytest.mark.parametrize("layout", ["dense", "topk", "sampled"])
-def test_batches_equal_plain_reads(stores, layout):
-    ds = TokenStoreDataset(UnitStore(stores[layout]), stores["data"], batch_size=4, seed=1)
+@pytest.mark.parametrize("name", ["dense", "topk", "sampled", "sampled-zarr"])
+def test_batches_equal_plain_reads(stores, name):
+    layout = name.removesuffix("-zarr")
+    ds = TokenStoreDataset(UnitStore(stores[name]), stores["data"], batch_size=4, seed=1)
     lay = make_layout(layout, num_classes=V, **PARAMS[layout])
     seen = []
     for batch in ds:
@@ -62,7 +70,7 @@ def test_batches_equal_plain_reads(stores, layout):
             tokens = stores["data"].get_batch(np.array([sid]))
             assert torch.equal(batch["ids"][b, :n], tokens.ids[0])
             assert (batch["ids"][b, n:] == 0).all()
-            want = lay.decode(_plain(stores[layout], layout, sid))
+            want = lay.decode(_plain(stores[name], layout, sid))
             for field in target.__dataclass_fields__:
                 assert torch.equal(getattr(target, field)[start:start + n], getattr(want, field))
             assert batch["index"][start:start + n].tolist() == [b * width + t for t in range(n)]
