@@ -159,7 +159,8 @@ def test_length_one_very_long_and_wide_vocabulary(tmp_path):
     assert batch["ids"].shape == (4, 300) and batch["loss_mask"].sum() == 299 + 1
     target = batch_target(batch, "topk")
     want = torch.topk(teacher_logits(teacher, data, 1), 4).indices
-    assert torch.equal(target.ids[1:301], want) and int(target.ids.max()) >= 1 << 16 or want.max() < 1 << 16
+    assert torch.equal(target.ids[1:301], want)
+    assert int(target.ids.max()) >= 1 << 16  # ids above 16 bits survive the store
     soft = make_soft_loss("topk_kl", 1.0)
     total, _, _ = lm_loss(torch.zeros(4, 300, vocab, requires_grad=True), batch, "topk", soft, 0.5)
     assert math.isfinite(total.item())
