@@ -181,7 +181,7 @@ def test_resume_equals_uninterrupted(stores, tmp_path):
         train(_config(tmp_path, stores["sampled"], "cut", alpha=0.2), on_epoch_end=stop)
     resumed = train(_config(tmp_path, stores["sampled"], "cut", alpha=0.2, resume=True))
     assert resumed["weights_digest"] == full["weights_digest"]
-    assert full["final"]["loss"] < full["first_loss"] or full["steps"] == 6
+    assert full["steps"] == resumed["steps"] == 6  # 9 sequences in batches of 4: 3 steps per epoch
 
 
 def test_torchrun_two_processes_equal_one(stores, tmp_path):
