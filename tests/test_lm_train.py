@@ -214,15 +214,15 @@ def test_cli_train_and_eval(stores, tmp_path):
     from tests.conftest import run_cli
 
     out = tmp_path / "run"
-    r = run_cli(["train", "--student", "gpt-tiny", "--store", stores["topk"], "--epochs", "2", "--batch-size", "3",
+    r = run_cli(*["train", "--student", "gpt-tiny", "--store", stores["topk"], "--epochs", "2", "--batch-size", "3",
                  "--loss", "jsd", "--device", "cpu", "--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
-    r = run_cli(["eval", "--checkpoint", str(out), "--data", stores["spec"], "--store", stores["topk"], "--json"])
+    r = run_cli(*["eval", "--checkpoint", str(out), "--data", stores["spec"], "--store", stores["topk"], "--json"])
     assert r.exit_code == 0, r.output
     m = json.loads(r.output)
     assert m["positions"] > 0 and math.isclose(m["perplexity"], math.exp(m["loss"]))
     assert 0 <= m["agreement"] <= 1 and m["kl_to_teacher"] >= 0 and 0 <= m["ece"] <= 1
-    r = run_cli(["eval", "--checkpoint", str(out), "--data", stores["spec"]])
+    r = run_cli(*["eval", "--checkpoint", str(out), "--data", stores["spec"]])
     assert r.exit_code == 0 and "perplexity" in r.output
 
 
@@ -234,7 +234,7 @@ def test_student_of_another_vocabulary_is_refused(stores, tmp_path):
                    "def make():\n    return GPT(GPTConfig(41, 16, 1, 2, 16))\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        r = run_cli(["train", "--student", "wide_lm:make", "--store", stores["dense"], "--device", "cpu",
+        r = run_cli(*["train", "--student", "wide_lm:make", "--store", stores["dense"], "--device", "cpu",
                      "--out", str(tmp_path / "r")])
     finally:
         sys.path.remove(str(tmp_path))
