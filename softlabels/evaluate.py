@@ -107,6 +107,11 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
 
     if problems := threads_problem(threads):
         raise ConfigError(problems)
+    from softlabels.lm.evaluate import evaluate_lm, is_lm_run
+
+    if is_lm_run(load_checkpoint(find_checkpoint(checkpoint))["config"]):  # a language model: per-token metrics
+        return evaluate_lm(checkpoint, data_spec, store, batch_size=batch_size, device=device, threads=threads,
+                           student=student)
     set_threads(threads)
     device = resolve_device(device)  # an unknown or absent device is a one-line error
     model, config = load_student(checkpoint, device=device, student=student)
@@ -153,6 +158,7 @@ def finite_json(result: dict[str, Any]) -> dict[str, Any]:
 
 
 _ROWS = (
+    ("loss", "next-token loss", "f4"), ("perplexity", "perplexity", "f4"), ("positions", "positions", "int"),
     ("accuracy", "accuracy", "pct"), ("ece", "ECE", "f4"),
     ("teacher_accuracy", "teacher accuracy", "pct"), ("agreement", "top-1 agreement", "pct"),
     ("kl_to_teacher", "KL to teacher", "f4"), ("correlation", "logit correlation (CORR)", "f4"),

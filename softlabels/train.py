@@ -57,6 +57,11 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
     train this module (e.g. a pruned one, see :mod:`softlabels.compress`) instead of
     building ``config.student``, which then only names it in the run.
     """
+    if config.stores and teacher is None and student is None:
+        from softlabels.lm.train import is_token_store, train_lm
+
+        if is_token_store(config.stores[0]):  # a language model learns from per-token targets
+            return train_lm(config, log=log, on_epoch_end=on_epoch_end)
     problems = config.problems(online=teacher is not None)
     if problems:
         raise ConfigError(problems)

@@ -1256,6 +1256,86 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
 LM_CASES = _lm_cases()
 
 
+# -- 17. language-model students from token stores (through the CLI) ---------------------------------
+def _token_store(c: Ctx, name: str = "lm.h5", *, lengths=(3, 2, 4, 1), vocab: int = 12, record: bool = True,
+                 seed: int = 0) -> tuple[Path, str]:
+    from tests._lmstore import ragged_data, tiny_teacher, write_token_store
+
+    spec, data = ragged_data(c.tmp / f"{name}.npz", lengths, vocab, seed=seed)
+    store = write_token_store(c.tmp / name, tiny_teacher(vocab, 8), data, "dense", spec=spec if record else None)
+    return Path(store), spec
+
+
+def _lm_train(c: Ctx, store: Path, *extra: Any, student: str = "gpt-tiny", out: str = "lmrun"):
+    return invoke("train", "--student", student, "--store", store, "--epochs", "1", "--batch-size", "2",
+                  "--device", "cpu", "--no-progress", "--out", c.tmp / out, *extra)
+
+
+def _lm_run(c: Ctx, student: str = "gpt-tiny") -> Path:
+    store, _ = _token_store(c)
+    assert _lm_train(c, store, student=student).exit_code == 0
+    return c.tmp / "lmrun"
+
+
+@case("E1850")
+def _(c):
+    store, _ = _token_store(c, record=False)
+    _, other = _token_store(c, "other.h5", lengths=(3, 2, 4, 2))
+    return _lm_train(c, store, "--data", other)
+
+
+@case("E1851")
+def _(c):
+    store, _ = _token_store(c, record=False)
+    _, other = _token_store(c, "other.h5", lengths=(3, 2))
+    return _lm_train(c, store, "--data", other)
+
+
+@case("E1852")
+def _(c):
+    store, _ = _token_store(c)
+    _, other = _token_store(c, "other.h5", seed=5)
+    return _lm_train(c, store, "--data", other)
+
+
+@case("E1853")
+def _(c):
+    return _lm_train(c, _token_store(c, record=False)[0])
+
+
+@case("E1854")
+def _(c):
+    store, spec = _token_store(c)
+    return _lm_train(c, store, "--val-data", spec)
+
+
+@case("E1855")
+def _(c):
+    store, _ = _token_store(c)
+    return _lm_train(c, store, "--store", store)
+
+
+@case("E1856")
+def _(c):
+    return _lm_train(c, _token_store(c)[0], "--loss", "soft_ce")
+
+
+@case("E1857")
+def _(c):
+    (c.tmp / "errcat_lm.py").write_text("from softlabels.lm.models import GPT, GPTConfig\n"
+                                        "def make():\n    return GPT(GPTConfig(12, 8, 1, 2, 16))\n")
+    c.mp.syspath_prepend(str(c.tmp))
+    run = _lm_run(c, "errcat_lm:make")
+    return invoke("eval", "--checkpoint", run, "--data", c.tmp / "lm.h5.npz")
+
+
+@case("E1858")
+def _(c):
+    run = _lm_run(c)
+    wide, spec = _token_store(c, "wide.h5", vocab=13)
+    return invoke("eval", "--checkpoint", run, "--data", spec, "--store", wide)
+
+
 # -- running the cases -----------------------------------------------------------------------------
 @pytest.fixture
 def raised(monkeypatch) -> list[BaseException]:

@@ -1,0 +1,230 @@
+"""Stream a format-v2 ``tokens`` store, joined with its token ids, as padded LM batches.
+
+:class:`TokenStoreDataset` reads whole write units (chunk-aligned) through any object
+with the store-source API (:class:`~softlabels.store.unit_reader.UnitStore`, or an
+ensemble of stores with the same API), joins every stored sequence with its token ids
+from the data the store was generated from, and yields padded batches (see the class).
+
+Order: the units form the "chunks" of :mod:`softlabels._order`; one *global* stream of
+sequences per epoch (units permuted, sequences shuffled within windows of units) is cut
+into global batches of ``batch_size * world_size`` sequences. Rank ``r`` takes the
+``r``-th balanced slice of every global batch, and DataLoader worker ``w`` of ``W``
+serves global batches ``w, w + W, ...`` (the loader's round-robin delivers them in
+order). The stream does not depend on the world size or the number of workers, so a
+run on P processes with batch B sees the same global batches as one process with batch
+``P * B``, every sequence is yielded exactly once per epoch, and resuming after ``k``
+batches is arithmetic. The price: each rank reads the units its slices touch, so a
+window's units are read once per rank and worker (units are cached while in use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from softlabels import _order
+from softlabels.errors import ConfigError, DataError, FingerprintMismatch
+from softlabels.layouts.targets import DenseTarget, SampledTarget, TopKTarget
+from softlabels.lm.metrics import next_token_targets
+from softlabels.lm.tokens import TokenDataset, offsets_of, token_fingerprint
+from softlabels.positions.tokens import LENGTHS, OFFSETS
+
+__all__ = ["TokenStoreDataset", "batch_target", "select_rows", "TARGET_PREFIX"]
+
+TARGET_PREFIX = "target."
+_TARGETS = {"dense": DenseTarget, "topk": TopKTarget, "sampled": SampledTarget}
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concat(arange(s, s + n) for s, n)`` without a Python loop."""
+    total = int(lengths.sum())
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets_of(lengths)[:-1], lengths)
+
+
+def batch_target(batch: dict[str, Any], layout: str) -> DenseTarget | TopKTarget | SampledTarget:
+    """The typed teacher target of a batch (its ``target.*`` tensors), rows = the batch's real positions."""
+    cls = _TARGETS[layout]
+    return cls(**{f.name: batch[TARGET_PREFIX + f.name] for f in dataclasses.fields(cls)})
+
+
+def select_rows(target: Any, rows: torch.Tensor) -> Any:
+    """The same target restricted to ``rows`` (an index or bool mask over its rows)."""
+    return dataclasses.replace(target, **{f.name: getattr(target, f.name)[rows] for f in dataclasses.fields(target)})
+
+
+def _short(fp: Any) -> str:
+    return str(fp)[:19] + "..." if fp and len(str(fp)) > 19 else str(fp)
+
+
+class TokenStoreDataset(IterableDataset):
+    """Padded next-token batches with per-token teacher targets from one complete ``tokens`` store.
+
+    Each item is a dict of tensors for ``B`` sequences (a rank's slice of one global batch,
+    ``B`` may be 0 on a rank at the epoch's end), ``L`` the longest of them:
+
+    * ``ids`` int64 [B, L]: input token ids, right-padded with 0;
+    * ``targets`` int64 [B, L]: the next token ``ids[b, t + 1]``, or -100 where the position
+      does not count (``loss_mask`` False);
+    * ``loss_mask`` bool [B, L]: position ``t`` counts (``t + 1`` is inside the sequence and a
+      target of the data's mask): where the hard CE and the divergence are taken;
+    * ``lengths``, ``sample_ids`` int64 [B];
+    * ``index`` int64 [P]: flat index ``b * L + t`` of each of the batch's ``P`` real
+      positions (row-major), the rows of the teacher target;
+    * ``target.<field>``: the layout's typed target over those ``P`` positions
+      (:func:`batch_target` rebuilds it: DenseTarget / TopKTarget / SampledTarget).
+
+    ``store``: an object with the store-source API (``meta``, ``read_unit``, ...);
+    ``data``: the :class:`TokenDataset` it was generated from. Call :meth:`set_epoch`
+    before each epoch; ``state_dict``/``load_state_dict`` resume mid-epoch (same world size).
+    """
+
+    def __init__(self, store: Any, data: TokenDataset, *, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 window_units: int = 4, rank: int | None = None, world_size: int | None = None,
+                 verify: bool = True, check_fingerprint: bool = True) -> None:
+        super().__init__()
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            on = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        problems = []
+        if not isinstance(batch_size, int) or batch_size < 1:
+            problems.append(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(window_units, int) or window_units < 1:
+            problems.append(f"window_units must be an integer >= 1, got {window_units!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            problems.append(f"rank must lie in 0..world_size-1, got rank={rank}, world_size={world_size}")
+        if problems:
+            raise ConfigError(problems)
+        meta = store.meta
+        if meta.positions != "tokens":
+            raise ConfigError(f"{store.path} holds {meta.positions!r} positions, not tokens; train a language "
+                              "model from a store generated on token data")
+        self.store, self.data, self.meta = store, data, meta
+        self.layout_obj = meta.layout_obj()
+        self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
+        self.window_units, self.rank, self.world_size, self.verify = window_units, int(rank), int(world_size), verify
+        g = meta.geometry
+        self.unit_samples = g.unit_samples
+        self._sizes = np.array([b - a for a, b in map(g.unit_samples_range, range(g.num_units))], dtype=np.int64)
+        expected = meta.source.get("fingerprint")
+        if check_fingerprint and expected:  # stores made without a fingerprint cannot be checked
+            got = token_fingerprint(data)
+            if got != expected:
+                spec = meta.source.get("spec")
+                raise FingerprintMismatch(
+                    f"{store.path}: the token data given (fingerprint {_short(got)}) is not the data the store was "
+                    f"generated from ({_short(expected)}); pass the data the store was generated from"
+                    + (f" ({spec})" if spec else ""))
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+        store.close()  # no open handle crosses a fork; each process reopens lazily
+
+    # -- metadata ------------------------------------------------------------------------
+    num_classes = property(lambda self: int(self.meta.num_classes))
+    layout = property(lambda self: self.meta.layout)
+    num_samples = property(lambda self: int(self.meta.num_samples))
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every rank (a rank's slice of the last one may be empty)."""
+        return -(-self.num_samples // self.global_batch)
+
+    # -- epochs and resumption -------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self._resume is not None and self._resume[0] != self.epoch:
+            self._resume = None
+
+    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
+        if not 0 <= batches_done <= len(self):
+            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got {batches_done}")
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        k = int(state["batches_done"])
+        if not 0 <= k <= len(self):
+            raise ConfigError(f"dataset state has batches_done={k} but an epoch has {len(self)} batches; "
+                              "resume with the same store, batch size and world size")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume = (self.epoch, k)
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """Store rows (sample-axis indices) of every global batch of ``epoch``: pure index math."""
+        return _order.stream_batches(self._sizes, batch_size=self.global_batch, window_chunks=self.window_units,
+                                     seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=0, world=1,
+                                     worker=0, workers=1)
+
+    def rank_rows(self, global_rows: np.ndarray) -> np.ndarray:
+        a, b = _order.split(len(global_rows), self.world_size, self.rank)
+        return global_rows[a:b]
+
+    # -- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        batches = self.global_batches(self.epoch)
+        cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        for j in range(skip + worker, len(batches), workers):
+            yield self.read_batch(self.rank_rows(batches[j]), cache)
+
+    def _unit(self, unit: int, cache: OrderedDict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        if unit in cache:
+            cache.move_to_end(unit)
+            return cache[unit]
+        block = self.store.read_unit(unit, verify=self.verify)
+        cache[unit] = block
+        while len(cache) > self.window_units + 1:  # a window, plus the one a batch may straddle into
+            cache.popitem(last=False)
+        return block
+
+    def read_batch(self, rows: np.ndarray, cache: OrderedDict | None = None) -> dict[str, Any]:
+        """The batch of store rows ``rows`` (in that order)."""
+        cache = OrderedDict() if cache is None else cache
+        rows = np.asarray(rows, dtype=np.int64)
+        units = rows // self.unit_samples
+        b = len(rows)
+        lengths = np.empty(b, np.int64)
+        sample_ids = np.empty(b, np.int64)
+        blocks = {int(u): self._unit(int(u), cache) for u in np.unique(units)}
+        for u, block in blocks.items():
+            sel = np.flatnonzero(units == u)
+            local = rows[sel] - u * self.unit_samples
+            lengths[sel], sample_ids[sel] = block[LENGTHS][local], block["sample_ids"][local]
+        out_off = offsets_of(lengths)
+        specs = self.layout_obj.arrays()
+        arrays = {k: np.empty((int(out_off[-1]), *s.shape), s.dtype) for k, s in specs.items()}
+        for u, block in blocks.items():  # gather each unit's sequences into their batch slots
+            sel = np.flatnonzero(units == u)
+            local = rows[sel] - u * self.unit_samples
+            src = _ranges(block[OFFSETS][local], lengths[sel])
+            dst = _ranges(out_off[:-1][sel], lengths[sel])
+            for k in specs:
+                arrays[k][dst] = block[k][src]
+        if b and (sample_ids.min() < 0 or sample_ids.max() >= len(self.data)):
+            raise DataError(f"{self.store.path} refers to sample ids {int(sample_ids.min())}..{int(sample_ids.max())} "
+                            f"but the token data has {len(self.data)} sequences; pass the data the store was "
+                            "generated from")
+        tokens = self.data.get_batch(sample_ids)
+        if not np.array_equal(tokens.lengths.numpy(), lengths):
+            bad = int(np.flatnonzero(tokens.lengths.numpy() != lengths)[0])
+            raise DataError(f"sequence {int(sample_ids[bad])} has {int(tokens.lengths[bad])} tokens in the data but "
+                            f"{int(lengths[bad])} positions in {self.store.path}; pass the data the store was "
+                            "generated from (same tokenizer and --seq-len)")
+        lens = torch.from_numpy(lengths)
+        targets, loss_mask = next_token_targets(tokens.ids, tokens.mask, lens)
+        width = tokens.ids.shape[1]
+        real = torch.arange(width) < lens[:, None]
+        target = self.layout_obj.decode(arrays)
+        batch = {"ids": tokens.ids, "targets": targets, "loss_mask": loss_mask, "lengths": lens,
+                 "sample_ids": torch.from_numpy(sample_ids), "index": real.reshape(-1).nonzero().reshape(-1)}
+        batch.update({TARGET_PREFIX + f.name: getattr(target, f.name) for f in dataclasses.fields(target)})
+        return batch
