@@ -22,6 +22,7 @@ against the library alone.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -76,6 +77,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_open_"))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # hundreds of thousands of chunk files
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
     paths = {}
     for kind in args.backends:
         paths[kind] = tmp / ("store.h5" if kind == "hdf5" else "store.zarr")
