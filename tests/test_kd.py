@@ -168,7 +168,7 @@ def test_sampled_kl_at_other_t_is_exact_with_expected_counts(temperature: float)
 
 
 # -- fused paths equal the plain computation -----------------------------------------------------------
-@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 0.7])
 def test_gather_lse_in_blocks_equals_plain(temperature: float) -> None:
     s = logits(7, 13, seed=15).requires_grad_()
     cols = torch.randint(0, 13, (7, 4), generator=torch.Generator().manual_seed(0))
@@ -182,7 +182,7 @@ def test_gather_lse_in_blocks_equals_plain(temperature: float) -> None:
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
 @pytest.mark.parametrize("with_labels", [True, False])
 @pytest.mark.parametrize("chunked", [True, False])
 def test_fused_dense_kl_and_ce_equal_plain(temperature: float, with_labels: bool, chunked: bool) -> None:
