@@ -794,14 +794,6 @@ def _v2(c: Ctx, **kw: Any) -> tuple[Path, str]:
     return c.tmp / "v2.h5", spec
 
 
-@case("E1750")
-def _(c):
-    from tests._v2stores import make_images, write_tokens
-
-    write_tokens(c.tmp / "t.h5", make_images(c.tmp))
-    return c.train("--store", c.tmp / "t.h5", student="linear")
-
-
 CASES.update({
     "E1751": lambda c: c.train("--store", _v2(c, positions="views", views_attrs={
         "augment": "crop(6,padding=1)+flip+mypkg.augs:jitter"})[0], student="linear"),
@@ -1081,6 +1073,13 @@ def _map_dataset(c: Ctx, **kw) -> Any:
     return SoftLabelMapDataset(c.env.h5, **kw)
 
 
+def _lm_token_store(c: Ctx) -> Path:
+    from tests._v2stores import make_images, write_tokens
+
+    write_tokens(c.tmp / "t.h5", make_images(c.tmp))
+    return c.tmp / "t.h5"
+
+
 def SoftLabelMapDataset_of(store: Path) -> Any:
     from softlabels.dataset import SoftLabelMapDataset
 
@@ -1135,6 +1134,7 @@ def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L212": lambda c: losses.SampledKL(1.0)(torch.zeros(2, C), {"sampled_ids": torch.zeros(2, 3)}),
         "L213": lambda c: losses.TopKKL(1.0)(torch.zeros(3, C), _topk_target()),
         "L1750": lambda c: SoftLabelMapDataset_of(_v2(c)[0]),
+        "L1751": lambda c: _dataset(c, _lm_token_store(c)),
     }
 
 
