@@ -330,3 +330,23 @@ def test_pieces_stay_inside_their_spans():
     for start, n, rows in pieces:
         assert rows == LENGTHS[start:start + n].sum()
         assert any(lo <= start and start + n <= hi for lo, hi in spans)
+
+
+def test_text_data_with_a_tokenizer(tmp_path):
+    pytest.importorskip("tokenizers")
+    from softlabels.lm import train_bpe
+
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    train_bpe(text, 300, min_frequency=1).save(str(tmp_path / "tok.json"))
+    (tmp_path / "a.txt").write_text(text)
+    cfg = GenerateConfig(teacher="gpt-tiny", data=f"text:{tmp_path / 'a.txt'}", out=tmp_path / "t.h5",
+                         random_teacher=True, tokenizer=str(tmp_path / "tok.json"), seq_len=16,
+                         layout="topk", topk=4, batch_size=4)
+    assert is_token_job(cfg)
+    p = token_producer(cfg)
+    meta = p.meta()
+    lengths = p.lengths()
+    assert (lengths[:-1] == 16).all() and 1 <= lengths[-1] <= 16
+    assert meta.num_classes == p.data.vocab_size and meta.source["seq_len"] == 16
+    with UnitStore(write(p, cfg.out)) as store:
+        assert store.verify() == [] and store.meta.tokens["num_positions"] == int(lengths.sum())
