@@ -269,9 +269,11 @@ def test_token_producer_from_generate_config(tmp_path):
 def test_token_producer_refusals(tmp_path):
     data = str(_npz(tmp_path, [3, 2], 10))
     base = dict(teacher="gpt-tiny", data=data, out=tmp_path / "t.h5", num_classes=10)
-    with pytest.raises(ConfigError, match="without --weights"):
+    with pytest.raises(ConfigError) as err:  # E1800, E1801: the messages docs/ERRORS.md quotes
         token_producer(GenerateConfig(**base))
-    with pytest.raises(ConfigError, match="--samples is only for --layout sampled"):
+    assert str(err.value) == ("--teacher gpt-tiny is an architecture without --weights, so it would label the tokens "
+                              "with random weights; pass --weights FILE, or --random-teacher (for tests)")
+    with pytest.raises(ConfigError, match=r"^--samples is only for --layout sampled$"):
         token_producer(GenerateConfig(**base, random_teacher=True, samples=4))
     assert GenerateConfig(**base, seq_len=0).problems() == ["--seq-len must be >= 1, got 0"]
 
