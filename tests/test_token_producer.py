@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from softlabels.config import GenerateConfig
@@ -352,3 +354,29 @@ def test_text_data_with_a_tokenizer(tmp_path):
     assert meta.num_classes == p.data.vocab_size and meta.source["seq_len"] == 16
     with UnitStore(write(p, cfg.out)) as store:
         assert store.verify() == [] and store.meta.tokens["num_positions"] == int(lengths.sum())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=12), batch=st.integers(1, 5),
+       chunk=st.integers(1, 4), positions=st.integers(1, 9), max_tokens=st.none() | st.integers(1, 60),
+       name=st.sampled_from(list(LAYOUTS)), backend=st.sampled_from(["h5", "zarr"]), seed=st.integers(0, 99))
+def test_any_geometry_and_calls_store_the_direct_encoding(tmp_path_factory, lengths, batch, chunk, positions,
+                                                         max_tokens, name, backend, seed):
+    """Random lengths (empty ones too), calls, chunking and span order: every real position equals the
+    one-sequence reference, and the store verifies."""
+    lengths = np.array(lengths)
+    data, teacher = WithEmpty(lengths, 23, seed), Lookup(23, seed=seed)
+    layout = make_layout(name, num_classes=23, **LAYOUTS[name])
+    p = TokenProducer(data, teacher, layout, batch_size=batch, max_tokens=max_tokens, chunk_samples=chunk,
+                      chunk_positions=positions)
+    cut = sorted(set(np.random.default_rng(seed).integers(0, len(lengths), 3).tolist()) | {0, len(lengths)})
+    spans = list(zip(cut, cut[1:]))[::-1]  # out of order
+    path = write(p, tmp_path_factory.mktemp("s") / f"s.{backend}", spans)
+    arrays, _ = plain(path)
+    for i in np.flatnonzero(lengths):
+        start = int(arrays["offsets"][i])
+        want = encode_direct(teacher, layout, data.get_batch(np.array([i])).ids[0].numpy(), int(i))
+        for k, v in want.items():
+            np.testing.assert_array_equal(arrays[k][start:start + lengths[i]], v, err_msg=f"{k} of {i}")
+    with UnitStore(path) as store:
+        assert store.verify() == []
