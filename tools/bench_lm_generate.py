@@ -133,7 +133,8 @@ def overhead(args: argparse.Namespace, tmp: Path) -> None:
     print("| teacher (x gpt-tiny) | layout | store | bare CPU s | producer CPU s | job CPU s (creation) | "
           "producer / bare | job / bare | job − creation / bare | tokens per CPU s (job) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    sampled, topk = ("sampled", {"samples": 12, "seed": 0}), ("topk", {"k": 32})
+    sampled = ("sampled", {"samples": 12, "seed": 0})
+    topk = ("topk", {"k": 32})
     cases = [("gpt-medium", sampled, "zarr", True), ("gpt-medium", sampled, "h5", False),
              ("gpt-medium", topk, "zarr", True), (args.large, sampled, "zarr", True)]
     for teacher_name, (name, params), backend, compress in cases:
@@ -153,8 +154,8 @@ def overhead(args: argparse.Namespace, tmp: Path) -> None:
         mb, mq, mj, mc = (statistics.median(v) for v in (b, q, j, c))
         label = f"{name} {params.get('k') or params.get('samples')}"
         store = f"{'HDF5' if backend == 'h5' else 'Zarr'}{' compressed' if compress else ''}"
-        print(f"| {teacher_name} ({ratio:.0f}x; H = {h:.2f}) | {label} | {store} | {mb:.2f} | {mq:.2f} | {mj:.2f} ({mc:.2f}) | "
-              f"{mq / mb:.3f} | {mj / mb:.3f} | {(mj - mc) / mb:.3f} | {tokens / mj:,.0f} |", flush=True)
+        print(f"| {teacher_name} ({ratio:.0f}x; H = {h:.2f}) | {label} | {store} | {mb:.2f} | {mq:.2f} | "
+              f"{mj:.2f} ({mc:.2f}) | {mq / mb:.3f} | {mj / mb:.3f} | {(mj - mc) / mb:.3f} | {tokens / mj:,.0f} |", flush=True)
 
 
 def bytes_per_token(args: argparse.Namespace, tmp: Path) -> None:
