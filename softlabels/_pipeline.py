@@ -164,6 +164,9 @@ class Teacher:
 class BackgroundWriter:
     """Writes blocks to a :class:`StoreWriter` on a thread, behind a bounded buffer.
 
+    Subclasses write other items by overriding :meth:`_write` (the v2 job runner's
+    ``(start, arrays)`` pieces into a ``UnitWriter``).
+
     The teacher waits only when ``depth`` blocks are pending. The thread writes in
     bursts of ``burst`` blocks (or whatever is pending after ``linger`` seconds):
     when the teacher keeps every CPU core busy, each wake-up of the writer (and of
@@ -179,8 +182,9 @@ class BackgroundWriter:
 
     def __init__(self, writer: StoreWriter | Callable[[], StoreWriter], *, on_nonfinite: str,
                  depth: int = 8, burst: int | None = None, linger: float = 0.25) -> None:
-        self._open = None if isinstance(writer, StoreWriter) else writer
-        self.writer: StoreWriter | None = writer if isinstance(writer, StoreWriter) else None
+        opened = hasattr(writer, "write")  # a writer (v1 StoreWriter, v2 UnitWriter), else what creates one
+        self._open = None if opened else writer
+        self.writer: StoreWriter | None = writer if opened else None
         self.on_nonfinite = on_nonfinite
         self._depth, self._burst, self._linger = depth, burst or max(1, depth // 2), linger
         self._pending: list[Block] = []
@@ -243,7 +247,7 @@ class BackgroundWriter:
                 if self._error is not None:
                     break
                 try:
-                    with self.writer.burst():
+                    with getattr(self.writer, "burst", nullcontext)():  # v2's UnitWriter commits unit by unit
                         for block in group:
                             self._write(block)
                 except BaseException as err:  # noqa: BLE001 - handed to the main thread

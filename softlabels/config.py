@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "AMP_MODES", "DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "DEVICE_HELP", "EvalConfig", "GenerateConfig",
-    "LAYOUTS", "LOGITS_DTYPES", "LOSS_NAMES", "ON_NONFINITE", "OPTIMIZERS", "REPORT_FORMATS", "SCHEDULES",
+    "AMP_MODES", "DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "DEVICE_HELP", "EvalConfig", "FORMAT_VERSIONS",
+    "GENERATE_LAYOUTS", "GenerateConfig", "LAYOUTS", "LOGITS_DTYPES", "LOSS_NAMES", "ON_NONFINITE", "OPTIMIZERS", "REPORT_FORMATS", "SCHEDULES",
     "THREADS_HELP", "TrainConfig", "threads_problem",
 ]
 
 # Choices. LAYOUTS and LOGITS_DTYPES equal softlabels.format's, LOSS_NAMES softlabels.losses.LOSSES'
 # keys (tests/test_firstuse.py checks both): those modules need numpy and torch.
 LAYOUTS = ("dense", "topk")
+GENERATE_LAYOUTS = LAYOUTS + ("sampled",)  # sampled is written as format 2 (softlabels.layouts.LAYOUTS)
+FORMAT_VERSIONS = (1, 2)
 LOGITS_DTYPES = ("float32", "float16", "bfloat16")
 LOSS_NAMES = ("kl", "soft_ce", "mse", "topk_kl", "sampled_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -128,7 +130,10 @@ class GenerateConfig:
     """Every option of ``softlabels generate`` (validated by :meth:`problems`).
 
     ``num_classes`` left ``None`` is the teacher's output width; ``progress=None``
-    shows a bar on a terminal and periodic one-line progress otherwise.
+    shows a bar on a terminal and periodic one-line progress otherwise. ``layout=None``
+    is ``dense``, or ``topk`` with K = 5 for views (docs/VIEWS.md); ``format_version=None``
+    is 2 when the request needs it (views, the sampled layout) or the store being resumed
+    is version 2, else 1.
     """
 
     teacher: str
@@ -138,8 +143,13 @@ class GenerateConfig:
     allow_pickle: bool = False
     random_teacher: bool = False
     seed: int = 0
-    layout: str = "dense"
+    layout: str | None = None
     topk: int | None = None
+    samples: int | None = None
+    views: int | None = None
+    augment: str | None = None
+    views_from: str | None = None
+    format_version: int | None = None
     dtype: str = "float32"
     batch_size: int = 256
     num_workers: int = 0
@@ -153,10 +163,9 @@ class GenerateConfig:
     on_nonfinite: str = "error"
     repair: bool = False
     progress: bool | None = None
-    # token data (softlabels.job.tokens): window length, tokenizer, draws per token of --layout sampled
+    # token data (softlabels.job.tokens): window length and tokenizer
     seq_len: int | None = None
     tokenizer: str | None = None
-    samples: int | None = None
 
     def problems(self) -> list[str]:
         from softlabels._paths import out_overlaps  # the library's, at call time: --help stays light
@@ -170,19 +179,20 @@ class GenerateConfig:
                      "--random-teacher for a random teacher seeded by --seed (for tests)")
         if self.random_teacher and self.weights is not None:
             p.append("--random-teacher and --weights exclude each other; pick one")
-        if self.layout not in LAYOUTS:
-            p.append(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if self.layout == "topk" and (self.topk is None or self.topk < 1):
-            p.append("--layout topk needs --topk K with K >= 1")
+        if self.layout not in GENERATE_LAYOUTS:
+            p.append(f"--layout must be one of {', '.join(GENERATE_LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "topk" and (self.topk < 1 if self.topk is not None else not self.viewed):
+            p.append("--layout topk needs --topk K with K >= 1")  # views default to K = min(5, C)
         if self.layout == "dense" and self.topk is not None:
             p.append("--topk is only for --layout topk")
+        p += self._format2_problems()
         if self.dtype not in LOGITS_DTYPES:
             p.append(f"--dtype must be one of {', '.join(LOGITS_DTYPES)}, got {self.dtype!r}")
         if self.amp not in AMP_MODES:
             p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.on_nonfinite not in ON_NONFINITE:
             p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
-        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len", "samples"):
+        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -200,6 +210,36 @@ class GenerateConfig:
         if self.repair and self.overwrite:
             p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")
         return p
+
+    def _format2_problems(self) -> list[str]:
+        """The format-2 options (views, the sampled layout, --format) and how they fit together."""
+        p = []
+        if self.views is not None and self.views < 1:
+            p.append(f"--views must be >= 1, got {self.views}")
+        if self.views is not None and self.augment is None and self.views_from is None:
+            p.append("--views needs --augment SPEC (how each view is drawn) or --views-from STORE; e.g. "
+                     "--augment 'crop(32,padding=4)+flip'")
+        if self.augment is not None and self.views is None and self.views_from is None:
+            p.append("--augment needs --views V (views per sample); e.g. --views 8")
+        if self.layout == "sampled" and (self.samples is None or self.samples < 1):
+            p.append("--layout sampled needs --samples S with S >= 1 (draws per output)")
+        if self.samples is not None and self.layout != "sampled":
+            p.append("--samples is only for --layout sampled")
+        if self.format_version not in (None, *FORMAT_VERSIONS):
+            p.append(f"--format must be 1 or 2, got {self.format_version!r}")
+        if self.format_version == 1 and (self.views is not None or self.views_from is not None
+                                         or self.layout == "sampled"):
+            p.append("format 1 holds one dense or top-k output per sample; drop --format 1 for views or the "
+                     "sampled layout (they are written as format 2)")
+        return p
+
+    @property
+    def viewed(self) -> bool:
+        return self.views is not None or self.views_from is not None
+
+    @property
+    def needs_format2(self) -> bool:
+        return self.viewed or self.layout == "sampled"
 
     def recorded(self, chunk_rows: int) -> dict[str, Any]:
         """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""

@@ -83,8 +83,13 @@ def generate(
     allow_pickle: bool = False,
     random_teacher: bool = False,
     seed: int = 0,
-    layout: str = "dense",
+    layout: str | None = None,
     topk: int | None = None,
+    samples: int | None = None,
+    views: int | None = None,
+    augment: str | None = None,
+    views_from: str | Path | None = None,
+    format_version: int | None = None,
     dtype: str = "float32",
     batch_size: int = 256,
     num_workers: int = 0,
@@ -99,6 +104,8 @@ def generate(
     repair: bool = False,
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
+    seq_len: int | None = None,
+    tokenizer: str | Path | None = None,
 ) -> GenerateResult:
     """Run ``teacher`` over ``data`` and write its raw logits to the store ``out``.
 
@@ -112,12 +119,19 @@ def generate(
     needs ``weights``, or ``random_teacher=True`` (tests): its init is seeded by ``seed``,
     which the store records, so a resumed store holds one teacher. Option defaults
     and their meaning: :class:`softlabels.config.GenerateConfig`.
+    Format 2 (``views``/``augment``/``views_from``, ``layout="sampled"``, ``format_version=2``):
+    :mod:`softlabels.job.classify`. Token data (``text:``, ``tokenizer``, ``seq_len``, an LM teacher):
+    :mod:`softlabels.job.tokens`.
     """
+    if layout is None:  # views: top-k with a small K (docs/VIEWS.md); else every logit
+        layout = "topk" if views is not None or views_from is not None else "dense"
     s = Settings(teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
                  allow_pickle=allow_pickle, random_teacher=random_teacher, seed=seed, layout=layout, topk=topk,
-                 dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
+                 samples=samples, views=views, augment=augment, views_from=None if views_from is None else str(views_from),
+                 format_version=format_version, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
                  chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
-                 on_nonfinite=on_nonfinite, repair=repair, progress=progress)
+                 on_nonfinite=on_nonfinite, repair=repair, progress=progress, seq_len=seq_len,
+                 tokenizer=None if tokenizer is None else str(tokenizer))
     problems = s.problems()
     if problems:
         raise ConfigError(problems)
@@ -126,9 +140,28 @@ def generate(
     dist = _distributed.init(dev.type)
     job = _Job(s, dist, dev, echo if echo is not None and dist.is_main else (lambda _line: None))
     try:
+        from softlabels.job.tokens import is_token_job
+
+        if is_token_job(s):  # a causal-LM teacher over token data: softlabels.job.tokens
+            from softlabels.job.tokens import generate_tokens
+
+            return generate_tokens(s, dist, job.say)
+        if _format_of(s) == 2:
+            from softlabels.job.classify import generate_v2
+
+            return generate_v2(job)
         return job.run()
     finally:
         job.close()
+
+
+def _format_of(s: Settings) -> int:
+    """The format to write: asked, needed (views, sampled), or the resumed store's; else 1."""
+    if s.format_version is not None or s.needs_format2:
+        return s.format_version or 2
+    from softlabels.job.runner import store_format
+
+    return 2 if not s.overwrite and s.out.exists() and store_format(s.out) == 2 else 1
 
 
 @dataclass
@@ -213,7 +246,7 @@ class _Job:
             raise ModelMismatch(f"--data {s.data!r} has labels up to {data_classes - 1} but teacher {s.teacher!r} "
                                 f"outputs {c} logits per sample; use a teacher for {data_classes} classes, "
                                 "or fix the labels")
-        if s.layout == "topk" and s.topk > c:
+        if s.layout == "topk" and s.topk is not None and s.topk > c:  # None: views' default, min(5, C)
             raise ConfigError(f"--topk {s.topk} is more than the {c} classes; pass --topk {c} or fewer")
         self.c = c
         param = next(iter(module.parameters()), None)

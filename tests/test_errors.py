@@ -44,9 +44,11 @@ CHUNK, BATCH = 16, 8  # 3 chunks per store
 COVERED_ELSEWHERE = {
     "E951": "tests/test_generate_distributed.py::test_two_ranks_equal_one_process",
     # --augment specs, raised through the library until generate takes --augment
-    **{f"E{i}": "tests/test_augment.py::test_errors_match_the_catalogue" for i in range(1408, 1420)},
-    # token generate, raised through softlabels.job.tokens until generate routes token data there
-    **{f"E{i}": "tests/test_token_producer.py::test_token_producer_refusals" for i in (1800, 1801)},
+    **{f"E{i}": "tests/test_augment.py::test_errors_match_the_catalogue" for i in range(1408, 1418)},
+    "E1419": "tests/test_augment.py::test_errors_match_the_catalogue",
+    "E1707": "tests/test_job.py::test_two_ranks_write_the_same_views_store_as_one_process",
+    # token generate (softlabels.job.tokens)
+    "E1800": "tests/test_token_producer.py::test_token_producer_refusals",
 }
 
 # Cases of known bugs: they must fail until the bug is fixed (strict xfail), then the mark goes.
@@ -740,6 +742,49 @@ def _(c):
 @case("E1612")
 def _(c):
     return _compress(c, "--store", write_store(c.tmp / "c3.h5", make_rows(N, 3), num_classes=3))
+
+
+# -- 17. format-2 generate: views, the sampled layout ------------------------------------------------
+def image_npz(c: Ctx, n: int = N) -> Path:
+    """Tiny 3x8x8 image data (views need images)."""
+    path = c.tmp / f"img{n}.npz"
+    np.savez(path, x=np.random.default_rng(0).random((n, 3, 8, 8)).astype(np.float32),
+             y=np.arange(n) % C)
+    return path
+
+
+def views_store(c: Ctx, augment: str = "flip", data: Path | None = None) -> Path:
+    out = c.tmp / "views.zarr"
+    r = c.gen("--views", "2", "--augment", augment, data=data or image_npz(c), out=out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+CASES.update({
+    "E1418": lambda c: c.gen("--views", "2", "--augment", "flip"),  # flat 6-vectors, no images
+    "E1700": lambda c: c.gen("--views", "2"),
+    "E1701": lambda c: c.gen("--augment", "flip"),
+    "E1702": lambda c: c.gen("--layout", "sampled"),
+    "E1703": lambda c: c.gen("--samples", "4"),
+    "E1704": lambda c: c.gen("--format", "1", "--layout", "sampled", "--samples", "4"),
+    "E1705": lambda c: c.gen("--views", "0", "--augment", "flip"),
+    "E1706": lambda c: c.gen("--format", "2", out=c.copy(c.env.h5)),
+    "E1708": lambda c: c.gen("--views-from", c.env.zarr, data=image_npz(c)),
+    "E1709": lambda c: c.gen("--views-from", views_store(c), data=image_npz(c, N // 2)),
+    "E1710": lambda c: c.gen("--views-from", views_store(c), "--augment", "flip(p=0.25)", data=image_npz(c)),
+    "E1712": lambda c: c.gen("--views-from", views_store(c), "--views", "3", data=image_npz(c)),
+})
+
+
+@case("E1711")
+def _(c):
+    (c.tmp / "errcat_aug.py").write_text("from softlabels.augment import RandomHorizontalFlip\n"
+                                         "class make(RandomHorizontalFlip):\n"
+                                         "    spec = 'errcat_aug:make'  # recorded as the factory term\n"
+                                         "    def __init__(self): super().__init__(0.5)\n")
+    c.mp.syspath_prepend(str(c.tmp))
+    store = views_store(c, augment="errcat_aug:make")
+    return c.gen("--views-from", store, data=image_npz(c))
 
 # 10. trust boundaries
 def pickled_pt2(path: Path, marker: Path) -> Path:

@@ -153,14 +153,19 @@ def test_click_defaults_and_choices_come_from_the_config(command, cls, renamed):
         # None stands for a documented default chosen at run time (--alpha, --loss, --chunk-rows, ...)
         assert defaults[name] == field.default, (command, name)
     gen, train = _options("generate"), _options("train")
-    assert tuple(gen["layout"].type.choices) == config.LAYOUTS and tuple(gen["dtype"].type.choices) == config.LOGITS_DTYPES
+    assert tuple(gen["layout"].type.choices) == config.GENERATE_LAYOUTS
+    assert config.GENERATE_LAYOUTS[:len(config.LAYOUTS)] == config.LAYOUTS
+    assert tuple(gen["dtype"].type.choices) == config.LOGITS_DTYPES
     assert tuple(train["optimizer"].type.choices) == config.OPTIMIZERS
 
 
 def test_config_choices_and_library_defaults_match_the_modules_that_use_them():
     from softlabels import evaluate, format, generate, losses, report
 
+    from softlabels import layouts
+
     assert config.LAYOUTS == tuple(format.LAYOUTS) and config.LOGITS_DTYPES == tuple(format.LOGITS_DTYPES)
+    assert set(config.GENERATE_LAYOUTS) == set(layouts.LAYOUTS)
     assert config.LOSS_NAMES == tuple(losses.LOSSES) and config.REPORT_FORMATS == tuple(report.FORMATS)
     for fn, cls in ((generate, config.GenerateConfig), (evaluate, config.EvalConfig)):
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}

@@ -6,7 +6,9 @@ import os
 
 import click
 
-from softlabels.config import AMP_MODES, DEVICE_HELP, LAYOUTS, LOGITS_DTYPES, ON_NONFINITE, THREADS_HELP
+from softlabels.config import (
+    AMP_MODES, DEVICE_HELP, FORMAT_VERSIONS, GENERATE_LAYOUTS, LOGITS_DTYPES, ON_NONFINITE, THREADS_HELP,
+)
 from softlabels.config import GenerateConfig as D  # defaults: the dataclass's field defaults
 
 
@@ -25,9 +27,19 @@ from softlabels.config import GenerateConfig as D  # defaults: the dataclass's f
                    "'?unlabeled' to hide every label (e.g. 'pool.npz?unlabeled'). The store records it with "
                    "absolute paths.")
 @click.option("--out", required=True, type=click.Path(), help="The store to write: *.h5, *.hdf5 or *.zarr.")
-@click.option("--layout", type=click.Choice(LAYOUTS), default=D.layout, show_default=True,
-              help="Store every logit (dense) or the K largest per row plus their logsumexp (topk).")
+@click.option("--layout", type=click.Choice(GENERATE_LAYOUTS), default=D.layout,
+              help="Store every logit (dense), the K largest per output plus their logsumexp (topk), or S draws "
+                   "from the teacher's distribution (sampled, format 2). Default: dense; topk with K = 5 for --views.")
 @click.option("--topk", type=int, help="K for --layout topk.")
+@click.option("--samples", type=int, help="S, the draws per output for --layout sampled (seeded by --seed).")
+@click.option("--views", type=int, help="Store V augmented views per sample, with their parameters (format 2; "
+                                        "docs/VIEWS.md).")
+@click.option("--augment", metavar="SPEC", help="How each view is drawn, e.g. 'crop(32,padding=4)+flip' (docs/VIEWS.md); "
+                                               "a package.module:factory term imports that code.")
+@click.option("--views-from", type=click.Path(), metavar="STORE",
+              help="Label exactly the views of another views store (same data), e.g. with another teacher.")
+@click.option("--format", "format_version", type=click.Choice([str(v) for v in FORMAT_VERSIONS]),
+              help="Store format version (default: 2 for views and sampled, the resumed store's, else 1).")
 @click.option("--dtype", type=click.Choice(LOGITS_DTYPES), default=D.dtype, show_default=True,
               help="The stored logits' dtype.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows per teacher call.")
@@ -48,11 +60,16 @@ from softlabels.config import GenerateConfig as D  # defaults: the dataclass's f
 @click.option("--repair", is_flag=True, help="Verify the checksums and regenerate the chunks that fail.")
 @click.option("--no-progress", is_flag=True,
               help="No progress at all (without it: a bar on a terminal, else a line every 30 s).")
+@click.option("--seq-len", type=int,
+              help="Token data: cut text:FILE or a flat token stream into windows of this many tokens.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False),
+              help="Token data: the tokenizer.json of text:FILE (and the vocabulary of a built-in LM teacher).")
 def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,
-            out: str, layout: str, topk: int | None, dtype: str, batch_size: int, num_workers: int, device: str,
+            out: str, layout: str | None, topk: int | None, samples: int | None, views: int | None,
+            augment: str | None, views_from: str | None, format_version: str | None, dtype: str, batch_size: int, num_workers: int, device: str,
             threads: int, amp: str,
             chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
-            on_nonfinite: str, repair: bool, no_progress: bool) -> None:
+            on_nonfinite: str, repair: bool, no_progress: bool, seq_len: int | None, tokenizer: str | None) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
 
     Rerunning the same command resumes an interrupted job (and says so when the
@@ -66,11 +83,12 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
     try:
         result = generate(
             teacher, data, out, weights=weights, allow_pickle=allow_pickle, random_teacher=random_teacher,
-            seed=seed, layout=layout, topk=topk, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
+            seed=seed, layout=layout, topk=topk, samples=samples, views=views, augment=augment,
+            views_from=views_from, format_version=None if format_version is None else int(format_version), dtype=dtype, batch_size=batch_size, num_workers=num_workers,
             device=device, threads=threads, amp=amp,
             chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
             on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,
-            echo=lambda line: click.echo(line, err=True),
+            echo=lambda line: click.echo(line, err=True), seq_len=seq_len, tokenizer=tokenizer,
         )
     except SoftLabelsError:
         if not main_rank:  # rank 0 reports it; the other ranks only fail

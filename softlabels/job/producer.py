@@ -1,15 +1,14 @@
-"""The producer protocol: what the job runner drives to fill a format-v2 store.
+"""The producer protocol: what the job runner (:mod:`softlabels.job.runner`) drives.
 
-The runner (lock, create/resume, plan, rank split, background writer, non-finite
-policy, repair, finish) knows nothing of teachers; a *producer* knows nothing of
-locks or resumes. ``generate`` (classifier teacher; token teacher) and ``merge``
-(ensembles) are producers.
+A *producer* knows what to compute (a classifier teacher over images or their views, a
+token teacher over sequences, an ensemble of stores); the runner knows how to write it
+safely (lock, create or resume, plan, rank split, background writer, non-finite policy,
+repair, finish). ``generate`` and ``merge`` are producers; the runner is one for all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -18,7 +17,10 @@ from softlabels.store.schema import StoreMetaV2
 __all__ = ["Producer"]
 
 
+@runtime_checkable
 class Producer(Protocol):
+    """What a producer provides (docs/FORMAT.md, "Version 2"; CONTRACTS C1)."""
+
     def meta(self) -> StoreMetaV2:
         """The store to write (status 'writing'), with teacher/source fingerprints; compared on resume."""
 
@@ -30,4 +32,7 @@ class Producer(Protocol):
         order. `arrays` are exactly what UnitWriter.write(start, **arrays) takes: the layout's per-position
         arrays for those samples' positions (sample: n rows; views: n rows of V; tokens: sum of lengths rows),
         plus per-sample `labels`, `sample_ids` and any per-sample arrays of the position kind (`view_params`).
-        Encoding (top-k, sampling) happens on the producer's device before the copy to host."""
+        Encoding (top-k, sampling) happens on the producer's device before the copy to host.
+
+        The runner calls this *before* it starts its writer thread, so a producer may fork its
+        input workers here (a fork while another thread holds a library lock can deadlock)."""

@@ -40,12 +40,9 @@ from softlabels.store.schema import StoreMetaV2
 if TYPE_CHECKING:
     from softlabels.config import GenerateConfig
 
-__all__ = ["TokenProducer", "is_token_job", "token_producer", "DEFAULT_SAMPLES", "default_chunk_samples"]
+__all__ = ["TokenProducer", "default_chunk_samples", "generate_tokens", "is_token_job", "token_producer"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_SAMPLES = 12
-"""Draws per token for ``--layout sampled`` when ``--samples`` is not given (Anshumann et al.: ~12
-unique ids per token matched full KD)."""
 _UNIT_CHUNKS = 16
 """Token chunks per write unit aimed at by :func:`default_chunk_samples`: a unit's padding is under one
 chunk, so ~16 chunks per unit keep the padding near 3 % of the token axis."""
@@ -224,22 +221,44 @@ def is_token_job(config: GenerateConfig) -> bool:
     kind = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}.get(path.suffix.lower())
     if kind is None or not path.exists():
         return False
-    if kind == "npz":
-        with np.load(path, allow_pickle=False) as npz:
-            return "tokens" in npz.files
     from softlabels.data import _array_names
 
-    return "tokens" in _array_names(str(path), kind)
+    try:
+        if kind == "npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return "tokens" in npz.files
+        return "tokens" in _array_names(str(path), kind)
+    except (OSError, ValueError):  # unreadable: the classifier's reader says why, on one line
+        return False
 
 
 def layout_for(config: GenerateConfig, vocab_size: int) -> Layout:
-    """The store's layout from ``--layout``, ``--topk``, ``--samples`` and ``--seed``."""
+    """The store's layout from ``--layout`` (default dense), ``--topk``, ``--samples`` and ``--seed``."""
     params: dict[str, Any] = {}
     if config.layout == "topk":
         params["k"] = config.topk
     elif config.layout == "sampled":
-        params = {"samples": config.samples or DEFAULT_SAMPLES, "seed": config.seed}
-    return make_layout(config.layout, num_classes=vocab_size, logits_dtype=config.dtype, **params)
+        params = {"samples": config.samples, "seed": config.seed}
+    return make_layout(config.layout or "dense", num_classes=vocab_size, logits_dtype=config.dtype, **params)
+
+
+def generate_tokens(config: GenerateConfig, dist: Any, say: Any) -> Any:
+    """``generate`` for token data: :func:`token_producer` driven by the job runner."""
+    from softlabels.generate import GenerateResult
+    from softlabels.job.runner import run_job
+
+    exc, producer = None, None
+    try:
+        producer = token_producer(config)
+    except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
+        exc = err
+    dist.agree(exc)
+    r = run_job(producer, config.out, batch_size=config.batch_size, overwrite=config.overwrite, repair=config.repair,
+                on_nonfinite=config.on_nonfinite, dist=dist, say=say,
+                progress=config.progress if dist.is_main and config.progress is not False else False)
+    return GenerateResult(r.path, r.num_samples, r.samples_generated, r.seconds, r.samples_per_second,
+                          already_complete=r.already_complete, repaired_chunks=r.repaired_units,
+                          nonfinite_sample_ids=r.nonfinite_sample_ids, is_main=r.is_main)
 
 
 def token_producer(config: GenerateConfig) -> TokenProducer:
@@ -249,14 +268,13 @@ def token_producer(config: GenerateConfig) -> TokenProducer:
     and built for the data's longest sequence; ``--batch-size`` counts sequences per call.
     """
     from softlabels._trainutil import resolve_device, set_threads
+    from softlabels.job.classify import adopted_geometry
     from softlabels.lm import BUILTIN_LMS, resolve_lm, resolve_token_data, token_fingerprint
     from softlabels.specs import absolute_data_spec
 
     if config.teacher in BUILTIN_LMS and config.weights is None and not config.random_teacher:
         raise ConfigError(f"--teacher {config.teacher} is an architecture without --weights, so it would label "
                           "the tokens with random weights; pass --weights FILE, or --random-teacher (for tests)")
-    if config.samples is not None and config.layout != "sampled":
-        raise ConfigError("--samples is only for --layout sampled")
     set_threads(config.threads)
     device = resolve_device(config.device)
     data = resolve_token_data(config.data, tokenizer=config.tokenizer, seq_len=config.seq_len)
@@ -272,9 +290,11 @@ def token_producer(config: GenerateConfig) -> TokenProducer:
     teacher = {**info.metadata(), "amp": config.amp, "device": device.type}
     if info.kind == "builtin":
         teacher["seed"] = config.seed
+    adopted = {} if config.overwrite or not Path(config.out).exists() else adopted_geometry(Path(config.out))
     settings = {"batch_size": config.batch_size, "layout": config.layout, "logits_dtype": config.dtype,
                 "amp": config.amp, "seed": config.seed, "random_teacher": config.random_teacher}
     return TokenProducer(data, info.module.to(device), layout, device=device, amp=config.amp,
-                         batch_size=config.batch_size, chunk_samples=config.chunk_rows,
-                         shard_chunks=config.shard_chunks or 1, teacher_attrs=teacher, source_attrs=source,
+                         batch_size=config.batch_size,
+                         chunk_samples=config.chunk_rows or adopted.get("chunk_rows"),
+                         shard_chunks=config.shard_chunks or adopted.get("shard_chunks") or 1, teacher_attrs=teacher, source_attrs=source,
                          created_by={"settings": settings})

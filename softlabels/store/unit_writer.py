@@ -14,6 +14,7 @@ the store is created, before any unit.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -210,6 +211,13 @@ class UnitWriter:
         self.meta = self.meta.with_status(fmt.STATUS_WRITING)
         for u in units:
             self._set_flag(u, 0)
+
+    def update_created_by(self, entries: Mapping[str, Any]) -> None:
+        """Merge ``entries`` into the ``created_by`` attribute (timings, recorded ids) before finishing."""
+        created = {**self.meta.created_by, **entries}
+        self._backend.set_attrs({"created_by": created})
+        self._backend.flush()
+        self.meta = replace(self.meta, created_by=created)
 
     # -- finishing ---------------------------------------------------------------------------
     def finish(self) -> None:

@@ -1,0 +1,381 @@
+"""Format-2 generate through the job runner: values against a direct teacher computation.
+
+Every case builds tiny image data and a fixed teacher, runs ``softlabels generate`` and
+compares the stored arrays (read with plain h5py/zarr) with the teacher run directly on
+the same batches: dense logits bit for bit, top-k and sampled equal to the layout's
+``encode`` of the teacher's logits; views equal the teacher on the views rebuilt from
+the stored parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from softlabels.augment import draw_views, parse_augment
+from softlabels.layouts import make_layout, to_numpy
+from softlabels.specs import resolve_model
+from tests.conftest import assert_one_line_error, read_plain, run_cli
+
+N, C, SHAPE = 30, 5, (3, 8, 8)
+AUG, V, SEED = "crop(8,padding=2)+flip", 3, 4
+LAYOUTS = {"dense": (), "topk": ("--topk", "2"), "sampled": ("--samples", "6")}
+BOOKKEEPING = ("unit_done", "unit_checksums")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("job")
+    rng = np.random.default_rng(0)
+    x = rng.random((N, *SHAPE)).astype(np.float32)
+    y = rng.integers(0, C, N)
+    np.savez(work / "img.npz", x=x, y=y)
+    torch.manual_seed(0)
+    model = resolve_model("mlp", input_shape=SHAPE, num_classes=C).module
+    torch.save(model.state_dict(), work / "t.pt")
+    return {"work": work, "x": torch.from_numpy(x), "model": model.eval(), "data": str(work / "img.npz"),
+            "weights": str(work / "t.pt")}
+
+
+def gen(inputs, out: Path, *extra: str, batch: int = 12, chunk: int = 8):
+    return run_cli("generate", "--teacher", "mlp", "--weights", inputs["weights"], "--data", inputs["data"],
+                   "--out", str(out), "--chunk-rows", str(chunk), "--batch-size", str(batch), "--seed", str(SEED),
+                   "--no-progress", *extra)
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def expected(inputs, layout: str, extra: tuple[str, ...], *, views: bool, batch: int = 12,
+             params: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The store's per-position arrays computed directly: the teacher on the same batches, then encode."""
+    torch.set_num_threads(1)
+    kw = {"topk": {"k": 2}, "sampled": {"samples": 6, "seed": SEED}}.get(layout, {})
+    lay = make_layout(layout, num_classes=C, **kw)
+    x, model, out = inputs["x"], inputs["model"], {}
+    per = batch // V if views else batch
+    aug = parse_augment(AUG)
+    for lo in range(0, N, per):
+        ids = torch.arange(lo, min(lo + per, N))
+        with torch.inference_mode():
+            if views:
+                p = torch.from_numpy(params[ids.numpy()]) if params is not None else \
+                    draw_views(aug, SEED, ids, V, SHAPE)
+                z = model(aug.apply(x[ids].repeat_interleave(V, 0), p.reshape(len(ids) * V, -1)))
+                enc = lay.encode(z, sample_ids=ids.repeat_interleave(V), positions=torch.arange(V).repeat(len(ids)))
+                enc = {k: to_numpy(t).reshape(len(ids), V, *t.shape[1:]) for k, t in enc.items()}
+                enc["view_params"] = p.numpy()
+            else:
+                z = model(x[ids])
+                enc = {k: to_numpy(t) for k, t in lay.encode(z, sample_ids=ids, positions=torch.zeros_like(ids)).items()}
+        for k, v in enc.items():
+            out.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def assert_equal_arrays(stored: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    for k, v in want.items():
+        assert stored[k].dtype == v.dtype and np.array_equal(stored[k], v), k
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("views", [False, True], ids=["sample", "views"])
+def test_v2_generate_equals_the_teacher_run_directly(inputs, tmp_path, suffix, layout, views):
+    out = tmp_path / f"s{suffix}"
+    extra = ("--layout", layout, *LAYOUTS[layout])
+    extra += ("--views", str(V), "--augment", AUG) if views else ("--format", "2")
+    ok(gen(inputs, out, *extra))
+    arrays, attrs = read_plain(out)
+    assert attrs["softlabels_format"] == 2 and attrs["status"] == "complete"
+    assert arrays["unit_done"].all() and len(arrays["unit_done"]) == -(-N // 8)
+    want = expected(inputs, layout, LAYOUTS[layout], views=views)
+    assert_equal_arrays(arrays, want)
+    assert np.array_equal(arrays["sample_ids"], np.arange(N))
+    assert np.array_equal(arrays["labels"], np.load(inputs["data"])["y"])
+    if views:  # replay: the stored params rebuild the views the teacher saw
+        assert_equal_arrays(arrays, expected(inputs, layout, LAYOUTS[layout], views=True, params=arrays["view_params"]))
+
+
+def test_views_default_to_top5_and_views_from_reuses_the_params_exactly(inputs, tmp_path):
+    a, b = tmp_path / "a.zarr", tmp_path / "b.h5"
+    ok(gen(inputs, a, "--views", str(V), "--augment", AUG))
+    ours, attrs = read_plain(a)
+    views_attr = attrs["views"] if isinstance(attrs["views"], dict) else json.loads(attrs["views"])
+    assert attrs["layout"] == "topk" and views_attr["count"] == V and views_attr["augment"] == AUG
+    assert ours["topk_values"].shape == (N, V, 5)
+    # another teacher (other weights), the same views
+    torch.manual_seed(1)
+    other = resolve_model("mlp", input_shape=SHAPE, num_classes=C).module.eval()
+    torch.save(other.state_dict(), tmp_path / "t2.pt")
+    ok(run_cli("generate", "--teacher", "mlp", "--weights", str(tmp_path / "t2.pt"), "--data", inputs["data"],
+               "--out", str(b), "--views-from", str(a), "--chunk-rows", "16", "--batch-size", "12", "--no-progress"))
+    theirs, _ = read_plain(b)
+    assert np.array_equal(theirs["view_params"], ours["view_params"])
+    lay = make_layout("topk", num_classes=C, k=5)
+    with torch.inference_mode():
+        p = torch.from_numpy(ours["view_params"]).reshape(N * V, -1)
+        z = other(parse_augment(AUG).apply(inputs["x"].repeat_interleave(V, 0), p))
+    enc = lay.encode(z)  # one batch here, 4 samples per batch in the store: ids are exact, values within rounding
+    assert np.array_equal(theirs["topk_indices"], to_numpy(enc["topk_indices"]).reshape(N, V, 5))
+    np.testing.assert_allclose(theirs["topk_values"], to_numpy(enc["topk_values"]).reshape(N, V, 5), rtol=1e-6)
+
+
+def test_views_from_refuses_other_data_and_other_augment(inputs, tmp_path):
+    a = tmp_path / "a.zarr"
+    ok(gen(inputs, a, "--views", "2", "--augment", AUG))
+    np.savez(tmp_path / "small.npz", x=np.load(inputs["data"])["x"][:10], y=np.zeros(10, np.int64))
+    r = run_cli("generate", "--teacher", "mlp", "--weights", inputs["weights"], "--data", str(tmp_path / "small.npz"),
+                "--out", str(tmp_path / "b.zarr"), "--views-from", str(a), "--no-progress")
+    assert_one_line_error(r, "holds views of 30 samples of other data")
+    r = gen(inputs, tmp_path / "c.zarr", "--views-from", str(a), "--augment", "flip")
+    assert_one_line_error(r, "is not the augmentation")
+
+
+COUNTER = '''
+import torch
+CALLS = []
+class Counting(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(4, 4096)
+    def forward(self, x):
+        CALLS.append(len(x))
+        return self.w(x)
+def make():
+    torch.manual_seed(0)
+    return Counting()
+'''
+
+
+@pytest.mark.parametrize("layout", ["dense", "topk"])
+def test_teacher_batch_size_does_not_depend_on_chunk_size(tmp_path, monkeypatch, layout):
+    """C = 4,096 dense float32: ~1 MiB chunks are 64 rows, yet the teacher gets --batch-size rows per call."""
+    (tmp_path / "counting_teacher.py").write_text(COUNTER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import counting_teacher
+
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((300, 4)).astype(np.float32))
+    counting_teacher.CALLS.clear()
+    from softlabels import generate
+
+    topk = {"topk": 8} if layout == "topk" else {}
+    generate("counting_teacher:make", str(tmp_path / "d.npz"), tmp_path / "s.zarr", layout=layout,
+             format_version=2, batch_size=128, **topk)
+    assert counting_teacher.CALLS == [2, 128, 128, 44]  # the first call checks the teacher on 2 rows
+    arrays, attrs = read_plain(tmp_path / "s.zarr")
+    assert attrs["chunk_samples"] < 128 or layout == "topk"
+
+
+def _all(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    arrays, attrs = read_plain(path)
+    created = attrs["created_by"] if isinstance(attrs["created_by"], dict) else json.loads(attrs["created_by"])
+    created.pop("timings", None)
+    return arrays, {**attrs, "created_by": created}
+
+
+def assert_same_v2(a: Path, b: Path) -> None:
+    (x, xa), (y, ya) = _all(a), _all(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
+    assert xa == ya
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_killed_views_generate_resumes_bit_identical(inputs, tmp_path, suffix):
+    ref, out = tmp_path / f"ref{suffix}", tmp_path / f"out{suffix}"
+    extra = ("--views", str(V), "--augment", AUG, "--layout", "sampled", "--samples", "5", "--dtype", "float16")
+    ok(gen(inputs, ref, *extra, batch=9, chunk=4))
+    cmd = [sys.executable, "-m", "softlabels", "generate", "--teacher", "mlp", "--weights", inputs["weights"],
+           "--data", inputs["data"], "--out", str(out), "--chunk-rows", "4", "--batch-size", "9", "--seed",
+           str(SEED), "--no-progress", *extra]
+    env = {**os.environ, "SOFTLABELS_TEST_KILL_AFTER_UNITS": "3"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    arrays, attrs = read_plain(out)
+    assert attrs["status"] == "writing" and 3 <= arrays["unit_done"].sum() < len(arrays["unit_done"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_v2(out, ref)
+    # a rerun with other settings is refused on one line; a complete store says so
+    assert_one_line_error(gen(inputs, out, *extra[:-2], batch=9, chunk=4), "was made with other settings")
+    assert "already complete" in ok(gen(inputs, out, *extra, batch=9, chunk=4)).output
+
+
+def test_repair_regenerates_a_damaged_unit(inputs, tmp_path):
+    out = tmp_path / "s.zarr"
+    ok(gen(inputs, out, "--format", "2", "--layout", "topk", "--topk", "3"))
+    ref = tmp_path / "ref.zarr"
+    shutil.copytree(out, ref)
+    import zarr
+
+    g = zarr.open_group(str(out), mode="r+")
+    g["topk_values"][9] = 0  # unit 1 (chunks of 8)
+    r = ok(gen(inputs, out, "--format", "2", "--layout", "topk", "--topk", "3", "--repair"))
+    assert "1 unit(s) fail verification (1)" in r.output
+    assert_same_v2(out, ref)
+
+
+def test_v1_stays_the_default_and_a_v1_store_is_not_resumed_as_v2(inputs, tmp_path):
+    out = tmp_path / "s.h5"
+    ok(gen(inputs, out))
+    assert read_plain(out)[1]["softlabels_format"] == 1
+    assert_one_line_error(gen(inputs, out, "--format", "2"), "is a format-1 store and this job writes format 2")
+    v2 = tmp_path / "v2.zarr"
+    ok(gen(inputs, v2, "--format", "2"))
+    assert "already complete" in ok(gen(inputs, v2)).output  # a rerun without --format adopts the store's
+
+
+DRIVER = '''
+import contextlib, io, os, sys, json
+import click
+from softlabels._cli import main
+rank = int(os.environ["RANK"])
+cases = json.load(open(sys.argv[1]))
+codes = []
+for args in cases:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            main(args, standalone_mode=False)
+            code = 0
+        except click.ClickException as err:
+            err.show()
+            code = err.exit_code
+        except SystemExit as err:
+            code = err.code
+    codes.append([code, buf.getvalue()])
+open(os.path.join(sys.argv[2], f"codes-{rank}.json"), "w").write(json.dumps(codes))
+'''
+
+
+def test_two_ranks_write_the_same_views_store_as_one_process(inputs, tmp_path):
+    cases, names = [], []
+    for name, extra in (("views.zarr", ("--views", str(V), "--augment", AUG)),
+                        ("sampled.zarr", ("--layout", "sampled", "--samples", "6"))):
+        ok(gen(inputs, tmp_path / f"one-{name}", *extra, chunk=4))
+        names.append(name)
+        cases.append(["generate", "--teacher", "mlp", "--weights", inputs["weights"], "--data", inputs["data"],
+                      "--out", str(tmp_path / f"two-{name}"), "--chunk-rows", "4", "--batch-size", "12",
+                      "--seed", str(SEED), "--no-progress", *extra])
+    h5 = cases[0][:]
+    h5[h5.index("--out") + 1] = str(tmp_path / "two.h5")  # E1707: every rank writes, which HDF5 cannot take
+    cases.append(h5)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(tmp_path / "driver.py"), str(tmp_path / "cases.json"), str(tmp_path)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        codes = json.loads((tmp_path / f"codes-{rank}.json").read_text())
+        assert [c for c, _ in codes] == [0, 0, 2], codes
+    line = json.loads((tmp_path / "codes-0.json").read_text())[2][1].strip()
+    assert line.startswith("error: under torchrun every rank writes its own units") and "\n" not in line, line
+    assert not (tmp_path / "two.h5").exists()
+    for name in names:
+        two, one = tmp_path / f"two-{name}", tmp_path / f"one-{name}"
+        (x, xa), (y, ya) = _all(two), _all(one)
+        for k in x:
+            assert np.array_equal(x[k], y[k]), (name, k)
+        assert {k: v for k, v in xa.items() if k != "created_by"} == {k: v for k, v in ya.items() if k != "created_by"}
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_nonfinite_outputs_stop_the_job_or_are_recorded(inputs, tmp_path, suffix):
+    x = np.load(inputs["data"])["x"].copy()
+    x[[5, 17]] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(N, np.int64))
+    args = ("--views", "2", "--augment", "flip", "--data", str(tmp_path / "nan.npz"))
+    r = run_cli("generate", "--teacher", "mlp", "--weights", inputs["weights"], "--out", str(tmp_path / f"a{suffix}"),
+                "--chunk-rows", "8", "--no-progress", *args)
+    assert_one_line_error(r, "non-finite", "sample ids 5")
+    assert read_plain(tmp_path / f"a{suffix}")[1]["status"] == "writing"
+    r = ok(run_cli("generate", "--teacher", "mlp", "--weights", inputs["weights"], "--out",
+                   str(tmp_path / f"a{suffix}"), "--chunk-rows", "8", "--no-progress", "--on-nonfinite", "record",
+                   *args))
+    assert "2 sample(s): 5, 17" in r.output
+    attrs = read_plain(tmp_path / f"a{suffix}")[1]
+    created = attrs["created_by"] if isinstance(attrs["created_by"], dict) else json.loads(attrs["created_by"])
+    assert attrs["status"] == "complete" and created["nonfinite_sample_ids"] == [5, 17]
+
+
+class _TokenProducer:
+    """A toy producer of a ragged ``tokens`` store: logits are a pure function of (sample, position)."""
+
+    def __init__(self, meta, lengths, nan_sample=None):
+        self._meta, self._lengths, self.nan_sample, self.spans = meta, lengths, nan_sample, []
+        self.cum = np.concatenate([[0], np.cumsum(lengths)])
+
+    def meta(self):
+        return self._meta
+
+    def lengths(self):
+        return self._lengths
+
+    def logits(self, lo, hi):
+        pos = np.arange(self.cum[lo], self.cum[hi])
+        z = np.sin(pos[:, None] * 0.37 + np.arange(self._meta.num_classes)).astype(np.float32)
+        if self.nan_sample is not None and lo <= self.nan_sample < hi:
+            z[self.cum[self.nan_sample] - self.cum[lo]] = np.nan
+        return z
+
+    def batches(self, spans):
+        self.spans += list(spans)
+        for lo, hi in spans:
+            yield lo, {"logits": self.logits(lo, hi), "labels": np.zeros(hi - lo, np.int64),
+                       "sample_ids": np.arange(lo, hi, dtype=np.int64)}
+
+
+def _token_meta(lengths):
+    from softlabels.positions import TokenPositions, UnitGeometry
+    from softlabels.store.schema import StoreMetaV2
+
+    g = UnitGeometry(len(lengths), 3, 1, 2)
+    tokens = TokenPositions(g, lengths, chunk_positions=4).to_attrs()["tokens"]
+    return StoreMetaV2(positions="tokens", layout="dense", num_samples=len(lengths), num_classes=4,
+                       chunk_samples=3, group_units=2, tokens=tokens)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_the_runner_is_generic_a_ragged_token_producer(tmp_path, suffix):
+    """The runner drives any producer: ragged tokens, batches of 5 samples over units of 3, resume, non-finite."""
+    from softlabels.errors import NonFiniteOutputs
+    from softlabels.job import run_job
+    from softlabels.store.unit_reader import UnitStore
+    from softlabels.store.unit_writer import UnitWriter
+
+    lengths = np.array([3, 0, 7, 1, 2, 9, 4, 0, 5, 6, 2], np.int64)
+    out = tmp_path / f"t{suffix}"
+    prod = _TokenProducer(_token_meta(lengths), lengths)
+    r = run_job(prod, out, batch_size=5)
+    assert r.samples_generated == 11 and prod.spans == [(0, 5), (5, 10), (10, 11)]
+    with UnitStore(out) as store:
+        got = np.concatenate([store.read_unit(u)["logits"] for u in range(store.num_units)])
+    assert np.array_equal(got, prod.logits(0, 11))
+    w = UnitWriter.resume(out)
+    w.invalidate([1, 3])  # samples 3..6 and 9..11
+    w.close()
+    prod2 = _TokenProducer(_token_meta(lengths), lengths)
+    run_job(prod2, out, batch_size=5)
+    assert prod2.spans == [(0, 5), (5, 10), (10, 11)]  # the grid's batches around the missing units
+    with UnitStore(out) as store:
+        assert np.array_equal(np.concatenate([store.read_unit(u)["logits"] for u in range(4)]), prod.logits(0, 11))
+    with pytest.raises(NonFiniteOutputs, match="sample ids 5;"):
+        run_job(_TokenProducer(_token_meta(lengths), lengths, nan_sample=5), tmp_path / f"n{suffix}", batch_size=5)
+    r = run_job(_TokenProducer(_token_meta(lengths), lengths, nan_sample=5), tmp_path / f"n{suffix}", batch_size=5,
+                on_nonfinite="record")
+    assert r.nonfinite_sample_ids == (5,)
