@@ -96,7 +96,8 @@ def _summarize_v2(store: Any, *, verify: bool) -> dict[str, Any]:
         "num_chunks": meta.num_units,
         "shard_rows": geometry.unit_samples if meta.shard_chunks > 1 else None,
         "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
-        "num_positions": meta.num_samples * views,
+        "num_positions": (int(meta.tokens["num_positions"]) if meta.positions == "tokens"
+                          else meta.num_samples * views),
         "bytes_per_position": layout.bytes_per_position,
         "views": dict(meta.views) if meta.views else None,
         "bytes_per_view": layout.bytes_per_position + 4 * params if meta.views else None,
@@ -114,8 +115,13 @@ def _summarize_v2(store: Any, *, verify: bool) -> dict[str, Any]:
             n = len(block[fmt.LABELS])
             block = {**{k: block[k].reshape(n * views, *block[k].shape[2:]) for k in layout.arrays()},
                      fmt.LABELS: np.repeat(block[fmt.LABELS], views)}
+        elif meta.positions == "tokens":  # labels are per sequence (-1); per-token outputs have none
+            n = len(block[next(iter(layout.arrays()))])
+            block = {**{k: block[k] for k in layout.arrays()}, fmt.LABELS: np.full(n, -1, np.int64)}
         stats.add(block)
     info.update(stats.result(rows="positions"))
+    if meta.positions == "tokens":
+        info["labeled"], info["unlabeled"] = 0, meta.num_samples
     info["labeled"] //= views  # each sample's label was counted once per view
     info["unlabeled"] //= views
     info["corrupt_chunks" if verify else "unreadable_chunks"] = damaged

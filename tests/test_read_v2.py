@@ -246,3 +246,17 @@ def test_resumed_views_run_equals_an_uninterrupted_one(tmp_path):
         _train(tmp_path, store, "b", epochs=3, on_epoch_end=crash)
     resumed = _train(tmp_path, store, "b", epochs=3, resume=True)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_inspect_on_a_token_store_counts_tokens(tmp_path):
+    """inspect on a `tokens` store: every token is a position, and sequences carry no labels."""
+    from _v2stores import write_tokens
+
+    write_tokens(tmp_path / "t.h5", make_images(tmp_path))
+    r = run_cli("inspect", str(tmp_path / "t.h5"), "--verify", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert info["num_positions"] == int(f["lengths"][:].sum()) == 8
+    assert (info["positions"], info["labeled"], info["unlabeled"]) == ("tokens", 0, 4)
+    assert info["teacher_accuracy"] is None and info["nonfinite_rows"] == 0
