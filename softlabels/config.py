@@ -215,3 +215,42 @@ class EvalConfig:
     batch_size: int = 512
     device: str = "auto"
     threads: int = 1
+
+
+# -- ensembles (softlabels.ensemble; docs/ENSEMBLES.md) ------------------------------------------
+ENSEMBLE_MODES = ("arithmetic", "geometric")  # softlabels.ensemble.MODES (checked by a test)
+DEFAULT_ENSEMBLE_MODE = "arithmetic"
+
+
+def ensemble_problems(stores: tuple[str, ...], mode: str, weights: tuple[float, ...] | None, flag: str) -> list[str]:
+    """Problems with an ensemble's options that need no store opened."""
+    p = []
+    if len(stores) < 2:
+        p.append(f"an ensemble needs at least 2 {flag}, got {len(stores)}; pass one {flag} per teacher's store")
+    if mode not in ENSEMBLE_MODES:
+        p.append(f"unknown ensemble mode {mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
+    if weights is not None and len(weights) != len(stores):
+        p.append(f"{len(weights)} ensemble weights for {len(stores)} stores; give one weight per store, in order")
+    return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """Every option of ``softlabels merge``. ``temperature`` None: the training default T for dense and
+    top-k stores (the arithmetic mean is exact at the T it is made for), 1 for sampled ones."""
+
+    stores: tuple[str, ...]
+    out: str
+    mode: str = DEFAULT_ENSEMBLE_MODE
+    weights: tuple[float, ...] | None = None
+    temperature: float | None = None
+    overwrite: bool = False
+
+    def problems(self) -> list[str]:
+        p = ensemble_problems(self.stores, self.mode, self.weights, "--store")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
+        out = Path(self.out).resolve()
+        if any(Path(s).resolve() == out for s in self.stores):
+            p.append(f"--out {self.out!r} is also a --store; write the merged store to a new path")
+        return p
