@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "AMP_MODES", "DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "DEVICE_HELP", "EvalConfig", "GenerateConfig",
+    "AMP_MODES", "DEFAULT_ALPHA", "DEFAULT_ENSEMBLE_MODE", "DEFAULT_TEMPERATURE", "DEVICE_HELP", "ENSEMBLE_MODES",
+    "EvalConfig", "GenerateConfig", "MergeConfig", "ensemble_problems",
     "LAYOUTS", "LOGITS_DTYPES", "LOSS_NAMES", "ON_NONFINITE", "OPTIMIZERS", "REPORT_FORMATS", "SCHEDULES",
     "THREADS_HELP", "TrainConfig", "threads_problem",
 ]
@@ -29,6 +30,8 @@ ON_NONFINITE = ("error", "record")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 REPORT_FORMATS = ("md", "html")
+ENSEMBLE_MODES = ("arithmetic", "geometric")  # softlabels.ensemble.MODES (checked by a test)
+DEFAULT_ENSEMBLE_MODE = "arithmetic"
 
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_ALPHA = 0.5
@@ -72,6 +75,10 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool | None = None  # None: a bar on a terminal, one line per epoch otherwise
     init: str | None = None  # fine-tuning: start from this training run's model.pt (weights only)
+    # one ensemble target combined from these stores of the same data, at the training T (docs/ENSEMBLES.md)
+    ensemble: tuple[str, ...] = ()
+    ensemble_mode: str = DEFAULT_ENSEMBLE_MODE
+    ensemble_weights: tuple[float, ...] | None = None
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
@@ -100,9 +107,18 @@ class TrainConfig:
         if self.stores and self.data and len(self.data) != len(self.stores):
             p.append(f"{len(self.data)} --data for {len(self.stores)} --store; give --data once per store, "
                      "in the same order, or not at all (each store's recorded data spec is then used)")
-        if not self.stores and not self.data:
+        if self.ensemble:
+            p += ensemble_problems(self.ensemble, self.ensemble_mode, self.ensemble_weights, "--ensemble")
+            if self.stores:
+                p.append("--ensemble (one target combined from several stores of the same data) and --store "
+                         "(datasets concatenated) exclude each other; pick one")
+            if len(self.data) > 1:
+                p.append(f"{len(self.data)} --data for one --ensemble; its stores hold the same data: give --data "
+                         "once, or not at all")
+        if not self.stores and not self.data and not self.ensemble:
             p.append("nothing to train on; pass --store (distillation) or --data (hard labels)")
-        if not self.stores and not online and (self.loss or self.temperature is not None or self.alpha is not None):
+        distils = self.stores or self.ensemble or online
+        if not distils and (self.loss or self.temperature is not None or self.alpha is not None):
             p.append("--loss, --temperature and --alpha apply to distillation; pass --store, or drop them "
                      "to train on hard labels")
         if self.resume and self.overwrite:
@@ -114,6 +130,7 @@ class TrainConfig:
         from softlabels.specs import data_spec_path, is_model_file
 
         inputs = [("--store", s) for s in self.stores] + [("--data", data_spec_path(d)) for d in self.data]
+        inputs += [("--ensemble", s) for s in self.ensemble]
         inputs += [("--val-data", self.val_data and data_spec_path(self.val_data)),
                    ("--student-weights", self.student_weights),
                    ("--student", self.student if is_model_file(self.student) else None)]
@@ -218,10 +235,6 @@ class EvalConfig:
 
 
 # -- ensembles (softlabels.ensemble; docs/ENSEMBLES.md) ------------------------------------------
-ENSEMBLE_MODES = ("arithmetic", "geometric")  # softlabels.ensemble.MODES (checked by a test)
-DEFAULT_ENSEMBLE_MODE = "arithmetic"
-
-
 def ensemble_problems(stores: tuple[str, ...], mode: str, weights: tuple[float, ...] | None, flag: str) -> list[str]:
     """Problems with an ensemble's options that need no store opened."""
     p = []

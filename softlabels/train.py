@@ -100,8 +100,8 @@ class _Run:
         self.stores: list = []
         self.sl = None
         # -- data ------------------------------------------------------------------------
-        if config.stores:
-            self.stores = [open_store(p) for p in config.stores]
+        if config.stores or config.ensemble:
+            self.stores = [open_store(p) for p in config.stores] or [_ensemble(config)]
             specs = list(config.data) or [self._recorded_spec(s) for s in self.stores]
             datasets = [resolve_data(s) for s in specs]
             from softlabels.dataset import SoftLabelDataset
@@ -134,14 +134,14 @@ class _Run:
                             f"the training data {self.input_shape}; validate on data of the same kind")
         # -- loss --------------------------------------------------------------------------
         self.teacher = None if teacher is None else teacher.to(env.device).eval()
-        distil = bool(config.stores) or teacher is not None
+        distil = bool(config.stores or config.ensemble) or teacher is not None
         temperature = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
         alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
         loss_name = None
         if distil:
             layout = "dense" if teacher is not None else layout
             loss_name = config.loss or ("topk_kl" if layout == "topk" else "kl")
-            where = ", ".join(config.stores)
+            where = ", ".join(config.stores or config.ensemble)
             if layout == "topk" and loss_name != "topk_kl":
                 raise ConfigError(f"loss {loss_name!r} needs dense teacher logits but {where} holds top-k logits; "
                                   "use --loss topk_kl")
@@ -419,6 +419,18 @@ class _Run:
     def close(self) -> None:
         for s in self.stores:
             s.close()
+
+
+def _ensemble(config: TrainConfig):
+    """The --ensemble stores as one store source, combined at the training temperature (exact there)."""
+    from softlabels import dataset
+    from softlabels.ensemble import EnsembleStore
+
+    if not hasattr(dataset, "is_v2"):  # until the dataset reads store sources (CONTRACTS C2); then drop this
+        raise ConfigError("--ensemble needs the format-2 training reader, which this build lacks; combine the "
+                          "stores through the library (softlabels.ensemble.EnsembleStore) for now")
+    t = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
+    return EnsembleStore(config.ensemble, mode=config.ensemble_mode, weights=config.ensemble_weights, temperature=t)
 
 
 def _store_identity(store) -> dict[str, Any]:

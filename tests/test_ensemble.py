@@ -251,3 +251,42 @@ def test_stores_of_other_data_are_refused_by_name(tmp_path):
                 params={}, per_sample={"labels": rng.integers(0, C, 10), "sample_ids": np.arange(10)})
     with pytest.raises(StoreMismatch, match="hold different sample ids"):
         EnsembleStore([paths[0], other])
+
+
+@pytest.mark.parametrize("positions,layout,params", [CASES[2], CASES[1]])
+def test_producer_pieces_cut_across_units_write_the_same_store(tmp_path, positions, layout, params):
+    """The runner hands a producer spans cut anywhere (CONTRACTS C1); the pieces must write the same bytes."""
+    from softlabels.job.merge import MergeProducer
+
+    paths, _, _ = _stores(tmp_path, positions, layout, params)
+    ens = EnsembleStore(paths, temperature=1.0)
+    producer = MergeProducer(ens)
+    with UnitWriter.create(tmp_path / "pieces.zarr", producer.meta(), lengths=producer.lengths()) as w:
+        for start, arrays in producer.batches([(0, 3), (3, 7), (7, 10)]):
+            w.write(start, **arrays)
+    out = UnitStore(tmp_path / "pieces.zarr")
+    for u in range(ens.meta.num_units):
+        a, b = out.read_unit(u), ens.read_unit(u)
+        assert all(a[k].tobytes() == b[k].tobytes() for k in b)
+
+
+def test_config_modes_are_the_library_modes():
+    from softlabels.config import ENSEMBLE_MODES
+    from softlabels.ensemble import MODES
+
+    assert ENSEMBLE_MODES == MODES
+
+
+def test_train_distils_from_an_ensemble(tmp_path):
+    """``train --ensemble`` hands an EnsembleStore to the dataset as its store (needs the format-2 reader)."""
+    pytest.importorskip("softlabels._units")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((24, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 24)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    paths = [write_store(tmp_path / f"t{i}.h5", {"logits": rng.standard_normal((24, 3)).astype(np.float32),
+                                                 "labels": y, "sample_ids": np.arange(24)}, num_classes=3)
+             for i in range(2)]
+    r = run_cli("train", "--student", "linear", "--ensemble", str(paths[0]), "--ensemble", str(paths[1]),
+                "--data", str(tmp_path / "d.npz"), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run"))
+    assert r.exit_code == 0, r.output

@@ -25,7 +25,7 @@ def parse_weights(text: str | None, flag: str) -> tuple[float, ...] | None:
               help="A teacher's store; repeat it for every teacher (format 1 or 2, same data and positions).")
 @click.option("--out", required=True, type=click.Path(), help="The merged store to write (*.zarr or *.h5).")
 @click.option("--mode", type=click.Choice(ENSEMBLE_MODES), default=D.mode, show_default=True,
-              help="arithmetic: mean of probabilities at T; geometric: mean of log-probabilities.")
+              help="Arithmetic: the mean of probabilities at T; geometric: the mean of log-probabilities.")
 @click.option("--weights", metavar="W1,W2,...", help="Per-store weights, in --store order [default: equal].")
 @click.option("--temperature", type=float,
               help=f"T of the arithmetic mean; train at this T [default: {DEFAULT_TEMPERATURE}; 1 for sampled "

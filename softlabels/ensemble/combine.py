@@ -193,8 +193,9 @@ def _topk(targets: Sequence[TopKTarget], how: Combination, num_classes: int) -> 
 # -- sampled ----------------------------------------------------------------------------------------
 def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: int) -> SampledTarget:
     mult = how.multiplicities(len(targets))
-    w = torch.tensor(mult, dtype=_F64) / sum(mult)
     slots = sum(m * x.samples for m, x in zip(mult, targets))
+    # the pooled draws sample the mixture with weights m_i S_i / S'; the logits use the same mixture
+    w = torch.tensor([m * x.samples for m, x in zip(mult, targets)], dtype=_F64) / slots
     ids = torch.cat([x.ids.long() for x in targets], 1)
     counts = torch.cat([x.counts.long() * m for m, x in zip(mult, targets)], 1)
     rows = len(ids)

@@ -20,7 +20,7 @@ import torch
 from softlabels import format as fmt
 from softlabels.ensemble.combine import Combination, combine
 from softlabels.errors import ConfigError, StoreMismatch, UnsupportedFormat
-from softlabels.layouts import Layout, encode_ids, make_layout
+from softlabels.layouts import Layout, encode_ids
 from softlabels.positions.tokens import LENGTHS, OFFSETS
 from softlabels.positions.views import VIEW_PARAMS
 from softlabels.store.schema import StoreMetaV2
@@ -84,10 +84,9 @@ def _whole(store: Any, name: str) -> np.ndarray:
     return store._handle().read(name, 0, shape[0])
 
 
-def _describe(values: Any) -> str:
-    if isinstance(values, np.ndarray):
-        return f"first at row {int(np.flatnonzero(values)[0])}"
-    return str(values)
+def _brief(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:19] + "..."
 
 
 class EnsembleStore:
@@ -109,8 +108,8 @@ class EnsembleStore:
             self.close()
             raise
         self.path = Path(" + ".join(str(m.path) for m in self.members))
-        self.layouts: list[Layout] = [m.meta.layout_obj() for m in self.members]
-        self.layout = self.meta.layout_obj()
+        self._layouts: list[Layout] = [m.meta.layout_obj() for m in self.members]
+        self._layout = self.meta.layout_obj()
         self.positions = self.members[0].positions
 
     # -- validation -----------------------------------------------------------------------------
@@ -119,36 +118,36 @@ class EnsembleStore:
             raise ConfigError(f"an ensemble needs at least 2 stores, got {len(self.members)}; pass more stores")
         a = self.members[0]
         for b in self.members[1:]:
-            for what, x, y, cls in self._differences(a, b):
-                if cls is not None:
-                    where = f"{str(a.path)!r} and {str(b.path)!r}"
-                    raise cls(f"{where} {what} ({_describe(x)} vs {_describe(y)}); " + _FIX[cls])
+            for what, detail, cls in self._differences(a, b):
+                raise cls(f"{str(a.path)!r} and {str(b.path)!r} {what} ({detail}); {_FIX[cls]}")
 
     @staticmethod
     def _differences(a: Any, b: Any):
-        """Yield (what differs, a's value, b's value, error class or None), the cheapest checks first."""
+        """Yield (what differs, how, error class) for each difference, the cheapest checks first."""
         ma, mb = a.meta, b.meta
-
-        def same(what: str, x: Any, y: Any, cls: type = StoreMismatch):
-            return (what, x, y, None if x == y else cls)
-
-        yield same("hold different numbers of samples", ma.num_samples, mb.num_samples)
-        yield same("have different class counts", ma.num_classes, mb.num_classes, _ClassMismatch)
-        yield same("have different position kinds", ma.positions, mb.positions)
-        yield same("have different layouts", ma.layout, mb.layout, _LayoutMismatch)
-        yield same("have different write units (chunk_samples x shard_chunks)", ma.geometry.unit_samples,
-                   mb.geometry.unit_samples, _UnitMismatch)
-        yield same("record different views", ma.views, mb.views)
-        if ma.positions == "tokens":
-            la, lb = a.positions.lengths, b.positions.lengths
-            yield ("have different token counts (offsets)", la != lb, None, StoreMismatch if (la != lb).any()
-                   else None)
-            yield same("have different token chunking", ma.tokens, mb.tokens, _UnitMismatch)
+        values = [("hold different numbers of samples", ma.num_samples, mb.num_samples, StoreMismatch),
+                  ("have different class counts", ma.num_classes, mb.num_classes, _ClassMismatch),
+                  ("have different position kinds", ma.positions, mb.positions, StoreMismatch),
+                  ("have different layouts", ma.layout, mb.layout, _LayoutMismatch),
+                  ("have different write units (chunk_samples x shard_chunks)", ma.geometry.unit_samples,
+                   mb.geometry.unit_samples, _UnitMismatch),
+                  ("record different views", ma.views, mb.views, StoreMismatch),
+                  ("have different token chunking", ma.tokens, mb.tokens, _UnitMismatch)]
+        fa, fb = ma.source.get("fingerprint"), mb.source.get("fingerprint")
+        if fa and fb:  # both record what their inputs were
+            values.insert(1, ("were generated from different data (input fingerprints)", fa, fb, StoreMismatch))
+        for what, x, y, cls in values:
+            if x != y:
+                yield what, f"{_brief(x)} vs {_brief(y)}", cls
+        arrays = [("token counts (offsets)", a.positions.lengths, b.positions.lengths)] \
+            if ma.positions == "tokens" else []
         names = [fmt.SAMPLE_IDS, fmt.LABELS] + ([VIEW_PARAMS] if ma.positions == "views" else [])
-        for name in names:
-            x, y = _whole(a, name), _whole(b, name)
-            differ = x != y
-            yield (f"hold different {name.replace('_', ' ')}", differ, None, StoreMismatch if differ.any() else None)
+        arrays += [(name.replace("_", " "), _whole(a, name), _whole(b, name)) for name in names]
+        for what, x, y in arrays:
+            rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1))
+            if len(rows):
+                yield f"hold different {what}", f"{len(rows)} of {len(x)} samples, the first at row {rows[0]}", \
+                    StoreMismatch
 
     def _combined_meta(self) -> StoreMetaV2:
         first = self.members[0].meta
@@ -175,6 +174,15 @@ class EnsembleStore:
                            created_by={"command": "ensemble"})
 
     # -- the unit API ---------------------------------------------------------------------------
+    num_samples = property(lambda self: self.meta.num_samples)
+    num_classes = property(lambda self: self.meta.num_classes)
+    num_units = property(lambda self: self.meta.num_units)
+    layout = property(lambda self: self.meta.layout)
+    logits_dtype = property(lambda self: self.meta.logits_dtype)
+    teacher = property(lambda self: self.meta.teacher)
+    source = property(lambda self: self.meta.source)
+    kind = property(lambda self: self.meta.positions)
+
     def __len__(self) -> int:
         return self.meta.num_samples
 
@@ -195,12 +203,12 @@ class EnsembleStore:
         """The combined unit: the combined layout's arrays (float32 values), the first member's per-sample arrays."""
         blocks = [m.read_unit(unit, verify=verify) for m in self.members]
         targets = []
-        for layout, block in zip(self.layouts, blocks):
+        for layout, block in zip(self._layouts, blocks):
             flat = {k: _rows(block[k], spec.shape) for k, spec in layout.arrays().items()}
             targets.append(layout.decode(flat))
         with torch.no_grad():
-            arrays = _encode(self.layout, combine(targets, self.how, self.meta.num_classes))
-        key, spec = next(iter(self.layouts[0].arrays().items()))
+            arrays = _encode(self._layout, combine(targets, self.how, self.meta.num_classes))
+        key, spec = next(iter(self._layouts[0].arrays().items()))
         first = blocks[0][key]
         lead = first.shape[:first.ndim - len(spec.shape)]  # (n,) or (n, V)
         out = {k: v.reshape(*lead, *v.shape[1:]) for k, v in arrays.items()}
