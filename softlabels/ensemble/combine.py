@@ -90,7 +90,8 @@ class Combination:
         return [int(x) for x in self.weights] if self.weights is not None else [1] * members
 
     def to_attrs(self, members: int) -> dict:
-        return {"mode": self.mode, "temperature": float(self.temperature),
+        # the geometric mean holds at every T (dense) or is made at T = 1 (top-k): no T to record
+        return {"mode": self.mode, "temperature": float(self.temperature) if self.mode == "arithmetic" else None,
                 "weights": [float(x) for x in self.normalised(members)]}
 
 
