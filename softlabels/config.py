@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "AMP_MODES", "DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "DEVICE_HELP", "EvalConfig", "FORMAT_VERSIONS",
-    "GENERATE_LAYOUTS", "GenerateConfig", "LAYOUTS", "LOGITS_DTYPES", "LOSS_NAMES", "ON_NONFINITE", "OPTIMIZERS", "REPORT_FORMATS", "SCHEDULES",
+    "AMP_MODES", "DEFAULT_ALPHA", "DEFAULT_ENSEMBLE_MODE", "DEFAULT_TEMPERATURE", "DEVICE_HELP", "ENSEMBLE_MODES",
+    "EvalConfig", "FORMAT_VERSIONS", "GENERATE_LAYOUTS", "GenerateConfig", "MergeConfig", "ensemble_problems",
+    "LAYOUTS", "LOGITS_DTYPES", "LOSS_NAMES", "ON_NONFINITE", "OPTIMIZERS", "REPORT_FORMATS", "SCHEDULES",
     "THREADS_HELP", "TrainConfig", "threads_problem",
 ]
 
@@ -31,6 +32,8 @@ ON_NONFINITE = ("error", "record")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 REPORT_FORMATS = ("md", "html")
+ENSEMBLE_MODES = ("arithmetic", "geometric")  # softlabels.ensemble.MODES (checked by a test)
+DEFAULT_ENSEMBLE_MODE = "arithmetic"
 
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_ALPHA = 0.5
@@ -74,6 +77,10 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool | None = None  # None: a bar on a terminal, one line per epoch otherwise
     init: str | None = None  # fine-tuning: start from this training run's model.pt (weights only)
+    # one ensemble target combined from these stores of the same data, at the training T (docs/ENSEMBLES.md)
+    ensemble: tuple[str, ...] = ()
+    ensemble_mode: str = DEFAULT_ENSEMBLE_MODE
+    ensemble_weights: tuple[float, ...] | None = None
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
@@ -102,9 +109,18 @@ class TrainConfig:
         if self.stores and self.data and len(self.data) != len(self.stores):
             p.append(f"{len(self.data)} --data for {len(self.stores)} --store; give --data once per store, "
                      "in the same order, or not at all (each store's recorded data spec is then used)")
-        if not self.stores and not self.data:
+        if self.ensemble:
+            p += ensemble_problems(self.ensemble, self.ensemble_mode, self.ensemble_weights, "--ensemble")
+            if self.stores:
+                p.append("--ensemble (one target combined from several stores of the same data) and --store "
+                         "(datasets concatenated) exclude each other; pick one")
+            if len(self.data) > 1:
+                p.append(f"{len(self.data)} --data for one --ensemble; its stores hold the same data: give --data "
+                         "once, or not at all")
+        if not self.stores and not self.data and not self.ensemble:
             p.append("nothing to train on; pass --store (distillation) or --data (hard labels)")
-        if not self.stores and not online and (self.loss or self.temperature is not None or self.alpha is not None):
+        distils = self.stores or self.ensemble or online
+        if not distils and (self.loss or self.temperature is not None or self.alpha is not None):
             p.append("--loss, --temperature and --alpha apply to distillation; pass --store, or drop them "
                      "to train on hard labels")
         if self.resume and self.overwrite:
@@ -116,6 +132,7 @@ class TrainConfig:
         from softlabels.specs import data_spec_path, is_model_file
 
         inputs = [("--store", s) for s in self.stores] + [("--data", data_spec_path(d)) for d in self.data]
+        inputs += [("--ensemble", s) for s in self.ensemble]
         inputs += [("--val-data", self.val_data and data_spec_path(self.val_data)),
                    ("--student-weights", self.student_weights),
                    ("--student", self.student if is_model_file(self.student) else None)]
@@ -259,3 +276,38 @@ class EvalConfig:
     batch_size: int = 512
     device: str = "auto"
     threads: int = 1
+
+
+# -- ensembles (softlabels.ensemble; docs/ENSEMBLES.md) ------------------------------------------
+def ensemble_problems(stores: tuple[str, ...], mode: str, weights: tuple[float, ...] | None, flag: str) -> list[str]:
+    """Problems with an ensemble's options that need no store opened."""
+    p = []
+    if len(stores) < 2:
+        p.append(f"an ensemble needs at least 2 {flag}, got {len(stores)}; pass one {flag} per teacher's store")
+    if mode not in ENSEMBLE_MODES:
+        p.append(f"unknown ensemble mode {mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
+    if weights is not None and len(weights) != len(stores):
+        p.append(f"{len(weights)} ensemble weights for {len(stores)} stores; give one weight per store, in order")
+    return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """Every option of ``softlabels merge``. ``temperature`` None: the training default T for dense and
+    top-k stores (the arithmetic mean is exact at the T it is made for), 1 for sampled ones."""
+
+    stores: tuple[str, ...]
+    out: str
+    mode: str = DEFAULT_ENSEMBLE_MODE
+    weights: tuple[float, ...] | None = None
+    temperature: float | None = None
+    overwrite: bool = False
+
+    def problems(self) -> list[str]:
+        p = ensemble_problems(self.stores, self.mode, self.weights, "--store")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
+        out = Path(self.out).resolve()
+        if any(Path(s).resolve() == out for s in self.stores):
+            p.append(f"--out {self.out!r} is also a --store; write the merged store to a new path")
+        return p

@@ -106,8 +106,8 @@ class _Run:
         self.sl = None
         self.augment = None  # a views store's augmentation, replayed on the device from each batch's view_params
         # -- data ------------------------------------------------------------------------
-        if config.stores:
-            self.stores = [open_any(p) for p in config.stores]
+        if config.stores or config.ensemble:
+            self.stores = [open_any(p) for p in config.stores] or [_ensemble(config)]
             specs = list(config.data) or [self._recorded_spec(s) for s in self.stores]
             datasets = [resolve_data(s) for s in specs]
             from softlabels.dataset import SoftLabelDataset
@@ -144,7 +144,7 @@ class _Run:
                             f"the training data {self.input_shape}; validate on data of the same kind")
         # -- loss --------------------------------------------------------------------------
         self.teacher = None if teacher is None else teacher.to(env.device).eval()
-        distil = bool(config.stores) or teacher is not None
+        distil = bool(config.stores or config.ensemble) or teacher is not None
         temperature = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
         alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
         loss_name = None
@@ -152,7 +152,7 @@ class _Run:
             from softlabels._replay import check_loss
 
             layout = "dense" if teacher is not None else layout
-            loss_name = check_loss(config.loss, layout, ", ".join(config.stores))
+            loss_name = check_loss(config.loss, layout, ", ".join(config.stores or config.ensemble))
         self.loss_fn = DistillationLoss(make_soft_loss(loss_name, temperature) if distil else None, alpha)
         for line in self._without_effect(distil, loss_name, alpha):
             self.log(f"warning: {line}")
@@ -431,6 +431,14 @@ class _Run:
     def close(self) -> None:
         for s in self.stores:
             s.close()
+
+
+def _ensemble(config: TrainConfig):
+    """The --ensemble stores as one store source, combined at the training temperature (exact there)."""
+    from softlabels.ensemble import EnsembleStore
+
+    t = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
+    return EnsembleStore(config.ensemble, mode=config.ensemble_mode, weights=config.ensemble_weights, temperature=t)
 
 
 def _store_identity(store) -> dict[str, Any]:

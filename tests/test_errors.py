@@ -49,6 +49,7 @@ COVERED_ELSEWHERE = {
     "E1707": "tests/test_job.py::test_two_ranks_write_the_same_views_store_as_one_process",
     # token generate (softlabels.job.tokens)
     "E1800": "tests/test_token_producer.py::test_token_producer_refusals",
+    "E1911": "tests/test_ensemble.py::test_refusals_in_the_library",  # readers of merged stores call it
 }
 
 # Cases of known bugs: they must fail until the bug is fixed (strict xfail), then the mark goes.
@@ -805,6 +806,47 @@ CASES.update({
     "E1754": lambda c: c.train("--store", _v2(c, source={})[0], "--data", c.npz(
         "few.npz", x=np.zeros((10, 1, 6, 6), np.float32), y=np.zeros(10, np.int64)), student="linear"),
 })
+
+# -- 17. ensembles and merge ------------------------------------------------------------------------
+def _merge(c: Ctx, *stores: Any, extra: tuple = ()):
+    """``softlabels merge`` of ``stores``; a refused merge must leave no output."""
+    out = c.tmp / "merged.zarr"
+    r = c.cli("merge", *[x for s in stores for x in ("--store", s)], "--out", out, *extra)
+    assert r.exit_code == 0 or not out.exists()
+    return r
+
+
+def _sampled(c: Ctx, name: str, seed: int) -> Path:
+    """A format-2 sampled store of 12 samples."""
+    from softlabels.layouts import to_numpy
+    from softlabels.store.schema import StoreMetaV2
+    from softlabels.store.unit_writer import UnitWriter
+
+    meta = StoreMetaV2(positions="sample", layout="sampled", num_samples=12, num_classes=C, chunk_samples=4,
+                       layout_params={"samples": 4, "seed": seed})
+    z = torch.from_numpy(np.random.default_rng(seed).standard_normal((12, C)).astype(np.float32))
+    enc = meta.layout_obj().encode(z, sample_ids=torch.arange(12), positions=torch.zeros(12, dtype=torch.long))
+    with UnitWriter.create(c.tmp / name, meta) as w:
+        w.write(0, labels=np.arange(12) % C, sample_ids=np.arange(12), **{k: to_numpy(v) for k, v in enc.items()})
+    return c.tmp / name
+
+
+CASES.update({
+    "E1900": lambda c: (c.gen(data=c.env.other, out=c.tmp / "other.h5"), _merge(c, c.env.h5, c.tmp / "other.h5"))[1],
+    "E1901": lambda c: _merge(c, c.env.h5, write_store(c.tmp / "c3.h5", make_rows(N, 3), num_classes=3)),
+    "E1902": lambda c: _merge(c, c.env.h5, c.env.topk),
+    "E1903": lambda c: (c.gen("--chunk-rows", 8, weights=c.env.w, out=c.tmp / "c8.h5"),
+                        _merge(c, c.env.h5, c.tmp / "c8.h5"))[1],
+    "E1904": lambda c: _merge(c, c.env.h5),
+    "E1905": lambda c: _merge(c, c.env.h5, c.env.zarr, extra=("--weights", "1,2,3")),
+    "E1906": lambda c: c.cli("merge", "--store", c.env.h5, "--store", c.env.zarr, "--out", c.env.h5),
+    "E1907": lambda c: _merge(c, _sampled(c, "a.zarr", 0), _sampled(c, "b.zarr", 1), extra=("--mode", "geometric")),
+    "E1908": lambda c: _merge(c, _sampled(c, "a.zarr", 0), _sampled(c, "b.zarr", 1), extra=("--weights", "1.5,1")),
+    "E1909": lambda c: _merge(c, _sampled(c, "a.zarr", 0), _sampled(c, "b.zarr", 1), extra=("--temperature", "2")),
+    "E1910": lambda c: _merge(c, c.env.h5, c.env.zarr, extra=("--weights", "0,1")),
+    "E1912": lambda c: c.train("--ensemble", c.env.h5, "--ensemble", c.env.zarr, "--store", c.env.h5),
+})
+
 
 # 10. trust boundaries
 def pickled_pt2(path: Path, marker: Path) -> Path:

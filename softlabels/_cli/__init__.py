@@ -88,12 +88,14 @@ from softlabels._cli import compress as _compress  # noqa: E402
 from softlabels._cli import eval as _eval  # noqa: E402
 from softlabels._cli import generate as _generate  # noqa: E402
 from softlabels._cli import inspect as _inspect  # noqa: E402
+from softlabels._cli import merge as _merge  # noqa: E402
 from softlabels._cli import report as _report  # noqa: E402
 from softlabels._cli import train as _train  # noqa: E402
 
 for _module in (_generate, _train, _eval, _inspect, _report):
     main.add_command(_module.command)
 main.add_command(_compress.command)
+main.add_command(_merge.command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from softlabels.config import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DEVICE_HELP, LOSS_NAMES, OPTIMIZERS, SCHEDULES,
-                               THREADS_HELP, TrainConfig)
+from softlabels.config import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DEVICE_HELP, ENSEMBLE_MODES, LOSS_NAMES, OPTIMIZERS,
+                               SCHEDULES, THREADS_HELP, TrainConfig)
 
 D = TrainConfig  # defaults: the dataclass's field defaults
 
@@ -48,14 +48,21 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--no-progress", is_flag=True,
               help="No progress bar: one line per epoch (what a log file gets anyway when stderr is no terminal).")
 @click.option("--init", metavar="RUN", help="Fine-tune: start from the model.pt of this training run (new optimizer).")
+@click.option("--ensemble", multiple=True, metavar="STORE",
+              help="A teacher's store of one ensemble target; repeat it per teacher (the same data; unlike --store, "
+                   "which concatenates datasets). Combined at --temperature.")
+@click.option("--ensemble-mode", type=click.Choice(ENSEMBLE_MODES), default=D.ensemble_mode, show_default=True,
+              help="Arithmetic: the mean of the teachers' probabilities at T; geometric: the mean of log-probabilities.")
+@click.option("--ensemble-weights", metavar="W1,W2,...", help="Per --ensemble store weights [default: equal].")
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
             optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
-            overwrite, no_progress, init) -> None:
+            overwrite, no_progress, init, ensemble, ensemble_mode, ensemble_weights) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
     OUT/checkpoint.pt, model.pt, metrics.jsonl and summary.json.
     """
+    from softlabels._cli.merge import parse_weights
     from softlabels.errors import Interrupted
     from softlabels.train import train
 
@@ -64,7 +71,8 @@ def command(student, student_weights, allow_pickle, stores, data, loss, temperat
         data=tuple(data), loss=loss, temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
         num_workers=num_workers, device=device, threads=threads, val_data=val_data, out=out, resume=resume,
-        overwrite=overwrite, progress=False if no_progress else None, init=init,
+        overwrite=overwrite, progress=False if no_progress else None, init=init, ensemble=tuple(ensemble),
+        ensemble_mode=ensemble_mode, ensemble_weights=parse_weights(ensemble_weights, "--ensemble-weights"),
     )
     try:
         train(config, log=click.echo)
