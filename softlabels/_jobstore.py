@@ -1,6 +1,7 @@
-"""The teacher job's settings and its store: create, or check and resume, or repair.
+"""The format-1 sink of the job runner: create, or check and resume, or repair a v1 store.
 
-Called by rank 0 only, with the store's lock held. A rerun may resume only a store
+:class:`V1Sink` is what :func:`softlabels.job.runner.run_job` writes a v1 store through
+(``StoreWriter``); :func:`open_job_store` is called by rank 0 only, with the store's lock held. A rerun may resume only a store
 made with the same settings: the shape-deciding ones (layout, N, C, dtype, K,
 chunk and shard rows) and what decides the values (teacher spec, weights sha256 or
 the seed of a random init, amp, device type, batch size, and the inputs' fingerprint). ``chunk_rows``/``shard_chunks`` left unset
@@ -9,7 +10,7 @@ adopt the store's. A mismatch is refused on one line naming every difference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,11 +20,12 @@ import torch
 from softlabels import format as fmt
 from softlabels.config import GenerateConfig as Settings
 from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
+from softlabels.job.sinks import Opened, warn_nonfinite
 from softlabels.reader import SoftLabelStore, open_store
 from softlabels.store import open_backend
 from softlabels.writer import StoreWriter
 
-__all__ = ["JobStore", "Settings", "open_job_store", "scan_nonfinite"]
+__all__ = ["JobStore", "Settings", "V1Sink", "open_job_store", "scan_nonfinite"]
 
 
 @dataclass
@@ -92,6 +94,47 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
         say(f"repair: every written chunk of {out} passes its checksum")
     missing = writer.missing_units()
     return JobStore(writer, None, writer.unit_rows, missing, writer.meta.complete and not missing, repaired)
+
+
+class V1Sink:
+    """A v1 store of the classifier job ``s`` (the runner's sink; see :mod:`softlabels.job.sinks`).
+
+    Its write units are chunks, or shards; under torchrun every rank writes a contiguous run of
+    the missing units (each unit is its own set of files in Zarr).
+    """
+
+    count_key = "rows_generated"
+
+    def __init__(self, s: Settings, *, num_samples: int, num_classes: int, teacher: dict[str, Any],
+                 source: dict[str, Any]) -> None:
+        self.s, self.path, self.n, self.c = s, s.out, num_samples, num_classes
+        self.teacher, self.source = teacher, source
+
+    def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], defer: bool,
+             world: int) -> Opened:
+        s = replace(self.s, overwrite=overwrite, repair=repair)
+        store = open_job_store(s, num_samples=self.n, num_classes=self.c, teacher=self.teacher, source=self.source,
+                               say=say, defer_create=defer)
+        rows, missing = store.unit_rows, store.missing
+        return Opened(store.writer or store.create, missing,
+                      [(u * rows, min((u + 1) * rows, self.n)) for u in missing],
+                      [i * world // len(missing) for i in range(len(missing))], store.repaired, store.complete)
+
+    def resume(self) -> StoreWriter:
+        return StoreWriter.resume(self.path, finalize_on_exit=False)
+
+    def finish(self, writer: StoreWriter, created: dict[str, Any], *, record: bool,
+               say: Callable[[str], None]) -> tuple[list[int], StoreWriter]:
+        ids: list[int] = []
+        if record:  # scan the whole store: earlier runs may have found some too
+            writer.close()
+            ids = scan_nonfinite(self.path)
+            writer = self.resume()
+            warn_nonfinite(ids, say)
+            created["nonfinite_sample_ids"] = ids
+        writer.update_attrs(created_by=created)
+        writer.finish()
+        return ids, writer
 
 
 def _diffs(reader: SoftLabelStore, want: dict[str, Any], s: Settings, *, teacher: dict[str, Any],
