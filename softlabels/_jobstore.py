@@ -19,10 +19,9 @@ import torch
 
 from softlabels import format as fmt
 from softlabels.config import GenerateConfig as Settings
-from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
-from softlabels.job.sinks import Opened, warn_nonfinite
+from softlabels.errors import ConfigError, CorruptStore, NotAStore, StoreMismatch
+from softlabels.job.sinks import Opened, creation_interrupted, read_flags, reopen_holes, warn_nonfinite
 from softlabels.reader import SoftLabelStore, open_store
-from softlabels.store import open_backend
 from softlabels.writer import StoreWriter
 
 __all__ = ["JobStore", "Settings", "V1Sink", "open_job_store", "scan_nonfinite"]
@@ -67,11 +66,12 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
         if s.repair:
             raise ConfigError(f"--repair: there is no store at {str(out)!r} to repair; drop --repair")
         return new()
-    _unmark_complete_with_holes(out)
+    _, status, done = read_flags(out, fmt.CHUNK_DONE)
+    status = reopen_holes(out, status, done)
     try:
         reader = open_store(out, allow_partial=True)
     except (CorruptStore, NotAStore) as err:
-        if not _creation_interrupted(out):
+        if not creation_interrupted(status, done):
             raise type(err)(str(err) if "--overwrite" in str(err) else f"{err} (or pass --overwrite to replace it)") \
                 from None
         say(f"{out}: the previous job died while creating the store; starting over")
@@ -153,39 +153,6 @@ def _diffs(reader: SoftLabelStore, want: dict[str, Any], s: Settings, *, teacher
         have = getattr(m, attr)
         diffs += [f"{attr}.{k} {have.get(k)!r} in the store, {mine[k]!r} asked" for k in keys if have.get(k) != mine[k]]
     return diffs
-
-
-def _flags(path: Path) -> tuple[str | None, np.ndarray | None]:
-    """(status, chunk_done) read straight from the backend; (None, None) if unreadable."""
-    try:
-        b = open_backend(path, "r")
-    except SoftLabelsError:
-        return None, None
-    try:
-        status = b.attrs().get("status")
-        if fmt.CHUNK_DONE not in b.array_names():
-            return status, None
-        return status, b.read(fmt.CHUNK_DONE, 0, b.array_info(fmt.CHUNK_DONE)[0][0])
-    except Exception:  # noqa: BLE001 - damaged: the caller reports the reader's error instead
-        return None, None
-    finally:
-        b.close()
-
-
-def _unmark_complete_with_holes(path: Path) -> None:
-    """A store marked complete with chunks unflagged (invalidated by hand) goes back to writing."""
-    status, done = _flags(path)
-    if status == fmt.STATUS_COMPLETE and done is not None and not done.all():
-        b = open_backend(path, "r+")
-        b.set_attrs({"status": fmt.STATUS_WRITING})
-        b.flush()
-        b.close()
-
-
-def _creation_interrupted(path: Path) -> bool:
-    """True when a damaged store never had a chunk flagged: its creation died, nothing is lost."""
-    status, done = _flags(path)
-    return status == fmt.STATUS_WRITING and (done is None or not done.any())
 
 
 def scan_nonfinite(path: Path) -> list[int]:

@@ -25,8 +25,8 @@ from softlabels.store.schema import UNIT_DONE, StoreMetaV2
 from softlabels.store.unit_reader import UnitStore
 from softlabels.store.unit_writer import UnitWriter
 
-__all__ = ["Opened", "Sink", "V2Sink", "sample_of_rows", "scan_nonfinite", "store_format",
-           "warn_nonfinite"]
+__all__ = ["Opened", "Sink", "V2Sink", "creation_interrupted", "read_flags", "reopen_holes", "sample_of_rows",
+           "scan_nonfinite", "store_format", "warn_nonfinite"]
 
 # the settings a resumed store must share with the request (besides teacher/source/settings entries)
 _SHAPE_KEYS = ("positions", "layout", "num_samples", "num_classes", "logits_dtype", "chunk_samples",
@@ -71,7 +71,7 @@ class Sink(Protocol):
 
 def store_format(path: str | Path) -> int | None:
     """The ``softlabels_format`` of the store at ``path`` (None when there is none, or it is unreadable)."""
-    return _root(Path(path))[0]
+    return read_flags(Path(path), UNIT_DONE)[0]
 
 
 class V2Sink:
@@ -112,20 +112,16 @@ class V2Sink:
             if repair:
                 raise ConfigError(f"--repair: there is no store at {str(path)!r} to repair; drop --repair")
             return UnitWriter.create(path, meta, lengths=lengths, overwrite=True), []
-        version, status, done = _root(path)
+        version, status, done = read_flags(path, UNIT_DONE)
         if version not in (None, meta.format_version):
             raise StoreMismatch(f"{str(path)!r} is a format-{version} store and this job writes format "
                                 f"{meta.format_version}; rerun with the settings it was made with, or pass "
                                 "--overwrite to replace it")
-        if status == fmt.STATUS_COMPLETE and done is not None and not done.all():  # units invalidated by hand
-            b = open_backend(path, "r+")
-            b.set_attrs({"status": fmt.STATUS_WRITING})
-            b.flush()
-            b.close()
+        status = reopen_holes(path, status, done)
         try:
             reader = UnitStore(path, allow_partial=True)
         except (CorruptStore, NotAStore) as err:
-            if status != fmt.STATUS_WRITING or (done is not None and done.any()):
+            if not creation_interrupted(status, done):
                 raise type(err)(str(err) if "--overwrite" in str(err)
                                 else f"{err} (or pass --overwrite to replace it)") from None
             say(f"{path}: the previous job died while creating the store; starting over")
@@ -147,8 +143,8 @@ class V2Sink:
         return writer, repaired
 
 
-def _root(path: Path) -> tuple[int | None, str | None, np.ndarray | None]:
-    """(format version, status, unit_done) read straight from the backend; Nones where unreadable."""
+def read_flags(path: Path, name: str) -> tuple[int | None, str | None, np.ndarray | None]:
+    """(format version, status, the done flags ``name``) read straight from the backend; Nones where unreadable."""
     try:
         b = open_backend(path, "r")
     except (SoftLabelsError, OSError):
@@ -156,13 +152,29 @@ def _root(path: Path) -> tuple[int | None, str | None, np.ndarray | None]:
     try:
         attrs = b.attrs()
         version, status = attrs.get("softlabels_format"), attrs.get("status")
-        if UNIT_DONE not in b.array_names():
+        if name not in b.array_names():
             return version, status, None
-        return version, status, b.read(UNIT_DONE, 0, b.array_info(UNIT_DONE)[0][0])
+        return version, status, b.read(name, 0, b.array_info(name)[0][0])
     except Exception:  # noqa: BLE001 - damaged: the caller reports the reader's error instead
         return None, None, None
     finally:
         b.close()
+
+
+def reopen_holes(path: Path, status: str | None, done: np.ndarray | None) -> str | None:
+    """A store marked complete with units unflagged (invalidated by hand) goes back to writing; its status."""
+    if status == fmt.STATUS_COMPLETE and done is not None and not done.all():
+        b = open_backend(path, "r+")
+        b.set_attrs({"status": fmt.STATUS_WRITING})
+        b.flush()
+        b.close()
+        return fmt.STATUS_WRITING
+    return status
+
+
+def creation_interrupted(status: str | None, done: np.ndarray | None) -> bool:
+    """True when a damaged store never had a unit flagged: its creation died, nothing is lost."""
+    return status == fmt.STATUS_WRITING and (done is None or not done.any())
 
 
 def _diffs(have: StoreMetaV2, want: StoreMetaV2) -> list[str]:
