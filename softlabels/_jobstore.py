@@ -1,6 +1,7 @@
-"""The teacher job's settings and its store: create, or check and resume, or repair.
+"""The format-1 sink of the job runner: create, or check and resume, or repair a v1 store.
 
-Called by rank 0 only, with the store's lock held. A rerun may resume only a store
+:class:`V1Sink` is what :func:`softlabels.job.runner.run_job` writes a v1 store through
+(``StoreWriter``); :func:`open_job_store` is called by rank 0 only, with the store's lock held. A rerun may resume only a store
 made with the same settings: the shape-deciding ones (layout, N, C, dtype, K,
 chunk and shard rows) and what decides the values (teacher spec, weights sha256 or
 the seed of a random init, amp, device type, batch size, and the inputs' fingerprint). ``chunk_rows``/``shard_chunks`` left unset
@@ -9,7 +10,7 @@ adopt the store's. A mismatch is refused on one line naming every difference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,12 +19,12 @@ import torch
 
 from softlabels import format as fmt
 from softlabels.config import GenerateConfig as Settings
-from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
+from softlabels.errors import ConfigError, CorruptStore, NotAStore, StoreMismatch
+from softlabels.job.sinks import Opened, creation_interrupted, read_flags, reopen_holes, warn_nonfinite
 from softlabels.reader import SoftLabelStore, open_store
-from softlabels.store import open_backend
 from softlabels.writer import StoreWriter
 
-__all__ = ["JobStore", "Settings", "open_job_store", "scan_nonfinite"]
+__all__ = ["JobStore", "Settings", "V1Sink", "open_job_store", "scan_nonfinite"]
 
 
 @dataclass
@@ -65,11 +66,12 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
         if s.repair:
             raise ConfigError(f"--repair: there is no store at {str(out)!r} to repair; drop --repair")
         return new()
-    _unmark_complete_with_holes(out)
+    _, status, done = read_flags(out, fmt.CHUNK_DONE)
+    status = reopen_holes(out, status, done)
     try:
         reader = open_store(out, allow_partial=True)
     except (CorruptStore, NotAStore) as err:
-        if not _creation_interrupted(out):
+        if not creation_interrupted(status, done):
             raise type(err)(str(err) if "--overwrite" in str(err) else f"{err} (or pass --overwrite to replace it)") \
                 from None
         say(f"{out}: the previous job died while creating the store; starting over")
@@ -94,6 +96,47 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
     return JobStore(writer, None, writer.unit_rows, missing, writer.meta.complete and not missing, repaired)
 
 
+class V1Sink:
+    """A v1 store of the classifier job ``s`` (the runner's sink; see :mod:`softlabels.job.sinks`).
+
+    Its write units are chunks, or shards; under torchrun every rank writes a contiguous run of
+    the missing units (each unit is its own set of files in Zarr).
+    """
+
+    count_key = "rows_generated"
+
+    def __init__(self, s: Settings, *, num_samples: int, num_classes: int, teacher: dict[str, Any],
+                 source: dict[str, Any]) -> None:
+        self.s, self.path, self.n, self.c = s, s.out, num_samples, num_classes
+        self.teacher, self.source = teacher, source
+
+    def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], defer: bool,
+             world: int) -> Opened:
+        s = replace(self.s, overwrite=overwrite, repair=repair)
+        store = open_job_store(s, num_samples=self.n, num_classes=self.c, teacher=self.teacher, source=self.source,
+                               say=say, defer_create=defer)
+        rows, missing = store.unit_rows, store.missing
+        return Opened(store.writer or store.create, missing,
+                      [(u * rows, min((u + 1) * rows, self.n)) for u in missing],
+                      [i * world // len(missing) for i in range(len(missing))], store.repaired, store.complete)
+
+    def resume(self) -> StoreWriter:
+        return StoreWriter.resume(self.path, finalize_on_exit=False)
+
+    def finish(self, writer: StoreWriter, created: dict[str, Any], *, record: bool,
+               say: Callable[[str], None]) -> tuple[list[int], StoreWriter]:
+        ids: list[int] = []
+        if record:  # scan the whole store: earlier runs may have found some too
+            writer.close()
+            ids = scan_nonfinite(self.path)
+            writer = self.resume()
+            warn_nonfinite(ids, say)
+            created["nonfinite_sample_ids"] = ids
+        writer.update_attrs(created_by=created)
+        writer.finish()
+        return ids, writer
+
+
 def _diffs(reader: SoftLabelStore, want: dict[str, Any], s: Settings, *, teacher: dict[str, Any],
            source: dict[str, Any]) -> list[str]:
     m = reader.meta
@@ -110,39 +153,6 @@ def _diffs(reader: SoftLabelStore, want: dict[str, Any], s: Settings, *, teacher
         have = getattr(m, attr)
         diffs += [f"{attr}.{k} {have.get(k)!r} in the store, {mine[k]!r} asked" for k in keys if have.get(k) != mine[k]]
     return diffs
-
-
-def _flags(path: Path) -> tuple[str | None, np.ndarray | None]:
-    """(status, chunk_done) read straight from the backend; (None, None) if unreadable."""
-    try:
-        b = open_backend(path, "r")
-    except SoftLabelsError:
-        return None, None
-    try:
-        status = b.attrs().get("status")
-        if fmt.CHUNK_DONE not in b.array_names():
-            return status, None
-        return status, b.read(fmt.CHUNK_DONE, 0, b.array_info(fmt.CHUNK_DONE)[0][0])
-    except Exception:  # noqa: BLE001 - damaged: the caller reports the reader's error instead
-        return None, None
-    finally:
-        b.close()
-
-
-def _unmark_complete_with_holes(path: Path) -> None:
-    """A store marked complete with chunks unflagged (invalidated by hand) goes back to writing."""
-    status, done = _flags(path)
-    if status == fmt.STATUS_COMPLETE and done is not None and not done.all():
-        b = open_backend(path, "r+")
-        b.set_attrs({"status": fmt.STATUS_WRITING})
-        b.flush()
-        b.close()
-
-
-def _creation_interrupted(path: Path) -> bool:
-    """True when a damaged store never had a chunk flagged: its creation died, nothing is lost."""
-    status, done = _flags(path)
-    return status == fmt.STATUS_WRITING and (done is None or not done.any())
 
 
 def scan_nonfinite(path: Path) -> list[int]:

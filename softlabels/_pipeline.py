@@ -1,9 +1,7 @@
-"""The teacher job's moving parts: batch plan, input loader, teacher step, background writer.
+"""The teacher job's moving parts: input loader, teacher step, background writer.
 
-Batches never straddle write units and always start at a unit's first row, so
-every row's logits come from the same batch whichever units are missing and
-whichever rank computes them: a resumed or multi-rank store is bit-identical to
-a one-shot one (for a deterministic teacher with the same batch size and device).
+The job runner (:mod:`softlabels.job.runner`) plans the batches and drives them; the
+producers (:mod:`softlabels.job.classify`) run the teacher through :class:`Teacher`.
 """
 
 from __future__ import annotations
@@ -13,31 +11,18 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softlabels import format as fmt
 from softlabels._loader import batch_loader
-from softlabels.errors import ConfigError, DataError, ModelMismatch, NonFiniteOutputs
-from softlabels.writer import StoreWriter
+from softlabels.errors import ConfigError, ModelMismatch
 
-__all__ = ["Block", "BackgroundWriter", "Teacher", "batch_spans", "make_loader"]
+__all__ = ["BackgroundWriter", "Teacher", "make_loader"]
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def batch_spans(units: list[int], bounds, batch_size: int) -> list[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` of the batches of ``units``, each unit cut from its first row."""
-    spans = []
-    for u in units:
-        u0, u1 = bounds(u)
-        spans += [(s, min(s + batch_size, u1)) for s in range(u0, u1, batch_size)]
-    return spans
 
 
 class _Batches(Dataset):
@@ -66,25 +51,6 @@ def make_loader(ds: Any, spans: list[tuple[int, int]], *, num_workers: int, pin_
     return iter(loader)
 
 
-@dataclass
-class Block:
-    """One batch of finished rows on its way to the store (tensors may still be on the GPU)."""
-
-    start: int
-    arrays: dict[str, torch.Tensor]  # the layout's value arrays, logits already in the store dtype
-    labels: torch.Tensor
-
-    def to_cpu(self) -> Block:
-        return Block(self.start, {k: v.cpu() for k, v in self.arrays.items()}, self.labels.cpu())
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """CPU tensor -> numpy without copying (bfloat16 as its uint16 bits, the stored form)."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
 def _finite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
     """bool [B]: every stored value of the row is finite (NaN/inf logits, or overflow of a 16-bit store).
 
@@ -106,15 +72,14 @@ def _finite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 
 class Teacher:
-    """Runs the teacher on a batch and turns raw logits into the layout's arrays, on the device."""
+    """Runs the teacher on a batch, on the device, and checks that it returns [batch, classes] logits."""
 
-    def __init__(self, module: torch.nn.Module, spec: str, *, device: torch.device, amp: str, layout: str,
-                 topk: int | None, logits_dtype: str, num_classes: int | None) -> None:
+    def __init__(self, module: torch.nn.Module, spec: str, *, device: torch.device, amp: str,
+                 num_classes: int | None) -> None:
         self.module, self.spec, self.device = module, spec, device
         amp_dtype = AMP_DTYPES[amp]
         self._autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-        self.layout, self.topk, self.num_classes = layout, topk, num_classes
-        self.store_dtype = _TORCH_DTYPES[logits_dtype]
+        self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor, where: str) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -138,41 +103,19 @@ class Teacher:
                 f"for {self.num_classes} classes")
         return out
 
-    def block(self, start: int, x: torch.Tensor, y: torch.Tensor) -> Block:
-        """Raw logits -> the layout's arrays. Never softmax: the store keeps logits (T = 1 later).
-
-        As few torch ops as possible here (on a small CPU every extra op of the
-        main thread competes with the writer thread); the checks run on the writer.
-        """
-        stop = start + len(x)
-        top_label = int(y.numpy().max()) if y.numel() else -1
-        if top_label >= self.num_classes:
-            raise DataError(f"rows {start}..{stop} have label {top_label} but there are {self.num_classes} "
-                            "classes; pass the right --num-classes or fix the labels")
-        with torch.inference_mode():
-            z = self.forward(x, f"rows {start}..{stop}")
-            if self.layout == "dense":
-                arrays = {fmt.LOGITS: z.to(self.store_dtype)}  # no-op for float32 logits into a float32 store
-            else:
-                z = z.float()
-                top, idx = torch.topk(z, self.topk, dim=1, largest=True, sorted=True)
-                arrays = {fmt.TOPK_VALUES: top.to(self.store_dtype), fmt.TOPK_INDICES: idx.to(torch.int32),
-                          fmt.LOGSUMEXP: torch.logsumexp(z, dim=1)}
-        return Block(start, arrays, y)
-
 
 class BackgroundWriter:
-    """Writes blocks to a :class:`StoreWriter` on a thread, behind a bounded buffer.
+    """Writes items to a store's writer on a thread, behind a bounded buffer.
 
-    Subclasses write other items by overriding :meth:`_write` (the v2 job runner's
-    ``(start, arrays)`` pieces into a ``UnitWriter``).
+    Subclasses say how by overriding :meth:`_write` (the job runner's ``(start, arrays)``
+    pieces into a ``StoreWriter`` or a ``UnitWriter``).
 
-    The teacher waits only when ``depth`` blocks are pending. The thread writes in
-    bursts of ``burst`` blocks (or whatever is pending after ``linger`` seconds):
+    The teacher waits only when ``depth`` items are pending. The thread writes in
+    bursts of ``burst`` items (or whatever is pending after ``linger`` seconds):
     when the teacher keeps every CPU core busy, each wake-up of the writer (and of
     the storage library's own threads) stalls a parallel op of the teacher, so few
     long bursts cost less than many short ones. Each burst is one
-    :meth:`StoreWriter.burst`: one flush of its data, then one of its flags. An error in the thread is raised
+    ``StoreWriter.burst``: one flush of its data, then one of its flags. An error in the thread is raised
     in the caller at its next :meth:`put` or at :meth:`close`; after an error the
     thread keeps draining without writing, so the caller never blocks.
     ``writer`` may be a function that creates the store: it then runs on the thread,
@@ -180,14 +123,14 @@ class BackgroundWriter:
     and, in HDF5, pre-allocates every chunk).
     """
 
-    def __init__(self, writer: StoreWriter | Callable[[], StoreWriter], *, on_nonfinite: str,
+    def __init__(self, writer: Any, *, on_nonfinite: str,
                  depth: int = 8, burst: int | None = None, linger: float = 0.25) -> None:
         opened = hasattr(writer, "write")  # a writer (v1 StoreWriter, v2 UnitWriter), else what creates one
         self._open = None if opened else writer
-        self.writer: StoreWriter | None = writer if opened else None
+        self.writer: Any = writer if opened else None
         self.on_nonfinite = on_nonfinite
         self._depth, self._burst, self._linger = depth, burst or max(1, depth // 2), linger
-        self._pending: list[Block] = []
+        self._pending: list[Any] = []
         self._closed = False
         self._cv = threading.Condition()
         self._error: BaseException | None = None
@@ -196,7 +139,7 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="softlabels-writer", daemon=True)
         self._thread.start()
 
-    def put(self, block: Block) -> None:
+    def put(self, block: Any) -> None:
         with self._cv:
             while len(self._pending) >= self._depth and self._error is None:
                 self._cv.wait()
@@ -256,18 +199,9 @@ class BackgroundWriter:
                 if self._kill_after and self._missing0 - len(self.writer.missing_units()) >= self._kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a killed job, right after a unit
 
-    def _write(self, block: Block) -> None:
-        b = block.to_cpu()
-        arrays = {k: _to_numpy(v) for k, v in b.arrays.items()}
-        n = len(b.labels)
-        bad = np.flatnonzero(~_finite_rows(arrays))
-        if len(bad) and self.on_nonfinite == "error":  # "record": written as they are, listed at the end
-            raise NonFiniteOutputs(
-                f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
-                f"ids {fmt.chunk_list(b.start + bad, 5)}; nothing was marked complete; fix the teacher or its "
-                "inputs, or pass --on-nonfinite record to store them as they are")
-        ids = np.arange(b.start, b.start + n, dtype=np.int64)  # row i holds the dataset's item i
-        self.writer.write(b.start, labels=b.labels.numpy(), sample_ids=ids, **arrays)
+    def _write(self, item: Any) -> None:
+        """Write one item on the thread (the job runner's ``(start, arrays)`` pieces)."""
+        raise NotImplementedError
 
 
 def unit_delay_hook() -> None:

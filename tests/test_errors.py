@@ -46,7 +46,6 @@ COVERED_ELSEWHERE = {
     # --augment specs, raised through the library until generate takes --augment
     **{f"E{i}": "tests/test_augment.py::test_errors_match_the_catalogue" for i in range(1408, 1418)},
     "E1419": "tests/test_augment.py::test_errors_match_the_catalogue",
-    "E1707": "tests/test_job.py::test_two_ranks_write_the_same_views_store_as_one_process",
     # token generate (softlabels.job.tokens)
     "E1800": "tests/test_token_producer.py::test_token_producer_refusals",
     "E1911": "tests/test_ensemble.py::test_refusals_in_the_library",  # readers of merged stores call it

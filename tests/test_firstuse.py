@@ -252,7 +252,7 @@ def test_warnings_for_options_without_effect(world, elsewhere):
 # -- item 5: no bar in a log, periodic lines instead -------------------------------------------------
 def test_progress_in_a_log_is_lines_not_a_bar(world, elsewhere, monkeypatch):
     monkeypatch.setattr(_progress, "LINE_EVERY_S", 0.0)  # a line at every update
-    r = generate(world, "s.h5")
+    r = generate(world, "s.h5", "--batch-size", 16)  # a line after each batch (batches are --batch-size rows)
     assert "\r" not in r.output and re.search(r"^generate: 16/48 samples \(33%\)", r.stderr, re.M), r.stderr
     r = ok(cli("train", "--student", "linear", "--store", "s.h5", "--epochs", 2, "--batch-size", 16, "--out", "run"))
     assert "\r" not in r.output

@@ -1,9 +1,10 @@
-"""The classifier-teacher producer: format-v2 ``sample`` and ``views`` stores, any layout.
+"""The classifier-teacher producer: ``sample`` and ``views`` stores, any layout.
 
-``generate`` comes here for a format-2 store (``--format 2``, ``--views``, ``--layout
-sampled``). The teacher and data are resolved and checked as for format 1
-(:class:`softlabels.generate._Job`); :class:`ClassifyProducer` then turns each span of
-samples into the layout's arrays, and :func:`softlabels.job.runner.run_job` writes them.
+``generate`` resolves and checks the teacher and data (:mod:`softlabels.generate`);
+:class:`ClassifyProducer` then turns each span of samples into the layout's arrays, and
+:func:`softlabels.job.runner.run_job` writes them: into a format-2 store described by
+:func:`store_meta`, or into a format-1 store (``sample`` positions, dense or top-k: the same
+arrays under the same names) through the runner's v1 sink.
 
 Views: view ``v`` of sample ``i`` has parameters drawn from ``(seed, i, v)``
 (``softlabels.augment``), or read from another views store (``--views-from``); the batch
@@ -33,7 +34,7 @@ from softlabels.positions.views import VIEW_PARAMS
 from softlabels.store.schema import StoreMetaV2
 from softlabels.store.unit_reader import UnitStore
 
-__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "ViewPlan", "adopted_geometry", "generate_v2", "store_meta", "view_plan"]
+__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "ViewPlan", "adopted_geometry", "store_meta", "view_plan"]
 
 DEFAULT_VIEW_TOPK = 5
 """K of the default layout for views (top-k): docs/VIEWS.md, "Generating views"."""
@@ -129,8 +130,9 @@ class ClassifyProducer:
     """A classifier teacher over samples, or over V views of each sample (the C1 producer protocol)."""
 
     def __init__(self, *, ds: Any, teacher: Teacher, meta: StoreMetaV2, views: ViewPlan | None,
-                 num_workers: int, device: torch.device) -> None:
+                 num_workers: int, device: torch.device, noun: str = "samples") -> None:
         self.ds, self.teacher, self._meta, self.views = ds, teacher, meta, views
+        self.noun = noun  # what messages call a span's items ("rows" of a format-1 store)
         self.layout: Layout = meta.layout_obj()
         self.num_workers, self.device = num_workers, device
         self.input_shape = tuple(ds.input_shape)
@@ -161,7 +163,7 @@ class ClassifyProducer:
             raise DataError(f"rows {start}..{start + n} have label {top_label} but there are {c} classes; pass the "
                             "right --num-classes or fix the labels")
         ids = torch.arange(start, start + n, dtype=torch.int64)
-        where = f"samples {start}..{start + n}"
+        where = f"{self.noun} {start}..{start + n}"
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             if self.views is None:
@@ -180,39 +182,3 @@ class ClassifyProducer:
         out[fmt.LABELS] = y.numpy().astype(np.int64, copy=False)
         out[fmt.SAMPLE_IDS] = ids.numpy()
         return out
-
-
-def generate_v2(job: Any) -> Any:
-    """``generate`` for a format-2 store: ``job`` is a :class:`softlabels.generate._Job` not yet run."""
-    from softlabels.generate import GenerateResult
-    from softlabels.job.runner import run_job
-
-    s, dist = job.s, job.dist
-    exc, producer = None, None
-    try:
-        job._prepare()  # data, teacher, class count, a first forward: as for format 1
-        source = job.source_attrs if dist.is_main else {}
-        views = view_plan(views=s.views, augment=s.augment, views_from=s.views_from, seed=s.seed, num_samples=job.n,
-                          fingerprint=source.get("fingerprint"), input_shape=tuple(job.ds.input_shape),
-                          data=s.data)
-        geometry = {} if s.overwrite or not s.out.exists() else adopted_geometry(s.out)
-        settings = {"batch_size": s.batch_size, "amp": s.amp, "seed": s.seed, "random_teacher": s.random_teacher}
-        topk = s.topk or (min(DEFAULT_VIEW_TOPK, job.c) if s.layout == "topk" else None)
-        meta = store_meta(layout=s.layout, topk=topk, samples=s.samples, dtype=s.dtype, seed=s.seed,
-                          num_samples=job.n, num_classes=job.c, chunk_rows=s.chunk_rows or geometry.get("chunk_rows"),
-                          shard_chunks=s.shard_chunks or geometry.get("shard_chunks"),
-                          group_units=geometry.get("group_units"), views=views, teacher=job.teacher_attrs,
-                          source={**source, **({"views_from": str(Path(s.views_from).resolve())} if s.views_from
-                                               else {})}, settings=settings)
-        producer = ClassifyProducer(ds=job.ds, teacher=job.teacher, meta=meta, views=views,
-                                    num_workers=s.num_workers, device=job.dev)
-    except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
-        exc = err
-    dist.agree(exc)
-    per_span = max(1, s.batch_size // producer.views.count) if producer.views else s.batch_size
-    r = run_job(producer, s.out, batch_size=per_span, overwrite=s.overwrite, repair=s.repair,
-                on_nonfinite=s.on_nonfinite, dist=dist, say=job.say,
-                progress=s.progress if dist.is_main and s.progress is not False else False)
-    return GenerateResult(r.path, r.num_samples, r.samples_generated, r.seconds, r.samples_per_second,
-                          already_complete=r.already_complete, repaired_chunks=r.repaired_units,
-                          nonfinite_sample_ids=r.nonfinite_sample_ids, is_main=r.is_main)
