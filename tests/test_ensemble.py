@@ -255,7 +255,7 @@ def test_stores_of_other_data_are_refused_by_name(tmp_path):
 
 @pytest.mark.parametrize("positions,layout,params", [CASES[2], CASES[1]])
 def test_producer_pieces_cut_across_units_write_the_same_store(tmp_path, positions, layout, params):
-    """The runner hands a producer spans cut anywhere (CONTRACTS C1); the pieces must write the same bytes."""
+    """The runner hands a producer spans cut anywhere; the pieces must write the same bytes."""
     from softlabels.job.merge import MergeProducer
 
     paths, _, _ = _stores(tmp_path, positions, layout, params)

@@ -1,6 +1,6 @@
 """EnsembleStore: several stores of the same data, read as one store of combined targets.
 
-It has UnitStore's public reading API (CONTRACTS C2: ``path``, ``meta``, ``len()``,
+It has UnitStore's public reading API (``path``, ``meta``, ``len()``,
 ``unit_done()``, ``missing_units()``, ``read_unit()``, ``verify()``, ``close()``), so every
 reader works on an ensemble unchanged. Each unit is read from every member, decoded,
 combined (:mod:`softlabels.ensemble.combine`) and encoded in the combined layout

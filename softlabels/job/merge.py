@@ -1,11 +1,10 @@
 """``softlabels merge``: an ensemble's combined targets written as one format-v2 store.
 
-:class:`MergeProducer` is a producer (CONTRACTS C1): the combined units come from an
-:class:`~softlabels.ensemble.EnsembleStore`, so a merged store holds byte for byte what
-the ensemble yields on the fly. Until the shared job runner drives producers,
-:func:`merge` drives it with :class:`~softlabels.store.unit_writer.UnitWriter` in a few
-lines: one process, every unit in order. Every input is opened and checked before the
-output is created, so a refused merge writes nothing.
+:class:`MergeProducer` is a producer (:mod:`softlabels.job.producer`): the combined units
+come from an :class:`~softlabels.ensemble.EnsembleStore`, so a merged store holds byte for
+byte what the ensemble yields on the fly. :func:`merge` runs it on the shared job runner
+(lock, resume of an interrupted merge, checksums, status last). Every input is opened and
+checked before the output is created, so a refused merge writes nothing.
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ from softlabels import format as fmt
 from softlabels._version import __version__
 from softlabels.config import DEFAULT_TEMPERATURE, MergeConfig
 from softlabels.ensemble import EnsembleStore
+from softlabels.job.runner import run_job
 from softlabels.errors import ConfigError
 from softlabels.positions.tokens import LENGTHS, OFFSETS
 from softlabels.store.schema import StoreMetaV2
-from softlabels.store.unit_writer import UnitWriter
 
 __all__ = ["MergeProducer", "merge"]
 
@@ -73,10 +72,8 @@ def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path
                        temperature=_temperature(config)) as ensemble:
         producer = MergeProducer(ensemble)
         n = ensemble.meta.num_samples
-        with UnitWriter.create(config.out, producer.meta(), lengths=producer.lengths(),
-                               overwrite=config.overwrite) as writer:
-            for start, arrays in producer.batches([(0, n)]):
-                writer.write(start, **arrays)
+        # the shared runner: lock, resume of an interrupted merge, checksums, status complete last
+        run_job(producer, config.out, batch_size=ensemble.meta.geometry.unit_samples, overwrite=config.overwrite)
         if log:
             log(f"merged {len(config.stores)} stores ({config.mode}, T = {ensemble.how.temperature}) -> "
                 f"{config.out}: {ensemble.meta.positions} x {ensemble.meta.layout}, {n} samples")

@@ -19,7 +19,7 @@ __all__ = ["Producer"]
 
 @runtime_checkable
 class Producer(Protocol):
-    """What a producer provides (docs/FORMAT.md, "Version 2"; CONTRACTS C1)."""
+    """What a producer provides (docs/FORMAT.md, "Version 2")."""
 
     def meta(self) -> StoreMetaV2:
         """The store to write (status 'writing'), with teacher/source fingerprints; compared on resume."""
