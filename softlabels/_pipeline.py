@@ -51,26 +51,6 @@ def make_loader(ds: Any, spans: list[tuple[int, int]], *, num_workers: int, pin_
     return iter(loader)
 
 
-def _finite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """bool [B]: every stored value of the row is finite (NaN/inf logits, or overflow of a 16-bit store).
-
-    numpy, not torch: this runs on the writer thread, where a torch op would start a
-    second OpenMP team and slow the teacher's own ops down.
-    """
-    ok = None
-    for a in arrays.values():
-        if a.dtype == np.uint16:  # bfloat16 bits: non-finite when the exponent is all ones
-            rows = ((a & 0x7F80) != 0x7F80).all(axis=1)
-        elif a.dtype == np.float16:  # the same on the bits: 8x faster than np.isfinite on float16
-            rows = ((a.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
-        elif a.dtype.kind == "f":
-            rows = np.isfinite(a).reshape(len(a), -1).all(axis=1)
-        else:
-            continue
-        ok = rows if ok is None else ok & rows
-    return ok
-
-
 class Teacher:
     """Runs the teacher on a batch, on the device, and checks that it returns [batch, classes] logits."""
 
