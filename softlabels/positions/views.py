@@ -2,8 +2,10 @@
 
 Per-position arrays are [N, V, ...] and chunked along N only (a chunk holds every view of
 its samples), so a write unit is whole samples with all their views. ``view_params``
-[N, V, P] float32 holds each view's augmentation parameters; the root attribute ``views``
-records V, the augmentation spec, its parameter names and the seed the views were drawn
+[N, V, P] holds each view's augmentation parameters, in the dtype ``views.param_dtype``
+(uint8, float16 or float32: the narrowest that holds every parameter of the spec exactly;
+float32 when absent); the root attribute ``views`` records V, the augmentation spec, its
+parameter names, that dtype and the seed the views were drawn
 with (``softlabels.augment`` draws view ``v`` of sample ``id`` from (seed, id, v), so any
 batch composition, rank or resume draws the same views).
 """
@@ -17,9 +19,12 @@ import numpy as np
 
 from softlabels.positions.base import UnitGeometry
 
-__all__ = ["VIEW_PARAMS", "ViewPositions", "choose_views"]
+__all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views"]
 
 VIEW_PARAMS = "view_params"
+PARAM_DTYPES = ("uint8", "float16", "float32")
+"""Storage dtypes of ``view_params``, narrowest first: whole numbers in 0..255; whole numbers
+of magnitude <= 2048 and float16 values; anything (float32, what an op's ``draw`` returns)."""
 
 
 _GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -59,6 +64,7 @@ class ViewPositions:
     param_names: tuple[str, ...]
     augment: str = ""
     seed: int = 0
+    param_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
     kind: ClassVar[str] = "views"
 
@@ -89,17 +95,18 @@ class ViewPositions:
 
     def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
         shape = (self.geometry.num_samples, self.num_views, len(self.param_names))
-        return {VIEW_PARAMS: (shape, np.dtype("float32"), "sample")}
+        return {VIEW_PARAMS: (shape, np.dtype(self.param_dtype), "sample")}
 
     def to_attrs(self) -> dict[str, Any]:
         return {"views": {"count": self.num_views, "augment": self.augment, "seed": self.seed,
-                          "param_names": list(self.param_names), **self.extra}}
+                          "param_names": list(self.param_names), "param_dtype": self.param_dtype, **self.extra}}
 
     @classmethod
     def from_attrs(cls, geometry: UnitGeometry, attrs: dict[str, Any]) -> ViewPositions:
         """Rebuild from the ``views`` root attribute (JSON data, never evaluated)."""
         v = dict(attrs["views"])
-        known = ("count", "augment", "seed", "param_names")
+        known = ("count", "augment", "seed", "param_names", "param_dtype")
         return cls(geometry, num_views=int(v["count"]), param_names=tuple(str(n) for n in v["param_names"]),
                    augment=str(v.get("augment", "")), seed=int(v.get("seed", 0)),
+                   param_dtype=str(v.get("param_dtype", "float32")),
                    extra={k: val for k, val in v.items() if k not in known})
