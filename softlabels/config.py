@@ -74,11 +74,12 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool | None = None  # None: a bar on a terminal, one line per epoch otherwise
     init: str | None = None  # fine-tuning: start from this training run's model.pt (weights only)
+    views_per_sample: int = 1  # views stores: train on k stored views of each input read (docs/VIEWS.md)
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
         p = []
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "views_per_sample"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "num_workers"):
@@ -102,6 +103,8 @@ class TrainConfig:
         if self.stores and self.data and len(self.data) != len(self.stores):
             p.append(f"{len(self.data)} --data for {len(self.stores)} --store; give --data once per store, "
                      "in the same order, or not at all (each store's recorded data spec is then used)")
+        if not self.stores and self.views_per_sample != 1:
+            p.append("--views-per-sample applies to views stores; pass --store, or drop --views-per-sample")
         if not self.stores and not self.data:
             p.append("nothing to train on; pass --store (distillation) or --data (hard labels)")
         if not self.stores and not online and (self.loss or self.temperature is not None or self.alpha is not None):

@@ -812,6 +812,12 @@ CASES.update({
         "few.npz", x=np.zeros((10, 1, 6, 6), np.float32), y=np.zeros(10, np.int64)), student="linear"),
 })
 
+# 20. several views per input read
+CASES.update({
+    "E1780": lambda c: c.train("--store", _v2(c)[0], "--views-per-sample", "2", student="linear"),
+    "E1781": lambda c: c.train("--store", _v2(c, positions="views")[0], "--views-per-sample", "4", student="linear"),
+})
+
 # 10. trust boundaries
 def pickled_pt2(path: Path, marker: Path) -> Path:
     """A .pt2 program whose sample inputs unpickle to a call that creates ``marker``."""

@@ -9,6 +9,8 @@ labelled by a random ``cnn`` teacher with ``generate --views V --augment
   views/s, in-process, one thread, batch 256, in interleaved rounds (best kept):
     replay    ``SoftLabelDataset`` over the views store and the images (shuffled, checksums
               on), each batch's view built by ``augment.apply(x, view_params)``
+    replay-k4 the same with ``views_per_sample=4`` (FKD: 4 stored views per input read), made
+              B·4 rows by ``spread_views`` as the trainer does
     plain     a map-style ``Dataset`` whose ``__getitem__`` pads, crops and flips one image at
               random (what ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` do) in a
               ``DataLoader`` (shuffled, batch 256): a plain augmented loader, no soft labels
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from softlabels import generate
+from softlabels._replay import spread_views
 from softlabels.augment import draw_views, parse_augment
 from softlabels.dataset import SoftLabelDataset
 from softlabels.specs import resolve_data
@@ -100,11 +103,13 @@ class Images(Dataset):
         return self.x[i], self.y[i]
 
 
-def run_replay(store: Path, data, aug, epoch: int) -> int:
-    ds = SoftLabelDataset([(str(store), data)], batch_size=256, seed=0)
+def run_replay(store: Path, data, aug, epoch: int, k: int = 1) -> int:
+    ds = SoftLabelDataset([(str(store), data)], batch_size=256, seed=0, views_per_sample=k)
     ds.set_epoch(epoch)
     n = 0
     for b in ds:
+        if k > 1:
+            b = spread_views(b, k, ds.layout_obj)
         v = aug.apply(b["x"], b["view_params"])
         n += len(v)
     return n
@@ -134,7 +139,8 @@ def throughput(tmp: Path, images: int, views: int, rounds: int, profile: bool) -
     with np.load(data_path) as f:
         x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
     aug = parse_augment(SPEC)
-    runs = {"replay": lambda e: run_replay(store, data, aug, e), "plain": lambda e: run_plain(x, y, e),
+    runs = {"replay": lambda e: run_replay(store, data, aug, e),
+            "replay-k4": lambda e: run_replay(store, data, aug, e, 4), "plain": lambda e: run_plain(x, y, e),
             "batched": lambda e: run_batched(x, y, aug, e)}
     best: dict[str, float] = {}
     for r in range(rounds):
@@ -144,7 +150,7 @@ def throughput(tmp: Path, images: int, views: int, rounds: int, profile: bool) -
             best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t))
     print(f"\nviews/s, in-process, 1 thread, batch 256, {images} images (HDF5 store, C = 10), best of {rounds}:")
     for name, rate in best.items():
-        print(f"  {name:>8} {rate:>12,.0f}  {rate / best['plain']:.2f}x plain")
+        print(f"  {name:>9} {rate:>12,.0f}  {rate / best['plain']:.2f}x plain")
     if profile:
         prof = cProfile.Profile()
         prof.enable()

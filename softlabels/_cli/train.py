@@ -48,9 +48,12 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--no-progress", is_flag=True,
               help="No progress bar: one line per epoch (what a log file gets anyway when stderr is no terminal).")
 @click.option("--init", metavar="RUN", help="Fine-tune: start from the model.pt of this training run (new optimizer).")
+@click.option("--views-per-sample", type=int, default=D.views_per_sample, show_default=True,
+              help="Views stores: train on this many stored views of each input read (FKD), at most V; a step "
+                   "then has batch-size x this many rows.")
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
             optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
-            overwrite, no_progress, init) -> None:
+            overwrite, no_progress, init, views_per_sample) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
@@ -64,7 +67,7 @@ def command(student, student_weights, allow_pickle, stores, data, loss, temperat
         data=tuple(data), loss=loss, temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
         num_workers=num_workers, device=device, threads=threads, val_data=val_data, out=out, resume=resume,
-        overwrite=overwrite, progress=False if no_progress else None, init=init,
+        overwrite=overwrite, progress=False if no_progress else None, init=init, views_per_sample=views_per_sample,
     )
     try:
         train(config, log=click.echo)

@@ -39,20 +39,35 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int) -> np.ndarray:
-    """Which stored view each sample trains on in ``epoch``: int64 [B] in ``0..V-1``.
+def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int, per_epoch: int | None = None
+                 ) -> np.ndarray:
+    """Which stored views each sample trains on in ``epoch``: int64 [B] in ``0..V-1``, or [B, k] with ``per_epoch=k``.
 
-    Every sample walks through a random permutation of its V views, a fresh one every V
-    epochs, so all V views are used before any repeats. The permutation of cycle
-    ``epoch // V`` is the argsort of splitmix64(seed, sample id, cycle, view), so the
-    choice depends on nothing but those numbers: not on batch composition, rank, worker
-    or resume point.
+    Every sample walks through a sequence of its V views made of random permutations, a
+    fresh one every V views, so all V views are used before any repeats. The permutation
+    of cycle ``c`` is the argsort of splitmix64(seed, sample id, c, view), so the choice
+    depends on nothing but those numbers: not on batch composition, rank, worker or resume
+    point. One view per epoch (``per_epoch`` None) is the sequence's entry ``epoch``;
+    ``k`` views per epoch (``1 <= k <= V``) are its entries ``epoch·k .. epoch·k + k − 1``,
+    so the first column with ``k = 1`` is exactly the one-view choice, and after ``e``
+    epochs every sample has used ``min(e·k, V)`` distinct views. The k views of one epoch
+    are distinct when k divides V; otherwise an epoch that crosses a cycle boundary takes
+    the end of one permutation and the start of the next, which may share a view.
     """
+    v = int(num_views)
+    k = 1 if per_epoch is None else int(per_epoch)
+    if not 1 <= k <= v:
+        raise ValueError(f"per_epoch must lie in 1..num_views ({v}), got {per_epoch}")
     ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
-    cycle, step = divmod(int(epoch), int(num_views))
-    key = _mix(_mix(_mix(np.full(ids.shape, seed, np.uint64)) ^ ids) ^ np.uint64(cycle))
-    keys = _mix(key[:, None] ^ _mix(np.arange(num_views, dtype=np.uint64))[None, :])
-    return np.argsort(keys, axis=1, kind="stable")[:, step].astype(np.int64)
+    entries = int(epoch) * k + np.arange(k)
+    out = np.empty((len(ids), k), np.int64)
+    base = _mix(_mix(np.full(ids.shape, seed, np.uint64)) ^ ids)
+    views = _mix(np.arange(v, dtype=np.uint64))[None, :]
+    for cycle in np.unique(entries // v):  # one or two cycles
+        keys = _mix(_mix(base ^ np.uint64(cycle))[:, None] ^ views)
+        cols = entries // v == cycle
+        out[:, cols] = np.argsort(keys, axis=1, kind="stable")[:, entries[cols] % v]
+    return out[:, 0] if per_epoch is None else out
 
 
 @dataclass(frozen=True)
