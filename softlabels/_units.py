@@ -72,7 +72,7 @@ class UnitSource:
 
     def row_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row arrays of the dataset's window buffer: name -> (shape after the row axis, dtype)."""
-        k = (self.views_per_sample,) if self.views_per_sample > 1 else ()
+        k = (self.views_per_sample,) if self.num_views and self.views_per_sample > 1 else ()
         out = {name: (k + s.shape, s.dtype) for name, s in self.layout_obj.arrays().items()}
         if self.num_views:
             out[VIEW_PARAMS] = (k + (self.param_count,), np.dtype("float32"))

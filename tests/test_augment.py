@@ -342,6 +342,11 @@ def wrong_shape():
     op = Brightness()
     op.draw = lambda rng, size: torch.zeros(rng.n, 3)
     return op
+
+def bad_dtype():
+    op = Brightness()
+    op.param_dtype = lambda size: "int4"
+    return op
 '''
 
 
@@ -387,6 +392,7 @@ ERROR_CASES = {
     "E1418": lambda: draw_views(parse_augment("flip"), 0, torch.arange(3), 2, (64,)),
     "E1419": lambda: draw_views(parse_augment("crop(8,padding=4,padding_mode=reflect)"), 0, torch.arange(3), 2,
                                 (3, 4, 8)),
+    "E1782": lambda: draw_views(_user_op("bad_dtype")(), 0, torch.arange(3), 2, (3, 8, 8)),
 }
 
 
