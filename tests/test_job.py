@@ -124,6 +124,9 @@ def test_view_params_are_stored_narrow_and_replay_exactly_what_the_teacher_saw(i
         assert not np.array_equal(drawn, drawn.round())  # angles and scales that are no whole numbers
     replayed = expected(inputs, "dense", (), views=True, params=arrays["view_params"], spec=spec)
     assert np.array_equal(arrays["logits"], replayed["logits"])
+    info = json.loads(ok(run_cli("inspect", str(out), "--json")).output)
+    p = arrays["view_params"].shape[-1]
+    assert info["bytes_per_view"] == C * 4 + p * np.dtype(dtype).itemsize  # dense float32 logits + the params
 
 
 def test_views_default_to_top5_and_views_from_reuses_the_params_exactly(inputs, tmp_path):
