@@ -5,6 +5,7 @@
 - :func:`replay_op`: a views store's recorded augmentation, built from its spec (built-in
   ops only: a store is data, and code it names is never imported), which the trainer
   applies on the device to each batch's inputs with its ``view_params``.
+- :func:`spread_views`: a batch of k views per sample (``--views-per-sample``) as B·k rows.
 - :func:`v2_identity`: what ``--resume`` compares to know a store is the one a run used.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from softlabels.errors import ConfigError, CorruptStore, UnsupportedFormat
 
-__all__ = ["check_loss", "replay_op", "v2_identity", "valid_losses"]
+__all__ = ["check_loss", "replay_op", "spread_views", "v2_identity", "valid_losses"]
 
 _DENSE_ONLY = ("kl", "soft_ce", "mse")
 
@@ -70,6 +71,27 @@ def replay_op(dataset: Any, input_shape: tuple[int, ...]) -> tuple[Any, tuple[in
         raise CorruptStore(f"{path} holds {params} view parameters per view but its augmentation '{spec}' takes "
                            f"{aug.num_params}; regenerate the store")
     return aug, view_shape(aug, input_shape)
+
+
+def spread_views(batch: dict[str, Any], k: int, layout: Any) -> dict[str, Any]:
+    """A batch of B samples with k views each (``[B, k, ...]`` teacher arrays, ``view``, ``view_params``) as
+    B·k rows, sample by sample: the per-view arrays flattened, everything per sample (``x``, labels, ids)
+    repeated k times. Done on the device, so the input crosses from the loader once per sample."""
+    import torch
+
+    from softlabels._units import VIEW
+    from softlabels.positions.views import VIEW_PARAMS
+
+    per_view = {*layout.arrays(), VIEW_PARAMS, VIEW}
+    out = {}
+    for key, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            out[key] = v
+        elif key in per_view:
+            out[key] = v.reshape(v.shape[0] * k, *v.shape[2:])
+        else:
+            out[key] = v.repeat_interleave(k, 0)
+    return out
 
 
 def v2_identity(store: Any) -> dict[str, Any]:

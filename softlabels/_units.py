@@ -8,6 +8,8 @@ they are. ``views`` stores give each sample's view of the epoch
 (:func:`softlabels.positions.views.choose_views`), picked from the unit as it is read,
 so the window buffer holds one position per sample whatever V is: the row of a views
 store is the chosen view's layout arrays plus ``view`` (its index) and ``view_params``.
+With ``views_per_sample`` k > 1 a row holds the epoch's k chosen views of its sample: each
+of those arrays gains an axis of k after the row axis (the input is still read once).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def is_v2(store: Any) -> bool:
 class UnitSource:
     """Chunk-style access (``num_chunks``, ``chunk_bounds``, ``read_into``) to a v2 store source."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, views_per_sample: int = 1) -> None:
         meta = store.meta
         if meta.positions == "tokens":
             raise UnsupportedFormat(f"{store.path} holds token positions (a language-model store); the classifier "
@@ -41,6 +43,7 @@ class UnitSource:
         self.store, self.meta = store, meta
         self.layout_obj = meta.layout_obj()
         self.num_views = int(meta.views["count"]) if meta.positions == "views" else 0
+        self.views_per_sample = int(views_per_sample)
         self._geometry = meta.geometry
 
     # -- what the dataset asks of every source ---------------------------------------------
@@ -69,10 +72,11 @@ class UnitSource:
 
     def row_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row arrays of the dataset's window buffer: name -> (shape after the row axis, dtype)."""
-        out = {k: (s.shape, s.dtype) for k, s in self.layout_obj.arrays().items()}
+        k = (self.views_per_sample,) if self.num_views and self.views_per_sample > 1 else ()
+        out = {name: (k + s.shape, s.dtype) for name, s in self.layout_obj.arrays().items()}
         if self.num_views:
-            out[VIEW_PARAMS] = ((self.param_count,), np.dtype("float32"))
-            out[VIEW] = ((), np.dtype("int64"))
+            out[VIEW_PARAMS] = (k + (self.param_count,), np.dtype("float32"))
+            out[VIEW] = (k, np.dtype("int64"))
         out[fmt.LABELS] = ((), np.dtype("int64"))
         out[fmt.SAMPLE_IDS] = ((), np.dtype("int64"))
         return out
@@ -85,17 +89,19 @@ class UnitSource:
             for k, v in out.items():
                 np.copyto(v, block[k])
         else:
-            view = choose_views(seed, ids, epoch, self.num_views)
-            rows = np.arange(len(ids))
+            many = self.views_per_sample > 1
+            view = choose_views(seed, ids, epoch, self.num_views, self.views_per_sample if many else None)
+            rows = np.arange(len(ids))[:, None] if many else np.arange(len(ids))
             for k, v in out.items():
                 if k == VIEW:
                     v[...] = view
                 elif k in (fmt.LABELS, fmt.SAMPLE_IDS):
                     np.copyto(v, block[k])
-                else:  # [n, V, ...] -> the chosen view of each sample
+                else:  # [n, V, ...] -> the chosen view(s) of each sample
                     np.copyto(v, block[k][rows, view])
         # ids < C and the like, on the rows that will be trained on (read_unit checks only the checksum)
-        self.layout_obj.check({k: out[k] for k in self.layout_obj.arrays()})
+        lead = 2 if self.num_views and self.views_per_sample > 1 else 1  # [n, k, ...] is checked as n·k rows
+        self.layout_obj.check({k: out[k].reshape(-1, *out[k].shape[lead:]) for k in self.layout_obj.arrays()})
 
     def close(self) -> None:
         self.store.close()

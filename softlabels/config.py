@@ -81,11 +81,12 @@ class TrainConfig:
     ensemble: tuple[str, ...] = ()
     ensemble_mode: str = DEFAULT_ENSEMBLE_MODE
     ensemble_weights: tuple[float, ...] | None = None
+    views_per_sample: int = 1  # views stores: train on k stored views of each input read (docs/VIEWS.md)
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
         p = []
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "views_per_sample"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "num_workers"):
@@ -109,6 +110,8 @@ class TrainConfig:
         if self.stores and self.data and len(self.data) != len(self.stores):
             p.append(f"{len(self.data)} --data for {len(self.stores)} --store; give --data once per store, "
                      "in the same order, or not at all (each store's recorded data spec is then used)")
+        if not self.stores and not self.ensemble and self.views_per_sample != 1:
+            p.append("--views-per-sample applies to views stores; pass --store, or drop --views-per-sample")
         if self.ensemble:
             p += ensemble_problems(self.ensemble, self.ensemble_mode, self.ensemble_weights, "--ensemble")
             if self.stores:

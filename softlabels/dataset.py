@@ -37,13 +37,13 @@ __all__ = ["SoftLabelDataset", "SoftLabelMapDataset", "batch_loader"]
 Source = tuple[str | Path | SoftLabelStore, InputDataset | None]
 
 
-def _open(store: Any) -> SoftLabelStore | UnitSource:
+def _open(store: Any, views_per_sample: int = 1) -> SoftLabelStore | UnitSource:
     """A v1 store as it is, a v2 store source (or a path to one) as a :class:`UnitSource`."""
     if is_v2(store):
         if not store.meta.complete:
             raise IncompleteStore(f"{store.path} is incomplete (status {store.meta.status!r}); finish it by "
                                   "rerunning 'softlabels generate' with the same arguments")
-        return UnitSource(store)
+        return UnitSource(store, views_per_sample)
     if isinstance(store, SoftLabelStore):
         if not store.meta.complete:
             raise IncompleteStore(f"{store.path} is incomplete (status {store.status!r}); finish it by rerunning "
@@ -51,7 +51,7 @@ def _open(store: Any) -> SoftLabelStore | UnitSource:
         return store
     from softlabels.store import open_any
 
-    return _open(open_any(store))  # refuses incomplete stores
+    return _open(open_any(store), views_per_sample)  # refuses incomplete stores
 
 
 def _short(fp: Any) -> str:
@@ -132,6 +132,12 @@ class SoftLabelDataset(IterableDataset):
     un-augmented ones, and ``augment.apply(x, view_params)`` (on any device) builds
     the view the target belongs to. A rank's last batch may be short.
 
+    ``views_per_sample`` k > 1 (views stores only, ``k <= V``): each sample's input is
+    read once and comes with k of its views, the epoch's entries of its view sequence
+    (``choose_views(..., per_epoch=k)``): ``view`` is [B, k], ``view_params`` [B, k, P] and
+    the teacher's arrays [B, k, ...]; :func:`softlabels._replay.spread_views` makes them
+    B·k rows. The epoch still covers every sample once; k = 1 is the default's batches.
+
     Memory: each worker holds one window, ``window_chunks * chunk_rows`` rows of
     teacher outputs and inputs. Call :meth:`set_epoch` before each epoch; do not use
     ``persistent_workers`` (workers copy the dataset when an epoch's iterator starts).
@@ -149,12 +155,14 @@ class SoftLabelDataset(IterableDataset):
 
     def __init__(self, sources: Sequence[Source], *, batch_size: int, shuffle: bool = True, seed: int = 0,
                  window_chunks: int = 8, rank: int | None = None, world_size: int | None = None,
-                 verify: bool = True, check_fingerprint: bool = True) -> None:
+                 verify: bool = True, check_fingerprint: bool = True, views_per_sample: int = 1) -> None:
         super().__init__()
         rank, world_size = self._resolve_rank(rank, world_size)
         problems = []
         if not isinstance(batch_size, int) or batch_size < 1:
             problems.append(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(views_per_sample, int) or views_per_sample < 1:
+            problems.append(f"views_per_sample must be an integer >= 1, got {views_per_sample!r}")
         if not isinstance(window_chunks, int) or window_chunks < 1:
             problems.append(f"window_chunks must be an integer >= 1, got {window_chunks!r}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -169,9 +177,12 @@ class SoftLabelDataset(IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
         self.window_chunks, self.rank, self.world_size = window_chunks, rank, world_size
         self.verify = bool(verify)
-        self.stores = [_open(s) for s, _ in pairs]
+        self.stores = [_open(s, views_per_sample) for s, _ in pairs]
         self.data = [d for _, d in pairs]
         self._check_stores()
+        self.views_per_sample = views_per_sample
+        if views_per_sample > 1:
+            self._check_views_per_sample(views_per_sample)
         for store, data in zip(self.stores, self.data):
             if data is not None:
                 _check_data(store, data, check_fingerprint)
@@ -208,6 +219,17 @@ class SoftLabelDataset(IterableDataset):
         if problems:
             raise StoreMismatch("stores cannot be mixed in one dataset: " + "; ".join(problems)
                                 + "; use stores generated with the same settings")
+
+    def _check_views_per_sample(self, k: int) -> None:
+        s = self.stores[0]
+        views = s.num_views if isinstance(s, UnitSource) else 0
+        if not views:
+            kind = s.positions if isinstance(s, UnitSource) else "sample (format 1)"
+            raise ConfigError(f"--views-per-sample {k} needs a views store, but {s.path} holds {kind} positions; "
+                              "drop --views-per-sample")
+        if k > views:
+            raise ConfigError(f"--views-per-sample {k} exceeds the {views} views per sample of {s.path}; pass at "
+                              f"most {views}")
 
     # -- metadata ------------------------------------------------------------------------
     num_classes = property(lambda self: self.stores[0].num_classes)

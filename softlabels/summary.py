@@ -100,7 +100,8 @@ def _summarize_v2(store: Any, *, verify: bool) -> dict[str, Any]:
                           else meta.num_samples * views),
         "bytes_per_position": layout.bytes_per_position,
         "views": dict(meta.views) if meta.views else None,
-        "bytes_per_view": layout.bytes_per_position + 4 * params if meta.views else None,
+        "bytes_per_view": (layout.bytes_per_position + np.dtype(meta.views.get("param_dtype", "float32")).itemsize
+                           * params) if meta.views else None,
         "size_on_disk_bytes": store._handle().size_on_disk() if hasattr(store, "_handle") else None,
     }
     stats = _Stats(layout)

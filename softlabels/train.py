@@ -113,7 +113,7 @@ class _Run:
             from softlabels.dataset import SoftLabelDataset
 
             self.sl = SoftLabelDataset(list(zip(self.stores, datasets)), batch_size=config.batch_size, shuffle=True,
-                                       seed=config.seed)
+                                       seed=config.seed, views_per_sample=config.views_per_sample)
             num_classes, layout = int(self.sl.num_classes), self.sl.layout
             batches: Any = self.sl
         else:
@@ -203,6 +203,8 @@ class _Run:
             keys = _RESUME_KEYS if "store_identity" in old else ("stores", *_RESUME_KEYS)  # older runs: paths
             diffs = [f"{k}: {old.get(k)!r} -> {self.run_config[k]!r}" for k in keys
                      if old.get(k) != self.run_config[k]]
+            if old.get("views_per_sample", 1) != config.views_per_sample:  # runs before the option used 1
+                diffs.append(f"views_per_sample: {old.get('views_per_sample', 1)!r} -> {config.views_per_sample!r}")
             if "store_identity" in old:
                 _check_same_stores(old["store_identity"], self.run_config["store_identity"], config.out)
             if diffs:
@@ -308,6 +310,10 @@ class _Run:
 
         batch = {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
+        if self.config.views_per_sample > 1:  # k views of each input read: B·k rows, the input copied on the device
+            from softlabels._replay import spread_views
+
+            batch = spread_views(batch, self.config.views_per_sample, self.sl.layout_obj)
         if self.augment is not None:  # the stored view, rebuilt from its parameters (docs/VIEWS.md)
             batch["x"] = self.augment.apply(batch["x"], batch["view_params"])
         if self.teacher is not None:
@@ -340,7 +346,7 @@ class _Run:
             self.opt.step()
             self.sched.step()
             self.step += 1
-            rows = weight * len(batch["labels"])
+            rows = weight * len(batch["labels"]) / cfg.views_per_sample  # samples: k views of one count once
             parts = self.loss_fn.last_parts
             sums += torch.stack([loss.detach(), parts["hard"], parts["soft"], loss.new_ones(())]).double() * rows
             if (i + 1) % every == 0 and (self.bar_shown or self.lines_shown):

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softlabels.augment import (
-    Compose, RandomAffine, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, ViewRandom, draw_views, parse_augment,
+    PARAM_DTYPES, Compose, RandomAffine, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, ViewRandom, draw_views, param_dtype,
+    parse_augment,
 )
 from softlabels.augment.ops import _exp
 from softlabels.errors import DataError, SpecError
@@ -213,11 +214,15 @@ def test_resized_crop_params_in_range(h, w, lo, span, rlo, rspan, seed):
 def test_affine_params_in_range(d0, dspan, tx, ty, s0, sspan, h, w, seed):
     p = _draw(RandomAffine((d0, d0 + dspan), (tx, ty), (s0, s0 + sspan)), torch.zeros(50, 1, h, w), seed)
     angle, dx, dy, scale = p.double().T
-    eps = 1e-4
-    assert ((angle >= d0 - eps) & (angle <= d0 + dspan + eps)).all()
+    assert torch.equal(p, p.half().float())  # float16 view_params hold them exactly
+    for v, lo, hi in ((angle, d0, d0 + dspan), (scale, s0, s0 + sspan)):
+        tol = 2**-11 * max(abs(lo), abs(hi)) + 2**-25  # half a float16 step: only where the range holds none
+        assert ((v >= lo - tol) & (v <= hi + tol)).all()
+        wide = torch.tensor([lo, hi]).half().double()
+        if wide[0] >= lo and wide[1] <= hi:  # both ends' nearest float16 values inside: every draw inside
+            assert ((v >= lo) & (v <= hi)).all()
     assert torch.equal(dx, dx.round()) and (dx.abs() <= round(tx * w) + 1).all() and (dx.abs() <= tx * w + 0.5).all()
     assert torch.equal(dy, dy.round()) and (dy.abs() <= ty * h + 0.5).all()
-    assert ((scale >= s0 - eps) & (scale <= s0 + sspan + eps)).all()
 
 
 @settings(max_examples=30, deadline=None)
@@ -337,6 +342,11 @@ def wrong_shape():
     op = Brightness()
     op.draw = lambda rng, size: torch.zeros(rng.n, 3)
     return op
+
+def bad_dtype():
+    op = Brightness()
+    op.param_dtype = lambda size: "int4"
+    return op
 '''
 
 
@@ -382,6 +392,7 @@ ERROR_CASES = {
     "E1418": lambda: draw_views(parse_augment("flip"), 0, torch.arange(3), 2, (64,)),
     "E1419": lambda: draw_views(parse_augment("crop(8,padding=4,padding_mode=reflect)"), 0, torch.arange(3), 2,
                                 (3, 4, 8)),
+    "E1782": lambda: draw_views(_user_op("bad_dtype")(), 0, torch.arange(3), 2, (3, 8, 8)),
 }
 
 
@@ -414,3 +425,55 @@ def test_docs_examples_run(tmp_path, monkeypatch):
     p = draw_views(aug, 0, torch.arange(5), 3, (3, 32, 32))
     assert ((p[..., 3] >= 0.8) & (p[..., 3] < 1.2)).all()
     assert aug.apply(torch.ones(5, 3, 32, 32), p[:, 0]).shape == (5, 3, 32, 32)
+
+
+def _narrowest(values: torch.Tensor) -> str:
+    """The narrowest storage dtype that holds ``values`` exactly, worked out from the values alone."""
+    whole = torch.equal(values, values.round())
+    if whole and values.min() >= 0 and values.max() <= 255:
+        return "uint8"
+    return "float16" if torch.equal(values, values.half().float()) else "float32"
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(4, 3000), pad=st.integers(0, 300), spec=st.sampled_from(["crop", "rrc", "affine", "flip"]),
+       seed=st.integers(0, 2**63 - 1))
+def test_param_dtype_holds_every_draw_exactly(size, pad, spec, seed):
+    """Each op's param_dtype: draws round-trip through it, and it is no wider than its bounds need."""
+    op = {"crop": RandomCrop((4, 4), padding=pad), "rrc": RandomResizedCrop((4, 4)),
+          "affine": RandomAffine((-30.0, 30.0), (0.5, 0.5), (0.7, 1.3)), "flip": RandomHorizontalFlip()}[spec]
+    hw = (size, max(4, size // 3))
+    dtype = param_dtype(Compose([op]), hw)
+    p = Compose([op]).draw(ViewRandom(seed, torch.arange(64), 0), hw)
+    assert torch.equal(p.to(getattr(torch, dtype)).float(), p)
+    bound = {"crop": max(hw) + 2 * pad - 4, "rrc": max(hw), "affine": round(0.5 * max(hw)) + 1, "flip": 1}[spec]
+    if spec == "affine":
+        assert dtype == ("float16" if bound <= 2048 else "float32")
+    else:
+        assert dtype == ("uint8" if bound <= 255 else "float16" if bound <= 2048 else "float32")
+    assert PARAM_DTYPES.index(_narrowest(p)) <= PARAM_DTYPES.index(dtype)
+
+
+def test_draw_views_rounds_a_user_op_to_the_dtype_it_declares():
+    class Half:  # declares float16 but draws values float16 cannot hold
+        num_params, spec = 1, "half"
+
+        def output_size(self, size):
+            return size
+
+        def draw(self, rng, size):
+            return rng.uniform(1).float()
+
+        def apply(self, x, params):
+            return x
+
+        def param_dtype(self, size):
+            return "float16"
+
+    p = draw_views(Compose([Half()]), 0, torch.arange(16), 2, (1, 4, 4))
+    assert param_dtype(Compose([Half()]), (4, 4)) == "float16" and torch.equal(p, p.half().float())
+    assert param_dtype(Compose([Half(), RandomAffine()]), (4, 4)) == "float16"
+    Half.param_dtype = lambda self, size: "float32"
+    assert param_dtype(Compose([Half(), RandomCrop((4, 4))]), (4, 4)) == "float32"
+    del Half.param_dtype  # an op without the method: float32
+    assert param_dtype(Compose([Half(), RandomHorizontalFlip()]), (4, 4)) == "float32"

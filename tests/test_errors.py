@@ -49,6 +49,7 @@ COVERED_ELSEWHERE = {
     # token generate (softlabels.job.tokens)
     "E1800": "tests/test_token_producer.py::test_token_producer_refusals",
     "E1911": "tests/test_ensemble.py::test_refusals_in_the_library",  # readers of merged stores call it
+    "E1782": "tests/test_augment.py::test_errors_match_the_catalogue",  # a user op module on sys.path
 }
 
 # Cases of known bugs: they must fail until the bug is fixed (strict xfail), then the mark goes.
@@ -846,6 +847,12 @@ CASES.update({
     "E1912": lambda c: c.train("--ensemble", c.env.h5, "--ensemble", c.env.zarr, "--store", c.env.h5),
 })
 
+
+# 20. several views per input read
+CASES.update({
+    "E1780": lambda c: c.train("--store", _v2(c)[0], "--views-per-sample", "2", student="linear"),
+    "E1781": lambda c: c.train("--store", _v2(c, positions="views")[0], "--views-per-sample", "4", student="linear"),
+})
 
 # 10. trust boundaries
 def pickled_pt2(path: Path, marker: Path) -> Path:

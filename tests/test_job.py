@@ -59,24 +59,24 @@ def ok(result):
 
 
 def expected(inputs, layout: str, extra: tuple[str, ...], *, views: bool, batch: int = 12,
-             params: np.ndarray | None = None) -> dict[str, np.ndarray]:
+             params: np.ndarray | None = None, spec: str = AUG) -> dict[str, np.ndarray]:
     """The store's per-position arrays computed directly: the teacher on the same batches, then encode."""
     torch.set_num_threads(1)
     kw = {"topk": {"k": 2}, "sampled": {"samples": 6, "seed": SEED}}.get(layout, {})
     lay = make_layout(layout, num_classes=C, **kw)
     x, model, out = inputs["x"], inputs["model"], {}
     per = batch // V if views else batch
-    aug = parse_augment(AUG)
+    aug = parse_augment(spec)
     for lo in range(0, N, per):
         ids = torch.arange(lo, min(lo + per, N))
         with torch.inference_mode():
             if views:
-                p = torch.from_numpy(params[ids.numpy()]) if params is not None else \
+                p = torch.from_numpy(params[ids.numpy()].astype(np.float32)) if params is not None else \
                     draw_views(aug, SEED, ids, V, SHAPE)
                 z = model(aug.apply(x[ids].repeat_interleave(V, 0), p.reshape(len(ids) * V, -1)))
                 enc = lay.encode(z, sample_ids=ids.repeat_interleave(V), positions=torch.arange(V).repeat(len(ids)))
                 enc = {k: to_numpy(t).reshape(len(ids), V, *t.shape[1:]) for k, t in enc.items()}
-                enc["view_params"] = p.numpy()
+                enc["view_params"] = p.numpy().astype(aug.param_dtype(SHAPE[1:]))  # whole numbers: exact
             else:
                 z = model(x[ids])
                 enc = {k: to_numpy(t) for k, t in lay.encode(z, sample_ids=ids, positions=torch.zeros_like(ids)).items()}
@@ -107,6 +107,27 @@ def test_v2_generate_equals_the_teacher_run_directly(inputs, tmp_path, suffix, l
     assert np.array_equal(arrays["labels"], np.load(inputs["data"])["y"])
     if views:  # replay: the stored params rebuild the views the teacher saw
         assert_equal_arrays(arrays, expected(inputs, layout, LAYOUTS[layout], views=True, params=arrays["view_params"]))
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+@pytest.mark.parametrize("spec,dtype", [(AUG, "uint8"), ("affine(20,translate=0.2,scale=0.8-1.25)+flip", "float16"),
+                                        ("rrc(8,scale=0.3-1)+flip", "uint8")])
+def test_view_params_are_stored_narrow_and_replay_exactly_what_the_teacher_saw(inputs, tmp_path, suffix, spec, dtype):
+    """The stored params (uint8/float16) rebuild views whose teacher logits equal the stored ones bit for bit."""
+    out = tmp_path / f"s{suffix}"
+    ok(gen(inputs, out, "--views", str(V), "--augment", spec, "--layout", "dense"))
+    arrays, attrs = read_plain(out)
+    views_attr = attrs["views"] if isinstance(attrs["views"], dict) else json.loads(attrs["views"])
+    assert views_attr["param_dtype"] == dtype and arrays["view_params"].dtype == np.dtype(dtype)
+    drawn = draw_views(parse_augment(spec), SEED, torch.arange(N), V, SHAPE).numpy()
+    assert np.array_equal(arrays["view_params"].astype(np.float32), drawn)  # nothing lost in the narrow dtype
+    if dtype == "float16":
+        assert not np.array_equal(drawn, drawn.round())  # angles and scales that are no whole numbers
+    replayed = expected(inputs, "dense", (), views=True, params=arrays["view_params"], spec=spec)
+    assert np.array_equal(arrays["logits"], replayed["logits"])
+    info = json.loads(ok(run_cli("inspect", str(out), "--json")).output)
+    p = arrays["view_params"].shape[-1]
+    assert info["bytes_per_view"] == C * 4 + p * np.dtype(dtype).itemsize  # dense float32 logits + the params
 
 
 def test_views_default_to_top5_and_views_from_reuses_the_params_exactly(inputs, tmp_path):

@@ -143,3 +143,25 @@ def test_views_differ_across_samples_cycles_and_seeds():
     assert 0.05 < np.mean(a == b) < 0.25  # another cycle, another permutation (1/8 agree by chance)
     assert np.bincount(a, minlength=8).min() > 150  # spread over the views
     assert np.mean(choose_views(1, ids, 0, 8) == a) < 0.25
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**40), st.integers(1, 12), st.data(), st.lists(st.integers(0, 10**9), min_size=1, max_size=20,
+                                                                      unique=True))
+def test_k_views_per_epoch_are_consecutive_entries_of_the_one_view_sequence(seed, num_views, data, ids):
+    """per_epoch=k takes entries e·k .. e·k+k-1 of the sequence one view per epoch walks: k = 1 is that
+    choice exactly, every view is used before any repeats, and rows do not depend on the batch."""
+    ids = np.array(ids)
+    k = data.draw(st.integers(1, num_views))
+    epochs = -(-num_views // k) + 1
+    got = np.stack([choose_views(seed, ids, e, num_views, per_epoch=k) for e in range(epochs)], 1)  # [B, e, k]
+    assert got.shape == (len(ids), epochs, k) and got.dtype == np.int64
+    want = np.stack([choose_views(seed, ids, e, num_views) for e in range(epochs * k)], 1)
+    assert np.array_equal(got.reshape(len(ids), -1), want)
+    assert np.all(np.sort(got.reshape(len(ids), -1)[:, :num_views], axis=1) == np.arange(num_views))
+    assert np.array_equal(choose_views(seed, ids[-1:], 1, num_views, per_epoch=k)[0],
+                          choose_views(seed, ids, 1, num_views, per_epoch=k)[-1])
+    if num_views % k == 0:  # whole permutations per cycle: the k views of an epoch are distinct
+        assert all(len(set(row)) == k for row in got.reshape(-1, k).tolist())
+    with pytest.raises(ValueError):
+        choose_views(seed, ids, 0, num_views, per_epoch=num_views + 1)

@@ -260,3 +260,86 @@ def test_inspect_on_a_token_store_counts_tokens(tmp_path):
         assert info["num_positions"] == int(f["lengths"][:].sum()) == 8
     assert (info["positions"], info["labeled"], info["unlabeled"]) == ("tokens", 0, 4)
     assert info["teacher_accuracy"] is None and info["nonfinite_rows"] == 0
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_views_per_sample_batches_coverage_ranks_workers_and_resume(tmp_path, k):
+    """k views per input read: each row is the epoch's k chosen views, read back equal to a plain read; every
+    sample once per epoch across 2 ranks x 2 workers; all V views used in ceil(V / k) epochs; resume."""
+    spec = make_images(tmp_path, n=45)
+    path = tmp_path / "v.h5"
+    write_v2(path, spec, positions="views", layout="topk", views=V)
+    data, plain = resolve_data(spec), _plain(path)
+    row_of = {int(i): r for r, i in enumerate(plain["sample_ids"])}
+
+    def epoch_batches(rank, epoch, worker, workers, state=None):
+        ds = SoftLabelDataset([(path, data)], batch_size=4, seed=SEED, rank=rank, world_size=2, window_chunks=2,
+                              views_per_sample=k)
+        ds.set_epoch(epoch)
+        if state is not None:
+            ds.load_state_dict(state)
+        return list(ds._iter_worker(worker, workers))
+
+    uses = {i: [] for i in range(45)}
+    for epoch in range(-(-V // k)):
+        ids = []
+        for rank in range(2):
+            for worker in range(2):
+                for b in epoch_batches(rank, epoch, worker, 2):
+                    sid = b["sample_ids"].numpy()
+                    ids += sid.tolist()
+                    view = choose_views(SEED, sid, epoch, V, per_epoch=k)
+                    assert torch.equal(b["view"], torch.from_numpy(view))
+                    rows = np.array([row_of[i] for i in sid])[:, None]
+                    for key in ("topk_values", "topk_indices", "logsumexp", "view_params"):
+                        assert np.array_equal(b[key].numpy(), plain[key][rows, view].astype(b[key].numpy().dtype))
+                    assert torch.equal(b["x"], data.get_batch(sid)[0])  # the input once per sample
+                    for i, v in zip(sid.tolist(), view.tolist()):
+                        uses[i] += v
+        assert sorted(ids) == list(range(45))
+    assert all(sorted(u[:V]) == list(range(V)) for u in uses.values())  # every view before any repeats
+    full = epoch_batches(0, 1, 0, 1)
+    ds = SoftLabelDataset([(path, data)], batch_size=4, seed=SEED, rank=0, world_size=2, window_chunks=2,
+                          views_per_sample=k)
+    ds.set_epoch(1)
+    rest = epoch_batches(0, 1, 0, 1, ds.state_dict(batches_done=2))
+    assert len(rest) == len(full) - 2
+    for g, w in zip(rest, full[2:]):
+        assert g.keys() == w.keys() and all(torch.equal(g[key], w[key]) for key in w)
+
+
+def test_views_per_sample_1_is_the_default_batches(tmp_path):
+    spec = make_images(tmp_path)
+    path = tmp_path / "v.zarr"
+    write_v2(path, spec, positions="views", layout="sampled")
+    data = resolve_data(spec)
+    for epoch in (0, 2):
+        a, b = (SoftLabelDataset([(path, data)], batch_size=7, seed=SEED, **kw) for kw in ({}, {"views_per_sample": 1}))
+        a.set_epoch(epoch), b.set_epoch(epoch)
+        for x, y in zip(a, b, strict=True):
+            assert x.keys() == y.keys() and all(torch.equal(x[key], y[key]) for key in x)
+
+
+def test_views_per_sample_offline_equals_online_kd_and_resumes(tmp_path):
+    """k = 2 views per input: the store's targets belong to the replayed views (the teacher in the loop on the
+    same views trains the same weights, bit for bit), k = 1 trains what the default does, and a resumed run
+    equals an uninterrupted one."""
+    spec = make_images(tmp_path)
+    store = tmp_path / "v.h5"
+    write_v2(store, spec, positions="views", layout="dense", views=4)
+    offline = _train(tmp_path, store, "off", epochs=2, views_per_sample=2)
+    online = _train(tmp_path, store, "on", teacher=Teacher(), epochs=2, views_per_sample=2)
+    assert all(torch.equal(offline[key], online[key]) for key in offline)
+    one = _train(tmp_path, store, "one", epochs=2, views_per_sample=1)
+    default = _train(tmp_path, store, "default", epochs=2)
+    assert all(torch.equal(one[key], default[key]) for key in one)
+    assert not all(torch.equal(one[key], offline[key]) for key in one)
+
+    def crash(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, store, "b", epochs=2, on_epoch_end=crash, views_per_sample=2)
+    resumed = _train(tmp_path, store, "b", epochs=2, resume=True, views_per_sample=2)
+    assert all(torch.equal(offline[key], resumed[key]) for key in offline)

@@ -54,9 +54,13 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--ensemble-mode", type=click.Choice(ENSEMBLE_MODES), default=D.ensemble_mode, show_default=True,
               help="Arithmetic: the mean of the teachers' probabilities at T; geometric: the mean of log-probabilities.")
 @click.option("--ensemble-weights", metavar="W1,W2,...", help="Per --ensemble store weights [default: equal].")
+@click.option("--views-per-sample", type=int, default=D.views_per_sample, show_default=True,
+              help="Views stores: train on this many stored views of each input read (FKD), at most V; a step "
+                   "then has batch-size x this many rows.")
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
             optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
-            overwrite, no_progress, init, ensemble, ensemble_mode, ensemble_weights) -> None:
+            overwrite, no_progress, init, ensemble, ensemble_mode, ensemble_weights,
+            views_per_sample) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
@@ -71,7 +75,8 @@ def command(student, student_weights, allow_pickle, stores, data, loss, temperat
         data=tuple(data), loss=loss, temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
         num_workers=num_workers, device=device, threads=threads, val_data=val_data, out=out, resume=resume,
-        overwrite=overwrite, progress=False if no_progress else None, init=init, ensemble=tuple(ensemble),
+        overwrite=overwrite, progress=False if no_progress else None, init=init, views_per_sample=views_per_sample,
+        ensemble=tuple(ensemble),
         ensemble_mode=ensemble_mode, ensemble_weights=parse_weights(ensemble_weights, "--ensemble-weights"),
     )
     try:

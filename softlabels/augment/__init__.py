@@ -3,7 +3,8 @@
 A view of sample ``i`` is ``(i, v)``, ``v`` in ``0..V-1``; its parameters are a
 pure function of ``(seed, i, v)`` (:class:`ViewRandom`), so any batch, rank,
 worker or resumed run draws the same ones, and a store keeps them
-(``view_params`` [N, V, P] float32) to replay the exact view at training time.
+(``view_params`` [N, V, P], in the narrowest dtype that holds them exactly:
+:func:`param_dtype`) to replay the exact view at training time.
 See docs/VIEWS.md for the ops, their parameters and the spec grammar.
 """
 
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from softlabels.augment.ops import (
-    Augmentation, Compose, RandomAffine, RandomCrop, RandomHorizontalFlip, RandomResizedCrop,
+    PARAM_DTYPES, Augmentation, Compose, RandomAffine, RandomCrop, RandomHorizontalFlip, RandomResizedCrop,
+    param_dtype,
 )
 from softlabels.augment.random_data import refuse_random_data
 from softlabels.augment.rng import ViewRandom
@@ -20,8 +22,8 @@ from softlabels.augment.spec import BUILTIN_OPS, parse_augment
 from softlabels.errors import DataError
 
 __all__ = [
-    "BUILTIN_OPS", "Augmentation", "Compose", "RandomAffine", "RandomCrop", "RandomHorizontalFlip",
-    "RandomResizedCrop", "ViewRandom", "draw_views", "parse_augment", "refuse_random_data", "view_shape",
+    "BUILTIN_OPS", "PARAM_DTYPES", "Augmentation", "Compose", "RandomAffine", "RandomCrop", "RandomHorizontalFlip",
+    "RandomResizedCrop", "ViewRandom", "draw_views", "param_dtype", "parse_augment", "refuse_random_data", "view_shape",
 ]
 
 
@@ -39,7 +41,8 @@ def draw_views(aug: Augmentation, seed: int, ids: torch.Tensor, views: int | tor
 
     ``views`` an int ``V`` draws every view of every id: ``[len(ids), V, P]``, the
     layout of a store's ``view_params``; a tensor shaped like ``ids`` draws
-    ``[len(ids), P]``.
+    ``[len(ids), P]``. The values are those of :func:`param_dtype` (what a store keeps):
+    a no-op for ops that draw them exactly, as every built-in op does.
     """
     view_shape(aug, input_shape)  # refuses inputs that are no images, and crops larger than them
     size = (int(input_shape[1]), int(input_shape[2]))
@@ -47,5 +50,8 @@ def draw_views(aug: Augmentation, seed: int, ids: torch.Tensor, views: int | tor
     if isinstance(views, int):
         grid = torch.arange(views, device=ids.device)
         flat = aug.draw(ViewRandom(seed, ids.repeat_interleave(views), grid.repeat(len(ids))), size)
-        return flat.reshape(len(ids), views, aug.num_params)
-    return aug.draw(ViewRandom(seed, ids, torch.as_tensor(views, device=ids.device)), size)
+        out = flat.reshape(len(ids), views, aug.num_params)
+    else:
+        out = aug.draw(ViewRandom(seed, ids, torch.as_tensor(views, device=ids.device)), size)
+    dtype = getattr(torch, param_dtype(aug, size))
+    return out.to(dtype).float()  # the stored numbers: what the teacher sees is what replays

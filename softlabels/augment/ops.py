@@ -22,11 +22,51 @@ import torch.nn.functional as F
 
 from softlabels.augment.rng import ViewRandom
 from softlabels.errors import DataError
+from softlabels.positions.views import PARAM_DTYPES  # narrowest first: uint8, float16, float32
 
-__all__ = ["Augmentation", "Compose", "RandomAffine", "RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop"]
+__all__ = ["PARAM_DTYPES", "Augmentation", "Compose", "RandomAffine", "RandomCrop", "RandomHorizontalFlip",
+           "RandomResizedCrop", "param_dtype"]
 
 Size = tuple[int, int]
 PADDING_MODES = ("constant", "edge", "reflect")  # torchvision's names
+
+
+def _int_dtype(low: float, high: float) -> str:
+    """The narrowest of :data:`PARAM_DTYPES` that holds every whole number in ``[low, high]`` exactly."""
+    if low >= 0 and high <= 255:
+        return "uint8"
+    return "float16" if max(-low, high) <= 2048 else "float32"
+
+
+def param_dtype(op: Augmentation, size: Size) -> str:
+    """The narrowest dtype that holds every parameter ``op`` draws for inputs of ``size`` exactly.
+
+    An op says so with a ``param_dtype(size)`` method (every built-in op has one); an op
+    without one (a user op) gets float32, which holds whatever ``draw`` returns.
+    """
+    own = getattr(op, "param_dtype", None)
+    dtype = str(own(size)) if callable(own) else "float32"
+    if dtype not in PARAM_DTYPES:
+        raise DataError(f"augmentation '{op.spec}' says its params are {dtype!r}, not one of "
+                        f"{', '.join(PARAM_DTYPES)}; return one of those from param_dtype()")
+    return dtype
+
+
+def _half_within(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``x`` rounded to float16 values (as float32), kept in ``[low, high]`` where the range holds one.
+
+    Round to nearest, then one float16 step back inside where that crossed an end (the step
+    is done on the bits, the same on every device).
+    """
+    h = x.to(torch.float16)
+    bits = h.view(torch.int16)
+    neg = bits < 0  # sign-magnitude: a step towards -inf grows a negative number's bits
+    down = torch.where(neg, bits + 1, bits - 1).view(torch.float16)
+    up = torch.where(neg, bits - 1, bits + 1).view(torch.float16)
+    hd = h.double()
+    h = torch.where((hd > high) & (down.double() >= low), down, h)
+    h = torch.where((hd < low) & (up.double() <= high), up, h)
+    return h.float()
 
 
 @runtime_checkable
@@ -35,7 +75,9 @@ class Augmentation(Protocol):
 
     ``draw`` returns float32 ``[rng.n, num_params]`` for inputs of ``size`` (H, W);
     ``apply`` maps ``x [B, C, H, W]`` and ``params [B, num_params]`` (on x's device)
-    to ``[B, C, *output_size((H, W))]``; ``spec`` is recorded in stores.
+    to ``[B, C, *output_size((H, W))]``; ``spec`` is recorded in stores. Optional:
+    ``param_dtype(size)``, one of :data:`PARAM_DTYPES` that holds every drawn parameter
+    exactly (:func:`param_dtype`; float32 without it).
     """
 
     num_params: int
@@ -138,6 +180,9 @@ class RandomCrop:
         left = _randint(u[:, 1], size[1] + 2 * self.padding - self.size[1] + 1)
         return torch.stack([top, left], 1).float()
 
+    def param_dtype(self, size: Size) -> str:
+        return _int_dtype(0, max(s + 2 * self.padding - c for s, c in zip(size, self.size)))
+
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return _crop(x, params[:, 0], params[:, 1], self.size, self.padding, self.padding_mode, self.fill)
 
@@ -158,6 +203,9 @@ class RandomHorizontalFlip:
 
     def draw(self, rng: ViewRandom, size: Size) -> torch.Tensor:
         return (rng.uniform(1) < self.p).float()
+
+    def param_dtype(self, size: Size) -> str:
+        return "uint8"
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         w = torch.arange(x.shape[-1], device=x.device)
@@ -219,6 +267,9 @@ class RandomResizedCrop:
             w = max(1, int(round(h * max(self.ratio))))
         return h, w, (height - h) // 2, (width - w) // 2
 
+    def param_dtype(self, size: Size) -> str:
+        return _int_dtype(0, max(size))
+
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         wy = _resample_weights(params[:, 0], params[:, 2], x.shape[-2], self.size[0])
         wx = _resample_weights(params[:, 1], params[:, 3], x.shape[-1], self.size[1])
@@ -246,6 +297,9 @@ class RandomAffine:
 
     Params (4): ``angle`` (degrees, counter-clockwise), ``tx, ty`` (whole pixels,
     ``|tx| <= round(translate[0] * W)``), ``scale``. About the image centre, as torchvision.
+    ``angle`` and ``scale`` are drawn as float16 values (in their ranges where a range holds
+    one), so float16 ``view_params`` hold every view exactly: steps of at most 0.125 degrees
+    and 2**-11 of the scale, far below what an augmentation distinguishes.
     """
 
     degrees: tuple[float, float] = (0.0, 0.0)
@@ -278,7 +332,12 @@ class RandomAffine:
         tx = torch.round(-dx + u[:, 1] * (2 * dx))
         ty = torch.round(-dy + u[:, 2] * (2 * dy))
         scale = self.scale[0] + u[:, 3] * (self.scale[1] - self.scale[0])
-        return torch.stack([angle, tx, ty, scale], 1).float()
+        angle, scale = _half_within(angle, *self.degrees), _half_within(scale, *self.scale)
+        return torch.stack([angle.double(), tx, ty, scale.double()], 1).float()
+
+    def param_dtype(self, size: Size) -> str:
+        reach = max(round(self.translate[0] * size[1]), round(self.translate[1] * size[0])) + 1
+        return "float16" if reach <= 2048 else "float32"
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -330,6 +389,14 @@ class Compose:
         for op in self.ops:
             size = tuple(op.output_size(size))
         return size
+
+    def param_dtype(self, size: Size) -> str:
+        """The widest of its ops' :func:`param_dtype` (each at the size its input has)."""
+        widest = 0
+        for op in self.ops:
+            widest = max(widest, PARAM_DTYPES.index(param_dtype(op, size)))
+            size = tuple(op.output_size(size))
+        return PARAM_DTYPES[widest]
 
     def draw(self, rng: ViewRandom, size: Size) -> torch.Tensor:
         parts = []

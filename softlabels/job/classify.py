@@ -26,7 +26,7 @@ import torch
 
 from softlabels import format as fmt
 from softlabels._pipeline import Teacher, make_loader
-from softlabels.augment import Compose, draw_views, parse_augment, view_shape
+from softlabels.augment import Compose, draw_views, param_dtype, parse_augment, view_shape
 from softlabels.errors import DataError, SoftLabelsError
 from softlabels.layouts import Layout, make_layout, to_numpy
 from softlabels.positions import group_units_for
@@ -47,12 +47,14 @@ class ViewPlan:
     aug: Compose
     count: int
     seed: int
+    param_dtype: str  # the storage dtype of view_params (softlabels.augment.param_dtype)
     params: np.ndarray | None = None  # [N, V, P] float32 from --views-from
 
     def attrs(self) -> dict[str, Any]:
         """The ``views`` root attribute (``ViewPositions.to_attrs``' fields)."""
         names = [f"{op.spec.split('(')[0]}.{j}" for op in self.aug.ops for j in range(int(op.num_params))]
-        return {"count": self.count, "augment": self.aug.spec, "seed": self.seed, "param_names": names}
+        return {"count": self.count, "augment": self.aug.spec, "seed": self.seed, "param_names": names,
+                "param_dtype": self.param_dtype}
 
 
 def view_plan(*, views: int | None, augment: str | None, views_from: str | None, seed: int, num_samples: int,
@@ -63,7 +65,7 @@ def view_plan(*, views: int | None, augment: str | None, views_from: str | None,
             return None
         aug = parse_augment(augment)  # a package.module:factory term named on the command line is imported
         view_shape(aug, input_shape)
-        return ViewPlan(aug, views, seed)
+        return ViewPlan(aug, views, seed, param_dtype(aug, tuple(input_shape[1:])))
     try:
         other = UnitStore(views_from)
     except SoftLabelsError as err:
@@ -92,10 +94,11 @@ def view_plan(*, views: int | None, augment: str | None, views_from: str | None,
         if views is not None and views != count:
             raise DataError(f"--views {views} differs from the {count} views of --views-from '{views_from}'; drop "
                             "--views, or pass the same count")
-        params = np.concatenate([other.read_unit(u)[VIEW_PARAMS] for u in range(m.num_units)])
+        params = np.concatenate([other.read_unit(u)[VIEW_PARAMS] for u in range(m.num_units)]).astype(np.float32)
         aug = parse_augment(recorded)
         view_shape(aug, input_shape)
-        return ViewPlan(aug, count, int(m.views["seed"]), params)
+        # the recorded dtype holds these params exactly, whatever this version would choose
+        return ViewPlan(aug, count, int(m.views["seed"]), str(m.views.get("param_dtype", "float32")), params)
 
 
 def store_meta(*, layout: str, topk: int | None, samples: int | None, dtype: str, seed: int, num_samples: int,
@@ -149,7 +152,8 @@ class ClassifyProducer:
         return ((start, self.encode(start, x, y)) for start, x, y in it)
 
     def view_params(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32 [n, V, P] on the device: drawn from (seed, id, view), or the reused store's."""
+        """float32 [n, V, P] on the device: drawn from (seed, id, view), or the reused store's; either way
+        exact in the plan's ``param_dtype`` (draw_views rounds to it), so the teacher sees what is stored."""
         v = self.views
         if v.params is not None:
             return torch.from_numpy(v.params[ids.numpy()]).to(self.device)
@@ -178,7 +182,7 @@ class ClassifyProducer:
                 enc = self.layout.encode(z, sample_ids=ids.to(z.device).repeat_interleave(count),
                                          positions=torch.arange(count, device=z.device).repeat(n))
                 out = {k: to_numpy(t.cpu()).reshape(n, count, *t.shape[1:]) for k, t in enc.items()}
-                out[VIEW_PARAMS] = params.cpu().numpy()
+                out[VIEW_PARAMS] = params.cpu().numpy().astype(self.views.param_dtype)
         out[fmt.LABELS] = y.numpy().astype(np.int64, copy=False)
         out[fmt.SAMPLE_IDS] = ids.numpy()
         return out

@@ -2,8 +2,10 @@
 
 Per-position arrays are [N, V, ...] and chunked along N only (a chunk holds every view of
 its samples), so a write unit is whole samples with all their views. ``view_params``
-[N, V, P] float32 holds each view's augmentation parameters; the root attribute ``views``
-records V, the augmentation spec, its parameter names and the seed the views were drawn
+[N, V, P] holds each view's augmentation parameters, in the dtype ``views.param_dtype``
+(uint8, float16 or float32: the narrowest that holds every parameter of the spec exactly;
+float32 when absent); the root attribute ``views`` records V, the augmentation spec, its
+parameter names, that dtype and the seed the views were drawn
 with (``softlabels.augment`` draws view ``v`` of sample ``id`` from (seed, id, v), so any
 batch composition, rank or resume draws the same views).
 """
@@ -17,9 +19,12 @@ import numpy as np
 
 from softlabels.positions.base import UnitGeometry
 
-__all__ = ["VIEW_PARAMS", "ViewPositions", "choose_views"]
+__all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views"]
 
 VIEW_PARAMS = "view_params"
+PARAM_DTYPES = ("uint8", "float16", "float32")
+"""Storage dtypes of ``view_params``, narrowest first: whole numbers in 0..255; whole numbers
+of magnitude <= 2048 and float16 values; anything (float32, what an op's ``draw`` returns)."""
 
 
 _GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -34,20 +39,35 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int) -> np.ndarray:
-    """Which stored view each sample trains on in ``epoch``: int64 [B] in ``0..V-1``.
+def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int, per_epoch: int | None = None
+                 ) -> np.ndarray:
+    """Which stored views each sample trains on in ``epoch``: int64 [B] in ``0..V-1``, or [B, k] with ``per_epoch=k``.
 
-    Every sample walks through a random permutation of its V views, a fresh one every V
-    epochs, so all V views are used before any repeats. The permutation of cycle
-    ``epoch // V`` is the argsort of splitmix64(seed, sample id, cycle, view), so the
-    choice depends on nothing but those numbers: not on batch composition, rank, worker
-    or resume point.
+    Every sample walks through a sequence of its V views made of random permutations, a
+    fresh one every V views, so all V views are used before any repeats. The permutation
+    of cycle ``c`` is the argsort of splitmix64(seed, sample id, c, view), so the choice
+    depends on nothing but those numbers: not on batch composition, rank, worker or resume
+    point. One view per epoch (``per_epoch`` None) is the sequence's entry ``epoch``;
+    ``k`` views per epoch (``1 <= k <= V``) are its entries ``epoch·k .. epoch·k + k − 1``,
+    so the first column with ``k = 1`` is exactly the one-view choice, and after ``e``
+    epochs every sample has used ``min(e·k, V)`` distinct views. The k views of one epoch
+    are distinct when k divides V; otherwise an epoch that crosses a cycle boundary takes
+    the end of one permutation and the start of the next, which may share a view.
     """
+    v = int(num_views)
+    k = 1 if per_epoch is None else int(per_epoch)
+    if not 1 <= k <= v:
+        raise ValueError(f"per_epoch must lie in 1..num_views ({v}), got {per_epoch}")
     ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
-    cycle, step = divmod(int(epoch), int(num_views))
-    key = _mix(_mix(_mix(np.full(ids.shape, seed, np.uint64)) ^ ids) ^ np.uint64(cycle))
-    keys = _mix(key[:, None] ^ _mix(np.arange(num_views, dtype=np.uint64))[None, :])
-    return np.argsort(keys, axis=1, kind="stable")[:, step].astype(np.int64)
+    entries = int(epoch) * k + np.arange(k)
+    out = np.empty((len(ids), k), np.int64)
+    base = _mix(_mix(np.full(ids.shape, seed, np.uint64)) ^ ids)
+    views = _mix(np.arange(v, dtype=np.uint64))[None, :]
+    for cycle in np.unique(entries // v):  # one or two cycles
+        keys = _mix(_mix(base ^ np.uint64(cycle))[:, None] ^ views)
+        cols = entries // v == cycle
+        out[:, cols] = np.argsort(keys, axis=1, kind="stable")[:, entries[cols] % v]
+    return out[:, 0] if per_epoch is None else out
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,7 @@ class ViewPositions:
     param_names: tuple[str, ...]
     augment: str = ""
     seed: int = 0
+    param_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
     kind: ClassVar[str] = "views"
 
@@ -89,17 +110,18 @@ class ViewPositions:
 
     def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
         shape = (self.geometry.num_samples, self.num_views, len(self.param_names))
-        return {VIEW_PARAMS: (shape, np.dtype("float32"), "sample")}
+        return {VIEW_PARAMS: (shape, np.dtype(self.param_dtype), "sample")}
 
     def to_attrs(self) -> dict[str, Any]:
         return {"views": {"count": self.num_views, "augment": self.augment, "seed": self.seed,
-                          "param_names": list(self.param_names), **self.extra}}
+                          "param_names": list(self.param_names), "param_dtype": self.param_dtype, **self.extra}}
 
     @classmethod
     def from_attrs(cls, geometry: UnitGeometry, attrs: dict[str, Any]) -> ViewPositions:
         """Rebuild from the ``views`` root attribute (JSON data, never evaluated)."""
         v = dict(attrs["views"])
-        known = ("count", "augment", "seed", "param_names")
+        known = ("count", "augment", "seed", "param_names", "param_dtype")
         return cls(geometry, num_views=int(v["count"]), param_names=tuple(str(n) for n in v["param_names"]),
                    augment=str(v.get("augment", "")), seed=int(v.get("seed", 0)),
+                   param_dtype=str(v.get("param_dtype", "float32")),
                    extra={k: val for k, val in v.items() if k not in known})

@@ -18,7 +18,7 @@ from softlabels import format as fmt
 from softlabels.errors import CorruptStore, SoftLabelsError
 from softlabels.positions import POSITION_KINDS, Positions, SamplePositions, TokenPositions, UnitGeometry, ViewPositions
 from softlabels.positions.tokens import LENGTHS, OFFSETS
-from softlabels.positions.views import VIEW_PARAMS
+from softlabels.positions.views import PARAM_DTYPES, VIEW_PARAMS
 
 if TYPE_CHECKING:
     from softlabels.layouts import Layout
@@ -115,6 +115,8 @@ class StoreMetaV2:
             v = self.views
             if not _is_int(v.get("count")) or v["count"] < 1 or not isinstance(v.get("param_names"), list):
                 p.append("views needs an integer 'count' >= 1 and a list 'param_names'")
+            if v.get("param_dtype", "float32") not in PARAM_DTYPES:
+                p.append(f"views' param_dtype {v['param_dtype']!r} is not one of {', '.join(PARAM_DTYPES)}")
         if self.tokens is not None:
             t = self.tokens
             if not _is_int(t.get("chunk_positions")) or t["chunk_positions"] < 1 \
@@ -177,7 +179,8 @@ class StoreMetaV2:
             out[name] = V2Array((length, *extra, *spec.shape), spec.dtype, chunk, "position")
         n, cs = self.num_samples, self.chunk_samples
         if self.positions == "views":
-            out[VIEW_PARAMS] = V2Array((n, *extra, len(self.views["param_names"])), np.dtype("float32"), cs, "sample")
+            out[VIEW_PARAMS] = V2Array((n, *extra, len(self.views["param_names"])),
+                                       np.dtype(self.views.get("param_dtype", "float32")), cs, "sample")
         if self.positions == "tokens":
             out[OFFSETS] = V2Array((n + 1,), np.dtype("int64"), cs, "creation")
             out[LENGTHS] = V2Array((n,), np.dtype("int64"), cs, "creation")
