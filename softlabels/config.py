@@ -74,6 +74,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool | None = None  # None: a bar on a terminal, one line per epoch otherwise
     init: str | None = None  # fine-tuning: start from this training run's model.pt (weights only)
+    augment: str | None = None  # a fresh view per sample and epoch, drawn from (seed, sample id, epoch)
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
