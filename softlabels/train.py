@@ -42,7 +42,8 @@ __all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEF
 # options that must equal the checkpoint's for --resume to continue the same run
 # (the stores by identity, not path: see _store_identity)
 _RESUME_KEYS = ("student", "student_weights", "data", "loss", "temperature", "alpha", "batch_size",
-                "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher", "init", "augment")
+                "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher", "init",
+                "augment")
 
 
 def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callable[[str], None] | None = None,
