@@ -93,7 +93,8 @@ class IndexBatches(Dataset):
     """Batches of rows of one or more InputDatasets, shuffled per epoch, this rank's share.
 
     Item ``i`` is batch ``i`` of the epoch: whole index blocks through ``get_batch``
-    (one vectorised read each), so it also runs in DataLoader workers.
+    (one vectorised read each), so it also runs in DataLoader workers. ``sample_ids``
+    are the rows' indices over all the datasets (what ``--augment`` draws views from).
     """
 
     def __init__(self, datasets: list, *, labeled_only: bool, batch_size: int, seed: int, rank: int,
@@ -118,7 +119,7 @@ class IndexBatches(Dataset):
         ids = self.share[i * self.batch_size:(i + 1) * self.batch_size]
         if len(self.datasets) == 1:
             x, y = self.datasets[0].get_batch(ids)
-            return {"x": x, "labels": y}
+            return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
         which = np.searchsorted(self.offsets, ids, side="right") - 1
         parts = [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
                  for j in range(len(self.datasets)) if (m := which == j).any()]
@@ -126,7 +127,7 @@ class IndexBatches(Dataset):
         y = torch.empty(len(ids), dtype=torch.int64)
         for m, (xj, yj) in parts:
             x[torch.from_numpy(m)], y[torch.from_numpy(m)] = xj, yj
-        return {"x": x, "labels": y}
+        return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
 
 
 def _all_labels(ds) -> np.ndarray:

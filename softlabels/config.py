@@ -82,6 +82,7 @@ class TrainConfig:
     ensemble_mode: str = DEFAULT_ENSEMBLE_MODE
     ensemble_weights: tuple[float, ...] | None = None
     views_per_sample: int = 1  # views stores: train on k stored views of each input read (docs/VIEWS.md)
+    augment: str | None = None  # a fresh view per sample and epoch, drawn from (seed, sample id, epoch)
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""

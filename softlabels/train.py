@@ -42,7 +42,8 @@ __all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEF
 # options that must equal the checkpoint's for --resume to continue the same run
 # (the stores by identity, not path: see _store_identity)
 _RESUME_KEYS = ("student", "student_weights", "data", "loss", "temperature", "alpha", "batch_size",
-                "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher", "init")
+                "lr", "optimizer", "weight_decay", "schedule", "warmup_steps", "seed", "online_teacher", "init",
+                "augment")
 
 
 def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callable[[str], None] | None = None,
@@ -61,6 +62,9 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
         from softlabels.lm.train import is_token_store, train_lm
 
         if is_token_store(config.stores[0]):  # a language model learns from per-token targets
+            if config.augment:
+                raise ConfigError(f"--augment draws image views, but {config.stores[0]} holds per-token targets "
+                                  "of a language model; drop --augment")
             return train_lm(config, log=log, on_epoch_end=on_epoch_end)
     problems = config.problems(online=teacher is not None)
     if problems:
@@ -137,6 +141,12 @@ class _Run:
             from softlabels._replay import replay_op
 
             self.augment, self.input_shape = replay_op(self.sl, self.input_shape)
+        self.fresh_views = None  # --augment: the un-augmented input shape, from which each epoch's views are drawn
+        if config.augment:
+            self.augment, self.fresh_views = self._fresh_augment(config.augment), self.input_shape
+            from softlabels.augment import view_shape
+
+            self.input_shape = view_shape(self.augment, self.input_shape)
         self.loader = batch_loader(batches, num_workers=config.num_workers, pin_memory=env.device.type == "cuda")
         self.val = resolve_data(config.val_data) if config.val_data else None
         if self.val is not None and tuple(self.val.input_shape) != self.input_shape:
@@ -254,6 +264,28 @@ class _Run:
                          "labeled store")
         return notes
 
+    def _fresh_augment(self, spec: str):
+        """``--augment``'s op; refused on a views store, which replays the views its teacher saw."""
+        from softlabels.augment import parse_augment
+
+        if self.sl is not None and self.sl.augment is not None:
+            path = self.stores[0].path
+            raise ConfigError(f"--augment draws new views, but {path} is a views store that replays its own "
+                              f"('{self.sl.augment}') with the teacher's output for each; drop --augment")
+        return parse_augment(spec)
+
+    def _view_params(self, batch: dict[str, Any]) -> torch.Tensor:
+        """This batch's view parameters: stored (a views store), or drawn from (seed, sample id, epoch)."""
+        if self.fresh_views is None:
+            return batch["view_params"]
+        from softlabels.augment import draw_views
+
+        ids = batch["sample_ids"]
+        if len(self.stores) > 1:  # several stores may reuse sample ids: the source tells them apart
+            ids = ids + (batch["source"].to(ids.device) << 48)
+        epoch = torch.full_like(ids, self.epoch)
+        return draw_views(self.augment, self.config.seed, ids, epoch, self.fresh_views)
+
     def _recorded_spec(self, store) -> str:
         from softlabels.specs import recorded_spec
 
@@ -314,8 +346,8 @@ class _Run:
             from softlabels._replay import spread_views
 
             batch = spread_views(batch, self.config.views_per_sample, self.sl.layout_obj)
-        if self.augment is not None:  # the stored view, rebuilt from its parameters (docs/VIEWS.md)
-            batch["x"] = self.augment.apply(batch["x"], batch["view_params"])
+        if self.augment is not None:  # the stored view rebuilt from its parameters, or a fresh one (docs/VIEWS.md)
+            batch["x"] = self.augment.apply(batch["x"], self._view_params(batch))
         if self.teacher is not None:
             with torch.no_grad():
                 batch["target"] = DenseTarget(self.teacher(batch["x"]).float())
@@ -326,6 +358,7 @@ class _Run:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         cfg, env = self.config, self.env
         (self.sl if self.sl is not None else self.index_batches).set_epoch(epoch)  # len() may be 0
+        self.epoch = epoch
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, hard, soft (row-weighted), rows
         bar = progress(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batches",
                        show=self.bar_shown, say=self.log if self.lines_shown else (lambda _line: None), leave=False)

@@ -797,6 +797,14 @@ def _v2(c: Ctx, **kw: Any) -> tuple[Path, str]:
     return c.tmp / "v2.h5", spec
 
 
+@case("E1761")
+def _(c):
+    from tests._v2stores import make_images, write_tokens
+
+    write_tokens(c.tmp / "t.h5", make_images(c.tmp))
+    return c.train("--store", c.tmp / "t.h5", "--augment", "flip", student="linear")
+
+
 CASES.update({
     "E1751": lambda c: c.train("--store", _v2(c, positions="views", views_attrs={
         "augment": "crop(6,padding=1)+flip+mypkg.augs:jitter"})[0], student="linear"),
@@ -805,6 +813,7 @@ CASES.update({
     "E1753": lambda c: c.train("--store", _v2(c, layout="topk")[0], "--loss", "sampled_kl", student="linear"),
     "E1754": lambda c: c.train("--store", _v2(c, source={})[0], "--data", c.npz(
         "few.npz", x=np.zeros((10, 1, 6, 6), np.float32), y=np.zeros(10, np.int64)), student="linear"),
+    "E1760": lambda c: c.train("--store", _v2(c, positions="views")[0], "--augment", "flip", student="linear"),
 })
 
 # -- 17. ensembles and merge ------------------------------------------------------------------------

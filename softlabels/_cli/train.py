@@ -41,6 +41,10 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--num-workers", type=int, default=D.num_workers, show_default=True, help="DataLoader workers per rank.")
 @click.option("--device", default=D.device, show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=int, default=D.threads, show_default=True, help=THREADS_HELP)
+@click.option("--augment", metavar="SPEC",
+              help="Augment each sample with a fresh view every epoch, drawn from (--seed, sample id, epoch), e.g. "
+                   "'crop(32,padding=4)+flip' (docs/VIEWS.md); the target stays the store's one output per sample. "
+                   "A views store replays its own views instead.")
 @click.option("--val-data", metavar="SPEC", help="Data to report accuracy and ECE on after each epoch.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The run directory to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
@@ -60,7 +64,7 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
             optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
             overwrite, no_progress, init, ensemble, ensemble_mode, ensemble_weights,
-            views_per_sample) -> None:
+            views_per_sample, augment) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
@@ -76,7 +80,7 @@ def command(student, student_weights, allow_pickle, stores, data, loss, temperat
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
         num_workers=num_workers, device=device, threads=threads, val_data=val_data, out=out, resume=resume,
         overwrite=overwrite, progress=False if no_progress else None, init=init, views_per_sample=views_per_sample,
-        ensemble=tuple(ensemble),
+        augment=augment, ensemble=tuple(ensemble),
         ensemble_mode=ensemble_mode, ensemble_weights=parse_weights(ensemble_weights, "--ensemble-weights"),
     )
     try:
