@@ -5,6 +5,11 @@ rows (a whole number of chunks) share one file, and each writer must own whole
 shards. The per-chunk bookkeeping arrays use one element per chunk file, so
 writers never share a file there. Chunks are always written, even when all
 zeros (``write_empty_chunks``), so a missing chunk file means damage.
+
+New arrays name their chunk files ``c.<i>.0`` beside their ``zarr.json`` (the default
+chunk key encoding with separator ``.``): with ``/`` every chunk of a 2-D array gets a
+directory of its own (``c/<i>/0``), and listing 100k directories made opening a store
+take seconds. Arrays written with ``/`` keys stay readable.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from softlabels.errors import CorruptStore, NotAStore
 from softlabels.format import ArraySpec, check_read_size, load_json_file
 
 _CONFIG = {"write_empty_chunks": True}
+_KEYS = {"name": "default", "separator": "."}  # flat chunk file names for new arrays (module docstring)
 ZARR_JSON = "zarr.json"
 _FIX = ("--repair cannot rebuild a store's metadata: regenerate the store with 'softlabels generate --overwrite' "
         "and the original arguments")
@@ -107,9 +113,8 @@ class ZarrBackend:
             return None
         rows = int((a.shards or a.chunks)[0])
         want = -(-int(a.shape[0]) // rows)
-        folder = self.path / name / "c"
         try:
-            held = sum(1 for _ in os.scandir(folder)) if folder.is_dir() else 0
+            held = len({i for i in self._chunks_present(name) or () if i < want})
         except OSError:
             held = 0
         return None if held >= want else f"{name} claims {want:,} chunk files but the store holds {held:,} of them"
@@ -123,8 +128,35 @@ class ZarrBackend:
             chunks, shards = (1,), None
         self._arrays[name] = self._g.create_array(
             name, shape=spec.shape, dtype=spec.dtype, chunks=chunks, shards=shards, fill_value=0,
-            compressors=ZstdCodec(level=3) if compress else None, config=_CONFIG,
+            compressors=ZstdCodec(level=3) if compress else None, config=_CONFIG, chunk_key_encoding=_KEYS,
         )
+
+    def _chunk_folder(self, name: str) -> tuple[Path, str] | None:
+        """The folder holding an array's chunk files and their names' prefix (``c.`` or none), from its
+        chunk key encoding: ``.`` (new arrays) or ``/`` (arrays written before); None for any other."""
+        encoding = self._node(name).get("chunk_key_encoding") or {}
+        separator = (encoding.get("configuration") or {}).get("separator", "/")
+        if encoding.get("name") != "default" or separator not in (".", "/"):
+            return None
+        return (self.path / name, "c.") if separator == "." else (self.path / name / "c", "")
+
+    def _chunks_present(self, name: str) -> list[int] | None:
+        """First-axis chunk (or shard) indices of the chunk files present, from one directory listing;
+        None for a key encoding softlabels does not write. Raises OSError if the folder cannot be listed."""
+        where = self._chunk_folder(name)
+        if where is None:
+            return None
+        folder, prefix = where
+        if not folder.is_dir():
+            return []
+        present = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    first = entry.name[len(prefix):].split(".", 1)[0]
+                    if first.isdigit():
+                        present.append(int(first))
+        return present
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         a = self._array(name)
@@ -156,13 +188,12 @@ class ZarrBackend:
         result = np.zeros(max(0, stop - start), dtype=a.dtype) if out is None else out
         result[...] = a.fill_value
         meta = self._node(name)
-        encoding = meta.get("chunk_key_encoding") or {}
-        if encoding.get("name") != "default" or (encoding.get("configuration") or {}).get("separator", "/") != "/":
+        where = self._chunk_folder(name)
+        if where is None:
             result[...] = a[start:stop]  # another key layout: zarr's loop
             return result
-        folder = self.path / name / "c"
-        present = [i for i in (int(e.name) for e in os.scandir(folder) if e.name.isdigit()) if start <= i < stop] \
-            if folder.is_dir() else []
+        folder, prefix = where
+        present = [i for i in self._chunks_present(name) or () if start <= i < stop]
         codecs = meta.get("codecs")
         plain = isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict) \
             and codecs[0].get("name") == "bytes" and (codecs[0].get("configuration") or {}).get("endian", "little") \
@@ -171,7 +202,7 @@ class ZarrBackend:
         try:
             for i in present:
                 if plain:  # an uncompressed one-element chunk file is that element's bytes: 20x faster than zarr
-                    with open(folder / str(i), "rb") as f:
+                    with open(folder / f"{prefix}{i}", "rb") as f:
                         raw = f.read(item.itemsize + 1)
                     if len(raw) != item.itemsize:
                         raise ValueError(f"chunk file {i} holds {len(raw)} bytes, not {item.itemsize}")
