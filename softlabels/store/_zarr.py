@@ -24,11 +24,13 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
 from softlabels.errors import CorruptStore, NotAStore
-from softlabels.format import ArraySpec, check_read_size, load_json_file
+from softlabels.format import CHECKSUMS, CHUNK_DONE, ArraySpec, check_read_size, load_json_file
+from softlabels.store.schema import UNIT_CHECKSUMS, UNIT_DONE
 
 _CONFIG = {"write_empty_chunks": True}
 _KEYS = {"name": "default", "separator": "."}  # flat chunk file names for new arrays (module docstring)
 ZARR_JSON = "zarr.json"
+_BOOKKEEPING = frozenset({CHUNK_DONE, CHECKSUMS, UNIT_DONE, UNIT_CHECKSUMS})  # read from the files present
 _FIX = ("--repair cannot rebuild a store's metadata: regenerate the store with 'softlabels generate --overwrite' "
         "and the original arguments")
 
@@ -149,20 +151,14 @@ class ZarrBackend:
         folder, prefix = where
         if not folder.is_dir():
             return []
-        present = []
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith(prefix):
-                    first = entry.name[len(prefix):].split(".", 1)[0]
-                    if first.isdigit():
-                        present.append(int(first))
-        return present
+        firsts = (name[len(prefix):].partition(".")[0] for name in os.listdir(folder) if name.startswith(prefix))
+        return [int(first) for first in firsts if first.isdigit()]
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         a = self._array(name)
         if out is None:
             check_read_size(self.path, name, (max(0, min(stop, a.shape[0]) - start),) + tuple(a.shape[1:]), a.dtype)
-        if a.chunks == (1,) and len(a.shape) == 1 and a.shards is None:
+        if len(a.shape) == 1 and a.shards is None and (a.chunks == (1,) or name in _BOOKKEEPING):
             return self._read_sparse(name, a, start, stop, out)
         try:
             if out is None:
@@ -179,10 +175,10 @@ class ZarrBackend:
             ) from err
 
     def _read_sparse(self, name: str, a: Any, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
-        """A one-element-per-file array (chunk_done, checksums): only the files that exist are read.
+        """A bookkeeping array (one element, or one unit group, per file): only the files that exist are read.
 
         A missing file holds the fill value, so the cost follows the files on disk, not the
-        length the metadata claims (zarr's own loop costs ~0.5 ms per claimed element).
+        length the metadata claims (zarr's own loop costs ~0.2-0.5 ms per chunk it claims).
         """
         stop = min(stop, a.shape[0])
         result = np.zeros(max(0, stop - start), dtype=a.dtype) if out is None else out
@@ -193,22 +189,25 @@ class ZarrBackend:
             result[...] = a[start:stop]  # another key layout: zarr's loop
             return result
         folder, prefix = where
-        present = [i for i in self._chunks_present(name) or () if start <= i < stop]
+        g = int(a.chunks[0])
+        present = [i for i in self._chunks_present(name) or () if start < (i + 1) * g and i * g < stop]
         codecs = meta.get("codecs")
         plain = isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict) \
             and codecs[0].get("name") == "bytes" and (codecs[0].get("configuration") or {}).get("endian", "little") \
             == "little"
         item = np.dtype(a.dtype).newbyteorder("<")
+        size = g * item.itemsize  # zarr writes the last chunk whole too
         try:
             for i in present:
-                if plain:  # an uncompressed one-element chunk file is that element's bytes: 20x faster than zarr
+                lo, hi = max(start, i * g), min(stop, (i + 1) * g)
+                if plain:  # an uncompressed chunk file is its elements' bytes: ~20x faster than through zarr
                     with open(folder / f"{prefix}{i}", "rb") as f:
-                        raw = f.read(item.itemsize + 1)
-                    if len(raw) != item.itemsize:
-                        raise ValueError(f"chunk file {i} holds {len(raw)} bytes, not {item.itemsize}")
-                    result[i - start] = np.frombuffer(raw, item)[0]
+                        raw = f.read(size + 1)
+                    if len(raw) != size:
+                        raise ValueError(f"chunk file {i} holds {len(raw)} bytes, not {size}")
+                    result[lo - start:hi - start] = np.frombuffer(raw, item)[lo - i * g:hi - i * g]
                 else:
-                    result[i - start] = a[i]
+                    result[lo - start:hi - start] = a[lo:hi]
         except Exception as err:
             raise CorruptStore(f"cannot read {name!r} in {str(self.path)!r} ({type(err).__name__}: {err}); "
                                "a bookkeeping file is damaged: regenerate it with 'softlabels generate'") from err
