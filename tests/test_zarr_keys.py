@@ -15,7 +15,9 @@ from _v2stores import make_images, write_v2
 from conftest import make_rows, write_store
 from softlabels.errors import CorruptStore
 from softlabels.reader import SoftLabelStore
+from softlabels.store.schema import UNIT_CHECKSUMS, UNIT_DONE, StoreMetaV2
 from softlabels.store.unit_reader import UnitStore
+from softlabels.store.unit_writer import UnitWriter
 
 
 def _nest(store: Path) -> None:
@@ -102,3 +104,27 @@ def test_nested_chunk_directory_leading_out_is_refused(views_store, tmp_path):
     (path / "logits" / "c" / "1").symlink_to(outside / "1")
     with pytest.raises(CorruptStore, match="outside the store"):
         UnitStore(path)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_grouped_bookkeeping_reads_equal_plain_zarr(tmp_path, nested):
+    """unit_done / unit_checksums hold a group of units per file, read from the files present (a partial store)."""
+    meta = StoreMetaV2(positions="sample", layout="dense", num_samples=10, num_classes=4, chunk_samples=1,
+                       group_units=3)
+    path = tmp_path / "s.zarr"
+    rng = np.random.default_rng(0)
+    w = UnitWriter.create(path, meta)  # units 0..6 of 10: the third group's file holds one flag
+    w.write(0, logits=rng.standard_normal((7, 4)).astype(np.float32), labels=np.arange(7) % 4,
+            sample_ids=np.arange(7))
+    w.close()
+    if nested:
+        _nest(path)
+    assert sorted(p.name for p in (path / "unit_done").glob("c*")) == (["c"] if nested else ["c.0", "c.1", "c.2"])
+    plain = _plain(path)
+    store = UnitStore(path, allow_partial=True)
+    np.testing.assert_array_equal(store.unit_done(), [1] * 7 + [0] * 3)
+    b = store._handle()
+    for name in (UNIT_DONE, UNIT_CHECKSUMS):
+        np.testing.assert_array_equal(b.read(name, 0, 10), plain[name])
+        np.testing.assert_array_equal(b.read(name, 4, 8), plain[name][4:8])
+    assert plain[UNIT_CHECKSUMS][:7].all() and not plain[UNIT_CHECKSUMS][7:].any()

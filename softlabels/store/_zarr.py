@@ -115,8 +115,9 @@ class ZarrBackend:
             return None
         rows = int((a.shards or a.chunks)[0])
         want = -(-int(a.shape[0]) // rows)
-        try:
-            held = len({i for i in self._chunks_present(name) or () if i < want})
+        where = self._chunk_folder(name)
+        try:  # names counted, not parsed: one listing, ~0.2 us a file
+            held = sum(1 for f in os.listdir(where[0]) if f.startswith(where[1])) if where else 0
         except OSError:
             held = 0
         return None if held >= want else f"{name} claims {want:,} chunk files but the store holds {held:,} of them"
@@ -151,7 +152,7 @@ class ZarrBackend:
         folder, prefix = where
         if not folder.is_dir():
             return []
-        firsts = (name[len(prefix):].partition(".")[0] for name in os.listdir(folder) if name.startswith(prefix))
+        firsts = (f[len(prefix):].partition(".")[0] for f in os.listdir(folder) if f.startswith(prefix))
         return [int(first) for first in firsts if first.isdigit()]
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
