@@ -92,13 +92,13 @@ def test_edited_attributes(tmp_path, attr, value, needle):
 
 def test_truncated_and_flipped_chunks_are_named(tmp_path):
     path = write_store(tmp_path / "s.zarr", make_rows(32, 4), num_classes=4, chunk_rows=8)
-    chunk_file = path / "logits" / "c" / "2" / "0"
+    chunk_file = path / "logits" / "c.2.0"
     data = bytearray(chunk_file.read_bytes())
     data[5] ^= 0x10
     chunk_file.write_bytes(bytes(data))
     info = json.loads(run_cli("inspect", str(path), "--json", "--verify").output)
     assert info["corrupt_chunks"] == [2]
-    (path / "labels" / "c" / "1").write_bytes((path / "labels" / "c" / "1").read_bytes()[:10])
+    (path / "labels" / "c.1").write_bytes((path / "labels" / "c.1").read_bytes()[:10])
     info = json.loads(run_cli("inspect", str(path), "--json", "--verify").output)
     assert info["corrupt_chunks"] == [1, 2]
     # a reader hitting the damaged chunk says which one and how to recover

@@ -304,7 +304,7 @@ def edit_zarr_attrs(path: Path, **attrs: Any) -> Path:
 
 
 def damage_chunk(store: Path, damage: Callable[[bytes], bytes]) -> Path:
-    chunk = store / "logits" / "c" / "1" / "0"  # chunk 1 (rows 16..32) of a Zarr store
+    chunk = store / "logits" / "c.1.0"  # chunk 1 (rows 16..32) of a Zarr store
     chunk.write_bytes(damage(chunk.read_bytes()))
     return store
 
@@ -936,7 +936,7 @@ def _(c):
 def _(c):
     p = c.copy(c.env.zarr)
     outside = c.write("outside", b"")
-    chunk = p / "logits" / "c" / "1" / "0"
+    chunk = p / "logits" / "c.1.0"
     chunk.unlink()
     chunk.symlink_to(outside)
     return c.gen("--repair", weights=c.env.w, out=p)
