@@ -62,6 +62,10 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
 
         if is_token_store(config.stores[0]):  # a language model learns from per-token targets
             return train_lm(config, log=log, on_epoch_end=on_epoch_end)
+    if config.token_data and teacher is None and student is None:  # a language model on hard next-token CE
+        from softlabels.lm.train import train_lm
+
+        return train_lm(config, log=log, on_epoch_end=on_epoch_end)
     problems = config.problems(online=teacher is not None)
     if problems:
         raise ConfigError(problems)

@@ -48,9 +48,12 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--no-progress", is_flag=True,
               help="No progress bar: one line per epoch (what a log file gets anyway when stderr is no terminal).")
 @click.option("--init", metavar="RUN", help="Fine-tune: start from the model.pt of this training run (new optimizer).")
+@click.option("--tokenizer", type=click.Path(dir_okay=False),
+              help="Token data: the tokenizer.json of --data (its vocabulary; needed for text:FILE).")
+@click.option("--seq-len", type=int, help="Token data: cut text:FILE or a flat token stream into windows of this length.")
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
             optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
-            overwrite, no_progress, init) -> None:
+            overwrite, no_progress, init, tokenizer, seq_len) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
@@ -64,7 +67,7 @@ def command(student, student_weights, allow_pickle, stores, data, loss, temperat
         data=tuple(data), loss=loss, temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
         num_workers=num_workers, device=device, threads=threads, val_data=val_data, out=out, resume=resume,
-        overwrite=overwrite, progress=False if no_progress else None, init=init,
+        overwrite=overwrite, progress=False if no_progress else None, init=init, tokenizer=tokenizer, seq_len=seq_len,
     )
     try:
         train(config, log=click.echo)
