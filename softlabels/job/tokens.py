@@ -99,7 +99,6 @@ class TokenProducer:
         self._positions = TokenPositions(geometry, self._lengths, self.chunk_positions)
         amp_dtype = AMP_DTYPES[self.amp]
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-        self.positions_done = 0  # tokens yielded by :meth:`batches` (this process)
 
     # -- the Producer protocol ------------------------------------------------------------------
     def meta(self) -> StoreMetaV2:
@@ -129,9 +128,7 @@ class TokenProducer:
         for lo, hi in _runs(spans):
             for start, stop in self.calls(lo, hi):
                 arrays = self.encode(start, stop)
-                done = int(self._lengths[start:stop].sum())
-                self.positions_done += done
-                bar.update(min(done * self.world, bar.total - bar.n))
+                bar.update(min(int(self._lengths[start:stop].sum()) * self.world, bar.total - bar.n))
                 inner = sorted(c for c in cuts if start < c < stop)
                 if not inner:
                     yield start, arrays
@@ -269,6 +266,23 @@ class TokenGenerateResult(GenerateResult):
         return self.tokens_generated / self.seconds if self.seconds > 0 else 0.0
 
 
+def _units_to_write(config: GenerateConfig, producer: TokenProducer) -> list[int]:
+    """The write units a run will fill: all of a new store's, else the existing store's missing ones."""
+    from softlabels.store.unit_reader import UnitStore
+
+    every = list(range(producer.meta().geometry.num_units))
+    if config.overwrite or not Path(config.out).exists():
+        return every
+    try:
+        store = UnitStore(config.out, allow_partial=True)
+    except Exception:  # noqa: BLE001 - the runner reports what is wrong with it
+        return every
+    try:
+        return [int(u) for u in store.missing_units()]
+    finally:
+        store.close()
+
+
 def generate_tokens(config: GenerateConfig, dist: Any, say: Any) -> Any:
     """``generate`` for token data: :func:`token_producer` driven by the job runner."""
     from softlabels.job.runner import run_job
@@ -279,12 +293,17 @@ def generate_tokens(config: GenerateConfig, dist: Any, say: Any) -> Any:
         # progress counts tokens (the producer's bar), not the runner's sequences
         producer.progress = config.progress if dist.is_main and config.progress is not False else False
         producer.say, producer.world = say, dist.world
+        units = _units_to_write(config, producer) if dist.is_main else []
     except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
         exc = err
     dist.agree(exc)
     r = run_job(producer, config.out, batch_size=config.batch_size, overwrite=config.overwrite, repair=config.repair,
                 on_nonfinite=config.on_nonfinite, dist=dist, say=say, progress=False)
-    tokens = sum(dist.all_gather(producer.positions_done)) if dist.world > 1 else producer.positions_done
+    # the tokens of the units written (teacher calls on the global batch grid may also compute a few
+    # sequences of another rank's units, so counting what the producer computed would overstate it)
+    geometry = producer.meta().geometry
+    tokens = sum(int(producer.lengths()[slice(*geometry.unit_samples_range(u))].sum())
+                 for u in set(units) | set(r.repaired_units)) if r.is_main and r.samples_generated else 0
     return TokenGenerateResult(r.path, r.num_samples, r.samples_generated, r.seconds, r.samples_per_second,
                                already_complete=r.already_complete, repaired_chunks=r.repaired_units,
                                nonfinite_sample_ids=r.nonfinite_sample_ids, is_main=r.is_main,
