@@ -114,8 +114,9 @@ def disk_bytes(path: str | Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def samples_for_unique(teacher, data, target: int = UNIQUE_TARGET) -> tuple[int, float]:
-    """The number of draws S whose mean count of unique ids per token is closest to ``target``."""
+def samples_for_unique(teacher, data, target: int = UNIQUE_TARGET, choices=(12, 16, 24, 32, 48, 64, 96, 128)
+                       ) -> tuple[int, float]:
+    """The number of draws S (of ``choices``) whose mean count of unique ids per token is closest to ``target``."""
     from softlabels.layouts import make_layout
 
     b = data.get_batch(np.arange(min(len(data), 32)))
@@ -123,7 +124,7 @@ def samples_for_unique(teacher, data, target: int = UNIQUE_TARGET) -> tuple[int,
         logits = teacher(b.ids)[b.valid]
     pos = torch.arange(len(logits))
     best = None
-    for s in (12, 16, 24, 32, 48, 64, 96, 128):
+    for s in choices:
         lay = make_layout("sampled", num_classes=logits.shape[-1], samples=s, seed=0)
         unique = float((lay.encode(logits, sample_ids=pos * 0, positions=pos)["sampled_counts"] > 0).sum(-1)
                        .float().mean())
@@ -149,13 +150,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_data = resolve_token_data(train_spec, tokenizer=tokenizer, seq_len=seq_len)
     held_data = resolve_token_data(held_spec, tokenizer=tokenizer, seq_len=seq_len)
     t0 = time.perf_counter()
-    teacher = train_teacher(train_data, vocab, name=teacher_name, epochs=teacher_epochs, batch=args.batch_size,
-                            lr=args.teacher_lr)
-    weights = out / "teacher.pt"
-    torch.save(teacher.state_dict(), weights)
-    samples, unique = samples_for_unique(teacher, train_data)
+    if args.teacher_weights:  # a teacher trained by an earlier run
+        weights = Path(args.teacher_weights)
+        teacher = build_lm(teacher_name, vocab, int(train_data.lengths().max()))
+        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        teacher.eval()
+    else:
+        teacher = train_teacher(train_data, vocab, name=teacher_name, epochs=teacher_epochs, batch=args.batch_size,
+                                lr=args.teacher_lr)
+        weights = out / "teacher.pt"
+        torch.save(teacher.state_dict(), weights)
+    samples, unique = samples_for_unique(teacher, train_data, choices=(args.samples,) if args.samples else
+                                         (12, 16, 24, 32, 48, 64, 96, 128))
     log = print if not args.quiet else (lambda *_: None)
-    log(f"teacher {teacher_name} trained in {time.perf_counter() - t0:.0f}s; sampled: S = {samples} "
+    log(f"teacher {teacher_name} ready in {time.perf_counter() - t0:.0f}s; sampled: S = {samples} "
         f"(~{unique:.1f} unique ids/token)")
     held_store = make_store(out / "heldout-dense.zarr", weights, teacher_name, held_spec, tokenizer, vocab, "dense", {})
     results: dict[str, Any] = {"methods": {}, "samples": samples, "unique_ids": unique, "vocab": vocab,
@@ -222,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--teacher", default="gpt-medium")
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--teacher-weights", help="reuse this teacher (an earlier run's OUT/teacher.pt) instead of training one")
+    p.add_argument("--samples", type=int, help="S for the sampled layout (default: the S giving ~12 unique ids/token)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if not args.quick and not args.data:
