@@ -154,6 +154,7 @@ class _LMRun:
         if self.store is None:  # hard next-token CE alone: the teacher itself, or the baseline student
             spec = config.data[0]
             data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
+            tokenizer = tokenizer and str(Path(tokenizer).resolve())  # recorded for eval, from any directory
             self.ds = TokenDataBatches(data, batch_size=config.batch_size, seed=config.seed, rank=env.rank,
                                        world_size=env.world)
         else:
