@@ -83,6 +83,18 @@ class TrainConfig:
     ensemble_weights: tuple[float, ...] | None = None
     views_per_sample: int = 1  # views stores: train on k stored views of each input read (docs/VIEWS.md)
     augment: str | None = None  # a fresh view per sample and epoch, drawn from (seed, sample id, epoch)
+    # token data (softlabels.lm.train): the tokenizer (vocabulary, text:FILE) and window length
+    tokenizer: str | None = None
+    seq_len: int | None = None
+
+    @property
+    def token_data(self) -> bool:
+        """Whether ``--data`` alone (no store) trains a language model on hard next-token CE."""
+        from softlabels.lm.models import BUILTIN_LMS  # at call time: --help stays light
+
+        return not self.stores and not self.ensemble and bool(self.data) and (
+            self.student in BUILTIN_LMS or self.student.startswith("hf:") or self.tokenizer is not None
+            or self.seq_len is not None or self.data[0].startswith("text:"))
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
@@ -90,6 +102,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "views_per_sample"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.seq_len is not None and not (isinstance(self.seq_len, int) and self.seq_len >= 1):
+            p.append(f"--seq-len must be an integer >= 1, got {self.seq_len!r}")
         for name in ("warmup_steps", "num_workers"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 p.append(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")

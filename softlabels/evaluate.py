@@ -161,7 +161,8 @@ _ROWS = (
     ("loss", "next-token loss", "f4"), ("perplexity", "perplexity", "f4"), ("positions", "positions", "int"),
     ("accuracy", "accuracy", "pct"), ("ece", "ECE", "f4"),
     ("teacher_accuracy", "teacher accuracy", "pct"), ("agreement", "top-1 agreement", "pct"),
-    ("kl_to_teacher", "KL to teacher", "f4"), ("correlation", "logit correlation (CORR)", "f4"),
+    ("kl_to_teacher", "KL to teacher", "f4"), ("kl_to_teacher_kind", "KL to teacher is", "str"),
+    ("kl_to_teacher_estimate", "KL to teacher, sampled estimate", "f4"), ("correlation", "logit correlation (CORR)", "f4"),
     ("teacher_ece", "teacher ECE", "f4"), ("n", "samples", "int"), ("n_labeled", "labeled", "int"),
     ("num_parameters", "parameters", "int"), ("flops", "MACs / sample", "int"),
     ("nonfinite_rows", "NaN/inf rows", "int"),
@@ -175,6 +176,8 @@ def format_table(result: dict[str, Any]) -> str:
             return "-"
         if how == "pct":
             return f"{100 * value:.2f} %"
+        if how == "str":
+            return str(value)
         return f"{value:,}" if how == "int" else f"{value:.4f}"
 
     rows = [(label, fmt(result[key], how)) for key, label, how in _ROWS

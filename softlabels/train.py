@@ -66,6 +66,10 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
                 raise ConfigError(f"--augment draws image views, but {config.stores[0]} holds per-token targets "
                                   "of a language model; drop --augment")
             return train_lm(config, log=log, on_epoch_end=on_epoch_end)
+    if config.token_data and teacher is None and student is None:  # a language model on hard next-token CE
+        from softlabels.lm.train import train_lm
+
+        return train_lm(config, log=log, on_epoch_end=on_epoch_end)
     problems = config.problems(online=teacher is not None)
     if problems:
         raise ConfigError(problems)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ def demo(tmp_path_factory) -> tuple[Path, dict, str, float]:
     if matplotlib is None:
         argv.append("--no-report")
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run, json.loads((run / "results.json").read_text()), proc.stdout, seconds
@@ -78,3 +79,31 @@ def test_demo_uses_both_backends_and_writes_its_outputs(demo):
         report = (run / "report.md").read_text()
         for kind in ("curves", "accuracy", "reliability"):
             assert f"(report-{kind}.png)" in report and (run / f"report-{kind}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_demo_language_model_part(demo):
+    """The LM part's shape (its numbers vary by machine): three models, held-out metrics, the sampled store."""
+    run, _, stdout, _ = demo
+    lm = json.loads((run / "lm" / "results.json").read_text())
+    m = _models(lm)
+    assert list(m) == ["teacher", "student_kd", "student_hard"]
+    assert m["teacher"]["agreement"] > 0.99 and m["teacher"]["kl_to_teacher"] < 1e-3  # against its own fp16 store
+    for name, model in m.items():
+        assert model["positions"] == lm["data"]["heldout"]["tokens"] - lm["data"]["heldout"]["windows"]
+        assert math.isclose(model["perplexity"], math.exp(model["loss"]), rel_tol=1e-9)
+        assert 0 <= model["ece"] <= 1 and 0 <= model["agreement"] <= 1 and model["kl_to_teacher"] >= 0
+        if name != "teacher":
+            assert model["arch"] == "gpt-tiny" and model["params_vs_teacher"] < 0.35
+    assert m["student_kd"]["steps"] == m["student_hard"]["steps"] > 0  # the same steps
+    kd = json.loads((run / "lm" / "student_kd" / "summary.json").read_text())["config"]
+    assert kd["layout"] == "sampled" and kd["alpha"] == lm["settings"]["alpha"]
+    hard = json.loads((run / "lm" / "student_hard" / "summary.json").read_text())["config"]
+    assert hard["alpha"] == 1.0 and hard["stores"] == []
+    assert (run / "lm" / "stores" / "train-sampled.zarr" / "zarr.json").is_file()
+    assert 0 < lm["store"]["bytes_per_token"] < 200
+    assert [s["name"] for s in lm["stages"]][:2] == ["LM data: BPE tokenizer + token files",
+                                                     "LM teacher training (hard next-token CE)"]
+    for name in m:
+        assert name in stdout and name in (run / "lm" / "results.md").read_text()
+    assert "B/token" in stdout and "language-model part:" in stdout

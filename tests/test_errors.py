@@ -1374,6 +1374,15 @@ def _(c):
     return _lm_train(c, store, "--store", store)
 
 
+@case("E1820")
+def _(c):
+    from tests._lmstore import ragged_data
+
+    spec, _ = ragged_data(c.tmp / "hard.npz", (3, 2, 4), 12)
+    return invoke("train", "--student", "gpt-tiny", "--data", spec, "--epochs", "1", "--device", "cpu",
+                  "--no-progress", "--out", c.tmp / "hardrun")
+
+
 @case("E1856")
 def _(c):
     return _lm_train(c, _token_store(c)[0], "--loss", "soft_ce")

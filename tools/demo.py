@@ -14,11 +14,16 @@ downloaded), on the CPU, with fixed seeds:
    alone, without any label;
 4. ``softlabels eval`` every model on ``digits:test`` against the teacher's test logits,
    print one table, write ``RUN/results.md`` and ``RUN/results.json``, then
-   ``softlabels report RUN``.
+   ``softlabels report RUN``;
+5. the language-model part (tools/demo_lm.py, ~2 minutes): a GPT teacher on CPython's own
+   help text, its sampled token store, a much smaller student distilled from it and one
+   trained on hard next-token CE alone, evaluated on held-out text; its table goes to
+   ``RUN/lm/results.md`` and ``RUN/lm/results.json`` (``--lm-full``: the full-size run,
+   ``--no-lm``: skip it).
 
 The defaults (temperature, alpha, epochs, lr) come from the sweep in docs/DEMO.md.
 
-    python tools/demo.py [--out runs/demo] [--quick] [--seed 0]
+    python tools/demo.py [--out runs/demo] [--quick] [--seed 0] [--no-lm | --lm-full]
 """
 
 from __future__ import annotations
@@ -103,7 +108,11 @@ class Runner:
                     "PYTHONHASHSEED": "0"}
 
     def __call__(self, stage: str, log: str, *args: str) -> str:
-        argv = [*self.cmd, *args]
+        return self.tool(stage, log, *self.cmd, *args, shown=["softlabels", *args])
+
+    def tool(self, stage: str, log: str, *argv: str, shown: list[str] | None = None) -> str:
+        """Run any command (``argv``) as a stage; ``shown`` is how results.json records it."""
+        argv = list(argv)
         t0 = time.perf_counter()
         proc = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=self.run)
         seconds = time.perf_counter() - t0
@@ -114,7 +123,7 @@ class Runner:
             tail = "\n".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-12:])
             raise StageFailed(f"stage '{stage}' failed (exit {proc.returncode}): {' '.join(argv)}\n{tail}\n"
                               f"(full output: {log_path})")
-        self.stages.append({"name": stage, "seconds": seconds, "argv": ["softlabels", *args]})
+        self.stages.append({"name": stage, "seconds": seconds, "argv": shown or argv})
         if self.verbose:
             print(f"  {stage:<46} {seconds:6.1f} s", flush=True)
         return proc.stdout
@@ -245,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-report", action="store_true", help="skip 'softlabels report' (needs matplotlib)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final table")
+    lm = p.add_mutually_exclusive_group()
+    lm.add_argument("--no-lm", action="store_true", help="skip the language-model part")
+    lm.add_argument("--lm-full", action="store_true", help="the language-model part at full size (~10 min)")
     args = p.parse_args(argv)
 
     s = Settings(seed=args.seed, quick=args.quick)
@@ -281,6 +293,32 @@ def main(argv: list[str] | None = None) -> int:
     print(render_text(results))
     print(f"\nwrote {run / 'results.md'}, {run / 'results.json'}"
           + ("" if args.no_report else f", {run / 'report.md'}"))
+    return 0 if args.no_lm else language_model(run, args)
+
+
+def language_model(run: Path, args: argparse.Namespace) -> int:
+    """The LM part (tools/demo_lm.py) in RUN/lm, after the classifier's table."""
+    import demo_lm
+
+    s = demo_lm.settings_for(full=args.lm_full, quick=args.quick, seed=args.seed)
+    shutil.rmtree(run / demo_lm.LM, ignore_errors=True)
+    sl = Runner(run, verbose=not args.quiet)
+    if not args.quiet:
+        print(f"\nlanguage model: teacher {s.teacher}, student {s.student}, pydoc_data.topics{', full' if s.full else ''}",
+              flush=True)
+    t0 = time.perf_counter()
+    try:
+        results = demo_lm.run_lm(sl, s)
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    results["stages"], results["total_seconds"] = sl.stages, time.perf_counter() - t0
+    (run / demo_lm.LM / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run / demo_lm.LM / "results.md").write_text(demo_lm.render_markdown(results))
+    print()
+    print(demo_lm.render_text(results))
+    print(f"language-model part: {results['total_seconds']:.1f} s; wrote {run / demo_lm.LM / 'results.md'}, "
+          f"{run / demo_lm.LM / 'results.json'}")
     return 0
 
 

@@ -4,17 +4,16 @@ A teacher GPT is trained on the training tokens; its per-token outputs are store
 several layouts; a student is trained from each for the same number of steps, and
 evaluated on held-out tokens against a dense store of the teacher's held-out outputs:
 
-  hard           next-token CE only (alpha = 1), no teacher
+  hard           next-token CE only (alpha = 1: the dense store is read, its targets unused)
   dense          forward KL to the full distribution
   topk8, topk32  top-K forward KL over the K ids plus the exact tail bucket
   topk8-renorm, topk32-renorm   the same K ids, the teacher renormalised over them (no tail)
   sampled        the sampled layout's unbiased forward-KL estimator, S draws giving ~12 unique ids
 
 Reported per method, mean ± std over seeds: bytes/token (the layout's per-position bytes,
-and the store file's bytes over its positions), held-out loss and perplexity, KL to the
-teacher, top-1 agreement and ECE. Stores are made through the library (teacher ->
-layout.encode -> UnitWriter) by :func:`make_store`, the one call to replace by the token
-producer once ``generate`` writes token stores.
+and the Zarr store's bytes on disk, zstd-compressed, over its positions), held-out loss and
+perplexity, KL to the teacher, top-1 agreement and ECE. Stores are written by ``generate``
+(the token producer on the job runner) from the teacher's saved weights.
 
     python tools/lm_data.py --out demo/lm            # tokenizer + train/held-out token files
     python tools/lm_experiment.py --data demo/lm --out demo/lm-exp [--seeds 3] [--epochs 2]
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -35,12 +33,10 @@ import numpy as np
 import torch
 
 from softlabels.config import TrainConfig
-from softlabels.lm import build_lm, resolve_token_data, token_fingerprint
+from softlabels.lm import build_lm, resolve_token_data
 from softlabels.lm.evaluate import evaluate_lm
 from softlabels.lm.train import train_lm
-from softlabels.positions import TokenPositions, UnitGeometry
 from softlabels.store.schema import StoreMetaV2
-from softlabels.store.unit_writer import UnitWriter
 
 # method -> (layout, layout params, train options)
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -89,33 +85,38 @@ def train_teacher(data, vocab: int, *, name: str, epochs: int, batch: int, lr: f
     return model.eval()
 
 
-def make_store(path: Path, teacher, data, spec: str, layout: str, params: dict[str, Any], *, batch: int = 16,
-               chunk_samples: int = 64) -> str:
-    """The teacher's per-token outputs on ``data`` in ``layout``: the one call the token producer replaces."""
-    lengths = data.lengths()
-    vocab = teacher.cfg.vocab_size
-    tokens = TokenPositions(UnitGeometry(len(lengths), chunk_samples), lengths, 1024).to_attrs()["tokens"]
-    meta = StoreMetaV2(positions="tokens", layout=layout, num_samples=len(lengths), num_classes=vocab,
-                       logits_dtype="float16", chunk_samples=chunk_samples, layout_params=params, tokens=tokens,
-                       source={"spec": spec, "fingerprint": token_fingerprint(data)}, teacher={"spec": "experiment"})
-    lay = meta.layout_obj()
-    with UnitWriter.create(path, meta, lengths=lengths, overwrite=True) as w, torch.no_grad():
-        for lo in range(0, len(lengths), batch):
-            idx = np.arange(lo, min(lo + batch, len(lengths)))
-            b = data.get_batch(idx)
-            real = b.valid
-            logits = teacher(b.ids)[real]  # [P, V], sequences in order
-            sample_ids = torch.from_numpy(idx).repeat_interleave(b.lengths)
-            positions = torch.nonzero(real)[:, 1]
-            arrays = lay.encode(logits, sample_ids=sample_ids, positions=positions)
-            w.write(int(lo), labels=np.full(len(idx), -1), sample_ids=idx,
-                    **{k: v.numpy() for k, v in arrays.items()})
-        w.finish()
+def make_store(path: Path, weights: Path, teacher_name: str, spec: str, tokenizer: str | None, vocab: int,
+               layout: str, params: dict[str, Any], *, batch: int = 16) -> str:
+    """The teacher's per-token outputs on ``spec`` in ``layout``, written by ``generate`` (the token producer).
+
+    The store is created first with compressed per-token arrays (Zarr zstd; dense stays raw) and
+    ``generate`` fills it: its job runner creates stores uncompressed.
+    """
+    from softlabels.config import GenerateConfig
+    from softlabels.generate import generate
+    from softlabels.job.tokens import token_producer
+    from softlabels.store.unit_writer import UnitWriter
+
+    options: dict[str, Any] = {"topk": params["k"]} if layout == "topk" else {}
+    if layout == "sampled":
+        options = {"samples": params["samples"], "seed": params["seed"]}
+    settings = dict(weights=str(weights), tokenizer=tokenizer, num_classes=vocab, layout=layout, dtype="float16",
+                    batch_size=batch, device="cpu", progress=False, **options)
+    producer = token_producer(GenerateConfig(teacher=teacher_name, data=spec, out=path, overwrite=True, **settings))
+    UnitWriter.create(path, producer.meta(), lengths=producer.lengths(), compress=True, overwrite=True).close()
+    generate(teacher_name, spec, path, **settings)
     return str(path)
 
 
-def samples_for_unique(teacher, data, target: int = UNIQUE_TARGET) -> tuple[int, float]:
-    """The number of draws S whose mean count of unique ids per token is closest to ``target``."""
+def disk_bytes(path: str | Path) -> int:
+    """Bytes on disk of a store: the file, or every file under a Zarr directory."""
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def samples_for_unique(teacher, data, target: int = UNIQUE_TARGET, choices=(12, 16, 24, 32, 48, 64, 96, 128)
+                       ) -> tuple[int, float]:
+    """The number of draws S (of ``choices``) whose mean count of unique ids per token is closest to ``target``."""
     from softlabels.layouts import make_layout
 
     b = data.get_batch(np.arange(min(len(data), 32)))
@@ -123,7 +124,7 @@ def samples_for_unique(teacher, data, target: int = UNIQUE_TARGET) -> tuple[int,
         logits = teacher(b.ids)[b.valid]
     pos = torch.arange(len(logits))
     best = None
-    for s in (12, 16, 24, 32, 48, 64, 96, 128):
+    for s in choices:
         lay = make_layout("sampled", num_classes=logits.shape[-1], samples=s, seed=0)
         unique = float((lay.encode(logits, sample_ids=pos * 0, positions=pos)["sampled_counts"] > 0).sum(-1)
                        .float().mean())
@@ -149,13 +150,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_data = resolve_token_data(train_spec, tokenizer=tokenizer, seq_len=seq_len)
     held_data = resolve_token_data(held_spec, tokenizer=tokenizer, seq_len=seq_len)
     t0 = time.perf_counter()
-    teacher = train_teacher(train_data, vocab, name=teacher_name, epochs=teacher_epochs, batch=args.batch_size,
-                            lr=args.teacher_lr)
-    samples, unique = samples_for_unique(teacher, train_data)
+    if args.teacher_weights:  # a teacher trained by an earlier run
+        weights = Path(args.teacher_weights)
+        teacher = build_lm(teacher_name, vocab, int(train_data.lengths().max()))
+        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        teacher.eval()
+    else:
+        teacher = train_teacher(train_data, vocab, name=teacher_name, epochs=teacher_epochs, batch=args.batch_size,
+                                lr=args.teacher_lr)
+        weights = out / "teacher.pt"
+        torch.save(teacher.state_dict(), weights)
+    samples, unique = samples_for_unique(teacher, train_data, choices=(args.samples,) if args.samples else
+                                         (12, 16, 24, 32, 48, 64, 96, 128))
     log = print if not args.quiet else (lambda *_: None)
-    log(f"teacher {teacher_name} trained in {time.perf_counter() - t0:.0f}s; sampled: S = {samples} "
+    log(f"teacher {teacher_name} ready in {time.perf_counter() - t0:.0f}s; sampled: S = {samples} "
         f"(~{unique:.1f} unique ids/token)")
-    held_store = make_store(out / "heldout-dense.h5", teacher, held_data, held_spec, "dense", {})
+    held_store = make_store(out / "heldout-dense.zarr", weights, teacher_name, held_spec, tokenizer, vocab, "dense", {})
     results: dict[str, Any] = {"methods": {}, "samples": samples, "unique_ids": unique, "vocab": vocab,
                                "teacher": teacher_name, "seeds": args.seeds, "epochs": args.epochs}
     stores: dict[tuple[str, str], str] = {}
@@ -164,8 +174,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params = {**params, "samples": samples} if layout == "sampled" else params
         key = (layout, json.dumps(params, sort_keys=True))
         if key not in stores:
-            stores[key] = make_store(out / f"train-{layout}-{len(stores)}.h5", teacher, train_data, train_spec,
-                                     layout, params)
+            stores[key] = make_store(out / f"train-{layout}-{len(stores)}.zarr", weights, teacher_name, train_spec,
+                                     tokenizer, vocab, layout, params)
         store = stores[key]
         meta_bytes = StoreMetaV2(positions="sample", layout=layout, num_samples=1, num_classes=vocab,
                                  logits_dtype="float16", layout_params=params).layout_obj().bytes_per_position
@@ -181,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(evaluate_lm(config.out, held_spec, held_store, batch_size=64, device="cpu"))
         positions = int(train_data.lengths().sum())
         entry = {"layout": layout, "params": params, "bytes_per_token": meta_bytes,
-                 "file_bytes_per_token": os.path.getsize(store) / positions if layout != "hard" else None,
+                 "file_bytes_per_token": disk_bytes(store) / positions if method != "hard" else None,
                  "runs": rows}
         for metric in ("loss", "perplexity", "kl_to_teacher", "agreement", "ece"):
             values = [r[metric] for r in rows]
@@ -196,10 +206,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| method | bytes/token | held-out loss | perplexity | KL to teacher | agreement | ECE |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | B/token (raw) | B/token on disk | held-out loss | perplexity | KL to teacher | agreement | ECE |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method, e in results["methods"].items():
-        size = "0" if method == "hard" else str(e["bytes_per_token"])
+        size = "0 | 0" if method == "hard" else f"{e['bytes_per_token']} | {e['file_bytes_per_token']:.1f}"
         cells = [f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("loss", "perplexity", "kl_to_teacher", "agreement", "ece")]
         lines.append(f"| {method} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -220,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--teacher", default="gpt-medium")
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--teacher-weights", help="reuse this teacher (an earlier run's OUT/teacher.pt) instead of training one")
+    p.add_argument("--samples", type=int, help="S for the sampled layout (default: the S giving ~12 unique ids/token)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if not args.quick and not args.data:

@@ -96,11 +96,17 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
         raise
     if not result.is_main:
         return
+    tokens = getattr(result, "tokens_generated", None)  # token data: rows are sequences of tokens
+    rows = "rows" if tokens is None else "sequences"
     if result.already_complete:
-        click.echo(f"{out} is already complete ({result.num_samples} rows); nothing to do")
+        click.echo(f"{out} is already complete ({result.num_samples} {rows}); nothing to do")
         return
     if result.rows_generated == 0:  # a job killed after its last chunk, before it marked the store complete
-        click.echo(f"finished {out}: every chunk was already written ({result.num_samples} rows)")
+        click.echo(f"finished {out}: every chunk was already written ({result.num_samples} {rows})")
+        return
+    if tokens is not None:
+        click.echo(f"wrote {result.rows_generated:,} sequences ({tokens:,} tokens) to {out} in {result.seconds:.2f} s "
+                   f"({result.tokens_per_second:,.0f} tokens/s)")
         return
     click.echo(f"wrote {result.rows_generated} rows to {out} in {result.seconds:.2f} s "
                f"({result.samples_per_second:,.0f} samples/s)")

@@ -61,10 +61,13 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--views-per-sample", type=int, default=D.views_per_sample, show_default=True,
               help="Views stores: train on this many stored views of each input read (FKD), at most V; a step "
                    "then has batch-size x this many rows.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False),
+              help="Token data: the tokenizer.json of --data (its vocabulary; needed for text:FILE).")
+@click.option("--seq-len", type=int, help="Token data: cut text:FILE or a flat token stream into windows of this length.")
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
             optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
             overwrite, no_progress, init, ensemble, ensemble_mode, ensemble_weights,
-            views_per_sample, augment) -> None:
+            views_per_sample, augment, tokenizer, seq_len) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
@@ -80,7 +83,7 @@ def command(student, student_weights, allow_pickle, stores, data, loss, temperat
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
         num_workers=num_workers, device=device, threads=threads, val_data=val_data, out=out, resume=resume,
         overwrite=overwrite, progress=False if no_progress else None, init=init, views_per_sample=views_per_sample,
-        augment=augment, ensemble=tuple(ensemble),
+        augment=augment, tokenizer=tokenizer, seq_len=seq_len, ensemble=tuple(ensemble),
         ensemble_mode=ensemble_mode, ensemble_weights=parse_weights(ensemble_weights, "--ensemble-weights"),
     )
     try:

@@ -20,7 +20,7 @@ property (see docs/TOKENS.md, "Generating token stores").
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 from softlabels import format as fmt
+from softlabels._progress import progress as progress_bar
 from softlabels.errors import ConfigError
+from softlabels.generate import GenerateResult
 from softlabels.layouts import Layout, make_layout, to_numpy
 from softlabels.lm.tokens import TokenDataset, offsets_of
 from softlabels.positions import TokenPositions, UnitGeometry, group_units_for
@@ -40,7 +42,7 @@ from softlabels.store.schema import StoreMetaV2
 if TYPE_CHECKING:
     from softlabels.config import GenerateConfig
 
-__all__ = ["TokenProducer", "default_chunk_samples", "generate_tokens", "is_token_job", "token_producer"]
+__all__ = ["TokenGenerateResult", "TokenProducer", "default_chunk_samples", "generate_tokens", "is_token_job", "token_producer"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _UNIT_CHUNKS = 16
@@ -76,6 +78,10 @@ class TokenProducer:
     teacher_attrs: dict[str, Any] = field(default_factory=dict)
     source_attrs: dict[str, Any] = field(default_factory=dict)
     created_by: dict[str, Any] = field(default_factory=dict)
+    # progress in tokens (the runner's own bar counts sequences): shown by rank 0 of ``world``
+    progress: bool | None = False
+    say: Callable[[str], None] = lambda _line: None
+    world: int = 1
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_DTYPES:
@@ -113,9 +119,16 @@ class TokenProducer:
         (its arrays are then split at the span boundary), so calls follow :meth:`calls`, not the spans."""
         spans = [(int(lo), int(hi)) for lo, hi in spans if hi > lo]
         cuts = {lo for lo, _ in spans} | {hi for _, hi in spans}
+        total = sum(int(self._lengths[lo:hi].sum()) for lo, hi in spans) * self.world  # ranks progress alike
+        with progress_bar(total=total, desc="generate", unit="tokens", show=self.progress, say=self.say,
+                          unit_scale=True) as bar:
+            yield from self._pieces(spans, cuts, bar)
+
+    def _pieces(self, spans: list[tuple[int, int]], cuts: set[int], bar: Any):
         for lo, hi in _runs(spans):
             for start, stop in self.calls(lo, hi):
                 arrays = self.encode(start, stop)
+                bar.update(min(int(self._lengths[start:stop].sum()) * self.world, bar.total - bar.n))
                 inner = sorted(c for c in cuts if start < c < stop)
                 if not inner:
                     yield start, arrays
@@ -242,23 +255,59 @@ def layout_for(config: GenerateConfig, vocab_size: int) -> Layout:
     return make_layout(config.layout or "dense", num_classes=vocab_size, logits_dtype=config.dtype, **params)
 
 
+@dataclass(frozen=True)
+class TokenGenerateResult(GenerateResult):
+    """A :class:`~softlabels.generate.GenerateResult` whose rows are sequences, with their token count."""
+
+    tokens_generated: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def _units_to_write(config: GenerateConfig, producer: TokenProducer) -> list[int]:
+    """The write units a run will fill: all of a new store's, else the existing store's missing ones."""
+    from softlabels.store.unit_reader import UnitStore
+
+    every = list(range(producer.meta().geometry.num_units))
+    if config.overwrite or not Path(config.out).exists():
+        return every
+    try:
+        store = UnitStore(config.out, allow_partial=True)
+    except Exception:  # noqa: BLE001 - the runner reports what is wrong with it
+        return every
+    try:
+        return [int(u) for u in store.missing_units()]
+    finally:
+        store.close()
+
+
 def generate_tokens(config: GenerateConfig, dist: Any, say: Any) -> Any:
     """``generate`` for token data: :func:`token_producer` driven by the job runner."""
-    from softlabels.generate import GenerateResult
     from softlabels.job.runner import run_job
 
     exc, producer = None, None
     try:
         producer = token_producer(config)
+        # progress counts tokens (the producer's bar), not the runner's sequences
+        producer.progress = config.progress if dist.is_main and config.progress is not False else False
+        producer.say, producer.world = say, dist.world
+        units = _units_to_write(config, producer) if dist.is_main else []
     except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
         exc = err
     dist.agree(exc)
     r = run_job(producer, config.out, batch_size=config.batch_size, overwrite=config.overwrite, repair=config.repair,
-                on_nonfinite=config.on_nonfinite, dist=dist, say=say,
-                progress=config.progress if dist.is_main and config.progress is not False else False)
-    return GenerateResult(r.path, r.num_samples, r.samples_generated, r.seconds, r.samples_per_second,
-                          already_complete=r.already_complete, repaired_chunks=r.repaired_units,
-                          nonfinite_sample_ids=r.nonfinite_sample_ids, is_main=r.is_main)
+                on_nonfinite=config.on_nonfinite, dist=dist, say=say, progress=False)
+    # the tokens of the units written (teacher calls on the global batch grid may also compute a few
+    # sequences of another rank's units, so counting what the producer computed would overstate it)
+    geometry = producer.meta().geometry
+    tokens = sum(int(producer.lengths()[slice(*geometry.unit_samples_range(u))].sum())
+                 for u in set(units) | set(r.repaired_units)) if r.is_main and r.samples_generated else 0
+    return TokenGenerateResult(r.path, r.num_samples, r.samples_generated, r.seconds, r.samples_per_second,
+                               already_complete=r.already_complete, repaired_chunks=r.repaired_units,
+                               nonfinite_sample_ids=r.nonfinite_sample_ids, is_main=r.is_main,
+                               tokens_generated=tokens)
 
 
 def token_producer(config: GenerateConfig) -> TokenProducer:

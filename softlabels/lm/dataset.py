@@ -34,7 +34,7 @@ from softlabels.lm.metrics import next_token_targets
 from softlabels.lm.tokens import TokenDataset, offsets_of, token_fingerprint
 from softlabels.positions.tokens import LENGTHS, OFFSETS
 
-__all__ = ["TokenStoreDataset", "batch_target", "select_rows", "TARGET_PREFIX"]
+__all__ = ["TokenDataBatches", "TokenStoreDataset", "batch_target", "select_rows", "TARGET_PREFIX"]
 
 TARGET_PREFIX = "target."
 _TARGETS = {"dense": DenseTarget, "topk": TopKTarget, "sampled": SampledTarget}
@@ -228,3 +228,50 @@ class TokenStoreDataset(IterableDataset):
                  "sample_ids": torch.from_numpy(sample_ids), "index": real.reshape(-1).nonzero().reshape(-1)}
         batch.update({TARGET_PREFIX + f.name: getattr(target, f.name) for f in dataclasses.fields(target)})
         return batch
+
+
+class TokenDataBatches(IterableDataset):
+    """Padded next-token batches of token data alone (no store): the hard-CE-only language model.
+
+    The same items as :class:`TokenStoreDataset` without the ``target.*`` tensors. Each epoch
+    permutes the sequences with an RNG seeded from ``(seed, epoch)`` and cuts them into
+    global batches of ``batch_size * world_size``; rank ``r`` takes the ``r``-th balanced
+    slice of each, so the stream does not depend on the world size (as for the store).
+    """
+
+    layout = None
+
+    def __init__(self, data: TokenDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        super().__init__()
+        if data.vocab_size is None:
+            raise ConfigError(f"the vocabulary size of {data.source} is unknown; pass --tokenizer tokenizer.json "
+                              "(the tokenizer the ids come from)")
+        self.data, self.batch_size, self.seed = data, batch_size, int(seed)
+        self.rank, self.world_size, self.epoch = int(rank), int(world_size), 0
+        self.num_samples, self.num_classes = len(data), int(data.vocab_size)
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // (self.batch_size * self.world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.batch_size * self.world_size
+        for j in range(worker, len(self), workers):
+            rows = order[j * step:(j + 1) * step]
+            a, b = _order.split(len(rows), self.world_size, self.rank)
+            yield self.read_batch(rows[a:b])
+
+    def read_batch(self, rows: np.ndarray) -> dict[str, Any]:
+        tokens = self.data.get_batch(rows)
+        lens = tokens.lengths
+        targets, loss_mask = next_token_targets(tokens.ids, tokens.mask, lens)
+        real = torch.arange(tokens.ids.shape[1]) < lens[:, None]
+        return {"ids": tokens.ids, "targets": targets, "loss_mask": loss_mask, "lengths": lens,
+                "sample_ids": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
+                "index": real.reshape(-1).nonzero().reshape(-1)}

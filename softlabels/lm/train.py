@@ -33,7 +33,7 @@ from softlabels._trainutil import DistEnv, lr_factor, set_threads, weights_diges
 from softlabels.config import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, TrainConfig
 from softlabels.errors import ConfigError, NonFiniteOutputs
 from softlabels.layouts.targets import TopKTarget
-from softlabels.lm.dataset import TokenStoreDataset, batch_target, select_rows
+from softlabels.lm.dataset import TokenDataBatches, TokenStoreDataset, batch_target, select_rows
 from softlabels.losses import make_soft_loss
 
 __all__ = ["is_token_store", "train_lm", "lm_loss", "resolve_store_data"]
@@ -109,8 +109,9 @@ def train_lm(config: TrainConfig, *, log: Callable[[str], None] | None = None,
     from softlabels._lock import StoreLock
 
     problems = config.problems()
-    if len(config.stores) != 1:
-        problems.append(f"a language model trains from one token store, got {len(config.stores)}; pass one --store")
+    if len(config.stores) > 1 or (not config.stores and len(config.data) != 1):
+        problems.append(f"a language model trains from one token store, or from one --data on hard next-token CE "
+                        f"alone; got {len(config.stores)} --store and {len(config.data)} --data")
     if config.val_data:
         problems.append("--val-data is not used for language models; evaluate a run with 'softlabels eval "
                         "--checkpoint RUN --data HELD_OUT'")
@@ -132,7 +133,8 @@ def train_lm(config: TrainConfig, *, log: Callable[[str], None] | None = None,
             run.connect()
             return run.fit(on_epoch_end)
         finally:
-            run.store.close()
+            if run.store is not None:
+                run.store.close()
     finally:
         lock.release()
         env.stop()
@@ -141,22 +143,31 @@ def train_lm(config: TrainConfig, *, log: Callable[[str], None] | None = None,
 class _LMRun:
     def __init__(self, config: TrainConfig, env: DistEnv, log, tokenizer, seq_len, renormalize: bool) -> None:
         from softlabels.lm.models import resolve_lm
+        from softlabels.lm.text import resolve_token_data
         from softlabels.runs import run_weights
         from softlabels.store.unit_reader import UnitStore
 
         self.config, self.env, self.log = config, env, log or (lambda _msg: None)
         self.resume_from = ckpt_io.check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
-        self.store = UnitStore(config.stores[0])
-        spec, tokenizer, seq_len, data = resolve_store_data(
-            self.store, config.data[0] if config.data else None, tokenizer=tokenizer, seq_len=seq_len)
-        self.ds = TokenStoreDataset(self.store, data, batch_size=config.batch_size, seed=config.seed,
-                                    rank=env.rank, world_size=env.world)
+        tokenizer, seq_len = tokenizer or config.tokenizer, seq_len or config.seq_len
+        self.store = UnitStore(config.stores[0]) if config.stores else None
+        if self.store is None:  # hard next-token CE alone: the teacher itself, or the baseline student
+            spec = config.data[0]
+            data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
+            tokenizer = tokenizer and str(Path(tokenizer).resolve())  # recorded for eval, from any directory
+            self.ds = TokenDataBatches(data, batch_size=config.batch_size, seed=config.seed, rank=env.rank,
+                                       world_size=env.world)
+        else:
+            spec, tokenizer, seq_len, data = resolve_store_data(
+                self.store, config.data[0] if config.data else None, tokenizer=tokenizer, seq_len=seq_len)
+            self.ds = TokenStoreDataset(self.store, data, batch_size=config.batch_size, seed=config.seed,
+                                        rank=env.rank, world_size=env.world)
         self.layout, vocab = self.ds.layout, self.ds.num_classes
         context = int(data.lengths().max())
         temperature = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
-        self.alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
-        loss_name = config.loss or self.store.meta.layout_obj().default_loss
-        soft = make_soft_loss(loss_name, temperature)
+        self.alpha = 1.0 if self.store is None else DEFAULT_ALPHA if config.alpha is None else config.alpha
+        loss_name = config.loss or (self.store.meta.layout_obj().default_loss if self.store else "hard_ce")
+        soft = make_soft_loss(loss_name, temperature) if self.store else None
         if loss_name in ("soft_ce", "mse"):
             raise ConfigError(f"loss {loss_name!r} is not available for language models; use kl, topk_kl, "
                               "sampled_kl, reverse_kl, skew_kl, skew_reverse_kl or jsd")
@@ -172,17 +183,18 @@ class _LMRun:
         else:
             self.opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
         self.loader = batch_loader(self.ds, num_workers=config.num_workers, pin_memory=env.device.type == "cuda")
-        meta = self.store.meta
+        meta = self.store.meta if self.store is not None else None
         self.run_config = {
             **{k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "progress", "allow_pickle")},
-            "task": "lm", "stores": [str(Path(config.stores[0]).resolve())], "data": [spec],
+            "task": "lm", "stores": [str(Path(p).resolve()) for p in config.stores], "data": [spec],
             "tokenizer": tokenizer, "seq_len": seq_len, "loss": loss_name, "temperature": temperature,
             "alpha": self.alpha, "topk_renormalize": bool(renormalize), "input_shape": [context],
             "num_classes": vocab, "layout": self.layout, "world_size": env.world, "student_kind": info.kind,
             "student_weights_sha256": info.weights_sha256, "num_parameters": info.num_parameters,
-            "store_identity": {"teacher": meta.teacher, "layout": meta.layout, "layout_params": meta.layout_params,
-                               "logits_dtype": meta.logits_dtype, "num_samples": meta.num_samples,
-                               "num_classes": meta.num_classes, "fingerprint": meta.source.get("fingerprint")},
+            "store_identity": None if meta is None else {
+                "teacher": meta.teacher, "layout": meta.layout, "layout_params": meta.layout_params,
+                "logits_dtype": meta.logits_dtype, "num_samples": meta.num_samples,
+                "num_classes": meta.num_classes, "fingerprint": meta.source.get("fingerprint")},
         }
         self.state = None
         if self.resume_from is not None:
@@ -262,8 +274,9 @@ class _LMRun:
     def fit(self, on_epoch_end) -> dict[str, Any]:
         cfg, env = self.config, self.env
         t_start = time.perf_counter()
+        source = f"{cfg.stores[0]} ({self.layout})" if cfg.stores else f"{cfg.data[0]} (hard next-token CE only)"
         self.log(f"training {cfg.student} ({self.run_config['num_parameters']:,} parameters) from "
-                 f"{cfg.stores[0]} ({self.layout}), loss {self.run_config['loss']}, alpha {self.alpha}; "
+                 f"{source}, loss {self.run_config['loss']}, alpha {self.alpha}; "
                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {env.world} x {env.device}")
         for epoch in range(self.start_epoch, cfg.epochs):
             record = self._epoch(epoch)
