@@ -53,7 +53,8 @@ def open_job_store(s: Settings, *, num_samples: int, num_classes: int, teacher: 
         return StoreWriter.create(out, num_samples=num_samples, num_classes=num_classes, layout=s.layout,
                                   topk=s.topk, logits_dtype=s.dtype, chunk_rows=chunk_rows,
                                   shard_chunks=s.shard_chunks, teacher=teacher, source=source, overwrite=True,
-                                  created_by={"settings": s.recorded(chunk_rows)}, finalize_on_exit=False)
+                                  created_by={"settings": s.recorded(chunk_rows)}, finalize_on_exit=False,
+                                  compress=s.compress)
 
     def new() -> JobStore:
         unit_rows = chunk_rows * (s.shard_chunks or 1)

@@ -201,6 +201,7 @@ class GenerateConfig:
     # token data (softlabels.job.tokens): window length and tokenizer
     seq_len: int | None = None
     tokenizer: str | None = None
+    compress: bool = False  # zstd (Zarr) / gzip + shuffle (HDF5) on the sparse layouts' arrays
 
     def problems(self) -> list[str]:
         from softlabels._paths import out_overlaps  # the library's, at call time: --help stays light
@@ -220,6 +221,8 @@ class GenerateConfig:
             p.append("--layout topk needs --topk K with K >= 1")  # views default to K = min(5, C)
         if self.layout == "dense" and self.topk is not None:
             p.append("--topk is only for --layout topk")
+        if self.compress and self.layout == "dense":
+            p.append("--compress is for the top-k and sampled layouts (dense logits compress ~1.1x); drop --compress")
         p += self._format2_problems()
         if self.dtype not in LOGITS_DTYPES:
             p.append(f"--dtype must be one of {', '.join(LOGITS_DTYPES)}, got {self.dtype!r}")

@@ -93,6 +93,7 @@ def generate(
     echo: Callable[[str], None] | None = None,
     seq_len: int | None = None,
     tokenizer: str | Path | None = None,
+    compress: bool = False,
 ) -> GenerateResult:
     """Run ``teacher`` over ``data`` and write its raw logits to the store ``out``.
 
@@ -118,7 +119,7 @@ def generate(
                  format_version=format_version, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
                  chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
                  on_nonfinite=on_nonfinite, repair=repair, progress=progress, seq_len=seq_len,
-                 tokenizer=None if tokenizer is None else str(tokenizer))
+                 tokenizer=None if tokenizer is None else str(tokenizer), compress=compress)
     problems = s.problems()
     if problems:
         raise ConfigError(problems)
@@ -143,7 +144,8 @@ def generate(
     views = producer.views
     r = run_job(producer, s.out, batch_size=max(1, s.batch_size // views.count) if views else s.batch_size,
                 overwrite=s.overwrite, repair=s.repair, on_nonfinite=s.on_nonfinite, dist=dist, say=say,
-                progress=s.progress if dist.is_main and s.progress is not False else False, sink=sink)
+                progress=s.progress if dist.is_main and s.progress is not False else False, sink=sink,
+                compress=s.compress)
     return GenerateResult(r.path, r.num_samples, r.samples_generated, r.seconds, r.samples_per_second,
                           already_complete=r.already_complete, repaired_chunks=r.repaired_units,
                           nonfinite_sample_ids=r.nonfinite_sample_ids, is_main=r.is_main)

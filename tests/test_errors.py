@@ -745,6 +745,11 @@ def _(c):
     return _compress(c, "--store", write_store(c.tmp / "c3.h5", make_rows(N, 3), num_classes=3))
 
 
+@case("E1713")
+def _(c):
+    return c.gen("--compress")  # the default layout is dense
+
+
 # -- 17. format-2 generate: views, the sampled layout ------------------------------------------------
 def image_npz(c: Ctx, n: int = N) -> Path:
     """Tiny 3x8x8 image data (views need images)."""

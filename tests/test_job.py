@@ -410,3 +410,31 @@ def test_the_runner_is_generic_a_ragged_token_producer(tmp_path, suffix):
     r = run_job(_TokenProducer(_token_meta(lengths), lengths, nan_sample=5), tmp_path / f"n{suffix}", batch_size=5,
                 on_nonfinite="record")
     assert r.nonfinite_sample_ids == (5,)
+
+
+@pytest.mark.parametrize("ext", ["h5", "zarr"])
+@pytest.mark.parametrize("layout_args", [("--layout", "sampled", "--samples", "8"), ("--layout", "topk", "--topk", "4")])
+def test_compress_stores_the_same_values_in_fewer_bytes(tmp_path, ext, layout_args):
+    """generate --compress: the sparse arrays read back equal (plain h5py / zarr) and are stored compressed."""
+    import h5py
+    import zarr
+
+    common = ["generate", "--teacher", "mlp", "--random-teacher", "--data", "digits:train", "--format", "2",
+              "--no-progress", *layout_args]
+    plain, packed = tmp_path / f"plain.{ext}", tmp_path / f"packed.{ext}"
+    assert run_cli(*common, "--out", str(plain)).exit_code == 0
+    r = run_cli(*common, "--out", str(packed), "--compress")
+    assert r.exit_code == 0, r.output
+    a, attrs_a = read_plain(plain)
+    b, attrs_b = read_plain(packed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    layout = make_layout(layout_args[1], num_classes=10, **({"samples": 8} if "sampled" in layout_args else {"k": 4}))
+    for name in layout.arrays():
+        if ext == "h5":
+            with h5py.File(packed, "r") as f, h5py.File(plain, "r") as g:
+                assert (f[name].compression, g[name].compression) == ("gzip", None)
+        else:
+            codecs = [c.to_dict()["name"] for c in zarr.open_array(str(packed / name), mode="r").metadata.codecs]
+            assert "zstd" in codecs, (name, codecs)

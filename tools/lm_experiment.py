@@ -87,24 +87,16 @@ def train_teacher(data, vocab: int, *, name: str, epochs: int, batch: int, lr: f
 
 def make_store(path: Path, weights: Path, teacher_name: str, spec: str, tokenizer: str | None, vocab: int,
                layout: str, params: dict[str, Any], *, batch: int = 16) -> str:
-    """The teacher's per-token outputs on ``spec`` in ``layout``, written by ``generate`` (the token producer).
-
-    The store is created first with compressed per-token arrays (Zarr zstd; dense stays raw) and
-    ``generate`` fills it: its job runner creates stores uncompressed.
-    """
-    from softlabels.config import GenerateConfig
+    """The teacher's per-token outputs on ``spec`` in ``layout``, written by ``generate`` (the token producer)
+    with ``compress`` (Zarr zstd) on the sparse layouts; dense stays raw."""
     from softlabels.generate import generate
-    from softlabels.job.tokens import token_producer
-    from softlabels.store.unit_writer import UnitWriter
 
     options: dict[str, Any] = {"topk": params["k"]} if layout == "topk" else {}
     if layout == "sampled":
         options = {"samples": params["samples"], "seed": params["seed"]}
     settings = dict(weights=str(weights), tokenizer=tokenizer, num_classes=vocab, layout=layout, dtype="float16",
-                    batch_size=batch, device="cpu", progress=False, **options)
-    producer = token_producer(GenerateConfig(teacher=teacher_name, data=spec, out=path, overwrite=True, **settings))
-    UnitWriter.create(path, producer.meta(), lengths=producer.lengths(), compress=True, overwrite=True).close()
-    generate(teacher_name, spec, path, **settings)
+                    batch_size=batch, device="cpu", progress=False, compress=layout != "dense", **options)
+    generate(teacher_name, spec, path, overwrite=True, **settings)
     return str(path)
 
 

@@ -58,6 +58,8 @@ from softlabels.config import GenerateConfig as D  # defaults: the dataclass's f
 @click.option("--on-nonfinite", type=click.Choice(ON_NONFINITE), default=D.on_nonfinite, show_default=True,
               help="On NaN/inf teacher outputs: stop (error), or store them and list their sample ids (record).")
 @click.option("--repair", is_flag=True, help="Verify the checksums and regenerate the chunks that fail.")
+@click.option("--compress", is_flag=True,
+              help="Compress the top-k / sampled arrays (Zarr: zstd; HDF5: gzip + shuffle): ~1.7-2x smaller.")
 @click.option("--no-progress", is_flag=True,
               help="No progress at all (without it: a bar on a terminal, else a line every 30 s).")
 @click.option("--seq-len", type=int,
@@ -69,7 +71,8 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
             augment: str | None, views_from: str | None, format_version: str | None, dtype: str, batch_size: int, num_workers: int, device: str,
             threads: int, amp: str,
             chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
-            on_nonfinite: str, repair: bool, no_progress: bool, seq_len: int | None, tokenizer: str | None) -> None:
+            on_nonfinite: str, repair: bool, no_progress: bool, seq_len: int | None, tokenizer: str | None,
+            compress: bool) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
 
     Rerunning the same command resumes an interrupted job (and says so when the
@@ -88,7 +91,7 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
             device=device, threads=threads, amp=amp,
             chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
             on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,
-            echo=lambda line: click.echo(line, err=True), seq_len=seq_len, tokenizer=tokenizer,
+            echo=lambda line: click.echo(line, err=True), seq_len=seq_len, tokenizer=tokenizer, compress=compress,
         )
     except SoftLabelsError:
         if not main_rank:  # rank 0 reports it; the other ranks only fail

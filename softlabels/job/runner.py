@@ -76,13 +76,14 @@ class JobResult:
 
 def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: bool = False, repair: bool = False,
             on_nonfinite: str = "error", dist: Dist | None = None, say: Callable[[str], None] | None = None,
-            progress: bool | None = False, sink: Sink | None = None) -> JobResult:
+            progress: bool | None = False, sink: Sink | None = None, compress: bool = False) -> JobResult:
     """Write (or resume, or repair) the store ``out`` from ``producer``; see the module docstring.
 
     ``batch_size`` is samples per ``producer.batches`` span (the global grid). ``on_nonfinite``:
     ``"error"`` stops before a unit holding NaN/inf is flagged; ``"record"`` stores it and lists
     the sample ids in ``created_by.nonfinite_sample_ids``. ``say`` gets status lines on rank 0.
-    ``sink``: where to write (default: the format-2 store of ``producer.meta()``).
+    ``sink``: where to write (default: the format-2 store of ``producer.meta()``, its sparse
+    per-position arrays compressed when ``compress``; a given sink decides that itself).
     """
     dist = dist or Dist()
     say = say if say is not None and dist.is_main else (lambda _line: None)
@@ -90,7 +91,7 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta, lengths = producer.meta(), producer.lengths()
     cum = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    sink = sink or V2Sink(path, meta, lengths)
+    sink = sink or V2Sink(path, meta, lengths, compress=compress)
     gather = dist.active and backend_kind(path) != "zarr"  # one writer: rank 0 writes what the ranks send
     lock, writer, plan, exc = None, None, None, None
     try:

@@ -79,8 +79,8 @@ class V2Sink:
 
     count_key = "samples_generated"
 
-    def __init__(self, path: Path, meta: StoreMetaV2, lengths: np.ndarray | None) -> None:
-        self.path, self.meta, self.lengths = path, meta, lengths
+    def __init__(self, path: Path, meta: StoreMetaV2, lengths: np.ndarray | None, *, compress: bool = False) -> None:
+        self.path, self.meta, self.lengths, self.compress = path, meta, lengths, compress
 
     def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], defer: bool,
              world: int) -> Opened:
@@ -111,7 +111,7 @@ class V2Sink:
         if overwrite or not path.exists():
             if repair:
                 raise ConfigError(f"--repair: there is no store at {str(path)!r} to repair; drop --repair")
-            return UnitWriter.create(path, meta, lengths=lengths, overwrite=True), []
+            return UnitWriter.create(path, meta, lengths=lengths, compress=self.compress, overwrite=True), []
         version, status, done = read_flags(path, UNIT_DONE)
         if version not in (None, meta.format_version):
             raise StoreMismatch(f"{str(path)!r} is a format-{version} store and this job writes format "
@@ -125,7 +125,7 @@ class V2Sink:
                 raise type(err)(str(err) if "--overwrite" in str(err)
                                 else f"{err} (or pass --overwrite to replace it)") from None
             say(f"{path}: the previous job died while creating the store; starting over")
-            return UnitWriter.create(path, meta, lengths=lengths, overwrite=True), []
+            return UnitWriter.create(path, meta, lengths=lengths, compress=self.compress, overwrite=True), []
         try:
             diffs = _diffs(reader.meta, meta)
             if diffs:

@@ -298,7 +298,7 @@ def generate_tokens(config: GenerateConfig, dist: Any, say: Any) -> Any:
         exc = err
     dist.agree(exc)
     r = run_job(producer, config.out, batch_size=config.batch_size, overwrite=config.overwrite, repair=config.repair,
-                on_nonfinite=config.on_nonfinite, dist=dist, say=say, progress=False)
+                on_nonfinite=config.on_nonfinite, dist=dist, say=say, progress=False, compress=config.compress)
     # the tokens of the units written (teacher calls on the global batch grid may also compute a few
     # sequences of another rank's units, so counting what the producer computed would overstate it)
     geometry = producer.meta().geometry
