@@ -27,7 +27,7 @@ from softlabels.errors import CheckpointError, CheckpointNotFound, ConfigError
 
 __all__ = [
     "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
-    "atomic_save", "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
+    "atomic_save", "save_run", "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
     "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics",
 ]
 
@@ -68,6 +68,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         _fsync_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_run(out: str | Path, model: Any, optimizer: Any, scheduler: Any, *, epoch: int, step: int,
+             config: dict[str, Any]) -> None:
+    """Write a run's ``model.pt`` (weights only) and ``checkpoint.pt`` (everything ``--resume`` needs)."""
+    out = Path(out)
+    atomic_save(model.state_dict(), out / MODEL)
+    atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "rng": rng_state(),
+                 "config": config}, out / CHECKPOINT)
 
 
 def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path | None:

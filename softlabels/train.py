@@ -402,13 +402,8 @@ class _Run:
                 "epoch_seconds": seconds, "samples_per_s": total[3] / seconds}
 
     def _save(self, epoch_done: int) -> None:
-        out = Path(self.config.out)
-        ckpt_io.atomic_save(self.student.state_dict(), out / ckpt_io.MODEL)
-        ckpt_io.atomic_save({
-            "format": ckpt_io.CHECKPOINT_FORMAT, "model": self.student.state_dict(),
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "epoch": epoch_done, "step": self.step, "rng": ckpt_io.rng_state(), "config": self.run_config,
-        }, out / ckpt_io.CHECKPOINT)
+        ckpt_io.save_run(self.config.out, self.student, self.opt, self.sched, epoch=epoch_done, step=self.step,
+                         config=self.run_config)
 
     def fit(self, on_epoch_end) -> dict[str, Any]:
         from softlabels.evaluate import evaluate_model

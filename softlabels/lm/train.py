@@ -263,13 +263,8 @@ class _LMRun:
                 "epoch_seconds": seconds, "positions_per_s": total[3] / seconds}
 
     def _save(self, epoch_done: int) -> None:
-        out = Path(self.config.out)
-        ckpt_io.atomic_save(self.net.state_dict(), out / ckpt_io.MODEL)
-        ckpt_io.atomic_save({
-            "format": ckpt_io.CHECKPOINT_FORMAT, "model": self.net.state_dict(),
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "epoch": epoch_done, "step": self.step, "rng": ckpt_io.rng_state(), "config": self.run_config,
-        }, out / ckpt_io.CHECKPOINT)
+        ckpt_io.save_run(self.config.out, self.net, self.opt, self.sched, epoch=epoch_done, step=self.step,
+                         config=self.run_config)
 
     def fit(self, on_epoch_end) -> dict[str, Any]:
         cfg, env = self.config, self.env
