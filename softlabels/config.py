@@ -48,6 +48,10 @@ def threads_problem(threads: Any) -> list[str]:
     return [f"--threads must be an integer >= 0, got {threads!r}"]
 
 
+MAX_VIEWS = 65_536
+"""Most views per sample a store takes (FKD stores 500 crops, ImageNet+ up to 400)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Every option of ``softlabels train``. ``None`` for loss/temperature/alpha means the default."""
@@ -242,7 +246,8 @@ class GenerateConfig:
         elif self.shard_chunks is not None and self.out.suffix.lower() != ".zarr":
             p.append("--shard-chunks needs a Zarr store (*.zarr)")
         clash = out_overlaps(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
-                                        ("--teacher", self.teacher if is_model_file(self.teacher) else None)])
+                                        ("--teacher", self.teacher if is_model_file(self.teacher) else None),
+                                        ("--views-from", self.views_from)])
         if clash:
             p.append(clash)
         if self.repair and self.overwrite:
@@ -252,8 +257,8 @@ class GenerateConfig:
     def _format2_problems(self) -> list[str]:
         """The format-2 options (views, the sampled layout, --format) and how they fit together."""
         p = []
-        if self.views is not None and self.views < 1:
-            p.append(f"--views must be >= 1, got {self.views}")
+        if self.views is not None and not 1 <= self.views <= MAX_VIEWS:
+            p.append(f"--views must lie in 1..{MAX_VIEWS}, got {self.views}")
         if self.views is not None and self.augment is None and self.views_from is None:
             p.append("--views needs --augment SPEC (how each view is drawn) or --views-from STORE; e.g. "
                      "--augment 'crop(32,padding=4)+flip'")
@@ -328,7 +333,13 @@ class MergeConfig:
         p = ensemble_problems(self.stores, self.mode, self.weights, "--store")
         if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
             p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
+        from softlabels._paths import out_overlaps  # at call time: --help stays light
+
         out = Path(self.out).resolve()
         if any(Path(s).resolve() == out for s in self.stores):
             p.append(f"--out {self.out!r} is also a --store; write the merged store to a new path")
+        elif clash := out_overlaps(self.out, [("--store", str(s)) for s in self.stores]):
+            p.append(clash)
+        if Path(self.out).suffix.lower() not in (".h5", ".hdf5", ".zarr"):
+            p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
         return p

@@ -10,16 +10,18 @@ import click
 @click.command("inspect", short_help="Describe a store: status, sizes, labels and teacher statistics.")
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--verify", is_flag=True, help="Read every chunk and check its checksum.")
+@click.option("--verify", is_flag=True,
+              help="Read every chunk and check its checksum; exit status 1 when any chunk is corrupt.")
 def command(store: str, as_json: bool, verify: bool) -> None:
     """Describe STORE: format, layout, sizes, status, labels and teacher statistics."""
     from softlabels.format import chunk_list
     from softlabels.summary import summarize
 
     info = summarize(store, verify=verify)
+    corrupt = bool(verify and info["corrupt_chunks"])
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
-        return
+        raise SystemExit(1 if corrupt else 0)
     k = f"  K={info['topk']}" if info["topk"] else ""
     rows = [
         ("store", f"{info['path']}  ({info['backend']}, format v{info['format_version']})"),
@@ -45,13 +47,15 @@ def command(store: str, as_json: bool, verify: bool) -> None:
                                    "gives a NaN loss; see created_by.nonfinite_sample_ids)"))
     if verify:
         bad = info["corrupt_chunks"]
-        rows.append(("checksums", f"{len(bad)} corrupt chunks: {chunk_list(bad)} (repair: softlabels generate "
+        rows.append(("checksums", f"corrupt chunks ({len(bad)}): {chunk_list(bad)} (repair: softlabels generate "
                                   "--repair with the original arguments)" if bad else "all chunks verified"))
     elif info["unreadable_chunks"]:
         rows.append(("damaged", f"chunks {chunk_list(info['unreadable_chunks'])} cannot be read (run with --verify)"))
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+    if corrupt:  # a script or CI step must see a damaged store (the table above says which chunks)
+        raise SystemExit(1)
 
 
 def _v2_rows(info: dict) -> list[tuple[str, str]]:

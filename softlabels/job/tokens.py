@@ -310,6 +310,13 @@ def generate_tokens(config: GenerateConfig, dist: Any, say: Any) -> Any:
                                tokens_generated=tokens)
 
 
+def _check_vocab(data: Any, info: Any, block: int = 1024) -> None:
+    """Every token id of ``data`` in the teacher's vocabulary (the teacher's own check, on the whole data)."""
+    for lo in range(0, len(data), block):
+        batch = data.get_batch(np.arange(lo, min(lo + block, len(data))))
+        info.module.check_ids(batch.ids.masked_fill(~batch.valid, 0))
+
+
 def token_producer(config: GenerateConfig) -> TokenProducer:
     """The producer of ``softlabels generate`` for token data (``is_token_job(config)``).
 
@@ -331,6 +338,8 @@ def token_producer(config: GenerateConfig) -> TokenProducer:
     info = resolve_lm(config.teacher, vocab_size=config.num_classes or data.vocab_size,
                       context=max(1, int(lengths.max(initial=1))), seed=config.seed, weights=config.weights)
     layout = layout_for(config, info.vocab_size)
+    if info.vocab_size is not None:  # before the store exists: bad ids must not leave a half-made one
+        _check_vocab(data, info)
     source = {"spec": absolute_data_spec(config.data), "kind": "tokens", "num_samples": int(lengths.size),
               "num_tokens": int(lengths.sum()), "has_mask": bool(data.has_mask),
               "fingerprint": token_fingerprint(data), "vocab_size": data.vocab_size,

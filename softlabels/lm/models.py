@@ -140,9 +140,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.model, self.spec, self.vocab_size = model, spec, vocab_size
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.ndim != 2 or ids.dtype != torch.int64:
-            raise DataError(f"token ids have shape {tuple(ids.shape)} and dtype {ids.dtype}; pass int64 [B, L]")
+    def check_ids(self, ids: torch.Tensor) -> None:
+        """Refuse token ids outside ``0..vocab_size - 1`` with one line."""
         if self.vocab_size is not None and ids.numel():
             low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync, not two
             if low < 0 or high >= self.vocab_size:
@@ -150,6 +149,11 @@ class CausalLM(nn.Module):
                     f"token id {high if high >= self.vocab_size else low} is outside the vocabulary of "
                     f"'{self.spec}' (0..{self.vocab_size - 1}); tokenize with the model's own tokenizer"
                 )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.ndim != 2 or ids.dtype != torch.int64:
+            raise DataError(f"token ids have shape {tuple(ids.shape)} and dtype {ids.dtype}; pass int64 [B, L]")
+        self.check_ids(ids)
         out = self.model(ids)
         logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[:2] != ids.shape:

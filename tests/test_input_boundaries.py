@@ -1,4 +1,5 @@
-"""Red-team findings on the format-2 / merge / ensemble round: each test fails until the bug is fixed.
+"""Inputs are never overwritten, bad input is refused before anything is written, damage is reported
+(merge, --views-from, --views, token ids, inspect --verify).
 
 Tiny data made in the test; the real CLI (in-process) as a user would run it.
 """
