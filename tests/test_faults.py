@@ -24,6 +24,7 @@ def test_killed_generate_and_train_resume_to_identical_results(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_killed_views_generate_resumes_bit_identical_at_ten_points_per_backend(tmp_path):
     """A format-2 views store (sampled layout, batches crossing units): 10 stopped runs per backend."""
     records = faults.run(kills=0, train_kills=0, backends=[".zarr", ".h5"], seed=2, work=tmp_path, random_kills=0,
@@ -37,6 +38,7 @@ def test_killed_views_generate_resumes_bit_identical_at_ten_points_per_backend(t
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_killed_tokens_generate_resumes_bit_identical_at_ten_points_per_backend(tmp_path):
     """A ragged tokens store (sampled layout, a random GPT, calls crossing units): 10 stopped runs per backend."""
     records = faults.run(kills=0, train_kills=0, backends=[".zarr", ".h5"], seed=3, work=tmp_path, random_kills=0,
