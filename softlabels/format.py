@@ -255,7 +255,7 @@ class StoreMeta:
             raise CorruptStore("root attribute 'softlabels_format' is missing; this is not a softlabels store or its metadata was damaged")
         if not _is_int(version) or version != FORMAT_VERSION:
             raise UnsupportedFormat(
-                f"unsupported softlabels format version {version!r}; this softlabels reads version {FORMAT_VERSION} "
+                f"unsupported softlabels format version {version!r}; this softlabels reads versions 1 and 2 "
                 "(upgrade softlabels or regenerate the store)"
             )
         missing = [a for a in REQUIRED_ATTRS if a not in attrs]
