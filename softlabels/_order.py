@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 __all__ = [
+    "EpochState",
     "Window",
     "split",
     "chunk_order",
@@ -191,3 +192,42 @@ def stream_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, se
         ids.append(rows if perm is None else rows[perm])
     return [np.concatenate([ids[w][a:b] for w, a, b in p]) for p in batch_pieces([len(i) for i in ids],
                                                                                  batch_size, offset)]
+
+
+class EpochState:
+    """``set_epoch`` / ``state_dict`` / ``load_state_dict`` of a streaming dataset (mix-in).
+
+    The dataset has ``epoch``, ``seed``, ``_resume`` (``(epoch, batches_done)`` or None) and
+    ``len()`` (batches this rank yields per epoch); its iterator skips what ``_resume`` says.
+    """
+
+    epoch: int
+    seed: int
+    _resume: tuple[int, int] | None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self._resume is not None and self._resume[0] != self.epoch:
+            self._resume = None
+
+    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
+        """Resume state after the loop consumed ``batches_done`` batches of the current epoch."""
+        from softlabels.errors import ConfigError
+
+        if not 0 <= batches_done <= len(self):
+            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got {batches_done}")
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue ``state["epoch"]`` after its first ``state["batches_done"]`` batches."""
+        from softlabels.errors import ConfigError
+
+        missing = [k for k in ("epoch", "seed", "batches_done") if k not in state]
+        if missing:
+            raise ConfigError(f"dataset state lacks {', '.join(missing)}; pass a dict from state_dict()")
+        k = int(state["batches_done"])
+        if not 0 <= k <= len(self):
+            raise ConfigError(f"dataset state has batches_done={k} but this rank yields {len(self)} batches per "
+                              "epoch; resume with the same stores, batch size and world size")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume = (self.epoch, k)

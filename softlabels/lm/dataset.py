@@ -61,7 +61,7 @@ def _short(fp: Any) -> str:
     return str(fp)[:19] + "..." if fp and len(str(fp)) > 19 else str(fp)
 
 
-class TokenStoreDataset(IterableDataset):
+class TokenStoreDataset(_order.EpochState, IterableDataset):
     """Padded next-token batches with per-token teacher targets from one complete ``tokens`` store.
 
     Each item is a dict of tensors for ``B`` sequences (a rank's slice of one global batch,
@@ -136,25 +136,6 @@ class TokenStoreDataset(IterableDataset):
     def __len__(self) -> int:
         """Batches per epoch, the same on every rank (a rank's slice of the last one may be empty)."""
         return -(-self.num_samples // self.global_batch)
-
-    # -- epochs and resumption -------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if self._resume is not None and self._resume[0] != self.epoch:
-            self._resume = None
-
-    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
-        if not 0 <= batches_done <= len(self):
-            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got {batches_done}")
-        return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        k = int(state["batches_done"])
-        if not 0 <= k <= len(self):
-            raise ConfigError(f"dataset state has batches_done={k} but an epoch has {len(self)} batches; "
-                              "resume with the same store, batch size and world size")
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-        self._resume = (self.epoch, k)
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """Store rows (sample-axis indices) of every global batch of ``epoch``: pure index math."""
