@@ -76,7 +76,8 @@ def view_plan(*, views: int | None, augment: str | None, views_from: str | None,
         if m.positions != "views":
             raise DataError(f"--views-from '{views_from}' is no complete format-2 views store (its positions are "
                             f"'{m.positions}'); pass a store written by 'softlabels generate --views'")
-        ids = np.concatenate([other.read_unit(u)[fmt.SAMPLE_IDS] for u in range(m.num_units)] or [np.empty(0)])
+        units = [other.read_unit(u) for u in range(m.num_units)]  # each unit read once: ids and params
+        ids = np.concatenate([b[fmt.SAMPLE_IDS] for b in units] or [np.empty(0)])
         other_data = fingerprint is not None and m.source.get("fingerprint") != fingerprint  # rank 0 checks it
         if m.num_samples != num_samples or other_data or not np.array_equal(ids, np.arange(num_samples)):
             raise DataError(f"--views-from '{views_from}' holds views of {m.num_samples} samples of other data "
@@ -94,7 +95,7 @@ def view_plan(*, views: int | None, augment: str | None, views_from: str | None,
         if views is not None and views != count:
             raise DataError(f"--views {views} differs from the {count} views of --views-from '{views_from}'; drop "
                             "--views, or pass the same count")
-        params = np.concatenate([other.read_unit(u)[VIEW_PARAMS] for u in range(m.num_units)]).astype(np.float32)
+        params = np.concatenate([b[VIEW_PARAMS] for b in units]).astype(np.float32)
         aug = parse_augment(recorded)
         view_shape(aug, input_shape)
         # the recorded dtype holds these params exactly, whatever this version would choose
