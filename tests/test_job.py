@@ -151,7 +151,8 @@ def test_views_default_to_top5_and_views_from_reuses_the_params_exactly(inputs, 
         z = other(parse_augment(AUG).apply(inputs["x"].repeat_interleave(V, 0), p))
     enc = lay.encode(z)  # one batch here, 4 samples per batch in the store: ids are exact, values within rounding
     assert np.array_equal(theirs["topk_indices"], to_numpy(enc["topk_indices"]).reshape(N, V, 5))
-    np.testing.assert_allclose(theirs["topk_values"], to_numpy(enc["topk_values"]).reshape(N, V, 5), rtol=1e-6)
+    np.testing.assert_allclose(theirs["topk_values"], to_numpy(enc["topk_values"]).reshape(N, V, 5), rtol=1e-6,
+                               atol=1e-7)  # batch composition moves float32 matmul rounding near zero
 
 
 def test_views_from_refuses_other_data_and_other_augment(inputs, tmp_path):
