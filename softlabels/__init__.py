@@ -1,9 +1,14 @@
-"""softlabels: offline knowledge distillation with precomputed teacher logits.
+"""softlabels: offline knowledge distillation with precomputed teacher outputs.
 
-The teacher job (:func:`generate`) writes raw logits into an HDF5 or Zarr v3 store
-(:class:`StoreWriter`, :func:`open_store`; format in docs/FORMAT.md); students are
-trained from stores (:class:`SoftLabelDataset`, :func:`train`) with KD losses
-(:func:`make_soft_loss`, :class:`DistillationLoss`) and evaluated (:func:`evaluate`).
+The pipeline, one package per stage (docs/ARCHITECTURE.md):
+
+- :mod:`softlabels.inputs`: what a teacher or a student reads (arrays, digits, image
+  folders, text and tokens, the ``--data`` grammar, augmentation ops);
+- :mod:`softlabels.teacher`: runs a teacher once (:func:`generate`) into a store;
+- :mod:`softlabels.store`: the format (positions × layouts), its writer and reader;
+- :mod:`softlabels.student`: streams stores into students (:func:`train`, losses);
+- :mod:`softlabels.evaluation`: :func:`evaluate`, reports and compression;
+- :mod:`softlabels.cli`: the ``softlabels`` command, a thin layer over the above.
 
 The names below are imported on first use (PEP 562), so ``import softlabels`` and
 the command line's ``--help`` do not pay for torch, h5py and zarr.
@@ -11,12 +16,10 @@ the command line's ``--help`` do not pay for torch, h5py and zarr.
 
 from __future__ import annotations
 
-import sys
-import types
 from importlib import import_module
 from typing import Any
 
-from softlabels import _startup
+from softlabels._runtime import startup as _startup
 
 _startup.begin()  # first: Ctrl-C while a command starts is one line (started as the CLI only)
 
@@ -24,23 +27,23 @@ from softlabels._version import __version__  # noqa: E402
 
 # public name -> the module that defines it
 _WHERE = {
-    "ArrayDataset": "data", "InputDataset": "data", "fingerprint": "data",
-    "SoftLabelDataset": "dataset", "SoftLabelMapDataset": "dataset", "batch_loader": "dataset",
+    "ArrayDataset": "inputs.arrays", "InputDataset": "inputs.arrays", "fingerprint": "inputs.arrays",
+    "resolve_data": "inputs.spec",
+    "SoftLabelDataset": "student.dataset", "SoftLabelMapDataset": "student.dataset",
+    "batch_loader": "student.dataset",
     "SoftLabelsError": "errors",
-    "evaluate": "evaluate", "load_student": "evaluate",
-    "FORMAT_VERSION": "format", "StoreMeta": "format",
-    "GenerateResult": "generate", "generate": "generate",
-    "LOSSES": "losses", "DistillationLoss": "losses", "make_soft_loss": "losses",
-    "EvalAccumulator": "metrics",
-    "SoftLabelStore": "reader", "densify_topk": "reader", "open_store": "reader", "to_torch": "reader",
-    "ModelInfo": "specs", "resolve_data": "specs", "resolve_model": "specs",
-    "diff_stores": "summary", "summarize": "summary",
-    "EvalConfig": "config", "GenerateConfig": "config", "TrainConfig": "config",
-    "train": "train",
-    "StoreWriter": "writer",
+    "evaluate": "evaluation.evaluator", "load_student": "evaluation.evaluator",
+    "FORMAT_VERSION": "store.format", "StoreMeta": "store.format",
+    "GenerateResult": "teacher.job", "generate": "teacher.job",
+    "LOSSES": "student.losses", "DistillationLoss": "student.losses", "make_soft_loss": "student.losses",
+    "EvalAccumulator": "student.metrics",
+    "SoftLabelStore": "store.v1", "densify_topk": "store.v1", "open_store": "store.v1", "to_torch": "store.v1",
+    "ModelInfo": "teacher.spec", "resolve_model": "teacher.spec",
+    "diff_stores": "store.summary", "summarize": "store.summary",
+    "EvalConfig": "evaluation.config", "GenerateConfig": "teacher.config", "TrainConfig": "student.config",
+    "train": "student.trainer",
+    "StoreWriter": "store.v1_writer",
 }
-# functions that share their module's name: ``softlabels.generate`` stays the function
-_SHADOWED = frozenset(name for name, module in _WHERE.items() if name == module)
 
 __all__ = sorted([*_WHERE, "__version__"])
 
@@ -55,15 +58,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """Importing ``softlabels.generate`` binds the module on the package; keep the function instead."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -1,5 +1,5 @@
 """``python -m softlabels`` runs the command line."""
 
-from softlabels._cli import main
+from softlabels.cli import main
 
 main()

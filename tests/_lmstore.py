@@ -7,11 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.lm.models import GPT, GPTConfig
-from softlabels.lm.tokens import RaggedTokens, TokenDataset, offsets_of, token_fingerprint
-from softlabels.positions import TokenPositions, UnitGeometry
+from softlabels.inputs.tokens import (
+    RaggedTokens,
+    TokenDataset,
+    offsets_of,
+    token_fingerprint,
+)
+from softlabels.store.positions import TokenPositions, UnitGeometry
 from softlabels.store.schema import StoreMetaV2
-from softlabels.store.unit_writer import UnitWriter
+from softlabels.store.writer import UnitWriter
+from softlabels.teacher.lm import GPT, GPTConfig
 
 PARAMS = {"dense": {}, "topk": {"k": 4}, "sampled": {"samples": 12, "seed": 3}}
 

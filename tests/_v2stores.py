@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.augment import draw_views, parse_augment
-from softlabels.data import fingerprint
-from softlabels.layouts import make_layout, to_numpy
-from softlabels.specs import resolve_data
+from softlabels.inputs.arrays import fingerprint
+from softlabels.inputs.augment import draw_views, parse_augment
+from softlabels.inputs.spec import resolve_data
+from softlabels.store.layouts import make_layout, to_numpy
 from softlabels.store.schema import StoreMetaV2
-from softlabels.store.unit_writer import UnitWriter
+from softlabels.store.writer import UnitWriter
 
 C, SHAPE = 4, (1, 6, 6)
 LAYOUT_PARAMS = {"dense": {}, "topk": {"k": 2}, "sampled": {"samples": 8, "seed": 3}}
@@ -84,7 +84,7 @@ def write_v2(path: Path, spec: str, *, positions: str = "sample", layout: str = 
 
 def write_tokens(path: Path, spec: str) -> None:
     """A complete dense ``tokens`` store of 4 samples (a language-model store), recording ``spec`` as its data."""
-    from softlabels.positions import TokenPositions, UnitGeometry
+    from softlabels.store.positions import TokenPositions, UnitGeometry
 
     lengths = np.array([2, 3, 1, 2])
     tokens = TokenPositions(UnitGeometry(4, 2), lengths, chunk_positions=4)

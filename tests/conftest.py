@@ -11,14 +11,14 @@ import pytest
 import torch
 import zarr
 
-from softlabels.writer import StoreWriter
+from softlabels.store.v1_writer import StoreWriter
 
 
 def run_cli(*args: str):
     """Invoke the real CLI in-process."""
     from click.testing import CliRunner
 
-    from softlabels._cli import main
+    from softlabels.cli import main
 
     return CliRunner().invoke(main, list(args))
 

@@ -35,7 +35,7 @@ import zarr
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from softlabels.format import StoreMeta
+from softlabels.store.format import StoreMeta
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def make(*a, **k): raise SystemExit(0)
 DRIVER = r"""
 import json, sys, traceback
 from click.testing import CliRunner
-from softlabels._cli import main
+from softlabels.cli import main
 out = []
 for args in json.loads(open(sys.argv[1]).read()):
     r = CliRunner().invoke(main, args)
@@ -73,7 +73,7 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("adversarial")
     rng = np.random.default_rng(0)
     np.savez(d / "data.npz", x=rng.standard_normal((N, D)).astype(np.float32), y=np.arange(N) % C)
-    from softlabels.models import build_model
+    from softlabels.teacher.models import build_model
 
     torch.manual_seed(0)
     torch.save(build_model("mlp", (D,), C).state_dict(), d / "w.pt")
@@ -113,8 +113,8 @@ def _array(path: Path, name: str, edit: Callable[[np.ndarray], None]) -> None:
 
 def _rechecksum(path: Path) -> None:
     """Make the checksums agree with the (hostile) content: only the content checks can catch it."""
-    from softlabels.format import chunk_checksum
-    from softlabels.reader import open_store
+    from softlabels.store.format import chunk_checksum
+    from softlabels.store.v1 import open_store
 
     with open_store(path, allow_partial=True) as s:
         sums = [chunk_checksum(s.read_rows(*s.chunk_bounds(c))) for c in range(s.num_chunks)]

@@ -10,12 +10,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softlabels.augment import (
-    PARAM_DTYPES, Compose, RandomAffine, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, ViewRandom, draw_views, param_dtype,
+from softlabels.errors import DataError, SpecError
+from softlabels.inputs.augment import (
+    PARAM_DTYPES,
+    Compose,
+    RandomAffine,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    ViewRandom,
+    draw_views,
+    param_dtype,
     parse_augment,
 )
-from softlabels.augment.ops import _exp
-from softlabels.errors import DataError, SpecError
+from softlabels.inputs.augment.ops import _exp
 from tests._vision import functional as vision
 
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softlabels._cli import main
-from softlabels.specs import resolve_model
+from softlabels.cli import main
+from softlabels.teacher.spec import resolve_model
 from tests.conftest import make_rows, write_store
 
 N, D, C = 24, 4, 3

@@ -33,7 +33,7 @@ def test_inspect_reports_layout_labels_and_teacher_stats(tmp_path, suffix):
 
 def test_inspect_shows_missing_chunks_of_partial_store(tmp_path):
     path = write_store(tmp_path / "p.zarr", make_rows(20, 3), num_classes=3, chunk_rows=8, finish=False)
-    from softlabels.writer import StoreWriter
+    from softlabels.store.v1_writer import StoreWriter
 
     w = StoreWriter.resume(path)
     w.invalidate([1])
@@ -103,7 +103,7 @@ def test_truncated_and_flipped_chunks_are_named(tmp_path):
     assert info["corrupt_chunks"] == [1, 2]
     # a reader hitting the damaged chunk says which one and how to recover
     from softlabels.errors import CorruptStore
-    from softlabels.reader import open_store
+    from softlabels.store.v1 import open_store
 
     with pytest.raises(CorruptStore, match=r"chunk 2 \(rows 16..24\).*--repair"):
         open_store(path).read_chunk(2)

@@ -6,11 +6,11 @@ References are computed independently with numpy from the student's own ``model.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import os
 import subprocess
 import sys
-import importlib.util
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels.data import load_digits_split
+from softlabels.inputs.arrays import load_digits_split
 from tests.conftest import assert_one_line_error, run_cli
 
 
@@ -237,16 +237,16 @@ def test_compress_demo_script(tmp_path):
 
 
 def test_cli_choices_match_the_library():
-    """The CLI spells the --quantize choices out (importing softlabels.compress would pull in torch)."""
-    from softlabels import compress as lib
-    from softlabels._cli import compress as cli_module
+    """The CLI spells the --quantize choices out (importing softlabels.evaluation.compression would pull in torch)."""
+    from softlabels.cli import compress as cli_module
+    from softlabels.evaluation import compression as lib
 
     assert cli_module.QUANTIZE == lib.QUANTIZE
 
 
 def test_compress_never_replaces_its_input_run(tmp_path):
     """--out on the run itself, or on a folder holding it, is refused even with --overwrite."""
-    from softlabels.compress import CompressConfig
+    from softlabels.evaluation.compression import CompressConfig
 
     run = tmp_path / "par" / "run"
     run.mkdir(parents=True)

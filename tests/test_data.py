@@ -15,9 +15,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch.utils.data import DataLoader
 
-from softlabels.data import ArrayDataset, FileArrayDataset, InputDataset, fingerprint
 from softlabels.errors import DataError, SpecError
-from softlabels.specs import resolve_data
+from softlabels.inputs.arrays import (
+    ArrayDataset,
+    FileArrayDataset,
+    InputDataset,
+    fingerprint,
+)
+from softlabels.inputs.spec import resolve_data
 
 
 def _arrays(n: int = 37, shape: tuple[int, ...] = (3, 4), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -13,13 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from softlabels import _order
-from softlabels.data import ArrayDataset, fingerprint
-from softlabels.dataset import SoftLabelDataset, SoftLabelMapDataset
-from softlabels.errors import (ConfigError, CorruptStore, DataError, FingerprintMismatch, IncompleteStore,
-                               StoreMismatch)
-from softlabels.reader import SoftLabelStore
-from softlabels.writer import StoreWriter
+from softlabels.errors import (
+    ConfigError,
+    CorruptStore,
+    DataError,
+    FingerprintMismatch,
+    IncompleteStore,
+    StoreMismatch,
+)
+from softlabels.inputs.arrays import ArrayDataset, fingerprint
+from softlabels.store.v1 import SoftLabelStore
+from softlabels.store.v1_writer import StoreWriter
+from softlabels.student import order as _order
+from softlabels.student.dataset import SoftLabelDataset, SoftLabelMapDataset
 from tests.conftest import read_plain
 
 BACKENDS = {"hdf5": ".h5", "zarr": ".zarr"}
@@ -119,7 +125,7 @@ def test_every_row_once_per_epoch_across_ranks_and_workers(dense, world):
 
 
 def _loaders():
-    from softlabels._loader import batch_loader
+    from softlabels.inputs.loader import batch_loader
 
     return {"DataLoader": lambda ds, w: DataLoader(ds, batch_size=None, num_workers=w),
             "batch_loader": lambda ds, w: batch_loader(ds, num_workers=w)}

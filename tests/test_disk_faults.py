@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels.store import open_backend
-from softlabels.specs import resolve_model
-from softlabels.summary import diff_stores
+from softlabels.store.backend import open_backend
+from softlabels.store.summary import diff_stores
+from softlabels.teacher.spec import resolve_model
 
 N, D, C = 2000, 8, 50
 
@@ -82,7 +82,7 @@ def test_read_only_destination_fails_clearly_and_resumes(tmp_path, tmpfs, job):
     out = tmpfs / "s.zarr"
     first = job(out)  # a full run, then two chunks marked for regeneration: a store to resume
     assert first.returncode == 0, first.stderr
-    from softlabels.writer import StoreWriter
+    from softlabels.store.v1_writer import StoreWriter
 
     w = StoreWriter.resume(out)
     w.invalidate([3, 7])

@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels.ensemble import Combination, EnsembleStore, check_temperature, combine
 from softlabels.errors import ConfigError, StoreMismatch
-from softlabels.layouts import make_layout, to_numpy
-from softlabels.positions import TokenPositions, UnitGeometry
+from softlabels.store.ensemble import (
+    Combination,
+    EnsembleStore,
+    check_temperature,
+    combine,
+)
+from softlabels.store.layouts import make_layout, to_numpy
+from softlabels.store.positions import TokenPositions, UnitGeometry
+from softlabels.store.reader import UnitStore
 from softlabels.store.schema import StoreMetaV2
-from softlabels.store.unit_reader import UnitStore
-from softlabels.store.unit_writer import UnitWriter
+from softlabels.store.writer import UnitWriter
 from tests.conftest import run_cli, write_store
 
 C = 9
@@ -61,7 +66,7 @@ def _buckets_at(target, t: float) -> np.ndarray:
     """What the top-k losses see at T: the stored classes' probabilities (the tail is the rest)."""
     v, lse = target.values.double().numpy(), target.logsumexp.double().numpy()
     tail = np.log(np.clip(1 - np.exp(v - lse[:, None]).sum(-1), 1e-300, None)) + lse
-    if v.shape[1] == C:  # every class stored: no tail bucket (as softlabels.kd)
+    if v.shape[1] == C:  # every class stored: no tail bucket (as softlabels.student.kd)
         tail = np.full_like(lse, -np.inf)
     b = np.concatenate([v, tail[:, None]], 1)
     return _softmax(b, t)[:, :-1]
@@ -256,7 +261,7 @@ def test_stores_of_other_data_are_refused_by_name(tmp_path):
 @pytest.mark.parametrize("positions,layout,params", [CASES[2], CASES[1]])
 def test_producer_pieces_cut_across_units_write_the_same_store(tmp_path, positions, layout, params):
     """The runner hands a producer spans cut anywhere; the pieces must write the same bytes."""
-    from softlabels.job.merge import MergeProducer
+    from softlabels.teacher.merging import MergeProducer
 
     paths, _, _ = _stores(tmp_path, positions, layout, params)
     ens = EnsembleStore(paths, temperature=1.0)
@@ -271,15 +276,15 @@ def test_producer_pieces_cut_across_units_write_the_same_store(tmp_path, positio
 
 
 def test_config_modes_are_the_library_modes():
-    from softlabels.config import ENSEMBLE_MODES
-    from softlabels.ensemble import MODES
+    from softlabels.store.ensemble import MODES
+    from softlabels.teacher.config import ENSEMBLE_MODES
 
     assert ENSEMBLE_MODES == MODES
 
 
 def test_train_distils_from_an_ensemble(tmp_path):
     """``train --ensemble`` hands an EnsembleStore to the dataset as its store (needs the format-2 reader)."""
-    pytest.importorskip("softlabels._units")
+    pytest.importorskip("softlabels.student.sources")
     rng = np.random.default_rng(2)
     x = rng.standard_normal((24, 5)).astype(np.float32)
     y = rng.integers(0, 3, 24)

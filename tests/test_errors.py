@@ -1,7 +1,7 @@
 """docs/ERRORS.md, machine-checked: every catalogued error, triggered for real.
 
 Each ``E`` row of the catalogue has a case here that makes that exact situation and
-runs the real CLI (click's CliRunner on ``softlabels._cli.main``) on tiny data made
+runs the real CLI (click's CliRunner on ``softlabels.cli.main``) on tiny data made
 in the test. The test then checks the output: exit status 2, exactly one stderr
 line, starting with ``error: ``, no traceback, and the message matching the one the
 row quotes (the doc's ``<placeholders>`` match anything). It also checks that the
@@ -32,7 +32,7 @@ import pytest
 import torch
 import zarr
 
-from softlabels.models import build_model
+from softlabels.teacher.models import build_model
 from tests.conftest import make_rows, run_cli, write_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ COVERED_ELSEWHERE = {
     # --augment specs, raised through the library until generate takes --augment
     **{f"E{i}": "tests/test_augment.py::test_errors_match_the_catalogue" for i in range(1408, 1418)},
     "E1419": "tests/test_augment.py::test_errors_match_the_catalogue",
-    # token generate (softlabels.job.tokens)
+    # token generate (softlabels.teacher.tokens)
     "E1800": "tests/test_token_producer.py::test_token_producer_refusals",
     "E1911": "tests/test_ensemble.py::test_refusals_in_the_library",  # readers of merged stores call it
     "E1782": "tests/test_augment.py::test_errors_match_the_catalogue",  # a user op module on sys.path
@@ -140,7 +140,7 @@ def ctrl_c_student(): return CtrlCStudent(6, 4)
 DATASETS = '''
 import torch
 from torch.utils.data import Dataset, IterableDataset
-from softlabels.data import InputDataset
+from softlabels.inputs.arrays import InputDataset
 
 class Items(Dataset):
     def __init__(self, items, **attrs): self.items = items; self.__dict__.update(attrs)
@@ -311,7 +311,7 @@ def damage_chunk(store: Path, damage: Callable[[bytes], bytes]) -> Path:
 
 def set_value(store: Path, name: str, row: int, value: int) -> Path:
     """Write one value into an HDF5 store and re-checksum its chunk: damage that checksums cannot see."""
-    from softlabels.format import ROW_KEYS, chunk_checksum
+    from softlabels.store.format import ROW_KEYS, chunk_checksum
 
     with h5py.File(store, "r+") as f:
         f[name][row] = value
@@ -475,7 +475,7 @@ def _(c):
 
 @case("E201")
 def _(c):
-    from softlabels.writer import StoreWriter
+    from softlabels.store.v1_writer import StoreWriter
 
     p = c.copy(c.env.zarr)
     w = StoreWriter.resume(p)
@@ -561,7 +561,7 @@ def _(c):
 
 @case("E432")
 def _(c):
-    from softlabels import data
+    from softlabels.inputs import arrays as data
 
     data._digits_arrays.cache_clear()
     c.mp.setitem(sys.modules, "sklearn.datasets", None)  # import sklearn.datasets -> ImportError
@@ -603,7 +603,7 @@ def _(c):
 
 @case("E701")
 def _(c):
-    from softlabels._lock import StoreLock
+    from softlabels.store.lock import StoreLock
 
     with StoreLock(c.tmp / "s.zarr"):  # another job holds the store
         return c.gen(out=c.tmp / "s.zarr")
@@ -655,7 +655,7 @@ def _(c):
 
 @case("E952")
 def _(c):  # a second rank with no rows, simulated: a real torchrun run takes ~20 s on 2 cores
-    from softlabels._trainutil import DistEnv
+    from softlabels._runtime.device import DistEnv
 
     def all_reduce(self, t, op=None):  # [max, -min] of the ranks' step counts: another rank has 0
         return torch.tensor([int(t[0]), 0])
@@ -784,7 +784,7 @@ CASES.update({
 
 @case("E1711")
 def _(c):
-    (c.tmp / "errcat_aug.py").write_text("from softlabels.augment import RandomHorizontalFlip\n"
+    (c.tmp / "errcat_aug.py").write_text("from softlabels.inputs.augment import RandomHorizontalFlip\n"
                                          "class make(RandomHorizontalFlip):\n"
                                          "    spec = 'errcat_aug:make'  # recorded as the factory term\n"
                                          "    def __init__(self): super().__init__(0.5)\n")
@@ -832,9 +832,9 @@ def _merge(c: Ctx, *stores: Any, extra: tuple = ()):
 
 def _sampled(c: Ctx, name: str, seed: int) -> Path:
     """A format-2 sampled store of 12 samples."""
-    from softlabels.layouts import to_numpy
+    from softlabels.store.layouts import to_numpy
     from softlabels.store.schema import StoreMetaV2
-    from softlabels.store.unit_writer import UnitWriter
+    from softlabels.store.writer import UnitWriter
 
     meta = StoreMetaV2(positions="sample", layout="sampled", num_samples=12, num_classes=C, chunk_samples=4,
                        layout_params={"samples": 4, "seed": seed})
@@ -985,7 +985,7 @@ def _(c):
 
 @case("E1013")
 def _(c):
-    from softlabels._lock import StoreLock
+    from softlabels.store.lock import StoreLock
 
     with StoreLock(c.tmp / "run"):  # another train holds the run directory
         return c.train("--data", c.env.data, out=c.tmp / "run")
@@ -1076,8 +1076,8 @@ def _(c):
 
 def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:
     """A tiny store whose attributes and array shapes agree but whose data was never written."""
-    from softlabels.format import StoreMeta
-    from softlabels.store import open_backend
+    from softlabels.store.backend import open_backend
+    from softlabels.store.format import StoreMeta
 
     meta = StoreMeta(layout="dense", num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows,
                      status="complete" if len(done) else "writing")
@@ -1101,7 +1101,7 @@ def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows:
 
 
 def _writer(name: str = "s.zarr", **kw) -> Callable[[Ctx], Any]:
-    from softlabels.writer import StoreWriter
+    from softlabels.store.v1_writer import StoreWriter
 
     return lambda c: StoreWriter.create(c.tmp / name, num_samples=N, num_classes=C, chunk_rows=CHUNK, **kw)
 
@@ -1113,26 +1113,26 @@ def _finish_half_written(c: Ctx) -> None:
 
 
 def _resume_other_shape(c: Ctx) -> None:
-    from softlabels.format import StoreMeta
-    from softlabels.writer import StoreWriter
+    from softlabels.store.format import StoreMeta
+    from softlabels.store.v1_writer import StoreWriter
 
     StoreWriter.resume(c.env.h5, expect=StoreMeta(layout="dense", num_samples=N, num_classes=C + 1, chunk_rows=CHUNK))
 
 
 def _dataset(c: Ctx, source: Any = None, **kw) -> Any:
-    from softlabels.dataset import SoftLabelDataset
+    from softlabels.student.dataset import SoftLabelDataset
 
     return SoftLabelDataset([(source or c.env.h5, None)], **{"batch_size": 4, "rank": 0, "world_size": 1, **kw})
 
 
 def _partial_store(c: Ctx) -> Any:
-    from softlabels.reader import open_store
+    from softlabels.store.v1 import open_store
 
     return open_store(write_store(c.tmp / "p.h5", make_rows(N, C), num_classes=C, finish=False), allow_partial=True)
 
 
 def _map_dataset(c: Ctx, **kw) -> Any:
-    from softlabels.dataset import SoftLabelMapDataset
+    from softlabels.student.dataset import SoftLabelMapDataset
 
     return SoftLabelMapDataset(c.env.h5, **kw)
 
@@ -1145,21 +1145,22 @@ def _lm_token_store(c: Ctx) -> Path:
 
 
 def SoftLabelMapDataset_of(store: Path) -> Any:
-    from softlabels.dataset import SoftLabelMapDataset
+    from softlabels.student.dataset import SoftLabelMapDataset
 
     return SoftLabelMapDataset(store)
 
 
 def _kl(teacher: dict) -> Callable[[Ctx], Any]:
-    from softlabels.losses import KLDivergence
+    from softlabels.student.losses import KLDivergence
 
     return lambda c: KLDivergence(2.0)(torch.zeros(2, C), {"labels": torch.zeros(2, dtype=torch.long), **teacher})
 
 
 def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
-    from softlabels import losses, open_store
-    from softlabels.layouts import make_layout
-    from softlabels.metrics import EvalAccumulator
+    from softlabels import open_store
+    from softlabels.store.layouts import make_layout
+    from softlabels.student import losses
+    from softlabels.student.metrics import EvalAccumulator
 
     return {
         "L101": lambda c: write_store(c.copy(c.env.h5), make_rows(N, C), num_classes=C),
@@ -1203,7 +1204,7 @@ def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
 
 
 def _topk_target() -> Any:
-    from softlabels.layouts import TopKTarget
+    from softlabels.store.layouts import TopKTarget
 
     return TopKTarget(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2))
 
@@ -1242,7 +1243,7 @@ def _hf_dir(c: Ctx, *files: str) -> Path:
 def _hf_load_fails(c: Ctx) -> Any:
     """transformers refusing a directory, stood in for: importing the real one here would
     fix its view of torchvision for the whole session (tests/test_lm_models.py loads real ones)."""
-    from softlabels.lm import resolve_lm
+    from softlabels.teacher.lm import resolve_lm
 
     def from_pretrained(*args, **kwargs):
         raise OSError("model.safetensors is not a safetensors file")
@@ -1254,10 +1255,10 @@ def _hf_load_fails(c: Ctx) -> Any:
 
 
 def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
-    from softlabels.lm import GPTConfig, LMEvalAccumulator, build_lm, next_token_ce, resolve_lm
-    from softlabels.lm.models import GPT
-    from softlabels.lm.text import resolve_token_data, train_bpe
-    from softlabels.lm.tokens import open_token_file, pack_stream
+    from softlabels.inputs.text import resolve_token_data, train_bpe
+    from softlabels.inputs.tokens import open_token_file, pack_stream
+    from softlabels.student.lm_metrics import LMEvalAccumulator, next_token_ce
+    from softlabels.teacher.lm import GPT, GPTConfig, build_lm, resolve_lm
 
     ids = torch.zeros((2, 3), dtype=torch.int64)
 
@@ -1395,7 +1396,7 @@ def _(c):
 
 @case("E1857")
 def _(c):
-    (c.tmp / "errcat_lm.py").write_text("from softlabels.lm.models import GPT, GPTConfig\n"
+    (c.tmp / "errcat_lm.py").write_text("from softlabels.teacher.lm import GPT, GPTConfig\n"
                                         "def make():\n    return GPT(GPTConfig(12, 8, 1, 2, 16))\n")
     c.mp.syspath_prepend(str(c.tmp))
     run = _lm_run(c, "errcat_lm:make")
@@ -1498,7 +1499,9 @@ def test_covered_elsewhere_names_a_real_test(cid):
 
 
 def test_every_named_class_exists():
-    from softlabels import checkpoint, errors, report
+    from softlabels import errors
+    from softlabels.evaluation import report
+    from softlabels.student import checkpoint
 
     known = {name for mod in (errors, checkpoint, report, click.exceptions, builtins) for name, value in vars(mod).items()
              if isinstance(value, type) and issubclass(value, BaseException)}

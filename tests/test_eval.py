@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from softlabels._cli import main
-from softlabels.evaluate import evaluate
-from softlabels.generate import generate
-from softlabels.models import build_model
-from softlabels.specs import resolve_data
-from softlabels.train import TrainConfig, train
+from softlabels.cli import main
+from softlabels.evaluation.evaluator import evaluate
+from softlabels.inputs.spec import resolve_data
+from softlabels.student.trainer import TrainConfig, train
+from softlabels.teacher.job import generate
+from softlabels.teacher.models import build_model
 from tests.test_train import C, D, make_data, make_teacher, write_teacher_store
 
 

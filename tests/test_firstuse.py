@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels import _progress, config
-from softlabels._cli import main
+from softlabels._runtime import progress as _progress
+from softlabels.cli import main
+from softlabels.evaluation import config as eval_config
+from softlabels.student import config as train_config
+from softlabels.teacher import config as gen_config
 from tests.conftest import read_plain, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +56,7 @@ def world(tmp_path_factory):
     np.savez(d / "train.npz", x=x, y=np.arange(N) % C)
     np.savez(d / "pool.npz", x=rng.standard_normal((N, D)).astype(np.float32))  # no labels at all
     torch.manual_seed(0)
-    from softlabels.models import build_model
+    from softlabels.teacher.models import build_model
 
     torch.save(build_model("mlp", (D,), C).state_dict(), d / "teacher.pt")
     (d / "firstuse_models.py").write_text(TEACHER)
@@ -104,12 +107,13 @@ def test_help_imports_no_torch_h5py_or_zarr(args):
 
 
 def test_config_module_imports_without_torch():
-    assert fresh_python("import sys, softlabels, softlabels.config\n"
+    assert fresh_python("import sys, softlabels, softlabels.teacher.config, softlabels.student.config, "
+                        "softlabels.evaluation.config\n"
                         "print(sorted(m for m in ('torch', 'numpy', 'h5py', 'zarr') if m in sys.modules))").strip() == "[]"
 
 
 def test_the_version_has_one_source():
-    from softlabels._version import __version__
+    from softlabels import __version__
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
@@ -123,7 +127,7 @@ def test_the_version_has_one_source():
 
 
 def test_functions_named_like_their_modules_stay_functions():
-    out = fresh_python("import softlabels.generate, softlabels.train, softlabels.evaluate, softlabels\n"
+    out = fresh_python("import softlabels.teacher.job, softlabels.student.trainer, softlabels.evaluation.evaluator, softlabels\n"
                        "print(all(callable(getattr(softlabels, n)) and not isinstance(getattr(softlabels, n), type(softlabels))"
                        " for n in ('generate', 'train', 'evaluate')))\n"
                        "print(all(getattr(softlabels, n) is not None for n in softlabels.__all__))")
@@ -139,9 +143,9 @@ def _options(name: str) -> dict[str, click.Option]:
 
 
 @pytest.mark.parametrize("command, cls, renamed", [
-    ("train", config.TrainConfig, {}),
-    ("generate", config.GenerateConfig, {}),
-    ("eval", config.EvalConfig, {"data_spec": "data"}),
+    ("train", train_config.TrainConfig, {}),
+    ("generate", gen_config.GenerateConfig, {}),
+    ("eval", eval_config.EvalConfig, {"data_spec": "data"}),
 ])
 def test_click_defaults_and_choices_come_from_the_config(command, cls, renamed):
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -153,21 +157,23 @@ def test_click_defaults_and_choices_come_from_the_config(command, cls, renamed):
         # None stands for a documented default chosen at run time (--alpha, --loss, --chunk-rows, ...)
         assert defaults[name] == field.default, (command, name)
     gen, train = _options("generate"), _options("train")
-    assert tuple(gen["layout"].type.choices) == config.GENERATE_LAYOUTS
-    assert config.GENERATE_LAYOUTS[:len(config.LAYOUTS)] == config.LAYOUTS
-    assert tuple(gen["dtype"].type.choices) == config.LOGITS_DTYPES
-    assert tuple(train["optimizer"].type.choices) == config.OPTIMIZERS
+    assert tuple(gen["layout"].type.choices) == gen_config.GENERATE_LAYOUTS
+    assert gen_config.GENERATE_LAYOUTS[:len(gen_config.LAYOUTS)] == gen_config.LAYOUTS
+    assert tuple(gen["dtype"].type.choices) == gen_config.LOGITS_DTYPES
+    assert tuple(train["optimizer"].type.choices) == train_config.OPTIMIZERS
 
 
 def test_config_choices_and_library_defaults_match_the_modules_that_use_them():
-    from softlabels import evaluate, format, generate, losses, report
+    from softlabels.evaluation import report
+    from softlabels.evaluation.evaluator import evaluate
+    from softlabels.store import format, layouts
+    from softlabels.student import losses
+    from softlabels.teacher.job import generate
 
-    from softlabels import layouts
-
-    assert config.LAYOUTS == tuple(format.LAYOUTS) and config.LOGITS_DTYPES == tuple(format.LOGITS_DTYPES)
-    assert set(config.GENERATE_LAYOUTS) == set(layouts.LAYOUTS)
-    assert config.LOSS_NAMES == tuple(losses.LOSSES) and config.REPORT_FORMATS == tuple(report.FORMATS)
-    for fn, cls in ((generate, config.GenerateConfig), (evaluate, config.EvalConfig)):
+    assert gen_config.LAYOUTS == tuple(format.LAYOUTS) and gen_config.LOGITS_DTYPES == tuple(format.LOGITS_DTYPES)
+    assert set(gen_config.GENERATE_LAYOUTS) == set(layouts.LAYOUTS)
+    assert train_config.LOSS_NAMES == tuple(losses.LOSSES) and eval_config.REPORT_FORMATS == tuple(report.FORMATS)
+    for fn, cls in ((generate, gen_config.GenerateConfig), (evaluate, eval_config.EvalConfig)):
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         for name, param in inspect.signature(fn).parameters.items():
             if name in defaults and param.default is not inspect.Parameter.empty:
@@ -175,11 +181,11 @@ def test_config_choices_and_library_defaults_match_the_modules_that_use_them():
 
 
 def test_one_device_resolver_and_eval_defaults_to_auto():
-    import softlabels.generate as _  # noqa: F401 - the module, for its namespace
+    import softlabels.teacher.job as _  # noqa: F401 - the module, for its namespace
 
-    assert not hasattr(sys.modules["softlabels.generate"], "_pick_device")
-    assert _options("eval")["device"].default == "auto" == config.EvalConfig.device
-    from softlabels._trainutil import resolve_device
+    assert not hasattr(sys.modules["softlabels.teacher.job"], "_pick_device")
+    assert _options("eval")["device"].default == "auto" == eval_config.EvalConfig.device
+    from softlabels._runtime.device import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():

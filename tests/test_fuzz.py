@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softlabels._cli import main
+from softlabels.cli import main
 from softlabels.errors import SoftLabelsError
-from softlabels.format import StoreMeta
+from softlabels.store.format import StoreMeta
 from tests.conftest import make_rows, write_store
 
 json_values = st.recursive(

@@ -22,10 +22,10 @@ import pytest
 import torch
 import zarr
 
-from softlabels._lock import StoreLock, lock_path
-from softlabels.generate import generate
-from softlabels.models import build_model
-from softlabels.specs import resolve_model
+from softlabels.store.lock import StoreLock, lock_path
+from softlabels.teacher.job import generate
+from softlabels.teacher.models import build_model
+from softlabels.teacher.spec import resolve_model
 from tests.conftest import assert_one_line_error, read_plain, run_cli
 
 N, D, C = 100, 12, 10

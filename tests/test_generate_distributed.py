@@ -1,6 +1,6 @@
 """`torchrun --nproc-per-node=2 ... softlabels generate` (gloo, CPU) equals the one-process store.
 
-One torchrun launch runs every case through the CLI (``softlabels._cli.main``) in
+One torchrun launch runs every case through the CLI (``softlabels.cli.main``) in
 the same two processes, so the cost of starting torch is paid once: Zarr (plain
 and sharded), HDF5 (rank 0 writes what the ranks gather to it), resuming partial
 stores of both backends, and a non-finite error that must stop both ranks with a
@@ -19,15 +19,22 @@ from pathlib import Path
 import h5py
 import zarr
 
-from softlabels.writer import StoreWriter
+from softlabels.store.v1_writer import StoreWriter
 from tests.test_generate import (  # noqa: F401 - tiny is a fixture
-    assert_same_store, gen_args, ok, read_plain, run_cli, status, tiny)
+    assert_same_store,
+    gen_args,
+    ok,
+    read_plain,
+    run_cli,
+    status,
+    tiny,
+)
 
 DRIVER = '''
 import contextlib, faulthandler, io, json, os, sys
 import click
 faulthandler.dump_traceback_later(100, exit=True)  # a hang shows where, instead of a silent timeout
-from softlabels._cli import main
+from softlabels.cli import main
 
 rank = int(os.environ["RANK"])
 with open(sys.argv[1]) as f:

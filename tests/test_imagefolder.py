@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from softlabels.data import fingerprint
 from softlabels.errors import DataError, SpecError
-from softlabels.specs import resolve_data
+from softlabels.inputs.arrays import fingerprint
+from softlabels.inputs.spec import resolve_data
 from tests._vision import torchvision
 from tests.conftest import run_cli
 

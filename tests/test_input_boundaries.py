@@ -93,7 +93,7 @@ def test_absurd_views_count_is_refused_before_allocating(tmp_path):
     img = _img(tmp_path)
     out = tmp_path / "many.zarr"
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
-            "from softlabels._cli import main; sys.argv[0] = 'softlabels'; main()")
+            "from softlabels.cli import main; sys.argv[0] = 'softlabels'; main()")
     proc = subprocess.run(
         [sys.executable, "-c", code, "generate", "--teacher", "cnn", "--random-teacher", "--data", str(img),
          "--out", str(out), "--num-classes", "4", "--views", "1000000000", "--augment", "flip", "--no-progress"],

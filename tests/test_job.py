@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels.augment import draw_views, parse_augment
-from softlabels.layouts import make_layout, to_numpy
-from softlabels.specs import resolve_model
+from softlabels.inputs.augment import draw_views, parse_augment
+from softlabels.store.layouts import make_layout, to_numpy
+from softlabels.teacher.spec import resolve_model
 from tests.conftest import assert_one_line_error, read_plain, run_cli
 
 N, C, SHAPE = 30, 5, (3, 8, 8)
@@ -195,7 +195,7 @@ def test_teacher_batch_size_does_not_depend_on_chunk_size(tmp_path, monkeypatch,
 
     x = np.random.default_rng(0).random((300, 4)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
-    from softlabels import generate
+    from softlabels.teacher.job import generate
 
     topk = {"topk": 8} if layout == "topk" else {}
     out = tmp_path / "s.zarr"
@@ -278,7 +278,7 @@ def test_v1_stays_the_default_and_a_v1_store_is_not_resumed_as_v2(inputs, tmp_pa
 DRIVER = '''
 import contextlib, io, os, sys, json
 import click
-from softlabels._cli import main
+from softlabels.cli import main
 rank = int(os.environ["RANK"])
 cases = json.load(open(sys.argv[1]))
 codes = []
@@ -373,7 +373,7 @@ class _TokenProducer:
 
 
 def _token_meta(lengths):
-    from softlabels.positions import TokenPositions, UnitGeometry
+    from softlabels.store.positions import TokenPositions, UnitGeometry
     from softlabels.store.schema import StoreMetaV2
 
     g = UnitGeometry(len(lengths), 3, 1, 2)
@@ -386,9 +386,9 @@ def _token_meta(lengths):
 def test_the_runner_is_generic_a_ragged_token_producer(tmp_path, suffix):
     """The runner drives any producer: ragged tokens, batches of 5 samples over units of 3, resume, non-finite."""
     from softlabels.errors import NonFiniteOutputs
-    from softlabels.job import run_job
-    from softlabels.store.unit_reader import UnitStore
-    from softlabels.store.unit_writer import UnitWriter
+    from softlabels.store.reader import UnitStore
+    from softlabels.store.writer import UnitWriter
+    from softlabels.teacher.runner import run_job
 
     lengths = np.array([3, 0, 7, 1, 2, 9, 4, 0, 5, 6, 2], np.int64)
     out = tmp_path / f"t{suffix}"

@@ -7,10 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softlabels import kd
 from softlabels.errors import ConfigError, ModelMismatch
-from softlabels.layouts import DenseTarget, SampledTarget, TopKTarget, make_layout, to_numpy
-from softlabels.losses import LOSSES, DistillationLoss, SampledKL, make_soft_loss
+from softlabels.store.layouts import (
+    DenseTarget,
+    SampledTarget,
+    TopKTarget,
+    make_layout,
+    to_numpy,
+)
+from softlabels.student import kd
+from softlabels.student.losses import (
+    LOSSES,
+    DistillationLoss,
+    SampledKL,
+    make_soft_loss,
+)
 
 KINDS = {"forward_kl": "kl", "reverse_kl": "reverse_kl", "skew_kl": "skew_kl",
          "skew_reverse_kl": "skew_reverse_kl", "jsd": "jsd"}

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softlabels.errors import ConfigError, CorruptStore, ModelMismatch
-from softlabels.layouts import (
+from softlabels.store.layouts import (
     LAYOUTS,
     DenseTarget,
     SampledTarget,
@@ -21,8 +21,8 @@ from softlabels.layouts import (
     make_layout,
     to_numpy,
 )
-from softlabels.layouts.sampled import splitmix64, uniforms
-from softlabels.reader import densify_topk
+from softlabels.store.layouts.sampled import splitmix64, uniforms
+from softlabels.store.v1 import densify_topk
 
 MASK64 = (1 << 64) - 1
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softlabels.lm import load_tokenizer, resolve_token_data
+from softlabels.inputs.text import load_tokenizer, resolve_token_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

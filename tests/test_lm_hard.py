@@ -21,7 +21,7 @@ TEXT = "\n\n".join(f"The help topic {i} says how {w} works, and why {w} is {i % 
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    from softlabels.lm import train_bpe
+    from softlabels.inputs.text import train_bpe
 
     d = tmp_path_factory.mktemp("hard")
     (d / "t.txt").write_text(TEXT)
@@ -30,7 +30,8 @@ def text(tmp_path_factory):
 
 
 def test_hard_ce_from_data_alone_equals_plain_cross_entropy(text):
-    from softlabels.lm import build_lm, resolve_token_data
+    from softlabels.inputs.text import resolve_token_data
+    from softlabels.teacher.lm import build_lm
 
     out = text / "run"
     r = run_cli("train", "--student", "gpt-tiny", "--data", f"text:{text / 't.txt'}", "--tokenizer",
@@ -59,8 +60,8 @@ def test_hard_ce_from_data_alone_equals_plain_cross_entropy(text):
 
 
 def test_eval_of_a_sampled_store_reports_a_kl_that_is_never_negative(tmp_path):
-    from softlabels import kd
-    from softlabels.layouts.targets import SampledTarget
+    from softlabels.store.layouts.targets import SampledTarget
+    from softlabels.student import kd
 
     lengths, vocab = [6, 3, 9, 5], 40
     spec, data = ragged_data(tmp_path / "d.npz", lengths, vocab)

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from softlabels.errors import ConfigError, ModelMismatch
-from softlabels.lm import LMEvalAccumulator, next_token_ce, next_token_targets
+from softlabels.student.lm_metrics import (
+    LMEvalAccumulator,
+    next_token_ce,
+    next_token_targets,
+)
 
 B, L, V = 4, 9, 11
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from softlabels.errors import DataError, ModelMismatch, SpecError
-from softlabels.lm import BUILTIN_LMS, build_lm, resolve_lm
+from softlabels.teacher.lm import BUILTIN_LMS, build_lm, resolve_lm
 
 V, CTX = 97, 24
 

@@ -13,9 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softlabels.errors import DataError, SpecError
-from softlabels.lm import (
-    PackedTokens, RaggedTokens, encode_text, offsets_of, pack_stream, resolve_token_data, token_fingerprint,
-    train_bpe,
+from softlabels.inputs.text import encode_text, resolve_token_data, train_bpe
+from softlabels.inputs.tokens import (
+    PackedTokens,
+    RaggedTokens,
+    offsets_of,
+    pack_stream,
+    token_fingerprint,
 )
 
 BIG_VOCAB = 200_000  # ids need 18 bits: nothing may squeeze them into 16

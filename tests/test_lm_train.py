@@ -15,15 +15,21 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from softlabels._loader import batch_loader
-from softlabels.config import TrainConfig
-from softlabels.layouts import make_layout
-from softlabels.lm.dataset import TokenStoreDataset, batch_target
-from softlabels.lm.train import lm_loss
-from softlabels.losses import make_soft_loss
-from softlabels.store.unit_reader import UnitStore
-from softlabels.train import train
-from tests._lmstore import PARAMS, ragged_data, teacher_logits, tiny_teacher, write_token_store
+from softlabels.inputs.loader import batch_loader
+from softlabels.store.layouts import make_layout
+from softlabels.store.reader import UnitStore
+from softlabels.student.config import TrainConfig
+from softlabels.student.lm_trainer import lm_loss
+from softlabels.student.losses import make_soft_loss
+from softlabels.student.token_dataset import TokenStoreDataset, batch_target
+from softlabels.student.trainer import train
+from tests._lmstore import (
+    PARAMS,
+    ragged_data,
+    teacher_logits,
+    tiny_teacher,
+    write_token_store,
+)
 
 V = 40
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6]
@@ -201,7 +207,7 @@ def test_torchrun_two_processes_equal_one(stores, tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # equal up to the order of float sums (DDP's gradient mean, the position count's split)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    from softlabels.lm import build_lm
+    from softlabels.teacher.lm import build_lm
 
     init = build_lm("gpt-tiny", V, max(LENGTHS), seed=0).state_dict()
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-2  # trained, not trivially equal
@@ -230,7 +236,7 @@ def test_student_of_another_vocabulary_is_refused(stores, tmp_path):
     from tests.conftest import run_cli
 
     mod = tmp_path / "wide_lm.py"
-    mod.write_text("from softlabels.lm.models import GPT, GPTConfig\n"
+    mod.write_text("from softlabels.teacher.lm import GPT, GPTConfig\n"
                    "def make():\n    return GPT(GPTConfig(41, 16, 1, 2, 16))\n")
     sys.path.insert(0, str(tmp_path))
     try:

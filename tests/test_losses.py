@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softlabels.errors import ConfigError
-from softlabels.layouts import make_layout, to_numpy
-from softlabels.losses import (
+from softlabels.store.layouts import make_layout, to_numpy
+from softlabels.student.losses import (
     LOSSES,
     DistillationLoss,
     KLDivergence,

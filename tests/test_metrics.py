@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from softlabels.errors import ConfigError, DataError, ModelMismatch
-from softlabels.metrics import EvalAccumulator
+from softlabels.student.metrics import EvalAccumulator
 
 
 def np_softmax(x: np.ndarray) -> np.ndarray:

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softlabels.positions.views import choose_views
-from softlabels.positions import (
+from softlabels.store.positions import (
     POSITION_KINDS,
     SamplePositions,
     TokenPositions,
@@ -22,6 +21,7 @@ from softlabels.positions import (
     ViewPositions,
     group_units_for,
 )
+from softlabels.store.positions.views import choose_views
 
 
 @st.composite

@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from _v2stores import SHAPE, Teacher, make_images, write_v2
 from conftest import read_plain, run_cli
-from softlabels.dataset import SoftLabelDataset
-from softlabels.layouts import make_layout
-from softlabels.losses import as_target
-from softlabels.positions.views import choose_views
-from softlabels.specs import resolve_data
-from softlabels.store import open_any
-from softlabels.store.unit_reader import UnitStore
+
+from softlabels.inputs.spec import resolve_data
+from softlabels.store.layouts import make_layout
+from softlabels.store.positions.views import choose_views
+from softlabels.store.reader import UnitStore, open_any
+from softlabels.student.dataset import SoftLabelDataset
+from softlabels.student.losses import as_target
 
 V = 3
 SEED = 11
@@ -120,7 +119,7 @@ def test_views_coverage_ranks_workers_and_resume(tmp_path):
 
 
 def _train(tmp_path, store, out, *, teacher=None, epochs=3, on_epoch_end=None, **kw):
-    from softlabels.train import TrainConfig, train
+    from softlabels.student.trainer import TrainConfig, train
 
     cfg = TrainConfig(stores=[str(store)], student="linear", epochs=epochs, batch_size=8, lr=0.05, seed=3,
                       out=str(tmp_path / out), progress=False, **kw)
@@ -146,7 +145,7 @@ def test_offline_views_store_equals_online_kd_exactly(tmp_path):
 
 def test_v2_sample_store_trains_like_the_same_v1_store(tmp_path):
     """The same rows in a v1 store (today's writer) and a v2 sample store: identical batches, identical weights."""
-    from softlabels.writer import StoreWriter
+    from softlabels.store.v1_writer import StoreWriter
 
     spec = make_images(tmp_path)
     v2 = tmp_path / "s.zarr"
@@ -166,8 +165,8 @@ def test_open_any_and_tokens_refused(tmp_path):
     spec = make_images(tmp_path)
     write_v2(tmp_path / "s.h5", spec)
     assert isinstance(open_any(tmp_path / "s.h5"), UnitStore)
-    from softlabels.reader import SoftLabelStore
-    from softlabels.writer import StoreWriter
+    from softlabels.store.v1 import SoftLabelStore
+    from softlabels.store.v1_writer import StoreWriter
 
     w = StoreWriter.create(tmp_path / "v1.h5", num_samples=2, num_classes=4, layout="dense", chunk_rows=2)
     w.write(0, logits=np.zeros((2, 4), np.float32), labels=np.zeros(2, np.int64), sample_ids=np.arange(2))
@@ -217,7 +216,7 @@ def test_cli_train_eval_inspect_on_v2_stores(tmp_path, backend, positions, layou
 
 
 def test_loss_check_per_layout(tmp_path):
-    from softlabels._replay import valid_losses
+    from softlabels.student.replay import valid_losses
 
     assert valid_losses("dense") == ["kl", "soft_ce", "mse", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd"]
     assert valid_losses("topk") == ["topk_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd"]

@@ -13,12 +13,12 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from softlabels._loader import batch_loader
-from softlabels.dataset import SoftLabelDataset, SoftLabelMapDataset
 from softlabels.errors import CorruptStore, DataError
-from softlabels.format import ROW_KEYS, chunk_checksum
-from softlabels.reader import SoftLabelStore
-from softlabels.writer import StoreWriter
+from softlabels.inputs.loader import batch_loader
+from softlabels.store.format import ROW_KEYS, chunk_checksum
+from softlabels.store.v1 import SoftLabelStore
+from softlabels.store.v1_writer import StoreWriter
+from softlabels.student.dataset import SoftLabelDataset, SoftLabelMapDataset
 from tests.conftest import make_rows, read_plain, run_cli, write_store
 
 N, C, CHUNK = 40, 5, 8
@@ -169,7 +169,7 @@ class _Uneven(IterableDataset):
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_batch_loader_equals_a_plain_dataloader(workers, monkeypatch):
-    import softlabels._loader as loader
+    import softlabels.inputs.loader as loader
 
     torch.manual_seed(0)
     plain = list(DataLoader(_Uneven(), batch_size=None, num_workers=workers))
@@ -184,7 +184,7 @@ def test_batch_loader_equals_a_plain_dataloader(workers, monkeypatch):
 
 
 def test_batch_loader_sends_messages_larger_than_a_slot(monkeypatch):
-    import softlabels._loader as loader
+    import softlabels.inputs.loader as loader
 
     monkeypatch.setattr(loader, "SLOT_BYTES", 64)
     got = list(batch_loader(_Uneven(), num_workers=2))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from softlabels.report import build_report, plot_size
+from softlabels.evaluation.report import build_report, plot_size
 from tests.conftest import assert_one_line_error, run_cli
 
 try:
@@ -130,7 +130,7 @@ def test_directory_of_runs_without_results_json(tmp_path: Path):
 
 @needs_mpl
 def test_reliability_is_computed_from_the_checkpoint_when_eval_has_no_bins(tmp_path: Path):
-    from softlabels.train import TrainConfig, train
+    from softlabels.student.trainer import TrainConfig, train
 
     run = tmp_path / "linear"
     train(TrainConfig(student="linear", data=("digits:train",), epochs=1, out=str(run), device="cpu",

@@ -7,8 +7,13 @@ import torch
 from torch import nn
 
 from softlabels.errors import ModelMismatch, SpecError
-from softlabels.models import BUILTIN_MODELS, build_model, count_flops, count_parameters
-from softlabels.specs import ModelInfo, resolve_model, sha256_file
+from softlabels.teacher.models import (
+    BUILTIN_MODELS,
+    build_model,
+    count_flops,
+    count_parameters,
+)
+from softlabels.teacher.spec import ModelInfo, resolve_model, sha256_file
 
 DIGITS = {"input_shape": (64,), "num_classes": 10}
 

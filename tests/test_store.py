@@ -18,11 +18,17 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softlabels.errors import (CorruptStore, IncompleteStore, NotAStore, StoreExists, StoreMismatch,
-                               UnsupportedFormat)
-from softlabels.format import StoreMeta
-from softlabels.reader import densify_topk, open_store, to_torch
-from softlabels.writer import StoreWriter
+from softlabels.errors import (
+    CorruptStore,
+    IncompleteStore,
+    NotAStore,
+    StoreExists,
+    StoreMismatch,
+    UnsupportedFormat,
+)
+from softlabels.store.format import StoreMeta
+from softlabels.store.v1 import densify_topk, open_store, to_torch
+from softlabels.store.v1_writer import StoreWriter
 from tests.conftest import make_rows, read_plain, write_store
 
 SUFFIXES = {"hdf5": ".h5", "zarr": ".zarr", "zarr-sharded": ".zarr"}
@@ -94,8 +100,8 @@ def test_hand_made_store_is_read_and_inspected(tmp_path, suffix):
     """A store written with plain h5py / zarr following docs/FORMAT.md."""
     from click.testing import CliRunner
 
-    from softlabels._cli import main
-    from softlabels.format import chunk_checksum
+    from softlabels.cli import main
+    from softlabels.store.format import chunk_checksum
 
     n, c, chunk = 10, 3, 4
     logits = np.arange(n * c, dtype=np.float32).reshape(n, c) % 7
@@ -188,7 +194,7 @@ def test_resume_with_other_settings_and_existing_path_are_refused(tmp_path):
 
 _KILL_CHILD = r"""
 import sys, time, numpy as np
-from softlabels.writer import StoreWriter
+from softlabels.store.v1_writer import StoreWriter
 path, pause = sys.argv[1], float(sys.argv[2])
 n, c = 64, 5
 rng = np.random.default_rng(0)
@@ -262,7 +268,7 @@ def test_unknown_version_and_bad_attrs(tmp_path):
 @given(flags=st.lists(st.integers(0, 1), min_size=1, max_size=40), sums=st.data(), start=st.integers(0, 40))
 def test_zarr_bookkeeping_read_from_files_equals_zarr(tmp_path_factory, flags, sums, start):
     """chunk_done/checksums come from the chunk files present; the values equal plain zarr's read."""
-    from softlabels.store import open_backend
+    from softlabels.store.backend import open_backend
 
     path = tmp_path_factory.mktemp("book") / "s.zarr"
     n = len(flags)

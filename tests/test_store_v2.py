@@ -16,17 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softlabels.errors import CorruptStore, IncompleteStore, StoreMismatch
-from softlabels.layouts import make_layout
-from softlabels.positions import group_units_for
+from softlabels.store.layouts import make_layout
+from softlabels.store.positions import group_units_for
+from softlabels.store.reader import UnitStore
 from softlabels.store.schema import StoreMetaV2
-from softlabels.store.unit_reader import UnitStore
-from softlabels.store.unit_writer import UnitWriter
+from softlabels.store.writer import UnitWriter
 
 LAYOUT_PARAMS = {"dense": {}, "topk": {"k": 3}, "sampled": {"samples": 5, "seed": 7}}
 
 
 def _meta(positions, layout, n, c, dtype, chunk, shard, lengths=None, views=3):
-    from softlabels.positions import TokenPositions, UnitGeometry
+    from softlabels.store.positions import TokenPositions, UnitGeometry
 
     g = UnitGeometry(n, chunk, shard, group_units_for(-(-n // (chunk * shard)), 4))
     extra = {}

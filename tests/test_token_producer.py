@@ -1,4 +1,4 @@
-"""The token producer (softlabels.job.tokens): stored values against the teacher's direct logits.
+"""The token producer (softlabels.teacher.tokens): stored values against the teacher's direct logits.
 
 Stores are written with the minimal loop the job runner performs
 (``UnitWriter.create``; ``write(start, **arrays)`` for every piece of ``batches``;
@@ -20,13 +20,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from softlabels.config import GenerateConfig
 from softlabels.errors import ConfigError
-from softlabels.job.tokens import TokenProducer, default_chunk_samples, is_token_job, token_producer
-from softlabels.layouts import make_layout, to_numpy
-from softlabels.lm import CausalLM, RaggedTokens, TokenDataset, offsets_of, resolve_lm
-from softlabels.store.unit_reader import UnitStore
-from softlabels.store.unit_writer import UnitWriter
+from softlabels.inputs.tokens import RaggedTokens, TokenDataset, offsets_of
+from softlabels.store.layouts import make_layout, to_numpy
+from softlabels.store.reader import UnitStore
+from softlabels.store.writer import UnitWriter
+from softlabels.teacher.config import GenerateConfig
+from softlabels.teacher.lm import CausalLM, resolve_lm
+from softlabels.teacher.tokens import (
+    TokenProducer,
+    default_chunk_samples,
+    is_token_job,
+    token_producer,
+)
 
 LAYOUTS = {"dense": {}, "topk": {"k": 5}, "sampled": {"samples": 12, "seed": 3}}
 LENGTHS = np.array([1, 7, 1, 130, 3, 1, 64, 2, 9, 1, 33])  # 1-token and long (>> 4-position chunks) samples
@@ -337,7 +343,7 @@ def test_pieces_stay_inside_their_spans():
 
 def test_text_data_with_a_tokenizer(tmp_path):
     pytest.importorskip("tokenizers")
-    from softlabels.lm import train_bpe
+    from softlabels.inputs.text import train_bpe
 
     text = "the quick brown fox jumps over the lazy dog. " * 40
     train_bpe(text, 300, min_frequency=1).save(str(tmp_path / "tok.json"))

@@ -13,12 +13,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from softlabels._cli import main
-from softlabels.data import fingerprint
-from softlabels.models import build_model
-from softlabels.specs import resolve_data, resolve_model
-from softlabels.train import TrainConfig, train
-from softlabels.writer import StoreWriter
+from softlabels.cli import main
+from softlabels.inputs.arrays import fingerprint
+from softlabels.inputs.spec import resolve_data
+from softlabels.store.v1_writer import StoreWriter
+from softlabels.student.trainer import TrainConfig, train
+from softlabels.teacher.models import build_model
+from softlabels.teacher.spec import resolve_model
 
 D, C = 8, 4
 TIMING = ("epoch_seconds", "samples_per_s", "val_seconds")
@@ -233,7 +234,7 @@ def test_supervised_training_and_teacher_weights_round_trip(problem, tmp_path):
     with torch.no_grad():
         x, _ = resolve_data(more).get_batch(np.arange(50))
         expected = info.module(x)
-    from softlabels.reader import open_store
+    from softlabels.store.v1 import open_store
     with open_store(tmp_path / "gen.h5") as store:
         block = store.read_rows(0, 50)
     assert torch.allclose(torch.from_numpy(block["logits"]), expected[block["sample_ids"]], atol=1e-5)

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _v2stores import SHAPE, make_images, write_v2
 from conftest import run_cli
-from softlabels.augment import draw_views, parse_augment
-from softlabels.config import TrainConfig
-from softlabels.specs import resolve_data
-from softlabels.train import train
+
+from softlabels.inputs.augment import draw_views, parse_augment
+from softlabels.inputs.spec import resolve_data
+from softlabels.student.config import TrainConfig
+from softlabels.student.trainer import train
 
 AUG = "crop(6,padding=1)+flip"
 SEED = 4

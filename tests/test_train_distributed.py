@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from softlabels.train import weights_digest
-from softlabels.models import build_model
+from softlabels.student.trainer import weights_digest
+from softlabels.teacher.models import build_model
 from tests.test_train import C, D, make_data, make_teacher, metrics, write_teacher_store
 
 

@@ -17,11 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels._lock import StoreLock
 from softlabels.errors import StoreLocked
-from softlabels.models import build_model
-from softlabels.summary import diff_stores
-from tests.conftest import assert_one_line_error, make_rows, read_plain, run_cli, write_store
+from softlabels.store.lock import StoreLock
+from softlabels.store.summary import diff_stores
+from softlabels.teacher.models import build_model
+from tests.conftest import (
+    assert_one_line_error,
+    make_rows,
+    read_plain,
+    run_cli,
+    write_store,
+)
 
 N, D, C = 48, 6, 4
 CHUNK = 8
@@ -256,7 +262,7 @@ def test_random_teacher_is_explicit_seeded_and_resumes_bit_identical(env, tmp_pa
     ok(gen(env, a, "--random-teacher", "--seed", "3", weights=False))
     assert read_plain(a)[1]["teacher"]["init_seed"] == 3
     ok(gen(env, b, "--random-teacher", "--seed", "3", weights=False))
-    from softlabels.writer import StoreWriter
+    from softlabels.store.v1_writer import StoreWriter
 
     w = StoreWriter.resume(b)
     w.invalidate([0, 3])  # as if killed: two chunks to redo in a new process with a new random draw

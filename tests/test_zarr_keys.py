@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from _v2stores import make_images, write_v2
 from conftest import make_rows, write_store
+
 from softlabels.errors import CorruptStore
-from softlabels.reader import SoftLabelStore
+from softlabels.store.reader import UnitStore
 from softlabels.store.schema import UNIT_CHECKSUMS, UNIT_DONE, StoreMetaV2
-from softlabels.store.unit_reader import UnitStore
-from softlabels.store.unit_writer import UnitWriter
+from softlabels.store.v1 import SoftLabelStore
+from softlabels.store.writer import UnitWriter
 
 
 def _nest(store: Path) -> None:

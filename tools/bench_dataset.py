@@ -37,10 +37,10 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset
 from zarr.core.buffer.cpu import NDBuffer
 
-from softlabels._loader import batch_loader
-from softlabels.dataset import SoftLabelDataset
-from softlabels.reader import SoftLabelStore
-from softlabels.writer import StoreWriter
+from softlabels.inputs.loader import batch_loader
+from softlabels.store.v1 import SoftLabelStore
+from softlabels.store.v1_writer import StoreWriter
+from softlabels.student.dataset import SoftLabelDataset
 
 KEYS = ("logits", "labels", "sample_ids")
 

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from softlabels import _pipeline
-from softlabels.generate import generate
-from softlabels.models import build_model
-from softlabels.specs import resolve_data, resolve_model
+from softlabels.inputs.spec import resolve_data
+from softlabels.teacher import pipeline as _pipeline
+from softlabels.teacher.job import generate
+from softlabels.teacher.models import build_model
+from softlabels.teacher.spec import resolve_model
 
 
 class _GetBatch(Dataset):

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels.job.tokens import TokenProducer
-from softlabels.layouts import make_layout
-from softlabels.lm import BUILTIN_LMS, GPT, GPTConfig, PackedTokens, build_lm
-from softlabels.store import open_backend
-from softlabels.store.unit_writer import UnitWriter
+from softlabels.inputs.tokens import PackedTokens
+from softlabels.store.backend import open_backend
+from softlabels.store.layouts import make_layout
+from softlabels.store.writer import UnitWriter
+from softlabels.teacher.lm import BUILTIN_LMS, GPT, GPTConfig, build_lm
+from softlabels.teacher.tokens import TokenProducer
 
 LAYOUTS = [("dense", {}, "bfloat16"), ("topk", {"k": 8}, "float16"), ("topk", {"k": 32}, "float16"),
            ("sampled", {"samples": 12, "seed": 0}, "float16")]

@@ -58,9 +58,9 @@ def _plain(store: Path, tokens: Path) -> int:
 
 
 def _stream(store: Path, tokens: Path, batch: int) -> int:
-    from softlabels.lm.dataset import TokenStoreDataset
-    from softlabels.lm.tokens import open_token_file
-    from softlabels.store import open_any
+    from softlabels.inputs.tokens import open_token_file
+    from softlabels.store.reader import open_any
+    from softlabels.student.token_dataset import TokenStoreDataset
 
     ds = TokenStoreDataset(open_any(store), open_token_file(tokens), batch_size=batch, seed=0)
     ds.set_epoch(0)
@@ -69,12 +69,12 @@ def _stream(store: Path, tokens: Path, batch: int) -> int:
 
 def _epoch(store: Path | None, tokens: Path, batch: int, vocab: int) -> float:
     """Seconds of one training epoch of gpt-tiny: KD from ``store``, or hard CE without one."""
-    from softlabels.lm.dataset import TokenDataBatches, TokenStoreDataset
-    from softlabels.lm.models import resolve_lm
-    from softlabels.lm.tokens import open_token_file
-    from softlabels.lm.train import lm_loss
-    from softlabels.losses import make_soft_loss
-    from softlabels.store import open_any
+    from softlabels.inputs.tokens import open_token_file
+    from softlabels.store.reader import open_any
+    from softlabels.student.lm_trainer import lm_loss
+    from softlabels.student.losses import make_soft_loss
+    from softlabels.student.token_dataset import TokenDataBatches, TokenStoreDataset
+    from softlabels.teacher.lm import resolve_lm
 
     data = open_token_file(tokens)
     model = resolve_lm("gpt-tiny", vocab_size=vocab, context=int(data.lengths().max()), seed=0).module

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softlabels.layouts import DenseTarget, make_layout, to_numpy  # noqa: E402
-from softlabels.losses import DistillationLoss, make_soft_loss  # noqa: E402
+from softlabels.store.layouts import DenseTarget, make_layout, to_numpy  # noqa: E402
+from softlabels.student.losses import DistillationLoss, make_soft_loss  # noqa: E402
 
 
 def _status(key: str) -> int:

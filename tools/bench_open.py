@@ -33,10 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softlabels.positions import group_units_for  # noqa: E402
+from softlabels.store.positions import group_units_for  # noqa: E402
+from softlabels.store.reader import UnitStore  # noqa: E402
 from softlabels.store.schema import UNIT_CHECKSUMS, UNIT_DONE, StoreMetaV2  # noqa: E402
-from softlabels.store.unit_reader import UnitStore  # noqa: E402
-from softlabels.store.unit_writer import UnitWriter  # noqa: E402
+from softlabels.store.writer import UnitWriter  # noqa: E402
 
 
 def build(path: Path, units: int) -> None:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from softlabels.models import build_model
+from softlabels.teacher.models import build_model
 
 # (model, features, classes, batch, steps, train?)
 CASES = [("mlp", 64, 10, 128, 300, True), ("mlp-large", 64, 10, 128, 300, True), ("mlp", 784, 10, 128, 200, True),

@@ -67,9 +67,9 @@ def main() -> None:
     ROWS, FEATURES, CLASSES = args.rows, args.features, args.classes
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # so "bench_train:student" imports this file
 
-    from softlabels.generate import generate
-    from softlabels.models import count_flops
-    from softlabels.train import TrainConfig, train
+    from softlabels.student.trainer import TrainConfig, train
+    from softlabels.teacher.job import generate
+    from softlabels.teacher.models import count_flops
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     rng = np.random.default_rng(0)

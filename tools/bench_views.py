@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from softlabels import generate
-from softlabels._replay import spread_views
-from softlabels.augment import draw_views, parse_augment
-from softlabels.dataset import SoftLabelDataset
-from softlabels.specs import resolve_data
-from softlabels.store.unit_reader import UnitStore
+from softlabels.inputs.augment import draw_views, parse_augment
+from softlabels.inputs.spec import resolve_data
+from softlabels.store.reader import UnitStore
+from softlabels.student.dataset import SoftLabelDataset
+from softlabels.student.replay import spread_views
+from softlabels.teacher import job as generate
 
 SPEC = "crop(32,padding=4)+flip"
 

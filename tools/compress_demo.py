@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from softlabels.compress import CompressConfig, compress, format_markdown  # noqa: E402
-from softlabels.evaluate import evaluate  # noqa: E402
-from softlabels.generate import generate  # noqa: E402
-from softlabels.train import TrainConfig, train  # noqa: E402
+from softlabels.evaluation.compression import CompressConfig, compress, format_markdown  # noqa: E402
+from softlabels.evaluation.evaluator import evaluate  # noqa: E402
+from softlabels.student.trainer import TrainConfig, train  # noqa: E402
+from softlabels.teacher.job import generate  # noqa: E402
 
 TEST = "digits:test"
 VARIANTS = {  # name -> compress options (besides run, out, data, store)

@@ -47,10 +47,10 @@ def distil(store, temperature: float, seed: int, epochs: int, x_test, y_test):
     """Train an ``mlp`` student from ``store`` at T; its test predictions."""
     import torch
 
-    from softlabels.data import load_digits_split
-    from softlabels.ensemble import check_temperature
-    from softlabels.losses import DistillationLoss, make_soft_loss
-    from softlabels.models import build_model
+    from softlabels.inputs.arrays import load_digits_split
+    from softlabels.store.ensemble import check_temperature
+    from softlabels.student.losses import DistillationLoss, make_soft_loss
+    from softlabels.teacher.models import build_model
 
     check_temperature(store.meta, temperature, str(store.path))
     target, ids = read_all(store)
@@ -73,7 +73,7 @@ def distil(store, temperature: float, seed: int, epochs: int, x_test, y_test):
 def teacher_logits(run: Path, x) -> np.ndarray:
     import torch
 
-    from softlabels.models import build_model
+    from softlabels.teacher.models import build_model
 
     model = build_model("mlp-large", (64,), 10)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
@@ -95,8 +95,8 @@ def topk_error(stores, ks: tuple[int, ...], temperatures: tuple[float, ...]) -> 
     the ensemble's combination of top-k targets, and one teacher's own top-k target (the baseline)."""
     import torch
 
-    from softlabels.ensemble import Combination, combine
-    from softlabels.layouts import make_layout
+    from softlabels.store.ensemble import Combination, combine
+    from softlabels.store.layouts import make_layout
 
     dense = [read_all(s)[0] for s in stores]
     rows = []
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from softlabels.data import load_digits_split
-    from softlabels.ensemble import open_units
-    from softlabels.store.unit_reader import UnitStore
+    from softlabels.inputs.arrays import load_digits_split
+    from softlabels.store.ensemble import open_units
+    from softlabels.store.reader import UnitStore
 
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.summary import diff_stores
+from softlabels.store.summary import diff_stores
 
 N, D, C = 600, 16, 5
 CHUNK, BATCH = 16, 16  # 38 units: plenty of places to die in
@@ -55,7 +55,7 @@ DELAY = {"SOFTLABELS_TEST_DELAY_PER_UNIT": "0.04"}
 
 def make_inputs(work: Path) -> dict[str, Path]:
     """Tiny data with some unlabeled rows, and fixed teacher weights."""
-    from softlabels.specs import resolve_model
+    from softlabels.teacher.spec import resolve_model
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, D)).astype(np.float32)
@@ -113,8 +113,8 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, kill_after: float | 
 
 
 def _lock_free(path: Path) -> bool:
-    from softlabels._lock import StoreLock
     from softlabels.errors import StoreLocked
+    from softlabels.store.lock import StoreLock
 
     try:
         with StoreLock(path):
@@ -137,11 +137,11 @@ def generate_cmd(inputs: dict[str, Path], out: Path, workers: int = 0, random_te
 
 def diff_any(a: Path, b: Path, ignore: tuple[str, ...] = ("timings",)) -> list[str]:
     """Differences between two stores of either format (every array; attributes but ``ignore``d entries)."""
-    from softlabels.job.runner import store_format
+    from softlabels.teacher.runner import store_format
 
     if store_format(a) != 2 or store_format(b) != 2:
         return diff_stores(a, b, ignore=ignore)
-    from softlabels.store import open_backend
+    from softlabels.store.backend import open_backend
 
     def read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         back = open_backend(path, "r")
@@ -223,9 +223,9 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
 def _chunks_done(path: Path) -> str:
     """How far a killed job got: 'k/n chunks', or why there is no readable store."""
     from softlabels.errors import SoftLabelsError
-    from softlabels.job.runner import store_format
-    from softlabels.reader import open_store
-    from softlabels.store.unit_reader import UnitStore
+    from softlabels.store.reader import UnitStore
+    from softlabels.store.v1 import open_store
+    from softlabels.teacher.runner import store_format
 
     try:
         if store_format(path) == 2:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from softlabels.lm import encode_text, pack_stream, pydoc_topics, train_bpe
-from softlabels.lm.text import END_OF_TEXT
+from softlabels.inputs.text import END_OF_TEXT, encode_text, pydoc_topics, train_bpe
+from softlabels.inputs.tokens import pack_stream
 
 
 def blocks(text: str, size: int) -> list[str]:

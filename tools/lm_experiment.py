@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from softlabels.config import TrainConfig
-from softlabels.lm import build_lm, resolve_token_data
-from softlabels.lm.evaluate import evaluate_lm
-from softlabels.lm.train import train_lm
+from softlabels.evaluation.lm_eval import evaluate_lm
+from softlabels.inputs.text import resolve_token_data
 from softlabels.store.schema import StoreMetaV2
+from softlabels.student.config import TrainConfig
+from softlabels.student.lm_trainer import train_lm
+from softlabels.teacher.lm import build_lm
 
 # method -> (layout, layout params, train options)
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -68,7 +69,7 @@ def synthetic(out: Path, vocab: int = 64, n: int = 48, length: int = 24, seed: i
 
 def train_teacher(data, vocab: int, *, name: str, epochs: int, batch: int, lr: float, seed: int = 0):
     """A built-in GPT trained on the hard next-token loss (a plain loop: the teacher is not the subject)."""
-    from softlabels.lm import next_token_ce
+    from softlabels.student.lm_metrics import next_token_ce
 
     context = int(data.lengths().max())
     model = build_lm(name, vocab, context, seed=seed)
@@ -89,7 +90,7 @@ def make_store(path: Path, weights: Path, teacher_name: str, spec: str, tokenize
                layout: str, params: dict[str, Any], *, batch: int = 16) -> str:
     """The teacher's per-token outputs on ``spec`` in ``layout``, written by ``generate`` (the token producer)
     with ``compress`` (Zarr zstd) on the sparse layouts; dense stays raw."""
-    from softlabels.generate import generate
+    from softlabels.teacher.job import generate
 
     options: dict[str, Any] = {"topk": params["k"]} if layout == "topk" else {}
     if layout == "sampled":
@@ -109,7 +110,7 @@ def disk_bytes(path: str | Path) -> int:
 def samples_for_unique(teacher, data, target: int = UNIQUE_TARGET, choices=(12, 16, 24, 32, 48, 64, 96, 128)
                        ) -> tuple[int, float]:
     """The number of draws S (of ``choices``) whose mean count of unique ids per token is closest to ``target``."""
-    from softlabels.layouts import make_layout
+    from softlabels.store.layouts import make_layout
 
     b = data.get_batch(np.arange(min(len(data), 32)))
     with torch.no_grad():

@@ -32,7 +32,7 @@ SHIFTS = np.round(np.arange(0.0, 12.01, 0.25), 2)
 
 def split_digits(out: Path, digit: int) -> dict[str, Path]:
     """Write transfer (without ``digit``), full transfer, validation and test .npz files."""
-    from softlabels.data import load_digits_split
+    from softlabels.inputs.arrays import load_digits_split
 
     def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
         ds = load_digits_split(split)
@@ -58,7 +58,7 @@ def split_digits(out: Path, digit: int) -> dict[str, Path]:
 def logits_of(run: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    from softlabels.models import build_model
+    from softlabels.teacher.models import build_model
 
     z = np.load(data)
     model = build_model(json.loads((run / "summary.json").read_text())["student"], (64,), 10)

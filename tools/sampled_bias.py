@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softlabels import kd  # noqa: E402
-from softlabels.layouts import DenseTarget, SampledTarget, make_layout, to_numpy  # noqa: E402
+from softlabels.store.layouts import DenseTarget, SampledTarget, make_layout, to_numpy  # noqa: E402
+from softlabels.student import kd  # noqa: E402
 
 
 def make_models(classes: int, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ Every store holds dense float32 logits, so (c) differs from (d) only by the fini
 Reported per method, mean ± std over student seeds: held-out accuracy, top-1 agreement
 with the teacher on the held-out images, and seconds per training epoch (median over
 epochs, measured by the trainer). Everything runs through the library calls the CLI
-makes (``softlabels.generate.generate``, ``softlabels.train.train``, ``softlabels.evaluate.evaluate``).
+makes (``softlabels.teacher.job.generate``, ``softlabels.student.trainer.train``, ``softlabels.evaluation.evaluator.evaluate``).
 
     python tools/views_experiment.py --out /tmp/views-exp [--seeds 3] [--epochs 20] [--teacher-epochs 15]
     python tools/views_experiment.py --quick --out DIR     # a small run (seconds), for the tests
@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from softlabels.config import TrainConfig
-from softlabels.evaluate import evaluate
-from softlabels.generate import generate
-from softlabels.specs import resolve_model
-from softlabels.train import train
+from softlabels.evaluation.evaluator import evaluate
+from softlabels.student.config import TrainConfig
+from softlabels.student.trainer import train
+from softlabels.teacher.job import generate
+from softlabels.teacher.spec import resolve_model
 
 AUGMENT = "crop(16,padding=2)"
 TEACHER, STUDENT = "cnn-large", "cnn"

@@ -19,7 +19,12 @@ import h5py
 import numpy as np
 
 from softlabels.errors import CorruptStore, NotAStore, StoreLocked, StoreWriteError
-from softlabels.format import ArraySpec, check_read_size, decode_h5_attr, encode_h5_attr
+from softlabels.store.format import (
+    ArraySpec,
+    check_read_size,
+    decode_h5_attr,
+    encode_h5_attr,
+)
 
 
 class HDF5Backend:

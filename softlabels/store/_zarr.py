@@ -24,7 +24,13 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
 from softlabels.errors import CorruptStore, NotAStore
-from softlabels.format import CHECKSUMS, CHUNK_DONE, ArraySpec, check_read_size, load_json_file
+from softlabels.store.format import (
+    CHECKSUMS,
+    CHUNK_DONE,
+    ArraySpec,
+    check_read_size,
+    load_json_file,
+)
 from softlabels.store.schema import UNIT_CHECKSUMS, UNIT_DONE
 
 _CONFIG = {"write_empty_chunks": True}

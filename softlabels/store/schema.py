@@ -1,9 +1,9 @@
 """The on-disk format, version 2: positions × layouts (docs/FORMAT.md, "Version 2").
 
-Version 1 (``softlabels.format``) holds one output per sample. Version 2 separates
+Version 1 (``softlabels.store.format``) holds one output per sample. Version 2 separates
 *what an output belongs to* (a position kind: ``sample``, ``views``, ``tokens``; see
-``softlabels.positions``) from *how one output is encoded* (a layout: ``dense``,
-``topk``, ``sampled``; see ``softlabels.layouts``). This module owns the v2 names,
+``softlabels.store.positions``) from *how one output is encoded* (a layout: ``dense``,
+``topk``, ``sampled``; see ``softlabels.store.layouts``). This module owns the v2 names,
 attributes and validation; it knows neither library nor teacher.
 """
 
@@ -14,16 +14,23 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from softlabels import format as fmt
 from softlabels.errors import CorruptStore, SoftLabelsError
-from softlabels.positions import POSITION_KINDS, Positions, SamplePositions, TokenPositions, UnitGeometry, ViewPositions
-from softlabels.positions.tokens import LENGTHS, OFFSETS
-from softlabels.positions.views import PARAM_DTYPES, VIEW_PARAMS
+from softlabels.store import format as fmt
+from softlabels.store.positions import (
+    POSITION_KINDS,
+    Positions,
+    SamplePositions,
+    TokenPositions,
+    UnitGeometry,
+    ViewPositions,
+)
+from softlabels.store.positions.tokens import LENGTHS, OFFSETS
+from softlabels.store.positions.views import PARAM_DTYPES, VIEW_PARAMS
 
 if TYPE_CHECKING:
-    from softlabels.layouts import Layout
+    from softlabels.store.layouts import Layout
 
-__all__ = ["FORMAT_VERSION_2", "StoreMetaV2", "V2Array", "UNIT_CHECKSUMS", "UNIT_DONE"]
+__all__ = ["FORMAT_VERSION_2", "StoreMetaV2", "V2Array", "UNIT_CHECKSUMS", "UNIT_DONE", "unit_checksum"]
 
 FORMAT_VERSION_2 = 2
 UNIT_DONE = "unit_done"
@@ -87,7 +94,7 @@ class StoreMetaV2:
 
     def problems(self) -> list[str]:
         """Every inconsistency in these values (empty when valid)."""
-        from softlabels.layouts import LAYOUTS
+        from softlabels.store.layouts import LAYOUTS
 
         p: list[str] = []
         if self.positions not in POSITION_KINDS:
@@ -131,7 +138,7 @@ class StoreMetaV2:
 
     def layout_obj(self) -> Layout:
         """The layout, configured from ``layout_params`` (JSON data: names and integers only)."""
-        from softlabels.layouts import make_layout
+        from softlabels.store.layouts import make_layout
 
         return make_layout(self.layout, num_classes=self.num_classes, logits_dtype=self.logits_dtype,
                            **self.layout_params)
@@ -228,3 +235,8 @@ class StoreMetaV2:
 
     def with_status(self, status: str) -> StoreMetaV2:
         return replace(self, status=status)
+
+
+def unit_checksum(meta: StoreMetaV2, block: Mapping[str, np.ndarray]) -> int:
+    """The store's CRC chained over a unit's arrays in :meth:`StoreMetaV2.checksum_order`."""
+    return fmt.checksum_of((block[key] for key in meta.checksum_order()), meta.checksum)

@@ -1,0 +1,16 @@
+"""Options every command shares (device, threads): help texts and checks. Imports nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEVICE_HELP = "Device to run on: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N."
+THREADS_HELP = ("CPU threads torch may use in this process (0: torch's own default, one per core). One is "
+                "fastest for small models, above all on a busy machine, and gives the same bits on every machine.")
+
+
+def threads_problem(threads: Any) -> list[str]:
+    if isinstance(threads, int) and threads >= 0:
+        return []
+    return [f"--threads must be an integer >= 0, got {threads!r}"]

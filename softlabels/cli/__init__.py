@@ -1,0 +1,101 @@
+"""The ``softlabels`` command line: a thin click layer over the library API.
+
+Each command lives in its own module and only parses options, calls the library
+and prints. Library errors, and click's own usage errors, become one-line messages
+and exit status 2; nothing deliberate ever reaches the user as a traceback.
+
+The command modules import nothing heavy at import time (options, defaults and
+choices come from :mod:`softlabels.config`): ``softlabels --help`` and
+``softlabels CMD --help`` never import torch, h5py or zarr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from click.exceptions import NoArgsIsHelpError
+
+from softlabels._runtime import startup as _startup
+from softlabels._runtime.signals import stop_signals_as_ctrl_c
+from softlabels._version import __version__
+from softlabels.errors import SoftLabelsError
+
+
+class _Group(click.Group):
+    """A click group that turns library errors into one-line messages."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # No path or spec may hold a NUL byte; the OS would raise ValueError deep inside.
+        bad = [a for a in args if "\x00" in a]
+        if bad:
+            raise _OneLine(f"argument {bad[0]!r} contains a NUL byte; remove it")
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as err:
+            raise _usage_error(err) from None
+
+    def invoke(self, ctx: click.Context):  # noqa: D401 - click API
+        _startup.end()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
+        # zarr writes through asyncio: after an error (a full disk, say) that we report in one line,
+        # asyncio would log the same error again with a traceback when its future is collected
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        try:
+            with stop_signals_as_ctrl_c():  # SIGTERM (a scheduler's stop) is Ctrl-C too
+                return super().invoke(ctx)
+        except click.UsageError as err:  # an unknown option, a missing one, a value click cannot parse
+            raise _usage_error(err) from None
+        except SoftLabelsError as err:
+            raise _OneLine(str(err)) from None
+        except KeyboardInterrupt:
+            raise _OneLine("interrupted; rerun the same command to resume") from None
+        except OSError as err:
+            # Disk full, permission denied, ... from the OS: say which file and why.
+            raise _OneLine(_describe_os_error(err)) from None
+
+
+class _OneLine(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # one line, no traceback
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _usage_error(err: click.UsageError) -> click.ClickException:
+    """Click's usage error as the one ``error:`` line every other error has (no usage block)."""
+    if isinstance(err, NoArgsIsHelpError):  # a bare command: click prints its help instead
+        return err
+    text = " ".join(err.format_message().split()).replace(". (", " (").rstrip(".")
+    where = err.ctx.command_path if err.ctx is not None else "softlabels"
+    return _OneLine(f"{where}: {text[:1].lower()}{text[1:]}; see '{where} --help'")
+
+
+def _describe_os_error(err: OSError) -> str:
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    reason = " ".join((err.strerror or str(err)).split())  # some libraries' texts span lines
+    return f"{reason}{where}; fix the path or free the resource and rerun the same command"
+
+
+@click.group("softlabels", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="softlabels")
+def main() -> None:
+    """Offline knowledge distillation with precomputed teacher logits."""
+
+
+# Imported here, after ``main`` exists: each command module is a thin layer over the library.
+from softlabels.cli import compress as _compress  # noqa: E402
+from softlabels.cli import eval as _eval  # noqa: E402
+from softlabels.cli import generate as _generate  # noqa: E402
+from softlabels.cli import inspect as _inspect  # noqa: E402
+from softlabels.cli import merge as _merge  # noqa: E402
+from softlabels.cli import report as _report  # noqa: E402
+from softlabels.cli import train as _train  # noqa: E402
+
+for _module in (_generate, _train, _eval, _inspect, _report):
+    main.add_command(_module.command)
+main.add_command(_compress.command)
+main.add_command(_merge.command)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,9 +1,0 @@
-"""Ensembles of teachers: combined targets (:mod:`.combine`) and stores read as one (:mod:`.store`).
-
-See docs/ENSEMBLES.md for the rules and what each layout's combination is.
-"""
-
-from softlabels.ensemble.combine import MODES, Combination, check_temperature, combine
-from softlabels.ensemble.store import EnsembleStore, V1Units, open_units
-
-__all__ = ["MODES", "Combination", "check_temperature", "combine", "EnsembleStore", "V1Units", "open_units"]

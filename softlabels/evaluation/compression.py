@@ -1,0 +1,384 @@
+"""Compress a distilled student: prune, optionally distil again, quantize, export, measure.
+
+``compress(CompressConfig(run=RUN, out=OUT, data=SPEC, ...))`` takes the student of a
+``softlabels train`` run and, in this order:
+
+1. ``prune_structured`` — removes that fraction of the hidden units of each hidden
+   layer of a built-in MLP (lowest L1 norm of their incoming weights first): the
+   matrices really shrink, so size and latency drop;
+2. ``prune`` — global unstructured L1 magnitude pruning of every Linear/Conv weight
+   (``torch.nn.utils.prune``, made permanent). The zeros stay stored as dense
+   float32: the file is as large and the forward pass as slow as before (the table
+   measures it); only a compressor (the gzip column) or a sparse kernel gains;
+3. ``finetune_stores`` — "prune, then distil": a short ``softlabels.student.trainer`` run from
+   the same stores, with gradients of pruned weights masked to zero so they stay 0;
+4. ``quantize`` — int8 weights of every Linear with torchao (``int8-weight``: weight
+   only; ``int8-dynamic``: int8 activations too), post-training;
+5. export with ``torch.export`` (``model.pt2``) and optionally ONNX (``model.onnx``).
+
+It then measures the teacher (``teacher`` run and/or ``store``), the student and the
+compressed student the same way (size on disk, parameters, accuracy and agreement,
+KL and correlation with the teacher on ``data``, CPU latency per batch on one thread)
+and writes ``compress.json`` and ``compress.md`` beside the model files. Everything is
+built in a temporary directory next to ``out`` and renamed into place at the end, so
+a failed run leaves no half-written ``out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from softlabels.errors import ConfigError, ModelMismatch
+from softlabels.teacher.models import MLP
+
+__all__ = ["CompressConfig", "compress", "prune_unstructured", "prune_hidden_units", "quantize_int8",
+           "QUANTIZE", "format_markdown"]
+
+QUANTIZE = ("int8-weight", "int8-dynamic")
+_PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressConfig:
+    """Every option of ``softlabels compress``."""
+
+    run: str
+    out: str
+    data: str
+    student: str | None = None
+    store: str | None = None
+    teacher: str | None = None
+    teacher_spec: str | None = None
+    prune: float | None = None
+    prune_structured: float | None = None
+    quantize: str | None = None
+    finetune_stores: tuple[str, ...] = ()
+    finetune_epochs: int = 1
+    finetune_lr: float = 1e-3
+    onnx: bool = False
+    batch_size: int = 256
+    repeats: int = 20
+    seed: int = 0
+    overwrite: bool = False
+
+    def problems(self) -> list[str]:
+        """Every invalid option value (empty when all are valid)."""
+        p = []
+        for name in ("prune", "prune_structured"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int | float) and 0 <= v < 1):
+                p.append(f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {v!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            p.append(f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE)}")
+        for name in ("finetune_epochs", "batch_size", "repeats"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            p.append(f"--finetune-lr must be a number > 0, got {self.finetune_lr!r}")
+        from softlabels._runtime.paths import (
+            out_overlaps,  # OUT is replaced whole: it may touch no input
+        )
+        from softlabels.inputs.spec import data_spec_path
+
+        inputs = [("RUN", self.run), ("--data", data_spec_path(self.data)), ("--store", self.store),
+                  ("--teacher", self.teacher), *(("--finetune-store", s) for s in self.finetune_stores)]
+        if clash := out_overlaps(self.out, inputs):
+            p.append(clash)
+        return p
+
+
+def _missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def _check_packages(config: CompressConfig) -> None:
+    """Refuse an option whose optional package is missing before anything is loaded or written."""
+    if config.quantize and _missing("torchao"):
+        raise ConfigError("--quantize needs torchao, not installed here; pip install 'softlabels[compress]'")
+    if config.onnx and (missing := _missing("onnx", "onnxscript")):
+        raise ConfigError(f"--onnx needs {' and '.join(missing)}, not installed here; "
+                          "pip install 'softlabels[compress]', or drop --onnx")
+
+
+# -- the transformations ---------------------------------------------------------------------------
+def prune_unstructured(model: nn.Module, amount: float) -> dict[nn.Parameter, torch.Tensor]:
+    """Zero the ``amount`` fraction of smallest-magnitude weights over every Linear/Conv (global L1).
+
+    The pruning is made permanent (plain weights, no masks left); returns each pruned
+    weight's keep mask (True = kept), for masking gradients while fine-tuning.
+    """
+    from torch.nn.utils import prune
+
+    params = [(m, "weight") for m in model.modules() if isinstance(m, _PRUNABLE)]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=float(amount))
+    masks = {}
+    for module, name in params:
+        mask = getattr(module, f"{name}_mask").bool()
+        prune.remove(module, name)
+        masks[getattr(module, name)] = mask
+    return masks
+
+
+def prune_hidden_units(model: nn.Module, amount: float) -> tuple[nn.Module, list[list[int]]]:
+    """A smaller built-in MLP without ``amount`` of each hidden layer's units (lowest L1 norm of incoming weights).
+
+    Returns the new model and, per hidden layer, the indices of the kept units. Its
+    outputs equal those of ``model`` with the removed units' incoming weights and
+    biases set to zero (a removed unit would output ReLU(0) = 0).
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)] if isinstance(model, MLP) else []
+    if len(linears) < 2:
+        raise ConfigError("--prune-structured removes hidden units of a built-in MLP student ('mlp', 'mlp-large'), "
+                          "and this student has none; use --prune")
+    kept: list[list[int]] = []
+    for layer in linears[:-1]:
+        width = layer.out_features
+        keep = max(1, width - round(amount * width))
+        scores = layer.weight.detach().abs().sum(1)
+        kept.append(sorted(scores.topk(keep).indices.tolist()))
+    small = MLP(linears[0].in_features, tuple(len(k) for k in kept), linears[-1].out_features)
+    new = [m for m in small.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        rows = None  # kept inputs of the current layer: all of them for the first
+        for i, (old, fresh) in enumerate(zip(linears, new)):
+            w = old.weight if rows is None else old.weight[:, rows]
+            out_rows = kept[i] if i < len(kept) else list(range(old.out_features))
+            fresh.weight.copy_(w[out_rows])
+            fresh.bias.copy_(old.bias[out_rows])
+            rows = out_rows
+    return small.eval(), kept
+
+
+def _import_torchao():
+    # torchao logs a warning for each optional CUDA kernel library it cannot load on a CPU-only torch,
+    # and registers an Enum with torch's pytree in a way torch now calls deprecated: noise on every run.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import torchao.quantization
+
+    return torchao.quantization
+
+
+def quantize_int8(model: nn.Module, how: str = "int8-weight") -> nn.Module:
+    """Quantize every Linear's weights to int8 in place with torchao (per-channel scales); return the model."""
+    ao = _import_torchao()
+    cfg = ao.Int8WeightOnlyConfig() if how == "int8-weight" else ao.Int8DynamicActivationInt8WeightConfig()
+    ao.quantize_(model, cfg)
+    return model
+
+
+def _dense(p: torch.Tensor) -> torch.Tensor:
+    return p if type(p) in (torch.Tensor, nn.Parameter) else p.dequantize()  # torchao int8 tensors
+
+
+def count_nonzero(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(_dense(p.detach()))) for p in model.parameters())
+
+
+# -- measuring -------------------------------------------------------------------------------------
+def latencies_ms(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
+    """Median and fastest wall time of a forward pass of each model on ``x``, one CPU thread, in ms.
+
+    The models take turns, so a change in machine load during the measurement hits
+    every model alike; each turn starts with an untimed pass, so no model is timed
+    with caches just filled by another. On a shared machine the fastest pass is the
+    steadier figure: other processes only ever add time.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: list[list[float]] = [[] for _ in models]
+    try:
+        with torch.no_grad():
+            for i in range(repeats + 3):  # 3 warm-up rounds
+                for model, t in zip(models, times):
+                    model(x)
+                    t0 = time.perf_counter()
+                    model(x)
+                    if i >= 3:
+                        t.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return [(1000 * statistics.median(t), 1000 * min(t)) for t in times]
+
+
+def _measure(name: str, model: nn.Module, file: Path, dataset, store, config: CompressConfig,
+             num_classes: int) -> dict[str, Any]:
+    from softlabels.student.metrics import evaluate_model
+
+    blob = file.read_bytes()
+    metrics = evaluate_model(model, dataset, num_classes=num_classes, batch_size=config.batch_size, store=store)
+    return {
+        "model": name, "file": str(file), "size_bytes": len(blob), "size_gzip_bytes": len(zlib.compress(blob, 6)),
+        "parameters": sum(p.numel() for p in model.parameters()), "nonzero_parameters": count_nonzero(model),
+        "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement"),
+        "kl_to_teacher": metrics.get("kl_to_teacher"), "correlation": metrics.get("correlation"),
+        "teacher_accuracy": metrics.get("teacher_accuracy"),
+    }
+
+
+# -- the command -----------------------------------------------------------------------------------
+def _finetune(model: nn.Module, masks: dict, config: CompressConfig, spec: str, out: Path, log) -> dict[str, Any]:
+    """Distil ``model`` further from the stores with softlabels.student.trainer; pruned weights get zero gradients."""
+    from softlabels.student.trainer import TrainConfig, train
+
+    # Zero gradient at a zero weight keeps it exactly 0 under SGD and AdamW (moments stay 0; decay scales 0).
+    handles = [p.register_hook(lambda g, m=m: g * m) for p, m in masks.items()]
+    try:
+        tc = TrainConfig(student=f"{spec} (compressed)", out=str(out), stores=tuple(config.finetune_stores),
+                         epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed, device="cpu",
+                         progress=False)
+        summary = train(tc, student=model, log=log)
+    finally:
+        for h in handles:
+            h.remove()
+    model.eval()
+    return {"epochs": summary["epochs"], "steps": summary["steps"], "final_loss": summary["final"].get("loss")}
+
+
+def _export(model: nn.Module, x: torch.Tensor, tmp: Path, onnx: bool) -> dict[str, str]:
+    example = (x[:2],)  # two rows: a batch of 1 would be specialised to a constant
+    with warnings.catch_warnings():  # torchao's tensor subclasses trip a pytree deprecation inside torch
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+        torch.export.save(program, tmp / "model.pt2")
+        files = {"pt2": "model.pt2"}
+        if onnx:
+            torch.onnx.export(program, example, str(tmp / "model.onnx"), dynamo=True, verbose=False,
+                              external_data=False)
+            files["onnx"] = "model.onnx"
+    return files
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {str(out)!r} already exists; pass --overwrite to replace it, "
+                          "or choose another directory")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an old ``out`` is removed only once the new one is whole."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
+    from softlabels.inputs.spec import resolve_data
+    from softlabels.store.v1 import open_store
+    from softlabels.student.runs import open_run
+
+    log = log or (lambda _msg: None)
+    if problems := config.problems():
+        raise ConfigError(problems)
+    _check_packages(config)
+    out = Path(config.out)
+    _check_out(out, config.overwrite)
+    run = open_run(config.run)
+    spec = run.student_spec(config.student)
+    student = run.build(spec)
+    small, info = copy.deepcopy(student), {}
+    if config.prune_structured is not None:  # first: a student without hidden units is refused here
+        small, kept = prune_hidden_units(small, config.prune_structured)
+        info["hidden_units"] = [len(k) for k in kept]
+    teacher_run = open_run(config.teacher) if config.teacher else None
+    teacher = teacher_run.build(config.teacher_spec, flag="--teacher-spec") if teacher_run else None
+    dataset = resolve_data(config.data)
+    if tuple(dataset.input_shape) != run.input_shape:
+        raise ModelMismatch(f"the student was trained on inputs of shape {run.input_shape} but {config.data!r} has "
+                            f"{tuple(dataset.input_shape)}; evaluate on data of the kind it was trained on")
+    with contextlib.ExitStack() as stack:
+        store = open_store(config.store) if config.store else None
+        if store is not None:
+            stack.callback(store.close)
+            if store.num_classes != run.num_classes:
+                raise ModelMismatch(f"the student has {run.num_classes} classes but store {config.store!r} has "
+                                    f"{store.num_classes}; pass the store of this student's teacher")
+        result = _write(config, out, spec, run, student, small, info, teacher_run, teacher, dataset, store, log)
+    log(f"wrote {', '.join(f'{out}/{f}' for f in result['files'].values())}, {out}/compress.json and compress.md")
+    return result
+
+
+def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module, small: nn.Module,
+           info: dict[str, Any], teacher_run, teacher: nn.Module | None, dataset, store, log) -> dict[str, Any]:
+    """Prune, fine-tune, quantize, export and measure into a temporary directory, then rename it to ``out``."""
+    from softlabels.student.checkpoint import atomic_save
+
+    x = dataset.get_batch(torch.arange(min(config.batch_size, len(dataset))).numpy())[0].float()
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        masks = {}
+        if config.prune is not None:
+            masks = prune_unstructured(small, config.prune)
+            total = sum(m.numel() for m in masks.values())
+            info["pruned_fraction"] = sum(int((~m).sum()) for m in masks.values()) / total
+        if config.finetune_stores:
+            log(f"fine-tuning the pruned student for {config.finetune_epochs} epoch(s) from "
+                f"{', '.join(config.finetune_stores)}")
+            info["finetune"] = _finetune(small, masks, config, spec, tmp / "finetune", log)
+        if config.quantize:
+            quantize_int8(small, config.quantize)
+        small.eval()
+        atomic_save(small.state_dict(), tmp / "model.pt")
+        files = {"model": "model.pt", **_export(small, x, tmp, config.onnx)}
+        measured = [("student", student, run.weights), ("compressed", small, tmp / "model.pt")]
+        if teacher is not None:
+            measured.insert(0, ("teacher", teacher, teacher_run.weights))
+        rows = [_measure(name, model, file, dataset, store, config, run.num_classes) for name, model, file in measured]
+        times = latencies_ms([m for _, m, _ in measured], x, config.repeats)
+        for row, (ms, fastest) in zip(rows, times):  # the ratio: fastest passes, timed in the same rounds
+            row.update(latency_ms=ms, latency_min_ms=fastest, latency_batch=len(x),
+                       latency_vs_student=fastest / times[-2][1])
+        for row in rows:
+            row["file"] = files["model"] if row["model"] == "compressed" else row["file"]
+        result = {"run": str(config.run), "student": spec, "settings": asdict(config), **info, "files": files,
+                  "export_bytes": (tmp / "model.pt2").stat().st_size,
+                  "teacher_accuracy_from_store": rows[-1]["teacher_accuracy"], "rows": rows,
+                  "torch": torch.__version__}
+        (tmp / "compress.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / "compress.md").write_text(format_markdown(result) + "\n")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The rows of a compress result as a Markdown table."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f} %"
+
+    def num(v, f="{:.4f}"):
+        return "-" if v is None else f.format(v)
+
+    lines = ["| model | size (KiB) | gzip (KiB) | parameters | nonzero | accuracy | agreement | KL to teacher "
+             f"| CORR | CPU ms / batch of {result['rows'][0]['latency_batch']}, median (fastest) | fastest vs RUN |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['size_bytes'] / 1024:.1f} | {r['size_gzip_bytes'] / 1024:.1f} "
+                     f"| {r['parameters']:,} | {r['nonzero_parameters']:,} | {pct(r['accuracy'])} "
+                     f"| {pct(r['agreement'])} | {num(r['kl_to_teacher'])} | {num(r['correlation'])} "
+                     f"| {r['latency_ms']:.3f} ({r['latency_min_ms']:.3f}) | {r['latency_vs_student']:.2f}x |")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""The ``--augment`` grammar: torchvision-like terms joined by ``+``, parsed without eval.
+
+    SPEC  := TERM ('+' TERM)*
+    TERM  := NAME ['(' [ARG (',' ARG)*] ')'] | package.module:factory
+    ARG   := VALUE | KEY '=' VALUE          (positional first, as torchvision's first argument)
+    VALUE := NUMBER | LO '-' HI (a range) | H 'x' W (a size or a pair) | WORD
+
+    crop(32,padding=4)+flip                     RandomCrop(32, padding=4) + RandomHorizontalFlip()
+    rrc(224,scale=0.08-1,ratio=0.75-1.333)+flip RandomResizedCrop(224, scale, ratio) + flip
+    affine(15,translate=0.1,scale=0.9-1.1)      RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1))
+
+A ``package.module:factory`` term is called with no arguments and must return an
+object with the :class:`~softlabels.inputs.augment.ops.Augmentation` protocol (docs/VIEWS.md).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+from softlabels.errors import SpecError
+from softlabels.inputs.augment.ops import (
+    PADDING_MODES,
+    Augmentation,
+    Compose,
+    RandomAffine,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+)
+
+__all__ = ["BUILTIN_OPS", "parse_augment"]
+
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_TERM = re.compile(r"(?P<name>[A-Za-z_]\w*)\s*(?:\((?P<args>[^()]*)\))?")
+_RANGE = re.compile(rf"({_NUMBER})-({_NUMBER})")
+_PAIR = re.compile(rf"({_NUMBER})x({_NUMBER})")
+
+
+class _Never:
+    """No object is one of these, so a factory spec is always called."""
+
+
+class _Bad(ValueError):
+    """A bad value inside one term; turned into a SpecError naming the term and the spec."""
+
+
+def _float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise _Bad(f"'{v}' is not a number") from None
+    if not math.isfinite(x):
+        raise _Bad(f"'{v}' is not a finite number")
+    return x
+
+
+def _int(v: str, low: int) -> int:
+    x = _float(v)
+    if not x.is_integer() or x < low:
+        raise _Bad(f"'{v}' is not a whole number >= {low}")
+    return int(x)
+
+
+def _size(v: str) -> tuple[int, int]:
+    m = _PAIR.fullmatch(v)
+    return (_int(m[1], 1), _int(m[2], 1)) if m else (_int(v, 1),) * 2
+
+
+def _range(v: str, symmetric: bool = False) -> tuple[float, float]:
+    """``LO-HI``, or one number: ``(-x, x)`` when ``symmetric`` else ``(x, x)``."""
+    m = _RANGE.fullmatch(v)
+    if m:
+        lo, hi = _float(m[1]), _float(m[2])
+        if lo > hi:
+            raise _Bad(f"range '{v}' runs backwards; write LOW-HIGH")
+        return lo, hi
+    x = _float(v)
+    if symmetric and x < 0:
+        raise _Bad(f"'{v}' is negative; give the largest angle, or a range LOW-HIGH")
+    return (-x, x) if symmetric else (x, x)
+
+
+def _pair(v: str) -> tuple[float, float]:
+    m = _PAIR.fullmatch(v)
+    return (_float(m[1]), _float(m[2])) if m else (_float(v),) * 2
+
+
+def _check(ok: bool, problem: str) -> None:
+    if not ok:
+        raise _Bad(problem)
+
+
+def _crop(size: str, padding: str = "0", fill: str = "0", padding_mode: str = "constant") -> RandomCrop:
+    _check(padding_mode in PADDING_MODES, f"padding_mode '{padding_mode}' is not one of {', '.join(PADDING_MODES)}")
+    return RandomCrop(_size(size), _int(padding, 0), _float(fill), padding_mode)
+
+
+def _flip(p: str = "0.5") -> RandomHorizontalFlip:
+    prob = _float(p)
+    _check(0 <= prob <= 1, f"p={p} is not a probability in [0, 1]")
+    return RandomHorizontalFlip(prob)
+
+
+def _rrc(size: str, scale: str = "0.08-1", ratio: str = "") -> RandomResizedCrop:
+    s = _range(scale)
+    r = _range(ratio) if ratio else (3 / 4, 4 / 3)
+    _check(0 < s[0], f"scale={scale} must be a range of area fractions > 0")
+    _check(math.exp(-32) <= r[0] and r[1] <= math.exp(32), f"ratio={ratio} must be a range of aspect ratios > 0")
+    return RandomResizedCrop(_size(size), s, r)
+
+
+def _affine(degrees: str = "0", translate: str = "0", scale: str = "1", interpolation: str = "nearest",
+            fill: str = "0") -> RandomAffine:
+    t, s = _pair(translate), _range(scale)
+    _check(all(0 <= v <= 1 for v in t), f"translate={translate} must be fractions of the size in [0, 1]")
+    _check(s[0] > 0, f"scale={scale} must be > 0")
+    _check(interpolation in ("nearest", "bilinear"), f"interpolation '{interpolation}' is not nearest or bilinear")
+    return RandomAffine(_range(degrees, symmetric=True), t, s, interpolation, _float(fill))
+
+
+BUILTIN_OPS: dict[str, tuple[Callable[..., Augmentation], tuple[str, ...]]] = {
+    "crop": (_crop, ("size", "padding", "fill", "padding_mode")),
+    "flip": (_flip, ("p",)),
+    "rrc": (_rrc, ("size", "scale", "ratio")),
+    "affine": (_affine, ("degrees", "translate", "scale", "interpolation", "fill")),
+}
+"""Op name -> (builder, its argument names; the first may be given by position)."""
+
+
+def _builtin(term: str, spec: str) -> Augmentation:
+    m = _TERM.fullmatch(term)
+    if m is None:
+        raise SpecError(f"cannot parse '{term}' in --augment '{spec}'; write NAME(ARG,KEY=VALUE,...) terms "
+                        "joined by '+', e.g. crop(32,padding=4)+flip")
+    name = m["name"]
+    if name not in BUILTIN_OPS:
+        raise SpecError(f"unknown augmentation '{name}' in --augment '{spec}'; use one of: "
+                        f"{', '.join(BUILTIN_OPS)}, or package.module:factory")
+    build, names = BUILTIN_OPS[name]
+    kwargs: dict[str, str] = {}
+    args = [a.strip() for a in m["args"].split(",")] if m["args"] and m["args"].strip() else []
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        key, value = (key.strip(), value.strip()) if eq else (names[0] if i == 0 else "", arg)
+        if key not in names or key in kwargs:
+            what = "repeats" if key in kwargs else "has no"
+            raise SpecError(f"'{term}' in --augment '{spec}' {what} argument '{key or arg}'; "
+                            f"{name} takes {names[0]} (first) and {', '.join(n + '=' for n in names[1:]) or 'no more'}")
+        kwargs[key] = value
+    try:
+        return build(**kwargs)
+    except TypeError:  # the one required argument is missing
+        raise SpecError(f"'{term}' in --augment '{spec}' lacks its {names[0]}; e.g. {name}(32)") from None
+    except _Bad as err:
+        raise SpecError(f"bad value in '{term}' of --augment '{spec}': {err}; see docs/VIEWS.md for its "
+                        "arguments") from None
+
+
+def _user(term: str, spec: str) -> Augmentation:
+    from softlabels.inputs.spec import (
+        _call_factory,  # the one place that imports user code
+    )
+
+    op: Any = _call_factory(term, "augmentation", _Never)  # always called: a class gives an instance
+    missing = [a for a in ("num_params", "spec", "output_size", "draw", "apply") if not hasattr(op, a)]
+    if missing or not isinstance(op.num_params, int) or op.num_params < 0:
+        lacks = ", ".join(missing) if missing else f"an integer num_params (it has {op.num_params!r})"
+        raise SpecError(f"augmentation factory '{term}' returned {type(op).__name__}, which lacks {lacks}; "
+                        "return an object with num_params, spec, output_size, draw and apply (docs/VIEWS.md)")
+    return op
+
+
+def parse_augment(spec: str) -> Compose:
+    """Parse an ``--augment`` spec (see the module docstring) into a :class:`Compose`.
+
+    ``parse_augment(c.spec) == c`` for built-in ops: ``spec`` is the canonical text.
+    """
+    terms = [t.strip() for t in spec.split("+")]
+    if not spec.strip() or not all(terms):
+        raise SpecError(f"--augment '{spec}' has an empty term; join ops with one '+', e.g. crop(32,padding=4)+flip")
+    return Compose([_user(t, spec) if ":" in t else _builtin(t, spec) for t in terms])

@@ -1,0 +1,81 @@
+"""Counter-based random numbers for views: a pure function of (seed, sample id, view, stream, draw).
+
+A view's parameters must not depend on which batch, rank, worker or resumed run
+draws them, so nothing here has state that advances across rows: every number is
+a hash of its coordinates. The hash works on 32-bit words held in int64 tensors
+and multiplies in 16-bit halves, so no intermediate overflows and every device
+gives the same bits. ``tests/test_augment.py`` checks it against plain Python ints.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ViewRandom"]
+
+_MASK = 0xFFFFFFFF
+_START = 0x9E3779B9  # any odd constant: the chain's starting state
+_TO_UNIT = 2.0 ** -24  # 24-bit uniforms are exact in float32 as well as float64
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for 32-bit ``x`` and a constant ``c``, without int64 overflow."""
+    lo = x * (c & 0xFFFF)
+    hi = (x * (c >> 16)) & 0xFFFF
+    return (lo + (hi << 16)) & _MASK
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash ("lowbias32", C. Wellons' hash prospector)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class ViewRandom:
+    """Uniform numbers for ``n`` rows, row ``r`` keyed by ``(seed, ids[r], views[r])``.
+
+    ``uniform(k)`` returns the next ``k`` numbers of every row: calls continue the
+    row's sequence, so an op that asks twice gets different numbers, and the result
+    for a row never depends on the other rows. ``stream(i)`` is an independent
+    generator for the same rows (one per op of a :class:`~softlabels.inputs.augment.Compose`).
+    """
+
+    def __init__(self, seed: int, ids: torch.Tensor, views: torch.Tensor | int = 0) -> None:
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        views = torch.as_tensor(views, dtype=torch.int64, device=ids.device).expand(ids.shape)
+        h = torch.full_like(ids, _START)
+        for word in (int(seed) & _MASK, int(seed) >> 32, ids & _MASK, ids >> 32, views & _MASK):
+            h = _mix(h ^ word)
+        self._key = h
+        self._used = 0
+
+    @classmethod
+    def _from_key(cls, key: torch.Tensor) -> ViewRandom:
+        rng = cls.__new__(cls)
+        rng._key, rng._used = key, 0
+        return rng
+
+    @property
+    def n(self) -> int:
+        """The number of rows."""
+        return int(self._key.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self._key.device
+
+    def stream(self, index: int) -> ViewRandom:
+        """An independent generator for the same rows, numbered ``index >= 0``."""
+        return ViewRandom._from_key(_mix(_mix(self._key ^ (int(index) & _MASK)) ^ 0x5BD1E995))
+
+    def uniform(self, k: int) -> torch.Tensor:
+        """float64 ``[n, k]`` in ``[0, 1)``: the row's next ``k`` numbers, multiples of ``2**-24``."""
+        counters = torch.arange(self._used, self._used + k, dtype=torch.int64, device=self.device)
+        self._used += k
+        bits = _mix(_mix(self._key[:, None] ^ counters[None, :]))
+        return (bits >> 8).to(torch.float64) * _TO_UNIT

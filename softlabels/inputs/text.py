@@ -1,0 +1,129 @@
+"""Plain text as token data (a ``tokenizer.json`` for the ``tokenizers`` library), BPE training,
+and the token data spec resolver.
+
+Token data spec grammar::
+
+    PATH.npy                              int [N, L] packed sequences, or a 1-D stream (needs seq_len)
+    PATH.npz | PATH.h5 | PATH.zarr        arrays 'tokens' (+ 'offsets' [N + 1] if ragged, + optional 'mask')
+    text:PATH                             UTF-8 text, tokenized with `tokenizer`, cut into seq_len windows
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from softlabels.errors import DataError, SpecError
+from softlabels.inputs.tokens import TokenDataset, open_token_file, pack_stream
+
+__all__ = ["load_tokenizer", "encode_text", "resolve_token_data", "train_bpe", "pydoc_topics"]
+
+_INSTALL = "pip install 'softlabels[lm]'"
+END_OF_TEXT = "<|endoftext|>"
+"""The one special token :func:`train_bpe` adds (id 0), for separating documents."""
+
+
+def _tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError as err:
+        raise DataError(f"text data needs the 'tokenizers' library, which is not installed; {_INSTALL}") from err
+    return tokenizers
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file (JSON only; nothing is executed)."""
+    tokenizers = _tokenizers()
+    if not Path(path).is_file():
+        raise DataError(f"tokenizer file '{path}' does not exist; pass a tokenizer.json saved by 'tokenizers'")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises plain Exception subclasses
+        text = " ".join(str(err).split())[:200]
+        raise DataError(
+            f"cannot read tokenizer '{path}' ({text}); pass a tokenizer.json saved by "
+            "tokenizers.Tokenizer.save (for Hugging Face models, the tokenizer.json beside the weights)"
+        ) from err
+
+
+def encode_text(text: str, tokenizer: Any) -> np.ndarray:
+    """Token ids of ``text`` (int64), encoded in one piece so no token is split at a block edge.
+
+    No special tokens are added: the text is one stream, cut into windows afterwards.
+    """
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def _read_text(path: str) -> str:
+    if not Path(path).is_file():
+        raise DataError(f"text file '{path}' does not exist; check the path in text:FILE")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"text file '{path}' is not UTF-8 ({err.reason} at byte {err.start}); convert it to UTF-8") from err
+
+
+def resolve_token_data(
+    spec: str, *, tokenizer: str | os.PathLike[str] | None = None, seq_len: int | None = None
+) -> TokenDataset:
+    """Resolve a token data spec (grammar in the module docstring) to a :class:`TokenDataset`.
+
+    ``tokenizer`` (a tokenizer.json) is needed by ``text:`` specs and sets the data's
+    ``vocab_size`` for any spec; ``seq_len`` cuts a text or a 1-D token stream into
+    windows of that length (and is refused for data that already holds sequences).
+    """
+    if spec.startswith("text:"):
+        path = spec.removeprefix("text:")
+        if tokenizer is None or seq_len is None:
+            raise DataError(
+                f"text data '{spec}' needs a tokenizer and a window length; "
+                "pass --tokenizer tokenizer.json and --seq-len N"
+            )
+        text = _read_text(path)
+        tok = load_tokenizer(tokenizer)
+        ids = encode_text(text, tok)
+        if ids.size == 0:
+            raise DataError(f"text file '{path}' holds no tokens; pass a non-empty text")
+        return pack_stream(ids, seq_len, source=spec, vocab_size=tok.get_vocab_size())
+    if Path(spec.rstrip("/")).suffix.lower() in (".npy", ".npz", ".h5", ".hdf5", ".zarr"):
+        ds = open_token_file(spec, seq_len=seq_len)
+        if tokenizer is not None:
+            ds.vocab_size = load_tokenizer(tokenizer).get_vocab_size()
+        return ds
+    raise SpecError(
+        f"unknown token data '{spec}'; use a .npy/.npz/.h5/.zarr file of token ids, or text:FILE "
+        "with --tokenizer"
+    )
+
+
+def train_bpe(texts: str | Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Any:
+    """Train a byte-level BPE tokenizer (GPT-2 style: any text encodes, no unknown token).
+
+    ``END_OF_TEXT`` is id 0. Training is deterministic for the same texts and settings.
+    """
+    tokenizers = _tokenizers()
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([texts] if isinstance(texts, str) else texts, trainer=trainer)
+    return tok
+
+
+def pydoc_topics() -> dict[str, str]:
+    """CPython's own English help texts (``pydoc_data.topics``, ~465,000 characters), by topic.
+
+    Real prose and code shipped with every Python, so the language-model demo needs no download.
+    """
+    from pydoc_data.topics import topics
+
+    return dict(sorted(topics.items()))

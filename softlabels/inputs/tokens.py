@@ -1,0 +1,322 @@
+"""Token datasets: packed [N, L] arrays, ragged flat tokens + offsets, and token windows.
+
+Every dataset is a :class:`TokenDataset`: item ``i`` is ``(ids int64 [L_i], mask bool [L_i])``
+and its sample id is ``i``. :meth:`TokenDataset.lengths` is known without reading any
+token, so a store can fix its ``offsets`` at creation. ``mask[t]`` says whether token
+``t`` is a *target*: the next-token prediction made at position ``t - 1`` is trained
+(Hugging Face's ``labels = -100`` convention, inverted); see docs/TOKENS.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import zarr
+
+from softlabels.errors import DataError
+from softlabels.inputs.arrays import _array_names, _read_rows
+
+__all__ = [
+    "TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
+    "open_token_file", "pack_stream", "token_fingerprint", "offsets_of",
+]
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded sequences: ``ids`` int64 [B, Lmax] (pad 0), ``mask`` bool [B, Lmax]
+    (False at padding), ``lengths`` int64 [B]. ``valid`` is True inside each sequence."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return torch.arange(self.ids.shape[1], device=self.lengths.device) < self.lengths[:, None]
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """``offsets`` [N + 1] (int64, starting at 0) of sequences with these lengths."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def _pad(flat_ids: np.ndarray, flat_mask: np.ndarray, lengths: np.ndarray) -> TokenBatch:
+    """Scatter concatenated sequences into a right-padded batch, without a Python loop."""
+    b, width = lengths.size, int(lengths.max(initial=0))
+    ids = np.zeros((b, width), dtype=np.int64)
+    mask = np.zeros((b, width), dtype=bool)
+    valid = np.arange(width) < lengths[:, None]  # row-major True cells = the concatenation's order
+    ids[valid] = flat_ids
+    mask[valid] = flat_mask
+    return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(lengths.astype(np.int64)))
+
+
+def _check_ids(ids: np.ndarray, source: str, where: str) -> np.ndarray:
+    if ids.size and ids.min() < 0:
+        raise DataError(
+            f"{source} has negative token id {int(ids.min())} in {where}; store token ids >= 0 in an "
+            "integer type wide enough for the vocabulary (int16 wraps above 32,767)"
+        )
+    return ids.astype(np.int64, copy=False)
+
+
+class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Map-style dataset of token sequences; subclasses implement ``_read(indices)``.
+
+    ``vocab_size`` is the tokenizer's vocabulary when known (text specs, or any spec given a
+    tokenizer), else ``None``;
+    ``has_mask`` is False when every token is a target; ``source`` names the data.
+    """
+
+    vocab_size: int | None = None
+    has_mask: bool = False
+    source: str = "tokens"
+
+    def __len__(self) -> int:
+        return int(self.lengths().size)
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per sequence, int64 [N], without reading any token."""
+        raise NotImplementedError
+
+    def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenated ids and mask of ``indices`` (in that order)."""
+        raise NotImplementedError
+
+    def get_batch(self, indices: np.ndarray) -> TokenBatch:
+        """Sequences ``indices`` (any order, repeats allowed), right-padded."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"indices out of range for a dataset of {n} sequences")
+        ids, mask = self._read(idx)
+        return _pad(_check_ids(ids, self.source, f"sequences {idx.min(initial=0)}..{idx.max(initial=0)}"),
+                    mask, self.lengths()[idx])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(index)
+        batch = self.get_batch(np.array([i + len(self) if i < 0 else i]))
+        return batch.ids[0], batch.mask[0]
+
+
+def _check_mask(mask: Any, shape: tuple[int, ...], source: str) -> None:
+    integer = np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_
+    if tuple(mask.shape) != shape or not integer:
+        raise DataError(
+            f"mask of {source} has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
+            f"store a bool (or 0/1) array shaped like the tokens, {shape}"
+        )
+
+
+class PackedTokens(TokenDataset):
+    """Sequences of one length: ``tokens`` [N, L] (e.g. a memory-mapped ``.npy``), optional ``mask``."""
+
+    def __init__(self, tokens: Any, mask: Any = None, *, source: str = "tokens",
+                 vocab_size: int | None = None) -> None:
+        self.source, self.vocab_size = source, vocab_size
+        dtype = np.dtype(tokens.dtype)
+        if len(tokens.shape) != 2 or not np.issubdtype(dtype, np.integer) or 0 in tokens.shape:
+            raise DataError(
+                f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
+                "store integer token ids, [N, L] with N, L >= 1 (or flat tokens with offsets [N + 1])"
+            )
+        if mask is not None:
+            _check_mask(mask, tuple(tokens.shape), source)
+        self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
+        self._lengths = np.full(tokens.shape[0], tokens.shape[1], dtype=np.int64)
+        self._lengths.flags.writeable = False
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(self._tokens[indices]).reshape(-1)
+        mask = np.ones(ids.size, bool) if self._mask is None else np.asarray(self._mask[indices]).reshape(-1) != 0
+        return ids, mask
+
+
+def _spans(array: Any, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """``concat(array[a:b] for a, b)``, reading one slab when the spans are dense enough.
+
+    Random small reads from HDF5/Zarr cost ~1 ms each, so spans covering at least a
+    quarter of their hull are served from one contiguous read.
+    """
+    if starts.size == 0:
+        return np.empty(0, dtype=array.dtype)
+    lo, hi = int(starts.min()), int(stops.max())
+    total = int((stops - starts).sum())
+    if 4 * total >= hi - lo:
+        lengths = stops - starts
+        at = np.arange(total) + np.repeat(starts - lo - offsets_of(lengths)[:-1], lengths)
+        return np.asarray(array[lo:hi])[at]
+    return np.concatenate([np.asarray(array[a:b]) for a, b in zip(starts.tolist(), stops.tolist())])
+
+
+class RaggedTokens(TokenDataset):
+    """Sequences of any length: flat ``tokens`` [T], ``offsets`` [N + 1], optional flat ``mask`` [T].
+
+    Sequence ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``. ``offsets`` are read (and
+    checked) eagerly; ``tokens`` and ``mask`` may stay in an HDF5/Zarr file or a memmap.
+    """
+
+    def __init__(self, tokens: Any, offsets: Any, mask: Any = None, *, source: str = "tokens",
+                 vocab_size: int | None = None) -> None:
+        self.source, self.vocab_size = source, vocab_size
+        dtype = np.dtype(tokens.dtype)
+        if len(tokens.shape) != 1 or not np.issubdtype(dtype, np.integer):
+            raise DataError(
+                f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
+                "with offsets, store the token ids flat: one integer array [T]"
+            )
+        off = np.asarray(offsets[...])
+        total = int(tokens.shape[0])
+        if (off.ndim != 1 or off.size < 2 or not np.issubdtype(off.dtype, np.integer)
+                or off[0] != 0 or off[-1] != total or (np.diff(off) < 0).any()):
+            raise DataError(
+                f"offsets of {source} are not [N + 1] integers rising from 0 to the {total} tokens; "
+                "store offsets[i]..offsets[i + 1] as sequence i's token range"
+            )
+        self._lengths = np.diff(off).astype(np.int64)
+        if (self._lengths == 0).any():
+            raise DataError(
+                f"sequence {int(np.argmin(self._lengths))} of {source} is empty; drop empty sequences "
+                "(every sequence needs at least one token)"
+            )
+        if mask is not None:
+            _check_mask(mask, (total,), source)
+        self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
+        self._offsets = off.astype(np.int64)
+        self._lengths.flags.writeable = self._offsets.flags.writeable = False
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts, stops = self._offsets[indices], self._offsets[indices + 1]
+        ids = _spans(self._tokens, starts, stops)
+        mask = np.ones(ids.size, bool) if self._mask is None else _spans(self._mask, starts, stops) != 0
+        return ids, mask
+
+
+def pack_stream(stream: Any, seq_len: int, mask: Any = None, *, source: str = "tokens",
+                vocab_size: int | None = None) -> TokenDataset:
+    """Cut a 1-D token stream (an array or memmap, not copied) and its optional flat mask
+    into consecutive ``seq_len`` windows; the last may be shorter."""
+    if len(stream.shape) != 1 or stream.shape[0] == 0:
+        raise DataError(f"{source} holds no tokens; pass a non-empty text or token stream")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
+    size = int(stream.shape[0])
+    n = -(-size // seq_len)
+    lengths = np.full(n, seq_len, dtype=np.int64)
+    lengths[-1] = size - seq_len * (n - 1)
+    return RaggedTokens(stream, offsets_of(lengths), mask, source=source, vocab_size=vocab_size)
+
+
+class _LazyArray:
+    """An HDF5 / Zarr array opened on first use in each process (safe across forks and pickling)."""
+
+    def __init__(self, path: str, kind: str, name: str) -> None:
+        self.path, self.kind, self.name = path, kind, name
+        self._handle: Any = None
+        self._array: Any = None
+        self._pid: int | None = None
+        array = self._open()
+        self.shape, self.dtype = tuple(int(s) for s in array.shape), np.dtype(array.dtype)
+        if self._handle is not None:  # never hold an open HDF5 handle across a fork
+            self._handle.close()
+        self._handle = self._array = self._pid = None
+
+    def _open(self) -> Any:
+        if self._pid != os.getpid():
+            if self.kind == "hdf5":
+                self._handle = h5py.File(self.path, "r")
+                self._array = self._handle[self.name]
+            else:
+                self._array = zarr.open_array(self.path, path=self.name, mode="r")
+            self._pid = os.getpid()
+        return self._array
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, np.ndarray):  # rows in any order: HDF5 needs them sorted and unique
+            return _read_rows(self._open(), key)
+        return np.asarray(self._open()[key])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handle": None, "_array": None, "_pid": None}
+
+
+_TOKEN_FILES = {".npy": "npy", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}
+
+
+def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None) -> TokenDataset:
+    """Token ids in a file: ``.npy`` ([N, L] packed, or a 1-D stream cut into ``seq_len``
+    windows), or ``.npz``/HDF5/Zarr with array ``tokens`` and optional ``offsets``, ``mask``."""
+    path = str(path)
+    kind = _TOKEN_FILES.get(Path(path.rstrip("/")).suffix.lower())
+    if kind is None:
+        raise DataError(f"unsupported token file '{path}'; use a .npy, .npz, .h5/.hdf5 or .zarr file")
+    if not Path(path).exists():
+        raise DataError(f"token file '{path}' does not exist; check the path in --data")
+    arrays: dict[str, Any]
+    if kind == "npy":
+        arrays = {"tokens": np.load(path, mmap_mode="r", allow_pickle=False)}
+    elif kind == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read '{path}' as .npz ({err}); write it with numpy.savez") from err
+    else:
+        found = _array_names(path, kind)
+        arrays = {name: _LazyArray(path, kind, name) for name in ("tokens", "offsets", "mask") if name in found}
+    if "tokens" not in arrays:
+        raise DataError(
+            f"no array 'tokens' in '{path}'; arrays found: {', '.join(arrays) or '(none)'}; "
+            "store token ids as 'tokens' (with 'offsets' [N + 1] if ragged, and an optional 'mask')"
+        )
+    tokens, offsets, mask = arrays["tokens"], arrays.get("offsets"), arrays.get("mask")
+    if seq_len is not None and (offsets is not None or len(tokens.shape) != 1):
+        raise DataError(
+            f"'{path}' already holds sequences ({'offsets' if offsets is not None else 'a [N, L] array'}); "
+            "drop --seq-len, which cuts flat token streams and text into windows"
+        )
+    if offsets is not None:
+        return RaggedTokens(tokens, offsets, mask, source=path)
+    if len(tokens.shape) == 1:
+        if seq_len is None:
+            raise DataError(
+                f"'{path}' holds flat tokens without offsets; store 'offsets' [N + 1] beside them, "
+                "or pass --seq-len to cut the stream into windows"
+            )
+        return pack_stream(tokens, seq_len, mask, source=path)
+    return PackedTokens(tokens, mask, source=path)
+
+
+def token_fingerprint(ds: TokenDataset) -> str:
+    """Cheap, content-sensitive fingerprint ``"sha256:<hex>"`` of token data.
+
+    Hashes every sequence length (so the offsets are covered exactly) and the ids and
+    mask of a deterministic sample: the first, the last and ~64 evenly spaced sequences.
+    """
+    lengths = ds.lengths()
+    n = lengths.size
+    digest = hashlib.sha256()
+    digest.update(f"softlabels-token-fingerprint-v1|n={n}|".encode())
+    digest.update(np.ascontiguousarray(lengths, dtype="<i8").tobytes())
+    if n:
+        idx = np.unique(np.concatenate([[0, n - 1], np.linspace(0, n - 1, 64).round()])).astype(np.int64)
+        batch = ds.get_batch(idx)
+        digest.update(np.ascontiguousarray(batch.ids.numpy(), dtype="<i8").tobytes())
+        digest.update(np.ascontiguousarray(batch.mask.numpy(), dtype="u1").tobytes())
+    return f"sha256:{digest.hexdigest()}"

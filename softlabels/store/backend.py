@@ -1,0 +1,118 @@
+"""Storage backends: one small interface over an HDF5 file and a Zarr v3 group.
+
+The reader and writer speak only to :class:`Backend`; the backend is chosen by
+path suffix (``.h5``/``.hdf5`` -> HDF5, ``.zarr`` -> Zarr) or explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from softlabels.errors import ConfigError, NotAStore, StoreNotFound
+from softlabels.store.format import ArraySpec
+
+__all__ = ["Backend", "BackendKind", "ReadHandle", "backend_kind", "open_backend"]
+
+BackendKind = Literal["hdf5", "zarr"]
+SUFFIXES: dict[str, BackendKind] = {".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}
+
+
+class Backend(Protocol):
+    """The operations the reader and writer need from a storage library."""
+
+    kind: BackendKind
+    path: Path
+
+    def attrs(self) -> dict[str, Any]: ...
+    def set_attrs(self, attrs: dict[str, Any]) -> None: ...
+    def array_names(self) -> list[str]: ...
+    def array_info(self, name: str) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]: ...
+    def shard_rows(self, name: str) -> int | None: ...
+    def unbacked(self, name: str, *, complete: bool = False) -> str | None: ...
+    def create_array(self, name: str, spec: ArraySpec, *, chunk_rows: int, shard_rows: int | None,
+                     compress: bool) -> None: ...
+    def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray: ...
+    def write(self, name: str, start: int, data: np.ndarray) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def size_on_disk(self) -> int: ...
+
+
+def backend_kind(path: str | Path, kind: str | None = None) -> BackendKind:
+    """Which backend a path uses: the explicit ``kind``, else its suffix."""
+    if kind is not None:
+        if kind not in ("hdf5", "zarr"):
+            raise ConfigError(f"unknown store backend {kind!r}; use 'hdf5' or 'zarr'")
+        return kind  # type: ignore[return-value]
+    suffix = Path(path).suffix.lower()
+    if suffix in SUFFIXES:
+        return SUFFIXES[suffix]
+    p = Path(path)
+    if p.is_dir() and (p / "zarr.json").exists():
+        return "zarr"
+    if p.is_file():
+        return "hdf5"
+    raise ConfigError(
+        f"cannot tell the store backend of {str(path)!r} from its suffix; "
+        "name it *.h5, *.hdf5 or *.zarr, or pass the backend explicitly"
+    )
+
+
+def open_backend(path: str | Path, mode: Literal["r", "r+", "w"], kind: str | None = None) -> Backend:
+    """Open (``r``, ``r+``) or create (``w``) a store's backend."""
+    path = Path(path)
+    which = backend_kind(path, kind)
+    if mode != "w" and not path.exists():
+        raise StoreNotFound(f"no store at {str(path)!r}; check the path (generate one with 'softlabels generate')")
+    if which == "hdf5":
+        from softlabels.store._hdf5 import HDF5Backend
+
+        return HDF5Backend(path, mode)
+    from softlabels.store._zarr import ZarrBackend
+
+    if mode != "w" and not (path / "zarr.json").is_file():
+        raise NotAStore(f"{str(path)!r} is not a Zarr v3 store (no zarr.json); check the path")
+    return ZarrBackend(path, mode)
+
+
+class ReadHandle:
+    """A read-only backend opened on first use and reopened after a fork.
+
+    Readers (version 1's ``SoftLabelStore``, version 2's ``UnitStore``) subclass it, so a
+    store object can be handed to DataLoader workers: no handle crosses a fork, and h5py
+    files are opened in the process that reads them.
+    """
+
+    path: Path
+    backend_kind: BackendKind
+    _backend: Backend | None = None
+    _pid: int = -1
+
+    def _handle(self) -> Backend:
+        import os
+
+        if self._backend is None or self._pid != os.getpid():
+            self._backend = open_backend(self.path, "r", self.backend_kind)
+            self._pid = os.getpid()
+        return self._backend
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_backend"], state["_pid"] = None, -1
+        return state
+
+    def close(self) -> None:
+        import os
+
+        if self._backend is not None and self._pid == os.getpid():
+            self._backend.close()
+        self._backend = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

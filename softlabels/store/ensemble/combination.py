@@ -1,0 +1,259 @@
+"""Combining several teachers' typed targets for the same positions (docs/ENSEMBLES.md).
+
+Two rules, each with per-teacher weights w_i (normalised to sum to 1):
+
+* ``arithmetic`` (default): the mean of the teachers' probabilities at a temperature T,
+  p(c) = sum_i w_i softmax(z_i / T)(c) (Hinton et al. 2015; MEAL V2).
+* ``geometric``: the normalised weighted geometric mean, softmax(sum_i w_i log p_i).
+
+A combined target is a target of the *same type* the losses already take, so every
+loss consumes it unchanged:
+
+* dense, arithmetic: logits ``z' = T log sum_i w_i softmax(z_i / T)``, so softmax(z' / T)
+  is the mixture exactly, at T only (training at T' != T sees the mixture raised to T / T');
+* dense, geometric: logits ``z' = sum_i w_i z_i``, exact at every T;
+* top-k: the union of the teachers' ids (filled up to K' = min(sum K_i, C) ids with the
+  smallest ids outside it), each teacher's bucket log-probs at T (its K stored classes and
+  its tail, softened as :mod:`softlabels.student.kd` softens a single top-k target), a class a
+  teacher did not store given that teacher's tail spread evenly over its C - K_i unstored
+  classes; arithmetic values are stored as T-powered logits as for dense (exact over the
+  K' + 1 buckets at T), geometric ones at T = 1;
+* sampled, arithmetic at T = 1 only: the pooled draws, teacher i's counts multiplied by its
+  integer weight — a stratified sample of the mixture, so counts / S' estimate it without
+  bias; the stored logits are log p(c), each teacher's unsampled mass spread evenly over the
+  classes it did not draw (that only enters loss values and reverse-type divergences).
+  The geometric mean has no estimator from draws and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from softlabels.errors import ConfigError
+from softlabels.store.layouts.targets import (
+    TAIL_FLOOR,
+    DenseTarget,
+    SampledTarget,
+    Target,
+    TopKTarget,
+)
+
+__all__ = ["MODES", "Combination", "check_temperature", "combine"]
+
+MODES = ("arithmetic", "geometric")
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How to combine n teachers: ``mode``, ``weights`` (None: equal), ``temperature`` (arithmetic)."""
+
+    mode: str = "arithmetic"
+    weights: tuple[float, ...] | None = None
+    temperature: float = 1.0
+
+    def problems(self, members: int, layout: str) -> list[str]:
+        """Every problem with these settings for ``members`` teachers of one ``layout``."""
+        p = []
+        if self.mode not in MODES:
+            p.append(f"ensemble mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if members < 2:
+            p.append(f"an ensemble needs at least 2 stores, got {members}")
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            p.append(f"ensemble temperature must be a finite number > 0, got {t!r}")
+        w = self.weights
+        if w is not None:
+            if len(w) != members:
+                p.append(f"{len(w)} ensemble weights for {members} stores; give one weight per store")
+            elif not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in w):
+                p.append(f"ensemble weights must be finite numbers > 0, got {', '.join(map(str, w))}")
+            elif layout == "sampled" and not all(float(x).is_integer() for x in w):
+                p.append("sampled stores combine by pooling draws, so their ensemble weights must be whole "
+                         f"numbers (draw multiplicities), got {', '.join(map(str, w))}")
+        if layout == "sampled" and self.mode == "geometric":
+            p.append("the geometric mean has no estimator from sampled draws; use --mode arithmetic for sampled stores")
+        if layout == "sampled" and isinstance(t, (int, float)) and t != 1:
+            p.append(f"sampled stores hold draws at T = 1, so they combine at temperature 1 only, got {t}")
+        return p
+
+    def check(self, members: int, layout: str) -> None:
+        if problems := self.problems(members, layout):
+            raise ConfigError(problems)
+
+    def normalised(self, members: int) -> Tensor:
+        w = torch.tensor(self.weights if self.weights is not None else [1.0] * members, dtype=_F64)
+        return w / w.sum()
+
+    def multiplicities(self, members: int) -> list[int]:
+        """Integer draw multiplicities (sampled)."""
+        return [int(x) for x in self.weights] if self.weights is not None else [1] * members
+
+    def to_attrs(self, members: int) -> dict:
+        # the geometric mean holds at every T (dense) or is made at T = 1 (top-k): no T to record
+        return {"mode": self.mode, "temperature": float(self.temperature) if self.mode == "arithmetic" else None,
+                "weights": [float(x) for x in self.normalised(members)]}
+
+
+def combine(targets: Sequence[Target], how: Combination, num_classes: int) -> Target:
+    """The combined target of ``targets`` (one per teacher, same rows, same type); float32 values."""
+    kinds = {type(t) for t in targets}
+    if len(kinds) != 1:
+        raise ConfigError(f"an ensemble needs stores of one layout, got {', '.join(sorted(k.__name__ for k in kinds))}")
+    first = targets[0]
+    if isinstance(first, DenseTarget):
+        return _dense(targets, how)
+    if isinstance(first, TopKTarget):
+        return _topk(targets, how, num_classes)
+    return _sampled(targets, how, num_classes)
+
+
+# -- dense ------------------------------------------------------------------------------------------
+def _dense(targets: Sequence[DenseTarget], how: Combination) -> DenseTarget:
+    w = how.normalised(len(targets))
+    z = torch.stack([t.logits.to(_F64) for t in targets])  # [n, B, C]
+    if how.mode == "geometric":
+        out = torch.einsum("n,nbc->bc", w, z)
+    else:
+        t = float(how.temperature)
+        lp = torch.log_softmax(z / t, -1) + w.log()[:, None, None]
+        out = t * torch.logsumexp(lp, 0)
+    return DenseTarget(out.float())
+
+
+# -- top-k ------------------------------------------------------------------------------------------
+def _union_ids(ids: Sequence[Tensor], width: int, num_classes: int) -> Tensor:
+    """[B, width] distinct ids per row: the union of ``ids`` first, then the smallest ids outside it."""
+    cat = torch.cat([i.long() for i in ids], 1)
+    rows, total = cat.shape
+    srt, _ = cat.sort(-1)
+    dup = torch.zeros_like(srt, dtype=torch.bool)
+    dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    span = min(num_classes, 2 * width)
+    r = torch.arange(span, dtype=torch.int64).expand(rows, span).contiguous()
+    pos = torch.searchsorted(srt, r).clamp_max(total - 1)
+    taken = srt.gather(1, pos) == r
+    cand = torch.cat([srt, r], 1)
+    # priority: union ids (0), then fillers not in the union (1), repeats and taken fillers last (2)
+    prio = torch.cat([dup.long() * 2, 1 + taken.long()], 1)
+    order = torch.argsort(prio * (total + span) + torch.arange(total + span), dim=1)
+    return cand.gather(1, order[:, :width])
+
+
+def _teacher_buckets(t: TopKTarget, temperature: float, num_classes: int) -> tuple[Tensor, Tensor, int]:
+    """Bucket log-probs at T as kd softens them: ([B, K] stored classes, [B] tail, K)."""
+    v, lse = t.values.to(_F64), t.logsumexp.to(_F64)
+    k = v.shape[1]
+    if k >= num_classes:
+        tail = torch.full_like(lse, -math.inf)
+    else:
+        mass = (-torch.expm1(v.logsumexp(-1) - lse)).clamp_min(TAIL_FLOOR)
+        tail = lse + mass.log()
+    lp = torch.log_softmax(torch.cat([v, tail[:, None]], 1) / temperature, -1)
+    return lp[:, :k], lp[:, k], k
+
+
+def _lookup(cand: Tensor, ids: Tensor, lp: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
+    """Per candidate id: the teacher's stored log-prob, else ``spread``; and whether it was stored."""
+    srt, perm = ids.long().sort(-1)
+    pos = torch.searchsorted(srt, cand).clamp_max(srt.shape[1] - 1)
+    hit = srt.gather(1, pos) == cand
+    vals = lp.gather(1, perm.gather(1, pos))
+    return torch.where(hit, vals, spread[:, None].expand_as(vals)), hit
+
+
+def _topk(targets: Sequence[TopKTarget], how: Combination, num_classes: int) -> TopKTarget:
+    n, c = len(targets), num_classes
+    w = how.normalised(n)
+    t = float(how.temperature) if how.mode == "arithmetic" else 1.0
+    width = min(sum(x.ids.shape[1] for x in targets), c)
+    cand = _union_ids([x.ids for x in targets], width, c)
+    per, outside, spreads = [], [], []
+    for x in targets:
+        lp, tail, k = _teacher_buckets(x, t, c)
+        spread = tail - math.log(c - k) if k < c else torch.full_like(tail, -math.inf)
+        lpc, hit = _lookup(cand, x.ids, lp, spread)
+        per.append(lpc)
+        spreads.append(spread)
+        # this teacher's mass on classes outside the candidates: its tail less the spread shares used
+        left = (c - k) - (~hit).sum(-1)
+        outside.append(spread + torch.log(left.to(_F64)))  # log 0 = -inf when none are left
+    lp = torch.stack(per)  # [n, B, K']
+    if how.mode == "arithmetic":
+        values = t * torch.logsumexp(lp + w.log()[:, None, None], 0)
+        rest = t * torch.logsumexp(torch.stack(outside) + w.log()[:, None], 0)
+    else:  # every class outside the candidates has the same geometric mean of spread shares
+        values = torch.einsum("n,nbk->bk", w, lp)
+        share = torch.einsum("n,nb->b", w, torch.stack(spreads))
+        rest = share + math.log(c - width) if c > width else torch.full_like(share, -math.inf)
+    lse = torch.logsumexp(torch.cat([values, rest[:, None]], 1), -1)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    return TopKTarget(values.float(), cand.gather(1, order), lse.float())
+
+
+# -- sampled ----------------------------------------------------------------------------------------
+def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: int) -> SampledTarget:
+    mult = how.multiplicities(len(targets))
+    slots = sum(m * x.samples for m, x in zip(mult, targets))
+    # the pooled draws sample the mixture with weights m_i S_i / S'; the logits use the same mixture
+    w = torch.tensor([m * x.samples for m, x in zip(mult, targets)], dtype=_F64) / slots
+    ids = torch.cat([x.ids.long() for x in targets], 1)
+    counts = torch.cat([x.counts.long() * m for m, x in zip(mult, targets)], 1)
+    rows = len(ids)
+    # sum the counts of each id: padding (count 0) moves to id -1 so it never merges with a real id
+    key = torch.where(counts > 0, ids, torch.full_like(ids, -1))
+    srt, perm = key.sort(-1)
+    cnt = counts.gather(1, perm)
+    start = torch.ones_like(srt, dtype=torch.bool)
+    start[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    run = start.long().cumsum(-1) - 1
+    u_counts = torch.zeros_like(srt).scatter_add_(1, run, cnt)
+    u_ids = torch.full_like(srt, -1).scatter_(1, run, srt)
+    valid = (u_counts > 0) & (u_ids >= 0)
+    u_ids = torch.where(valid, u_ids, torch.zeros_like(u_ids))
+    # the mixture's log-probability of each id: exact for the teachers that drew it, spread otherwise
+    mix = []
+    for x in targets:
+        lp = x.log_probs().to(_F64)  # -inf on padding
+        drawn = x.valid.sum(-1)
+        left = (-torch.expm1(lp.logsumexp(-1).clamp_max(0))).clamp_min(0)
+        spread = torch.log(left) - torch.log((num_classes - drawn).clamp_min(1).to(_F64))
+        srt_i, perm_i = torch.where(x.valid, x.ids.long(), torch.full_like(x.ids.long(), -1)).sort(-1)
+        pos = torch.searchsorted(srt_i, u_ids).clamp_max(srt_i.shape[1] - 1)
+        hit = srt_i.gather(1, pos) == u_ids
+        mix.append(torch.where(hit, lp.gather(1, perm_i.gather(1, pos)), spread[:, None].expand(rows, u_ids.shape[1])))
+    logits = torch.logsumexp(torch.stack(mix) + w.log()[:, None, None], 0)
+    # the layout's order: count descending, ties by id; padding (count 0) last with id 0, logit 0
+    u_counts = torch.where(valid, u_counts, torch.zeros_like(u_counts))
+    order = torch.argsort(-u_counts * (num_classes + 1) + u_ids, dim=1)
+    take = order[:, :slots] if order.shape[1] >= slots else order
+    ids_o, counts_o, logits_o = u_ids.gather(1, take), u_counts.gather(1, take), logits.gather(1, take)
+    logits_o = logits_o.masked_fill(counts_o == 0, 0)
+    if ids_o.shape[1] < slots:
+        pad = slots - ids_o.shape[1]
+        ids_o = torch.cat([ids_o, ids_o.new_zeros(rows, pad)], 1)
+        counts_o = torch.cat([counts_o, counts_o.new_zeros(rows, pad)], 1)
+        logits_o = torch.cat([logits_o, logits_o.new_zeros(rows, pad)], 1)
+    return SampledTarget(ids_o, counts_o, logits_o.float(), torch.zeros(rows, dtype=torch.float32))
+
+
+def check_temperature(meta: object, temperature: float, where: str) -> None:
+    """Refuse training an arithmetic ensemble store at a T other than the one it was combined at.
+
+    Its logits are ``T log mean softmax(z_i / T)``: at T' != T a loss would see the mixture
+    raised to T / T' and renormalised, not the mixture at T'. Geometric ones hold at every T.
+    """
+    teacher = getattr(meta, "teacher", None)
+    ensemble = teacher.get("ensemble") if isinstance(teacher, dict) else None
+    if not isinstance(ensemble, dict) or ensemble.get("mode") != "arithmetic":
+        return
+    made = ensemble.get("temperature")
+    if isinstance(made, (int, float)) and not math.isclose(float(made), float(temperature), rel_tol=1e-9):
+        raise ConfigError(f"{where} is an arithmetic ensemble made at T = {made:g}, so it is exact only when "
+                          f"trained at T = {made:g}, not {temperature:g}; pass --temperature {made:g}, or merge "
+                          f"again with --temperature {temperature:g}")

@@ -1,0 +1,274 @@
+"""EnsembleStore: several stores of the same data, read as one store of combined targets.
+
+It has UnitStore's public reading API (``path``, ``meta``, ``len()``,
+``unit_done()``, ``missing_units()``, ``read_unit()``, ``verify()``, ``close()``), so every
+reader works on an ensemble unchanged. Each unit is read from every member, decoded,
+combined (:mod:`softlabels.store.ensemble.combination`) and encoded in the combined layout
+(float32 values): exactly the arrays ``softlabels merge`` writes. Members may be
+format version 1 (through :class:`V1Units`) or 2, and must agree on everything that
+says which data and which positions they hold; the first difference is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from softlabels.errors import ConfigError, StoreMismatch, UnsupportedFormat
+from softlabels.store import format as fmt
+from softlabels.store.ensemble.combination import Combination, combine
+from softlabels.store.layouts import Layout, encode_ids
+from softlabels.store.positions.tokens import LENGTHS, OFFSETS
+from softlabels.store.positions.views import VIEW_PARAMS
+from softlabels.store.reader import UnitStore
+from softlabels.store.schema import StoreMetaV2
+
+__all__ = ["EnsembleStore", "V1Units", "open_units"]
+
+
+class V1Units:
+    """A format-v1 store presented through the unit API: one unit per v1 chunk, positions ``sample``."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.path = store, store.path
+        m = store.meta
+        self.meta = StoreMetaV2(positions="sample", layout=m.layout, num_samples=m.num_samples,
+                                num_classes=m.num_classes, logits_dtype=m.logits_dtype, chunk_samples=m.chunk_rows,
+                                layout_params={"k": int(m.topk)} if m.layout == "topk" else {},
+                                checksum=m.checksum, status=m.status, teacher=m.teacher, source=m.source,
+                                created_by=m.created_by)
+        self.positions = self.meta.make_positions()
+
+    def __len__(self) -> int:
+        return self.meta.num_samples
+
+    def _handle(self):
+        return self.store._handle()
+
+    def unit_done(self) -> np.ndarray:
+        return self.store.chunk_done()
+
+    def missing_units(self) -> list[int]:
+        return self.store.missing_chunks()
+
+    def read_unit(self, unit: int, *, verify: bool = True) -> dict[str, np.ndarray]:
+        block = self.store.read_chunk(unit, verify=verify)
+        if fmt.TOPK_INDICES in block:  # v1 keeps int32 ids; the unit API gives the v2 stored form
+            ids = torch.from_numpy(block[fmt.TOPK_INDICES].astype(np.int64))
+            block[fmt.TOPK_INDICES] = encode_ids(ids, self.meta.num_classes).numpy()
+        return block
+
+    def verify(self) -> list[int]:
+        return self.store.verify()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_units(path: str | Path, *, allow_partial: bool = False) -> UnitStore | V1Units:
+    """A store of either format version through the unit API."""
+    try:
+        return UnitStore(path, allow_partial=allow_partial)
+    except UnsupportedFormat:
+        from softlabels.store.v1 import SoftLabelStore
+
+        return V1Units(SoftLabelStore(path, allow_partial=allow_partial))
+
+
+def _whole(store: Any, name: str) -> np.ndarray:
+    """A whole per-sample array of a member (sample ids, labels, view params)."""
+    shape = store.meta.arrays()[name].shape
+    return store._handle().read(name, 0, shape[0])
+
+
+def _brief(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:19] + "..."
+
+
+class EnsembleStore:
+    """Stores of the same data combined as one read-only store (``combination``: mode, weights, T)."""
+
+    def __init__(self, stores: Sequence[str | Path | Any], *, mode: str = "arithmetic",
+                 weights: Sequence[float] | None = None, temperature: float = 1.0,
+                 allow_partial: bool = False) -> None:
+        self.how = Combination(mode, tuple(weights) if weights is not None else None, temperature)
+        self._owned = [not hasattr(s, "read_unit") for s in stores]
+        self.members: list[Any] = []
+        try:
+            for s in stores:
+                self.members.append(open_units(s, allow_partial=allow_partial) if not hasattr(s, "read_unit") else s)
+            self._check_same()
+            self.how.check(len(self.members), self.members[0].meta.layout)
+            self.meta = self._combined_meta()
+        except BaseException:
+            self.close()
+            raise
+        self.path = Path(" + ".join(str(m.path) for m in self.members))
+        self._layouts: list[Layout] = [m.meta.layout_obj() for m in self.members]
+        self._layout = self.meta.layout_obj()
+        self.positions = self.members[0].positions
+
+    # -- validation -----------------------------------------------------------------------------
+    def _check_same(self) -> None:
+        if len(self.members) < 2:
+            raise ConfigError(f"an ensemble needs at least 2 stores, got {len(self.members)}; pass more stores")
+        a = self.members[0]
+        for b in self.members[1:]:
+            for what, detail, cls in self._differences(a, b):
+                raise cls(f"{str(a.path)!r} and {str(b.path)!r} {what} ({detail}); {_FIX[cls]}")
+
+    @staticmethod
+    def _differences(a: Any, b: Any):
+        """Yield (what differs, how, error class) for each difference, the cheapest checks first."""
+        ma, mb = a.meta, b.meta
+        values = [("hold different numbers of samples", ma.num_samples, mb.num_samples, StoreMismatch),
+                  ("have different class counts", ma.num_classes, mb.num_classes, _ClassMismatch),
+                  ("have different position kinds", ma.positions, mb.positions, StoreMismatch),
+                  ("have different layouts", ma.layout, mb.layout, _LayoutMismatch),
+                  ("have different write units (chunk_samples x shard_chunks)", ma.geometry.unit_samples,
+                   mb.geometry.unit_samples, _UnitMismatch),
+                  ("record different views", ma.views, mb.views, StoreMismatch),
+                  ("have different token chunking", ma.tokens, mb.tokens, _UnitMismatch)]
+        fa, fb = ma.source.get("fingerprint"), mb.source.get("fingerprint")
+        if fa and fb:  # both record what their inputs were
+            values.insert(1, ("were generated from different data (input fingerprints)", fa, fb, StoreMismatch))
+        for what, x, y, cls in values:
+            if x != y:
+                yield what, f"{_brief(x)} vs {_brief(y)}", cls
+        arrays = [("token counts (offsets)", a.positions.lengths, b.positions.lengths)] \
+            if ma.positions == "tokens" else []
+        names = [fmt.SAMPLE_IDS, fmt.LABELS] + ([VIEW_PARAMS] if ma.positions == "views" else [])
+        arrays += [(name.replace("_", " "), _whole(a, name), _whole(b, name)) for name in names]
+        for what, x, y in arrays:
+            rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1))
+            if len(rows):
+                yield f"hold different {what}", f"{len(rows)} of {len(x)} samples, the first at row {rows[0]}", \
+                    StoreMismatch
+
+    def _combined_meta(self) -> StoreMetaV2:
+        first = self.members[0].meta
+        layout, n = first.layout, len(self.members)
+        if layout == "dense":
+            params: dict[str, Any] = {}
+        elif layout == "topk":
+            params = {"k": min(sum(int(m.meta.layout_params["k"]) for m in self.members), first.num_classes)}
+        else:
+            mult = self.how.multiplicities(n)
+            params = {"samples": sum(w * int(m.meta.layout_params["samples"]) for w, m in zip(mult, self.members)),
+                      "seed": 0}
+        ensemble = {**self.how.to_attrs(n),
+                    "members": [{"store": str(Path(m.path).resolve()), "layout": m.meta.layout,
+                                 "layout_params": m.meta.layout_params, "teacher": m.meta.teacher}
+                                for m in self.members]}
+        complete = all(m.meta.complete for m in self.members)
+        return StoreMetaV2(positions=first.positions, layout=layout, num_samples=first.num_samples,
+                           num_classes=first.num_classes, logits_dtype="float32",
+                           chunk_samples=first.geometry.unit_samples, shard_chunks=1, group_units=first.group_units,
+                           layout_params=params, views=first.views, tokens=first.tokens,
+                           status=fmt.STATUS_COMPLETE if complete else fmt.STATUS_WRITING,
+                           teacher={"ensemble": ensemble}, source=first.source,
+                           created_by={"command": "ensemble"})
+
+    # -- the unit API ---------------------------------------------------------------------------
+    num_samples = property(lambda self: self.meta.num_samples)
+    num_classes = property(lambda self: self.meta.num_classes)
+    num_units = property(lambda self: self.meta.num_units)
+    layout = property(lambda self: self.meta.layout)
+    logits_dtype = property(lambda self: self.meta.logits_dtype)
+    teacher = property(lambda self: self.meta.teacher)
+    source = property(lambda self: self.meta.source)
+    kind = property(lambda self: self.meta.positions)
+
+    def __len__(self) -> int:
+        return self.meta.num_samples
+
+    def __repr__(self) -> str:
+        return (f"EnsembleStore({len(self.members)} stores, {self.how.mode}, T={self.how.temperature}, "
+                f"{self.meta.positions} x {self.meta.layout}, N={self.meta.num_samples}, C={self.meta.num_classes})")
+
+    def unit_done(self) -> np.ndarray:
+        done = self.members[0].unit_done()
+        for m in self.members[1:]:
+            done = done & m.unit_done()
+        return done
+
+    def missing_units(self) -> list[int]:
+        return [int(u) for u in np.flatnonzero(~self.unit_done())]
+
+    def read_unit(self, unit: int, *, verify: bool = True) -> dict[str, np.ndarray]:
+        """The combined unit: the combined layout's arrays (float32 values), the first member's per-sample arrays."""
+        blocks = [m.read_unit(unit, verify=verify) for m in self.members]
+        targets = []
+        for layout, block in zip(self._layouts, blocks):
+            flat = {k: _rows(block[k], spec.shape) for k, spec in layout.arrays().items()}
+            targets.append(layout.decode(flat))
+        with torch.no_grad():
+            arrays = _encode(self._layout, combine(targets, self.how, self.meta.num_classes))
+        key, spec = next(iter(self._layouts[0].arrays().items()))
+        first = blocks[0][key]
+        lead = first.shape[:first.ndim - len(spec.shape)]  # (n,) or (n, V)
+        out = {k: v.reshape(*lead, *v.shape[1:]) for k, v in arrays.items()}
+        for k in (VIEW_PARAMS, OFFSETS, LENGTHS, fmt.LABELS, fmt.SAMPLE_IDS):
+            if k in blocks[0]:
+                out[k] = blocks[0][k]
+        return out
+
+    def verify(self) -> list[int]:
+        return sorted({u for m in self.members for u in m.verify()})
+
+    def __enter__(self) -> EnsembleStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for m, owned in zip(self.members, self._owned):
+            if owned:
+                m.close()
+
+
+def _rows(a: np.ndarray, per_position: tuple[int, ...]) -> np.ndarray:
+    """A per-position array with its leading axes (samples, views) flattened to rows."""
+    return a.reshape(-1, *per_position)
+
+
+def _encode(layout: Layout, target: Any) -> dict[str, np.ndarray]:
+    """A combined target as ``layout``'s stored arrays (float32 values; ids and counts in stored form)."""
+    c = layout.num_classes
+    names = list(layout.arrays())
+    specs = layout.arrays()
+    if layout.name == "dense":
+        values = [target.logits.numpy()]
+    elif layout.name == "topk":
+        values = [target.values.numpy(), encode_ids(target.ids, c).numpy(), target.logsumexp.numpy()]
+    else:
+        values = [encode_ids(target.ids, c).numpy(), target.counts.numpy().astype(specs[names[1]].dtype),
+                  target.logits.numpy(), target.logsumexp.numpy()]
+    return {k: np.ascontiguousarray(v, dtype=specs[k].dtype) for k, v in zip(names, values)}
+
+
+class _ClassMismatch(StoreMismatch):
+    pass
+
+
+class _LayoutMismatch(StoreMismatch):
+    pass
+
+
+class _UnitMismatch(StoreMismatch):
+    pass
+
+
+_FIX = {
+    StoreMismatch: "an ensemble combines stores generated from the same --data with the same positions; "
+                   "regenerate the odd one out",
+    _ClassMismatch: "an ensemble's teachers must predict the same classes; drop the store of the other model",
+    _LayoutMismatch: "combine stores of one layout (dense, topk or sampled); regenerate the odd one out "
+                     "with the others' --layout",
+    _UnitMismatch: "combine stores written with the same --chunk-rows (and shards); regenerate the odd one out",
+}

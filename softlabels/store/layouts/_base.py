@@ -1,0 +1,218 @@
+"""What every layout shares: the layout interface, id widths, stored logits, finite checks.
+
+A layout describes how one position's teacher distribution over C classes is
+stored: its arrays (names, per-position shapes, stored dtypes), how raw teacher
+logits are encoded on the teacher's device, how stored numpy arrays decode to a
+typed target, and what ``inspect`` says about them. Layouts never see labels,
+sample ids or bookkeeping: those belong to the store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from softlabels.errors import ConfigError, CorruptStore, ModelMismatch
+from softlabels.store import format as fmt
+
+__all__ = ["Layout", "id_dtype", "encode_ids", "decode_ids", "finite_rows", "to_numpy", "row_chunks"]
+
+# Largest class count a packed 3-byte id holds; above it ids are uint32 (no cap below 2**32).
+_UINT16_CLASSES = 1 << 16
+_UINT24_CLASSES = 1 << 24
+_UINT32_CLASSES = 1 << 32
+_TORCH_LOGITS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def id_dtype(num_classes: int) -> tuple[np.dtype, tuple[int, ...]]:
+    """Stored dtype and trailing shape of class ids for C classes: the fewest bits that hold C.
+
+    uint16 when C <= 65,536; three little-endian bytes (uint8 [..., 3]) when
+    C <= 2**24 (17-24 bit vocabularies: 1 byte less than uint32 per id); uint32 above.
+    """
+    if num_classes <= _UINT16_CLASSES:
+        return np.dtype("uint16"), ()
+    if num_classes <= _UINT24_CLASSES:
+        return np.dtype("uint8"), (3,)
+    return np.dtype("uint32"), ()
+
+
+def encode_ids(ids: Tensor, num_classes: int) -> Tensor:
+    """int64 class ids -> their stored form (a torch tensor on the same device)."""
+    dtype, tail = id_dtype(num_classes)
+    if tail:  # packed 3 bytes, little-endian: byte j holds bits 8j..8j+7
+        shifts = torch.tensor([0, 8, 16], device=ids.device, dtype=torch.int64)
+        return ((ids.long().unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)
+    return ids.to(torch.uint16 if dtype == np.uint16 else torch.uint32)
+
+
+def decode_ids(stored: np.ndarray) -> Tensor:
+    """Stored class ids (any of the forms above, or v1's int32) -> int64 torch ids."""
+    if stored.dtype == np.uint8 and stored.ndim and stored.shape[-1] == 3:
+        # pad each id to 4 bytes and view as little-endian uint32: one vectorised copy
+        wide = np.zeros(stored.shape[:-1] + (4,), np.uint8)
+        wide[..., :3] = stored
+        return torch.from_numpy(wide.view("<u4")[..., 0].astype(np.int64))
+    return torch.from_numpy(stored.astype(np.int64, copy=False))
+
+
+def to_numpy(t: Tensor) -> np.ndarray:
+    """CPU tensor -> numpy without copying (bfloat16 as its uint16 bits, the stored form)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """bool [B]: every stored float of the row is finite (NaN/inf logits, or overflow of a 16-bit store).
+
+    numpy on the bits, not torch: this runs on the writer thread, where a torch op
+    would start a second OpenMP team and slow the teacher's own ops down.
+    """
+    ok: np.ndarray | None = None
+    for name, a in arrays.items():
+        if a.dtype == np.uint16 and name not in _BF16_ARRAYS:
+            continue  # uint16 ids
+        if a.dtype == np.uint16:  # bfloat16 bits: non-finite when the exponent is all ones
+            bad = (a & 0x7F80) == 0x7F80
+        elif a.dtype == np.float16:  # on the bits: 8x faster than np.isfinite on float16
+            bad = (a.view(np.uint16) & 0x7C00) == 0x7C00
+        elif a.dtype.kind == "f":
+            bad = ~np.isfinite(a)
+        else:
+            continue
+        rows = ~bad.reshape(len(a), math.prod(a.shape[1:])).any(axis=1)
+        ok = rows if ok is None else ok & rows
+    if ok is None:
+        n = len(next(iter(arrays.values()))) if arrays else 0
+        return np.ones(n, bool)
+    return ok
+
+
+# arrays whose uint16 dtype means bfloat16 logits (ids are uint16 too)
+_BF16_ARRAYS = frozenset({fmt.LOGITS, fmt.TOPK_VALUES, "sampled_logits"})
+
+
+def row_chunks(rows: int, cols: int, budget: int = 1 << 23) -> list[slice]:
+    """Row slices of about ``budget`` elements each, so a [rows, cols] temporary stays bounded."""
+    step = max(1, budget // max(1, cols))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One layout, configured for a store: C classes and the stored logits dtype.
+
+    Subclasses set ``name`` and ``default_loss`` and implement the methods below.
+    """
+
+    num_classes: int
+    logits_dtype: str = "float32"
+
+    name: ClassVar[str] = ""
+    default_loss: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError([f"{self.name} layout: {p}" for p in problems])
+
+    def problems(self) -> list[str]:
+        """Every invalid parameter (empty when valid)."""
+        p = []
+        if not _is_int(self.num_classes) or not 1 <= self.num_classes <= _UINT32_CLASSES:
+            p.append(f"num_classes must be an integer in 1..{_UINT32_CLASSES}, got {self.num_classes!r}")
+        if self.logits_dtype not in fmt.LOGITS_DTYPES:
+            p.append(f"unknown logits dtype {self.logits_dtype!r}; use one of {', '.join(fmt.LOGITS_DTYPES)}")
+        return p
+
+    # -- arrays ---------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, fmt.ArraySpec]:
+        """Per-position arrays in checksum order: shape *without* the leading position axis."""
+        raise NotImplementedError
+
+    @property
+    def checksum_keys(self) -> tuple[str, ...]:
+        """The layout's arrays in the order their bytes enter a chunk checksum."""
+        return tuple(self.arrays())
+
+    @property
+    def bytes_per_position(self) -> int:
+        return sum(math.prod(s.shape) * s.dtype.itemsize for s in self.arrays().values())
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        """The torch dtype stored logits have on the device (bfloat16 is written as its bits)."""
+        return _TORCH_LOGITS[self.logits_dtype]
+
+    def params(self) -> dict[str, Any]:
+        """What a store records to rebuild this layout (besides num_classes and logits_dtype): the
+        keyword arguments of :func:`softlabels.store.layouts.make_layout`, so a store's ``layout_params`` round-trip."""
+        return {}
+
+    def validate(self, block: Mapping[str, np.ndarray]) -> list[str]:
+        """Problems with stored content (shapes, dtypes, ids < C, ...); empty when valid."""
+        p = []
+        for key, spec in self.arrays().items():
+            a = block.get(key)
+            if a is None:
+                p.append(f"array {key!r} is missing")
+            elif a.dtype != spec.dtype or a.shape[1:] != spec.shape:
+                p.append(f"{key} has dtype {a.dtype} and per-position shape {a.shape[1:]}, expected "
+                         f"{spec.dtype} {spec.shape}")
+        return p
+
+    def check(self, block: Mapping[str, np.ndarray]) -> None:
+        """Raise :class:`CorruptStore` naming every problem :meth:`validate` finds."""
+        problems = self.validate(block)
+        if problems:
+            raise CorruptStore(f"stored {self.name} arrays are invalid: {'; '.join(problems)}; regenerate the store")
+
+    def _check_ids(self, p: list[str], key: str, block: Mapping[str, np.ndarray], mask: np.ndarray | None = None) -> None:
+        a = block.get(key)
+        if a is None or p:
+            return
+        ids = decode_ids(a).numpy()
+        if mask is not None:
+            ids = ids[mask]
+        if ids.size and int(ids.max()) >= self.num_classes:
+            p.append(f"{key} holds class id {int(ids.max())} but there are {self.num_classes} classes")
+
+    # -- encode / decode ------------------------------------------------------------------------
+    def _check_logits(self, logits: Tensor) -> None:
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ModelMismatch(f"teacher logits have shape {tuple(logits.shape)}, the {self.name} layout "
+                                f"expects [batch, {self.num_classes}]; size the teacher for the store's classes")
+
+    def encode(self, logits: Tensor, *, sample_ids: Tensor | None = None, positions: Tensor | None = None
+               ) -> dict[str, Tensor]:
+        """Raw teacher logits [B, C] -> this layout's arrays as torch tensors in stored dtypes, on their device."""
+        raise NotImplementedError
+
+    def decode(self, block: Mapping[str, np.ndarray]) -> Any:
+        """Stored numpy arrays [B, ...] -> the layout's typed target (torch, no copy where possible)."""
+        raise NotImplementedError
+
+    def densify(self, target: Any) -> Tensor:
+        """Teacher log-probabilities [B, C] at T = 1 (see each target's ``densify``)."""
+        return target.densify(self.num_classes)
+
+    def nonfinite_rows(self, block: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Indices of rows holding a NaN or inf value."""
+        return np.flatnonzero(~finite_rows({k: block[k] for k in self.arrays() if k in block}))
+
+    def inspect(self, target: Any) -> dict[str, Tensor]:
+        """Per-row statistics for ``softlabels inspect`` (average them over rows)."""
+        raise NotImplementedError
+
+    def _decode_logits(self, stored: np.ndarray) -> Tensor:
+        return fmt.decode_logits(stored, self.logits_dtype)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

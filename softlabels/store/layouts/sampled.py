@@ -1,0 +1,179 @@
+"""The ``sampled`` layout: S draws from the teacher's T = 1 distribution, as unique ids and counts.
+
+Anshumann et al. ("Sparse Logit Sampling", ACL 2025): cross-entropy against
+counts / S is an unbiased estimate of the full KD target at T = 1, where top-k
+is biased. Each position stores S slots: the unique ids drawn (by count,
+descending; ties by id), their counts, their raw logits and the row's logsumexp;
+unused slots hold id 0, count 0 and logit 0.
+
+Draws are reproducible: the uniform number of draw d of a position comes from
+splitmix64 over (seed, sample id, position index, d), a counter-based hash, so
+any batch composition, rank, rerun or resume writes the same bytes *on the same
+device type* (the teacher's softmax and its cumulative sum round differently on
+a CPU and a GPU, which can move a draw across a class boundary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from softlabels.errors import ConfigError
+from softlabels.store import format as fmt
+from softlabels.store.layouts._base import (
+    Layout,
+    _is_int,
+    decode_ids,
+    encode_ids,
+    id_dtype,
+    row_chunks,
+)
+from softlabels.store.layouts.targets import SampledTarget
+from softlabels.store.layouts.topk import logsumexp_fp32, tail_mass
+
+__all__ = ["Sampled", "splitmix64", "uniforms"]
+
+SAMPLED_IDS = "sampled_ids"
+SAMPLED_COUNTS = "sampled_counts"
+SAMPLED_LOGITS = "sampled_logits"
+LOGSUMEXP = "logsumexp"
+
+
+def _i64(x: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GAMMA = _i64(0x9E3779B97F4A7C15)
+_MUL1 = _i64(0xBF58476D1CE4E5B9)
+_MUL2 = _i64(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, n: int) -> Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def splitmix64(x: Tensor) -> Tensor:
+    """The splitmix64 finaliser of ``x + gamma`` on int64 tensors (wrapping arithmetic, any device)."""
+    z = x + _GAMMA
+    z = (z ^ _shr(z, 30)) * _MUL1
+    z = (z ^ _shr(z, 27)) * _MUL2
+    return z ^ _shr(z, 31)
+
+
+def uniforms(seed: int, sample_ids: Tensor, positions: Tensor, draws: int) -> Tensor:
+    """float64 [B, draws] in [0, 1): draw d of row r hashes (seed, sample_ids[r], positions[r], d)."""
+    key = splitmix64(splitmix64(splitmix64(torch.full_like(sample_ids, seed)) ^ sample_ids.long()) ^ positions.long())
+    d = torch.arange(draws, device=key.device, dtype=torch.int64)
+    bits = splitmix64(key.unsqueeze(-1) ^ splitmix64(d))
+    return _shr(bits, 11).double() * 2.0**-53  # the top 53 bits, as numpy's and torch's generators do
+
+
+def _count_dtype(samples: int) -> np.dtype:
+    return np.dtype("uint8") if samples <= 0xFF else np.dtype("uint16") if samples <= 0xFFFF else np.dtype("uint32")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampled(Layout):
+    """``sampled_ids`` [S] (ids), ``sampled_counts`` [S] (uint8 for S <= 255), ``sampled_logits`` [S], ``logsumexp`` []."""
+
+    samples: int
+    seed: int = 0
+
+    name = "sampled"
+    default_loss = "sampled_kl"
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if not _is_int(self.samples) or not 1 <= self.samples <= 1 << 16:
+            p.append(f"samples must be an integer in 1..65536, got {self.samples!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 1 << 63:
+            p.append(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
+        return p
+
+    def params(self) -> dict[str, Any]:
+        return {"samples": int(self.samples), "seed": int(self.seed)}
+
+    def arrays(self) -> dict[str, fmt.ArraySpec]:
+        s = self.samples
+        ids, tail = id_dtype(self.num_classes)
+        return {
+            SAMPLED_IDS: fmt.ArraySpec((s, *tail), ids),
+            SAMPLED_COUNTS: fmt.ArraySpec((s,), _count_dtype(s)),
+            SAMPLED_LOGITS: fmt.ArraySpec((s,), fmt.LOGITS_DTYPES[self.logits_dtype]),
+            LOGSUMEXP: fmt.ArraySpec((), np.dtype("float32")),
+        }
+
+    def validate(self, block: Mapping[str, np.ndarray]) -> list[str]:
+        p = super().validate(block)
+        if p:
+            return p
+        counts = block[SAMPLED_COUNTS].astype(np.int64)
+        sums = counts.sum(-1)
+        if len(sums) and (sums != self.samples).any():
+            p.append(f"sampled_counts of rows {np.flatnonzero(sums != self.samples)[:5].tolist()} do not sum to "
+                     f"samples={self.samples}")
+        if counts.shape[-1] > 1 and (np.diff(counts, axis=-1) > 0).any():
+            p.append("sampled_counts are not in descending order")
+        self._check_ids(p, SAMPLED_IDS, block, counts > 0)
+        return p
+
+    def encode(self, logits: Tensor, *, sample_ids: Tensor | None = None, positions: Tensor | None = None
+               ) -> dict[str, Tensor]:
+        self._check_logits(logits)
+        if sample_ids is None or positions is None or sample_ids.shape != (len(logits),) \
+                or positions.shape != (len(logits),):
+            raise ConfigError("the sampled layout needs sample_ids [B] and positions [B] (int64) to seed its "
+                              "draws; pass both")
+        lse = logsumexp_fp32(logits)
+        u = uniforms(self.seed, sample_ids.to(logits.device), positions.to(logits.device), self.samples)
+        draws = torch.empty(u.shape, dtype=torch.int64, device=logits.device)
+        # inverse-CDF sampling in float64, a bounded block of rows at a time
+        for rows in row_chunks(len(logits), logits.shape[-1], 1 << 22):
+            # one float64 copy (never the caller's tensor), then in place: the same bits as new
+            # temporaries, in half the time
+            cdf = logits[rows].to(torch.float64, copy=True)
+            cdf = cdf.sub_(lse[rows, None].double()).exp_().cumsum_(-1)
+            # scale by the row total so rounding of the sum never pushes a draw past the last class
+            found = torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True)
+            draws[rows] = found.clamp_(max=self.num_classes - 1)
+        ids, counts = _unique_counts(draws)
+        picked = logits.gather(1, ids).masked_fill(counts == 0, 0)
+        return {SAMPLED_IDS: encode_ids(ids, self.num_classes),
+                SAMPLED_COUNTS: counts.to(_TORCH_COUNTS[_count_dtype(self.samples)]),
+                SAMPLED_LOGITS: picked.to(self.store_dtype), LOGSUMEXP: lse}
+
+    def decode(self, block: Mapping[str, np.ndarray]) -> SampledTarget:
+        return SampledTarget(decode_ids(block[SAMPLED_IDS]), torch.from_numpy(block[SAMPLED_COUNTS].astype(np.int32)),
+                             self._decode_logits(block[SAMPLED_LOGITS]), torch.from_numpy(block[LOGSUMEXP]))
+
+    def inspect(self, target: SampledTarget) -> dict[str, Tensor]:
+        """Unique ids, the teacher's exact mass on them, and the entropy of the empirical distribution."""
+        freq = target.counts.float() / target.counts.sum(-1, keepdim=True).clamp_min(1)
+        return {"unique_ids": target.valid.sum(-1).float(),
+                "tail_mass": tail_mass(target.log_probs()),
+                "empirical_entropy": -(freq * freq.log()).nan_to_num().sum(-1)}
+
+
+_TORCH_COUNTS = {np.dtype("uint8"): torch.uint8, np.dtype("uint16"): torch.uint16, np.dtype("uint32"): torch.uint32}
+
+
+def _unique_counts(draws: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: unique values by count descending (ties: smaller id first), padded with id 0, count 0.
+
+    Vectorised over rows: sort, mark run starts, scatter-add run lengths.
+    """
+    d, _ = draws.sort(-1)
+    start = torch.ones_like(d, dtype=torch.bool)
+    start[:, 1:] = d[:, 1:] != d[:, :-1]
+    run = start.long().cumsum(-1) - 1  # run index of each draw
+    counts = torch.zeros_like(d).scatter_add_(1, run, torch.ones_like(d))
+    ids = torch.zeros_like(d).scatter_(1, run, d)  # every draw of a run has the same id
+    counts, order = counts.sort(dim=-1, descending=True, stable=True)  # runs are in id order: ties keep it
+    ids = ids.gather(1, order).masked_fill_(counts == 0, 0)
+    return ids, counts

@@ -1,0 +1,126 @@
+"""``tokens`` positions: a ragged number of positions per sample, one per token.
+
+Per-position arrays are flat along a *token axis* chunked by ``chunk_positions``. Every
+write unit's tokens start on an *alignment* boundary (``chunk_positions * shard_chunks``:
+a chunk, or a whole shard with Zarr sharding), so no two units — and so no two writers —
+share a chunk or shard file. The gap between one unit's last token and the next unit's
+aligned start is padding that no sample refers to.
+
+Two per-sample arrays, written once when the store is created (the lengths are known
+from the data before any teacher runs):
+
+- ``offsets`` [N + 1] int64: sample ``i`` starts at ``offsets[i]``; ``offsets[N]`` is the
+  token axis length (padding included);
+- ``lengths`` [N] int64: sample ``i``'s positions are ``[offsets[i], offsets[i] + lengths[i])``.
+  Within a unit ``offsets[i + 1] == offsets[i] + lengths[i]``; at a unit's last sample the
+  difference is that unit's padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from softlabels.store.positions.base import UnitGeometry
+
+__all__ = ["LENGTHS", "OFFSETS", "TokenPositions", "default_chunk_positions"]
+
+OFFSETS = "offsets"
+LENGTHS = "lengths"
+
+
+def default_chunk_positions(bytes_per_position: int, target_bytes: int = 1 << 20) -> int:
+    """A power of two giving ~``target_bytes`` per chunk of per-position data (16..65536)."""
+    rows = max(1, target_bytes // max(1, bytes_per_position))
+    return int(min(1 << 16, max(16, 1 << (rows.bit_length() - 1))))
+
+
+@dataclass(frozen=True)
+class TokenPositions:
+    """Position ``offsets[i] + t`` is token ``t`` of sample ``i``."""
+
+    geometry: UnitGeometry
+    lengths: np.ndarray
+    chunk_positions: int
+    offsets: np.ndarray = field(init=False, repr=False, compare=False)
+    unit_starts: np.ndarray = field(init=False, repr=False, compare=False)
+    unit_tokens: np.ndarray = field(init=False, repr=False, compare=False)
+    kind: ClassVar[str] = "tokens"
+
+    def __post_init__(self) -> None:
+        lengths = np.asarray(self.lengths)
+        if lengths.ndim != 1 or len(lengths) != self.geometry.num_samples:
+            raise ValueError(f"lengths must be [num_samples={self.geometry.num_samples}], got {lengths.shape}")
+        if lengths.size and (not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 0):
+            raise ValueError("lengths must be integers >= 0")
+        if self.chunk_positions < 1:
+            raise ValueError(f"chunk_positions must be >= 1, got {self.chunk_positions}")
+        lengths = lengths.astype(np.int64)
+        g = self.geometry
+        cum = np.concatenate([[0], np.cumsum(lengths)])
+        firsts = np.arange(g.num_units, dtype=np.int64) * g.unit_samples
+        lasts = np.minimum(firsts + g.unit_samples, g.num_samples)
+        unit_tokens = cum[lasts] - cum[firsts]
+        align = self.alignment
+        spans = -(-unit_tokens // align) * align
+        unit_starts = np.concatenate([[0], np.cumsum(spans)]).astype(np.int64)  # [U + 1]
+        unit_of = np.arange(g.num_samples, dtype=np.int64) // g.unit_samples
+        offsets = np.empty(g.num_samples + 1, dtype=np.int64)
+        offsets[:-1] = unit_starts[unit_of] + cum[:-1] - cum[firsts[unit_of]] if g.num_samples else []
+        offsets[-1] = unit_starts[-1]
+        object.__setattr__(self, "lengths", lengths)
+        object.__setattr__(self, "offsets", offsets)
+        object.__setattr__(self, "unit_starts", unit_starts)
+        object.__setattr__(self, "unit_tokens", unit_tokens.astype(np.int64))
+
+    @property
+    def alignment(self) -> int:
+        """Where units may start on the token axis: a chunk, or a shard when sharded."""
+        return self.chunk_positions * self.geometry.shard_chunks
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def axis_length(self) -> int:
+        return int(self.unit_starts[-1])
+
+    @property
+    def axis_chunk(self) -> int:
+        return self.chunk_positions
+
+    @property
+    def padding(self) -> int:
+        """Positions on the token axis that belong to no sample."""
+        return self.axis_length - self.num_positions
+
+    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.axis_length, *per_position)
+
+    def sample_range(self, sample: int) -> tuple[int, int]:
+        """Token-axis range of one sample's positions."""
+        start = int(self.offsets[sample])
+        return start, start + int(self.lengths[sample])
+
+    def unit_axis_range(self, unit: int) -> tuple[int, int]:
+        self.geometry.unit_samples_range(unit)  # bounds check
+        start = int(self.unit_starts[unit])
+        return start, start + int(self.unit_tokens[unit])
+
+    def unit_written_range(self, unit: int) -> tuple[int, int]:
+        """The unit's real tokens rounded up to whole chunks (the padding is written as zeros)."""
+        start, stop = self.unit_axis_range(unit)
+        return start, start + math.ceil((stop - start) / self.chunk_positions) * self.chunk_positions
+
+    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
+        n = self.geometry.num_samples
+        return {OFFSETS: ((n + 1,), np.dtype("int64"), "creation"),
+                LENGTHS: ((n,), np.dtype("int64"), "creation")}
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"tokens": {"chunk_positions": int(self.chunk_positions), "num_positions": self.num_positions,
+                           "axis_length": self.axis_length}}

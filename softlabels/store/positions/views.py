@@ -1,0 +1,125 @@
+"""``views`` positions: ``V`` augmented views per sample, each replayable from its parameters.
+
+Per-position arrays are [N, V, ...] and chunked along N only (a chunk holds every view of
+its samples), so a write unit is whole samples with all their views. ``view_params``
+[N, V, P] holds each view's augmentation parameters, in the dtype ``views.param_dtype``
+(uint8, float16 or float32: the narrowest that holds every parameter of the spec exactly;
+float32 when absent); the root attribute ``views`` records V, the augmentation spec, its
+parameter names, that dtype and the seed the views were drawn
+with (``softlabels.inputs.augment`` draws view ``v`` of sample ``id`` from (seed, id, v), so any
+batch composition, rank or resume draws the same views).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from softlabels.inputs.augment.ops import PARAM_DTYPES
+from softlabels.store.positions.base import UnitGeometry
+
+__all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views"]
+
+VIEW_PARAMS = "view_params"
+
+
+_GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of uint64 arrays (wrapping arithmetic, vectorised)."""
+    with np.errstate(over="ignore"):
+        z = x + _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int, per_epoch: int | None = None
+                 ) -> np.ndarray:
+    """Which stored views each sample trains on in ``epoch``: int64 [B] in ``0..V-1``, or [B, k] with ``per_epoch=k``.
+
+    Every sample walks through a sequence of its V views made of random permutations, a
+    fresh one every V views, so all V views are used before any repeats. The permutation
+    of cycle ``c`` is the argsort of splitmix64(seed, sample id, c, view), so the choice
+    depends on nothing but those numbers: not on batch composition, rank, worker or resume
+    point. One view per epoch (``per_epoch`` None) is the sequence's entry ``epoch``;
+    ``k`` views per epoch (``1 <= k <= V``) are its entries ``epoch·k .. epoch·k + k − 1``,
+    so the first column with ``k = 1`` is exactly the one-view choice, and after ``e``
+    epochs every sample has used ``min(e·k, V)`` distinct views. The k views of one epoch
+    are distinct when k divides V; otherwise an epoch that crosses a cycle boundary takes
+    the end of one permutation and the start of the next, which may share a view.
+    """
+    v = int(num_views)
+    k = 1 if per_epoch is None else int(per_epoch)
+    if not 1 <= k <= v:
+        raise ValueError(f"per_epoch must lie in 1..num_views ({v}), got {per_epoch}")
+    ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
+    entries = int(epoch) * k + np.arange(k)
+    out = np.empty((len(ids), k), np.int64)
+    base = _mix(_mix(np.full(ids.shape, seed, np.uint64)) ^ ids)
+    views = _mix(np.arange(v, dtype=np.uint64))[None, :]
+    for cycle in np.unique(entries // v):  # one or two cycles
+        keys = _mix(_mix(base ^ np.uint64(cycle))[:, None] ^ views)
+        cols = entries // v == cycle
+        out[:, cols] = np.argsort(keys, axis=1, kind="stable")[:, entries[cols] % v]
+    return out[:, 0] if per_epoch is None else out
+
+
+@dataclass(frozen=True)
+class ViewPositions:
+    """Position ``(i, v)`` is view ``v`` of sample ``i``."""
+
+    geometry: UnitGeometry
+    num_views: int
+    param_names: tuple[str, ...]
+    augment: str = ""
+    seed: int = 0
+    param_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[str] = "views"
+
+    def __post_init__(self) -> None:
+        if self.num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {self.num_views}")
+
+    @property
+    def num_positions(self) -> int:
+        return self.geometry.num_samples * self.num_views
+
+    @property
+    def axis_length(self) -> int:
+        return self.geometry.num_samples
+
+    @property
+    def axis_chunk(self) -> int:
+        return self.geometry.chunk_samples
+
+    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.geometry.num_samples, self.num_views, *per_position)
+
+    def unit_axis_range(self, unit: int) -> tuple[int, int]:
+        return self.geometry.unit_samples_range(unit)
+
+    def unit_written_range(self, unit: int) -> tuple[int, int]:
+        return self.geometry.unit_samples_range(unit)
+
+    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
+        shape = (self.geometry.num_samples, self.num_views, len(self.param_names))
+        return {VIEW_PARAMS: (shape, np.dtype(self.param_dtype), "sample")}
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"views": {"count": self.num_views, "augment": self.augment, "seed": self.seed,
+                          "param_names": list(self.param_names), "param_dtype": self.param_dtype, **self.extra}}
+
+    @classmethod
+    def from_attrs(cls, geometry: UnitGeometry, attrs: dict[str, Any]) -> ViewPositions:
+        """Rebuild from the ``views`` root attribute (JSON data, never evaluated)."""
+        v = dict(attrs["views"])
+        known = ("count", "augment", "seed", "param_names", "param_dtype")
+        return cls(geometry, num_views=int(v["count"]), param_names=tuple(str(n) for n in v["param_names"]),
+                   augment=str(v.get("augment", "")), seed=int(v.get("seed", 0)),
+                   param_dtype=str(v.get("param_dtype", "float32")),
+                   extra={k: val for k, val in v.items() if k not in known})

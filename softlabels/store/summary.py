@@ -1,0 +1,200 @@
+"""What ``softlabels inspect`` reports about a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softlabels.errors import CorruptStore
+from softlabels.store import format as fmt
+from softlabels.store.layouts import Layout, make_layout
+from softlabels.store.v1 import SoftLabelStore
+
+__all__ = ["diff_stores", "summarize"]
+
+
+def summarize(path: str | Path, *, verify: bool = False, backend: str | None = None) -> dict[str, Any]:
+    """Describe a store: layout, sizes, status, label counts and teacher statistics.
+
+    Incomplete stores are described too (statistics cover the chunks done so far).
+    With ``verify``, every chunk is read and checked against its checksum.
+    Format-2 stores (see :func:`_summarize_v2`) are described per write unit.
+    """
+    from softlabels.store.reader import open_any
+
+    store = open_any(path, allow_partial=True, backend=backend)
+    if not isinstance(store, SoftLabelStore):
+        with store:
+            return _summarize_v2(store, verify=verify)
+    with store:
+        done = store.chunk_done()
+        info: dict[str, Any] = {
+            "path": str(store.path),
+            "backend": store.backend_kind,
+            "format_version": store.meta.format_version,
+            "status": store.status,
+            "layout": store.layout,
+            "logits_dtype": store.logits_dtype,
+            "num_samples": store.num_samples,
+            "num_classes": store.num_classes,
+            "topk": store.topk,
+            "chunk_rows": store.chunk_rows,
+            "num_chunks": store.num_chunks,
+            "shard_rows": store.unit_rows if store.unit_rows != store.chunk_rows else None,
+            "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
+            "size_on_disk_bytes": store.size_on_disk(),
+        }
+        layout = make_layout(store.layout, num_classes=store.num_classes, logits_dtype=store.logits_dtype,
+                             **({"k": store.topk} if store.layout == "topk" else {}))
+        stats = _Stats(layout)
+        if verify:
+            damaged = store.verify(lambda _c, raw: stats.add(raw))
+        else:
+            damaged = []
+            for c in np.flatnonzero(done):
+                try:
+                    stats.add(store.read_chunk(int(c), verify=False))
+                except CorruptStore:
+                    damaged.append(int(c))
+        info.update(stats.result())
+        info["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
+        info["teacher"] = store.teacher
+        info["source"] = store.source
+        info["created_by"] = store.created_by
+        return info
+
+
+def _summarize_v2(store: Any, *, verify: bool) -> dict[str, Any]:
+    """A format-2 store: v1's keys (a write unit in place of a chunk) plus positions, views and bytes.
+
+    ``num_positions`` counts stored teacher outputs (N x V for views); ``bytes_per_position``
+    is the layout's per-output size, and a views store adds ``bytes_per_view`` (with the
+    view's float32 parameters). Teacher statistics cover every position of the done units.
+    """
+    meta = store.meta
+    layout = meta.layout_obj()
+    done = store.unit_done()
+    views = int(meta.views["count"]) if meta.views else 1
+    params = len(meta.views["param_names"]) if meta.views else 0
+    geometry = meta.geometry
+    info: dict[str, Any] = {
+        "path": str(store.path),
+        "backend": getattr(store, "backend_kind", None),
+        "format_version": 2,
+        "status": meta.status,
+        "positions": meta.positions,
+        "layout": meta.layout,
+        "layout_params": dict(meta.layout_params),
+        "logits_dtype": meta.logits_dtype,
+        "num_samples": meta.num_samples,
+        "num_classes": meta.num_classes,
+        "topk": meta.layout_params.get("k") if meta.layout == "topk" else None,
+        "chunk_rows": meta.chunk_samples,
+        "num_chunks": meta.num_units,
+        "shard_rows": geometry.unit_samples if meta.shard_chunks > 1 else None,
+        "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
+        "num_positions": (int(meta.tokens["num_positions"]) if meta.positions == "tokens"
+                          else meta.num_samples * views),
+        "bytes_per_position": layout.bytes_per_position,
+        "views": dict(meta.views) if meta.views else None,
+        "bytes_per_view": (layout.bytes_per_position + np.dtype(meta.views.get("param_dtype", "float32")).itemsize
+                           * params) if meta.views else None,
+        "size_on_disk_bytes": store._handle().size_on_disk() if hasattr(store, "_handle") else None,
+    }
+    stats = _Stats(layout)
+    damaged = []
+    for u in np.flatnonzero(done):
+        try:
+            block = store.read_unit(int(u), verify=verify)
+        except CorruptStore:
+            damaged.append(int(u))
+            continue
+        if views > 1 or meta.positions == "views":  # every view of a sample is a row with the sample's label
+            n = len(block[fmt.LABELS])
+            block = {**{k: block[k].reshape(n * views, *block[k].shape[2:]) for k in layout.arrays()},
+                     fmt.LABELS: np.repeat(block[fmt.LABELS], views)}
+        elif meta.positions == "tokens":  # labels are per sequence (-1); per-token outputs have none
+            n = len(block[next(iter(layout.arrays()))])
+            block = {**{k: block[k] for k in layout.arrays()}, fmt.LABELS: np.full(n, -1, np.int64)}
+        stats.add(block)
+    info.update(stats.result(rows="positions"))
+    if meta.positions == "tokens":
+        info["labeled"], info["unlabeled"] = 0, meta.num_samples
+    info["labeled"] //= views  # each sample's label was counted once per view
+    info["unlabeled"] //= views
+    info["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
+    info["teacher"], info["source"], info["created_by"] = meta.teacher, meta.source, meta.created_by
+    return info
+
+
+class _Stats:
+    """Label counts, teacher top-1 accuracy on labeled rows, the layout's ``inspect`` means, non-finite rows."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.sums: dict[str, float] = dict.fromkeys(("correct", "labeled", "rows", "nonfinite"), 0)
+        self.means: dict[str, float] = {}
+
+    def add(self, raw: dict[str, np.ndarray]) -> None:
+        self.sums["nonfinite"] += len(self.layout.nonfinite_rows(raw))
+        target = self.layout.decode(raw)
+        for key, value in self.layout.inspect(target).items():
+            self.means[key] = self.means.get(key, 0.0) + float(value.double().sum())
+        lab = torch.from_numpy(raw[fmt.LABELS])
+        mask = lab >= 0
+        self.sums["correct"] += int((target.top1()[mask] == lab[mask]).sum())
+        self.sums["labeled"] += int(mask.sum())
+        self.sums["rows"] += len(lab)
+
+    def result(self, rows: str = "rows") -> dict[str, Any]:
+        labeled, n = int(self.sums["labeled"]), int(self.sums["rows"])
+        means = {k: v / n if n else None for k, v in self.means.items()}
+        entropy = means.pop("entropy", None)
+        return {
+            "labeled": labeled,
+            "unlabeled": n - labeled,
+            "teacher_accuracy": self.sums["correct"] / labeled if labeled else None,
+            "mean_teacher_entropy": entropy,
+            "entropy_note": ("over the top-k classes plus a tail bucket (a lower bound)"
+                             if self.layout.name == "topk" else None),
+            "teacher_stats": means,
+            "nonfinite_rows": int(self.sums["nonfinite"]),
+            "stats_over": rows,
+        }
+
+
+def diff_stores(a: str | Path, b: str | Path, *, ignore: tuple[str, ...] = ("timings",)) -> list[str]:
+    """Differences between two stores: every array bit for bit, and the root attributes.
+
+    Keys named in ``ignore`` are dropped from ``created_by`` before comparing (by
+    default the timings, which differ from run to run). Partial stores compare too.
+    """
+    from softlabels.store.backend import open_backend
+
+    found: list[str] = []
+    sides = []
+    for path in (a, b):
+        backend = open_backend(path, "r")
+        try:
+            attrs = backend.attrs()
+            attrs["created_by"] = {k: v for k, v in dict(attrs.get("created_by") or {}).items() if k not in ignore}
+            arrays = {n: backend.read(n, 0, backend.array_info(n)[0][0]) if backend.array_info(n)[0] else None
+                      for n in backend.array_names()}
+        finally:
+            backend.close()
+        sides.append((attrs, arrays))
+    (attrs_a, arr_a), (attrs_b, arr_b) = sides
+    for key in sorted(set(attrs_a) | set(attrs_b)):
+        if attrs_a.get(key) != attrs_b.get(key):
+            found.append(f"attribute {key}: {attrs_a.get(key)!r} != {attrs_b.get(key)!r}")
+    for name in sorted(set(arr_a) | set(arr_b)):
+        x, y = arr_a.get(name), arr_b.get(name)
+        if x is None or y is None:
+            found.append(f"array {name} exists in only one store")
+        elif x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1)) if x.shape == y.shape else []
+            found.append(f"array {name} differs" + (f" in rows {fmt.chunk_list(rows)}" if len(rows) else ""))
+    return found

@@ -1,0 +1,220 @@
+"""Streaming evaluation metrics for a student, optionally against its teacher.
+
+:class:`EvalAccumulator` takes batches on any device, moves them to the CPU in
+float64 and keeps only running sums, so evaluating a whole split costs O(C)
+memory whatever its size, and splitting the data into more or fewer batches
+changes the results only by float64 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softlabels.errors import ConfigError, DataError, ModelMismatch
+from softlabels.inputs.arrays import InputDataset
+from softlabels.student.losses import TOPK_KEYS, Batch, KLDivergence, TopKKL
+
+__all__ = ["EvalAccumulator"]
+
+Metrics = dict[str, float | int | None]
+_SUM_KEYS = (
+    "n", "n_labeled", "correct", "n_teacher", "n_teacher_labeled", "teacher_correct", "agree", "kl", "corr", "n_corr",
+    "n_dense", "nonfinite",
+)  # fmt: skip
+
+
+def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``, over rows where both vary."""
+    # Exact "does the row vary" test: centring a constant row can leave rounding noise.
+    varies = (a.amax(-1) > a.amin(-1)) & (b.amax(-1) > b.amin(-1))
+    a = a[varies] - a[varies].mean(-1, keepdim=True)
+    b = b[varies] - b[varies].mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+class EvalAccumulator:
+    """Accumulates accuracy, calibration and teacher-agreement metrics over batches.
+
+    Call :meth:`update` per batch, then :meth:`compute`. Its keys:
+
+    * always: ``n`` (rows), ``n_labeled`` (rows with label >= 0), ``accuracy`` (student argmax == label) and ``ece`` (student expected calibration error,
+      ``sum_b |B_b|/n |acc_b - conf_b|`` over ``n_bins`` equal-width confidence bins
+      closed on the right); both over labeled rows, None when there are none;
+    * once any row of student logits held NaN/inf: ``nonfinite_rows`` (such rows count
+      as wrong and stay out of the ECE bins);
+    * once any batch carried a teacher (dense or top-k): ``agreement`` (student
+      top-1 == teacher top-1, all teacher rows), ``kl_to_teacher`` (mean
+      KL(teacher || student) at T = 1; for top-k the exact bucketed form of
+      :class:`~softlabels.student.losses.TopKKL`), ``teacher_accuracy`` (teacher top-1, for
+      top-k the first stored index; None without labeled rows) and
+      ``correlation`` (mean per-row Pearson correlation of student and teacher
+      logits: all C for dense, the K stored classes for top-k; rows where either
+      vector is constant are skipped, and the key is absent if every row was);
+    * once any batch carried dense teacher logits: ``teacher_ece`` (None without
+      labeled rows).
+    """
+
+    def __init__(self, num_classes: int, n_bins: int = 15) -> None:
+        problems = []
+        if not (isinstance(num_classes, int) and num_classes >= 1):
+            problems.append(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not (isinstance(n_bins, int) and n_bins >= 1):
+            problems.append(f"n_bins must be a positive integer, got {n_bins!r}; the usual choice is 15")
+        if problems:
+            raise ConfigError(problems)
+        self.num_classes = num_classes
+        self.n_bins = n_bins
+        self._edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+        self._sums = dict.fromkeys(_SUM_KEYS, 0.0)
+        # Per-bin [count, correct, confidence] sums for the student and the dense teacher.
+        self._bins = {who: torch.zeros(3, n_bins, dtype=torch.float64) for who in ("student", "teacher")}
+
+    def update(self, student_logits: Tensor, labels: Tensor, batch: Batch | None = None) -> None:
+        """Add a batch: student logits [B, C], labels [B] (-1 = unlabeled), teacher targets in ``batch``."""
+        s = student_logits.detach().to("cpu", torch.float64)
+        y = labels.detach().to("cpu", torch.int64)
+        if s.ndim != 2 or s.shape[1] != self.num_classes or y.shape != s.shape[:1]:
+            raise ModelMismatch(
+                f"student logits {tuple(s.shape)} and labels {tuple(y.shape)} do not fit "
+                f"[B, {self.num_classes}] and [B]; build the accumulator with the student's class count"
+            )
+        if y.numel() and not (y.min() >= -1 and y.max() < self.num_classes):
+            raise DataError(f"labels must lie in [-1, {self.num_classes}); check the dataset's label column")
+        labeled = y >= 0
+        # A NaN/inf row has no prediction: torch's argmax would still name a class (and an all-NaN
+        # student could score 100%), so such rows count as wrong and stay out of the calibration bins.
+        finite = torch.isfinite(s).all(-1)
+        sums = self._sums
+        sums["n"] += len(y)
+        sums["n_labeled"] += float(labeled.sum())
+        sums["nonfinite"] += float((~finite).sum())
+        sums["correct"] += float(((s.argmax(-1) == y) & finite)[labeled].sum())
+        self._add_bins("student", s, y, labeled & finite)
+
+        teacher = self._teacher(batch)
+        if teacher is None:
+            return
+        t_batch, t_top = teacher
+        sums["n_teacher"] += len(y)
+        sums["n_teacher_labeled"] += float(labeled.sum())
+        sums["teacher_correct"] += float((t_top == y)[labeled].sum())
+        sums["agree"] += float((s.argmax(-1) == t_top).sum())
+        if "logits" in t_batch:
+            t = t_batch["logits"]
+            sums["kl"] += float(KLDivergence(1.0)(s, t_batch).sum())
+            corr = _pearson_rows(s, t)
+            sums["n_dense"] += len(y)
+            self._add_bins("teacher", t, y, labeled)
+        else:
+            sums["kl"] += float(TopKKL(1.0)(s, t_batch).sum())
+            corr = _pearson_rows(s.gather(1, t_batch["topk_indices"]), t_batch["topk_values"])
+        sums["corr"] += float(corr.sum())
+        sums["n_corr"] += len(corr)
+
+    def _teacher(self, batch: Batch | None) -> tuple[Batch, Tensor] | None:
+        """The batch's teacher targets on the CPU in float64, and the teacher's top-1 class."""
+        if batch is None:
+            return None
+        if "logits" in batch:
+            t = batch["logits"].detach().to("cpu", torch.float64)
+            return {"logits": t}, t.argmax(-1)
+        if all(k in batch for k in TOPK_KEYS):
+            t_batch = {
+                "topk_values": batch["topk_values"].detach().to("cpu", torch.float64),
+                "topk_indices": batch["topk_indices"].detach().to("cpu", torch.int64),
+                "logsumexp": batch["logsumexp"].detach().to("cpu", torch.float64),
+            }
+            return t_batch, t_batch["topk_indices"][:, 0]
+        return None
+
+    def _add_bins(self, who: str, logits: Tensor, y: Tensor, labeled: Tensor) -> None:
+        conf, pred = F.softmax(logits[labeled], -1).max(-1)
+        # bucketize(right=False) puts c in bin i when edge_i < c <= edge_{i+1}.
+        idx = torch.bucketize(conf, self._edges[1:-1])
+        stats = torch.stack([torch.ones_like(conf), (pred == y[labeled]).double(), conf])
+        self._bins[who].index_add_(1, idx, stats)
+
+    def _ece(self, who: str) -> float | None:
+        count, correct, conf = self._bins[who]
+        n = float(count.sum())
+        return float((correct - conf).abs().sum()) / n if n else None
+
+    def compute(self) -> Metrics:
+        """The metrics so far (see the class docstring for keys and when they are absent)."""
+        sums = self._sums
+        nl = sums["n_labeled"]
+        out: Metrics = {
+            "n": int(sums["n"]),
+            "n_labeled": int(nl),
+            "accuracy": sums["correct"] / nl if nl else None,
+            "ece": self._ece("student"),
+        }
+        if sums["nonfinite"]:
+            out["nonfinite_rows"] = int(sums["nonfinite"])
+        if sums["n_teacher"]:
+            ntl = sums["n_teacher_labeled"]
+            out["teacher_accuracy"] = sums["teacher_correct"] / ntl if ntl else None
+            out["agreement"] = sums["agree"] / sums["n_teacher"]
+            out["kl_to_teacher"] = sums["kl"] / sums["n_teacher"]
+            if sums["n_corr"]:
+                out["correlation"] = sums["corr"] / sums["n_corr"]
+        if sums["n_dense"]:
+            out["teacher_ece"] = self._ece("teacher")
+        return out
+
+    def reliability(self, teacher: bool = False) -> dict[str, list]:
+        """Reliability-diagram data per confidence bin, for the student (or the dense teacher).
+
+        Keys: ``bin_lower``, ``bin_upper``, ``count`` (labeled rows in the bin) and
+        the bin's mean ``accuracy`` and ``confidence`` (None for an empty bin).
+        """
+        count, correct, conf = self._bins["teacher" if teacher else "student"]
+        return {
+            "bin_lower": self._edges[:-1].tolist(),
+            "bin_upper": self._edges[1:].tolist(),
+            "count": [int(c) for c in count.tolist()],
+            "accuracy": [a / c if c else None for a, c in zip(correct.tolist(), count.tolist())],
+            "confidence": [f / c if c else None for f, c in zip(conf.tolist(), count.tolist())],
+        }
+
+
+TEACHER_KEYS = ("logits", "topk_values", "topk_indices", "logsumexp")
+
+
+def _batches_from_data(dataset: InputDataset, batch_size: int):
+    for start in range(0, len(dataset), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(dataset)), dtype=np.int64)
+        x, y = dataset.get_batch(idx)
+        yield {"x": x, "labels": y}
+
+
+def _batches_from_store(store: Any, dataset: InputDataset, batch_size: int):
+    from softlabels.student.dataset import SoftLabelDataset
+
+    # In order, one rank: every row exactly once; SoftLabelDataset joins by sample_ids
+    # and refuses data whose fingerprint differs from the one the store recorded.
+    yield from SoftLabelDataset([(store, dataset)], batch_size=batch_size, shuffle=False, rank=0, world_size=1)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int, batch_size: int = 512,
+                   device: str | torch.device = "cpu", store: Any = None) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset`` (see :class:`EvalAccumulator`), against ``store`` if given."""
+    acc = EvalAccumulator(num_classes)
+    was_training = model.training
+    model.eval()
+    try:
+        batches = _batches_from_data(dataset, batch_size) if store is None else \
+            _batches_from_store(store, dataset, batch_size)
+        for batch in batches:
+            logits = model(batch["x"].to(device, non_blocking=True))
+            teacher = {k: v for k, v in batch.items() if k in TEACHER_KEYS} or None
+            acc.update(logits, batch["labels"], teacher)
+    finally:
+        model.train(was_training)
+    return acc.compute()

@@ -1,0 +1,233 @@
+"""Epoch order of :class:`~softlabels.student.dataset.SoftLabelDataset`: pure index math, no I/O.
+
+The rows of all sources form one list of *global chunks* (source 0's chunks in
+order, then source 1's, ...). An epoch's order is built in four steps:
+
+1. the global chunks are permuted with an RNG seeded from ``(seed, epoch)``
+   (identity without shuffling); concatenated, they form the epoch's *row stream*
+   of ``T`` rows;
+2. rank ``r`` of ``P`` takes rows ``[r*T//P, (r+1)*T//P)`` of the stream, so ranks
+   differ by at most one row and only the two ends of a rank cut a chunk;
+3. the rank's ``ceil(L/B)`` batches are split into contiguous, balanced runs, one
+   per DataLoader worker; a worker's rows are therefore whole batches except the
+   rank's final one, and the number of batches a rank yields does not depend on
+   the number of workers;
+4. a worker's chunk pieces are grouped into windows of ``window_chunks``; each
+   window's rows are permuted with an RNG seeded from
+   ``(seed, epoch, rank, worker, window)``, and the worker's stream of windows is
+   cut into batches of ``B`` rows (a batch may straddle windows).
+
+Resuming skips whole windows by arithmetic; only a partly consumed window is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "EpochState",
+    "Window",
+    "split",
+    "chunk_order",
+    "worker_range",
+    "worker_batch_counts",
+    "resume_point",
+    "plan_windows",
+    "window_perm",
+    "batch_pieces",
+    "stream_batches",
+]
+
+_CHUNK_TAG, _WINDOW_TAG = 0, 1  # keep the two RNG families apart
+
+
+@dataclass(frozen=True)
+class Window:
+    """Consecutive chunk pieces of one worker's stream, shuffled together."""
+
+    index: int  # window number within the worker's epoch stream (seeds its shuffle)
+    chunks: np.ndarray  # global chunk ids, in stream order
+    lo: np.ndarray  # first row used of each chunk (0 except at a rank/worker edge)
+    hi: np.ndarray  # stop row of each chunk
+    start: int  # position of the window's first row in the worker's stream
+
+    @property
+    def rows(self) -> int:
+        return int((self.hi - self.lo).sum())
+
+
+def split(total: int, parts: int, i: int) -> tuple[int, int]:
+    """Part ``i`` of ``parts`` balanced contiguous parts of ``range(total)``."""
+    return i * total // parts, (i + 1) * total // parts
+
+
+def chunk_order(num_chunks: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Global chunk ids in this epoch's stream order."""
+    if not shuffle:
+        return np.arange(num_chunks, dtype=np.int64)
+    return np.random.default_rng([_CHUNK_TAG, seed, epoch]).permutation(num_chunks).astype(np.int64)
+
+
+def worker_range(total: int, batch_size: int, rank: int, world: int, worker: int, workers: int) -> tuple[int, int]:
+    """Row range ``[lo, hi)`` of the epoch stream that (rank, worker) yields."""
+    a, b = split(total, world, rank)
+    b0, b1 = split(-(-(b - a) // batch_size), workers, worker)
+    return a + b0 * batch_size, min(b, a + b1 * batch_size)
+
+
+def worker_batch_counts(total: int, batch_size: int, rank: int, world: int, workers: int) -> np.ndarray:
+    """Batches each of a rank's workers yields per epoch."""
+    a, b = split(total, world, rank)
+    nb = -(-(b - a) // batch_size)
+    return np.diff([split(nb, workers, w)[0] for w in range(workers)] + [nb]).astype(np.int64)
+
+
+def resume_point(counts: Sequence[int] | np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """Where each worker stands after the loop has consumed ``k`` batches.
+
+    A DataLoader delivers batches round-robin from workers 0, 1, ..., W-1,
+    skipping exhausted workers: after ``j`` full rounds worker ``w`` has given
+    ``min(counts[w], j)``; the remainder comes from the first workers still going.
+    Returns the batches taken from each worker and the worker due next. A new
+    DataLoader starts its round-robin at worker 0, so resumed DataLoader worker
+    ``p`` must serve stream ``(next + p) % W`` for the order to continue unchanged
+    (a rotation of the cycle visits the workers in the same order).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if not 0 <= k <= int(counts.sum()):
+        raise ValueError(f"{k} batches consumed, but the workers yield {int(counts.sum())}")
+    lo, hi = 0, int(counts.max(initial=0))
+    while lo < hi:  # largest j with sum(min(counts, j)) <= k
+        mid = (lo + hi + 1) // 2
+        if np.minimum(counts, mid).sum() <= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    taken = np.minimum(counts, lo)
+    rest = k - int(taken.sum())
+    going = np.flatnonzero(counts > lo)  # workers yet to give their batch of round `lo`
+    taken[going[:rest]] += 1
+    return taken, int(going[rest]) if rest < len(going) else 0
+
+
+def plan_windows(sizes: np.ndarray, order: np.ndarray, lo: int, hi: int, window_chunks: int,
+                 skip: int = 0) -> tuple[list[Window], int]:
+    """Windows of stream rows ``[lo, hi)``, minus the first ``skip`` rows.
+
+    ``sizes[g]`` is the number of rows of global chunk ``g``. Returns the windows
+    still (partly) needed and how many rows of the first one are already consumed;
+    windows wholly inside the skipped prefix are dropped without being read.
+    """
+    if hi <= lo:
+        return [], 0
+    cum = np.concatenate([[0], np.cumsum(sizes[order])]).astype(np.int64)
+    first = int(np.searchsorted(cum, lo, side="right")) - 1
+    last = int(np.searchsorted(cum, hi, side="left"))
+    pos = np.arange(first, last)
+    seg_lo = np.maximum(cum[pos], lo) - cum[pos]
+    seg_hi = np.minimum(cum[pos + 1], hi) - cum[pos]
+    keep = seg_hi > seg_lo
+    pos, seg_lo, seg_hi = pos[keep], seg_lo[keep], seg_hi[keep]
+    windows, start = [], 0
+    for w, s in enumerate(range(0, len(pos), window_chunks)):
+        sl = slice(s, s + window_chunks)
+        win = Window(w, order[pos[sl]], seg_lo[sl], seg_hi[sl], start)
+        start += win.rows
+        if start > skip:  # not wholly consumed
+            windows.append(win)
+    offset = skip - windows[0].start if windows else 0
+    return windows, offset
+
+
+def window_perm(rows: int, *, shuffle: bool, seed: int, epoch: int, rank: int, worker: int,
+                window: int) -> np.ndarray | None:
+    """Row order within one window (``None``: keep store order)."""
+    if not shuffle:
+        return None
+    return np.random.default_rng([_WINDOW_TAG, seed, epoch, rank, worker, window]).permutation(rows)
+
+
+def batch_pieces(window_rows: Sequence[int], batch_size: int, skip: int = 0) -> Iterator[list[tuple[int, int, int]]]:
+    """Cut a stream of windows into batches: each batch is a list of (window, a, b) pieces.
+
+    Rows ``[a, b)`` are positions in the window's shuffled order; the first
+    ``skip`` rows of window 0 are left out; the last batch may be short.
+    """
+    pieces: list[tuple[int, int, int]] = []
+    need = batch_size
+    for w, rows in enumerate(window_rows):
+        pos = skip if w == 0 else 0
+        while pos < rows:
+            take = min(need, rows - pos)
+            pieces.append((w, pos, pos + take))
+            pos += take
+            need -= take
+            if need == 0:
+                yield pieces
+                pieces, need = [], batch_size
+    if pieces:
+        yield pieces
+
+
+def stream_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, seed: int, epoch: int,
+                   shuffle: bool, rank: int, world: int, worker: int, workers: int,
+                   skip_batches: int = 0) -> list[np.ndarray]:
+    """The global row ids of every batch one (rank, worker) yields, without reading anything.
+
+    The dataset composes the same functions with real chunk reads; this is the
+    reference its tests (and anyone debugging an order) compare against.
+    """
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    order = chunk_order(len(sizes), seed=seed, epoch=epoch, shuffle=shuffle)
+    lo, hi = worker_range(int(sizes.sum()), batch_size, rank, world, worker, workers)
+    windows, offset = plan_windows(sizes, order, lo, hi, window_chunks, skip_batches * batch_size)
+    ids = []
+    for win in windows:
+        rows = np.concatenate([np.arange(starts[g] + a, starts[g] + b) for g, a, b in zip(win.chunks, win.lo, win.hi)])
+        perm = window_perm(len(rows), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, worker=worker,
+                           window=win.index)
+        ids.append(rows if perm is None else rows[perm])
+    return [np.concatenate([ids[w][a:b] for w, a, b in p]) for p in batch_pieces([len(i) for i in ids],
+                                                                                 batch_size, offset)]
+
+
+class EpochState:
+    """``set_epoch`` / ``state_dict`` / ``load_state_dict`` of a streaming dataset (mix-in).
+
+    The dataset has ``epoch``, ``seed``, ``_resume`` (``(epoch, batches_done)`` or None) and
+    ``len()`` (batches this rank yields per epoch); its iterator skips what ``_resume`` says.
+    """
+
+    epoch: int
+    seed: int
+    _resume: tuple[int, int] | None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self._resume is not None and self._resume[0] != self.epoch:
+            self._resume = None
+
+    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
+        """Resume state after the loop consumed ``batches_done`` batches of the current epoch."""
+        from softlabels.errors import ConfigError
+
+        if not 0 <= batches_done <= len(self):
+            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got {batches_done}")
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue ``state["epoch"]`` after its first ``state["batches_done"]`` batches."""
+        from softlabels.errors import ConfigError
+
+        missing = [k for k in ("epoch", "seed", "batches_done") if k not in state]
+        if missing:
+            raise ConfigError(f"dataset state lacks {', '.join(missing)}; pass a dict from state_dict()")
+        k = int(state["batches_done"])
+        if not 0 <= k <= len(self):
+            raise ConfigError(f"dataset state has batches_done={k} but this rank yields {len(self)} batches per "
+                              "epoch; resume with the same stores, batch size and world size")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume = (self.epoch, k)

@@ -1,0 +1,81 @@
+"""Pieces of the student trainer: hard-label batches, the LR schedule, a weights digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class IndexBatches(Dataset):
+    """Batches of rows of one or more InputDatasets, shuffled per epoch, this rank's share.
+
+    Item ``i`` is batch ``i`` of the epoch: whole index blocks through ``get_batch``
+    (one vectorised read each), so it also runs in DataLoader workers. ``sample_ids``
+    are the rows' indices over all the datasets (what ``--augment`` draws views from).
+    """
+
+    def __init__(self, datasets: list, *, labeled_only: bool, batch_size: int, seed: int, rank: int,
+                 world: int) -> None:
+        self.datasets, self.batch_size, self.seed = datasets, batch_size, seed
+        self.rank, self.world = rank, world
+        self.offsets = np.cumsum([0] + [len(d) for d in datasets])
+        ids = np.arange(self.offsets[-1], dtype=np.int64)
+        if labeled_only:
+            ids = ids[np.concatenate([_all_labels(d) for d in datasets]) >= 0]
+        self.ids = ids
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        order = self.ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))]
+        self.share = order[self.rank::self.world]  # ranks differ by at most one row
+
+    def __len__(self) -> int:
+        return -(-len(self.share) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.share[i * self.batch_size:(i + 1) * self.batch_size]
+        if len(self.datasets) == 1:
+            x, y = self.datasets[0].get_batch(ids)
+            return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        parts = [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
+                 for j in range(len(self.datasets)) if (m := which == j).any()]
+        x = torch.empty((len(ids), *parts[0][1][0].shape[1:]), dtype=parts[0][1][0].dtype)
+        y = torch.empty(len(ids), dtype=torch.int64)
+        for m, (xj, yj) in parts:
+            x[torch.from_numpy(m)], y[torch.from_numpy(m)] = xj, yj
+        return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
+
+
+def _all_labels(ds) -> np.ndarray:
+    labels = getattr(ds, "labels", None)
+    if labels is not None:
+        return np.asarray(labels)
+    return np.concatenate([ds.get_batch(np.arange(i, min(i + 4096, len(ds))))[1].numpy()
+                           for i in range(0, len(ds), 4096)] or [np.empty(0, np.int64)])
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the state_dict's names and tensor bytes (equal iff the weights are bit-identical)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,204 @@
+"""The frozen configs of ``softlabels generate`` and ``softlabels merge``: every option, its
+default and its valid choices.
+
+The command line reads its defaults and choices from here (nothing is written twice). This
+module imports neither torch nor numpy, so ``softlabels --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from softlabels._runtime.options import threads_problem
+
+# Choices. LAYOUTS and LOGITS_DTYPES equal softlabels.store.format's, LOSS_NAMES softlabels.student.losses.LOSSES'
+# keys (tests/test_firstuse.py checks both): those modules need numpy and torch.
+LAYOUTS = ("dense", "topk")
+GENERATE_LAYOUTS = LAYOUTS + ("sampled",)  # sampled is written as format 2 (softlabels.store.layouts.LAYOUTS)
+FORMAT_VERSIONS = (1, 2)
+LOGITS_DTYPES = ("float32", "float16", "bfloat16")
+AMP_MODES = ("none", "bf16", "fp16")
+ON_NONFINITE = ("error", "record")
+ENSEMBLE_MODES = ("arithmetic", "geometric")  # softlabels.store.ensemble.MODES (checked by a test)
+DEFAULT_ENSEMBLE_MODE = "arithmetic"
+
+
+MAX_VIEWS = 65_536
+"""Most views per sample a store takes (FKD stores 500 crops, ImageNet+ up to 400)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """Every option of ``softlabels generate`` (validated by :meth:`problems`).
+
+    ``num_classes`` left ``None`` is the teacher's output width; ``progress=None``
+    shows a bar on a terminal and periodic one-line progress otherwise. ``layout=None``
+    is ``dense``, or ``topk`` with K = 5 for views (docs/VIEWS.md); ``format_version=None``
+    is 2 when the request needs it (views, the sampled layout) or the store being resumed
+    is version 2, else 1.
+    """
+
+    teacher: str
+    data: str
+    out: Path
+    weights: str | None = None
+    allow_pickle: bool = False
+    random_teacher: bool = False
+    seed: int = 0
+    layout: str | None = None
+    topk: int | None = None
+    samples: int | None = None
+    views: int | None = None
+    augment: str | None = None
+    views_from: str | None = None
+    format_version: int | None = None
+    dtype: str = "float32"
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"
+    threads: int = 1
+    amp: str = "none"
+    chunk_rows: int | None = None
+    shard_chunks: int | None = None
+    num_classes: int | None = None
+    overwrite: bool = False
+    on_nonfinite: str = "error"
+    repair: bool = False
+    progress: bool | None = None
+    # token data (softlabels.teacher.tokens): window length and tokenizer
+    seq_len: int | None = None
+    tokenizer: str | None = None
+    compress: bool = False  # zstd (Zarr) / gzip + shuffle (HDF5) on the sparse layouts' arrays
+
+    def problems(self) -> list[str]:
+        from softlabels._runtime.paths import (
+            out_overlaps,  # the library's, at call time: --help stays light
+        )
+        from softlabels.inputs.spec import data_spec_path
+        from softlabels.teacher.models import BUILTIN_MODELS
+        from softlabels.teacher.spec import is_model_file
+
+        p = []
+        if self.teacher in BUILTIN_MODELS and self.weights is None and not self.random_teacher:
+            p.append(f"--teacher {self.teacher} is an architecture without --weights, so it would label the data "
+                     "with random weights; pass --weights FILE (e.g. a 'softlabels train' run's model.pt), or "
+                     "--random-teacher for a random teacher seeded by --seed (for tests)")
+        if self.random_teacher and self.weights is not None:
+            p.append("--random-teacher and --weights exclude each other; pick one")
+        if self.layout not in GENERATE_LAYOUTS:
+            p.append(f"--layout must be one of {', '.join(GENERATE_LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "topk" and (self.topk < 1 if self.topk is not None else not self.viewed):
+            p.append("--layout topk needs --topk K with K >= 1")  # views default to K = min(5, C)
+        if self.layout == "dense" and self.topk is not None:
+            p.append("--topk is only for --layout topk")
+        if self.compress and self.layout == "dense":
+            p.append("--compress is for the top-k and sampled layouts (dense logits compress ~1.1x); drop --compress")
+        p += self._format2_problems()
+        if self.dtype not in LOGITS_DTYPES:
+            p.append(f"--dtype must be one of {', '.join(LOGITS_DTYPES)}, got {self.dtype!r}")
+        if self.amp not in AMP_MODES:
+            p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
+        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.num_workers < 0:
+            p.append(f"--num-workers must be >= 0, got {self.num_workers}")
+        p += threads_problem(self.threads)
+        if self.out.suffix.lower() not in (".h5", ".hdf5", ".zarr"):
+            p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
+        elif self.shard_chunks is not None and self.out.suffix.lower() != ".zarr":
+            p.append("--shard-chunks needs a Zarr store (*.zarr)")
+        clash = out_overlaps(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
+                                        ("--teacher", self.teacher if is_model_file(self.teacher) else None),
+                                        ("--views-from", self.views_from)])
+        if clash:
+            p.append(clash)
+        if self.repair and self.overwrite:
+            p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")
+        return p
+
+    def _format2_problems(self) -> list[str]:
+        """The format-2 options (views, the sampled layout, --format) and how they fit together."""
+        p = []
+        if self.views is not None and not 1 <= self.views <= MAX_VIEWS:
+            p.append(f"--views must lie in 1..{MAX_VIEWS}, got {self.views}")
+        if self.views is not None and self.augment is None and self.views_from is None:
+            p.append("--views needs --augment SPEC (how each view is drawn) or --views-from STORE; e.g. "
+                     "--augment 'crop(32,padding=4)+flip'")
+        if self.augment is not None and self.views is None and self.views_from is None:
+            p.append("--augment needs --views V (views per sample); e.g. --views 8")
+        if self.layout == "sampled" and (self.samples is None or self.samples < 1):
+            p.append("--layout sampled needs --samples S with S >= 1 (draws per output)")
+        if self.samples is not None and self.layout != "sampled":
+            p.append("--samples is only for --layout sampled")
+        if self.format_version not in (None, *FORMAT_VERSIONS):
+            p.append(f"--format must be 1 or 2, got {self.format_version!r}")
+        if self.format_version == 1 and (self.views is not None or self.views_from is not None
+                                         or self.layout == "sampled"):
+            p.append("format 1 holds one dense or top-k output per sample; drop --format 1 for views or the "
+                     "sampled layout (they are written as format 2)")
+        return p
+
+    @property
+    def viewed(self) -> bool:
+        return self.views is not None or self.views_from is not None
+
+    @property
+    def needs_format2(self) -> bool:
+        return self.viewed or self.layout == "sampled"
+
+    def recorded(self, chunk_rows: int) -> dict[str, Any]:
+        """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""
+        return {"batch_size": self.batch_size, "layout": self.layout, "topk": self.topk,
+                "logits_dtype": self.dtype, "chunk_rows": chunk_rows, "shard_chunks": self.shard_chunks,
+                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite,
+                "seed": self.seed, "random_teacher": self.random_teacher}
+
+
+# -- ensembles (softlabels.store.ensemble; docs/ENSEMBLES.md) ------------------------------------------
+def ensemble_problems(stores: tuple[str, ...], mode: str, weights: tuple[float, ...] | None, flag: str) -> list[str]:
+    """Problems with an ensemble's options that need no store opened."""
+    p = []
+    if len(stores) < 2:
+        p.append(f"an ensemble needs at least 2 {flag}, got {len(stores)}; pass one {flag} per teacher's store")
+    if mode not in ENSEMBLE_MODES:
+        p.append(f"unknown ensemble mode {mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
+    if weights is not None and len(weights) != len(stores):
+        p.append(f"{len(weights)} ensemble weights for {len(stores)} stores; give one weight per store, in order")
+    return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """Every option of ``softlabels merge``. ``temperature`` None: the training default T for dense and
+    top-k stores (the arithmetic mean is exact at the T it is made for), 1 for sampled ones."""
+
+    stores: tuple[str, ...]
+    out: str
+    mode: str = DEFAULT_ENSEMBLE_MODE
+    weights: tuple[float, ...] | None = None
+    temperature: float | None = None
+    overwrite: bool = False
+
+    def problems(self) -> list[str]:
+        p = ensemble_problems(self.stores, self.mode, self.weights, "--store")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
+        from softlabels._runtime.paths import (
+            out_overlaps,  # at call time: --help stays light
+        )
+
+        out = Path(self.out).resolve()
+        if any(Path(s).resolve() == out for s in self.stores):
+            p.append(f"--out {self.out!r} is also a --store; write the merged store to a new path")
+        elif clash := out_overlaps(self.out, [("--store", str(s)) for s in self.stores]):
+            p.append(clash)
+        if Path(self.out).suffix.lower() not in (".h5", ".hdf5", ".zarr"):
+            p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
+        return p

@@ -1,0 +1,330 @@
+"""The job runner: writes a store from any :class:`~softlabels.teacher.producer.Producer`.
+
+``run_job(producer, out, batch_size=B)`` takes the store's lock (``STORE.lock``), opens its
+*sink* (:mod:`softlabels.teacher.sinks`: a format-2 store from the producer's ``meta()`` by
+default, or the v1 store of a classifier job), which creates the store or checks and
+resumes it (a store made with other settings is refused on one line), plans the missing
+units, computes them and marks the store complete last, only when every unit is flagged.
+``repair=True`` verifies every finished unit's checksum first and regenerates the ones that
+fail.
+
+Batches lie on one global grid: batch ``b`` is samples ``[b·B, (b+1)·B)``, whatever the
+chunk size (a batch may span several units; both writers buffer partial units), so the
+teacher's batch size never depends on the chunk size. A sample is always computed in the
+same batch, with the same neighbours, whichever units are missing and whichever rank
+computes it: a resumed or multi-rank store equals a one-shot one bit for bit. A batch
+straddling a unit that is already written (or another rank's) is computed whole and only
+the wanted samples are written.
+
+Under ``torchrun`` rank 0 alone takes the lock and opens the store; errors are agreed on
+collectively, so one rank's failure stops every rank with the same one-line error; rank 0
+finishes the store after every rank is done. Two ways to split the work:
+
+* Zarr: every rank writes its own units (format 2: its bookkeeping groups,
+  ``UnitGeometry.groups_of_rank``; format 1: a contiguous run of the missing units), so no
+  two writers share a chunk, shard or flag file. Rank 0 creates the store first.
+* HDF5 takes one writer (without MPI-IO): the grid's batches are dealt to the ranks in
+  contiguous runs, and the job runs in rounds: in round r every rank computes its r-th
+  batch, sends the wanted samples to rank 0 (``gather_object``), and rank 0's writer
+  thread writes them. Progress is durable unit by unit as in one process; the price is
+  that ranks move in lockstep and every sample crosses the process group once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from softlabels._runtime import distributed as _distributed
+from softlabels._runtime import signals as _signals
+from softlabels._runtime.distributed import Dist
+from softlabels._runtime.progress import progress_bar
+from softlabels.errors import NonFiniteOutputs
+from softlabels.store import format as fmt
+from softlabels.store.backend import backend_kind
+from softlabels.store.layouts import finite_rows
+from softlabels.store.lock import StoreLock
+from softlabels.store.schema import StoreMetaV2
+from softlabels.teacher.pipeline import BackgroundWriter, unit_delay_hook
+from softlabels.teacher.producer import Producer
+from softlabels.teacher.sinks import (
+    Sink,
+    V2Sink,
+    sample_of_rows,
+    scan_nonfinite,
+    store_format,
+)
+
+__all__ = ["JobResult", "run_job", "scan_nonfinite", "store_format"]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a :func:`run_job` call did (timings are for this call only)."""
+
+    path: Path
+    num_samples: int
+    samples_generated: int
+    seconds: float
+    already_complete: bool = False
+    repaired_units: tuple[int, ...] = ()
+    nonfinite_sample_ids: tuple[int, ...] = ()
+    is_main: bool = True
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: bool = False, repair: bool = False,
+            on_nonfinite: str = "error", dist: Dist | None = None, say: Callable[[str], None] | None = None,
+            progress: bool | None = False, sink: Sink | None = None, compress: bool = False) -> JobResult:
+    """Write (or resume, or repair) the store ``out`` from ``producer``; see the module docstring.
+
+    ``batch_size`` is samples per ``producer.batches`` span (the global grid). ``on_nonfinite``:
+    ``"error"`` stops before a unit holding NaN/inf is flagged; ``"record"`` stores it and lists
+    the sample ids in ``created_by.nonfinite_sample_ids``. ``say`` gets status lines on rank 0.
+    ``sink``: where to write (default: the format-2 store of ``producer.meta()``, its sparse
+    per-position arrays compressed when ``compress``; a given sink decides that itself).
+    """
+    dist = dist or Dist()
+    say = say if say is not None and dist.is_main else (lambda _line: None)
+    path, t0 = Path(out), time.perf_counter()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta, lengths = producer.meta(), producer.lengths()
+    cum = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    sink = sink or V2Sink(path, meta, lengths, compress=compress)
+    gather = dist.active and backend_kind(path) != "zarr"  # one writer: rank 0 writes what the ranks send
+    lock, writer, plan, exc = None, None, None, None
+    try:
+        if dist.is_main:
+            try:
+                lock = StoreLock(path)
+                lock.acquire()  # before touching (or overwriting) anything
+                # Every rank that writes its own units opens the store, so it must exist before they
+                # start; otherwise rank 0 alone writes, and a new store may be made on its writer thread.
+                opened = sink.open(overwrite=overwrite, repair=repair, say=say, defer=gather or not dist.active,
+                                   world=dist.world)
+                writer = opened.writer
+                plan = {"bounds": opened.bounds, "owners": opened.owners, "repaired": opened.repaired,
+                        "complete": opened.complete}
+            except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
+                exc = err
+        dist.agree(exc)
+        plan = dist.broadcast(plan)
+        if plan["complete"]:
+            return JobResult(path, meta.num_samples, 0, time.perf_counter() - t0, already_complete=True,
+                             repaired_units=tuple(plan["repaired"]), is_main=dist.is_main)
+        bounds = plan["bounds"]
+        ranges = sample_ranges(range(len(bounds)), bounds.__getitem__)
+        total = sum(b - a for a, b in ranges)
+        show = progress if dist.is_main else False
+        exc, job = None, None
+        try:
+            with progress_bar(total=total, desc="generate", unit="samples", show=show,
+                              say=say if show is not False else (lambda _line: None), unit_scale=True) as bar:
+                job = _Compute(producer, meta, cum, batch_size, on_nonfinite, bar, dist)
+                if gather:
+                    job.gathered(writer, ranges)
+                else:
+                    mine = [i for i, r in enumerate(plan["owners"]) if r == dist.rank]
+                    wanted = sample_ranges(mine, bounds.__getitem__)
+                    if wanted:
+                        job.local(writer if writer is not None else sink.resume(), wanted)
+        except Exception as err:  # noqa: BLE001
+            exc = err
+        if job is not None and job.writer is not None:  # opened (or created) while computing
+            writer = job.writer
+        dist.agree(exc)  # also the barrier: every rank's units are flagged before rank 0 finishes
+        ids, exc = [], None
+        if dist.is_main:
+            try:
+                wall = time.perf_counter() - t0
+                created: dict[str, Any] = {"timings": {
+                    "wall_seconds": round(wall, 3), "samples_per_second": round(total / wall, 1) if wall > 0 else None,
+                    sink.count_key: total, "ranks": dist.world, "started_at": started,
+                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
+                ids, writer = sink.finish(writer, created, record=on_nonfinite == "record", say=say)
+            except Exception as err:  # noqa: BLE001
+                exc = err
+        dist.agree(exc)
+        return JobResult(path, meta.num_samples, total, time.perf_counter() - t0,
+                         repaired_units=tuple(plan["repaired"]), nonfinite_sample_ids=tuple(ids),
+                         is_main=dist.is_main)
+    finally:
+        if hasattr(writer, "close"):  # a writer; not a function that was to create the store
+            writer.close()
+        if lock is not None:
+            lock.release()
+
+
+def sample_ranges(units: Sequence[int], bounds: Callable[[int], tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted units -> their samples as merged ``[lo, hi)`` ranges."""
+    out: list[tuple[int, int]] = []
+    for u in sorted(units):
+        lo, hi = bounds(u)
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def grid_spans(ranges: Sequence[tuple[int, int]], batch_size: int, num_samples: int) -> list[tuple[int, int]]:
+    """The global grid's batches ``[b·B, (b+1)·B)`` (clipped to N) that cover ``ranges``, each once, in order."""
+    spans: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        for b in range(lo // batch_size, -(-hi // batch_size)):
+            span = (b * batch_size, min((b + 1) * batch_size, num_samples))
+            if not spans or spans[-1] != span:
+                spans.append(span)
+    return spans
+
+
+class _Compute:
+    """One rank's share of the computing: its pieces, written here or sent to rank 0."""
+
+    def __init__(self, producer: Producer, meta: StoreMetaV2, cum: np.ndarray | None, batch_size: int,
+                 on_nonfinite: str, bar: Any, dist: Dist) -> None:
+        self.producer, self.meta, self.cum, self.batch_size = producer, meta, cum, batch_size
+        self.on_nonfinite, self.bar, self.dist = on_nonfinite, bar, dist
+        self.position_keys = [k for k, a in meta.arrays().items() if a.family == "position"]
+        bytes_per_sample = meta.layout_obj().bytes_per_position * int((meta.views or {}).get("count", 1)) + 16
+        self.depth = int(min(1024, max(8, (64 << 20) // (batch_size * bytes_per_sample))))  # ~64 MiB may wait
+        self.writer: Any = None  # the writer once opened (rank 0 may have been given what creates it)
+
+    def _writer(self, target: Any, wanted: list[tuple[int, int]], depth: int) -> _PieceWriter:
+        return _PieceWriter(target, wanted, self.position_keys, self.cum, on_nonfinite=self.on_nonfinite,
+                            depth=depth)
+
+    def _pieces(self, spans: list[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        # called before any writer thread starts: the producer may fork its input workers here
+        return self._track(self.producer.batches(spans))
+
+    def _track(self, pieces: Iterator[tuple[int, dict[str, np.ndarray]]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        for start, arrays in pieces:
+            _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
+            yield start, arrays
+            n = len(arrays[fmt.SAMPLE_IDS])
+            self.bar.update(min(n * self.dist.world, self.bar.total - self.bar.n))  # ranks progress alike
+            unit_delay_hook()
+
+    def local(self, target: Any, wanted: list[tuple[int, int]]) -> Any:
+        """Compute and write this rank's own units (``wanted`` samples); returns the writer."""
+        self.writer = target
+        it = self._pieces(grid_spans(wanted, self.batch_size, self.meta.num_samples))
+        bw = self._writer(target, wanted, self.depth)
+        try:
+            for piece in it:
+                bw.put(piece)
+        finally:
+            try:
+                bw.close()
+            except Exception:  # noqa: BLE001 - the error already being raised wins
+                pass
+            self.writer = bw.writer if bw.writer is not None else target
+        bw.check()  # else the writer thread's error, if any
+        return self.writer
+
+    def gathered(self, target: Any, ranges: list[tuple[int, int]]) -> Any:
+        """One writer (HDF5 under torchrun): every rank computes its run of the grid's batches, in
+        lockstep rounds, and rank 0 writes what they send; returns rank 0's writer."""
+        dist, self.writer = self.dist, target
+        spans = grid_spans(ranges, self.batch_size, self.meta.num_samples)
+        runs = [spans[r * len(spans) // dist.world:(r + 1) * len(spans) // dist.world] for r in range(dist.world)]
+        mine = runs[dist.rank]
+        it = self._pieces(mine)
+        bw = self._writer(target, ranges, self.depth * dist.world) if dist.is_main else None
+        own: Exception | None = None
+        verdict = None
+        for r in range(max(map(len, runs))):
+            payload: Any = []
+            if r < len(mine):
+                try:
+                    payload = self._span(it, mine[r], ranges)
+                except Exception as err:  # noqa: BLE001
+                    own, payload = err, ("error", _distributed.pack_error(err))
+            got = dist.gather(payload)
+            if dist.is_main:
+                verdict = next((p[1] for p in got if isinstance(p, tuple)), None)
+                try:
+                    for pieces in ([] if verdict else got):
+                        for piece in pieces:
+                            bw.put(piece)
+                except Exception as err:  # noqa: BLE001
+                    own, verdict = err, _distributed.pack_error(err)
+            verdict = dist.broadcast(verdict)
+            if verdict is not None:
+                break
+        if bw is not None:
+            try:
+                bw.close()
+            except Exception as err:  # noqa: BLE001
+                own, verdict = own or err, verdict or _distributed.pack_error(err)
+            self.writer = bw.writer if bw.writer is not None else target
+        verdict = dist.broadcast(verdict)
+        if verdict is not None:
+            raise own or _distributed.unpack_error(verdict)
+        return self.writer
+
+    def _span(self, it: Iterator[tuple[int, dict[str, np.ndarray]]], span: tuple[int, int],
+              ranges: list[tuple[int, int]]) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """The wanted samples of the pieces covering ``span``, ready to send."""
+        out: list[tuple[int, dict[str, np.ndarray]]] = []
+        end = span[0]
+        while end < span[1]:
+            start, arrays = next(it)
+            end = start + len(arrays[fmt.SAMPLE_IDS])
+            out += select(start, arrays, ranges, self.position_keys, self.cum)
+        return out
+
+
+class _PieceWriter(BackgroundWriter):
+    """The background writer for ``(start, arrays)`` pieces: keeps the wanted samples, checks finiteness.
+
+    ``cum`` (tokens only): the first position of every sample, and N + 1 the total.
+    """
+
+    def __init__(self, writer: Any, wanted: list[tuple[int, int]], position_keys: list[str],
+                 cum: np.ndarray | None, *, on_nonfinite: str, depth: int) -> None:
+        self.wanted, self.position_keys, self.cum = wanted, position_keys, cum
+        super().__init__(writer, on_nonfinite=on_nonfinite, depth=depth)
+
+    def _write(self, item: tuple[int, dict[str, Any]]) -> None:
+        for a, piece in select(*item, self.wanted, self.position_keys, self.cum):
+            bad = np.flatnonzero(~finite_rows({k: piece[k] for k in self.position_keys}))
+            if len(bad) and self.on_nonfinite == "error":  # "record": written, listed at the end
+                lengths = None if self.cum is None else np.diff(self.cum[a:a + len(piece[fmt.SAMPLE_IDS]) + 1])
+                ids = np.unique(sample_of_rows(piece[fmt.SAMPLE_IDS], bad, lengths))
+                raise NonFiniteOutputs(
+                    f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
+                    f"ids {fmt.chunk_list(ids, 5)}; nothing was marked complete; fix the teacher or its inputs, or "
+                    "pass --on-nonfinite record to store them as they are")
+            self.writer.write(a, **piece)
+
+
+def select(start: int, arrays: dict[str, Any], wanted: Sequence[tuple[int, int]], position_keys: list[str],
+           cum: np.ndarray | None) -> list[tuple[int, dict[str, Any]]]:
+    """The parts ``(a, arrays)`` of a piece starting at ``start`` that fall in the ``wanted`` ranges."""
+    n = len(arrays[fmt.SAMPLE_IDS])
+    out = []
+    for lo, hi in wanted:
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            out.append((a, arrays if (a, b) == (start, start + n) else _slice(arrays, position_keys, start, a, b, cum)))
+    return out
+
+
+def _slice(arrays: dict[str, Any], position_keys: list[str], start: int, a: int, b: int,
+           cum: np.ndarray | None) -> dict[str, Any]:
+    """Samples ``[a, b)`` of a piece starting at ``start`` (ragged tokens: their positions by ``cum``)."""
+    if cum is not None:
+        p0, p1 = int(cum[a] - cum[start]), int(cum[b] - cum[start])
+    else:
+        p0, p1 = a - start, b - start
+    return {k: (v[p0:p1] if k in position_keys else v[a - start:b - start]) for k, v in arrays.items()}

@@ -1,0 +1,299 @@
+"""Resolve ``--teacher``/``--student`` model specs to models, and check specs recorded in files.
+
+Model spec grammar: a built-in name (see ``softlabels.teacher.models.BUILTIN_MODELS``),
+``package.module:factory`` (called with no arguments, returns an ``nn.Module``), a
+TorchScript file (``torch.jit.save``) or a ``torch.export`` program (``*.pt2``).
+A file suffix decides between a file and a module spec.
+
+Specs on the command line are trusted: a ``module:factory`` is imported and called, a
+model file is run. Specs *recorded* in a store, checkpoint or ``eval.json`` are data:
+:func:`recorded_spec` lets through only what runs no code from outside the installed
+package (built-in names, plain data files) and asks for the rest on the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from softlabels.errors import ModelMismatch, SpecError
+from softlabels.inputs.spec import _call_factory, _one_line, data_spec_path
+from softlabels.teacher.models import BUILTIN_MODELS, build_model, count_parameters
+
+ModelKind = Literal["builtin", "factory", "torchscript", "export", "module"]
+_MODEL_FILE_SUFFIXES = (".pt", ".ts", ".pt2", ".jit")
+
+
+def factory_module(spec: str) -> nn.Module:
+    """The ``nn.Module`` a ``package.module:factory`` model spec returns (SpecError otherwise)."""
+    module = _call_factory(spec, "model", nn.Module)
+    if not isinstance(module, nn.Module):
+        raise SpecError(f"model factory '{spec}' returned {type(module).__name__}, not a torch.nn.Module; "
+                        "return the model instance")
+    return module
+
+
+def recorded_spec(spec: Any, *, kind: Literal["data", "model"], where: str, flag: str) -> str:
+    """A spec read from a file (``where``), checked to run no code: the one rule for recorded specs.
+
+    Data: a built-in dataset, a plain data file (read as arrays, never unpickled) or an
+    image folder (decoded as images).
+    Model: a built-in name only, since a TorchScript or ``.pt2`` file is a program
+    (TorchScript code runs any registered op; ``.pt2`` may hold pickles and native code).
+    Anything else must be named on the command line with ``flag``; it is never imported.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise SpecError(f"{where} records no usable {kind} spec ({spec!r}); pass {flag} SPEC")
+    ok = (spec.startswith(("digits:", "imagefolder:")) or data_spec_path(spec) is not None) if kind == "data" \
+        else spec in BUILTIN_MODELS
+    if not ok:
+        what = "a program" if kind == "model" and Path(spec).suffix.lower() in _MODEL_FILE_SUFFIXES else "code"
+        raise SpecError(f"{where} records the {kind} spec {spec!r}, which names {what}; specs read from files are "
+                        f"never imported or run: pass {flag} {spec} explicitly if you trust it")
+    return spec
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A resolved model (in eval mode) and what identifies it in a store's metadata.
+
+    ``weights_sha256`` is the hex sha256 of the weights file when one was given, else
+    of the TorchScript/.pt2 file, else ``None`` (random init).
+    """
+
+    module: nn.Module
+    spec: str
+    kind: ModelKind
+    weights_sha256: str | None
+    num_parameters: int
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable description (everything but the module)."""
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "weights_sha256": self.weights_sha256,
+            "num_parameters": self.num_parameters,
+        }
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Entries of a .pt2 archive that torch.export.load unpickles or runs as native code
+# whatever the weights_only setting: refused without allow_pickle.
+_PT2_UNSAFE = ("data/aotinductor/", "opaque_obj_", "custom_obj_", "data/weights/model.pt",
+               "data/constants/model.pt")
+
+
+@contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside (torch.export.load's own, too) with ``weights_only=True``.
+
+    torch.export.load retries its sample inputs, and loads pickled weights and constants,
+    with ``weights_only=False``; torch's documented switch overrides those call sites.
+    """
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def _load_export(path: str, allow_pickle: bool) -> nn.Module:
+    """A ``.pt2`` program, loaded without unpickling anything unless ``allow_pickle``."""
+    if allow_pickle:
+        return torch.export.load(path).module()
+    refuse = SpecError(f"refusing to load '{path}': a torch.export program with pickled objects or compiled code; "
+                       "pass --allow-pickle only for a file you trust, or re-export it with plain tensors")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = []  # not an archive: torch.export.load gives the error
+    if any(unsafe in name for name in names for unsafe in _PT2_UNSAFE):
+        raise refuse
+    try:
+        with _weights_only_loads():
+            return torch.export.load(path).module()
+    except pickle.UnpicklingError as err:
+        raise refuse from err
+
+
+def _load_model_file(path: str, allow_pickle: bool = False) -> tuple[nn.Module, ModelKind]:
+    if not Path(path).is_file():
+        raise SpecError(f"model file '{path}' does not exist; check the path or use a built-in name")
+    kind: ModelKind = "export" if path.lower().endswith(".pt2") else "torchscript"
+    try:
+        if kind == "export":
+            return _load_export(path, allow_pickle), kind
+        return torch.jit.load(path, map_location="cpu"), kind
+    except SpecError:
+        raise
+    except Exception as err:
+        raise SpecError(
+            f"cannot load '{path}' as {'a torch.export program' if kind == 'export' else 'TorchScript'} "
+            f"({_one_line(err)}); if it holds a state_dict, pass it as weights with an architecture spec"
+        ) from err
+
+
+def is_model_file(spec: str) -> bool:
+    """Whether a model spec names a file (by suffix, or because the file exists)."""
+    return Path(spec).suffix.lower() in _MODEL_FILE_SUFFIXES or Path(spec).is_file()
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def _read_state_dict(path: str, allow_pickle: bool) -> Mapping[str, Any]:
+    """The state_dict in a weights file (a checkpoint's ``model`` entry if it is one)."""
+    if not Path(path).is_file():
+        raise SpecError(f"weights file '{path}' does not exist; check the weights path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        if allow_pickle:
+            raise SpecError(f"cannot unpickle weights '{path}' ({_one_line(err)}); re-save them") from err
+        raise SpecError(
+            f"refusing to unpickle weights '{path}': it holds objects other than tensors; pass "
+            "allow_pickle=True (--allow-pickle) only for a file you trust, or save model.state_dict()"
+        ) from err
+    except Exception as err:
+        raise SpecError(
+            f"cannot read weights '{path}' ({_one_line(err)}); save them with "
+            "torch.save(model.state_dict(), path)"
+        ) from err
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise SpecError(
+            f"weights '{path}' hold a {type(obj).__name__}, not a state_dict; "
+            "save them with torch.save(model.state_dict(), path)"
+        )
+    return obj
+
+
+def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -> None:
+    """Strictly load the weights in ``path`` into ``module``; ModelMismatch if they do not fit."""
+    given = dict(_read_state_dict(path, allow_pickle))
+    expected = module.state_dict()
+    if given and all(k.startswith("module.") for k in given) and not any(k in expected for k in given):
+        given = {k.removeprefix("module."): v for k, v in given.items()}  # saved from DDP's wrapper
+    problems = []
+    if missing := [k for k in expected if k not in given]:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected := [k for k in given if k not in expected]:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    wrong = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in given.items()
+        if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
+        and v.shape != expected[k].shape
+    ]
+    if wrong:
+        problems.append(f"shape mismatch {_few(wrong)}")
+    if not problems:
+        try:
+            module.load_state_dict(given, strict=True)
+        except (RuntimeError, ValueError, TypeError) as err:
+            problems.append(_one_line(err))
+    if problems:
+        raise ModelMismatch(
+            f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
+            "pass weights saved from this architecture"
+        )
+
+
+def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: int | None,
+                    weights: str | os.PathLike[str] | None = None, allow_pickle: bool = False) -> int | None:
+    """The class count to build teacher ``spec`` for, before it runs.
+
+    A built-in with weights: the width its weights were saved with (so unlabeled data
+    needs no class count); a built-in without: ``data_classes``. Other teachers are
+    complete models: ``None``, and their output width gives the count.
+    """
+    if spec not in BUILTIN_MODELS:
+        return None
+    if weights is None:
+        return data_classes
+    return _saved_classes(spec, tuple(input_shape), str(weights), allow_pickle) or data_classes
+
+
+def _saved_classes(spec: str, input_shape: tuple[int, ...], weights: str, allow_pickle: bool) -> int | None:
+    """The class count of built-in ``spec``'s weights: the one parameter dimension that changes with
+    it (found by building the model for 1 and 2 classes); None if the file does not hold that parameter."""
+    one = build_model(spec, input_shape, 1).state_dict()
+    two = build_model(spec, input_shape, 2).state_dict()
+    given = dict(_read_state_dict(weights, allow_pickle))
+    for key, a in one.items():
+        if a.shape == two[key].shape:
+            continue
+        dim = next(i for i, (m, n) in enumerate(zip(a.shape, two[key].shape)) if m != n)
+        saved = given.get(key, given.get(f"module.{key}"))  # a DDP state_dict keeps the wrapper's prefix
+        if isinstance(saved, torch.Tensor) and saved.ndim == a.ndim:
+            return int(saved.shape[dim])
+        return None
+    return None
+
+
+def resolve_model(
+    spec: str,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    weights: str | os.PathLike[str] | None = None,
+    allow_pickle: bool = False,
+) -> ModelInfo:
+    """Resolve a ``--teacher``/``--student`` spec to a model in eval mode.
+
+    ``input_shape`` (per sample) and ``num_classes`` size the built-ins. ``weights`` is a
+    state_dict file (or a checkpoint with a ``model`` entry) loaded strictly, with
+    ``weights_only=True`` unless ``allow_pickle`` (trusted files only); a ``.pt2``
+    program holding pickles or compiled code is refused without it too.
+    """
+    digest: str | None = None
+    kind: ModelKind
+    if spec in BUILTIN_MODELS:
+        module, kind = build_model(spec, tuple(input_shape), num_classes), "builtin"
+    elif is_model_file(spec):
+        module, kind = _load_model_file(spec, allow_pickle)
+        digest = sha256_file(spec)
+    elif ":" in spec:
+        module, kind = factory_module(spec), "factory"
+    else:
+        raise SpecError(
+            f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "
+            "a package.module:factory, a TorchScript file or a .pt2 torch.export file"
+        )
+    if weights is not None:
+        _load_weights(module, str(weights), spec, allow_pickle)
+        digest = sha256_file(weights)
+    if kind != "export":  # exported programs refuse eval(); they keep the mode they were exported in
+        module.eval()
+    return ModelInfo(module, spec, kind, digest, count_parameters(module))

@@ -1,0 +1,360 @@
+"""The token producer: a causal-LM teacher over token data, one stored output per token.
+
+:class:`TokenProducer` implements :class:`softlabels.teacher.producer.Producer` for a
+``tokens`` store. Each span of samples is cut into teacher calls of at most
+``batch_size`` sequences (and ``max_tokens`` padded cells), right-padded to the call's
+longest sequence; the teacher's logits [B, L, V] are computed under the chosen
+autocast, the padding is dropped on the device, and the real positions are encoded by
+the store's layout there (top-k, sampling) before the copy to host. The pieces come
+out in sample order, exactly as :meth:`UnitWriter.write` takes them.
+
+Sampled draws hash (seed, sample id, token index, draw), so they do not depend on how
+samples are grouped into calls: a resume or another rank draws the same ids from the
+same logits. Whether the *logits* are bit-identical across groupings is the teacher's
+property (see docs/TOKENS.md, "Generating token stores").
+
+:func:`token_producer` builds one from a :class:`~softlabels.teacher.config.GenerateConfig`;
+:func:`is_token_job` tells ``generate`` which jobs it serves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from softlabels._runtime.progress import progress_bar
+from softlabels.errors import ConfigError
+from softlabels.inputs.tokens import TokenDataset, offsets_of
+from softlabels.store import format as fmt
+from softlabels.store.layouts import Layout, make_layout, to_numpy
+from softlabels.store.positions import TokenPositions, UnitGeometry, group_units_for
+from softlabels.store.positions.tokens import default_chunk_positions
+from softlabels.store.schema import StoreMetaV2
+from softlabels.teacher.job import GenerateResult
+
+if TYPE_CHECKING:
+    from softlabels.teacher.config import GenerateConfig
+
+__all__ = ["TokenGenerateResult", "TokenProducer", "default_chunk_samples", "generate_tokens", "is_token_job", "token_producer"]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_UNIT_CHUNKS = 16
+"""Token chunks per write unit aimed at by :func:`default_chunk_samples`: a unit's padding is under one
+chunk, so ~16 chunks per unit keep the padding near 3 % of the token axis."""
+
+
+def default_chunk_samples(lengths: np.ndarray, chunk_positions: int) -> int:
+    """Samples per chunk (and unit, unsharded) so that a unit holds ~16 token chunks: a power of two."""
+    mean = float(lengths.mean()) if lengths.size else 1.0
+    want = max(1, math.ceil(_UNIT_CHUNKS * chunk_positions / max(mean, 1.0)))
+    return min(1 << (want - 1).bit_length(), 1 << 20)
+
+
+@dataclass
+class TokenProducer:
+    """Teacher logits for every token of ``data``, encoded by ``layout`` on ``device``.
+
+    ``teacher`` maps int64 ids [B, L] to logits [B, L, V] (a :class:`softlabels.teacher.lm.CausalLM`);
+    ``teacher_attrs`` and ``source_attrs`` are recorded in the store and compared on resume.
+    """
+
+    data: TokenDataset
+    teacher: torch.nn.Module
+    layout: Layout
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: str = "none"
+    batch_size: int = 16
+    max_tokens: int | None = None
+    chunk_samples: int | None = None
+    chunk_positions: int | None = None
+    shard_chunks: int = 1
+    teacher_attrs: dict[str, Any] = field(default_factory=dict)
+    source_attrs: dict[str, Any] = field(default_factory=dict)
+    created_by: dict[str, Any] = field(default_factory=dict)
+    # progress in tokens (the runner's own bar counts sequences): shown by rank 0 of ``world``
+    progress: bool | None = False
+    say: Callable[[str], None] = lambda _line: None
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_DTYPES:
+            raise ConfigError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
+            raise ConfigError("batch_size and max_tokens must be >= 1")
+        self._lengths = np.asarray(self.data.lengths(), dtype=np.int64)
+        if self.chunk_positions is None:
+            self.chunk_positions = default_chunk_positions(self.layout.bytes_per_position)
+        if self.chunk_samples is None:
+            self.chunk_samples = default_chunk_samples(self._lengths, self.chunk_positions)
+        n = int(self._lengths.size)
+        units = math.ceil(n / (self.chunk_samples * self.shard_chunks))
+        geometry = UnitGeometry(n, self.chunk_samples, self.shard_chunks, group_units_for(units))
+        self._positions = TokenPositions(geometry, self._lengths, self.chunk_positions)
+        amp_dtype = AMP_DTYPES[self.amp]
+        self._autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    # -- the Producer protocol ------------------------------------------------------------------
+    def meta(self) -> StoreMetaV2:
+        g = self._positions.geometry
+        return StoreMetaV2(
+            positions="tokens", layout=self.layout.name, num_samples=g.num_samples,
+            num_classes=self.layout.num_classes, logits_dtype=self.layout.logits_dtype,
+            chunk_samples=g.chunk_samples, shard_chunks=g.shard_chunks, group_units=g.group_units,
+            layout_params=self.layout.params(), tokens=self._positions.to_attrs()["tokens"],
+            teacher=dict(self.teacher_attrs), source=dict(self.source_attrs), created_by=dict(self.created_by),
+        )
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Pieces in span order; a teacher call may cover the end of one span and the start of the next
+        (its arrays are then split at the span boundary), so calls follow :meth:`calls`, not the spans."""
+        spans = [(int(lo), int(hi)) for lo, hi in spans if hi > lo]
+        cuts = {lo for lo, _ in spans} | {hi for _, hi in spans}
+        total = sum(int(self._lengths[lo:hi].sum()) for lo, hi in spans) * self.world  # ranks progress alike
+        with progress_bar(total=total, desc="generate", unit="tokens", show=self.progress, say=self.say,
+                          unit_scale=True) as bar:
+            yield from self._pieces(spans, cuts, bar)
+
+    def _pieces(self, spans: list[tuple[int, int]], cuts: set[int], bar: Any):
+        for lo, hi in _runs(spans):
+            for start, stop in self.calls(lo, hi):
+                arrays = self.encode(start, stop)
+                bar.update(min(int(self._lengths[start:stop].sum()) * self.world, bar.total - bar.n))
+                inner = sorted(c for c in cuts if start < c < stop)
+                if not inner:
+                    yield start, arrays
+                    continue
+                rows = offsets_of(self._lengths[start:stop])  # per-position rows before each sample
+                for a, b in zip([start, *inner], [*inner, stop]):
+                    yield a, {k: v[a - start:b - start] if k in _PER_SAMPLE else v[rows[a - start]:rows[b - start]]
+                              for k, v in arrays.items()}
+
+    # -- the work -------------------------------------------------------------------------------
+    def calls(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+        """The teacher calls over samples [lo, hi): a grid fixed per write unit, so a sample's call does
+        not depend on which units are missing (a resume, another rank) and the logits, not only the
+        draws, come out bit-identical even from a teacher whose rounding depends on the batch.
+
+        Each unit is cut from its first sample into calls of ``batch_size`` sequences (fewer when
+        ``max_tokens`` padded cells would be exceeded); calls are then clipped to [lo, hi).
+        """
+        unit = self._positions.geometry.unit_samples
+        pos = lo
+        while pos < hi:
+            u0 = pos // unit * unit
+            u1 = min(u0 + unit, len(self._lengths))
+            start = u0
+            while start < u1:
+                stop = min(u1, start + self.batch_size)
+                if self.max_tokens is not None:  # the longest sequence so far times the rows must fit
+                    longest = np.maximum.accumulate(self._lengths[start:stop])
+                    fits = longest * np.arange(1, stop - start + 1) <= self.max_tokens  # True, then False
+                    stop = start + max(1, int(fits.sum()))
+                if stop > pos and start < hi:
+                    yield max(start, pos), min(stop, hi)
+                start = stop
+            pos = u1
+
+    def logits(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's logits of samples [start, stop) at their real positions, on the device.
+
+        Returns (logits [P, V] in sample order, sample id [P], token index [P]); P = sum of lengths.
+        Empty samples take no part in the call.
+        """
+        index = np.arange(start, stop, dtype=np.int64)
+        index = index[self._lengths[start:stop] > 0]
+        if index.size == 0:
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
+            return torch.empty((0, self.layout.num_classes), device=self.device), empty, empty
+        batch = self.data.get_batch(index)
+        ids = batch.ids.to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            out = self.teacher(ids)
+        b, length, v = out.shape
+        token = torch.arange(length, device=self.device).expand(b, length)
+        sample = torch.from_numpy(index).to(self.device)[:, None].expand(b, length)
+        lengths = batch.lengths.to(self.device)
+        if bool((lengths == length).all()):  # no padding: a view, no copy of [B, L, V]
+            return out.reshape(b * length, v), sample.reshape(-1), token.reshape(-1)
+        valid = token < lengths[:, None]  # row-major True cells: the samples' tokens, concatenated
+        return out[valid], sample[valid], token[valid]
+
+    def encode(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Everything :meth:`UnitWriter.write` takes for samples [start, stop)."""
+        logits, sample, token = self.logits(start, stop)
+        with torch.inference_mode():
+            encoded = self.layout.encode(logits, sample_ids=sample, positions=token)
+        arrays = {k: to_numpy(t.cpu()) for k, t in encoded.items()}
+        arrays[fmt.LABELS] = np.full(stop - start, -1, dtype=np.int64)  # a sequence has no class label
+        arrays[fmt.SAMPLE_IDS] = np.arange(start, stop, dtype=np.int64)
+        return arrays
+
+
+_PER_SAMPLE = (fmt.LABELS, fmt.SAMPLE_IDS)
+
+
+def _runs(spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Consecutive spans joined: [(0, 4), (4, 8), (12, 16)] -> (0, 8), (12, 16)."""
+    lo = hi = None
+    for a, b in spans:
+        if hi is not None and a == hi:
+            hi = b
+            continue
+        if lo is not None:
+            yield lo, hi
+        lo, hi = a, b
+    if lo is not None:
+        yield lo, hi
+
+
+def is_token_job(config: GenerateConfig) -> bool:
+    """Whether ``generate`` runs a causal-LM teacher over token data for these options.
+
+    Yes for ``text:`` data, ``--tokenizer`` or ``--seq-len``, a built-in LM or ``hf:`` teacher,
+    or a ``.npz``/HDF5/Zarr file holding a ``tokens`` array. An integer ``.npy`` with a
+    ``module:factory`` teacher stays classifier input (pass ``--seq-len`` or use ``.npz``).
+    """
+    from softlabels.teacher.lm import BUILTIN_LMS
+
+    spec = config.data
+    if spec.startswith("text:") or config.tokenizer is not None or config.seq_len is not None:
+        return True
+    if config.teacher in BUILTIN_LMS or config.teacher.startswith("hf:"):
+        return True
+    path = Path(spec.rstrip("/"))
+    kind = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}.get(path.suffix.lower())
+    if kind is None or not path.exists():
+        return False
+    from softlabels.inputs.arrays import _array_names
+
+    try:
+        if kind == "npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return "tokens" in npz.files
+        return "tokens" in _array_names(str(path), kind)
+    except (OSError, ValueError):  # unreadable: the classifier's reader says why, on one line
+        return False
+
+
+def layout_for(config: GenerateConfig, vocab_size: int) -> Layout:
+    """The store's layout from ``--layout`` (default dense), ``--topk``, ``--samples`` and ``--seed``."""
+    params: dict[str, Any] = {}
+    if config.layout == "topk":
+        params["k"] = config.topk
+    elif config.layout == "sampled":
+        params = {"samples": config.samples, "seed": config.seed}
+    return make_layout(config.layout or "dense", num_classes=vocab_size, logits_dtype=config.dtype, **params)
+
+
+@dataclass(frozen=True)
+class TokenGenerateResult(GenerateResult):
+    """A :class:`~softlabels.teacher.job.GenerateResult` whose rows are sequences, with their token count."""
+
+    tokens_generated: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def _units_to_write(config: GenerateConfig, producer: TokenProducer) -> list[int]:
+    """The write units a run will fill: all of a new store's, else the existing store's missing ones."""
+    from softlabels.store.reader import UnitStore
+
+    every = list(range(producer.meta().geometry.num_units))
+    if config.overwrite or not Path(config.out).exists():
+        return every
+    try:
+        store = UnitStore(config.out, allow_partial=True)
+    except Exception:  # noqa: BLE001 - the runner reports what is wrong with it
+        return every
+    try:
+        return [int(u) for u in store.missing_units()]
+    finally:
+        store.close()
+
+
+def generate_tokens(config: GenerateConfig, dist: Any, say: Any) -> Any:
+    """``generate`` for token data: :func:`token_producer` driven by the job runner."""
+    from softlabels.teacher.runner import run_job
+
+    exc, producer = None, None
+    try:
+        producer = token_producer(config)
+        # progress counts tokens (the producer's bar), not the runner's sequences
+        producer.progress = config.progress if dist.is_main and config.progress is not False else False
+        producer.say, producer.world = say, dist.world
+        units = _units_to_write(config, producer) if dist.is_main else []
+    except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
+        exc = err
+    dist.agree(exc)
+    r = run_job(producer, config.out, batch_size=config.batch_size, overwrite=config.overwrite, repair=config.repair,
+                on_nonfinite=config.on_nonfinite, dist=dist, say=say, progress=False, compress=config.compress)
+    # the tokens of the units written (teacher calls on the global batch grid may also compute a few
+    # sequences of another rank's units, so counting what the producer computed would overstate it)
+    geometry = producer.meta().geometry
+    tokens = sum(int(producer.lengths()[slice(*geometry.unit_samples_range(u))].sum())
+                 for u in set(units) | set(r.repaired_units)) if r.is_main and r.samples_generated else 0
+    return TokenGenerateResult(r.path, r.num_samples, r.samples_generated, r.seconds, r.samples_per_second,
+                               already_complete=r.already_complete, repaired_chunks=r.repaired_units,
+                               nonfinite_sample_ids=r.nonfinite_sample_ids, is_main=r.is_main,
+                               tokens_generated=tokens)
+
+
+def _check_vocab(data: Any, info: Any, block: int = 1024) -> None:
+    """Every token id of ``data`` in the teacher's vocabulary (the teacher's own check, on the whole data)."""
+    for lo in range(0, len(data), block):
+        batch = data.get_batch(np.arange(lo, min(lo + block, len(data))))
+        info.module.check_ids(batch.ids.masked_fill(~batch.valid, 0))
+
+
+def token_producer(config: GenerateConfig) -> TokenProducer:
+    """The producer of ``softlabels generate`` for token data (``is_token_job(config)``).
+
+    A built-in teacher (``gpt-*``) is sized by ``--num-classes`` or the data's tokenizer
+    and built for the data's longest sequence; ``--batch-size`` counts sequences per call.
+    """
+    from softlabels._runtime.device import resolve_device, set_threads
+    from softlabels.inputs.spec import absolute_data_spec
+    from softlabels.inputs.text import resolve_token_data
+    from softlabels.inputs.tokens import token_fingerprint
+    from softlabels.teacher.classify import adopted_geometry
+    from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
+
+    if config.teacher in BUILTIN_LMS and config.weights is None and not config.random_teacher:
+        raise ConfigError(f"--teacher {config.teacher} is an architecture without --weights, so it would label "
+                          "the tokens with random weights; pass --weights FILE, or --random-teacher (for tests)")
+    set_threads(config.threads)
+    device = resolve_device(config.device)
+    data = resolve_token_data(config.data, tokenizer=config.tokenizer, seq_len=config.seq_len)
+    lengths = data.lengths()
+    info = resolve_lm(config.teacher, vocab_size=config.num_classes or data.vocab_size,
+                      context=max(1, int(lengths.max(initial=1))), seed=config.seed, weights=config.weights)
+    layout = layout_for(config, info.vocab_size)
+    if info.vocab_size is not None:  # before the store exists: bad ids must not leave a half-made one
+        _check_vocab(data, info)
+    source = {"spec": absolute_data_spec(config.data), "kind": "tokens", "num_samples": int(lengths.size),
+              "num_tokens": int(lengths.sum()), "has_mask": bool(data.has_mask),
+              "fingerprint": token_fingerprint(data), "vocab_size": data.vocab_size,
+              "tokenizer": None if config.tokenizer is None else str(Path(config.tokenizer).resolve()),
+              "seq_len": config.seq_len}
+    teacher = {**info.metadata(), "amp": config.amp, "device": device.type}
+    if info.kind == "builtin":
+        teacher["seed"] = config.seed
+    adopted = {} if config.overwrite or not Path(config.out).exists() else adopted_geometry(Path(config.out))
+    settings = {"batch_size": config.batch_size, "layout": config.layout, "logits_dtype": config.dtype,
+                "amp": config.amp, "seed": config.seed, "random_teacher": config.random_teacher}
+    return TokenProducer(data, info.module.to(device), layout, device=device, amp=config.amp,
+                         batch_size=config.batch_size,
+                         chunk_samples=config.chunk_rows or adopted.get("chunk_rows"),
+                         shard_chunks=config.shard_chunks or adopted.get("shard_chunks") or 1, teacher_attrs=teacher, source_attrs=source,
+                         created_by={"settings": settings})
