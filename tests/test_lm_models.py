@@ -117,14 +117,6 @@ def test_factory_outputs_are_normalised(factories):
 @pytest.fixture
 def gpt2_dir(tmp_path):
     """A tiny randomly initialised GPT-2 saved with safetensors (nothing downloaded)."""
-    # transformers imports torchvision when it is installed; a CUDA build of it under a CPU
-    # torch needs the two operator schemas tests/_vision.py defines before it imports.
-    try:
-        from tests._vision import torchvision
-
-        torchvision()
-    except pytest.skip.Exception:
-        pass  # no torchvision (or Pillow): transformers does without it
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=CTX, n_embd=16, n_layer=2, n_head=2,

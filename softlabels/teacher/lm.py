@@ -200,7 +200,8 @@ def _load_hf(directory: str) -> tuple[nn.Module, str]:
         )
     try:
         import transformers
-    except ImportError as err:
+    except Exception as err:
+        _refuse_broken_dependency(directory, err)
         raise SpecError(f"hf:{directory} needs 'transformers', which is not installed; pip install 'softlabels[lm]'") from err
     transformers.utils.logging.disable_progress_bar()  # one-line output: no loading bars
     try:
@@ -208,9 +209,55 @@ def _load_hf(directory: str) -> tuple[nn.Module, str]:
             str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False
         )
     except Exception as err:  # transformers raises many kinds; all mean "cannot load this here"
+        _refuse_broken_dependency(directory, err)
         raise SpecError(f"cannot load hf:{directory} ({_one_line(err)}); check the model directory") from err
     digest = sha256_file(weights[0]) if len(weights) == 1 else _combined_sha256(weights)
     return model, digest
+
+
+def _broken_package(err: BaseException) -> tuple[str, BaseException] | None:
+    """The installed package whose own import raised somewhere in ``err``'s chain, with its error.
+
+    transformers imports optional packages (torchvision, for one) lazily when a model class is
+    first used; a package that is installed but fails to import then surfaces as an error about
+    the model. Its traceback shows the package's module-level code running under an import.
+    """
+    seen: set[int] = set()
+    chain: BaseException | None = err
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        tb = chain.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            top = str(frame.f_globals.get("__name__", "")).partition(".")[0]
+            if frame.f_code.co_name == "<module>" and top not in _IMPORTERS:
+                return top, chain
+            tb = tb.tb_next
+        chain = chain.__cause__ or chain.__context__
+    return None
+
+
+_IMPORTERS = {"", "__main__", "importlib", "transformers", "softlabels"}
+"""Modules whose module-level code running under an import is not the broken package."""
+
+
+def _refuse_broken_dependency(directory: str, err: BaseException) -> None:
+    """Raise the one-line SpecError naming the broken package and its fix, if one broke ``err``."""
+    found = _broken_package(err)
+    if found is None:
+        return
+    name, cause = found
+    from importlib import metadata
+
+    try:
+        version = f" {metadata.version(name)}"
+    except metadata.PackageNotFoundError:  # no metadata (a source checkout): the name alone
+        version = ""
+    fix = f"install the {name} built for this torch" if name.startswith("torch") else f"reinstall {name}"
+    raise SpecError(
+        f"cannot load hf:{directory}: transformers cannot be imported because {name}{version} does not load "
+        f"under torch {torch.__version__} ({_one_line(cause)}); pip uninstall {name}, or {fix}"
+    ) from err
 
 
 def _combined_sha256(files: list[Path]) -> str:
