@@ -1,4 +1,9 @@
-"""Augmentation ops: equal to torchvision on the same params, replayed exactly, drawn in range."""
+"""Augmentation ops: equal to independent references on the same params, replayed exactly, drawn in range.
+
+Each op is checked against a plain reference that runs everywhere (numpy padding and
+indexing, Pillow's resize, the affine map by its formula) and, where ``import torchvision``
+succeeds, against ``torchvision.transforms.v2.functional`` as well.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ from softlabels.inputs.augment import (
     parse_augment,
 )
 from softlabels.inputs.augment.ops import _exp
-from tests._vision import functional as vision
 
 
 # -- the generator -----------------------------------------------------------------------------------
@@ -113,7 +117,7 @@ def test_exact_exp_matches_math_exp():
     assert ((_exp(t) - want).abs() / want).max() < 1e-14
 
 
-# -- the ops equal torchvision on the same params ----------------------------------------------------
+# -- the ops equal independent references on the same params -----------------------------------------
 def _images(n: int = 12, c: int = 3, h: int = 20, w: int = 24, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(seed))
 
@@ -122,38 +126,122 @@ def _draw(op, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return Compose([op]).draw(ViewRandom(seed, torch.arange(len(x)), 0), tuple(x.shape[-2:]))
 
 
+class Plain:
+    """References that need nothing but numpy and Pillow: one image [C, H, W] at a time."""
+
+    name = "plain"
+
+    def pad_crop(self, img, pad, fill, mode, top, left, h, w):
+        kw = {"constant_values": fill} if mode == "constant" else {}
+        padded = np.pad(img.numpy(), ((0, 0), (pad, pad), (pad, pad)), mode=mode, **kw)  # numpy's names are ours
+        return torch.from_numpy(padded[:, top:top + h, left:left + w].copy())
+
+    def hflip(self, img):
+        return torch.from_numpy(img.numpy()[:, :, ::-1].copy())
+
+    def resized_crop(self, img, top, left, h, w, size):
+        """Pillow's antialiased bilinear resize of the cropped window, channel by channel (mode F)."""
+        Image = pytest.importorskip("PIL.Image")
+        window = img.numpy()[:, top:top + h, left:left + w]
+        return torch.from_numpy(np.stack([
+            np.asarray(Image.fromarray(np.ascontiguousarray(ch)).resize((size[1], size[0]), Image.BILINEAR))
+            for ch in window]))
+
+    def affine(self, img, angle, tx, ty, scale, interpolation, fill):
+        """Output pixel q (centred coordinates) shows the input at R(-angle) (q - t) / scale, in float64:
+        the nearest pixel (halves to even; outside the input: ``fill``), or bilinear, blended with
+        ``fill`` by the share of its four pixels' weight outside the input (torchvision's rule)."""
+        h, w = img.shape[-2:]
+        a = img.numpy().astype(np.float64)
+        rot = math.radians(angle)
+        cos, sin = math.cos(rot), math.sin(rot)
+        yc, xc = np.mgrid[0:h, 0:w].astype(np.float64)
+        xc, yc = xc - (w - 1) / 2 - tx, yc - (h - 1) / 2 - ty
+        sx = (cos * xc + sin * yc) / scale + (w - 1) / 2  # source pixel coordinates
+        sy = (-sin * xc + cos * yc) / scale + (h - 1) / 2
+
+        def at(iy, ix):  # pixel values (0 outside) and whether each lies inside
+            inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+            return np.where(inside, a[:, iy.clip(0, h - 1), ix.clip(0, w - 1)], 0.0), inside
+
+        if interpolation == "nearest":
+            value, inside = at(np.rint(sy).astype(np.int64), np.rint(sx).astype(np.int64))
+            tie = (np.abs(sx - np.floor(sx) - 0.5) < 1e-4) | (np.abs(sy - np.floor(sy) - 0.5) < 1e-4)
+            out = np.where(inside, value, fill)
+            return torch.from_numpy(out).float(), torch.from_numpy(~tie)  # a float32 grid may round ties either way
+        x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
+        fx, fy = sx - x0, sy - y0
+        value, share = 0.0, 0.0
+        for dy, dx, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+            v, inside = at(y0 + dy, x0 + dx)
+            value, share = value + weight * v, share + weight * inside
+        # At the border torchvision blends the zero-padded value with fill by the footprint's share inside.
+        out = share * value + (1 - share) * fill
+        return torch.from_numpy(out).float(), torch.ones(h, w, dtype=torch.bool)
+
+
+class Torchvision:
+    """torchvision.transforms.v2.functional on the same parameters."""
+
+    name = "torchvision"
+
+    def __init__(self):
+        pytest.importorskip("torchvision")
+        from torchvision.transforms.v2 import functional
+
+        self.F = functional
+
+    def pad_crop(self, img, pad, fill, mode, top, left, h, w):
+        padded = self.F.pad(img, [pad] * 4, fill=fill if mode == "constant" else None, padding_mode=mode)
+        return self.F.crop(padded, top, left, h, w)
+
+    def hflip(self, img):
+        return self.F.hflip(img)
+
+    def resized_crop(self, img, top, left, h, w, size):
+        return self.F.resized_crop(img, top, left, h, w, list(size), antialias=True)
+
+    def affine(self, img, angle, tx, ty, scale, interpolation, fill):
+        out = self.F.affine(img, angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
+                            interpolation=self.F.InterpolationMode(interpolation), fill=fill)
+        return out, torch.ones(img.shape[-2:], dtype=torch.bool)
+
+
+@pytest.fixture(params=["plain", "torchvision"])
+def ref(request):
+    """The plain reference everywhere; torchvision's functional ops where torchvision imports."""
+    return Plain() if request.param == "plain" else Torchvision()
+
+
 @pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
-def test_crop_equals_torchvision_pad_and_crop(mode):
-    F = vision()
+def test_crop_equals_pad_and_crop(ref, mode):
     x = _images()
     op = RandomCrop((16, 22), padding=3, fill=0.25, padding_mode=mode)
     p = _draw(op, x)
     got = op.apply(x, p)
     for b in range(len(x)):
-        padded = F.pad(x[b], [3, 3, 3, 3], fill=0.25 if mode == "constant" else None, padding_mode=mode)
-        want = F.crop(padded, int(p[b, 0]), int(p[b, 1]), 16, 22)
+        want = ref.pad_crop(x[b], 3, 0.25, mode, int(p[b, 0]), int(p[b, 1]), 16, 22)
         assert torch.equal(got[b], want)  # a copy of pixels: exactly equal
 
 
-def test_flip_equals_torchvision_hflip():
-    F = vision()
+def test_flip_equals_a_mirror(ref):
     x = _images()
     p = _draw(RandomHorizontalFlip(), x)
     assert 0 < p.sum() < len(x)
     got = RandomHorizontalFlip().apply(x, p)
     for b in range(len(x)):
-        assert torch.equal(got[b], F.hflip(x[b]) if p[b, 0] else x[b])
+        assert torch.equal(got[b], ref.hflip(x[b]) if p[b, 0] else x[b])
 
 
 @pytest.mark.parametrize("size", [(16, 16), (32, 40), (20, 24)])
-def test_resized_crop_equals_torchvision(size):
+def test_resized_crop_equals_an_antialiased_bilinear_resize(ref, size):
     """Down- and upscaling, and crops of the output size (a plain copy).
 
-    Both compute the antialiased bilinear weights in float32 but sum them in another
-    order, so the images agree to float32 rounding (atol 1e-6 on values in [0, 1]; 1.8e-7 measured);
-    a crop the size of the output is copied exactly.
+    The same triangle filter as Pillow's and torchvision's antialiased bilinear resize, its
+    weights summed in another order (and Pillow keeps its first pass in float32), so the images
+    agree to float32 rounding: atol 2e-6 on values in [0, 1] (torchvision 1.8e-7 measured,
+    Pillow 1.3e-6); a crop the size of the output is copied exactly.
     """
-    F = vision()
     x = _images(24)
     op = RandomResizedCrop(size, scale=(0.1, 1.0))
     p = _draw(op, x, seed=1)
@@ -162,27 +250,31 @@ def test_resized_crop_equals_torchvision(size):
     got = op.apply(x, p)
     for b in range(len(x)):
         top, left, h, w = (int(v) for v in p[b])
-        want = F.resized_crop(x[b], top, left, h, w, list(size), antialias=True)
-        torch.testing.assert_close(got[b], want, atol=1e-6, rtol=0)
+        want = ref.resized_crop(x[b], top, left, h, w, size)
+        torch.testing.assert_close(got[b], want, atol=2e-6, rtol=0)
         if (h, w) == size:
             assert torch.equal(got[b], want)
 
 
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
 @pytest.mark.parametrize("fill", [0.0, 0.5])
-def test_affine_equals_torchvision(interpolation, fill):
-    """The same inverse matrix, grid and grid_sample call as torchvision: equal to float32
-    rounding of the batched grid product (bit for bit on this machine; atol 1e-6)."""
-    F = vision()
+def test_affine_equals_the_inverse_map(ref, interpolation, fill):
+    """Against the formula in float64: nearest equal wherever the source is not within 1e-4 of a
+    half pixel (a float32 grid may round those either way: 3 of 7,680 pixels here), bilinear to
+    float32 rounding of the grid (atol 1e-5; 3.5e-6 measured). Against torchvision (the same inverse matrix, grid and grid_sample call):
+    float32 rounding of the batched grid product (bit for bit on this machine; atol 1e-6)."""
     x = _images(16)
     op = RandomAffine((-30.0, 30.0), (0.2, 0.1), (0.8, 1.2), interpolation, fill)
     p = _draw(op, x, seed=2)
     got = op.apply(x, p)
+    atol = 1e-6 if ref.name == "torchvision" else 1e-5
+    ties = 0
     for b in range(len(x)):
         angle, tx, ty, scale = p[b].tolist()
-        want = F.affine(x[b], angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
-                        interpolation=F.InterpolationMode(interpolation), fill=fill)
-        torch.testing.assert_close(got[b], want, atol=1e-6, rtol=0)
+        want, clear = ref.affine(x[b], angle, tx, ty, scale, interpolation, fill)
+        torch.testing.assert_close(got[b][:, clear], want[:, clear], atol=atol, rtol=0)
+        ties += int((~clear).sum())
+    assert ties < 0.001 * x[0, 0].numel() * len(x)
 
 
 def test_compose_applies_in_order():
@@ -241,16 +333,39 @@ def test_flip_params_are_flags_with_rate_p(prob, seed):
     assert abs(p.mean().item() - prob) < 0.06
 
 
-def test_draws_follow_torchvision_distributions():
-    """Our counter-based draws and torchvision's own make_params agree in distribution."""
-    vision()
-    from torchvision.transforms import v2
+def _rrc_reference_draws(n: int, height: int, width: int, scale, ratio, seed: int = 0) -> torch.Tensor:
+    """[n, 4] boxes drawn as docs/VIEWS.md says, with numpy's generator: up to 10 tries of an area
+    fraction uniform in ``scale`` and a log-uniform aspect ratio, the first that fits, else the centre."""
+    rng = np.random.default_rng(seed)
+    boxes = []
+    for _ in range(n):
+        for _ in range(10):
+            area = height * width * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                boxes.append((rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w))
+                break
+        else:
+            boxes.append(((height - min(height, width)) // 2, (width - min(height, width)) // 2, height, width))
+    return torch.tensor(boxes, dtype=torch.float32)
 
-    torch.manual_seed(0)
-    x = torch.zeros(1, 40, 30)
-    tv = v2.RandomResizedCrop(16, scale=(0.2, 1.0))
-    theirs = torch.tensor([[*(lambda p: (p["top"], p["left"], p["height"], p["width"]))(tv.make_params([x]))]
-                           for _ in range(4000)], dtype=torch.float32)
+
+@pytest.mark.parametrize("reference", ["plain", "torchvision"])
+def test_draws_follow_the_reference_distributions(reference):
+    """Our counter-based draws agree in distribution with the algorithm drawn by another generator
+    (numpy's), and, where torchvision imports, with its own make_params."""
+    if reference == "plain":
+        theirs = _rrc_reference_draws(4000, 40, 30, (0.2, 1.0), (3 / 4, 4 / 3))
+    else:
+        pytest.importorskip("torchvision")
+        from torchvision.transforms import v2
+
+        torch.manual_seed(0)
+        x = torch.zeros(1, 40, 30)
+        tv = v2.RandomResizedCrop(16, scale=(0.2, 1.0))
+        theirs = torch.tensor([[*(lambda p: (p["top"], p["left"], p["height"], p["width"]))(tv.make_params([x]))]
+                               for _ in range(4000)], dtype=torch.float32)
     ours = _draw(RandomResizedCrop((16, 16), (0.2, 1.0)), torch.zeros(4000, 1, 40, 30))
     assert torch.allclose(ours.mean(0), theirs.mean(0), atol=0.5), (ours.mean(0), theirs.mean(0))
     assert torch.allclose(ours.std(0), theirs.std(0), rtol=0.08), (ours.std(0), theirs.std(0))

@@ -1,4 +1,8 @@
-"""imagefolder:DIR data: torchvision ImageFolder's order and class names, exact pixels, workers."""
+"""imagefolder:DIR data: ImageFolder's order and class names, exact pixels, workers.
+
+Order and resizing are checked against plain references (a sorted directory listing, numpy
+indexing, Pillow's resize) everywhere, and against torchvision where ``import torchvision`` succeeds.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ from torch.utils.data import DataLoader
 from softlabels.errors import DataError, SpecError
 from softlabels.inputs.arrays import fingerprint
 from softlabels.inputs.spec import resolve_data
-from tests._vision import torchvision
 from tests.conftest import run_cli
 
 Image = pytest.importorskip("PIL.Image")
@@ -62,29 +65,59 @@ def test_reads_the_digits_back_exactly(digits_dir):
     assert x3.shape == (10, 3, 8, 8) and torch.equal(x3, x1.expand(-1, 3, -1, -1))
 
 
-def test_order_and_classes_equal_torchvision_imagefolder(digits_dir):
+def test_order_and_classes_equal_a_sorted_listing(digits_dir):
     root = digits_dir[0]
     ds = resolve_data(f"imagefolder:{root}?gray")
     assert list(zip(ds.files, ds._labels.tolist())) == _expected_order(root)
-    tv = torchvision()
+    assert ds.classes == sorted(NAMES) and ds.class_to_idx == {name: i for i, name in enumerate(sorted(NAMES))}
+
+
+def test_order_and_classes_equal_torchvision_imagefolder(digits_dir):
+    tv = pytest.importorskip("torchvision")
+    root = digits_dir[0]
+    ds = resolve_data(f"imagefolder:{root}?gray")
     theirs = tv.datasets.ImageFolder(str(root))
     assert theirs.classes == ds.classes and theirs.class_to_idx == ds.class_to_idx
     assert [(p, y) for p, y in theirs.samples] == list(zip(ds.files, ds._labels.tolist()))
 
 
-def test_size_equals_torchvision_resize_and_center_crop(tmp_path):
-    torchvision()
+SIZES = [(30, 45), (50, 20), (16, 16), (7, 9), (12, 20)]  # (h, w): down, down, square, up, shorter side already 12
+
+
+@pytest.fixture
+def sized(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "c").mkdir()
+    for i, (h, w) in enumerate(SIZES):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "c" / f"{i}.png")
+    return resolve_data(f"imagefolder:{tmp_path}?size=12")
+
+
+def test_size_resizes_the_shorter_side_then_crops_the_centre(sized):
+    """Shorter side to 12 with Pillow's bilinear resize (the longer side scaled and truncated), then
+    the centre 12x12 by indexing (offsets rounded half to even); an image whose shorter side is
+    already 12 is only cropped, pixel for pixel."""
+    for i, path in enumerate(sized.files):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        new = (12, int(12 * h / w)) if w <= h else (int(12 * w / h), 12)
+        pixels = np.asarray(img if new == (w, h) else img.resize(new, Image.BILINEAR))
+        top, left = round((new[1] - 12) / 2), round((new[0] - 12) / 2)
+        want = torch.from_numpy(pixels[top:top + 12, left:left + 12].transpose(2, 0, 1) / np.float32(255))
+        assert torch.equal(sized[i][0], want), path
+        if min(w, h) == 12:
+            original = np.asarray(Image.open(path).convert("RGB"))[top:top + 12, left:left + 12]
+            assert torch.equal(sized[i][0], torch.from_numpy(original.transpose(2, 0, 1) / np.float32(255)))
+
+
+def test_size_equals_torchvision_resize_and_center_crop(sized):
+    pytest.importorskip("torchvision")
     from torchvision.transforms import v2
 
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(30, 45), (50, 20), (16, 16), (7, 9)]):
-        (tmp_path / "c").mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "c" / f"{i}.png")
-    ds = resolve_data(f"imagefolder:{tmp_path}?size=12")
     pipeline = v2.Compose([v2.Resize(12), v2.CenterCrop(12), v2.PILToTensor()])
-    for i, path in enumerate(ds.files):
+    for i, path in enumerate(sized.files):
         want = pipeline(Image.open(path).convert("RGB")).float() / 255
-        assert torch.equal(ds[i][0], want), path
+        assert torch.equal(sized[i][0], want), path
 
 
 def test_unlabeled_and_fingerprint(digits_dir):
