@@ -27,7 +27,7 @@ from softlabels._version import __version__  # noqa: E402
 
 # public name -> the module that defines it
 _WHERE = {
-    "ArrayDataset": "inputs.arrays", "InputDataset": "inputs.arrays", "fingerprint": "inputs.arrays",
+    "ArrayDataset": "inputs.arrays", "InputDataset": "inputs.arrays", "fingerprint": "inputs.fingerprints",
     "resolve_data": "inputs.spec",
     "SoftLabelDataset": "student.dataset", "SoftLabelMapDataset": "student.dataset",
     "batch_loader": "student.dataset",

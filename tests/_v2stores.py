@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.inputs.arrays import fingerprint
+from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.augment import draw_views, parse_augment
 from softlabels.inputs.spec import resolve_data
 from softlabels.store.layouts import make_layout, to_numpy

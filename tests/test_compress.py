@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels.inputs.arrays import load_digits_split
+from softlabels.inputs.digits import load_digits_split
 from tests.conftest import assert_one_line_error, run_cli
 
 

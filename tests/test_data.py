@@ -16,12 +16,9 @@ from hypothesis.extra import numpy as hnp
 from torch.utils.data import DataLoader
 
 from softlabels.errors import DataError, SpecError
-from softlabels.inputs.arrays import (
-    ArrayDataset,
-    FileArrayDataset,
-    InputDataset,
-    fingerprint,
-)
+from softlabels.inputs.array_files import FileArrayDataset
+from softlabels.inputs.arrays import ArrayDataset, InputDataset
+from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.spec import resolve_data
 
 

@@ -21,7 +21,8 @@ from softlabels.errors import (
     IncompleteStore,
     StoreMismatch,
 )
-from softlabels.inputs.arrays import ArrayDataset, fingerprint
+from softlabels.inputs.arrays import ArrayDataset
+from softlabels.inputs.fingerprints import fingerprint
 from softlabels.store.v1 import SoftLabelStore
 from softlabels.store.v1_writer import StoreWriter
 from softlabels.student import order as _order

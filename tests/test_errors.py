@@ -562,9 +562,9 @@ def _(c):
 
 @case("E432")
 def _(c):
-    from softlabels.inputs import arrays as data
+    from softlabels.inputs import digits
 
-    data._digits_arrays.cache_clear()
+    digits._digits_arrays.cache_clear()
     c.mp.setitem(sys.modules, "sklearn.datasets", None)  # import sklearn.datasets -> ImportError
     return c.gen(data="digits:train")
 

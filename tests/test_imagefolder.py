@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from softlabels.errors import DataError, SpecError
-from softlabels.inputs.arrays import fingerprint
+from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.spec import resolve_data
 from tests.conftest import run_cli
 

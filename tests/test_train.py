@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from softlabels.cli import main
-from softlabels.inputs.arrays import fingerprint
+from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.spec import resolve_data
 from softlabels.store.v1_writer import StoreWriter
 from softlabels.student.trainer import TrainConfig, train

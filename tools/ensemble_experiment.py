@@ -47,7 +47,7 @@ def distil(store, temperature: float, seed: int, epochs: int, x_test, y_test):
     """Train an ``mlp`` student from ``store`` at T; its test predictions."""
     import torch
 
-    from softlabels.inputs.arrays import load_digits_split
+    from softlabels.inputs.digits import load_digits_split
     from softlabels.store.ensemble import check_temperature
     from softlabels.student.losses import DistillationLoss, make_soft_loss
     from softlabels.teacher.models import build_model
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from softlabels.inputs.arrays import load_digits_split
+    from softlabels.inputs.digits import load_digits_split
     from softlabels.store.ensemble import open_units
     from softlabels.store.reader import UnitStore
 

@@ -32,7 +32,7 @@ SHIFTS = np.round(np.arange(0.0, 12.01, 0.25), 2)
 
 def split_digits(out: Path, digit: int) -> dict[str, Path]:
     """Write transfer (without ``digit``), full transfer, validation and test .npz files."""
-    from softlabels.inputs.arrays import load_digits_split
+    from softlabels.inputs.digits import load_digits_split
 
     def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
         ds = load_digits_split(split)

@@ -26,12 +26,9 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from softlabels.errors import DataError, SpecError
-from softlabels.inputs.arrays import (
-    DIGITS_SPLITS,
-    InputDataset,
-    load_digits_split,
-    open_array_file,
-)
+from softlabels.inputs.array_files import open_array_file
+from softlabels.inputs.arrays import InputDataset
+from softlabels.inputs.digits import DIGITS_SPLITS, load_digits_split
 from softlabels.inputs.imagefolder import open_imagefolder
 
 BUILTIN_DATASETS = tuple(f"digits:{split}" for split in DIGITS_SPLITS)

@@ -21,7 +21,7 @@ import torch
 import zarr
 
 from softlabels.errors import DataError
-from softlabels.inputs.arrays import _array_names, _read_rows
+from softlabels.inputs.array_files import _array_names, _read_rows
 
 __all__ = [
     "TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",

@@ -30,7 +30,8 @@ from softlabels.errors import (
     IncompleteStore,
     StoreMismatch,
 )
-from softlabels.inputs.arrays import InputDataset, fingerprint
+from softlabels.inputs.arrays import InputDataset
+from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
 from softlabels.store.layouts import Layout, make_layout

@@ -33,7 +33,8 @@ import torch
 from softlabels._runtime import distributed as _distributed
 from softlabels._runtime.device import resolve_device, set_threads
 from softlabels.errors import ConfigError, DataError, ModelMismatch
-from softlabels.inputs.arrays import class_count, fingerprint
+from softlabels.inputs.arrays import class_count
+from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.augment import refuse_random_data
 from softlabels.inputs.spec import absolute_data_spec, resolve_data
 from softlabels.teacher.classify import (

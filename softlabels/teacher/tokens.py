@@ -234,7 +234,7 @@ def is_token_job(config: GenerateConfig) -> bool:
     kind = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}.get(path.suffix.lower())
     if kind is None or not path.exists():
         return False
-    from softlabels.inputs.arrays import _array_names
+    from softlabels.inputs.array_files import _array_names
 
     try:
         if kind == "npz":

@@ -1,0 +1,200 @@
+"""Inputs that stay in a file: ``.npz``, ``.npy`` (memory-mapped), HDF5 and Zarr arrays.
+
+:func:`open_array_file` picks the reader by suffix; :class:`FileArrayDataset` opens its
+file lazily in each process, so it is safe to send to DataLoader workers, and reads
+rows with few, contiguous reads (:func:`_read_rows`, shared with token files).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+import zarr
+
+from softlabels.errors import DataError
+from softlabels.inputs.arrays import ArrayDataset, _check_inputs
+
+__all__ = ["FileArrayDataset", "FileKind", "open_array_file"]
+
+FileKind = Literal["npy", "hdf5", "zarr"]
+"""Array files read lazily by :class:`FileArrayDataset`."""
+
+
+def _read_rows(array: Any, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` (any order, repeats allowed) from an HDF5/Zarr array, with few reads.
+
+    Both need sorted unique coordinates and random row reads are slow, so a
+    dense-enough request becomes one contiguous slab read, sliced in memory.
+    """
+    if idx.size == 0:
+        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    if (uniq[0] < 0) or (uniq[-1] >= array.shape[0]):
+        raise IndexError(f"indices out of range for a dataset of {array.shape[0]} items")
+    lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+    if 4 * uniq.size >= hi - lo:
+        rows = np.asarray(array[lo:hi])[uniq - lo]
+    else:
+        rows = np.asarray(array.oindex[uniq] if isinstance(array, zarr.Array) else array[uniq])
+    return rows[inverse]
+
+
+# What parsing a damaged numpy/HDF5/Zarr file raises (a zip member cut short, a bad header ...).
+_GARBAGE = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:200]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _array_names(path: str, kind: str) -> list[str]:
+    """Names of every array in an HDF5 file or Zarr group (nested ones as ``a/b``)."""
+    names: list[str] = []
+    try:
+        if kind == "hdf5":
+            with h5py.File(path, "r") as f:
+                f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            return names
+        node = zarr.open(path, mode="r")
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read '{path}' as {kind} ({err}); check that the file is intact") from err
+    if isinstance(node, zarr.Array):
+        return [""]
+    return [name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array)]
+
+
+def _require_arrays(path: str, found: list[str], *wanted: str | None) -> None:
+    for name in wanted:
+        if name is not None and name not in found:
+            raise DataError(
+                f"no array '{name}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
+                f"name them as {path}:INPUTS[,LABELS]"
+            )
+
+
+class FileArrayDataset(ArrayDataset):
+    """Inputs that stay in a file: ``.npy`` (memory-mapped), HDF5 or Zarr array ``name``.
+
+    The file is opened lazily in each process (the pid is tracked) and the handle is
+    dropped when pickled, so the dataset is safe to send to forked or spawned
+    DataLoader workers. Labels (small) are read eagerly from array ``labels_name``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        kind: FileKind,
+        name: str = "",
+        *,
+        labels_name: str | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        self.path, self.kind, self.name = str(path), kind, name
+        self._handle: Any = None
+        self._array: Any = None
+        self._pid: int | None = None
+        source = f"{self.path}:{name}" if name else self.path
+        if not Path(self.path).exists():
+            raise DataError(f"data file '{self.path}' does not exist; check the path in --data")
+        if kind != "npy":
+            _require_arrays(self.path, _array_names(self.path, kind), name, labels_name)
+        try:
+            try:
+                array = self._inputs()
+            except _GARBAGE as err:
+                raise DataError(f"cannot read '{self.path}' as {kind} ({_reason(err)}); check that the file is "
+                                "intact and written by numpy.save, h5py or zarr") from err
+            shape = tuple(int(s) for s in array.shape)
+            _check_inputs(np.dtype(array.dtype), shape, source)
+            labels = None if labels_name is None else self._read_labels(labels_name)
+        finally:
+            self._close()  # never hold an open handle across a fork
+        self._init_labels(shape[0], shape[1:], labels, num_classes, source)
+
+    def _read_labels(self, labels_name: str) -> np.ndarray:
+        if self.kind == "hdf5":
+            return np.asarray(self._handle[labels_name][...])
+        return np.asarray(zarr.open_array(self.path, path=labels_name, mode="r")[...])
+
+    def _inputs(self) -> Any:
+        if self._pid != os.getpid():
+            # A handle inherited from another process is unsafe: drop it, reopen here.
+            self._handle = self._array = None
+            if self.kind == "npy":
+                self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            elif self.kind == "hdf5":
+                self._handle = h5py.File(self.path, "r")
+                self._array = self._handle[self.name]
+            else:
+                self._array = zarr.open_array(self.path, path=self.name, mode="r")
+            self._pid = os.getpid()
+        return self._array
+
+    def _read(self, indices: np.ndarray) -> np.ndarray:
+        array = self._inputs()
+        if self.kind == "npy":
+            return array[indices]
+        return _read_rows(array, indices)
+
+    def _close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = self._array = self._pid = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_handle=None, _array=None, _pid=None)
+        return state
+
+
+_FILE_KINDS = {".npz": "npz", ".npy": "npy", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}
+"""Input file suffixes and the kind of array file each one is."""
+
+
+def open_array_file(
+    path: str | os.PathLike[str],
+    name: str | None = None,
+    labels_name: str | None = None,
+    *,
+    num_classes: int | None = None,
+) -> ArrayDataset:
+    """Open inputs stored in a ``.npz``, ``.npy``, HDF5 (``.h5``/``.hdf5``) or ``.zarr`` file.
+
+    Without ``name`` the inputs are array ``x`` and the labels array ``y`` when the
+    file has one; with ``name`` labels come only from ``labels_name``. ``.npz`` is
+    loaded eagerly; the others stay in the file (see :class:`FileArrayDataset`).
+    """
+    path = str(path)
+    kind = _FILE_KINDS.get(Path(path.rstrip("/")).suffix.lower())
+    if kind is None:
+        raise DataError(f"unsupported data file '{path}'; use a .npz, .npy, .h5/.hdf5 or .zarr file")
+    if not Path(path).exists():
+        raise DataError(f"data file '{path}' does not exist; check the path in --data")
+    if kind == "npy":
+        if name is not None or labels_name is not None:
+            raise DataError(f"'{path}' is a .npy file holding only inputs; drop ':{name}' from the spec")
+        return FileArrayDataset(path, "npy", num_classes=num_classes)
+    found: list[str] = []
+    if kind == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except _GARBAGE as err:
+            raise DataError(f"cannot read '{path}' as .npz ({_reason(err)}); write it with numpy.savez") from err
+        found = list(arrays)
+    elif name is None:
+        found = _array_names(path, kind)
+    if name is None:  # defaults: arrays x and (if present) y, or a Zarr store that is one array
+        name, labels_name = ("", None) if found == [""] else ("x", "y" if "y" in found else None)
+    if kind == "npz":
+        _require_arrays(path, found, name, labels_name)
+        labels = None if labels_name is None else arrays[labels_name]
+        return ArrayDataset(arrays[name], labels, num_classes=num_classes, source=f"{path}:{name}")
+    return FileArrayDataset(path, kind, name, labels_name=labels_name, num_classes=num_classes)
