@@ -28,7 +28,7 @@ from softlabels.inputs.augment import (
     param_dtype,
     parse_augment,
 )
-from softlabels.inputs.augment.ops import _exp
+from softlabels.inputs.augment.rng import _exp
 
 
 # -- the generator -----------------------------------------------------------------------------------

@@ -13,18 +13,12 @@ from __future__ import annotations
 import torch
 
 from softlabels.errors import DataError
+from softlabels.inputs.augment.affine import RandomAffine
+from softlabels.inputs.augment.compose import PARAM_DTYPES, Augmentation, Compose, param_dtype
+from softlabels.inputs.augment.crop import RandomCrop, RandomHorizontalFlip
 from softlabels.inputs.augment.grammar import BUILTIN_OPS, parse_augment
-from softlabels.inputs.augment.ops import (
-    PARAM_DTYPES,
-    Augmentation,
-    Compose,
-    RandomAffine,
-    RandomCrop,
-    RandomHorizontalFlip,
-    RandomResizedCrop,
-    param_dtype,
-)
 from softlabels.inputs.augment.random_data import refuse_random_data
+from softlabels.inputs.augment.resized_crop import RandomResizedCrop
 from softlabels.inputs.augment.rng import ViewRandom
 
 __all__ = [

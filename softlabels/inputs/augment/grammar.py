@@ -10,7 +10,7 @@
     affine(15,translate=0.1,scale=0.9-1.1)      RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1))
 
 A ``package.module:factory`` term is called with no arguments and must return an
-object with the :class:`~softlabels.inputs.augment.ops.Augmentation` protocol (docs/VIEWS.md).
+object with the :class:`~softlabels.inputs.augment.compose.Augmentation` protocol (docs/VIEWS.md).
 """
 
 from __future__ import annotations
@@ -20,15 +20,10 @@ import re
 from typing import Any, Callable
 
 from softlabels.errors import SpecError
-from softlabels.inputs.augment.ops import (
-    PADDING_MODES,
-    Augmentation,
-    Compose,
-    RandomAffine,
-    RandomCrop,
-    RandomHorizontalFlip,
-    RandomResizedCrop,
-)
+from softlabels.inputs.augment.affine import RandomAffine
+from softlabels.inputs.augment.compose import Augmentation, Compose
+from softlabels.inputs.augment.crop import PADDING_MODES, RandomCrop, RandomHorizontalFlip
+from softlabels.inputs.augment.resized_crop import RandomResizedCrop
 
 __all__ = ["BUILTIN_OPS", "parse_augment"]
 

@@ -5,9 +5,16 @@ draws them, so nothing here has state that advances across rows: every number is
 a hash of its coordinates. The hash works on 32-bit words held in int64 tensors
 and multiplies in 16-bit halves, so no intermediate overflows and every device
 gives the same bits. ``tests/test_augment.py`` checks it against plain Python ints.
+
+The ops turn these uniforms into parameters with exact float64 operations only
+(``+ - * /``, sqrt, floor, round and the series in :func:`_exp`), never a library
+``exp``/``log`` whose last bit may differ between devices or between the vectorised
+body and the tail of a CPU kernel: :func:`_randint`, :func:`_exp`, :func:`_half_within`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -79,3 +86,37 @@ class ViewRandom:
         self._used += k
         bits = _mix(_mix(self._key[:, None] ^ counters[None, :]))
         return (bits >> 8).to(torch.float64) * _TO_UNIT
+
+
+def _randint(u: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """Integers uniform in ``[0, n)`` from uniforms ``u`` in [0, 1) (float64)."""
+    n = torch.as_tensor(n, dtype=torch.float64, device=u.device)
+    return torch.minimum(torch.floor(u * n), n - 1)
+
+
+def _exp(t: torch.Tensor) -> torch.Tensor:
+    """``exp(t)`` for float64 ``|t| <= 32`` from exact operations: a Taylor series at t/32, squared 5 times."""
+    r = t / 32
+    p = torch.full_like(r, 1 / math.factorial(12))
+    for k in range(11, -1, -1):
+        p = p * r + 1 / math.factorial(k)
+    for _ in range(5):
+        p = p * p
+    return p
+
+
+def _half_within(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``x`` rounded to float16 values (as float32), kept in ``[low, high]`` where the range holds one.
+
+    Round to nearest, then one float16 step back inside where that crossed an end (the step
+    is done on the bits, the same on every device).
+    """
+    h = x.to(torch.float16)
+    bits = h.view(torch.int16)
+    neg = bits < 0  # sign-magnitude: a step towards -inf grows a negative number's bits
+    down = torch.where(neg, bits + 1, bits - 1).view(torch.float16)
+    up = torch.where(neg, bits - 1, bits + 1).view(torch.float16)
+    hd = h.double()
+    h = torch.where((hd > high) & (down.double() >= low), down, h)
+    h = torch.where((hd < low) & (up.double() <= high), up, h)
+    return h.float()

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from softlabels.inputs.augment.ops import PARAM_DTYPES
+from softlabels.inputs.augment.compose import PARAM_DTYPES
 from softlabels.store.positions.base import UnitGeometry
 
 __all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views"]

@@ -1,0 +1,135 @@
+"""The op protocol, the storage dtypes of view parameters, and :class:`Compose`.
+
+An op (built-in or ``package.module:factory``) draws a fixed number of float32 parameters
+per view and replays them exactly: ``apply(x, params)`` is a pure function of its
+arguments, vectorised over the batch (each row its own parameters, no per-item Python
+loop). The built-in ops are :mod:`.crop` (crop, flip), :mod:`.resized_crop` and
+:mod:`.affine`; their parameters are what torchvision's transforms draw internally, so
+the same numbers passed to ``torchvision.transforms.v2.functional`` give the same image.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from softlabels.errors import DataError
+from softlabels.inputs.augment.rng import ViewRandom
+
+__all__ = ["PARAM_DTYPES", "Augmentation", "Compose", "param_dtype"]
+
+Size = tuple[int, int]
+
+PARAM_DTYPES = ("uint8", "float16", "float32")
+"""Storage dtypes of ``view_params``, narrowest first: whole numbers in 0..255; whole numbers
+of magnitude <= 2048 and float16 values; anything (float32, what an op's ``draw`` returns)."""
+
+
+def _int_dtype(low: float, high: float) -> str:
+    """The narrowest of :data:`PARAM_DTYPES` that holds every whole number in ``[low, high]`` exactly."""
+    if low >= 0 and high <= 255:
+        return "uint8"
+    return "float16" if max(-low, high) <= 2048 else "float32"
+
+
+def param_dtype(op: Augmentation, size: Size) -> str:
+    """The narrowest dtype that holds every parameter ``op`` draws for inputs of ``size`` exactly.
+
+    An op says so with a ``param_dtype(size)`` method (every built-in op has one); an op
+    without one (a user op) gets float32, which holds whatever ``draw`` returns.
+    """
+    own = getattr(op, "param_dtype", None)
+    dtype = str(own(size)) if callable(own) else "float32"
+    if dtype not in PARAM_DTYPES:
+        raise DataError(f"augmentation '{op.spec}' says its params are {dtype!r}, not one of "
+                        f"{', '.join(PARAM_DTYPES)}; return one of those from param_dtype()")
+    return dtype
+
+
+@runtime_checkable
+class Augmentation(Protocol):
+    """What an augmentation op provides (the protocol of ``package.module:factory`` ops).
+
+    ``draw`` returns float32 ``[rng.n, num_params]`` for inputs of ``size`` (H, W);
+    ``apply`` maps ``x [B, C, H, W]`` and ``params [B, num_params]`` (on x's device)
+    to ``[B, C, *output_size((H, W))]``; ``spec`` is recorded in stores. Optional:
+    ``param_dtype(size)``, one of :data:`PARAM_DTYPES` that holds every drawn parameter
+    exactly (:func:`param_dtype`; float32 without it).
+    """
+
+    num_params: int
+    spec: str
+
+    def output_size(self, size: Size) -> Size: ...
+
+    def draw(self, rng: ViewRandom, size: Size) -> torch.Tensor: ...
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor: ...
+
+
+def _num(v: float) -> str:
+    """Shortest text that parses back to the same float (integers without '.0')."""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 2**53 else repr(float(v))
+
+
+def _size(s: Size) -> str:
+    return _num(s[0]) if s[0] == s[1] else f"{s[0]}x{s[1]}"
+
+
+class Compose:
+    """Ops applied in order; params are the ops' params side by side (``num_params`` = their sum).
+
+    Op ``i`` draws from ``rng.stream(i)``, so adding an op at the end leaves the
+    earlier ops' params unchanged.
+    """
+
+    def __init__(self, ops: list[Augmentation]) -> None:
+        self.ops = list(ops)
+        self.num_params = sum(int(op.num_params) for op in self.ops)
+
+    @property
+    def spec(self) -> str:
+        return "+".join(op.spec for op in self.ops)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.spec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Compose) and self.ops == other.ops
+
+    def output_size(self, size: Size) -> Size:
+        for op in self.ops:
+            size = tuple(op.output_size(size))
+        return size
+
+    def param_dtype(self, size: Size) -> str:
+        """The widest of its ops' :func:`param_dtype` (each at the size its input has)."""
+        widest = 0
+        for op in self.ops:
+            widest = max(widest, PARAM_DTYPES.index(param_dtype(op, size)))
+            size = tuple(op.output_size(size))
+        return PARAM_DTYPES[widest]
+
+    def draw(self, rng: ViewRandom, size: Size) -> torch.Tensor:
+        parts = []
+        for i, op in enumerate(self.ops):
+            params = op.draw(rng.stream(i), size)
+            if not isinstance(params, torch.Tensor) or tuple(params.shape) != (rng.n, op.num_params):
+                got = tuple(params.shape) if isinstance(params, torch.Tensor) else type(params).__name__
+                raise DataError(f"augmentation '{op.spec}' drew params {got}, not [{rng.n}, {op.num_params}]; "
+                                "make draw() return float32 [n, num_params]")
+            parts.append(params.float())
+            size = tuple(op.output_size(size))
+        return torch.cat(parts, 1) if parts else torch.empty(rng.n, 0, device=rng.device)
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        if params.ndim != 2 or params.shape != (x.shape[0], self.num_params):
+            raise DataError(f"augmentation '{self.spec}' takes params [{x.shape[0]}, {self.num_params}], "
+                            f"got {list(params.shape)}; pass the params drawn for this spec")
+        params = params.to(x.device)
+        at = 0
+        for op in self.ops:
+            x = op.apply(x, params[:, at:at + op.num_params])
+            at += op.num_params
+        return x
