@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from softlabels.evaluation.report import build_report, plot_size
+from softlabels.evaluation.report import build_report
+from softlabels.evaluation.report_plots import plot_size
 from tests.conftest import assert_one_line_error, run_cli
 
 try:

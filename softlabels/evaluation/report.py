@@ -13,302 +13,38 @@ sub-directory per model, plus ``results.json``). What the report shows:
   (:meth:`softlabels.student.metrics.EvalAccumulator.reliability`) or, when it has none,
   are computed here from the model's checkpoint and the eval's ``data`` spec.
 
-Where the numbers come from, first found wins: ``results.json`` (the demo's
-schema: ``{"teacher": NAME, "models": [{"name", "dir", "role", "arch",
-"description", "accuracy", ..., "eval": {...}}], "stages": [...]}``), then
-``<model dir>/eval.json`` (``softlabels eval --json`` output), then the model's
-``summary.json``. matplotlib is optional (``pip install 'softlabels[demo]'``) and
-is imported only when plotting.
+The models and their numbers are found by :mod:`softlabels.evaluation.report_runs`, the
+plots drawn by :mod:`softlabels.evaluation.report_plots` (matplotlib, optional: ``pip install
+'softlabels[demo]'``); this module writes the document.
 """
 
 from __future__ import annotations
 
 import html
-import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softlabels.errors import ConfigError, RunNotFound, SoftLabelsError
+from softlabels.errors import ConfigError
 from softlabels.evaluation.config import REPORT_FORMATS
-from softlabels.student.checkpoint import CHECKPOINT, METRICS, SUMMARY, read_metrics
+from softlabels.evaluation.report_plots import (
+    _pyplot,
+    plot_accuracy,
+    plot_curves,
+    plot_reliability,
+)
+from softlabels.evaluation.report_runs import (
+    ModelRun,
+    _num,
+    compute_reliability,
+    find_models,
+)
+from softlabels.student.checkpoint import METRICS
 
-__all__ = [
-    "FORMATS", "PLOT_DPI", "ModelRun", "build_report", "compute_reliability", "find_models", "plot_size",
-]
+__all__ = ["FORMATS", "build_report"]
 
 FORMATS = REPORT_FORMATS
-RESULTS = "results.json"
-EVAL = "eval.json"
-PLOT_DPI = 100
-_PANEL_PX = {"curves": (600, 420), "accuracy": (800, 420), "reliability": (300, 400)}
-_MAX_COLS = 5  # reliability panels per row
 
 
-@dataclass
-class ModelRun:
-    """One model of a run: its training log, and its test metrics when known."""
-
-    name: str
-    dir: Path | None
-    role: str = "student"  # "teacher" or "student"
-    arch: str | None = None
-    description: str = ""
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    result: dict[str, Any] = field(default_factory=dict)  # test metrics (accuracy, agreement, ...)
-    reliability: dict[str, list] | None = None
-    note: str = ""  # why something is missing
-
-    @property
-    def accuracy(self) -> float | None:
-        return _num(self.result.get("accuracy"))
-
-
-def plot_size(kind: str, n_models: int = 1) -> tuple[int, int]:
-    """Width and height in pixels of the PNG ``kind`` (curves, accuracy, reliability) for ``n_models``."""
-    w, h = _PANEL_PX[kind]
-    if kind == "curves":
-        return 2 * w, h
-    if kind == "reliability":
-        cols = max(1, min(n_models, _MAX_COLS))
-        return cols * w, math.ceil(max(n_models, 1) / cols) * h
-    return w, h
-
-
-# -- discovery -------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
-def _load_run(name: str, d: Path | None) -> ModelRun:
-    m = ModelRun(name=name, dir=d)
-    if d is None or not d.is_dir():
-        return m
-    m.metrics = read_metrics(d)
-    m.summary = _read_json(d / SUMMARY) or {}
-    m.arch = m.summary.get("student") or (m.summary.get("config") or {}).get("student")
-    ev = _read_json(d / EVAL)
-    if ev:
-        m.result = dict(ev)
-    return m
-
-
-def find_models(run_dir: str | Path) -> tuple[list[ModelRun], dict[str, Any]]:
-    """The models of ``run_dir`` (teacher first) and its ``results.json`` (empty if absent)."""
-    root = Path(run_dir)
-    if not root.is_dir():
-        what = "is a file" if root.exists() else "does not exist"
-        raise RunNotFound(f"run directory {str(run_dir)!r} {what}; pass a 'softlabels train --out' directory "
-                          "or a tools/demo.py --out directory")
-    results = _read_json(root / RESULTS) or {}
-    models: list[ModelRun] = []
-    if isinstance(results.get("models"), list):
-        for entry in results["models"]:
-            if not isinstance(entry, dict) or "name" not in entry:
-                continue
-            d = root / entry["dir"] if entry.get("dir") else None
-            m = _load_run(str(entry["name"]), d)
-            m.role = entry.get("role") or m.role
-            m.arch = entry.get("arch") or m.arch
-            m.description = entry.get("description") or ""
-            ev = entry.get("eval") if isinstance(entry.get("eval"), dict) else {}
-            m.result = {**m.result, **ev, **{k: v for k, v in entry.items() if k not in ("eval", "dir")}}
-            models.append(m)
-    elif (root / METRICS).is_file():
-        models.append(_load_run(root.resolve().name, root))
-    else:
-        # A directory of runs: every sub-directory (one or two levels down) with a metrics log.
-        dirs = sorted({p.parent for p in [*root.glob(f"*/{METRICS}"), *root.glob(f"*/*/{METRICS}")]})
-        models = [_load_run(d.relative_to(root).as_posix(), d) for d in dirs]
-    if not models:
-        raise RunNotFound(f"no training run in {str(run_dir)!r} (no {METRICS} in it or its sub-directories, "
-                          f"no {RESULTS}); pass a 'softlabels train --out' directory")
-    teacher = results.get("teacher")
-    for m in models:
-        if m.name == teacher or (teacher is None and m.name == "teacher"):
-            m.role = "teacher"
-        if m.result.get("reliability"):
-            m.reliability = m.result["reliability"]
-    models.sort(key=lambda m: m.role != "teacher")  # stable: the teacher first, the rest in order
-    return models, results
-
-
-def compute_reliability(model: ModelRun, *, n_bins: int = 15) -> None:
-    """Fill ``model.reliability`` from its checkpoint and its eval's data spec, when both are known."""
-    if model.reliability is not None:
-        return
-    data = model.result.get("data")
-    if model.dir is None or not (model.dir / CHECKPOINT).is_file() or not data:
-        model.note = "no reliability bins: no eval JSON with them, and no checkpoint + eval data spec to compute them"
-        return
-    import numpy as np
-    import torch
-
-    from softlabels.evaluation.evaluator import load_student
-    from softlabels.inputs.spec import resolve_data
-    from softlabels.student.metrics import EvalAccumulator
-    from softlabels.teacher.spec import recorded_spec
-
-    try:  # the eval's data spec and the checkpoint's student spec are data: built-ins and files only
-        spec = recorded_spec(data, kind="data", where=f"the eval results of {model.name!r}",
-                             flag=f"softlabels eval --checkpoint {model.dir} --json --data")
-        net, config = load_student(model.dir)
-        dataset = resolve_data(spec)
-        acc = EvalAccumulator(int(config["num_classes"]), n_bins=n_bins)
-        with torch.no_grad():
-            for start in range(0, len(dataset), 1024):
-                x, y = dataset.get_batch(np.arange(start, min(start + 1024, len(dataset)), dtype=np.int64))
-                acc.update(net(x), y)
-    except SoftLabelsError as err:
-        model.note = f"no reliability bins ({err})"
-        return
-    model.reliability = acc.reliability()
-    model.result.setdefault("ece", acc.compute()["ece"])
-
-
-# -- plots -----------------------------------------------------------------------------------
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("softlabels report draws its plots with matplotlib, which is not installed; "
-                          "pip install 'softlabels[demo]'") from None
-    matplotlib.use("Agg", force=True)  # files only: never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _figure(plt, kind: str, n: int = 1, **kw):
-    w, h = plot_size(kind, n)
-    return plt.subplots(figsize=(w / PLOT_DPI, h / PLOT_DPI), dpi=PLOT_DPI, **kw)
-
-
-def _save(fig, path: Path) -> None:
-    # No bbox_inches="tight": the PNG keeps exactly plot_size() pixels.
-    fig.savefig(path, dpi=PLOT_DPI, format="png", metadata={"Software": None})
-    fig.clf()
-
-
-def _colors(models: list[ModelRun]) -> dict[str, Any]:
-    palette = [f"C{i}" for i in range(10)]
-    return {m.name: ("black" if m.role == "teacher" else palette[i % 10]) for i, m in enumerate(models)}
-
-
-def plot_curves(models: list[ModelRun], path: Path, plt) -> None:
-    fig, (ax_loss, ax_acc) = _figure(plt, "curves", ncols=2)
-    colors = _colors(models)
-    has_val = False
-    for m in models:
-        epochs = [r["epoch"] for r in m.metrics if "epoch" in r and _num(r.get("loss")) is not None]
-        losses = [r["loss"] for r in m.metrics if "epoch" in r and _num(r.get("loss")) is not None]
-        style = {"color": colors[m.name], "lw": 2.2 if m.role == "teacher" else 1.5}
-        if epochs:
-            ax_loss.plot(epochs, losses, label=m.name, **style)
-        val = [(r["epoch"], r["val_accuracy"]) for r in m.metrics if _num(r.get("val_accuracy")) is not None]
-        if val:
-            has_val = True
-            ax_acc.plot([e for e, _ in val], [100 * a for _, a in val], label=m.name, **style)
-    ax_loss.set(title="training loss (each model's own objective)", xlabel="epoch", ylabel="loss")
-    if any(r.get("loss", 0) > 0 for m in models for r in m.metrics):
-        ax_loss.set_yscale("log")
-    specs = {(m.summary.get("config") or {}).get("val_data") for m in models} - {None}
-    where = f" on {specs.pop()}" if len(specs) == 1 else ""
-    ax_acc.set(title=f"validation accuracy{where} after each epoch", xlabel="epoch", ylabel="accuracy (%)")
-    if has_val:
-        ax_acc.set_ylim(top=100)
-    else:
-        ax_acc.text(0.5, 0.5, "no validation data\n(train with --val-data)", ha="center", va="center",
-                    transform=ax_acc.transAxes, color="gray")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-    if models and any(m.metrics for m in models):
-        (ax_acc if has_val else ax_loss).legend(fontsize=8, loc="lower right" if has_val else "upper right")
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_accuracy(models: list[ModelRun], path: Path, plt) -> None:
-    fig, ax = _figure(plt, "accuracy")
-    teacher = next((m for m in models if m.role == "teacher" and m.accuracy is not None), None)
-    bars = [m for m in models if m.role != "teacher" and m.accuracy is not None]
-    colors = _colors(models)
-    xs = range(len(bars))
-    accs = [100 * m.accuracy for m in bars]
-    ax.bar(xs, accs, color=[colors[m.name] for m in bars], width=0.6)
-    for x, a in zip(xs, accs):
-        ax.text(x, a, f"{a:.1f}%", ha="center", va="bottom", fontsize=9)
-    ax.set_xticks(list(xs), [m.name for m in bars], fontsize=8)
-    values = accs[:]
-    if teacher is not None:
-        t = 100 * teacher.accuracy
-        values.append(t)
-        arch = f" ({teacher.arch})" if teacher.arch else ""
-        ax.axhline(t, color="black", ls="--", lw=1.5, label=f"teacher{arch}: {t:.1f}%")
-        ax.legend(loc="lower right", fontsize=9)
-    low = min(values) if values else 0.0
-    ax.set_ylim(max(0.0, low - max(5.0, 0.25 * (100 - low))), 100.5)
-    ax.set(title="test accuracy of each student vs the teacher", ylabel="accuracy (%)")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_reliability(models: list[ModelRun], path: Path, plt) -> None:
-    n = len(models)
-    cols = max(1, min(n, _MAX_COLS))
-    rows = math.ceil(n / cols)
-    # Per model: the diagram on top, the share of rows per confidence bin below (log scale),
-    # since on a small test set most rows sit in the top bin and the low bins hold a handful.
-    fig, axes = _figure(plt, "reliability", n, nrows=2 * rows, ncols=cols, squeeze=False,
-                        gridspec_kw={"height_ratios": [3, 1] * rows})
-    colors = _colors(models)
-    for i, m in enumerate(models):
-        ax, hist = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
-        r = m.reliability or {}
-        lo, hi = r.get("bin_lower", []), r.get("bin_upper", [])
-        acc, conf, count = r.get("accuracy", []), r.get("confidence", []), r.get("count", [])
-        keep = [j for j, a in enumerate(acc) if a is not None]
-        widths = [hi[j] - lo[j] for j in keep]
-        ax.bar([lo[j] for j in keep], [acc[j] for j in keep], width=widths, align="edge",
-               color=colors[m.name], alpha=0.75, edgecolor="white")
-        ax.plot([conf[j] for j in keep], [acc[j] for j in keep], "o", ms=3, color="black")
-        ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1)
-        ece = _num(m.result.get("ece"))
-        ax.set(xlim=(0, 1), ylim=(0, 1), title=m.name + (f"  ECE {ece:.3f}" if ece is not None else ""))
-        ax.title.set_fontsize(9)
-        ax.tick_params(labelbottom=False)
-        total = sum(count)
-        if keep and total:
-            hist.bar([lo[j] for j in keep], [count[j] / total for j in keep], width=widths, align="edge",
-                     color="gray", edgecolor="white")
-            hist.set_yscale("log")
-            hist.set_ylim(0.5 / total, 1.5)
-        else:
-            ax.text(0.5, 0.5, "no bins", ha="center", va="center", color="gray", transform=ax.transAxes)
-        hist.set(xlim=(0, 1), xlabel="confidence")
-        hist.tick_params(labelsize=7)
-        if i % cols == 0:
-            ax.set_ylabel("accuracy")
-            hist.set_ylabel(f"rows (n={total})", fontsize=7)
-    for i in range(n, rows * cols):
-        axes[2 * (i // cols), i % cols].set_visible(False)
-        axes[2 * (i // cols) + 1, i % cols].set_visible(False)
-    fig.tight_layout(h_pad=0.3)
-    _save(fig, path)
-
-
-# -- the document ----------------------------------------------------------------------------
 _EXPLAIN = {
     "curves": "Left: training loss per epoch (log scale); distillation losses include the T^2-scaled soft "
               "term, so compare shapes, not levels, across models. Right: accuracy on --val-data after each epoch.",
@@ -317,6 +53,8 @@ _EXPLAIN = {
                    "model follows the diagonal. Bottom: share of test rows per bin (log scale): bins holding a "
                    "handful of rows are noise.",
 }
+
+
 def _fmt(value: Any, how: str) -> str:
     v = _num(value)
     if v is None:
