@@ -223,16 +223,16 @@ def test_student_spec_from_the_run_is_data(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_compress_demo_script(tmp_path):
-    """tools/compress_demo.py runs end to end and writes the tables of docs/COMPRESS.md."""
+def test_compress_experiment_script(tmp_path):
+    """tools/experiments/compress_experiment.py runs end to end and writes the tables of docs/COMPRESS.md."""
     root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, str(root / "tools" / "compress_demo.py"), "--out", str(tmp_path),
+    p = subprocess.run([sys.executable, str(root / "tools" / "experiments" / "compress_experiment.py"), "--out", str(tmp_path),
                         "--finetune-epochs", "1"], capture_output=True, text=True, timeout=900,
                        env={**os.environ, "PYTHONPATH": str(root)})
     assert p.returncode == 0, p.stderr[-2000:]
-    tables = [b for b in (tmp_path / "compress_demo.md").read_text().split("\n\n") if b.startswith("|")]
+    tables = [b for b in (tmp_path / "compress_experiment.md").read_text().split("\n\n") if b.startswith("|")]
     assert [len(t.splitlines()) for t in tables] == [2 + 10, 2 + 5, 2 + 3]
-    result = json.loads((tmp_path / "compress_demo.json").read_text())
+    result = json.loads((tmp_path / "compress_experiment.json").read_text())
     assert result["compress"]["teacher, hidden units -50%"]["hidden_units"] == [256, 256]
 
 

@@ -1,4 +1,4 @@
-"""tools/lm_experiment.py --quick: every method trains, evaluates and lands in the table."""
+"""tools/experiments/lm_experiment.py --quick: every method trains, evaluates and lands in the table."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_experiment(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     methods = ["hard", "dense", "topk8", "topk8-renorm", "sampled"]
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "lm_experiment.py"), "--quick", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "experiments" / "lm_experiment.py"), "--quick", "--out", str(tmp_path),
                            "--seeds", "2", "--epochs", "1", "--methods", *methods, "--quiet"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

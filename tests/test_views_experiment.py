@@ -1,4 +1,4 @@
-"""tools/views_experiment.py --quick: real PNG digits, every method trains, evaluates and lands in the table."""
+"""tools/experiments/views_experiment.py --quick: real PNG digits, every method trains, evaluates and lands in the table."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_quick_experiment(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("PIL")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "views_experiment.py"), "--quick", "--out",
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "experiments" / "views_experiment.py"), "--quick", "--out",
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     pngs = list((tmp_path / "digits" / "heldout").glob("*/*.png"))

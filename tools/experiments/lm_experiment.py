@@ -16,8 +16,8 @@ perplexity, KL to the teacher, top-1 agreement and ECE. Stores are written by ``
 (the token producer on the job runner) from the teacher's saved weights.
 
     python tools/lm_data.py --out demo/lm            # tokenizer + train/held-out token files
-    python tools/lm_experiment.py --data demo/lm --out demo/lm-exp [--seeds 3] [--epochs 2]
-    python tools/lm_experiment.py --quick --out DIR  # seconds: synthetic tokens, for the tests
+    python tools/experiments/lm_experiment.py --data demo/lm --out demo/lm-exp [--seeds 3] [--epochs 2]
+    python tools/experiments/lm_experiment.py --quick --out DIR  # seconds: synthetic tokens, for the tests
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ backends (top-k too for the large-vocabulary case). Three scenarios by default:
   rows, yet the teacher must get ``--batch-size`` rows per call (the calls and their
   sizes are counted and printed beside the times).
 
-    python tools/bench_generate.py                          # both scenarios
-    python tools/bench_generate.py --teacher mlp-large --rows 80000 --classes 1000 --chunk-rows 4096
+    python tools/bench/bench_generate.py                          # both scenarios
+    python tools/bench/bench_generate.py --teacher mlp-large --rows 80000 --classes 1000 --chunk-rows 4096
 
 Target: generate / bare <= 1.05.
 """

@@ -1,6 +1,6 @@
 """Benchmark: open a format-v2 store and read its bookkeeping, at many write units.
 
-    python tools/bench_open.py [--units 100000] [--backends hdf5 zarr] [--rounds 5]
+    python tools/bench/bench_open.py [--units 100000] [--backends hdf5 zarr] [--rounds 5]
 
 Builds one complete store per backend with ``--units`` write units of one sample
 each (dense, 4 classes, float16: the data is tiny, the unit count is what costs),
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for softlabels
 
 from softlabels.store.positions import group_units_for  # noqa: E402
 from softlabels.store.reader import UnitStore  # noqa: E402

@@ -14,7 +14,7 @@ layout's ``decode`` + the library's KD loss): every target, single or ensemble, 
 the same loop. The script also measures the top-k combination's tail approximation against
 the exact dense combination of the same teachers.
 
-    python tools/ensemble_experiment.py [--teachers 4] [--seeds 3] [--out runs/ensemble]
+    python tools/experiments/ensemble_experiment.py [--teachers 4] [--seeds 3] [--out runs/ensemble]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/, for demo.py
 from demo import Runner  # noqa: E402  (the demo's subprocess runner: logs and timings)
 
 

@@ -23,8 +23,8 @@ The random teacher's logits are scaled so that its mean entropy per token is abo
 layout's size depends on how many of its S draws are distinct). Logits are float16 on disk
 (bfloat16 for dense). One CPU thread.
 
-    python tools/bench_lm_generate.py                       # both measurements
-    python tools/bench_lm_generate.py --seqs 64 --repeats 1 # quicker
+    python tools/bench/bench_lm_generate.py                       # both measurements
+    python tools/bench/bench_lm_generate.py --seqs 64 --repeats 1 # quicker
 """
 
 from __future__ import annotations

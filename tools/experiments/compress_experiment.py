@@ -1,6 +1,6 @@
 """Compress and fine-tune a distilled student on the built-in digits; print the tables of docs/COMPRESS.md.
 
-    PYTHONPATH=. python tools/compress_demo.py --out runs/compress   # ~1-2 min on 2 cores
+    PYTHONPATH=. python tools/experiments/compress_experiment.py --out runs/compress   # ~1-2 min on 2 cores
 
 Steps (the library calls behind ``softlabels train|generate|compress``, in one process):
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from softlabels.evaluation.compression import CompressConfig, compress, format_markdown  # noqa: E402
@@ -105,8 +105,8 @@ def main() -> None:
                         f"| {r['kl_to_teacher']:.4f} | {r['correlation']:.4f} |")
     seconds = time.perf_counter() - t0
     text = f"{table}\n\n" + "\n".join(ft_table) + f"\n\n({seconds:.0f} s, torch {torch.__version__})\n"
-    (out / "compress_demo.md").write_text(text)
-    (out / "compress_demo.json").write_text(json.dumps({"compress": results, "finetune": ft, "seconds": seconds},
+    (out / "compress_experiment.md").write_text(text)
+    (out / "compress_experiment.json").write_text(json.dumps({"compress": results, "finetune": ft, "seconds": seconds},
                                                        indent=2, sort_keys=True, default=str) + "\n")
     print(text)
 

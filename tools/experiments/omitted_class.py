@@ -12,7 +12,7 @@ the test split.
 Every step runs the real command line; the bias-corrected evaluation loads the student's
 weights (``weights_only``) into the built-in architecture.
 
-    python tools/omitted_class.py [--digit 3] [--seeds 3] [--out runs/omitted]
+    python tools/experiments/omitted_class.py [--digit 3] [--seeds 3] [--out runs/omitted]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/, for demo.py
 from demo import Runner  # noqa: E402  (the demo's subprocess runner: logs and timings)
 
 SHIFTS = np.round(np.arange(0.0, 12.01, 0.25), 2)

@@ -1,6 +1,6 @@
 """Benchmark: forward + backward time and peak memory of the KD losses vs plain cross-entropy.
 
-    python tools/bench_losses.py [--classes 131072] [--rows 2048] [--k 32] [--samples 32] [--rounds 3]
+    python tools/bench/bench_losses.py [--classes 131072] [--rows 2048] [--k 32] [--samples 32] [--rounds 3]
 
 One student logits tensor [rows, classes] (float32, as an LM head gives them to
 the loss), hard labels, and a teacher target of each layout, made once. Each
@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for softlabels
 
 from softlabels.store.layouts import DenseTarget, make_layout, to_numpy  # noqa: E402
 from softlabels.student.losses import DistillationLoss, make_soft_loss  # noqa: E402

@@ -19,8 +19,8 @@ with the teacher on the held-out images, and seconds per training epoch (median 
 epochs, measured by the trainer). Everything runs through the library calls the CLI
 makes (``softlabels.teacher.job.generate``, ``softlabels.student.trainer.train``, ``softlabels.evaluation.evaluator.evaluate``).
 
-    python tools/views_experiment.py --out /tmp/views-exp [--seeds 3] [--epochs 20] [--teacher-epochs 15]
-    python tools/views_experiment.py --quick --out DIR     # a small run (seconds), for the tests
+    python tools/experiments/views_experiment.py --out /tmp/views-exp [--seeds 3] [--epochs 20] [--teacher-epochs 15]
+    python tools/experiments/views_experiment.py --quick --out DIR     # a small run (seconds), for the tests
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ labelled by a random ``cnn`` teacher with ``generate --views V --augment
               freshly drawn params: the augmentation's own cost, no store
   and where the replay loader's time goes (cProfile, top functions by own time).
 
-    python tools/bench_views.py [--images 2048] [--views 8] [--rounds 3] [--profile]
+    python tools/bench/bench_views.py [--images 2048] [--views 8] [--rounds 3] [--profile]
 """
 
 from __future__ import annotations

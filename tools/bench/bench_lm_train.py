@@ -9,7 +9,7 @@
 Rounds are interleaved; the figures are medians. A random ``gpt-medium`` teacher labels random
 tokens (its logits are all the benchmark needs); the student is ``gpt-tiny``. One thread.
 
-    python tools/bench_lm_train.py [--sequences 512] [--seq-len 128] [--vocab 4096] [--rounds 3]
+    python tools/bench/bench_lm_train.py [--sequences 512] [--seq-len 128] [--vocab 4096] [--rounds 3]
 """
 
 from __future__ import annotations

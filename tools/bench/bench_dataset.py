@@ -18,7 +18,7 @@ C=1000 float16, the default ~1 MiB chunks: 400 MB of logits) and prints samples/
     interleaved round by round (``--write-rounds``; ``--writes-only`` stops there)
   checksums: GB/s of zlib.crc32, CRC-32C (google-crc32c) and, when installed, xxhash's xxh3 on 1 MiB
 
-    python tools/bench_dataset.py [--rows 200000] [--classes 1000] [--backends hdf5 zarr]
+    python tools/bench/bench_dataset.py [--rows 200000] [--classes 1000] [--backends hdf5 zarr]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark: one KD epoch from a store vs one plain epoch vs one online-KD epoch.
 
-    python tools/bench_train.py [--rows 20000] [--features 256] [--classes 100] [--device cpu]
+    python tools/bench/bench_train.py [--rows 20000] [--features 256] [--classes 100] [--device cpu]
 
 Synthetic data (Gaussian class blobs), a small student (MLP 256-128-100) and a
 teacher ~30x its cost (MLP 256-1024-1024-100). The teacher's logits are written once

@@ -1,6 +1,6 @@
 """Benchmark: torch CPU threads for the small models softlabels trains (``--threads``).
 
-    python tools/bench_threads.py [--threads 1 2] [--rounds 3]
+    python tools/bench/bench_threads.py [--threads 1 2] [--rounds 3]
 
 Times the same work with each thread count, interleaved, median of ``--rounds``:
 training steps (AdamW, cross-entropy) of built-in students and a teacher forward

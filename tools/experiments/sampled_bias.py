@@ -1,6 +1,6 @@
 """Bias of sparse KD targets against dense KL: sampled (unbiased at T = 1) vs top-k at the same bytes.
 
-    python tools/sampled_bias.py [--classes 1000] [--rows 256] [--samples 12] [--seeds 200]
+    python tools/experiments/sampled_bias.py [--classes 1000] [--rows 256] [--samples 12] [--seeds 200]
 
 A classification-like setting: C classes with 16-dimensional class embeddings;
 a sample's teacher logits are ``tau * <h, e_c>`` with ``h`` its class's embedding
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for softlabels
 
 from softlabels.store.layouts import DenseTarget, SampledTarget, make_layout, to_numpy  # noqa: E402
 from softlabels.student import kd  # noqa: E402
