@@ -299,13 +299,55 @@ def test_usage_errors_are_one_error_line(elsewhere, args, reason):
     assert lines[0].endswith(" --help'") and "Usage:" not in r.output
 
 
-# -- item 8: the docs say what remains a user choice -------------------------------------------------
-def test_readme_has_troubleshooting_and_no_dead_doc_links():
+# -- item 8: the docs say what remains a user choice; README is short and indexes them ---------------
+DOCS = ROOT / "docs"
+
+
+def _readme_block(heading: str, lang: str) -> str:
     readme = (ROOT / "README.md").read_text()
-    faq = readme[readme.index("## Troubleshooting"):]
+    return re.search(rf"^## {re.escape(heading)}\n.*?```{lang}\n(.*?)```", readme, re.S | re.M)[1]
+
+
+def test_usage_has_troubleshooting_and_readme_the_setup_time():
+    usage = (DOCS / "USAGE.md").read_text()
+    faq = usage[usage.index("## Troubleshooting"):]
     for topic in ("--threads", "label −1", "divided by *all* rows", "--random-teacher", "**absolute**"):
         assert topic in faq, topic
-    assert "about 1.5 minutes more the first time" in readme  # the demo's time with its first-run setup
-    for path in [*(ROOT / "softlabels").rglob("*.py"), ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
-        for ref in re.findall(r"docs/[A-Z]+\.md", path.read_text()):
+    assert "about 1.5 minutes more the first time" in (ROOT / "README.md").read_text()  # the demo with its setup
+
+
+def test_readme_is_short_shows_the_two_commands_and_indexes_every_doc():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    commands = [ln.split()[0] for ln in _readme_block("Two commands", "bash").splitlines() if ln[:1].isalpha()]
+    assert commands == ["tools/demo", "tools/test"]  # .ci/run runs tools/test
+    assert all((ROOT / c).is_file() for c in commands) and "exec tools/test" in (ROOT / ".ci" / "run").read_text()
+    index = readme[readme.index("## Documentation"):]
+    listed = re.findall(r"^\| \[docs/([A-Za-z]+\.md)\]\(docs/\1\) \| \S", index, re.M)
+    assert sorted(listed) == sorted(p.name for p in DOCS.glob("*.md")), "one row per doc in docs/"
+
+
+def test_no_dead_links_to_docs_or_tools():
+    tools = list((ROOT / "tools").rglob("*.py"))
+    for path in [*(ROOT / "softlabels").rglob("*.py"), ROOT / "README.md", *DOCS.glob("*.md"), *tools]:
+        text = path.read_text()
+        for ref in re.findall(r"docs/[A-Z]+\.md", text):
             assert (ROOT / ref).is_file(), f"{path} cites {ref}, which does not exist"
+        for ref in re.findall(r"tools/[\w/]+\.py", text):
+            assert (ROOT / ref).is_file(), f"{path} cites {ref}, which does not exist"
+        if path.parent == DOCS:  # links between the docs are relative
+            for ref in re.findall(r"\]\(([A-Z]+\.md)(?:#[\w-]+)?\)", text):
+                assert (DOCS / ref).is_file(), f"{path} links {ref}, which does not exist"
+
+
+def test_readme_library_example_runs(tmp_path, monkeypatch):
+    """README's library example, as written there, on a tiny train.npz and teacher.pt made here."""
+    from softlabels.teacher.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez("train.npz", x=rng.random((96, 64), dtype=np.float32), y=np.arange(96) % 10)
+    torch.save(build_model("mlp-large", (64,), 10).state_dict(), "teacher.pt")
+    scope: dict = {}
+    exec(_readme_block("The library in ten lines", "python"), scope)  # noqa: S102 - our own documentation
+    assert Path("logits.zarr").is_dir() and scope["loss"].ndim == 0 and torch.isfinite(scope["loss"])

@@ -89,7 +89,7 @@ def test_generate_views_from_itself_with_overwrite_is_refused(tmp_path):
 def test_absurd_views_count_is_refused_before_allocating(tmp_path):
     """`generate --views 1000000000 --augment flip` was killed by the OOM killer (no error line) and left a
     'writing' store whose view_params chunk is 16 x 1e9 floats. A claimed size must be checked before
-    anything is allocated (README: Reliability). Run in a subprocess under a 2 GiB address-space limit."""
+    anything is allocated (docs/USAGE.md: Reliability). Run in a subprocess under a 2 GiB address-space limit."""
     img = _img(tmp_path)
     out = tmp_path / "many.zarr"
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
