@@ -299,6 +299,13 @@ def test_usage_errors_are_one_error_line(elsewhere, args, reason):
     assert lines[0].endswith(" --help'") and "Usage:" not in r.output
 
 
+@pytest.mark.parametrize("spec", ["a\nb", "\x1e", "x\u2028y", "\r"])
+def test_an_error_quoting_a_line_break_stays_one_line(elsewhere, spec):
+    r = cli("generate", "--teacher", "mlp", "--random-teacher", "--data", spec, "--out", "s.h5")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert repr(spec)[1:-1] in r.stderr  # written as an escape, so the input can still be told apart
+
+
 # -- item 8: the docs say what remains a user choice; README is short and indexes them ---------------
 DOCS = ROOT / "docs"
 

@@ -55,11 +55,15 @@ class _Group(click.Group):
             raise _OneLine(_describe_os_error(err)) from None
 
 
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+"""What str.splitlines() breaks at, written as escapes: a path or spec quoted in a message stays on its line."""
+
+
 class _OneLine(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:  # one line, no traceback
-        click.echo(f"error: {self.format_message()}", err=True)
+        click.echo(f"error: {self.format_message().translate(_LINE_BREAKS)}", err=True)
 
 
 def _usage_error(err: click.UsageError) -> click.ClickException:
