@@ -202,6 +202,8 @@ def _load_hf(directory: str) -> tuple[nn.Module, str]:
         import transformers
     except Exception as err:
         _refuse_broken_dependency(directory, err)
+        if not isinstance(err, ImportError):
+            raise
         raise SpecError(f"hf:{directory} needs 'transformers', which is not installed; pip install 'softlabels[lm]'") from err
     transformers.utils.logging.disable_progress_bar()  # one-line output: no loading bars
     try:
@@ -237,8 +239,9 @@ def _broken_package(err: BaseException) -> tuple[str, BaseException] | None:
     return None
 
 
-_IMPORTERS = {"", "__main__", "importlib", "transformers", "softlabels"}
-"""Modules whose module-level code running under an import is not the broken package."""
+_IMPORTERS = {"", "__main__", "importlib", "transformers", "softlabels", "torch"}
+"""Modules whose module-level code running under an import is not the broken package (torch's own
+modules run under the import of the package that failed)."""
 
 
 def _refuse_broken_dependency(directory: str, err: BaseException) -> None:
