@@ -695,6 +695,28 @@ def _(c):
     c.mp.setitem(sys.modules, "PIL", None)  # from PIL import Image -> ImportError
     return c.gen(data=f"imagefolder:{folder}")
 
+
+@case("E1420")
+def _(c):
+    folder = image_folder(c, ("0.png", (8, 8)))
+    os.symlink(".", folder / "a" / "self")  # a loop
+    return c.gen(data=f"imagefolder:{folder}")
+
+
+@case("E1421")
+def _(c):
+    folder = image_folder(c, ("0.png", (8, 8)))
+    shutil.copyfile(folder / "a" / "0.png", c.tmp / "outside.png")
+    os.symlink(c.tmp / "outside.png", folder / "a" / "1.png")
+    return c.gen(data=f"imagefolder:{folder}")
+
+
+@case("E433")
+def _(c):  # in a process of its own, bounded by a timeout: opened, the FIFO would block forever
+    os.mkfifo(c.tmp / "pipe.npz")
+    return run_process("generate", "--teacher", "mlp", "--random-teacher", "--data", c.tmp / "pipe.npz",
+                       "--out", c.tmp / "o.h5", "--no-progress")
+
 # -- 16. compression and fine-tuning ---------------------------------------------------------------
 def _compress(c: Ctx, *extra: Any, run: Any = None):
     return c.cli("compress", run or c.env.run, "--out", c.tmp / "c", "--data", c.env.data, "--repeats", "1", *extra)

@@ -22,6 +22,7 @@ import zarr
 from torch.utils.data import Dataset
 
 from softlabels.errors import DataError
+from softlabels.inputs.files import require_regular
 
 __all__ = [
     "InputDataset", "ArrayDataset", "FileArrayDataset", "FileKind", "open_array_file",
@@ -334,6 +335,8 @@ def open_array_file(
         raise DataError(f"unsupported data file '{path}'; use a .npz, .npy, .h5/.hdf5 or .zarr file")
     if not Path(path).exists():
         raise DataError(f"data file '{path}' does not exist; check the path in --data")
+    if kind != "zarr":  # a Zarr store is a folder
+        require_regular(path)
     if kind == "npy":
         if name is not None or labels_name is not None:
             raise DataError(f"'{path}' is a .npy file holding only inputs; drop ':{name}' from the spec")

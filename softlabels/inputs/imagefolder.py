@@ -7,6 +7,10 @@ DataLoader workers), converted to RGB (or ``gray``: one channel), and with
 ``size=S`` resized so the shorter side is S and centre-cropped to S x S
 (``Resize(S)`` + ``CenterCrop(S)``); without it every image must have the first
 one's size. Items are float32 ``[C, H, W]`` in [0, 1].
+
+The scan reads regular files only and follows no link to a directory; a link to an
+image is read only when it leads to a file inside ``DIR`` (:mod:`softlabels.inputs.files`
+says why).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from softlabels.errors import DataError, SpecError
 from softlabels.inputs.arrays import InputDataset
+from softlabels.inputs.files import require_regular, scan_folder
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGEFOLDER_OPTIONS", "ImageFolderDataset", "open_imagefolder"]
 
@@ -41,15 +46,13 @@ def _scan(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     """(classes, files, labels) in torchvision ImageFolder's order."""
     if not root.is_dir():
         raise DataError(f"imagefolder directory '{root}' does not exist; check the path in --data")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())  # links too: scan_folder refuses
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        for folder, _, names in sorted(os.walk(root / name, followlinks=True)):
-            for fname in sorted(names):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(folder, fname))
-                    labels.append(label)
+        found = scan_folder(root, root / name, lambda fname: fname.lower().endswith(IMAGE_EXTENSIONS))
+        files += found
+        labels += [label] * len(found)
     if not files:
         raise DataError(f"no images in '{root}'; lay it out as {root}/<class>/<image>.png or .jpg "
                         "(one folder per class, as torchvision's ImageFolder)")
@@ -77,6 +80,7 @@ class ImageFolderDataset(InputDataset):
     def _decode(self, index: int) -> np.ndarray:
         Image = _pillow()
         path = self.files[index]
+        require_regular(path)  # again here, in the worker: the folder may have changed since the scan
         try:
             with Image.open(path) as img:
                 img = img.convert("L" if self.gray else "RGB")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import DataError, SpecError
+from softlabels.inputs.files import require_regular
 from softlabels.inputs.tokens import TokenDataset, open_token_file, pack_stream
 
 __all__ = ["load_tokenizer", "encode_text", "resolve_token_data", "train_bpe", "pydoc_topics"]
@@ -38,8 +39,9 @@ def _tokenizers() -> Any:
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file (JSON only; nothing is executed)."""
     tokenizers = _tokenizers()
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DataError(f"tokenizer file '{path}' does not exist; pass a tokenizer.json saved by 'tokenizers'")
+    require_regular(path)
     try:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust side raises plain Exception subclasses
@@ -59,8 +61,9 @@ def encode_text(text: str, tokenizer: Any) -> np.ndarray:
 
 
 def _read_text(path: str) -> str:
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DataError(f"text file '{path}' does not exist; check the path in text:FILE")
+    require_regular(path)
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -22,6 +22,7 @@ import zarr
 
 from softlabels.errors import DataError
 from softlabels.inputs.arrays import _array_names, _read_rows
+from softlabels.inputs.files import require_regular
 
 __all__ = [
     "TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
@@ -268,6 +269,8 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
         raise DataError(f"unsupported token file '{path}'; use a .npy, .npz, .h5/.hdf5 or .zarr file")
     if not Path(path).exists():
         raise DataError(f"token file '{path}' does not exist; check the path in --data")
+    if kind != "zarr":  # a Zarr store is a folder
+        require_regular(path)
     arrays: dict[str, Any]
     if kind == "npy":
         arrays = {"tokens": np.load(path, mmap_mode="r", allow_pickle=False)}
