@@ -711,6 +711,16 @@ def _(c):
     return c.gen(data=f"imagefolder:{folder}")
 
 
+@case("E1422")
+def _(c):
+    from PIL import Image
+
+    folder = image_folder(c, ("0.png", (8, 8)))
+    (folder / "a" / "0.png").unlink()
+    Image.fromarray(np.full((8, 8), 2.5, np.float32)).save(folder / "a" / "0.tiff")  # mode F
+    return c.gen(data=f"imagefolder:{folder}")
+
+
 @case("E433")
 def _(c):  # in a process of its own, bounded by a timeout: opened, the FIFO would block forever
     os.mkfifo(c.tmp / "pipe.npz")
