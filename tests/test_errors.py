@@ -1286,6 +1286,15 @@ def _hf_load_fails(c: Ctx) -> Any:
     return resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors')}")
 
 
+def _wordlevel_without_unk(c: Ctx) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0}, unk_token="[UNK]"))  # loads; fails on the first unknown word
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(c.tmp / "wordlevel.json"))
+    return c.tmp / "wordlevel.json"
+
+
 def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
     from softlabels.inputs.text import resolve_token_data, train_bpe
     from softlabels.inputs.tokens import open_token_file, pack_stream
@@ -1347,6 +1356,7 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
         "E1538": lambda c: next_token_ce(torch.zeros(2, 3, 7), ids, reduction="none"),
         "E1539": lambda c: LMEvalAccumulator().update(torch.zeros(2, 3, 7), ids, teacher_logits=torch.zeros(2, 3, 8)),
         "E1540": lambda c: LMEvalAccumulator(0),
+        "E1541": lambda c: text_data(c, "an unknown word", tokenizer=_wordlevel_without_unk(c)),
     }
 
 

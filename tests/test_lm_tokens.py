@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -246,3 +250,49 @@ def test_bad_token_data(tmp_path):
         pack_stream(np.arange(4), 0)
     with pytest.raises(IndexError):
         ds.get_batch(np.array([1]))
+
+
+# -- tokenizers that load but cannot encode (issue 20, case 10) ---------------------------------------
+def _wordlevel_without_unk(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"the": 0, "a": 1}, unk_token="[UNK]"))  # [UNK] is not in the vocabulary
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def _normalizer_beyond_the_regex_engine(path):
+    from tokenizers import Regex, Tokenizer, models, normalizers
+
+    tok = Tokenizer(models.WordLevel({"x": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Replace(Regex("(a+)+$"), "x")  # backtracks past Oniguruma's retry limit
+    tok.save(str(path))
+
+
+@pytest.mark.parametrize(("make", "text", "reason"), [
+    (_wordlevel_without_unk, "the cat sat on a mat", "WordLevel error: Missing [UNK] token"),
+    (_normalizer_beyond_the_regex_engine, "a" * 5000 + "b", "retry-limit-in-match"),
+])
+def test_a_tokenizer_that_fails_to_encode_is_one_line(tmp_path, make, text, reason):
+    """The WordLevel error (an Exception) and the regex engine's PanicException (a BaseException, with
+    a Rust panic message written straight to fd 2) both end as one error line naming the file, exit 2."""
+    pytest.importorskip("tokenizers")
+    make(tmp_path / "tok.json")
+    (tmp_path / "t.txt").write_text(text)
+    with pytest.raises(DataError, match=rf"tokenizer '.*tok.json' cannot encode text file '.*t.txt' \(.*{re.escape(reason)}"):
+        resolve_token_data(f"text:{tmp_path / 't.txt'}", tokenizer=tmp_path / "tok.json", seq_len=4)
+    p = subprocess.run([sys.executable, "-m", "softlabels", "generate", "--teacher", "gpt-tiny", "--random-teacher",
+                        "--data", f"text:{tmp_path / 't.txt'}", "--tokenizer", str(tmp_path / "tok.json"),
+                        "--seq-len", "4", "--out", str(tmp_path / "s.h5"), "--no-progress"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"error: tokenizer '{tmp_path / 'tok.json'}' cannot encode") and reason in p.stderr
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_encoding_keeps_other_output_on_stderr(capfd):
+    """What a tokenizer writes to fd 2 while encoding well is passed on, not swallowed."""
+    tok = train_bpe("some text to learn from", 260)
+    os.write(2, b"before\n")
+    assert encode_text("some text", tok).size > 0
+    assert capfd.readouterr().err == "before\n"
