@@ -1326,7 +1326,6 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
         "E1508": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5), offsets=[0, 2, 2, 5])),
         "E1509": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5), offsets=[0, 5], mask=np.ones(4))),
         "E1510": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5))),
-        "E1511": lambda c: resolve_token_data(_token_npz(c, tokens=np.zeros((2, 3), np.int64)), seq_len=3),
         "E1512": lambda c: resolve_token_data(_token_npz(c, tokens=np.array([[3, -2]], np.int16))).get_batch([0]),
         "E1513": lambda c: resolve_token_data(_token_npz(c, tokens=np.zeros((2, 3), np.int64)))[2],
         "E1514": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5)), seq_len=0),

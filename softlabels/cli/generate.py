@@ -70,7 +70,8 @@ from softlabels.teacher.config import (
 @click.option("--no-progress", is_flag=True,
               help="No progress at all (without it: a bar on a terminal, else a line every 30 s).")
 @click.option("--seq-len", type=int,
-              help="Token data: cut text:FILE or a flat token stream into windows of this many tokens.")
+              help="Token data: cut text:FILE or a flat token stream into windows of this many tokens, and each "
+                   "sequence (a packed row, say) into windows of at most this many; none crosses two sequences.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False),
               help="Token data: the tokenizer.json of text:FILE (and the vocabulary of a built-in LM teacher).")
 def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,

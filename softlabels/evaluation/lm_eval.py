@@ -68,7 +68,8 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
     ckpt_path = find_checkpoint(checkpoint)
     config = load_checkpoint(ckpt_path)["config"]
     model = _student(ckpt_path, config, student, dev)
-    seq_len = (config.get("seq_len") or int(config["input_shape"][0])) if data_spec.startswith("text:") else None
+    # the run's windows: its --seq-len (text, a stream, re-windowed rows), or for text its context
+    seq_len = config.get("seq_len") or (int(config["input_shape"][0]) if data_spec.startswith("text:") else None)
     data = resolve_token_data(data_spec, tokenizer=config.get("tokenizer"), seq_len=seq_len)
     acc = LMEvalAccumulator()
     teacher = {"n": 0, "agree": 0.0, "kl": 0.0, "estimate": 0.0}

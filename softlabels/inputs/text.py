@@ -5,6 +5,7 @@ Token data spec grammar::
 
     PATH.npy                              int [N, L] packed sequences, or a 1-D stream (needs seq_len)
     PATH.npz | PATH.h5 | PATH.zarr        arrays 'tokens' (+ 'offsets' [N + 1] if ragged, + optional 'mask')
+                                          (with seq_len, each sequence is cut into windows of at most seq_len)
     text:PATH                             UTF-8 text, tokenized with `tokenizer`, cut into seq_len windows
 """
 
@@ -126,7 +127,8 @@ def resolve_token_data(
 
     ``tokenizer`` (a tokenizer.json) is needed by ``text:`` specs and sets the data's
     ``vocab_size`` for any spec; ``seq_len`` cuts a text or a 1-D token stream into
-    windows of that length (and is refused for data that already holds sequences).
+    windows of that length, and each sequence of data that holds them into windows of at
+    most that length (none crossing two sequences).
     """
     if spec.startswith("text:"):
         path = spec.removeprefix("text:")
