@@ -802,7 +802,7 @@ CASES.update({
     "E1418": lambda c: c.gen("--views", "2", "--augment", "flip"),  # flat 6-vectors, no images
     "E1700": lambda c: c.gen("--views", "2"),
     "E1701": lambda c: c.gen("--augment", "flip"),
-    "E1702": lambda c: c.gen("--layout", "sampled"),
+    "E1702": lambda c: c.gen("--layout", "sampled", "--samples", "0"),
     "E1703": lambda c: c.gen("--samples", "4"),
     "E1704": lambda c: c.gen("--format", "1", "--layout", "sampled", "--samples", "4"),
     "E1705": lambda c: c.gen("--views", "0", "--augment", "flip"),

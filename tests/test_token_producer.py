@@ -436,3 +436,21 @@ def test_packed_rows_with_seq_len_generate_and_train(tmp_path, seq_len):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["sequences"] == 5 * windows  # evaluated on the run's windows
 
+
+
+def test_sampled_layout_defaults_to_12_draws(tmp_path):
+    """Anshumann et al. found S = 12 draws enough: --layout sampled without --samples stores S = 12."""
+    from softlabels.teacher.config import DEFAULT_SAMPLES
+    from tests.conftest import read_plain, run_cli
+
+    data = _npz(tmp_path, [4, 6], 20)
+    out = tmp_path / "s.zarr"
+    r = run_cli("generate", "--teacher", "gpt-tiny", "--random-teacher", "--data", str(data), "--num-classes", "20",
+                "--layout", "sampled", "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    _, attrs = read_plain(out)
+    assert DEFAULT_SAMPLES == 12 and attrs["layout_params"]["samples"] == 12
+    assert GenerateConfig(teacher="gpt-tiny", data=str(data), out=out, layout="sampled").samples == 12
+    assert GenerateConfig(teacher="gpt-tiny", data=str(data), out=out, layout="dense").samples is None
+    help_text = run_cli("generate", "--help").output
+    assert "default: 12" in " ".join(help_text.split())
