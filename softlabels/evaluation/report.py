@@ -32,7 +32,8 @@ from typing import Any
 
 from softlabels.errors import ConfigError, RunNotFound, SoftLabelsError
 from softlabels.evaluation.config import REPORT_FORMATS
-from softlabels.student.checkpoint import CHECKPOINT, METRICS, SUMMARY, read_metrics
+from softlabels._runtime.paths import out_overlaps
+from softlabels.student.checkpoint import CHECKPOINT, METRICS, RUN_FILES, SUMMARY, read_metrics
 
 __all__ = [
     "FORMATS", "PLOT_DPI", "ModelRun", "build_report", "compute_reliability", "find_models", "plot_size",
@@ -411,6 +412,9 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, fmt: str
     out_path = Path(out) if out is not None else Path(run_dir) / f"report.{fmt}"
     if out_path.is_dir():
         raise ConfigError(f"--out {str(out_path)!r} is a directory; pass a file name such as report.{fmt}")
+    reads = [Path(run_dir) / RESULTS, *(m.dir / name for m in models if m.dir for name in (*RUN_FILES, EVAL))]
+    if clash := out_overlaps(out_path, [("RUN_DIR file", str(path)) for path in reads]):
+        raise ConfigError(clash)  # the report would replace a file it reads (model.pt, metrics.jsonl, ...)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stem = out_path.stem
     plots: list[tuple[str, str, str]] = []
