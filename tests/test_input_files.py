@@ -30,25 +30,26 @@ ROOT = Path(__file__).resolve().parents[1]
 _RESOLVE = """
 import json, sys
 from softlabels.errors import SoftLabelsError
-kind, spec, tokenizer, seq_len = json.loads(sys.argv[1])
-try:
-    if kind == "data":
-        from softlabels.inputs.spec import resolve_data
-        ds = resolve_data(spec)
-        print(json.dumps({"ok": len(ds), "files": getattr(ds, "files", None)}))
-    else:
-        from softlabels.inputs.text import resolve_token_data
-        print(json.dumps({"ok": len(resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len))}))
-except SoftLabelsError as err:
-    print(json.dumps({"error": type(err).__name__, "message": str(err)}))
+results = []
+for kind, spec, tokenizer, seq_len in json.loads(sys.argv[1]):
+    try:
+        if kind == "data":
+            from softlabels.inputs.spec import resolve_data
+            ds = resolve_data(spec)
+            results.append({"ok": len(ds), "files": getattr(ds, "files", None)})
+        else:
+            from softlabels.inputs.text import resolve_token_data
+            results.append({"ok": len(resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len))})
+    except SoftLabelsError as err:
+        results.append({"error": type(err).__name__, "message": str(err)})
+print(json.dumps(results))
 """
 
 
-def resolve(kind: str, spec: str, tokenizer: str | None = None, seq_len: int | None = None, *,
-            isolate: bool = True) -> dict:
-    """Resolve a data (or token data) spec: in a fresh process bounded by a timeout where today's
-    code could hang (``isolate``), else here."""
-    args = json.dumps([kind, spec, tokenizer, seq_len])
+def resolve_all(cases: list[tuple], *, isolate: bool = True) -> list[dict]:
+    """Resolve data (or token data) specs, ``(kind, spec, tokenizer, seq_len)`` each: in one fresh
+    process bounded by a timeout where today's code could hang (``isolate``), else here."""
+    args = json.dumps([list(case) + [None] * (4 - len(case)) for case in cases])
     if not isolate:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), mock.patch.object(sys, "argv", ["-c", args]):
@@ -57,6 +58,11 @@ def resolve(kind: str, spec: str, tokenizer: str | None = None, seq_len: int | N
     p = subprocess.run([sys.executable, "-c", _RESOLVE, args], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     return json.loads(p.stdout)
+
+
+def resolve(kind: str, spec: str, tokenizer: str | None = None, seq_len: int | None = None, *,
+            isolate: bool = True) -> dict:
+    return resolve_all([(kind, spec, tokenizer, seq_len)], isolate=isolate)[0]
 
 
 def refused(result: dict, *needles: str) -> str:
@@ -188,17 +194,18 @@ def test_data_and_token_files_must_be_regular(tmp_path):
     from softlabels.inputs.text import train_bpe
 
     train_bpe("some text to learn", 260).save(tok)
-    for name in ("x.npz", "x.npy", "x.h5"):
-        fifo = _fifo(tmp_path / name)
-        refused(resolve("data", str(fifo)), f"'{fifo}' is a FIFO, not a regular file")
-        refused(resolve("tokens", str(fifo)), f"'{fifo}' is a FIFO, not a regular file")
-    refused(resolve("data", f"{tmp_path / 'x.h5'}:x,y"), "is a FIFO")
-    text = _fifo(tmp_path / "t.txt")
-    refused(resolve("tokens", f"text:{text}", tok, 4), f"'{text}' is a FIFO, not a regular file")
     (tmp_path / "real.txt").write_text("some text")
-    fifo_tok = _fifo(tmp_path / "fifo.json")
-    refused(resolve("tokens", f"text:{tmp_path / 'real.txt'}", str(fifo_tok), 4), f"'{fifo_tok}' is a FIFO")
-    refused(resolve("tokens", f"text:{tmp_path}", tok, 4), f"'{tmp_path}' is a directory")
+    fifos = [_fifo(tmp_path / name) for name in ("x.npz", "x.npy", "x.h5", "t.txt", "fifo.json")]
+    cases = {  # (kind, spec, tokenizer, seq_len): what the one line names
+        **{("data", str(f)): f"'{f}' is a FIFO, not a regular file" for f in fifos[:3]},
+        **{("tokens", str(f)): f"'{f}' is a FIFO, not a regular file" for f in fifos[:3]},
+        ("data", f"{fifos[2]}:x,y"): f"'{fifos[2]}' is a FIFO",
+        ("tokens", f"text:{fifos[3]}", tok, 4): f"'{fifos[3]}' is a FIFO, not a regular file",
+        ("tokens", f"text:{tmp_path / 'real.txt'}", str(fifos[4]), 4): f"'{fifos[4]}' is a FIFO",
+        ("tokens", f"text:{tmp_path}", tok, 4): f"'{tmp_path}' is a directory, not a regular file",
+    }
+    for result, needle in zip(resolve_all(list(cases)), cases.values()):
+        refused(result, needle)
 
 
 def test_links_to_regular_files_named_on_the_command_line_are_followed(tmp_path):

@@ -98,8 +98,8 @@ class ImageFolderDataset(InputDataset):
     def _decode(self, index: int) -> np.ndarray:
         Image = _pillow()
         path = self.files[index]
-        require_regular(path)  # again here, in the worker: the folder may have changed since the scan
         try:
+            require_regular(path)  # again here, in the worker: the folder may have changed since the scan
             with Image.open(path) as img:
                 img, full_scale = _convert(img, self.gray, path)
                 if self.size is not None:
