@@ -134,3 +134,34 @@ def test_console_script_runs_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(tmp_path / "x.h5")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: no store at") and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [["inspect", "{store}"], ["inspect", "{store}", "--json", "--verify"], ["--help"]])
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path, args):
+    """`softlabels inspect STORE | head -1`: the reader leaves early; that is no error (no line on stderr)."""
+    store = write_store(tmp_path / "s.h5", make_rows(30, 5), num_classes=5, chunk_rows=8)
+    argv = [a.format(store=store) for a in args]
+    proc = subprocess.Popen([sys.executable, "-m", "softlabels", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert err.decode() == "" and proc.returncode == 1, err.decode()
+    shell = subprocess.run(f"{sys.executable} -m softlabels {' '.join(argv)} | head -c 1", shell=True,
+                           capture_output=True, text=True, timeout=120)
+    assert shell.stderr == "" and len(shell.stdout) == 1, shell.stderr
+
+
+def test_a_broken_pipe_of_our_own_is_still_an_error(tmp_path):
+    """Only a closed stdout ends quietly: a BrokenPipeError from elsewhere (a worker's pipe) is one error line."""
+    code = ("import sys, softlabels.store.summary as s\n"
+            "def summarize(*a, **k): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "s.summarize = summarize\n"
+            "from softlabels.cli import main\n"
+            "sys.argv = ['softlabels', 'inspect', 'x.h5']\n"
+            "main()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("error: Broken pipe;") and len(p.stderr.splitlines()) == 1, \
+        p.stderr

@@ -696,6 +696,38 @@ def _(c):
     c.mp.setitem(sys.modules, "PIL", None)  # from PIL import Image -> ImportError
     return c.gen(data=f"imagefolder:{folder}")
 
+
+@case("E1420")
+def _(c):
+    folder = image_folder(c, ("0.png", (8, 8)))
+    os.symlink(".", folder / "a" / "self")  # a loop
+    return c.gen(data=f"imagefolder:{folder}")
+
+
+@case("E1421")
+def _(c):
+    folder = image_folder(c, ("0.png", (8, 8)))
+    shutil.copyfile(folder / "a" / "0.png", c.tmp / "outside.png")
+    os.symlink(c.tmp / "outside.png", folder / "a" / "1.png")
+    return c.gen(data=f"imagefolder:{folder}")
+
+
+@case("E1422")
+def _(c):
+    from PIL import Image
+
+    folder = image_folder(c, ("0.png", (8, 8)))
+    (folder / "a" / "0.png").unlink()
+    Image.fromarray(np.full((8, 8), 2.5, np.float32)).save(folder / "a" / "0.tiff")  # mode F
+    return c.gen(data=f"imagefolder:{folder}")
+
+
+@case("E433")
+def _(c):  # in a process of its own, bounded by a timeout: opened, the FIFO would block forever
+    os.mkfifo(c.tmp / "pipe.npz")
+    return run_process("generate", "--teacher", "mlp", "--random-teacher", "--data", c.tmp / "pipe.npz",
+                       "--out", c.tmp / "o.h5", "--no-progress")
+
 # -- 16. compression and fine-tuning ---------------------------------------------------------------
 def _compress(c: Ctx, *extra: Any, run: Any = None):
     return c.cli("compress", run or c.env.run, "--out", c.tmp / "c", "--data", c.env.data, "--repeats", "1", *extra)
@@ -771,7 +803,7 @@ CASES.update({
     "E1418": lambda c: c.gen("--views", "2", "--augment", "flip"),  # flat 6-vectors, no images
     "E1700": lambda c: c.gen("--views", "2"),
     "E1701": lambda c: c.gen("--augment", "flip"),
-    "E1702": lambda c: c.gen("--layout", "sampled"),
+    "E1702": lambda c: c.gen("--layout", "sampled", "--samples", "0"),
     "E1703": lambda c: c.gen("--samples", "4"),
     "E1704": lambda c: c.gen("--format", "1", "--layout", "sampled", "--samples", "4"),
     "E1705": lambda c: c.gen("--views", "0", "--augment", "flip"),
@@ -1253,6 +1285,15 @@ def _hf_load_fails(c: Ctx) -> Any:
     return resolve_lm(f"hf:{d}")
 
 
+def _wordlevel_without_unk(c: Ctx) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0}, unk_token="[UNK]"))  # loads; fails on the first unknown word
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(c.tmp / "wordlevel.json"))
+    return c.tmp / "wordlevel.json"
+
+
 def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
     from softlabels.inputs.text import resolve_token_data, train_bpe
     from softlabels.inputs.tokens import open_token_file, pack_stream
@@ -1284,7 +1325,6 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
         "E1508": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5), offsets=[0, 2, 2, 5])),
         "E1509": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5), offsets=[0, 5], mask=np.ones(4))),
         "E1510": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5))),
-        "E1511": lambda c: resolve_token_data(_token_npz(c, tokens=np.zeros((2, 3), np.int64)), seq_len=3),
         "E1512": lambda c: resolve_token_data(_token_npz(c, tokens=np.array([[3, -2]], np.int16))).get_batch([0]),
         "E1513": lambda c: resolve_token_data(_token_npz(c, tokens=np.zeros((2, 3), np.int64)))[2],
         "E1514": lambda c: resolve_token_data(_token_npz(c, tokens=np.arange(5)), seq_len=0),
@@ -1314,6 +1354,7 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
         "E1538": lambda c: next_token_ce(torch.zeros(2, 3, 7), ids, reduction="none"),
         "E1539": lambda c: LMEvalAccumulator().update(torch.zeros(2, 3, 7), ids, teacher_logits=torch.zeros(2, 3, 8)),
         "E1540": lambda c: LMEvalAccumulator(0),
+        "E1542": lambda c: text_data(c, "an unknown word", tokenizer=_wordlevel_without_unk(c)),
     }
 
 

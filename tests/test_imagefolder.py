@@ -7,6 +7,7 @@ indexing, Pillow's resize) everywhere, and against torchvision where ``import to
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,129 @@ def test_generate_and_train_on_an_imagefolder(digits_dir, tmp_path):
     r = run_cli("train", "--student", "cnn", "--store", str(store), "--epochs", "1", "--batch-size", "32",
                 "--no-progress", "--out", str(tmp_path / "run"))
     assert r.exit_code == 0, r.output
+
+
+# -- pixel modes: every mode to float32 [0, 1], checked against a direct formula ---------------------
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """Pillow's RGB -> L (ITU-R 601-2 luma, in its fixed-point form)."""
+    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    return (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+
+
+def _cmyk_to_rgb(cmyk: np.ndarray) -> np.ndarray:
+    """Pillow's CMYK -> RGB (no colour profile): (255 - K) - C (255 - K) / 255, rounded as Pillow does."""
+    c = cmyk.astype(np.int64)
+    nk = 255 - c[..., 3:]
+    t = c[..., :3] * nk + 128
+    return np.clip(nk - (((t >> 8) + t) >> 8), 0, 255)
+
+
+def _single_image(tmp_path: Path, img, name: str) -> tuple[Path, str]:
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    img.save(root / "a" / name)
+    with Image.open(root / "a" / name) as check:
+        mode = check.mode
+    return root, mode
+
+
+def _read(root: Path, *options: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Pillow warning reaches the user's terminal either
+        spec = f"imagefolder:{root}" + (f"?{','.join(options)}" if options else "")
+        return resolve_data(spec)[0][0].numpy()
+
+
+@pytest.mark.parametrize(("mode", "dtype", "name"), [("I;16", "<u2", "0.png"), ("I;16B", ">u2", "0.tiff"),
+                                                     ("I", "<i4", "0.tiff")])
+def test_16_bit_images_are_scaled_not_clipped(tmp_path, mode, dtype, name):
+    """A 16-bit PNG became all white (a plain RGB conversion clips it); value v is v / 65535, exactly."""
+    v = (np.arange(48).reshape(6, 8) * 1361).astype(np.uint16)
+    v[0, :2] = 0, 65535
+    root, opened = _single_image(tmp_path, Image.fromarray(v.astype(dtype)), name)
+    assert opened == mode
+    want = v.astype(np.float32) / np.float32(65535)
+    assert np.array_equal(_read(root, "gray"), want[None])
+    assert np.array_equal(_read(root), np.repeat(want[None], 3, axis=0))
+
+
+def test_16_bit_images_resize_in_floating_point(tmp_path):
+    root, _ = _single_image(tmp_path, Image.fromarray(np.full((10, 14), 40_000, np.uint16)), "0.png")
+    assert np.array_equal(_read(root, "size=6", "gray"), np.full((1, 6, 6), np.float32(40_000) / np.float32(65535)))
+    ramp = np.linspace(0, 65535, 20 * 30).reshape(20, 30).astype(np.uint16)
+    (root / "a" / "0.png").unlink()
+    Image.fromarray(ramp).save(root / "a" / "0.png")
+    x = _read(root, "size=8")
+    assert x.shape == (3, 8, 8) and 0 <= x.min() < 0.3 < 0.7 < x.max() <= 1  # a ramp, not white
+
+
+def _eight_bit_cases():
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (6, 8, 4), dtype=np.uint8)
+    gray = rng.integers(0, 256, (6, 8), dtype=np.uint8)
+    bits = rng.integers(0, 2, (6, 8)).astype(bool)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (6, 8), dtype=np.uint8)
+    cmyk = rng.integers(0, 256, (6, 8, 4), dtype=np.uint8)
+
+    def pal(transparent: bool):
+        img = Image.fromarray(index, mode="L").convert("P")
+        img.putpalette(palette.reshape(-1).tolist())
+        if transparent:
+            img.info["transparency"] = bytes(rng.integers(0, 256, 256, dtype=np.uint8))
+        return img
+
+    return {  # name: (image, file name, its RGB as uint8 [H, W, 3], or None when gray is the source)
+        "1": (Image.fromarray(bits), "0.png", np.repeat(bits[..., None] * np.uint8(255), 3, -1)),
+        "L": (Image.fromarray(gray), "0.png", np.repeat(gray[..., None], 3, -1)),
+        "P": (pal(False), "0.png", palette[index]),
+        "P+transparency": (pal(True), "0.png", palette[index]),  # alpha dropped
+        "RGB": (Image.fromarray(rgb), "0.png", rgb),
+        "RGBA": (Image.fromarray(rgba), "0.png", rgba[..., :3]),  # alpha dropped, as torchvision's loader does
+        "LA": (Image.merge("LA", [Image.fromarray(gray), Image.fromarray(gray[::-1])]), "0.png",
+               np.repeat(gray[..., None], 3, -1)),  # alpha dropped
+        "CMYK": (Image.frombytes("CMYK", (8, 6), cmyk.tobytes()), "0.tiff", _cmyk_to_rgb(cmyk)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_eight_bit_cases()))
+def test_eight_bit_modes_convert_as_documented(tmp_path, case):
+    img, name, rgb = _eight_bit_cases()[case]
+    root, opened = _single_image(tmp_path, img, name)
+    assert opened == case.partition("+")[0]
+    want = rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    assert np.array_equal(_read(root), want)
+    gray_source = case in ("1", "L", "LA")
+    luma = rgb[..., 0] if gray_source else _luma(rgb)
+    assert np.array_equal(_read(root, "gray"), luma[None].astype(np.float32) / np.float32(255))
+
+
+@pytest.mark.parametrize(("img", "detail"), [
+    (lambda: Image.fromarray(np.array([[-5, 70_000]], np.int32)), "32-bit integers from -5 to 70000"),
+    (lambda: Image.fromarray(np.array([[0.0, 2.5]], np.float32)), "floating point"),
+])
+def test_pixels_without_a_known_range_are_refused(tmp_path, img, detail):
+    root, _ = _single_image(tmp_path, img(), "0.tiff")
+    with pytest.raises(DataError, match=f"image '.*0.tiff' has mode . pixels \\({detail}\\), which map to "
+                                        r"\[0, 1\] in no known way; save it with 8 or 16 bits per channel"):
+        resolve_data(f"imagefolder:{root}")
+
+
+def test_16_bit_rgb_keeps_its_top_8_bits(tmp_path):
+    """Pillow has no 48-bit RGB mode: such a PNG reads as RGB of each value's high byte (as documented)."""
+    import struct
+    import zlib
+
+    v = np.random.default_rng(4).integers(0, 65536, (5, 7, 3)).astype(">u2")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + row.tobytes() for row in v)  # filter 0 on each row
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 7, 5, 16, 2, 0, 0, 0))
+                                       + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    want = (v >> 8).astype(np.float32).transpose(2, 0, 1) / np.float32(255)
+    assert np.array_equal(_read(root), want)

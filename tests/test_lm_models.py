@@ -148,3 +148,27 @@ def test_hf_refuses_pickled_weights_and_non_model_dirs(gpt2_dir, tmp_path):
     (path / "broken.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(SpecError, match=f"cannot load hf:{path}"):
         resolve_lm(f"hf:{path}")
+
+
+_LOAD_HF = """
+import logging, sys
+from softlabels.teacher.lm import resolve_lm
+info = resolve_lm("hf:" + sys.argv[1])
+print(info.vocab_size)
+# the filter lived only while the model loaded: torch's own record of it still reaches stderr afterwards
+logging.getLogger("torch.utils._pytree").warning("later: register_constant() on an Enum")
+"""
+
+
+def test_loading_an_hf_model_prints_no_pytree_deprecation(gpt2_dir):
+    """transformers' lazy imports (torchao's Enums) made torch log a `register_constant()` deprecation on every
+    hf: load; it is hidden while softlabels loads the model, and only then (a fresh process: logged once)."""
+    import subprocess
+    from pathlib import Path
+
+    path, _ = gpt2_dir
+    p = subprocess.run([sys.executable, "-c", _LOAD_HF, str(path)], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0 and p.stdout.strip() == str(V), p.stderr
+    lines = [line for line in p.stderr.splitlines() if "register_constant()" in line]
+    assert len(lines) == 1 and "later: register_constant() on an Enum" in lines[0], p.stderr

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -160,9 +164,58 @@ def test_stream_is_cut_into_windows(tmp_path):
     np.savez(tmp_path / "m.npz", tokens=stream, mask=mask)  # a masked stream: the mask is cut alike
     batch = resolve_token_data(str(tmp_path / "m.npz"), seq_len=5).get_batch(np.arange(5))
     np.testing.assert_array_equal(batch.mask.numpy()[batch.valid.numpy()], mask)
-    np.save(tmp_path / "p.npy", stream[:20].reshape(4, 5))
-    with pytest.raises(DataError, match="already holds sequences"):
-        resolve_token_data(str(tmp_path / "p.npy"), seq_len=5)
+
+
+def _windows(seqs: list[np.ndarray], s: int) -> list[np.ndarray]:
+    """Each sequence cut into windows of at most ``s``, by a plain loop: no window crosses two sequences."""
+    return [seq[i:i + s] for seq in seqs for i in range(0, len(seq), s)]
+
+
+@pytest.mark.parametrize("kind", [".npy", ".npz", ".h5", ".zarr"])
+def test_seq_len_rewindows_packed_rows_never_across_rows(tmp_path, kind):
+    """A packed [N, L] file with --seq-len: L is the rows as they are; another S cuts each row (a document)."""
+    rng = np.random.default_rng(7)
+    rows = rng.integers(0, 1000, (6, 10)).astype(np.int32)
+    mask = rng.random((6, 10)) < 0.7
+    path = str(tmp_path / f"p{kind}")
+    if kind == ".npy":
+        np.save(path, rows)
+        mask = np.ones_like(mask)
+    elif kind == ".npz":
+        np.savez(path, tokens=rows, mask=mask)
+    elif kind == ".h5":
+        with h5py.File(path, "w") as f:
+            f["tokens"], f["mask"] = rows, mask
+    else:
+        g = zarr.open_group(path, mode="w")
+        g.create_array("tokens", data=rows)
+        g.create_array("mask", data=mask)
+    whole = resolve_token_data(path)
+    same = resolve_token_data(path, seq_len=10)
+    assert token_fingerprint(same) == token_fingerprint(whole)
+    for s in (10, 5, 4, 3, 1, 16):
+        ds = resolve_token_data(path, seq_len=s)
+        want = _windows(list(rows), s)
+        want_mask = _windows(list(mask), s)
+        np.testing.assert_array_equal(ds.lengths(), [len(w) for w in want])
+        order = rng.permutation(len(ds))
+        batch = ds.get_batch(order)
+        for b, i in enumerate(order):
+            n = len(want[i])
+            np.testing.assert_array_equal(batch.ids.numpy()[b, :n], want[i])
+            np.testing.assert_array_equal(batch.mask.numpy()[b, :n], want_mask[i])
+        assert pickle.loads(pickle.dumps(ds)).get_batch(order[:3]).ids.equal(batch.ids[:3])
+
+
+def test_seq_len_rewindows_ragged_sequences(tmp_path):
+    seqs = [np.arange(7), np.arange(100, 102), np.arange(200, 209)]
+    np.savez(tmp_path / "r.npz", tokens=np.concatenate(seqs), offsets=offsets_of(np.array([7, 2, 9])))
+    ds = resolve_token_data(str(tmp_path / "r.npz"), seq_len=4)
+    want = _windows(seqs, 4)
+    np.testing.assert_array_equal(ds.lengths(), [4, 3, 2, 4, 4, 1])
+    batch = ds.get_batch(np.arange(len(ds)))
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(batch.ids.numpy()[i, :len(w)], w)
 
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Über naïve café — ✓ done.\n"
@@ -246,3 +299,49 @@ def test_bad_token_data(tmp_path):
         pack_stream(np.arange(4), 0)
     with pytest.raises(IndexError):
         ds.get_batch(np.array([1]))
+
+
+# -- tokenizers that load but cannot encode (issue 20, case 10) ---------------------------------------
+def _wordlevel_without_unk(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"the": 0, "a": 1}, unk_token="[UNK]"))  # [UNK] is not in the vocabulary
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def _normalizer_beyond_the_regex_engine(path):
+    from tokenizers import Regex, Tokenizer, models, normalizers
+
+    tok = Tokenizer(models.WordLevel({"x": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Replace(Regex("(a+)+$"), "x")  # backtracks past Oniguruma's retry limit
+    tok.save(str(path))
+
+
+@pytest.mark.parametrize(("make", "text", "reason"), [
+    (_wordlevel_without_unk, "the cat sat on a mat", "WordLevel error: Missing [UNK] token"),
+    (_normalizer_beyond_the_regex_engine, "a" * 5000 + "b", "retry-limit-in-match"),
+])
+def test_a_tokenizer_that_fails_to_encode_is_one_line(tmp_path, make, text, reason):
+    """The WordLevel error (an Exception) and the regex engine's PanicException (a BaseException, with
+    a Rust panic message written straight to fd 2) both end as one error line naming the file, exit 2."""
+    pytest.importorskip("tokenizers")
+    make(tmp_path / "tok.json")
+    (tmp_path / "t.txt").write_text(text)
+    with pytest.raises(DataError, match=rf"tokenizer '.*tok.json' cannot encode text file '.*t.txt' \(.*{re.escape(reason)}"):
+        resolve_token_data(f"text:{tmp_path / 't.txt'}", tokenizer=tmp_path / "tok.json", seq_len=4)
+    p = subprocess.run([sys.executable, "-m", "softlabels", "generate", "--teacher", "gpt-tiny", "--random-teacher",
+                        "--data", f"text:{tmp_path / 't.txt'}", "--tokenizer", str(tmp_path / "tok.json"),
+                        "--seq-len", "4", "--out", str(tmp_path / "s.h5"), "--no-progress"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"error: tokenizer '{tmp_path / 'tok.json'}' cannot encode") and reason in p.stderr
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_encoding_keeps_other_output_on_stderr(capfd):
+    """What a tokenizer writes to fd 2 while encoding well is passed on, not swallowed."""
+    tok = train_bpe("some text to learn from", 260)
+    os.write(2, b"before\n")
+    assert encode_text("some text", tok).size > 0
+    assert capfd.readouterr().err == "before\n"

@@ -154,3 +154,23 @@ def test_directory_without_runs_is_a_one_line_error(tmp_path: Path):
 def test_missing_matplotlib_says_how_to_install_it(demo_run: Path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert_one_line_error(run_cli("report", str(demo_run)), "pip install 'softlabels[demo]'")
+
+
+@pytest.mark.parametrize("name", ["model.pt", "metrics.jsonl", "checkpoint.pt", "summary.json", "eval.json",
+                                  "../results.json"])
+def test_out_may_not_be_a_file_the_report_reads(demo_run: Path, name: str):
+    """`report RUN --out RUN/model.pt` overwrote the run's weights with Markdown, exit 0 (issue 20, case 1)."""
+    target = demo_run / "b_kd" / name
+    (demo_run / "b_kd" / "model.pt").write_bytes(b"weights")
+    before = target.read_bytes() if target.exists() else None
+    result = run_cli("report", str(demo_run), "--out", str(target))
+    assert_one_line_error(result, f"--out '{target}' is the input RUN_DIR file", "choose another --out")
+    assert (target.read_bytes() if target.exists() else None) == before
+    assert not list(demo_run.rglob("*.png"))  # refused before anything was drawn
+
+
+@needs_mpl
+def test_out_beside_the_run_files_is_fine(demo_run: Path):
+    result = run_cli("report", str(demo_run), "--out", str(demo_run / "b_kd" / "notes.md"))
+    assert result.exit_code == 0, result.output
+    assert (demo_run / "b_kd" / "notes-curves.png").is_file()

@@ -9,6 +9,7 @@ references are computed independently: the teacher called on one sequence at a t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -410,3 +411,46 @@ def test_generate_cli_writes_what_the_producer_yields(tmp_path, backend):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     again = run_cli(*args)
     assert again.exit_code == 0 and "already complete" in again.output
+
+
+@pytest.mark.parametrize("seq_len", [8, 3])
+def test_packed_rows_with_seq_len_generate_and_train(tmp_path, seq_len):
+    """A packed [N, L] .npy with an LM teacher and --seq-len (issue 20, case 15): L is the rows as they are,
+    another S re-windows each row; train then rebuilds the same windows from the store's record."""
+    from tests.conftest import read_plain, run_cli
+
+    rows = np.random.default_rng(0).integers(0, 30, (5, 8))
+    np.save(tmp_path / "p.npy", rows)
+    out = tmp_path / f"s{seq_len}.h5"
+    r = run_cli("generate", "--teacher", "gpt-tiny", "--random-teacher", "--data", str(tmp_path / "p.npy"),
+                "--num-classes", "30", "--seq-len", str(seq_len), "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    arrays, attrs = read_plain(out)
+    windows = -(-8 // seq_len)
+    want = [8] * 5 if seq_len == 8 else [3, 3, 2] * 5
+    assert attrs["num_samples"] == 5 * windows and arrays["lengths"].tolist() == want
+    r = run_cli("train", "--student", "gpt-tiny", "--store", str(out), "--epochs", "1", "--batch-size", "4",
+                "--no-progress", "--out", str(tmp_path / f"run{seq_len}"))  # windows from the store's record
+    assert r.exit_code == 0, r.output
+    r = run_cli("eval", "--checkpoint", str(tmp_path / f"run{seq_len}"), "--data", str(tmp_path / "p.npy"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["sequences"] == 5 * windows  # evaluated on the run's windows
+
+
+
+def test_sampled_layout_defaults_to_12_draws(tmp_path):
+    """Anshumann et al. found S = 12 draws enough: --layout sampled without --samples stores S = 12."""
+    from softlabels.teacher.config import DEFAULT_SAMPLES
+    from tests.conftest import read_plain, run_cli
+
+    data = _npz(tmp_path, [4, 6], 20)
+    out = tmp_path / "s.zarr"
+    r = run_cli("generate", "--teacher", "gpt-tiny", "--random-teacher", "--data", str(data), "--num-classes", "20",
+                "--layout", "sampled", "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    _, attrs = read_plain(out)
+    assert DEFAULT_SAMPLES == 12 and attrs["layout_params"]["samples"] == 12
+    assert GenerateConfig(teacher="gpt-tiny", data=str(data), out=out, layout="sampled").samples == 12
+    assert GenerateConfig(teacher="gpt-tiny", data=str(data), out=out, layout="dense").samples is None
+    help_text = run_cli("generate", "--help").output
+    assert "default: 12" in " ".join(help_text.split())

@@ -2,7 +2,8 @@
 
 Each command lives in its own module and only parses options, calls the library
 and prints. Library errors, and click's own usage errors, become one-line messages
-and exit status 2; nothing deliberate ever reaches the user as a traceback.
+and exit status 2; nothing deliberate ever reaches the user as a traceback. A reader
+that closes our stdout early (``| head``) ends the command quietly, with status 1.
 
 The command modules import nothing heavy at import time (options, defaults and
 choices come from :mod:`softlabels.config`): ``softlabels --help`` and
@@ -12,6 +13,8 @@ choices come from :mod:`softlabels.config`): ``softlabels --help`` and
 from __future__ import annotations
 
 import logging
+import os
+import select
 import sys
 
 import click
@@ -43,7 +46,13 @@ class _Group(click.Group):
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         try:
             with stop_signals_as_ctrl_c():  # SIGTERM (a scheduler's stop) is Ctrl-C too
-                return super().invoke(ctx)
+                result = super().invoke(ctx)
+                sys.stdout.flush()  # a closed stdout shows here, not in the interpreter's exit
+                return result
+        except BrokenPipeError as err:
+            if not _stdout_closed():  # a pipe of our own (a worker's, a socket's) is a real error
+                raise _OneLine(_describe_os_error(err)) from None
+            _quiet_exit()
         except click.UsageError as err:  # an unknown option, a missing one, a value click cannot parse
             raise _usage_error(err) from None
         except SoftLabelsError as err:
@@ -73,6 +82,24 @@ def _usage_error(err: click.UsageError) -> click.ClickException:
     text = " ".join(err.format_message().split()).replace(". (", " (").rstrip(".")
     where = err.ctx.command_path if err.ctx is not None else "softlabels"
     return _OneLine(f"{where}: {text[:1].lower()}{text[1:]}; see '{where} --help'")
+
+
+def _stdout_closed() -> bool:
+    """Whether nobody reads our stdout any more (``softlabels inspect S | head -1``)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or stdout is no file
+        return False
+
+
+def _quiet_exit() -> None:
+    """End without a word, as command-line tools do when their reader leaves (Python's documented
+    recipe: devnull on stdout, so that the interpreter's last flush has somewhere to go)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(1)
 
 
 def _describe_os_error(err: OSError) -> str:

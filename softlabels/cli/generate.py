@@ -9,6 +9,7 @@ import click
 from softlabels._runtime.options import DEVICE_HELP, THREADS_HELP
 from softlabels.teacher.config import (
     AMP_MODES,
+    DEFAULT_SAMPLES,
     FORMAT_VERSIONS,
     GENERATE_LAYOUTS,
     LOGITS_DTYPES,
@@ -38,7 +39,9 @@ from softlabels.teacher.config import (
               help="Store every logit (dense), the K largest per output plus their logsumexp (topk), or S draws "
                    "from the teacher's distribution (sampled, format 2). Default: dense; topk with K = 5 for --views.")
 @click.option("--topk", type=int, help="K for --layout topk.")
-@click.option("--samples", type=int, help="S, the draws per output for --layout sampled (seeded by --seed).")
+@click.option("--samples", type=int,
+              help=f"S, the draws per output for --layout sampled (seeded by --seed; default: {DEFAULT_SAMPLES}, "
+                   "which Anshumann et al. found enough).")
 @click.option("--views", type=int, help="Store V augmented views per sample, with their parameters (format 2; "
                                         "docs/VIEWS.md).")
 @click.option("--augment", metavar="SPEC", help="How each view is drawn, e.g. 'crop(32,padding=4)+flip' (docs/VIEWS.md); "
@@ -70,7 +73,8 @@ from softlabels.teacher.config import (
 @click.option("--no-progress", is_flag=True,
               help="No progress at all (without it: a bar on a terminal, else a line every 30 s).")
 @click.option("--seq-len", type=int,
-              help="Token data: cut text:FILE or a flat token stream into windows of this many tokens.")
+              help="Token data: cut text:FILE or a flat token stream into windows of this many tokens, and each "
+                   "sequence (a packed row, say) into windows of at most this many; none crosses two sequences.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False),
               help="Token data: the tokenizer.json of text:FILE (and the vocabulary of a built-in LM teacher).")
 def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,

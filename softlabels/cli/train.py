@@ -65,7 +65,8 @@ D = TrainConfig  # defaults: the dataclass's field defaults
                    "then has batch-size x this many rows.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False),
               help="Token data: the tokenizer.json of --data (its vocabulary; needed for text:FILE).")
-@click.option("--seq-len", type=int, help="Token data: cut text:FILE or a flat token stream into windows of this length.")
+@click.option("--seq-len", type=int, help="Token data: cut text:FILE or a flat token stream into windows of this length, "
+                                         "and each sequence (a packed row, say) into windows of at most this length.")
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
             optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
             overwrite, no_progress, init, ensemble, ensemble_mode, ensemble_weights,

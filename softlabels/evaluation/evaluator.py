@@ -64,7 +64,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     threads (0: torch's default); defaults as in :class:`softlabels.evaluation.config.EvalConfig`.
     """
     from softlabels._runtime.device import resolve_device, set_threads
-    from softlabels.inputs.spec import resolve_data
+    from softlabels.inputs.spec import absolute_data_spec, resolve_data
     from softlabels.store.reader import open_any
 
     if problems := threads_problem(threads):
@@ -97,7 +97,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         if opened is not None:
             opened.close()
     return finite_json({
-        "checkpoint": str(checkpoint), "data": data_spec, "store": None if store is None else str(store),
+        "checkpoint": str(checkpoint), "data": absolute_data_spec(data_spec), "store": None if store is None else str(store),
         "student": config["student"], "weights_sha256": config["weights_sha256"],
         "num_parameters": count_parameters(model), "flops": count_flops(model, input_shape),
         "epochs_trained": config.get("epochs_done"), **metrics,

@@ -58,6 +58,7 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
                 threads: int = EvalConfig.threads, student: str | None = None) -> dict[str, Any]:
     """Metrics of an LM run's student on ``data_spec`` (and against ``store``'s teacher); a flat dict."""
     from softlabels._runtime.device import resolve_device, set_threads
+    from softlabels.inputs.spec import absolute_data_spec
     from softlabels.inputs.text import resolve_token_data
     from softlabels.store.reader import UnitStore
     from softlabels.student.checkpoint import find_checkpoint, load_checkpoint
@@ -67,7 +68,8 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
     ckpt_path = find_checkpoint(checkpoint)
     config = load_checkpoint(ckpt_path)["config"]
     model = _student(ckpt_path, config, student, dev)
-    seq_len = (config.get("seq_len") or int(config["input_shape"][0])) if data_spec.startswith("text:") else None
+    # the run's windows: its --seq-len (text, a stream, re-windowed rows), or for text its context
+    seq_len = config.get("seq_len") or (int(config["input_shape"][0]) if data_spec.startswith("text:") else None)
     data = resolve_token_data(data_spec, tokenizer=config.get("tokenizer"), seq_len=seq_len)
     acc = LMEvalAccumulator()
     teacher = {"n": 0, "agree": 0.0, "kl": 0.0, "estimate": 0.0}
@@ -93,7 +95,7 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
                     _teacher_terms(teacher, logits, batch, ds.layout)
         finally:
             opened.close()
-    out: dict[str, Any] = {"student": config.get("student"), "data": data_spec, "store": str(store) if store else None,
+    out: dict[str, Any] = {"student": config.get("student"), "data": absolute_data_spec(data_spec), "store": str(store) if store else None,
                            "sequences": len(data), **acc.compute()}
     if teacher["n"]:
         out.update(agreement=teacher["agree"] / teacher["n"], kl_to_teacher=teacher["kl"] / teacher["n"],

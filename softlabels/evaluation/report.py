@@ -34,11 +34,14 @@ from softlabels.evaluation.report_plots import (
 )
 from softlabels.evaluation.report_runs import (
     ModelRun,
+    EVAL,
+    RESULTS,
     _num,
     compute_reliability,
     find_models,
 )
-from softlabels.student.checkpoint import METRICS
+from softlabels._runtime.paths import out_overlaps
+from softlabels.student.checkpoint import METRICS, RUN_FILES
 
 __all__ = ["FORMATS", "build_report"]
 
@@ -149,6 +152,9 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, fmt: str
     out_path = Path(out) if out is not None else Path(run_dir) / f"report.{fmt}"
     if out_path.is_dir():
         raise ConfigError(f"--out {str(out_path)!r} is a directory; pass a file name such as report.{fmt}")
+    reads = [Path(run_dir) / RESULTS, *(m.dir / name for m in models if m.dir for name in (*RUN_FILES, EVAL))]
+    if clash := out_overlaps(out_path, [("RUN_DIR file", str(path)) for path in reads]):
+        raise ConfigError(clash)  # the report would replace a file it reads (model.pt, metrics.jsonl, ...)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stem = out_path.stem
     plots: list[tuple[str, str, str]] = []

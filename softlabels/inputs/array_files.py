@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from softlabels.errors import DataError
+from softlabels.inputs.files import require_regular
 from softlabels.inputs.arrays import ArrayDataset, _check_inputs
 
 __all__ = ["FileArrayDataset", "FileKind", "open_array_file"]
@@ -177,6 +178,8 @@ def open_array_file(
         raise DataError(f"unsupported data file '{path}'; use a .npz, .npy, .h5/.hdf5 or .zarr file")
     if not Path(path).exists():
         raise DataError(f"data file '{path}' does not exist; check the path in --data")
+    if kind != "zarr":  # a Zarr store is a folder
+        require_regular(path)
     if kind == "npy":
         if name is not None or labels_name is not None:
             raise DataError(f"'{path}' is a .npy file holding only inputs; drop ':{name}' from the spec")

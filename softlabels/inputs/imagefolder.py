@@ -7,6 +7,25 @@ DataLoader workers), converted to RGB (or ``gray``: one channel), and with
 ``size=S`` resized so the shorter side is S and centre-cropped to S x S
 (``Resize(S)`` + ``CenterCrop(S)``); without it every image must have the first
 one's size. Items are float32 ``[C, H, W]`` in [0, 1].
+
+Pixels reach [0, 1] with their bit depth respected, by Pillow mode:
+
+* 8-bit modes (``L``, ``RGB``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ...): Pillow's own
+  conversion to ``RGB`` (or ``L`` for ``gray``), then / 255, as torchvision's loader does.
+  ``1`` becomes 0 or 1; ``P`` its palette colours; ``CMYK`` Pillow's profile-free formula;
+  ``gray`` of colour is the ITU-R 601-2 luma (Pillow's ``L``). Alpha (``RGBA``, ``LA``,
+  ``PA``, a palette's transparency) is dropped: the colour stored under a transparent
+  pixel is kept, with no background blended in.
+* 16-bit gray (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``): value / 65535, exactly (a
+  plain RGB conversion would clip it to white); resized in floating point; for RGB the
+  one channel is repeated. ``I`` (32-bit integers; older Pillow opens 16-bit PNGs so) is
+  read the same way when every value lies in 0..65535, and refused otherwise.
+* ``F`` (floating point) has no known range and is refused, as is an ``I`` beyond 16 bits.
+  (Pillow reads 16-bit RGB files as 8-bit ``RGB``: their top 8 bits.)
+
+The scan reads regular files only and follows no link to a directory; a link to an
+image is read only when it leads to a file inside ``DIR`` (:mod:`softlabels.inputs.files`
+says why).
 """
 
 from __future__ import annotations
@@ -19,11 +38,15 @@ import torch
 
 from softlabels.errors import DataError, SpecError
 from softlabels.inputs.arrays import InputDataset
+from softlabels.inputs.files import require_regular, scan_folder
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGEFOLDER_OPTIONS", "ImageFolderDataset", "open_imagefolder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """File suffixes read as images (torchvision's IMG_EXTENSIONS), any case."""
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+"""Pillow's modes of 16-bit unsigned gray pixels (16-bit PNGs, TIFFs)."""
 
 IMAGEFOLDER_OPTIONS = ("size=S", "gray")
 """Options after ``imagefolder:DIR?`` (``unlabeled`` works as for every data spec)."""
@@ -41,15 +64,13 @@ def _scan(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     """(classes, files, labels) in torchvision ImageFolder's order."""
     if not root.is_dir():
         raise DataError(f"imagefolder directory '{root}' does not exist; check the path in --data")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())  # links too: scan_folder refuses
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        for folder, _, names in sorted(os.walk(root / name, followlinks=True)):
-            for fname in sorted(names):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(folder, fname))
-                    labels.append(label)
+        found = scan_folder(root, root / name, lambda fname: fname.lower().endswith(IMAGE_EXTENSIONS))
+        files += found
+        labels += [label] * len(found)
     if not files:
         raise DataError(f"no images in '{root}'; lay it out as {root}/<class>/<image>.png or .jpg "
                         "(one folder per class, as torchvision's ImageFolder)")
@@ -78,18 +99,23 @@ class ImageFolderDataset(InputDataset):
         Image = _pillow()
         path = self.files[index]
         try:
+            require_regular(path)  # again here, in the worker: the folder may have changed since the scan
             with Image.open(path) as img:
-                img = img.convert("L" if self.gray else "RGB")
+                img, full_scale = _convert(img, self.gray, path)
                 if self.size is not None:
                     img = _resize_center_crop(img, self.size, Image)
-                pixels = np.asarray(img, dtype=np.uint8)
+                pixels = np.asarray(img, dtype=np.float32)
+        except DataError:
+            raise
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot decode image '{path}' ({err}); remove or replace the file") from err
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        if not self.gray and pixels.shape[0] == 1:  # 16-bit gray, kept in one channel until here
+            pixels = np.repeat(pixels, 3, axis=0)
         if hasattr(self, "input_shape") and pixels.shape != self.input_shape:
             raise DataError(f"image '{path}' is {pixels.shape[2]}x{pixels.shape[1]} but the first image is "
                             f"{self.input_shape[2]}x{self.input_shape[1]}; add ?size=S to resize them all")
-        return pixels.astype(np.float32) / np.float32(255)
+        return pixels / np.float32(full_scale)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = int(index)
@@ -97,6 +123,27 @@ class ImageFolderDataset(InputDataset):
             raise IndexError(f"index {i} out of range for a dataset of {len(self)} items")
         i %= len(self)
         return torch.from_numpy(self._decode(i)), torch.tensor(self._labels[i])
+
+
+def _convert(img, gray: bool, path: str):  # noqa: ANN001, ANN202 - PIL types stay optional
+    """``(image, full scale)``: ``img`` in mode L or RGB (full scale 255), or F holding 16-bit values
+    (full scale 65535, one channel); the module docstring says how each Pillow mode gets there."""
+    if img.mode in _SIXTEEN_BIT or img.mode == "I":
+        if img.mode == "I":  # 32 bits; older Pillow opened 16-bit PNGs so: read as 16-bit when it fits
+            lo, hi = img.getextrema()
+            if lo < 0 or hi > 0xFFFF:
+                raise _no_known_range(path, img.mode, f"32-bit integers from {lo} to {hi}")
+        return img.convert("F"), 0xFFFF  # exact: float32 holds every integer below 2**24
+    if img.mode == "F":
+        raise _no_known_range(path, img.mode, "floating point")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # what Pillow asks for (with a warning) before dropping the alpha
+    return img.convert("L" if gray else "RGB"), 0xFF
+
+
+def _no_known_range(path: str, mode: str, detail: str) -> DataError:
+    return DataError(f"image '{path}' has mode {mode} pixels ({detail}), which map to [0, 1] in no known way; "
+                     "save it with 8 or 16 bits per channel")
 
 
 def _resize_center_crop(img, size: int, Image):  # noqa: ANN001, ANN202 - PIL types stay optional

@@ -188,14 +188,20 @@ def resolve_data(spec: str) -> InputDataset:
 
 
 def absolute_data_spec(spec: str) -> str:
-    """``spec`` with its file path made absolute, so that it resolves from any working directory.
+    """``spec`` with its file or folder path made absolute, so that it resolves from any working directory.
 
-    Stores record their ``--data`` this way. Built-in and ``module:factory`` specs are
-    returned as they are (a factory's module is found on ``PYTHONPATH``).
+    Stores and eval results record their data this way: ``imagefolder:imgs?size=12`` becomes
+    ``imagefolder:/abs/imgs?size=12``, ``text:t.txt`` (token data) ``text:/abs/t.txt``.
+    Built-in and ``module:factory`` specs are returned as they are (a factory's module is
+    found on ``PYTHONPATH``).
     """
+    if spec.startswith("text:"):  # the token grammar's text:PATH takes no options: all of it is the path
+        return "text:" + os.path.abspath(spec.removeprefix("text:"))
     base, sep, options = spec, "", ""
     if "?" in spec and not Path(spec).exists():
         base, sep, options = spec.rpartition("?")
+    if base.startswith("imagefolder:"):
+        return "imagefolder:" + os.path.abspath(base.removeprefix("imagefolder:")) + sep + options
     match = None if base.startswith("digits:") else _DATA_FILE.fullmatch(base)
     if match is None:
         return spec

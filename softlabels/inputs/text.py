@@ -5,12 +5,15 @@ Token data spec grammar::
 
     PATH.npy                              int [N, L] packed sequences, or a 1-D stream (needs seq_len)
     PATH.npz | PATH.h5 | PATH.zarr        arrays 'tokens' (+ 'offsets' [N + 1] if ragged, + optional 'mask')
+                                          (with seq_len, each sequence is cut into windows of at most seq_len)
     text:PATH                             UTF-8 text, tokenized with `tokenizer`, cut into seq_len windows
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import DataError, SpecError
+from softlabels.inputs.files import require_regular
 from softlabels.inputs.tokens import TokenDataset, open_token_file, pack_stream
 
 __all__ = ["load_tokenizer", "encode_text", "resolve_token_data", "train_bpe", "pydoc_topics"]
@@ -38,29 +42,78 @@ def _tokenizers() -> Any:
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file (JSON only; nothing is executed)."""
     tokenizers = _tokenizers()
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DataError(f"tokenizer file '{path}' does not exist; pass a tokenizer.json saved by 'tokenizers'")
+    require_regular(path)
     try:
-        return tokenizers.Tokenizer.from_file(str(path))
-    except Exception as err:  # the Rust side raises plain Exception subclasses
-        text = " ".join(str(err).split())[:200]
+        return _rust_call(tokenizers.Tokenizer.from_file, str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # Exception subclasses, and pyo3's PanicException (a BaseException)
+        text = _reason(err)
         raise DataError(
             f"cannot read tokenizer '{path}' ({text}); pass a tokenizer.json saved by "
             "tokenizers.Tokenizer.save (for Hugging Face models, the tokenizer.json beside the weights)"
         ) from err
 
 
-def encode_text(text: str, tokenizer: Any) -> np.ndarray:
+def encode_text(text: str, tokenizer: Any, *, tokenizer_path: str | os.PathLike[str] | None = None,
+                source: str = "the text") -> np.ndarray:
     """Token ids of ``text`` (int64), encoded in one piece so no token is split at a block edge.
 
-    No special tokens are added: the text is one stream, cut into windows afterwards.
+    No special tokens are added: the text is one stream, cut into windows afterwards. A
+    tokenizer that loads but cannot encode (a WordLevel vocabulary without its unknown token,
+    a regex beyond the regex engine's limits) raises :class:`DataError` naming
+    ``tokenizer_path`` and ``source``.
     """
-    return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    try:
+        encoding = _rust_call(tokenizer.encode, text, add_special_tokens=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # Exception subclasses, and pyo3's PanicException (a BaseException)
+        name = "the tokenizer" if tokenizer_path is None else f"tokenizer '{tokenizer_path}'"
+        raise DataError(
+            f"{name} cannot encode {source} ({_reason(err)}); fix the tokenizer.json (a WordLevel vocabulary needs "
+            "its unknown token; a normalizer or pre-tokenizer regex must not backtrack without end), or pass "
+            "another tokenizer"
+        ) from err
+    return np.asarray(encoding.ids, dtype=np.int64)
+
+
+def _reason(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def _rust_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` into the ``tokenizers`` bindings, with fd 2 held back while it runs.
+
+    A Rust panic prints its message (and, under ``RUST_BACKTRACE``, a backtrace) straight to
+    fd 2 before it becomes a ``PanicException``; the one-line error says it instead, so the
+    held text is dropped on a failure and passed on otherwise.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            result = fn(*args, **kwargs)
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                text = memoryview(held.read())
+                while text:
+                    text = text[os.write(2, text):]
+    return result
 
 
 def _read_text(path: str) -> str:
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DataError(f"text file '{path}' does not exist; check the path in text:FILE")
+    require_regular(path)
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -74,7 +127,8 @@ def resolve_token_data(
 
     ``tokenizer`` (a tokenizer.json) is needed by ``text:`` specs and sets the data's
     ``vocab_size`` for any spec; ``seq_len`` cuts a text or a 1-D token stream into
-    windows of that length (and is refused for data that already holds sequences).
+    windows of that length, and each sequence of data that holds them into windows of at
+    most that length (none crossing two sequences).
     """
     if spec.startswith("text:"):
         path = spec.removeprefix("text:")
@@ -85,7 +139,7 @@ def resolve_token_data(
             )
         text = _read_text(path)
         tok = load_tokenizer(tokenizer)
-        ids = encode_text(text, tok)
+        ids = encode_text(text, tok, tokenizer_path=tokenizer, source=f"text file '{path}'")
         if ids.size == 0:
             raise DataError(f"text file '{path}' holds no tokens; pass a non-empty text")
         return pack_stream(ids, seq_len, source=spec, vocab_size=tok.get_vocab_size())

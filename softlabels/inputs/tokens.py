@@ -22,10 +22,11 @@ import zarr
 
 from softlabels.errors import DataError
 from softlabels.inputs.array_files import _array_names, _read_rows
+from softlabels.inputs.files import require_regular
 
 __all__ = [
     "TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
-    "open_token_file", "pack_stream", "token_fingerprint", "offsets_of",
+    "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets",
 ]
 
 
@@ -208,19 +209,53 @@ class RaggedTokens(TokenDataset):
         return ids, mask
 
 
+def window_offsets(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """``offsets`` of consecutive windows of ``seq_len`` tokens cut from each sequence of these
+    ``lengths``: a sequence's last window keeps its remainder, and no window crosses two sequences."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    per = -(-lengths // seq_len)  # windows per sequence
+    windows = np.full(int(per.sum()), seq_len, dtype=np.int64)
+    windows[np.cumsum(per) - 1] = lengths - seq_len * (per - 1)
+    return offsets_of(windows)
+
+
 def pack_stream(stream: Any, seq_len: int, mask: Any = None, *, source: str = "tokens",
                 vocab_size: int | None = None) -> TokenDataset:
     """Cut a 1-D token stream (an array or memmap, not copied) and its optional flat mask
     into consecutive ``seq_len`` windows; the last may be shorter."""
     if len(stream.shape) != 1 or stream.shape[0] == 0:
         raise DataError(f"{source} holds no tokens; pass a non-empty text or token stream")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
-        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
-    size = int(stream.shape[0])
-    n = -(-size // seq_len)
-    lengths = np.full(n, seq_len, dtype=np.int64)
-    lengths[-1] = size - seq_len * (n - 1)
-    return RaggedTokens(stream, offsets_of(lengths), mask, source=source, vocab_size=vocab_size)
+    offsets = window_offsets(np.array([stream.shape[0]]), seq_len)
+    return RaggedTokens(stream, offsets, mask, source=source, vocab_size=vocab_size)
+
+
+class _FlatRows:
+    """A 2-D array ``[N, L]`` read as its row-major flat ``[N * L]``, by slices of whole rows
+    (a memmap, an HDF5 or a Zarr array stays in its file)."""
+
+    def __init__(self, array: Any) -> None:
+        self.array, self.width = array, int(array.shape[1])
+        self.shape, self.dtype = (int(array.shape[0]) * self.width,), np.dtype(array.dtype)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, _ = key.indices(self.shape[0])
+        if stop <= start:
+            return np.empty(0, dtype=self.dtype)
+        first, last = start // self.width, -(-stop // self.width)
+        rows = np.asarray(self.array[first:last]).reshape(-1)
+        return rows[start - first * self.width:stop - first * self.width]
+
+
+def _rewindow(ds: TokenDataset, tokens: Any, mask: Any, seq_len: int, path: str) -> TokenDataset:
+    """``ds`` (packed rows or ragged sequences, each a document) cut into windows of at most
+    ``seq_len``; packed rows of exactly ``seq_len`` tokens stay as they are."""
+    if isinstance(ds, PackedTokens):
+        if seq_len == tokens.shape[1]:
+            return ds
+        tokens, mask = _FlatRows(tokens), None if mask is None else _FlatRows(mask)
+    return RaggedTokens(tokens, window_offsets(ds.lengths(), seq_len), mask, source=path)
 
 
 class _LazyArray:
@@ -261,13 +296,19 @@ _TOKEN_FILES = {".npy": "npy", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".
 
 def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None) -> TokenDataset:
     """Token ids in a file: ``.npy`` ([N, L] packed, or a 1-D stream cut into ``seq_len``
-    windows), or ``.npz``/HDF5/Zarr with array ``tokens`` and optional ``offsets``, ``mask``."""
+    windows), or ``.npz``/HDF5/Zarr with array ``tokens`` and optional ``offsets``, ``mask``.
+
+    ``seq_len`` on data that already holds sequences (packed rows, or ``offsets``) cuts each
+    sequence, a document, into windows of at most ``seq_len`` that never cross two of them;
+    rows of exactly ``seq_len`` tokens are read as they are."""
     path = str(path)
     kind = _TOKEN_FILES.get(Path(path.rstrip("/")).suffix.lower())
     if kind is None:
         raise DataError(f"unsupported token file '{path}'; use a .npy, .npz, .h5/.hdf5 or .zarr file")
     if not Path(path).exists():
         raise DataError(f"token file '{path}' does not exist; check the path in --data")
+    if kind != "zarr":  # a Zarr store is a folder
+        require_regular(path)
     arrays: dict[str, Any]
     if kind == "npy":
         arrays = {"tokens": np.load(path, mmap_mode="r", allow_pickle=False)}
@@ -286,21 +327,15 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
             "store token ids as 'tokens' (with 'offsets' [N + 1] if ragged, and an optional 'mask')"
         )
     tokens, offsets, mask = arrays["tokens"], arrays.get("offsets"), arrays.get("mask")
-    if seq_len is not None and (offsets is not None or len(tokens.shape) != 1):
-        raise DataError(
-            f"'{path}' already holds sequences ({'offsets' if offsets is not None else 'a [N, L] array'}); "
-            "drop --seq-len, which cuts flat token streams and text into windows"
-        )
-    if offsets is not None:
-        return RaggedTokens(tokens, offsets, mask, source=path)
-    if len(tokens.shape) == 1:
+    if offsets is None and len(tokens.shape) == 1:
         if seq_len is None:
             raise DataError(
                 f"'{path}' holds flat tokens without offsets; store 'offsets' [N + 1] beside them, "
                 "or pass --seq-len to cut the stream into windows"
             )
         return pack_stream(tokens, seq_len, mask, source=path)
-    return PackedTokens(tokens, mask, source=path)
+    ds = PackedTokens(tokens, mask, source=path) if offsets is None else RaggedTokens(tokens, offsets, mask, source=path)
+    return ds if seq_len is None else _rewindow(ds, tokens, mask, seq_len, path)
 
 
 def token_fingerprint(ds: TokenDataset) -> str:

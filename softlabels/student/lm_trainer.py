@@ -75,7 +75,7 @@ def resolve_store_data(store: Any, spec: str | None = None, *, tokenizer: str | 
     if not spec:
         raise ConfigError(f"store {str(store.path)!r} does not record its token data; pass --data for it")
     tokenizer = tokenizer or source.get("tokenizer")
-    if seq_len is None and spec.startswith("text:"):
+    if seq_len is None:  # the windows the store's positions belong to (text, a stream, or re-windowed rows)
         seq_len = source.get("seq_len")
     return spec, tokenizer, seq_len, resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
 

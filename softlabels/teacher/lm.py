@@ -14,6 +14,8 @@ LM spec grammar::
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -207,9 +209,10 @@ def _load_hf(directory: str) -> tuple[nn.Module, str]:
         raise SpecError(f"hf:{directory} needs 'transformers', which is not installed; pip install 'softlabels[lm]'") from err
     transformers.utils.logging.disable_progress_bar()  # one-line output: no loading bars
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False
-        )
+        with _no_pytree_enum_deprecation():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False
+            )
     except Exception as err:  # transformers raises many kinds; all mean "cannot load this here"
         _refuse_broken_dependency(directory, err)
         raise SpecError(f"cannot load hf:{directory} ({_one_line(err)}); check the model directory") from err
@@ -261,6 +264,27 @@ def _refuse_broken_dependency(directory: str, err: BaseException) -> None:
         f"cannot load hf:{directory}: transformers cannot be imported because {name}{version} does not load "
         f"under torch {torch.__version__} ({_one_line(cause)}); pip uninstall {name}, or {fix}"
     ) from err
+
+
+@contextlib.contextmanager
+def _no_pytree_enum_deprecation():
+    """Hide torch's ``register_constant()`` deprecation while transformers loads a model.
+
+    Its lazy model imports bring in torchao, which registers Enum classes as pytree
+    constants; this torch logs a warning per class on stderr ("... Calling register_constant()
+    on Enum subclasses is deprecated ..."). Only that logger's records naming
+    ``register_constant()`` are dropped, and only during the load.
+    """
+    logger = logging.getLogger("torch.utils._pytree")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "register_constant()" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _combined_sha256(files: list[Path]) -> str:

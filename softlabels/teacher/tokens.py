@@ -232,8 +232,8 @@ def is_token_job(config: GenerateConfig) -> bool:
         return True
     path = Path(spec.rstrip("/"))
     kind = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}.get(path.suffix.lower())
-    if kind is None or not path.exists():
-        return False
+    if kind is None or not (path.is_dir() if kind == "zarr" else path.is_file()):
+        return False  # not a regular file (a FIFO would block this peek): the classifier's reader says why
     from softlabels.inputs.array_files import _array_names
 
     try:
