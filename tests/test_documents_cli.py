@@ -3,6 +3,7 @@ before anything is written."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -88,3 +89,18 @@ def test_text_documents_through_generate(tmp_path):
         assert np.array_equal(store.positions.lengths, want.lengths())
     finally:
         store.close()
+
+
+def test_eval_cuts_a_document_spec_with_the_run_s_window_length(tmp_path):
+    tok = tokenizer_dir(tmp_path / "tok", PLAIN)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    spec = f"jsonl:{data}?messages=messages"
+    r = run_cli("train", "--student", "gpt-tiny", "--data", spec, "--tokenizer", str(tok), "--seq-len", "7",
+                "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run"))
+    assert r.exit_code == 0, r.output
+    r = run_cli("eval", "--checkpoint", str(tmp_path / "run"), "--data", spec, "--json")
+    assert r.exit_code == 0, r.output
+    windows = resolve_documents(spec, tokenizer=tok, seq_len=7)
+    batch = windows.get_batch(np.arange(len(windows)))
+    counted = sum(int(batch.mask[i, 1:n].sum()) for i, n in enumerate(batch.lengths.tolist()))
+    assert json.loads(r.stdout[r.stdout.index("{"):])["positions"] == counted  # windows of 7, assistant targets

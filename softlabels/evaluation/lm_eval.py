@@ -58,6 +58,7 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
                 threads: int = EvalConfig.threads, student: str | None = None) -> dict[str, Any]:
     """Metrics of an LM run's student on ``data_spec`` (and against ``store``'s teacher); a flat dict."""
     from softlabels._runtime.device import resolve_device, set_threads
+    from softlabels.inputs.documents import needs_seq_len
     from softlabels.inputs.text import resolve_token_data
     from softlabels.store.reader import UnitStore
     from softlabels.student.checkpoint import find_checkpoint, load_checkpoint
@@ -67,7 +68,7 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
     ckpt_path = find_checkpoint(checkpoint)
     config = load_checkpoint(ckpt_path)["config"]
     model = _student(ckpt_path, config, student, dev)
-    seq_len = (config.get("seq_len") or int(config["input_shape"][0])) if data_spec.startswith("text:") else None
+    seq_len = (config.get("seq_len") or int(config["input_shape"][0])) if needs_seq_len(data_spec) else None
     data = resolve_token_data(data_spec, tokenizer=config.get("tokenizer"), seq_len=seq_len)
     acc = LMEvalAccumulator()
     teacher = {"n": 0, "agree": 0.0, "kl": 0.0, "estimate": 0.0}

@@ -34,7 +34,7 @@ from softlabels.inputs.vocabulary import TOKENIZER_JSON, open_tokenizer
 
 __all__ = [
     "DocumentSpec", "DocumentWindows", "absolute_document_spec", "document_spec_path", "is_chat_spec",
-    "is_document_spec", "parse_document_spec", "resolve_documents", "teacher_tokenizer", "window_documents",
+    "is_document_spec", "needs_seq_len", "parse_document_spec", "resolve_documents", "teacher_tokenizer", "window_documents",
 ]
 
 _OPTIONS = ("field", "messages", "split")
@@ -81,6 +81,12 @@ def parse_document_spec(spec: str) -> DocumentSpec:
                         "messages=NAME (chat conversations)")
     chat = "messages" in options
     return DocumentSpec(kind, path, options["messages" if chat else "field"], chat, options.get("split"))
+
+
+def needs_seq_len(spec: str) -> bool:
+    """Whether token data ``spec`` is cut into windows by ``seq_len`` (``text:`` and document specs), so a
+    consumer re-resolving it must pass the window length it was generated or trained with."""
+    return spec.startswith("text:") or is_document_spec(spec)
 
 
 def is_chat_spec(spec: str) -> bool:
