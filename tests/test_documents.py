@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from softlabels.errors import DataError, SpecError
@@ -198,3 +198,24 @@ def test_tokenizer_fingerprint_is_the_vocabulary_not_the_file(tmp_path, tok_dir)
     unspecial["added_tokens"][1]["special"] = False
     (tmp_path / "unspecial.json").write_text(json.dumps(unspecial))
     assert tokenizer_fingerprint(tmp_path / "unspecial.json") != base
+
+
+_TEXTS = st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=30), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_TEXTS, st.booleans(), st.integers(1, 6))
+@example(["a\u2028b\rc\x85d\ne", "\ufeffhello"], False, 2)
+def test_any_text_round_trips_through_json_lines(tmp_path_factory, texts, ascii_only, seq_len):
+    """Line breaks of every kind inside a string (\\r, \\u2028, \\x85), raw or escaped, stay inside their record."""
+    tmp = tmp_path_factory.mktemp("rt")
+    tok = train_tokenizer()
+    tok.save(str(tmp / "t.json"))
+    path = tmp / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=ascii_only) + "\n" for t in texts), encoding="utf-8")
+    if not any(tok.encode(t).ids for t in texts):
+        with pytest.raises(DataError, match="holds no tokens"):
+            resolve_documents(f"jsonl:{path}?field=text", tokenizer=tmp / "t.json", seq_len=seq_len)
+        return
+    ds = resolve_documents(f"jsonl:{path}?field=text", tokenizer=tmp / "t.json", seq_len=seq_len)
+    assert windows_of(ds) == expected_windows(tok, texts, seq_len)[0]
