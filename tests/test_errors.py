@@ -1450,6 +1450,130 @@ def _(c):
     return invoke("eval", "--checkpoint", run, "--data", spec, "--store", wide)
 
 
+# -- 24. documents and chat conversations (jsonl:, parquet:, hfds:), through generate ---------------
+def _docs_tok(c: Ctx, template: str | None = "plain", *, name: str = "tok", **config: Any) -> Path:
+    from tests._chatdata import PLAIN, tokenizer_dir
+
+    d = tokenizer_dir(c.tmp / name, PLAIN if template == "plain" else template)
+    if config:
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        (d / "tokenizer_config.json").write_text(json.dumps({**cfg, **config}))
+    return d
+
+
+def _docs_gen(c: Ctx, spec: Any, tokenizer: Any = "dir", seq_len: Any = 8):
+    """``generate`` of a document spec with a random gpt-tiny (the data is read before anything is written)."""
+    tok = _docs_tok(c) if tokenizer == "dir" else tokenizer
+    return invoke("generate", "--teacher", "gpt-tiny", "--random-teacher", "--data", spec, "--no-progress",
+                  "--out", c.tmp / "docs.zarr", *(["--tokenizer", tok] if tok else []),
+                  *(["--seq-len", seq_len] if seq_len else []))
+
+
+def _jsonl(c: Ctx, *lines: Any, name: str = "d.jsonl") -> Path:
+    return c.write(name, "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+
+
+def _chat(c: Ctx, *conversations: Any, template: str | None = "plain") -> Any:
+    data = _jsonl(c, *({"messages": m} for m in conversations))
+    return _docs_gen(c, f"jsonl:{data}?messages=messages", _docs_tok(c, template))
+
+
+def _parquet(c: Ctx, **columns: list) -> Path:
+    pytest.importorskip("pyarrow")
+    from tests._chatdata import write_parquet
+
+    return write_parquet(c.tmp / "d.parquet", columns)
+
+
+def _hfds(c: Ctx, name: str = "ds", **splits: dict) -> Path:
+    datasets = pytest.importorskip("datasets")
+    made = {k: datasets.Dataset.from_dict(v) for k, v in (splits or {"": {"text": ["hello world"]}}).items()}
+    (made[""] if "" in made else datasets.DatasetDict(made)).save_to_disk(str(c.tmp / name))
+    return c.tmp / name
+
+
+def _broken_datasets(c: Ctx) -> Any:
+    saved = _hfds(c)
+    (c.mkdir("broken") / "datasets.py").write_text("raise RuntimeError('compiled against another pyarrow')\n")
+    c.mp.syspath_prepend(str(c.tmp / "broken"))
+    c.mp.delitem(sys.modules, "datasets", raising=False)
+    return _docs_gen(c, f"hfds:{saved}?field=text")
+
+
+def _state(c: Ctx, files: Any) -> Path:
+    d = _hfds(c)
+    (d / "state.json").write_text(json.dumps(files if isinstance(files, str) else {"_data_files": files}))
+    return d
+
+
+_ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}<|im_start|>{{ m['role'] }}\n"
+                "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_LAST_MARKED = ("{% for m in messages %}{% if loop.last %}[last]{% endif %}<|im_start|>{{ m['role'] }}\n"
+                "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_NO_PROMPT = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+_CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+_NOT_UTF8 = b'{"text": "a"}\n{"text": "caf' + "\xe9".encode("latin-1") + b'"}\n'  # line 2 is Latin-1
+
+CASES.update({
+    "E2301": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'})}"),
+    "E2302": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'})}?field=text,split=train"),
+    "E2303": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'})}?field=text,messages=m"),
+    "E2304": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'})}?field=text", tokenizer=None, seq_len=None),
+    "E2305": lambda c: (c.mp.setitem(sys.modules, "pyarrow", None),
+                        _docs_gen(c, f"parquet:{c.write('d.parquet', b'PAR1')}?field=text"))[1],
+    "E2306": _broken_datasets,
+    "E2307": lambda c: _docs_gen(c, f"jsonl:{c.tmp / 'missing.jsonl'}?field=text"),
+    "E2308": lambda c: _docs_gen(c, f"jsonl:{c.mkdir('d.jsonl')}?field=text"),
+    "E2309": lambda c: _docs_gen(c, f"jsonl:{c.write('d.jsonl', _NOT_UTF8)}?field=text"),
+    "E2310": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'}, '{text: b}')}?field=text"),
+    "E2311": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, ['a', 'b'])}?field=text"),
+    "E2312": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'}, {'body': 'b'})}?field=text"),
+    "E2313": lambda c: _docs_gen(c, f"jsonl:{c.write('d.jsonl', '')}?field=text"),
+    "E2314": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'}, {'text': 7})}?field=text"),
+    "E2315": lambda c: _docs_gen(c, f"parquet:{c.write('d.parquet', 'not parquet')}?field=text"),
+    "E2316": lambda c: _docs_gen(c, f"parquet:{_parquet(c, body=['a'])}?field=text"),
+    "E2317": lambda c: _docs_gen(c, f"parquet:{_parquet(c, text=[1, 2])}?field=text"),
+    "E2318": lambda c: _docs_gen(c, f"parquet:{_parquet(c, text=['a', None])}?field=text"),
+    "E2319": lambda c: _docs_gen(c, f"hfds:{c.tmp / 'missing'}?field=text"),
+    "E2320": lambda c: _docs_gen(c, f"hfds:{c.mkdir('ds')}?field=text"),
+    "E2321": lambda c: _docs_gen(c, f"hfds:{_state(c, 'not json')}?field=text"),
+    "E2322": lambda c: _docs_gen(c, f"hfds:{_state(c, [{'filename': '../d.arrow'}])}?field=text"),
+    "E2323": lambda c: _docs_gen(c, f"hfds:{_state(c, [{'filename': 'missing.arrow'}])}?field=text"),
+    "E2324": lambda c: _docs_gen(c, f"hfds:{_hfds(c, train={'text': ['a']}, test={'text': ['b']})}?field=text"),
+    "E2325": lambda c: _docs_gen(c, f"hfds:{_hfds(c)}?field=text,split=train"),
+    "E2326": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': ''}, {'text': ''})}?field=text"),
+    "E2327": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'})}?field=text", c.tmp / "missing.json"),
+    "E2328": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'})}?field=text", c.mkdir("empty")),
+    "E2329": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'text': 'a'})}?field=text", c.write("t.json", '{"a": 1}')),
+    "E2330": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'messages': _CHAT})}?messages=messages",
+                                 _docs_tok(c) / "tokenizer.json"),
+    "E2331": lambda c: _docs_gen(c, f"jsonl:{_jsonl(c, {'messages': _CHAT})}?messages=messages",
+                                 _docs_tok(c, auto_map={"AutoTokenizer": ["tok.Custom", None]})),  # remote code
+    "E2332": lambda c: _chat(c, _CHAT, template=None),
+    "E2333": lambda c: _chat(c, _CHAT, {"role": "user", "content": "hi"}),
+    "E2334": lambda c: _chat(c, _CHAT, [{"from": "human", "value": "hi"}]),
+    "E2335": lambda c: _chat(c, [{"role": "user", "content": "hi"}, {"role": "gpt", "content": "yo"}]),
+    "E2336": lambda c: _chat(c, [{"role": "assistant", "content": "hi"}], template=_ALTERNATING),
+    "E2337": lambda c: _chat(c, [{"role": "assistant", "content": "hi"}]),
+    "E2338": lambda c: _chat(c, _CHAT, template=_NO_PROMPT),
+    "E2339": lambda c: _chat(c, _CHAT, template=_LAST_MARKED),
+})
+
+
+def _library_document_cases() -> dict[str, Callable[[Ctx], Any]]:
+    from softlabels.inputs.documents import parse_document_spec, window_documents
+
+    ids = np.arange(3, dtype=np.int32)
+    return {
+        "L2301": lambda c: parse_document_spec("text:t.txt"),
+        "L2302": lambda c: window_documents([(ids, np.ones(3, bool)), (ids, None)], 4),
+    }
+
+
+LIB_CASES.update(_library_document_cases())
+
+
 # -- running the cases -----------------------------------------------------------------------------
 @pytest.fixture
 def raised(monkeypatch) -> list[BaseException]:

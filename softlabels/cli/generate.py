@@ -31,7 +31,8 @@ from softlabels.teacher.config import (
 @click.option("--seed", type=int, default=D.seed, show_default=True,
               help="Seeds a teacher's random initialisation (recorded in the store).")
 @click.option("--data", required=True, metavar="SPEC",
-              help="The inputs: digits:train, x.npz, data.h5:X,Y, package.module:factory and so on; append "
+              help="The inputs: digits:train, x.npz, data.h5:X,Y, package.module:factory, text:FILE, "
+                   "jsonl:FILE?field=text and so on (docs/TOKENS.md for token data); append "
                    "'?unlabeled' to hide every label (e.g. 'pool.npz?unlabeled'). The store records it with "
                    "absolute paths.")
 @click.option("--out", required=True, type=click.Path(), help="The store to write: *.h5, *.hdf5 or *.zarr.")
@@ -75,8 +76,9 @@ from softlabels.teacher.config import (
 @click.option("--seq-len", type=int,
               help="Token data: cut text:FILE or a flat token stream into windows of this many tokens, and each "
                    "sequence (a packed row, say) into windows of at most this many; none crosses two sequences.")
-@click.option("--tokenizer", type=click.Path(dir_okay=False),
-              help="Token data: the tokenizer.json of text:FILE (and the vocabulary of a built-in LM teacher).")
+@click.option("--tokenizer", type=click.Path(),
+              help="Token data: the tokenizer.json of text:FILE (and the vocabulary of a built-in LM teacher); "
+                   "for jsonl:/parquet:/hfds: data also a tokenizer directory, which chat data (messages=) needs.")
 def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,
             out: str, layout: str | None, topk: int | None, samples: int | None, views: int | None,
             augment: str | None, views_from: str | None, format_version: str | None, dtype: str, batch_size: int, num_workers: int, device: str,

@@ -63,8 +63,9 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--views-per-sample", type=int, default=D.views_per_sample, show_default=True,
               help="Views stores: train on this many stored views of each input read (FKD), at most V; a step "
                    "then has batch-size x this many rows.")
-@click.option("--tokenizer", type=click.Path(dir_okay=False),
-              help="Token data: the tokenizer.json of --data (its vocabulary; needed for text:FILE).")
+@click.option("--tokenizer", type=click.Path(),
+              help="Token data: the tokenizer.json of --data (its vocabulary; needed for text:FILE), or for "
+                   "jsonl:/parquet:/hfds: data a tokenizer directory (with the chat template for messages=).")
 @click.option("--seq-len", type=int, help="Token data: cut text:FILE or a flat token stream into windows of this length, "
                                          "and each sequence (a packed row, say) into windows of at most this length.")
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,

@@ -59,6 +59,7 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
     """Metrics of an LM run's student on ``data_spec`` (and against ``store``'s teacher); a flat dict."""
     from softlabels._runtime.device import resolve_device, set_threads
     from softlabels.inputs.spec import absolute_data_spec
+    from softlabels.inputs.documents import needs_seq_len
     from softlabels.inputs.text import resolve_token_data
     from softlabels.store.reader import UnitStore
     from softlabels.student.checkpoint import find_checkpoint, load_checkpoint
@@ -68,8 +69,8 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
     ckpt_path = find_checkpoint(checkpoint)
     config = load_checkpoint(ckpt_path)["config"]
     model = _student(ckpt_path, config, student, dev)
-    # the run's windows: its --seq-len (text, a stream, re-windowed rows), or for text its context
-    seq_len = config.get("seq_len") or (int(config["input_shape"][0]) if data_spec.startswith("text:") else None)
+    # the run's windows: its --seq-len (text, a stream, re-windowed rows, documents), or its context
+    seq_len = config.get("seq_len") or (int(config["input_shape"][0]) if needs_seq_len(data_spec) else None)
     data = resolve_token_data(data_spec, tokenizer=config.get("tokenizer"), seq_len=seq_len)
     acc = LMEvalAccumulator()
     teacher = {"n": 0, "agree": 0.0, "kl": 0.0, "estimate": 0.0}

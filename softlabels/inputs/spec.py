@@ -29,6 +29,7 @@ from softlabels.errors import DataError, SpecError
 from softlabels.inputs.array_files import open_array_file
 from softlabels.inputs.arrays import InputDataset
 from softlabels.inputs.digits import DIGITS_SPLITS, load_digits_split
+from softlabels.inputs.documents import absolute_document_spec, document_spec_path, is_document_spec
 from softlabels.inputs.imagefolder import open_imagefolder
 
 BUILTIN_DATASETS = tuple(f"digits:{split}" for split in DIGITS_SPLITS)
@@ -93,6 +94,8 @@ def _split_options(spec: str) -> str:
 
 def data_spec_path(spec: str) -> str | None:
     """The file a ``--data`` spec reads (``x.h5:X,Y?unlabeled`` -> ``x.h5``), or None (built-in, factory)."""
+    if is_document_spec(spec):  # jsonl:, parquet:, hfds: (plain records, never code)
+        return document_spec_path(spec)
     match = _DATA_FILE.fullmatch(_split_options(spec))
     return match["path"] if match else None
 
@@ -195,6 +198,8 @@ def absolute_data_spec(spec: str) -> str:
     Built-in and ``module:factory`` specs are returned as they are (a factory's module is
     found on ``PYTHONPATH``).
     """
+    if is_document_spec(spec):
+        return absolute_document_spec(spec)
     if spec.startswith("text:"):  # the token grammar's text:PATH takes no options: all of it is the path
         return "text:" + os.path.abspath(spec.removeprefix("text:"))
     base, sep, options = spec, "", ""

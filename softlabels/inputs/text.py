@@ -7,6 +7,8 @@ Token data spec grammar::
     PATH.npz | PATH.h5 | PATH.zarr        arrays 'tokens' (+ 'offsets' [N + 1] if ragged, + optional 'mask')
                                           (with seq_len, each sequence is cut into windows of at most seq_len)
     text:PATH                             UTF-8 text, tokenized with `tokenizer`, cut into seq_len windows
+    jsonl:PATH?field=NAME | ?messages=NAME, parquet:PATH?..., hfds:DIR?...
+                                          documents or chat conversations: softlabels.inputs.documents
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from softlabels.errors import DataError, SpecError
 from softlabels.inputs.files import require_regular
+from softlabels.inputs.documents import is_document_spec, resolve_documents
 from softlabels.inputs.tokens import TokenDataset, open_token_file, pack_stream
 
 __all__ = ["load_tokenizer", "encode_text", "resolve_token_data", "train_bpe", "pydoc_topics"]
@@ -130,6 +133,8 @@ def resolve_token_data(
     windows of that length, and each sequence of data that holds them into windows of at
     most that length (none crossing two sequences).
     """
+    if is_document_spec(spec):
+        return resolve_documents(spec, tokenizer=tokenizer, seq_len=seq_len)
     if spec.startswith("text:"):
         path = spec.removeprefix("text:")
         if tokenizer is None or seq_len is None:
@@ -149,8 +154,8 @@ def resolve_token_data(
             ds.vocab_size = load_tokenizer(tokenizer).get_vocab_size()
         return ds
     raise SpecError(
-        f"unknown token data '{spec}'; use a .npy/.npz/.h5/.zarr file of token ids, or text:FILE "
-        "with --tokenizer"
+        f"unknown token data '{spec}'; use a .npy/.npz/.h5/.zarr file of token ids, text:FILE, "
+        "jsonl:FILE?field=NAME, parquet:FILE?field=NAME or hfds:DIR?field=NAME with --tokenizer"
     )
 
 

@@ -1,0 +1,211 @@
+"""Documents as token data: the text or chat conversations of JSON Lines, Parquet and saved
+``datasets`` directories, cut into ``seq_len`` windows that never cross a document.
+
+Grammar (options joined by ``,``; exactly one of ``field=`` and ``messages=``)::
+
+    jsonl:PATH?field=NAME          one JSON object per line; NAME holds one document's text
+    jsonl:PATH?messages=NAME       NAME holds one conversation: a list of {role, content}
+    parquet:PATH?field=NAME        a string column (pyarrow) | ?messages=NAME, a list<struct> column
+    hfds:DIR?field=NAME[,split=S]  a Dataset (or DatasetDict) written by save_to_disk (needs `datasets`)
+
+A text document is encoded as its tokenizer encodes one text, with the special tokens the
+tokenizer's post-processor adds (a Llama BOS; none for GPT-2). A conversation is rendered
+with the chat template of the tokenizer directory (:mod:`softlabels.inputs.chat`), its
+assistant tokens the only targets. Each document is cut into consecutive windows of
+``seq_len`` tokens (the last shorter); no window holds tokens of two documents, so no
+next-token target crosses a document boundary. Documents without tokens are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from softlabels.errors import DataError, SpecError
+from softlabels.inputs.records import RECORD_KINDS, read_column
+from softlabels.inputs.tokens import RaggedTokens, offsets_of
+from softlabels.inputs.vocabulary import TOKENIZER_JSON, open_tokenizer
+
+__all__ = [
+    "DocumentSpec", "DocumentWindows", "absolute_document_spec", "document_spec_path", "is_chat_spec",
+    "is_document_spec", "needs_seq_len", "parse_document_spec", "resolve_documents", "teacher_tokenizer", "window_documents",
+]
+
+_OPTIONS = ("field", "messages", "split")
+
+
+@dataclass(frozen=True)
+class DocumentSpec:
+    """A parsed document spec: the record ``kind``, its ``path``, the ``key`` read, and whether it is chat."""
+
+    kind: str
+    path: str
+    key: str
+    chat: bool
+    split: str | None = None
+
+    def options(self) -> str:
+        split = "" if self.split is None else f",split={self.split}"
+        return f"{'messages' if self.chat else 'field'}={self.key}{split}"
+
+
+def is_document_spec(spec: str) -> bool:
+    """Whether ``spec`` is a ``jsonl:``, ``parquet:`` or ``hfds:`` spec."""
+    return spec.partition(":")[0] in RECORD_KINDS and ":" in spec
+
+
+def parse_document_spec(spec: str) -> DocumentSpec:
+    """Parse ``KIND:PATH?field=NAME`` / ``?messages=NAME`` (``,split=S`` for ``hfds:``); SpecError otherwise."""
+    kind, _, body = spec.partition(":")
+    if kind not in RECORD_KINDS:
+        raise SpecError(f"'{spec}' is not a document spec; use jsonl:, parquet: or hfds: followed by the path")
+    path, sep, text = body.rpartition("?")
+    if not sep or not path:
+        raise SpecError(f"{kind} data '{spec}' names no {'path' if sep else 'key'}; write {kind}:PATH?field=NAME "
+                        "(text documents) or ?messages=NAME (chat conversations)")
+    options: dict[str, str] = {}
+    for term in text.split(","):
+        name, eq, value = term.partition("=")
+        if name not in _OPTIONS or not eq or not value or (name == "split" and kind != "hfds"):
+            allowed = "field=NAME or messages=NAME" + (", split=NAME" if kind == "hfds" else "")
+            raise SpecError(f"unknown option '{term}' in {kind} data '{spec}'; use {allowed}")
+        options[name] = value
+    if ("field" in options) == ("messages" in options):
+        raise SpecError(f"{kind} data '{spec}' needs exactly one of field=NAME (text documents) and "
+                        "messages=NAME (chat conversations)")
+    chat = "messages" in options
+    return DocumentSpec(kind, path, options["messages" if chat else "field"], chat, options.get("split"))
+
+
+def needs_seq_len(spec: str) -> bool:
+    """Whether token data ``spec`` is cut into windows by ``seq_len`` (``text:`` and document specs), so a
+    consumer re-resolving it must pass the window length it was generated or trained with."""
+    return spec.startswith("text:") or is_document_spec(spec)
+
+
+def is_chat_spec(spec: str) -> bool:
+    """Whether ``spec`` is a document spec of chat conversations (``messages=``)."""
+    try:
+        return is_document_spec(spec) and parse_document_spec(spec).chat
+    except SpecError:
+        return False
+
+
+def document_spec_path(spec: str) -> str | None:
+    """The file or directory a document spec reads, or None when it does not parse."""
+    try:
+        return parse_document_spec(spec).path
+    except SpecError:
+        return None
+
+
+def absolute_document_spec(spec: str) -> str:
+    """``spec`` with its path made absolute (as stores record it), or ``spec`` itself when it does not parse."""
+    try:
+        s = parse_document_spec(spec)
+    except SpecError:
+        return spec
+    return f"{s.kind}:{os.path.abspath(s.path)}?{s.options()}"
+
+
+def teacher_tokenizer(teacher: str, data: str | None = None) -> str | None:
+    """The tokenizer an ``hf:DIR`` teacher brings, for a job given no tokenizer; None for other teachers.
+
+    The directory ``DIR`` for chat data (whose template lives beside the tokenizer), else
+    ``DIR/tokenizer.json`` (what ``text:`` data and token files take); None when ``DIR`` holds
+    no ``tokenizer.json``.
+    """
+    if not teacher.startswith("hf:"):
+        return None
+    directory = Path(teacher.removeprefix("hf:"))
+    if not (directory / TOKENIZER_JSON).is_file():
+        return None
+    return str(directory) if data is not None and is_chat_spec(data) else str(directory / TOKENIZER_JSON)
+
+
+class DocumentWindows(RaggedTokens):
+    """Windows of documents: a :class:`RaggedTokens` whose window ``i`` lies inside document
+    ``document_of[i]`` (the index among the source's records, empty ones counted)."""
+
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, document_of: np.ndarray, mask: np.ndarray | None,
+                 *, source: str, vocab_size: int | None) -> None:
+        super().__init__(tokens, offsets_of(lengths), mask, source=source, vocab_size=vocab_size)
+        self.document_of = document_of
+        self.document_of.flags.writeable = False
+
+
+def _check_seq_len(seq_len: Any) -> int:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
+    return int(seq_len)
+
+
+def window_documents(documents: Iterable[tuple[np.ndarray, np.ndarray | None]], seq_len: int, *,
+                     source: str = "documents", vocab_size: int | None = None) -> DocumentWindows:
+    """Cut each document's ``(ids, target flags or None)`` into ``seq_len`` windows, never across documents.
+
+    A document of ``L`` tokens gives ``ceil(L / seq_len)`` windows, the last holding the
+    remainder; a document of 0 tokens gives none. Pass flags for every document or for none.
+    """
+    seq_len = _check_seq_len(seq_len)
+    ids, flags, lengths, owners = [], [], [], []
+    for d, (doc_ids, doc_flags) in enumerate(documents):
+        n = len(doc_ids)
+        if n == 0:
+            continue
+        count = -(-n // seq_len)
+        lengths.append(np.minimum(seq_len, n - seq_len * np.arange(count)))
+        owners.append(np.full(count, d, dtype=np.int64))
+        ids.append(np.asarray(doc_ids))
+        if doc_flags is not None:
+            flags.append(np.asarray(doc_flags, dtype=bool))
+    if not ids:
+        raise DataError(f"{source} holds no tokens (every document is empty); pass documents with text")
+    if flags and len(flags) != len(ids):
+        raise DataError(f"{source}: target flags were given for some documents only; give them for all or none")
+    return DocumentWindows(np.concatenate(ids), np.concatenate(lengths).astype(np.int64), np.concatenate(owners),
+                           np.concatenate(flags) if flags else None, source=source, vocab_size=vocab_size)
+
+
+def _texts(column: Any, tokenizer: Any) -> Iterator[tuple[np.ndarray, None]]:
+    for i, value in enumerate(column.values):
+        if not isinstance(value, str):
+            raise DataError(f"{column.where(i)}: '{column.key}' is {json.dumps(value)[:60]}, not text; "
+                            "give every record a string there, or name the text key with field=NAME")
+        # one text at a time: encode_batch would start the tokenizers thread pool before a fork
+        yield np.asarray(tokenizer.encode(value, add_special_tokens=True).ids, dtype=np.int32), None
+
+
+def resolve_documents(spec: str, *, tokenizer: str | os.PathLike[str] | None = None,
+                      seq_len: int | None = None) -> DocumentWindows:
+    """Resolve a document spec (grammar in the module docstring) to its ``seq_len`` windows.
+
+    ``tokenizer``: a ``tokenizer.json`` or a directory holding one for text documents; a
+    Hugging Face tokenizer directory with a chat template for ``messages=``.
+    """
+    from softlabels.inputs.chat import check_conversation, load_chat_template
+
+    s = parse_document_spec(spec)
+    if tokenizer is None or seq_len is None:
+        raise DataError(f"{s.kind} data '{spec}' needs a tokenizer and a window length; pass --tokenizer "
+                        f"{'DIR (a tokenizer directory with a chat template)' if s.chat else 'tokenizer.json'} "
+                        "and --seq-len N")
+    seq_len = _check_seq_len(seq_len)
+    if s.chat:
+        template = load_chat_template(tokenizer)
+        column = read_column(s.kind, s.path, s.key, text=False, split=s.split)
+        docs: Iterable[tuple[np.ndarray, np.ndarray | None]] = (
+            template.encode(check_conversation(v, column.where(i)), column.where(i))
+            for i, v in enumerate(column.values))
+        vocab = template.vocab_size
+    else:
+        tok = open_tokenizer(tokenizer)
+        column = read_column(s.kind, s.path, s.key, text=True, split=s.split)
+        docs, vocab = _texts(column, tok), tok.get_vocab_size()
+    return window_documents(docs, seq_len, source=spec, vocab_size=vocab)

@@ -1,0 +1,70 @@
+"""Which tokenizer, and its identity: ``--tokenizer`` as a file or a directory, and a fingerprint
+of the vocabulary that a store can record.
+
+A tokenizer is given as a ``tokenizer.json`` (the ``tokenizers`` library's JSON; nothing in
+it runs) or as a Hugging Face tokenizer directory holding one (plus, for chat data, the
+chat template in ``tokenizer_config.json`` or ``chat_template.jinja``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from softlabels.errors import DataError
+from softlabels.inputs.records import optional_module
+
+__all__ = ["TOKENIZER_JSON", "open_tokenizer", "tokenizer_file", "tokenizer_fingerprint"]
+
+TOKENIZER_JSON = "tokenizer.json"
+_LM_EXTRA = "pip install 'softlabels[lm]'"
+
+
+def tokenizer_file(path: str | os.PathLike[str]) -> Path:
+    """The ``tokenizer.json`` that ``path`` names: the file itself, or the one inside a directory."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / TOKENIZER_JSON
+        if not p.is_file():
+            raise DataError(f"tokenizer directory '{p.parent}' holds no {TOKENIZER_JSON}; pass a directory written "
+                            "by a Hugging Face fast tokenizer's save_pretrained, or a tokenizer.json")
+    elif not p.is_file():
+        what = "does not exist" if not p.exists() else "is not a regular file"
+        raise DataError(f"tokenizer '{p}' {what}; pass a tokenizer.json or a directory holding one")
+    return p
+
+
+def open_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` or a directory holding one (JSON only; nothing runs)."""
+    tokenizers = optional_module("tokenizers", "token data", _LM_EXTRA)
+    file = tokenizer_file(path)
+    try:
+        return tokenizers.Tokenizer.from_file(str(file))
+    except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exception subclasses
+        text = " ".join(str(err).split())[:200]
+        raise DataError(f"cannot read tokenizer '{file}' ({text}); pass a tokenizer.json saved by "
+                        "tokenizers.Tokenizer.save or a Hugging Face tokenizer's save_pretrained") from None
+
+
+def tokenizer_fingerprint(tokenizer: str | os.PathLike[str] | Any) -> str:
+    """``"sha256:<hex>"`` over the vocabulary (every token and its id, added tokens included) and
+    which ids are special tokens.
+
+    ``tokenizer`` is a ``tokenizer.json``, a directory holding one, a loaded
+    ``tokenizers.Tokenizer`` or a transformers fast tokenizer. The digest is taken over the parsed vocabulary, not the file's
+    bytes, so re-saving or re-indenting ``tokenizer.json`` keeps it; two tokenizers with the
+    same ids for the same token strings and the same special tokens share it.
+    """
+    if isinstance(tokenizer, str | os.PathLike):
+        tok = open_tokenizer(tokenizer)
+    else:  # a tokenizers.Tokenizer, or a transformers fast tokenizer around one
+        tok = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    vocab = sorted((int(i), t) for t, i in tok.get_vocab(with_added_tokens=True).items())
+    special = sorted(int(i) for i, t in tok.get_added_tokens_decoder().items() if t.special)
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(b"softlabels-tokenizer-fingerprint-v1|")
+    digest.update(payload.encode("utf-8"))
+    return f"sha256:{digest.hexdigest()}"
