@@ -106,25 +106,17 @@ def _runs(made) -> dict[str, tuple[TrainConfig, dict]]:
         "v1-topk-zarr": (_v1(made, "n", "topk.zarr", temperature=1.0), {}),
         "v1-sharded-zarr": (_v1(made, "o", "sharded.zarr", batch_size=5), {}),
         "lm-dense": (_lm(made, "p", made["lm-dense"], temperature=2.0), {}),
-        "lm-topk-renormalize": (_lm(made, "q", made["lm-topk"]), {"topk_renormalize": True}),
+        "lm-topk-renormalize": (_lm(made, "q", made["lm-topk"], topk_renormalize=True), {}),
         "lm-sampled-2-workers": (_lm(made, "r", made["lm-sampled"], num_workers=2, batch_size=3), {}),
         "lm-jsd-sgd": (_lm(made, "s", made["lm-topk"], loss="jsd", optimizer="sgd", lr=0.5, seed=3), {}),
     }
-
-
-def _train(config: TrainConfig, extra: dict) -> dict:
-    if "topk_renormalize" in extra:
-        from softlabels.student.lm_trainer import train_lm
-
-        return train_lm(config, topk_renormalize=True)
-    return train(config, **extra)
 
 
 @pytest.mark.parametrize("name", [n for n in PINNED if n != "init-from-run"])
 def test_weights_are_the_pinned_ones(made, name):
     config, extra = _runs(made)[name]
     torch.set_num_threads(1)
-    summary = _train(config, extra)
+    summary = train(config, **extra)
     assert summary["weights_digest"][:16] == PINNED[name], summary["weights_digest"][:16]
 
 

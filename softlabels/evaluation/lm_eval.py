@@ -23,12 +23,10 @@ from softlabels.errors import ModelMismatch, SpecError
 from softlabels.evaluation.config import EvalConfig
 from softlabels.store.layouts.targets import SampledTarget
 from softlabels.student import kd
+from softlabels.student.dataset import SoftLabelDataset
+from softlabels.student.kinds.tokens import select_rows
 from softlabels.student.lm_metrics import LMEvalAccumulator
-from softlabels.student.token_dataset import (
-    TokenStoreDataset,
-    batch_target,
-    select_rows,
-)
+from softlabels.student.losses import as_target
 
 __all__ = ["evaluate_lm", "is_lm_run"]
 
@@ -59,7 +57,7 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
     """Metrics of an LM run's student on ``data_spec`` (and against ``store``'s teacher); a flat dict."""
     from softlabels._runtime.device import resolve_device, set_threads
     from softlabels.inputs.text import resolve_token_data
-    from softlabels.store.reader import UnitStore
+    from softlabels.store.ensemble.reader import open_units
     from softlabels.student.checkpoint import find_checkpoint, load_checkpoint
 
     set_threads(threads)
@@ -77,20 +75,20 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
             with torch.no_grad():
                 acc.update(model(b.ids.to(dev)), b.ids.to(dev), b.mask.to(dev), b.lengths.to(dev))
     else:
-        opened = UnitStore(store)
+        opened = open_units(store)
         try:
             if opened.meta.num_classes != int(config["num_classes"]):
                 raise ModelMismatch(f"the student has a vocabulary of {config['num_classes']} but store "
                                     f"{str(store)!r} has {opened.meta.num_classes}; pass the store of this "
                                     "student's teacher (cross-tokenizer distillation is not supported)")
-            ds = TokenStoreDataset(opened, data, batch_size=batch_size, shuffle=False, rank=0, world_size=1)
+            ds = SoftLabelDataset([(opened, data)], batch_size=batch_size, shuffle=False, rank=0, world_size=1)
             for batch in ds:
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 with torch.no_grad():
                     logits = model(batch["ids"])
                     acc.update(logits, batch["ids"], lengths=batch["lengths"],
                                mask=batch["loss_mask"].roll(1, 1))  # token t+1 is a target
-                    _teacher_terms(teacher, logits, batch, ds.layout)
+                    _teacher_terms(teacher, logits, batch)
         finally:
             opened.close()
     out: dict[str, Any] = {"student": config.get("student"), "data": data_spec, "store": str(store) if store else None,
@@ -104,12 +102,12 @@ def evaluate_lm(checkpoint: str | Path, data_spec: str, store: str | Path | None
     return out
 
 
-def _teacher_terms(sums: dict[str, float], logits: torch.Tensor, batch: dict[str, Any], layout: str) -> None:
+def _teacher_terms(sums: dict[str, float], logits: torch.Tensor, batch: dict[str, Any]) -> None:
     """Add the batch's agreement and KL(teacher || student) over its counted positions."""
     index = batch["index"]
     keep = batch["loss_mask"].reshape(-1)[index]
     s = logits.reshape(-1, logits.shape[-1])[index[keep]].float()
-    target = select_rows(batch_target(batch, layout), keep)
+    target = select_rows(as_target(batch), keep)
     sums["kl"] += float(kd.divergence("forward_kl", s, target, 1.0).double().sum())
     if isinstance(target, SampledTarget):
         sums["estimate"] += float(kd.sampled_kl(s, target, 1.0).double().sum())

@@ -51,6 +51,7 @@ __all__ = [
     "JSD",
     "LOSSES",
     "as_target",
+    "target_arrays",
     "make_soft_loss",
     "DistillationLoss",
 ]
@@ -85,6 +86,17 @@ def as_target(batch: Any) -> DenseTarget | TopKTarget | SampledTarget | None:
         missing = [k for k in TOPK_KEYS if k not in batch]
         raise DataError(f"top-k batch lacks {', '.join(missing)}; rebuild the batch with all of {', '.join(TOPK_KEYS)}")
     return TopKTarget(batch["topk_values"], batch["topk_indices"], batch["logsumexp"])
+
+
+# a typed target's fields -> the stored arrays' names, under which its tensors travel in a batch
+_ARRAYS = {DenseTarget: {"logits": "logits"},
+           TopKTarget: {"values": "topk_values", "ids": "topk_indices", "logsumexp": "logsumexp"},
+           SampledTarget: dict(zip(("ids", "counts", "logits", "logsumexp"), SAMPLED_KEYS))}
+
+
+def target_arrays(target: DenseTarget | TopKTarget | SampledTarget) -> dict[str, Tensor]:
+    """A typed target's tensors under the stored arrays' names (what a batch carries; :func:`as_target` inverts it)."""
+    return {name: getattr(target, f) for f, name in _ARRAYS[type(target)].items()}
 
 
 _compute_dtype = kd.compute_dtype
