@@ -17,7 +17,6 @@ ensemble of stores.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -194,28 +193,15 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
             self._sizes, share=self.kind.share, batch_size=self.batch_size, window_chunks=self.window_chunks,
             seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank, world=self.world_size,
             worker=loader_worker, workers=workers, done=done)
-        cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        held = self.kind.holder(self._load, keep=self.window_chunks + 1, sizes=self._sizes)  # a window, plus one
         for rows in batches:
             unit = np.searchsorted(self._starts, rows, side="right") - 1
-            first = np.unique(unit, return_index=True)[1]  # units in the order the batch's rows need them:
-            needed = unit[np.sort(first)]  # an earlier window's first, so the cache drops those first
-            units = self._units(needed, cache, self.window_chunks + 1)  # a window, plus one to straddle into
-            yield self.kind.batch(units, unit, rows - self._starts[unit], self._source[unit], self.stores, self.data)
+            yield self.kind.batch(held, unit, rows - self._starts[unit], self._source[unit], self.stores, self.data)
 
-    def _units(self, needed: np.ndarray, cache: OrderedDict, keep: int) -> dict[int, dict[str, np.ndarray]]:
-        """The rows of the global units ``needed``: from the cache, the rest read whole (the cache keeps ``keep``)."""
-        got = {}
-        for g in needed.tolist():  # hits first: reading the misses must not evict a unit this batch needs
-            if g in cache:
-                cache.move_to_end(g)
-                got[g] = cache[g]
-        for g in needed.tolist():
-            if g not in got:
-                block = self.stores[self._source[g]].read_unit(int(self._unit[g]), verify=self.verify)
-                got[g] = cache[g] = self.kind.unit_rows(block, seed=self.seed, epoch=self.epoch)
-                while len(cache) > keep:
-                    cache.popitem(last=False)
-        return got
+    def _load(self, g: int) -> dict[str, np.ndarray]:
+        """The rows of global unit ``g``, read whole (checksum-verified with ``verify``)."""
+        block = self.stores[self._source[g]].read_unit(int(self._unit[g]), verify=self.verify)
+        return self.kind.unit_rows(block, seed=self.seed, epoch=self.epoch)
 
 
 def _unit_sizes(store: Any) -> np.ndarray:
@@ -251,8 +237,7 @@ class SoftLabelMapDataset(Dataset):
             raise ConfigError(f"cache_chunks must be an integer >= 1, got {cache_chunks!r}")
         self.ds = SoftLabelDataset([(store, data)], batch_size=1, shuffle=False, rank=0, world_size=1,
                                    verify=verify, check_fingerprint=check_fingerprint)
-        self.cache_chunks = cache_chunks
-        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.held = self.ds.kind.holder(self.ds._load, keep=cache_chunks, sizes=self.ds._sizes)
 
     num_classes = property(lambda self: self.ds.num_classes)
     layout = property(lambda self: self.ds.layout)
@@ -267,6 +252,5 @@ class SoftLabelMapDataset(Dataset):
             raise IndexError(f"row {index} out of range for a store of {n} rows")
         ds = self.ds
         unit = np.searchsorted(ds._starts, [i], side="right") - 1
-        units = ds._units(unit, self._cache, self.cache_chunks)
-        batch = ds.kind.batch(units, unit, i - ds._starts[unit], ds._source[unit], ds.stores, ds.data)
+        batch = ds.kind.batch(self.held, unit, i - ds._starts[unit], ds._source[unit], ds.stores, ds.data)
         return {k: v[0] for k, v in batch.items()}

@@ -16,7 +16,7 @@ rebuilds it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ class SampleRows:
             specs[VIEW_PARAMS] = (many + (self.params,), np.dtype("float32"))
             specs[VIEW] = (many, np.dtype("int64"))
         self.specs = {**specs, fmt.LABELS: ((), np.dtype("int64")), fmt.SAMPLE_IDS: ((), np.dtype("int64"))}
+        self.names = tuple(self.layout.arrays())  # the target's arrays (asked once: a batch loop is hot)
 
     @staticmethod
     def check_data(store: Any, data: Any, check_fingerprint: bool) -> None:
@@ -79,43 +80,88 @@ class SampleRows:
             many = self.k > 1
             view = choose_views(seed, ids, epoch, self.num_views, self.k if many else None)
             pick = (np.arange(len(ids))[:, None] if many else np.arange(len(ids)), view)
-            rows = {k: block[k][pick] for k in self.layout.arrays()}
+            rows = {k: block[k][pick] for k in self.names}
             rows.update({VIEW_PARAMS: block[VIEW_PARAMS][pick].astype(np.float32), VIEW: view,
                          fmt.LABELS: block[fmt.LABELS], fmt.SAMPLE_IDS: ids})
         # ids < C and the like, on the rows that will be trained on ([n, k, ...] is checked as n·k rows)
         lead = 2 if self.num_views and self.k > 1 else 1
-        self.layout.check({k: rows[k].reshape(-1, *rows[k].shape[lead:]) for k in self.layout.arrays()})
+        self.layout.check({k: rows[k].reshape(-1, *rows[k].shape[lead:]) for k in self.names})
         return rows
 
+    def holder(self, load: Callable[[int], dict[str, np.ndarray]], *, keep: int, sizes: np.ndarray) -> Slots:
+        """Where one iterator keeps the units it streams (see :class:`Slots`)."""
+        return Slots(load, keep, sizes, self.specs)
+
     # -- a batch ------------------------------------------------------------------------------------
-    def batch(self, units: dict[int, dict[str, np.ndarray]], unit: np.ndarray, local: np.ndarray,
-              source: np.ndarray, stores: list, data: list) -> dict[str, torch.Tensor]:
-        """The batch of rows ``local`` of units ``unit`` (in that order), joined with its inputs."""
+    def batch(self, held: Slots, unit: np.ndarray, local: np.ndarray, source: np.ndarray, stores: list,
+              data: list) -> dict[str, torch.Tensor]:
+        """The batch of rows ``local`` of global units ``unit`` (in that order), joined with its inputs."""
         n = len(unit)
         arrays = {k: np.empty((n, *shape), dtype) for k, (shape, dtype) in self.specs.items()}
-        gather(units, unit, local, arrays)
-        names = self.layout.arrays()
-        out = {k: torch.from_numpy(v) for k, v in arrays.items() if k not in names}
+        held.gather(unit, local, arrays)
+        out = {k: torch.from_numpy(v) for k, v in arrays.items() if k not in self.names}
         out["source"] = torch.from_numpy(source)
-        out.update(target_arrays(self.layout.decode({k: arrays[k] for k in names})))
+        out.update(target_arrays(self.layout.decode({k: arrays[k] for k in self.names})))
         if data[0] is not None:
             out["x"] = _inputs(arrays[fmt.SAMPLE_IDS], source, stores, data)
         return out
 
 
-def gather(units: dict[int, dict[str, np.ndarray]], unit: np.ndarray, local: np.ndarray,
-           out: dict[str, np.ndarray]) -> None:
-    """``out[k][i] = units[unit[i]][k][local[i]]`` for every array ``k`` of ``out``, one unit at a time."""
-    if len(units) == 1:
-        block = next(iter(units.values()))
-        for k, v in out.items():  # mode="clip": no bounds pass, and no buffered copy of `out`
-            np.take(block[k], local, axis=0, out=v, mode="clip")
-        return
-    for u, block in units.items():
-        sel = np.flatnonzero(unit == u)
-        rows = local[sel]
-        for k, v in out.items():
-            v[sel] = block[k][rows]
+class Slots:
+    """Up to ``keep`` units' rows in one buffer per array, so most batches are one ``np.take`` per array.
+
+    A unit is read (``load(g)``) when a batch first needs it, into a free slot or the one read
+    longest ago (the windows are streamed in order, so that unit's rows are all behind); a batch
+    needing more units than fit (one straddling two windows, or the first after a resume) is
+    gathered in rounds.
+    """
+
+    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], keep: int, sizes: np.ndarray,
+                 specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        self.load, self.keep, self.rows = load, keep, int(sizes.max(initial=1))
+        self.specs, self.buf, self.reads = specs, None, 0
+        self.start = np.full(len(sizes), -1, np.int64)  # global unit -> its first row in the buffer, or -1
+        self.unit_in = np.full(keep, -1, np.int64)  # slot -> its global unit, or -1
+        self.read_at = np.full(keep, -1, np.int64)  # slot -> when its unit was read
+
+    def gather(self, unit: np.ndarray, local: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """``out[k][i] = (rows of unit[i])[k][local[i]]`` for every array ``k`` of ``out``."""
+        at = self.start[unit]
+        if at.min(initial=0) >= 0:  # every unit at hand: one take per array
+            at += local
+            for k, v in out.items():  # mode="clip": no bounds pass, and no buffered copy of `out`
+                np.take(self.buf[k], at, axis=0, out=v, mode="clip")
+            return
+        done = np.zeros(len(unit), bool)
+        while True:
+            ready = (at >= 0) & ~done
+            if ready.any():
+                for k, v in out.items():
+                    v[ready] = self.buf[k][at[ready] + local[ready]]
+                done |= ready
+            if done.all():
+                return
+            self._read(unit[~done])
+            at = self.start[unit]
+
+    def _read(self, wanted: np.ndarray) -> None:
+        """Read the units ``wanted`` (none at hand), as many as fit, in the order they first appear.
+
+        The rows still to gather are all theirs, so any slot may take a new unit."""
+        if self.buf is None:
+            self.buf = {k: np.empty((self.keep * self.rows, *shape), dtype) for k, (shape, dtype) in self.specs.items()}
+        order = wanted[np.sort(np.unique(wanted, return_index=True)[1])]
+        free = np.ones(self.keep, bool)  # slots not filled by this call
+        for g in order.tolist()[:self.keep]:
+            s = int(np.flatnonzero(free)[np.argmin(self.read_at[free])])  # the one read longest ago
+            if self.unit_in[s] >= 0:
+                self.start[self.unit_in[s]] = -1
+            rows = self.load(g)
+            n = len(rows[fmt.SAMPLE_IDS])
+            for k, v in self.buf.items():
+                v[s * self.rows:s * self.rows + n] = rows[k]
+            self.start[g], self.unit_in[s], self.read_at[s], free[s] = s * self.rows, g, self.reads, False
+            self.reads += 1
 
 
 def _inputs(ids: np.ndarray, source: np.ndarray, stores: list, data: list) -> torch.Tensor:

@@ -24,7 +24,8 @@ same batches of token data alone, for hard next-token CE without a store.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from softlabels.student.kinds.sample import short
 from softlabels.student.lm_metrics import next_token_targets
 from softlabels.student.losses import as_target, target_arrays
 
-__all__ = ["TokenRows", "TokenDataBatches", "lm_loss", "select_rows"]
+__all__ = ["Blocks", "TokenRows", "TokenDataBatches", "lm_loss", "select_rows"]
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -83,10 +84,14 @@ class TokenRows:
         self.layout.check(block)
         return block
 
-    def batch(self, units: dict[int, dict[str, np.ndarray]], unit: np.ndarray, local: np.ndarray,
-              source: np.ndarray, stores: list, data: list) -> dict[str, Any]:
-        """The padded batch of sequences ``local`` of units ``unit`` (in that order)."""
-        b = len(unit)
+    @staticmethod
+    def holder(load: Callable[[int], dict[str, np.ndarray]], *, keep: int, sizes: np.ndarray) -> Blocks:
+        return Blocks(load, keep)
+
+    def batch(self, held: Blocks, unit: np.ndarray, local: np.ndarray, source: np.ndarray, stores: list,
+              data: list) -> dict[str, Any]:
+        """The padded batch of sequences ``local`` of global units ``unit`` (in that order)."""
+        units, b = held.get(unit), len(unit)
         lengths, sample_ids = np.empty(b, np.int64), np.empty(b, np.int64)
         picks = [(block, sel, local[sel]) for u, block in units.items() for sel in (np.flatnonzero(unit == u),)]
         for block, sel, rows in picks:
@@ -111,6 +116,28 @@ class TokenRows:
         batch = _padded(tokens, sample_ids)
         batch.update(target_arrays(self.layout.decode(arrays)))
         return batch
+
+
+class Blocks:
+    """The last ``keep`` units read (``load(g)``), as they came: ragged rows are gathered unit by unit."""
+
+    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], keep: int) -> None:
+        self.load, self.keep = load, keep
+        self.cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    def get(self, unit: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+        """The units of a batch's rows, in the order the rows first need them (an earlier window's first, so
+        the cache drops those first); hits before misses, so reading a miss never drops a unit the batch needs."""
+        needed = unit[np.sort(np.unique(unit, return_index=True)[1])].tolist()
+        got = {g: self.cache[g] for g in needed if g in self.cache}
+        for g in got:
+            self.cache.move_to_end(g)
+        for g in needed:
+            if g not in got:
+                got[g] = self.cache[g] = self.load(g)
+                while len(self.cache) > self.keep:
+                    self.cache.popitem(last=False)
+        return got
 
 
 def _padded(tokens: Any, sample_ids: np.ndarray) -> dict[str, Any]:
