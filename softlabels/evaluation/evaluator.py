@@ -85,8 +85,9 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     ``student`` overrides the checkpoint's recorded architecture spec (see :func:`load_student`).
 
     Returns a flat dict. A classifier: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store
-    also ``teacher_accuracy``, ``agreement``, ``kl_to_teacher``, ``correlation`` and (dense stores)
-    ``teacher_ece``; and ``flops`` (multiply-accumulates per sample). A language model:
+    also ``teacher_accuracy``, ``agreement``, ``kl_to_teacher`` (over the stored ids plus the tail
+    for top-k and sampled stores: a lower bound), ``correlation`` (dense and top-k stores) and
+    (dense stores) ``teacher_ece``; and ``flops`` (multiply-accumulates per sample). A language model:
     ``loss``, ``perplexity``, ``accuracy``, ``ece``, ``positions``, ``sequences``; with a store
     also ``agreement``, ``kl_to_teacher`` and its kind (see the module doc). Both: the student,
     ``num_parameters`` and what was evaluated. ``threads`` sets torch's CPU threads (0: torch's
