@@ -17,6 +17,7 @@ ensemble of stores.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -136,6 +137,8 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
         self._source = np.concatenate([np.full(s.meta.num_units, i, np.int64) for i, s in enumerate(self.stores)])
         self._unit = np.concatenate([np.arange(s.meta.num_units, dtype=np.int64) for s in self.stores])
         self._starts = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
+        # stores that read a unit into given arrays (an ensemble combines into new ones)
+        self._reads_into = ["out" in inspect.signature(s.read_unit).parameters for s in self.stores]
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches_done)
         for s in self.stores:
@@ -194,13 +197,14 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
             seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank, world=self.world_size,
             worker=loader_worker, workers=workers, done=done)
         held = self.kind.holder(self._load, keep=self.window_chunks + 1, sizes=self._sizes)  # a window, plus one
-        for rows in batches:
-            unit = np.searchsorted(self._starts, rows, side="right") - 1
-            yield self.kind.batch(held, unit, rows - self._starts[unit], self._source[unit], self.stores, self.data)
+        for unit, local in batches:
+            yield self.kind.batch(held, unit, local, self._source[unit], self.stores, self.data)
 
-    def _load(self, g: int) -> dict[str, np.ndarray]:
-        """The rows of global unit ``g``, read whole (checksum-verified with ``verify``)."""
-        block = self.stores[self._source[g]].read_unit(int(self._unit[g]), verify=self.verify)
+    def _load(self, g: int, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The rows of global unit ``g``, read whole (checksum-verified with ``verify``; into ``out`` if given)."""
+        s = int(self._source[g])
+        kw = {"out": out} if out is not None and self._reads_into[s] else {}
+        block = self.stores[s].read_unit(int(self._unit[g]), verify=self.verify, **kw)
         return self.kind.unit_rows(block, seed=self.seed, epoch=self.epoch)
 
 

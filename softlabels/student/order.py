@@ -45,7 +45,7 @@ __all__ = [
     "window_perm",
     "batch_pieces",
     "stream_batches",
-    "iter_batches",
+    "chunk_batches",
     "batches_per_epoch",
     "loader_batches",
 ]
@@ -182,36 +182,37 @@ def batch_pieces(window_rows: Sequence[int], batch_size: int, skip: int = 0) -> 
         yield pieces
 
 
-def iter_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, seed: int, epoch: int,
-                 shuffle: bool, rank: int, world: int, worker: int, workers: int,
-                 skip_batches: int = 0) -> Iterator[np.ndarray]:
-    """The global row ids of each batch one (rank, worker) stream yields, window by window (no I/O).
+def chunk_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, seed: int, epoch: int,
+                  shuffle: bool, rank: int, world: int, worker: int, workers: int,
+                  skip_batches: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each batch one (rank, worker) stream yields, as the global chunk and the row within it of every row.
 
     A window's shuffled rows are computed when its first batch is, so an epoch of any size
-    costs the index math of one window at a time.
+    costs the index math of one window at a time, and a batch is slices of it (no I/O).
     """
-    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
     order = chunk_order(len(sizes), seed=seed, epoch=epoch, shuffle=shuffle)
     lo, hi = worker_range(int(sizes.sum()), batch_size, rank, world, worker, workers)
     windows, offset = plan_windows(sizes, order, lo, hi, window_chunks, skip_batches * batch_size)
-    current, rows = -1, np.empty(0, np.int64)
+    current, chunk, row = -1, np.empty(0, np.int64), np.empty(0, np.int64)
     for pieces in batch_pieces([w.rows for w in windows], batch_size, offset):
         parts = []
         for w, a, b in pieces:
             if w != current:  # batches run through the windows in order: only one window's rows are kept
                 win, current = windows[w], w
-                rows = np.concatenate([np.arange(starts[g] + x, starts[g] + y) for g, x, y
-                                       in zip(win.chunks, win.lo, win.hi)])
-                perm = window_perm(len(rows), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, worker=worker,
+                chunk = np.repeat(win.chunks, win.hi - win.lo)
+                row = np.concatenate([np.arange(x, y) for x, y in zip(win.lo, win.hi)])
+                perm = window_perm(len(row), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, worker=worker,
                                    window=win.index)
-                rows = rows if perm is None else rows[perm]
-            parts.append(rows[a:b])
-        yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+                if perm is not None:
+                    chunk, row = chunk[perm], row[perm]
+            parts.append((chunk[a:b], row[a:b]))
+        yield parts[0] if len(parts) == 1 else tuple(np.concatenate(x) for x in zip(*parts))
 
 
 def stream_batches(sizes: np.ndarray, **kw) -> list[np.ndarray]:
-    """Every batch of :func:`iter_batches` as a list: the reference the dataset's tests compare against."""
-    return list(iter_batches(sizes, **kw))
+    """The global row ids of every batch of :func:`chunk_batches`: the reference the dataset's tests use."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    return [starts[chunk] + row for chunk, row in chunk_batches(sizes, **kw)]
 
 
 def batches_per_epoch(total: int, batch_size: int, rank: int, world: int, share: str) -> int:
@@ -224,9 +225,9 @@ def batches_per_epoch(total: int, batch_size: int, rank: int, world: int, share:
 
 def loader_batches(sizes: np.ndarray, *, share: str, batch_size: int, window_chunks: int, seed: int, epoch: int,
                    shuffle: bool, rank: int, world: int, worker: int, workers: int,
-                   done: int = 0) -> Iterator[np.ndarray]:
-    """Row ids of each batch DataLoader worker ``worker`` of ``workers`` yields for ``rank``, after the loop
-    has consumed ``done`` batches of the epoch.
+                   done: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each batch DataLoader worker ``worker`` of ``workers`` yields for ``rank``, after the loop has consumed
+    ``done`` batches of the epoch, as in :func:`chunk_batches`.
 
     ``share="rows"``: rank ``r`` streams rows ``[r*T//P, (r+1)*T//P)`` of the epoch stream, its workers
     balanced runs of its batches (steps 2-4 of the module doc). ``share="batches"``: one stream of
@@ -239,14 +240,14 @@ def loader_batches(sizes: np.ndarray, *, share: str, batch_size: int, window_chu
         counts = worker_batch_counts(int(sizes.sum()), batch_size, rank, world, workers)
         taken, due = resume_point(counts, done)
         stream = (due + worker) % workers  # a new DataLoader's worker p continues the round-robin at `due`
-        yield from iter_batches(sizes, batch_size=batch_size, rank=rank, world=world, worker=stream,
-                                workers=workers, skip_batches=int(taken[stream]), **kw)
+        yield from chunk_batches(sizes, batch_size=batch_size, rank=rank, world=world, worker=stream,
+                                 workers=workers, skip_batches=int(taken[stream]), **kw)
         return
-    glob = iter_batches(sizes, batch_size=batch_size * world, rank=0, world=1, worker=0, workers=1, **kw)
-    for j, rows in enumerate(glob):
+    glob = chunk_batches(sizes, batch_size=batch_size * world, rank=0, world=1, worker=0, workers=1, **kw)
+    for j, (chunk, row) in enumerate(glob):
         if j >= done and (j - done) % workers == worker:
-            a, b = split(len(rows), world, rank)
-            yield rows[a:b]
+            a, b = split(len(row), world, rank)
+            yield chunk[a:b], row[a:b]
 
 
 class EpochState:

@@ -90,7 +90,7 @@ class SampleRows:
 
     def holder(self, load: Callable[[int], dict[str, np.ndarray]], *, keep: int, sizes: np.ndarray) -> Slots:
         """Where one iterator keeps the units it streams (see :class:`Slots`)."""
-        return Slots(load, keep, sizes, self.specs)
+        return Slots(load, keep, sizes, self.specs, direct=not self.num_views)
 
     # -- a batch ------------------------------------------------------------------------------------
     def batch(self, held: Slots, unit: np.ndarray, local: np.ndarray, source: np.ndarray, stores: list,
@@ -110,16 +110,18 @@ class SampleRows:
 class Slots:
     """Up to ``keep`` units' rows in one buffer per array, so most batches are one ``np.take`` per array.
 
-    A unit is read (``load(g)``) when a batch first needs it, into a free slot or the one read
+    A unit is read (``load(g, out=...)``, straight into its slot where its rows are the stored
+    arrays) when a batch first needs it, into a free slot or the one read
     longest ago (the windows are streamed in order, so that unit's rows are all behind); a batch
     needing more units than fit (one straddling two windows, or the first after a resume) is
     gathered in rounds.
     """
 
-    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], keep: int, sizes: np.ndarray,
-                 specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        self.load, self.keep, self.rows = load, keep, int(sizes.max(initial=1))
-        self.specs, self.buf, self.reads = specs, None, 0
+    def __init__(self, load: Callable[..., dict[str, np.ndarray]], keep: int, sizes: np.ndarray,
+                 specs: dict[str, tuple[tuple[int, ...], np.dtype]], *, direct: bool = False) -> None:
+        keep = min(keep, len(sizes))  # never more slots than units
+        self.load, self.keep, self.rows, self.sizes = load, keep, int(sizes.max(initial=1)), sizes
+        self.specs, self.buf, self.reads, self.direct = specs, None, 0, direct
         self.start = np.full(len(sizes), -1, np.int64)  # global unit -> its first row in the buffer, or -1
         self.unit_in = np.full(keep, -1, np.int64)  # slot -> its global unit, or -1
         self.read_at = np.full(keep, -1, np.int64)  # slot -> when its unit was read
@@ -156,10 +158,12 @@ class Slots:
             s = int(np.flatnonzero(free)[np.argmin(self.read_at[free])])  # the one read longest ago
             if self.unit_in[s] >= 0:
                 self.start[self.unit_in[s]] = -1
-            rows = self.load(g)
-            n = len(rows[fmt.SAMPLE_IDS])
-            for k, v in self.buf.items():
-                v[s * self.rows:s * self.rows + n] = rows[k]
+            n = int(self.sizes[g])
+            slot = {k: v[s * self.rows:s * self.rows + n] for k, v in self.buf.items()}
+            rows = self.load(g, out=slot if self.direct else None)  # a unit's rows as stored: read in place
+            for k, v in slot.items():
+                if rows[k] is not v:
+                    v[...] = rows[k]
             self.start[g], self.unit_in[s], self.read_at[s], free[s] = s * self.rows, g, self.reads, False
             self.reads += 1
 
