@@ -23,10 +23,11 @@ from softlabels.errors import (
 )
 from softlabels.inputs.arrays import ArrayDataset
 from softlabels.inputs.fingerprints import fingerprint
-from softlabels.store.v1 import SoftLabelStore
-from softlabels.store.v1_writer import StoreWriter
+from softlabels.store.ensemble.reader import open_units
+from softlabels.store.reader import UnitStore
 from softlabels.student import order as _order
 from softlabels.student.dataset import SoftLabelDataset, SoftLabelMapDataset
+from tests._student import write_logits
 from tests.conftest import read_plain
 
 BACKENDS = {"hdf5": ".h5", "zarr": ".zarr"}
@@ -39,21 +40,10 @@ def make_store(path: Path, n: int = N, c: int = C, *, chunk_rows: int = CHUNK, l
     """A store whose sample ids are a permutation of range(n)."""
     rng = np.random.default_rng(seed)
     z = torch.from_numpy(rng.standard_normal((n, c)).astype(np.float32) * 3)
-    rows = {"labels": rng.integers(0, c, n) if labeled else np.full(n, -1),
-            "sample_ids": rng.permutation(n)}
-    if layout == "dense":
-        rows["logits"] = z
-    else:
-        v, i = z.topk(k, dim=-1)
-        rows.update(topk_values=v, topk_indices=i, logsumexp=z.logsumexp(-1))
+    labels, ids = rng.integers(0, c, n) if labeled else np.full(n, -1), rng.permutation(n)
     source = {"spec": f"test:{seed}", "fingerprint": fingerprint(data)} if data is not None else {}
-    w = StoreWriter.create(path, num_samples=n, num_classes=c, layout=layout, topk=k, logits_dtype=dtype,
-                           chunk_rows=chunk_rows, source=source)
-    w.write(0, **rows)
-    if finish:
-        w.finish()
-    w.close()
-    return path
+    return write_logits(path, z, labels, ids, layout=layout, k=k, dtype=dtype, chunk_rows=chunk_rows, source=source,
+                        finish=finish)
 
 
 def make_data(n: int = N, seed: int = 0) -> ArrayDataset:
@@ -101,7 +91,7 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_every_row_once_per_epoch_across_ranks_and_workers(dense, world):
     path, data, arrays = dense
-    store = SoftLabelStore(path)
+    store = open_units(path)
     for workers in (0, 1, 2, 3):
         for epoch in range(3):
             per_rank = []
@@ -250,22 +240,22 @@ def test_resume_with_real_workers(dense, transport):
     assert len(list(again)) == len(again)
 
 
-def test_resume_does_not_reread_consumed_windows(dense, monkeypatch):
+def test_resume_reads_only_the_units_of_the_batches_to_come(dense, monkeypatch):
     path, data, _ = dense
     reads: list[int] = []
-    original = SoftLabelStore.read_chunk_into
+    original = UnitStore.read_unit
 
-    def counting(self, chunk, out, **kw):
-        reads.append(chunk)
-        return original(self, chunk, out, **kw)
+    def counting(self, unit, **kw):
+        reads.append(unit)
+        return original(self, unit, **kw)
 
-    monkeypatch.setattr(SoftLabelStore, "read_chunk_into", counting)
-    window = 2
-    ds = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=window)
+    monkeypatch.setattr(UnitStore, "read_unit", counting)
+    ds = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=2)
     sizes = np.diff(np.r_[0:N:CHUNK, N])
-    order = _order.chunk_order(len(sizes), seed=0, epoch=0, shuffle=True)
     for workers in (1, 2):
         counts = _order.worker_batch_counts(N, BATCH, 0, 1, workers)
+        full = [_order.stream_batches(sizes, batch_size=BATCH, window_chunks=2, seed=0, epoch=0, shuffle=True,
+                                      rank=0, world=1, worker=w, workers=workers) for w in range(workers)]
         for k in range(len(ds) + 1):
             ds.load_state_dict({"epoch": 0, "seed": 0, "batches_done": k})
             done, due = _order.resume_point(counts, k)
@@ -273,14 +263,9 @@ def test_resume_does_not_reread_consumed_windows(dense, monkeypatch):
                 reads.clear()
                 list(ds._iter_worker(p, workers))
                 w = (due + p) % workers
-                lo, hi = _order.worker_range(N, BATCH, 0, 1, w, workers)
-                skip = int(done[w]) * BATCH
-                # exactly the chunks of windows not wholly consumed, each once
-                wins, _ = _order.plan_windows(sizes, order, lo, hi, window)
-                left = [int(g) for win in wins if win.start + win.rows > skip for g in win.chunks]
-                assert reads == left
-                if wins and skip >= wins[0].rows:  # a wholly consumed window is never read
-                    assert len(reads) <= sum(len(win.chunks) for win in wins) - len(wins[0].chunks)
+                # each unit holding a row still to come, read once, in the order the batches first need it
+                units = [u for b in full[w][int(done[w]):] for u in (b // CHUNK).tolist()]
+                assert reads == list(dict.fromkeys(units))
     ds.load_state_dict({"epoch": 0, "seed": 0, "batches_done": len(ds)})
     reads.clear()
     assert list(ds) == [] and reads == []
@@ -332,8 +317,8 @@ def test_mismatched_stores_and_data_are_refused(tmp_path):
     assert "\n" not in msg and "base.h5" in msg and "--data" in msg and msg.count("sha256:") == 2
     assert fingerprint(data)[:19] in msg
     SoftLabelDataset([(base, make_data(seed=9))], batch_size=4, check_fingerprint=False)  # allowed when asked
-    with pytest.raises(DataError, match="sample ids"):
-        SoftLabelDataset([(base, make_data(N - 1))], batch_size=4, check_fingerprint=False)
+    with pytest.raises(DataError, match="sample id"):  # checked batch by batch: reading them all costs a pass
+        list(SoftLabelDataset([(base, make_data(N - 1))], batch_size=4, check_fingerprint=False))
     with pytest.raises(ConfigError, match="every source or for none"):
         SoftLabelDataset([(base, data), (base, None)], batch_size=4)
     with pytest.raises(ConfigError) as err:
@@ -343,7 +328,7 @@ def test_mismatched_stores_and_data_are_refused(tmp_path):
     with pytest.raises(IncompleteStore):
         SoftLabelDataset([(partial, None)], batch_size=4)
     with pytest.raises(IncompleteStore):
-        SoftLabelDataset([(SoftLabelStore(partial, allow_partial=True), None)], batch_size=4)
+        SoftLabelDataset([(UnitStore(partial, allow_partial=True), None)], batch_size=4)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -356,7 +341,7 @@ def test_corrupt_chunk_surfaces_during_iteration(tmp_path, backend):
         a = zarr.open_array(str(path), path="logits", mode="r+")
         a[2 * CHUNK + 1] = a[2 * CHUNK + 1] + 1
     ds = SoftLabelDataset([(path, None)], batch_size=BATCH)  # construction reads no chunk
-    with pytest.raises(CorruptStore, match="chunk 2"):
+    with pytest.raises(CorruptStore, match="unit 2"):
         list(ds)
     assert len(ids_of(list(SoftLabelDataset([(path, None)], batch_size=BATCH, verify=False)))) == N
 
@@ -371,7 +356,7 @@ def test_map_dataset_rows_and_cache(dense):
         np.testing.assert_array_equal(item["logits"].numpy(), arrays["logits"][i])
         assert int(item["sample_ids"]) == arrays["sample_ids"][i] and int(item["labels"]) == arrays["labels"][i]
         assert torch.equal(item["x"], data[int(item["sample_ids"])][0])
-        assert len(ds._cache) <= 2
+        assert (ds.held.unit_in >= 0).sum() <= 2  # units kept
     with pytest.raises(IndexError):
         ds[N]
     batch = next(iter(DataLoader(ds, batch_size=16, num_workers=2)))

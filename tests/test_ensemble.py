@@ -284,7 +284,6 @@ def test_config_modes_are_the_library_modes():
 
 def test_train_distils_from_an_ensemble(tmp_path):
     """``train --ensemble`` hands an EnsembleStore to the dataset as its store (needs the format-2 reader)."""
-    pytest.importorskip("softlabels.student.sources")
     rng = np.random.default_rng(2)
     x = rng.standard_normal((24, 5)).astype(np.float32)
     y = rng.integers(0, 3, 24)

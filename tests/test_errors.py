@@ -1101,12 +1101,6 @@ def _(c):
     return _resume_with(c, model=lambda ck: {k: torch.zeros(2) for k in ck["model"]})
 
 
-@case("E1111")
-def _(c):
-    p = edit_h5(c.copy(c.env.h5), lambda f: f["sample_ids"].__setitem__(slice(0, 2), [5, 5]))
-    return c.train("--store", p)
-
-
 def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:
     """A tiny store whose attributes and array shapes agree but whose data was never written."""
     from softlabels.store.backend import open_backend
@@ -1177,12 +1171,6 @@ def _lm_token_store(c: Ctx) -> Path:
     return c.tmp / "t.h5"
 
 
-def SoftLabelMapDataset_of(store: Path) -> Any:
-    from softlabels.student.dataset import SoftLabelMapDataset
-
-    return SoftLabelMapDataset(store)
-
-
 def _kl(teacher: dict) -> Callable[[Ctx], Any]:
     from softlabels.student.losses import KLDivergence
 
@@ -1231,7 +1219,6 @@ def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L211": lambda c: losses.SkewKL(1.0, alpha=0.0),
         "L212": lambda c: losses.SampledKL(1.0)(torch.zeros(2, C), {"sampled_ids": torch.zeros(2, 3)}),
         "L213": lambda c: losses.TopKKL(1.0)(torch.zeros(3, C), _topk_target()),
-        "L1750": lambda c: SoftLabelMapDataset_of(_v2(c)[0]),
         "L1751": lambda c: _dataset(c, _lm_token_store(c)),
     }
 

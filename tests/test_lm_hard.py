@@ -40,7 +40,7 @@ def test_hard_ce_from_data_alone_equals_plain_cross_entropy(text):
     assert r.exit_code == 0, r.output
     assert "hard next-token CE only" in r.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["alpha"] == 1.0 and summary["config"]["store_identity"] is None
+    assert summary["config"]["alpha"] == 1.0 and summary["config"]["store_identity"] == []
     # one batch per epoch: epoch 1's loss is the untrained student's mean next-token CE, by hand
     data = resolve_token_data(f"text:{text / 't.txt'}", tokenizer=str(text / "tok.json"), seq_len=16)
     b = data.get_batch(np.arange(len(data)))

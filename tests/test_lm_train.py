@@ -19,9 +19,9 @@ from softlabels.inputs.loader import batch_loader
 from softlabels.store.layouts import make_layout
 from softlabels.store.reader import UnitStore
 from softlabels.student.config import TrainConfig
-from softlabels.student.lm_trainer import lm_loss
-from softlabels.student.losses import make_soft_loss
-from softlabels.student.token_dataset import TokenStoreDataset, batch_target
+from softlabels.student.dataset import SoftLabelDataset
+from softlabels.student.kinds.tokens import lm_loss
+from softlabels.student.losses import as_target, make_soft_loss
 from softlabels.student.trainer import train
 from tests._lmstore import (
     PARAMS,
@@ -63,11 +63,11 @@ def _plain(path: str, layout: str, sample: int) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", ["dense", "topk", "sampled", "sampled-zarr"])
 def test_batches_equal_plain_reads(stores, name):
     layout = name.removesuffix("-zarr")
-    ds = TokenStoreDataset(UnitStore(stores[name]), stores["data"], batch_size=4, seed=1)
+    ds = SoftLabelDataset([(UnitStore(stores[name]), stores["data"])], batch_size=4, seed=1)
     lay = make_layout(layout, num_classes=V, **PARAMS[layout])
     seen = []
     for batch in ds:
-        target = batch_target(batch, layout)
+        target = as_target(batch)
         width = batch["ids"].shape[1]
         start = 0
         for b, (sid, n) in enumerate(zip(batch["sample_ids"].tolist(), batch["lengths"].tolist())):
@@ -90,12 +90,12 @@ def test_batches_equal_plain_reads(stores, name):
 
 def test_ranks_and_workers_cover_each_epoch_and_equal_one_process(stores):
     store = stores["topk"]
-    one = TokenStoreDataset(UnitStore(store), stores["data"], batch_size=4, seed=5, world_size=1, rank=0)
+    one = SoftLabelDataset([(UnitStore(store), stores["data"])], batch_size=4, seed=5, world_size=1, rank=0)
     one.set_epoch(2)
     whole = [b["sample_ids"].tolist() for b in one]
     halves = []
     for rank in (0, 1):
-        ds = TokenStoreDataset(UnitStore(store), stores["data"], batch_size=2, seed=5, world_size=2, rank=rank)
+        ds = SoftLabelDataset([(UnitStore(store), stores["data"])], batch_size=2, seed=5, world_size=2, rank=rank)
         ds.set_epoch(2)
         got = [b["sample_ids"].tolist() for b in batch_loader(ds, num_workers=2)]
         assert len(got) == len(ds) == len(whole)
@@ -103,7 +103,7 @@ def test_ranks_and_workers_cover_each_epoch_and_equal_one_process(stores):
     assert [a + b for a, b in zip(*halves)] == whole  # the global batches of one process, in order
     assert sorted(sum(whole, [])) == list(range(len(LENGTHS)))
     # resume after 1 batch continues the same order
-    ds = TokenStoreDataset(UnitStore(store), stores["data"], batch_size=2, seed=5, world_size=2, rank=1)
+    ds = SoftLabelDataset([(UnitStore(store), stores["data"])], batch_size=2, seed=5, world_size=2, rank=1)
     ds.load_state_dict({"epoch": 2, "seed": 5, "batches_done": 1})
     assert [b["sample_ids"].tolist() for b in batch_loader(ds, num_workers=2)] == halves[1][1:]
 
@@ -129,16 +129,16 @@ def _by_hand(layout, s, target, labels, alpha, t):
 
 @pytest.mark.parametrize("layout", ["dense", "topk", "sampled"])
 def test_loss_equals_dense_reference_and_masked_positions_get_no_gradient(stores, layout):
-    ds = TokenStoreDataset(UnitStore(stores[layout]), stores["data"], batch_size=5, shuffle=False)
+    ds = SoftLabelDataset([(UnitStore(stores[layout]), stores["data"])], batch_size=5, shuffle=False)
     batch = next(iter(ds))
     torch.manual_seed(0)
     logits = torch.randn(*batch["ids"].shape, V, dtype=torch.float64, requires_grad=True)
     t = 2.0 if layout == "dense" else 1.0  # the sparse references below are their T = 1 forms
     soft = make_soft_loss(make_layout(layout, num_classes=V, **PARAMS[layout]).default_loss, t)
-    total, hard, _ = lm_loss(logits, batch, layout, soft, 0.3)
+    total, hard, _ = lm_loss(logits, batch, soft, 0.3)
     keep = batch["loss_mask"].reshape(-1)
     rows = torch.nonzero(keep).reshape(-1)
-    target = batch_target(batch, layout)
+    target = as_target(batch)
     real = batch["loss_mask"].reshape(-1)[batch["index"]]
     sub = type(target)(**{f: getattr(target, f)[real] for f in target.__dataclass_fields__})
     s = logits.reshape(-1, V)[rows]
@@ -150,7 +150,7 @@ def test_loss_equals_dense_reference_and_masked_positions_get_no_gradient(stores
     # masked positions contribute exactly nothing: changing their logits leaves the loss as it is
     other = logits.detach().clone().reshape(-1, V)
     other[~keep] = 1e3
-    again, _, _ = lm_loss(other.reshape(logits.shape), batch, layout, soft, 0.3)
+    again, _, _ = lm_loss(other.reshape(logits.shape), batch, soft, 0.3)
     assert again.item() == total.item()
 
 
@@ -159,15 +159,15 @@ def test_length_one_very_long_and_wide_vocabulary(tmp_path):
     spec, data = ragged_data(tmp_path / "d.npz", [1, 300, 1, 2], vocab, seed=3)
     teacher = tiny_teacher(vocab, 300)
     path = write_token_store(tmp_path / "s.h5", teacher, data, "topk", spec=spec, chunk_positions=16)
-    ds = TokenStoreDataset(UnitStore(path), data, batch_size=4, shuffle=False)
+    ds = SoftLabelDataset([(UnitStore(path), data)], batch_size=4, shuffle=False)
     batch = next(iter(ds))
     assert batch["ids"].shape == (4, 300) and batch["loss_mask"].sum() == 299 + 1
-    target = batch_target(batch, "topk")
+    target = as_target(batch)
     want = torch.topk(teacher_logits(teacher, data, 1), 4).indices
     assert torch.equal(target.ids[1:301], want)
     assert int(target.ids.max()) >= 1 << 16  # ids above 16 bits survive the store
     soft = make_soft_loss("topk_kl", 1.0)
-    total, _, _ = lm_loss(torch.zeros(4, 300, vocab, requires_grad=True), batch, "topk", soft, 0.5)
+    total, _, _ = lm_loss(torch.zeros(4, 300, vocab, requires_grad=True), batch, soft, 0.5)
     assert math.isfinite(total.item())
 
 

@@ -176,3 +176,21 @@ def test_bad_arguments_raise() -> None:
         EvalAccumulator(5).update(s, y)
     with pytest.raises(DataError):
         EvalAccumulator(6).update(s, y + 6)
+
+
+def test_sampled_targets_get_agreement_and_a_kl_bound() -> None:
+    """A sampled teacher: its most drawn class as top-1, and KL over the drawn ids plus the tail (<= the full KL)."""
+    from softlabels.store.layouts import make_layout
+
+    s, t, y = data(seed=4)
+    lay = make_layout("sampled", num_classes=6, samples=8, seed=3)
+    pos = torch.arange(len(t))
+    target = lay.decode({k: v.numpy() for k, v in lay.encode(t, sample_ids=pos, positions=pos).items()})
+    sampled, dense = EvalAccumulator(6), EvalAccumulator(6)
+    sampled.update(s, y, target)
+    dense.update(s, y, {"logits": t})
+    got, full = sampled.compute(), dense.compute()
+    top = target.ids[:, 0].numpy()  # counts descend: the first id is the most drawn
+    assert got["agreement"] == pytest.approx((s.numpy().argmax(-1) == top).mean())
+    assert 0 <= got["kl_to_teacher"] <= full["kl_to_teacher"] + 1e-9
+    assert "correlation" not in got and "teacher_ece" not in got

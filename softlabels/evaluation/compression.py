@@ -284,7 +284,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
     from softlabels.inputs.spec import resolve_data
-    from softlabels.store.v1 import open_store
+    from softlabels.store.ensemble.reader import open_units
     from softlabels.student.runs import open_run
 
     log = log or (lambda _msg: None)
@@ -307,12 +307,12 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
         raise ModelMismatch(f"the student was trained on inputs of shape {run.input_shape} but {config.data!r} has "
                             f"{tuple(dataset.input_shape)}; evaluate on data of the kind it was trained on")
     with contextlib.ExitStack() as stack:
-        store = open_store(config.store) if config.store else None
+        store = open_units(config.store) if config.store else None
         if store is not None:
             stack.callback(store.close)
-            if store.num_classes != run.num_classes:
+            if store.meta.num_classes != run.num_classes:
                 raise ModelMismatch(f"the student has {run.num_classes} classes but store {config.store!r} has "
-                                    f"{store.num_classes}; pass the store of this student's teacher")
+                                    f"{store.meta.num_classes}; pass the store of this student's teacher")
         result = _write(config, out, spec, run, student, small, info, teacher_run, teacher, dataset, store, log)
     log(f"wrote {', '.join(f'{out}/{f}' for f in result['files'].values())}, {out}/compress.json and compress.md")
     return result

@@ -1,11 +1,18 @@
 """Evaluate a trained student: accuracy and calibration, and agreement with its teacher.
 
-:func:`evaluate` loads a ``softlabels train`` run (its checkpoint's config names
-the student spec, input shape and class count), runs it over a ``--data`` spec and,
-given the store of teacher logits for exactly that data, compares it with the
-teacher row by row (rows joined by ``sample_ids``; the store's fingerprint of its
-inputs must match the data). :func:`evaluate_model` is the loop, shared with the
-trainer's per-epoch validation.
+:func:`evaluate` loads a ``softlabels train`` run (its checkpoint's config names the student
+spec, input shape and class count) and runs it over a ``--data`` spec; given the store of
+teacher outputs for exactly that data, it compares student and teacher row by row (rows
+joined by ``sample_ids`` through the one streaming dataset; the store's fingerprint of its
+inputs must match the data). A classifier is measured per sample
+(:func:`~softlabels.student.metrics.evaluate_model`, shared with the trainer's per-epoch
+validation); a language model per counted position: next-token loss, perplexity, accuracy
+and ECE, and against a ``tokens`` store the top-1 agreement and KL(teacher || student) at
+T = 1, with its kind: exact for dense stores; for top-k and sampled stores over the stored
+ids plus one tail bucket, a lower bound of the full KL that is never negative (the log-sum
+inequality). A sampled store also gets ``kl_to_teacher_estimate``, the layout's unbiased
+estimate: right on average, but one token's estimate can be negative, and so can a mean
+over few tokens of a student close to its teacher.
 """
 
 from __future__ import annotations
@@ -14,21 +21,22 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from softlabels._runtime.options import threads_problem
-from softlabels.errors import ConfigError, ModelMismatch
+from softlabels.errors import ConfigError, ModelMismatch, SpecError
 from softlabels.evaluation.config import EvalConfig
 from softlabels.student.checkpoint import MODEL, find_checkpoint, load_checkpoint
-from softlabels.student.metrics import evaluate_model
 from softlabels.teacher.models import count_flops, count_parameters
 
 __all__ = ["evaluate", "finite_json", "load_student", "format_table"]
 
+
 def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu",
                  student: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained student (eval mode) and the run's config, from a run directory or checkpoint file.
+    """The trained classifier (eval mode) and the run's config, from a run directory or checkpoint file.
 
     ``student`` is the architecture spec; by default the checkpoint's recorded one, which
     is data and so must be a built-in name (:func:`~softlabels.teacher.spec.recorded_spec`).
@@ -50,6 +58,25 @@ def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu",
     return info.module.to(device).eval(), config
 
 
+def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | None) -> tuple[nn.Module, dict]:
+    """The trained language model (eval mode) and the run's config; code is never taken from a checkpoint."""
+    from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
+
+    ckpt_path = find_checkpoint(checkpoint)
+    state = load_checkpoint(ckpt_path)
+    config = {**state["config"], "epochs_done": state["epoch"]}
+    spec = student or config.get("student")
+    if student is None and spec not in BUILTIN_LMS:
+        raise SpecError(f"checkpoint {str(ckpt_path)!r} was trained with student {spec!r}, which is not a built-in "
+                        "language model; pass --student with its spec")
+    weights = ckpt_path.parent / MODEL
+    info = resolve_lm(spec, vocab_size=int(config["num_classes"]), context=int(config["input_shape"][0]),
+                      weights=weights if weights.is_file() else None)
+    if not weights.is_file():
+        info.module.model.load_state_dict(state["model"])
+    return info.module.to(device).eval(), {**config, "student": spec, "weights_sha256": info.weights_sha256}
+
+
 def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = None, *,
              batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
              threads: int = EvalConfig.threads, student: str | None = None) -> dict[str, Any]:
@@ -57,51 +84,109 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
 
     ``student`` overrides the checkpoint's recorded architecture spec (see :func:`load_student`).
 
-    Returns a flat dict: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store also
-    ``teacher_accuracy``, ``agreement``, ``kl_to_teacher``, ``correlation`` and (dense
-    stores) ``teacher_ece``; plus ``num_parameters`` and ``flops`` (multiply-accumulates
-    per sample) of the student and what was evaluated. ``threads`` sets torch's CPU
-    threads (0: torch's default); defaults as in :class:`softlabels.evaluation.config.EvalConfig`.
+    Returns a flat dict. A classifier: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store
+    also ``teacher_accuracy``, ``agreement``, ``kl_to_teacher`` (over the stored ids plus the tail
+    for top-k and sampled stores: a lower bound), ``correlation`` (dense and top-k stores) and
+    (dense stores) ``teacher_ece``; and ``flops`` (multiply-accumulates per sample). A language model:
+    ``loss``, ``perplexity``, ``accuracy``, ``ece``, ``positions``, ``sequences``; with a store
+    also ``agreement``, ``kl_to_teacher`` and its kind (see the module doc). Both: the student,
+    ``num_parameters`` and what was evaluated. ``threads`` sets torch's CPU threads (0: torch's
+    default); defaults as in :class:`softlabels.evaluation.config.EvalConfig`.
     """
     from softlabels._runtime.device import resolve_device, set_threads
-    from softlabels.inputs.spec import absolute_data_spec, resolve_data
-    from softlabels.store.reader import open_any
+    from softlabels.inputs.spec import absolute_data_spec
+    from softlabels.store.ensemble.reader import open_units
 
     if problems := threads_problem(threads):
         raise ConfigError(problems)
-    from softlabels.evaluation.lm_eval import evaluate_lm, is_lm_run
-
-    if is_lm_run(load_checkpoint(find_checkpoint(checkpoint))["config"]):  # a language model: per-token metrics
-        return evaluate_lm(checkpoint, data_spec, store, batch_size=batch_size, device=device, threads=threads,
-                           student=student)
     set_threads(threads)
-    device = resolve_device(device)  # an unknown or absent device is a one-line error
-    model, config = load_student(checkpoint, device=device, student=student)
-    dataset = resolve_data(data_spec)
-    input_shape, num_classes = tuple(config["input_shape"]), int(config["num_classes"])
-    if tuple(dataset.input_shape) != input_shape:
-        raise ModelMismatch(
-            f"the student was trained on inputs of shape {input_shape} but {data_spec!r} has {tuple(dataset.input_shape)}; "
-            "evaluate on data of the kind it was trained on"
-        )
-    opened = None
-    if store is not None:
-        opened = open_any(store)
-        if opened.meta.num_classes != num_classes:
-            raise ModelMismatch(f"the student has {num_classes} classes but store {str(store)!r} has "
-                                f"{opened.meta.num_classes}; pass the store of this student's teacher")
+    dev = resolve_device(device)  # an unknown or absent device is a one-line error
+    lm = load_checkpoint(find_checkpoint(checkpoint))["config"].get("task") == "lm"
+    model, config = _load_lm(checkpoint, device=dev, student=student) if lm else \
+        load_student(checkpoint, device=dev, student=student)
+    data, num_classes = _data(data_spec, config, lm), int(config["num_classes"])
+    opened = None if store is None else open_units(store)
     try:
-        metrics = evaluate_model(model, dataset, num_classes=num_classes, batch_size=batch_size, device=device,
-                                 store=opened)
+        if opened is not None and opened.meta.num_classes != num_classes:
+            raise ModelMismatch(
+                f"the student has a vocabulary of {num_classes} but store {str(store)!r} has "
+                f"{opened.meta.num_classes}; pass the store of this student's teacher (cross-tokenizer distillation "
+                "is not supported)" if lm else f"the student has {num_classes} classes but store {str(store)!r} "
+                f"has {opened.meta.num_classes}; pass the store of this student's teacher")
+        if lm:
+            metrics = _lm_metrics(model, data, opened, batch_size, dev)
+        else:
+            from softlabels.student.metrics import evaluate_model
+
+            metrics = evaluate_model(model, data, num_classes=num_classes, batch_size=batch_size, device=dev,
+                                     store=opened)
+            metrics["flops"] = count_flops(model, tuple(config["input_shape"]))
     finally:
         if opened is not None:
             opened.close()
     return finite_json({
         "checkpoint": str(checkpoint), "data": absolute_data_spec(data_spec), "store": None if store is None else str(store),
         "student": config["student"], "weights_sha256": config["weights_sha256"],
-        "num_parameters": count_parameters(model), "flops": count_flops(model, input_shape),
-        "epochs_trained": config.get("epochs_done"), **metrics,
+        "num_parameters": count_parameters(model), "epochs_trained": config.get("epochs_done"), **metrics,
     })
+
+
+def _data(spec: str, config: dict[str, Any], lm: bool):
+    """The data to evaluate on, checked against what the student was trained on."""
+    if lm:
+        from softlabels.inputs.text import resolve_token_data
+
+        from softlabels.inputs.documents import needs_seq_len
+
+        # the run's windows: its --seq-len (text, a stream, re-windowed rows, documents), or its context
+        seq_len = config.get("seq_len") or (int(config["input_shape"][0]) if needs_seq_len(spec) else None)
+        return resolve_token_data(spec, tokenizer=config.get("tokenizer"), seq_len=seq_len)
+    from softlabels.inputs.spec import resolve_data
+
+    dataset, input_shape = resolve_data(spec), tuple(config["input_shape"])
+    if tuple(dataset.input_shape) != input_shape:
+        raise ModelMismatch(f"the student was trained on inputs of shape {input_shape} but {spec!r} has "
+                            f"{tuple(dataset.input_shape)}; evaluate on data of the kind it was trained on")
+    return dataset
+
+
+@torch.no_grad()
+def _lm_metrics(model: nn.Module, data: Any, store: Any, batch_size: int, dev: torch.device) -> dict[str, Any]:
+    """Next-token metrics of ``model`` on ``data``, against ``store``'s teacher if given (see the module doc)."""
+    from softlabels.store.layouts.targets import SampledTarget
+    from softlabels.student import kd
+    from softlabels.student.dataset import SoftLabelDataset
+    from softlabels.student.kinds.tokens import select_rows
+    from softlabels.student.lm_metrics import LMEvalAccumulator
+    from softlabels.student.losses import as_target
+
+    acc, sums = LMEvalAccumulator(), {"n": 0, "agree": 0.0, "kl": 0.0, "estimate": 0.0}
+    if store is None:
+        for lo in range(0, len(data), batch_size):
+            b = data.get_batch(np.arange(lo, min(lo + batch_size, len(data))))
+            acc.update(model(b.ids.to(dev)), b.ids.to(dev), b.mask.to(dev), b.lengths.to(dev))
+        return {"sequences": len(data), **acc.compute()}
+    layout = store.meta.layout
+    for batch in SoftLabelDataset([(store, data)], batch_size=batch_size, shuffle=False, rank=0, world_size=1):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        logits = model(batch["ids"])
+        acc.update(logits, batch["ids"], lengths=batch["lengths"], mask=batch["loss_mask"].roll(1, 1))  # t+1: a target
+        keep = batch["loss_mask"].reshape(-1)[batch["index"]]  # the counted positions, against the teacher
+        s = logits.reshape(-1, logits.shape[-1])[batch["index"][keep]].float()
+        target = select_rows(as_target(batch), keep)
+        sums["kl"] += float(kd.divergence("forward_kl", s, target, 1.0).double().sum())
+        if isinstance(target, SampledTarget):
+            sums["estimate"] += float(kd.sampled_kl(s, target, 1.0).double().sum())
+        sums["n"] += int(keep.sum())
+        sums["agree"] += float((s.argmax(-1) == target.top1()).sum())
+    out: dict[str, Any] = {"sequences": len(data), **acc.compute()}
+    if sums["n"]:
+        out.update(agreement=sums["agree"] / sums["n"], kl_to_teacher=sums["kl"] / sums["n"],
+                   kl_to_teacher_kind="exact" if layout == "dense" else "lower bound (stored ids + tail)",
+                   teacher_layout=layout)
+        if layout == "sampled":
+            out["kl_to_teacher_estimate"] = sums["estimate"] / sums["n"]
+    return out
 
 
 def finite_json(result: dict[str, Any]) -> dict[str, Any]:

@@ -126,21 +126,24 @@ class UnitStore(ReadHandle):
         return [int(u) for u in np.flatnonzero(~self.unit_done())]
 
     # -- reading --------------------------------------------------------------------------------
-    def read_unit(self, unit: int, *, verify: bool = True) -> dict[str, np.ndarray]:
+    def read_unit(self, unit: int, *, verify: bool = True,
+                  out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """A unit's per-position arrays (over its real positions) and per-sample arrays.
 
         Token stores add the unit's ``offsets`` (relative to the unit's first position)
-        and ``lengths``.
+        and ``lengths``. ``out``: arrays (of the stored dtypes) to read some of them into
+        instead of new ones, e.g. a streaming dataset's buffer.
         """
         b = self._handle()
         s0, s1 = self.meta.geometry.unit_samples_range(unit)
         a0, a1 = self.positions.unit_axis_range(unit)
         block: dict[str, np.ndarray] = {}
+        out = out or {}
         for name, spec in self.meta.arrays().items():
             if spec.family == "position":
-                block[name] = b.read(name, a0, a1)
+                block[name] = b.read(name, a0, a1, out.get(name))
             elif spec.family == "sample":
-                block[name] = b.read(name, s0, s1)
+                block[name] = b.read(name, s0, s1, out.get(name))
         if isinstance(self.positions, TokenPositions):
             block[OFFSETS] = self.positions.offsets[s0:s1]
             block[LENGTHS] = self.positions.lengths[s0:s1]

@@ -53,9 +53,11 @@ class TrainConfig:
     ensemble_weights: tuple[float, ...] | None = None
     views_per_sample: int = 1  # views stores: train on k stored views of each input read (docs/VIEWS.md)
     augment: str | None = None  # a fresh view per sample and epoch, drawn from (seed, sample id, epoch)
-    # token data (softlabels.student.lm_trainer): the tokenizer (vocabulary, text:FILE) and window length
+    # token data (softlabels.student.language): the tokenizer (vocabulary, text:FILE) and window length
     tokenizer: str | None = None
     seq_len: int | None = None
+    # language models from top-k stores (library only): renormalise the K stored probabilities (no tail bucket)
+    topk_renormalize: bool = False
 
     @property
     def token_data(self) -> bool:

@@ -8,6 +8,7 @@ changes the results only by float64 rounding.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,9 @@ from torch import Tensor, nn
 
 from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.inputs.arrays import InputDataset
-from softlabels.student.losses import TOPK_KEYS, Batch, KLDivergence, TopKKL
+from softlabels.store.layouts.targets import DenseTarget, TopKTarget
+from softlabels.student import kd
+from softlabels.student.losses import Batch, KLDivergence, as_target
 
 __all__ = ["EvalAccumulator"]
 
@@ -47,14 +50,15 @@ class EvalAccumulator:
       closed on the right); both over labeled rows, None when there are none;
     * once any row of student logits held NaN/inf: ``nonfinite_rows`` (such rows count
       as wrong and stay out of the ECE bins);
-    * once any batch carried a teacher (dense or top-k): ``agreement`` (student
-      top-1 == teacher top-1, all teacher rows), ``kl_to_teacher`` (mean
-      KL(teacher || student) at T = 1; for top-k the exact bucketed form of
-      :class:`~softlabels.student.losses.TopKKL`), ``teacher_accuracy`` (teacher top-1, for
-      top-k the first stored index; None without labeled rows) and
-      ``correlation`` (mean per-row Pearson correlation of student and teacher
-      logits: all C for dense, the K stored classes for top-k; rows where either
-      vector is constant are skipped, and the key is absent if every row was);
+    * once any batch carried a teacher (a typed target, or a batch dict holding one):
+      ``agreement`` (student top-1 == teacher top-1, all teacher rows), ``kl_to_teacher``
+      (mean KL(teacher || student) at T = 1; for top-k and sampled targets over the stored
+      ids plus one tail bucket, :func:`softlabels.student.kd.divergence`: a lower bound of the
+      full KL), ``teacher_accuracy`` (teacher top-1, for top-k the first stored index, for
+      sampled the most drawn; None without labeled rows) and ``correlation`` (mean per-row
+      Pearson correlation of student and teacher logits: all C for dense, the K stored
+      classes for top-k, none for sampled; rows where either vector is constant are skipped,
+      and the key is absent if every row was);
     * once any batch carried dense teacher logits: ``teacher_ece`` (None without
       labeled rows).
     """
@@ -96,41 +100,28 @@ class EvalAccumulator:
         sums["correct"] += float(((s.argmax(-1) == y) & finite)[labeled].sum())
         self._add_bins("student", s, y, labeled & finite)
 
-        teacher = self._teacher(batch)
-        if teacher is None:
+        target = None if batch is None else as_target(batch)
+        if target is None:
             return
-        t_batch, t_top = teacher
+        target = dataclasses.replace(target, **{  # on the CPU in float64, ids int64
+            f.name: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.int64)
+            for f in dataclasses.fields(target) for v in (getattr(target, f.name),)})
+        t_top = target.top1()
         sums["n_teacher"] += len(y)
         sums["n_teacher_labeled"] += float(labeled.sum())
         sums["teacher_correct"] += float((t_top == y)[labeled].sum())
         sums["agree"] += float((s.argmax(-1) == t_top).sum())
-        if "logits" in t_batch:
-            t = t_batch["logits"]
-            sums["kl"] += float(KLDivergence(1.0)(s, t_batch).sum())
-            corr = _pearson_rows(s, t)
+        if isinstance(target, DenseTarget):
+            sums["kl"] += float(KLDivergence(1.0)(s, target).sum())
+            corr = _pearson_rows(s, target.logits)
             sums["n_dense"] += len(y)
-            self._add_bins("teacher", t, y, labeled)
-        else:
-            sums["kl"] += float(TopKKL(1.0)(s, t_batch).sum())
-            corr = _pearson_rows(s.gather(1, t_batch["topk_indices"]), t_batch["topk_values"])
+            self._add_bins("teacher", target.logits, y, labeled)
+        else:  # over the stored ids plus one tail bucket: a lower bound of the full KL
+            sums["kl"] += float(kd.divergence("forward_kl", s, target, 1.0).sum())
+            corr = _pearson_rows(s.gather(1, target.ids), target.values) if isinstance(target, TopKTarget) \
+                else s.new_zeros(0)
         sums["corr"] += float(corr.sum())
         sums["n_corr"] += len(corr)
-
-    def _teacher(self, batch: Batch | None) -> tuple[Batch, Tensor] | None:
-        """The batch's teacher targets on the CPU in float64, and the teacher's top-1 class."""
-        if batch is None:
-            return None
-        if "logits" in batch:
-            t = batch["logits"].detach().to("cpu", torch.float64)
-            return {"logits": t}, t.argmax(-1)
-        if all(k in batch for k in TOPK_KEYS):
-            t_batch = {
-                "topk_values": batch["topk_values"].detach().to("cpu", torch.float64),
-                "topk_indices": batch["topk_indices"].detach().to("cpu", torch.int64),
-                "logsumexp": batch["logsumexp"].detach().to("cpu", torch.float64),
-            }
-            return t_batch, t_batch["topk_indices"][:, 0]
-        return None
 
     def _add_bins(self, who: str, logits: Tensor, y: Tensor, labeled: Tensor) -> None:
         conf, pred = F.softmax(logits[labeled], -1).max(-1)
@@ -183,9 +174,6 @@ class EvalAccumulator:
         }
 
 
-TEACHER_KEYS = ("logits", "topk_values", "topk_indices", "logsumexp")
-
-
 def _batches_from_data(dataset: InputDataset, batch_size: int):
     for start in range(0, len(dataset), batch_size):
         idx = np.arange(start, min(start + batch_size, len(dataset)), dtype=np.int64)
@@ -213,8 +201,7 @@ def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int,
             _batches_from_store(store, dataset, batch_size)
         for batch in batches:
             logits = model(batch["x"].to(device, non_blocking=True))
-            teacher = {k: v for k, v in batch.items() if k in TEACHER_KEYS} or None
-            acc.update(logits, batch["labels"], teacher)
+            acc.update(logits, batch["labels"], batch)  # with a store, the batch holds the teacher's target
     finally:
         model.train(was_training)
     return acc.compute()

@@ -17,7 +17,13 @@ order, then source 1's, ...). An epoch's order is built in four steps:
    ``(seed, epoch, rank, worker, window)``, and the worker's stream of windows is
    cut into batches of ``B`` rows (a batch may straddle windows).
 
-Resuming skips whole windows by arithmetic; only a partly consumed window is read.
+Resuming skips whole windows by arithmetic; only units holding a row still to come are read.
+
+That is how ranks share an epoch of ``sample`` and ``views`` rows (``share="rows"``). Token
+stores share it by *global batches* (``share="batches"``): one stream, the windows of rank 0
+of 1, cut into batches of ``B * P`` rows, rank ``r`` taking the ``r``-th balanced slice of each
+and DataLoader worker ``w`` every ``W``-th batch, so the batches do not depend on the number
+of ranks or workers (:func:`loader_batches`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ __all__ = [
     "window_perm",
     "batch_pieces",
     "stream_batches",
+    "chunk_batches",
+    "batches_per_epoch",
+    "loader_batches",
 ]
 
 _CHUNK_TAG, _WINDOW_TAG = 0, 1  # keep the two RNG families apart
@@ -62,6 +71,7 @@ class Window:
 def split(total: int, parts: int, i: int) -> tuple[int, int]:
     """Part ``i`` of ``parts`` balanced contiguous parts of ``range(total)``."""
     return i * total // parts, (i + 1) * total // parts
+
 
 
 def chunk_order(num_chunks: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -172,26 +182,72 @@ def batch_pieces(window_rows: Sequence[int], batch_size: int, skip: int = 0) -> 
         yield pieces
 
 
-def stream_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, seed: int, epoch: int,
-                   shuffle: bool, rank: int, world: int, worker: int, workers: int,
-                   skip_batches: int = 0) -> list[np.ndarray]:
-    """The global row ids of every batch one (rank, worker) yields, without reading anything.
+def chunk_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, seed: int, epoch: int,
+                  shuffle: bool, rank: int, world: int, worker: int, workers: int,
+                  skip_batches: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each batch one (rank, worker) stream yields, as the global chunk and the row within it of every row.
 
-    The dataset composes the same functions with real chunk reads; this is the
-    reference its tests (and anyone debugging an order) compare against.
+    A window's shuffled rows are computed when its first batch is, so an epoch of any size
+    costs the index math of one window at a time, and a batch is slices of it (no I/O).
     """
-    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
     order = chunk_order(len(sizes), seed=seed, epoch=epoch, shuffle=shuffle)
     lo, hi = worker_range(int(sizes.sum()), batch_size, rank, world, worker, workers)
     windows, offset = plan_windows(sizes, order, lo, hi, window_chunks, skip_batches * batch_size)
-    ids = []
-    for win in windows:
-        rows = np.concatenate([np.arange(starts[g] + a, starts[g] + b) for g, a, b in zip(win.chunks, win.lo, win.hi)])
-        perm = window_perm(len(rows), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, worker=worker,
-                           window=win.index)
-        ids.append(rows if perm is None else rows[perm])
-    return [np.concatenate([ids[w][a:b] for w, a, b in p]) for p in batch_pieces([len(i) for i in ids],
-                                                                                 batch_size, offset)]
+    current, chunk, row = -1, np.empty(0, np.int64), np.empty(0, np.int64)
+    for pieces in batch_pieces([w.rows for w in windows], batch_size, offset):
+        parts = []
+        for w, a, b in pieces:
+            if w != current:  # batches run through the windows in order: only one window's rows are kept
+                win, current = windows[w], w
+                chunk = np.repeat(win.chunks, win.hi - win.lo)
+                row = np.concatenate([np.arange(x, y) for x, y in zip(win.lo, win.hi)])
+                perm = window_perm(len(row), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, worker=worker,
+                                   window=win.index)
+                if perm is not None:
+                    chunk, row = chunk[perm], row[perm]
+            parts.append((chunk[a:b], row[a:b]))
+        yield parts[0] if len(parts) == 1 else tuple(np.concatenate(x) for x in zip(*parts))
+
+
+def stream_batches(sizes: np.ndarray, **kw) -> list[np.ndarray]:
+    """The global row ids of every batch of :func:`chunk_batches`: the reference the dataset's tests use."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    return [starts[chunk] + row for chunk, row in chunk_batches(sizes, **kw)]
+
+
+def batches_per_epoch(total: int, batch_size: int, rank: int, world: int, share: str) -> int:
+    """Batches a rank yields per epoch: its share of the rows (``share="rows"``), or every global batch."""
+    if share == "rows":
+        a, b = split(total, world, rank)
+        return -(-(b - a) // batch_size)
+    return -(-total // (batch_size * world))
+
+
+def loader_batches(sizes: np.ndarray, *, share: str, batch_size: int, window_chunks: int, seed: int, epoch: int,
+                   shuffle: bool, rank: int, world: int, worker: int, workers: int,
+                   done: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each batch DataLoader worker ``worker`` of ``workers`` yields for ``rank``, after the loop has consumed
+    ``done`` batches of the epoch, as in :func:`chunk_batches`.
+
+    ``share="rows"``: rank ``r`` streams rows ``[r*T//P, (r+1)*T//P)`` of the epoch stream, its workers
+    balanced runs of its batches (steps 2-4 of the module doc). ``share="batches"``: one stream of
+    global batches of ``batch_size * world`` rows (the windows of rank 0 of 1), rank ``r`` taking the
+    ``r``-th balanced slice of each and worker ``w`` the global batches ``done + w, done + w + W, ...``:
+    the batches a rank sees then do not depend on the world size or the number of workers.
+    """
+    kw = {"window_chunks": window_chunks, "seed": seed, "epoch": epoch, "shuffle": shuffle}
+    if share == "rows":
+        counts = worker_batch_counts(int(sizes.sum()), batch_size, rank, world, workers)
+        taken, due = resume_point(counts, done)
+        stream = (due + worker) % workers  # a new DataLoader's worker p continues the round-robin at `due`
+        yield from chunk_batches(sizes, batch_size=batch_size, rank=rank, world=world, worker=stream,
+                                 workers=workers, skip_batches=int(taken[stream]), **kw)
+        return
+    glob = chunk_batches(sizes, batch_size=batch_size * world, rank=0, world=1, worker=0, workers=1, **kw)
+    for j, (chunk, row) in enumerate(glob):
+        if j >= done and (j - done) % workers == worker:
+            a, b = split(len(row), world, rank)
+            yield chunk[a:b], row[a:b]
 
 
 class EpochState:

@@ -1,6 +1,6 @@
 """Language-model students from a token store, side by side in one run (issue 11's last two figures).
 
-1. Streaming: ``TokenStoreDataset`` (checksums on, decoded targets, joined with the token ids)
+1. Streaming: ``SoftLabelDataset`` over the store (checksums on, decoded targets, joined with the token ids)
    against contiguous reads of the same arrays with the storage library alone (every array of
    the store read whole per unit, plus the token ids): tokens/s.
 2. One KD epoch (``sampled_kl``, alpha 0.5, the store streamed) against one hard-CE epoch
@@ -59,10 +59,9 @@ def _plain(store: Path, tokens: Path) -> int:
 
 def _stream(store: Path, tokens: Path, batch: int) -> int:
     from softlabels.inputs.tokens import open_token_file
-    from softlabels.store.reader import open_any
-    from softlabels.student.token_dataset import TokenStoreDataset
+    from softlabels.student.dataset import SoftLabelDataset
 
-    ds = TokenStoreDataset(open_any(store), open_token_file(tokens), batch_size=batch, seed=0)
+    ds = SoftLabelDataset([(store, open_token_file(tokens))], batch_size=batch, seed=0)
     ds.set_epoch(0)
     return sum(int(b["index"].numel()) for b in ds)
 
@@ -70,10 +69,9 @@ def _stream(store: Path, tokens: Path, batch: int) -> int:
 def _epoch(store: Path | None, tokens: Path, batch: int, vocab: int) -> float:
     """Seconds of one training epoch of gpt-tiny: KD from ``store``, or hard CE without one."""
     from softlabels.inputs.tokens import open_token_file
-    from softlabels.store.reader import open_any
-    from softlabels.student.lm_trainer import lm_loss
+    from softlabels.student.dataset import SoftLabelDataset
+    from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
     from softlabels.student.losses import make_soft_loss
-    from softlabels.student.token_dataset import TokenDataBatches, TokenStoreDataset
     from softlabels.teacher.lm import resolve_lm
 
     data = open_token_file(tokens)
@@ -81,15 +79,14 @@ def _epoch(store: Path | None, tokens: Path, batch: int, vocab: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if store is None:
         data.vocab_size = vocab
-        ds, soft, layout, alpha = TokenDataBatches(data, batch_size=batch, seed=0), None, None, 1.0
+        ds, soft, alpha = TokenDataBatches(data, batch_size=batch, seed=0), None, 1.0
     else:
-        s = open_any(store)
-        ds, soft, layout, alpha = (TokenStoreDataset(s, data, batch_size=batch, seed=0),
-                                   make_soft_loss("sampled_kl", 1.0), s.meta.layout, 0.5)
+        ds, soft, alpha = (SoftLabelDataset([(store, data)], batch_size=batch, seed=0),
+                           make_soft_loss("sampled_kl", 1.0), 0.5)
     ds.set_epoch(0)
     t0 = time.perf_counter()
     for b in ds:
-        total, _, _ = lm_loss(model(b["ids"]), b, layout, soft, alpha)
+        total, _, _ = lm_loss(model(b["ids"]), b, soft, alpha)
         opt.zero_grad(set_to_none=True)
         (total / max(int(b["loss_mask"].sum()), 1)).backward()
         opt.step()

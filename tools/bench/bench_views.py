@@ -39,7 +39,7 @@ from softlabels.inputs.augment import draw_views, parse_augment
 from softlabels.inputs.spec import resolve_data
 from softlabels.store.reader import UnitStore
 from softlabels.student.dataset import SoftLabelDataset
-from softlabels.student.replay import spread_views
+from softlabels.student.kinds.sample import spread_views
 from softlabels.teacher import job as generate
 
 SPEC = "crop(32,padding=4)+flip"

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from softlabels.evaluation.lm_eval import evaluate_lm
+from softlabels.evaluation.evaluator import evaluate
 from softlabels.inputs.text import resolve_token_data
 from softlabels.store.schema import StoreMetaV2
 from softlabels.student.config import TrainConfig
-from softlabels.student.lm_trainer import train_lm
+from softlabels.student.trainer import train
 from softlabels.teacher.lm import build_lm
 
 # method -> (layout, layout params, train options)
@@ -179,9 +179,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = TrainConfig(student=args.student, stores=(store,), out=str(out / f"{method}-{seed}"),
                                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                  device="cpu", overwrite=True, progress=False,
-                                 alpha=options.get("alpha", args.alpha), temperature=1.0)
-            train_lm(config, topk_renormalize=renorm)
-            rows.append(evaluate_lm(config.out, held_spec, held_store, batch_size=64, device="cpu"))
+                                 alpha=options.get("alpha", args.alpha), temperature=1.0, topk_renormalize=renorm)
+            train(config)
+            rows.append(evaluate(config.out, held_spec, held_store, batch_size=64, device="cpu"))
         positions = int(train_data.lengths().sum())
         entry = {"layout": layout, "params": params, "bytes_per_token": meta_bytes,
                  "file_bytes_per_token": disk_bytes(store) / positions if method != "hard" else None,

@@ -54,7 +54,11 @@ class V1Units:
     def missing_units(self) -> list[int]:
         return self.store.missing_chunks()
 
-    def read_unit(self, unit: int, *, verify: bool = True) -> dict[str, np.ndarray]:
+    def read_unit(self, unit: int, *, verify: bool = True,
+                  out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        if out is not None and set(out) == set(self.store.row_keys) and fmt.TOPK_INDICES not in out:
+            self.store.read_chunk_into(unit, out, verify=verify)  # the stored dtypes are format 2's
+            return dict(out)
         block = self.store.read_chunk(unit, verify=verify)
         if fmt.TOPK_INDICES in block:  # v1 keeps int32 ids; the unit API gives the v2 stored form
             ids = torch.from_numpy(block[fmt.TOPK_INDICES].astype(np.int64))

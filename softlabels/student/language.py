@@ -1,0 +1,176 @@
+"""The language-model task of the trainer: a ``tokens`` store, or token data alone (hard next-token CE).
+
+Per batch, over the positions that count (``loss_mask``: inside the sequence, next token a
+target), the loss is ``alpha * CE + (1 - alpha) * T^2 * D(teacher || student)`` averaged over
+the *global* batch's positions; D is a loss of :data:`softlabels.student.losses.LOSSES` on the
+layout's typed target (forward KL with the layout's estimator by default). Under torchrun every
+rank takes its slice of each global batch (:mod:`softlabels.student.kinds.tokens`) and scales its
+position sum by ``world / global positions``, so DDP's gradient mean equals the one-process
+gradient of the same global batch. The loop, checkpoints and DDP are
+:mod:`softlabels.student.trainer`'s; what is saved is the model's own ``state_dict``, which
+:func:`~softlabels.teacher.lm.resolve_lm` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from softlabels.errors import ConfigError
+from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+from softlabels.student.config import TrainConfig
+from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
+from softlabels.student.losses import make_soft_loss
+
+__all__ = ["Language", "is_language_run", "resolve_store_data"]
+
+
+def is_language_run(config: TrainConfig, *, online: bool = False) -> bool:
+    """Whether ``config`` trains a language model: its store holds ``tokens`` positions, or its
+    ``--data`` alone is token data (:attr:`TrainConfig.token_data`)."""
+    if online:
+        return False
+    if config.stores:
+        if not _is_token_store(config.stores[0]):
+            return False
+        if config.augment:
+            raise ConfigError(f"--augment draws image views, but {config.stores[0]} holds per-token targets "
+                              "of a language model; drop --augment")
+        return True
+    return config.token_data
+
+
+def _is_token_store(path: str | Path) -> bool:
+    """Whether ``path`` is a format-v2 store of ``tokens`` positions (False for anything unreadable)."""
+    from softlabels.store.backend import open_backend
+
+    try:
+        backend = open_backend(path, "r")
+        try:
+            attrs = backend.attrs()
+        finally:
+            backend.close()
+    except Exception:  # noqa: BLE001 - not ours to report: the classifier path says what is wrong
+        return False
+    return attrs.get("softlabels_format") == 2 and attrs.get("positions") == "tokens"
+
+
+def resolve_store_data(store: Any, spec: str | None = None, *, tokenizer: str | None = None,
+                       seq_len: int | None = None):
+    """The token data of a store: ``spec`` or the store's recorded ``source.spec`` (with its tokenizer and seq_len)."""
+    from softlabels.inputs.text import resolve_token_data
+
+    source = store.meta.source
+    spec = spec or source.get("spec")
+    if not spec:
+        raise ConfigError(f"store {str(store.path)!r} does not record its token data; pass --data for it")
+    tokenizer = tokenizer or source.get("tokenizer")
+    if seq_len is None:  # the windows the store's positions belong to (text, a stream, rows, documents)
+        seq_len = source.get("seq_len")
+    return spec, tokenizer, seq_len, resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
+
+
+class Language:
+    """Data, student and loss of a language-model run (what :class:`~softlabels.student.trainer` asks of a task)."""
+
+    unit = "positions"
+    resume_keys = ("topk_renormalize",)
+    resume_defaults: dict[str, Any] = {}
+
+    @staticmethod
+    def problems(config: TrainConfig, *, online: bool = False) -> list[str]:
+        problems = config.problems()
+        if len(config.stores) > 1 or (not config.stores and len(config.data) != 1):
+            problems.append(f"a language model trains from one token store, or from one --data on hard next-token "
+                            f"CE alone; got {len(config.stores)} --store and {len(config.data)} --data")
+        if config.val_data:
+            problems.append("--val-data is not used for language models; evaluate a run with 'softlabels eval "
+                            "--checkpoint RUN --data HELD_OUT'")
+        return problems
+
+    def __init__(self, config: TrainConfig, env: Any, log, **_: Any) -> None:
+        from softlabels.inputs.text import resolve_token_data
+        from softlabels.store.ensemble.reader import open_units
+        from softlabels.student.dataset import SoftLabelDataset
+        from softlabels.student.runs import run_weights
+        from softlabels.teacher.lm import resolve_lm
+
+        self.config, self.env, self.epoch = config, env, 0
+        tokenizer, seq_len = config.tokenizer, config.seq_len
+        self.stores = [open_units(config.stores[0])] if config.stores else []
+        try:
+            if not self.stores:  # hard next-token CE alone: the teacher itself, or the baseline student
+                spec = config.data[0]
+                data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
+                tokenizer = tokenizer and str(Path(tokenizer).resolve())  # recorded for eval, from any directory
+                self.batches: Any = TokenDataBatches(data, batch_size=config.batch_size, seed=config.seed,
+                                                     rank=env.rank, world_size=env.world)
+                layout, vocab = None, self.batches.num_classes
+            else:
+                spec, tokenizer, seq_len, data = resolve_store_data(
+                    self.stores[0], config.data[0] if config.data else None, tokenizer=tokenizer, seq_len=seq_len)
+                self.batches = SoftLabelDataset([(self.stores[0], data)], batch_size=config.batch_size,
+                                                seed=config.seed, rank=env.rank, world_size=env.world)
+                if self.batches.positions != "tokens":
+                    raise ConfigError(f"{self.stores[0].path} holds {self.batches.positions!r} positions, not tokens; "
+                                      "train a language model from a store generated on token data")
+                layout, vocab = self.batches.layout, self.batches.num_classes
+            context = int(data.lengths().max())
+            temperature = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
+            self.alpha = 1.0 if not self.stores else DEFAULT_ALPHA if config.alpha is None else config.alpha
+            loss_name = config.loss or (self.stores[0].meta.layout_obj().default_loss if self.stores else "hard_ce")
+            self.soft = make_soft_loss(loss_name, temperature) if self.stores else None
+            if loss_name in ("soft_ce", "mse"):
+                raise ConfigError(f"loss {loss_name!r} is not available for language models; use kl, topk_kl, "
+                                  "sampled_kl, reverse_kl, skew_kl, skew_reverse_kl or jsd")
+            init = run_weights(config.init) if config.init else config.student_weights
+            torch.manual_seed(config.seed)
+            self.info = resolve_lm(config.student, vocab_size=vocab, context=context, seed=config.seed, weights=init)
+        except BaseException:
+            self.close()
+            raise
+        self.student = self.info.module.to(env.device).train()
+        self.net = self.info.module.model  # what is saved: the model's own state_dict, loadable by resolve_lm
+        self.source = f"{config.stores[0]} ({layout})" if self.stores else f"{spec} (hard next-token CE only)"
+        self.run_config = {
+            "task": "lm", "data": [spec], "tokenizer": tokenizer, "seq_len": seq_len, "loss": loss_name,
+            "temperature": temperature, "alpha": self.alpha, "topk_renormalize": bool(config.topk_renormalize),
+            "input_shape": [context], "num_classes": vocab, "layout": layout}
+
+    # -- what the trainer asks per batch ----------------------------------------------------------
+    @staticmethod
+    def empty(batch: dict[str, Any]) -> bool:
+        return batch["ids"].shape[0] == 0  # this rank's slice of the last global batch
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss to back-propagate (its position sum over the global batch's positions, times the
+        world size), and its (total, hard, soft, positions) sums for the metrics."""
+        env = self.env
+        total, hard, soft = lm_loss(model(batch["ids"]), batch, self.soft, self.alpha,
+                                    self.config.topk_renormalize)
+        count = batch["loss_mask"].sum().double().cpu() * weight
+        # the global batch's positions: every rank divides its sum by the same number
+        n = env.all_reduce(count.clone()).item() if env.world > 1 else count.item()
+        scale = weight * env.world / max(n, 1.0)
+        sums = torch.cat([torch.stack([total.detach().double().cpu(), hard.double().cpu(), soft.double().cpu()])
+                          * weight, count.reshape(1)])
+        return total * scale, sums.to(env.device)
+
+    def validate(self, record: dict[str, Any]) -> None:
+        pass  # --val-data is refused: 'softlabels eval' measures a language model
+
+    def describe(self) -> str:
+        return f"from {self.source}, loss {self.run_config['loss']}, alpha {self.alpha}"
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        for s in self.stores:
+            s.close()

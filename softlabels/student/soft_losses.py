@@ -1,0 +1,294 @@
+"""The soft losses: one ``nn.Module`` per divergence, on a batch's typed teacher target.
+
+Every soft loss has one signature, ``forward(student_logits [B, C], batch) -> Tensor [B]``,
+returning the *per-row* loss so that :class:`~softlabels.student.losses.DistillationLoss`
+can mask and weight rows; :data:`~softlabels.student.losses.LOSSES` names them.
+
+The teacher side is a typed target (:mod:`softlabels.store.layouts.targets`):
+``DenseTarget``, ``TopKTarget`` or ``SampledTarget``. ``batch`` may be such a target, a dict
+holding one under ``"target"``, or a dict of the store's arrays (:func:`as_target` turns it
+into one; :func:`target_arrays` is its inverse):
+
+* dense: ``"logits"`` [B, C] raw teacher logits;
+* top-k: ``"topk_values"`` [B, K] (largest raw logits, descending),
+  ``"topk_indices"`` [B, K] and ``"logsumexp"`` [B] over all C raw logits;
+* sampled: ``"sampled_ids"``, ``"sampled_counts"``, ``"sampled_logits"`` [B, S] and ``"logsumexp"`` [B].
+
+Forward KL has one loss per layout: dense (``kl``, and ``soft_ce`` and ``mse`` beside it),
+sparse (``topk_kl``, ``sampled_kl``); the other divergences (``reverse_kl``, ``skew_kl``,
+``skew_reverse_kl``, ``jsd``) take any layout (:mod:`softlabels.student.kd` says how sparse
+targets are handled). The temperature T is applied here and nowhere else. Half-precision
+inputs are computed in float32 (float64 inputs stay float64). Nothing in a forward pass
+copies to the host, so the losses add no CUDA synchronisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softlabels.errors import ConfigError, DataError, ModelMismatch
+from softlabels.store.layouts.targets import DenseTarget, SampledTarget, TopKTarget
+from softlabels.student import kd
+
+__all__ = [
+    "Batch", "TOPK_KEYS", "SAMPLED_KEYS", "as_target", "target_arrays",
+    "KLDivergence", "SoftCrossEntropy", "LogitsMSE", "TopKKL", "SampledKL",
+    "ReverseKL", "SkewKL", "SkewReverseKL", "JSD",
+]
+
+Batch = dict[str, Any]
+TOPK_KEYS = ("topk_values", "topk_indices", "logsumexp")
+SAMPLED_KEYS = ("sampled_ids", "sampled_counts", "sampled_logits", "logsumexp")
+_DENSE_LOSS_NAMES = "kl, soft_ce or mse"
+_LAYOUT_WORDS = {DenseTarget: "dense", TopKTarget: "top-k", SampledTarget: "sampled"}
+_DEFAULT_LOSS = {DenseTarget: "kl", TopKTarget: "topk_kl", SampledTarget: "sampled_kl"}
+
+
+# a typed target's fields, in order, as the stored arrays' names under which its tensors travel in a batch
+_ARRAYS = {DenseTarget: ("logits",), SampledTarget: SAMPLED_KEYS, TopKTarget: TOPK_KEYS}
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _ARRAYS}
+
+
+def as_target(batch: Any) -> DenseTarget | TopKTarget | SampledTarget | None:
+    """The typed teacher target of a batch (a target, ``batch["target"]``, or the store's arrays), or None."""
+    if isinstance(batch, (DenseTarget, TopKTarget, SampledTarget)):
+        return batch
+    if batch.get("target") is not None:
+        return batch["target"]
+    for cls, names in _ARRAYS.items():  # dense and sampled are named by their first array, top-k by any
+        if (names[0] in batch) if cls is not TopKTarget else any(k in batch for k in names):
+            missing = [k for k in names if k not in batch]
+            if missing:
+                raise DataError(f"{_LAYOUT_WORDS[cls]} batch lacks {', '.join(missing)}; rebuild the batch with all "
+                                f"of {', '.join(names)}")
+            return cls(*(batch[k] for k in names))
+    return None
+
+
+def target_arrays(target: DenseTarget | TopKTarget | SampledTarget) -> dict[str, Tensor]:
+    """A typed target's tensors under the stored arrays' names (what a batch carries; :func:`as_target` inverts it)."""
+    return {name: getattr(target, f) for name, f in zip(_ARRAYS[type(target)], _FIELDS[type(target)])}
+
+
+_compute_dtype = kd.compute_dtype
+
+
+def _as_float(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _check_temperature(temperature: float) -> float:
+    t = _as_float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}; pass e.g. --temperature 2")
+    return t
+
+
+def _target(name: str, student_logits: Tensor, batch: Batch, want: type | None = None) -> Any:
+    """The batch's typed target for loss ``name`` (of type ``want``; None: any layout), shapes checked; or a clear
+    error. Ids >= C are not checked here (that would sync); the gather refuses them."""
+    target = as_target(batch)
+    word = _LAYOUT_WORDS.get(type(target))
+    if target is None and want in (TopKTarget, SampledTarget):
+        raise ConfigError(f"loss {name!r} needs teacher targets but the batch has none; pass a {_LAYOUT_WORDS[want]} "
+                          "soft-label store or train on hard labels only (no soft loss)")
+    if target is None:
+        raise ConfigError(f"loss {name!r} needs teacher logits but the batch has none; pass a soft-label store or "
+                          "train on hard labels only (no soft loss)")
+    if want is DenseTarget and not isinstance(target, DenseTarget):
+        raise ConfigError(f"loss {name!r} needs dense teacher logits but the batch has the {word} layout; use --loss "
+                          f"{_DEFAULT_LOSS[type(target)]} for a {word} store")
+    if want is not None and isinstance(target, DenseTarget) and want is not DenseTarget:
+        raise ConfigError(f"loss {name!r} needs a {_LAYOUT_WORDS[want]} batch but the batch has dense 'logits'; use "
+                          f"--loss {_DENSE_LOSS_NAMES} for a dense store")
+    if want is not None and not isinstance(target, want):
+        raise ConfigError(f"loss {name!r} needs a {_LAYOUT_WORDS[want]} batch but the batch has the {word} layout; "
+                          f"use --loss {_DEFAULT_LOSS[type(target)]} for a {word} store")
+    if isinstance(target, DenseTarget):
+        if target.logits.shape != student_logits.shape:
+            raise ModelMismatch(f"student logits have shape {tuple(student_logits.shape)} but teacher logits "
+                                f"{tuple(target.logits.shape)}; the student's class count must match the store's")
+        return target
+    values = target.values if isinstance(target, TopKTarget) else target.logits
+    b, c = student_logits.shape
+    if values.shape != target.ids.shape or values.shape[0] != b or target.logsumexp.shape != (b,) \
+            or (isinstance(target, TopKTarget) and values.shape[1] > c):
+        raise ModelMismatch(f"{word} batch shapes values {tuple(values.shape)}, indices {tuple(target.ids.shape)}, "
+                            f"logsumexp {tuple(target.logsumexp.shape)} do not fit student logits "
+                            f"{tuple(student_logits.shape)}; the student's class count must match the store's")
+    return target
+
+
+def _dense_teacher(student_logits: Tensor, batch: Batch, loss_name: str) -> Tensor:
+    """The batch's dense teacher logits in the compute dtype, or a clear error."""
+    return _target(loss_name, student_logits, batch, DenseTarget).logits.to(_compute_dtype(student_logits))
+
+
+class _Softened(nn.Module):
+    """A soft loss evaluated at a distillation temperature T."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+
+
+class KLDivergence(_Softened):
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row (Hinton et al., 2015); dense targets.
+
+    One fused pass over blocks of rows (:func:`softlabels.student.kd.dense_kl_and_ce`), which
+    also gives :class:`DistillationLoss` the hard CE without another log-softmax.
+    """
+
+    name = "kl"
+
+    def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
+        """Per-row loss, shape [B]."""
+        return self.rows_with_ce(student_logits, batch, None)[0]
+
+    def rows_with_ce(self, student_logits: Tensor, batch: Batch, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(per-row soft loss, per-row hard CE) from one pass; CE is 0 where label < 0 or labels is None."""
+        t = self.temperature
+        kl, ce = kd.dense_kl_and_ce(student_logits, _target(self.name, student_logits, batch, DenseTarget), labels, t)
+        return t * t * kl, ce
+
+
+class SoftCrossEntropy(_Softened):
+    """T^2 * cross-entropy -sum softmax(t/T) log_softmax(s/T) per row; dense targets.
+
+    Equals :class:`KLDivergence` plus T^2 times the (student-independent) teacher
+    entropy at T, so both give the same gradients.
+    """
+
+    name = "soft_ce"
+
+    def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
+        """Per-row loss, shape [B]."""
+        t = self.temperature
+        teacher = _dense_teacher(student_logits, batch, self.name)
+        s = student_logits.to(teacher.dtype)
+        p = F.softmax(teacher / t, -1)
+        return -t * t * (p * F.log_softmax(s / t, -1)).sum(-1)
+
+
+class LogitsMSE(nn.Module):
+    """Mean over classes of (s - t)^2 per row; dense targets.
+
+    Matches raw logits, so it has no temperature: :func:`make_soft_loss` ignores
+    the temperature it is given for ``"mse"``.
+    """
+
+    name = "mse"
+
+    def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
+        """Per-row loss, shape [B]."""
+        teacher = _dense_teacher(student_logits, batch, self.name)
+        return (student_logits.to(teacher.dtype) - teacher).square().mean(-1)
+
+
+class _Sparse(_Softened):
+    """A soft loss over a sparse target's stored ids: the student's side is one gather and one logsumexp."""
+
+    target_type: type = TopKTarget
+
+    def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
+        """Per-row loss, shape [B]."""
+        return self._rows(student_logits, _target(self.name, student_logits, batch, self.target_type), None)
+
+    def rows_with_ce(self, student_logits: Tensor, batch: Batch, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(per-row soft loss, per-row hard CE); at T = 1 both come from the same logsumexp."""
+        target = _target(self.name, student_logits, batch, self.target_type)
+        t = self.temperature
+        cols = torch.cat([target.ids.long(), labels.clamp_min(0).long()[:, None]], 1)
+        g, lse, *rest = kd.gather_lse(student_logits, cols, t, with_t1=True)  # one pass, one gradient buffer
+        soft = self._rows(student_logits, target, (g[:, :-1], lse))
+        lse1 = rest[0] if t != 1 else lse
+        return soft, torch.where(labels >= 0, lse1 - g[:, -1] * t, torch.zeros_like(lse))
+
+    def _rows(self, student_logits: Tensor, target: Any, student: tuple[Tensor, Tensor] | None) -> Tensor:
+        raise NotImplementedError
+
+
+class TopKKL(_Sparse):
+    """T^2 * KL over K+1 buckets (the K stored classes plus one tail) for top-k stores.
+
+    Teacher bucket logits are the K stored values plus
+    ``z_tail = lse + log(1 - sum_topk exp(z_i - lse))``; student bucket log-probs are
+    its exact log-softmax at the K indices plus the log of the rest, both at T
+    (the student's tail comes from its one logsumexp over all C). At T = 1 this is
+    the exact KL between the bucketed teacher and student distributions; with
+    K = C it equals :class:`KLDivergence` for any T. Top-k indices within a row are
+    assumed distinct (not checked: that would sync).
+    """
+
+    name = "topk_kl"
+    target_type = TopKTarget
+
+    def _rows(self, student_logits: Tensor, target: TopKTarget, student: tuple[Tensor, Tensor] | None) -> Tensor:
+        t = self.temperature
+        return t * t * kd.divergence("forward_kl", student_logits, target, t, student=student)
+
+
+class SampledKL(_Sparse):
+    """T^2 * the sampled layout's forward-KL estimate: unbiased at T = 1, self-normalised IS otherwise."""
+
+    name = "sampled_kl"
+    target_type = SampledTarget
+
+    def _rows(self, student_logits: Tensor, target: SampledTarget, student: tuple[Tensor, Tensor] | None) -> Tensor:
+        t = self.temperature
+        return t * t * kd.sampled_kl(student_logits, target, t, student=student)
+
+
+class _Divergence(_Softened):
+    """T^2 * a divergence for any layout: exact on dense targets, over stored ids + tail on sparse ones."""
+
+    kind = ""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.1) -> None:
+        super().__init__(temperature)
+        a = _as_float(alpha)
+        if not 0.0 < a < 1.0:
+            raise ConfigError(f"loss {self.name!r}: alpha must lie strictly between 0 and 1, got {alpha!r}; "
+                              "pass e.g. 0.1")
+        self.alpha = a
+
+    def forward(self, student_logits: Tensor, batch: Batch) -> Tensor:
+        """Per-row loss, shape [B]."""
+        target, t = _target(self.name, student_logits, batch), self.temperature
+        return t * t * kd.divergence(self.kind, student_logits, target, t, alpha=self.alpha, beta=self.alpha)
+
+
+class ReverseKL(_Divergence):
+    """T^2 * KL(q_T || p_T): mode-seeking."""
+
+    name = kind = "reverse_kl"
+
+
+class SkewKL(_Divergence):
+    """T^2 * KL(p || alpha p + (1 - alpha) q) (DistiLLM's skew KL, alpha = 0.1 by default)."""
+
+    name = kind = "skew_kl"
+
+
+class SkewReverseKL(_Divergence):
+    """T^2 * KL(q || (1 - alpha) p + alpha q) (DistiLLM's skew reverse KL, alpha = 0.1 by default)."""
+
+    name = kind = "skew_reverse_kl"
+
+
+class JSD(_Divergence):
+    """T^2 * (b KL(p || m) + (1 - b) KL(q || m)), m = b p + (1 - b) q; b = ``alpha``, 0.5 by default (plain JSD)."""
+
+    name = kind = "jsd"
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5) -> None:
+        super().__init__(temperature, alpha)
