@@ -22,11 +22,11 @@ from softlabels.errors import (
     StoreMismatch,
 )
 from softlabels.inputs.arrays import ArrayDataset, fingerprint
-from softlabels.store.v1 import SoftLabelStore
-from softlabels.store.v1_writer import StoreWriter
+from softlabels.store.reader import open_store
 from softlabels.student import order as _order
 from softlabels.student.dataset import SoftLabelDataset, SoftLabelMapDataset
-from tests.conftest import read_plain
+from softlabels.student.sources import UnitSource
+from tests.conftest import read_plain, write_store
 
 BACKENDS = {"hdf5": ".h5", "zarr": ".zarr"}
 N, C, CHUNK, BATCH, WINDOW = 103, 6, 8, 10, 3  # N is a multiple of neither CHUNK nor BATCH
@@ -41,18 +41,13 @@ def make_store(path: Path, n: int = N, c: int = C, *, chunk_rows: int = CHUNK, l
     rows = {"labels": rng.integers(0, c, n) if labeled else np.full(n, -1),
             "sample_ids": rng.permutation(n)}
     if layout == "dense":
-        rows["logits"] = z
+        rows["logits"] = z.numpy()
     else:
         v, i = z.topk(k, dim=-1)
-        rows.update(topk_values=v, topk_indices=i, logsumexp=z.logsumexp(-1))
+        rows.update(topk_values=v.numpy(), topk_indices=i.numpy(), logsumexp=z.logsumexp(-1).numpy())
     source = {"spec": f"test:{seed}", "fingerprint": fingerprint(data)} if data is not None else {}
-    w = StoreWriter.create(path, num_samples=n, num_classes=c, layout=layout, topk=k, logits_dtype=dtype,
-                           chunk_rows=chunk_rows, source=source)
-    w.write(0, **rows)
-    if finish:
-        w.finish()
-    w.close()
-    return path
+    return write_store(path, rows, num_classes=c, logits_dtype=dtype, chunk_rows=chunk_rows, finish=finish,
+                       source=source)
 
 
 def make_data(n: int = N, seed: int = 0) -> ArrayDataset:
@@ -100,7 +95,7 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_every_row_once_per_epoch_across_ranks_and_workers(dense, world):
     path, data, arrays = dense
-    store = SoftLabelStore(path)
+    store = open_store(path)
     for workers in (0, 1, 2, 3):
         for epoch in range(3):
             per_rank = []
@@ -252,13 +247,13 @@ def test_resume_with_real_workers(dense, transport):
 def test_resume_does_not_reread_consumed_windows(dense, monkeypatch):
     path, data, _ = dense
     reads: list[int] = []
-    original = SoftLabelStore.read_chunk_into
+    original = UnitSource.read_into
 
-    def counting(self, chunk, out, **kw):
-        reads.append(chunk)
-        return original(self, chunk, out, **kw)
+    def counting(self, unit, out, **kw):
+        reads.append(unit)
+        return original(self, unit, out, **kw)
 
-    monkeypatch.setattr(SoftLabelStore, "read_chunk_into", counting)
+    monkeypatch.setattr(UnitSource, "read_into", counting)
     window = 2
     ds = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=window)
     sizes = np.diff(np.r_[0:N:CHUNK, N])
@@ -331,8 +326,8 @@ def test_mismatched_stores_and_data_are_refused(tmp_path):
     assert "\n" not in msg and "base.h5" in msg and "--data" in msg and msg.count("sha256:") == 2
     assert fingerprint(data)[:19] in msg
     SoftLabelDataset([(base, make_data(seed=9))], batch_size=4, check_fingerprint=False)  # allowed when asked
-    with pytest.raises(DataError, match="sample ids"):
-        SoftLabelDataset([(base, make_data(N - 1))], batch_size=4, check_fingerprint=False)
+    with pytest.raises(DataError, match="refers to sample id"):  # checked batch by batch
+        list(SoftLabelDataset([(base, make_data(N - 1))], batch_size=4, check_fingerprint=False))
     with pytest.raises(ConfigError, match="every source or for none"):
         SoftLabelDataset([(base, data), (base, None)], batch_size=4)
     with pytest.raises(ConfigError) as err:
@@ -342,7 +337,7 @@ def test_mismatched_stores_and_data_are_refused(tmp_path):
     with pytest.raises(IncompleteStore):
         SoftLabelDataset([(partial, None)], batch_size=4)
     with pytest.raises(IncompleteStore):
-        SoftLabelDataset([(SoftLabelStore(partial, allow_partial=True), None)], batch_size=4)
+        SoftLabelDataset([(open_store(partial, allow_partial=True), None)], batch_size=4)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -355,7 +350,7 @@ def test_corrupt_chunk_surfaces_during_iteration(tmp_path, backend):
         a = zarr.open_array(str(path), path="logits", mode="r+")
         a[2 * CHUNK + 1] = a[2 * CHUNK + 1] + 1
     ds = SoftLabelDataset([(path, None)], batch_size=BATCH)  # construction reads no chunk
-    with pytest.raises(CorruptStore, match="chunk 2"):
+    with pytest.raises(CorruptStore, match="unit 2"):
         list(ds)
     assert len(ids_of(list(SoftLabelDataset([(path, None)], batch_size=BATCH, verify=False)))) == N
 

@@ -59,10 +59,10 @@ def _plain(store: Path, tokens: Path) -> int:
 
 def _stream(store: Path, tokens: Path, batch: int) -> int:
     from softlabels.inputs.tokens import open_token_file
-    from softlabels.store.reader import open_any
+    from softlabels.store.reader import open_store
     from softlabels.student.token_dataset import TokenStoreDataset
 
-    ds = TokenStoreDataset(open_any(store), open_token_file(tokens), batch_size=batch, seed=0)
+    ds = TokenStoreDataset(open_store(store), open_token_file(tokens), batch_size=batch, seed=0)
     ds.set_epoch(0)
     return sum(int(b["index"].numel()) for b in ds)
 
@@ -70,7 +70,7 @@ def _stream(store: Path, tokens: Path, batch: int) -> int:
 def _epoch(store: Path | None, tokens: Path, batch: int, vocab: int) -> float:
     """Seconds of one training epoch of gpt-tiny: KD from ``store``, or hard CE without one."""
     from softlabels.inputs.tokens import open_token_file
-    from softlabels.store.reader import open_any
+    from softlabels.store.reader import open_store
     from softlabels.student.lm_trainer import lm_loss
     from softlabels.student.losses import make_soft_loss
     from softlabels.student.token_dataset import TokenDataBatches, TokenStoreDataset
@@ -83,7 +83,7 @@ def _epoch(store: Path | None, tokens: Path, batch: int, vocab: int) -> float:
         data.vocab_size = vocab
         ds, soft, layout, alpha = TokenDataBatches(data, batch_size=batch, seed=0), None, None, 1.0
     else:
-        s = open_any(store)
+        s = open_store(store)
         ds, soft, layout, alpha = (TokenStoreDataset(s, data, batch_size=batch, seed=0),
                                    make_soft_loss("sampled_kl", 1.0), s.meta.layout, 0.5)
     ds.set_epoch(0)

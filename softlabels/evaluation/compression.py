@@ -284,7 +284,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
     from softlabels.inputs.spec import resolve_data
-    from softlabels.store.v1 import open_store
+    from softlabels.store.reader import open_store
     from softlabels.student.runs import open_run
 
     log = log or (lambda _msg: None)

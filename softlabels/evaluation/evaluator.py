@@ -65,7 +65,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     """
     from softlabels._runtime.device import resolve_device, set_threads
     from softlabels.inputs.spec import resolve_data
-    from softlabels.store.reader import open_any
+    from softlabels.store.reader import open_store
 
     if problems := threads_problem(threads):
         raise ConfigError(problems)
@@ -86,7 +86,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         )
     opened = None
     if store is not None:
-        opened = open_any(store)
+        opened = open_store(store)
         if opened.meta.num_classes != num_classes:
             raise ModelMismatch(f"the student has {num_classes} classes but store {str(store)!r} has "
                                 f"{opened.meta.num_classes}; pass the store of this student's teacher")

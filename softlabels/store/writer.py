@@ -169,11 +169,11 @@ class UnitWriter:
                 self._backend.write(key, a0, arr)
             elif family == "sample":
                 self._backend.write(key, s0, arr)
-        self._backend.flush()
         full = dict(block)
         if isinstance(self.positions, TokenPositions):
             s1 = s0 + len(block[fmt.SAMPLE_IDS])
             full[OFFSETS], full[LENGTHS] = self.positions.offsets[s0:s1], self.positions.lengths[s0:s1]
+        self._backend.flush()
         self._backend.write(UNIT_CHECKSUMS, unit, np.array([unit_checksum(self.meta, full)], dtype=np.uint32))
         self._set_flag(unit, 1)
 
@@ -208,7 +208,7 @@ class UnitWriter:
     def invalidate(self, units: list[int]) -> None:
         """Mark units as not done (to regenerate damaged ones) and the store as writing."""
         self._backend.set_attrs({"status": fmt.STATUS_WRITING})
-        self.meta = self.meta.with_status(fmt.STATUS_WRITING)
+        self.meta = replace(self.meta, status=fmt.STATUS_WRITING)
         for u in units:
             self._set_flag(u, 0)
 
@@ -229,7 +229,7 @@ class UnitWriter:
                                   f"units not written ({fmt.chunk_list(missing)}); write them, then finish")
         self._backend.set_attrs({"status": fmt.STATUS_COMPLETE})
         self._backend.flush()
-        self.meta = self.meta.with_status(fmt.STATUS_COMPLETE)
+        self.meta = replace(self.meta, status=fmt.STATUS_COMPLETE)
 
     def close(self) -> None:
         """Close without finishing; partly filled units are dropped (they are rewritten on resume)."""

@@ -16,7 +16,6 @@ for code that needs a ``Sampler``; a random sampler over it is slow (see there).
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -33,38 +32,32 @@ from softlabels.errors import (
 from softlabels.inputs.arrays import InputDataset, fingerprint
 from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
-from softlabels.store.layouts import Layout, make_layout
-from softlabels.store.v1 import SoftLabelStore, to_torch
+from softlabels.store.layouts import Layout
 from softlabels.student import order as _order
 from softlabels.student.sources import UnitSource, is_v2
 
 __all__ = ["SoftLabelDataset", "SoftLabelMapDataset", "batch_loader"]
 
-Source = tuple[str | Path | SoftLabelStore, InputDataset | None]
+Source = tuple[Any, InputDataset | None]
 
 
-def _open(store: Any, views_per_sample: int = 1) -> SoftLabelStore | UnitSource:
-    """A v1 store as it is, a v2 store source (or a path to one) as a :class:`UnitSource`."""
-    if is_v2(store):
-        if not store.meta.complete:
-            raise IncompleteStore(f"{store.path} is incomplete (status {store.meta.status!r}); finish it by "
-                                  "rerunning 'softlabels generate' with the same arguments")
-        return UnitSource(store, views_per_sample)
-    if isinstance(store, SoftLabelStore):
-        if not store.meta.complete:
-            raise IncompleteStore(f"{store.path} is incomplete (status {store.status!r}); finish it by rerunning "
-                                  "'softlabels generate' with the same arguments")
-        return store
-    from softlabels.store.reader import open_any
+def _open(store: Any, views_per_sample: int = 1) -> UnitSource:
+    """A store source (``UnitStore``, ``V1Store``, an ensemble), or a path to a store, as a :class:`UnitSource`."""
+    if not is_v2(store):
+        from softlabels.store.reader import open_store
 
-    return _open(open_any(store), views_per_sample)  # refuses incomplete stores
+        store = open_store(store)  # either format version; refuses incomplete stores
+    if not store.meta.complete:
+        raise IncompleteStore(f"{store.path} is incomplete (status {store.meta.status!r}); finish it by "
+                              "rerunning 'softlabels generate' with the same arguments")
+    return UnitSource(store, views_per_sample)
 
 
 def _short(fp: Any) -> str:
     return str(fp)[:19] + "..." if fp and len(str(fp)) > 19 else str(fp)
 
 
-def _check_data(store: SoftLabelStore | UnitSource, data: InputDataset, check_fingerprint: bool) -> None:
+def _check_data(store: UnitSource, data: InputDataset, check_fingerprint: bool) -> None:
     """Refuse inputs that are not the ones the store's teacher saw."""
     expected = store.source.get("fingerprint")
     if check_fingerprint and expected:  # stores made without a fingerprint cannot be checked
@@ -75,33 +68,27 @@ def _check_data(store: SoftLabelStore | UnitSource, data: InputDataset, check_fi
             raise FingerprintMismatch(
                 f"{store.path}: the data given (fingerprint {_short(got)}) is not the data the store was generated "
                 f"from ({_short(expected)}); pass the --data the store was generated from{hint}")
-    if isinstance(store, UnitSource):  # ids are checked batch by batch (reading them all costs a pass)
-        return
-    ids = store.sample_ids
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(data)):
-        raise DataError(f"{store.path} refers to sample ids {int(ids.min())}..{int(ids.max())} but the data has "
-                        f"{len(data)} items; pass the --data the store was generated from")
+    # ids are checked batch by batch (reading them all costs a pass)
 
 
-def _layout(store: SoftLabelStore | UnitSource) -> Layout:
-    if isinstance(store, UnitSource):
-        return store.layout_obj
-    params = {"k": store.topk} if store.layout == "topk" else {}
-    return make_layout(store.layout, num_classes=store.num_classes, logits_dtype=store.logits_dtype, **params)
+def _layout(store: UnitSource) -> Layout:
+    return store.layout_obj
 
 
-def _row_specs(store: SoftLabelStore | UnitSource) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def _row_specs(store: UnitSource) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-row arrays of a source: name -> (shape after the row axis, dtype)."""
-    if isinstance(store, UnitSource):
-        return store.row_arrays()
-    return {k: (s.shape[1:], s.dtype) for k, s in store.meta.row_arrays().items()}
+    return store.row_arrays()
 
 
-def _signature(store: SoftLabelStore | UnitSource) -> dict[str, Any]:
-    if isinstance(store, UnitSource):
-        return store.signature()
-    return {"format": 1, "layout": store.layout, "num_classes": store.num_classes,
-            "logits_dtype": store.logits_dtype, "topk": store.topk}
+def _signature(store: UnitSource) -> dict[str, Any]:
+    return store.signature()
+
+
+# the arrays' names under which a target's tensors appear in a batch dict
+_TARGET_KEYS = {"DenseTarget": {"logits": fmt.LOGITS},
+                "TopKTarget": {"values": fmt.TOPK_VALUES, "ids": fmt.TOPK_INDICES, "logsumexp": fmt.LOGSUMEXP},
+                "SampledTarget": {"ids": "sampled_ids", "counts": "sampled_counts", "logits": "sampled_logits",
+                                  "logsumexp": fmt.LOGSUMEXP}}
 
 
 def _tensors(block: dict[str, np.ndarray], layout: Layout) -> dict[str, torch.Tensor]:
@@ -111,15 +98,17 @@ def _tensors(block: dict[str, np.ndarray], layout: Layout) -> dict[str, torch.Te
     object: plain tensors are what DataLoader transports, pins and moves to a device;
     :func:`softlabels.student.losses.as_target` rebuilds the typed target from them.
     """
-    return to_torch(block, layout.logits_dtype, layout)
+    target = layout.decode(block)
+    out = {k: torch.from_numpy(v) for k, v in block.items() if k not in layout.arrays()}
+    out.update({name: getattr(target, f) for f, name in _TARGET_KEYS[type(target).__name__].items()})
+    return out
 
 
 class SoftLabelDataset(_order.EpochState, IterableDataset):
     """Batches of teacher outputs (and joined inputs) from one or more complete stores.
 
     ``sources`` is a list of ``(store, data)``: ``store`` a path (either format
-    version), a :class:`SoftLabelStore` or a format-2 store source (``UnitStore``, an
-    ensemble), ``data`` the :class:`InputDataset` the store was generated from (joined
+    version) or a store source (``UnitStore``, ``V1Store``, an ensemble), ``data`` the :class:`InputDataset` the store was generated from (joined
     by sample id into ``"x"``) or ``None`` for logits only. All sources need the same
     format, positions, layout, class count, logits dtype and layout parameters.
     Token stores are refused (they belong to the language-model trainer).
@@ -228,9 +217,9 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
 
     def _check_views_per_sample(self, k: int) -> None:
         s = self.stores[0]
-        views = s.num_views if isinstance(s, UnitSource) else 0
+        views = s.num_views
         if not views:
-            kind = s.positions if isinstance(s, UnitSource) else "sample (format 1)"
+            kind = s.positions
             raise ConfigError(f"--views-per-sample {k} needs a views store, but {s.path} holds {kind} positions; "
                               "drop --views-per-sample")
         if k > views:
@@ -255,7 +244,7 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
     def augment(self) -> str | None:
         """The augmentation spec a views store recorded (its ``view_params`` replay it); else None."""
         s = self.stores[0]
-        return str(s.meta.views.get("augment", "")) if isinstance(s, UnitSource) and s.num_views else None
+        return str(s.meta.views.get("augment", "")) if s.num_views else None
     num_samples = property(lambda self: int(sum(s.num_samples for s in self.stores)))
 
     def __len__(self) -> int:
@@ -321,10 +310,7 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
             store = self.stores[s]
             c0, c1 = store.chunk_bounds(c)
             out = {k: v[at:at + c1 - c0] for k, v in buf.items()}
-            if isinstance(store, UnitSource):
-                store.read_into(c, out, verify=self.verify, seed=self.seed, epoch=self.epoch)
-            else:
-                store.read_chunk_into(c, out, verify=self.verify)
+            store.read_into(c, out, verify=self.verify, seed=self.seed, epoch=self.epoch)
             rows.append(np.arange(at + a, at + b))
             sources.append(np.full(b - a, s, dtype=np.int64))
             at += c1 - c0
@@ -358,14 +344,14 @@ class SoftLabelMapDataset(Dataset):
     Item keys match the batches of :class:`SoftLabelDataset` (``source`` is 0).
     """
 
-    def __init__(self, store: str | Path | SoftLabelStore, data: InputDataset | None = None, cache_chunks: int = 4,
+    def __init__(self, store: Any, data: InputDataset | None = None, cache_chunks: int = 4,
                  *, verify: bool = True, check_fingerprint: bool = True) -> None:
         if not isinstance(cache_chunks, int) or cache_chunks < 1:
             raise ConfigError(f"cache_chunks must be an integer >= 1, got {cache_chunks!r}")
         self.store = _open(store)
-        if isinstance(self.store, UnitSource):
-            raise ConfigError(f"{self.store.path} is a format-2 store; SoftLabelMapDataset reads version 1 stores: "
-                              "stream it with SoftLabelDataset")
+        if self.store.positions != "sample":
+            raise ConfigError(f"{self.store.path} holds {self.store.positions} positions; SoftLabelMapDataset reads "
+                              "sample stores: stream it with SoftLabelDataset")
         self.data, self.cache_chunks, self.verify = data, cache_chunks, bool(verify)
         if data is not None:
             _check_data(self.store, data, check_fingerprint)
@@ -383,7 +369,7 @@ class SoftLabelMapDataset(Dataset):
         if block is not None:
             self._cache.move_to_end(c)
             return block
-        arrays = self.store.read_chunk(c, verify=self.verify)
+        arrays = self.store.store.read_unit(c, verify=self.verify)
         block = _tensors(arrays, _layout(self.store))
         if self.data is not None:
             block["x"] = self.data.get_batch(arrays[fmt.SAMPLE_IDS])[0]

@@ -111,7 +111,7 @@ class _Run:
     def __init__(self, config: TrainConfig, env: DistEnv, teacher: nn.Module | None, log,
                  student: nn.Module | None = None) -> None:
         from softlabels.inputs.spec import resolve_data
-        from softlabels.store.reader import open_any
+        from softlabels.store.reader import open_store
         from softlabels.teacher.spec import resolve_model
 
         self.config, self.env, self.log = config, env, log or (lambda _msg: None)
@@ -124,7 +124,7 @@ class _Run:
         self.augment = None  # a views store's augmentation, replayed on the device from each batch's view_params
         # -- data ------------------------------------------------------------------------
         if config.stores or config.ensemble:
-            self.stores = [open_any(p) for p in config.stores] or [_ensemble(config)]
+            self.stores = [open_store(p) for p in config.stores] or [_ensemble(config)]
             specs = list(config.data) or [self._recorded_spec(s) for s in self.stores]
             datasets = [resolve_data(s) for s in specs]
             from softlabels.student.dataset import SoftLabelDataset
@@ -339,10 +339,8 @@ class _Run:
 
     def _check_stores_finite(self) -> None:
         """After a NaN loss, before blaming --lr: a store holding NaN/inf teacher values (one scan, on failure only)."""
-        from softlabels.teacher.v1sink import scan_nonfinite
-
         for store in self.stores:
-            ids = scan_nonfinite(Path(store.path)) if hasattr(store, "chunk_done") else _v2_nonfinite(store)
+            ids = _v2_nonfinite(store)
             if ids:
                 raise NonFiniteOutputs(
                     f"store {str(store.path)!r} holds NaN/inf teacher values for {len(ids)} sample id(s) "
