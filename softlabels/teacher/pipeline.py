@@ -91,9 +91,10 @@ class BackgroundWriter:
     buffer, and checks them for non-finite values there (``position_keys``: the arrays to check; ``cum``,
     tokens only: the first position of every sample, and N + 1 the total).
 
-    The teacher waits only when ``depth`` items are pending. The thread wakes for ``burst``
-    items (or whatever is pending after ``linger`` seconds): when the teacher keeps every
-    CPU core busy, each wake-up of the writer (and of the storage library's own threads)
+    The teacher waits only when ``depth`` items are pending. The thread writes in bursts of
+    ``burst`` items (or whatever is pending after ``linger`` seconds), each one
+    ``UnitWriter.burst``: one flush of its data, then one of its flags. When the teacher keeps
+    every CPU core busy, each wake-up of the writer (and of the storage library's own threads)
     stalls a parallel op of the teacher, so few long bursts cost less than many short ones.
     An error in the thread is raised in the caller at its next :meth:`put` or at
     :meth:`close`; after an error the thread keeps draining without writing, so the caller
@@ -150,11 +151,17 @@ class BackgroundWriter:
                 self._cv.notify_all()  # room again for the teacher
             if done:
                 return
-            for block in blocks:
+            # One flush of the data and one of the flags per `burst` blocks (a backlog is not
+            # one burst: flags keep coming). The kill hook commits block by block instead, to
+            # die right after an exact unit.
+            size = 1 if self._kill_after else self._burst
+            for group in (blocks[i:i + size] for i in range(0, len(blocks), size)):
                 if self._error is not None:
                     break
                 try:
-                    self._write(block)
+                    with self.writer.burst():
+                        for block in group:
+                            self._write(block)
                 except BaseException as err:  # noqa: BLE001 - handed to the main thread
                     self._error = err
                     break
