@@ -93,22 +93,11 @@ class ViewPositions:
     def axis_length(self) -> int:
         return self.geometry.num_samples
 
-    @property
-    def axis_chunk(self) -> int:
-        return self.geometry.chunk_samples
-
-    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
-        return (self.geometry.num_samples, self.num_views, *per_position)
-
     def unit_axis_range(self, unit: int) -> tuple[int, int]:
         return self.geometry.unit_samples_range(unit)
 
     def unit_written_range(self, unit: int) -> tuple[int, int]:
         return self.geometry.unit_samples_range(unit)
-
-    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
-        shape = (self.geometry.num_samples, self.num_views, len(self.param_names))
-        return {VIEW_PARAMS: (shape, np.dtype(self.param_dtype), "sample")}
 
     def to_attrs(self) -> dict[str, Any]:
         return {"views": {"count": self.num_views, "augment": self.augment, "seed": self.seed,
