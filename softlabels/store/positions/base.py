@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-
 __all__ = ["Positions", "UnitGeometry", "group_units_for"]
 
 MAX_BOOKKEEPING_CHUNKS = 1024

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-
 from softlabels.store.positions.base import UnitGeometry
 
 __all__ = ["SamplePositions"]
