@@ -11,7 +11,7 @@ import h5py
 import pytest
 import zarr
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from softlabels.cli import main
@@ -69,6 +69,7 @@ def clean_stores():
 @given(version=st.sampled_from([1, 2]), suffix=st.sampled_from([".h5", ".zarr"]), data=st.data(), value=json_values)
 def test_inspect_with_edited_attribute_never_tracebacks(clean_stores, version, suffix, data, value):
     attr = data.draw(st.sampled_from(ATTRS if version == 2 else V1_ATTRS))
+    assume(not (suffix == ".h5" and isinstance(value, str) and "\x00" in value))  # HDF5 strings hold no NUL
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"s{suffix}"
         src = clean_stores[version, suffix]
