@@ -148,7 +148,8 @@ def claimed(path: Path, num_samples: int, num_classes: int, chunk_rows: int, don
                  "source": plant, "created_by": {}}
         flags = "chunk_done"
         arrays = {"logits": ((num_samples, num_classes), np.float32, chunk_rows),
-                  "labels": ((num_samples,), np.int64, chunk_rows), "sample_ids": ((num_samples,), np.int64, chunk_rows),
+                  "labels": ((num_samples,), np.int64, chunk_rows),
+                  "sample_ids": ((num_samples,), np.int64, chunk_rows),
                   "chunk_done": ((chunks,), np.uint8, 1), "checksums": ((chunks,), np.uint32, 1)}
     if path.suffix == ".zarr":
         g = zarr.open_group(str(path), mode="w", zarr_format=3)

@@ -115,8 +115,9 @@ class StoreMetaV2:
             v = self.views
             if not fmt.is_int(v.get("count")) or v["count"] < 1 or not isinstance(v.get("param_names"), list):
                 p.append("views needs an integer 'count' >= 1 and a list 'param_names'")
-            if not isinstance(v.get("param_dtype", "float32"), str) or v.get("param_dtype", "float32") not in PARAM_DTYPES:
-                p.append(f"views' param_dtype {v['param_dtype']!r} is not one of {', '.join(PARAM_DTYPES)}")
+            dtype = v.get("param_dtype", "float32")
+            if not isinstance(dtype, str) or dtype not in PARAM_DTYPES:
+                p.append(f"views' param_dtype {dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
         if self.tokens is not None:
             t = self.tokens
             if not fmt.is_int(t.get("chunk_positions")) or t["chunk_positions"] < 1 \

@@ -97,8 +97,8 @@ def spread_views(batch: dict[str, Any], k: int, layout: Any) -> dict[str, Any]:
 def v2_identity(store: Any) -> dict[str, Any]:
     """A format-2 source's identity: its teacher, layout and a digest of its units' checksums."""
     meta = store.meta
-    sums = store.unit_checksums() if hasattr(store, "unit_checksums") else None  # an ensemble: its attributes say enough
-    sums = sums.astype("<u4").tobytes() if sums is not None else b""
+    # an ensemble has no checksums of its own: its attributes say enough
+    sums = store.unit_checksums().astype("<u4").tobytes() if hasattr(store, "unit_checksums") else b""
     return {"teacher": meta.teacher, "layout": meta.layout, "logits_dtype": meta.logits_dtype,
             "num_samples": meta.num_samples, "num_classes": meta.num_classes, "positions": meta.positions,
             "layout_params": dict(meta.layout_params), "views": meta.views,

@@ -72,7 +72,8 @@ def upgrade(config: UpgradeConfig) -> GenerateResult:
                                     "checksum": m.checksum, "softlabels": created.pop("softlabels", None),
                                     "timings": created.pop("timings", None)}
         shard = m.shard_chunks if Path(config.out).suffix.lower() == ".zarr" else 1  # HDF5 has no shards
-        meta = replace(m, shard_chunks=shard, group_units=group_units_for(-(-m.num_samples // (m.chunk_samples * shard))),
+        units = -(-m.num_samples // (m.chunk_samples * shard))
+        meta = replace(m, shard_chunks=shard, group_units=group_units_for(units),
                        checksum=fmt.NEW_STORE_CHECKSUM, status=fmt.STATUS_WRITING, created_by=created)
         return run_job(StoreProducer(old, meta), config.out, batch_size=m.geometry.unit_samples,
                        overwrite=config.overwrite, on_nonfinite="record")

@@ -203,7 +203,7 @@ class _Compute:
         # called before any writer thread starts: the producer may fork its input workers here
         return self._track(self.producer.batches(spans))
 
-    def _track(self, pieces: Iterator[tuple[int, dict[str, np.ndarray]]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def _track(self, pieces: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         for start, arrays in pieces:
             _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             yield start, arrays
