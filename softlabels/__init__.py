@@ -4,8 +4,10 @@ The pipeline, one package per stage (docs/ARCHITECTURE.md):
 
 - :mod:`softlabels.inputs`: what a teacher or a student reads (arrays, digits, image
   folders, text and tokens, the ``--data`` grammar, augmentation ops);
-- :mod:`softlabels.teacher`: runs a teacher once (:func:`generate`) into a store;
-- :mod:`softlabels.store`: the format (positions × layouts), its writer and reader;
+- :mod:`softlabels.teacher`: runs a teacher once (:func:`generate`) into a store, and writes
+  stores from stores (:func:`merge`, :func:`upgrade`);
+- :mod:`softlabels.store`: the format (positions × layouts), its writer and the one reader
+  (:func:`open_store`, either format version);
 - :mod:`softlabels.student`: streams stores into students (:func:`train`, losses);
 - :mod:`softlabels.evaluation`: :func:`evaluate`, reports and compression;
 - :mod:`softlabels.cli`: the ``softlabels`` command, a thin layer over the above.
@@ -33,16 +35,16 @@ _WHERE = {
     "batch_loader": "student.dataset",
     "SoftLabelsError": "errors",
     "evaluate": "evaluation.evaluator", "load_student": "evaluation.evaluator",
-    "FORMAT_VERSION": "store.format", "StoreMeta": "store.format",
-    "GenerateResult": "teacher.job", "generate": "teacher.job",
+    "StoreMetaV2": "store.schema", "UnitStore": "store.reader", "open_store": "store.reader",
+    "UnitWriter": "store.writer",
+    "GenerateResult": "teacher.runner", "generate": "teacher.job", "merge": "teacher.merging",
+    "upgrade": "teacher.merging",
     "LOSSES": "student.losses", "DistillationLoss": "student.losses", "make_soft_loss": "student.losses",
     "EvalAccumulator": "student.metrics",
-    "SoftLabelStore": "store.v1", "densify_topk": "store.v1", "open_store": "store.v1", "to_torch": "store.v1",
     "ModelInfo": "teacher.spec", "resolve_model": "teacher.spec",
     "diff_stores": "store.summary", "summarize": "store.summary",
     "EvalConfig": "evaluation.config", "GenerateConfig": "teacher.config", "TrainConfig": "student.config",
     "train": "student.trainer",
-    "StoreWriter": "store.v1_writer",
 }
 
 __all__ = sorted([*_WHERE, "__version__"])

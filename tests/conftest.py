@@ -11,7 +11,9 @@ import pytest
 import torch
 import zarr
 
-from softlabels.store.v1_writer import StoreWriter
+from softlabels.store.layouts import encode_ids, to_numpy
+from softlabels.store.schema import StoreMetaV2
+from softlabels.store.writer import UnitWriter
 
 
 def run_cli(*args: str):
@@ -40,7 +42,8 @@ def read_plain(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         return {name: a[...] for name, a in g.arrays()}, dict(g.attrs)
     with h5py.File(path, "r") as f:
         arrays = {k: f[k][...] for k in f}
-        attrs = {k: json.loads(v) if k in ("teacher", "source", "created_by") else (v.item() if hasattr(v, "item") else v)
+        objects = ("teacher", "source", "created_by", "layout_params", "views", "tokens")  # JSON strings in HDF5
+        attrs = {k: json.loads(v) if k in objects else (v.item() if hasattr(v, "item") else v)
                  for k, v in f.attrs.items()}
     return arrays, attrs
 
@@ -70,14 +73,35 @@ def make_rows(n: int, c: int, *, layout: str = "dense", k: int | None = None, se
     return rows
 
 
+def stored_rows(rows: dict[str, np.ndarray], layout) -> dict[str, np.ndarray]:
+    """``make_rows``' float32 logits and int64 ids in the stored dtypes of ``layout`` (a layout object)."""
+    out = dict(rows)
+    dtype = layout.store_dtype
+    for key in ("logits", "topk_values"):
+        if key in out:
+            out[key] = to_numpy(torch.from_numpy(np.asarray(out[key])).to(dtype))
+    if "topk_indices" in out:
+        out["topk_indices"] = encode_ids(torch.from_numpy(np.asarray(out["topk_indices"]).astype(np.int64)),
+                                         layout.num_classes).numpy()
+    return out
+
+
 def write_store(path: Path, rows: dict[str, np.ndarray], *, num_classes: int, chunk_rows: int = 8,
-                finish: bool = True, **kw) -> Path:
+                finish: bool = True, logits_dtype: str = "float32", shard_chunks: int = 1,
+                overwrite: bool = False, **attrs) -> Path:
+    """A format-2 ``sample`` store of ``make_rows``' rows (dense or top-k), written with UnitWriter.
+
+    ``attrs``: ``teacher``, ``source``, ``created_by``, ``checksum``; ``finish=False`` leaves every unit
+    written but the status ``writing``.
+    """
     n = len(rows["labels"])
     layout = "topk" if "topk_values" in rows else "dense"
-    k = rows["topk_values"].shape[1] if layout == "topk" else None
-    w = StoreWriter.create(path, num_samples=n, num_classes=num_classes, layout=layout, topk=k,
-                           chunk_rows=chunk_rows, **kw)
-    w.write(0, **rows)
+    params = {"k": int(rows["topk_values"].shape[1])} if layout == "topk" else {}
+    meta = StoreMetaV2(positions="sample", layout=layout, num_samples=n, num_classes=num_classes,
+                       logits_dtype=logits_dtype, chunk_samples=chunk_rows, shard_chunks=shard_chunks,
+                       layout_params=params, **attrs)
+    w = UnitWriter.create(path, meta, overwrite=overwrite)
+    w.write(0, **stored_rows(rows, meta.layout_obj()))
     if finish:
         w.finish()
     w.close()

@@ -10,9 +10,9 @@ planted module, and stay within the peak memory bound (``ru_maxrss`` of the chil
 runner (the real CLI code); one test also runs ``python -m softlabels`` itself.
 
 Hooks for hostile content handled elsewhere: ``EXTRA_MUTATIONS`` takes more store
-mutations (links leaving the store, for instance) as ``name -> (build, must_fail)``; and
-``READ_VALIDATED`` lists the commands for out-of-range labels/indices, which read-time
-validation extends to training.
+mutations (links leaving the store, for instance) as ``name -> (build, must_fail)``. Stores
+of both format versions are attacked: the good ones are written by ``generate`` (format 2)
+and by the plain format-1 writer of tests/_v1stores.py.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import zarr
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from softlabels.store.format import StoreMeta
-from tests.conftest import run_cli
+from softlabels.store.schema import StoreMetaV2
+from tests._v1stores import crc, write_v1
+from tests.conftest import read_plain, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 N, D, C, CHUNK = 40, 6, 4, 16
@@ -45,7 +46,6 @@ PEAK_BOUND = (1 << 30) + (512 << 20)  # the 1 GiB read limit plus the interprete
 CPU_SECONDS = 240
 
 COMMANDS = ("inspect", "verify", "train", "eval", "repair")
-READ_VALIDATED = ("inspect", "verify", "repair")  # labels/indices out of range: + train, eval once validated on read
 
 PLANTED = """
 import pathlib
@@ -84,6 +84,9 @@ def world(tmp_path_factory):
     r = run_cli("train", "--student", "mlp", "--epochs", "1", "--batch-size", "16", "--no-progress",
                 "--store", str(d / "s.h5"), "--data", str(d / "data.npz"), "--out", str(d / "run"))
     assert r.exit_code == 0, r.output
+    arrays, attrs = read_plain(d / "s.h5")  # the same teacher outputs as a format-1 store
+    write_v1(d / "v1.h5", {k: arrays[k] for k in ("logits", "labels", "sample_ids")}, num_classes=C, chunk_rows=CHUNK,
+             teacher=attrs["teacher"], source=attrs["source"])
     return d
 
 
@@ -113,37 +116,56 @@ def _array(path: Path, name: str, edit: Callable[[np.ndarray], None]) -> None:
 
 def _rechecksum(path: Path) -> None:
     """Make the checksums agree with the (hostile) content: only the content checks can catch it."""
-    from softlabels.store.format import chunk_checksum
-    from softlabels.store.v1 import open_store
+    arrays, attrs = read_plain(path)
+    if attrs["softlabels_format"] == 1:
+        rows = attrs["chunk_rows"]
+        sums = [crc({k: v[c * rows:(c + 1) * rows] for k, v in arrays.items() if k not in ("chunk_done", "checksums")},
+                    attrs["checksum"]) for c in range(len(arrays["checksums"]))]
+        _array(path, "checksums", lambda a: a.__setitem__(slice(None), sums))
+        return
+    from softlabels.store.schema import unit_checksum
 
-    with open_store(path, allow_partial=True) as s:
-        sums = [chunk_checksum(s.read_rows(*s.chunk_bounds(c))) for c in range(s.num_chunks)]
-    _array(path, "checksums", lambda a: a.__setitem__(slice(None), sums))
+    meta = StoreMetaV2.from_attrs(attrs)  # a sample store: a unit's positions are its samples
+    sums = [unit_checksum(meta, {k: arrays[k][slice(*meta.geometry.unit_samples_range(u))]
+                                 for k in meta.checksum_order()}) for u in range(meta.num_units)]
+    _array(path, "unit_checksums", lambda a: a.__setitem__(slice(None), sums))
 
 
 def claimed(path: Path, num_samples: int, num_classes: int, chunk_rows: int, done: int) -> None:
-    """Replace the store by one whose attributes and shapes agree, claiming data it does not hold."""
+    """Replace the store by one of its version whose attributes and shapes agree, claiming data it does not hold."""
+    version = read_plain(path)[1]["softlabels_format"] if path.suffix == ".h5" else 2
     shutil.rmtree(path) if path.is_dir() else path.unlink()
-    meta = StoreMeta(layout="dense", num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows,
-                     status="complete" if done else "writing", source={"spec": "advplant:make"},
-                     teacher={"spec": "advplant:make"})
+    status, plant = "complete" if done else "writing", {"spec": "advplant:make"}
+    if version == 2:
+        meta = StoreMetaV2(positions="sample", layout="dense", num_samples=num_samples, num_classes=num_classes,
+                           chunk_samples=chunk_rows, status=status, source=plant, teacher=plant)
+        attrs, flags = meta.to_attrs(), "unit_done"
+        arrays = {name: (a.shape, a.dtype, a.chunk) for name, a in meta.arrays().items()}
+    else:
+        chunks = -(-num_samples // chunk_rows)
+        attrs = {"softlabels_format": 1, "status": status, "layout": "dense", "num_samples": num_samples,
+                 "num_classes": num_classes, "logits_dtype": "float32", "chunk_rows": chunk_rows, "teacher": plant,
+                 "source": plant, "created_by": {}}
+        flags = "chunk_done"
+        arrays = {"logits": ((num_samples, num_classes), np.float32, chunk_rows),
+                  "labels": ((num_samples,), np.int64, chunk_rows),
+                  "sample_ids": ((num_samples,), np.int64, chunk_rows),
+                  "chunk_done": ((chunks,), np.uint8, 1), "checksums": ((chunks,), np.uint32, 1)}
     if path.suffix == ".zarr":
         g = zarr.open_group(str(path), mode="w", zarr_format=3)
-        g.attrs.update(meta.to_attrs())
-        for name, spec in meta.arrays().items():
-            g.create_array(name, shape=spec.shape, dtype=spec.dtype, fill_value=0,
-                           chunks=(chunk_rows,) + spec.shape[1:] if spec.per_row else (1,))
+        g.attrs.update(attrs)
+        for name, (shape, dtype, chunk) in arrays.items():
+            g.create_array(name, shape=shape, dtype=dtype, fill_value=0, chunks=(chunk,) + shape[1:])
         if done:
-            g["chunk_done"][:] = 1
+            g[flags][:] = 1
         return
     with h5py.File(path, "w") as f:  # chunks never allocated: h5py's default
-        for k, v in meta.to_attrs().items():
+        for k, v in attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, dict) else v
-        for name, spec in meta.arrays().items():
-            rows = min(chunk_rows if spec.per_row else 4096, spec.shape[0])
-            f.create_dataset(name, shape=spec.shape, dtype=spec.dtype, chunks=(max(1, rows),) + spec.shape[1:])
+        for name, (shape, dtype, chunk) in arrays.items():
+            f.create_dataset(name, shape=shape, dtype=dtype, chunks=(max(1, min(chunk, shape[0])),) + shape[1:])
         if done:
-            f["chunk_done"][:] = 1
+            f[flags][:] = 1
 
 
 def damage_json(path: Path, which: str, how: str) -> None:
@@ -167,10 +189,10 @@ MUTATIONS: dict[str, tuple[str, Callable[..., None], tuple[str, ...]]] = {
     # chunks of 16 MB (read) or 4 GB (refused): zarr fills a missing chunk's zeros in memory
     "huge-zarr": ("s.zarr", lambda p, x: claimed(p, 10 ** (6 + x % 3), [4, 1000][x % 2], 1 << 20, done=x // 2 % 2),
                   ("train", "eval")),
-    "many-chunks": ("s.h5", lambda p, x: _attrs(p, num_samples=(1 << 24) + 1 + x, chunk_rows=1), COMMANDS),
+    "many-chunks": ("s.h5", lambda p, x: _attrs(p, num_samples=(1 << 24) + 1 + x, chunk_samples=1), COMMANDS),
     "attrs-lie": ("s.h5", lambda p, x: _attrs(p, num_samples=N + 1 + x), COMMANDS),
-    "topk-lie": ("k.h5", lambda p, x: _attrs(p, topk=3 + x), COMMANDS),
-    "zarr-json": ("s.zarr", lambda p, x: damage_json(p, ["", "logits", "labels", "chunk_done", "checksums",
+    "topk-lie": ("k.h5", lambda p, x: _attrs(p, layout_params={"k": 3 + x}), COMMANDS),
+    "zarr-json": ("s.zarr", lambda p, x: damage_json(p, ["", "logits", "labels", "unit_done", "unit_checksums",
                                                           "sample_ids"][x % 6],
                                                      ["empty", "cut", "bytes", "list", "nested", "not-array"][x % 5]),
                   COMMANDS),
@@ -184,13 +206,22 @@ MUTATIONS: dict[str, tuple[str, Callable[..., None], tuple[str, ...]]] = {
     "truncated": ("s.zarr", lambda p, x: truncate(p, (x % 10) / 10), ()),
     "truncated-h5": ("s.h5", lambda p, x: truncate(p, (x % 10) / 10), ()),
     "labels-range": ("s.h5", lambda p, x: (_array(p, "labels", lambda a: a.__setitem__(x % N, [C, -2, 2**62][x % 3])),
-                                           _rechecksum(p)), ()),
+                                           _rechecksum(p)), ("train", "eval")),
+    # format 1, read through its own validation
+    "v1-huge": ("v1.h5", lambda p, x: claimed(p, 10 ** (6 + x % 4), 10 ** (3 + x % 3), 1 << 16, done=1), COMMANDS),
+    "v1-many-chunks": ("v1.h5", lambda p, x: _attrs(p, num_samples=(1 << 24) + 1 + x, chunk_rows=1), COMMANDS),
+    "v1-attrs-lie": ("v1.h5", lambda p, x: _attrs(p, **[{"num_samples": N + 1 + x}, {"layout": "topk"},
+                                                      {"logits_dtype": "int8"}, {"teacher": "[1]"}][x % 4]), COMMANDS),
+    "v1-duplicate-ids": ("v1.h5", lambda p, x: (_array(p, "sample_ids", lambda a: a.__setitem__(x % N, (x + 1) % N)),
+                                                _rechecksum(p)), ("train", "eval", "repair")),
+    "v1-labels-range": ("v1.h5", lambda p, x: (_array(p, "labels", lambda a: a.__setitem__(x % N, [C, -2][x % 2])),
+                                               _rechecksum(p)), ("train", "eval", "repair")),
 }
 EXTRA_MUTATIONS: dict[str, tuple[str, Callable[..., None], tuple[str, ...]]] = {}  # links: see the module doc
 
 
 def _commands(mutation: str) -> tuple[str, ...]:
-    return READ_VALIDATED if mutation == "labels-range" else COMMANDS
+    return COMMANDS
 
 
 def store_args(world: Path, command: str, store: Path, work: Path) -> list[str]:

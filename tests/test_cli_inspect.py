@@ -33,9 +33,9 @@ def test_inspect_reports_layout_labels_and_teacher_stats(tmp_path, suffix):
 
 def test_inspect_shows_missing_chunks_of_partial_store(tmp_path):
     path = write_store(tmp_path / "p.zarr", make_rows(20, 3), num_classes=3, chunk_rows=8, finish=False)
-    from softlabels.store.v1_writer import StoreWriter
+    from softlabels.store.writer import UnitWriter
 
-    w = StoreWriter.resume(path)
+    w = UnitWriter.resume(path)
     w.invalidate([1])
     w.close()
     info = json.loads(run_cli("inspect", str(path), "--json").output)
@@ -81,8 +81,8 @@ def test_wrong_array_shapes(tmp_path, suffix):
 @pytest.mark.parametrize("attr,value,needle", [
     ("num_samples", 11, "logits has shape (10, 3)"),
     ("num_classes", 4, "logits has shape (10, 3)"),
-    ("layout", "topk", "topk must be an integer"),
-    ("chunk_rows", 0, "chunk_rows must be"),
+    ("layout", "topk", "topk layout: "),
+    ("chunk_samples", 0, "chunk_samples must be"),
 ])
 def test_edited_attributes(tmp_path, attr, value, needle):
     path = write_store(tmp_path / "s.zarr", make_rows(10, 3), num_classes=3)
@@ -103,10 +103,10 @@ def test_truncated_and_flipped_chunks_are_named(tmp_path):
     assert info["corrupt_chunks"] == [1, 2]
     # a reader hitting the damaged chunk says which one and how to recover
     from softlabels.errors import CorruptStore
-    from softlabels.store.v1 import open_store
+    from softlabels.store.reader import open_store
 
-    with pytest.raises(CorruptStore, match=r"chunk 2 \(rows 16..24\).*--repair"):
-        open_store(path).read_chunk(2)
+    with pytest.raises(CorruptStore, match=r"unit 2 \(samples 16..24\).*--repair"):
+        open_store(path).read_unit(2)
 
 
 def test_truncated_hdf5_file(tmp_path):

@@ -23,7 +23,7 @@ from softlabels.errors import (
 )
 from softlabels.inputs.arrays import ArrayDataset
 from softlabels.inputs.fingerprints import fingerprint
-from softlabels.store.ensemble.reader import open_units
+from softlabels.store.reader import open_store
 from softlabels.store.reader import UnitStore
 from softlabels.student import order as _order
 from softlabels.student.dataset import SoftLabelDataset, SoftLabelMapDataset
@@ -91,7 +91,7 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_every_row_once_per_epoch_across_ranks_and_workers(dense, world):
     path, data, arrays = dense
-    store = open_units(path)
+    store = open_store(path)
     for workers in (0, 1, 2, 3):
         for epoch in range(3):
             per_rank = []

@@ -80,11 +80,11 @@ def test_read_only_destination_fails_clearly_and_resumes(tmp_path, tmpfs, job):
     ref = tmp_path / "ref.zarr"
     assert job(ref).returncode == 0
     out = tmpfs / "s.zarr"
-    first = job(out)  # a full run, then two chunks marked for regeneration: a store to resume
+    first = job(out)  # a full run, then two units marked for regeneration: a store to resume
     assert first.returncode == 0, first.stderr
-    from softlabels.store.v1_writer import StoreWriter
+    from softlabels.store.writer import UnitWriter
 
-    w = StoreWriter.resume(out)
+    w = UnitWriter.resume(out)
     w.invalidate([3, 7])
     w.close()
     remount(tmpfs, "ro")

@@ -236,12 +236,14 @@ def test_ensemble_store_combines_each_unit_and_merge_is_bit_identical(tmp_path, 
             assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
 
 
-def test_version_1_stores_and_dense_values(tmp_path):
+def test_a_version_1_and_a_version_2_store_and_dense_values(tmp_path):
+    from _v1stores import write_v1
+
     rng = np.random.default_rng(1)
     ids, labels = rng.permutation(20), rng.integers(-1, C, 20)
     zs = [(rng.standard_normal((20, C)) * 2).astype(np.float32) for _ in range(2)]
-    paths = [write_store(tmp_path / f"v1-{i}.h5", {"logits": z, "labels": labels, "sample_ids": ids}, num_classes=C)
-             for i, z in enumerate(zs)]
+    paths = [write(tmp_path / f"s{i}.h5", {"logits": z, "labels": labels, "sample_ids": ids}, num_classes=C)
+             for i, (write, z) in enumerate(zip((write_v1, write_store), zs))]
     ens = EnsembleStore(paths, weights=(3, 1), temperature=2.0)
     got = np.concatenate([ens.read_unit(u)["logits"] for u in range(ens.meta.num_units)])
     want = 0.75 * _softmax(zs[0].astype(float), 2) + 0.25 * _softmax(zs[1].astype(float), 2)
@@ -261,11 +263,11 @@ def test_stores_of_other_data_are_refused_by_name(tmp_path):
 @pytest.mark.parametrize("positions,layout,params", [CASES[2], CASES[1]])
 def test_producer_pieces_cut_across_units_write_the_same_store(tmp_path, positions, layout, params):
     """The runner hands a producer spans cut anywhere; the pieces must write the same bytes."""
-    from softlabels.teacher.merging import MergeProducer
+    from softlabels.teacher.producer import StoreProducer
 
     paths, _, _ = _stores(tmp_path, positions, layout, params)
     ens = EnsembleStore(paths, temperature=1.0)
-    producer = MergeProducer(ens)
+    producer = StoreProducer(ens, ens.meta)
     with UnitWriter.create(tmp_path / "pieces.zarr", producer.meta(), lengths=producer.lengths()) as w:
         for start, arrays in producer.batches([(0, 3), (3, 7), (7, 10)]):
             w.write(start, **arrays)

@@ -311,15 +311,20 @@ def damage_chunk(store: Path, damage: Callable[[bytes], bytes]) -> Path:
 
 
 def set_value(store: Path, name: str, row: int, value: int) -> Path:
-    """Write one value into an HDF5 store and re-checksum its chunk: damage that checksums cannot see."""
-    from softlabels.store.format import ROW_KEYS, chunk_checksum
+    """Write one value into an HDF5 sample store and re-checksum its unit: damage that checksums cannot see."""
+    from softlabels.store.backend import open_backend
+    from softlabels.store.schema import StoreMetaV2, unit_checksum
 
     with h5py.File(store, "r+") as f:
         f[name][row] = value
-        rows = int(f.attrs["chunk_rows"])
-        c = row // rows
-        block = {k: f[k][c * rows:(c + 1) * rows] for k in ROW_KEYS if k in f}
-        f["checksums"][c] = chunk_checksum(block, f.attrs.get("checksum", "crc32"))
+    b = open_backend(store, "r")
+    meta = StoreMetaV2.from_attrs(b.attrs())
+    u = row // meta.geometry.unit_samples
+    s0, s1 = meta.geometry.unit_samples_range(u)
+    block = {k: b.read(k, s0, s1) for k in meta.checksum_order()}
+    b.close()
+    with h5py.File(store, "r+") as f:
+        f["unit_checksums"][u] = unit_checksum(meta, block)
     return store
 
 
@@ -356,10 +361,10 @@ CASES: dict[str, Callable[[Ctx], Any]] = {
     "E108": lambda c: c.gen(out=c.tmp / "s.txt"),
     "E109": lambda c: c.gen(out=c.write("junk.h5", b"not hdf5 at all")),
     # 2. incomplete or damaged stores
-    "E202": lambda c: c.cli("inspect", edit_h5(c.copy(c.env.h5), lambda f: f["chunk_done"].__setitem__(1, 0))),
+    "E202": lambda c: c.cli("inspect", edit_h5(c.copy(c.env.h5), lambda f: f["unit_done"].__setitem__(1, 0))),
     "E203": lambda c: c.cli("inspect", edit_h5(c.copy(c.env.h5), _short_labels)),
     "E204": lambda c: c.cli("inspect", edit_h5(c.copy(c.env.h5), _drop_arrays)),
-    "E205": lambda c: c.cli("inspect", edit_zarr_attrs(c.copy(c.env.zarr), chunk_rows=0)),
+    "E205": lambda c: c.cli("inspect", edit_zarr_attrs(c.copy(c.env.zarr), chunk_samples=0)),
     "E208": lambda c: c.cli("inspect", edit_zarr_attrs(c.copy(c.env.zarr), teacher=[1, 2])),
     "E209": lambda c: c.train("--store", damage_chunk(c.copy(c.env.zarr), flip_a_bit)),
     "E210": lambda c: c.train("--store", damage_chunk(c.copy(c.env.zarr), lambda b: b[:7])),
@@ -476,10 +481,10 @@ def _(c):
 
 @case("E201")
 def _(c):
-    from softlabels.store.v1_writer import StoreWriter
+    from softlabels.store.writer import UnitWriter
 
     p = c.copy(c.env.zarr)
-    w = StoreWriter.resume(p)
+    w = UnitWriter.resume(p)
     w.invalidate([2])
     w.close()
     return c.train("--store", p)
@@ -535,12 +540,6 @@ def _(c):
 def _(c):
     np.save(c.tmp / "x.npy", np.zeros((3, D), np.float32))
     return c.gen(data=f"{c.tmp / 'x.npy'}:x")
-
-
-@case("E424")
-def _(c):  # made by the library without a fingerprint; its recorded data is too short
-    p = write_store(c.tmp / "no-fingerprint.h5", make_rows(N, C), num_classes=C, source={"spec": str(c.env.short)})
-    return c.train("--store", p)
 
 
 @case("E425")
@@ -805,9 +804,8 @@ CASES.update({
     "E1701": lambda c: c.gen("--augment", "flip"),
     "E1702": lambda c: c.gen("--layout", "sampled", "--samples", "0"),
     "E1703": lambda c: c.gen("--samples", "4"),
-    "E1704": lambda c: c.gen("--format", "1", "--layout", "sampled", "--samples", "4"),
     "E1705": lambda c: c.gen("--views", "0", "--augment", "flip"),
-    "E1706": lambda c: c.gen("--format", "2", out=c.copy(c.env.h5)),
+    "E1706": lambda c: c.gen(out=c.copy(ROOT / "tests" / "fixtures" / "v1" / "dense.h5")),
     "E1708": lambda c: c.gen("--views-from", c.env.zarr, data=image_npz(c)),
     "E1709": lambda c: c.gen("--views-from", views_store(c), data=image_npz(c, N // 2)),
     "E1710": lambda c: c.gen("--views-from", views_store(c), "--augment", "flip(p=0.25)", data=image_npz(c)),
@@ -1034,6 +1032,28 @@ def _(c):
     return c.train("--data", c.env.data, student="errcat_models:term_student")
 
 
+# -- 24. format-1 stores and upgrade ---------------------------------------------------------------
+V1_FIXTURE = ROOT / "tests" / "fixtures" / "v1" / "dense.h5"
+
+
+def _v1_partial(c: Ctx) -> Path:
+    from tests._v1stores import write_v1
+
+    return write_v1(c.tmp / "partial-v1.h5", make_rows(N, C), num_classes=C, chunk_rows=CHUNK, status="writing",
+                    done=[0])
+
+
+CASES.update({
+    "E2401": lambda c: c.cli("upgrade", c.env.h5, "--out", c.tmp / "new.h5"),
+    "E2402": lambda c: c.cli("upgrade", _v1_partial(c), "--out", c.tmp / "new.h5"),
+    "E2403": lambda c: c.cli("upgrade", (p := c.copy(V1_FIXTURE)), "--out", p),
+    "E2404": lambda c: c.cli("upgrade", V1_FIXTURE, "--out", c.tmp / "new.npz"),
+    "E2405": lambda c: c.cli("upgrade", edit_h5(c.copy(V1_FIXTURE), lambda f: f["logits"].__setitem__(9, 7.0)),
+                             "--out", c.tmp / "new.h5"),
+    "E2406": lambda c: c.train("--store", _v1_partial(c)),
+})
+
+
 # -- library only: each raises ------------------------------------------------------------------
 @case("E1101")
 def _(c):
@@ -1049,7 +1069,7 @@ def _(c):  # 16 KB of HDF5 claiming 10^9 rows of logits, never allocated
 
 @case("E1103")
 def _(c):
-    return c.cli("inspect", edit_h5(c.copy(c.env.h5), lambda f: f.attrs.update(num_samples=1 << 25, chunk_rows=1)))
+    return c.cli("inspect", edit_h5(c.copy(c.env.h5), lambda f: f.attrs.update(num_samples=1 << 25, chunk_samples=1)))
 
 
 @case("E1104")
@@ -1104,22 +1124,22 @@ def _(c):
 def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:
     """A tiny store whose attributes and array shapes agree but whose data was never written."""
     from softlabels.store.backend import open_backend
-    from softlabels.store.format import StoreMeta
+    from softlabels.store.schema import StoreMetaV2
 
-    meta = StoreMeta(layout="dense", num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows,
-                     status="complete" if len(done) else "writing")
+    meta = StoreMetaV2(positions="sample", layout="dense", num_samples=num_samples, num_classes=num_classes,
+                       chunk_samples=chunk_rows, status="complete" if len(done) else "writing")
     if path.suffix == ".zarr":
         g = zarr.open_group(str(path), mode="w", zarr_format=3)
         g.attrs.update(meta.to_attrs())
         for name, spec in meta.arrays().items():
             g.create_array(name, shape=spec.shape, dtype=spec.dtype, fill_value=0,
-                           chunks=(chunk_rows,) + spec.shape[1:] if spec.per_row else (1,))
-        for chunk in done:
-            g["chunk_done"][chunk] = 1
+                           chunks=(spec.chunk,) + spec.shape[1:])
+        for unit in done:
+            g["unit_done"][unit] = 1
         return path
     with h5py.File(path, "w") as f:  # h5py's default: chunks allocated only when written
         for name, spec in meta.arrays().items():
-            rows = min(chunk_rows if spec.per_row else 4096, spec.shape[0])
+            rows = max(1, min(spec.chunk, spec.shape[0]))
             f.create_dataset(name, shape=spec.shape, dtype=spec.dtype, chunks=(rows,) + spec.shape[1:])
     backend = open_backend(path, "r+")
     backend.set_attrs(meta.to_attrs())
@@ -1127,10 +1147,17 @@ def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows:
     return path
 
 
-def _writer(name: str = "s.zarr", **kw) -> Callable[[Ctx], Any]:
-    from softlabels.store.v1_writer import StoreWriter
+def _meta(**kw: Any) -> Any:
+    from softlabels.store.schema import StoreMetaV2
 
-    return lambda c: StoreWriter.create(c.tmp / name, num_samples=N, num_classes=C, chunk_rows=CHUNK, **kw)
+    return StoreMetaV2(**{"positions": "sample", "layout": "dense", "num_samples": N, "num_classes": C,
+                          "chunk_samples": CHUNK, **kw})
+
+
+def _writer(name: str = "s.zarr", **kw) -> Callable[[Ctx], Any]:
+    from softlabels.store.writer import UnitWriter
+
+    return lambda c: UnitWriter.create(c.tmp / name, _meta(**kw))
 
 
 def _finish_half_written(c: Ctx) -> None:
@@ -1140,10 +1167,9 @@ def _finish_half_written(c: Ctx) -> None:
 
 
 def _resume_other_shape(c: Ctx) -> None:
-    from softlabels.store.format import StoreMeta
-    from softlabels.store.v1_writer import StoreWriter
+    from softlabels.store.writer import UnitWriter
 
-    StoreWriter.resume(c.env.h5, expect=StoreMeta(layout="dense", num_samples=N, num_classes=C + 1, chunk_rows=CHUNK))
+    UnitWriter.resume(c.env.h5, expect=_meta(num_classes=C + 1))
 
 
 def _dataset(c: Ctx, source: Any = None, **kw) -> Any:
@@ -1153,7 +1179,7 @@ def _dataset(c: Ctx, source: Any = None, **kw) -> Any:
 
 
 def _partial_store(c: Ctx) -> Any:
-    from softlabels.store.v1 import open_store
+    from softlabels.store.reader import open_store
 
     return open_store(write_store(c.tmp / "p.h5", make_rows(N, C), num_classes=C, finish=False), allow_partial=True)
 
@@ -1189,8 +1215,8 @@ def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L103": _resume_other_shape,
         "L104": lambda c: _writer()(c).write(0, **make_rows(N, C + 1)),
         "L105": _writer("s.h5", shard_chunks=2),
-        "L106": _writer(compress=True),
-        "L107": _writer(logits_dtype="int8"),
+        "L106": lambda c: _writer()(c).write(0, **{**make_rows(N, C), "logits": np.zeros((N, C), np.float16)}),
+        "L107": lambda c: _meta(logits_dtype="int8"),
         "L108": lambda c: open_store(c.env.h5, backend="netcdf"),
         "L109": lambda c: _dataset(c, _partial_store(c)),
         "L110": lambda c: _dataset(c, batch_size=0),

@@ -157,8 +157,7 @@ def test_click_defaults_and_choices_come_from_the_config(command, cls, renamed):
         # None stands for a documented default chosen at run time (--alpha, --loss, --chunk-rows, ...)
         assert defaults[name] == field.default, (command, name)
     gen, train = _options("generate"), _options("train")
-    assert tuple(gen["layout"].type.choices) == gen_config.GENERATE_LAYOUTS
-    assert gen_config.GENERATE_LAYOUTS[:len(gen_config.LAYOUTS)] == gen_config.LAYOUTS
+    assert tuple(gen["layout"].type.choices) == gen_config.LAYOUTS
     assert tuple(gen["dtype"].type.choices) == gen_config.LOGITS_DTYPES
     assert tuple(train["optimizer"].type.choices) == train_config.OPTIMIZERS
 
@@ -170,8 +169,7 @@ def test_config_choices_and_library_defaults_match_the_modules_that_use_them():
     from softlabels.student import losses
     from softlabels.teacher.job import generate
 
-    assert gen_config.LAYOUTS == tuple(format.LAYOUTS) and gen_config.LOGITS_DTYPES == tuple(format.LOGITS_DTYPES)
-    assert set(gen_config.GENERATE_LAYOUTS) == set(layouts.LAYOUTS)
+    assert gen_config.LAYOUTS == tuple(layouts.LAYOUTS) and gen_config.LOGITS_DTYPES == tuple(format.LOGITS_DTYPES)
     assert train_config.LOSS_NAMES == tuple(losses.LOSSES) and eval_config.REPORT_FORMATS == tuple(report.FORMATS)
     for fn, cls in ((generate, gen_config.GenerateConfig), (evaluate, eval_config.EvalConfig)):
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}

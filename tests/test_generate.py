@@ -114,7 +114,7 @@ def test_stored_values_equal_the_teacher(tmp_path, tiny, suffix, layout, dtype):
     out = tmp_path / f"s{suffix}"
     extra = ["--dtype", dtype] + (["--layout", "topk", "--topk", "3"] if layout == "topk" else [])
     text = ok(run_cli(*gen_args(tiny, out, *extra)))
-    assert f"wrote {N} rows to {out}" in text and "samples/s" in text
+    assert f"wrote {N} samples to {out}" in text and "samples/s" in text
     arrays, attrs = read_plain(out)
     z = reference_logits(tiny)
     if layout == "dense":
@@ -127,15 +127,16 @@ def test_stored_values_equal_the_teacher(tmp_path, tiny, suffix, layout, dtype):
         assert "logits" not in arrays
     assert np.array_equal(arrays["labels"], tiny["y"])  # -1 exactly where the data has no label
     assert np.array_equal(arrays["sample_ids"], np.arange(N))
-    assert arrays["chunk_done"].tolist() == [1] * 7
+    assert arrays["unit_done"].tolist() == [1] * 7
+    assert attrs["softlabels_format"] == 2 and attrs["positions"] == "sample"
     assert attrs["status"] == "complete" and attrs["layout"] == layout and attrs["logits_dtype"] == dtype
-    assert attrs["num_samples"] == N and attrs["num_classes"] == C and attrs["chunk_rows"] == CHUNK
+    assert attrs["num_samples"] == N and attrs["num_classes"] == C and attrs["chunk_samples"] == CHUNK
     t, s, cb = attrs["teacher"], attrs["source"], attrs["created_by"]
     assert t["spec"] == "mlp" and t["kind"] == "builtin" and len(t["weights_sha256"]) == 64
     assert t["num_parameters"] == D * 32 + 32 + 32 * C + C and t["amp"] == "none" and t["device"] == "cpu"
     assert s["spec"] == str(tiny["data"]) and s["num_samples"] == N and s["fingerprint"].startswith("sha256:")
-    assert cb["settings"]["batch_size"] == BATCH and cb["settings"]["logits_dtype"] == dtype
-    assert cb["timings"]["rows_generated"] == N and cb["timings"]["samples_per_second"] > 0
+    assert cb["settings"]["batch_size"] == BATCH and cb["settings"]["seed"] == 0
+    assert cb["timings"]["samples_generated"] == N and cb["timings"]["samples_per_second"] > 0
     assert cb["softlabels"] and not lock_path(out).exists()
 
 
@@ -143,7 +144,8 @@ def test_sharded_zarr_amp_and_library_api(tmp_path, tiny):
     out = tmp_path / "s.zarr"
     r = generate("mlp", str(tiny["data"]), out, weights=tiny["w"], chunk_rows=CHUNK, shard_chunks=2,
                  batch_size=BATCH, dtype="bfloat16", amp="bf16", progress=False)
-    assert (r.rows_generated, r.num_samples, r.already_complete, r.is_main) == (N, N, False, True)
+    assert (r.samples_generated, r.num_samples, r.already_complete, r.is_main) == (N, N, False, True)
+    assert r.tokens_generated is None
     arrays, attrs = read_plain(out)
     assert zarr.open_array(str(out / "logits"), mode="r").shards == (2 * CHUNK, C)
     assert attrs["teacher"]["amp"] == "bf16" and attrs["status"] == "complete"
@@ -184,15 +186,15 @@ def test_repair_regenerates_corrupt_chunks(tmp_path, tiny, suffix):
     ok(run_cli(*gen_args(tiny, out)))
     if suffix == ".h5":
         with h5py.File(out, "r+") as f:
-            f["logits"][20] += 1.0  # silent damage in chunk 1
+            f["logits"][20] += 1.0  # silent damage in unit 1
     else:
         g = zarr.open_group(str(out), mode="r+")
         g["logits"][20] = g["logits"][20] + 1.0
-        (out / "labels" / "c.4").unlink()  # a lost chunk file (chunk 4)
+        (out / "labels" / "c.4").unlink()  # a lost chunk file (unit 4)
     text = ok(run_cli(*gen_args(tiny, out, "--repair")))
     assert "repair:" in text and ("(1, 4)" if suffix == ".zarr" else "(1)") in text
     assert_same_store(out, clean)
-    assert "every written chunk" in ok(run_cli(*gen_args(tiny, out, "--repair")))
+    assert "every written unit" in ok(run_cli(*gen_args(tiny, out, "--repair")))
 
 
 # -- crash and resume -------------------------------------------------------------------------
@@ -201,12 +203,12 @@ def _spawn(tiny, out: Path, env: dict[str, str], *extra: str) -> subprocess.Pope
     return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _done_chunks(path: Path) -> int:
+def _done_units(path: Path) -> int:
     try:
         if path.suffix == ".zarr":
-            return int(zarr.open_array(str(path / "chunk_done"), mode="r")[...].sum())
+            return int(zarr.open_array(str(path / "unit_done"), mode="r")[...].sum())
         with h5py.File(path, "r", locking=False) as f:
-            return int(f["chunk_done"][...].sum())
+            return int(f["unit_done"][...].sum())
     except Exception:  # not created yet
         return 0
 
@@ -224,20 +226,19 @@ def test_killed_jobs_resume_bit_identical(tmp_path, tiny):
         procs[name] = _spawn(tiny, tmp_path / name, env, *extra)
     for name, (extra, units, k) in sorted(cases.items(), key=lambda item: item[1][2] != 0):  # outside kills first
         out, p = tmp_path / name, procs[name]
-        if not k:  # kill from outside once some, but not all, chunks are flagged
+        if not k:  # kill from outside once some, but not all, units are flagged
             deadline = time.monotonic() + 60
-            while _done_chunks(out) < 2 and p.poll() is None and time.monotonic() < deadline:
+            while _done_units(out) < 2 and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
         assert p.returncode == -signal.SIGKILL, p.stdout.read().decode()
         assert status(out) == "writing"
-        done = _done_chunks(out)
+        done = _done_units(out)
         if k:
-            chunks_per_unit = 7 // units if units == 7 else 2
-            assert done == min(7, k * chunks_per_unit), name
+            assert done == min(units, k), name
         else:
-            assert 2 <= done < 7, name
+            assert 2 <= done < units, name
         assert lock_path(out).exists()  # left by the killed job, and no obstacle:
         ok(run_cli(*gen_args(tiny, out, *extra)))
         clean = tmp_path / f"clean-{name}"
@@ -340,5 +341,5 @@ def test_teacher_that_fails_mid_run_is_one_line_error(tmp_path, tiny, monkeypatc
     out = tmp_path / "s.zarr"
     args = gen_args(tiny, out)
     args[2:5] = ["flaky_teacher:make"]  # no weights
-    assert_one_line_error(run_cli(*args), "failed on rows 96..100", "boom on the last batch")
+    assert_one_line_error(run_cli(*args), "failed on samples 96..100", "boom on the last batch")
     assert status(out) == "writing"

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import zarr
 
-from softlabels.store.v1_writer import StoreWriter
+from softlabels.store.writer import UnitWriter
 from tests.test_generate import (  # noqa: F401 - tiny is a fixture
     assert_same_store,
     gen_args,
@@ -64,10 +64,10 @@ CASES = {  # name -> extra generate options
 }
 
 
-def _make_partial(path: Path, chunks: list[int], rows: list[tuple[int, int]]) -> None:
-    """A store with some chunks unflagged and their rows zeroed, as a crash would leave it."""
-    w = StoreWriter.resume(path)
-    w.invalidate(chunks)
+def _make_partial(path: Path, units: list[int], rows: list[tuple[int, int]]) -> None:
+    """A store with some units unflagged and their rows zeroed, as a crash would leave it."""
+    w = UnitWriter.resume(path)
+    w.invalidate(units)
     w.close()
     if path.suffix == ".h5":
         with h5py.File(path, "r+") as f:
@@ -88,7 +88,7 @@ def test_two_ranks_equal_one_process(tmp_path, tiny):
     shutil.copyfile(single / "resume.h5", multi / "resume.h5")
     shutil.copytree(single / "resume.zarr", multi / "resume.zarr")
     _make_partial(multi / "resume.h5", [1, 4, 5], [(16, 32), (64, 96)])
-    _make_partial(multi / "resume.zarr", [2, 3], [(32, 64)])  # one whole shard
+    _make_partial(multi / "resume.zarr", [1], [(32, 64)])  # one whole shard: unit 1
 
     cases = [[name, gen_args(tiny, multi / name, *extra)] for name, extra in CASES.items()]
     cases += [[f"nan{suffix}", gen_args(tiny, multi / f"nan{suffix}", data=str(tiny["nan"]))]

@@ -49,7 +49,7 @@ def test_merge_out_never_replaces_the_stores_recorded_input_data(tmp_path):
     data = _vec(tmp_path)
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     assert _gen(data, a).exit_code == 0
-    assert _gen(data, b, "--seed", "1", "--format", "2").exit_code == 0
+    assert _gen(data, b, "--seed", "1").exit_code == 0
     before = _sha(data)
     result = run_cli("merge", "--store", str(a), "--store", str(b), "--out", str(data), "--overwrite")
     assert _sha(data) == before, "merge overwrote the stores' recorded --data file"
@@ -62,7 +62,7 @@ def test_merge_out_inside_an_input_store_is_refused(tmp_path):
     data = _vec(tmp_path)
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     assert _gen(data, a).exit_code == 0
-    assert _gen(data, b, "--seed", "1", "--format", "2").exit_code == 0
+    assert _gen(data, b, "--seed", "1").exit_code == 0
     result = run_cli("merge", "--store", str(a), "--store", str(b), "--out", str(b / "sub.zarr"))
     assert not (b / "sub.zarr").exists()
     assert_one_line_error(result)
@@ -109,7 +109,7 @@ def test_inspect_verify_exits_nonzero_on_corrupt_chunks(tmp_path):
     damaged store from a good one (v1 and v2 alike)."""
     data = _vec(tmp_path)
     store = tmp_path / "s.zarr"
-    assert _gen(data, store, "--format", "2").exit_code == 0
+    assert _gen(data, store).exit_code == 0
     g = zarr.open_group(str(store), mode="r+")
     labels = g["labels"][...]
     labels[0] = (labels[0] + 1) % 4

@@ -1,4 +1,4 @@
-"""Format-2 generate through the job runner: values against a direct teacher computation.
+"""generate through the job runner: values against a direct teacher computation.
 
 Every case builds tiny image data and a fixed teacher, runs ``softlabels generate`` and
 compares the stored arrays (read with plain h5py/zarr) with the teacher run directly on
@@ -96,7 +96,7 @@ def assert_equal_arrays(stored: dict[str, np.ndarray], want: dict[str, np.ndarra
 def test_v2_generate_equals_the_teacher_run_directly(inputs, tmp_path, suffix, layout, views):
     out = tmp_path / f"s{suffix}"
     extra = ("--layout", layout, *LAYOUTS[layout])
-    extra += ("--views", str(V), "--augment", AUG) if views else ("--format", "2")
+    extra += ("--views", str(V), "--augment", AUG) if views else ()
     ok(gen(inputs, out, *extra))
     arrays, attrs = read_plain(out)
     assert attrs["softlabels_format"] == 2 and attrs["status"] == "complete"
@@ -182,13 +182,12 @@ def make():
 '''
 
 
-@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("layout", ["dense", "topk"])
-def test_teacher_batch_size_does_not_depend_on_chunk_size(tmp_path, monkeypatch, layout, version):
+def test_teacher_batch_size_does_not_depend_on_chunk_size(tmp_path, monkeypatch, layout):
     """C = 32,768 float16: ~1 MiB dense chunks are 16 rows, yet the teacher gets --batch-size rows per call,
-    in both format versions, and the store holds exactly what the teacher returned."""
+    and the store holds exactly what the teacher returned."""
     c = 32768
-    name = f"counting_teacher_{layout}_{version}"  # a module per case: imports are cached
+    name = f"counting_teacher_{layout}"  # a module per case: imports are cached
     (tmp_path / f"{name}.py").write_text(COUNTER.replace("4096", str(c)))
     monkeypatch.syspath_prepend(str(tmp_path))
     counting_teacher = importlib.import_module(name)
@@ -199,11 +198,10 @@ def test_teacher_batch_size_does_not_depend_on_chunk_size(tmp_path, monkeypatch,
 
     topk = {"topk": 8} if layout == "topk" else {}
     out = tmp_path / "s.zarr"
-    generate(f"{name}:make", str(tmp_path / "d.npz"), out, layout=layout, format_version=version, batch_size=128,
-             dtype="float16", **topk)
+    generate(f"{name}:make", str(tmp_path / "d.npz"), out, layout=layout, batch_size=128, dtype="float16", **topk)
     assert counting_teacher.CALLS == [2, 128, 128, 44]  # the first call checks the teacher on 2 rows
     arrays, attrs = read_plain(out)
-    assert attrs["chunk_samples" if version == 2 else "chunk_rows"] == 16 or layout == "topk"
+    assert attrs["chunk_samples"] == 16 or layout == "topk"
     with torch.inference_mode():  # the same batches as the job's
         teacher = counting_teacher.make()
         z = torch.cat([teacher(torch.from_numpy(x[a:a + 128])) for a in range(0, 300, 128)])
@@ -253,26 +251,26 @@ def test_killed_views_generate_resumes_bit_identical(inputs, tmp_path, suffix):
 
 def test_repair_regenerates_a_damaged_unit(inputs, tmp_path):
     out = tmp_path / "s.zarr"
-    ok(gen(inputs, out, "--format", "2", "--layout", "topk", "--topk", "3"))
+    ok(gen(inputs, out, "--layout", "topk", "--topk", "3"))
     ref = tmp_path / "ref.zarr"
     shutil.copytree(out, ref)
     import zarr
 
     g = zarr.open_group(str(out), mode="r+")
     g["topk_values"][9] = 0  # unit 1 (chunks of 8)
-    r = ok(gen(inputs, out, "--format", "2", "--layout", "topk", "--topk", "3", "--repair"))
+    r = ok(gen(inputs, out, "--layout", "topk", "--topk", "3", "--repair"))
     assert "1 unit(s) fail verification (1)" in r.output
     assert_same_v2(out, ref)
 
 
-def test_v1_stays_the_default_and_a_v1_store_is_not_resumed_as_v2(inputs, tmp_path):
+def test_format2_is_the_only_format_written_and_format_is_no_option(inputs, tmp_path):
     out = tmp_path / "s.h5"
     ok(gen(inputs, out))
-    assert read_plain(out)[1]["softlabels_format"] == 1
-    assert_one_line_error(gen(inputs, out, "--format", "2"), "is a format-1 store and this job writes format 2")
-    v2 = tmp_path / "v2.zarr"
-    ok(gen(inputs, v2, "--format", "2"))
-    assert "already complete" in ok(gen(inputs, v2)).output  # a rerun without --format adopts the store's
+    attrs = read_plain(out)[1]
+    assert attrs["softlabels_format"] == 2 and attrs["positions"] == "sample"
+    assert "already complete" in ok(gen(inputs, out)).output
+    assert_one_line_error(gen(inputs, tmp_path / "x.h5", "--format", "1"), "no such option '--format'")
+    assert not (tmp_path / "x.h5").exists()
 
 
 DRIVER = '''
@@ -420,8 +418,8 @@ def test_compress_stores_the_same_values_in_fewer_bytes(tmp_path, ext, layout_ar
     import h5py
     import zarr
 
-    common = ["generate", "--teacher", "mlp", "--random-teacher", "--data", "digits:train", "--format", "2",
-              "--no-progress", *layout_args]
+    common = ["generate", "--teacher", "mlp", "--random-teacher", "--data", "digits:train", "--no-progress",
+              *layout_args]
     plain, packed = tmp_path / f"plain.{ext}", tmp_path / f"packed.{ext}"
     assert run_cli(*common, "--out", str(plain)).exit_code == 0
     r = run_cli(*common, "--out", str(packed), "--compress")

@@ -22,7 +22,6 @@ from softlabels.store.layouts import (
     to_numpy,
 )
 from softlabels.store.layouts.sampled import splitmix64, uniforms
-from softlabels.store.v1 import densify_topk
 
 MASK64 = (1 << 64) - 1
 
@@ -140,7 +139,10 @@ def test_topk_densify_spreads_the_tail_like_the_reader() -> None:
     layout = make_layout("topk", num_classes=8, k=3)
     target = layout.decode(stored(layout.encode(teacher_logits(4, 8, seed=3))))
     dense = layout.densify(target)
-    torch.testing.assert_close(dense, densify_topk(target.values, target.ids, target.logsumexp, 8))
+    logp_k = target.values.float() - target.logsumexp[:, None]  # the stored classes, exact
+    spread = torch.log((1 - logp_k.exp().sum(-1)) / (8 - 3))  # the tail shared evenly by the other 5
+    expected = spread[:, None].expand(4, 8).scatter(1, target.ids, logp_k)
+    torch.testing.assert_close(dense, expected)
     torch.testing.assert_close(dense.exp().sum(-1), torch.ones(4))
     full = make_layout("topk", num_classes=8, k=8)
     z = teacher_logits(4, 8, seed=3)

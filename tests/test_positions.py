@@ -89,12 +89,11 @@ def test_ranks_split_whole_groups_exactly_once(g, world):
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_shapes_and_extra_arrays():
+def test_axes_and_attributes():
     g = UnitGeometry(num_samples=10, chunk_samples=4)
-    assert SamplePositions(g).position_shape((7,)) == (10, 7)
+    assert SamplePositions(g).axis_length == 10
     v = ViewPositions(g, num_views=5, param_names=("top", "left", "flip"), augment="crop(8,padding=1)+flip", seed=3)
-    assert v.position_shape((2,)) == (10, 5, 2) and v.num_positions == 50
-    assert v.extra_arrays()["view_params"][0] == (10, 5, 3)
+    assert v.axis_length == 10 and v.num_positions == 50
     assert ViewPositions.from_attrs(g, v.to_attrs()) == v
     t = TokenPositions(g, np.array([3, 0, 5, 1, 9, 2, 2, 2, 0, 1]), chunk_positions=4)
     # units: samples 0-3 (9 tokens -> 12), 4-7 (15 -> 16), 8-9 (1 -> 4)

@@ -17,7 +17,7 @@ from conftest import read_plain, run_cli
 from softlabels.inputs.spec import resolve_data
 from softlabels.store.layouts import make_layout
 from softlabels.store.positions.views import choose_views
-from softlabels.store.reader import UnitStore, open_any
+from softlabels.store.reader import UnitStore, open_store
 from softlabels.student.dataset import SoftLabelDataset
 from softlabels.student.losses import as_target
 
@@ -144,35 +144,29 @@ def test_offline_views_store_equals_online_kd_exactly(tmp_path):
 
 
 def test_v2_sample_store_trains_like_the_same_v1_store(tmp_path):
-    """The same rows in a v1 store (today's writer) and a v2 sample store: identical batches, identical weights."""
-    from softlabels.store.v1_writer import StoreWriter
+    """The same rows in a format-1 store (the plain writer) and a v2 sample store: identical weights."""
+    from _v1stores import write_v1
 
     spec = make_images(tmp_path)
     v2 = tmp_path / "s.zarr"
     arrays = write_v2(v2, spec, positions="sample", layout="dense", chunk=8)
-    meta = open_any(v2).meta
-    v1 = tmp_path / "v1.zarr"
-    w = StoreWriter.create(v1, num_samples=len(arrays["labels"]), num_classes=4, layout="dense", chunk_rows=8,
-                           teacher=meta.teacher, source=meta.source)
-    w.write(0, **arrays)
-    w.finish()
-    w.close()
+    meta = open_store(v2).meta
+    v1 = write_v1(tmp_path / "v1.zarr", arrays, num_classes=4, chunk_rows=8, teacher=meta.teacher, source=meta.source)
     a, b = _train(tmp_path, v1, "v1"), _train(tmp_path, v2, "v2")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_open_any_and_tokens_refused(tmp_path):
+def test_open_store_opens_either_version(tmp_path):
+    from _v1stores import write_v1
+
+    from softlabels.store.v1 import V1Store
+
     spec = make_images(tmp_path)
     write_v2(tmp_path / "s.h5", spec)
-    assert isinstance(open_any(tmp_path / "s.h5"), UnitStore)
-    from softlabels.store.v1 import SoftLabelStore
-    from softlabels.store.v1_writer import StoreWriter
-
-    w = StoreWriter.create(tmp_path / "v1.h5", num_samples=2, num_classes=4, layout="dense", chunk_rows=2)
-    w.write(0, logits=np.zeros((2, 4), np.float32), labels=np.zeros(2, np.int64), sample_ids=np.arange(2))
-    w.finish()
-    w.close()
-    assert isinstance(open_any(tmp_path / "v1.h5"), SoftLabelStore)
+    assert isinstance(open_store(tmp_path / "s.h5"), UnitStore)
+    rows = {"logits": np.zeros((2, 4), np.float32), "labels": np.zeros(2, np.int64), "sample_ids": np.arange(2)}
+    store = open_store(write_v1(tmp_path / "v1.h5", rows, num_classes=4, chunk_rows=2))
+    assert isinstance(store, V1Store) and store.format_version == 1 and store.meta.positions == "sample"
 
 
 @pytest.mark.parametrize("backend", ["h5", "zarr"])

@@ -1,9 +1,8 @@
-"""The read and write paths: checksum algorithms, value checks, worker transport and errors, bursts, reservation."""
+"""The read and write paths: checksums, value checks, worker transport and errors, reservation."""
 
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 import h5py
@@ -15,67 +14,37 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from softlabels.errors import CorruptStore, DataError
 from softlabels.inputs.loader import batch_loader
-from softlabels.store.format import ROW_KEYS, chunk_checksum
-from softlabels.store.v1 import SoftLabelStore
-from softlabels.store.v1_writer import StoreWriter
+from softlabels.store.reader import UnitStore
+from softlabels.store.schema import StoreMetaV2
+from softlabels.store.writer import UnitWriter
 from softlabels.student.dataset import SoftLabelDataset, SoftLabelMapDataset
 from tests.conftest import make_rows, read_plain, run_cli, write_store
 
 N, C, CHUNK = 40, 5, 8
 SUFFIXES = [".h5", ".zarr"]
+# docs/FORMAT.md, "Checksum": a sample store's layout arrays, then labels and sample ids
+ORDER = ("logits", "topk_values", "topk_indices", "logsumexp", "labels", "sample_ids")
 
 
-def _crc(block: dict[str, np.ndarray], update) -> int:
-    """The documented checksum, computed independently: CRC over ROW_KEYS' bytes in order."""
+def _crc(arrays: dict[str, np.ndarray], u: int) -> int:
+    """The documented unit checksum, computed independently: CRC-32C over the unit's arrays' bytes in order."""
+    import google_crc32c
+
     crc = 0
-    for k in ROW_KEYS:
-        if k in block:
-            crc = update(crc, np.ascontiguousarray(block[k]).tobytes())
+    for k in ORDER:
+        if k in arrays:
+            crc = google_crc32c.extend(crc, np.ascontiguousarray(arrays[k][u * CHUNK:(u + 1) * CHUNK]).tobytes())
     return crc
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_new_stores_record_crc32c_and_match_an_independent_crc32c(tmp_path, suffix):
-    import google_crc32c
-
-    rows = make_rows(N, C)
-    path = write_store(tmp_path / f"s{suffix}", rows, num_classes=C, chunk_rows=CHUNK)
+    path = write_store(tmp_path / f"s{suffix}", make_rows(N, C, layout="topk", k=3), num_classes=C, chunk_rows=CHUNK)
     arrays, attrs = read_plain(path)
     assert attrs["checksum"] == "crc32c"
-    for c in range(N // CHUNK):
-        block = {k: arrays[k][c * CHUNK:(c + 1) * CHUNK] for k in ROW_KEYS if k in arrays}
-        assert arrays["checksums"][c] == _crc(block, lambda crc, b: google_crc32c.extend(crc, b))
-    assert SoftLabelStore(path).verify() == []
-
-
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_stores_without_the_attribute_are_crc32_and_stay_crc32_on_resume(tmp_path, suffix):
-    """A store from before the attribute: verified with zlib.crc32; chunks rewritten by a resume too."""
-    rows = make_rows(N, C)
-    path = tmp_path / f"old{suffix}"
-    w = StoreWriter.create(path, num_samples=N, num_classes=C, chunk_rows=CHUNK)
-    w.close()
-    # make it an old store: no checksum attribute (absent means crc32)
-    if suffix == ".h5":
-        with h5py.File(path, "r+") as f:
-            del f.attrs["checksum"]
-    else:
-        g = zarr.open_group(str(path), mode="r+")
-        attrs = dict(g.attrs)
-        del attrs["checksum"]
-        g.attrs.put(attrs)
-    w = StoreWriter.resume(path)
-    assert w.meta.checksum == "crc32"
-    w.write(0, **rows)
-    w.finish()
-    w.close()
-    arrays, attrs = read_plain(path)
-    assert "checksum" not in attrs
-    for c in range(N // CHUNK):
-        block = {k: arrays[k][c * CHUNK:(c + 1) * CHUNK] for k in ROW_KEYS if k in arrays}
-        assert arrays["checksums"][c] == _crc(block, lambda crc, b: zlib.crc32(b, crc))
-        assert arrays["checksums"][c] == chunk_checksum(block)  # the default stays crc32
-    assert SoftLabelStore(path).verify() == []
+    for u in range(N // CHUNK):
+        assert arrays["unit_checksums"][u] == _crc(arrays, u)
+    assert UnitStore(path).verify() == []
 
 
 def test_unknown_checksum_algorithm_is_refused_by_name(tmp_path):
@@ -83,49 +52,45 @@ def test_unknown_checksum_algorithm_is_refused_by_name(tmp_path):
     with h5py.File(path, "r+") as f:
         f.attrs["checksum"] = "md5"
     with pytest.raises(CorruptStore, match="checksum 'md5' is not one of crc32, crc32c"):
-        SoftLabelStore(path)
+        UnitStore(path)
 
 
-# -- values checked as chunks are read ------------------------------------------------------------
+# -- values checked as units are read ---------------------------------------------------------------
 def _set(path: Path, name: str, row: int, value: int) -> None:
-    """Damage one value and re-checksum its chunk, so only the value check can see it."""
+    """Damage one value and re-checksum its unit, so only the value check can see it."""
     if path.suffix == ".h5":
         with h5py.File(path, "r+") as f:
             f[name][row] = value
-            algo = f.attrs.get("checksum", "crc32")
-        arrays, _ = read_plain(path)
     else:
         zarr.open_array(str(path / name), mode="r+")[row] = value
-        arrays, attrs = read_plain(path)
-        algo = attrs["checksum"]
-    c = row // CHUNK
-    block = {k: arrays[k][c * CHUNK:(c + 1) * CHUNK] for k in ROW_KEYS if k in arrays}
+    arrays, _ = read_plain(path)
+    u = row // CHUNK
     if path.suffix == ".h5":
         with h5py.File(path, "r+") as f:
-            f["checksums"][c] = chunk_checksum(block, algo)
+            f["unit_checksums"][u] = _crc(arrays, u)
     else:
-        zarr.open_array(str(path / "checksums"), mode="r+")[c] = chunk_checksum(block, algo)
+        zarr.open_array(str(path / "unit_checksums"), mode="r+")[u] = _crc(arrays, u)
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 @pytest.mark.parametrize("name, value, what", [("labels", 99, "label 99, outside -1..4"),
                                                ("labels", -5, "label -5, outside -1..4"),
-                                               ("topk_indices", C + 2, f"top-k index {C + 2}, outside 0..4")])
-def test_out_of_range_values_name_the_chunk(tmp_path, suffix, name, value, what):
+                                               ("topk_indices", C + 2, f"holds class id {C + 2} but there are {C}")])
+def test_out_of_range_values_name_the_unit(tmp_path, suffix, name, value, what):
     layout = {"layout": "topk", "k": 3} if name == "topk_indices" else {}
     path = write_store(tmp_path / f"s{suffix}", make_rows(N, C, **layout), num_classes=C, chunk_rows=CHUNK)
-    _set(path, name, 21, value)  # chunk 2, rows 16..24
-    needle = f"chunk 2 (rows 16..24) of {path} holds {what}"
-    store = SoftLabelStore(path)
+    _set(path, name, 21, value)  # unit 2, samples 16..24
+    needle = f"unit 2 (samples 16..24) of {path} holds "
+    store = UnitStore(path)
     with pytest.raises(CorruptStore, match=r"^" + needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        store.read_chunk(2)
-    with pytest.raises(CorruptStore, match="holds"):
-        store.read_chunk(2, verify=False)  # checked even without the checksum
+        store.read_unit(2)
+    with pytest.raises(CorruptStore, match=what.replace(".", r"\.")):
+        store.read_unit(2, verify=False)  # checked even without the checksum
     assert store.verify() == [2]  # so generate --repair regenerates it
     for verify in (True, False):
-        with pytest.raises(CorruptStore, match="chunk 2 "):
+        with pytest.raises(CorruptStore, match="unit 2 "):
             list(SoftLabelDataset([(path, None)], batch_size=4, rank=0, world_size=1, verify=verify))
-    with pytest.raises(CorruptStore, match="chunk 2 "):
+    with pytest.raises(CorruptStore, match="unit 2 "):
         SoftLabelMapDataset(path)[17]
     with pytest.raises(CorruptStore) as err:  # through workers: the same one-line error
         list(batch_loader(SoftLabelDataset([(path, None)], batch_size=4, rank=0, world_size=1), num_workers=2))
@@ -148,7 +113,7 @@ def test_cli_errors_from_workers_are_the_same_one_line(tmp_path):
                     "--out", str(tmp_path / f"run{workers}"), "--num-workers", workers)
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         last = r.output.strip().splitlines()[-1]  # after train's progress lines, on stdout
-        assert "error: chunk 2 (rows 16..24)" in last and "holds label 99" in last, r.output
+        assert "error: unit 2 (samples 16..24)" in last and "holds label 99" in last, r.output
         lines.append(last[last.index("error: "):])
     assert lines[0] == lines[1]
 
@@ -211,41 +176,17 @@ def test_map_style_items_and_one_line_errors():
 
 
 # -- writing -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("suffix", SUFFIXES)
-def test_a_burst_sets_flags_only_at_its_end_and_keeps_units_written_before_an_error(tmp_path, suffix):
-    rows = make_rows(N, C)
-    path = tmp_path / f"s{suffix}"
-    w = StoreWriter.create(path, num_samples=N, num_classes=C, chunk_rows=CHUNK)
-    with w.burst():
-        w.write(0, **{k: v[:16] for k, v in rows.items()})
-        assert w.missing_chunks() == [0, 1, 2, 3, 4]  # written, not yet flagged
-        assert not read_plain(path)[0]["chunk_done"].any()
-    assert w.missing_chunks() == [2, 3, 4]
-    with pytest.raises(RuntimeError, match="teacher died"):
-        with w.burst():
-            w.write(16, **{k: v[16:24] for k, v in rows.items()})
-            raise RuntimeError("teacher died")
-    assert w.missing_chunks() == [3, 4]
-    w.write(24, **{k: v[24:] for k, v in rows.items()})  # outside a burst: flagged at once
-    assert w.missing_chunks() == []
-    w.finish()
-    w.close()
-    arrays, _ = read_plain(path)
-    for k, v in rows.items():
-        np.testing.assert_array_equal(arrays[k], v.astype(arrays[k].dtype))
-    assert SoftLabelStore(path).verify() == []
-
-
 @pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="needs posix_fallocate")
 def test_hdf5_space_is_reserved_at_creation_without_writing_it(tmp_path):
     n, c = 4096, 512
     path = tmp_path / "s.h5"
-    w = StoreWriter.create(path, num_samples=n, num_classes=c, logits_dtype="float16")
+    w = UnitWriter.create(path, StoreMetaV2(positions="sample", layout="dense", num_samples=n, num_classes=c,
+                                            logits_dtype="float16", chunk_samples=512))
     st = os.stat(path)
     assert st.st_blocks * 512 >= n * c * 2  # reserved on disk (a sparse file would have ~nothing)
     w.close()
     with h5py.File(path, "r") as f:  # unwritten rows read as zeros, as with HDF5's own fill
-        assert not f["logits"][...].any() and not f["chunk_done"][...].any()
+        assert not f["logits"][...].any() and not f["unit_done"][...].any()
 
 
 def test_generate_input_loader_errors_are_one_line(tmp_path, monkeypatch):

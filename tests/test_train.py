@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from softlabels.cli import main
 from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.spec import resolve_data
-from softlabels.store.v1_writer import StoreWriter
 from softlabels.student.trainer import TrainConfig, train
 from softlabels.teacher.models import build_model
 from softlabels.teacher.spec import resolve_model
+from tests.conftest import write_store
 
 D, C = 8, 4
 TIMING = ("epoch_seconds", "samples_per_s", "val_seconds")
@@ -62,16 +62,11 @@ def write_teacher_store(path: Path, spec: str, teacher: torch.nn.Module, *, dtyp
     rows = {"labels": y.numpy(), "sample_ids": ids}
     if topk:
         v, i = z.topk(topk, dim=-1)
-        rows.update(topk_values=v, topk_indices=i.numpy(), logsumexp=z.logsumexp(-1).numpy())
+        rows.update(topk_values=v.numpy(), topk_indices=i.numpy(), logsumexp=z.logsumexp(-1).numpy())
     else:
-        rows["logits"] = z
-    w = StoreWriter.create(path, num_samples=n, num_classes=C, layout="topk" if topk else "dense", topk=topk,
-                           logits_dtype=dtype, chunk_rows=chunk_rows, teacher={"spec": "linear"},
-                           source={"spec": spec, "num_samples": n, "fingerprint": fingerprint(ds)})
-    w.write(0, **rows)
-    if finish:
-        w.finish()
-    w.close()
+        rows["logits"] = z.numpy()
+    write_store(path, rows, num_classes=C, logits_dtype=dtype, chunk_rows=chunk_rows, finish=finish,
+                teacher={"spec": "linear"}, source={"spec": spec, "num_samples": n, "fingerprint": fingerprint(ds)})
     return str(path)
 
 
@@ -234,9 +229,10 @@ def test_supervised_training_and_teacher_weights_round_trip(problem, tmp_path):
     with torch.no_grad():
         x, _ = resolve_data(more).get_batch(np.arange(50))
         expected = info.module(x)
-    from softlabels.store.v1 import open_store
+    from softlabels.store.reader import open_store
     with open_store(tmp_path / "gen.h5") as store:
-        block = store.read_rows(0, 50)
+        blocks = [store.read_unit(u) for u in range(store.num_units)]
+    block = {k: np.concatenate([b[k] for b in blocks]) for k in ("logits", "sample_ids")}
     assert torch.allclose(torch.from_numpy(block["logits"]), expected[block["sample_ids"]], atol=1e-5)
 
 

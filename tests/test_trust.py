@@ -170,7 +170,7 @@ def test_hdf5_store_leading_elsewhere_is_refused(env, tmp_path, edit):
     store = tmp_path / "s.h5"
     shutil.copyfile(env["h5"], store)
     with h5py.File(store, "r+") as f:
-        f["chunk_done"][1] = 0  # a resume would rewrite chunk 1
+        f["unit_done"][1] = 0  # a resume would rewrite unit 1
         f.attrs["status"] = "writing"
         edit(f, outside)
     before = {p: p.read_bytes() for p in tmp_path.iterdir() if p != store}
@@ -262,10 +262,10 @@ def test_random_teacher_is_explicit_seeded_and_resumes_bit_identical(env, tmp_pa
     ok(gen(env, a, "--random-teacher", "--seed", "3", weights=False))
     assert read_plain(a)[1]["teacher"]["init_seed"] == 3
     ok(gen(env, b, "--random-teacher", "--seed", "3", weights=False))
-    from softlabels.store.v1_writer import StoreWriter
+    from softlabels.store.writer import UnitWriter
 
-    w = StoreWriter.resume(b)
-    w.invalidate([0, 3])  # as if killed: two chunks to redo in a new process with a new random draw
+    w = UnitWriter.resume(b)
+    w.invalidate([0, 3])  # as if killed: two units to redo in a new process with a new random draw
     w.close()
     assert_one_line_error(gen(env, b, weights=False), "--random-teacher")
     assert_one_line_error(gen(env, b, "--random-teacher", "--seed", "4", weights=False), "init_seed 3")
@@ -313,10 +313,18 @@ def _lock_is_free(path: Path) -> bool:
         return False
 
 
-def _chunks_done(store: Path) -> int:
-    """Chunks flagged done in a Zarr store being written (one file per flag; HDF5 would be locked)."""
-    flags = store / "chunk_done"
-    return sum(1 for p in flags.glob("c.*") if p.read_bytes() != b"\0") if flags.is_dir() else 0
+def _units_done(store: Path) -> int:
+    """Units flagged done in a Zarr store being written (a group of flags per file; HDF5 would be locked).
+
+    zarr writes a file as ``<name>.<random>.partial`` and renames it: those, and files replaced
+    while listed, are skipped."""
+    done = 0
+    for p in (store / "unit_done").glob("c.*"):
+        try:
+            done += 0 if p.name.endswith(".partial") else p.read_bytes().count(b"\x01")
+        except FileNotFoundError:
+            pass
+    return done
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
@@ -327,7 +335,7 @@ def test_signals_with_workers_leave_no_lock_and_resume(env, tmp_path, sig):
     args = ["generate", "--teacher", "mlp", "--weights", str(env["w"]), "--data", str(big), "--out", str(store),
             "--chunk-rows", "8", "--batch-size", "8", "--num-workers", "2", "--no-progress"]
     p = _spawn(*args, env_extra={"SOFTLABELS_TEST_DELAY_PER_UNIT": "0.2"})  # 50 units: 10 s
-    _wait_for(lambda: _chunks_done(store) >= 2)
+    _wait_for(lambda: _units_done(store) >= 2)
     assert p.poll() is None
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from _v1stores import write_v1
 from _v2stores import make_images, write_v2
 from conftest import make_rows, write_store
 
 from softlabels.errors import CorruptStore
-from softlabels.store.reader import UnitStore
+from softlabels.store.reader import UnitStore, open_store
 from softlabels.store.schema import UNIT_CHECKSUMS, UNIT_DONE, StoreMetaV2
-from softlabels.store.v1 import SoftLabelStore
 from softlabels.store.writer import UnitWriter
 
 
@@ -54,8 +54,8 @@ def test_new_stores_name_chunk_files_flat(views_store, tmp_path):
     plain = _plain(path)
     for name, a in written.items():
         np.testing.assert_array_equal(plain[name], a)
-    v1 = write_store(tmp_path / "v1.zarr", make_rows(20, 3), num_classes=3, chunk_rows=8)
-    assert sorted(p.name for p in (v1 / "logits").iterdir()) == ["c.0.0", "c.1.0", "c.2.0", "zarr.json"]
+    sample = write_store(tmp_path / "sample.zarr", make_rows(20, 3), num_classes=3, chunk_rows=8)
+    assert sorted(p.name for p in (sample / "logits").iterdir()) == ["c.0.0", "c.1.0", "c.2.0", "zarr.json"]
 
 
 def test_stores_with_nested_keys_read_the_same(views_store, tmp_path):
@@ -74,11 +74,11 @@ def test_stores_with_nested_keys_read_the_same(views_store, tmp_path):
             np.testing.assert_array_equal(a[k], b[k])
     for name, a in written.items():
         np.testing.assert_array_equal(plain[name], a)
-    v1 = write_store(tmp_path / "v1.zarr", rows := make_rows(20, 3), num_classes=3, chunk_rows=8)
-    _nest(v1)
-    with SoftLabelStore(v1) as s:
-        got = s.read_rows(0, 20)
-        assert s.verify() == []
+    v1 = write_v1(tmp_path / "v1.zarr", rows := make_rows(20, 3), num_classes=3, chunk_rows=8)  # plain zarr: "/"
+    assert (v1 / "logits" / "c" / "2" / "0").is_file()
+    with open_store(v1) as s:
+        got = {k: np.concatenate([s.read_unit(u)[k] for u in range(s.num_units)]) for k in rows}
+        assert s.format_version == 1 and s.verify() == []
     for k in ("logits", "labels", "sample_ids"):
         np.testing.assert_array_equal(got[k], rows[k])
 

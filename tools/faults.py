@@ -135,30 +135,6 @@ def generate_cmd(inputs: dict[str, Path], out: Path, workers: int = 0, random_te
                 "--num-workers", str(workers), "--no-progress", *(VIEWS if views else ()))
 
 
-def diff_any(a: Path, b: Path, ignore: tuple[str, ...] = ("timings",)) -> list[str]:
-    """Differences between two stores of either format (every array; attributes but ``ignore``d entries)."""
-    from softlabels.teacher.runner import store_format
-
-    if store_format(a) != 2 or store_format(b) != 2:
-        return diff_stores(a, b, ignore=ignore)
-    from softlabels.store.backend import open_backend
-
-    def read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-        back = open_backend(path, "r")
-        try:
-            arrays = {n: back.read(n, 0, back.array_info(n)[0][0]) for n in back.array_names()}
-            attrs = dict(back.attrs())
-        finally:
-            back.close()
-        created = {k: v for k, v in (attrs.get("created_by") or {}).items() if k not in ignore}
-        return arrays, {**attrs, "created_by": created}
-
-    (x, xa), (y, ya) = read(a), read(b)
-    diffs = [f"array {k} differs" for k in sorted(x.keys() | y.keys())
-             if k not in x or k not in y or x[k].dtype != y[k].dtype or not np.array_equal(x[k], y[k])]
-    return diffs + [f"attribute {k} differs" for k in sorted(xa.keys() | ya.keys()) if xa.get(k) != ya.get(k)]
-
-
 def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
     _run(cmd, env)
@@ -186,7 +162,7 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
     # checked to hold the same bytes.
     refs = {0: ref, workers: work / f"ref-{job}-w{workers}{suffix}"}
     _run(generate_cmd(inputs, refs[workers], workers, random_teacher, views, tokens))
-    same = diff_any(ref, refs[workers], ignore=("timings", "settings"))
+    same = diff_stores(ref, refs[workers], ignore=("timings", "settings"))
     records: list[dict] = [{"job": job, "backend": suffix, "workers": workers, "kill_delays_s": [],
                             "identical": not same, "diffs": same[:3], "state_at_kill": [], "ends": [],
                             "lock_held_after_stop": 0}]  # 0 vs `workers` workers: the same bytes
@@ -207,7 +183,7 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
             ends.append(f"{sig}: {end}")
             lock_held += not _lock_free(out)
             progress.append(_chunks_done(out))
-        diffs = diff_any(refs[w], out)
+        diffs = diff_stores(refs[w], out)
         if random_teacher and killed:  # the same rerun without --random-teacher is refused
             cmd = [a for a in generate_cmd(inputs, out, w, True) if a not in ("--random-teacher",)]
             p = subprocess.run(cmd, capture_output=True, text=True)
@@ -221,18 +197,13 @@ def generate_faults(work: Path, inputs: dict[str, Path], suffix: str, kills: int
 
 
 def _chunks_done(path: Path) -> str:
-    """How far a killed job got: 'k/n chunks', or why there is no readable store."""
+    """How far a killed job got: 'k/n units', or why there is no readable store."""
     from softlabels.errors import SoftLabelsError
-    from softlabels.store.reader import UnitStore
-    from softlabels.store.v1 import open_store
-    from softlabels.teacher.runner import store_format
+    from softlabels.store.reader import open_store
 
     try:
-        if store_format(path) == 2:
-            with UnitStore(path, allow_partial=True) as v2:
-                return f"{v2.num_units - len(v2.missing_units())}/{v2.num_units} units"
         with open_store(path, allow_partial=True) as store:
-            return f"{store.num_chunks - len(store.missing_chunks())}/{store.num_chunks} chunks"
+            return f"{store.num_units - len(store.missing_units())}/{store.num_units} units"
     except SoftLabelsError as err:
         return f"no readable store yet ({type(err).__name__})"
 

@@ -122,11 +122,13 @@ from softlabels.cli import inspect as _inspect  # noqa: E402
 from softlabels.cli import merge as _merge  # noqa: E402
 from softlabels.cli import report as _report  # noqa: E402
 from softlabels.cli import train as _train  # noqa: E402
+from softlabels.cli import upgrade as _upgrade  # noqa: E402
 
 for _module in (_generate, _train, _eval, _inspect, _report):
     main.add_command(_module.command)
 main.add_command(_compress.command)
 main.add_command(_merge.command)
+main.add_command(_upgrade.command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

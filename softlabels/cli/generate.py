@@ -7,14 +7,7 @@ import os
 import click
 
 from softlabels._runtime.options import DEVICE_HELP, THREADS_HELP
-from softlabels.teacher.config import (
-    AMP_MODES,
-    DEFAULT_SAMPLES,
-    FORMAT_VERSIONS,
-    GENERATE_LAYOUTS,
-    LOGITS_DTYPES,
-    ON_NONFINITE,
-)
+from softlabels.teacher.config import AMP_MODES, DEFAULT_SAMPLES, LAYOUTS, LOGITS_DTYPES, ON_NONFINITE
 from softlabels.teacher.config import (
     GenerateConfig as D,  # defaults: the dataclass's field defaults
 )
@@ -36,21 +29,19 @@ from softlabels.teacher.config import (
                    "'?unlabeled' to hide every label (e.g. 'pool.npz?unlabeled'). The store records it with "
                    "absolute paths.")
 @click.option("--out", required=True, type=click.Path(), help="The store to write: *.h5, *.hdf5 or *.zarr.")
-@click.option("--layout", type=click.Choice(GENERATE_LAYOUTS), default=D.layout,
+@click.option("--layout", type=click.Choice(LAYOUTS), default=D.layout,
               help="Store every logit (dense), the K largest per output plus their logsumexp (topk), or S draws "
-                   "from the teacher's distribution (sampled, format 2). Default: dense; topk with K = 5 for --views.")
+                   "from the teacher's distribution (sampled). Default: dense; topk with K = 5 for --views.")
 @click.option("--topk", type=int, help="K for --layout topk.")
 @click.option("--samples", type=int,
               help=f"S, the draws per output for --layout sampled (seeded by --seed; default: {DEFAULT_SAMPLES}, "
                    "which Anshumann et al. found enough).")
-@click.option("--views", type=int, help="Store V augmented views per sample, with their parameters (format 2; "
-                                        "docs/VIEWS.md).")
+@click.option("--views", type=int, help="Store V augmented views per sample, with their parameters "
+                                        "(docs/VIEWS.md).")
 @click.option("--augment", metavar="SPEC", help="How each view is drawn, e.g. 'crop(32,padding=4)+flip' (docs/VIEWS.md); "
                                                "a package.module:factory term imports that code.")
 @click.option("--views-from", type=click.Path(), metavar="STORE",
               help="Label exactly the views of another views store (same data), e.g. with another teacher.")
-@click.option("--format", "format_version", type=click.Choice([str(v) for v in FORMAT_VERSIONS]),
-              help="Store format version (default: 2 for views and sampled, the resumed store's, else 1).")
 @click.option("--dtype", type=click.Choice(LOGITS_DTYPES), default=D.dtype, show_default=True,
               help="The stored logits' dtype.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows per teacher call.")
@@ -81,9 +72,8 @@ from softlabels.teacher.config import (
                    "for jsonl:/parquet:/hfds: data also a tokenizer directory, which chat data (messages=) needs.")
 def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,
             out: str, layout: str | None, topk: int | None, samples: int | None, views: int | None,
-            augment: str | None, views_from: str | None, format_version: str | None, dtype: str, batch_size: int, num_workers: int, device: str,
-            threads: int, amp: str,
-            chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
+            augment: str | None, views_from: str | None, dtype: str, batch_size: int, num_workers: int, device: str,
+            threads: int, amp: str, chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
             on_nonfinite: str, repair: bool, no_progress: bool, seq_len: int | None, tokenizer: str | None,
             compress: bool) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
@@ -100,9 +90,8 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
         result = generate(
             teacher, data, out, weights=weights, allow_pickle=allow_pickle, random_teacher=random_teacher,
             seed=seed, layout=layout, topk=topk, samples=samples, views=views, augment=augment,
-            views_from=views_from, format_version=None if format_version is None else int(format_version), dtype=dtype, batch_size=batch_size, num_workers=num_workers,
-            device=device, threads=threads, amp=amp,
-            chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
+            views_from=views_from, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device,
+            threads=threads, amp=amp, chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
             on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,
             echo=lambda line: click.echo(line, err=True), seq_len=seq_len, tokenizer=tokenizer, compress=compress,
         )
@@ -112,17 +101,17 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
         raise
     if not result.is_main:
         return
-    tokens = getattr(result, "tokens_generated", None)  # token data: rows are sequences of tokens
-    rows = "rows" if tokens is None else "sequences"
+    tokens = result.tokens_generated  # token data: samples are sequences of tokens
+    samples = "samples" if tokens is None else "sequences"
     if result.already_complete:
-        click.echo(f"{out} is already complete ({result.num_samples} {rows}); nothing to do")
+        click.echo(f"{out} is already complete ({result.num_samples} {samples}); nothing to do")
         return
-    if result.rows_generated == 0:  # a job killed after its last chunk, before it marked the store complete
-        click.echo(f"finished {out}: every chunk was already written ({result.num_samples} {rows})")
+    if result.samples_generated == 0:  # a job killed after its last unit, before it marked the store complete
+        click.echo(f"finished {out}: every unit was already written ({result.num_samples} {samples})")
         return
     if tokens is not None:
-        click.echo(f"wrote {result.rows_generated:,} sequences ({tokens:,} tokens) to {out} in {result.seconds:.2f} s "
-                   f"({result.tokens_per_second:,.0f} tokens/s)")
+        click.echo(f"wrote {result.samples_generated:,} sequences ({tokens:,} tokens) to {out} in "
+                   f"{result.seconds:.2f} s ({result.tokens_per_second:,.0f} tokens/s)")
         return
-    click.echo(f"wrote {result.rows_generated} rows to {out} in {result.seconds:.2f} s "
+    click.echo(f"wrote {result.samples_generated} samples to {out} in {result.seconds:.2f} s "
                f"({result.samples_per_second:,.0f} samples/s)")

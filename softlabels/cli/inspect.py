@@ -27,16 +27,15 @@ def command(store: str, as_json: bool, verify: bool) -> None:
         ("store", f"{info['path']}  ({info['backend']}, format v{info['format_version']})"),
         ("status", info["status"] + (f"  missing chunks: {chunk_list(info['missing_chunks'])}" if info["missing_chunks"] else "")),
         ("layout", f"{info['layout']}  {info['logits_dtype']}  N={info['num_samples']}  C={info['num_classes']}{k}"),
-        ("chunking", (f"{info['chunk_rows']} rows x {info['num_chunks']} chunks" if info["format_version"] != 2
-                      else f"{info['chunk_rows']} samples per chunk, {info['num_chunks']} write units")
+        ("chunking", f"{info['chunk_rows']} samples per chunk, {info['num_chunks']} write units"
                      + (f", shards of {info['shard_rows']} rows" if info["shard_rows"] else "")),
-        *_v2_rows(info),
+        *_position_rows(info),
         ("labels", f"{info['labeled']} labeled, {info['unlabeled']} unlabeled"),
         ("teacher accuracy", _pct(info["teacher_accuracy"]) + "  (argmax vs label, labeled rows)"),
         ("teacher entropy", _num(info["mean_teacher_entropy"]) + " nats/row"
                             + (f"  ({info['entropy_note']})" if info["entropy_note"] else "")),
         *[(f"mean {k.replace('_', ' ')}", _num(v) + f" per {info['stats_over'][:-1]}")
-          for k, v in sorted(info["teacher_stats"].items()) if info["format_version"] == 2],
+          for k, v in sorted(info["teacher_stats"].items())],
         ("size on disk", f"{info['size_on_disk_bytes'] / 2**20:.2f} MiB"),
         ("teacher", json.dumps(info["teacher"], sort_keys=True)),
         ("source", json.dumps(info["source"], sort_keys=True)),
@@ -58,10 +57,8 @@ def command(store: str, as_json: bool, verify: bool) -> None:
         raise SystemExit(1)
 
 
-def _v2_rows(info: dict) -> list[tuple[str, str]]:
-    """Format 2: positions (and views), bytes per stored teacher output; chunks are write units there."""
-    if info["format_version"] != 2:
-        return []
+def _position_rows(info: dict) -> list[tuple[str, str]]:
+    """Positions (and views), bytes per stored teacher output."""
     rows = [("positions", f"{info['positions']}: {info['num_positions']:,} teacher outputs, "
                           f"{info['bytes_per_position']} B each")]
     if info["views"]:

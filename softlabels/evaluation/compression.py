@@ -284,7 +284,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
     from softlabels.inputs.spec import resolve_data
-    from softlabels.store.ensemble.reader import open_units
+    from softlabels.store.reader import open_store
     from softlabels.student.runs import open_run
 
     log = log or (lambda _msg: None)
@@ -307,7 +307,7 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
         raise ModelMismatch(f"the student was trained on inputs of shape {run.input_shape} but {config.data!r} has "
                             f"{tuple(dataset.input_shape)}; evaluate on data of the kind it was trained on")
     with contextlib.ExitStack() as stack:
-        store = open_units(config.store) if config.store else None
+        store = open_store(config.store) if config.store else None
         if store is not None:
             stack.callback(store.close)
             if store.meta.num_classes != run.num_classes:

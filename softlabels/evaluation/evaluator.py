@@ -95,7 +95,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     """
     from softlabels._runtime.device import resolve_device, set_threads
     from softlabels.inputs.spec import absolute_data_spec
-    from softlabels.store.ensemble.reader import open_units
+    from softlabels.store.reader import open_store
 
     if problems := threads_problem(threads):
         raise ConfigError(problems)
@@ -105,7 +105,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     model, config = _load_lm(checkpoint, device=dev, student=student) if lm else \
         load_student(checkpoint, device=dev, student=student)
     data, num_classes = _data(data_spec, config, lm), int(config["num_classes"])
-    opened = None if store is None else open_units(store)
+    opened = None if store is None else open_store(store)
     try:
         if opened is not None and opened.meta.num_classes != num_classes:
             raise ModelMismatch(

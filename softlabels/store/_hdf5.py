@@ -108,9 +108,8 @@ class HDF5Backend:
 
     def create_array(self, name: str, spec: ArraySpec, *, chunk_rows: int, shard_rows: int | None,
                      compress: bool) -> None:
-        rows = chunk_rows if spec.per_row else min(max(1, spec.shape[0]), 4096)
         # an empty array cannot be chunked in HDF5 (a chunk may not exceed the shape)
-        chunks = (max(1, min(rows, spec.shape[0])),) + spec.shape[1:] if spec.shape[0] else None
+        chunks = (max(1, min(chunk_rows, spec.shape[0])),) + spec.shape[1:] if spec.shape[0] else None
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         # The disk space must be reserved at creation: allocated lazily, a full disk strikes

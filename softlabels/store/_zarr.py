@@ -1,10 +1,10 @@
 """Zarr v3 backend (zarr-python 3).
 
-Per-row arrays are chunked ``(chunk_rows, ...)``; with sharding, ``shard_rows``
-rows (a whole number of chunks) share one file, and each writer must own whole
-shards. The per-chunk bookkeeping arrays use one element per chunk file, so
-writers never share a file there. Chunks are always written, even when all
-zeros (``write_empty_chunks``), so a missing chunk file means damage.
+Arrays are chunked ``(chunk_rows, ...)`` along their first axis; with sharding,
+``shard_rows`` rows (a whole number of chunks) share one file, and each writer must own
+whole shards. The bookkeeping arrays are chunked by groups of write units, and writers
+own whole groups, so writers never share a file there. Chunks are always written, even
+when all zeros (``write_empty_chunks``), so a missing chunk file means damage.
 
 New arrays name their chunk files ``c.<i>.0`` beside their ``zarr.json`` (the default
 chunk key encoding with separator ``.``): with ``/`` every chunk of a 2-D array gets a
@@ -24,19 +24,14 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
 from softlabels.errors import CorruptStore, NotAStore
-from softlabels.store.format import (
-    CHECKSUMS,
-    CHUNK_DONE,
-    ArraySpec,
-    check_read_size,
-    load_json_file,
-)
+from softlabels.store.format import ArraySpec, check_read_size, load_json_file
 from softlabels.store.schema import UNIT_CHECKSUMS, UNIT_DONE
 
 _CONFIG = {"write_empty_chunks": True}
 _KEYS = {"name": "default", "separator": "."}  # flat chunk file names for new arrays (module docstring)
 ZARR_JSON = "zarr.json"
-_BOOKKEEPING = frozenset({CHUNK_DONE, CHECKSUMS, UNIT_DONE, UNIT_CHECKSUMS})  # read from the files present
+# read from the files present (version 1's chunk_done and checksums: one element per file, chunks (1,))
+_BOOKKEEPING = frozenset({UNIT_DONE, UNIT_CHECKSUMS})
 _FIX = ("--repair cannot rebuild a store's metadata: regenerate the store with 'softlabels generate --overwrite' "
         "and the original arguments")
 
@@ -130,11 +125,8 @@ class ZarrBackend:
 
     def create_array(self, name: str, spec: ArraySpec, *, chunk_rows: int, shard_rows: int | None,
                      compress: bool) -> None:
-        if spec.per_row:
-            chunks = (chunk_rows,) + spec.shape[1:]  # zarr allows chunks larger than the array
-            shards = None if shard_rows is None else (shard_rows,) + spec.shape[1:]
-        else:  # one element per file: concurrent writers never share a file
-            chunks, shards = (1,), None
+        chunks = (chunk_rows,) + spec.shape[1:]  # zarr allows chunks larger than the array
+        shards = None if shard_rows is None else (shard_rows,) + spec.shape[1:]
         self._arrays[name] = self._g.create_array(
             name, shape=spec.shape, dtype=spec.dtype, chunks=chunks, shards=shards, fill_value=0,
             compressors=ZstdCodec(level=3) if compress else None, config=_CONFIG, chunk_key_encoding=_KEYS,
@@ -178,7 +170,7 @@ class ZarrBackend:
         except Exception as err:
             raise CorruptStore(
                 f"cannot read rows {start}..{stop} of {name!r} in {str(self.path)!r} ({type(err).__name__}: {err}); "
-                "a chunk file is damaged: regenerate it with 'softlabels generate'"
+                "a chunk file is damaged: regenerate it with 'softlabels generate --repair' and the original arguments"
             ) from err
 
     def _read_sparse(self, name: str, a: Any, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:

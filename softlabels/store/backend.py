@@ -14,7 +14,7 @@ import numpy as np
 from softlabels.errors import ConfigError, NotAStore, StoreNotFound
 from softlabels.store.format import ArraySpec
 
-__all__ = ["Backend", "BackendKind", "ReadHandle", "backend_kind", "open_backend"]
+__all__ = ["Backend", "BackendKind", "backend_kind", "open_backend"]
 
 BackendKind = Literal["hdf5", "zarr"]
 SUFFIXES: dict[str, BackendKind] = {".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}
@@ -76,43 +76,3 @@ def open_backend(path: str | Path, mode: Literal["r", "r+", "w"], kind: str | No
     if mode != "w" and not (path / "zarr.json").is_file():
         raise NotAStore(f"{str(path)!r} is not a Zarr v3 store (no zarr.json); check the path")
     return ZarrBackend(path, mode)
-
-
-class ReadHandle:
-    """A read-only backend opened on first use and reopened after a fork.
-
-    Readers (version 1's ``SoftLabelStore``, version 2's ``UnitStore``) subclass it, so a
-    store object can be handed to DataLoader workers: no handle crosses a fork, and h5py
-    files are opened in the process that reads them.
-    """
-
-    path: Path
-    backend_kind: BackendKind
-    _backend: Backend | None = None
-    _pid: int = -1
-
-    def _handle(self) -> Backend:
-        import os
-
-        if self._backend is None or self._pid != os.getpid():
-            self._backend = open_backend(self.path, "r", self.backend_kind)
-            self._pid = os.getpid()
-        return self._backend
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_backend"], state["_pid"] = None, -1
-        return state
-
-    def close(self) -> None:
-        import os
-
-        if self._backend is not None and self._pid == os.getpid():
-            self._backend.close()
-        self._backend = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -1,15 +1,15 @@
-"""The on-disk format, version 2: positions × layouts (docs/FORMAT.md, "Version 2").
+"""The on-disk format, version 2: positions × layouts (docs/FORMAT.md).
 
-Version 1 (``softlabels.store.format``) holds one output per sample. Version 2 separates
-*what an output belongs to* (a position kind: ``sample``, ``views``, ``tokens``; see
-``softlabels.store.positions``) from *how one output is encoded* (a layout: ``dense``,
-``topk``, ``sampled``; see ``softlabels.store.layouts``). This module owns the v2 names,
-attributes and validation; it knows neither library nor teacher.
+The format separates *what an output belongs to* (a position kind: ``sample``, ``views``,
+``tokens``; see ``softlabels.store.positions``) from *how one output is encoded* (a layout:
+``dense``, ``topk``, ``sampled``; see ``softlabels.store.layouts``). This module owns the
+names, attributes and validation; it knows neither library nor teacher. Version 1 is read
+through :mod:`softlabels.store.v1`, which presents it in these terms.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -57,13 +57,6 @@ class V2Array:
     chunk: int
     family: str
 
-    @property
-    def per_row(self) -> bool:
-        return self.family != "unit"
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -97,14 +90,14 @@ class StoreMetaV2:
         from softlabels.store.layouts import LAYOUTS
 
         p: list[str] = []
-        if self.positions not in POSITION_KINDS:
+        if not isinstance(self.positions, str) or self.positions not in POSITION_KINDS:
             p.append(f"positions {self.positions!r} is not one of {', '.join(POSITION_KINDS)}")
         if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
             p.append(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         for name, low in (("num_samples", 0), ("num_classes", 1), ("chunk_samples", 1), ("shard_chunks", 1),
                           ("group_units", 1)):
             value = getattr(self, name)
-            if not _is_int(value) or value < low:
+            if not fmt.is_int(value) or value < low:
                 p.append(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.logits_dtype, str) or self.logits_dtype not in fmt.LOGITS_DTYPES:
             p.append(f"logits_dtype {self.logits_dtype!r} is not one of {', '.join(fmt.LOGITS_DTYPES)}")
@@ -120,15 +113,19 @@ class StoreMetaV2:
             return p
         if self.views is not None:
             v = self.views
-            if not _is_int(v.get("count")) or v["count"] < 1 or not isinstance(v.get("param_names"), list):
+            if not fmt.is_int(v.get("count")) or v["count"] < 1 or not isinstance(v.get("param_names"), list):
                 p.append("views needs an integer 'count' >= 1 and a list 'param_names'")
-            if v.get("param_dtype", "float32") not in PARAM_DTYPES:
-                p.append(f"views' param_dtype {v['param_dtype']!r} is not one of {', '.join(PARAM_DTYPES)}")
+            dtype = v.get("param_dtype", "float32")
+            if not isinstance(dtype, str) or dtype not in PARAM_DTYPES:
+                p.append(f"views' param_dtype {dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
         if self.tokens is not None:
             t = self.tokens
-            if not _is_int(t.get("chunk_positions")) or t["chunk_positions"] < 1 \
-                    or not _is_int(t.get("axis_length")) or t["axis_length"] < 0:
+            if not fmt.is_int(t.get("chunk_positions")) or t["chunk_positions"] < 1 \
+                    or not fmt.is_int(t.get("axis_length")) or t["axis_length"] < 0:
                 p.append("tokens needs integers 'chunk_positions' >= 1 and 'axis_length' >= 0")
+        if not p and self.num_units > fmt.MAX_UNITS:
+            p.append(f"num_samples {self.num_samples} in units of {self.geometry.unit_samples} samples make "
+                     f"{self.num_units:,} units, over the limit of {fmt.MAX_UNITS:,}")
         if not p:
             try:
                 self.layout_obj()
@@ -233,10 +230,34 @@ class StoreMetaV2:
                    teacher=attrs.get("teacher", {}), source=attrs.get("source", {}),
                    created_by=attrs.get("created_by", {}), **fields)
 
-    def with_status(self, status: str) -> StoreMetaV2:
-        return replace(self, status=status)
-
 
 def unit_checksum(meta: StoreMetaV2, block: Mapping[str, np.ndarray]) -> int:
     """The store's CRC chained over a unit's arrays in :meth:`StoreMetaV2.checksum_order`."""
     return fmt.checksum_of((block[key] for key in meta.checksum_order()), meta.checksum)
+
+
+def check_unit(meta: StoreMetaV2, block: Mapping[str, np.ndarray], *, where: str, fix: str) -> None:
+    """The values of a unit as read: labels in -1..C-1, the layout's arrays valid (ids < C, counts sum
+    to S, ...); a bad one would crash, or silently skew, a loss. Raises CorruptStore naming ``where``."""
+    c, labels = meta.num_classes, block[fmt.LABELS]
+    if labels.size and (labels.min() < -1 or labels.max() >= c):
+        raise CorruptStore(f"{where} holds label {int(labels.min() if labels.min() < -1 else labels.max())}, "
+                           f"outside -1..{c - 1}; {fix}")
+    layout = meta.layout_obj()
+    problems = layout.validate({k: block[k].reshape(-1, *s.shape) for k, s in layout.arrays().items()})
+    if problems:
+        raise CorruptStore(f"{where} holds invalid {layout.name} arrays ({'; '.join(problems)}); {fix}")
+
+
+def duplicates(ids: np.ndarray) -> np.ndarray:
+    """The values occurring more than once in ``ids`` (sorted; one sort, no Python loop)."""
+    s = np.sort(ids)
+    return np.unique(s[1:][s[1:] == s[:-1]])
+
+
+def repeated_in_rows(ids: np.ndarray) -> np.ndarray:
+    """bool [B]: the row of ids [B, K] names some class twice (a top-k row densified from it would be wrong)."""
+    if ids.shape[-1] < 2 or not len(ids):
+        return np.zeros(len(ids), dtype=bool)
+    s = np.sort(ids, axis=-1)
+    return (s[:, 1:] == s[:, :-1]).any(axis=-1)

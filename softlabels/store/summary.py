@@ -10,117 +10,77 @@ import torch
 
 from softlabels.errors import CorruptStore
 from softlabels.store import format as fmt
-from softlabels.store.layouts import Layout, make_layout
-from softlabels.store.v1 import SoftLabelStore
+from softlabels.store.layouts import Layout
+from softlabels.store.reader import open_store
 
 __all__ = ["diff_stores", "summarize"]
 
 
 def summarize(path: str | Path, *, verify: bool = False, backend: str | None = None) -> dict[str, Any]:
-    """Describe a store: layout, sizes, status, label counts and teacher statistics.
+    """Describe a store of either format version: layout, positions, sizes, status, label counts and
+    teacher statistics, per write unit (a format-1 store's units are its chunks).
 
-    Incomplete stores are described too (statistics cover the chunks done so far).
-    With ``verify``, every chunk is read and checked against its checksum.
-    Format-2 stores (see :func:`_summarize_v2`) are described per write unit.
+    Incomplete stores are described too (statistics cover the units done so far). With
+    ``verify``, every finished unit is read and checked (checksum, values, repeated ids).
+    ``num_positions`` counts stored teacher outputs (N x V for views); ``bytes_per_position``
+    is the layout's per-output size, and a views store adds ``bytes_per_view`` (with the
+    view's parameters).
     """
-    from softlabels.store.reader import open_any
-
-    store = open_any(path, allow_partial=True, backend=backend)
-    if not isinstance(store, SoftLabelStore):
-        with store:
-            return _summarize_v2(store, verify=verify)
-    with store:
-        done = store.chunk_done()
+    with open_store(path, allow_partial=True, backend=backend) as store:
+        meta = store.meta
+        layout = meta.layout_obj()
+        done = store.unit_done()
+        views = int(meta.views["count"]) if meta.views else 1
+        params = len(meta.views["param_names"]) if meta.views else 0
+        shard = meta.shard_chunks
         info: dict[str, Any] = {
             "path": str(store.path),
             "backend": store.backend_kind,
-            "format_version": store.meta.format_version,
-            "status": store.status,
-            "layout": store.layout,
-            "logits_dtype": store.logits_dtype,
-            "num_samples": store.num_samples,
-            "num_classes": store.num_classes,
-            "topk": store.topk,
-            "chunk_rows": store.chunk_rows,
-            "num_chunks": store.num_chunks,
-            "shard_rows": store.unit_rows if store.unit_rows != store.chunk_rows else None,
+            "format_version": store.format_version,
+            "status": meta.status,
+            "positions": meta.positions,
+            "layout": meta.layout,
+            "layout_params": dict(meta.layout_params),
+            "logits_dtype": meta.logits_dtype,
+            "num_samples": meta.num_samples,
+            "num_classes": meta.num_classes,
+            "topk": meta.layout_params.get("k") if meta.layout == "topk" else None,
+            "chunk_rows": meta.chunk_samples,
+            "num_chunks": meta.num_units,
+            "shard_rows": meta.chunk_samples * shard if shard > 1 else None,
             "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
+            "num_positions": (int(meta.tokens["num_positions"]) if meta.positions == "tokens"
+                              else meta.num_samples * views),
+            "bytes_per_position": layout.bytes_per_position,
+            "views": dict(meta.views) if meta.views else None,
+            "bytes_per_view": (layout.bytes_per_position + np.dtype(meta.views.get("param_dtype", "float32")).itemsize
+                               * params) if meta.views else None,
             "size_on_disk_bytes": store.size_on_disk(),
         }
-        layout = make_layout(store.layout, num_classes=store.num_classes, logits_dtype=store.logits_dtype,
-                             **({"k": store.topk} if store.layout == "topk" else {}))
         stats = _Stats(layout)
+
+        def add(_unit: int, block: dict[str, np.ndarray]) -> None:
+            if meta.positions == "views":  # every view of a sample is a row with the sample's label
+                n = len(block[fmt.LABELS])
+                block = {**{k: block[k].reshape(n * views, *block[k].shape[2:]) for k in layout.arrays()},
+                         fmt.LABELS: np.repeat(block[fmt.LABELS], views)}
+            elif meta.positions == "tokens":  # labels are per sequence (-1); per-token outputs have none
+                n = len(block[next(iter(layout.arrays()))])
+                block = {**{k: block[k] for k in layout.arrays()}, fmt.LABELS: np.full(n, -1, np.int64)}
+            stats.add(block)
+
         if verify:
-            damaged = store.verify(lambda _c, raw: stats.add(raw))
+            damaged = store.verify(add)
         else:
             damaged = []
-            for c in np.flatnonzero(done):
+            for u in map(int, np.flatnonzero(done)):
                 try:
-                    stats.add(store.read_chunk(int(c), verify=False))
+                    block = store.read_unit(u, verify=False)
                 except CorruptStore:
-                    damaged.append(int(c))
-        info.update(stats.result())
-        info["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
-        info["teacher"] = store.teacher
-        info["source"] = store.source
-        info["created_by"] = store.created_by
-        return info
-
-
-def _summarize_v2(store: Any, *, verify: bool) -> dict[str, Any]:
-    """A format-2 store: v1's keys (a write unit in place of a chunk) plus positions, views and bytes.
-
-    ``num_positions`` counts stored teacher outputs (N x V for views); ``bytes_per_position``
-    is the layout's per-output size, and a views store adds ``bytes_per_view`` (with the
-    view's float32 parameters). Teacher statistics cover every position of the done units.
-    """
-    meta = store.meta
-    layout = meta.layout_obj()
-    done = store.unit_done()
-    views = int(meta.views["count"]) if meta.views else 1
-    params = len(meta.views["param_names"]) if meta.views else 0
-    geometry = meta.geometry
-    info: dict[str, Any] = {
-        "path": str(store.path),
-        "backend": getattr(store, "backend_kind", None),
-        "format_version": 2,
-        "status": meta.status,
-        "positions": meta.positions,
-        "layout": meta.layout,
-        "layout_params": dict(meta.layout_params),
-        "logits_dtype": meta.logits_dtype,
-        "num_samples": meta.num_samples,
-        "num_classes": meta.num_classes,
-        "topk": meta.layout_params.get("k") if meta.layout == "topk" else None,
-        "chunk_rows": meta.chunk_samples,
-        "num_chunks": meta.num_units,
-        "shard_rows": geometry.unit_samples if meta.shard_chunks > 1 else None,
-        "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
-        "num_positions": (int(meta.tokens["num_positions"]) if meta.positions == "tokens"
-                          else meta.num_samples * views),
-        "bytes_per_position": layout.bytes_per_position,
-        "views": dict(meta.views) if meta.views else None,
-        "bytes_per_view": (layout.bytes_per_position + np.dtype(meta.views.get("param_dtype", "float32")).itemsize
-                           * params) if meta.views else None,
-        "size_on_disk_bytes": store._handle().size_on_disk() if hasattr(store, "_handle") else None,
-    }
-    stats = _Stats(layout)
-    damaged = []
-    for u in np.flatnonzero(done):
-        try:
-            block = store.read_unit(int(u), verify=verify)
-        except CorruptStore:
-            damaged.append(int(u))
-            continue
-        if views > 1 or meta.positions == "views":  # every view of a sample is a row with the sample's label
-            n = len(block[fmt.LABELS])
-            block = {**{k: block[k].reshape(n * views, *block[k].shape[2:]) for k in layout.arrays()},
-                     fmt.LABELS: np.repeat(block[fmt.LABELS], views)}
-        elif meta.positions == "tokens":  # labels are per sequence (-1); per-token outputs have none
-            n = len(block[next(iter(layout.arrays()))])
-            block = {**{k: block[k] for k in layout.arrays()}, fmt.LABELS: np.full(n, -1, np.int64)}
-        stats.add(block)
-    info.update(stats.result(rows="positions"))
+                    damaged.append(u)
+                    continue
+                add(u, block)
+    info.update(stats.result())
     if meta.positions == "tokens":
         info["labeled"], info["unlabeled"] = 0, meta.num_samples
     info["labeled"] //= views  # each sample's label was counted once per view
@@ -149,7 +109,7 @@ class _Stats:
         self.sums["labeled"] += int(mask.sum())
         self.sums["rows"] += len(lab)
 
-    def result(self, rows: str = "rows") -> dict[str, Any]:
+    def result(self) -> dict[str, Any]:
         labeled, n = int(self.sums["labeled"]), int(self.sums["rows"])
         means = {k: v / n if n else None for k, v in self.means.items()}
         entropy = means.pop("entropy", None)
@@ -162,7 +122,7 @@ class _Stats:
                              if self.layout.name == "topk" else None),
             "teacher_stats": means,
             "nonfinite_rows": int(self.sums["nonfinite"]),
-            "stats_over": rows,
+            "stats_over": "positions",
         }
 
 

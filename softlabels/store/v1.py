@@ -1,321 +1,176 @@
-"""SoftLabelStore: open, validate and read a store.
+"""Format-1 stores, readable forever: :class:`V1Store` presents one through the unit API.
 
-Opening checks the format version, the attributes, every array's shape, dtype
-and chunking, and the status; a store still being written is refused unless
-``allow_partial``. Reads are whole chunks or row ranges into numpy (torch views
-via :func:`to_torch`), verified against the per-chunk checksums on request.
-The backend handle opens lazily and reopens after a fork, so a store object can
-be handed to DataLoader workers.
+Format 1 (docs/FORMAT.md, appendix) holds one teacher output per sample, ``dense`` or
+``topk``, in chunks of ``chunk_rows`` rows, each with a checksum and a done flag. softlabels
+no longer writes it. :class:`V1Store` reads it as a ``sample`` store of the same layout, with
+the same write units (its chunks, or its Zarr shards) and ``meta`` a
+:class:`~softlabels.store.schema.StoreMetaV2`,
+so training, ``inspect``, ensembles and ``upgrade`` take it like any other store. Opening
+validates the attributes and every array against them (before anything they claim is
+allocated); reading a unit verifies its checksum on request, gives top-k ids in format 2's
+stored form, and checks the values as format 2's reader does.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-from typing import Any, Callable
+import math
+from dataclasses import replace
+from typing import Any, Mapping
 
 import numpy as np
-import torch
 
-from softlabels.errors import CorruptStore, IncompleteStore, NotAStore, SoftLabelsError
+from softlabels.errors import CorruptStore, UnsupportedFormat
 from softlabels.store import format as fmt
-from softlabels.store.backend import Backend, ReadHandle, backend_kind
-from softlabels.store.format import StoreMeta
+from softlabels.store.backend import Backend
+from softlabels.store.handle import ReadHandle
+from softlabels.store.schema import StoreMetaV2, check_unit
 
-__all__ = ["SoftLabelStore", "open_store", "to_torch", "densify_topk"]
+__all__ = ["V1Store"]
 
-
-def open_store(path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> SoftLabelStore:
-    """Open a store for reading; see :class:`SoftLabelStore`."""
-    return SoftLabelStore(path, allow_partial=allow_partial, backend=backend)
-
-
-class SoftLabelStore(ReadHandle):
-    """A validated, read-only view of one store."""
-
-    def __init__(self, path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> None:
-        self.path = Path(path)
-        self.backend_kind = backend_kind(self.path, backend)
-        self._allow_partial = allow_partial
-        self._backend: Backend | None = None
-        self._pid = -1
-        self._cache: dict[str, np.ndarray] = {}
-        b = self._handle()
-        try:
-            self.meta = StoreMeta.from_attrs(b.attrs())
-        except SoftLabelsError as err:
-            self.close()
-            raise type(err)(f"{self.path}: {err}") from None
-        self.unit_rows = self._check_arrays(b)
-        done = self.chunk_done()
-        missing = np.flatnonzero(~done)
-        if self.meta.complete and len(missing):
-            self.close()
-            raise CorruptStore(
-                f"{self.path} is marked complete but chunks {fmt.chunk_list(missing)} are not flagged done; "
-                "regenerate them by rerunning 'softlabels generate' with the same arguments"
-            )
-        if not self.meta.complete and not allow_partial:
-            self.close()
-            raise IncompleteStore(
-                f"{self.path} is incomplete (status {self.meta.status!r}, {len(missing)} of {self.num_chunks} chunks "
-                f"missing: {fmt.chunk_list(missing)}); finish it by rerunning 'softlabels generate' with the "
-                "same arguments, or read it explicitly as partial"
-            )
-
-    # -- validation ----------------------------------------------------------------------
-    def _check_arrays(self, b: Backend) -> int:
-        """Check every array against the schema; return the write-unit size in rows."""
-        problems: list[str] = []
-        present = set(b.array_names())
-        for name, spec in self.meta.arrays().items():
-            if name not in present:
-                problems.append(f"array {name!r} is missing")
-                continue
-            shape, dtype, chunks = b.array_info(name)
-            if shape != spec.shape:
-                problems.append(f"{name} has shape {shape}, the attributes say {spec.shape}")
-            if dtype != spec.dtype:
-                problems.append(f"{name} has dtype {dtype}, expected {spec.dtype}")
-            # HDF5 cannot chunk beyond a fixed dimension, so a short store's chunk is N rows
-            if spec.per_row and shape and chunks[0] not in (self.meta.chunk_rows, min(self.meta.chunk_rows, max(1, shape[0]))):
-                problems.append(f"{name} is chunked by {chunks[0]} rows, chunk_rows says {self.meta.chunk_rows}")
-            # a partial read (resume, repair) finds missing files chunk by chunk and regenerates them
-            if shape == spec.shape and (claim := b.unbacked(name, complete=spec.per_row and self.meta.complete
-                                                             and not self._allow_partial)):
-                problems.append(claim)
-        if problems:
-            self.close()
-            if not present:
-                raise NotAStore(f"{self.path} has softlabels attributes but no arrays; regenerate the store")
-            raise CorruptStore(f"{self.path} does not match its metadata: {'; '.join(problems)}; regenerate the store")
-        return b.shard_rows(fmt.LABELS) or self.meta.chunk_rows
-
-    # -- metadata ------------------------------------------------------------------------
-    num_samples = property(lambda self: self.meta.num_samples)
-    num_classes = property(lambda self: self.meta.num_classes)
-    num_chunks = property(lambda self: self.meta.num_chunks)
-    chunk_rows = property(lambda self: self.meta.chunk_rows)
-    layout = property(lambda self: self.meta.layout)
-    topk = property(lambda self: self.meta.topk)
-    logits_dtype = property(lambda self: self.meta.logits_dtype)
-    status = property(lambda self: self.meta.status)
-    teacher = property(lambda self: self.meta.teacher)
-    source = property(lambda self: self.meta.source)
-    created_by = property(lambda self: self.meta.created_by)
-
-    def __len__(self) -> int:
-        return self.meta.num_samples
-
-    def __repr__(self) -> str:
-        k = f", K={self.topk}" if self.topk else ""
-        return (f"SoftLabelStore({str(self.path)!r}, {self.layout}, N={self.num_samples}, C={self.num_classes}{k}, "
-                f"{self.logits_dtype}, {self.status})")
-
-    @property
-    def row_keys(self) -> tuple[str, ...]:
-        """Names of this layout's per-row arrays."""
-        return tuple(self.meta.row_arrays())
-
-    def _whole(self, name: str) -> np.ndarray:
-        arr = self._cache.get(name)
-        if arr is None:
-            arr = self._cache[name] = self._handle().read(name, 0, self.meta.arrays()[name].shape[0])
-        return arr
-
-    @property
-    def labels(self) -> np.ndarray:
-        """All labels, int64 [N] (-1 = unlabeled); read once and cached."""
-        return self._whole(fmt.LABELS)
-
-    @property
-    def sample_ids(self) -> np.ndarray:
-        """All sample ids, int64 [N]; read once and cached. A complete store's ids must be unique."""
-        first = fmt.SAMPLE_IDS not in self._cache
-        ids = self._whole(fmt.SAMPLE_IDS)
-        if first and self.meta.complete and len(dup := duplicates(ids)):
-            rows = np.flatnonzero(np.isin(ids, dup[:1]))
-            raise CorruptStore(
-                f"{self.path} holds sample id {int(dup[0])} {len(rows)} times (rows {fmt.chunk_list(rows)}; "
-                f"{len(dup)} duplicated id(s) in all); each input must appear once: repair it with 'softlabels "
-                "generate --repair' and the original arguments"
-            )
-        return ids
-
-    def chunk_done(self) -> np.ndarray:
-        """bool [num_chunks], read fresh from disk."""
-        return self._handle().read(fmt.CHUNK_DONE, 0, self.num_chunks).astype(bool)
-
-    def missing_chunks(self) -> list[int]:
-        return [int(i) for i in np.flatnonzero(~self.chunk_done())]
-
-    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        return self.meta.chunk_bounds(chunk)
-
-    # -- reading -------------------------------------------------------------------------
-    def read_rows(self, start: int, stop: int, *, keys: tuple[str, ...] | None = None,
-                  out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Rows ``[start, stop)`` of the given arrays (default: all per-row arrays)."""
-        if not 0 <= start <= stop <= self.num_samples:
-            raise IndexError(f"rows {start}..{stop} outside 0..{self.num_samples}")
-        b = self._handle()
-        keys = keys or self.row_keys
-        return {k: b.read(k, start, stop, None if out is None else out.get(k)) for k in keys}
-
-    def read_chunk(self, chunk: int, *, keys: tuple[str, ...] | None = None, verify: bool = True) -> dict[str, np.ndarray]:
-        """One whole chunk; with ``verify`` its checksum is checked (all arrays are then read)."""
-        start, stop = self.chunk_bounds(chunk)
-        specs = self.meta.row_arrays()
-        names = self.row_keys if verify else keys or self.row_keys
-        for k in names:  # the attributes decide this size: refuse an implausible one before allocating it
-            fmt.check_read_size(self.path, k, (stop - start,) + specs[k].shape[1:], specs[k].dtype)
-        block = {k: np.empty((stop - start,) + specs[k].shape[1:], specs[k].dtype) for k in names}
-        self.read_chunk_into(chunk, block, verify=verify)
-        return block if keys is None else {k: block[k] for k in keys}
-
-    def read_chunk_into(self, chunk: int, out: dict[str, np.ndarray], *, verify: bool = True) -> None:
-        """Read one whole chunk into ``out`` (name -> array of the chunk's rows, e.g. a slice of a window buffer).
-
-        With ``verify``, ``out`` must hold every per-row array and the chunk's checksum
-        is checked. Labels and top-k indices are always checked against the class count.
-        """
-        start, stop = self.chunk_bounds(chunk)
-        try:
-            self.read_rows(start, stop, keys=tuple(out), out=out)
-        except CorruptStore as err:
-            raise CorruptStore(
-                f"chunk {chunk} (rows {start}..{stop}) of {self.path} cannot be read ({err.__cause__ or err}); "
-                "regenerate it with 'softlabels generate --repair' and the original arguments"
-            ) from err
-        if verify:
-            self._verify(chunk, out)
-        self._check_values(chunk, out)
-
-    def _verify(self, chunk: int, block: dict[str, np.ndarray]) -> None:
-        expected = int(self._whole(fmt.CHECKSUMS)[chunk])
-        if fmt.chunk_checksum(block, self.meta.checksum) != expected:
-            start, stop = self.chunk_bounds(chunk)
-            raise CorruptStore(
-                f"chunk {chunk} (rows {start}..{stop}) of {self.path} fails its checksum; regenerate it with "
-                "'softlabels generate --repair' and the original arguments"
-            )
-
-    def _check_values(self, chunk: int, block: dict[str, np.ndarray]) -> None:
-        """Labels in [-1, C) and top-k indices in [0, C): a bad one would crash (or silently skew) a loss."""
-        c = self.num_classes
-        for key, low, what in ((fmt.LABELS, -1, "label"), (fmt.TOPK_INDICES, 0, "top-k index")):
-            a = block.get(key)
-            if a is None or not a.size:
-                continue
-            lo, hi = a.min(), a.max()
-            if lo < low or hi >= c:
-                start, stop = self.chunk_bounds(chunk)
-                raise CorruptStore(
-                    f"chunk {chunk} (rows {start}..{stop}) of {self.path} holds {what} {int(lo if lo < low else hi)}, "
-                    f"outside {low}..{c - 1}; regenerate it with 'softlabels generate --repair' and the original "
-                    "arguments"
-                )
-
-    def verify(self, each: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> list[int]:
-        """Read every finished chunk; return those that are unreadable, fail their checksum, repeat an
-        index within a top-k row, or share a sample id with another row (every copy is listed).
-
-        ``each(chunk, block)`` is called with every chunk that passes the per-chunk checks.
-        """
-        bad, ids, owner = [], [], []
-        for c in np.flatnonzero(self.chunk_done()):
-            c = int(c)
-            try:
-                block = self.read_chunk(c, verify=True)
-            except CorruptStore:
-                bad.append(c)
-                continue
-            if fmt.TOPK_INDICES in block and repeated_in_rows(block[fmt.TOPK_INDICES]).any():
-                bad.append(c)
-                continue
-            if each is not None:
-                each(c, block)
-            ids.append(block[fmt.SAMPLE_IDS])
-            owner.append(np.full(len(ids[-1]), c, dtype=np.int64))
-        if ids:
-            all_ids = np.concatenate(ids)
-            dup = duplicates(all_ids)
-            if len(dup):
-                bad += np.unique(np.concatenate(owner)[np.isin(all_ids, dup)]).tolist()
-        return sorted(set(bad))
-
-    def size_on_disk(self) -> int:
-        return self._handle().size_on_disk()
+CHUNK_DONE = "chunk_done"
+CHECKSUMS = "checksums"
+# every per-row array either layout may hold, in checksum order
+ROW_KEYS = (fmt.LOGITS, fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP, fmt.LABELS, fmt.SAMPLE_IDS)
+REQUIRED = ("softlabels_format", "status", "layout", "num_samples", "num_classes", "logits_dtype", "chunk_rows")
+_FIX = ("regenerate the store ('softlabels generate --overwrite' with the original arguments writes it as "
+        "format 2; format 1 is no longer written, so --repair cannot rewrite it)")
 
 
-def duplicates(ids: np.ndarray) -> np.ndarray:
-    """The values occurring more than once in ``ids`` (sorted; one sort, no Python loop)."""
-    s = np.sort(ids)
-    return np.unique(s[1:][s[1:] == s[:-1]])
+def _meta(attrs: Mapping[str, Any]) -> StoreMetaV2:
+    """Format-1 root attributes, validated, as the format-2 description of the same store."""
+    missing = [a for a in REQUIRED if a not in attrs]
+    if missing:
+        raise CorruptStore(f"root attributes missing: {', '.join(missing)}; regenerate the store")
+    for name in ("teacher", "source", "created_by"):
+        if not isinstance(attrs.get(name, {}), dict):
+            raise CorruptStore(f"root attribute {name!r} must be an object, got {type(attrs[name]).__name__}")
+    a = {k: attrs.get(k) for k in (*REQUIRED, "topk")}
+    a["checksum"] = attrs.get("checksum", "crc32")  # stores from before the attribute use crc32
+    p: list[str] = []
+    if a["layout"] not in ("dense", "topk"):
+        p.append(f"layout {a['layout']!r} is not one of dense, topk")
+    for name, low in (("num_samples", 0), ("num_classes", 1), ("chunk_rows", 1)):
+        if not fmt.is_int(a[name]) or a[name] < low:
+            p.append(f"{name} must be an integer >= {low}, got {a[name]!r}")
+    if not isinstance(a["logits_dtype"], str) or a["logits_dtype"] not in fmt.LOGITS_DTYPES:
+        p.append(f"logits_dtype {a['logits_dtype']!r} is not one of {', '.join(fmt.LOGITS_DTYPES)}")
+    if a["layout"] == "topk":
+        c = a["num_classes"] if fmt.is_int(a["num_classes"]) else 0
+        if not fmt.is_int(a["topk"]) or not 1 <= a["topk"] <= c:
+            p.append(f"topk must be an integer in 1..num_classes, got {a['topk']!r}")
+    elif a["topk"] is not None:
+        p.append("topk is set but the layout is not 'topk'")
+    if a["status"] not in (fmt.STATUS_WRITING, fmt.STATUS_COMPLETE):
+        p.append(f"status {a['status']!r} is not 'writing' or 'complete'")
+    if a["checksum"] not in fmt.CHECKSUM_ALGORITHMS:
+        p.append(f"checksum {a['checksum']!r} is not one of {', '.join(fmt.CHECKSUM_ALGORITHMS)}")
+    if not p and math.ceil(a["num_samples"] / a["chunk_rows"]) > fmt.MAX_UNITS:
+        p.append(f"num_samples {a['num_samples']} in chunks of {a['chunk_rows']} rows make "
+                 f"{math.ceil(a['num_samples'] / a['chunk_rows']):,} chunks, over the limit of {fmt.MAX_UNITS:,}")
+    if p:
+        raise CorruptStore("invalid store metadata: " + "; ".join(p))
+    return StoreMetaV2(positions="sample", layout=a["layout"], num_samples=a["num_samples"],
+                       num_classes=a["num_classes"], logits_dtype=a["logits_dtype"], chunk_samples=a["chunk_rows"],
+                       layout_params={"k": int(a["topk"])} if a["layout"] == "topk" else {},
+                       checksum=a["checksum"], status=a["status"], teacher=attrs.get("teacher", {}),
+                       source=attrs.get("source", {}), created_by=attrs.get("created_by", {}))
 
 
-def repeated_in_rows(indices: np.ndarray) -> np.ndarray:
-    """bool [B]: the row of top-k indices names some class twice (densifying it would be wrong)."""
-    if indices.shape[-1] < 2 or not len(indices):
-        return np.zeros(len(indices), dtype=bool)
-    s = np.sort(indices, axis=-1)
-    return (s[:, 1:] == s[:, :-1]).any(axis=-1)
-
-
-# the arrays' names under which a target's tensors appear in a batch dict (what version 1 batches held)
-TARGET_KEYS = {"DenseTarget": {"logits": fmt.LOGITS},
-               "TopKTarget": {"values": fmt.TOPK_VALUES, "ids": fmt.TOPK_INDICES, "logsumexp": fmt.LOGSUMEXP},
-               "SampledTarget": {"ids": "sampled_ids", "counts": "sampled_counts", "logits": "sampled_logits",
-                                 "logsumexp": fmt.LOGSUMEXP}}
-
-
-@functools.lru_cache(maxsize=64)
-def _array_names(layout: Any) -> frozenset[str]:
-    """The layout's array names (cached: a batch loop asks once per batch)."""
-    return frozenset(layout.arrays())
-
-
-def to_torch(block: dict[str, np.ndarray], logits_dtype: str, layout: Any = None) -> dict[str, torch.Tensor]:
-    """numpy block -> torch tensors, the teacher's arrays decoded by their layout (no copies where possible).
-
-    ``layout`` (a :class:`softlabels.store.layouts.Layout`) is inferred for dense and top-k
-    blocks. Logits keep their stored dtype (bfloat16 bits viewed as bfloat16); class ids
-    become int64; other arrays are wrapped as they are.
-    :func:`softlabels.student.losses.as_target` turns the result into a typed target.
-    """
-    if layout is None:
-        from softlabels.store.layouts import make_layout
-
-        if fmt.LOGITS in block:
-            layout = make_layout("dense", num_classes=block[fmt.LOGITS].shape[-1], logits_dtype=logits_dtype)
-        else:  # decoding top-k does not depend on C: any C >= K describes the block
-            k = block[fmt.TOPK_VALUES].shape[-1]
-            layout = make_layout("topk", num_classes=k, logits_dtype=logits_dtype, k=k)
-    names = _array_names(layout)
-    target = layout.decode(block)
-    out = {k: torch.from_numpy(v) for k, v in block.items() if k not in names}
-    out.update({name: getattr(target, f) for f, name in TARGET_KEYS[type(target).__name__].items()})
+def arrays(meta: StoreMetaV2) -> dict[str, fmt.ArraySpec]:
+    """Every array of the format-1 store ``meta`` describes: per-row arrays, then per-chunk bookkeeping."""
+    n, c = meta.num_samples, meta.num_classes
+    values = fmt.LOGITS_DTYPES[meta.logits_dtype]
+    if meta.layout == "dense":
+        out = {fmt.LOGITS: fmt.ArraySpec((n, c), values)}
+    else:
+        k = int(meta.layout_params["k"])
+        out = {fmt.TOPK_VALUES: fmt.ArraySpec((n, k), values),  # ids: uint16 when every class fits, else int32
+               fmt.TOPK_INDICES: fmt.ArraySpec((n, k), np.dtype("uint16" if c <= 65536 else "int32")),
+               fmt.LOGSUMEXP: fmt.ArraySpec((n,), np.dtype("float32"))}
+    out[fmt.LABELS] = fmt.ArraySpec((n,), np.dtype("int64"))
+    out[fmt.SAMPLE_IDS] = fmt.ArraySpec((n,), np.dtype("int64"))
+    chunks = -(-n // meta.chunk_samples)
+    out[CHUNK_DONE] = fmt.ArraySpec((chunks,), np.dtype("uint8"))
+    out[CHECKSUMS] = fmt.ArraySpec((chunks,), np.dtype("uint32"))
     return out
 
 
-def densify_topk(values: torch.Tensor, indices: torch.Tensor, logsumexp: torch.Tensor, num_classes: int, *,
-                 tail: str = "spread") -> torch.Tensor:
-    """Teacher log-probabilities at T = 1 from a top-k row.
+class V1Store(ReadHandle):
+    """A validated, read-only format-1 store with the unit API of :class:`~softlabels.store.reader.UnitStore`.
 
-    ``tail="spread"``: [B, C], the tail mass ``1 - sum(top-k probs)`` shared evenly
-    among the C - K classes not stored. ``tail="bucket"``: [B, K + 1], the K stored
-    classes in stored order followed by one bucket holding the whole tail mass.
-    Both are exact for the stored classes; only the tail's split is assumed.
+    Its units are what its writer wrote whole: chunks, or shards of ``meta.shard_chunks`` chunks
+    (Zarr); each chunk keeps its own checksum and done flag.
     """
-    logp_k = values.float() - logsumexp.float().unsqueeze(-1)
-    log_tail = torch.log(-torch.expm1(torch.logsumexp(logp_k, dim=-1).clamp(max=-1e-7)))
-    if tail == "bucket":
-        return torch.cat([logp_k, log_tail.unsqueeze(-1)], dim=-1)
-    if tail != "spread":
-        raise ValueError(f"tail must be 'spread' or 'bucket', got {tail!r}")
-    k = values.shape[-1]
-    if k == num_classes:
-        return torch.full_like(logp_k, 0).scatter(-1, indices.long(), logp_k)
-    fill = (log_tail - np.log(num_classes - k)).unsqueeze(-1)
-    out = fill.expand(*values.shape[:-1], num_classes).clone()
-    return out.scatter(-1, indices.long(), logp_k)
+
+    format_version = 1
+    _rerun = ("running the softlabels release that wrote it again (format 1 is no longer written), or regenerate "
+              "the store with 'softlabels generate --overwrite'")
+    _fix = _FIX
+
+    def _open(self, b: Backend) -> None:
+        from softlabels.store.positions import SamplePositions
+
+        attrs = b.attrs()
+        if attrs.get("softlabels_format") != 1:
+            raise UnsupportedFormat(f"softlabels format version {attrs.get('softlabels_format')!r} is not 1; open "
+                                    "it with open_store")
+        self.meta = _meta(attrs)
+        self._arrays = arrays(self.meta)
+        rows = self.meta.chunk_samples
+        self._check_arrays(b, {name: (a.shape, a.dtype, *((None, False) if name in (CHUNK_DONE, CHECKSUMS)
+                                                          else (rows, True))) for name, a in self._arrays.items()})
+        shard = b.shard_rows(fmt.LABELS) or rows
+        if shard % rows == 0 and shard > rows:
+            self.meta = replace(self.meta, shard_chunks=shard // rows)
+        self.positions = SamplePositions(self.meta.geometry)
+
+    def __repr__(self) -> str:
+        return (f"V1Store({str(self.path)!r}, {self.meta.layout}, N={self.num_samples}, C={self.num_classes}, "
+                f"{self.meta.logits_dtype}, {self.meta.status})")
+
+    def unit_done(self) -> np.ndarray:
+        """bool [units], read fresh from disk: a unit is done when every chunk of it is."""
+        flags = self._handle().read(CHUNK_DONE, 0, self._arrays[CHUNK_DONE].shape[0]).astype(bool)
+        per = self.meta.shard_chunks
+        return np.pad(flags, (0, -len(flags) % per), constant_values=True).reshape(-1, per).all(axis=1)
+
+    def unit_checksums(self) -> np.ndarray:
+        """uint32 [chunks]: every chunk's recorded checksum (what identifies a store's contents)."""
+        return self._handle().read(CHECKSUMS, 0, self._arrays[CHECKSUMS].shape[0])
+
+    def read_unit(self, unit: int, *, verify: bool = True,
+                  out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Unit ``unit`` as format 2 gives a ``sample`` unit: every per-row array, top-k ids in format 2's
+        stored form (the same bytes when C <= 65,536), values checked; ``verify`` checks its chunks' checksums.
+        ``out``: arrays to read those of the same stored dtype into, as :meth:`UnitStore.read_unit`."""
+        s0, s1 = self.meta.geometry.unit_samples_range(unit)
+        b = self._handle()
+        block, out = {}, out or {}
+        for name in ROW_KEYS:
+            if name in self._arrays:  # the attributes decide this size: refuse an implausible one before reading
+                spec = self._arrays[name]
+                fmt.check_read_size(self.path, name, (s1 - s0, *spec.shape[1:]), spec.dtype)
+                dst = out.get(name)
+                block[name] = b.read(name, s0, s1, dst if dst is not None and dst.dtype == spec.dtype else None)
+        rows, where = self.meta.chunk_samples, f"unit {unit} (samples {s0}..{s1}) of {self.path}"
+        c0, c1 = s0 // rows, -(-s1 // rows)
+        sums = b.read(CHECKSUMS, c0, c1) if verify else []
+        for c, expected in zip(range(c0, c1), sums):
+            part = (block[k][c * rows - s0:(c + 1) * rows - s0] for k in ROW_KEYS if k in block)  # in this order
+            if fmt.checksum_of(part, self.meta.checksum) != int(expected):
+                raise CorruptStore(f"chunk {c} (rows {c * rows}..{min((c + 1) * rows, s1)}) of {self.path} fails "
+                                   f"its checksum; {_FIX}")
+        if fmt.TOPK_INDICES in block:
+            ids = block[fmt.TOPK_INDICES]
+            if ids.size and (ids.min() < 0 or ids.max() >= self.meta.num_classes):
+                raise CorruptStore(f"{where} holds top-k index {int(ids.min() if ids.min() < 0 else ids.max())}, "
+                                   f"outside 0..{self.meta.num_classes - 1}; {_FIX}")
+            if ids.dtype != np.uint16:  # int32 ids (C > 65,536): format 2 packs them in 3 or 4 bytes
+                import torch
+
+                from softlabels.store.layouts import encode_ids
+
+                block[fmt.TOPK_INDICES] = encode_ids(torch.from_numpy(ids.astype(np.int64)),
+                                                     self.meta.num_classes).numpy()
+        check_unit(self.meta, block, where=where, fix=_FIX)
+        return block

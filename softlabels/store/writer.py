@@ -3,10 +3,13 @@
 A *unit* is ``unit_samples`` consecutive samples with all their positions
 (``softlabels.store.positions``). For each unit the writer writes the per-position and
 per-sample arrays, flushes, then the unit's checksum, then its ``unit_done`` flag;
-``finish()`` sets ``status = "complete"`` last and only when every flag is set. A
-writer killed at any moment leaves a store readers refuse and :meth:`UnitWriter.resume`
-finishes. A unit written again (``--repair``) has its flag cleared first, so a crash
-mid-rewrite never leaves a flag over half-written data.
+inside :meth:`UnitWriter.burst` the flush and the flags wait for the end of the burst:
+one data flush, then the checksums and flags of every unit of the burst, then one more
+flush (two fsyncs per burst instead of two per unit, ~2x the HDF5 write rate). ``finish()``
+sets ``status = "complete"`` last and only when every flag is set. A writer killed at any
+moment leaves a store readers refuse and :meth:`UnitWriter.resume` finishes. A unit
+written again (``--repair``) has its flag cleared first, so a crash mid-rewrite never
+leaves a flag over half-written data.
 
 Creation-time arrays (``offsets`` and ``lengths`` of token stores) are written once, when
 the store is created, before any unit.
@@ -14,9 +17,10 @@ the store is created, before any unit.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -44,6 +48,7 @@ class UnitWriter:
         self.positions = positions
         self._arrays = meta.arrays()
         self._done = backend.read(UNIT_DONE, 0, meta.num_units).astype(bool)
+        self._burst: list[tuple[int, int]] | None = None  # (unit, checksum) written, awaiting their flags
         self._pending: dict[int, _Pending] = {}
         if isinstance(positions, TokenPositions):  # real positions before each sample, padding excluded
             self._cum = np.concatenate([[0], np.cumsum(positions.lengths)])
@@ -169,13 +174,56 @@ class UnitWriter:
                 self._backend.write(key, a0, arr)
             elif family == "sample":
                 self._backend.write(key, s0, arr)
-        self._backend.flush()
         full = dict(block)
         if isinstance(self.positions, TokenPositions):
             s1 = s0 + len(block[fmt.SAMPLE_IDS])
             full[OFFSETS], full[LENGTHS] = self.positions.offsets[s0:s1], self.positions.lengths[s0:s1]
-        self._backend.write(UNIT_CHECKSUMS, unit, np.array([unit_checksum(self.meta, full)], dtype=np.uint32))
-        self._set_flag(unit, 1)
+        written = (unit, unit_checksum(self.meta, full))
+        if self._burst is None:
+            self._commit([written])
+        else:
+            self._burst.append(written)
+
+    @contextmanager
+    def burst(self) -> Iterator[None]:
+        """Write several units with one flush of their data and one of their flags, at the end.
+
+        Crash-safe like unit-by-unit writing: no flag is set before the data it covers is
+        flushed; a crash inside the burst loses only the burst's units, which a resume rewrites.
+        """
+        if self._burst is not None:  # nested: the outer burst commits
+            yield
+            return
+        self._burst = []
+        try:
+            yield
+        except BaseException:
+            try:
+                self._commit(self._burst)  # the units written before the error are whole: keep them
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+        finally:
+            burst, self._burst = self._burst, None
+        self._commit(burst)
+
+    def _commit(self, written: list[tuple[int, int]]) -> None:
+        """Flush the units' data, then write their checksums and flags (adjacent units in one write), flush."""
+        if not written:
+            return
+        self._backend.flush()
+        runs: list[list[tuple[int, int]]] = []
+        for item in sorted(written):
+            if runs and runs[-1][-1][0] + 1 == item[0]:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        for run in runs:
+            self._backend.write(UNIT_CHECKSUMS, run[0][0], np.array([c for _, c in run], dtype=np.uint32))
+            self._backend.write(UNIT_DONE, run[0][0], np.ones(len(run), dtype=np.uint8))
+        self._backend.flush()
+        for unit, _ in written:
+            self._done[unit] = True
 
     def _validate(self, unit: int, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
         wanted = {k for k, a in self._arrays.items() if a.family in ("position", "sample")}
@@ -208,7 +256,7 @@ class UnitWriter:
     def invalidate(self, units: list[int]) -> None:
         """Mark units as not done (to regenerate damaged ones) and the store as writing."""
         self._backend.set_attrs({"status": fmt.STATUS_WRITING})
-        self.meta = self.meta.with_status(fmt.STATUS_WRITING)
+        self.meta = replace(self.meta, status=fmt.STATUS_WRITING)
         for u in units:
             self._set_flag(u, 0)
 
@@ -229,7 +277,7 @@ class UnitWriter:
                                   f"units not written ({fmt.chunk_list(missing)}); write them, then finish")
         self._backend.set_attrs({"status": fmt.STATUS_COMPLETE})
         self._backend.flush()
-        self.meta = self.meta.with_status(fmt.STATUS_COMPLETE)
+        self.meta = replace(self.meta, status=fmt.STATUS_COMPLETE)
 
     def close(self) -> None:
         """Close without finishing; partly filled units are dropped (they are rewritten on resume)."""

@@ -40,7 +40,7 @@ class Classifier:
     def __init__(self, config: TrainConfig, env: Any, log, *, teacher: nn.Module | None = None,
                  student: nn.Module | None = None) -> None:
         from softlabels.inputs.spec import resolve_data
-        from softlabels.store.ensemble.reader import open_units
+        from softlabels.store.reader import open_store
         from softlabels.student.dataset import SoftLabelDataset
         from softlabels.student.replay import check_loss, replay_op
 
@@ -51,7 +51,7 @@ class Classifier:
         try:
             # -- data --------------------------------------------------------------------------
             if config.stores or config.ensemble:
-                self.stores = [open_units(p) for p in config.stores] or [_ensemble(config)]
+                self.stores = [open_store(p) for p in config.stores] or [_ensemble(config)]
                 specs = list(config.data) or [self._recorded_spec(s) for s in self.stores]
                 datasets = [resolve_data(s) for s in specs]
                 self.sl = SoftLabelDataset(list(zip(self.stores, datasets)), batch_size=config.batch_size,

@@ -44,10 +44,10 @@ def open_source(store: Any) -> Any:
     if not hasattr(store, "read_unit"):
         if not isinstance(store, (str, Path)):
             raise ConfigError(f"{store!r} is no store: pass a path, or a store opened with "
-                              "softlabels.store.ensemble.reader.open_units")
-        from softlabels.store.ensemble.reader import open_units
+                              "softlabels.store.reader.open_store")
+        from softlabels.store.reader import open_store
 
-        return open_units(store)  # refuses an incomplete store
+        return open_store(store)  # refuses an incomplete store
     return store
 
 

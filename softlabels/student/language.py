@@ -93,14 +93,14 @@ class Language:
 
     def __init__(self, config: TrainConfig, env: Any, log, **_: Any) -> None:
         from softlabels.inputs.text import resolve_token_data
-        from softlabels.store.ensemble.reader import open_units
+        from softlabels.store.reader import open_store
         from softlabels.student.dataset import SoftLabelDataset
         from softlabels.student.runs import run_weights
         from softlabels.teacher.lm import resolve_lm
 
         self.config, self.env, self.epoch = config, env, 0
         tokenizer, seq_len = config.tokenizer, config.seq_len
-        self.stores = [open_units(config.stores[0])] if config.stores else []
+        self.stores = [open_store(config.stores[0])] if config.stores else []
         try:
             if not self.stores:  # hard next-token CE alone: the teacher itself, or the baseline student
                 spec = config.data[0]

@@ -306,15 +306,8 @@ class _Run:
 def store_identity(store: Any) -> dict[str, Any]:
     """What makes a store's targets the ones a run trained on, wherever the store now lies: its teacher, layout
     and a digest of its units' checksums (an ensemble has no file of its own: its attributes say enough)."""
-    from softlabels.store.schema import UNIT_CHECKSUMS
-
     meta = store.meta
-    handle = getattr(store, "_handle", None)
-    sums = b""
-    if handle is not None:
-        h = handle()
-        name = UNIT_CHECKSUMS if UNIT_CHECKSUMS in h.array_names() else fmt.CHECKSUMS  # format 1: per chunk
-        sums = h.read(name, 0, meta.num_units).astype("<u4").tobytes()
+    sums = store.unit_checksums().astype("<u4").tobytes() if hasattr(store, "unit_checksums") else b""
     return {"teacher": meta.teacher, "layout": meta.layout, "logits_dtype": meta.logits_dtype,
             "num_samples": meta.num_samples, "num_classes": meta.num_classes, "positions": meta.positions,
             "layout_params": dict(meta.layout_params), "views": meta.views,

@@ -2,6 +2,6 @@
 
 Owns model specs (built-in, ``module:factory``, TorchScript, ``.pt2``, ``hf:``), the built-in
 classifier and language-model architectures, the job runner (lock, plan, resume, repair,
-ranks), the producers per position kind, and ``merge``. May import :mod:`softlabels.store`
-and everything below it.
+ranks), the producers per position kind, and the stores written from stores (``merge``,
+``upgrade``). May import :mod:`softlabels.store` and everything below it.
 """

@@ -1,10 +1,10 @@
 """The classifier-teacher producer: ``sample`` and ``views`` stores, any layout.
 
-``generate`` resolves and checks the teacher and data (:mod:`softlabels.teacher.job`);
-:class:`ClassifyProducer` then turns each span of samples into the layout's arrays, and
-:func:`softlabels.teacher.runner.run_job` writes them: into a format-2 store described by
-:func:`store_meta`, or into a format-1 store (``sample`` positions, dense or top-k: the same
-arrays under the same names) through the runner's v1 sink.
+:func:`classify_producer` resolves the data and the teacher of a ``generate`` job and checks
+the teacher on a first tiny batch (so a model that does not fit its inputs fails before any
+store exists) and describes the store (~1 MiB chunks unless ``--chunk-rows`` is given);
+:class:`ClassifyProducer` then turns each span of samples into the layout's arrays, which
+:func:`softlabels.teacher.runner.run_job` writes.
 
 Views: view ``v`` of sample ``i`` has parameters drawn from ``(seed, i, v)``
 (``softlabels.inputs.augment``), or read from another views store (``--views-from``); the batch
@@ -19,28 +19,36 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from softlabels.errors import DataError, SoftLabelsError
+from softlabels._runtime.distributed import Dist
+from softlabels.errors import ConfigError, DataError, ModelMismatch, SoftLabelsError
+from softlabels.inputs.arrays import class_count
+from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.augment import (
     Compose,
     draw_views,
     param_dtype,
     parse_augment,
+    refuse_random_data,
     view_shape,
 )
+from softlabels.inputs.spec import absolute_data_spec, resolve_data
 from softlabels.store import format as fmt
 from softlabels.store.layouts import Layout, make_layout, to_numpy
 from softlabels.store.positions import group_units_for
 from softlabels.store.positions.views import VIEW_PARAMS
 from softlabels.store.reader import UnitStore
 from softlabels.store.schema import StoreMetaV2
+from softlabels.teacher.config import GenerateConfig
+from softlabels.teacher.models import BUILTIN_MODELS
 from softlabels.teacher.pipeline import Teacher, make_loader
+from softlabels.teacher.spec import resolve_model, teacher_classes
 
-__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "ViewPlan", "adopted_geometry", "store_meta", "view_plan"]
+__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "ViewPlan", "classify_producer", "view_plan"]
 
 DEFAULT_VIEW_TOPK = 5
 """K of the default layout for views (top-k): docs/VIEWS.md, "Generating views"."""
@@ -108,41 +116,12 @@ def view_plan(*, views: int | None, augment: str | None, views_from: str | None,
         return ViewPlan(aug, count, int(m.views["seed"]), str(m.views.get("param_dtype", "float32")), params)
 
 
-def store_meta(*, layout: str, topk: int | None, samples: int | None, dtype: str, seed: int, num_samples: int,
-               num_classes: int, chunk_rows: int | None, shard_chunks: int | None, group_units: int | None,
-               views: ViewPlan | None, teacher: dict[str, Any], source: dict[str, Any],
-               settings: dict[str, Any]) -> StoreMetaV2:
-    """The v2 store of a classifier job: ~1 MiB chunks unless ``chunk_rows`` is given."""
-    params = {"topk": {"k": topk}, "sampled": {"samples": samples, "seed": seed}}.get(layout, {})
-    lay = make_layout(layout, num_classes=num_classes, logits_dtype=dtype, **params)
-    per_sample = lay.bytes_per_position * (views.count if views else 1)
-    chunk = chunk_rows or min(fmt.default_chunk_rows(per_sample, 1), max(1, num_samples))  # no padded chunk
-    shard = shard_chunks or 1
-    group = group_units or group_units_for(math.ceil(num_samples / (chunk * shard)))
-    return StoreMetaV2(positions="views" if views else "sample", layout=layout, num_samples=num_samples,
-                       num_classes=num_classes, logits_dtype=dtype, chunk_samples=chunk, shard_chunks=shard,
-                       group_units=group, layout_params=lay.params(),
-                       views=views.attrs() if views else None, teacher=teacher, source=source,
-                       created_by={"settings": settings})
-
-
-def adopted_geometry(out: Path) -> dict[str, int]:
-    """An existing v2 store's chunking, adopted by a rerun that does not give its own."""
-    try:
-        with UnitStore(out, allow_partial=True) as store:
-            m = store.meta
-            return {"chunk_rows": m.chunk_samples, "shard_chunks": m.shard_chunks, "group_units": m.group_units}
-    except SoftLabelsError:  # damaged or no v2 store: the runner says what is wrong
-        return {}
-
-
 class ClassifyProducer:
     """A classifier teacher over samples, or over V views of each sample (the C1 producer protocol)."""
 
     def __init__(self, *, ds: Any, teacher: Teacher, meta: StoreMetaV2, views: ViewPlan | None,
-                 num_workers: int, device: torch.device, noun: str = "samples") -> None:
+                 num_workers: int, device: torch.device) -> None:
         self.ds, self.teacher, self._meta, self.views = ds, teacher, meta, views
-        self.noun = noun  # what messages call a span's items ("rows" of a format-1 store)
         self.layout: Layout = meta.layout_obj()
         self.num_workers, self.device = num_workers, device
         self.input_shape = tuple(ds.input_shape)
@@ -174,7 +153,7 @@ class ClassifyProducer:
             raise DataError(f"rows {start}..{start + n} have label {top_label} but there are {c} classes; pass the "
                             "right --num-classes or fix the labels")
         ids = torch.arange(start, start + n, dtype=torch.int64)
-        where = f"{self.noun} {start}..{start + n}"
+        where = f"samples {start}..{start + n}"
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             if self.views is None:
@@ -193,3 +172,67 @@ class ClassifyProducer:
         out[fmt.LABELS] = y.numpy().astype(np.int64, copy=False)
         out[fmt.SAMPLE_IDS] = ids.numpy()
         return out
+
+
+def classify_producer(config: GenerateConfig, device: torch.device, dist: Dist, say: Callable[[str], None], *,
+                      geometry: dict[str, int]) -> ClassifyProducer:
+    """The producer of a classifier job: resolve its data and teacher (every rank) and run a first forward,
+    which fails here, before any store exists. ``geometry``: the chunking adopted from the store resumed."""
+    s = config
+    ds = resolve_data(s.data)
+    n = len(ds)
+    if n == 0:
+        raise DataError(f"--data {s.data!r} has no samples; nothing to generate")
+    refuse_random_data(ds, s.data)  # else its store fails the fingerprint check at train time
+    if s.allow_pickle and s.weights is None:
+        say("warning: --allow-pickle has no effect without --weights; drop it")
+    data_classes = class_count(ds)
+    shape = tuple(ds.input_shape)
+    c = s.num_classes or teacher_classes(s.teacher, input_shape=shape, data_classes=data_classes,
+                                         weights=s.weights, allow_pickle=s.allow_pickle)
+    if c is None and s.teacher in BUILTIN_MODELS:  # a random built-in on unlabeled data
+        raise ConfigError(f"cannot tell the number of classes of --data {s.data!r} (it has no labels) for "
+                          f"the untrained built-in teacher {s.teacher!r}; pass --weights (their output "
+                          "width gives it) or --num-classes")
+    if s.num_classes and data_classes and data_classes > s.num_classes:
+        raise ConfigError(f"--num-classes {s.num_classes} is less than the {data_classes} classes of "
+                          f"--data {s.data!r}; pass --num-classes {data_classes} or more")
+    with torch.random.fork_rng(devices=[]):  # any random init comes from --seed, and is recorded
+        torch.manual_seed(s.seed)
+        info = resolve_model(s.teacher, input_shape=shape, num_classes=c or 1,  # c None: not a built-in
+                             weights=s.weights, allow_pickle=s.allow_pickle)
+    module = info.module.to(device)
+    teacher = Teacher(module, s.teacher, device=device, amp=s.amp, num_classes=c)
+    x, _ = ds.get_batch(np.arange(min(2, n), dtype=np.int64))
+    width = teacher.forward(x, "inputs").shape[1]  # fails here, before any store exists, if it cannot run
+    if c is None:  # the teacher's output width is the class count
+        c = teacher.num_classes = width
+    if data_classes and data_classes > c:
+        raise ModelMismatch(f"--data {s.data!r} has labels up to {data_classes - 1} but teacher {s.teacher!r} "
+                            f"outputs {c} logits per sample; use a teacher for {data_classes} classes, "
+                            "or fix the labels")
+    if s.layout == "topk" and s.topk is not None and s.topk > c:  # None: views' default, min(5, C)
+        raise ConfigError(f"--topk {s.topk} is more than the {c} classes; pass --topk {c} or fewer")
+    param = next(iter(module.parameters()), None)
+    attrs = {**info.metadata(), "amp": s.amp, "device": device.type,
+             "init_seed": s.seed if info.weights_sha256 is None else None,
+             "param_dtype": str(param.dtype).removeprefix("torch.") if param is not None else None}
+    # the fingerprint reads the data: rank 0 alone records (and checks) it
+    source = {"spec": absolute_data_spec(s.data), "num_samples": n, "fingerprint": fingerprint(ds),
+              "input_shape": list(ds.input_shape)} if dist.is_main else {}
+    views = view_plan(views=s.views, augment=s.augment, views_from=s.views_from, seed=s.seed, num_samples=n,
+                      fingerprint=source.get("fingerprint"), input_shape=shape, data=s.data)
+    if s.views_from:
+        source["views_from"] = str(Path(s.views_from).resolve())
+    layout = make_layout(s.layout, num_classes=c, logits_dtype=s.dtype,
+                         **s.layout_params(min(DEFAULT_VIEW_TOPK, c)))  # views' default K: docs/VIEWS.md
+    per_sample = layout.bytes_per_position * (views.count if views else 1)  # ~1 MiB chunks, none padded:
+    chunk = s.chunk_rows or geometry.get("chunk_rows") or min(fmt.default_chunk_rows(per_sample, 1), n)
+    shard = s.shard_chunks or geometry.get("shard_chunks") or 1
+    meta = StoreMetaV2(positions="views" if views else "sample", layout=s.layout, num_samples=n, num_classes=c,
+                       logits_dtype=s.dtype, chunk_samples=chunk, shard_chunks=shard,
+                       group_units=geometry.get("group_units") or group_units_for(math.ceil(n / (chunk * shard))),
+                       layout_params=layout.params(), views=views.attrs() if views else None, teacher=attrs,
+                       source=source, created_by={"settings": {"batch_size": s.batch_size, "amp": s.amp,
+                                                               "seed": s.seed, "random_teacher": s.random_teacher}})
+    return ClassifyProducer(ds=ds, teacher=teacher, meta=meta, views=views, num_workers=s.num_workers, device=device)

@@ -14,11 +14,9 @@ from typing import Any
 
 from softlabels._runtime.options import threads_problem
 
-# Choices. LAYOUTS and LOGITS_DTYPES equal softlabels.store.format's, LOSS_NAMES softlabels.student.losses.LOSSES'
-# keys (tests/test_firstuse.py checks both): those modules need numpy and torch.
-LAYOUTS = ("dense", "topk")
-GENERATE_LAYOUTS = LAYOUTS + ("sampled",)  # sampled is written as format 2 (softlabels.store.layouts.LAYOUTS)
-FORMAT_VERSIONS = (1, 2)
+# Choices. LAYOUTS equals softlabels.store.layouts.LAYOUTS' keys and LOGITS_DTYPES softlabels.store.format's
+# (tests/test_firstuse.py checks both): those modules need numpy and torch.
+LAYOUTS = ("dense", "topk", "sampled")
 LOGITS_DTYPES = ("float32", "float16", "bfloat16")
 AMP_MODES = ("none", "bf16", "fp16")
 ON_NONFINITE = ("error", "record")
@@ -40,9 +38,8 @@ class GenerateConfig:
 
     ``num_classes`` left ``None`` is the teacher's output width; ``progress=None``
     shows a bar on a terminal and periodic one-line progress otherwise. ``layout=None``
-    is ``dense``, or ``topk`` with K = 5 for views (docs/VIEWS.md); ``format_version=None``
-    is 2 when the request needs it (views, the sampled layout) or the store being resumed
-    is version 2, else 1. ``samples=None`` with ``layout="sampled"`` is :data:`DEFAULT_SAMPLES`.
+    is ``dense``, or ``topk`` with K = 5 for views (docs/VIEWS.md). ``samples=None`` with
+    ``layout="sampled"`` is :data:`DEFAULT_SAMPLES`.
     """
 
     teacher: str
@@ -58,7 +55,6 @@ class GenerateConfig:
     views: int | None = None
     augment: str | None = None
     views_from: str | None = None
-    format_version: int | None = None
     dtype: str = "float32"
     batch_size: int = 256
     num_workers: int = 0
@@ -82,9 +78,6 @@ class GenerateConfig:
             object.__setattr__(self, "samples", DEFAULT_SAMPLES)
 
     def problems(self) -> list[str]:
-        from softlabels._runtime.paths import (
-            out_overlaps,  # the library's, at call time: --help stays light
-        )
         from softlabels.inputs.spec import data_spec_path
         from softlabels.teacher.models import BUILTIN_MODELS
         from softlabels.teacher.spec import is_model_file
@@ -96,15 +89,15 @@ class GenerateConfig:
                      "--random-teacher for a random teacher seeded by --seed (for tests)")
         if self.random_teacher and self.weights is not None:
             p.append("--random-teacher and --weights exclude each other; pick one")
-        if self.layout not in GENERATE_LAYOUTS:
-            p.append(f"--layout must be one of {', '.join(GENERATE_LAYOUTS)}, got {self.layout!r}")
+        if self.layout not in LAYOUTS:
+            p.append(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.layout == "topk" and (self.topk < 1 if self.topk is not None else not self.viewed):
             p.append("--layout topk needs --topk K with K >= 1")  # views default to K = min(5, C)
         if self.layout == "dense" and self.topk is not None:
             p.append("--topk is only for --layout topk")
         if self.compress and self.layout == "dense":
             p.append("--compress is for the top-k and sampled layouts (dense logits compress ~1.1x); drop --compress")
-        p += self._format2_problems()
+        p += self._views_problems()
         if self.dtype not in LOGITS_DTYPES:
             p.append(f"--dtype must be one of {', '.join(LOGITS_DTYPES)}, got {self.dtype!r}")
         if self.amp not in AMP_MODES:
@@ -118,21 +111,17 @@ class GenerateConfig:
         if self.num_workers < 0:
             p.append(f"--num-workers must be >= 0, got {self.num_workers}")
         p += threads_problem(self.threads)
-        if self.out.suffix.lower() not in (".h5", ".hdf5", ".zarr"):
-            p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
-        elif self.shard_chunks is not None and self.out.suffix.lower() != ".zarr":
+        p += out_problems(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
+                                     ("--teacher", self.teacher if is_model_file(self.teacher) else None),
+                                     ("--views-from", self.views_from)])
+        if self.shard_chunks is not None and self.out.suffix.lower() in (".h5", ".hdf5"):
             p.append("--shard-chunks needs a Zarr store (*.zarr)")
-        clash = out_overlaps(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
-                                        ("--teacher", self.teacher if is_model_file(self.teacher) else None),
-                                        ("--views-from", self.views_from)])
-        if clash:
-            p.append(clash)
         if self.repair and self.overwrite:
             p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")
         return p
 
-    def _format2_problems(self) -> list[str]:
-        """The format-2 options (views, the sampled layout, --format) and how they fit together."""
+    def _views_problems(self) -> list[str]:
+        """The options of views and of the sampled layout, and how they fit together."""
         p = []
         if self.views is not None and not 1 <= self.views <= MAX_VIEWS:
             p.append(f"--views must lie in 1..{MAX_VIEWS}, got {self.views}")
@@ -145,28 +134,17 @@ class GenerateConfig:
             p.append(f"--samples must be >= 1 (draws per output; default {DEFAULT_SAMPLES}), got {self.samples}")
         if self.samples is not None and self.layout != "sampled":
             p.append("--samples is only for --layout sampled")
-        if self.format_version not in (None, *FORMAT_VERSIONS):
-            p.append(f"--format must be 1 or 2, got {self.format_version!r}")
-        if self.format_version == 1 and (self.views is not None or self.views_from is not None
-                                         or self.layout == "sampled"):
-            p.append("format 1 holds one dense or top-k output per sample; drop --format 1 for views or the "
-                     "sampled layout (they are written as format 2)")
         return p
 
     @property
     def viewed(self) -> bool:
         return self.views is not None or self.views_from is not None
 
-    @property
-    def needs_format2(self) -> bool:
-        return self.viewed or self.layout == "sampled"
-
-    def recorded(self, chunk_rows: int) -> dict[str, Any]:
-        """The settings kept in ``created_by.settings`` (nothing that differs between ranks or runs)."""
-        return {"batch_size": self.batch_size, "layout": self.layout, "topk": self.topk,
-                "logits_dtype": self.dtype, "chunk_rows": chunk_rows, "shard_chunks": self.shard_chunks,
-                "amp": self.amp, "num_workers": self.num_workers, "on_nonfinite": self.on_nonfinite,
-                "seed": self.seed, "random_teacher": self.random_teacher}
+    def layout_params(self, default_k: int | None = None) -> dict[str, Any]:
+        """``make_layout``'s parameters for ``--layout``: K (``default_k`` when ``--topk`` is not given), or
+        S and the draws' seed."""
+        return {"topk": {"k": self.topk or default_k},
+                "sampled": {"samples": self.samples, "seed": self.seed}}.get(self.layout or "dense", {})
 
 
 # -- ensembles (softlabels.store.ensemble; docs/ENSEMBLES.md) ------------------------------------------
@@ -198,15 +176,31 @@ class MergeConfig:
         p = ensemble_problems(self.stores, self.mode, self.weights, "--store")
         if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
             p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
-        from softlabels._runtime.paths import (
-            out_overlaps,  # at call time: --help stays light
-        )
-
         out = Path(self.out).resolve()
         if any(Path(s).resolve() == out for s in self.stores):
             p.append(f"--out {self.out!r} is also a --store; write the merged store to a new path")
-        elif clash := out_overlaps(self.out, [("--store", str(s)) for s in self.stores]):
-            p.append(clash)
-        if Path(self.out).suffix.lower() not in (".h5", ".hdf5", ".zarr"):
-            p.append(f"--out must end in .h5, .hdf5 or .zarr, got {str(self.out)!r}")
-        return p
+            return p + out_problems(self.out, [])
+        return p + out_problems(self.out, [("--store", str(s)) for s in self.stores])
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpgradeConfig:
+    """Every option of ``softlabels upgrade``: a format-1 ``store`` and the format-2 store ``out`` to write."""
+
+    store: str
+    out: str
+    overwrite: bool = False
+
+    def problems(self) -> list[str]:
+        return out_problems(self.out, [("STORE", self.store)])
+
+
+def out_problems(out: str | Path, inputs: list[tuple[str, str | None]]) -> list[str]:
+    """A store ``--out``: its suffix names a backend, and it is not, holds or lies inside an input."""
+    from softlabels._runtime.paths import (
+        out_overlaps,  # the library's, at call time: --help stays light
+    )
+
+    p = [] if Path(out).suffix.lower() in (".h5", ".hdf5", ".zarr") else \
+        [f"--out must end in .h5, .hdf5 or .zarr, got {str(out)!r}"]
+    return p + [clash] if (clash := out_overlaps(out, inputs)) else p

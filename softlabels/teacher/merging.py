@@ -1,93 +1,79 @@
-"""``softlabels merge``: an ensemble's combined targets written as one format-v2 store.
+"""Stores written from stores: ``merge`` (an ensemble's combined targets) and ``upgrade`` (format 1 to 2).
 
-:class:`MergeProducer` is a producer (:mod:`softlabels.teacher.producer`): the combined units
-come from an :class:`~softlabels.store.ensemble.EnsembleStore`, so a merged store holds byte for
-byte what the ensemble yields on the fly. :func:`merge` runs it on the shared job runner
-(lock, resume of an interrupted merge, checksums, status last). Every input is opened and
-checked before the output is created, so a refused merge writes nothing.
+Both run a :class:`~softlabels.teacher.producer.StoreProducer` on the shared job runner (lock,
+resume of an interrupted job, checksums, status complete last), so an interrupted merge or
+upgrade resumes when rerun. A merged store holds byte for byte what the
+:class:`~softlabels.store.ensemble.EnsembleStore` yields on the fly; an upgraded store holds
+the format-1 store's values, labels and sample ids bit for bit, its top-k ids in format 2's
+id dtype. Every input is opened and checked before the output is created, so a refused
+job writes nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
-
-import numpy as np
+from typing import Callable
 
 from softlabels._version import __version__
-from softlabels.errors import ConfigError
+from softlabels.errors import ConfigError, IncompleteStore, UnsupportedFormat
 from softlabels.store import format as fmt
 from softlabels.store.defaults import DEFAULT_TEMPERATURE
 from softlabels.store.ensemble import EnsembleStore
-from softlabels.store.positions.tokens import LENGTHS, OFFSETS
-from softlabels.store.schema import StoreMetaV2
-from softlabels.teacher.config import MergeConfig
-from softlabels.teacher.runner import run_job
+from softlabels.store.positions import group_units_for
+from softlabels.store.reader import open_store
+from softlabels.teacher.config import MergeConfig, UpgradeConfig
+from softlabels.teacher.producer import StoreProducer
+from softlabels.teacher.runner import GenerateResult, run_job
 
-__all__ = ["MergeProducer", "merge"]
-
-
-class MergeProducer:
-    """Writes an ensemble's combined units (the ensemble is read, never changed)."""
-
-    def __init__(self, ensemble: EnsembleStore) -> None:
-        self.ensemble = ensemble
-
-    def meta(self) -> StoreMetaV2:
-        return replace(self.ensemble.meta, status=fmt.STATUS_WRITING,
-                       created_by={"command": "merge", "version": __version__})
-
-    def lengths(self) -> np.ndarray | None:
-        return self.ensemble.positions.lengths if self.ensemble.meta.positions == "tokens" else None
-
-    def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """One piece per unit a span touches, cut to the span (positions by the unit's offsets)."""
-        geometry = self.ensemble.meta.geometry
-        for lo, hi in spans:
-            for unit in range(lo // geometry.unit_samples, (hi - 1) // geometry.unit_samples + 1 if hi > lo else 0):
-                s0, s1 = geometry.unit_samples_range(unit)
-                a, b = max(lo, s0), min(hi, s1)
-                block = self.ensemble.read_unit(unit)
-                offsets, lengths = block.pop(OFFSETS, None), block.pop(LENGTHS, None)
-                if (a, b) != (s0, s1):
-                    block = _cut(self.ensemble, block, a - s0, b - s0, offsets, lengths)
-                yield a, block
-
-
-def _cut(ensemble: EnsembleStore, block: dict[str, np.ndarray], i: int, j: int,
-         offsets: np.ndarray | None, lengths: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Samples [i, j) of a unit's block (relative to the unit)."""
-    p0, p1 = i, j
-    if offsets is not None:  # tokens: the samples' positions are contiguous within a unit
-        p0, p1 = int(offsets[i]), int(offsets[j - 1] + lengths[j - 1]) if j > i else int(offsets[i])
-    family = {k: a.family for k, a in ensemble.meta.arrays().items()}
-    return {k: v[p0:p1] if family[k] == "position" else v[i:j] for k, v in block.items()}
+__all__ = ["merge", "upgrade"]
 
 
 def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path:
     """Combine ``config.stores`` into the store ``config.out``; return its path."""
     if problems := config.problems():
         raise ConfigError(problems)
-    with EnsembleStore(config.stores, mode=config.mode, weights=config.weights,
-                       temperature=_temperature(config)) as ensemble:
-        producer = MergeProducer(ensemble)
-        n = ensemble.meta.num_samples
-        # the shared runner: lock, resume of an interrupted merge, checksums, status complete last
-        run_job(producer, config.out, batch_size=ensemble.meta.geometry.unit_samples, overwrite=config.overwrite)
+    t = config.temperature
+    if t is None:  # the training default; sampled draws are at T = 1
+        with open_store(config.stores[0], allow_partial=True) as first:
+            t = 1.0 if first.meta.layout == "sampled" else DEFAULT_TEMPERATURE
+    with EnsembleStore(config.stores, mode=config.mode, weights=config.weights, temperature=t) as ensemble:
+        meta = replace(ensemble.meta, status=fmt.STATUS_WRITING,
+                       created_by={"command": "merge", "version": __version__})
+        run_job(StoreProducer(ensemble, meta), config.out, batch_size=ensemble.meta.geometry.unit_samples,
+                overwrite=config.overwrite)
         if log:
             log(f"merged {len(config.stores)} stores ({config.mode}, T = {ensemble.how.temperature}) -> "
-                f"{config.out}: {ensemble.meta.positions} x {ensemble.meta.layout}, {n} samples")
+                f"{config.out}: {ensemble.meta.positions} x {ensemble.meta.layout}, {meta.num_samples} samples")
     return Path(config.out)
 
 
-def _temperature(config: MergeConfig) -> float:
-    if config.temperature is not None:
-        return config.temperature
-    from softlabels.store.ensemble import open_units
+def upgrade(config: UpgradeConfig) -> GenerateResult:
+    """Write the complete format-1 store ``config.store`` as the format-2 store ``config.out``.
 
-    first = open_units(config.stores[0], allow_partial=True)
-    try:
-        return 1.0 if first.meta.layout == "sampled" else DEFAULT_TEMPERATURE
-    finally:
-        first.close()
+    Its chunking is adopted (chunks, and in Zarr its shards: a write unit per shard), and its teacher,
+    source and created_by are kept, with ``created_by.upgraded_from`` naming the original (the
+    original's softlabels version and timings move there). Non-finite values are copied as they are and listed in
+    ``created_by.nonfinite_sample_ids``.
+    """
+    if problems := config.problems():
+        raise ConfigError(problems)
+    with open_store(config.store, allow_partial=True) as old:  # names any damage of the attributes or arrays
+        if old.format_version != 1:
+            raise UnsupportedFormat(f"{config.store} is already format {old.format_version}; nothing to upgrade "
+                                    "(use it as it is)")
+        m, created = old.meta, dict(old.meta.created_by)
+        if not m.complete:
+            raise IncompleteStore(f"{config.store} is incomplete (status {m.status!r}, {len(old.missing_units())} "
+                                  f"of {m.num_units} chunks missing); upgrade converts complete stores: finish it "
+                                  "with the softlabels release that wrote it, or regenerate it with 'softlabels "
+                                  "generate'")
+        created["upgraded_from"] = {"store": str(Path(config.store).resolve()), "format_version": 1,
+                                    "checksum": m.checksum, "softlabels": created.pop("softlabels", None),
+                                    "timings": created.pop("timings", None)}
+        shard = m.shard_chunks if Path(config.out).suffix.lower() == ".zarr" else 1  # HDF5 has no shards
+        units = -(-m.num_samples // (m.chunk_samples * shard))
+        meta = replace(m, shard_chunks=shard, group_units=group_units_for(units),
+                       checksum=fmt.NEW_STORE_CHECKSUM, status=fmt.STATUS_WRITING, created_by=created)
+        return run_job(StoreProducer(old, meta), config.out, batch_size=m.geometry.unit_samples,
+                       overwrite=config.overwrite, on_nonfinite="record")

@@ -1,7 +1,7 @@
 """The teacher job's moving parts: input loader, teacher step, background writer.
 
 The job runner (:mod:`softlabels.teacher.runner`) plans the batches and drives them; the
-producers (:mod:`softlabels.teacher.classify`) run the teacher through :class:`Teacher`.
+classifier producer (:mod:`softlabels.teacher.classify`) runs the teacher through :class:`Teacher`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softlabels.errors import ConfigError, ModelMismatch
+from softlabels.errors import ConfigError, ModelMismatch, NonFiniteOutputs
 from softlabels.inputs.loader import batch_loader
+from softlabels.store import format as fmt
+from softlabels.store.layouts import finite_rows
 
-__all__ = ["BackgroundWriter", "Teacher", "make_loader"]
+__all__ = ["BackgroundWriter", "Teacher", "make_loader", "sample_of_rows"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,29 +87,23 @@ class Teacher:
 
 
 class BackgroundWriter:
-    """Writes items to a store's writer on a thread, behind a bounded buffer.
+    """Writes the job runner's ``(start, arrays)`` pieces to a ``UnitWriter`` on a thread, behind a bounded
+    buffer, and checks them for non-finite values there (``position_keys``: the arrays to check; ``cum``,
+    tokens only: the first position of every sample, and N + 1 the total).
 
-    Subclasses say how by overriding :meth:`_write` (the job runner's ``(start, arrays)``
-    pieces into a ``StoreWriter`` or a ``UnitWriter``).
-
-    The teacher waits only when ``depth`` items are pending. The thread writes in
-    bursts of ``burst`` items (or whatever is pending after ``linger`` seconds):
-    when the teacher keeps every CPU core busy, each wake-up of the writer (and of
-    the storage library's own threads) stalls a parallel op of the teacher, so few
-    long bursts cost less than many short ones. Each burst is one
-    ``StoreWriter.burst``: one flush of its data, then one of its flags. An error in the thread is raised
-    in the caller at its next :meth:`put` or at :meth:`close`; after an error the
-    thread keeps draining without writing, so the caller never blocks.
-    ``writer`` may be a function that creates the store: it then runs on the thread,
-    while the teacher computes its first batches (creating a store writes metadata
-    and, in HDF5, pre-allocates every chunk).
+    The teacher waits only when ``depth`` items are pending. The thread writes in bursts of
+    ``burst`` items (or whatever is pending after ``linger`` seconds), each one
+    ``UnitWriter.burst``: one flush of its data, then one of its flags. When the teacher keeps
+    every CPU core busy, each wake-up of the writer (and of the storage library's own threads)
+    stalls a parallel op of the teacher, so few long bursts cost less than many short ones.
+    An error in the thread is raised in the caller at its next :meth:`put` or at
+    :meth:`close`; after an error the thread keeps draining without writing, so the caller
+    never blocks.
     """
 
-    def __init__(self, writer: Any, *, on_nonfinite: str,
+    def __init__(self, writer: Any, position_keys: list[str], cum: np.ndarray | None, *, on_nonfinite: str,
                  depth: int = 8, burst: int | None = None, linger: float = 0.25) -> None:
-        opened = hasattr(writer, "write")  # a writer (v1 StoreWriter, v2 UnitWriter), else what creates one
-        self._open = None if opened else writer
-        self.writer: Any = writer if opened else None
+        self.writer, self.position_keys, self.cum = writer, position_keys, cum
         self.on_nonfinite = on_nonfinite
         self._depth, self._burst, self._linger = depth, burst or max(1, depth // 2), linger
         self._pending: list[Any] = []
@@ -115,7 +111,7 @@ class BackgroundWriter:
         self._cv = threading.Condition()
         self._error: BaseException | None = None
         self._kill_after = int(os.environ.get("SOFTLABELS_TEST_KILL_AFTER_UNITS", "0"))  # test hook
-        self._missing0 = 0
+        self._missing0 = len(writer.missing_units()) if self._kill_after else 0
         self._thread = threading.Thread(target=self._run, name="softlabels-writer", daemon=True)
         self._thread.start()
 
@@ -141,13 +137,6 @@ class BackgroundWriter:
         self.check()
 
     def _run(self) -> None:
-        try:
-            if self.writer is None:
-                self.writer = self._open()
-            if self._kill_after:
-                self._missing0 = len(self.writer.missing_units())
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread
-            self._error = err
         while True:
             with self._cv:
                 deadline = None
@@ -170,7 +159,7 @@ class BackgroundWriter:
                 if self._error is not None:
                     break
                 try:
-                    with getattr(self.writer, "burst", nullcontext)():  # v2's UnitWriter commits unit by unit
+                    with self.writer.burst():
                         for block in group:
                             self._write(block)
                 except BaseException as err:  # noqa: BLE001 - handed to the main thread
@@ -179,9 +168,24 @@ class BackgroundWriter:
                 if self._kill_after and self._missing0 - len(self.writer.missing_units()) >= self._kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a killed job, right after a unit
 
-    def _write(self, item: Any) -> None:
-        """Write one item on the thread (the job runner's ``(start, arrays)`` pieces)."""
-        raise NotImplementedError
+    def _write(self, item: tuple[int, dict[str, Any]]) -> None:
+        a, piece = item
+        bad = np.flatnonzero(~finite_rows({k: piece[k] for k in self.position_keys}))
+        if len(bad) and self.on_nonfinite == "error":  # "record": written, listed at the end
+            lengths = None if self.cum is None else np.diff(self.cum[a:a + len(piece[fmt.SAMPLE_IDS]) + 1])
+            ids = np.unique(sample_of_rows(piece[fmt.SAMPLE_IDS], bad, lengths))
+            raise NonFiniteOutputs(
+                f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
+                f"ids {fmt.chunk_list(ids, 5)}; nothing was marked complete; fix the teacher or its inputs, or "
+                "pass --on-nonfinite record to store them as they are")
+        self.writer.write(a, **piece)
+
+
+def sample_of_rows(ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    """Sample ids of per-position rows (rows are samples, except for ragged tokens: ``lengths`` maps them)."""
+    if lengths is not None:
+        return ids[np.searchsorted(np.cumsum(lengths), rows, side="right")]
+    return ids[rows]
 
 
 def unit_delay_hook() -> None:

@@ -1,25 +1,27 @@
-"""The producer protocol: what the job runner (:mod:`softlabels.teacher.runner`) drives.
+"""The producer protocol, and the producer that copies a store: what the job runner drives.
 
 A *producer* knows what to compute (a classifier teacher over images or their views, a
-token teacher over sequences, an ensemble of stores); the runner knows how to write it
-safely (lock, create or resume, plan, rank split, background writer, non-finite policy,
-repair, finish). ``generate`` and ``merge`` are producers; the runner is one for all.
+token teacher over sequences, the units of another store); the runner
+(:mod:`softlabels.teacher.runner`) knows how to write it safely (lock, create or resume, plan,
+rank split, background writer, non-finite policy, repair, finish). ``generate``, ``merge``
+and ``upgrade`` are producers; the runner is one for all.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from softlabels.store.positions.tokens import LENGTHS, OFFSETS
 from softlabels.store.schema import StoreMetaV2
 
-__all__ = ["Producer"]
+__all__ = ["Producer", "StoreProducer"]
 
 
 @runtime_checkable
 class Producer(Protocol):
-    """What a producer provides (docs/FORMAT.md, "Version 2")."""
+    """What a producer provides (docs/FORMAT.md)."""
 
     def meta(self) -> StoreMetaV2:
         """The store to write (status 'writing'), with teacher/source fingerprints; compared on resume."""
@@ -36,3 +38,37 @@ class Producer(Protocol):
 
         The runner calls this *before* it starts its writer thread, so a producer may fork its
         input workers here (a fork while another thread holds a library lock can deadlock)."""
+
+
+class StoreProducer:
+    """The units of a store read through the unit API (an ensemble, a format-1 store), written as ``meta``.
+
+    The source is read, never changed; ``meta`` must describe the same samples and positions.
+    """
+
+    def __init__(self, source: Any, meta: StoreMetaV2) -> None:
+        self.source, self._meta = source, meta
+
+    def meta(self) -> StoreMetaV2:
+        return self._meta
+
+    def lengths(self) -> np.ndarray | None:
+        return self.source.positions.lengths if self._meta.positions == "tokens" else None
+
+    def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """One piece per source unit a span touches, cut to the span (positions by the unit's offsets)."""
+        geometry = self.source.meta.geometry
+        family = {k: a.family for k, a in self._meta.arrays().items()}
+        for lo, hi in spans:
+            for unit in range(lo // geometry.unit_samples, (hi - 1) // geometry.unit_samples + 1 if hi > lo else 0):
+                s0, s1 = geometry.unit_samples_range(unit)
+                a, b = max(lo, s0), min(hi, s1)
+                block = self.source.read_unit(unit)
+                offsets, lengths = block.pop(OFFSETS, None), block.pop(LENGTHS, None)
+                if (a, b) != (s0, s1):  # samples [i, j) of the unit; tokens: their positions are contiguous
+                    i, j = a - s0, b - s0
+                    p0, p1 = i, j
+                    if offsets is not None:
+                        p0, p1 = int(offsets[i]), int(offsets[j - 1] + lengths[j - 1]) if j > i else int(offsets[i])
+                    block = {k: v[p0:p1] if family[k] == "position" else v[i:j] for k, v in block.items()}
+                yield a, block

@@ -1,15 +1,14 @@
 """The job runner: writes a store from any :class:`~softlabels.teacher.producer.Producer`.
 
-``run_job(producer, out, batch_size=B)`` takes the store's lock (``STORE.lock``), opens its
-*sink* (:mod:`softlabels.teacher.sinks`: a format-2 store from the producer's ``meta()`` by
-default, or the v1 store of a classifier job), which creates the store or checks and
-resumes it (a store made with other settings is refused on one line), plans the missing
-units, computes them and marks the store complete last, only when every unit is flagged.
-``repair=True`` verifies every finished unit's checksum first and regenerates the ones that
-fail.
+``run_job(producer, out, batch_size=B)`` takes the store's lock (``STORE.lock``), creates the
+store the producer's ``meta()`` describes, or checks and resumes it
+(:mod:`softlabels.teacher.sinks`; a store made with other settings is refused on one line),
+plans the missing units, computes them and marks the store complete last, only when every
+unit is flagged. ``repair=True`` verifies every finished unit first and regenerates the ones
+that fail.
 
 Batches lie on one global grid: batch ``b`` is samples ``[b·B, (b+1)·B)``, whatever the
-chunk size (a batch may span several units; both writers buffer partial units), so the
+chunk size (a batch may span several units; the writer buffers partial units), so the
 teacher's batch size never depends on the chunk size. A sample is always computed in the
 same batch, with the same neighbours, whichever units are missing and whichever rank
 computes it: a resumed or multi-rank store equals a one-shot one bit for bit. A batch
@@ -20,9 +19,9 @@ Under ``torchrun`` rank 0 alone takes the lock and opens the store; errors are a
 collectively, so one rank's failure stops every rank with the same one-line error; rank 0
 finishes the store after every rank is done. Two ways to split the work:
 
-* Zarr: every rank writes its own units (format 2: its bookkeeping groups,
-  ``UnitGeometry.groups_of_rank``; format 1: a contiguous run of the missing units), so no
-  two writers share a chunk, shard or flag file. Rank 0 creates the store first.
+* Zarr: every rank writes the units of its own bookkeeping groups
+  (``UnitGeometry.groups_of_rank``), so no two writers share a chunk, shard or flag file.
+  Rank 0 creates the store first.
 * HDF5 takes one writer (without MPI-IO): the grid's batches are dealt to the ranks in
   contiguous runs, and the job runs in rounds: in round r every rank computes its r-th
   batch, sends the wanted samples to rank 0 (``gather_object``), and rank 0's writer
@@ -44,28 +43,24 @@ from softlabels._runtime import distributed as _distributed
 from softlabels._runtime import signals as _signals
 from softlabels._runtime.distributed import Dist
 from softlabels._runtime.progress import progress_bar
-from softlabels.errors import NonFiniteOutputs
+from softlabels._version import __version__
 from softlabels.store import format as fmt
 from softlabels.store.backend import backend_kind
-from softlabels.store.layouts import finite_rows
 from softlabels.store.lock import StoreLock
 from softlabels.store.schema import StoreMetaV2
 from softlabels.teacher.pipeline import BackgroundWriter, unit_delay_hook
 from softlabels.teacher.producer import Producer
-from softlabels.teacher.sinks import (
-    Sink,
-    V2Sink,
-    sample_of_rows,
-    scan_nonfinite,
-    store_format,
-)
+from softlabels.teacher.sinks import Sink
 
-__all__ = ["JobResult", "run_job", "scan_nonfinite", "store_format"]
+__all__ = ["GenerateResult", "run_job"]
 
 
 @dataclass(frozen=True)
-class JobResult:
-    """What a :func:`run_job` call did (timings are for this call only)."""
+class GenerateResult:
+    """What a job did (timings are for this call only): ``generate``'s, ``merge``'s and ``upgrade``'s result.
+
+    ``tokens_generated`` (token stores only, else None) counts the tokens of the units written.
+    """
 
     path: Path
     num_samples: int
@@ -74,23 +69,28 @@ class JobResult:
     already_complete: bool = False
     repaired_units: tuple[int, ...] = ()
     nonfinite_sample_ids: tuple[int, ...] = ()
-    is_main: bool = True
+    is_main: bool = True  # False on ranks other than 0 (they print nothing)
+    tokens_generated: int | None = None
 
     @property
     def samples_per_second(self) -> float:
         return self.samples_generated / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.tokens_generated or 0) / self.seconds if self.seconds > 0 else 0.0
+
 
 def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: bool = False, repair: bool = False,
             on_nonfinite: str = "error", dist: Dist | None = None, say: Callable[[str], None] | None = None,
-            progress: bool | None = False, sink: Sink | None = None, compress: bool = False) -> JobResult:
+            progress: bool | None = False, compress: bool = False) -> GenerateResult:
     """Write (or resume, or repair) the store ``out`` from ``producer``; see the module docstring.
 
     ``batch_size`` is samples per ``producer.batches`` span (the global grid). ``on_nonfinite``:
     ``"error"`` stops before a unit holding NaN/inf is flagged; ``"record"`` stores it and lists
-    the sample ids in ``created_by.nonfinite_sample_ids``. ``say`` gets status lines on rank 0.
-    ``sink``: where to write (default: the format-2 store of ``producer.meta()``, its sparse
-    per-position arrays compressed when ``compress``; a given sink decides that itself).
+    the sample ids in ``created_by.nonfinite_sample_ids``. ``say`` gets status lines on rank 0;
+    ``progress`` counts samples, or tokens for a token store. ``compress``: the sparse layouts'
+    per-position arrays compressed.
     """
     dist = dist or Dist()
     say = say if say is not None and dist.is_main else (lambda _line: None)
@@ -98,7 +98,7 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta, lengths = producer.meta(), producer.lengths()
     cum = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    sink = sink or V2Sink(path, meta, lengths, compress=compress)
+    sink = Sink(path, meta, lengths, compress=compress)
     gather = dist.active and backend_kind(path) != "zarr"  # one writer: rank 0 writes what the ranks send
     lock, writer, plan, exc = None, None, None, None
     try:
@@ -106,10 +106,8 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
             try:
                 lock = StoreLock(path)
                 lock.acquire()  # before touching (or overwriting) anything
-                # Every rank that writes its own units opens the store, so it must exist before they
-                # start; otherwise rank 0 alone writes, and a new store may be made on its writer thread.
-                opened = sink.open(overwrite=overwrite, repair=repair, say=say, defer=gather or not dist.active,
-                                   world=dist.world)
+                # Every rank that writes its own units opens the store, so rank 0 makes it before they start.
+                opened = sink.open(overwrite=overwrite, repair=repair, say=say, world=dist.world)
                 writer = opened.writer
                 plan = {"bounds": opened.bounds, "owners": opened.owners, "repaired": opened.repaired,
                         "complete": opened.complete}
@@ -118,15 +116,17 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
         dist.agree(exc)
         plan = dist.broadcast(plan)
         if plan["complete"]:
-            return JobResult(path, meta.num_samples, 0, time.perf_counter() - t0, already_complete=True,
-                             repaired_units=tuple(plan["repaired"]), is_main=dist.is_main)
+            return GenerateResult(path, meta.num_samples, 0, time.perf_counter() - t0, already_complete=True,
+                                  repaired_units=tuple(plan["repaired"]), is_main=dist.is_main)
         bounds = plan["bounds"]
         ranges = sample_ranges(range(len(bounds)), bounds.__getitem__)
         total = sum(b - a for a, b in ranges)
+        tokens = None if cum is None else int(sum(cum[b] - cum[a] for a, b in ranges))
         show = progress if dist.is_main else False
-        exc, job = None, None
+        exc = None
         try:
-            with progress_bar(total=total, desc="generate", unit="samples", show=show,
+            with progress_bar(total=total if cum is None else tokens, desc="generate",
+                              unit="samples" if cum is None else "tokens", show=show,
                               say=say if show is not False else (lambda _line: None), unit_scale=True) as bar:
                 job = _Compute(producer, meta, cum, batch_size, on_nonfinite, bar, dist)
                 if gather:
@@ -135,29 +135,28 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
                     mine = [i for i, r in enumerate(plan["owners"]) if r == dist.rank]
                     wanted = sample_ranges(mine, bounds.__getitem__)
                     if wanted:
-                        job.local(writer if writer is not None else sink.resume(), wanted)
+                        writer = writer if writer is not None else sink.resume()
+                        job.local(writer, wanted)
         except Exception as err:  # noqa: BLE001
             exc = err
-        if job is not None and job.writer is not None:  # opened (or created) while computing
-            writer = job.writer
         dist.agree(exc)  # also the barrier: every rank's units are flagged before rank 0 finishes
         ids, exc = [], None
         if dist.is_main:
             try:
                 wall = time.perf_counter() - t0
-                created: dict[str, Any] = {"timings": {
+                created: dict[str, Any] = {"softlabels": __version__, "timings": {
                     "wall_seconds": round(wall, 3), "samples_per_second": round(total / wall, 1) if wall > 0 else None,
-                    sink.count_key: total, "ranks": dist.world, "started_at": started,
+                    "samples_generated": total, "ranks": dist.world, "started_at": started,
                     "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
-                ids, writer = sink.finish(writer, created, record=on_nonfinite == "record", say=say)
+                ids = sink.finish(writer, created, record=on_nonfinite == "record", say=say)
             except Exception as err:  # noqa: BLE001
                 exc = err
         dist.agree(exc)
-        return JobResult(path, meta.num_samples, total, time.perf_counter() - t0,
-                         repaired_units=tuple(plan["repaired"]), nonfinite_sample_ids=tuple(ids),
-                         is_main=dist.is_main)
+        return GenerateResult(path, meta.num_samples, total, time.perf_counter() - t0,
+                              repaired_units=tuple(plan["repaired"]), nonfinite_sample_ids=tuple(ids),
+                              is_main=dist.is_main, tokens_generated=tokens)
     finally:
-        if hasattr(writer, "close"):  # a writer; not a function that was to create the store
+        if writer is not None:
             writer.close()
         if lock is not None:
             lock.release()
@@ -196,50 +195,47 @@ class _Compute:
         self.position_keys = [k for k, a in meta.arrays().items() if a.family == "position"]
         bytes_per_sample = meta.layout_obj().bytes_per_position * int((meta.views or {}).get("count", 1)) + 16
         self.depth = int(min(1024, max(8, (64 << 20) // (batch_size * bytes_per_sample))))  # ~64 MiB may wait
-        self.writer: Any = None  # the writer once opened (rank 0 may have been given what creates it)
 
-    def _writer(self, target: Any, wanted: list[tuple[int, int]], depth: int) -> _PieceWriter:
-        return _PieceWriter(target, wanted, self.position_keys, self.cum, on_nonfinite=self.on_nonfinite,
-                            depth=depth)
+    def _writer(self, target: Any, depth: int) -> BackgroundWriter:
+        return BackgroundWriter(target, self.position_keys, self.cum, on_nonfinite=self.on_nonfinite, depth=depth)
 
     def _pieces(self, spans: list[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         # called before any writer thread starts: the producer may fork its input workers here
         return self._track(self.producer.batches(spans))
 
-    def _track(self, pieces: Iterator[tuple[int, dict[str, np.ndarray]]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def _track(self, pieces: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         for start, arrays in pieces:
             _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             yield start, arrays
             n = len(arrays[fmt.SAMPLE_IDS])
-            self.bar.update(min(n * self.dist.world, self.bar.total - self.bar.n))  # ranks progress alike
+            done = n if self.cum is None else int(self.cum[start + n] - self.cum[start])
+            self.bar.update(min(done * self.dist.world, self.bar.total - self.bar.n))  # ranks progress alike
             unit_delay_hook()
 
-    def local(self, target: Any, wanted: list[tuple[int, int]]) -> Any:
-        """Compute and write this rank's own units (``wanted`` samples); returns the writer."""
-        self.writer = target
+    def local(self, writer: Any, wanted: list[tuple[int, int]]) -> None:
+        """Compute and write this rank's own units (``wanted`` samples)."""
         it = self._pieces(grid_spans(wanted, self.batch_size, self.meta.num_samples))
-        bw = self._writer(target, wanted, self.depth)
+        bw = self._writer(writer, self.depth)
         try:
-            for piece in it:
-                bw.put(piece)
+            for start, arrays in it:  # a batch may straddle a unit that is written already: its wanted part
+                for piece in select(start, arrays, wanted, self.position_keys, self.cum):
+                    bw.put(piece)
         finally:
             try:
                 bw.close()
             except Exception:  # noqa: BLE001 - the error already being raised wins
                 pass
-            self.writer = bw.writer if bw.writer is not None else target
         bw.check()  # else the writer thread's error, if any
-        return self.writer
 
-    def gathered(self, target: Any, ranges: list[tuple[int, int]]) -> Any:
+    def gathered(self, writer: Any, ranges: list[tuple[int, int]]) -> None:
         """One writer (HDF5 under torchrun): every rank computes its run of the grid's batches, in
-        lockstep rounds, and rank 0 writes what they send; returns rank 0's writer."""
-        dist, self.writer = self.dist, target
+        lockstep rounds, and rank 0 writes what they send."""
+        dist = self.dist
         spans = grid_spans(ranges, self.batch_size, self.meta.num_samples)
         runs = [spans[r * len(spans) // dist.world:(r + 1) * len(spans) // dist.world] for r in range(dist.world)]
         mine = runs[dist.rank]
         it = self._pieces(mine)
-        bw = self._writer(target, ranges, self.depth * dist.world) if dist.is_main else None
+        bw = self._writer(writer, self.depth * dist.world) if dist.is_main else None
         own: Exception | None = None
         verdict = None
         for r in range(max(map(len, runs))):
@@ -266,11 +262,9 @@ class _Compute:
                 bw.close()
             except Exception as err:  # noqa: BLE001
                 own, verdict = own or err, verdict or _distributed.pack_error(err)
-            self.writer = bw.writer if bw.writer is not None else target
         verdict = dist.broadcast(verdict)
         if verdict is not None:
             raise own or _distributed.unpack_error(verdict)
-        return self.writer
 
     def _span(self, it: Iterator[tuple[int, dict[str, np.ndarray]]], span: tuple[int, int],
               ranges: list[tuple[int, int]]) -> list[tuple[int, dict[str, np.ndarray]]]:
@@ -282,30 +276,6 @@ class _Compute:
             end = start + len(arrays[fmt.SAMPLE_IDS])
             out += select(start, arrays, ranges, self.position_keys, self.cum)
         return out
-
-
-class _PieceWriter(BackgroundWriter):
-    """The background writer for ``(start, arrays)`` pieces: keeps the wanted samples, checks finiteness.
-
-    ``cum`` (tokens only): the first position of every sample, and N + 1 the total.
-    """
-
-    def __init__(self, writer: Any, wanted: list[tuple[int, int]], position_keys: list[str],
-                 cum: np.ndarray | None, *, on_nonfinite: str, depth: int) -> None:
-        self.wanted, self.position_keys, self.cum = wanted, position_keys, cum
-        super().__init__(writer, on_nonfinite=on_nonfinite, depth=depth)
-
-    def _write(self, item: tuple[int, dict[str, Any]]) -> None:
-        for a, piece in select(*item, self.wanted, self.position_keys, self.cum):
-            bad = np.flatnonzero(~finite_rows({k: piece[k] for k in self.position_keys}))
-            if len(bad) and self.on_nonfinite == "error":  # "record": written, listed at the end
-                lengths = None if self.cum is None else np.diff(self.cum[a:a + len(piece[fmt.SAMPLE_IDS]) + 1])
-                ids = np.unique(sample_of_rows(piece[fmt.SAMPLE_IDS], bad, lengths))
-                raise NonFiniteOutputs(
-                    f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
-                    f"ids {fmt.chunk_list(ids, 5)}; nothing was marked complete; fix the teacher or its inputs, or "
-                    "pass --on-nonfinite record to store them as they are")
-            self.writer.write(a, **piece)
 
 
 def select(start: int, arrays: dict[str, Any], wanted: Sequence[tuple[int, int]], position_keys: list[str],

@@ -1,20 +1,17 @@
-"""Where the job runner writes: a *sink* opens, plans, reopens and finishes one store.
+"""Where the job runner writes: the :class:`Sink` creates, or checks and reopens, repairs and finishes a store.
 
-The runner (:mod:`softlabels.teacher.runner`) is the same for every store; a sink holds what
-differs by format. Both kinds of writer take ``write(start, **arrays)`` of whole or partial
-write units in any order, buffering a unit until it is whole.
-
-- :class:`V2Sink`: a format-2 store (``UnitWriter``), made from the producer's ``meta()``;
-  a rerun must match it (a store made with other settings is refused on one line).
-- ``softlabels.teacher.v1sink.V1Sink``: a format-1 store (``StoreWriter``), the classifier's
-  default, opened, checked and resumed as it always was.
+A rerun may resume only a store made with the same settings: the shape-deciding ones
+(positions, layout, N, C, dtype, layout parameters, chunking, views, tokens) and what
+decides the values (the teacher and source entries the producer records, and its
+``created_by.settings``). A mismatch is refused on one line naming every difference; so is a
+format-1 store, which softlabels reads but no longer writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,9 +27,9 @@ from softlabels.store.backend import open_backend
 from softlabels.store.reader import UnitStore
 from softlabels.store.schema import UNIT_DONE, StoreMetaV2
 from softlabels.store.writer import UnitWriter
+from softlabels.teacher.pipeline import sample_of_rows
 
-__all__ = ["Opened", "Sink", "V2Sink", "creation_interrupted", "read_flags", "reopen_holes", "sample_of_rows",
-           "scan_nonfinite", "store_format", "warn_nonfinite"]
+__all__ = ["Opened", "Sink", "scan_nonfinite"]
 
 # the settings a resumed store must share with the request (besides teacher/source/settings entries)
 _SHAPE_KEYS = ("positions", "layout", "num_samples", "num_classes", "logits_dtype", "chunk_samples",
@@ -41,75 +38,49 @@ _SHAPE_KEYS = ("positions", "layout", "num_samples", "num_classes", "logits_dtyp
 
 @dataclass
 class Opened:
-    """A store opened by rank 0: its writer (or what creates it) and its plan.
+    """A store opened by rank 0: its writer and its plan: ``bounds[i]``, the samples ``[lo, hi)`` of the
+    i-th missing unit; ``owners[i]``, the rank that writes it when every rank writes its own units."""
 
-    ``owners[i]`` is the rank that writes unit ``missing[i]`` when every rank writes its own
-    units; ``bounds[i]`` its samples ``[lo, hi)``.
-    """
-
-    writer: Any  # a writer with write(start, **arrays), or a function creating one
-    missing: list[int]
+    writer: UnitWriter
     bounds: list[tuple[int, int]]
     owners: list[int]
     repaired: list[int]
     complete: bool
 
 
-class Sink(Protocol):
-    """One store format, as the runner sees it."""
-
-    path: Path
-    count_key: str  # the created_by.timings entry counting what this call generated
-
-    def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], defer: bool,
-             world: int) -> Opened:
-        """Rank 0, lock held: create, or check and reopen (and repair). ``defer``: a new store may be
-        created later, by the writer thread (``Opened.writer`` is then a function)."""
-
-    def resume(self) -> Any:
-        """Reopen the store (created by rank 0) on another rank, to write that rank's own units."""
-
-    def finish(self, writer: Any, created: dict[str, Any], *, record: bool,
-               say: Callable[[str], None]) -> tuple[list[int], Any]:
-        """Record ``created`` (and, with ``record``, the non-finite sample ids), mark the store complete.
-        Returns the ids and the writer to close."""
-
-
-def store_format(path: str | Path) -> int | None:
-    """The ``softlabels_format`` of the store at ``path`` (None when there is none, or it is unreadable)."""
-    return read_flags(Path(path), UNIT_DONE)[0]
-
-
-class V2Sink:
-    """A format-2 store described by ``meta`` (token stores: with the samples' ``lengths``)."""
-
-    count_key = "samples_generated"
+class Sink:
+    """The store described by ``meta`` (token stores: with the samples' ``lengths``), as the runner writes it."""
 
     def __init__(self, path: Path, meta: StoreMetaV2, lengths: np.ndarray | None, *, compress: bool = False) -> None:
         self.path, self.meta, self.lengths, self.compress = path, meta, lengths, compress
 
-    def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], defer: bool,
-             world: int) -> Opened:
+    def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], world: int) -> Opened:
+        """Rank 0, lock held: create, or check and reopen (and repair) the store; plan its missing units."""
         writer, repaired = self._open(overwrite=overwrite, repair=repair, say=say)
         missing = writer.missing_units()
         g = self.meta.geometry
         owner = {u: r for r in range(world) for grp in g.groups_of_rank(r, world) for u in g.group_units_range(grp)}
-        return Opened(writer, missing, [g.unit_samples_range(u) for u in missing], [owner[u] for u in missing],
-                      repaired, writer.meta.complete and not missing)
+        return Opened(writer, [g.unit_samples_range(u) for u in missing], [owner[u] for u in missing], repaired,
+                      writer.meta.complete and not missing)
 
     def resume(self) -> UnitWriter:
+        """Reopen the store (created by rank 0) on another rank, to write that rank's own units."""
         return UnitWriter.resume(self.path)
 
     def finish(self, writer: UnitWriter, created: dict[str, Any], *, record: bool,
-               say: Callable[[str], None]) -> tuple[list[int], UnitWriter]:
+               say: Callable[[str], None]) -> list[int]:
+        """Record ``created`` (and, with ``record``, the non-finite sample ids) and mark the store complete;
+        returns those ids."""
         ids: list[int] = []
         if record:  # the whole store: earlier runs may have stored some too
             ids = scan_nonfinite(self.path)
-            warn_nonfinite(ids, say)
+            if ids:
+                say(f"warning: stored non-finite teacher logits for {len(ids)} sample(s): {fmt.chunk_list(ids, 10)} "
+                    "(listed in created_by.nonfinite_sample_ids)")
             created["nonfinite_sample_ids"] = ids
         writer.update_created_by(created)
         writer.finish()
-        return ids, writer
+        return ids
 
     def _open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None]) -> tuple[UnitWriter, list[int]]:
         """Create the store, or check it against ``meta`` and reopen it (repairing it if asked)."""
@@ -118,16 +89,16 @@ class V2Sink:
             if repair:
                 raise ConfigError(f"--repair: there is no store at {str(path)!r} to repair; drop --repair")
             return UnitWriter.create(path, meta, lengths=lengths, compress=self.compress, overwrite=True), []
-        version, status, done = read_flags(path, UNIT_DONE)
-        if version not in (None, meta.format_version):
-            raise StoreMismatch(f"{str(path)!r} is a format-{version} store and this job writes format "
-                                f"{meta.format_version}; rerun with the settings it was made with, or pass "
+        version, status, done = _read_flags(path)
+        if version == 1:
+            raise StoreMismatch(f"{str(path)!r} is a format-1 store, which softlabels reads but no longer writes; "
+                                "write to another --out (convert this one with 'softlabels upgrade'), or pass "
                                 "--overwrite to replace it")
-        status = reopen_holes(path, status, done)
+        status = _reopen_holes(path, status, done)
         try:
             reader = UnitStore(path, allow_partial=True)
         except (CorruptStore, NotAStore) as err:
-            if not creation_interrupted(status, done):
+            if not _creation_interrupted(status, done):
                 raise type(err)(str(err) if "--overwrite" in str(err)
                                 else f"{err} (or pass --overwrite to replace it)") from None
             say(f"{path}: the previous job died while creating the store; starting over")
@@ -149,8 +120,8 @@ class V2Sink:
         return writer, repaired
 
 
-def read_flags(path: Path, name: str) -> tuple[int | None, str | None, np.ndarray | None]:
-    """(format version, status, the done flags ``name``) read straight from the backend; Nones where unreadable."""
+def _read_flags(path: Path) -> tuple[int | None, str | None, np.ndarray | None]:
+    """(format version, status, the unit done flags) read straight from the backend; Nones where unreadable."""
     try:
         b = open_backend(path, "r")
     except (SoftLabelsError, OSError):
@@ -158,16 +129,16 @@ def read_flags(path: Path, name: str) -> tuple[int | None, str | None, np.ndarra
     try:
         attrs = b.attrs()
         version, status = attrs.get("softlabels_format"), attrs.get("status")
-        if name not in b.array_names():
+        if UNIT_DONE not in b.array_names():
             return version, status, None
-        return version, status, b.read(name, 0, b.array_info(name)[0][0])
+        return version, status, b.read(UNIT_DONE, 0, b.array_info(UNIT_DONE)[0][0])
     except Exception:  # noqa: BLE001 - damaged: the caller reports the reader's error instead
         return None, None, None
     finally:
         b.close()
 
 
-def reopen_holes(path: Path, status: str | None, done: np.ndarray | None) -> str | None:
+def _reopen_holes(path: Path, status: str | None, done: np.ndarray | None) -> str | None:
     """A store marked complete with units unflagged (invalidated by hand) goes back to writing; its status."""
     if status == fmt.STATUS_COMPLETE and done is not None and not done.all():
         b = open_backend(path, "r+")
@@ -178,7 +149,7 @@ def reopen_holes(path: Path, status: str | None, done: np.ndarray | None) -> str
     return status
 
 
-def creation_interrupted(status: str | None, done: np.ndarray | None) -> bool:
+def _creation_interrupted(status: str | None, done: np.ndarray | None) -> bool:
     """True when a damaged store never had a unit flagged: its creation died, nothing is lost."""
     return status == fmt.STATUS_WRITING and (done is None or not done.any())
 
@@ -193,19 +164,6 @@ def _diffs(have: StoreMetaV2, want: StoreMetaV2) -> list[str]:
         diffs += [f"{name}.{k} {theirs.get(k)!r} in the store, {v!r} asked" for k, v in mine.items()
                   if theirs.get(k) != v]
     return diffs
-
-
-def warn_nonfinite(ids: list[int], say: Callable[[str], None]) -> None:
-    if ids:
-        say(f"warning: stored non-finite teacher logits for {len(ids)} sample(s): {fmt.chunk_list(ids, 10)} "
-            "(listed in created_by.nonfinite_sample_ids)")
-
-
-def sample_of_rows(ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
-    """Sample ids of per-position rows (rows are samples, except for ragged tokens: ``lengths`` maps them)."""
-    if lengths is not None:
-        return ids[np.searchsorted(np.cumsum(lengths), rows, side="right")]
-    return ids[rows]
 
 
 def scan_nonfinite(path: Path) -> list[int]:

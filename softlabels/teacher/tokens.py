@@ -20,16 +20,15 @@ property (see docs/TOKENS.md, "Generating token stores").
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from softlabels._runtime.progress import progress_bar
 from softlabels.errors import ConfigError
 from softlabels.inputs.tokens import TokenDataset, offsets_of
 from softlabels.store import format as fmt
@@ -37,14 +36,12 @@ from softlabels.store.layouts import Layout, make_layout, to_numpy
 from softlabels.store.positions import TokenPositions, UnitGeometry, group_units_for
 from softlabels.store.positions.tokens import default_chunk_positions
 from softlabels.store.schema import StoreMetaV2
-from softlabels.teacher.job import GenerateResult
+from softlabels.teacher.config import GenerateConfig
+from softlabels.teacher.pipeline import AMP_DTYPES
+from softlabels.teacher.runner import sample_ranges
 
-if TYPE_CHECKING:
-    from softlabels.teacher.config import GenerateConfig
+__all__ = ["TokenProducer", "default_chunk_samples", "is_token_job", "token_producer"]
 
-__all__ = ["TokenGenerateResult", "TokenProducer", "default_chunk_samples", "generate_tokens", "is_token_job", "token_producer"]
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _UNIT_CHUNKS = 16
 """Token chunks per write unit aimed at by :func:`default_chunk_samples`: a unit's padding is under one
 chunk, so ~16 chunks per unit keep the padding near 3 % of the token axis."""
@@ -75,13 +72,10 @@ class TokenProducer:
     chunk_samples: int | None = None
     chunk_positions: int | None = None
     shard_chunks: int = 1
+    group_units: int | None = None  # default: group_units_for(units)
     teacher_attrs: dict[str, Any] = field(default_factory=dict)
     source_attrs: dict[str, Any] = field(default_factory=dict)
     created_by: dict[str, Any] = field(default_factory=dict)
-    # progress in tokens (the runner's own bar counts sequences): shown by rank 0 of ``world``
-    progress: bool | None = False
-    say: Callable[[str], None] = lambda _line: None
-    world: int = 1
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_DTYPES:
@@ -95,7 +89,7 @@ class TokenProducer:
             self.chunk_samples = default_chunk_samples(self._lengths, self.chunk_positions)
         n = int(self._lengths.size)
         units = math.ceil(n / (self.chunk_samples * self.shard_chunks))
-        geometry = UnitGeometry(n, self.chunk_samples, self.shard_chunks, group_units_for(units))
+        geometry = UnitGeometry(n, self.chunk_samples, self.shard_chunks, self.group_units or group_units_for(units))
         self._positions = TokenPositions(geometry, self._lengths, self.chunk_positions)
         amp_dtype = AMP_DTYPES[self.amp]
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -119,16 +113,9 @@ class TokenProducer:
         (its arrays are then split at the span boundary), so calls follow :meth:`calls`, not the spans."""
         spans = [(int(lo), int(hi)) for lo, hi in spans if hi > lo]
         cuts = {lo for lo, _ in spans} | {hi for _, hi in spans}
-        total = sum(int(self._lengths[lo:hi].sum()) for lo, hi in spans) * self.world  # ranks progress alike
-        with progress_bar(total=total, desc="generate", unit="tokens", show=self.progress, say=self.say,
-                          unit_scale=True) as bar:
-            yield from self._pieces(spans, cuts, bar)
-
-    def _pieces(self, spans: list[tuple[int, int]], cuts: set[int], bar: Any):
-        for lo, hi in _runs(spans):
+        for lo, hi in sample_ranges(range(len(spans)), spans.__getitem__):  # adjacent spans joined
             for start, stop in self.calls(lo, hi):
                 arrays = self.encode(start, stop)
-                bar.update(min(int(self._lengths[start:stop].sum()) * self.world, bar.total - bar.n))
                 inner = sorted(c for c in cuts if start < c < stop)
                 if not inner:
                     yield start, arrays
@@ -202,20 +189,6 @@ class TokenProducer:
 _PER_SAMPLE = (fmt.LABELS, fmt.SAMPLE_IDS)
 
 
-def _runs(spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """Consecutive spans joined: [(0, 4), (4, 8), (12, 16)] -> (0, 8), (12, 16)."""
-    lo = hi = None
-    for a, b in spans:
-        if hi is not None and a == hi:
-            hi = b
-            continue
-        if lo is not None:
-            yield lo, hi
-        lo, hi = a, b
-    if lo is not None:
-        yield lo, hi
-
-
 def is_token_job(config: GenerateConfig) -> bool:
     """Whether ``generate`` runs a causal-LM teacher over token data for these options.
 
@@ -245,71 +218,6 @@ def is_token_job(config: GenerateConfig) -> bool:
         return False
 
 
-def layout_for(config: GenerateConfig, vocab_size: int) -> Layout:
-    """The store's layout from ``--layout`` (default dense), ``--topk``, ``--samples`` and ``--seed``."""
-    params: dict[str, Any] = {}
-    if config.layout == "topk":
-        params["k"] = config.topk
-    elif config.layout == "sampled":
-        params = {"samples": config.samples, "seed": config.seed}
-    return make_layout(config.layout or "dense", num_classes=vocab_size, logits_dtype=config.dtype, **params)
-
-
-@dataclass(frozen=True)
-class TokenGenerateResult(GenerateResult):
-    """A :class:`~softlabels.teacher.job.GenerateResult` whose rows are sequences, with their token count."""
-
-    tokens_generated: int = 0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens_generated / self.seconds if self.seconds > 0 else 0.0
-
-
-def _units_to_write(config: GenerateConfig, producer: TokenProducer) -> list[int]:
-    """The write units a run will fill: all of a new store's, else the existing store's missing ones."""
-    from softlabels.store.reader import UnitStore
-
-    every = list(range(producer.meta().geometry.num_units))
-    if config.overwrite or not Path(config.out).exists():
-        return every
-    try:
-        store = UnitStore(config.out, allow_partial=True)
-    except Exception:  # noqa: BLE001 - the runner reports what is wrong with it
-        return every
-    try:
-        return [int(u) for u in store.missing_units()]
-    finally:
-        store.close()
-
-
-def generate_tokens(config: GenerateConfig, dist: Any, say: Any) -> Any:
-    """``generate`` for token data: :func:`token_producer` driven by the job runner."""
-    from softlabels.teacher.runner import run_job
-
-    exc, producer = None, None
-    try:
-        producer = token_producer(config)
-        # progress counts tokens (the producer's bar), not the runner's sequences
-        producer.progress = config.progress if dist.is_main and config.progress is not False else False
-        producer.say, producer.world = say, dist.world
-        units = _units_to_write(config, producer) if dist.is_main else []
-    except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
-        exc = err
-    dist.agree(exc)
-    r = run_job(producer, config.out, batch_size=config.batch_size, overwrite=config.overwrite, repair=config.repair,
-                on_nonfinite=config.on_nonfinite, dist=dist, say=say, progress=False, compress=config.compress)
-    # the tokens of the units written (teacher calls on the global batch grid may also compute a few
-    # sequences of another rank's units, so counting what the producer computed would overstate it)
-    geometry = producer.meta().geometry
-    tokens = sum(int(producer.lengths()[slice(*geometry.unit_samples_range(u))].sum())
-                 for u in set(units) | set(r.repaired_units)) if r.is_main and r.samples_generated else 0
-    return TokenGenerateResult(r.path, r.num_samples, r.samples_generated, r.seconds, r.samples_per_second,
-                               already_complete=r.already_complete, repaired_chunks=r.repaired_units,
-                               nonfinite_sample_ids=r.nonfinite_sample_ids, is_main=r.is_main,
-                               tokens_generated=tokens)
-
-
 def _check_vocab(data: Any, info: Any, block: int = 1024) -> None:
     """Every token id of ``data`` in the teacher's vocabulary (the teacher's own check, on the whole data)."""
     for lo in range(0, len(data), block):
@@ -317,29 +225,31 @@ def _check_vocab(data: Any, info: Any, block: int = 1024) -> None:
         info.module.check_ids(batch.ids.masked_fill(~batch.valid, 0))
 
 
-def token_producer(config: GenerateConfig) -> TokenProducer:
+def token_producer(config: GenerateConfig, device: torch.device | None = None, *,
+                   geometry: dict[str, int] | None = None) -> TokenProducer:
     """The producer of ``softlabels generate`` for token data (``is_token_job(config)``).
 
     A built-in teacher (``gpt-*``) is sized by ``--num-classes`` or the data's tokenizer
     and built for the data's longest sequence; ``--batch-size`` counts sequences per call.
+    ``geometry``: the chunking adopted from the store resumed.
     """
-    from softlabels._runtime.device import resolve_device, set_threads
+    from softlabels._runtime.device import resolve_device
     from softlabels.inputs.spec import absolute_data_spec
     from softlabels.inputs.text import resolve_token_data
     from softlabels.inputs.tokens import token_fingerprint
-    from softlabels.teacher.classify import adopted_geometry
     from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
 
     if config.teacher in BUILTIN_LMS and config.weights is None and not config.random_teacher:
         raise ConfigError(f"--teacher {config.teacher} is an architecture without --weights, so it would label "
                           "the tokens with random weights; pass --weights FILE, or --random-teacher (for tests)")
-    set_threads(config.threads)
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
+    geometry = geometry or {}
     data = resolve_token_data(config.data, tokenizer=config.tokenizer, seq_len=config.seq_len)
     lengths = data.lengths()
     info = resolve_lm(config.teacher, vocab_size=config.num_classes or data.vocab_size,
                       context=max(1, int(lengths.max(initial=1))), seed=config.seed, weights=config.weights)
-    layout = layout_for(config, info.vocab_size)
+    layout = make_layout(config.layout or "dense", num_classes=info.vocab_size, logits_dtype=config.dtype,
+                         **config.layout_params())
     if info.vocab_size is not None:  # before the store exists: bad ids must not leave a half-made one
         _check_vocab(data, info)
     source = {"spec": absolute_data_spec(config.data), "kind": "tokens", "num_samples": int(lengths.size),
@@ -350,11 +260,10 @@ def token_producer(config: GenerateConfig) -> TokenProducer:
     teacher = {**info.metadata(), "amp": config.amp, "device": device.type}
     if info.kind == "builtin":
         teacher["seed"] = config.seed
-    adopted = {} if config.overwrite or not Path(config.out).exists() else adopted_geometry(Path(config.out))
     settings = {"batch_size": config.batch_size, "layout": config.layout, "logits_dtype": config.dtype,
                 "amp": config.amp, "seed": config.seed, "random_teacher": config.random_teacher}
     return TokenProducer(data, info.module.to(device), layout, device=device, amp=config.amp,
-                         batch_size=config.batch_size,
-                         chunk_samples=config.chunk_rows or adopted.get("chunk_rows"),
-                         shard_chunks=config.shard_chunks or adopted.get("shard_chunks") or 1, teacher_attrs=teacher, source_attrs=source,
+                         batch_size=config.batch_size, chunk_samples=config.chunk_rows or geometry.get("chunk_rows"),
+                         shard_chunks=config.shard_chunks or geometry.get("shard_chunks") or 1,
+                         group_units=geometry.get("group_units"), teacher_attrs=teacher, source_attrs=source,
                          created_by={"settings": settings})

@@ -1,4 +1,4 @@
-"""Benchmark: SoftLabelDataset and StoreWriter against the storage libraries, memcpy and a per-sample-file cache.
+"""Benchmark: SoftLabelDataset and UnitWriter against the storage libraries, memcpy and a per-sample-file cache.
 
 Not a test. Makes a store in a temp dir for each backend (default N=200k rows,
 C=1000 float16, the default ~1 MiB chunks: 400 MB of logits) and prints samples/s of
@@ -7,14 +7,14 @@ C=1000 float16, the default ~1 MiB chunks: 400 MB of logits) and prints samples/
     memcpy       chunk-sized copies of the same bytes (logits, labels, ids) between resident arrays
     plain        the storage library's own whole-chunk reads of the same arrays into preallocated
                  buffers (h5py ``read_direct``; zarr ``get_basic_selection(out=)``), no checksums
-    read_chunk   ``SoftLabelStore.read_chunk`` loop, checksums verified
+    read_unit    ``UnitStore.read_unit`` loop, checksums verified
     dataset      ``SoftLabelDataset``, shuffled, batch 256, checksums on / off
   reads, with DataLoader workers (after the in-process ones, with the in-process dataset again beside them):
     dataset with 1 and 2 workers through ``batch_loader`` (softlabels' transport), with 2 through a plain DataLoader,
     and a no-op dataset yielding batches of the same shapes through each (the transport alone)
   the per-sample-file cache (one ``torch.save`` file per sample, read back in shuffled order;
   the design torchdistill uses), on a few thousand samples, extrapolated
-  writes: ``StoreWriter`` in bursts of 64 batches (as ``generate`` writes) against that cache,
+  writes: ``UnitWriter`` batch by batch (as ``generate`` writes; a unit is committed as it fills) against that cache,
     interleaved round by round (``--write-rounds``; ``--writes-only`` stops there)
   checksums: GB/s of zlib.crc32, CRC-32C (google-crc32c) and, when installed, xxhash's xxh3 on 1 MiB
 
@@ -38,8 +38,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from zarr.core.buffer.cpu import NDBuffer
 
 from softlabels.inputs.loader import batch_loader
-from softlabels.store.v1 import SoftLabelStore
-from softlabels.store.v1_writer import StoreWriter
+from softlabels.store.format import default_chunk_rows
+from softlabels.store.reader import UnitStore
+from softlabels.store.schema import StoreMetaV2
+from softlabels.store.writer import UnitWriter
 from softlabels.student.dataset import SoftLabelDataset
 
 KEYS = ("logits", "labels", "sample_ids")
@@ -51,15 +53,15 @@ def rows(n: int, c: int, seed: int = 0) -> dict[str, np.ndarray]:
             "labels": rng.integers(0, c, n), "sample_ids": np.arange(n)}
 
 
-def write_store(path: Path, data: dict[str, np.ndarray], c: int, batch: int, burst: int = 64) -> float:
-    """Seconds to write ``data`` as ``generate`` does: batches, committed in bursts."""
+def write_store(path: Path, data: dict[str, np.ndarray], c: int, batch: int) -> float:
+    """Seconds to write ``data`` as ``generate`` does: batches, each unit committed as it fills."""
     n = len(data["labels"])
     t = time.perf_counter()
-    w = StoreWriter.create(path, num_samples=n, num_classes=c, logits_dtype="float16", overwrite=True)
-    for b0 in range(0, n, batch * burst):
-        with w.burst():
-            for a in range(b0, min(n, b0 + batch * burst), batch):
-                w.write(a, **{k: v[a:a + batch] for k, v in data.items()})
+    meta = StoreMetaV2(positions="sample", layout="dense", num_samples=n, num_classes=c, logits_dtype="float16",
+                       chunk_samples=default_chunk_rows(c, 2))
+    w = UnitWriter.create(path, meta, overwrite=True)
+    for a in range(0, n, batch):
+        w.write(a, **{k: v[a:a + batch] for k, v in data.items()})
     w.finish()
     w.close()
     return time.perf_counter() - t
@@ -109,8 +111,8 @@ def checksum_rates(nbytes: int = 1 << 20, rounds: int = 300) -> dict[str, float]
 
 def bench(path: Path, data: dict[str, np.ndarray], batch: int, repeats: int) -> dict[str, float]:
     n = len(data["labels"])
-    store = SoftLabelStore(path)
-    cr = store.chunk_rows
+    store = UnitStore(path)
+    cr = store.meta.chunk_samples
     bufs = {k: np.empty((cr,) + v.shape[1:], v.dtype) for k, v in data.items()}
 
     def memcpy() -> int:
@@ -135,9 +137,9 @@ def bench(path: Path, data: dict[str, np.ndarray], batch: int, repeats: int) -> 
                     d.get_basic_selection(slice(a, b), out=NDBuffer.from_numpy_array(out[:b - a]))
         return n
 
-    def chunks() -> int:
-        for c in range(store.num_chunks):
-            store.read_chunk(c, verify=True)
+    def units() -> int:
+        for u in range(store.num_units):
+            store.read_unit(u, verify=True)
         return n
 
     def dataset(verify: bool, workers: int = 0, transport: str = "batch_loader"):
@@ -170,7 +172,7 @@ def bench(path: Path, data: dict[str, np.ndarray], batch: int, repeats: int) -> 
     phases = [{
         "memcpy of the same bytes": memcpy,
         "plain whole-chunk reads (no checksums)": plain,
-        "read_chunk loop, checksums on": chunks,
+        "read_unit loop, checksums on": units,
         "dataset, checksums on, in-process": dataset(True),
         "dataset, checksums off, in-process": dataset(False),
     }, {  # the in-process dataset again, interleaved with the workers: the ratio is taken within one phase

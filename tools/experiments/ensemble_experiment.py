@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from softlabels.inputs.digits import load_digits_split
-    from softlabels.store.ensemble import open_units
-    from softlabels.store.reader import UnitStore
+    from softlabels.store.reader import UnitStore, open_store
 
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     geo = torch.stack(zt).mean(0).argmax(1).numpy()
     refs = {f"teacher {t}": zt[t].argmax(1).numpy() for t in range(a.teachers)}
     refs.update({"ensemble, arithmetic": arith, "ensemble, geometric": geo})
-    sources = {f"teacher {t}": open_units(a.out / s) for t, s in enumerate(stores)}
+    sources = {f"teacher {t}": open_store(a.out / s) for t, s in enumerate(stores)}
     sources["ensemble, arithmetic"] = UnitStore(a.out / "arithmetic.zarr")
     sources["ensemble, geometric"] = UnitStore(a.out / "geometric.zarr")
     rows = {}

@@ -9,6 +9,6 @@ from softlabels.store.ensemble.combination import (
     check_temperature,
     combine,
 )
-from softlabels.store.ensemble.reader import EnsembleStore, V1Units, open_units
+from softlabels.store.ensemble.reader import EnsembleStore
 
-__all__ = ["MODES", "Combination", "check_temperature", "combine", "EnsembleStore", "V1Units", "open_units"]
+__all__ = ["MODES", "Combination", "check_temperature", "combine", "EnsembleStore"]

@@ -4,9 +4,9 @@ It has UnitStore's public reading API (``path``, ``meta``, ``len()``,
 ``unit_done()``, ``missing_units()``, ``read_unit()``, ``verify()``, ``close()``), so every
 reader works on an ensemble unchanged. Each unit is read from every member, decoded,
 combined (:mod:`softlabels.store.ensemble.combination`) and encoded in the combined layout
-(float32 values): exactly the arrays ``softlabels merge`` writes. Members may be
-format version 1 (through :class:`V1Units`) or 2, and must agree on everything that
-says which data and which positions they hold; the first difference is refused.
+(float32 values): exactly the arrays ``softlabels merge`` writes. Members are opened with
+:func:`~softlabels.store.reader.open_store` (either format version) and must agree on
+everything that says which data and which positions they hold; the first difference is refused.
 """
 
 from __future__ import annotations
@@ -17,75 +17,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from softlabels.errors import ConfigError, StoreMismatch, UnsupportedFormat
+from softlabels.errors import ConfigError, StoreMismatch
 from softlabels.store import format as fmt
 from softlabels.store.ensemble.combination import Combination, combine
+from softlabels.store.handle import Units
 from softlabels.store.layouts import Layout, encode_ids
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS
 from softlabels.store.positions.views import VIEW_PARAMS
-from softlabels.store.reader import UnitStore
+from softlabels.store.reader import open_store
 from softlabels.store.schema import StoreMetaV2
 
-__all__ = ["EnsembleStore", "V1Units", "open_units"]
+__all__ = ["EnsembleStore"]
 
 
-class V1Units:
-    """A format-v1 store presented through the unit API: one unit per v1 chunk, positions ``sample``."""
-
-    def __init__(self, store: Any) -> None:
-        self.store, self.path = store, store.path
-        m = store.meta
-        self.meta = StoreMetaV2(positions="sample", layout=m.layout, num_samples=m.num_samples,
-                                num_classes=m.num_classes, logits_dtype=m.logits_dtype, chunk_samples=m.chunk_rows,
-                                layout_params={"k": int(m.topk)} if m.layout == "topk" else {},
-                                checksum=m.checksum, status=m.status, teacher=m.teacher, source=m.source,
-                                created_by=m.created_by)
-        self.positions = self.meta.make_positions()
-
-    def __len__(self) -> int:
-        return self.meta.num_samples
-
-    def _handle(self):
-        return self.store._handle()
-
-    def unit_done(self) -> np.ndarray:
-        return self.store.chunk_done()
-
-    def missing_units(self) -> list[int]:
-        return self.store.missing_chunks()
-
-    def read_unit(self, unit: int, *, verify: bool = True,
-                  out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        if out is not None and set(out) == set(self.store.row_keys) and fmt.TOPK_INDICES not in out:
-            self.store.read_chunk_into(unit, out, verify=verify)  # the stored dtypes are format 2's
-            return dict(out)
-        block = self.store.read_chunk(unit, verify=verify)
-        if fmt.TOPK_INDICES in block:  # v1 keeps int32 ids; the unit API gives the v2 stored form
-            ids = torch.from_numpy(block[fmt.TOPK_INDICES].astype(np.int64))
-            block[fmt.TOPK_INDICES] = encode_ids(ids, self.meta.num_classes).numpy()
-        return block
-
-    def verify(self) -> list[int]:
-        return self.store.verify()
-
-    def close(self) -> None:
-        self.store.close()
-
-
-def open_units(path: str | Path, *, allow_partial: bool = False) -> UnitStore | V1Units:
-    """A store of either format version through the unit API."""
-    try:
-        return UnitStore(path, allow_partial=allow_partial)
-    except UnsupportedFormat:
-        from softlabels.store.v1 import SoftLabelStore
-
-        return V1Units(SoftLabelStore(path, allow_partial=allow_partial))
-
-
-def _whole(store: Any, name: str) -> np.ndarray:
-    """A whole per-sample array of a member (sample ids, labels, view params)."""
-    shape = store.meta.arrays()[name].shape
-    return store._handle().read(name, 0, shape[0])
 
 
 def _brief(value: Any) -> str:
@@ -93,7 +37,7 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 40 else text[:19] + "..."
 
 
-class EnsembleStore:
+class EnsembleStore(Units):
     """Stores of the same data combined as one read-only store (``combination``: mode, weights, T)."""
 
     def __init__(self, stores: Sequence[str | Path | Any], *, mode: str = "arithmetic",
@@ -104,7 +48,7 @@ class EnsembleStore:
         self.members: list[Any] = []
         try:
             for s in stores:
-                self.members.append(open_units(s, allow_partial=allow_partial) if not hasattr(s, "read_unit") else s)
+                self.members.append(open_store(s, allow_partial=allow_partial) if not hasattr(s, "read_unit") else s)
             self._check_same()
             self.how.check(len(self.members), self.members[0].meta.layout)
             self.meta = self._combined_meta()
@@ -146,7 +90,7 @@ class EnsembleStore:
         arrays = [("token counts (offsets)", a.positions.lengths, b.positions.lengths)] \
             if ma.positions == "tokens" else []
         names = [fmt.SAMPLE_IDS, fmt.LABELS] + ([VIEW_PARAMS] if ma.positions == "views" else [])
-        arrays += [(name.replace("_", " "), _whole(a, name), _whole(b, name)) for name in names]
+        arrays += [(name.replace("_", " "), a.whole(name), b.whole(name)) for name in names]
         for what, x, y in arrays:
             rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1))
             if len(rows):
@@ -178,18 +122,6 @@ class EnsembleStore:
                            created_by={"command": "ensemble"})
 
     # -- the unit API ---------------------------------------------------------------------------
-    num_samples = property(lambda self: self.meta.num_samples)
-    num_classes = property(lambda self: self.meta.num_classes)
-    num_units = property(lambda self: self.meta.num_units)
-    layout = property(lambda self: self.meta.layout)
-    logits_dtype = property(lambda self: self.meta.logits_dtype)
-    teacher = property(lambda self: self.meta.teacher)
-    source = property(lambda self: self.meta.source)
-    kind = property(lambda self: self.meta.positions)
-
-    def __len__(self) -> int:
-        return self.meta.num_samples
-
     def __repr__(self) -> str:
         return (f"EnsembleStore({len(self.members)} stores, {self.how.mode}, T={self.how.temperature}, "
                 f"{self.meta.positions} x {self.meta.layout}, N={self.meta.num_samples}, C={self.meta.num_classes})")
@@ -199,9 +131,6 @@ class EnsembleStore:
         for m in self.members[1:]:
             done = done & m.unit_done()
         return done
-
-    def missing_units(self) -> list[int]:
-        return [int(u) for u in np.flatnonzero(~self.unit_done())]
 
     def read_unit(self, unit: int, *, verify: bool = True) -> dict[str, np.ndarray]:
         """The combined unit: the combined layout's arrays (float32 values), the first member's per-sample arrays."""
@@ -223,12 +152,6 @@ class EnsembleStore:
 
     def verify(self) -> list[int]:
         return sorted({u for m in self.members for u in m.verify()})
-
-    def __enter__(self) -> EnsembleStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         for m, owned in zip(self.members, self._owned):

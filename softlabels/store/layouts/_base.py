@@ -19,6 +19,7 @@ from torch import Tensor
 
 from softlabels.errors import ConfigError, CorruptStore, ModelMismatch
 from softlabels.store import format as fmt
+from softlabels.store.format import is_int as _is_int
 
 __all__ = ["Layout", "id_dtype", "encode_ids", "decode_ids", "finite_rows", "to_numpy", "row_chunks"]
 
@@ -137,11 +138,6 @@ class Layout:
         raise NotImplementedError
 
     @property
-    def checksum_keys(self) -> tuple[str, ...]:
-        """The layout's arrays in the order their bytes enter a chunk checksum."""
-        return tuple(self.arrays())
-
-    @property
     def bytes_per_position(self) -> int:
         return sum(math.prod(s.shape) * s.dtype.itemsize for s in self.arrays().values())
 
@@ -212,7 +208,3 @@ class Layout:
 
     def _decode_logits(self, stored: np.ndarray) -> Tensor:
         return fmt.decode_logits(stored, self.logits_dtype)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

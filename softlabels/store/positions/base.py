@@ -22,8 +22,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
-
 __all__ = ["Positions", "UnitGeometry", "group_units_for"]
 
 MAX_BOOKKEEPING_CHUNKS = 1024
@@ -102,21 +100,11 @@ class Positions(Protocol):
     def axis_length(self) -> int:
         """Length of the per-position arrays' first axis (padding included)."""
 
-    @property
-    def axis_chunk(self) -> int:
-        """Chunk length of the per-position arrays along their first axis."""
-
-    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
-        """Full shape of a per-position array whose one-position shape is ``per_position``."""
-
     def unit_axis_range(self, unit: int) -> tuple[int, int]:
         """Range along the position axis holding unit ``unit``'s real positions."""
 
     def unit_written_range(self, unit: int) -> tuple[int, int]:
         """Range along the position axis the unit's writer writes (whole chunks or shards)."""
-
-    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
-        """Kind-specific arrays: name -> (shape, dtype, "sample" | "creation")."""
 
     def to_attrs(self) -> dict[str, Any]:
         """Kind-specific root attributes (JSON values)."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
-
 from softlabels.store.positions.base import UnitGeometry
 
 __all__ = ["SamplePositions"]
@@ -27,21 +25,11 @@ class SamplePositions:
     def axis_length(self) -> int:
         return self.geometry.num_samples
 
-    @property
-    def axis_chunk(self) -> int:
-        return self.geometry.chunk_samples
-
-    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
-        return (self.geometry.num_samples, *per_position)
-
     def unit_axis_range(self, unit: int) -> tuple[int, int]:
         return self.geometry.unit_samples_range(unit)
 
     def unit_written_range(self, unit: int) -> tuple[int, int]:
         return self.geometry.unit_samples_range(unit)
-
-    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
-        return {}
 
     def to_attrs(self) -> dict[str, Any]:
         return {}

@@ -90,16 +90,9 @@ class TokenPositions:
         return int(self.unit_starts[-1])
 
     @property
-    def axis_chunk(self) -> int:
-        return self.chunk_positions
-
-    @property
     def padding(self) -> int:
         """Positions on the token axis that belong to no sample."""
         return self.axis_length - self.num_positions
-
-    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
-        return (self.axis_length, *per_position)
 
     def sample_range(self, sample: int) -> tuple[int, int]:
         """Token-axis range of one sample's positions."""
@@ -115,11 +108,6 @@ class TokenPositions:
         """The unit's real tokens rounded up to whole chunks (the padding is written as zeros)."""
         start, stop = self.unit_axis_range(unit)
         return start, start + math.ceil((stop - start) / self.chunk_positions) * self.chunk_positions
-
-    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
-        n = self.geometry.num_samples
-        return {OFFSETS: ((n + 1,), np.dtype("int64"), "creation"),
-                LENGTHS: ((n,), np.dtype("int64"), "creation")}
 
     def to_attrs(self) -> dict[str, Any]:
         return {"tokens": {"chunk_positions": int(self.chunk_positions), "num_positions": self.num_positions,

@@ -19,6 +19,7 @@ import numpy as np
 
 from softlabels.inputs.augment.compose import PARAM_DTYPES
 from softlabels.store.positions.base import UnitGeometry
+from softlabels.store.positions.sample import SamplePositions
 
 __all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views"]
 
@@ -69,10 +70,10 @@ def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int, 
 
 
 @dataclass(frozen=True)
-class ViewPositions:
-    """Position ``(i, v)`` is view ``v`` of sample ``i``."""
+class ViewPositions(SamplePositions):
+    """Position ``(i, v)`` is view ``v`` of sample ``i``: sample ``i``'s row holds its V views, so the
+    position axis and the units are a ``sample`` store's."""
 
-    geometry: UnitGeometry
     num_views: int
     param_names: tuple[str, ...]
     augment: str = ""
@@ -88,27 +89,6 @@ class ViewPositions:
     @property
     def num_positions(self) -> int:
         return self.geometry.num_samples * self.num_views
-
-    @property
-    def axis_length(self) -> int:
-        return self.geometry.num_samples
-
-    @property
-    def axis_chunk(self) -> int:
-        return self.geometry.chunk_samples
-
-    def position_shape(self, per_position: tuple[int, ...]) -> tuple[int, ...]:
-        return (self.geometry.num_samples, self.num_views, *per_position)
-
-    def unit_axis_range(self, unit: int) -> tuple[int, int]:
-        return self.geometry.unit_samples_range(unit)
-
-    def unit_written_range(self, unit: int) -> tuple[int, int]:
-        return self.geometry.unit_samples_range(unit)
-
-    def extra_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
-        shape = (self.geometry.num_samples, self.num_views, len(self.param_names))
-        return {VIEW_PARAMS: (shape, np.dtype(self.param_dtype), "sample")}
 
     def to_attrs(self) -> dict[str, Any]:
         return {"views": {"count": self.num_views, "augment": self.augment, "seed": self.seed,
