@@ -542,6 +542,12 @@ def _(c):
     return c.gen(data=f"{c.tmp / 'x.npy'}:x")
 
 
+@case("E424")
+def _(c):  # made by the library without a fingerprint; its recorded data is too short
+    p = write_store(c.tmp / "no-fingerprint.h5", make_rows(N, C), num_classes=C, source={"spec": str(c.env.short)})
+    return c.train("--store", p)
+
+
 @case("E425")
 def _(c):
     return c.train("--store", write_store(c.tmp / "no-source.h5", make_rows(N, C), num_classes=C))
@@ -1119,6 +1125,12 @@ def _(c):
 @case("E1110")
 def _(c):
     return _resume_with(c, model=lambda ck: {k: torch.zeros(2) for k in ck["model"]})
+
+
+@case("E1111")
+def _(c):
+    p = edit_h5(c.copy(c.env.h5), lambda f: f["sample_ids"].__setitem__(slice(0, 2), [5, 5]))
+    return c.train("--store", p)
 
 
 def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:
