@@ -37,7 +37,7 @@ PINNED = {
     "init-from-run": "be324c47048452ec",
     "v1-dense-h5": "6f3b423d547a2949",
     "v1-topk-zarr": "b5b778647353f800",
-    "v1-sharded-zarr": "f54c2a35e2a80e6a",
+    "v1-sharded-zarr": "b8b8d334dbb2ad89",  # streamed by shards, its write units, as format 2 is
     "lm-dense": "31757af95be69374",
     "lm-topk-renormalize": "6a82cbafad1bac56",
     "lm-sampled-2-workers": "8b3acefd186354fd",
