@@ -190,7 +190,12 @@ def test_views_hand_the_transform_the_stored_parameters(tmp_path):
 
 
 def test_token_targets_align_with_input_ids(tmp_path):
-    from tests._lmstore import ragged_data, teacher_logits, tiny_teacher, write_token_store
+    from tests._lmstore import (
+        ragged_data,
+        teacher_logits,
+        tiny_teacher,
+        write_token_store,
+    )
 
     spec, data = ragged_data(tmp_path / "tok.npz", [5, 3, 7, 4], vocab=11)
     teacher = tiny_teacher(11, 8)

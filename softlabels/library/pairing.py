@@ -27,15 +27,21 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softlabels.errors import ConfigError, DataError, FingerprintMismatch, UnsupportedFormat
+from softlabels.errors import (
+    ConfigError,
+    DataError,
+    FingerprintMismatch,
+    UnsupportedFormat,
+)
 
 __all__ = ["TargetDataset", "with_targets"]
 
