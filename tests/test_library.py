@@ -184,9 +184,13 @@ def test_views_hand_the_transform_the_stored_parameters(tmp_path):
         v = int(choose_views(ds.store.positions.seed, np.array([i]), 2, 3)[0])
         assert got[-1] == dict(zip(ds.store.positions.param_names, arrays["view_params"][row, v].astype(float)))
         np.testing.assert_array_equal(t.logits.numpy(), arrays["logits"][row, v])
-        (flipped,), _ = sl.with_targets(user, store, view_transform="replay", epoch=2)[i]
-        want = x[i][..., ::-1] if list(got[-1].values())[0] else x[i]
+        replayed = sl.with_targets(user, store, view_transform="replay", epoch=2)
+        (flipped,), _ = replayed[i]
+        want = x[i][..., ::-1] if next(iter(got[-1].values())) else x[i]
         np.testing.assert_array_equal(flipped.numpy(), want)
+        ((batch,), t2) = sl.collate(replayed.__getitems__([5, i]))
+        np.testing.assert_array_equal(batch[1].numpy(), want)
+        np.testing.assert_array_equal(t2.logits[1].numpy(), arrays["logits"][row, v])
 
 
 def test_token_targets_align_with_input_ids(tmp_path):
@@ -220,3 +224,16 @@ def test_token_targets_align_with_input_ids(tmp_path):
         sl.with_targets([seqs[0], {"input_ids": torch.zeros(4, dtype=torch.long)}, *seqs[2:]], store)[1]
     with pytest.raises(ModelMismatch, match="student_logits= has 6 positions per sequence but the store holds 7"):
         sl.kd_loss(logits[:, :6], targets, temperature=1.0)
+
+
+@pytest.mark.parametrize("cache_mib", [256, 1e-6])  # the whole store in memory, or one unit at a time
+def test_batched_fetch_equals_item_by_item(stores, cache_mib):
+    ds = sl.with_targets(_user(stores), stores["topk"], cache_mib=cache_mib)
+    order = [int(i) for i in np.random.default_rng(5).permutation(N)[:20]]
+    (x, y), t = sl.collate(ds.__getitems__(order))
+    (x1, y1), t1 = sl.collate([ds[i] for i in order])
+    assert torch.equal(x, x1) and torch.equal(y, y1)
+    for a, b in zip((t.values, t.ids, t.logsumexp), (t1.values, t1.ids, t1.logsumexp)):
+        assert torch.equal(a, b)
+    pairs = ds.__getitems__(order)
+    assert torch.equal(pairs[3][1].ids, ds[order[3]][1].ids)  # any collate_fn sees the same pairs

@@ -17,7 +17,7 @@ from torch.utils.data import default_collate
 
 from softlabels.errors import ConfigError
 
-__all__ = ["TokenTargets", "collate"]
+__all__ = ["PairedItems", "TokenTargets", "collate"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,25 @@ class TokenTargets:
         return len(self.lengths)
 
 
+class PairedItems(Sequence):
+    """A fetched batch of ``(item, target)`` pairs whose targets were gathered at once (one index per array).
+
+    What :meth:`TargetDataset.__getitems__ <softlabels.library.pairing.TargetDataset.__getitems__>`
+    returns to a ``DataLoader``: :func:`collate` takes ``items`` and ``targets`` as they are; any
+    other ``collate_fn`` sees the same pairs as a plain list of them would give.
+    """
+
+    def __init__(self, items: list[Any], targets: Any) -> None:
+        self.items, self.targets = items, targets
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:  # type: ignore[override]
+        t = self.targets
+        return self.items[i], type(t)(*(getattr(t, f.name)[i] for f in fields(t)))
+
+
 def stack_targets(targets: Sequence[Any]) -> Any:
     """Per-item typed targets (one layout) stacked into one batch target."""
     first = targets[0]
@@ -74,6 +93,8 @@ def collate(batch: Sequence[tuple[Any, Any]], collate_items: Callable[[list[Any]
     ``collate_items``: how the user's items batch (``default_collate``, or e.g. a tokenizer's
     padding collator; wrap it with ``functools.partial(softlabels.collate, collate_items=...)``).
     """
+    if isinstance(batch, PairedItems):
+        return collate_items(batch.items), batch.targets
     if not batch or not all(isinstance(b, tuple) and len(b) == 2 for b in batch):
         raise ConfigError("collate= takes the items of softlabels.with_targets (pairs of item and target); "
                           "pass collate_fn=softlabels.collate to a DataLoader over with_targets(...)")

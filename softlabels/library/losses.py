@@ -18,6 +18,7 @@ the mean over positions ``t`` whose next token ``t + 1`` is inside the sequence 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -67,7 +68,9 @@ def _loss_name(loss: str | None, target: Any) -> str:
     return loss
 
 
+@functools.lru_cache(maxsize=64)
 def _soft_module(name: str, temperature: float, skew: float | None) -> nn.Module:
+    """The trainer's loss module (stateless: one per name, T and weight is kept)."""
     from softlabels.student.losses import LOSSES, make_soft_loss
 
     if skew is None:
@@ -107,9 +110,14 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
     elif labels.shape != student_logits.shape[:1]:
         raise ModelMismatch(f"labels= has shape {tuple(labels.shape)}, student_logits= {tuple(student_logits.shape)}; "
                             "pass one label per row (-1: unlabeled)")
+    return _mixed(name, t, skew, a)(student_logits, {"labels": labels, "target": targets})
+
+
+@functools.lru_cache(maxsize=64)
+def _mixed(name: str, temperature: float, skew: float | None, alpha: float) -> nn.Module:
     from softlabels.student.losses import DistillationLoss
 
-    return DistillationLoss(_soft_module(name, t, skew), a)(student_logits, {"labels": labels, "target": targets})
+    return DistillationLoss(_soft_module(name, temperature, skew), alpha)
 
 
 def _token_loss(logits: Tensor, targets: TokenTargets, soft: nn.Module, alpha: float, labels: Tensor | None) -> Tensor:

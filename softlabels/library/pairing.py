@@ -42,6 +42,7 @@ from softlabels.errors import (
     FingerprintMismatch,
     UnsupportedFormat,
 )
+from softlabels.library.batches import PairedItems
 
 __all__ = ["TargetDataset", "with_targets"]
 
@@ -83,6 +84,7 @@ class TargetDataset(Dataset):
         meta = self.store.meta
         self.kind = meta.positions
         self.layout = meta.layout_obj()
+        self._unit_samples = meta.geometry.unit_samples
         self.epoch = int(epoch)
         self.rows = _rows_of(dataset, self.store, ids)
         self._fields = tuple(f.name for f in fields(self.layout.decode(_empty_block(self.layout))))
@@ -127,9 +129,46 @@ class TargetDataset(Dataset):
             return item, type(target)(*(getattr(target, f)[r, view] for f in self._fields))
         return item, type(target)(*(getattr(target, f)[r] for f in self._fields))
 
-    @property
-    def _unit_samples(self) -> int:
-        return self.store.meta.geometry.unit_samples
+    def __getitems__(self, indices: list[int]) -> Any:
+        """A batch of pairs for a ``DataLoader``: the targets gathered with one index per array (and unit)."""
+        if self.kind == "tokens":
+            return [self[i] for i in indices]
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = fetch(list(indices)) if fetch else [self.dataset[i] for i in indices]
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        if self._keep >= self.store.num_units:  # the whole store fits the cache: one gather
+            groups = [(None, *self._whole(), rows)]
+        else:
+            units, within = rows // self._unit_samples, rows % self._unit_samples
+            groups = [(pick, *self._unit(int(u)), within[pick])
+                      for u in np.unique(units) for pick in [np.flatnonzero(units == u)]]
+        parts: dict[str, list[torch.Tensor]] = {f: [] for f in self._fields}
+        params = []
+        for _, target, extra, r in groups:
+            at: Any = torch.from_numpy(r)
+            if self.kind == "views":
+                v = _choose(self.store, extra["sample_ids"][r], self.epoch)
+                params.append(extra["view_params"][r, v])
+                at = (at, torch.from_numpy(v))
+            for f in self._fields:
+                parts[f].append(getattr(target, f)[at])
+        gathered = [torch.cat(parts[f]) if len(parts[f]) > 1 else parts[f][0] for f in self._fields]
+        if len(groups) > 1:  # back to the batch's order
+            back = np.argsort(np.concatenate([g[0] for g in groups]), kind="stable")
+            gathered = [g[torch.from_numpy(back)] for g in gathered]
+            params = [np.concatenate(params)[back]] if params else params
+        if self.kind == "views":
+            items = [self._replay(item, p) for item, p in zip(items, np.concatenate(params))]
+        return PairedItems(items, type(groups[0][1])(*gathered))
+
+    def _whole(self) -> tuple[Any, dict[str, np.ndarray]]:
+        """Every unit decoded into one target over the store's rows (once per process; it fits the cache)."""
+        hit = self._cache.get(-1)
+        if hit is None:
+            units = [self.store.read_unit(u, verify=True) for u in range(self.store.num_units)]
+            block = {k: np.concatenate([b[k] for b in units]) for k in units[0]} if units else {}
+            hit = self._cache[-1] = (self.layout.decode(block), block)
+        return hit
 
     def _unit(self, unit: int) -> tuple[Any, dict[str, np.ndarray]]:
         hit = self._cache.get(unit)
