@@ -18,6 +18,7 @@ import lightning as L
 import softlabels as sl
 
 torch.set_num_threads(1)
+L.seed_everything(0, verbose=False)
 
 
 class Distilled(L.LightningModule):

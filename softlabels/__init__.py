@@ -48,7 +48,7 @@ _WHERE = {
     "EvalConfig": "evaluation.config", "GenerateConfig": "teacher.config", "TrainConfig": "student.config",
     "train": "student.trainer",
     "with_targets": "library.pairing", "TargetDataset": "library.pairing",
-    "collate": "library.batches", "TokenTargets": "library.batches",
+    "collate": "library.batches", "TokenTargets": "library.batches", "PairedItems": "library.batches",
     "DenseTarget": "store.layouts.targets", "TopKTarget": "store.layouts.targets",
     "SampledTarget": "store.layouts.targets",
     "kd_loss": "library.losses", "KDLoss": "library.losses", "kl_loss": "library.losses",

@@ -237,3 +237,18 @@ def test_batched_fetch_equals_item_by_item(stores, cache_mib):
         assert torch.equal(a, b)
     pairs = ds.__getitems__(order)
     assert torch.equal(pairs[3][1].ids, ds[order[3]][1].ids)  # any collate_fn sees the same pairs
+
+
+def test_every_public_name_is_documented():
+    """Each name softlabels exports from the library seam has a docstring and a place in docs/LIBRARY.md."""
+    from softlabels.library import batches, losses, pairing
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "LIBRARY.md").read_text()
+    names = [*pairing.__all__, *batches.__all__, *losses.__all__, "DenseTarget", "TopKTarget", "SampledTarget"]
+    for name in names:
+        obj = getattr(sl, name)
+        assert name in sl.__all__ and (obj.__doc__ or "").strip(), name
+        assert f"`{name}" in page, f"docs/LIBRARY.md does not mention {name}"
+    for cls in (sl.DenseTarget, sl.TopKTarget, sl.SampledTarget, sl.TokenTargets):
+        assert cls.probs.__doc__ and cls.to.__doc__
+    assert "with_targets" in (sl.__doc__ or "")  # help(softlabels) points at the seam
