@@ -51,6 +51,7 @@ COVERED_ELSEWHERE = {
     "E1911": "tests/test_ensemble.py::test_refusals_in_the_library",  # readers of merged stores call it
     "E1782": "tests/test_augment.py::test_errors_match_the_catalogue",  # a user op module on sys.path
     "E1541": "tests/test_hf_cli.py::test_a_broken_torchvision_is_named_with_its_fix",  # a broken package, in a subprocess
+    "E1430": "tests/test_torchvision_names.py::test_what_cannot_replay_is_refused_in_one_line",
     "L2405": "tests/test_library.py::test_views_hand_the_transform_the_stored_parameters",  # a views store
     "L2406": "tests/test_library.py::test_token_targets_align_with_input_ids",  # a token store
 }
