@@ -252,3 +252,27 @@ def test_every_public_name_is_documented():
     for cls in (sl.DenseTarget, sl.TopKTarget, sl.SampledTarget, sl.TokenTargets):
         assert cls.probs.__doc__ and cls.to.__doc__
     assert "with_targets" in (sl.__doc__ or "")  # help(softlabels) points at the seam
+
+
+def test_the_cli_lm_loss_equals_the_librarys_on_one_batch(tmp_path):
+    """softlabels train's language-model loss (lm_loss on a SoftLabelDataset batch) vs kd_loss on token targets."""
+    from softlabels.student.kinds.tokens import lm_loss
+    from softlabels.student.losses import make_soft_loss
+    from tests._lmstore import ragged_data, tiny_teacher, write_token_store
+
+    _, data = ragged_data(tmp_path / "tok.npz", [5, 3, 7, 4, 6], vocab=13)
+    store = write_token_store(tmp_path / "tok.h5", tiny_teacher(13, 8), data, "topk")
+    batch = next(iter(sl.SoftLabelDataset([(store, data)], batch_size=5, seed=0, shuffle=False)))
+    b, seq = batch["ids"].shape
+    logits = torch.randn(b, seq, 13)
+    cli, _, _ = lm_loss(logits, batch, make_soft_loss("topk_kl", 2.0), 0.5)
+    cli = cli / batch["loss_mask"].sum()
+    seqs = [{"input_ids": data.get_batch(np.array([i])).ids[0]} for i in range(5)]
+    mine = sl.with_targets(seqs, store)
+    pairs = [mine[int(i)] for i in batch["sample_ids"]]
+    _, targets = sl.collate([({"n": len(p["input_ids"])}, t) for p, t in pairs])
+    labels = torch.full((b, seq), -100)
+    for row, (p, _) in enumerate(pairs):
+        labels[row, : len(p["input_ids"])] = p["input_ids"]
+    lib = sl.kd_loss(logits, targets, temperature=2.0, loss="topk_kl", alpha=0.5, labels=labels)
+    torch.testing.assert_close(lib, cli, rtol=1e-6, atol=1e-7)
