@@ -11,9 +11,10 @@ tokens.npz, teacher/ and tokens.h5 in the working directory.
 
 from __future__ import annotations
 
+from pydoc_data.topics import topics
+
 import numpy as np
 import torch
-from pydoc_data.topics import topics
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import softlabels as sl

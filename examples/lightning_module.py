@@ -8,13 +8,13 @@ it writes digits.npz and digits.h5 in the working directory.
 
 from __future__ import annotations
 
+import lightning as L
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning as L
 import softlabels as sl
 
 torch.set_num_threads(1)

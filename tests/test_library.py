@@ -141,6 +141,7 @@ def test_the_cli_trainers_loss_equals_the_librarys_on_one_batch(stores):
         ids = batch["sample_ids"].numpy()
         mine = sl.with_targets(_user(stores), stores[layout])
         (x, y), t = sl.collate([mine[int(i)] for i in ids])
+        assert torch.equal(x, batch["x"]) and torch.equal(y[batch["labels"] >= 0], batch["labels"][batch["labels"] >= 0])
         s = torch.randn(len(ids), C)
         cli = DistillationLoss(make_soft_loss(loss, 2.0), 0.5)(s, batch)
         lib = sl.kd_loss(s, t, temperature=2.0, loss=loss, alpha=0.5, labels=batch["labels"])
@@ -201,17 +202,19 @@ def test_token_targets_align_with_input_ids(tmp_path):
         write_token_store,
     )
 
-    spec, data = ragged_data(tmp_path / "tok.npz", [5, 3, 7, 4], vocab=11)
+    _, data = ragged_data(tmp_path / "tok.npz", [5, 3, 7, 4], vocab=11)
     teacher = tiny_teacher(11, 8)
     store = write_token_store(tmp_path / "tok.h5", teacher, data, "dense")
     seqs = [{"input_ids": data.get_batch(np.array([i])).ids[0]} for i in range(4)]
     ds = sl.with_targets(seqs, store)
     item, t = ds[2]
+    assert item is seqs[2]  # the user's item, unchanged
     torch.testing.assert_close(t.logits.float(), teacher_logits(teacher, data, 2))
     pad = [{"input_ids": F.pad(s["input_ids"], (0, 7 - len(s["input_ids"])))} for s in seqs]
     lengths = [5, 3, 7, 4]
     batch, targets = sl.collate([(p, ds[i][1]) for i, p in enumerate(pad)])
     assert isinstance(targets, sl.TokenTargets) and targets.lengths.tolist() == lengths
+    assert batch["input_ids"].shape == (4, 7)
     logits = torch.randn(4, 7, 11)
     want, count = 0.0, 0
     for b, n in enumerate(lengths):  # mean over positions whose next token is in the sequence
