@@ -279,3 +279,17 @@ def test_the_cli_lm_loss_equals_the_librarys_on_one_batch(tmp_path):
         labels[row, : len(p["input_ids"])] = p["input_ids"]
     lib = sl.kd_loss(logits, targets, temperature=2.0, loss="topk_kl", alpha=0.5, labels=labels)
     torch.testing.assert_close(lib, cli, rtol=1e-6, atol=1e-7)
+
+
+def test_views_replay_in_spawned_workers(tmp_path):
+    """The pairing (store, replay) pickles: workers started with spawn give what the main process gives."""
+    x = np.random.default_rng(3).random((16, 1, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "img.npz", x=x, y=np.arange(16) % 4)
+    store = str(tmp_path / "views.h5")
+    sl.generate(teacher="mlp", data=str(tmp_path / "img.npz"), out=store, random_teacher=True, views=2,
+                augment="crop(6,padding=1)+flip", layout="dense", num_classes=4, progress=False)
+    ds = sl.with_targets(TensorDataset(torch.from_numpy(x)), store, view_transform="replay", epoch=1)
+    spawned = DataLoader(ds, batch_size=8, num_workers=1, multiprocessing_context="spawn", collate_fn=sl.collate)
+    here = DataLoader(ds, batch_size=8, collate_fn=sl.collate)
+    for ((a,), ta), ((b,), tb) in zip(spawned, here):
+        assert torch.equal(a, b) and torch.equal(ta.logits, tb.logits)

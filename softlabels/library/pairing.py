@@ -287,36 +287,49 @@ def _choose(store: Any, sample_ids: np.ndarray, epoch: int) -> np.ndarray:
     return choose_views(p.seed, sample_ids, epoch, p.num_views)
 
 
-def _view_replay(store: Any, view_transform: Any) -> Callable[[Any, np.ndarray], Any]:
-    """``(item, stored params) -> the item as that view``: the user's function or the store's own ops."""
-    p = store.positions
-    names = p.param_names
-    if callable(view_transform):
-        return lambda item, params: view_transform(item, dict(zip(names, params.astype(float).tolist())))
-    if view_transform != "replay":
-        raise ConfigError(f"{store.path} holds {p.num_views} augmented views per sample, each with its own target; "
-                          "pass view_transform=f (called as f(item, params by name)) or view_transform='replay' "
-                          "so each item is the view its target belongs to")
-    from softlabels.inputs.augment import parse_augment
+class _ByName:
+    """The user's ``view_transform(item, params by name)`` (a class, so spawned workers can unpickle it)."""
 
-    spec = p.augment
-    user = [t.strip() for t in spec.split("+") if ":" in t]
-    if user:
-        raise UnsupportedFormat(f"{store.path} records the augmentation '{spec}', whose term '{user[0]}' names code "
-                                "that is never imported from a store; pass view_transform=f that applies it")
-    aug = parse_augment(spec) if spec else None
+    def __init__(self, fn: Callable[[Any, dict[str, float]], Any], names: tuple[str, ...]) -> None:
+        self.fn, self.names = fn, names
 
-    def replay(item: Any, params: np.ndarray) -> Any:
-        if aug is None:
+    def __call__(self, item: Any, params: np.ndarray) -> Any:
+        return self.fn(item, dict(zip(self.names, params.astype(float).tolist())))
+
+
+class _Replay:
+    """The store's own built-in augmentation applied to the item's input tensor (its first element)."""
+
+    def __init__(self, spec: str) -> None:
+        from softlabels.inputs.augment import parse_augment
+
+        self.aug = parse_augment(spec) if spec else None
+
+    def __call__(self, item: Any, params: np.ndarray) -> Any:
+        if self.aug is None:
             return item
         x = item[0] if isinstance(item, (tuple, list)) else item
         if not isinstance(x, torch.Tensor):
             raise DataError(f"view_transform='replay' needs the item's input as a tensor, got {type(x).__name__}; "
                             "pass view_transform=f that applies the parameters to it")
-        out = aug.apply(x.unsqueeze(0), torch.as_tensor(params, dtype=torch.float32).unsqueeze(0))[0]
+        out = self.aug.apply(x.unsqueeze(0), torch.as_tensor(params, dtype=torch.float32).unsqueeze(0))[0]
         return (out, *item[1:]) if isinstance(item, (tuple, list)) else out
 
-    return replay
+
+def _view_replay(store: Any, view_transform: Any) -> Callable[[Any, np.ndarray], Any]:
+    """``(item, stored params) -> the item as that view``: the user's function or the store's own ops."""
+    p = store.positions
+    if callable(view_transform):
+        return _ByName(view_transform, tuple(p.param_names))
+    if view_transform != "replay":
+        raise ConfigError(f"{store.path} holds {p.num_views} augmented views per sample, each with its own target; "
+                          "pass view_transform=f (called as f(item, params by name)) or view_transform='replay' "
+                          "so each item is the view its target belongs to")
+    user = [t.strip() for t in p.augment.split("+") if ":" in t]
+    if user:
+        raise UnsupportedFormat(f"{store.path} records the augmentation '{p.augment}', whose term '{user[0]}' names "
+                                "code that is never imported from a store; pass view_transform=f that applies it")
+    return _Replay(p.augment)
 
 
 def _empty_block(layout: Any) -> dict[str, np.ndarray]:
