@@ -293,3 +293,15 @@ def test_views_replay_in_spawned_workers(tmp_path):
     here = DataLoader(ds, batch_size=8, collate_fn=sl.collate)
     for ((a,), ta), ((b,), tb) in zip(spawned, here):
         assert torch.equal(a, b) and torch.equal(ta.logits, tb.logits)
+
+
+def test_a_format_1_store_pairs_alike(tmp_path):
+    from tests._v1stores import write_v1
+    from tests.conftest import make_rows
+
+    rows = make_rows(20, 5)
+    write_v1(tmp_path / "v1.h5", rows, num_classes=5)
+    ds = sl.with_targets(list(range(20)), tmp_path / "v1.h5")
+    _, t = sl.collate(ds.__getitems__([3, 7, 1]))
+    want = [rows["logits"][int(np.flatnonzero(rows["sample_ids"] == i)[0])] for i in (3, 7, 1)]
+    np.testing.assert_array_equal(t.logits.numpy(), np.stack(want))
