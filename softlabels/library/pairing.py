@@ -5,11 +5,14 @@ transforms, their Hugging Face ``datasets`` row) and the typed teacher target of
 id the item carries (the index by default; an id column or a function otherwise). Targets come
 from whole write units decoded once per process and kept in a small LRU cache, so a
 ``DataLoader`` with workers, ``shuffle=True`` or a ``DistributedSampler`` reads each unit once
-per worker as long as the cache holds the store (``cache_mib``; a store larger than the cache
+per process as long as the cache holds the store (``cache_mib``; a store larger than the cache
 is read a unit per item under a random sampler: use a block-shuffling sampler or
 :class:`softlabels.SoftLabelDataset` then). The store handle opens lazily in each process.
 
 Per position kind:
+
+A store that fits the cache is read, checked and decoded once, when the pairing is made: forked
+workers share it (spawned ones read it again).
 
 * ``sample``: one target per item (a row of a :class:`~softlabels.store.layouts.targets.DenseTarget`,
   ``TopKTarget`` or ``SampledTarget``);
@@ -99,6 +102,8 @@ class TargetDataset(Dataset):
                               "positions; drop view_transform")
         if check:
             _check_dataset(dataset, self.store, self.rows)
+        if self.kind != "tokens" and self._keep >= self.store.num_units:
+            self._whole()  # now, so forked DataLoader workers share it instead of each reading it every epoch
 
     num_classes = property(lambda self: self.store.num_classes)
 

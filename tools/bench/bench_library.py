@@ -102,11 +102,9 @@ def main() -> None:
         joined = Joined(user.tensors[0], user.tensors[1], plain_logits(store, args.n))
         read_plain = time.perf_counter() - t0
         paired = sl.with_targets(user, store)
-        loaders = {
-            False: DataLoader(joined, batch_size=args.batch, shuffle=True, num_workers=args.workers),
-            True: DataLoader(paired, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                             collate_fn=sl.collate),
-        }
+        common = {"batch_size": args.batch, "shuffle": True, "num_workers": args.workers,
+                  "persistent_workers": args.workers > 0}
+        loaders = {False: DataLoader(joined, **common), True: DataLoader(paired, collate_fn=sl.collate, **common)}
         student = nn.Sequential(nn.Linear(args.features, args.hidden), nn.ReLU(), nn.Linear(args.hidden, args.classes))
         opt = torch.optim.SGD(student.parameters(), lr=0.01)
         epoch(loaders[True], student, opt, True)  # warm both (the library's first epoch also reads the units)
