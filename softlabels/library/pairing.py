@@ -122,8 +122,10 @@ class TargetDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         item = self.dataset[index]
         row = int(self.rows[index])
-        target, extra = self._unit(row // self._unit_samples)
-        r = row % self._unit_samples
+        if -1 in self._cache:  # the whole store, decoded
+            (target, extra), r = self._cache[-1], row
+        else:
+            (target, extra), r = self._unit(row // self._unit_samples), row % self._unit_samples
         if self.kind == "tokens":
             off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
             _check_tokens(item, n, index, self.store.path)
