@@ -10,6 +10,8 @@ The pipeline, one package per stage (docs/ARCHITECTURE.md):
   (:func:`open_store`, either format version);
 - :mod:`softlabels.student`: streams stores into students (:func:`train`, losses);
 - :mod:`softlabels.evaluation`: :func:`evaluate`, reports and compression;
+- :mod:`softlabels.library`: stored targets in your own loop (:func:`with_targets`,
+  :func:`collate`, :func:`kd_loss`; docs/LIBRARY.md);
 - :mod:`softlabels.cli`: the ``softlabels`` command, a thin layer over the above.
 
 The names below are imported on first use (PEP 562), so ``import softlabels`` and
@@ -45,6 +47,14 @@ _WHERE = {
     "diff_stores": "store.summary", "summarize": "store.summary",
     "EvalConfig": "evaluation.config", "GenerateConfig": "teacher.config", "TrainConfig": "student.config",
     "train": "student.trainer",
+    "with_targets": "library.pairing", "TargetDataset": "library.pairing",
+    "collate": "library.batches", "TokenTargets": "library.batches", "PairedItems": "library.batches",
+    "DenseTarget": "store.layouts.targets", "TopKTarget": "store.layouts.targets",
+    "SampledTarget": "store.layouts.targets",
+    "kd_loss": "library.losses", "KDLoss": "library.losses", "kl_loss": "library.losses",
+    "soft_ce_loss": "library.losses", "mse_loss": "library.losses", "topk_kl_loss": "library.losses",
+    "sampled_kl_loss": "library.losses", "reverse_kl_loss": "library.losses", "skew_kl_loss": "library.losses",
+    "skew_reverse_kl_loss": "library.losses", "jsd_loss": "library.losses",
 }
 
 __all__ = sorted([*_WHERE, "__version__"])

@@ -51,6 +51,9 @@ COVERED_ELSEWHERE = {
     "E1911": "tests/test_ensemble.py::test_refusals_in_the_library",  # readers of merged stores call it
     "E1782": "tests/test_augment.py::test_errors_match_the_catalogue",  # a user op module on sys.path
     "E1541": "tests/test_hf_cli.py::test_a_broken_torchvision_is_named_with_its_fix",  # a broken package, in a subprocess
+    "E1430": "tests/test_torchvision_names.py::test_what_cannot_replay_is_refused_in_one_line",
+    "L2405": "tests/test_library.py::test_views_hand_the_transform_the_stored_parameters",  # a views store
+    "L2406": "tests/test_library.py::test_token_targets_align_with_input_ids",  # a token store
 }
 
 # Cases of known bugs: they must fail until the bug is fixed (strict xfail), then the mark goes.
@@ -1215,6 +1218,38 @@ def _kl(teacher: dict) -> Callable[[Ctx], Any]:
     return lambda c: KLDivergence(2.0)(torch.zeros(2, C), {"labels": torch.zeros(2, dtype=torch.long), **teacher})
 
 
+def _seam_cases() -> dict[str, Callable[[Ctx], Any]]:
+    """softlabels.with_targets / kd_loss (softlabels.library) refusals."""
+    import softlabels as sl
+    from softlabels.store.layouts.targets import TopKTarget
+
+    topk = TopKTarget(torch.zeros(2, 2), torch.tensor([[0, 1], [1, 0]]), torch.zeros(2))
+
+    def relabelled(c: Ctx) -> Any:
+        labels = sl.open_store(c.env.h5).labels
+        first = int(np.flatnonzero(labels >= 0)[0])
+        items = [(torch.zeros(1), int(y)) for y in labels.clip(0)]
+        items[first] = (torch.zeros(1), int(labels[first] + 1) % C)
+        return sl.with_targets(items, c.env.h5, ids=np.arange(len(labels)))
+
+    def other_data(c: Ctx) -> Any:
+        np.savez(c.tmp / "other.npz", x=np.ones((N, D), np.float32), y=np.zeros(N, np.int64))
+        c.gen()
+        return sl.with_targets(sl.resolve_data(str(c.tmp / "other.npz")), c.tmp / "o.h5")
+
+    return {
+        "L2401": lambda c: sl.with_targets(list(range(3)), c.env.h5),
+        "L2402": lambda c: sl.with_targets([0, 1, 2], c.env.h5, ids=[0, N + 1, N + 2]),
+        "L2403": relabelled,
+        "L2404": other_data,
+        "L2407": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=2, loss="kl"),
+        "L2408": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=0),
+        "L2409": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=2, alpha=0.5),
+        "L2410": lambda c: topk.probs(2.0),
+        "L2411": lambda c: sl.kd_loss(torch.zeros(2, 2, C), topk, temperature=2),
+    }
+
+
 def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
     from softlabels import open_store
     from softlabels.store.layouts import make_layout
@@ -1593,6 +1628,7 @@ def _library_document_cases() -> dict[str, Callable[[Ctx], Any]]:
     return {
         "L2301": lambda c: parse_document_spec("text:t.txt"),
         "L2302": lambda c: window_documents([(ids, np.ones(3, bool)), (ids, None)], 4),
+        **_seam_cases(),
     }
 
 

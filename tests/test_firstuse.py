@@ -354,5 +354,5 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     np.savez("train.npz", x=rng.random((96, 64), dtype=np.float32), y=np.arange(96) % 10)
     torch.save(build_model("mlp-large", (64,), 10).state_dict(), "teacher.pt")
     scope: dict = {}
-    exec(_readme_block("The library in ten lines", "python"), scope)  # noqa: S102 - our own documentation
+    exec(_readme_block("The library in your own loop", "python"), scope)  # noqa: S102 - our own documentation
     assert Path("logits.zarr").is_dir() and scope["loss"].ndim == 0 and torch.isfinite(scope["loss"])

@@ -167,11 +167,19 @@ def _user(term: str, spec: str) -> Augmentation:
     return op
 
 
-def parse_augment(spec: str) -> Compose:
+def parse_augment(spec: str | list[str] | tuple[str, ...]) -> Compose:
     """Parse an ``--augment`` spec (see the module docstring) into a :class:`Compose`.
 
+    ``spec`` may also spell its terms as torchvision does (``RandomCrop(32, padding=4) +
+    RandomHorizontalFlip()``, or a list of terms; :mod:`.torchvision_names`).
     ``parse_augment(c.spec) == c`` for built-in ops: ``spec`` is the canonical text.
     """
+    from softlabels.inputs.augment.torchvision_names import is_torchvision_term, translate
+
+    if isinstance(spec, (list, tuple)):
+        spec = "+".join(str(t) for t in spec)
+    if is_torchvision_term(spec):
+        spec = "+".join(translate(t) if is_torchvision_term(t) else t for t in spec.split("+"))
     terms = [t.strip() for t in spec.split("+")]
     if not spec.strip() or not all(terms):
         raise SpecError(f"--augment '{spec}' has an empty term; join ops with one '+', e.g. crop(32,padding=4)+flip")

@@ -28,12 +28,24 @@ class _Target:
     def __len__(self) -> int:
         return len(getattr(self, fields(self)[0].name))
 
+    def _exact_at_one(self, temperature: float) -> None:
+        if float(temperature) != 1.0:
+            from softlabels.errors import ConfigError
+
+            raise ConfigError(f"a {type(self).__name__} knows the teacher's exact probabilities at temperature 1 only "
+                              f"(got temperature={temperature!r}): its stored logits are a subset of the classes; "
+                              "pass temperature=1, or generate a dense store for other temperatures")
+
 
 @dataclass(frozen=True)
 class DenseTarget(_Target):
     """``logits`` [B, C]: the teacher's raw logits."""
 
     logits: Tensor
+
+    def probs(self, temperature: float = 1.0) -> Tensor:
+        """Teacher probabilities softmax(logits / T) [B, C], float32: exact at any T."""
+        return torch.softmax(self.logits.float() / float(temperature), -1)
 
     def densify(self, num_classes: int | None = None) -> Tensor:
         """Teacher log-probabilities [B, C] at T = 1."""
@@ -54,6 +66,11 @@ class TopKTarget(_Target):
     def log_probs(self) -> Tensor:
         """Exact teacher log-probabilities of the K stored classes at T = 1, float32 [B, K]."""
         return self.values.float() - self.logsumexp.float().unsqueeze(-1)
+
+    def probs(self, temperature: float = 1.0) -> Tensor:
+        """The teacher's exact probabilities of the K stored classes [B, K] at T = 1 (other T: refused)."""
+        self._exact_at_one(temperature)
+        return self.log_probs().exp()
 
     def densify(self, num_classes: int) -> Tensor:
         """[B, C] log-probs at T = 1: exact for the K stored classes, the tail mass spread evenly over the rest."""
@@ -88,6 +105,11 @@ class SampledTarget(_Target):
         """Exact teacher log-probabilities of the sampled ids at T = 1, float32 [B, S] (padding: -inf)."""
         lp = self.logits.float() - self.logsumexp.float().unsqueeze(-1)
         return lp.masked_fill(~self.valid, -math.inf)
+
+    def probs(self, temperature: float = 1.0) -> Tensor:
+        """The teacher's exact probabilities of the sampled ids [B, S] at T = 1 (padding 0; other T: refused)."""
+        self._exact_at_one(temperature)
+        return self.log_probs().exp()
 
     def densify(self, num_classes: int) -> Tensor:
         """[B, C] log-probs of the empirical distribution counts / S (-inf for ids never drawn)."""

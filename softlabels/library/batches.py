@@ -1,0 +1,116 @@
+"""Batches of ``(user item, target)`` pairs: the user's batch as ``default_collate`` makes it, the targets typed.
+
+:func:`collate` is a ``DataLoader`` ``collate_fn``. Per-sample targets stack into one typed target
+of the layout ([B, ...]). Token targets (one row per token, a different count per sequence) become
+:class:`TokenTargets`: the rows of every sequence in order and each sequence's length, which
+:func:`softlabels.kd_loss` lays over the student's ``[B, L, C]`` logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from softlabels.errors import ConfigError
+
+__all__ = ["PairedItems", "TokenTargets", "collate"]
+
+
+@dataclass(frozen=True)
+class TokenTargets:
+    """A batch of token targets: ``target`` holds the rows of sequence 0's tokens, then sequence 1's, ...
+
+    ``lengths`` int64 [B]: how many positions (tokens) each sequence has in the store; position
+    ``t`` of sequence ``b`` is the teacher's output at token ``t`` (its next-token distribution).
+    """
+
+    target: Any
+    lengths: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenTargets:
+        """The same targets with every tensor on ``device``."""
+        return TokenTargets(self.target.to(device, non_blocking=non_blocking),
+                            self.lengths.to(device, non_blocking=non_blocking))
+
+    def probs(self, temperature: float = 1.0) -> Tensor:
+        """The target's ``probs`` over all rows (where exact; see its layout's target)."""
+        return self.target.probs(temperature)
+
+    def index(self, seq_len: int) -> Tensor:
+        """Flat index ``b * seq_len + t`` of every row, for logits reshaped to [B * seq_len, C]."""
+        b = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device), self.lengths)
+        starts = torch.cumsum(self.lengths, 0) - self.lengths
+        t = torch.arange(int(self.lengths.sum()), device=self.lengths.device) - torch.repeat_interleave(starts,
+                                                                                                        self.lengths)
+        return b * seq_len + t
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+class PairedItems(Sequence):
+    """A fetched batch of ``(item, target)`` pairs whose targets were gathered at once (one index per array).
+
+    What :meth:`TargetDataset.__getitems__ <softlabels.library.pairing.TargetDataset.__getitems__>`
+    returns to a ``DataLoader``: :func:`collate` takes ``items`` and ``targets`` as they are; any
+    other ``collate_fn`` sees the same pairs as a plain list of them would give.
+    """
+
+    def __init__(self, items: list[Any], targets: Any) -> None:
+        self.items, self.targets = items, targets
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:  # type: ignore[override]
+        t = self.targets
+        return self.items[i], type(t)(*(getattr(t, f.name)[i] for f in fields(t)))
+
+
+def stack_targets(targets: Sequence[Any]) -> Any:
+    """Per-item typed targets (one layout) stacked into one batch target."""
+    first = targets[0]
+    kind = type(first)
+    if any(type(t) is not kind for t in targets):
+        raise ConfigError("collate got targets of several layouts in one batch; pair each store separately")
+    names = [f.name for f in fields(first)]
+    return kind(*(torch.stack([getattr(t, n) for t in targets]) for n in names))
+
+
+def _cat_targets(targets: Sequence[Any]) -> Any:
+    names = [f.name for f in fields(targets[0])]
+    return type(targets[0])(*(torch.cat([getattr(t, n) for t in targets]) for n in names))
+
+
+def collate(batch: Sequence[tuple[Any, Any]], collate_items: Callable[[list[Any]], Any] = default_collate
+            ) -> tuple[Any, Any]:
+    """``[(item, target), ...]`` -> ``(collate_items(items), typed targets)`` (a ``DataLoader`` ``collate_fn``).
+
+    ``collate_items``: how the user's items batch (``default_collate``, or e.g. a tokenizer's
+    padding collator; wrap it with ``functools.partial(softlabels.collate, collate_items=...)``).
+    """
+    if isinstance(batch, PairedItems):
+        return collate_items(batch.items), batch.targets
+    if not batch or not all(isinstance(b, tuple) and len(b) == 2 for b in batch):
+        raise ConfigError("collate= takes the items of softlabels.with_targets (pairs of item and target); "
+                          "pass collate_fn=softlabels.collate to a DataLoader over with_targets(...)")
+    items, targets = [b[0] for b in batch], [b[1] for b in batch]
+    lead = getattr(targets[0], fields(targets[0])[0].name)
+    first_field = fields(targets[0])[0].name
+    if any(getattr(t, first_field).ndim != lead.ndim for t in targets):
+        raise ConfigError("collate got targets of several position kinds in one batch; pair each store separately")
+    if _is_token_row(targets[0]):
+        lengths = torch.tensor([len(getattr(t, first_field)) for t in targets], dtype=torch.int64)
+        return collate_items(items), TokenTargets(_cat_targets(targets), lengths)
+    return collate_items(items), stack_targets(targets)
+
+
+def _is_token_row(target: Any) -> bool:
+    """A token sequence's rows carry a leading position axis the per-sample rows lack (``logsumexp`` [n])."""
+    if hasattr(target, "logsumexp"):
+        return target.logsumexp.ndim == 1
+    return target.logits.ndim == 2

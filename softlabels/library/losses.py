@@ -1,0 +1,183 @@
+"""KD losses on typed targets for a user's own loop: :func:`kd_loss`, one function per divergence, :class:`KDLoss`.
+
+``kd_loss(student_logits, targets, *, temperature)`` is the scalar a training step minimises:
+``alpha * CE(labels) + (1 - alpha) * soft``, the soft term being T² times a divergence
+(Hinton et al. 2015) chosen from the targets' layout unless ``loss=`` names one of
+:data:`softlabels.student.losses.LOSSES`. The divergences are the loss modules that
+``softlabels train`` uses (:mod:`softlabels.student.soft_losses`), called the way its trainer
+calls them (:class:`~softlabels.student.losses.DistillationLoss` for per-sample targets,
+:func:`~softlabels.student.kinds.tokens.lm_loss` for token targets): one implementation, the
+large-vocabulary ones over bounded blocks of rows. What this layer adds is checking the
+arguments first, so a wrong call is one line naming the Python argument to change.
+
+Per-sample targets take ``student_logits`` [B, C] and ``labels`` [B] (-1: unlabeled). Token
+targets (:class:`~softlabels.library.batches.TokenTargets`) take [B, L, C] logits of the same
+sequences and ``labels`` [B, L] as a causal LM takes them (unshifted; -100: ignored): the loss is
+the mean over positions ``t`` whose next token ``t + 1`` is inside the sequence and not ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from softlabels.errors import ConfigError, ModelMismatch
+from softlabels.library.batches import TokenTargets
+from softlabels.store.layouts.targets import DenseTarget, SampledTarget, TopKTarget
+
+__all__ = [
+    "KDLoss", "kd_loss", "kl_loss", "soft_ce_loss", "mse_loss", "topk_kl_loss", "sampled_kl_loss",
+    "reverse_kl_loss", "skew_kl_loss", "skew_reverse_kl_loss", "jsd_loss",
+]
+
+_OWN = {DenseTarget: ("kl", "soft_ce", "mse"), TopKTarget: ("topk_kl",), SampledTarget: ("sampled_kl",)}
+_ANY_LAYOUT = ("reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
+
+
+def _number(name: str, value: Any, low: float, high: float, closed: bool, example: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    ok = (low <= v <= high) if closed else (low < v and v <= high and math.isfinite(v))
+    if not ok:
+        span = f"between {low:g} and {high:g}" if closed else f"a finite number > {low:g}"
+        raise ConfigError(f"{name} must be {span}, got {value!r}; pass e.g. {name}={example}")
+    return v
+
+
+def _loss_name(loss: str | None, target: Any) -> str:
+    kind = type(target)
+    if kind not in _OWN:
+        raise ConfigError(f"targets= must be a DenseTarget, TopKTarget, SampledTarget or TokenTargets (from "
+                          f"softlabels.collate), got {kind.__name__}")
+    if loss is None:
+        return _OWN[kind][0]
+    fits = (*_OWN[kind], *_ANY_LAYOUT)
+    if loss not in fits:
+        from softlabels.student.losses import LOSSES
+
+        if loss not in LOSSES:
+            raise ConfigError(f"loss={loss!r} is not a loss; pass one of {', '.join(LOSSES)} (or loss=None)")
+        raise ConfigError(f"loss={loss!r} does not take {kind.__name__} targets; pass loss={_OWN[kind][0]!r} "
+                          f"(or loss=None), or one of {', '.join(_ANY_LAYOUT)}")
+    return loss
+
+
+@functools.lru_cache(maxsize=64)
+def _soft_module(name: str, temperature: float, skew: float | None) -> nn.Module:
+    """The trainer's loss module (stateless: one per name, T and weight is kept)."""
+    from softlabels.student.losses import LOSSES, make_soft_loss
+
+    if skew is None:
+        return make_soft_loss(name, temperature)
+    if name not in _ANY_LAYOUT:
+        raise ConfigError(f"skew= weights the mixture of {', '.join(_ANY_LAYOUT[1:])}, not loss={name!r}; drop skew")
+    _number("skew", skew, 0.0, 1.0, True, "0.1")
+    if not 0 < float(skew) < 1:
+        raise ConfigError(f"skew must lie strictly between 0 and 1, got {skew!r}; pass e.g. skew=0.1")
+    return LOSSES[name](temperature, float(skew))
+
+
+def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: str | None = None,
+            alpha: float = 0.0, labels: Tensor | None = None, skew: float | None = None) -> Tensor:
+    """The distillation loss of a batch, a scalar: ``alpha * CE(labels) + (1 - alpha) * T² · divergence``.
+
+    ``targets``: a typed target from :func:`softlabels.collate` (per-sample: ``student_logits``
+    [B, C]; :class:`TokenTargets`: [B, L, C]). ``loss``: a name of ``softlabels.LOSSES`` (default:
+    the layout's own forward KL: ``kl``, ``topk_kl``, ``sampled_kl``). ``alpha`` > 0 needs
+    ``labels``. ``skew``: the mixing weight of ``skew_kl``, ``skew_reverse_kl`` (0.1) and ``jsd`` (0.5).
+    """
+    t = _number("temperature", temperature, 0.0, math.inf, False, "2")
+    a = _number("alpha", alpha, 0.0, 1.0, True, "0.5")
+    if a > 0 and labels is None:
+        raise ConfigError(f"alpha={alpha!r} mixes in the hard-label cross-entropy; pass labels= too, or alpha=0")
+    if not isinstance(student_logits, Tensor):
+        raise ConfigError(f"student_logits= must be a tensor, got {type(student_logits).__name__}")
+    if isinstance(targets, TokenTargets):
+        name = _loss_name(loss, targets.target)
+        return _token_loss(student_logits, targets, _soft_module(name, t, skew), a, labels)
+    name = _loss_name(loss, targets)
+    if student_logits.ndim != 2:
+        raise ModelMismatch(f"student_logits= has shape {tuple(student_logits.shape)} but per-sample targets "
+                            "take [batch, classes]; pass the classifier's logits (token targets: use a token store)")
+    if labels is None:
+        labels = torch.full((len(student_logits),), -1, dtype=torch.long, device=student_logits.device)
+    elif labels.shape != student_logits.shape[:1]:
+        raise ModelMismatch(f"labels= has shape {tuple(labels.shape)}, student_logits= {tuple(student_logits.shape)}; "
+                            "pass one label per row (-1: unlabeled)")
+    return _mixed(name, t, skew, a)(student_logits, {"labels": labels, "target": targets})
+
+
+@functools.lru_cache(maxsize=64)
+def _mixed(name: str, temperature: float, skew: float | None, alpha: float) -> nn.Module:
+    from softlabels.student.losses import DistillationLoss
+
+    return DistillationLoss(_soft_module(name, temperature, skew), alpha)
+
+
+def _token_loss(logits: Tensor, targets: TokenTargets, soft: nn.Module, alpha: float, labels: Tensor | None) -> Tensor:
+    from softlabels.student.kinds.tokens import lm_loss
+
+    if logits.ndim != 3 or logits.shape[0] != len(targets.lengths):
+        raise ModelMismatch(f"student_logits= has shape {tuple(logits.shape)} but the token targets are for "
+                            f"{len(targets.lengths)} sequences; pass the LM's [batch, seq_len, vocab] logits")
+    b, seq, _ = logits.shape
+    longest = int(targets.lengths.max()) if len(targets.lengths) else 0
+    if seq < longest:
+        raise ModelMismatch(f"student_logits= has {seq} positions per sequence but the store holds {longest} for "
+                            "one of them; pass the logits of the same input_ids the targets were paired with")
+    pos = torch.arange(seq, device=logits.device)
+    keep = pos[None, :] + 1 < targets.lengths.to(logits.device)[:, None]
+    nxt = torch.zeros(b, seq, dtype=torch.long, device=logits.device)
+    if labels is not None:
+        if labels.shape != (b, seq):
+            raise ModelMismatch(f"labels= has shape {tuple(labels.shape)}, student_logits= {tuple(logits.shape)}; "
+                                "pass the causal LM's labels [batch, seq_len] (-100: ignored)")
+        nxt[:, :-1] = labels[:, 1:]
+        keep &= nxt != -100
+    batch = {"index": targets.index(seq).to(logits.device), "loss_mask": keep, "targets": nxt.masked_fill(~keep, 0),
+             "target": targets.target}
+    total, _, _ = lm_loss(logits, batch, soft, alpha)
+    return total / keep.sum().clamp_min(1)
+
+
+class KDLoss(nn.Module):
+    """:func:`kd_loss` as a module: ``KDLoss(temperature=2, alpha=0.5)(student_logits, targets, labels)``."""
+
+    def __init__(self, loss: str | None = None, *, temperature: float, alpha: float = 0.0,
+                 skew: float | None = None) -> None:
+        super().__init__()
+        self.loss, self.temperature, self.alpha, self.skew = loss, temperature, alpha, skew
+        _number("temperature", temperature, 0.0, math.inf, False, "2")
+        _number("alpha", alpha, 0.0, 1.0, True, "0.5")
+
+    def forward(self, student_logits: Tensor, targets: Any, labels: Tensor | None = None) -> Tensor:
+        """The scalar loss of the batch (see :func:`kd_loss`)."""
+        return kd_loss(student_logits, targets, temperature=self.temperature, loss=self.loss, alpha=self.alpha,
+                       labels=labels, skew=self.skew)
+
+
+def _named(name: str, what: str):
+    def fn(student_logits: Tensor, targets: Any, *, temperature: float, alpha: float = 0.0,
+           labels: Tensor | None = None, **kw: Any) -> Tensor:
+        return kd_loss(student_logits, targets, temperature=temperature, loss=name, alpha=alpha, labels=labels, **kw)
+
+    fn.__name__ = fn.__qualname__ = f"{name}_loss"
+    fn.__doc__ = f"{what}: :func:`kd_loss` with ``loss={name!r}``."
+    return fn
+
+
+kl_loss = _named("kl", "T² · KL(teacher_T ‖ student_T) on dense targets (Hinton et al. 2015)")
+soft_ce_loss = _named("soft_ce", "T² · cross-entropy of the student against the softened teacher, dense targets")
+mse_loss = _named("mse", "Mean squared error between raw logits (no temperature), dense targets")
+topk_kl_loss = _named("topk_kl", "T² · KL over the K stored classes plus the exact tail bucket, top-k targets")
+sampled_kl_loss = _named("sampled_kl", "T² · the sampled-ids estimate of forward KL, sampled targets")
+reverse_kl_loss = _named("reverse_kl", "T² · KL(student_T ‖ teacher_T), any layout")
+skew_kl_loss = _named("skew_kl", "T² · DistiLLM's skew KL (skew= 0.1), any layout")
+skew_reverse_kl_loss = _named("skew_reverse_kl", "T² · DistiLLM's skew reverse KL (skew= 0.1), any layout")
+jsd_loss = _named("jsd", "T² · the Jensen-Shannon divergence (skew= 0.5), any layout")

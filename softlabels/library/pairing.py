@@ -1,0 +1,352 @@
+"""Pair a user's own map-style dataset with its stored teacher targets, item by item, by sample id.
+
+``with_targets(dataset, store)[i]`` is ``(dataset[i], target)``: the user's item unchanged (their
+transforms, their Hugging Face ``datasets`` row) and the typed teacher target of the sample whose
+id the item carries (the index by default; an id column or a function otherwise). Targets come
+from whole write units decoded once per process and kept in a small LRU cache, so a
+``DataLoader`` with workers, ``shuffle=True`` or a ``DistributedSampler`` reads each unit once
+per process as long as the cache holds the store (``cache_mib``; a store larger than the cache
+is read a unit per item under a random sampler: use a block-shuffling sampler or
+:class:`softlabels.SoftLabelDataset` then). The store handle opens lazily in each process.
+
+Per position kind:
+
+A store that fits the cache is read, checked and decoded once, when the pairing is made: forked
+workers share it (spawned ones read it again).
+
+* ``sample``: one target per item (a row of a :class:`~softlabels.store.layouts.targets.DenseTarget`,
+  ``TopKTarget`` or ``SampledTarget``);
+* ``views``: the store holds V augmented views per sample; item ``i`` in epoch ``e`` is the view
+  :func:`~softlabels.store.positions.views.choose_views` picks (the one ``softlabels train``
+  picks), and the item is made that view by ``view_transform(item, params)`` (the stored
+  parameters by name) or by ``view_transform="replay"`` (the store's built-in augmentation
+  replayed on the item's input tensor);
+* ``tokens``: the target is the sequence's per-token rows, checked against the item's
+  ``input_ids`` (its ``attention_mask``'s count where present); :func:`softlabels.collate` lays them
+  out beside the padded batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from softlabels.errors import (
+    ConfigError,
+    DataError,
+    FingerprintMismatch,
+    UnsupportedFormat,
+)
+from softlabels.library.batches import PairedItems
+
+__all__ = ["TargetDataset", "with_targets"]
+
+IdSpec = str | Callable[[int], int] | Sequence[int] | np.ndarray | None
+_LABEL_KEYS = ("label", "labels")
+_LABEL_CHECKS = 16  # items whose label is compared with the store's at construction
+
+
+def with_targets(dataset: Any, store: Any, ids: IdSpec = None, *,
+                 view_transform: Callable[[Any, dict[str, float]], Any] | str | None = None, epoch: int = 0,
+                 check: bool = True, cache_mib: float = 256) -> TargetDataset:
+    """``dataset`` (map-style: ``len`` and ``[i]``) paired with ``store`` (a path or an opened store) by sample id.
+
+    ``ids``: item ``i``'s sample id is ``i`` (None), ``dataset[i][ids]`` (a column name; a
+    ``datasets.Dataset`` column is read at once), ``ids(i)`` (a function) or ``ids[i]`` (a
+    sequence). ``check``: compare the dataset with what the store recorded where that can be
+    computed (a softlabels ``InputDataset`` or ``TokenDataset``: its fingerprint; other datasets:
+    a few items' labels against the stored labels). See the module doc for views and tokens.
+    """
+    return TargetDataset(dataset, store, ids, view_transform=view_transform, epoch=epoch, check=check,
+                         cache_mib=cache_mib)
+
+
+class TargetDataset(Dataset):
+    """A map-style dataset of ``(user item, typed target)`` (made by :func:`with_targets`)."""
+
+    def __init__(self, dataset: Any, store: Any, ids: IdSpec = None, *,
+                 view_transform: Callable[[Any, dict[str, float]], Any] | str | None = None, epoch: int = 0,
+                 check: bool = True, cache_mib: float = 256) -> None:
+        from softlabels.store.reader import open_store
+
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise ConfigError(f"dataset= must be map-style (len() and dataset[i]), got {type(dataset).__name__}; "
+                              "wrap an iterable dataset's items in a list or a map-style Dataset")
+        if not (isinstance(cache_mib, (int, float)) and cache_mib > 0):
+            raise ConfigError(f"cache_mib must be a number > 0, got {cache_mib!r}")
+        self.dataset = dataset
+        self.store = open_store(store) if isinstance(store, (str, Path)) else store
+        meta = self.store.meta
+        self.kind = meta.positions
+        self.layout = meta.layout_obj()
+        self._unit_samples = meta.geometry.unit_samples
+        self.epoch = int(epoch)
+        self.rows = _rows_of(dataset, self.store, ids)
+        self._fields = tuple(f.name for f in fields(self.layout.decode(_empty_block(self.layout))))
+        unit_bytes = meta.geometry.unit_samples * self.layout.bytes_per_position * _positions_per_sample(self.store)
+        self._keep = max(1, int(cache_mib * 2**20 // max(1, unit_bytes)))
+        self._cache: OrderedDict[int, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
+        self._replay = None
+        if self.kind == "views":
+            self._replay = _view_replay(self.store, view_transform)
+        elif view_transform is not None:
+            raise ConfigError(f"view_transform= is for views stores but {self.store.path} holds {self.kind} "
+                              "positions; drop view_transform")
+        if check:
+            _check_dataset(dataset, self.store, self.rows)
+        if self.kind != "tokens" and self._keep >= self.store.num_units:
+            self._whole()  # now, so forked DataLoader workers share it instead of each reading it every epoch
+
+    num_classes = property(lambda self: self.store.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Views stores: which stored view each sample gives in this epoch (re-made workers see it)."""
+        self.epoch = int(epoch)
+
+    def __getstate__(self) -> dict[str, Any]:  # workers get the store (no open handle) and an empty cache
+        state = dict(self.__dict__)
+        state["_cache"] = OrderedDict()
+        return state
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        item = self.dataset[index]
+        row = int(self.rows[index])
+        if -1 in self._cache:  # the whole store, decoded
+            (target, extra), r = self._cache[-1], row
+        else:
+            (target, extra), r = self._unit(row // self._unit_samples), row % self._unit_samples
+        if self.kind == "tokens":
+            off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
+            _check_tokens(item, n, index, self.store.path)
+            return item, type(target)(*(getattr(target, f)[off:off + n] for f in self._fields))
+        if self.kind == "views":
+            view = int(_choose(self.store, extra["sample_ids"][r:r + 1], self.epoch)[0])
+            item = self._replay(item, extra["view_params"][r, view])
+            return item, type(target)(*(getattr(target, f)[r, view] for f in self._fields))
+        return item, type(target)(*(getattr(target, f)[r] for f in self._fields))
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        """A batch of pairs for a ``DataLoader``: the targets gathered with one index per array (and unit)."""
+        if self.kind == "tokens":
+            return [self[i] for i in indices]
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = fetch(list(indices)) if fetch else [self.dataset[i] for i in indices]
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        if self._keep >= self.store.num_units:  # the whole store fits the cache: one gather
+            groups = [(None, *self._whole(), rows)]
+        else:
+            units, within = rows // self._unit_samples, rows % self._unit_samples
+            groups = [(pick, *self._unit(int(u)), within[pick])
+                      for u in np.unique(units) for pick in [np.flatnonzero(units == u)]]
+        parts: dict[str, list[torch.Tensor]] = {f: [] for f in self._fields}
+        params = []
+        for _, target, extra, r in groups:
+            at: Any = torch.from_numpy(r)
+            if self.kind == "views":
+                v = _choose(self.store, extra["sample_ids"][r], self.epoch)
+                params.append(extra["view_params"][r, v])
+                at = (at, torch.from_numpy(v))
+            for f in self._fields:
+                parts[f].append(getattr(target, f)[at])
+        gathered = [torch.cat(parts[f]) if len(parts[f]) > 1 else parts[f][0] for f in self._fields]
+        if len(groups) > 1:  # back to the batch's order
+            back = np.argsort(np.concatenate([g[0] for g in groups]), kind="stable")
+            gathered = [g[torch.from_numpy(back)] for g in gathered]
+            params = [np.concatenate(params)[back]] if params else params
+        if self.kind == "views":
+            items = [self._replay(item, p) for item, p in zip(items, np.concatenate(params))]
+        return PairedItems(items, type(groups[0][1])(*gathered))
+
+    def _whole(self) -> tuple[Any, dict[str, np.ndarray]]:
+        """Every unit decoded into one target over the store's rows (once per process; it fits the cache)."""
+        hit = self._cache.get(-1)
+        if hit is None:
+            units = [self.store.read_unit(u, verify=True) for u in range(self.store.num_units)]
+            block = {k: np.concatenate([b[k] for b in units]) for k in units[0]} if units else {}
+            hit = self._cache[-1] = (self.layout.decode(block), block)
+        return hit
+
+    def _unit(self, unit: int) -> tuple[Any, dict[str, np.ndarray]]:
+        hit = self._cache.get(unit)
+        if hit is not None:
+            self._cache.move_to_end(unit)
+            return hit
+        block = self.store.read_unit(unit, verify=True)
+        hit = self.layout.decode(block), block
+        self._cache[unit] = hit
+        if len(self._cache) > self._keep:
+            self._cache.popitem(last=False)
+        return hit
+
+
+# -- joining by sample id -------------------------------------------------------------------------------------------
+def _dataset_ids(dataset: Any, ids: IdSpec) -> np.ndarray:
+    n = len(dataset)
+    if ids is None:
+        return np.arange(n, dtype=np.int64)
+    if isinstance(ids, str):
+        if hasattr(dataset, "column_names"):  # a datasets.Dataset: the column at once
+            if ids not in dataset.column_names:
+                raise ConfigError(f"ids={ids!r} is not a column of the dataset (columns: "
+                                  f"{', '.join(dataset.column_names)}); name its sample-id column")
+            return np.asarray(dataset[ids], dtype=np.int64)
+        try:
+            return np.asarray([dataset[i][ids] for i in range(n)], dtype=np.int64)
+        except (KeyError, TypeError, IndexError):
+            raise ConfigError(f"ids={ids!r}: the dataset's items cannot be indexed by {ids!r}; pass a function "
+                              "ids=lambda i: ... returning item i's sample id") from None
+    got = np.asarray([ids(i) for i in range(n)] if callable(ids) else ids, dtype=np.int64)
+    if got.shape != (n,):
+        raise ConfigError(f"ids= gives {got.size} sample ids for a dataset of {n} items; give one per item")
+    return got
+
+
+def _rows_of(dataset: Any, store: Any, ids: IdSpec) -> np.ndarray:
+    """Each item's row in the store, or a one-line error naming how many ids miss and the first."""
+    wanted = _dataset_ids(dataset, ids)
+    if ids is None and len(wanted) != store.num_samples:
+        raise DataError(f"dataset= has {len(wanted)} items but {store.path} holds {store.num_samples} samples; "
+                        "pair the dataset the store was generated from, or pass ids= naming each item's sample id")
+    stored = store.whole("sample_ids").astype(np.int64)
+    if np.array_equal(stored, np.arange(len(stored))):
+        inside = (wanted >= 0) & (wanted < len(stored))
+        rows = np.where(inside, wanted, 0)
+    else:
+        order = np.argsort(stored, kind="stable")
+        at = np.searchsorted(stored[order], wanted).clip(0, max(0, len(stored) - 1))
+        rows = order[at] if len(stored) else np.zeros_like(wanted)
+        inside = stored[rows] == wanted if len(stored) else np.zeros(len(wanted), bool)
+    if not inside.all():
+        bad = np.flatnonzero(~inside)
+        raise DataError(f"{len(bad)} of the dataset's {len(wanted)} sample ids are not in {store.path} (first: id "
+                        f"{int(wanted[bad[0]])} of item {int(bad[0])}); pair the store generated from this dataset, "
+                        "or fix ids=")
+    return rows.astype(np.int64)
+
+
+# -- checks ---------------------------------------------------------------------------------------------------------
+def _label(item: Any) -> int | None:
+    if isinstance(item, dict):
+        value = next((item[k] for k in _LABEL_KEYS if k in item), None)
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        value = item[1]
+    else:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value)
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+
+
+def _check_dataset(dataset: Any, store: Any, rows: np.ndarray) -> None:
+    from softlabels.inputs.arrays import InputDataset
+    from softlabels.inputs.tokens import TokenDataset
+
+    expected = store.meta.source.get("fingerprint")
+    if isinstance(dataset, (InputDataset, TokenDataset)):
+        if expected:
+            from softlabels.inputs.fingerprints import fingerprint
+            from softlabels.inputs.tokens import token_fingerprint
+
+            got = (token_fingerprint if isinstance(dataset, TokenDataset) else fingerprint)(dataset)
+            if got != expected:
+                raise FingerprintMismatch(f"dataset= (fingerprint {got[7:19]}) is not the data {store.path} was "
+                                          f"generated from ({expected[7:19]}); pair the store with its own data")
+        return
+    if store.meta.positions == "tokens" or not len(rows):
+        return
+    labels = store.labels
+    for i in np.unique(np.linspace(0, len(rows) - 1, _LABEL_CHECKS).round().astype(np.int64)):
+        mine, theirs = _label(dataset[int(i)]), int(labels[rows[i]])
+        if mine is not None and theirs >= 0 and mine != theirs:
+            raise FingerprintMismatch(f"item {int(i)} of dataset= has label {mine} but {store.path} holds label "
+                                      f"{theirs} for its sample id; pair the store generated from this dataset, "
+                                      "or fix ids=")
+
+
+def _check_tokens(item: Any, n: int, index: int, path: Any) -> None:
+    ids = item.get("input_ids") if isinstance(item, dict) else item[0] if isinstance(item, (tuple, list)) else item
+    if ids is None:
+        raise DataError(f"item {index} of dataset= has no 'input_ids'; a token store pairs with items holding "
+                        "input_ids (a dict) or the token ids themselves")
+    mask = item.get("attention_mask") if isinstance(item, dict) else None
+    got = int(np.asarray(mask).sum()) if mask is not None else len(ids)
+    if got != n:
+        raise DataError(f"item {index} of dataset= has {got} tokens but {path} holds {n} positions for its sample "
+                        "id; tokenize as the store's data was (same tokenizer, seq_len and windows)")
+
+
+# -- views ----------------------------------------------------------------------------------------------------------
+def _choose(store: Any, sample_ids: np.ndarray, epoch: int) -> np.ndarray:
+    from softlabels.store.positions.views import choose_views
+
+    p = store.positions
+    return choose_views(p.seed, sample_ids, epoch, p.num_views)
+
+
+class _ByName:
+    """The user's ``view_transform(item, params by name)`` (a class, so spawned workers can unpickle it)."""
+
+    def __init__(self, fn: Callable[[Any, dict[str, float]], Any], names: tuple[str, ...]) -> None:
+        self.fn, self.names = fn, names
+
+    def __call__(self, item: Any, params: np.ndarray) -> Any:
+        return self.fn(item, dict(zip(self.names, params.astype(float).tolist())))
+
+
+class _Replay:
+    """The store's own built-in augmentation applied to the item's input tensor (its first element)."""
+
+    def __init__(self, spec: str) -> None:
+        from softlabels.inputs.augment import parse_augment
+
+        self.aug = parse_augment(spec) if spec else None
+
+    def __call__(self, item: Any, params: np.ndarray) -> Any:
+        if self.aug is None:
+            return item
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"view_transform='replay' needs the item's input as a tensor, got {type(x).__name__}; "
+                            "pass view_transform=f that applies the parameters to it")
+        out = self.aug.apply(x.unsqueeze(0), torch.as_tensor(params, dtype=torch.float32).unsqueeze(0))[0]
+        return (out, *item[1:]) if isinstance(item, (tuple, list)) else out
+
+
+def _view_replay(store: Any, view_transform: Any) -> Callable[[Any, np.ndarray], Any]:
+    """``(item, stored params) -> the item as that view``: the user's function or the store's own ops."""
+    p = store.positions
+    if callable(view_transform):
+        return _ByName(view_transform, tuple(p.param_names))
+    if view_transform != "replay":
+        raise ConfigError(f"{store.path} holds {p.num_views} augmented views per sample, each with its own target; "
+                          "pass view_transform=f (called as f(item, params by name)) or view_transform='replay' "
+                          "so each item is the view its target belongs to")
+    user = [t.strip() for t in p.augment.split("+") if ":" in t]
+    if user:
+        raise UnsupportedFormat(f"{store.path} records the augmentation '{p.augment}', whose term '{user[0]}' names "
+                                "code that is never imported from a store; pass view_transform=f that applies it")
+    return _Replay(p.augment)
+
+
+def _empty_block(layout: Any) -> dict[str, np.ndarray]:
+    return {k: np.zeros((0, *s.shape), s.dtype) for k, s in layout.arrays().items()}
+
+
+def _positions_per_sample(store: Any) -> float:
+    p = store.positions
+    if store.meta.positions == "views":
+        return p.num_views
+    if store.meta.positions == "tokens":
+        return max(1.0, math.ceil(p.num_positions / max(1, store.num_samples)))
+    return 1
