@@ -12,17 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
-import zarr
 
 from softlabels.errors import DataError
-from softlabels.inputs.array_files import _array_names, _read_rows
-from softlabels.inputs.files import require_regular
+from softlabels.inputs.array_files import LazyArray, _array_names, file_kind
 
 __all__ = [
     "TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
@@ -258,42 +254,6 @@ def _rewindow(ds: TokenDataset, tokens: Any, mask: Any, seq_len: int, path: str)
     return RaggedTokens(tokens, window_offsets(ds.lengths(), seq_len), mask, source=path)
 
 
-class _LazyArray:
-    """An HDF5 / Zarr array opened on first use in each process (safe across forks and pickling)."""
-
-    def __init__(self, path: str, kind: str, name: str) -> None:
-        self.path, self.kind, self.name = path, kind, name
-        self._handle: Any = None
-        self._array: Any = None
-        self._pid: int | None = None
-        array = self._open()
-        self.shape, self.dtype = tuple(int(s) for s in array.shape), np.dtype(array.dtype)
-        if self._handle is not None:  # never hold an open HDF5 handle across a fork
-            self._handle.close()
-        self._handle = self._array = self._pid = None
-
-    def _open(self) -> Any:
-        if self._pid != os.getpid():
-            if self.kind == "hdf5":
-                self._handle = h5py.File(self.path, "r")
-                self._array = self._handle[self.name]
-            else:
-                self._array = zarr.open_array(self.path, path=self.name, mode="r")
-            self._pid = os.getpid()
-        return self._array
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, np.ndarray):  # rows in any order: HDF5 needs them sorted and unique
-            return _read_rows(self._open(), key)
-        return np.asarray(self._open()[key])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handle": None, "_array": None, "_pid": None}
-
-
-_TOKEN_FILES = {".npy": "npy", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}
-
-
 def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None) -> TokenDataset:
     """Token ids in a file: ``.npy`` ([N, L] packed, or a 1-D stream cut into ``seq_len``
     windows), or ``.npz``/HDF5/Zarr with array ``tokens`` and optional ``offsets``, ``mask``.
@@ -302,13 +262,7 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
     sequence, a document, into windows of at most ``seq_len`` that never cross two of them;
     rows of exactly ``seq_len`` tokens are read as they are."""
     path = str(path)
-    kind = _TOKEN_FILES.get(Path(path.rstrip("/")).suffix.lower())
-    if kind is None:
-        raise DataError(f"unsupported token file '{path}'; use a .npy, .npz, .h5/.hdf5 or .zarr file")
-    if not Path(path).exists():
-        raise DataError(f"token file '{path}' does not exist; check the path in --data")
-    if kind != "zarr":  # a Zarr store is a folder
-        require_regular(path)
+    kind = file_kind(path, "token file", ".npy, .npz, .h5/.hdf5 or .zarr")
     arrays: dict[str, Any]
     if kind == "npy":
         arrays = {"tokens": np.load(path, mmap_mode="r", allow_pickle=False)}
@@ -320,7 +274,7 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
             raise DataError(f"cannot read '{path}' as .npz ({err}); write it with numpy.savez") from err
     else:
         found = _array_names(path, kind)
-        arrays = {name: _LazyArray(path, kind, name) for name in ("tokens", "offsets", "mask") if name in found}
+        arrays = {name: LazyArray(path, kind, name) for name in ("tokens", "offsets", "mask") if name in found}
     if "tokens" not in arrays:
         raise DataError(
             f"no array 'tokens' in '{path}'; arrays found: {', '.join(arrays) or '(none)'}; "
