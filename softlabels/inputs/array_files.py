@@ -188,5 +188,6 @@ def open_array_file(
     if kind == "npz":
         x, labels = arrays[name], None if labels_name is None else arrays[labels_name]
     else:  # the inputs stay in the file; labels (small) are read now
-        x, labels = LazyArray(path, kind, name), None if labels_name is None else LazyArray(path, kind, labels_name).read()
+        x = LazyArray(path, kind, name)
+        labels = None if labels_name is None else LazyArray(path, kind, labels_name).read()
     return ArrayDataset(x, labels, num_classes=num_classes, source=source)

@@ -45,13 +45,18 @@ class IndexBatches(Dataset):
             x, y = self.datasets[0].get_batch(ids)
             return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
         which = np.searchsorted(self.offsets, ids, side="right") - 1
-        parts = [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
-                 for j in range(len(self.datasets)) if (m := which == j).any()]
-        x = torch.empty((len(ids), *parts[0][1][0].shape[1:]), dtype=parts[0][1][0].dtype)
-        y = torch.empty(len(ids), dtype=torch.int64)
-        for m, (xj, yj) in parts:
-            x[torch.from_numpy(m)], y[torch.from_numpy(m)] = xj, yj
+        x, y = join_rows(len(ids), [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
+                                    for j in range(len(self.datasets)) if (m := which == j).any()])
         return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
+
+
+def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
+    """Tensors of ``n`` rows from ``(mask, tensors)`` parts: each part's rows go where its bool mask is True."""
+    out = tuple(torch.empty((n, *t.shape[1:]), dtype=t.dtype) for t in parts[0][1])
+    for m, tensors in parts:
+        for o, t in zip(out, tensors):
+            o[torch.from_numpy(m)] = t
+    return out
 
 
 def _all_labels(ds) -> np.ndarray:
