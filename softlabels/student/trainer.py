@@ -258,16 +258,11 @@ class _Run:
 
     def _check_stores_finite(self) -> None:
         """After a NaN loss, before blaming --lr: a store holding NaN/inf teacher values (one scan, on failure only)."""
+        from softlabels.teacher.sinks import nonfinite_ids
+
         for store in self.task.stores:
-            layout, ids = store.meta.layout_obj(), []
-            for u in range(store.meta.num_units):
-                block = store.read_unit(u, verify=False)
-                rows = layout.nonfinite_rows(block)
-                if "offsets" in block:  # positions of a tokens unit -> its sequences
-                    rows = block["offsets"].searchsorted(rows, side="right") - 1
-                ids += block[fmt.SAMPLE_IDS][rows].tolist()
+            ids = sorted(set(nonfinite_ids(store, range(store.meta.num_units))))
             if ids:
-                ids = sorted(set(ids))
                 raise NonFiniteOutputs(
                     f"store {str(store.path)!r} holds NaN/inf teacher values for {len(ids)} sample id(s) "
                     f"({fmt.chunk_list(ids)}), so every loss is NaN; lowering --lr will not help: regenerate the store "
