@@ -22,7 +22,7 @@ from softlabels.inputs.array_files import LazyArray, _array_names, file_kind
 
 __all__ = [
     "TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
-    "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets",
+    "check_seq_len", "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets",
 ]
 
 
@@ -205,11 +205,17 @@ class RaggedTokens(TokenDataset):
         return ids, mask
 
 
+def check_seq_len(seq_len: Any) -> int:
+    """``seq_len`` as an int, refused unless it is an integer >= 1."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
+    return int(seq_len)
+
+
 def window_offsets(lengths: np.ndarray, seq_len: int) -> np.ndarray:
     """``offsets`` of consecutive windows of ``seq_len`` tokens cut from each sequence of these
     ``lengths``: a sequence's last window keeps its remainder, and no window crosses two sequences."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
-        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
+    seq_len = check_seq_len(seq_len)
     lengths = np.asarray(lengths, dtype=np.int64)
     per = -(-lengths // seq_len)  # windows per sequence
     windows = np.full(int(per.sum()), seq_len, dtype=np.int64)

@@ -17,11 +17,11 @@ import hashlib
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 import torch
 from torch import nn
@@ -82,21 +82,13 @@ class ModelInfo:
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description (everything but the module)."""
-        return {
-            "spec": self.spec,
-            "kind": self.kind,
-            "weights_sha256": self.weights_sha256,
-            "num_parameters": self.num_parameters,
-        }
+        return {k: v for k, v in vars(self).items() if k != "module"}
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file's bytes."""
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # Entries of a .pt2 archive that torch.export.load unpickles or runs as native code
@@ -105,22 +97,13 @@ _PT2_UNSAFE = ("data/aotinductor/", "opaque_obj_", "custom_obj_", "data/weights/
                "data/constants/model.pt")
 
 
-@contextmanager
-def _weights_only_loads() -> Iterator[None]:
+def _weights_only_loads() -> Any:
     """Every ``torch.load`` inside (torch.export.load's own, too) with ``weights_only=True``.
 
     torch.export.load retries its sample inputs, and loads pickled weights and constants,
     with ``weights_only=False``; torch's documented switch overrides those call sites.
     """
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+    return mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"})
 
 
 def _load_export(path: str, allow_pickle: bool) -> nn.Module:
