@@ -26,20 +26,8 @@ from typing import Any
 
 from softlabels.errors import ConfigError
 from softlabels.evaluation.config import REPORT_FORMATS
-from softlabels.evaluation.report_plots import (
-    _pyplot,
-    plot_accuracy,
-    plot_curves,
-    plot_reliability,
-)
-from softlabels.evaluation.report_runs import (
-    ModelRun,
-    EVAL,
-    RESULTS,
-    _num,
-    compute_reliability,
-    find_models,
-)
+from softlabels.evaluation.report_plots import _pyplot, plot_accuracy, plot_curves, plot_reliability
+from softlabels.evaluation.report_runs import ModelRun, EVAL, RESULTS, _num, compute_reliability, find_models
 from softlabels._runtime.paths import out_overlaps
 from softlabels.student.checkpoint import METRICS, RUN_FILES
 

@@ -21,13 +21,7 @@ import numpy as np
 
 from softlabels.errors import CorruptStore, StoreLimitExceeded
 
-__all__ = [
-    "LOGITS_DTYPES",
-    "ArraySpec",
-    "checksum_of",
-    "chunk_list",
-    "load_json",
-]
+__all__ = ["LOGITS_DTYPES", "ArraySpec", "checksum_of", "chunk_list", "load_json"]
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"

@@ -34,19 +34,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 __all__ = [
-    "EpochState",
-    "Window",
-    "split",
-    "chunk_order",
-    "worker_range",
-    "worker_batch_counts",
-    "resume_point",
-    "plan_windows",
-    "window_perm",
-    "batch_pieces",
-    "stream_batches",
-    "chunk_batches",
-    "batches_per_epoch",
+    "EpochState", "Window", "split", "chunk_order", "worker_range", "worker_batch_counts", "resume_point",
+    "plan_windows", "window_perm", "batch_pieces", "stream_batches", "chunk_batches", "batches_per_epoch",
     "loader_batches",
 ]
 

@@ -30,13 +30,7 @@ from torch import nn
 from softlabels._runtime import signals as _signals
 from softlabels._runtime.device import DistEnv, set_threads
 from softlabels._runtime.progress import progress_bar, wants_bar
-from softlabels.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    NonFiniteOutputs,
-    StoreMismatch,
-)
+from softlabels.errors import CheckpointError, ConfigError, DataError, NonFiniteOutputs, StoreMismatch
 from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
 from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE

@@ -16,14 +16,7 @@ from torch import nn
 
 from softlabels.errors import ModelMismatch, SpecError
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "MLP",
-    "CNN",
-    "build_model",
-    "count_parameters",
-    "count_flops",
-]
+__all__ = ["BUILTIN_MODELS", "MLP", "CNN", "build_model", "count_parameters", "count_flops"]
 
 
 class MLP(nn.Module):

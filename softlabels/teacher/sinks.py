@@ -15,13 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from softlabels.errors import (
-    ConfigError,
-    CorruptStore,
-    NotAStore,
-    SoftLabelsError,
-    StoreMismatch,
-)
+from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
 from softlabels.store import format as fmt
 from softlabels.store.backend import open_backend
 from softlabels.store.reader import UnitStore
