@@ -88,7 +88,6 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
             run.task.close()
     finally:
         lock.release()
-        env.stop()
 
 
 class _Run:
@@ -265,10 +264,7 @@ class _Run:
     def _finish(self, seconds: float) -> dict[str, Any]:
         env, cfg = self.env, self.config
         digest = weights_digest(self.task.net)
-        digests = [digest]
-        if env.world > 1:
-            digests = [None] * env.world
-            dist.all_gather_object(digests, digest)
+        digests = env.group.all_gather(digest)
         history = ckpt_io.read_metrics(cfg.out) if env.rank == 0 else []
         summary = {
             "student": cfg.student, "out": str(cfg.out), "epochs": cfg.epochs, "steps": self.step,
