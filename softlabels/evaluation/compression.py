@@ -46,7 +46,7 @@ from torch import nn
 
 from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.evaluation.config import QUANTIZE, CompressConfig
-from softlabels.teacher.models import MLP
+from softlabels.teacher.models import MLP, count_parameters
 
 __all__ = ["CompressConfig", "compress", "prune_unstructured", "prune_hidden_units", "quantize_int8",
            "QUANTIZE", "format_markdown"]
@@ -176,7 +176,7 @@ def _measure(name: str, model: nn.Module, file: Path, dataset, store, config: Co
     metrics = evaluate_model(model, dataset, num_classes=num_classes, batch_size=config.batch_size, store=store)
     return {
         "model": name, "file": str(file), "size_bytes": len(blob), "size_gzip_bytes": len(zlib.compress(blob, 6)),
-        "parameters": sum(p.numel() for p in model.parameters()), "nonzero_parameters": count_nonzero(model),
+        "parameters": count_parameters(model), "nonzero_parameters": count_nonzero(model),
         "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement"),
         "kl_to_teacher": metrics.get("kl_to_teacher"), "correlation": metrics.get("correlation"),
         "teacher_accuracy": metrics.get("teacher_accuracy"),

@@ -83,14 +83,10 @@ def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
     )
 
 
-def _flat(input_shape: tuple[int, ...]) -> int:
-    return math.prod(input_shape)
-
-
 BUILTIN_MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
-    "linear": lambda shape, c: MLP(_flat(shape), (), c),
-    "mlp": lambda shape, c: MLP(_flat(shape), (32,), c),
-    "mlp-large": lambda shape, c: MLP(_flat(shape), (512, 512), c),
+    "linear": lambda shape, c: MLP(math.prod(shape), (), c),
+    "mlp": lambda shape, c: MLP(math.prod(shape), (32,), c),
+    "mlp-large": lambda shape, c: MLP(math.prod(shape), (512, 512), c),
     "cnn": lambda shape, c: CNN(_image_shape("cnn", shape), (16, 32), (), c),
     "cnn-large": lambda shape, c: CNN(_image_shape("cnn-large", shape), (64, 128, 128), (256,), c),
 }
