@@ -191,9 +191,12 @@ def _batches_from_store(store: Any, dataset: InputDataset, batch_size: int):
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int, batch_size: int = 512,
-                   device: str | torch.device = "cpu", store: Any = None) -> dict[str, Any]:
-    """Metrics of ``model`` on ``dataset`` (see :class:`EvalAccumulator`), against ``store`` if given."""
-    acc = EvalAccumulator(num_classes)
+                   device: str | torch.device = "cpu", store: Any = None,
+                   acc: EvalAccumulator | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset`` (see :class:`EvalAccumulator`), against ``store`` if given.
+
+    ``acc``: the accumulator to add the batches to (for its :meth:`~EvalAccumulator.reliability`, say)."""
+    acc = acc or EvalAccumulator(num_classes)
     was_training = model.training
     model.eval()
     try:
