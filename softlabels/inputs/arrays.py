@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from softlabels.errors import DataError
 
-__all__ = ["InputDataset", "ArrayDataset", "class_count"]
+__all__ = ["InputDataset", "ArrayDataset", "all_labels", "class_count"]
 
 
 class InputDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -51,11 +51,17 @@ def class_count(ds: InputDataset) -> int | None:
     attribute), the largest label + 1, from one pass over the labels; else ``None``."""
     if ds.num_classes is not None or not ds.has_labels:
         return ds.num_classes
-    top = -1
-    for start in range(0, len(ds), 4096):
-        _, y = ds.get_batch(np.arange(start, min(start + 4096, len(ds)), dtype=np.int64))
-        top = max(top, int(y.max()) if len(y) else -1)
+    top = int(all_labels(ds).max(initial=-1))
     return top + 1 if top >= 0 else None
+
+
+def all_labels(ds: InputDataset) -> np.ndarray:
+    """Every label of ``ds`` (int64 [N], -1 unlabeled): its ``labels`` array, else read in blocks of items."""
+    labels = getattr(ds, "labels", None)
+    if labels is not None:
+        return np.asarray(labels)
+    return np.concatenate([ds.get_batch(np.arange(i, min(i + 4096, len(ds)), dtype=np.int64))[1].numpy()
+                           for i in range(0, len(ds), 4096)] or [np.empty(0, np.int64)])
 
 
 class _Unlabeled(InputDataset):

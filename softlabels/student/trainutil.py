@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from softlabels.inputs.arrays import all_labels
+
 
 class IndexBatches(Dataset):
     """Batches of rows of one or more InputDatasets, shuffled per epoch, this rank's share.
@@ -28,7 +30,7 @@ class IndexBatches(Dataset):
         self.offsets = np.cumsum([0] + [len(d) for d in datasets])
         ids = np.arange(self.offsets[-1], dtype=np.int64)
         if labeled_only:
-            ids = ids[np.concatenate([_all_labels(d) for d in datasets]) >= 0]
+            ids = ids[np.concatenate([all_labels(d) for d in datasets]) >= 0]
         self.ids = ids
         self.set_epoch(0)
 
@@ -57,14 +59,6 @@ def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]) 
         for o, t in zip(out, tensors):
             o[torch.from_numpy(m)] = t
     return out
-
-
-def _all_labels(ds) -> np.ndarray:
-    labels = getattr(ds, "labels", None)
-    if labels is not None:
-        return np.asarray(labels)
-    return np.concatenate([ds.get_batch(np.arange(i, min(i + 4096, len(ds))))[1].numpy()
-                           for i in range(0, len(ds), 4096)] or [np.empty(0, np.int64)])
 
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
