@@ -74,10 +74,8 @@ def _array_names(path: str, kind: str) -> list[str]:
 def _require_arrays(path: str, found: list[str], *wanted: str | None) -> None:
     for name in wanted:
         if name is not None and name not in found:
-            raise DataError(
-                f"no array '{name}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
-                f"name them as {path}:INPUTS[,LABELS]"
-            )
+            raise DataError(f"no array '{name}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
+                            f"name them as {path}:INPUTS[,LABELS]")
 
 
 class LazyArray:
@@ -153,13 +151,8 @@ def file_kind(path: str, what: str, suffixes: str) -> str:
     return kind
 
 
-def open_array_file(
-    path: str | os.PathLike[str],
-    name: str | None = None,
-    labels_name: str | None = None,
-    *,
-    num_classes: int | None = None,
-) -> ArrayDataset:
+def open_array_file(path: str | os.PathLike[str], name: str | None = None, labels_name: str | None = None, *,
+                    num_classes: int | None = None) -> ArrayDataset:
     """Open inputs stored in a ``.npz``, ``.npy``, HDF5 (``.h5``/``.hdf5``) or ``.zarr`` file.
 
     Without ``name`` the inputs are array ``x`` and the labels array ``y`` when the

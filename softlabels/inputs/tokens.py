@@ -60,10 +60,8 @@ def _pad(flat_ids: np.ndarray, flat_mask: np.ndarray, lengths: np.ndarray) -> To
 
 def _check_ids(ids: np.ndarray, source: str, where: str) -> np.ndarray:
     if ids.size and ids.min() < 0:
-        raise DataError(
-            f"{source} has negative token id {int(ids.min())} in {where}; store token ids >= 0 in an "
-            "integer type wide enough for the vocabulary (int16 wraps above 32,767)"
-        )
+        raise DataError(f"{source} has negative token id {int(ids.min())} in {where}; store token ids >= 0 in an "
+                        "integer type wide enough for the vocabulary (int16 wraps above 32,767)")
     return ids.astype(np.int64, copy=False)
 
 
@@ -109,10 +107,8 @@ class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def _check_mask(mask: Any, shape: tuple[int, ...], source: str) -> None:
     integer = np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_
     if tuple(mask.shape) != shape or not integer:
-        raise DataError(
-            f"mask of {source} has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
-            f"store a bool (or 0/1) array shaped like the tokens, {shape}"
-        )
+        raise DataError(f"mask of {source} has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
+                        f"store a bool (or 0/1) array shaped like the tokens, {shape}")
 
 
 class PackedTokens(TokenDataset):
@@ -123,10 +119,8 @@ class PackedTokens(TokenDataset):
         self.source, self.vocab_size = source, vocab_size
         dtype = np.dtype(tokens.dtype)
         if len(tokens.shape) != 2 or not np.issubdtype(dtype, np.integer) or 0 in tokens.shape:
-            raise DataError(
-                f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
-                "store integer token ids, [N, L] with N, L >= 1 (or flat tokens with offsets [N + 1])"
-            )
+            raise DataError(f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
+                            "store integer token ids, [N, L] with N, L >= 1 (or flat tokens with offsets [N + 1])")
         if mask is not None:
             _check_mask(mask, tuple(tokens.shape), source)
         self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
@@ -171,24 +165,18 @@ class RaggedTokens(TokenDataset):
         self.source, self.vocab_size = source, vocab_size
         dtype = np.dtype(tokens.dtype)
         if len(tokens.shape) != 1 or not np.issubdtype(dtype, np.integer):
-            raise DataError(
-                f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
-                "with offsets, store the token ids flat: one integer array [T]"
-            )
+            raise DataError(f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
+                            "with offsets, store the token ids flat: one integer array [T]")
         off = np.asarray(offsets[...])
         total = int(tokens.shape[0])
         if (off.ndim != 1 or off.size < 2 or not np.issubdtype(off.dtype, np.integer)
                 or off[0] != 0 or off[-1] != total or (np.diff(off) < 0).any()):
-            raise DataError(
-                f"offsets of {source} are not [N + 1] integers rising from 0 to the {total} tokens; "
-                "store offsets[i]..offsets[i + 1] as sequence i's token range"
-            )
+            raise DataError(f"offsets of {source} are not [N + 1] integers rising from 0 to the {total} tokens; "
+                            "store offsets[i]..offsets[i + 1] as sequence i's token range")
         self._lengths = np.diff(off).astype(np.int64)
         if (self._lengths == 0).any():
-            raise DataError(
-                f"sequence {int(np.argmin(self._lengths))} of {source} is empty; drop empty sequences "
-                "(every sequence needs at least one token)"
-            )
+            raise DataError(f"sequence {int(np.argmin(self._lengths))} of {source} is empty; drop empty sequences "
+                            "(every sequence needs at least one token)")
         if mask is not None:
             _check_mask(mask, (total,), source)
         self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
@@ -282,17 +270,13 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
         found = _array_names(path, kind)
         arrays = {name: LazyArray(path, kind, name) for name in ("tokens", "offsets", "mask") if name in found}
     if "tokens" not in arrays:
-        raise DataError(
-            f"no array 'tokens' in '{path}'; arrays found: {', '.join(arrays) or '(none)'}; "
-            "store token ids as 'tokens' (with 'offsets' [N + 1] if ragged, and an optional 'mask')"
-        )
+        raise DataError(f"no array 'tokens' in '{path}'; arrays found: {', '.join(arrays) or '(none)'}; "
+                        "store token ids as 'tokens' (with 'offsets' [N + 1] if ragged, and an optional 'mask')")
     tokens, offsets, mask = arrays["tokens"], arrays.get("offsets"), arrays.get("mask")
     if offsets is None and len(tokens.shape) == 1:
         if seq_len is None:
-            raise DataError(
-                f"'{path}' holds flat tokens without offsets; store 'offsets' [N + 1] beside them, "
-                "or pass --seq-len to cut the stream into windows"
-            )
+            raise DataError(f"'{path}' holds flat tokens without offsets; store 'offsets' [N + 1] beside them, "
+                            "or pass --seq-len to cut the stream into windows")
         return pack_stream(tokens, seq_len, mask, source=path)
     ds = PackedTokens(tokens, mask, source=path) if offsets is None else RaggedTokens(tokens, offsets, mask, source=path)
     return ds if seq_len is None else _rewindow(ds, tokens, mask, seq_len, path)

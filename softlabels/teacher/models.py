@@ -42,13 +42,8 @@ class CNN(nn.Module):
     Flat inputs are reshaped to ``image_shape`` first, so a 64-vector becomes 1x8x8.
     """
 
-    def __init__(
-        self,
-        image_shape: tuple[int, int, int],
-        channels: tuple[int, ...],
-        hidden: tuple[int, ...],
-        num_classes: int,
-    ) -> None:
+    def __init__(self, image_shape: tuple[int, int, int], channels: tuple[int, ...], hidden: tuple[int, ...],
+                 num_classes: int) -> None:
         super().__init__()
         self.image_shape = image_shape
         layers: list[nn.Module] = []
@@ -77,10 +72,8 @@ def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
         side = math.isqrt(input_shape[0])
         if side * side == input_shape[0] and side > 0:
             return (1, side, side)
-    raise ModelMismatch(
-        f"model '{name}' needs image-like inputs (C×H×W, H×W or a flat perfect square), "
-        f"got per-item shape {tuple(input_shape)}; use 'mlp' or 'linear' for these inputs"
-    )
+    raise ModelMismatch(f"model '{name}' needs image-like inputs (C×H×W, H×W or a flat perfect square), "
+                        f"got per-item shape {tuple(input_shape)}; use 'mlp' or 'linear' for these inputs")
 
 
 BUILTIN_MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
@@ -98,15 +91,11 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     """Build the built-in architecture ``name`` for per-sample ``input_shape`` and ``num_classes``."""
     builder = BUILTIN_MODELS.get(name)
     if builder is None:
-        raise SpecError(
-            f"unknown built-in model '{name}'; use one of: {', '.join(BUILTIN_MODELS)}, "
-            "a module:factory, a TorchScript file or a .pt2 torch.export file"
-        )
+        raise SpecError(f"unknown built-in model '{name}'; use one of: {', '.join(BUILTIN_MODELS)}, "
+                        "a module:factory, a TorchScript file or a .pt2 torch.export file")
     if num_classes < 1 or not input_shape or min(input_shape) < 1:
-        raise ModelMismatch(
-            f"cannot build '{name}' for input shape {tuple(input_shape)} and {num_classes} classes; "
-            "pass a non-empty input shape and at least one class"
-        )
+        raise ModelMismatch(f"cannot build '{name}' for input shape {tuple(input_shape)} and {num_classes} classes; "
+                            "pass a non-empty input shape and at least one class")
     return builder(tuple(input_shape), num_classes)
 
 

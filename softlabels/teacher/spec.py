@@ -166,19 +166,15 @@ def _read_state_dict(path: str, allow_pickle: bool) -> Mapping[str, Any]:
             "allow_pickle=True (--allow-pickle) only for a file you trust, or save model.state_dict()"
         ) from err
     except Exception as err:
-        raise SpecError(
-            f"cannot read weights '{path}' ({_one_line(err)}); save them with "
-            "torch.save(model.state_dict(), path)"
-        ) from err
+        raise SpecError(f"cannot read weights '{path}' ({_one_line(err)}); save them with "
+                        "torch.save(model.state_dict(), path)") from err
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise SpecError(
-            f"weights '{path}' hold a {type(obj).__name__}, not a state_dict; "
-            "save them with torch.save(model.state_dict(), path)"
-        )
+        raise SpecError(f"weights '{path}' hold a {type(obj).__name__}, not a state_dict; "
+                        "save them with torch.save(model.state_dict(), path)")
     return obj
 
 
@@ -207,10 +203,8 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
         except (RuntimeError, ValueError, TypeError) as err:
             problems.append(_one_line(err))
     if problems:
-        raise ModelMismatch(
-            f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
-            "pass weights saved from this architecture"
-        )
+        raise ModelMismatch(f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
+                            "pass weights saved from this architecture")
 
 
 def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: int | None,
@@ -245,14 +239,8 @@ def _saved_classes(spec: str, input_shape: tuple[int, ...], weights: str, allow_
     return None
 
 
-def resolve_model(
-    spec: str,
-    *,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    weights: str | os.PathLike[str] | None = None,
-    allow_pickle: bool = False,
-) -> ModelInfo:
+def resolve_model(spec: str, *, input_shape: tuple[int, ...], num_classes: int,
+                  weights: str | os.PathLike[str] | None = None, allow_pickle: bool = False) -> ModelInfo:
     """Resolve a ``--teacher``/``--student`` spec to a model in eval mode.
 
     ``input_shape`` (per sample) and ``num_classes`` size the built-ins. ``weights`` is a
@@ -270,10 +258,8 @@ def resolve_model(
     elif ":" in spec:
         module, kind = factory_module(spec), "factory"
     else:
-        raise SpecError(
-            f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "
-            "a package.module:factory, a TorchScript file or a .pt2 torch.export file"
-        )
+        raise SpecError(f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "
+                        "a package.module:factory, a TorchScript file or a .pt2 torch.export file")
     if weights is not None:
         _load_weights(module, str(weights), spec, allow_pickle)
         digest = sha256_file(weights)
