@@ -174,13 +174,11 @@ def _measure(name: str, model: nn.Module, file: Path, dataset, store, config: Co
 
     blob = file.read_bytes()
     metrics = evaluate_model(model, dataset, num_classes=num_classes, batch_size=config.batch_size, store=store)
-    return {
-        "model": name, "file": str(file), "size_bytes": len(blob), "size_gzip_bytes": len(zlib.compress(blob, 6)),
-        "parameters": count_parameters(model), "nonzero_parameters": count_nonzero(model),
-        "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement"),
-        "kl_to_teacher": metrics.get("kl_to_teacher"), "correlation": metrics.get("correlation"),
-        "teacher_accuracy": metrics.get("teacher_accuracy"),
-    }
+    return {"model": name, "file": str(file), "size_bytes": len(blob), "size_gzip_bytes": len(zlib.compress(blob, 6)),
+            "parameters": count_parameters(model), "nonzero_parameters": count_nonzero(model),
+            "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement"),
+            "kl_to_teacher": metrics.get("kl_to_teacher"), "correlation": metrics.get("correlation"),
+            "teacher_accuracy": metrics.get("teacher_accuracy")}
 
 
 # -- the command -----------------------------------------------------------------------------------

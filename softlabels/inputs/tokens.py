@@ -20,10 +20,8 @@ import torch
 from softlabels.errors import DataError
 from softlabels.inputs.array_files import LazyArray, _array_names, file_kind
 
-__all__ = [
-    "TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
-    "check_seq_len", "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets",
-]
+__all__ = ["TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
+           "check_seq_len", "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets"]
 
 
 @dataclass(frozen=True)

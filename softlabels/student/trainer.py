@@ -266,13 +266,11 @@ class _Run:
         digest = weights_digest(self.task.net)
         digests = env.group.all_gather(digest)
         history = ckpt_io.read_metrics(cfg.out) if env.rank == 0 else []
-        summary = {
-            "student": cfg.student, "out": str(cfg.out), "epochs": cfg.epochs, "steps": self.step,
-            "world_size": env.world, "num_parameters": self.run_config["num_parameters"], **self.task.summary(),
-            "seconds": seconds, "final": history[-1] if history else {},
-            "first_loss": history[0]["loss"] if history else None,
-            "weights_digest": digest, "weights_digest_per_rank": digests, "config": self.run_config,
-        }
+        summary = {"student": cfg.student, "out": str(cfg.out), "epochs": cfg.epochs, "steps": self.step,
+                   "world_size": env.world, "num_parameters": self.run_config["num_parameters"], **self.task.summary(),
+                   "seconds": seconds, "final": history[-1] if history else {},
+                   "first_loss": history[0]["loss"] if history else None,
+                   "weights_digest": digest, "weights_digest_per_rank": digests, "config": self.run_config}
         if env.rank == 0:
             import json
 

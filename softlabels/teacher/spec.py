@@ -189,12 +189,10 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
         problems.append(f"missing keys {_few(missing)}")
     if unexpected := [k for k in given if k not in expected]:
         problems.append(f"unexpected keys {_few(unexpected)}")
-    wrong = [
-        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in given.items()
-        if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
-        and v.shape != expected[k].shape
-    ]
+    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in given.items()
+             if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
+             and v.shape != expected[k].shape]
     if wrong:
         problems.append(f"shape mismatch {_few(wrong)}")
     if not problems:
