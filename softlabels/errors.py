@@ -9,30 +9,10 @@ subclass the matching built-in, so callers can catch either
 
 from __future__ import annotations
 
-__all__ = [
-    "SoftLabelsError",
-    "StoreError",
-    "StoreNotFound",
-    "NotAStore",
-    "UnsupportedFormat",
-    "CorruptStore",
-    "IncompleteStore",
-    "StoreLimitExceeded",
-    "StoreExists",
-    "StoreMismatch",
-    "StoreLocked",
-    "StoreWriteError",
-    "SpecError",
-    "DataError",
-    "FingerprintMismatch",
-    "ModelMismatch",
-    "NonFiniteOutputs",
-    "ConfigError",
-    "CheckpointError",
-    "CheckpointNotFound",
-    "RunNotFound",
-    "Interrupted",
-]
+__all__ = ["SoftLabelsError", "StoreError", "StoreNotFound", "NotAStore", "UnsupportedFormat", "CorruptStore",
+           "IncompleteStore", "StoreLimitExceeded", "StoreExists", "StoreMismatch", "StoreLocked", "StoreWriteError",
+           "SpecError", "DataError", "FingerprintMismatch", "ModelMismatch", "NonFiniteOutputs", "ConfigError",
+           "CheckpointError", "CheckpointNotFound", "RunNotFound", "Interrupted"]
 
 
 class SoftLabelsError(Exception):

@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 from torch.utils.data import DataLoader
 
 from softlabels.errors import DataError, SpecError
-from softlabels.inputs.array_files import FileArrayDataset
+from softlabels.inputs.array_files import LazyArray
 from softlabels.inputs.arrays import ArrayDataset, InputDataset
 from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.spec import resolve_data
@@ -73,7 +73,7 @@ def test_npy_is_memory_mapped_inputs_only(tmp_path):
     x = (np.arange(60, dtype=np.uint8).reshape(10, 6))
     np.save(tmp_path / "x.npy", x)
     ds = resolve_data(str(tmp_path / "x.npy"))
-    assert isinstance(ds, FileArrayDataset)
+    assert isinstance(ds._x, LazyArray) and ds._x.kind == "npy"  # stays in the file
     _assert_matches(ds, x, None)
 
 
@@ -224,11 +224,11 @@ def test_hdf5_lazy_open_pickle_and_fork_workers(tmp_path):
     with h5py.File(tmp_path / "d.h5", "w") as f:
         f["x"], f["y"] = x, y
     ds = resolve_data(str(tmp_path / "d.h5"))
-    assert ds._handle is None  # nothing held open before the fork
+    assert ds._x._handle is None  # nothing held open before the fork
     clone = pickle.loads(pickle.dumps(ds))  # pickled before first access
     np.testing.assert_array_equal(clone[5][0].numpy(), x[5])
     ds[0]  # now open in the parent: forked workers must notice the pid and reopen
-    assert ds._handle is not None
+    assert ds._x._handle is not None
     for dataset in (pickle.loads(pickle.dumps(resolve_data(str(tmp_path / "d.h5")))), ds):
         loader = DataLoader(
             dataset,

@@ -1,7 +1,6 @@
 """`torchrun --nproc-per-node=2 ... softlabels generate` (gloo, CPU) equals the one-process store.
 
-One torchrun launch runs every case through the CLI (``softlabels.cli.main``) in
-the same two processes, so the cost of starting torch is paid once: Zarr (plain
+One torchrun launch (tests/_torchrun.py) runs every case: Zarr (plain
 and sharded), HDF5 (rank 0 writes what the ranks gather to it), resuming partial
 stores of both backends, and a non-finite error that must stop both ranks with a
 single ``error:`` line from rank 0.
@@ -9,17 +8,14 @@ single ``error:`` line from rank 0.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import zarr
 
 from softlabels.store.writer import UnitWriter
+from tests._torchrun import run_two_ranks
 from tests.test_generate import (  # noqa: F401 - tiny is a fixture
     assert_same_store,
     gen_args,
@@ -29,30 +25,6 @@ from tests.test_generate import (  # noqa: F401 - tiny is a fixture
     status,
     tiny,
 )
-
-DRIVER = '''
-import contextlib, faulthandler, io, json, os, sys
-import click
-faulthandler.dump_traceback_later(100, exit=True)  # a hang shows where, instead of a silent timeout
-from softlabels.cli import main
-
-rank = int(os.environ["RANK"])
-with open(sys.argv[1]) as f:
-    cases = json.load(f)
-with open(os.path.join(sys.argv[2], f"results-{rank}.jsonl"), "w") as out:
-    for name, args in cases:
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            try:
-                main(args, standalone_mode=False)
-                code = 0
-            except click.ClickException as err:
-                err.show()
-                code = err.exit_code
-            except SystemExit as err:
-                code = err.code
-        out.write(json.dumps({"name": name, "code": code, "output": buf.getvalue()}) + "\\n")
-'''
 
 CASES = {  # name -> extra generate options
     "plain.zarr": (),
@@ -93,17 +65,7 @@ def test_two_ranks_equal_one_process(tmp_path, tiny):
     cases = [[name, gen_args(tiny, multi / name, *extra)] for name, extra in CASES.items()]
     cases += [[f"nan{suffix}", gen_args(tiny, multi / f"nan{suffix}", data=str(tiny["nan"]))]
               for suffix in (".h5", ".zarr")]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2",
-           str(tmp_path / "driver.py"), str(tmp_path / "cases.json"), str(tmp_path)]
-    if not Path(cmd[0]).exists():
-        cmd[:1] = [sys.executable, "-m", "torch.distributed.run"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = [{r["name"]: r for r in map(json.loads, (tmp_path / f"results-{rank}.jsonl").read_text().splitlines())}
-               for rank in (0, 1)]
+    results = run_two_ranks(tmp_path, cases, timeout=150)
 
     for name in CASES:
         r0, r1 = results[0][name], results[1][name]

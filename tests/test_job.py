@@ -25,6 +25,7 @@ import torch
 from softlabels.inputs.augment import draw_views, parse_augment
 from softlabels.store.layouts import make_layout, to_numpy
 from softlabels.teacher.spec import resolve_model
+from tests._torchrun import run_two_ranks
 from tests.conftest import assert_one_line_error, read_plain, run_cli
 
 N, C, SHAPE = 30, 5, (3, 8, 8)
@@ -273,29 +274,6 @@ def test_format2_is_the_only_format_written_and_format_is_no_option(inputs, tmp_
     assert not (tmp_path / "x.h5").exists()
 
 
-DRIVER = '''
-import contextlib, io, os, sys, json
-import click
-from softlabels.cli import main
-rank = int(os.environ["RANK"])
-cases = json.load(open(sys.argv[1]))
-codes = []
-for args in cases:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        try:
-            main(args, standalone_mode=False)
-            code = 0
-        except click.ClickException as err:
-            err.show()
-            code = err.exit_code
-        except SystemExit as err:
-            code = err.code
-    codes.append([code, buf.getvalue()])
-open(os.path.join(sys.argv[2], f"codes-{rank}.json"), "w").write(json.dumps(codes))
-'''
-
-
 def test_two_ranks_write_the_same_views_store_as_one_process(inputs, tmp_path):
     cases, names = [], []
     for name, extra in (("views.zarr", ("--views", str(V), "--augment", AUG)),
@@ -303,19 +281,11 @@ def test_two_ranks_write_the_same_views_store_as_one_process(inputs, tmp_path):
                         ("sampled.zarr", ("--layout", "sampled", "--samples", "6"))):
         ok(gen(inputs, tmp_path / f"one-{name}", *extra, chunk=4))
         names.append(name)
-        cases.append(["generate", "--teacher", "mlp", "--weights", inputs["weights"], "--data", inputs["data"],
-                      "--out", str(tmp_path / f"two-{name}"), "--chunk-rows", "4", "--batch-size", "12",
-                      "--seed", str(SEED), "--no-progress", *extra])
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(tmp_path / "driver.py"), str(tmp_path / "cases.json"), str(tmp_path)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for rank in (0, 1):
-        codes = json.loads((tmp_path / f"codes-{rank}.json").read_text())
-        assert [c for c, _ in codes] == [0, 0, 0], codes
+        cases.append([name, ["generate", "--teacher", "mlp", "--weights", inputs["weights"], "--data",
+                             inputs["data"], "--out", str(tmp_path / f"two-{name}"), "--chunk-rows", "4",
+                             "--batch-size", "12", "--seed", str(SEED), "--no-progress", *extra]])
+    for results in run_two_ranks(tmp_path, cases, timeout=180):
+        assert [r["code"] for r in results.values()] == [0, 0, 0], results
     for name in names:
         two, one = tmp_path / f"two-{name}", tmp_path / f"one-{name}"
         (x, xa), (y, ya) = _all(two), _all(one)

@@ -1,6 +1,6 @@
 """`torchrun --nproc-per-node=2 ... softlabels generate` on token data (gloo, CPU) writes the one-process store.
 
-One torchrun launch (the driver of tests/test_generate_distributed.py) runs every case
+One torchrun launch (tests/_torchrun.py) runs every case
 through the CLI: a sampled Zarr store (draws hashed per sample and token, so the ranks
 draw what one process draws), a sharded top-k Zarr store and a dense one (HDF5 under
 torchrun is refused for token stores on this branch). Every array and every root attribute but the timings must be
@@ -10,9 +10,6 @@ equal bit for bit to the one-process store, read with zarr / h5py alone.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -21,7 +18,7 @@ import zarr
 
 from tests._lmstore import ragged_data
 from tests.conftest import run_cli
-from tests.test_generate_distributed import DRIVER
+from tests._torchrun import run_two_ranks
 
 V = 50
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 11, 1, 10, 3]
@@ -61,15 +58,7 @@ def test_two_ranks_write_the_token_store_of_one_process(tmp_path):
         r = run_cli(*_args(spec, single / name, *extra))
         assert r.exit_code == 0, r.output
     cases = [[name, _args(spec, multi / name, *extra)] for name, extra in CASES.items()]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(tmp_path / "driver.py"), str(tmp_path / "cases.json"), str(tmp_path)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = [{r["name"]: r for r in map(json.loads, (tmp_path / f"results-{rank}.jsonl").read_text().splitlines())}
-               for rank in (0, 1)]
+    results = run_two_ranks(tmp_path, cases, timeout=300)
     for name in CASES:
         r0, r1 = results[0][name], results[1][name]
         assert (r0["code"], r1["code"]) == (0, 0), (name, r0, r1)

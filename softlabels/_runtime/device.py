@@ -72,6 +72,3 @@ class DistEnv:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
-
-    def stop(self) -> None:
-        self.group.close()

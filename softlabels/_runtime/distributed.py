@@ -74,11 +74,6 @@ class Dist:
             if packed is not None:
                 raise unpack_error(packed)
 
-    def close(self) -> None:
-        """Nothing to do: the process group stays up for later jobs in this process and is
-        destroyed at exit (a group re-created on the same torchrun store can read the old
-        group's stale addresses and fail to connect)."""
-
 
 def init(device_type: str) -> Dist:
     """Join the process group torchrun describes in the environment (or run alone)."""

@@ -11,6 +11,10 @@ THREADS_HELP = ("CPU threads torch may use in this process (0: torch's own defau
 
 
 def threads_problem(threads: Any) -> list[str]:
-    if isinstance(threads, int) and threads >= 0:
-        return []
-    return [f"--threads must be an integer >= 0, got {threads!r}"]
+    return count_problems({"threads": threads}, 0)
+
+
+def count_problems(values: dict[str, Any], minimum: int) -> list[str]:
+    """``--name must be an integer >= minimum`` for each of ``values`` (option name -> value) that is not one."""
+    return [f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {v!r}" for name, v in values.items()
+            if not (isinstance(v, int) and v >= minimum)]

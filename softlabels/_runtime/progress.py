@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Callable
 
-__all__ = ["LINE_EVERY_S", "Lines", "progress", "wants_bar"]
+__all__ = ["LINE_EVERY_S", "Lines", "progress_bar", "wants_bar"]
 
 LINE_EVERY_S = 30.0
 
@@ -23,8 +23,6 @@ def wants_bar(show: bool | None) -> bool:
 
 class Lines:
     """The part of tqdm's interface the commands use, reporting one line every LINE_EVERY_S seconds."""
-
-    disable = False
 
     def __init__(self, total: int, desc: str, unit: str, say: Callable[[str], None]) -> None:
         self.total, self.desc, self.unit, self.say = total, desc, unit, say

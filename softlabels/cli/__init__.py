@@ -124,11 +124,8 @@ from softlabels.cli import report as _report  # noqa: E402
 from softlabels.cli import train as _train  # noqa: E402
 from softlabels.cli import upgrade as _upgrade  # noqa: E402
 
-for _module in (_generate, _train, _eval, _inspect, _report):
+for _module in (_generate, _train, _eval, _inspect, _report, _compress, _merge, _upgrade):
     main.add_command(_module.command)
-main.add_command(_compress.command)
-main.add_command(_merge.command)
-main.add_command(_upgrade.command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

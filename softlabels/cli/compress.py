@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-QUANTIZE = ("int8-weight", "int8-dynamic")  # softlabels.evaluation.compression.QUANTIZE; not imported: it pulls in torch
+from softlabels.evaluation.config import QUANTIZE
+from softlabels.evaluation.config import CompressConfig as D  # defaults: the dataclass's field defaults
 
 
 @click.command("compress")
@@ -21,30 +22,19 @@ QUANTIZE = ("int8-weight", "int8-dynamic")  # softlabels.evaluation.compression.
 @click.option("--quantize", type=click.Choice(QUANTIZE), help="int8 weights (torchao), after pruning.")
 @click.option("--finetune-store", "finetune_stores", multiple=True, metavar="STORE",
               help="Distil the pruned student again from this store (repeatable).")
-@click.option("--finetune-epochs", type=int, default=1, show_default=True)
-@click.option("--finetune-lr", type=float, default=1e-3, show_default=True)
+@click.option("--finetune-epochs", type=int, default=D.finetune_epochs, show_default=True)
+@click.option("--finetune-lr", type=float, default=D.finetune_lr, show_default=True)
 @click.option("--onnx", is_flag=True, help="Also write model.onnx (needs onnx and onnxscript).")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per evaluated and timed batch.")
-@click.option("--repeats", type=int, default=20, show_default=True, help="Timed forward passes per model.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows per evaluated and timed batch.")
+@click.option("--repeats", type=int, default=D.repeats, show_default=True, help="Timed forward passes per model.")
+@click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print compress.json instead of the table.")
-def command(run, out, data, store, student, teacher, teacher_spec, prune, prune_structured, quantize, finetune_stores,
-            finetune_epochs, finetune_lr, onnx, batch_size, repeats, seed, overwrite, as_json) -> None:
+def command(finetune_stores, as_json, **options) -> None:
     """Compress the student of training run RUN; write OUT/model.pt, model.pt2 and a table."""
     import json
 
-    from softlabels.evaluation.compression import (
-        CompressConfig,
-        compress,
-        format_markdown,
-    )
+    from softlabels.evaluation.compression import compress, format_markdown
 
-    config = CompressConfig(
-        run=run, out=out, data=data, store=store, student=student, teacher=teacher, teacher_spec=teacher_spec,
-        prune=prune, prune_structured=prune_structured, quantize=quantize, finetune_stores=tuple(finetune_stores),
-        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, onnx=onnx, batch_size=batch_size, repeats=repeats,
-        seed=seed, overwrite=overwrite,
-    )
-    result = compress(config, log=None if as_json else click.echo)
+    result = compress(D(finetune_stores=tuple(finetune_stores), **options), log=None if as_json else click.echo)
     click.echo(json.dumps(result, sort_keys=True, default=str) if as_json else format_markdown(result))

@@ -7,9 +7,7 @@ import json
 import click
 
 from softlabels._runtime.options import DEVICE_HELP, THREADS_HELP
-from softlabels.evaluation.config import (
-    EvalConfig as D,  # defaults: the dataclass's field defaults
-)
+from softlabels.evaluation.config import EvalConfig as D  # defaults: the dataclass's field defaults
 
 
 @click.command("eval", short_help="Evaluate a trained student, alone or against its teacher.")

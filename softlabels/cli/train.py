@@ -68,10 +68,7 @@ D = TrainConfig  # defaults: the dataclass's field defaults
                    "jsonl:/parquet:/hfds: data a tokenizer directory (with the chat template for messages=).")
 @click.option("--seq-len", type=int, help="Token data: cut text:FILE or a flat token stream into windows of this length, "
                                          "and each sequence (a packed row, say) into windows of at most this length.")
-def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
-            optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
-            overwrite, no_progress, init, ensemble, ensemble_mode, ensemble_weights,
-            views_per_sample, augment, tokenizer, seq_len) -> None:
+def command(stores, data, no_progress, ensemble, ensemble_weights, **options) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 
     Under torchrun every rank trains on its share of the rows (DDP); rank 0 writes
@@ -81,17 +78,11 @@ def command(student, student_weights, allow_pickle, stores, data, loss, temperat
     from softlabels.errors import Interrupted
     from softlabels.student.trainer import train
 
-    config = TrainConfig(
-        student=student, student_weights=student_weights, allow_pickle=allow_pickle, stores=tuple(stores),
-        data=tuple(data), loss=loss, temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr,
-        optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
-        num_workers=num_workers, device=device, threads=threads, val_data=val_data, out=out, resume=resume,
-        overwrite=overwrite, progress=False if no_progress else None, init=init, views_per_sample=views_per_sample,
-        augment=augment, tokenizer=tokenizer, seq_len=seq_len, ensemble=tuple(ensemble),
-        ensemble_mode=ensemble_mode, ensemble_weights=parse_weights(ensemble_weights, "--ensemble-weights"),
-    )
+    config = TrainConfig(stores=tuple(stores), data=tuple(data), progress=False if no_progress else None,
+                         ensemble=tuple(ensemble),
+                         ensemble_weights=parse_weights(ensemble_weights, "--ensemble-weights"), **options)
     try:
         train(config, log=click.echo)
     except KeyboardInterrupt:  # the group's generic advice ("rerun the same command") would hit the --out check
         raise Interrupted(f"interrupted; continue with the same command plus --resume (every finished epoch "
-                          f"is checkpointed in {out})") from None
+                          f"is checkpointed in {config.out})") from None

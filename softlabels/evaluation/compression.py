@@ -31,14 +31,13 @@ import copy
 import importlib.util
 import json
 import logging
-import math
 import os
 import shutil
 import statistics
 import time
 import warnings
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,62 +45,13 @@ import torch
 from torch import nn
 
 from softlabels.errors import ConfigError, ModelMismatch
-from softlabels.teacher.models import MLP
+from softlabels.evaluation.config import QUANTIZE, CompressConfig
+from softlabels.teacher.models import MLP, count_parameters
 
 __all__ = ["CompressConfig", "compress", "prune_unstructured", "prune_hidden_units", "quantize_int8",
            "QUANTIZE", "format_markdown"]
 
-QUANTIZE = ("int8-weight", "int8-dynamic")
 _PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
-
-
-@dataclass(frozen=True, kw_only=True)
-class CompressConfig:
-    """Every option of ``softlabels compress``."""
-
-    run: str
-    out: str
-    data: str
-    student: str | None = None
-    store: str | None = None
-    teacher: str | None = None
-    teacher_spec: str | None = None
-    prune: float | None = None
-    prune_structured: float | None = None
-    quantize: str | None = None
-    finetune_stores: tuple[str, ...] = ()
-    finetune_epochs: int = 1
-    finetune_lr: float = 1e-3
-    onnx: bool = False
-    batch_size: int = 256
-    repeats: int = 20
-    seed: int = 0
-    overwrite: bool = False
-
-    def problems(self) -> list[str]:
-        """Every invalid option value (empty when all are valid)."""
-        p = []
-        for name in ("prune", "prune_structured"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, int | float) and 0 <= v < 1):
-                p.append(f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {v!r}")
-        if self.quantize is not None and self.quantize not in QUANTIZE:
-            p.append(f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE)}")
-        for name in ("finetune_epochs", "batch_size", "repeats"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
-            p.append(f"--finetune-lr must be a number > 0, got {self.finetune_lr!r}")
-        from softlabels._runtime.paths import (
-            out_overlaps,  # OUT is replaced whole: it may touch no input
-        )
-        from softlabels.inputs.spec import data_spec_path
-
-        inputs = [("RUN", self.run), ("--data", data_spec_path(self.data)), ("--store", self.store),
-                  ("--teacher", self.teacher), *(("--finetune-store", s) for s in self.finetune_stores)]
-        if clash := out_overlaps(self.out, inputs):
-            p.append(clash)
-        return p
 
 
 def _missing(*modules: str) -> list[str]:
@@ -224,13 +174,11 @@ def _measure(name: str, model: nn.Module, file: Path, dataset, store, config: Co
 
     blob = file.read_bytes()
     metrics = evaluate_model(model, dataset, num_classes=num_classes, batch_size=config.batch_size, store=store)
-    return {
-        "model": name, "file": str(file), "size_bytes": len(blob), "size_gzip_bytes": len(zlib.compress(blob, 6)),
-        "parameters": sum(p.numel() for p in model.parameters()), "nonzero_parameters": count_nonzero(model),
-        "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement"),
-        "kl_to_teacher": metrics.get("kl_to_teacher"), "correlation": metrics.get("correlation"),
-        "teacher_accuracy": metrics.get("teacher_accuracy"),
-    }
+    return {"model": name, "file": str(file), "size_bytes": len(blob), "size_gzip_bytes": len(zlib.compress(blob, 6)),
+            "parameters": count_parameters(model), "nonzero_parameters": count_nonzero(model),
+            "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement"),
+            "kl_to_teacher": metrics.get("kl_to_teacher"), "correlation": metrics.get("correlation"),
+            "teacher_accuracy": metrics.get("teacher_accuracy")}
 
 
 # -- the command -----------------------------------------------------------------------------------

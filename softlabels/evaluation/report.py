@@ -26,26 +26,12 @@ from typing import Any
 
 from softlabels.errors import ConfigError
 from softlabels.evaluation.config import REPORT_FORMATS
-from softlabels.evaluation.report_plots import (
-    _pyplot,
-    plot_accuracy,
-    plot_curves,
-    plot_reliability,
-)
-from softlabels.evaluation.report_runs import (
-    ModelRun,
-    EVAL,
-    RESULTS,
-    _num,
-    compute_reliability,
-    find_models,
-)
+from softlabels.evaluation.report_plots import _pyplot, plot_accuracy, plot_curves, plot_reliability
+from softlabels.evaluation.report_runs import ModelRun, EVAL, RESULTS, _num, compute_reliability, find_models
 from softlabels._runtime.paths import out_overlaps
 from softlabels.student.checkpoint import METRICS, RUN_FILES
 
-__all__ = ["FORMATS", "build_report"]
-
-FORMATS = REPORT_FORMATS
+__all__ = ["build_report"]
 
 
 _EXPLAIN = {
@@ -85,11 +71,8 @@ def _table(models: list[ModelRun]) -> tuple[list[str], list[list[str]]]:
 
 
 def _stages(results: dict[str, Any]) -> list[list[str]]:
-    out = []
-    for s in results.get("stages") or []:
-        if isinstance(s, dict) and "name" in s:
-            out.append([str(s["name"]), _fmt(s.get("seconds"), "s")])
-    return out
+    return [[str(s["name"]), _fmt(s.get("seconds"), "s")] for s in results.get("stages") or []
+            if isinstance(s, dict) and "name" in s]
 
 
 def _markdown(title: str, models, stages, plots, notes) -> str:
@@ -145,8 +128,8 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, fmt: str
     """
     if fmt is None:
         fmt = "html" if out is not None and Path(out).suffix.lower() in (".html", ".htm") else "md"
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in REPORT_FORMATS:
+        raise ConfigError(f"unknown report format {fmt!r}; choose one of {', '.join(REPORT_FORMATS)}")
     models, results = find_models(run_dir)
     plt = _pyplot()
     out_path = Path(out) if out is not None else Path(run_dir) / f"report.{fmt}"

@@ -117,12 +117,9 @@ def compute_reliability(model: ModelRun, *, n_bins: int = 15) -> None:
     if model.dir is None or not (model.dir / CHECKPOINT).is_file() or not data:
         model.note = "no reliability bins: no eval JSON with them, and no checkpoint + eval data spec to compute them"
         return
-    import numpy as np
-    import torch
-
     from softlabels.evaluation.evaluator import load_student
     from softlabels.inputs.spec import resolve_data
-    from softlabels.student.metrics import EvalAccumulator
+    from softlabels.student.metrics import EvalAccumulator, evaluate_model
     from softlabels.teacher.spec import recorded_spec
 
     try:  # the eval's data spec and the checkpoint's student spec are data: built-ins and files only
@@ -131,10 +128,7 @@ def compute_reliability(model: ModelRun, *, n_bins: int = 15) -> None:
         net, config = load_student(model.dir)
         dataset = resolve_data(spec)
         acc = EvalAccumulator(int(config["num_classes"]), n_bins=n_bins)
-        with torch.no_grad():
-            for start in range(0, len(dataset), 1024):
-                x, y = dataset.get_batch(np.arange(start, min(start + 1024, len(dataset)), dtype=np.int64))
-                acc.update(net(x), y)
+        evaluate_model(net, dataset, num_classes=acc.num_classes, batch_size=1024, acc=acc)
     except SoftLabelsError as err:
         model.note = f"no reliability bins ({err})"
         return

@@ -1,8 +1,8 @@
 """Inputs that stay in a file: ``.npz``, ``.npy`` (memory-mapped), HDF5 and Zarr arrays.
 
-:func:`open_array_file` picks the reader by suffix; :class:`FileArrayDataset` opens its
-file lazily in each process, so it is safe to send to DataLoader workers, and reads
-rows with few, contiguous reads (:func:`_read_rows`, shared with token files).
+:func:`open_array_file` picks the reader by suffix; a :class:`LazyArray` (shared with token
+files) opens its file lazily in each process, so it is safe to send to DataLoader workers,
+and reads rows with few, contiguous reads (:func:`_read_rows`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import zarr
 
 from softlabels.errors import DataError
 from softlabels.inputs.files import require_regular
-from softlabels.inputs.arrays import ArrayDataset, _check_inputs
+from softlabels.inputs.arrays import ArrayDataset
 
-__all__ = ["FileArrayDataset", "FileKind", "open_array_file"]
+__all__ = ["FileKind", "LazyArray", "file_kind", "open_array_file"]
 
 FileKind = Literal["npy", "hdf5", "zarr"]
-"""Array files read lazily by :class:`FileArrayDataset`."""
+"""Array files read lazily by :class:`LazyArray`."""
 
 
 def _read_rows(array: Any, idx: np.ndarray) -> np.ndarray:
@@ -74,60 +74,35 @@ def _array_names(path: str, kind: str) -> list[str]:
 def _require_arrays(path: str, found: list[str], *wanted: str | None) -> None:
     for name in wanted:
         if name is not None and name not in found:
-            raise DataError(
-                f"no array '{name}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
-                f"name them as {path}:INPUTS[,LABELS]"
-            )
+            raise DataError(f"no array '{name}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
+                            f"name them as {path}:INPUTS[,LABELS]")
 
 
-class FileArrayDataset(ArrayDataset):
-    """Inputs that stay in a file: ``.npy`` (memory-mapped), HDF5 or Zarr array ``name``.
+class LazyArray:
+    """A ``.npy`` (memory-mapped), HDF5 or Zarr array opened on first use in each process.
 
-    The file is opened lazily in each process (the pid is tracked) and the handle is
-    dropped when pickled, so the dataset is safe to send to forked or spawned
-    DataLoader workers. Labels (small) are read eagerly from array ``labels_name``.
+    The handle is dropped when pickled and reopened after a fork, so the array is safe to
+    send to DataLoader workers; rows asked for by an index array are read with
+    :func:`_read_rows`. A damaged file raises :class:`DataError` here, at construction.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        kind: FileKind,
-        name: str = "",
-        *,
-        labels_name: str | None = None,
-        num_classes: int | None = None,
-    ) -> None:
-        self.path, self.kind, self.name = str(path), kind, name
+    def __init__(self, path: str, kind: FileKind, name: str = "") -> None:
+        self.path, self.kind, self.name = path, kind, name
         self._handle: Any = None
         self._array: Any = None
         self._pid: int | None = None
-        source = f"{self.path}:{name}" if name else self.path
-        if not Path(self.path).exists():
-            raise DataError(f"data file '{self.path}' does not exist; check the path in --data")
-        if kind != "npy":
-            _require_arrays(self.path, _array_names(self.path, kind), name, labels_name)
         try:
-            try:
-                array = self._inputs()
-            except _GARBAGE as err:
-                raise DataError(f"cannot read '{self.path}' as {kind} ({_reason(err)}); check that the file is "
-                                "intact and written by numpy.save, h5py or zarr") from err
-            shape = tuple(int(s) for s in array.shape)
-            _check_inputs(np.dtype(array.dtype), shape, source)
-            labels = None if labels_name is None else self._read_labels(labels_name)
+            array = self._open()
+            self.shape, self.dtype = tuple(int(s) for s in array.shape), np.dtype(array.dtype)
+        except _GARBAGE as err:
+            raise DataError(f"cannot read '{path}' as {kind} ({_reason(err)}); check that the file is "
+                            "intact and written by numpy.save, h5py or zarr") from err
         finally:
-            self._close()  # never hold an open handle across a fork
-        self._init_labels(shape[0], shape[1:], labels, num_classes, source)
+            self.close()  # never hold an open handle across a fork
 
-    def _read_labels(self, labels_name: str) -> np.ndarray:
-        if self.kind == "hdf5":
-            return np.asarray(self._handle[labels_name][...])
-        return np.asarray(zarr.open_array(self.path, path=labels_name, mode="r")[...])
-
-    def _inputs(self) -> Any:
-        if self._pid != os.getpid():
-            # A handle inherited from another process is unsafe: drop it, reopen here.
-            self._handle = self._array = None
+    def _open(self) -> Any:
+        if self._pid != os.getpid():  # a handle inherited from another process is unsafe: reopen here
+            self._handle = None
             if self.kind == "npy":
                 self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
             elif self.kind == "hdf5":
@@ -138,52 +113,56 @@ class FileArrayDataset(ArrayDataset):
             self._pid = os.getpid()
         return self._array
 
-    def _read(self, indices: np.ndarray) -> np.ndarray:
-        array = self._inputs()
-        if self.kind == "npy":
-            return array[indices]
-        return _read_rows(array, indices)
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, np.ndarray) and self.kind != "npy":  # rows in any order: HDF5 needs them sorted
+            return _read_rows(self._open(), key)
+        return np.asarray(self._open()[key])
 
-    def _close(self) -> None:
+    def read(self) -> np.ndarray:
+        """The whole array, the file closed again."""
+        try:
+            return self[...]
+        finally:
+            self.close()
+
+    def close(self) -> None:
         if self._handle is not None and self._pid == os.getpid():
             self._handle.close()
         self._handle = self._array = self._pid = None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_handle=None, _array=None, _pid=None)
-        return state
+        return {**self.__dict__, "_handle": None, "_array": None, "_pid": None}
 
 
 _FILE_KINDS = {".npz": "npz", ".npy": "npy", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}
 """Input file suffixes and the kind of array file each one is."""
 
 
-def open_array_file(
-    path: str | os.PathLike[str],
-    name: str | None = None,
-    labels_name: str | None = None,
-    *,
-    num_classes: int | None = None,
-) -> ArrayDataset:
+def file_kind(path: str, what: str, suffixes: str) -> str:
+    """The kind of the array file ``path`` (by its suffix), which must exist and, but for a Zarr folder, be
+    a regular file; ``what`` (``data file``) and ``suffixes`` word the messages."""
+    kind = _FILE_KINDS.get(Path(path.rstrip("/")).suffix.lower())
+    if kind is None:
+        raise DataError(f"unsupported {what} '{path}'; use a {suffixes} file")
+    if not Path(path).exists():
+        raise DataError(f"{what} '{path}' does not exist; check the path in --data")
+    if kind != "zarr":  # a Zarr store is a folder
+        require_regular(path)
+    return kind
+
+
+def open_array_file(path: str | os.PathLike[str], name: str | None = None, labels_name: str | None = None, *,
+                    num_classes: int | None = None) -> ArrayDataset:
     """Open inputs stored in a ``.npz``, ``.npy``, HDF5 (``.h5``/``.hdf5``) or ``.zarr`` file.
 
     Without ``name`` the inputs are array ``x`` and the labels array ``y`` when the
     file has one; with ``name`` labels come only from ``labels_name``. ``.npz`` is
-    loaded eagerly; the others stay in the file (see :class:`FileArrayDataset`).
+    loaded eagerly; the others stay in the file (see :class:`LazyArray`).
     """
     path = str(path)
-    kind = _FILE_KINDS.get(Path(path.rstrip("/")).suffix.lower())
-    if kind is None:
-        raise DataError(f"unsupported data file '{path}'; use a .npz, .npy, .h5/.hdf5 or .zarr file")
-    if not Path(path).exists():
-        raise DataError(f"data file '{path}' does not exist; check the path in --data")
-    if kind != "zarr":  # a Zarr store is a folder
-        require_regular(path)
-    if kind == "npy":
-        if name is not None or labels_name is not None:
-            raise DataError(f"'{path}' is a .npy file holding only inputs; drop ':{name}' from the spec")
-        return FileArrayDataset(path, "npy", num_classes=num_classes)
+    kind = file_kind(path, "data file", ".npz, .npy, .h5/.hdf5 or .zarr")
+    if kind == "npy" and (name is not None or labels_name is not None):
+        raise DataError(f"'{path}' is a .npy file holding only inputs; drop ':{name}' from the spec")
     found: list[str] = []
     if kind == "npz":
         try:
@@ -192,12 +171,16 @@ def open_array_file(
         except _GARBAGE as err:
             raise DataError(f"cannot read '{path}' as .npz ({_reason(err)}); write it with numpy.savez") from err
         found = list(arrays)
-    elif name is None:
+    elif kind != "npy" and name is None:
         found = _array_names(path, kind)
-    if name is None:  # defaults: arrays x and (if present) y, or a Zarr store that is one array
-        name, labels_name = ("", None) if found == [""] else ("x", "y" if "y" in found else None)
+    if name is None:  # defaults: arrays x and (if present) y, a Zarr store that is one array, or the .npy
+        name, labels_name = ("", None) if found == [""] or kind == "npy" else ("x", "y" if "y" in found else None)
+    if kind != "npy":
+        _require_arrays(path, found or _array_names(path, kind), name, labels_name)
+    source = f"{path}:{name}" if name else path
     if kind == "npz":
-        _require_arrays(path, found, name, labels_name)
-        labels = None if labels_name is None else arrays[labels_name]
-        return ArrayDataset(arrays[name], labels, num_classes=num_classes, source=f"{path}:{name}")
-    return FileArrayDataset(path, kind, name, labels_name=labels_name, num_classes=num_classes)
+        x, labels = arrays[name], None if labels_name is None else arrays[labels_name]
+    else:  # the inputs stay in the file; labels (small) are read now
+        x = LazyArray(path, kind, name)
+        labels = None if labels_name is None else LazyArray(path, kind, labels_name).read()
+    return ArrayDataset(x, labels, num_classes=num_classes, source=source)

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from softlabels.errors import DataError
 
-__all__ = ["InputDataset", "ArrayDataset", "class_count"]
+__all__ = ["InputDataset", "ArrayDataset", "all_labels", "class_count"]
 
 
 class InputDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -51,11 +51,17 @@ def class_count(ds: InputDataset) -> int | None:
     attribute), the largest label + 1, from one pass over the labels; else ``None``."""
     if ds.num_classes is not None or not ds.has_labels:
         return ds.num_classes
-    top = -1
-    for start in range(0, len(ds), 4096):
-        _, y = ds.get_batch(np.arange(start, min(start + 4096, len(ds)), dtype=np.int64))
-        top = max(top, int(y.max()) if len(y) else -1)
+    top = int(all_labels(ds).max(initial=-1))
     return top + 1 if top >= 0 else None
+
+
+def all_labels(ds: InputDataset) -> np.ndarray:
+    """Every label of ``ds`` (int64 [N], -1 unlabeled): its ``labels`` array, else read in blocks of items."""
+    labels = getattr(ds, "labels", None)
+    if labels is not None:
+        return np.asarray(labels)
+    return np.concatenate([ds.get_batch(np.arange(i, min(i + 4096, len(ds)), dtype=np.int64))[1].numpy()
+                           for i in range(0, len(ds), 4096)] or [np.empty(0, np.int64)])
 
 
 class _Unlabeled(InputDataset):
@@ -87,20 +93,16 @@ def _check_labels(y: Any, n: int, source: str) -> np.ndarray:
                         "store class ids as int64")
     if y.shape != (n,) or not integer or (n and y.min() < -1):
         low = y.min() if integer and y.size else None  # strings and objects have no usable minimum
-        raise DataError(
-            f"labels of {source} have shape {y.shape}, dtype {y.dtype}, minimum {low}; "
-            f"pass {n} integer class ids >= 0, one per input (-1 for unlabeled)"
-        )
+        raise DataError(f"labels of {source} have shape {y.shape}, dtype {y.dtype}, minimum {low}; "
+                        f"pass {n} integer class ids >= 0, one per input (-1 for unlabeled)")
     return y.astype(np.int64)
 
 
 def _check_inputs(dtype: np.dtype, shape: tuple[int, ...], source: str) -> None:
     real = np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)
     if len(shape) < 1 or not (real or dtype == np.bool_):
-        raise DataError(
-            f"inputs of {source} have shape {shape} and dtype {dtype}; "
-            "store a real-valued numeric array with one row per sample"
-        )
+        raise DataError(f"inputs of {source} have shape {shape} and dtype {dtype}; "
+                        "store a real-valued numeric array with one row per sample")
 
 
 class ArrayDataset(InputDataset):
@@ -110,36 +112,22 @@ class ArrayDataset(InputDataset):
     label + 1 (``None`` without labels); pass it to override.
     """
 
-    def __init__(
-        self,
-        x: np.ndarray,
-        y: np.ndarray | None = None,
-        *,
-        num_classes: int | None = None,
-        source: str = "array",
-    ) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray | None = None, *, num_classes: int | None = None,
+                 source: str = "array") -> None:
         _check_inputs(np.dtype(x.dtype), tuple(x.shape), source)
         self._x = x
         self._init_labels(int(x.shape[0]), tuple(x.shape[1:]), y, num_classes, source)
 
-    def _init_labels(
-        self,
-        n: int,
-        input_shape: tuple[int, ...],
-        y: np.ndarray | None,
-        num_classes: int | None,
-        source: str,
-    ) -> None:
+    def _init_labels(self, n: int, input_shape: tuple[int, ...], y: np.ndarray | None, num_classes: int | None,
+                     source: str) -> None:
         self._n = n
         self.input_shape = input_shape
         self._y = np.full(n, -1, np.int64) if y is None else _check_labels(y, n, source)
         self.has_labels = bool((self._y >= 0).any())
         seen = int(self._y.max()) + 1 if self.has_labels else None
         if num_classes is not None and seen is not None and num_classes < seen:
-            raise DataError(
-                f"{source} has label {seen - 1} but num_classes={num_classes}; "
-                f"pass num_classes >= {seen} or fix the labels"
-            )
+            raise DataError(f"{source} has label {seen - 1} but num_classes={num_classes}; "
+                            f"pass num_classes >= {seen} or fix the labels")
         self.num_classes = num_classes if num_classes is not None else seen
 
     def _inputs(self) -> Any:

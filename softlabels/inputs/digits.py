@@ -24,9 +24,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise DataError(
-            "the built-in 'digits' dataset needs scikit-learn; pip install 'softlabels[demo]'"
-        ) from err
+        raise DataError("the built-in 'digits' dataset needs scikit-learn; pip install 'softlabels[demo]'") from err
     bunch = load_digits()
     x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).astype(np.float32)
     y = np.asarray(bunch.target, dtype=np.int64)

@@ -29,7 +29,7 @@ import numpy as np
 
 from softlabels.errors import DataError, SpecError
 from softlabels.inputs.records import RECORD_KINDS, read_column
-from softlabels.inputs.tokens import RaggedTokens, offsets_of
+from softlabels.inputs.tokens import RaggedTokens, check_seq_len, offsets_of, window_offsets
 from softlabels.inputs.vocabulary import TOKENIZER_JSON, open_tokenizer
 
 __all__ = [
@@ -140,12 +140,6 @@ class DocumentWindows(RaggedTokens):
         self.document_of.flags.writeable = False
 
 
-def _check_seq_len(seq_len: Any) -> int:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
-        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
-    return int(seq_len)
-
-
 def window_documents(documents: Iterable[tuple[np.ndarray, np.ndarray | None]], seq_len: int, *,
                      source: str = "documents", vocab_size: int | None = None) -> DocumentWindows:
     """Cut each document's ``(ids, target flags or None)`` into ``seq_len`` windows, never across documents.
@@ -153,15 +147,12 @@ def window_documents(documents: Iterable[tuple[np.ndarray, np.ndarray | None]], 
     A document of ``L`` tokens gives ``ceil(L / seq_len)`` windows, the last holding the
     remainder; a document of 0 tokens gives none. Pass flags for every document or for none.
     """
-    seq_len = _check_seq_len(seq_len)
-    ids, flags, lengths, owners = [], [], [], []
+    seq_len = check_seq_len(seq_len)
+    ids, flags, owners = [], [], []
     for d, (doc_ids, doc_flags) in enumerate(documents):
-        n = len(doc_ids)
-        if n == 0:
+        if len(doc_ids) == 0:
             continue
-        count = -(-n // seq_len)
-        lengths.append(np.minimum(seq_len, n - seq_len * np.arange(count)))
-        owners.append(np.full(count, d, dtype=np.int64))
+        owners.append(d)
         ids.append(np.asarray(doc_ids))
         if doc_flags is not None:
             flags.append(np.asarray(doc_flags, dtype=bool))
@@ -169,7 +160,10 @@ def window_documents(documents: Iterable[tuple[np.ndarray, np.ndarray | None]], 
         raise DataError(f"{source} holds no tokens (every document is empty); pass documents with text")
     if flags and len(flags) != len(ids):
         raise DataError(f"{source}: target flags were given for some documents only; give them for all or none")
-    return DocumentWindows(np.concatenate(ids), np.concatenate(lengths).astype(np.int64), np.concatenate(owners),
+    sizes = np.array([len(i) for i in ids], dtype=np.int64)
+    per = -(-sizes // seq_len)  # windows per document
+    return DocumentWindows(np.concatenate(ids), np.diff(window_offsets(sizes, seq_len)),
+                           np.repeat(np.array(owners, dtype=np.int64), per),
                            np.concatenate(flags) if flags else None, source=source, vocab_size=vocab_size)
 
 
@@ -196,7 +190,7 @@ def resolve_documents(spec: str, *, tokenizer: str | os.PathLike[str] | None = N
         raise DataError(f"{s.kind} data '{spec}' needs a tokenizer and a window length; pass --tokenizer "
                         f"{'DIR (a tokenizer directory with a chat template)' if s.chat else 'tokenizer.json'} "
                         "and --seq-len N")
-    seq_len = _check_seq_len(seq_len)
+    seq_len = check_seq_len(seq_len)
     if s.chat:
         template = load_chat_template(tokenizer)
         column = read_column(s.kind, s.path, s.key, text=False, split=s.split)

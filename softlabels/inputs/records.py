@@ -61,10 +61,8 @@ def _jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(
-                    f"line {number} of '{path}' is not UTF-8 ({err.reason} at byte {offset + err.start}); "
-                    "convert the file to UTF-8 (JSON Lines are UTF-8)"
-                ) from None
+                raise DataError(f"line {number} of '{path}' is not UTF-8 ({err.reason} at byte {offset + err.start}); "
+                                "convert the file to UTF-8 (JSON Lines are UTF-8)") from None
             offset += len(raw)
             if number == 1:
                 text = text.removeprefix("\ufeff")
@@ -79,21 +77,15 @@ def _jsonl_column(path: str, key: str) -> Column:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(
-                f"line {number} of '{path}' is not valid JSON ({err.msg} at column {err.colno}); "
-                "write one JSON object per line"
-            ) from None
+            raise DataError(f"line {number} of '{path}' is not valid JSON ({err.msg} at column {err.colno}); "
+                            "write one JSON object per line") from None
         if not isinstance(row, dict):
-            raise DataError(
-                f"line {number} of '{path}' is a JSON {type(row).__name__}, not an object; "
-                f"write one object per line, with the key '{key}'"
-            )
+            raise DataError(f"line {number} of '{path}' is a JSON {type(row).__name__}, not an object; "
+                            f"write one object per line, with the key '{key}'")
         if key not in row or row[key] is None:
             keys = ", ".join(sorted(row)[:10]) or "(none)"
-            raise DataError(
-                f"line {number} of '{path}' has no '{key}' (its keys: {keys}); give every line a '{key}', "
-                "or name the right key in the spec"
-            )
+            raise DataError(f"line {number} of '{path}' has no '{key}' (its keys: {keys}); give every line a '{key}', "
+                            "or name the right key in the spec")
         values.append(row[key])
         numbers.append(number)
     return Column(key, values, numbers, "line", path)

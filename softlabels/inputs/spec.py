@@ -53,18 +53,14 @@ def _load_object(spec: str, what: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as err:  # user code: ImportError, SyntaxError, anything raised at import
-        raise SpecError(
-            f"cannot import module '{module_name}' for {what} spec '{spec}' ({_one_line(err)}); "
-            "check that it is installed or on PYTHONPATH"
-        ) from err
+        raise SpecError(f"cannot import module '{module_name}' for {what} spec '{spec}' ({_one_line(err)}); "
+                        "check that it is installed or on PYTHONPATH") from err
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError as err:
-            raise SpecError(
-                f"module '{module_name}' has no attribute '{attr}' for {what} spec '{spec}'; "
-                "check the name after ':'"
-            ) from err
+            raise SpecError(f"module '{module_name}' has no attribute '{attr}' for {what} spec '{spec}'; "
+                            "check the name after ':'") from err
     return obj
 
 
@@ -73,10 +69,8 @@ def _call_factory(spec: str, what: str, wanted: type) -> Any:
     obj = _load_object(spec, what)
     if not isinstance(obj, wanted):
         if not callable(obj):
-            raise SpecError(
-                f"'{spec}' is a {type(obj).__name__}, not a callable; point the {what} spec "
-                "at a factory function or class"
-            )
+            raise SpecError(f"'{spec}' is a {type(obj).__name__}, not a callable; point the {what} spec "
+                            "at a factory function or class")
         try:
             obj = obj()
         except Exception as err:  # user code
@@ -122,31 +116,23 @@ class _MapDataset(InputDataset):
         self.input_shape = tuple(x.shape)
         self.has_labels = bool(y >= 0)
         classes = getattr(dataset, "classes", None)
-        self.num_classes = getattr(dataset, "num_classes", None) or (
-            len(classes) if classes is not None else None
-        )
+        self.num_classes = getattr(dataset, "num_classes", None) or (len(classes) if classes is not None else None)
 
     def _convert(self, item: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = item, None
         if isinstance(item, tuple | list):
             if len(item) not in (1, 2):
-                raise DataError(
-                    f"item {index} of '{self.source}' has {len(item)} parts; yield x or (x, y)"
-                )
+                raise DataError(f"item {index} of '{self.source}' has {len(item)} parts; yield x or (x, y)")
             x, y = item[0], (item[1] if len(item) == 2 else None)
         try:
             x = torch.as_tensor(x, dtype=torch.float32, device="cpu").detach()
             y = torch.as_tensor(-1 if y is None else y, device="cpu")
         except (TypeError, ValueError, RuntimeError) as err:
-            raise DataError(
-                f"item {index} of '{self.source}' is not numeric ({_one_line(err)}); "
-                "yield tensors or arrays, e.g. via a ToTensor transform"
-            ) from err
+            raise DataError(f"item {index} of '{self.source}' is not numeric ({_one_line(err)}); "
+                            "yield tensors or arrays, e.g. via a ToTensor transform") from err
         if y.ndim != 0 or y.is_floating_point() or y.is_complex() or int(y) < -1:
-            raise DataError(
-                f"item {index} of '{self.source}' has label {y.tolist()!r}; "
-                "labels must be integer class ids >= 0, or -1/None for unlabeled"
-            )
+            raise DataError(f"item {index} of '{self.source}' has label {y.tolist()!r}; "
+                            "labels must be integer class ids >= 0, or -1/None for unlabeled")
         return x, y.to(torch.int64)
 
     def __len__(self) -> int:
@@ -164,10 +150,8 @@ class _MapDataset(InputDataset):
                 from err
         x, y = self._convert(item, index)
         if tuple(x.shape) != self.input_shape:
-            raise DataError(
-                f"item {index} of '{self.source}' has shape {tuple(x.shape)} but item 0 has "
-                f"{self.input_shape}; yield inputs of one shape"
-            )
+            raise DataError(f"item {index} of '{self.source}' has shape {tuple(x.shape)} but item 0 has "
+                            f"{self.input_shape}; yield inputs of one shape")
         return x, y
 
 
@@ -178,10 +162,8 @@ def resolve_data(spec: str) -> InputDataset:
         options = spec.rpartition("?")[2]
         unknown = [o for o in options.split(",") if o not in _DATA_OPTIONS and not base.startswith("imagefolder:")]
         if unknown:
-            raise SpecError(
-                f"unknown data option '{unknown[0]}' in '{spec}'; "
-                f"supported: {', '.join('?' + o for o in _DATA_OPTIONS)}"
-            )
+            raise SpecError(f"unknown data option '{unknown[0]}' in '{spec}'; "
+                            f"supported: {', '.join('?' + o for o in _DATA_OPTIONS)}")
     if base.startswith("imagefolder:"):
         own = [o for o in options.split(",") if o and o not in _DATA_OPTIONS]
         ds: InputDataset = open_imagefolder(base.partition(":")[2], own, spec)
@@ -230,12 +212,8 @@ def _resolve_base(spec: str) -> InputDataset:
         if isinstance(ds, InputDataset):
             return ds
         if isinstance(ds, IterableDataset) or not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
-            raise SpecError(
-                f"data factory '{spec}' returned {type(ds).__name__}; return a map-style "
-                "torch Dataset (with __len__ and __getitem__)"
-            )
+            raise SpecError(f"data factory '{spec}' returned {type(ds).__name__}; return a map-style "
+                            "torch Dataset (with __len__ and __getitem__)")
         return _MapDataset(ds, spec)
-    raise SpecError(
-        f"unknown dataset '{spec}'; use one of: {', '.join(BUILTIN_DATASETS)} "
-        "or a .npz/.npy/.h5:NAME/.zarr:NAME file or module:factory"
-    )
+    raise SpecError(f"unknown dataset '{spec}'; use one of: {', '.join(BUILTIN_DATASETS)} "
+                    "or a .npz/.npy/.h5:NAME/.zarr:NAME file or module:factory")

@@ -138,10 +138,8 @@ def resolve_token_data(
     if spec.startswith("text:"):
         path = spec.removeprefix("text:")
         if tokenizer is None or seq_len is None:
-            raise DataError(
-                f"text data '{spec}' needs a tokenizer and a window length; "
-                "pass --tokenizer tokenizer.json and --seq-len N"
-            )
+            raise DataError(f"text data '{spec}' needs a tokenizer and a window length; "
+                            "pass --tokenizer tokenizer.json and --seq-len N")
         text = _read_text(path)
         tok = load_tokenizer(tokenizer)
         ids = encode_text(text, tok, tokenizer_path=tokenizer, source=f"text file '{path}'")
@@ -153,10 +151,8 @@ def resolve_token_data(
         if tokenizer is not None:
             ds.vocab_size = load_tokenizer(tokenizer).get_vocab_size()
         return ds
-    raise SpecError(
-        f"unknown token data '{spec}'; use a .npy/.npz/.h5/.zarr file of token ids, text:FILE, "
-        "jsonl:FILE?field=NAME, parquet:FILE?field=NAME or hfds:DIR?field=NAME with --tokenizer"
-    )
+    raise SpecError(f"unknown token data '{spec}'; use a .npy/.npz/.h5/.zarr file of token ids, text:FILE, "
+                    "jsonl:FILE?field=NAME, parquet:FILE?field=NAME or hfds:DIR?field=NAME with --tokenizer")
 
 
 def train_bpe(texts: str | Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Any:
@@ -170,10 +166,8 @@ def train_bpe(texts: str | Iterable[str], vocab_size: int, *, min_frequency: int
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([texts] if isinstance(texts, str) else texts, trainer=trainer)
     return tok
 

@@ -12,22 +12,16 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
-import zarr
 
 from softlabels.errors import DataError
-from softlabels.inputs.array_files import _array_names, _read_rows
-from softlabels.inputs.files import require_regular
+from softlabels.inputs.array_files import LazyArray, _array_names, file_kind
 
-__all__ = [
-    "TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
-    "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets",
-]
+__all__ = ["TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
+           "check_seq_len", "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets"]
 
 
 @dataclass(frozen=True)
@@ -64,10 +58,8 @@ def _pad(flat_ids: np.ndarray, flat_mask: np.ndarray, lengths: np.ndarray) -> To
 
 def _check_ids(ids: np.ndarray, source: str, where: str) -> np.ndarray:
     if ids.size and ids.min() < 0:
-        raise DataError(
-            f"{source} has negative token id {int(ids.min())} in {where}; store token ids >= 0 in an "
-            "integer type wide enough for the vocabulary (int16 wraps above 32,767)"
-        )
+        raise DataError(f"{source} has negative token id {int(ids.min())} in {where}; store token ids >= 0 in an "
+                        "integer type wide enough for the vocabulary (int16 wraps above 32,767)")
     return ids.astype(np.int64, copy=False)
 
 
@@ -113,10 +105,8 @@ class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def _check_mask(mask: Any, shape: tuple[int, ...], source: str) -> None:
     integer = np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_
     if tuple(mask.shape) != shape or not integer:
-        raise DataError(
-            f"mask of {source} has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
-            f"store a bool (or 0/1) array shaped like the tokens, {shape}"
-        )
+        raise DataError(f"mask of {source} has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
+                        f"store a bool (or 0/1) array shaped like the tokens, {shape}")
 
 
 class PackedTokens(TokenDataset):
@@ -127,10 +117,8 @@ class PackedTokens(TokenDataset):
         self.source, self.vocab_size = source, vocab_size
         dtype = np.dtype(tokens.dtype)
         if len(tokens.shape) != 2 or not np.issubdtype(dtype, np.integer) or 0 in tokens.shape:
-            raise DataError(
-                f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
-                "store integer token ids, [N, L] with N, L >= 1 (or flat tokens with offsets [N + 1])"
-            )
+            raise DataError(f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
+                            "store integer token ids, [N, L] with N, L >= 1 (or flat tokens with offsets [N + 1])")
         if mask is not None:
             _check_mask(mask, tuple(tokens.shape), source)
         self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
@@ -175,24 +163,18 @@ class RaggedTokens(TokenDataset):
         self.source, self.vocab_size = source, vocab_size
         dtype = np.dtype(tokens.dtype)
         if len(tokens.shape) != 1 or not np.issubdtype(dtype, np.integer):
-            raise DataError(
-                f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
-                "with offsets, store the token ids flat: one integer array [T]"
-            )
+            raise DataError(f"tokens of {source} have shape {tuple(tokens.shape)} and dtype {dtype}; "
+                            "with offsets, store the token ids flat: one integer array [T]")
         off = np.asarray(offsets[...])
         total = int(tokens.shape[0])
         if (off.ndim != 1 or off.size < 2 or not np.issubdtype(off.dtype, np.integer)
                 or off[0] != 0 or off[-1] != total or (np.diff(off) < 0).any()):
-            raise DataError(
-                f"offsets of {source} are not [N + 1] integers rising from 0 to the {total} tokens; "
-                "store offsets[i]..offsets[i + 1] as sequence i's token range"
-            )
+            raise DataError(f"offsets of {source} are not [N + 1] integers rising from 0 to the {total} tokens; "
+                            "store offsets[i]..offsets[i + 1] as sequence i's token range")
         self._lengths = np.diff(off).astype(np.int64)
         if (self._lengths == 0).any():
-            raise DataError(
-                f"sequence {int(np.argmin(self._lengths))} of {source} is empty; drop empty sequences "
-                "(every sequence needs at least one token)"
-            )
+            raise DataError(f"sequence {int(np.argmin(self._lengths))} of {source} is empty; drop empty sequences "
+                            "(every sequence needs at least one token)")
         if mask is not None:
             _check_mask(mask, (total,), source)
         self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
@@ -209,11 +191,17 @@ class RaggedTokens(TokenDataset):
         return ids, mask
 
 
+def check_seq_len(seq_len: Any) -> int:
+    """``seq_len`` as an int, refused unless it is an integer >= 1."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
+    return int(seq_len)
+
+
 def window_offsets(lengths: np.ndarray, seq_len: int) -> np.ndarray:
     """``offsets`` of consecutive windows of ``seq_len`` tokens cut from each sequence of these
     ``lengths``: a sequence's last window keeps its remainder, and no window crosses two sequences."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
-        raise DataError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass e.g. --seq-len 256")
+    seq_len = check_seq_len(seq_len)
     lengths = np.asarray(lengths, dtype=np.int64)
     per = -(-lengths // seq_len)  # windows per sequence
     windows = np.full(int(per.sum()), seq_len, dtype=np.int64)
@@ -258,42 +246,6 @@ def _rewindow(ds: TokenDataset, tokens: Any, mask: Any, seq_len: int, path: str)
     return RaggedTokens(tokens, window_offsets(ds.lengths(), seq_len), mask, source=path)
 
 
-class _LazyArray:
-    """An HDF5 / Zarr array opened on first use in each process (safe across forks and pickling)."""
-
-    def __init__(self, path: str, kind: str, name: str) -> None:
-        self.path, self.kind, self.name = path, kind, name
-        self._handle: Any = None
-        self._array: Any = None
-        self._pid: int | None = None
-        array = self._open()
-        self.shape, self.dtype = tuple(int(s) for s in array.shape), np.dtype(array.dtype)
-        if self._handle is not None:  # never hold an open HDF5 handle across a fork
-            self._handle.close()
-        self._handle = self._array = self._pid = None
-
-    def _open(self) -> Any:
-        if self._pid != os.getpid():
-            if self.kind == "hdf5":
-                self._handle = h5py.File(self.path, "r")
-                self._array = self._handle[self.name]
-            else:
-                self._array = zarr.open_array(self.path, path=self.name, mode="r")
-            self._pid = os.getpid()
-        return self._array
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, np.ndarray):  # rows in any order: HDF5 needs them sorted and unique
-            return _read_rows(self._open(), key)
-        return np.asarray(self._open()[key])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handle": None, "_array": None, "_pid": None}
-
-
-_TOKEN_FILES = {".npy": "npy", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".zarr": "zarr"}
-
-
 def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None) -> TokenDataset:
     """Token ids in a file: ``.npy`` ([N, L] packed, or a 1-D stream cut into ``seq_len``
     windows), or ``.npz``/HDF5/Zarr with array ``tokens`` and optional ``offsets``, ``mask``.
@@ -302,13 +254,7 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
     sequence, a document, into windows of at most ``seq_len`` that never cross two of them;
     rows of exactly ``seq_len`` tokens are read as they are."""
     path = str(path)
-    kind = _TOKEN_FILES.get(Path(path.rstrip("/")).suffix.lower())
-    if kind is None:
-        raise DataError(f"unsupported token file '{path}'; use a .npy, .npz, .h5/.hdf5 or .zarr file")
-    if not Path(path).exists():
-        raise DataError(f"token file '{path}' does not exist; check the path in --data")
-    if kind != "zarr":  # a Zarr store is a folder
-        require_regular(path)
+    kind = file_kind(path, "token file", ".npy, .npz, .h5/.hdf5 or .zarr")
     arrays: dict[str, Any]
     if kind == "npy":
         arrays = {"tokens": np.load(path, mmap_mode="r", allow_pickle=False)}
@@ -320,19 +266,15 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
             raise DataError(f"cannot read '{path}' as .npz ({err}); write it with numpy.savez") from err
     else:
         found = _array_names(path, kind)
-        arrays = {name: _LazyArray(path, kind, name) for name in ("tokens", "offsets", "mask") if name in found}
+        arrays = {name: LazyArray(path, kind, name) for name in ("tokens", "offsets", "mask") if name in found}
     if "tokens" not in arrays:
-        raise DataError(
-            f"no array 'tokens' in '{path}'; arrays found: {', '.join(arrays) or '(none)'}; "
-            "store token ids as 'tokens' (with 'offsets' [N + 1] if ragged, and an optional 'mask')"
-        )
+        raise DataError(f"no array 'tokens' in '{path}'; arrays found: {', '.join(arrays) or '(none)'}; "
+                        "store token ids as 'tokens' (with 'offsets' [N + 1] if ragged, and an optional 'mask')")
     tokens, offsets, mask = arrays["tokens"], arrays.get("offsets"), arrays.get("mask")
     if offsets is None and len(tokens.shape) == 1:
         if seq_len is None:
-            raise DataError(
-                f"'{path}' holds flat tokens without offsets; store 'offsets' [N + 1] beside them, "
-                "or pass --seq-len to cut the stream into windows"
-            )
+            raise DataError(f"'{path}' holds flat tokens without offsets; store 'offsets' [N + 1] beside them, "
+                            "or pass --seq-len to cut the stream into windows")
         return pack_stream(tokens, seq_len, mask, source=path)
     ds = PackedTokens(tokens, mask, source=path) if offsets is None else RaggedTokens(tokens, offsets, mask, source=path)
     return ds if seq_len is None else _rewindow(ds, tokens, mask, seq_len, path)

@@ -21,13 +21,7 @@ import numpy as np
 
 from softlabels.errors import CorruptStore, StoreLimitExceeded
 
-__all__ = [
-    "LOGITS_DTYPES",
-    "ArraySpec",
-    "checksum_of",
-    "chunk_list",
-    "load_json",
-]
+__all__ = ["LOGITS_DTYPES", "ArraySpec", "checksum_of", "chunk_list", "load_json"]
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
@@ -37,11 +31,9 @@ CHECKSUM_ALGORITHMS: tuple[str, ...] = ("crc32", "crc32c")
 NEW_STORE_CHECKSUM = "crc32c"  # hardware CRC: ~7x zlib.crc32 (docs/BENCHMARKS.md), same 32 bits
 
 # logits dtype name -> numpy dtype it is stored as (bfloat16 as its raw uint16 bits)
-LOGITS_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype("float32"),
-    "float16": np.dtype("float16"),
-    "bfloat16": np.dtype("uint16"),
-}
+LOGITS_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("float32"),
+                                      "float16": np.dtype("float16"),
+                                      "bfloat16": np.dtype("uint16")}
 
 # array names (the public contract)
 LOGITS = "logits"

@@ -112,13 +112,14 @@ class Classifier:
     def _student(self, student: nn.Module | None):
         """The student (seeded from --seed; --init or --student-weights, or a caller's module), checked."""
         from softlabels.student.runs import run_weights
+        from softlabels.teacher.models import count_parameters
         from softlabels.teacher.spec import ModelInfo, resolve_model
 
         config = self.config
         torch.manual_seed(config.seed)
         init = run_weights(config.init) if config.init else config.student_weights
         if student is not None:
-            info = ModelInfo(student, config.student, "module", None, sum(p.numel() for p in student.parameters()))
+            info = ModelInfo(student, config.student, "module", None, count_parameters(student))
         else:
             info = resolve_model(config.student, input_shape=self.input_shape, num_classes=self.num_classes,
                                  weights=init, allow_pickle=config.allow_pickle and not config.init)

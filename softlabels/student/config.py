@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from softlabels._runtime.options import threads_problem
+from softlabels._runtime.options import count_problems
 from softlabels.teacher.config import DEFAULT_ENSEMBLE_MODE, ensemble_problems
 
 LOSS_NAMES = ("kl", "soft_ce", "mse", "topk_kl", "sampled_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
@@ -62,9 +62,7 @@ class TrainConfig:
     @property
     def token_data(self) -> bool:
         """Whether ``--data`` alone (no store) trains a language model on hard next-token CE."""
-        from softlabels.teacher.lm import (
-            BUILTIN_LMS,  # at call time: --help stays light
-        )
+        from softlabels.teacher.lm import BUILTIN_LMS  # at call time: --help stays light
 
         return not self.stores and not self.ensemble and bool(self.data) and (
             self.student in BUILTIN_LMS or self.student.startswith("hf:") or self.tokenizer is not None
@@ -72,16 +70,11 @@ class TrainConfig:
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
-        p = []
-        for name in ("epochs", "batch_size", "views_per_sample"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                p.append(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.seq_len is not None and not (isinstance(self.seq_len, int) and self.seq_len >= 1):
-            p.append(f"--seq-len must be an integer >= 1, got {self.seq_len!r}")
-        for name in ("warmup_steps", "num_workers"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                p.append(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")
-        p += threads_problem(self.threads)
+        p = count_problems({"epochs": self.epochs, "batch_size": self.batch_size,
+                            "views_per_sample": self.views_per_sample}, 1)
+        p += count_problems({"seq_len": self.seq_len}, 1) if self.seq_len is not None else []
+        p += count_problems({"warmup_steps": self.warmup_steps, "num_workers": self.num_workers,
+                             "threads": self.threads}, 0)
         if not (math.isfinite(self.lr) and self.lr > 0):
             p.append(f"--lr must be a number > 0, got {self.lr!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -119,9 +112,7 @@ class TrainConfig:
             p.append("--resume and --overwrite exclude each other; pick one")
         if self.init and self.student_weights:
             p.append("--init and --student-weights both give initial weights; pick one")
-        from softlabels._runtime.paths import (
-            out_overlaps,  # the library's, at call time: --help stays light
-        )
+        from softlabels._runtime.paths import out_overlaps  # the library's, at call time: --help stays light
         from softlabels.inputs.spec import data_spec_path
         from softlabels.student.checkpoint import RUN_FILES
         from softlabels.teacher.spec import is_model_file
@@ -131,7 +122,6 @@ class TrainConfig:
         inputs += [("--val-data", self.val_data and data_spec_path(self.val_data)),
                    ("--student-weights", self.student_weights),
                    ("--student", self.student if is_model_file(self.student) else None)]
-        clash = out_overlaps(self.out, inputs, writes=RUN_FILES)
-        if clash:
+        if clash := out_overlaps(self.out, inputs, writes=RUN_FILES):
             p.append(clash)
         return p

@@ -39,16 +39,12 @@ def next_token_targets(ids: Tensor, mask: Tensor | None = None, lengths: Tensor 
 
 def _check_logits(logits: Tensor, ids: Tensor) -> None:
     if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-        raise ModelMismatch(
-            f"logits {tuple(logits.shape)} do not fit token ids {tuple(ids.shape)}; the model must "
-            "return [B, L, V] for ids [B, L]"
-        )
+        raise ModelMismatch(f"logits {tuple(logits.shape)} do not fit token ids {tuple(ids.shape)}; the model must "
+                            "return [B, L, V] for ids [B, L]")
 
 
-def next_token_ce(
-    logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
-    *, reduction: str = "mean",
-) -> Tensor:
+def next_token_ce(logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
+                  *, reduction: str = "mean") -> Tensor:
     """Hard next-token cross-entropy of logits [B, L, V] against ids [B, L], masked and shifted.
 
     ``reduction="mean"`` averages over the positions that count (0 when none does, keeping
@@ -90,18 +86,14 @@ class LMEvalAccumulator:
         self._sums = dict.fromkeys(_SUMS, 0.0)
         self._bins = torch.zeros(2, n_bins, dtype=torch.float64)  # per bin: correct, confidence sums
 
-    def update(
-        self, logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
-        teacher_logits: Tensor | None = None,
-    ) -> None:
+    def update(self, logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
+               teacher_logits: Tensor | None = None) -> None:
         """Add a batch: student logits [B, L, V], ids [B, L], optional mask/lengths, and
         optional dense teacher logits [B, L, V] (raw logits or log-probabilities)."""
         _check_logits(logits, ids)
         if teacher_logits is not None and teacher_logits.shape != logits.shape:
-            raise ModelMismatch(
-                f"student logits have shape {tuple(logits.shape)} but teacher logits "
-                f"{tuple(teacher_logits.shape)}; the student's vocabulary must match the teacher's"
-            )
+            raise ModelMismatch(f"student logits have shape {tuple(logits.shape)} but teacher logits "
+                                f"{tuple(teacher_logits.shape)}; the student's vocabulary must match the teacher's")
         targets, valid = next_token_targets(ids, mask, lengths)
         with torch.no_grad():
             logp = F.log_softmax(logits.detach()[valid].float(), dim=-1)  # [P, V]
@@ -131,12 +123,10 @@ class LMEvalAccumulator:
         out: dict[str, float | int | None] = {"positions": n}
         loss = s["nll"] / n if n else None
         correct, conf = self._bins
-        out.update(
-            loss=loss,
-            perplexity=math.exp(loss) if loss is not None else None,
-            accuracy=s["correct"] / n if n else None,
-            ece=float((correct - conf).abs().sum() / n) if n else None,
-        )
+        out.update(loss=loss,
+                   perplexity=math.exp(loss) if loss is not None else None,
+                   accuracy=s["correct"] / n if n else None,
+                   ece=float((correct - conf).abs().sum() / n) if n else None)
         if nt:
             teacher_loss = s["teacher_nll"] / nt
             out.update(agreement=s["agree"] / nt, kl_to_teacher=s["kl"] / nt,

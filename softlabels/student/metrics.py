@@ -139,12 +139,10 @@ class EvalAccumulator:
         """The metrics so far (see the class docstring for keys and when they are absent)."""
         sums = self._sums
         nl = sums["n_labeled"]
-        out: Metrics = {
-            "n": int(sums["n"]),
-            "n_labeled": int(nl),
-            "accuracy": sums["correct"] / nl if nl else None,
-            "ece": self._ece("student"),
-        }
+        out: Metrics = {"n": int(sums["n"]),
+                        "n_labeled": int(nl),
+                        "accuracy": sums["correct"] / nl if nl else None,
+                        "ece": self._ece("student")}
         if sums["nonfinite"]:
             out["nonfinite_rows"] = int(sums["nonfinite"])
         if sums["n_teacher"]:
@@ -165,13 +163,11 @@ class EvalAccumulator:
         the bin's mean ``accuracy`` and ``confidence`` (None for an empty bin).
         """
         count, correct, conf = self._bins["teacher" if teacher else "student"]
-        return {
-            "bin_lower": self._edges[:-1].tolist(),
-            "bin_upper": self._edges[1:].tolist(),
-            "count": [int(c) for c in count.tolist()],
-            "accuracy": [a / c if c else None for a, c in zip(correct.tolist(), count.tolist())],
-            "confidence": [f / c if c else None for f, c in zip(conf.tolist(), count.tolist())],
-        }
+        return {"bin_lower": self._edges[:-1].tolist(),
+                "bin_upper": self._edges[1:].tolist(),
+                "count": [int(c) for c in count.tolist()],
+                "accuracy": [a / c if c else None for a, c in zip(correct.tolist(), count.tolist())],
+                "confidence": [f / c if c else None for f, c in zip(conf.tolist(), count.tolist())]}
 
 
 def _batches_from_data(dataset: InputDataset, batch_size: int):
@@ -191,9 +187,12 @@ def _batches_from_store(store: Any, dataset: InputDataset, batch_size: int):
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int, batch_size: int = 512,
-                   device: str | torch.device = "cpu", store: Any = None) -> dict[str, Any]:
-    """Metrics of ``model`` on ``dataset`` (see :class:`EvalAccumulator`), against ``store`` if given."""
-    acc = EvalAccumulator(num_classes)
+                   device: str | torch.device = "cpu", store: Any = None,
+                   acc: EvalAccumulator | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset`` (see :class:`EvalAccumulator`), against ``store`` if given.
+
+    ``acc``: the accumulator to add the batches to (for its :meth:`~EvalAccumulator.reliability`, say)."""
+    acc = acc or EvalAccumulator(num_classes)
     was_training = model.training
     model.eval()
     try:

@@ -33,22 +33,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-__all__ = [
-    "EpochState",
-    "Window",
-    "split",
-    "chunk_order",
-    "worker_range",
-    "worker_batch_counts",
-    "resume_point",
-    "plan_windows",
-    "window_perm",
-    "batch_pieces",
-    "stream_batches",
-    "chunk_batches",
-    "batches_per_epoch",
-    "loader_batches",
-]
+__all__ = ["EpochState", "Window", "split", "chunk_order", "worker_range", "worker_batch_counts", "resume_point",
+           "plan_windows", "window_perm", "batch_pieces", "stream_batches", "chunk_batches", "batches_per_epoch",
+           "loader_batches"]
 
 _CHUNK_TAG, _WINDOW_TAG = 0, 1  # keep the two RNG families apart
 

@@ -30,13 +30,7 @@ from torch import nn
 from softlabels._runtime import signals as _signals
 from softlabels._runtime.device import DistEnv, set_threads
 from softlabels._runtime.progress import progress_bar, wants_bar
-from softlabels.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    NonFiniteOutputs,
-    StoreMismatch,
-)
+from softlabels.errors import CheckpointError, ConfigError, DataError, NonFiniteOutputs, StoreMismatch
 from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
 from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
@@ -94,7 +88,6 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
             run.task.close()
     finally:
         lock.release()
-        env.stop()
 
 
 class _Run:
@@ -258,16 +251,11 @@ class _Run:
 
     def _check_stores_finite(self) -> None:
         """After a NaN loss, before blaming --lr: a store holding NaN/inf teacher values (one scan, on failure only)."""
+        from softlabels.teacher.sinks import nonfinite_ids
+
         for store in self.task.stores:
-            layout, ids = store.meta.layout_obj(), []
-            for u in range(store.meta.num_units):
-                block = store.read_unit(u, verify=False)
-                rows = layout.nonfinite_rows(block)
-                if "offsets" in block:  # positions of a tokens unit -> its sequences
-                    rows = block["offsets"].searchsorted(rows, side="right") - 1
-                ids += block[fmt.SAMPLE_IDS][rows].tolist()
+            ids = sorted(set(nonfinite_ids(store, range(store.meta.num_units))))
             if ids:
-                ids = sorted(set(ids))
                 raise NonFiniteOutputs(
                     f"store {str(store.path)!r} holds NaN/inf teacher values for {len(ids)} sample id(s) "
                     f"({fmt.chunk_list(ids)}), so every loss is NaN; lowering --lr will not help: regenerate the store "
@@ -276,18 +264,13 @@ class _Run:
     def _finish(self, seconds: float) -> dict[str, Any]:
         env, cfg = self.env, self.config
         digest = weights_digest(self.task.net)
-        digests = [digest]
-        if env.world > 1:
-            digests = [None] * env.world
-            dist.all_gather_object(digests, digest)
+        digests = env.group.all_gather(digest)
         history = ckpt_io.read_metrics(cfg.out) if env.rank == 0 else []
-        summary = {
-            "student": cfg.student, "out": str(cfg.out), "epochs": cfg.epochs, "steps": self.step,
-            "world_size": env.world, "num_parameters": self.run_config["num_parameters"], **self.task.summary(),
-            "seconds": seconds, "final": history[-1] if history else {},
-            "first_loss": history[0]["loss"] if history else None,
-            "weights_digest": digest, "weights_digest_per_rank": digests, "config": self.run_config,
-        }
+        summary = {"student": cfg.student, "out": str(cfg.out), "epochs": cfg.epochs, "steps": self.step,
+                   "world_size": env.world, "num_parameters": self.run_config["num_parameters"], **self.task.summary(),
+                   "seconds": seconds, "final": history[-1] if history else {},
+                   "first_loss": history[0]["loss"] if history else None,
+                   "weights_digest": digest, "weights_digest_per_rank": digests, "config": self.run_config}
         if env.rank == 0:
             import json
 

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from softlabels.inputs.arrays import all_labels
+
 
 class IndexBatches(Dataset):
     """Batches of rows of one or more InputDatasets, shuffled per epoch, this rank's share.
@@ -28,7 +30,7 @@ class IndexBatches(Dataset):
         self.offsets = np.cumsum([0] + [len(d) for d in datasets])
         ids = np.arange(self.offsets[-1], dtype=np.int64)
         if labeled_only:
-            ids = ids[np.concatenate([_all_labels(d) for d in datasets]) >= 0]
+            ids = ids[np.concatenate([all_labels(d) for d in datasets]) >= 0]
         self.ids = ids
         self.set_epoch(0)
 
@@ -45,21 +47,18 @@ class IndexBatches(Dataset):
             x, y = self.datasets[0].get_batch(ids)
             return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
         which = np.searchsorted(self.offsets, ids, side="right") - 1
-        parts = [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
-                 for j in range(len(self.datasets)) if (m := which == j).any()]
-        x = torch.empty((len(ids), *parts[0][1][0].shape[1:]), dtype=parts[0][1][0].dtype)
-        y = torch.empty(len(ids), dtype=torch.int64)
-        for m, (xj, yj) in parts:
-            x[torch.from_numpy(m)], y[torch.from_numpy(m)] = xj, yj
+        x, y = join_rows(len(ids), [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
+                                    for j in range(len(self.datasets)) if (m := which == j).any()])
         return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
 
 
-def _all_labels(ds) -> np.ndarray:
-    labels = getattr(ds, "labels", None)
-    if labels is not None:
-        return np.asarray(labels)
-    return np.concatenate([ds.get_batch(np.arange(i, min(i + 4096, len(ds))))[1].numpy()
-                           for i in range(0, len(ds), 4096)] or [np.empty(0, np.int64)])
+def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
+    """Tensors of ``n`` rows from ``(mask, tensors)`` parts: each part's rows go where its bool mask is True."""
+    out = tuple(torch.empty((n, *t.shape[1:]), dtype=t.dtype) for t in parts[0][1])
+    for m, tensors in parts:
+        for o, t in zip(out, tensors):
+            o[torch.from_numpy(m)] = t
+    return out
 
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -28,14 +28,7 @@ from softlabels._runtime.distributed import Dist
 from softlabels.errors import ConfigError, DataError, ModelMismatch, SoftLabelsError
 from softlabels.inputs.arrays import class_count
 from softlabels.inputs.fingerprints import fingerprint
-from softlabels.inputs.augment import (
-    Compose,
-    draw_views,
-    param_dtype,
-    parse_augment,
-    refuse_random_data,
-    view_shape,
-)
+from softlabels.inputs.augment import Compose, draw_views, param_dtype, parse_augment, refuse_random_data, view_shape
 from softlabels.inputs.spec import absolute_data_spec, resolve_data
 from softlabels.store import format as fmt
 from softlabels.store.layouts import Layout, make_layout, to_numpy

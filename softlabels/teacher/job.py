@@ -30,39 +30,15 @@ from softlabels.teacher.tokens import is_token_job, token_producer
 __all__ = ["GenerateResult", "generate"]
 
 
-def generate(
-    teacher: str,
-    data: str,
-    out: str | Path,
-    *,
-    weights: str | Path | None = None,
-    allow_pickle: bool = False,
-    random_teacher: bool = False,
-    seed: int = 0,
-    layout: str | None = None,
-    topk: int | None = None,
-    samples: int | None = None,
-    views: int | None = None,
-    augment: str | None = None,
-    views_from: str | Path | None = None,
-    dtype: str = "float32",
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str = "auto",
-    threads: int = 1,
-    amp: str = "none",
-    chunk_rows: int | None = None,
-    shard_chunks: int | None = None,
-    num_classes: int | None = None,
-    overwrite: bool = False,
-    on_nonfinite: str = "error",
-    repair: bool = False,
-    progress: bool | None = None,
-    echo: Callable[[str], None] | None = None,
-    seq_len: int | None = None,
-    tokenizer: str | Path | None = None,
-    compress: bool = False,
-) -> GenerateResult:
+def generate(teacher: str, data: str, out: str | Path, *, weights: str | Path | None = None,
+        allow_pickle: bool = False, random_teacher: bool = False, seed: int = 0, layout: str | None = None,
+        topk: int | None = None, samples: int | None = None, views: int | None = None, augment: str | None = None,
+        views_from: str | Path | None = None, dtype: str = "float32", batch_size: int = 256, num_workers: int = 0,
+        device: str = "auto", threads: int = 1, amp: str = "none", chunk_rows: int | None = None,
+        shard_chunks: int | None = None, num_classes: int | None = None, overwrite: bool = False,
+        on_nonfinite: str = "error", repair: bool = False, progress: bool | None = None,
+        echo: Callable[[str], None] | None = None, seq_len: int | None = None, tokenizer: str | Path | None = None,
+        compress: bool = False) -> GenerateResult:
     """Run ``teacher`` over ``data`` and write its raw logits to the store ``out`` (format 2).
 
     Reruns resume an unfinished store (same settings required; ``chunk_rows`` and

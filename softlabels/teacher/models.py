@@ -16,14 +16,7 @@ from torch import nn
 
 from softlabels.errors import ModelMismatch, SpecError
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "MLP",
-    "CNN",
-    "build_model",
-    "count_parameters",
-    "count_flops",
-]
+__all__ = ["BUILTIN_MODELS", "MLP", "CNN", "build_model", "count_parameters", "count_flops"]
 
 
 class MLP(nn.Module):
@@ -49,13 +42,8 @@ class CNN(nn.Module):
     Flat inputs are reshaped to ``image_shape`` first, so a 64-vector becomes 1x8x8.
     """
 
-    def __init__(
-        self,
-        image_shape: tuple[int, int, int],
-        channels: tuple[int, ...],
-        hidden: tuple[int, ...],
-        num_classes: int,
-    ) -> None:
+    def __init__(self, image_shape: tuple[int, int, int], channels: tuple[int, ...], hidden: tuple[int, ...],
+                 num_classes: int) -> None:
         super().__init__()
         self.image_shape = image_shape
         layers: list[nn.Module] = []
@@ -84,20 +72,14 @@ def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
         side = math.isqrt(input_shape[0])
         if side * side == input_shape[0] and side > 0:
             return (1, side, side)
-    raise ModelMismatch(
-        f"model '{name}' needs image-like inputs (C×H×W, H×W or a flat perfect square), "
-        f"got per-item shape {tuple(input_shape)}; use 'mlp' or 'linear' for these inputs"
-    )
-
-
-def _flat(input_shape: tuple[int, ...]) -> int:
-    return math.prod(input_shape)
+    raise ModelMismatch(f"model '{name}' needs image-like inputs (C×H×W, H×W or a flat perfect square), "
+                        f"got per-item shape {tuple(input_shape)}; use 'mlp' or 'linear' for these inputs")
 
 
 BUILTIN_MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
-    "linear": lambda shape, c: MLP(_flat(shape), (), c),
-    "mlp": lambda shape, c: MLP(_flat(shape), (32,), c),
-    "mlp-large": lambda shape, c: MLP(_flat(shape), (512, 512), c),
+    "linear": lambda shape, c: MLP(math.prod(shape), (), c),
+    "mlp": lambda shape, c: MLP(math.prod(shape), (32,), c),
+    "mlp-large": lambda shape, c: MLP(math.prod(shape), (512, 512), c),
     "cnn": lambda shape, c: CNN(_image_shape("cnn", shape), (16, 32), (), c),
     "cnn-large": lambda shape, c: CNN(_image_shape("cnn-large", shape), (64, 128, 128), (256,), c),
 }
@@ -109,15 +91,11 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     """Build the built-in architecture ``name`` for per-sample ``input_shape`` and ``num_classes``."""
     builder = BUILTIN_MODELS.get(name)
     if builder is None:
-        raise SpecError(
-            f"unknown built-in model '{name}'; use one of: {', '.join(BUILTIN_MODELS)}, "
-            "a module:factory, a TorchScript file or a .pt2 torch.export file"
-        )
+        raise SpecError(f"unknown built-in model '{name}'; use one of: {', '.join(BUILTIN_MODELS)}, "
+                        "a module:factory, a TorchScript file or a .pt2 torch.export file")
     if num_classes < 1 or not input_shape or min(input_shape) < 1:
-        raise ModelMismatch(
-            f"cannot build '{name}' for input shape {tuple(input_shape)} and {num_classes} classes; "
-            "pass a non-empty input shape and at least one class"
-        )
+        raise ModelMismatch(f"cannot build '{name}' for input shape {tuple(input_shape)} and {num_classes} classes; "
+                            "pass a non-empty input shape and at least one class")
     return builder(tuple(input_shape), num_classes)
 
 

@@ -58,17 +58,25 @@ class StoreProducer:
     def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """One piece per source unit a span touches, cut to the span (positions by the unit's offsets)."""
         geometry = self.source.meta.geometry
-        family = {k: a.family for k, a in self._meta.arrays().items()}
+        positional = [k for k, a in self._meta.arrays().items() if a.family == "position"]
         for lo, hi in spans:
             for unit in range(lo // geometry.unit_samples, (hi - 1) // geometry.unit_samples + 1 if hi > lo else 0):
                 s0, s1 = geometry.unit_samples_range(unit)
                 a, b = max(lo, s0), min(hi, s1)
                 block = self.source.read_unit(unit)
                 offsets, lengths = block.pop(OFFSETS, None), block.pop(LENGTHS, None)
-                if (a, b) != (s0, s1):  # samples [i, j) of the unit; tokens: their positions are contiguous
-                    i, j = a - s0, b - s0
-                    p0, p1 = i, j
-                    if offsets is not None:
-                        p0, p1 = int(offsets[i]), int(offsets[j - 1] + lengths[j - 1]) if j > i else int(offsets[i])
-                    block = {k: v[p0:p1] if family[k] == "position" else v[i:j] for k, v in block.items()}
+                if (a, b) != (s0, s1):  # samples [a, b) of the unit; tokens: their positions by the offsets
+                    cum = None if offsets is None else np.append(offsets, offsets[-1] + lengths[-1])
+                    block = slice_samples(block, positional, 0, a - s0, b - s0, cum)
                 yield a, block
+
+
+def slice_samples(arrays: dict[str, Any], position_keys: Sequence[str], start: int, a: int, b: int,
+                  cum: np.ndarray | None) -> dict[str, Any]:
+    """Samples ``[a, b)`` of a piece starting at sample ``start``; ragged tokens place their positions by
+    ``cum``, the position offsets of the samples (indexed like them)."""
+    if cum is not None:
+        p0, p1 = int(cum[a] - cum[start]), int(cum[b] - cum[start])
+    else:
+        p0, p1 = a - start, b - start
+    return {k: (v[p0:p1] if k in position_keys else v[a - start:b - start]) for k, v in arrays.items()}

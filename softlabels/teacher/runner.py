@@ -49,7 +49,7 @@ from softlabels.store.backend import backend_kind
 from softlabels.store.lock import StoreLock
 from softlabels.store.schema import StoreMetaV2
 from softlabels.teacher.pipeline import BackgroundWriter, unit_delay_hook
-from softlabels.teacher.producer import Producer
+from softlabels.teacher.producer import Producer, slice_samples
 from softlabels.teacher.sinks import Sink
 
 __all__ = ["GenerateResult", "run_job"]
@@ -286,15 +286,5 @@ def select(start: int, arrays: dict[str, Any], wanted: Sequence[tuple[int, int]]
     for lo, hi in wanted:
         a, b = max(lo, start), min(hi, start + n)
         if a < b:
-            out.append((a, arrays if (a, b) == (start, start + n) else _slice(arrays, position_keys, start, a, b, cum)))
+            out.append((a, arrays if (a, b) == (start, start + n) else slice_samples(arrays, position_keys, start, a, b, cum)))
     return out
-
-
-def _slice(arrays: dict[str, Any], position_keys: list[str], start: int, a: int, b: int,
-           cum: np.ndarray | None) -> dict[str, Any]:
-    """Samples ``[a, b)`` of a piece starting at ``start`` (ragged tokens: their positions by ``cum``)."""
-    if cum is not None:
-        p0, p1 = int(cum[a] - cum[start]), int(cum[b] - cum[start])
-    else:
-        p0, p1 = a - start, b - start
-    return {k: (v[p0:p1] if k in position_keys else v[a - start:b - start]) for k, v in arrays.items()}

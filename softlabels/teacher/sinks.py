@@ -11,17 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from softlabels.errors import (
-    ConfigError,
-    CorruptStore,
-    NotAStore,
-    SoftLabelsError,
-    StoreMismatch,
-)
+from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
 from softlabels.store import format as fmt
 from softlabels.store.backend import open_backend
 from softlabels.store.reader import UnitStore
@@ -29,7 +23,7 @@ from softlabels.store.schema import UNIT_DONE, StoreMetaV2
 from softlabels.store.writer import UnitWriter
 from softlabels.teacher.pipeline import sample_of_rows
 
-__all__ = ["Opened", "Sink", "scan_nonfinite"]
+__all__ = ["Opened", "Sink", "nonfinite_ids", "scan_nonfinite"]
 
 # the settings a resumed store must share with the request (besides teacher/source/settings entries)
 _SHAPE_KEYS = ("positions", "layout", "num_samples", "num_classes", "logits_dtype", "chunk_samples",
@@ -168,11 +162,15 @@ def _diffs(have: StoreMetaV2, want: StoreMetaV2) -> list[str]:
 
 def scan_nonfinite(path: Path) -> list[int]:
     """Sample ids of stored positions holding a non-finite value (``--on-nonfinite record``)."""
-    ids: list[int] = []
     with UnitStore(path, allow_partial=True) as store:
-        layout = store.meta.layout_obj()
-        for u in np.flatnonzero(store.unit_done()):
-            block = store.read_unit(int(u), verify=False)
-            rows = layout.nonfinite_rows(block)
-            ids += np.unique(sample_of_rows(block[fmt.SAMPLE_IDS], rows, block.get("lengths"))).tolist()
+        return nonfinite_ids(store, np.flatnonzero(store.unit_done()))
+
+
+def nonfinite_ids(store: Any, units: Iterable[int]) -> list[int]:
+    """Sample ids, sorted, of the positions in ``units`` of ``store`` (any unit reader) holding NaN/inf."""
+    layout, ids = store.meta.layout_obj(), []
+    for u in units:
+        block = store.read_unit(int(u), verify=False)
+        rows = layout.nonfinite_rows(block)
+        ids += np.unique(sample_of_rows(block[fmt.SAMPLE_IDS], rows, block.get("lengths"))).tolist()
     return ids

@@ -17,11 +17,11 @@ import hashlib
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 import torch
 from torch import nn
@@ -82,21 +82,13 @@ class ModelInfo:
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description (everything but the module)."""
-        return {
-            "spec": self.spec,
-            "kind": self.kind,
-            "weights_sha256": self.weights_sha256,
-            "num_parameters": self.num_parameters,
-        }
+        return {k: v for k, v in vars(self).items() if k != "module"}
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file's bytes."""
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # Entries of a .pt2 archive that torch.export.load unpickles or runs as native code
@@ -105,22 +97,13 @@ _PT2_UNSAFE = ("data/aotinductor/", "opaque_obj_", "custom_obj_", "data/weights/
                "data/constants/model.pt")
 
 
-@contextmanager
-def _weights_only_loads() -> Iterator[None]:
+def _weights_only_loads() -> Any:
     """Every ``torch.load`` inside (torch.export.load's own, too) with ``weights_only=True``.
 
     torch.export.load retries its sample inputs, and loads pickled weights and constants,
     with ``weights_only=False``; torch's documented switch overrides those call sites.
     """
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+    return mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"})
 
 
 def _load_export(path: str, allow_pickle: bool) -> nn.Module:
@@ -183,19 +166,15 @@ def _read_state_dict(path: str, allow_pickle: bool) -> Mapping[str, Any]:
             "allow_pickle=True (--allow-pickle) only for a file you trust, or save model.state_dict()"
         ) from err
     except Exception as err:
-        raise SpecError(
-            f"cannot read weights '{path}' ({_one_line(err)}); save them with "
-            "torch.save(model.state_dict(), path)"
-        ) from err
+        raise SpecError(f"cannot read weights '{path}' ({_one_line(err)}); save them with "
+                        "torch.save(model.state_dict(), path)") from err
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise SpecError(
-            f"weights '{path}' hold a {type(obj).__name__}, not a state_dict; "
-            "save them with torch.save(model.state_dict(), path)"
-        )
+        raise SpecError(f"weights '{path}' hold a {type(obj).__name__}, not a state_dict; "
+                        "save them with torch.save(model.state_dict(), path)")
     return obj
 
 
@@ -210,12 +189,10 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
         problems.append(f"missing keys {_few(missing)}")
     if unexpected := [k for k in given if k not in expected]:
         problems.append(f"unexpected keys {_few(unexpected)}")
-    wrong = [
-        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in given.items()
-        if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
-        and v.shape != expected[k].shape
-    ]
+    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in given.items()
+             if k in expected and isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
+             and v.shape != expected[k].shape]
     if wrong:
         problems.append(f"shape mismatch {_few(wrong)}")
     if not problems:
@@ -224,10 +201,8 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
         except (RuntimeError, ValueError, TypeError) as err:
             problems.append(_one_line(err))
     if problems:
-        raise ModelMismatch(
-            f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
-            "pass weights saved from this architecture"
-        )
+        raise ModelMismatch(f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
+                            "pass weights saved from this architecture")
 
 
 def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: int | None,
@@ -262,14 +237,8 @@ def _saved_classes(spec: str, input_shape: tuple[int, ...], weights: str, allow_
     return None
 
 
-def resolve_model(
-    spec: str,
-    *,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    weights: str | os.PathLike[str] | None = None,
-    allow_pickle: bool = False,
-) -> ModelInfo:
+def resolve_model(spec: str, *, input_shape: tuple[int, ...], num_classes: int,
+                  weights: str | os.PathLike[str] | None = None, allow_pickle: bool = False) -> ModelInfo:
     """Resolve a ``--teacher``/``--student`` spec to a model in eval mode.
 
     ``input_shape`` (per sample) and ``num_classes`` size the built-ins. ``weights`` is a
@@ -287,10 +256,8 @@ def resolve_model(
     elif ":" in spec:
         module, kind = factory_module(spec), "factory"
     else:
-        raise SpecError(
-            f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "
-            "a package.module:factory, a TorchScript file or a .pt2 torch.export file"
-        )
+        raise SpecError(f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "
+                        "a package.module:factory, a TorchScript file or a .pt2 torch.export file")
     if weights is not None:
         _load_weights(module, str(weights), spec, allow_pickle)
         digest = sha256_file(weights)

@@ -26,8 +26,9 @@ from softlabels.inputs.fingerprints import fingerprint
 from softlabels.store import format as fmt
 from softlabels.store.positions.views import VIEW_PARAMS, choose_views
 from softlabels.student.losses import target_arrays
+from softlabels.student.trainutil import join_rows
 
-__all__ = ["SampleRows", "VIEW", "spread_views", "short"]
+__all__ = ["SampleRows", "VIEW", "same_data", "short", "spread_views"]
 
 VIEW = "view"
 
@@ -35,6 +36,17 @@ VIEW = "view"
 def short(fp: Any) -> str:
     """A fingerprint cut to what a one-line message needs."""
     return str(fp)[:19] + "..." if fp and len(str(fp)) > 19 else str(fp)
+
+
+def same_data(store: Any, fingerprint_of: Callable[[], str], what: str, flag: str) -> None:
+    """Refuse data whose fingerprint is not the one ``store`` recorded (a store without one cannot be checked)."""
+    source = store.meta.source
+    expected = source.get("fingerprint")
+    if expected and (got := fingerprint_of()) != expected:
+        spec = source.get("spec") or source.get("data")
+        raise FingerprintMismatch(
+            f"{store.path}: the {what} given (fingerprint {short(got)}) is not the data the store was generated "
+            f"from ({short(expected)}); pass the {flag} the store was generated from" + (f" ({spec})" if spec else ""))
 
 
 class SampleRows:
@@ -59,16 +71,8 @@ class SampleRows:
     @staticmethod
     def check_data(store: Any, data: Any, check_fingerprint: bool) -> None:
         """Refuse inputs that are not the ones the store's teacher saw (ids are checked batch by batch)."""
-        source = store.meta.source
-        expected = source.get("fingerprint")
-        if data is not None and check_fingerprint and expected:  # stores made without a fingerprint cannot be checked
-            got = fingerprint(data)
-            if got != expected:
-                spec = source.get("spec") or source.get("data")
-                hint = f" ({spec})" if spec else ""
-                raise FingerprintMismatch(
-                    f"{store.path}: the data given (fingerprint {short(got)}) is not the data the store was "
-                    f"generated from ({short(expected)}); pass the --data the store was generated from{hint}")
+        if data is not None and check_fingerprint:
+            same_data(store, lambda: fingerprint(data), "data", "--data")
 
     # -- a unit in memory -------------------------------------------------------------------------
     def unit_rows(self, block: dict[str, np.ndarray], *, seed: int, epoch: int) -> dict[str, np.ndarray]:
@@ -177,11 +181,8 @@ def _inputs(ids: np.ndarray, source: np.ndarray, stores: list, data: list) -> to
                             "pass the --data the store was generated from")
     if len(data) == 1:
         return data[0].get_batch(ids)[0]
-    parts = [(m, data[s].get_batch(ids[m])[0]) for s in np.unique(source) for m in (source == s,)]
-    x = torch.empty((len(ids),) + tuple(parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
-    for m, xs in parts:
-        x[torch.from_numpy(m)] = xs
-    return x
+    parts = [(m, data[s].get_batch(ids[m])[:1]) for s in np.unique(source) for m in (source == s,)]
+    return join_rows(len(ids), parts)[0]
 
 
 def spread_views(batch: dict[str, Any], k: int, layout: Any) -> dict[str, Any]:

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
-from softlabels.errors import ConfigError, DataError, FingerprintMismatch
+from softlabels.errors import ConfigError, DataError
 from softlabels.inputs.tokens import TokenDataset, offsets_of, token_fingerprint
 from softlabels.store.layouts.targets import TopKTarget
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS
 from softlabels.student import order as _order
-from softlabels.student.kinds.sample import short
+from softlabels.student.kinds.sample import same_data
 from softlabels.student.lm_metrics import next_token_targets
 from softlabels.student.losses import as_target, target_arrays
 
@@ -70,15 +70,8 @@ class TokenRows:
         if not isinstance(data, TokenDataset):
             raise ConfigError(f"{store.path} holds token positions: join it with the token data it was generated "
                               "from (a TokenDataset)")
-        expected = store.meta.source.get("fingerprint")
-        if check_fingerprint and expected:  # stores made without a fingerprint cannot be checked
-            got = token_fingerprint(data)
-            if got != expected:
-                spec = store.meta.source.get("spec")
-                raise FingerprintMismatch(
-                    f"{store.path}: the token data given (fingerprint {short(got)}) is not the data the store was "
-                    f"generated from ({short(expected)}); pass the data the store was generated from"
-                    + (f" ({spec})" if spec else ""))
+        if check_fingerprint:
+            same_data(store, lambda: token_fingerprint(data), "token data", "data")
 
     @staticmethod
     def unit_rows(block: dict[str, np.ndarray], *, seed: int, epoch: int) -> dict[str, np.ndarray]:
