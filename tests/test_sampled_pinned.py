@@ -22,6 +22,9 @@ CASES = {
     "v4096-s12-fp16": ((4096, 12, 3, torch.float16, 96, 4.0), "61ae17b8a35810c2"),
     "v100-s300": ((100, 300, 5, torch.float32, 64, 1.0), "cd6b56d699370dc8"),
     "v70000-s8-packed-ids": ((70_000, 8, 11, torch.float32, 6, 8.0), "3caaff9eaba546fc"),
+    # odd vocabularies over several blocks of the draw kernel (their tails land mid-vector)
+    "v4099-s12-fp32": ((4099, 12, 2, torch.float32, 100, 3.0), "7a9a3fab031e6214"),
+    "v50257-s12-bf16": ((50_257, 12, 4, torch.bfloat16, 12, 6.0), "6fbb634527044dad"),
 }
 
 
