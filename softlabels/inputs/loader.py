@@ -10,7 +10,13 @@ only the slot number and a small template; the main process copies the slot out
 DataLoader's round-robin order batch by batch. A loop therefore sees exactly the
 batches, in the order, of a plain ``DataLoader(ds, batch_size=None)``
 (:mod:`softlabels.student.order`'s resume math relies on that order). A message larger
-than a slot goes as one fresh shared tensor instead.
+than a slot goes as one fresh shared tensor instead. A worker's first message of an epoch holds
+one batch (then 2, 4, ... up to MESSAGE_BATCHES), so the loop starts after one batch.
+
+Workers of an iterable dataset that has ``worker_state()`` / ``set_worker_state(state)`` (a
+few ints that fix an epoch's order) live across epochs: before each epoch the state goes to
+their copies of the dataset through shared memory, instead of a fork, a DataLoader start-up
+and a store opened again per epoch. An epoch not read to its end gets fresh workers.
 
 An exception in a worker comes back as the same one-line error instead of
 torch's "Caught ... in DataLoader worker" traceback: a softlabels error as
