@@ -240,6 +240,36 @@ def test_resume_with_real_workers(dense, transport):
     assert len(list(again)) == len(again)
 
 
+def test_one_batch_loader_across_epochs_resumes_and_broken_epochs(dense):
+    """batch_loader keeps its workers across epochs: each epoch, a resume point and a new seed reach them,
+    and an epoch left unfinished (slots still taken) gives way to fresh workers."""
+    from softlabels.inputs.loader import batch_loader
+
+    path, data, _ = dense
+    ds = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=2, seed=3)
+    ref = SoftLabelDataset([(path, data)], batch_size=BATCH, window_chunks=2, seed=3)
+    loader = batch_loader(ds, num_workers=2)
+
+    def expect() -> list[dict]:
+        ref.seed, ref.epoch, ref._resume = ds.seed, ds.epoch, ds._resume
+        return rank_batches(ref, 2)
+
+    for epoch in (0, 1, 1, 4):
+        ds.set_epoch(epoch)
+        assert_same_batches(list(loader), expect())
+    workers = loader._live.loader._iterator._workers
+    ds.load_state_dict({"epoch": 5, "seed": 9, "batches_done": 3})
+    assert_same_batches(list(loader), expect())
+    assert loader._live.loader._iterator._workers == workers  # the same processes served every epoch
+    ds.set_epoch(6)
+    for i, _ in enumerate(loader):  # stop early: this epoch's workers are not reused
+        if i == 2:
+            break
+    ds.set_epoch(7)
+    assert_same_batches(list(loader), expect())
+    assert loader._live.loader._iterator._workers != workers
+
+
 def test_resume_reads_only_the_units_of_the_batches_to_come(dense, monkeypatch):
     path, data, _ = dense
     reads: list[int] = []

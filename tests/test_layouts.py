@@ -238,6 +238,19 @@ def test_encode_refuses_the_wrong_class_count() -> None:
         make_layout("topk", num_classes=5, k=2).encode(teacher_logits(2, 6))
 
 
+def test_finite_rows_on_every_16_bit_pattern() -> None:
+    """Every float16 and bfloat16 bit pattern, alone in a row and beside a finite value, against np.isfinite."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    half = bits.view(np.float16)
+    want = np.isfinite(half.astype(np.float32))
+    assert (finite_rows({"logits": half[:, None]}) == want).all()
+    assert (finite_rows({"logits": np.stack([half, np.ones_like(half)], 1)}) == want).all()
+    want = np.isfinite((bits.astype(np.uint32) << 16).view(np.float32))
+    assert (finite_rows({"logits": bits[:, None]}) == want).all()  # uint16 logits: bfloat16 bits
+    assert (finite_rows({"topk_values": np.stack([np.full_like(bits, 0x3F80), bits], 1)}) == want).all()
+    assert finite_rows({"logits": np.empty((3, 0), np.float16)}).all()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_finite_rows_checks_values_not_ids(dtype: str) -> None:
     layout = make_layout("topk", num_classes=70_000 if dtype == "bfloat16" else 50, logits_dtype=dtype, k=3)

@@ -10,7 +10,13 @@ only the slot number and a small template; the main process copies the slot out
 DataLoader's round-robin order batch by batch. A loop therefore sees exactly the
 batches, in the order, of a plain ``DataLoader(ds, batch_size=None)``
 (:mod:`softlabels.student.order`'s resume math relies on that order). A message larger
-than a slot goes as one fresh shared tensor instead.
+than a slot goes as one fresh shared tensor instead. A worker's first message of an epoch holds
+one batch (then 2, 4, ... up to MESSAGE_BATCHES), so the loop starts after one batch.
+
+Workers of an iterable dataset that has ``worker_state()`` / ``set_worker_state(state)`` (a
+few ints that fix an epoch's order) live across epochs: before each epoch the state goes to
+their copies of the dataset through shared memory, instead of a fork, a DataLoader start-up
+and a store opened again per epoch. An epoch not read to its end gets fresh workers.
 
 An exception in a worker comes back as the same one-line error instead of
 torch's "Caught ... in DataLoader worker" traceback: a softlabels error as
@@ -54,19 +60,41 @@ class _Loader:
                  prefetch_factor: int | None) -> None:
         self.dataset, self.workers, self.sampler = dataset, workers, sampler
         self.pin_memory, self.prefetch = pin_memory, prefetch_factor or 2
+        self._live: _Live | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator:
-        ring = _Ring(self.workers, self.prefetch + 2, self.pin_memory)
         options = {"num_workers": self.workers, "prefetch_factor": self.prefetch}  # pinning: see _Ring.take
         if isinstance(self.dataset, IterableDataset):
-            loader = DataLoader(_PackedStream(self.dataset, ring), batch_size=None, **options)
-            return _round_robin(iter(loader), self.workers, ring)
+            if not hasattr(self.dataset, "worker_state"):
+                ring = _Ring(self.workers, self.prefetch + 2, self.pin_memory)
+                loader = DataLoader(_PackedStream(self.dataset, ring), batch_size=None, **options)
+                return _round_robin(iter(loader), self.workers, ring)
+            return self._persistent(options)
+        ring = _Ring(self.workers, self.prefetch + 2, self.pin_memory)
         sampler = self.sampler if self.sampler is not None else range(len(self.dataset))  # type: ignore[arg-type]
         loader = DataLoader(_PackedItems(self.dataset, ring), batch_size=None, sampler=sampler, **options)
         return (ring.take(message)[2][0] for message in loader)
+
+    def _persistent(self, options: dict[str, Any]) -> Iterator:
+        """One epoch from workers kept alive across epochs: starting them anew cost as much as a small epoch
+        (fork, DataLoader start-up, the store opened again). The dataset's ``worker_state()`` (a few ints:
+        epoch, seed, resume point) travels to the workers' copies through shared memory before each epoch.
+        After an epoch that was not read to its end, slots may still be taken: the workers start anew."""
+        live = self._live
+        if live is None or not live.finished:
+            self._live = None  # the old workers, if any, exit when their DataLoader goes
+            ring = _Ring(self.workers, self.prefetch + 2, self.pin_memory)
+            state = torch.zeros(_STATE_INTS, dtype=torch.int64).share_memory_()
+            loader = DataLoader(_PackedStream(self.dataset, ring, state), batch_size=None,
+                                persistent_workers=True, **options)
+            live = self._live = _Live(loader, ring, state)
+        values = [int(v) for v in self.dataset.worker_state()]  # type: ignore[attr-defined]
+        live.state[:len(values) + 1] = torch.tensor([len(values), *values])
+        live.finished = False
+        return live.epoch(self.workers)
 
 
 class _Ring:
@@ -139,23 +167,43 @@ class _Failure:
                               "rerun with --num-workers 0 to see where it is raised")
 
 
+_STATE_INTS = 16  # a count, then the dataset's worker_state()
+
+
+@dataclass
+class _Live:
+    """Persistent workers, their ring and the shared state each epoch starts from."""
+
+    loader: DataLoader
+    ring: _Ring
+    state: torch.Tensor
+    finished: bool = True
+
+    def epoch(self, workers: int) -> Iterator[Any]:
+        yield from _round_robin(iter(self.loader), workers, self.ring)
+        self.finished = True  # every message taken: every slot is free again
+
+
 class _PackedStream(IterableDataset):
     """Worker side of an iterable dataset: ``(worker, last, packed batches)`` messages."""
 
-    def __init__(self, dataset: IterableDataset, ring: _Ring) -> None:
-        self.dataset, self.ring = dataset, ring
+    def __init__(self, dataset: IterableDataset, ring: _Ring, state: torch.Tensor | None = None) -> None:
+        self.dataset, self.ring, self.state = dataset, ring, state
 
     def __iter__(self) -> Iterator[tuple[int, bool, Any]]:
         worker = get_worker_info().id
+        if self.state is not None:  # persistent workers: this epoch's state, set by the main process
+            n = int(self.state[0])
+            self.dataset.set_worker_state(tuple(int(v) for v in self.state[1:n + 1]))  # type: ignore[attr-defined]
         group: list[Any] = []
-        size = 0
-        try:
+        size, most = 0, 1  # the first message holds one batch, then twice as many up to MESSAGE_BATCHES:
+        try:  # the loop starts after one batch, not sixteen
             for batch in self.dataset:
                 group.append(batch)
                 size += _nbytes(batch)
-                if size >= MESSAGE_BYTES or len(group) >= MESSAGE_BATCHES:
+                if size >= MESSAGE_BYTES or len(group) >= most:
                     yield self.ring.put(worker, group)
-                    group, size = [], 0
+                    group, size, most = [], 0, min(2 * most, MESSAGE_BATCHES)
             message = self.ring.put(worker, group)
         except Exception as err:  # noqa: BLE001 - sent to the main process as one line
             yield worker, True, _Failure.of(err)

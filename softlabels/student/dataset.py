@@ -87,8 +87,9 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
     :func:`softlabels.student.kinds.sample.spread_views` makes them B·k rows.
 
     Memory: each worker holds the units of about one window (one more while a batch straddles
-    two). Call :meth:`set_epoch` before each epoch; do not use ``persistent_workers`` (workers
-    copy the dataset when an epoch's iterator starts).
+    two). Call :meth:`set_epoch` before each epoch. A plain ``DataLoader`` needs fresh workers each
+    epoch (workers copy the dataset when they start: no ``persistent_workers``); :func:`batch_loader`
+    keeps its workers across epochs and hands them :meth:`worker_state` before each one.
 
     Resuming mid-epoch: save ``ds.state_dict(batches_done=k)`` where ``k`` counts the batches this
     rank's loop has consumed since the start of the epoch (including any skipped by an earlier
@@ -184,6 +185,17 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
                                         self.kind.share)
 
     # -- iteration -------------------------------------------------------------------------
+    def worker_state(self) -> tuple[int, ...]:
+        """What an epoch's order depends on besides the construction (epoch, seed, resume point), as ints:
+        :func:`batch_loader` hands it to workers it keeps alive across epochs."""
+        resume = self._resume if self._resume is not None else (-1, -1)
+        return (self.epoch, self.seed, *resume)
+
+    def set_worker_state(self, state: tuple[int, ...]) -> None:
+        """Adopt another copy's :meth:`worker_state`."""
+        self.epoch, self.seed = state[0], state[1]
+        self._resume = None if state[2] < 0 else (state[2], state[3])
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)

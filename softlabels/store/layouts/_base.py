@@ -79,15 +79,16 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     for name, a in arrays.items():
         if a.dtype == np.uint16 and name not in _BF16_ARRAYS:
             continue  # uint16 ids
-        if a.dtype == np.uint16:  # bfloat16 bits: non-finite when the exponent is all ones
-            bad = (a & 0x7F80) == 0x7F80
-        elif a.dtype == np.float16:  # on the bits: 8x faster than np.isfinite on float16
-            bad = (a.view(np.uint16) & 0x7C00) == 0x7C00
+        if a.dtype in (np.uint16, np.float16):
+            # on the bits (np.isfinite on float16 is 8x slower): non-finite when the exponent is all ones,
+            # i.e. the bits without the sign are >= those of inf; one row maximum, no bool temporary
+            inf = 0x7F80 if a.dtype == np.uint16 else 0x7C00  # bfloat16 bits, float16
+            bits = np.bitwise_and(a.view(np.uint16), 0x7FFF).reshape(len(a), math.prod(a.shape[1:]))
+            rows = bits.max(axis=1, initial=0) < inf
         elif a.dtype.kind == "f":
-            bad = ~np.isfinite(a)
+            rows = np.isfinite(a).reshape(len(a), math.prod(a.shape[1:])).all(axis=1)
         else:
             continue
-        rows = ~bad.reshape(len(a), math.prod(a.shape[1:])).any(axis=1)
         ok = rows if ok is None else ok & rows
     if ok is None:
         n = len(next(iter(arrays.values()))) if arrays else 0
