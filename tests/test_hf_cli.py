@@ -16,17 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests._hfmodels import SIZES as ARCHITECTURES
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 SCRIPT = Path(sys.executable).parent / "softlabels"  # the console script of this environment
-ARCHITECTURES = {
-    "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=64),
-    "gpt2": dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0),
-    "qwen2": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=64),
-}
 SEQ_LEN = 32
 
 # What `import torchvision` raises when a CUDA wheel meets a CPU torch (torchvision 0.28.0, torch 2.13.0+cpu).
