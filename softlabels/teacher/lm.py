@@ -29,7 +29,8 @@ from softlabels.teacher.hf import load_hf, load_hf_init, max_positions
 from softlabels.teacher.models import count_parameters
 from softlabels.teacher.spec import _load_weights, factory_module, sha256_file
 
-__all__ = ["GPTConfig", "GPT", "BUILTIN_LMS", "CausalLM", "LMInfo", "build_lm", "resolve_lm"]
+__all__ = ["GPTConfig", "GPT", "BUILTIN_LMS", "CALL_LOGITS_BYTES", "CausalLM", "LMInfo", "build_lm", "call_tokens",
+           "resolve_lm"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,16 @@ class CausalLM(nn.Module):
                 "it must return logits [B, L, V] (or an object with .logits)"
             )
         return logits
+
+
+CALL_LOGITS_BYTES = 256 << 20
+"""The float32 logits one teacher call may produce: 256 MiB, about 512 padded tokens at V = 128,256."""
+
+
+def call_tokens(vocab_size: int) -> int:
+    """Padded tokens per teacher call such that its logits [B, L, V] (float32) stay under
+    :data:`CALL_LOGITS_BYTES`: what bounds ``generate``'s memory at real vocabularies."""
+    return max(1, CALL_LOGITS_BYTES // (4 * max(int(vocab_size), 1)))
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def token_producer(config: GenerateConfig, device: torch.device | None = None, *
     from softlabels.inputs.text import resolve_token_data
     from softlabels.inputs.tokens import token_fingerprint
     from softlabels.inputs.vocabulary import tokenizer_fingerprint
-    from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
+    from softlabels.teacher.lm import BUILTIN_LMS, call_tokens, resolve_lm
 
     if config.teacher in BUILTIN_LMS and config.weights is None and not config.random_teacher:
         raise ConfigError(f"--teacher {config.teacher} is an architecture without --weights, so it would label "
@@ -267,7 +267,7 @@ def token_producer(config: GenerateConfig, device: torch.device | None = None, *
     settings = {"batch_size": config.batch_size, "layout": config.layout, "logits_dtype": config.dtype,
                 "amp": config.amp, "seed": config.seed, "random_teacher": config.random_teacher}
     return TokenProducer(data, info.module.to(device), layout, device=device, amp=config.amp,
-                         batch_size=config.batch_size, chunk_samples=config.chunk_rows or geometry.get("chunk_rows"),
+                         batch_size=config.batch_size, max_tokens=call_tokens(info.vocab_size), chunk_samples=config.chunk_rows or geometry.get("chunk_rows"),
                          shard_chunks=config.shard_chunks or geometry.get("shard_chunks") or 1,
                          group_units=geometry.get("group_units"), teacher_attrs=teacher, source_attrs=source,
                          created_by={"settings": settings})
