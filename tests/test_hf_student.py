@@ -95,13 +95,19 @@ def test_init_from_a_pretrained_checkpoint(dirs, tmp_path):
     assert not (tmp_path / "bad" / "model.pt").exists()
 
 
-def test_a_student_of_another_tokenizer_is_refused(dirs, tmp_path):
+def _other_vocabulary(tmp_path):
+    """A model directory whose tokenizer has the same size but two ids swapped: another vocabulary."""
     other = hf_model_dir(tmp_path / "other", "llama")
     spec = json.loads((other / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
     a, b = sorted(vocab)[40:42]
-    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped: another vocabulary
+    vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(spec))
+    return other
+
+
+def test_a_student_of_another_tokenizer_is_refused(dirs, tmp_path):
+    other = _other_vocabulary(tmp_path)
     r = train(dirs, tmp_path / "run", "--student", f"hf:{other}")
     assert_one_line_error(r, f"the tokenizer of hf:{other}", "has another vocabulary than the tokenizer store",
                           "cross-tokenizer distillation is not supported")
@@ -113,3 +119,10 @@ def test_seq_len_beyond_the_model_positions_is_refused(dirs, tmp_path):
                 "--seq-len", "65", "--out", str(tmp_path / "s.zarr"))
     assert_one_line_error(r, "sequences of 65 tokens exceed the 64 positions of", "pass --seq-len 64 or less")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_eval_against_a_store_of_another_tokenizer_is_refused(dirs, tmp_path):
+    other = _other_vocabulary(tmp_path)
+    r = run_cli("eval", "--checkpoint", str(other), "--data", f"text:{dirs / 't.txt'}", "--store",
+                str(dirs / "s.zarr"))
+    assert_one_line_error(r, "the student's tokenizer", "has another vocabulary than the tokenizer store")

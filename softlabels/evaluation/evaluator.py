@@ -138,6 +138,11 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
                 "is not supported)" if lm else f"the student has {num_classes} classes but store {str(store)!r} "
                 f"has {opened.meta.num_classes}; pass the store of this student's teacher")
         if lm:
+            if opened is not None:  # the same size is not the same vocabulary
+                from softlabels.inputs.vocabulary import check_same_tokenizer
+
+                check_same_tokenizer(opened.meta.source.get("tokenizer_fingerprint"), config.get("tokenizer"),
+                                     what="the student's tokenizer", store=str(store))
             metrics = _lm_metrics(model, data, opened, batch_size, dev)
         else:
             from softlabels.student.metrics import evaluate_model
