@@ -154,29 +154,6 @@ def test_loss_equals_dense_reference_and_masked_positions_get_no_gradient(stores
     assert again.item() == total.item()
 
 
-@pytest.mark.parametrize("layout", ["dense", "topk", "sampled"])
-@pytest.mark.parametrize("loss", [None, "reverse_kl", "jsd"])
-def test_chunked_loss_equals_the_whole_batch_loss(stores, layout, loss, monkeypatch):
-    """At a vocabulary-wide batch the loss runs in chunks of positions (softlabels.student.kd_chunks):
-    the same total, the same gradient, the same reported terms as one pass."""
-    import softlabels.student.kd_chunks as kd_chunks
-
-    ds = SoftLabelDataset([(UnitStore(stores[layout]), stores["data"])], batch_size=5, shuffle=False)
-    batch = next(iter(ds))
-    soft = make_soft_loss(loss or make_layout(layout, num_classes=V, **PARAMS[layout]).default_loss, 2.0)
-    results = []
-    for chunk in (kd_chunks.CHUNK_LOGITS, 3 * V):  # one pass; chunks of 3 positions (the last one shorter)
-        monkeypatch.setattr(kd_chunks, "CHUNK_LOGITS", chunk)
-        logits = torch.randn(*batch["ids"].shape, V, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        logits.requires_grad_(True)
-        total, hard, sl = lm_loss(logits, batch, soft, 0.3)
-        (total * 0.7).backward()
-        results.append((total.detach(), hard, sl, logits.grad))
-    assert kd_chunks.chunk_rows(V) == 3 < int(batch["loss_mask"].sum())  # the second pass did run in chunks
-    for whole, chunked in zip(results[0], results[1]):
-        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-9)  # some losses sum in float32
-
-
 def test_length_one_very_long_and_wide_vocabulary(tmp_path):
     vocab = 70_000  # ids wider than 16 bits (3-byte ids on disk)
     spec, data = ragged_data(tmp_path / "d.npz", [1, 300, 1, 2], vocab, seed=3)

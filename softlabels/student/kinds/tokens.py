@@ -38,7 +38,6 @@ from softlabels.inputs.tokens import TokenDataset, offsets_of, token_fingerprint
 from softlabels.store.layouts.targets import TopKTarget
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS
 from softlabels.student import order as _order
-from softlabels.student.kd_chunks import chunk_rows, chunked_loss
 from softlabels.student.kinds.sample import short
 from softlabels.student.lm_metrics import next_token_targets
 from softlabels.student.losses import as_target, target_arrays
@@ -209,18 +208,11 @@ def lm_loss(logits: torch.Tensor, batch: dict[str, Any], soft: nn.Module | None,
     target = select_rows(as_target(batch), keep)
     if renormalize and isinstance(target, TopKTarget):
         target = dataclasses.replace(target, logsumexp=target.values.float().logsumexp(-1))
-
-    def rows_loss(x: torch.Tensor, part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t, lab = select_rows(target, part), labels[part]
-        fused = getattr(soft, "rows_with_ce", None) if alpha > 0 else None
-        if fused is not None:  # one pass over the student's logits for both terms
-            soft_rows, ce_rows = fused(x, t, lab)
-        else:
-            soft_rows = soft(x, t)
-            ce_rows = F.cross_entropy(x.float(), lab, reduction="none") if alpha > 0 else soft_rows.new_zeros(0)
-        ce, sl = ce_rows.sum(), soft_rows.sum()
-        return alpha * ce + (1 - alpha) * sl, ce.detach(), sl.detach()
-
-    if s.shape[0] > chunk_rows(s.shape[-1]):  # the vocabulary-wide tensors of the loss, one chunk at a time
-        return chunked_loss(s, rows_loss)
-    return rows_loss(s, slice(None))
+    fused = getattr(soft, "rows_with_ce", None) if alpha > 0 else None
+    if fused is not None:  # one pass over the student's logits for both terms
+        soft_rows, ce_rows = fused(s, target, labels)
+    else:
+        soft_rows = soft(s, target)
+        ce_rows = F.cross_entropy(s.float(), labels, reduction="none") if alpha > 0 else soft_rows.new_zeros(0)
+    ce, sl = ce_rows.sum(), soft_rows.sum()
+    return alpha * ce + (1 - alpha) * sl, ce.detach(), sl.detach()
