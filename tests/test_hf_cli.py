@@ -100,3 +100,27 @@ def test_a_broken_torchvision_is_named_with_its_fix(hf_dirs, tmp_path):
     assert lines[0].endswith("; pip uninstall torchvision, or install the torchvision built for this torch")
     assert "check the model directory" not in lines[0]
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.slow
+def test_teacher_directory_to_a_student_transformers_loads(hf_dirs, tmp_path):
+    """The walk-through of docs/TOKENS.md through the console script: the teacher's own tokenizer, a pretrained
+    student of its family, RUN/hf loaded by transformers, eval of RUN/hf."""
+    import torch
+
+    r = softlabels("generate", "--teacher", "hf:llama", "--data", "text:t.txt", "--seq-len", SEQ_LEN, "--out",
+                   tmp_path / "s.zarr", "--layout", "sampled", "--samples", 12, "--no-progress", cwd=hf_dirs)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = softlabels("train", "--student", "hf:llama", "--store", tmp_path / "s.zarr", "--epochs", 1, "--batch-size", 8,
+                   "--out", run, "--no-progress", cwd=hf_dirs)
+    assert r.returncode == 0, r.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "hf")
+    assert transformers.AutoTokenizer.from_pretrained(run / "hf")("hello")["input_ids"]
+    ids = torch.arange(SEQ_LEN)[None] % model.config.vocab_size
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    r = softlabels("eval", "--checkpoint", run / "hf", "--data", "text:t.txt", "--store", tmp_path / "s.zarr",
+                   "--json", cwd=hf_dirs)
+    assert r.returncode == 0, r.stderr
+    assert '"perplexity"' in r.stdout and '"kl_to_teacher"' in r.stdout
