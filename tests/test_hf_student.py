@@ -72,12 +72,18 @@ def test_run_hf_loads_in_transformers_with_the_trained_logits(dirs, tmp_path):
     assert not torch.equal(logits(before, ids), logits(shipped, ids))  # it did train
     tok = transformers.AutoTokenizer.from_pretrained(export)
     assert tok.chat_template and tok("hello world")["input_ids"]
+    losses = []
     for checkpoint in (tmp_path / "run", export):  # a run of an hf: student, and its hf/ directly
         r = run_cli("eval", "--checkpoint", str(checkpoint), "--data", f"text:{dirs / 't.txt'}",
                     "--store", str(dirs / "s.zarr"), "--json")
         assert r.exit_code == 0, r.output
         result = json.loads(r.output)
         assert result["student"] == f"hf:{export}" and np.isfinite(result["kl_to_teacher"]), result
+        losses.append(result["loss"])
+    r = run_cli("eval", "--checkpoint", str(tmp_path / "run"), "--student", f"hf:{dirs / 'student'}", "--data",
+                f"text:{dirs / 't.txt'}", "--json")  # the architecture named, model.pt's weights
+    assert r.exit_code == 0, r.output
+    assert losses == [json.loads(r.output)["loss"]] * 2
 
 
 def test_init_from_a_pretrained_checkpoint(dirs, tmp_path):
