@@ -32,6 +32,6 @@ def hf_model_dir(path: Path, arch: str = "llama", *, seed: int = 0, template: st
 
     vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
     torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(arch, vocab_size=vocab, **{**SIZES[arch], **overrides})
+    config = transformers.AutoConfig.for_model(arch, **{"vocab_size": vocab, **SIZES[arch], **overrides})
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
     return path

@@ -67,3 +67,13 @@ def test_bf16_amp_runs_the_teacher_in_bfloat16(tmp_path, text):
     assert not np.array_equal(bf16, fp32)  # it did run in bfloat16
     scale = np.abs(fp32).max()
     assert np.abs(bf16 - fp32).max() <= 0.02 * scale + 1e-3
+
+
+def test_an_embedding_padded_beyond_the_tokenizer(tmp_path, text):
+    """Qwen2 has 151,936 output rows for 151,665 tokens: the store takes the model's width, the ids the tokenizer's."""
+    from tokenizers import Tokenizer
+
+    model_dir = hf_model_dir(tmp_path / "qwen2", "qwen2", vocab_size=336)
+    assert Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size() < 336
+    stored = _store_logits(tmp_path, model_dir, text)
+    assert stored.shape[1] == 336 and np.isfinite(stored).all()
