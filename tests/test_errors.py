@@ -1279,6 +1279,9 @@ def _lm_factories(c: Ctx) -> str:
     return "errcat_lm"
 
 
+REMOTE_CODE_CONFIG = {"model_type": "mine", "auto_map": {"AutoModelForCausalLM": "modeling_mine.MineForCausalLM"}}
+
+
 def _hf_dir(c: Ctx, *files: str, config: Any = None) -> Path:
     d = c.mkdir("hf")
     for name in ("config.json", *files):
@@ -1380,7 +1383,7 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
         "E1540": lambda c: LMEvalAccumulator(0),
         "E1542": lambda c: text_data(c, "an unknown word", tokenizer=_wordlevel_without_unk(c)),
         "E1543": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config='not json')}"),
-        "E1544": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config={'model_type': 'mine', 'auto_map': {'AutoModelForCausalLM': 'm.M'}})}"),
+        "E1544": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config=REMOTE_CODE_CONFIG)}"),
         "E1545": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config={'model_type': 'nosuchmodel'})}"),
         "E1546": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config={'model_type': 't5'})}"),
         "E1547": lambda c: resolve_lm(f"hf:{_hf_model(c, 'llama')}", context=65),

@@ -125,7 +125,8 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         raise ConfigError(problems)
     set_threads(threads)
     dev = resolve_device(device)  # an unknown or absent device is a one-line error
-    lm = _hf_directory(checkpoint) is not None or load_checkpoint(find_checkpoint(checkpoint))["config"].get("task") == "lm"
+    lm = _hf_directory(checkpoint) is not None or \
+        load_checkpoint(find_checkpoint(checkpoint))["config"].get("task") == "lm"
     model, config = _load_lm(checkpoint, device=dev, student=student) if lm else \
         load_student(checkpoint, device=dev, student=student)
     data, num_classes = _data(data_spec, config, lm), int(config["num_classes"])

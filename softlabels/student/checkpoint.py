@@ -30,7 +30,8 @@ from softlabels.errors import CheckpointError, CheckpointNotFound, ConfigError
 
 __all__ = [
     "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
-    "HF_DIR", "atomic_save", "save_hf", "save_run", "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
+    "HF_DIR", "atomic_save", "save_hf", "save_run",
+    "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
     "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics",
 ]
 

@@ -51,14 +51,14 @@ def _check_architecture(directory: str, config: dict[str, Any], transformers: An
         return
     if model_type not in CONFIG_MAPPING_NAMES:
         if config.get("auto_map"):
-            raise SpecError(f"hf:{directory} is a '{model_type}' model that needs remote code (its config.json has "
-                            f"auto_map), which is never run; use an architecture transformers {transformers.__version__} "
-                            "ships, or convert the checkpoint to one")
+            raise SpecError(f"hf:{directory} is a '{model_type}' model that needs remote code (its config.json "
+                            "has auto_map), which is never run; use an architecture transformers "
+                            f"{transformers.__version__} ships, or convert the checkpoint to one")
         raise SpecError(f"hf:{directory} is a '{model_type}' model, which transformers {transformers.__version__} "
                         "does not know; upgrade transformers, or pass a model of a known architecture")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise SpecError(f"hf:{directory} is a '{model_type}' model, not a causal language model "
-                        "(AutoModelForCausalLM has no class for it); pass a decoder-only LM such as Llama, Qwen2 or GPT-2")
+        raise SpecError(f"hf:{directory} is a '{model_type}' model, not a causal language model (AutoModelForCausalLM "
+                        "has no class for it); pass a decoder-only LM such as Llama, Qwen2 or GPT-2")
 
 
 def load_hf(directory: str) -> tuple[nn.Module, str]:
@@ -79,7 +79,8 @@ def load_hf(directory: str) -> tuple[nn.Module, str]:
         _refuse_broken_dependency(directory, err)
         if not isinstance(err, ImportError):
             raise
-        raise SpecError(f"hf:{directory} needs 'transformers', which is not installed; pip install 'softlabels[lm]'") from err
+        raise SpecError(f"hf:{directory} needs 'transformers', which is not installed; "
+                        "pip install 'softlabels[lm]'") from err
     _check_architecture(directory, config, transformers)
     transformers.utils.logging.disable_progress_bar()  # one-line output: no loading bars
     try:

@@ -267,7 +267,8 @@ def token_producer(config: GenerateConfig, device: torch.device | None = None, *
     settings = {"batch_size": config.batch_size, "layout": config.layout, "logits_dtype": config.dtype,
                 "amp": config.amp, "seed": config.seed, "random_teacher": config.random_teacher}
     return TokenProducer(data, info.module.to(device), layout, device=device, amp=config.amp,
-                         batch_size=config.batch_size, max_tokens=call_tokens(info.vocab_size), chunk_samples=config.chunk_rows or geometry.get("chunk_rows"),
+                         batch_size=config.batch_size, max_tokens=call_tokens(info.vocab_size),
+                         chunk_samples=config.chunk_rows or geometry.get("chunk_rows"),
                          shard_chunks=config.shard_chunks or geometry.get("shard_chunks") or 1,
                          group_units=geometry.get("group_units"), teacher_attrs=teacher, source_attrs=source,
                          created_by={"settings": settings})
