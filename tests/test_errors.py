@@ -1326,11 +1326,24 @@ def _lm_factories(c: Ctx) -> str:
     return "errcat_lm"
 
 
-def _hf_dir(c: Ctx, *files: str) -> Path:
+REMOTE_CODE_CONFIG = {"model_type": "mine", "auto_map": {"AutoModelForCausalLM": "modeling_mine.MineForCausalLM"}}
+
+
+def _hf_dir(c: Ctx, *files: str, config: Any = None) -> Path:
     d = c.mkdir("hf")
     for name in ("config.json", *files):
         (d / name).write_text("{}")
+    if config is not None:
+        (d / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     return d
+
+
+def _hf_model(c: Ctx, arch: str) -> Path:
+    """A tiny random ``arch`` model directory (weights, tokenizer), written by transformers."""
+    pytest.importorskip("transformers")
+    from tests._hfmodels import hf_model_dir
+
+    return hf_model_dir(c.tmp / f"hf-{arch}", arch)
 
 
 def _hf_load_fails(c: Ctx) -> Any:
@@ -1357,6 +1370,7 @@ def _wordlevel_without_unk(c: Ctx) -> Path:
 def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
     from softlabels.inputs.text import resolve_token_data, train_bpe
     from softlabels.inputs.tokens import open_token_file, pack_stream
+    from softlabels.inputs.vocabulary import check_same_tokenizer
     from softlabels.student.lm_metrics import LMEvalAccumulator, next_token_ce
     from softlabels.teacher.lm import GPT, GPTConfig, build_lm, resolve_lm
 
@@ -1415,6 +1429,13 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
         "E1539": lambda c: LMEvalAccumulator().update(torch.zeros(2, 3, 7), ids, teacher_logits=torch.zeros(2, 3, 8)),
         "E1540": lambda c: LMEvalAccumulator(0),
         "E1542": lambda c: text_data(c, "an unknown word", tokenizer=_wordlevel_without_unk(c)),
+        "E1543": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config='not json')}"),
+        "E1544": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config=REMOTE_CODE_CONFIG)}"),
+        "E1545": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config={'model_type': 'nosuchmodel'})}"),
+        "E1546": lambda c: resolve_lm(f"hf:{_hf_dir(c, 'model.safetensors', config={'model_type': 't5'})}"),
+        "E1547": lambda c: resolve_lm(f"hf:{_hf_model(c, 'llama')}", context=65),
+        "E1548": lambda c: resolve_lm(f"hf:{_hf_model(c, 'llama')}", weights=f"hf:{_hf_model(c, 'gpt2')}"),
+        "E1549": lambda c: check_same_tokenizer("sha256:00", _hf_model(c, "llama"), what="--tokenizer", store="s.zarr"),
     }
 
 

@@ -16,17 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests._hfmodels import SIZES as ARCHITECTURES
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 SCRIPT = Path(sys.executable).parent / "softlabels"  # the console script of this environment
-ARCHITECTURES = {
-    "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=64),
-    "gpt2": dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0),
-    "qwen2": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=64),
-}
 SEQ_LEN = 32
 
 # What `import torchvision` raises when a CUDA wheel meets a CPU torch (torchvision 0.28.0, torch 2.13.0+cpu).
@@ -105,3 +100,27 @@ def test_a_broken_torchvision_is_named_with_its_fix(hf_dirs, tmp_path):
     assert lines[0].endswith("; pip uninstall torchvision, or install the torchvision built for this torch")
     assert "check the model directory" not in lines[0]
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.slow
+def test_teacher_directory_to_a_student_transformers_loads(hf_dirs, tmp_path):
+    """The walk-through of docs/TOKENS.md through the console script: the teacher's own tokenizer, a pretrained
+    student of its family, RUN/hf loaded by transformers, eval of RUN/hf."""
+    import torch
+
+    r = softlabels("generate", "--teacher", "hf:llama", "--data", "text:t.txt", "--seq-len", SEQ_LEN, "--out",
+                   tmp_path / "s.zarr", "--layout", "sampled", "--samples", 12, "--no-progress", cwd=hf_dirs)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = softlabels("train", "--student", "hf:llama", "--store", tmp_path / "s.zarr", "--epochs", 1, "--batch-size", 8,
+                   "--out", run, "--no-progress", cwd=hf_dirs)
+    assert r.returncode == 0, r.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "hf")
+    assert transformers.AutoTokenizer.from_pretrained(run / "hf")("hello")["input_ids"]
+    ids = torch.arange(SEQ_LEN)[None] % model.config.vocab_size
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    r = softlabels("eval", "--checkpoint", run / "hf", "--data", "text:t.txt", "--store", tmp_path / "s.zarr",
+                   "--json", cwd=hf_dirs)
+    assert r.returncode == 0, r.stderr
+    assert '"perplexity"' in r.stdout and '"kl_to_teacher"' in r.stdout

@@ -12,7 +12,8 @@ from softlabels.evaluation.config import EvalConfig as D  # defaults: the datacl
 
 @click.command("eval", short_help="Evaluate a trained student, alone or against its teacher.")
 @click.option("--checkpoint", required=True, type=click.Path(),
-              help="A 'softlabels train' run directory, or its checkpoint.pt.")
+              help="A 'softlabels train' run directory, or its checkpoint.pt; for a language model also a "
+                   "Hugging Face directory (a run's hf/, say).")
 @click.option("--data", "data_spec", required=True, metavar="SPEC", help="The data to evaluate on.")
 @click.option("--store", type=click.Path(),
               help="The teacher's logits for exactly this data; adds agreement, KL to the teacher and more.")

@@ -14,7 +14,8 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 
 @click.command("train", short_help="Train a student from teacher stores, or on hard labels.")
 @click.option("--student", required=True,
-              help="The student model: a built-in name, package.module:factory, or a TorchScript file.")
+              help="The student model: a built-in name, package.module:factory, or a TorchScript file; for a "
+                   "language model also hf:DIR (its run then writes OUT/hf with save_pretrained).")
 @click.option("--student-weights", type=click.Path(dir_okay=False),
               help="A state_dict file with the student's initial weights.")
 @click.option("--allow-pickle", is_flag=True,
@@ -53,7 +54,9 @@ D = TrainConfig  # defaults: the dataclass's field defaults
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--no-progress", is_flag=True,
               help="No progress bar: one line per epoch (what a log file gets anyway when stderr is no terminal).")
-@click.option("--init", metavar="RUN", help="Fine-tune: start from the model.pt of this training run (new optimizer).")
+@click.option("--init", metavar="RUN|hf:DIR",
+              help="Fine-tune: start from the model.pt of this training run (new optimizer); for an hf: student, "
+                   "hf:DIR starts it from that checkpoint of its architecture (a pretrained model).")
 @click.option("--ensemble", multiple=True, metavar="STORE",
               help="A teacher's store of one ensemble target; repeat it per teacher (the same data; unlike --store, "
                    "which concatenates datasets). Combined at --temperature.")

@@ -28,7 +28,7 @@ from torch import nn
 from softlabels._runtime.options import threads_problem
 from softlabels.errors import ConfigError, ModelMismatch, SpecError
 from softlabels.evaluation.config import EvalConfig
-from softlabels.student.checkpoint import MODEL, find_checkpoint, load_checkpoint
+from softlabels.student.checkpoint import CHECKPOINT, HF_DIR, MODEL, find_checkpoint, load_checkpoint
 from softlabels.teacher.models import count_flops, count_parameters
 
 __all__ = ["evaluate", "finite_json", "load_student", "format_table"]
@@ -58,22 +58,46 @@ def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu",
     return info.module.to(device).eval(), config
 
 
+def _hf_directory(checkpoint: str | Path) -> Path | None:
+    """``checkpoint`` when it is a Hugging Face model directory (a run's ``hf/``, say) rather than a run."""
+    path = Path(checkpoint)
+    return path if path.is_dir() and (path / "config.json").is_file() and not (path / CHECKPOINT).exists() else None
+
+
 def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | None) -> tuple[nn.Module, dict]:
-    """The trained language model (eval mode) and the run's config; code is never taken from a checkpoint."""
+    """The trained language model (eval mode) and the run's config; code is never taken from a checkpoint.
+
+    A run of an ``hf:`` student is read from its ``hf/`` (the same weights as its ``model.pt``); a Hugging
+    Face directory given as ``checkpoint`` is evaluated as it is, with the config of the run it lies in, if
+    any (else its own tokenizer, and windows of its maximum positions where the data needs a length).
+    """
+    from softlabels.teacher.hf import max_positions
     from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
 
-    ckpt_path = find_checkpoint(checkpoint)
-    state = load_checkpoint(ckpt_path)
-    config = {**state["config"], "epochs_done": state["epoch"]}
-    spec = student or config.get("student")
-    if student is None and spec not in BUILTIN_LMS:
+    hf = _hf_directory(checkpoint)
+    run = hf.parent if hf is not None and (hf.parent / CHECKPOINT).is_file() else None if hf else Path(checkpoint)
+    config: dict[str, Any] = {"task": "lm", "epochs_done": None}
+    if run is not None:
+        ckpt_path = find_checkpoint(run)
+        state = load_checkpoint(ckpt_path)
+        config = {**state["config"], "epochs_done": state["epoch"]}
+        own = ckpt_path.parent / HF_DIR
+        if hf is None and student is None and str(config.get("student", "")).startswith("hf:") and own.is_dir():
+            hf = own  # the run's own export: data (JSON and safetensors), no code
+    spec = f"hf:{hf}" if hf is not None else student or config.get("student")
+    if hf is None and student is None and spec not in BUILTIN_LMS:
         raise SpecError(f"checkpoint {str(ckpt_path)!r} was trained with student {spec!r}, which is not a built-in "
                         "language model; pass --student with its spec")
-    weights = ckpt_path.parent / MODEL
-    info = resolve_lm(spec, vocab_size=int(config["num_classes"]), context=int(config["input_shape"][0]),
-                      weights=weights if weights.is_file() else None)
-    if not weights.is_file():
+    weights = None if hf is not None else ckpt_path.parent / MODEL
+    context = int(config["input_shape"][0]) if "input_shape" in config else None
+    info = resolve_lm(spec, vocab_size=config.get("num_classes"), context=context,
+                      weights=weights if weights is not None and weights.is_file() else None)
+    if weights is not None and not weights.is_file():
         info.module.model.load_state_dict(state["model"])
+    if run is None:  # a bare Hugging Face directory: its own tokenizer and context
+        tokenizer = hf / "tokenizer.json"
+        config.update(tokenizer=str(tokenizer) if tokenizer.is_file() else None, num_classes=info.vocab_size,
+                      input_shape=[max_positions(info.module.model) or 1024])
     return info.module.to(device).eval(), {**config, "student": spec, "weights_sha256": info.weights_sha256}
 
 
@@ -101,7 +125,8 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         raise ConfigError(problems)
     set_threads(threads)
     dev = resolve_device(device)  # an unknown or absent device is a one-line error
-    lm = load_checkpoint(find_checkpoint(checkpoint))["config"].get("task") == "lm"
+    lm = _hf_directory(checkpoint) is not None or \
+        load_checkpoint(find_checkpoint(checkpoint))["config"].get("task") == "lm"
     model, config = _load_lm(checkpoint, device=dev, student=student) if lm else \
         load_student(checkpoint, device=dev, student=student)
     data, num_classes = _data(data_spec, config, lm), int(config["num_classes"])
@@ -114,6 +139,11 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
                 "is not supported)" if lm else f"the student has {num_classes} classes but store {str(store)!r} "
                 f"has {opened.meta.num_classes}; pass the store of this student's teacher")
         if lm:
+            if opened is not None:  # the same size is not the same vocabulary
+                from softlabels.inputs.vocabulary import check_same_tokenizer
+
+                check_same_tokenizer(opened.meta.source.get("tokenizer_fingerprint"), config.get("tokenizer"),
+                                     what="the student's tokenizer", store=str(store))
             metrics = _lm_metrics(model, data, opened, batch_size, dev)
         else:
             from softlabels.student.metrics import evaluate_model

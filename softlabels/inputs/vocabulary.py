@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from softlabels.errors import DataError
+from softlabels.errors import DataError, ModelMismatch
 from softlabels.inputs.records import optional_module
 
-__all__ = ["TOKENIZER_JSON", "open_tokenizer", "tokenizer_file", "tokenizer_fingerprint"]
+__all__ = ["TOKENIZER_JSON", "check_same_tokenizer", "open_tokenizer", "tokenizer_file", "tokenizer_fingerprint"]
 
 TOKENIZER_JSON = "tokenizer.json"
 _LM_EXTRA = "pip install 'softlabels[lm]'"
@@ -68,3 +68,17 @@ def tokenizer_fingerprint(tokenizer: str | os.PathLike[str] | Any) -> str:
     digest = hashlib.sha256(b"softlabels-tokenizer-fingerprint-v1|")
     digest.update(payload.encode("utf-8"))
     return f"sha256:{digest.hexdigest()}"
+
+
+def check_same_tokenizer(expected: str | None, tokenizer: str | os.PathLike[str] | None, *, what: str,
+                         store: str) -> None:
+    """Refuse ``tokenizer`` (a file or directory) unless its fingerprint is ``expected``, the one ``store``
+    recorded; nothing is checked when either is unknown (a store of token ids made without a tokenizer)."""
+    if expected is None or tokenizer is None:
+        return
+    got = tokenizer_fingerprint(tokenizer)
+    if got != expected:
+        raise ModelMismatch(
+            f"{what} '{tokenizer}' has another vocabulary than the tokenizer store '{store}' was generated with "
+            f"(fingerprint {got.removeprefix('sha256:')[:12]} vs {expected.removeprefix('sha256:')[:12]}); use the "
+            "teacher's tokenizer and a student of its vocabulary (cross-tokenizer distillation is not supported)")

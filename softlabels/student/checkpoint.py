@@ -8,6 +8,8 @@ Layout of ``--out DIR`` (every file replaced atomically: temp file + ``os.replac
     model.pt        the student's plain state_dict (``--weights`` for generate/eval)
     metrics.jsonl   one JSON object per completed epoch
     summary.json    written once, after the last epoch
+    hf/             a Hugging Face student only: save_pretrained (config.json, model.safetensors) and its
+                    tokenizer files, rewritten with model.pt; AutoModelForCausalLM.from_pretrained loads it
 
 A killed run leaves at worst a stale temp file; the files it names are always whole.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,8 @@ from softlabels.errors import CheckpointError, CheckpointNotFound, ConfigError
 
 __all__ = [
     "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
-    "atomic_save", "save_run", "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
+    "HF_DIR", "atomic_save", "save_hf", "save_run",
+    "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
     "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics",
 ]
 
@@ -37,6 +41,9 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 RUN_FILES = (CHECKPOINT, MODEL, METRICS, SUMMARY)
 CHECKPOINT_FORMAT = 1
+HF_DIR = "hf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+"""A tokenizer directory's files that ``RUN/hf`` copies (what a fast tokenizer's ``save_pretrained`` writes)."""
 
 
 def _tmp_path(path: Path) -> Path:
@@ -80,6 +87,35 @@ def save_run(out: str | Path, model: Any, optimizer: Any, scheduler: Any, *, epo
                  "config": config}, out / CHECKPOINT)
 
 
+def save_hf(model: Any, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write ``out/hf``: ``model.save_pretrained`` (safetensors) plus the tokenizer files beside ``tokenizer``
+    (a ``tokenizer.json`` or a directory; its ``tokenizer_config.json`` carries the chat template).
+
+    Written into a temp directory, then renamed over the previous ``hf/``: a reader finds the old one or
+    the new one, never a half-written one (at worst, after a kill between the two renames, none).
+    """
+    out = Path(out)
+    final, tmp, old = out / HF_DIR, out / f".{HF_DIR}.tmp-{os.getpid()}", out / f".{HF_DIR}.old-{os.getpid()}"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            source = Path(tokenizer)
+            folder = source if source.is_dir() else source.parent
+            for name in TOKENIZER_FILES:
+                src = source if name == TOKENIZER_FILES[0] and source.is_file() else folder / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / name)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
     """Check ``out`` for a previous run (read-only); return its checkpoint when resuming, else None.
 
@@ -91,7 +127,7 @@ def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path | N
     if resume:
         ckpt = out / CHECKPOINT
         return ckpt if ckpt.exists() else None
-    found = [name for name in RUN_FILES if (out / name).exists()]
+    found = [name for name in (*RUN_FILES, HF_DIR) if (out / name).exists()]
     if found and not overwrite:
         raise ConfigError(
             f"--out {str(out)!r} already holds a training run ({', '.join(found)}); "
@@ -107,6 +143,7 @@ def start_out_dir(out: str | Path, *, keep: bool) -> None:
     if not keep:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / HF_DIR, ignore_errors=True)
 
 
 def find_checkpoint(path: str | Path) -> Path:

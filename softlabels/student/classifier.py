@@ -232,6 +232,9 @@ class Classifier:
                            batch_size=max(self.config.batch_size, 256), device=self.env.device)
         record.update(val_accuracy=m["accuracy"], val_ece=m["ece"], val_n=m["n"], val_seconds=time.perf_counter() - t0)
 
+    def export(self, out: str) -> None:
+        pass  # model.pt is a classifier's only form
+
     def describe(self) -> str:
         return f"from {len(self.stores)} store(s), loss {self.run_config['loss']}" if self.stores else "on hard labels"
 

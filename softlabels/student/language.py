@@ -73,6 +73,24 @@ def resolve_store_data(store: Any, spec: str | None = None, *, tokenizer: str | 
     return spec, tokenizer, seq_len, resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
 
 
+def _is_hf(spec: str | None) -> bool:
+    return bool(spec) and spec.startswith("hf:")
+
+
+def _check_tokenizers(store: Any, config: TrainConfig) -> None:
+    """The tokenizers a run names (``--tokenizer``, an ``hf:`` student's or ``--init``'s own) against the
+    one ``store`` was generated with (its recorded fingerprint)."""
+    from softlabels.inputs.documents import teacher_tokenizer
+    from softlabels.inputs.vocabulary import check_same_tokenizer
+
+    expected = store.meta.source.get("tokenizer_fingerprint")
+    check_same_tokenizer(expected, config.tokenizer, what="--tokenizer", store=str(store.path))
+    for spec in (config.student, config.init):
+        if _is_hf(spec):
+            check_same_tokenizer(expected, teacher_tokenizer(spec), what=f"the tokenizer of {spec}",
+                                 store=str(store.path))
+
+
 class Language:
     """Data, student and loss of a language-model run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
@@ -92,6 +110,7 @@ class Language:
         return problems
 
     def __init__(self, config: TrainConfig, env: Any, log, **_: Any) -> None:
+        from softlabels.inputs.documents import teacher_tokenizer
         from softlabels.inputs.text import resolve_token_data
         from softlabels.store.reader import open_store
         from softlabels.student.dataset import SoftLabelDataset
@@ -104,6 +123,7 @@ class Language:
         try:
             if not self.stores:  # hard next-token CE alone: the teacher itself, or the baseline student
                 spec = config.data[0]
+                tokenizer = tokenizer or teacher_tokenizer(config.student, spec)  # an hf: student's own
                 data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
                 tokenizer = tokenizer and str(Path(tokenizer).resolve())  # recorded for eval, from any directory
                 self.batches: Any = TokenDataBatches(data, batch_size=config.batch_size, seed=config.seed,
@@ -118,6 +138,7 @@ class Language:
                     raise ConfigError(f"{self.stores[0].path} holds {self.batches.positions!r} positions, not tokens; "
                                       "train a language model from a store generated on token data")
                 layout, vocab = self.batches.layout, self.batches.num_classes
+                _check_tokenizers(self.stores[0], config)
             context = int(data.lengths().max())
             temperature = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
             self.alpha = 1.0 if not self.stores else DEFAULT_ALPHA if config.alpha is None else config.alpha
@@ -126,7 +147,8 @@ class Language:
             if loss_name in ("soft_ce", "mse"):
                 raise ConfigError(f"loss {loss_name!r} is not available for language models; use kl, topk_kl, "
                                   "sampled_kl, reverse_kl, skew_kl, skew_reverse_kl or jsd")
-            init = run_weights(config.init) if config.init else config.student_weights
+            init = config.init if _is_hf(config.init) else run_weights(config.init) if config.init \
+                else config.student_weights
             torch.manual_seed(config.seed)
             self.info = resolve_lm(config.student, vocab_size=vocab, context=context, seed=config.seed, weights=init)
         except BaseException:
@@ -134,6 +156,7 @@ class Language:
             raise
         self.student = self.info.module.to(env.device).train()
         self.net = self.info.module.model  # what is saved: the model's own state_dict, loadable by resolve_lm
+        self.tokenizer = tokenizer or teacher_tokenizer(config.student)  # what RUN/hf ships beside the weights
         self.source = f"{config.stores[0]} ({layout})" if self.stores else f"{spec} (hard next-token CE only)"
         self.run_config = {
             "task": "lm", "data": [spec], "tokenizer": tokenizer, "seq_len": seq_len, "loss": loss_name,
@@ -164,6 +187,13 @@ class Language:
 
     def validate(self, record: dict[str, Any]) -> None:
         pass  # --val-data is refused: 'softlabels eval' measures a language model
+
+    def export(self, out: str) -> None:
+        """With an ``hf:`` student: ``out/hf``, loadable by ``AutoModelForCausalLM.from_pretrained``."""
+        if self.info.kind == "hf":
+            from softlabels.student.checkpoint import save_hf
+
+            save_hf(self.net, out, self.tokenizer)
 
     def describe(self) -> str:
         return f"from {self.source}, loss {self.run_config['loss']}, alpha {self.alpha}"

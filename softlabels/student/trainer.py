@@ -241,6 +241,7 @@ class _Run:
                 ckpt_io.append_metrics(cfg.out, record)  # before the checkpoint: a resume rewrites it
                 ckpt_io.save_run(cfg.out, self.task.net, self.opt, self.sched, epoch=epoch + 1, step=self.step,
                                  config=self.run_config)
+                self.task.export(cfg.out)
                 val = f", val acc {record['val_accuracy']:.4f}" if record.get("val_accuracy") is not None else ""
                 if not self.bar_shown:  # the bar shows progress otherwise
                     self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} (hard "

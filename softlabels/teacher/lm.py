@@ -14,12 +14,9 @@ LM spec grammar::
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +25,12 @@ from torch import nn
 
 from softlabels.errors import DataError, ModelMismatch, SpecError
 from softlabels.inputs.spec import _one_line
+from softlabels.teacher.hf import load_hf, load_hf_init, max_positions
 from softlabels.teacher.models import count_parameters
 from softlabels.teacher.spec import _load_weights, factory_module, sha256_file
 
-__all__ = ["GPTConfig", "GPT", "BUILTIN_LMS", "CausalLM", "LMInfo", "build_lm", "resolve_lm"]
+__all__ = ["GPTConfig", "GPT", "BUILTIN_LMS", "CALL_LOGITS_BYTES", "CausalLM", "LMInfo", "build_lm", "call_tokens",
+           "resolve_lm"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +167,16 @@ class CausalLM(nn.Module):
         return logits
 
 
+CALL_LOGITS_BYTES = 256 << 20
+"""The float32 logits one teacher call may produce: 256 MiB, about 512 padded tokens at V = 128,256."""
+
+
+def call_tokens(vocab_size: int) -> int:
+    """Padded tokens per teacher call such that its logits [B, L, V] (float32) stay under
+    :data:`CALL_LOGITS_BYTES`: what bounds ``generate``'s memory at real vocabularies."""
+    return max(1, CALL_LOGITS_BYTES // (4 * max(int(vocab_size), 1)))
+
+
 @dataclass(frozen=True)
 class LMInfo:
     """A resolved language model (in eval mode), its vocabulary and what identifies it."""
@@ -183,117 +192,6 @@ class LMInfo:
         """JSON-serialisable description (everything but the module)."""
         return {"spec": self.spec, "kind": self.kind, "vocab_size": self.vocab_size,
                 "weights_sha256": self.weights_sha256, "num_parameters": self.num_parameters}
-
-
-def _load_hf(directory: str) -> tuple[nn.Module, str]:
-    """A local Hugging Face causal LM; safetensors only, nothing fetched, no remote code."""
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise SpecError(
-            f"hf:{directory} is not a Hugging Face model directory (no config.json); "
-            "pass a directory written by save_pretrained"
-        )
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        raise SpecError(
-            f"hf:{directory} has no .safetensors weights{f' (only {pickled[0]})' if pickled else ''}; "
-            "pickled weights are never loaded: re-save with save_pretrained(safe_serialization=True)"
-        )
-    try:
-        import transformers
-    except Exception as err:
-        _refuse_broken_dependency(directory, err)
-        if not isinstance(err, ImportError):
-            raise
-        raise SpecError(f"hf:{directory} needs 'transformers', which is not installed; pip install 'softlabels[lm]'") from err
-    transformers.utils.logging.disable_progress_bar()  # one-line output: no loading bars
-    try:
-        with _no_pytree_enum_deprecation():
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False
-            )
-    except Exception as err:  # transformers raises many kinds; all mean "cannot load this here"
-        _refuse_broken_dependency(directory, err)
-        raise SpecError(f"cannot load hf:{directory} ({_one_line(err)}); check the model directory") from err
-    digest = sha256_file(weights[0]) if len(weights) == 1 else _combined_sha256(weights)
-    return model, digest
-
-
-def _broken_package(err: BaseException) -> tuple[str, BaseException] | None:
-    """The installed package whose own import raised somewhere in ``err``'s chain, with its error.
-
-    transformers imports optional packages (torchvision, for one) lazily when a model class is
-    first used; a package that is installed but fails to import then surfaces as an error about
-    the model. Its traceback shows the package's module-level code running under an import.
-    """
-    seen: set[int] = set()
-    chain: BaseException | None = err
-    while chain is not None and id(chain) not in seen:
-        seen.add(id(chain))
-        tb = chain.__traceback__
-        while tb is not None:
-            frame = tb.tb_frame
-            top = str(frame.f_globals.get("__name__", "")).partition(".")[0]
-            if frame.f_code.co_name == "<module>" and top not in _IMPORTERS:
-                return top, chain
-            tb = tb.tb_next
-        chain = chain.__cause__ or chain.__context__
-    return None
-
-
-_IMPORTERS = {"", "__main__", "importlib", "transformers", "softlabels", "torch"}
-"""Modules whose module-level code running under an import is not the broken package (torch's own
-modules run under the import of the package that failed)."""
-
-
-def _refuse_broken_dependency(directory: str, err: BaseException) -> None:
-    """Raise the one-line SpecError naming the broken package and its fix, if one broke ``err``."""
-    found = _broken_package(err)
-    if found is None:
-        return
-    name, cause = found
-    from importlib import metadata
-
-    try:
-        version = f" {metadata.version(name)}"
-    except metadata.PackageNotFoundError:  # no metadata (a source checkout): the name alone
-        version = ""
-    fix = f"install the {name} built for this torch" if name.startswith("torch") else f"reinstall {name}"
-    raise SpecError(
-        f"cannot load hf:{directory}: transformers cannot be imported because {name}{version} does not load "
-        f"under torch {torch.__version__} ({_one_line(cause)}); pip uninstall {name}, or {fix}"
-    ) from err
-
-
-@contextlib.contextmanager
-def _no_pytree_enum_deprecation():
-    """Hide torch's ``register_constant()`` deprecation while transformers loads a model.
-
-    Its lazy model imports bring in torchao, which registers Enum classes as pytree
-    constants; this torch logs a warning per class on stderr ("... Calling register_constant()
-    on Enum subclasses is deprecated ..."). Only that logger's records naming
-    ``register_constant()`` are dropped, and only during the load.
-    """
-    logger = logging.getLogger("torch.utils._pytree")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return "register_constant()" not in record.getMessage()
-
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
-
-
-def _combined_sha256(files: list[Path]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.name}:{sha256_file(f)}|".encode())
-    return digest.hexdigest()
 
 
 def _probe_vocab(module: nn.Module, spec: str) -> int:
@@ -314,23 +212,26 @@ def resolve_lm(
     spec: str,
     *,
     vocab_size: int | None = None,
-    context: int = 1024,
+    context: int | None = None,
     seed: int = 0,
     weights: str | os.PathLike[str] | None = None,
 ) -> LMInfo:
     """Resolve a causal-LM spec (grammar in the module docstring) to a model in eval mode.
 
-    Built-ins need ``vocab_size`` and are built for sequences up to ``context``, initialised
-    from ``seed``; ``weights`` is a state_dict file loaded strictly (``weights_only=True``).
-    For other specs a given ``vocab_size`` must equal the model's output width.
+    Built-ins need ``vocab_size`` and are built for sequences up to ``context`` (default 1024),
+    initialised from ``seed``; an ``hf:`` model must allow ``context`` positions. ``weights`` is a
+    state_dict file loaded strictly (``weights_only=True``), or ``hf:DIR``: the weights of that
+    Hugging Face checkpoint of the same architecture (a pretrained student's starting point).
+    For other specs a given ``vocab_size`` must equal the model's output width; an ``hf:`` model
+    may have more outputs than its tokenizer has tokens (embeddings padded to a multiple, as Qwen2's).
     """
     digest: str | None = None
     if spec in BUILTIN_LMS:
         if vocab_size is None:
             raise ModelMismatch(f"built-in '{spec}' is sized by the vocabulary; pass the tokenizer or the vocab size")
-        module, kind = build_lm(spec, vocab_size, context, seed=seed), "builtin"
+        module, kind = build_lm(spec, vocab_size, context or 1024, seed=seed), "builtin"
     elif spec.startswith("hf:"):
-        module, digest = _load_hf(spec.removeprefix("hf:"))
+        module, digest = load_hf(spec.removeprefix("hf:"))
         kind = "hf"
     elif ":" in spec:
         module, kind = factory_module(spec), "factory"
@@ -339,12 +240,17 @@ def resolve_lm(
             f"unknown language model '{spec}'; use one of: {', '.join(BUILTIN_LMS)}, "
             "a package.module:factory or hf:DIR"
         )
-    if weights is not None:
+    if kind == "hf" and context is not None and context > (most := max_positions(module) or context):
+        raise ModelMismatch(f"sequences of {context} tokens exceed the {most} positions of '{spec}' "
+                            f"(max_position_embeddings); pass --seq-len {most} or less")
+    if isinstance(weights, str) and weights.startswith("hf:"):
+        digest = load_hf_init(module, spec, weights.removeprefix("hf:"))
+    elif weights is not None:
         _load_weights(module, str(weights), spec, allow_pickle=False)
         digest = sha256_file(weights)
     module.eval()
     width = _probe_vocab(module, spec)
-    if vocab_size is not None and width != vocab_size:
+    if vocab_size is not None and width != vocab_size and not (kind == "hf" and width > vocab_size):
         raise ModelMismatch(
             f"language model '{spec}' outputs {width} logits per token but the vocabulary has {vocab_size}; "
             "use the model's own tokenizer (cross-tokenizer distillation is not supported)"

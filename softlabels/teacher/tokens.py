@@ -234,17 +234,20 @@ def token_producer(config: GenerateConfig, device: torch.device | None = None, *
     ``geometry``: the chunking adopted from the store resumed.
     """
     from softlabels._runtime.device import resolve_device
+    from softlabels.inputs.documents import teacher_tokenizer
     from softlabels.inputs.spec import absolute_data_spec
     from softlabels.inputs.text import resolve_token_data
     from softlabels.inputs.tokens import token_fingerprint
-    from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
+    from softlabels.inputs.vocabulary import tokenizer_fingerprint
+    from softlabels.teacher.lm import BUILTIN_LMS, call_tokens, resolve_lm
 
     if config.teacher in BUILTIN_LMS and config.weights is None and not config.random_teacher:
         raise ConfigError(f"--teacher {config.teacher} is an architecture without --weights, so it would label "
                           "the tokens with random weights; pass --weights FILE, or --random-teacher (for tests)")
     device = device or resolve_device(config.device)
     geometry = geometry or {}
-    data = resolve_token_data(config.data, tokenizer=config.tokenizer, seq_len=config.seq_len)
+    tokenizer = config.tokenizer or teacher_tokenizer(config.teacher, config.data)  # hf:DIR brings its own
+    data = resolve_token_data(config.data, tokenizer=tokenizer, seq_len=config.seq_len)
     lengths = data.lengths()
     info = resolve_lm(config.teacher, vocab_size=config.num_classes or data.vocab_size,
                       context=max(1, int(lengths.max(initial=1))), seed=config.seed, weights=config.weights)
@@ -255,7 +258,8 @@ def token_producer(config: GenerateConfig, device: torch.device | None = None, *
     source = {"spec": absolute_data_spec(config.data), "kind": "tokens", "num_samples": int(lengths.size),
               "num_tokens": int(lengths.sum()), "has_mask": bool(data.has_mask),
               "fingerprint": token_fingerprint(data), "vocab_size": data.vocab_size,
-              "tokenizer": None if config.tokenizer is None else str(Path(config.tokenizer).resolve()),
+              "tokenizer": None if tokenizer is None else str(Path(tokenizer).resolve()),
+              "tokenizer_fingerprint": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
               "seq_len": config.seq_len}
     teacher = {**info.metadata(), "amp": config.amp, "device": device.type}
     if info.kind == "builtin":
@@ -263,7 +267,8 @@ def token_producer(config: GenerateConfig, device: torch.device | None = None, *
     settings = {"batch_size": config.batch_size, "layout": config.layout, "logits_dtype": config.dtype,
                 "amp": config.amp, "seed": config.seed, "random_teacher": config.random_teacher}
     return TokenProducer(data, info.module.to(device), layout, device=device, amp=config.amp,
-                         batch_size=config.batch_size, chunk_samples=config.chunk_rows or geometry.get("chunk_rows"),
+                         batch_size=config.batch_size, max_tokens=call_tokens(info.vocab_size),
+                         chunk_samples=config.chunk_rows or geometry.get("chunk_rows"),
                          shard_chunks=config.shard_chunks or geometry.get("shard_chunks") or 1,
                          group_units=geometry.get("group_units"), teacher_attrs=teacher, source_attrs=source,
                          created_by={"settings": settings})
