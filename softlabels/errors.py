@@ -22,6 +22,7 @@ __all__ = [
     "StoreMismatch",
     "StoreLocked",
     "StoreWriteError",
+    "StorageUnavailable",
     "SpecError",
     "DataError",
     "FingerprintMismatch",
@@ -84,6 +85,10 @@ class StoreLocked(StoreError, BlockingIOError):
 
 class StoreWriteError(StoreError, OSError):
     """The operating system refused a write (disk full, read-only, permissions)."""
+
+
+class StorageUnavailable(StoreError, OSError):
+    """Object storage kept failing with transient errors (5xx, timeouts) past the retry budget."""
 
 
 class SpecError(SoftLabelsError, ValueError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from softlabels.cli.storage import storage_option
+
 QUANTIZE = ("int8-weight", "int8-dynamic")  # softlabels.evaluation.compression.QUANTIZE; not imported: it pulls in torch
 
 
@@ -29,6 +31,7 @@ QUANTIZE = ("int8-weight", "int8-dynamic")  # softlabels.evaluation.compression.
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print compress.json instead of the table.")
+@storage_option
 def command(run, out, data, store, student, teacher, teacher_spec, prune, prune_structured, quantize, finetune_stores,
             finetune_epochs, finetune_lr, onnx, batch_size, repeats, seed, overwrite, as_json) -> None:
     """Compress the student of training run RUN; write OUT/model.pt, model.pt2 and a table."""

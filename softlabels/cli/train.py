@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from softlabels._runtime.options import DEVICE_HELP, THREADS_HELP
+from softlabels.cli.storage import storage_option
 from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from softlabels.student.config import LOSS_NAMES, OPTIMIZERS, SCHEDULES, TrainConfig
 from softlabels.teacher.config import ENSEMBLE_MODES
@@ -68,6 +69,7 @@ D = TrainConfig  # defaults: the dataclass's field defaults
                    "jsonl:/parquet:/hfds: data a tokenizer directory (with the chat template for messages=).")
 @click.option("--seq-len", type=int, help="Token data: cut text:FILE or a flat token stream into windows of this length, "
                                          "and each sequence (a packed row, say) into windows of at most this length.")
+@storage_option
 def command(student, student_weights, allow_pickle, stores, data, loss, temperature, alpha, epochs, batch_size, lr,
             optimizer, weight_decay, schedule, warmup_steps, seed, num_workers, device, threads, val_data, out, resume,
             overwrite, no_progress, init, ensemble, ensemble_mode, ensemble_weights,

@@ -17,6 +17,7 @@ import numpy as np
 from softlabels.errors import CorruptStore, IncompleteStore, NotAStore, SoftLabelsError
 from softlabels.store.backend import Backend, BackendKind, backend_kind, open_backend
 from softlabels.store.format import chunk_list
+from softlabels.store.location import store_location
 from softlabels.store.schema import duplicates, repeated_in_rows
 
 __all__ = ["ReadHandle", "Units"]
@@ -66,7 +67,7 @@ class ReadHandle(Units):
     _pid: int = -1
 
     def __init__(self, path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> None:
-        self.path = Path(path)
+        self.path = store_location(path)
         self.backend_kind = backend_kind(self.path, backend)
         self._allow_partial = allow_partial
         try:
