@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from softlabels.errors import StoreLocked
 from softlabels.store.lease import Lease
 from softlabels.store.location import parse_storage_options, set_storage_options
+from tests.test_errors import ROWS
 from tests.test_generate import assert_same_store, gen_args, tiny  # noqa: F401 - tiny is a fixture
 
 pytest.importorskip("s3fs")
@@ -188,7 +190,7 @@ def test_two_writers_one_store(bucket, tiny):
     holder.acquire()
     try:
         time.sleep(1.2)  # past half the timeout: the heartbeat keeps it live
-        one_line_error(cli(*gen_args(tiny, url)), url, "being written by another job", "pid")
+        assert ROWS["E2508"].pattern.search(one_line_error(cli(*gen_args(tiny, url)), url))
     finally:
         holder.release()
     results: list[str] = []
@@ -215,8 +217,9 @@ def test_two_writers_one_store(bucket, tiny):
     newer = f"{lost._key(lost.generation + 1)}"
     lost._files.fs.pipe_file(newer, b"{}")  # another job took the lease over
     time.sleep(1.0)
-    with pytest.raises(Exception, match="took its lease over"):
+    with pytest.raises(StoreLocked) as err:
         lost.check()
+    assert ROWS["E2509"].pattern.search(str(err.value))
     lost.release()
 
 
@@ -296,27 +299,49 @@ def test_faults_are_retried_never_wrong(bucket, tiny, tmp_path):
     storm = FaultyProxy(os.environ["AWS_ENDPOINT_URL"], lambda n: "500" if n >= 30 else None)
     url2 = f"s3://{bucket}/g.zarr"
     line = one_line_error(cli(*gen_args(tiny, url2), *QUICK, env={"AWS_ENDPOINT_URL": storm.url,
-                                                                  "SOFTLABELS_STORAGE_RETRIES": "2"}),
-                          url2, "rerun")
-    assert "testing" not in line
+                                                                  "SOFTLABELS_STORAGE_RETRIES": "2"}), url2)
+    assert ROWS["E2510"].pattern.search(line) and "testing" not in line
     time.sleep(2.2)  # the dead job's lease goes stale
     ok(cli(*gen_args(tiny, url2)))
     assert_same_store(download(url2, tmp_path / "copy2.zarr"), local)
 
 
-def test_bad_urls_one_line(bucket, tiny, tmp_path):
-    ok_url = f"s3://{bucket}/x.zarr"
-    one_line_error(cli(*gen_args(tiny, "s3://no-such-bucket-here/x.zarr")), "no-such-bucket-here", "does not exist")
-    one_line_error(cli("inspect", "s3://no-such-bucket-here/x.zarr"), "does not exist")
-    one_line_error(cli(*gen_args(tiny, f"s3://{bucket}/x.h5")), "HDF5 stores are local files")
-    one_line_error(cli(*gen_args(tiny, f"gs://{bucket}/x.zarr")), "gcsfs")
-    one_line_error(cli("inspect", ok_url), "no store at", ok_url)
+def test_bad_urls_one_line(bucket, tiny, tmp_path, monkeypatch):
+    """Each object-storage refusal is one line matching its docs/ERRORS.md row (in-process: no startup cost)."""
     import s3fs
 
+    from tests.conftest import run_cli
+
+    def refused(cid: str, *args: str) -> None:
+        result = run_cli(*map(str, args))
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        assert ROWS[cid].pattern.search(lines[0]), (cid, lines[0])
+        assert "testing" not in lines[0]  # never a credential
+        set_storage_options({})
+
+    url = f"s3://{bucket}/x.zarr"
+    refused("E2501", *gen_args(tiny, "s3://no-such-bucket-here/x.zarr"))
+    refused("E2501", "inspect", "s3://no-such-bucket-here/x.zarr")
+    refused("E2505", *gen_args(tiny, f"s3://{bucket}/x.h5"))
+    refused("E2503", *gen_args(tiny, f"gs://{bucket}/x.zarr"))
+    refused("E2504", "inspect", f"nosuchfs://{bucket}/x.zarr")
+    refused("E2507", "inspect", url)
+    refused("E2511", "inspect", url, "--storage-option", "novalue")
     s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"]).pipe_file(f"{bucket}/other.zarr/notes.txt", b"x")
     for extra in ((), ("--overwrite",)):
-        one_line_error(cli(*gen_args(tiny, f"s3://{bucket}/other.zarr"), *extra), "holds other objects")
-    one_line_error(cli("inspect", ok_url, "--storage-option", "novalue"), "KEY=VALUE")
+        refused("E2506", *gen_args(tiny, f"s3://{bucket}/other.zarr"), *extra)
+    assert s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"]).cat(f"{bucket}/other.zarr/notes.txt") == b"x"
+
+    async def denied(self, path, **kw):
+        raise PermissionError("AccessDenied")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_ls", denied)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances bind their sync methods when made
+    refused("E2502", "inspect", url)
+    monkeypatch.undo()
+    s3fs.S3FileSystem.clear_instance_cache()
     assert parse_storage_options(["a.b=1", "c=true", "d=x"]) == {"a": {"b": 1}, "c": True, "d": "x"}
 
 

@@ -202,7 +202,8 @@ class ZarrBackend:
         a = self._array(name)
         if out is None:
             check_read_size(self.path, name, (max(0, min(stop, a.shape[0]) - start),) + tuple(a.shape[1:]), a.dtype)
-        if len(a.shape) == 1 and a.shards is None and (a.chunks == (1,) or name in _BOOKKEEPING):
+        if len(a.shape) == 1 and a.shards is None and (a.chunks == (1,) or name in _BOOKKEEPING) \
+                and not isinstance(self.path, str):  # at a URL zarr's concurrent reads beat one request per file
             return self._read_sparse(name, a, start, stop, out)
         try:
             if out is None:

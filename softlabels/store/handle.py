@@ -9,6 +9,7 @@ h5py files are opened in the process that reads them.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ from softlabels.store.schema import duplicates, repeated_in_rows
 
 __all__ = ["ReadHandle", "Units"]
 
+_OPENING = threading.RLock()
+os.register_at_fork(after_in_child=lambda: globals().update(_OPENING=threading.RLock()))  # never held across a fork
 Expected = dict[str, tuple[tuple[int, ...], np.dtype, int | None, bool]]  # name -> shape, dtype, chunk, backed
 
 
@@ -130,8 +133,10 @@ class ReadHandle(Units):
     # -- reading --------------------------------------------------------------------------------
     def _handle(self) -> Backend:
         if self._backend is None or self._pid != os.getpid():
-            self._backend = open_backend(self.path, "r", self.backend_kind)
-            self._pid = os.getpid()
+            with _OPENING:  # read-ahead threads share one handle (softlabels.store.readahead)
+                if self._backend is None or self._pid != os.getpid():
+                    self._backend = open_backend(self.path, "r", self.backend_kind)
+                    self._pid = os.getpid()
         return self._backend
 
     def __getstate__(self) -> dict[str, Any]:
