@@ -1,10 +1,11 @@
 """Stores on object storage, against a real S3 server (moto's server mode) started here on 127.0.0.1.
 
 Through the real console script: generate -> inspect --verify -> train -> eval, each store
-bit-identical to the same job on a local store; a writer killed and rerun; two writers
-on one store; a server that answers 500s and stalls some requests (a proxy in front of
-moto); a transient-error storm past the retry budget; bad URLs; and a two-node
-``torchrun --nnodes 2`` job (loopback rendezvous) writing one store.
+bit-identical to the same job on a local store; two writers on one store; bad URLs; and,
+under ``-m extended`` (a minute or more each on 2 busy cores): a writer killed and rerun, a
+server that answers 500s and stalls some requests (a proxy in front of moto) with a
+transient-error storm past the retry budget, and a two-node ``torchrun --nnodes 2`` job
+(loopback rendezvous) writing one store.
 """
 
 from __future__ import annotations
@@ -107,22 +108,24 @@ def download(url: str, to: Path) -> Path:
 
 def test_cli_round_trip_equals_local(bucket, tiny, tmp_path):
     """generate -> inspect --verify -> train -> eval on S3: the store, the run and the report equal local ones."""
+    from tests.conftest import run_cli
+
     url, local = f"s3://{bucket}/a.zarr", tmp_path / "a.zarr"
     assert ok(cli(*gen_args(tiny, url))).startswith(f"wrote 100 samples to {url}")
-    ok(cli(*gen_args(tiny, local)))
+    assert run_cli(*map(str, gen_args(tiny, local))).exit_code == 0  # the local side in-process: half the start-ups
     assert_same_store(download(url, tmp_path / "copy.zarr"), local)
     report = json.loads(ok(cli("inspect", url, "--verify", "--json")))
     assert report["status"] == "complete" and report["corrupt_chunks"] == [] and report["path"] == url
-    assert "already complete" in ok(cli(*gen_args(tiny, url)))
+    assert "already complete" in run_cli(*map(str, gen_args(tiny, url))).output
     train = ("train", "--student", "mlp", "--epochs", "2", "--batch-size", "16", "--threads", "1", "--no-progress")
     ok(cli(*train, "--store", url, "--out", tmp_path / "run_s3"))
-    ok(cli(*train, "--store", local, "--out", tmp_path / "run_local"))
+    assert run_cli(*map(str, (*train, "--store", local, "--out", tmp_path / "run_local"))).exit_code == 0
     assert (tmp_path / "run_s3" / "model.pt").read_bytes() == (tmp_path / "run_local" / "model.pt").read_bytes()
     summary = json.loads((tmp_path / "run_s3" / "summary.json").read_text())
     assert url in json.dumps(summary) and "testing" not in json.dumps(summary)  # the URL, never a credential
-    evals = [json.loads(ok(cli("eval", "--checkpoint", tmp_path / run, "--data", tiny["data"], "--store", s,
-                               "--json", "--threads", "1")))
-             for run, s in (("run_s3", url), ("run_local", local))]
+    args = [("eval", "--checkpoint", tmp_path / run, "--data", tiny["data"], "--store", s, "--json", "--threads", "1")
+            for run, s in (("run_s3", url), ("run_local", local))]
+    evals = [json.loads(ok(cli(*args[0]))), json.loads(run_cli(*map(str, args[1])).output)]
     numbers = [{k: v for k, v in e.items() if isinstance(v, (int, float))} for e in evals]
     assert numbers[0] == numbers[1] and "accuracy" in numbers[0]
 
@@ -131,8 +134,10 @@ def test_read_ahead_and_cache_give_the_same_batches(bucket, tiny, tmp_path, monk
     """The read-ahead (off, on) and the local cache (cold, warm, capped) change nothing in what a dataset yields."""
     from softlabels.student.dataset import SoftLabelDataset
 
+    from tests.conftest import run_cli
+
     url = f"s3://{bucket}/r.zarr"
-    ok(cli(*gen_args(tiny, url, "--shard-chunks", "2")))
+    assert run_cli(*map(str, gen_args(tiny, url, "--shard-chunks", "2"))).exit_code == 0
 
     def epoch() -> list[np.ndarray]:
         ds = SoftLabelDataset([(url, None)], batch_size=8, seed=3)
@@ -150,6 +155,7 @@ def test_read_ahead_and_cache_give_the_same_batches(bucket, tiny, tmp_path, monk
     assert cached and sum(p.stat().st_size for p in cached) <= 6000
 
 
+@pytest.mark.extended  # ~1-3 minutes on 2 busy cores: `tools/test -m extended`
 def test_killed_writer_resumes_bit_identical(bucket, tiny, tmp_path):
     """SIGKILL right after a unit, and at a random moment mid-write: the rerun takes the stale lease over, says
     so, and the store equals an uninterrupted one."""
@@ -281,6 +287,7 @@ QUICK = ("--storage-option", "config_kwargs.read_timeout=1", "--storage-option",
          "--storage-option", "config_kwargs.retries.max_attempts=1")
 
 
+@pytest.mark.extended  # ~1-3 minutes on 2 busy cores: `tools/test -m extended`
 def test_faults_are_retried_never_wrong(bucket, tiny, tmp_path):
     """Every 4th request a 500 and every 23rd a stall: generate, inspect --verify and a read still give the
     exact store; an error storm past the retry budget is one line, and a rerun resumes."""
@@ -345,6 +352,7 @@ def test_bad_urls_one_line(bucket, tiny, tmp_path, monkeypatch):
     assert parse_storage_options(["a.b=1", "c=true", "d=x"]) == {"a": {"b": 1}, "c": True, "d": "x"}
 
 
+@pytest.mark.extended  # ~1-3 minutes on 2 busy cores: `tools/test -m extended`
 def test_two_nodes_write_one_store(bucket, tiny, tmp_path):
     """torchrun --nnodes 2 --nproc-per-node 1 (static rendezvous on 127.0.0.1): one store, equal to one process."""
     local = tmp_path / "ref.zarr"
@@ -363,3 +371,22 @@ def test_two_nodes_write_one_store(bucket, tiny, tmp_path):
     copy = download(url, tmp_path / "copy.zarr")
     assert_same_store(copy, local)
     assert json.loads((copy / "zarr.json").read_text())["attributes"]["created_by"]["timings"]["ranks"] == 2
+
+
+def test_memory_and_file_urls(tiny, tmp_path):
+    """memory:// (fsspec's in-process filesystem, with its conditional create) and file:// (a local path) hold the
+    same store as a plain local path."""
+    from softlabels.store.reader import open_store
+    from tests.conftest import run_cli
+
+    local = tmp_path / "a.zarr"
+    for out in (local, "memory://softlabels-test/a.zarr", f"file://{tmp_path}/b.zarr"):
+        assert run_cli(*map(str, gen_args(tiny, out))).exit_code == 0
+    with open_store(local) as a, open_store("memory://softlabels-test/a.zarr") as m, \
+            open_store(f"file://{tmp_path}/b.zarr") as f:
+        assert isinstance(f.path, Path) and m.path == "memory://softlabels-test/a.zarr"
+        for u in range(a.num_units):
+            want = a.read_unit(u)
+            for other in (m, f):
+                got = other.read_unit(u)
+                assert all(np.array_equal(want[k], got[k]) for k in want)
