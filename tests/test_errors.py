@@ -53,7 +53,7 @@ COVERED_ELSEWHERE = {
     "E1541": "tests/test_hf_cli.py::test_a_broken_torchvision_is_named_with_its_fix",  # a broken package, in a subprocess
     # object storage: a moto S3 server (tests/test_object_store.py checks each message against its row)
     **{f"E{i}": "tests/test_object_store.py::test_bad_urls_one_line" for i in (2501, 2502, 2503, 2504, 2505, 2506,
-                                                                             2507, 2511)},
+                                                                             2507, 2511, 2512)},
     "E2508": "tests/test_object_store.py::test_two_writers_one_store",
     "E2509": "tests/test_object_store.py::test_two_writers_one_store",
     "E2510": "tests/test_object_store.py::test_faults_are_retried_never_wrong",

@@ -328,7 +328,7 @@ def test_bad_urls_one_line(bucket, tiny, tmp_path, monkeypatch):
         assert "testing" not in lines[0]  # never a credential
         set_storage_options({})
 
-    url = f"s3://{bucket}/x.zarr"
+    url, endpoint = f"s3://{bucket}/x.zarr", os.environ["AWS_ENDPOINT_URL"]
     refused("E2501", *gen_args(tiny, "s3://no-such-bucket-here/x.zarr"))
     refused("E2501", "inspect", "s3://no-such-bucket-here/x.zarr")
     refused("E2505", *gen_args(tiny, f"s3://{bucket}/x.h5"))
@@ -347,6 +347,14 @@ def test_bad_urls_one_line(bucket, tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(s3fs.S3FileSystem, "_ls", denied)
     s3fs.S3FileSystem.clear_instance_cache()  # instances bind their sync methods when made
     refused("E2502", "inspect", url)
+    monkeypatch.undo()
+    s3fs.S3FileSystem.clear_instance_cache()
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                 "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    refused("E2512", "inspect", url)
     monkeypatch.undo()
     s3fs.S3FileSystem.clear_instance_cache()
     assert parse_storage_options(["a.b=1", "c=true", "d=x"]) == {"a": {"b": 1}, "c": True, "d": "x"}

@@ -125,3 +125,9 @@ def check_root(fs: Any, url: str, root: str) -> None:
     except PermissionError:
         raise StoreNotFound(f"{url!r}: access to the bucket {bucket!r} is denied; check the credentials "
                             "(AWS_PROFILE, AWS_ACCESS_KEY_ID, --storage-option)") from None
+    except Exception as err:  # noqa: BLE001 - the filesystem's own types (botocore's NoCredentialsError, ...)
+        if "Credential" not in type(err).__name__ and "credential" not in str(err).lower():
+            raise
+        raise ConfigError(f"{url!r}: no credentials for {scheme(url)}:// were found ({type(err).__name__}); set "
+                          "AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or pass --storage-option "
+                          "anon=true for a public bucket") from None
