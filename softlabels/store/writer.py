@@ -17,6 +17,7 @@ the store is created, before any unit.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -170,14 +171,22 @@ class UnitWriter:
         s0, _ = self.unit_samples(unit)
         a0, a1 = self.unit_positions(unit)
         _, w1 = self.positions.unit_written_range(unit)
+        writes = []
         for key, arr in block.items():
             family = self._arrays[key].family
             if family == "position":
                 if w1 > a1:  # tokens: write whole chunks, the padding as zeros
                     arr = np.concatenate([arr, np.zeros((w1 - a1, *arr.shape[1:]), arr.dtype)])
-                self._backend.write(key, a0, arr)
+                writes.append((key, a0, arr))
             elif family == "sample":
-                self._backend.write(key, s0, arr)
+                writes.append((key, s0, arr))
+        if isinstance(self._backend.path, str):  # object storage: the unit's arrays' PUTs in flight together
+            pool = self.__dict__.setdefault("_pool", ThreadPoolExecutor(4, thread_name_prefix="softlabels-put"))
+            for future in [pool.submit(self._backend.write, *w) for w in writes]:
+                future.result()  # every data object is written before the unit's commit records
+        else:
+            for w in writes:
+                self._backend.write(*w)
         full = dict(block)
         if isinstance(self.positions, TokenPositions):
             s1 = s0 + len(block[fmt.SAMPLE_IDS])
@@ -290,6 +299,8 @@ class UnitWriter:
     def close(self) -> None:
         """Close without finishing; partly filled units are dropped (they are rewritten on resume)."""
         self._pending.clear()
+        if "_pool" in self.__dict__:
+            self.__dict__.pop("_pool").shutdown()
         self._backend.close()
 
     def __enter__(self) -> UnitWriter:
