@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = ["SoftLabelsError", "StoreError", "StoreNotFound", "NotAStore", "UnsupportedFormat", "CorruptStore",
            "IncompleteStore", "StoreLimitExceeded", "StoreExists", "StoreMismatch", "StoreLocked", "StoreWriteError",
-           "SpecError", "DataError", "FingerprintMismatch", "ModelMismatch", "NonFiniteOutputs", "ConfigError",
+           "StorageUnavailable", "SpecError", "DataError", "FingerprintMismatch", "ModelMismatch", "NonFiniteOutputs", "ConfigError",
            "CheckpointError", "CheckpointNotFound", "RunNotFound", "Interrupted"]
 
 
@@ -64,6 +64,10 @@ class StoreLocked(StoreError, BlockingIOError):
 
 class StoreWriteError(StoreError, OSError):
     """The operating system refused a write (disk full, read-only, permissions)."""
+
+
+class StorageUnavailable(StoreError, OSError):
+    """Object storage kept failing with transient errors (5xx, timeouts) past the retry budget."""
 
 
 class SpecError(SoftLabelsError, ValueError):

@@ -1,21 +1,40 @@
 """Where a command writes must not be what it reads: ``--out`` against the inputs.
 
 Compared by real path (symlinks resolved), so a second name for a file or folder
-is caught too. ``--overwrite`` never lifts this: it replaces a previous output,
+is caught too; a URL (``s3://bucket/a.zarr``, :func:`is_url`) by its text, its prefix
+against the other's. ``--overwrite`` never lifts this: it replaces a previous output,
 never an input.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import PurePosixPath
 
-__all__ = ["out_overlaps"]
+__all__ = ["is_url", "out_overlaps", "resolved"]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def _real(path: str | os.PathLike[str]) -> Path:
-    return Path(os.path.realpath(path))
+def is_url(path: object) -> bool:
+    """Whether ``path`` names a remote location: a ``scheme://`` other than ``file://``."""
+    return isinstance(path, str) and bool(_URL.match(path)) and not path.lower().startswith("file://")
+
+
+def resolved(path: str | os.PathLike[str]) -> str:
+    """A path made absolute (symlinks resolved) to record it, or a URL as it is (``file://`` as its path)."""
+    if is_url(path):
+        return str(path).rstrip("/")
+    if isinstance(path, str) and path.lower().startswith("file://"):
+        path = path[len("file://"):]
+    return os.path.realpath(path)
+
+
+def _real(path: str | os.PathLike[str]) -> PurePosixPath:
+    text = resolved(path)
+    return PurePosixPath(text.replace("://", "/", 1) if is_url(text) else text)
 
 
 def out_overlaps(out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | None]], *,
@@ -31,6 +50,8 @@ def out_overlaps(out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | 
         if not path:
             continue
         i = _real(path)
+        if is_url(str(out)) != is_url(str(path)):
+            continue
         if o == i:
             how = "is"
         elif i in o.parents:

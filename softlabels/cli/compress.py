@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from softlabels.cli.storage import storage_option
 from softlabels.evaluation.config import QUANTIZE
 from softlabels.evaluation.config import CompressConfig as D  # defaults: the dataclass's field defaults
 
@@ -30,6 +31,7 @@ from softlabels.evaluation.config import CompressConfig as D  # defaults: the da
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print compress.json instead of the table.")
+@storage_option
 def command(finetune_stores, as_json, **options) -> None:
     """Compress the student of training run RUN; write OUT/model.pt, model.pt2 and a table."""
     import json

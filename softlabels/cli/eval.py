@@ -7,6 +7,7 @@ import json
 import click
 
 from softlabels._runtime.options import DEVICE_HELP, THREADS_HELP
+from softlabels.cli.storage import storage_option
 from softlabels.evaluation.config import EvalConfig as D  # defaults: the dataclass's field defaults
 
 
@@ -25,6 +26,7 @@ from softlabels.evaluation.config import EvalConfig as D  # defaults: the datacl
               help="Rows per forward pass.")
 @click.option("--device", default=D.device, show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=int, default=D.threads, show_default=True, help=THREADS_HELP)
+@storage_option
 def command(checkpoint: str, data_spec: str, store: str | None, student: str | None, as_json: bool, batch_size: int,
             device: str, threads: int) -> None:
     """Evaluate the student of CHECKPOINT on --data: accuracy and calibration, and

@@ -7,6 +7,7 @@ import os
 import click
 
 from softlabels._runtime.options import DEVICE_HELP, THREADS_HELP
+from softlabels.cli.storage import storage_option
 from softlabels.teacher.config import AMP_MODES, DEFAULT_SAMPLES, LAYOUTS, LOGITS_DTYPES, ON_NONFINITE
 from softlabels.teacher.config import (
     GenerateConfig as D,  # defaults: the dataclass's field defaults
@@ -70,6 +71,7 @@ from softlabels.teacher.config import (
 @click.option("--tokenizer", type=click.Path(),
               help="Token data: the tokenizer.json of text:FILE (and the vocabulary of a built-in LM teacher); "
                    "for jsonl:/parquet:/hfds: data also a tokenizer directory, which chat data (messages=) needs.")
+@storage_option
 def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,
             out: str, layout: str | None, topk: int | None, samples: int | None, views: int | None,
             augment: str | None, views_from: str | None, dtype: str, batch_size: int, num_workers: int, device: str,

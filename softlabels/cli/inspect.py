@@ -6,12 +6,15 @@ import json
 
 import click
 
+from softlabels.cli.storage import storage_option
+
 
 @click.command("inspect", short_help="Describe a store: status, sizes, labels and teacher statistics.")
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--verify", is_flag=True,
               help="Read every chunk and check its checksum; exit status 1 when any chunk is corrupt.")
+@storage_option
 def command(store: str, as_json: bool, verify: bool) -> None:
     """Describe STORE: format, layout, sizes, status, labels and teacher statistics."""
     from softlabels.store.format import chunk_list

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from softlabels.cli.storage import storage_option
 from softlabels.store.defaults import DEFAULT_TEMPERATURE
 from softlabels.teacher.config import ENSEMBLE_MODES, MergeConfig
 
@@ -32,6 +33,7 @@ def parse_weights(text: str | None, flag: str) -> tuple[float, ...] | None:
               help=f"T of the arithmetic mean; train at this T [default: {DEFAULT_TEMPERATURE}; 1 for sampled "
                    "stores].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@storage_option
 def command(stores, out, mode, weights, temperature, overwrite) -> None:
     """Write the combined targets of several teachers' stores as one store (docs/ENSEMBLES.md)."""
     from softlabels.teacher.merging import merge

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from softlabels._runtime.options import DEVICE_HELP, THREADS_HELP
+from softlabels.cli.storage import storage_option
 from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from softlabels.student.config import LOSS_NAMES, OPTIMIZERS, SCHEDULES, TrainConfig
 from softlabels.teacher.config import ENSEMBLE_MODES
@@ -71,6 +72,7 @@ D = TrainConfig  # defaults: the dataclass's field defaults
                    "jsonl:/parquet:/hfds: data a tokenizer directory (with the chat template for messages=).")
 @click.option("--seq-len", type=int, help="Token data: cut text:FILE or a flat token stream into windows of this length, "
                                          "and each sequence (a packed row, say) into windows of at most this length.")
+@storage_option
 def command(stores, data, no_progress, ensemble, ensemble_weights, **options) -> None:
     """Train a student by distillation from --store(s), or on the hard labels of --data.
 

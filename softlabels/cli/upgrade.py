@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import click
 
+from softlabels.cli.storage import storage_option
+
 
 @click.command("upgrade", short_help="Convert a format-1 store to format 2 (bit-identical logits).")
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--out", required=True, type=click.Path(), help="The format-2 store to write: *.h5, *.hdf5 or *.zarr.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out instead of resuming it.")
+@storage_option
 def command(store: str, out: str, overwrite: bool) -> None:
     """Write the format-1 STORE as a format-2 store OUT: the same values, labels and sample ids, bit for bit.
 

@@ -23,8 +23,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
-from softlabels.errors import CorruptStore, NotAStore
-from softlabels.store.format import ArraySpec, check_read_size, load_json_file
+from softlabels.errors import CorruptStore, NotAStore, SoftLabelsError, StorageUnavailable
+from softlabels.store.format import MAX_JSON_BYTES, ArraySpec, check_read_size, load_json
 from softlabels.store.schema import UNIT_CHECKSUMS, UNIT_DONE
 
 _CONFIG = {"write_empty_chunks": True}
@@ -36,26 +36,64 @@ _FIX = ("--repair cannot rebuild a store's metadata: regenerate the store with '
         "and the original arguments")
 
 
+class LocalFiles:
+    """The backend's own file operations on a local store folder (:class:`~softlabels.store.remote.RemoteFiles`
+    on object storage): reads, listings and sizes, relative to the store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def read(self, rel: str, limit: int) -> bytes:
+        with open(self.root / rel, "rb") as f:
+            return f.read(limit)
+
+    def isfile(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def listing(self, rel: str) -> list[tuple[str, bool]]:
+        try:
+            with os.scandir(self.root / rel) as entries:
+                return [(e.name, e.is_dir()) for e in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+
 class ZarrBackend:
     kind = "zarr"
 
-    def __init__(self, path: Path, mode: str) -> None:
+    def __init__(self, path: Path | str, mode: str) -> None:
         self.path = path
         self._meta: dict[str, dict[str, Any]] = {}
+        if isinstance(path, str):  # a URL (softlabels.store.location)
+            from softlabels.store.objects import open_remote
+
+            self._files, store = open_remote(path, mode)
+        else:
+            self._files, store = LocalFiles(path), str(path)
+            if mode != "w":
+                escape = _escape(path, writing=mode == "r+")
+                if escape:
+                    raise CorruptStore(f"{str(path)!r}: {escape}, and every file of a store must lie inside it; "
+                                       "nothing was read or written: regenerate the store")
         if mode != "w":
-            escape = _escape(path, writing=mode == "r+")
-            if escape:
-                raise CorruptStore(f"{str(path)!r}: {escape}, and every file of a store must lie inside it; "
-                                   "nothing was read or written: regenerate the store")
             self._node(None)  # parsed here first, so zarr never meets a damaged document
         try:
-            self._g = zarr.open_group(str(path), mode={"r": "r", "r+": "r+", "w": "w"}[mode], zarr_format=3)
+            zmode = {"r": "r", "r+": "r+", "w": "w"}[mode]
+            if isinstance(path, str) and mode == "w":
+                zmode = "a"  # open_remote emptied the prefix but for the lease, which "w" would delete
+            self._g = zarr.open_group(store, mode=zmode, zarr_format=3)
+        except SoftLabelsError:
+            raise
         except Exception as err:  # zarr raises a variety of types for a bad tree
             if mode == "w":
                 raise
             raise NotAStore(f"{str(path)!r} is not a readable Zarr v3 group ({type(err).__name__}: {err}); "
                             "check the path or regenerate the store") from err
         self._arrays: dict[str, Any] = {}
+        self._read_only, self._present = mode == "r", {}
 
     def attrs(self) -> dict[str, Any]:
         return dict(self._g.attrs.asdict())
@@ -67,32 +105,36 @@ class ZarrBackend:
         """The parsed ``zarr.json`` of the group (``None``) or of one array, through the one guarded parser."""
         meta = self._meta.get(name or "")
         if meta is None:
-            file = self.path / (name or "") / ZARR_JSON
-            meta = load_json_file(file, fix=_FIX)
+            rel = f"{name}/{ZARR_JSON}" if name else ZARR_JSON
+            where = repr(_join(self.path, rel))
+            try:
+                raw = self._files.read(rel, MAX_JSON_BYTES + 1)
+            except FileNotFoundError:
+                raise NotAStore(f"{where} is missing: this is not a Zarr v3 store; check the path") from None
+            meta = load_json(raw, where=where, fix=_FIX)
             if not isinstance(meta, dict):
-                raise CorruptStore(f"{str(file)!r} is damaged (not a JSON object); {_FIX}")
+                raise CorruptStore(f"{where} is damaged (not a JSON object); {_FIX}")
             self._meta[name or ""] = meta
         return meta
 
     def array_names(self) -> list[str]:
         # Listed from the files, each document parsed by _node: zarr's own listing raises mid-way on damage.
         names = []
-        for entry in os.scandir(self.path):
-            if entry.is_dir() and os.path.isfile(os.path.join(entry.path, ZARR_JSON)) \
-                    and self._node(entry.name).get("node_type") == "array":
-                names.append(entry.name)
+        for name, is_dir in self._files.listing(""):
+            if is_dir and self._files.isfile(f"{name}/{ZARR_JSON}") and self._node(name).get("node_type") == "array":
+                names.append(name)
         return sorted(names)
 
     def _array(self, name: str):
         a = self._arrays.get(name)
         if a is None:
-            if not (self.path / name / ZARR_JSON).is_file():
+            if not self._files.isfile(f"{name}/{ZARR_JSON}"):
                 raise CorruptStore(f"array {name!r} is missing from {str(self.path)!r}; regenerate the store")
             self._node(name)
             try:
                 a = self._arrays[name] = self._g[name]
             except Exception as err:  # valid JSON that zarr still rejects (a bad shape, codec, dtype ...)
-                raise CorruptStore(f"{str(self.path / name / ZARR_JSON)!r} is damaged ({type(err).__name__}: "
+                raise CorruptStore(f"{_join(self.path, name + '/' + ZARR_JSON)!r} is damaged ({type(err).__name__}: "
                                    f"{' '.join(str(err).split())[:200]}); {_FIX}") from None
         return a
 
@@ -118,7 +160,7 @@ class ZarrBackend:
         want = -(-int(a.shape[0]) // rows)
         where = self._chunk_folder(name)
         try:  # names counted, not parsed: one listing, ~0.2 us a file
-            held = sum(1 for f in os.listdir(where[0]) if f.startswith(where[1])) if where else 0
+            held = sum(1 for f, _ in self._files.listing(where[0]) if f.startswith(where[1])) if where else 0
         except OSError:
             held = 0
         return None if held >= want else f"{name} claims {want:,} chunk files but the store holds {held:,} of them"
@@ -132,14 +174,14 @@ class ZarrBackend:
             compressors=ZstdCodec(level=3) if compress else None, config=_CONFIG, chunk_key_encoding=_KEYS,
         )
 
-    def _chunk_folder(self, name: str) -> tuple[Path, str] | None:
+    def _chunk_folder(self, name: str) -> tuple[str, str] | None:
         """The folder holding an array's chunk files and their names' prefix (``c.`` or none), from its
         chunk key encoding: ``.`` (new arrays) or ``/`` (arrays written before); None for any other."""
         encoding = self._node(name).get("chunk_key_encoding") or {}
         separator = (encoding.get("configuration") or {}).get("separator", "/")
         if encoding.get("name") != "default" or separator not in (".", "/"):
             return None
-        return (self.path / name, "c.") if separator == "." else (self.path / name / "c", "")
+        return (name, "c.") if separator == "." else (f"{name}/c", "")
 
     def _chunks_present(self, name: str) -> list[int] | None:
         """First-axis chunk (or shard) indices of the chunk files present, from one directory listing;
@@ -147,17 +189,21 @@ class ZarrBackend:
         where = self._chunk_folder(name)
         if where is None:
             return None
+        if name in self._present:
+            return self._present[name]
         folder, prefix = where
-        if not folder.is_dir():
-            return []
-        firsts = (f[len(prefix):].partition(".")[0] for f in os.listdir(folder) if f.startswith(prefix))
-        return [int(first) for first in firsts if first.isdigit()]
+        firsts = (f[len(prefix):].partition(".")[0] for f, _ in self._files.listing(folder) if f.startswith(prefix))
+        present = [int(first) for first in firsts if first.isdigit()]
+        if self._read_only and isinstance(self.path, str):  # one listing per array and handle, not one per read
+            self._present[name] = present
+        return present
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         a = self._array(name)
         if out is None:
             check_read_size(self.path, name, (max(0, min(stop, a.shape[0]) - start),) + tuple(a.shape[1:]), a.dtype)
-        if len(a.shape) == 1 and a.shards is None and (a.chunks == (1,) or name in _BOOKKEEPING):
+        if len(a.shape) == 1 and a.shards is None and (a.chunks == (1,) or name in _BOOKKEEPING) \
+                and not isinstance(self.path, str):  # at a URL zarr's concurrent reads beat one request per file
             return self._read_sparse(name, a, start, stop, out)
         try:
             if out is None:
@@ -165,7 +211,7 @@ class ZarrBackend:
             # decoded straight into the caller's buffer (a window slice), not into a new array
             a.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
             return out
-        except CorruptStore:
+        except (CorruptStore, StorageUnavailable):
             raise
         except Exception as err:
             raise CorruptStore(
@@ -200,13 +246,14 @@ class ZarrBackend:
             for i in present:
                 lo, hi = max(start, i * g), min(stop, (i + 1) * g)
                 if plain:  # an uncompressed chunk file is its elements' bytes: ~20x faster than through zarr
-                    with open(folder / f"{prefix}{i}", "rb") as f:
-                        raw = f.read(size + 1)
+                    raw = self._files.read(f"{folder}/{prefix}{i}", size + 1)
                     if len(raw) != size:
                         raise ValueError(f"chunk file {i} holds {len(raw)} bytes, not {size}")
                     result[lo - start:hi - start] = np.frombuffer(raw, item)[lo - i * g:hi - i * g]
                 else:
                     result[lo - start:hi - start] = a[lo:hi]
+        except StorageUnavailable:
+            raise
         except Exception as err:
             raise CorruptStore(f"cannot read {name!r} in {str(self.path)!r} ({type(err).__name__}: {err}); "
                                "a bookkeeping file is damaged: regenerate it with 'softlabels generate'") from err
@@ -222,7 +269,11 @@ class ZarrBackend:
         self._arrays.clear()
 
     def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return self._files.total_bytes()
+
+
+def _join(root: Path | str, rel: str) -> str:
+    return f"{root}/{rel}" if isinstance(root, str) else str(root / rel)
 
 
 def _escape(root: Path, *, writing: bool) -> str | None:

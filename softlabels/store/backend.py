@@ -1,7 +1,8 @@
 """Storage backends: one small interface over an HDF5 file and a Zarr v3 group.
 
 The reader and writer speak only to :class:`Backend`; the backend is chosen by
-path suffix (``.h5``/``.hdf5`` -> HDF5, ``.zarr`` -> Zarr) or explicitly.
+path suffix (``.h5``/``.hdf5`` -> HDF5, ``.zarr`` -> Zarr) or explicitly. A store at a
+URL (:mod:`softlabels.store.location`) is always Zarr: HDF5 needs a local file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from softlabels.errors import ConfigError, NotAStore, StoreNotFound
 from softlabels.store.format import ArraySpec
+from softlabels.store.location import store_location
 
 __all__ = ["Backend", "BackendKind", "backend_kind", "open_backend"]
 
@@ -24,7 +26,7 @@ class Backend(Protocol):
     """The operations the reader and writer need from a storage library."""
 
     kind: BackendKind
-    path: Path
+    path: Path | str  # a local path, or a URL (Zarr only)
 
     def attrs(self) -> dict[str, Any]: ...
     def set_attrs(self, attrs: dict[str, Any]) -> None: ...
@@ -42,10 +44,17 @@ class Backend(Protocol):
 
 
 def backend_kind(path: str | Path, kind: str | None = None) -> BackendKind:
-    """Which backend a path uses: the explicit ``kind``, else its suffix."""
+    """Which backend a path uses: the explicit ``kind``, else its suffix; Zarr for every URL."""
+    if kind is not None and kind not in ("hdf5", "zarr"):
+        raise ConfigError(f"unknown store backend {kind!r}; use 'hdf5' or 'zarr'")
+    path = store_location(path)
+    if isinstance(path, str):
+        name = path.rsplit("/", 1)[-1].lower()
+        if kind == "hdf5" or name.endswith((".h5", ".hdf5")):
+            raise ConfigError(f"{path!r}: HDF5 stores are local files; give a local path, or write a Zarr store "
+                              "(*.zarr) at the URL")
+        return "zarr"
     if kind is not None:
-        if kind not in ("hdf5", "zarr"):
-            raise ConfigError(f"unknown store backend {kind!r}; use 'hdf5' or 'zarr'")
         return kind  # type: ignore[return-value]
     suffix = Path(path).suffix.lower()
     if suffix in SUFFIXES:
@@ -63,8 +72,12 @@ def backend_kind(path: str | Path, kind: str | None = None) -> BackendKind:
 
 def open_backend(path: str | Path, mode: Literal["r", "r+", "w"], kind: str | None = None) -> Backend:
     """Open (``r``, ``r+``) or create (``w``) a store's backend."""
-    path = Path(path)
+    path = store_location(path)
     which = backend_kind(path, kind)
+    if isinstance(path, str):
+        from softlabels.store._zarr import ZarrBackend
+
+        return ZarrBackend(path, mode)
     if mode != "w" and not path.exists():
         raise StoreNotFound(f"no store at {str(path)!r}; check the path (generate one with 'softlabels generate')")
     if which == "hdf5":

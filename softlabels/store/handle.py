@@ -9,6 +9,7 @@ h5py files are opened in the process that reads them.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,10 +18,13 @@ import numpy as np
 from softlabels.errors import CorruptStore, IncompleteStore, NotAStore, SoftLabelsError
 from softlabels.store.backend import Backend, BackendKind, backend_kind, open_backend
 from softlabels.store.format import chunk_list
+from softlabels.store.location import store_location
 from softlabels.store.schema import duplicates, repeated_in_rows
 
 __all__ = ["ReadHandle", "Units"]
 
+_OPENING = threading.RLock()
+os.register_at_fork(after_in_child=lambda: globals().update(_OPENING=threading.RLock()))  # never held across a fork
 Expected = dict[str, tuple[tuple[int, ...], np.dtype, int | None, bool]]  # name -> shape, dtype, chunk, backed
 
 
@@ -66,7 +70,7 @@ class ReadHandle(Units):
     _pid: int = -1
 
     def __init__(self, path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> None:
-        self.path = Path(path)
+        self.path = store_location(path)
         self.backend_kind = backend_kind(self.path, backend)
         self._allow_partial = allow_partial
         try:
@@ -129,8 +133,10 @@ class ReadHandle(Units):
     # -- reading --------------------------------------------------------------------------------
     def _handle(self) -> Backend:
         if self._backend is None or self._pid != os.getpid():
-            self._backend = open_backend(self.path, "r", self.backend_kind)
-            self._pid = os.getpid()
+            with _OPENING:  # read-ahead threads share one handle (softlabels.store.readahead)
+                if self._backend is None or self._pid != os.getpid():
+                    self._backend = open_backend(self.path, "r", self.backend_kind)
+                    self._pid = os.getpid()
         return self._backend
 
     def __getstate__(self) -> dict[str, Any]:

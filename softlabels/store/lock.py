@@ -14,10 +14,12 @@ import fcntl
 import os
 import weakref
 from pathlib import Path
+from typing import Any, Callable
 
 from softlabels.errors import StoreLocked
+from softlabels.store.location import store_location
 
-__all__ = ["StoreLock", "lock_path"]
+__all__ = ["StoreLock", "lock_path", "store_lock"]
 
 _HELD: weakref.WeakSet[StoreLock] = weakref.WeakSet()
 
@@ -32,6 +34,18 @@ def _drop_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_drop_in_child)
+
+
+def store_lock(store: str | Path, say: Callable[[str], None] | None = None) -> Any:
+    """The guard of one writer for ``store``: this lock for a local store, a
+    :class:`~softlabels.store.lease.Lease` (inside the prefix) for one at a URL. Both have
+    ``acquire``, ``release`` and ``check``."""
+    where = store_location(store)
+    if isinstance(where, str):
+        from softlabels.store.lease import Lease
+
+        return Lease(where, say=say)
+    return StoreLock(where)
 
 
 def lock_path(store: str | Path) -> Path:
@@ -78,6 +92,9 @@ class StoreLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         _HELD.add(self)
+
+    def check(self) -> None:
+        """A flock is never taken away from a live holder: nothing to check."""
 
     def release(self) -> None:
         """Remove the lock file (while still holding it, so no one else can own it) and unlock."""

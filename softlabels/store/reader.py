@@ -11,6 +11,7 @@ handle opens lazily and reopens after a fork, so a store can be handed to DataLo
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from softlabels.store.schema import (
 
 __all__ = ["UnitStore", "open_store"]
 
+_FILLING = threading.Lock()
 _REPAIR = "regenerate it with 'softlabels generate --repair' and the original arguments"
 
 
@@ -96,6 +98,22 @@ class UnitStore(ReadHandle):
         return self._handle().read(UNIT_CHECKSUMS, 0, self.meta.num_units)
 
     # -- reading --------------------------------------------------------------------------------
+    @property
+    def _remote(self) -> bool:
+        return isinstance(self.path, str)
+
+    def _small(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows of a per-sample array or the checksums of a store at a URL, from the whole array read once
+        (zarr fetches its chunks concurrently): a unit then costs a request per per-position array only.
+        Held in memory: 16 B per sample for labels and ids, plus any view parameters, 4 B per unit."""
+        cache = self.__dict__.setdefault("_small_arrays", {})
+        if name not in cache:
+            with _FILLING:  # read-ahead threads: one of them reads it
+                if name not in cache:
+                    n = self.meta.num_units if name == UNIT_CHECKSUMS else self.meta.num_samples
+                    cache[name] = self._handle().read(name, 0, n)
+        return cache[name][start:stop].copy()
+
     def read_unit(self, unit: int, *, verify: bool = True,
                   out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """A unit's per-position arrays (over its real positions) and per-sample arrays, values checked.
@@ -113,12 +131,14 @@ class UnitStore(ReadHandle):
             if spec.family == "position":
                 block[name] = b.read(name, a0, a1, out.get(name))
             elif spec.family == "sample":
-                block[name] = b.read(name, s0, s1, out.get(name))
+                block[name] = self._small(name, s0, s1) if self._remote else b.read(name, s0, s1, out.get(name))
         if isinstance(self.positions, TokenPositions):
             block[OFFSETS] = self.positions.offsets[s0:s1]
             block[LENGTHS] = self.positions.lengths[s0:s1]
         where = f"unit {unit} (samples {s0}..{s1}) of {self.path}"
-        if verify and unit_checksum(self.meta, block) != int(self._handle().read(UNIT_CHECKSUMS, unit, unit + 1)[0]):
+        recorded = self._small(UNIT_CHECKSUMS, unit, unit + 1) if self._remote else \
+            self._handle().read(UNIT_CHECKSUMS, unit, unit + 1)
+        if verify and unit_checksum(self.meta, block) != int(recorded[0]):
             raise CorruptStore(f"{where} fails its checksum (the data on disk changed after it was written); "
                                f"{_REPAIR}")
         check_unit(self.meta, block, where=where, fix=_REPAIR)

@@ -17,16 +17,19 @@ the store is created, before any unit.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from softlabels.errors import DataError, IncompleteStore, StoreExists, StoreMismatch
 from softlabels.store import format as fmt
 from softlabels.store.backend import Backend, backend_kind, open_backend
+from softlabels.store.location import store_location
+from softlabels.store.objects import remote_exists
 from softlabels.store.positions import Positions
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS, TokenPositions
 from softlabels.store.schema import (
@@ -50,6 +53,7 @@ class UnitWriter:
         self._done = backend.read(UNIT_DONE, 0, meta.num_units).astype(bool)
         self._burst: list[tuple[int, int]] | None = None  # (unit, checksum) written, awaiting their flags
         self._pending: dict[int, _Pending] = {}
+        self.guard: Callable[[], None] | None = None  # raises when this writer may no longer commit (a lost lease)
         if isinstance(positions, TokenPositions):  # real positions before each sample, padding excluded
             self._cum = np.concatenate([[0], np.cumsum(positions.lengths)])
 
@@ -58,16 +62,17 @@ class UnitWriter:
     def create(cls, path: str | Path, meta: StoreMetaV2, *, lengths: np.ndarray | None = None,
                compress: bool = False, backend: str | None = None, overwrite: bool = False) -> UnitWriter:
         """Create a store with every array allocated at full size; tokens need ``lengths``."""
-        path = Path(path)
+        path = store_location(path)
         kind = backend_kind(path, backend)
         if meta.shard_chunks > 1 and kind != "zarr":
             raise DataError("sharding needs a Zarr store (*.zarr); drop the shard setting or use *.zarr")
         positions = meta.make_positions(lengths)
-        if path.exists() and not overwrite:
+        exists = remote_exists(path) if isinstance(path, str) else path.exists()
+        if exists and not overwrite:
             raise StoreExists(f"{str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it")
-        if path.exists():
+        if exists and not isinstance(path, str):
             _remove(path)
-        store = open_backend(path, "w", kind)
+        store = open_backend(path, "w", kind)  # at a URL: empties the prefix, or refuses one holding other objects
         store.set_attrs(meta.to_attrs())  # status "writing" first, before any array exists
         shard = meta.shard_chunks if meta.shard_chunks > 1 else None
         for name, a in meta.arrays().items():
@@ -166,14 +171,22 @@ class UnitWriter:
         s0, _ = self.unit_samples(unit)
         a0, a1 = self.unit_positions(unit)
         _, w1 = self.positions.unit_written_range(unit)
+        writes = []
         for key, arr in block.items():
             family = self._arrays[key].family
             if family == "position":
                 if w1 > a1:  # tokens: write whole chunks, the padding as zeros
                     arr = np.concatenate([arr, np.zeros((w1 - a1, *arr.shape[1:]), arr.dtype)])
-                self._backend.write(key, a0, arr)
+                writes.append((key, a0, arr))
             elif family == "sample":
-                self._backend.write(key, s0, arr)
+                writes.append((key, s0, arr))
+        if isinstance(self._backend.path, str):  # object storage: the unit's arrays' PUTs in flight together
+            pool = self.__dict__.setdefault("_pool", ThreadPoolExecutor(4, thread_name_prefix="softlabels-put"))
+            for future in [pool.submit(self._backend.write, *w) for w in writes]:
+                future.result()  # every data object is written before the unit's commit records
+        else:
+            for w in writes:
+                self._backend.write(*w)
         full = dict(block)
         if isinstance(self.positions, TokenPositions):
             s1 = s0 + len(block[fmt.SAMPLE_IDS])
@@ -211,6 +224,8 @@ class UnitWriter:
         """Flush the units' data, then write their checksums and flags (adjacent units in one write), flush."""
         if not written:
             return
+        if self.guard is not None:
+            self.guard()
         self._backend.flush()
         runs: list[list[tuple[int, int]]] = []
         for item in sorted(written):
@@ -275,6 +290,8 @@ class UnitWriter:
         if self._pending or len(missing):
             raise IncompleteStore(f"cannot finish {str(self._backend.path)!r}: {len(missing)} of {self.num_units} "
                                   f"units not written ({fmt.chunk_list(missing)}); write them, then finish")
+        if self.guard is not None:
+            self.guard()
         self._backend.set_attrs({"status": fmt.STATUS_COMPLETE})
         self._backend.flush()
         self.meta = replace(self.meta, status=fmt.STATUS_COMPLETE)
@@ -282,6 +299,8 @@ class UnitWriter:
     def close(self) -> None:
         """Close without finishing; partly filled units are dropped (they are rewritten on resume)."""
         self._pending.clear()
+        if "_pool" in self.__dict__:
+            self.__dict__.pop("_pool").shutdown()
         self._backend.close()
 
     def __enter__(self) -> UnitWriter:

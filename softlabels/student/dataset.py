@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from softlabels.errors import ConfigError, IncompleteStore, StoreMismatch
 from softlabels.inputs.loader import batch_loader
+from softlabels.store.readahead import ReadAhead
 from softlabels.student import order as _order
 from softlabels.student.kinds import rows_for
 
@@ -208,7 +209,11 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
             self._sizes, share=self.kind.share, batch_size=self.batch_size, window_chunks=self.window_chunks,
             seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank, world=self.world_size,
             worker=loader_worker, workers=workers, done=done)
-        held = self.kind.holder(self._load, keep=self.window_chunks + 1, sizes=self._sizes)  # a window, plus one
+        ahead = ReadAhead.for_stores(self.stores, self._load)  # stores at URLs: units read on a few threads
+        if ahead is not None:
+            batches = ahead.batches(batches)
+        held = self.kind.holder(self._load if ahead is None else ahead.load, keep=self.window_chunks + 1,
+                                sizes=self._sizes)  # a window, plus one
         for unit, local in batches:
             yield self.kind.batch(held, unit, local, self._source[unit], self.stores, self.data)
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from softlabels._runtime import signals as _signals
 from softlabels._runtime.device import DistEnv, set_threads
+from softlabels._runtime.paths import resolved
 from softlabels._runtime.progress import progress_bar, wants_bar
 from softlabels.errors import CheckpointError, ConfigError, DataError, NonFiniteOutputs, StoreMismatch
 from softlabels.inputs.loader import batch_loader
@@ -113,10 +114,10 @@ class _Run:
         stores = self.task.stores
         self.run_config = {
             **{k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "progress", "allow_pickle")},
-            "stores": [str(Path(p).resolve()) for p in config.stores], "world_size": env.world,
+            "stores": [resolved(p) for p in config.stores], "world_size": env.world,
             "student_kind": info.kind, "student_weights_sha256": info.weights_sha256,
             "num_parameters": info.num_parameters,
-            "teachers": [{"store": str(Path(s.path).resolve()), "layout": s.meta.layout,
+            "teachers": [{"store": resolved(s.path), "layout": s.meta.layout,
                           "num_samples": s.meta.num_samples, "num_classes": s.meta.num_classes,
                           "logits_dtype": s.meta.logits_dtype, "teacher": s.meta.teacher,
                           "source": s.meta.source} for s in stores],

@@ -114,7 +114,7 @@ class GenerateConfig:
         p += out_problems(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
                                      ("--teacher", self.teacher if is_model_file(self.teacher) else None),
                                      ("--views-from", self.views_from)])
-        if self.shard_chunks is not None and self.out.suffix.lower() in (".h5", ".hdf5"):
+        if self.shard_chunks is not None and str(self.out).lower().endswith((".h5", ".hdf5")):
             p.append("--shard-chunks needs a Zarr store (*.zarr)")
         if self.repair and self.overwrite:
             p.append("--repair and --overwrite contradict each other (repair keeps the good chunks); pick one")

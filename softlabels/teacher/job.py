@@ -21,6 +21,7 @@ from typing import Callable
 from softlabels._runtime import distributed as _distributed
 from softlabels._runtime.device import resolve_device, set_threads
 from softlabels.errors import ConfigError, SoftLabelsError
+from softlabels.store.location import store_exists, store_location
 from softlabels.store.reader import UnitStore
 from softlabels.teacher.classify import classify_producer
 from softlabels.teacher.config import GenerateConfig
@@ -57,7 +58,7 @@ def generate(teacher: str, data: str, out: str | Path, *, weights: str | Path | 
     if layout is None:  # views: top-k with a small K (docs/VIEWS.md); else every logit
         layout = "topk" if views is not None or views_from is not None else "dense"
     config = GenerateConfig(
-        teacher=teacher, data=data, out=Path(out), weights=None if weights is None else str(weights),
+        teacher=teacher, data=data, out=store_location(out), weights=None if weights is None else str(weights),
         allow_pickle=allow_pickle, random_teacher=random_teacher, seed=seed, layout=layout, topk=topk,
         samples=samples, views=views, augment=augment, views_from=None if views_from is None else str(views_from),
         dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
@@ -87,9 +88,9 @@ def generate(teacher: str, data: str, out: str | Path, *, weights: str | Path | 
                    progress=progress if dist.is_main and progress is not False else False, compress=compress)
 
 
-def adopted_geometry(out: Path) -> dict[str, int]:
+def adopted_geometry(out: Path | str) -> dict[str, int]:
     """The chunking of a format-2 store at ``out``, which a rerun that gives none of its own adopts."""
-    if not out.exists():
+    if not store_exists(out):
         return {}
     try:
         with UnitStore(out, allow_partial=True) as store:

@@ -20,6 +20,7 @@ from softlabels.errors import ConfigError, IncompleteStore, UnsupportedFormat
 from softlabels.store import format as fmt
 from softlabels.store.defaults import DEFAULT_TEMPERATURE
 from softlabels.store.ensemble import EnsembleStore
+from softlabels.store.location import resolved, store_location
 from softlabels.store.positions import group_units_for
 from softlabels.store.reader import open_store
 from softlabels.teacher.config import MergeConfig, UpgradeConfig
@@ -29,7 +30,7 @@ from softlabels.teacher.runner import GenerateResult, run_job
 __all__ = ["merge", "upgrade"]
 
 
-def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path:
+def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path | str:
     """Combine ``config.stores`` into the store ``config.out``; return its path."""
     if problems := config.problems():
         raise ConfigError(problems)
@@ -45,7 +46,7 @@ def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path
         if log:
             log(f"merged {len(config.stores)} stores ({config.mode}, T = {ensemble.how.temperature}) -> "
                 f"{config.out}: {ensemble.meta.positions} x {ensemble.meta.layout}, {meta.num_samples} samples")
-    return Path(config.out)
+    return store_location(config.out)
 
 
 def upgrade(config: UpgradeConfig) -> GenerateResult:
@@ -68,7 +69,7 @@ def upgrade(config: UpgradeConfig) -> GenerateResult:
                                   f"of {m.num_units} chunks missing); upgrade converts complete stores: finish it "
                                   "with the softlabels release that wrote it, or regenerate it with 'softlabels "
                                   "generate'")
-        created["upgraded_from"] = {"store": str(Path(config.store).resolve()), "format_version": 1,
+        created["upgraded_from"] = {"store": resolved(config.store), "format_version": 1,
                                     "checksum": m.checksum, "softlabels": created.pop("softlabels", None),
                                     "timings": created.pop("timings", None)}
         shard = m.shard_chunks if Path(config.out).suffix.lower() == ".zarr" else 1  # HDF5 has no shards

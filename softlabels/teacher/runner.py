@@ -46,7 +46,8 @@ from softlabels._runtime.progress import progress_bar
 from softlabels._version import __version__
 from softlabels.store import format as fmt
 from softlabels.store.backend import backend_kind
-from softlabels.store.lock import StoreLock
+from softlabels.store.location import store_location
+from softlabels.store.lock import store_lock
 from softlabels.store.schema import StoreMetaV2
 from softlabels.teacher.pipeline import BackgroundWriter, unit_delay_hook
 from softlabels.teacher.producer import Producer, slice_samples
@@ -94,7 +95,7 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
     """
     dist = dist or Dist()
     say = say if say is not None and dist.is_main else (lambda _line: None)
-    path, t0 = Path(out), time.perf_counter()
+    path, t0 = store_location(out), time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta, lengths = producer.meta(), producer.lengths()
     cum = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
@@ -104,11 +105,13 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
     try:
         if dist.is_main:
             try:
-                lock = StoreLock(path)
+                lock = store_lock(path, say=say)  # a lease object inside the prefix for a URL
                 lock.acquire()  # before touching (or overwriting) anything
                 # Every rank that writes its own units opens the store, so rank 0 makes it before they start.
                 opened = sink.open(overwrite=overwrite, repair=repair, say=say, world=dist.world)
                 writer = opened.writer
+                if writer is not None:
+                    writer.guard = lock.check
                 plan = {"bounds": opened.bounds, "owners": opened.owners, "repaired": opened.repaired,
                         "complete": opened.complete}
             except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised

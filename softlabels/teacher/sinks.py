@@ -18,6 +18,7 @@ import numpy as np
 from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
 from softlabels.store import format as fmt
 from softlabels.store.backend import open_backend
+from softlabels.store.location import store_exists
 from softlabels.store.reader import UnitStore
 from softlabels.store.schema import UNIT_DONE, StoreMetaV2
 from softlabels.store.writer import UnitWriter
@@ -79,7 +80,7 @@ class Sink:
     def _open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None]) -> tuple[UnitWriter, list[int]]:
         """Create the store, or check it against ``meta`` and reopen it (repairing it if asked)."""
         path, meta, lengths = self.path, self.meta, self.lengths
-        if overwrite or not path.exists():
+        if overwrite or not store_exists(path):
             if repair:
                 raise ConfigError(f"--repair: there is no store at {str(path)!r} to repair; drop --repair")
             return UnitWriter.create(path, meta, lengths=lengths, compress=self.compress, overwrite=True), []
