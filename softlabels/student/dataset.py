@@ -209,6 +209,10 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
             seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank, world=self.world_size,
             worker=loader_worker, workers=workers, done=done)
         held = self.kind.holder(self._load, keep=self.window_chunks + 1, sizes=self._sizes)  # a window, plus one
+        many = getattr(self.kind, "batches", None)  # a kind that builds several batches at once
+        if many is not None:
+            yield from many(held, batches, self._source, self.stores, self.data)
+            return
         for unit, local in batches:
             yield self.kind.batch(held, unit, local, self._source[unit], self.stores, self.data)
 
