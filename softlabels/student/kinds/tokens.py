@@ -96,7 +96,9 @@ class TokenRows:
         One gather of the group's positions, one padded array of its tokens and its next-token
         targets, then each batch is a slice: the per-batch work that is left is a few copies
         (issue 26: building batch by batch cost ~0.5 ms of CPU each, 7-16x plain h5py reads).
-        A group stops before it would need more units than ``held`` keeps.
+        A group stops before it would need more units than ``held`` keeps. A batch's per-position
+        and per-sequence tensors are contiguous, disjoint row slices of its group's arrays (a
+        group's memory is freed with its last batch); its padded ``[B, L]`` tensors are its own.
         """
         group: list[tuple[np.ndarray, np.ndarray]] = []
         units: set[int] = set()
@@ -142,21 +144,25 @@ class TokenRows:
             raise DataError(f"sequence {int(sample_ids[bad])} has {int(tokens.lengths[bad])} tokens in the data but "
                             f"{int(lengths[bad])} positions in {path}; pass the data the store was generated from "
                             "(same tokenizer and --seq-len)")
-        # a row's targets and loss mask do not depend on the padding width: compute them once, cut per batch
+        # a row's targets and loss mask do not depend on the padding width, nor a position's teacher target on
+        # its batch: decode and compute them once for the group, then cut each batch out of them
         targets, loss_mask = next_token_targets(tokens.ids, tokens.mask, tokens.lengths)
-        out, a = [], 0
-        for b in np.cumsum([len(u) for u, _ in group]).tolist():
-            width = int(lengths[a:b].max(initial=0))
-            lens = tokens.lengths[a:b].clone()
-            real = torch.arange(width) < lens[:, None]
-            batch = {"ids": _owned(tokens.ids[a:b, :width]), "targets": _owned(targets[a:b, :width]),
-                     "loss_mask": _owned(loss_mask[a:b, :width]), "lengths": lens,
-                     "sample_ids": torch.from_numpy(sample_ids[a:b].copy()),
-                     "index": real.reshape(-1).nonzero().reshape(-1)}
+        teacher = target_arrays(self.layout.decode(arrays))
+        ends = np.cumsum([len(u) for u, _ in group])
+        firsts = ends - [len(u) for u, _ in group]
+        widths = np.array([int(lengths[i:j].max(initial=0)) for i, j in zip(firsts, ends)], np.int64)
+        sizes = ends - firsts
+        # ``index`` of every position: b * width + t, b the row within its batch
+        row_base = (np.arange(n, dtype=np.int64) - np.repeat(firsts, sizes)) * np.repeat(widths, sizes)
+        index, ids = torch.from_numpy(_ranges(row_base, lengths)), torch.from_numpy(sample_ids)
+        out = []
+        for a, b, width in zip(firsts.tolist(), ends.tolist(), widths.tolist()):
             p0, p1 = int(out_off[a]), int(out_off[b])
-            batch.update(target_arrays(self.layout.decode({k: v[p0:p1].copy() for k, v in arrays.items()})))
+            batch = {"ids": _owned(tokens.ids[a:b, :width]), "targets": _owned(targets[a:b, :width]),
+                     "loss_mask": _owned(loss_mask[a:b, :width]), "lengths": tokens.lengths[a:b],
+                     "sample_ids": ids[a:b], "index": index[p0:p1]}
+            batch.update({k: v[p0:p1] for k, v in teacher.items()})
             out.append(batch)
-            a = b
         return out
 
 
@@ -170,7 +176,7 @@ def _as_rows(a: np.ndarray) -> np.ndarray:
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of a slice: a batch never shares (or pickles) its group's storage."""
+    """A contiguous copy of a batch's columns of the group's padded arrays."""
     return t.clone(memory_format=torch.contiguous_format)
 
 
