@@ -93,9 +93,9 @@ class TokenRows:
                 stores: list, data: list) -> Iterator[dict[str, Any]]:
         """:meth:`batch` of each ``(unit, local)`` of ``batches``, built :attr:`group` batches at a time.
 
-        One gather of the group's positions, one padded array of its tokens and its next-token
-        targets, then each batch is a slice: the per-batch work that is left is a few copies
-        (issue 26: building batch by batch cost ~0.5 ms of CPU each, 7-16x plain h5py reads).
+        One gather of the group's positions, one decode of its target, one padded array of its
+        tokens and their next-token targets; each batch is then cut out of them (built one by one,
+        a batch of 16 sequences cost ~0.5 ms of CPU in numpy and torch calls, docs/BENCHMARKS.md).
         A group stops before it would need more units than ``held`` keeps. A batch's per-position
         and per-sequence tensors are contiguous, disjoint row slices of its group's arrays (a
         group's memory is freed with its last batch); its padded ``[B, L]`` tensors are its own.
