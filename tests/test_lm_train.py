@@ -252,3 +252,14 @@ def test_student_of_another_vocabulary_is_refused(stores, tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
     assert r.exit_code == 2 and "cross-tokenizer distillation is not supported" in r.output
+
+
+def test_an_empty_batch_has_every_key_and_no_rows(stores):
+    """A rank's slice of the last global batch may be empty: built alone, it still has the batch's keys."""
+    ds = SoftLabelDataset([(UnitStore(stores["sampled"]), stores["data"])], batch_size=4, seed=1)
+    full = next(iter(ds))
+    held = ds.kind.holder(ds._load, keep=2, sizes=ds._sizes)
+    none = np.empty(0, np.int64)
+    empty = ds.kind.batch(held, none, none, none, ds.stores, ds.data)
+    assert empty.keys() == full.keys()
+    assert all(len(v) == 0 and v.dtype == full[k].dtype for k, v in empty.items())

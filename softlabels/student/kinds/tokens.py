@@ -165,6 +165,8 @@ def _gather(picks: list[tuple[dict[str, np.ndarray], np.ndarray]], starts: np.nd
     ``np.take`` of whole rows only (a scatter costs 3-4x a gather): with several units, each unit's rows
     go to one contiguous run of a buffer, and a second gather puts them in row order.
     """
+    if not picks:  # a rank's empty slice of the last global batch
+        return {k: np.empty((0, *s.shape), s.dtype) for k, s in specs.items()}
     if len(picks) == 1:
         src = _ranges(starts, lengths)
         return {k: np.take(picks[0][0][k], src, axis=0) for k in specs}
