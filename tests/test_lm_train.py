@@ -60,13 +60,18 @@ def _plain(path: str, layout: str, sample: int) -> dict[str, np.ndarray]:
         return {k: f[k][a:a + n] for k in names}
 
 
-@pytest.mark.parametrize("name", ["dense", "topk", "sampled", "sampled-zarr"])
-def test_batches_equal_plain_reads(stores, name):
+@pytest.mark.parametrize("name, batch_size, window", [("dense", 4, None), ("topk", 4, None), ("sampled", 4, None),
+                                                      ("sampled-zarr", 4, None), ("sampled-zarr", 2, 1),
+                                                      ("sampled-zarr", 1, 1)])
+def test_batches_equal_plain_reads(stores, name, batch_size, window):
+    """Every batch against h5py/zarr reads; batches are built in groups (window 1: a group stops at 2 units)."""
     layout = name.removesuffix("-zarr")
-    ds = SoftLabelDataset([(UnitStore(stores[name]), stores["data"])], batch_size=4, seed=1)
+    ds = SoftLabelDataset([(UnitStore(stores[name]), stores["data"])], batch_size=batch_size, seed=1,
+                          window_chunks=window)
     lay = make_layout(layout, num_classes=V, **PARAMS[layout])
-    seen = []
+    seen, count = [], 0
     for batch in ds:
+        count += 1
         target = as_target(batch)
         width = batch["ids"].shape[1]
         start = 0
@@ -85,7 +90,9 @@ def test_batches_equal_plain_reads(stores, name):
             assert batch["targets"][b, :n - 1][batch["loss_mask"][b, :n - 1]].tolist() == \
                 tokens.ids[0, 1:][batch["loss_mask"][b, :n - 1]].tolist()
             start += n
+        assert len(batch["index"]) == start == len(target)
     assert sorted(seen) == list(range(len(LENGTHS)))
+    assert count == len(ds)
 
 
 def test_ranks_and_workers_cover_each_epoch_and_equal_one_process(stores):
@@ -245,3 +252,14 @@ def test_student_of_another_vocabulary_is_refused(stores, tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
     assert r.exit_code == 2 and "cross-tokenizer distillation is not supported" in r.output
+
+
+def test_an_empty_batch_has_every_key_and_no_rows(stores):
+    """A rank's slice of the last global batch may be empty: built alone, it still has the batch's keys."""
+    ds = SoftLabelDataset([(UnitStore(stores["sampled"]), stores["data"])], batch_size=4, seed=1)
+    full = next(iter(ds))
+    held = ds.kind.holder(ds._load, keep=2, sizes=ds._sizes)
+    none = np.empty(0, np.int64)
+    empty = ds.kind.batch(held, none, none, none, ds.stores, ds.data)
+    assert empty.keys() == full.keys()
+    assert all(len(v) == 0 and v.dtype == full[k].dtype for k, v in empty.items())

@@ -21,7 +21,7 @@ from softlabels._runtime.paths import is_url, resolved
 from softlabels.errors import ConfigError, StoreNotFound
 
 __all__ = ["is_url", "parse_storage_options", "resolved", "set_storage_options", "storage_options",
-           "store_exists", "store_location"]
+           "store_location"]
 
 _OPTIONS: dict[str, Any] = {}
 # fsspec protocols whose filesystem lives in another package: the package to name when it is missing
@@ -38,16 +38,6 @@ def store_location(path: str | os.PathLike[str]) -> str | Path:
         if is_url(path):
             return path.rstrip("/")
     return Path(path)
-
-
-def store_exists(path: str | os.PathLike[str]) -> bool:
-    """Whether a store (or anything else) is at ``path``: a local file or folder, or objects under a URL."""
-    where = store_location(path)
-    if isinstance(where, str):
-        from softlabels.store.objects import remote_exists
-
-        return remote_exists(where)
-    return where.exists()
 
 
 def scheme(url: str) -> str:

@@ -11,10 +11,16 @@ without ``--overwrite``. Nothing outside the prefix is ever written.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from softlabels.errors import NotAStore, StoreNotFound
-from softlabels.store.location import check_root, filesystem, storage_options
+from softlabels.store.location import (
+    check_root,
+    filesystem,
+    storage_options,
+    store_location,
+)
 from softlabels.store.remote import (
     CachedRetryStore,
     DiskCache,
@@ -22,7 +28,7 @@ from softlabels.store.remote import (
     with_retries,
 )
 
-__all__ = ["clear_prefix", "open_remote", "remote_exists"]
+__all__ = ["clear_prefix", "open_remote", "remote_exists", "store_exists"]
 
 LEASE_DIR = "_lease"  # the writer's lease objects (softlabels.store.lease); never a zarr node
 
@@ -32,6 +38,12 @@ def files_for(url: str) -> RemoteFiles:
     fs, root = filesystem(url)
     with_retries(url, lambda: check_root(fs, url, root))
     return RemoteFiles(fs, root, url)
+
+
+def store_exists(path: str | os.PathLike[str]) -> bool:
+    """Whether a store (or anything else) is at ``path``: a local file or folder, or objects under a URL."""
+    where = store_location(path)
+    return remote_exists(where) if isinstance(where, str) else where.exists()
 
 
 def remote_exists(url: str) -> bool:

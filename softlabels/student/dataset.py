@@ -214,6 +214,10 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
             batches = ahead.batches(batches)
         held = self.kind.holder(self._load if ahead is None else ahead.load, keep=self.window_chunks + 1,
                                 sizes=self._sizes)  # a window, plus one
+        many = getattr(self.kind, "batches", None)  # a kind that builds several batches at once
+        if many is not None:
+            yield from many(held, batches, self._source, self.stores, self.data)
+            return
         for unit, local in batches:
             yield self.kind.batch(held, unit, local, self._source[unit], self.stores, self.data)
 

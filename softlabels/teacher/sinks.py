@@ -15,10 +15,16 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from softlabels.errors import ConfigError, CorruptStore, NotAStore, SoftLabelsError, StoreMismatch
+from softlabels.errors import (
+    ConfigError,
+    CorruptStore,
+    NotAStore,
+    SoftLabelsError,
+    StoreMismatch,
+)
 from softlabels.store import format as fmt
 from softlabels.store.backend import open_backend
-from softlabels.store.location import store_exists
+from softlabels.store.objects import store_exists
 from softlabels.store.reader import UnitStore
 from softlabels.store.schema import UNIT_DONE, StoreMetaV2
 from softlabels.store.writer import UnitWriter

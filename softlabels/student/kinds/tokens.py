@@ -61,6 +61,7 @@ class TokenRows:
 
     share = "batches"
     window = 4
+    group = 8  # batches built together by :meth:`batches`
 
     def __init__(self, meta: Any, views_per_sample: int = 1) -> None:
         self.layout = meta.layout_obj()
@@ -86,20 +87,46 @@ class TokenRows:
     def batch(self, held: Blocks, unit: np.ndarray, local: np.ndarray, source: np.ndarray, stores: list,
               data: list) -> dict[str, Any]:
         """The padded batch of sequences ``local`` of global units ``unit`` (in that order)."""
-        units, b = held.get(unit), len(unit)
-        lengths, sample_ids = np.empty(b, np.int64), np.empty(b, np.int64)
-        picks = [(block, sel, local[sel]) for u, block in units.items() for sel in (np.flatnonzero(unit == u),)]
-        for block, sel, rows in picks:
-            lengths[sel], sample_ids[sel] = block[LENGTHS][rows], block["sample_ids"][rows]
+        return self._group(held, [(unit, local)], stores, data)[0]
+
+    def batches(self, held: Blocks, batches: Iterator[tuple[np.ndarray, np.ndarray]], source: np.ndarray,
+                stores: list, data: list) -> Iterator[dict[str, Any]]:
+        """:meth:`batch` of each ``(unit, local)`` of ``batches``, built :attr:`group` batches at a time.
+
+        One gather of the group's positions, one decode of its target, one padded array of its
+        tokens and their next-token targets; each batch is then cut out of them (built one by one,
+        a batch of 16 sequences cost ~0.5 ms of CPU in numpy and torch calls, docs/BENCHMARKS.md).
+        A group stops before it would need more units than ``held`` keeps. A batch's per-position
+        and per-sequence tensors are contiguous, disjoint row slices of its group's arrays (a
+        group's memory is freed with its last batch); its padded ``[B, L]`` tensors are its own.
+        """
+        group: list[tuple[np.ndarray, np.ndarray]] = []
+        units: set[int] = set()
+        for unit, local in batches:
+            more = units.union(unit.tolist())
+            if group and (len(group) == self.group or len(more) > held.keep):
+                yield from self._group(held, group, stores, data)
+                group, more = [], set(unit.tolist())
+            group.append((unit, local))
+            units = more
+        if group:
+            yield from self._group(held, group, stores, data)
+
+    def _group(self, held: Blocks, group: list[tuple[np.ndarray, np.ndarray]], stores: list,
+               data: list) -> list[dict[str, Any]]:
+        """The batches of ``group`` (``(unit, local)`` each), gathered and padded together."""
+        unit, local = np.concatenate([u for u, _ in group]), np.concatenate([r for _, r in group])
+        n = len(unit)
+        lengths, sample_ids, starts = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+        picks = [(block, np.flatnonzero(unit == u)) for u, block in held.get(unit).items()]
+        for block, sel in picks:
+            rows = local[sel]
+            lengths[sel], sample_ids[sel], starts[sel] = block[LENGTHS][rows], block["sample_ids"][rows], \
+                block[OFFSETS][rows]
         out_off = offsets_of(lengths)
-        specs = self.layout.arrays()
-        arrays = {k: np.empty((int(out_off[-1]), *s.shape), s.dtype) for k, s in specs.items()}
-        for block, sel, rows in picks:  # gather each unit's sequences into their batch slots
-            src, dst = _ranges(block[OFFSETS][rows], lengths[sel]), _ranges(out_off[:-1][sel], lengths[sel])
-            for k in specs:
-                arrays[k][dst] = block[k][src]
+        arrays = _gather(picks, starts, lengths, self.layout.arrays())
         data, path = data[0], stores[0].path
-        if b and (sample_ids.min() < 0 or sample_ids.max() >= len(data)):
+        if n and (sample_ids.min() < 0 or sample_ids.max() >= len(data)):
             raise DataError(f"{path} refers to sample ids {int(sample_ids.min())}..{int(sample_ids.max())} but the "
                             f"token data has {len(data)} sequences; pass the data the store was generated from")
         tokens = data.get_batch(sample_ids)
@@ -108,9 +135,59 @@ class TokenRows:
             raise DataError(f"sequence {int(sample_ids[bad])} has {int(tokens.lengths[bad])} tokens in the data but "
                             f"{int(lengths[bad])} positions in {path}; pass the data the store was generated from "
                             "(same tokenizer and --seq-len)")
-        batch = _padded(tokens, sample_ids)
-        batch.update(target_arrays(self.layout.decode(arrays)))
-        return batch
+        # a row's targets and loss mask do not depend on the padding width, nor a position's teacher target on
+        # its batch: decode and compute them once for the group, then cut each batch out of them
+        targets, loss_mask = next_token_targets(tokens.ids, tokens.mask, tokens.lengths)
+        teacher = target_arrays(self.layout.decode(arrays))
+        ends = np.cumsum([len(u) for u, _ in group])
+        firsts = ends - [len(u) for u, _ in group]
+        widths = np.array([int(lengths[i:j].max(initial=0)) for i, j in zip(firsts, ends)], np.int64)
+        sizes = ends - firsts
+        # ``index`` of every position: b * width + t, b the row within its batch
+        row_base = (np.arange(n, dtype=np.int64) - np.repeat(firsts, sizes)) * np.repeat(widths, sizes)
+        index, ids = torch.from_numpy(_ranges(row_base, lengths)), torch.from_numpy(sample_ids)
+        out = []
+        for a, b, width in zip(firsts.tolist(), ends.tolist(), widths.tolist()):
+            p0, p1 = int(out_off[a]), int(out_off[b])
+            batch = {"ids": _owned(tokens.ids[a:b, :width]), "targets": _owned(targets[a:b, :width]),
+                     "loss_mask": _owned(loss_mask[a:b, :width]), "lengths": tokens.lengths[a:b],
+                     "sample_ids": ids[a:b], "index": index[p0:p1]}
+            batch.update({k: v[p0:p1] for k, v in teacher.items()})
+            out.append(batch)
+        return out
+
+
+def _gather(picks: list[tuple[dict[str, np.ndarray], np.ndarray]], starts: np.ndarray, lengths: np.ndarray,
+            specs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The positions of every row, in row order: row ``i`` (of unit block ``picks[u][0]`` when ``i`` is in
+    ``picks[u][1]``) holds ``lengths[i]`` positions from ``starts[i]``.
+
+    ``np.take`` of whole rows only (a scatter costs 3-4x a gather): with several units, each unit's rows
+    go to one contiguous run of a buffer, and a second gather puts them in row order.
+    """
+    if not picks:  # a rank's empty slice of the last global batch
+        return {k: np.empty((0, *s.shape), s.dtype) for k, s in specs.items()}
+    if len(picks) == 1:
+        src = _ranges(starts, lengths)
+        return {k: np.take(picks[0][0][k], src, axis=0) for k in specs}
+    sel = np.concatenate([rows for _, rows in picks])  # rows grouped by unit
+    runs = offsets_of(lengths[sel])
+    stage = {k: np.empty((int(runs[-1]), *s.shape), s.dtype) for k, s in specs.items()}
+    a = 0
+    for block, rows in picks:
+        src, b = _ranges(starts[rows], lengths[rows]), a + len(rows)
+        for k in specs:
+            np.take(block[k], src, axis=0, out=stage[k][runs[a]:runs[b]], mode="clip")  # clip: unbuffered
+        a = b
+    at = np.empty(len(sel), np.int64)
+    at[sel] = runs[:-1]  # where each row's run starts in the buffer
+    order = _ranges(at, lengths)
+    return {k: np.take(v, order, axis=0) for k, v in stage.items()}
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a batch's columns of the group's padded arrays."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class Blocks:
