@@ -83,6 +83,8 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
             bad = (a & 0x7F80) == 0x7F80
         elif a.dtype == np.float16:  # on the bits: 8x faster than np.isfinite on float16
             bad = (a.view(np.uint16) & 0x7C00) == 0x7C00
+        elif a.dtype.kind == "f" and name in _NEG_INF_OK:  # -inf: an empty tail, a valid value
+            bad = np.isnan(a) | np.isposinf(a)
         elif a.dtype.kind == "f":
             bad = ~np.isfinite(a)
         else:
@@ -97,6 +99,8 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
 
 # arrays whose uint16 dtype means bfloat16 logits (ids are uint16 too)
 _BF16_ARRAYS = frozenset({fmt.LOGITS, fmt.TOPK_VALUES, "sampled_logits"})
+# float arrays where -inf is a value (the logsumexp of an empty top-k tail), NaN and +inf are not
+_NEG_INF_OK = frozenset({"tail_logsumexp"})
 
 
 def row_chunks(rows: int, cols: int, budget: int = 1 << 23) -> list[slice]:
@@ -150,6 +154,18 @@ class Layout:
         """What a store records to rebuild this layout (besides num_classes and logits_dtype): the
         keyword arguments of :func:`softlabels.store.layouts.make_layout`, so a store's ``layout_params`` round-trip."""
         return {}
+
+    def temperatures(self) -> tuple[float, ...] | None:
+        """The distillation temperatures this layout's stores answer exactly; ``None``: every T (dense)."""
+        return None
+
+    temperature_kind: ClassVar[str] = ""  # why a T is refused (softlabels.store.temperatures)
+
+    def require_temperature(self, temperature: float, where: str) -> None:
+        """Refuse, in one line naming ``where``, a T this layout's stores do not answer exactly."""
+        from softlabels.store.temperatures import require_temperature
+
+        require_temperature(self.temperatures(), temperature, where, self.temperature_kind)
 
     def validate(self, block: Mapping[str, np.ndarray]) -> list[str]:
         """Problems with stored content (shapes, dtypes, ids < C, ...); empty when valid."""
