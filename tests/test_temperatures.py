@@ -232,3 +232,24 @@ def test_generate_records_the_grid_and_draw_temperature_and_refuses_bad_values(t
     r = run_cli("train", "--student", "mlp", "--store", str(tmp_path / "s.h5"), "--out", str(tmp_path / "r2"),
                 "--epochs", "1", "--no-progress")
     assert r.exit_code == 0 and "T = 2 and alpha = 0" in r.output, r.output
+
+
+def test_merge_answers_the_t_it_was_made_at_and_refuses_what_a_member_cannot_answer(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x, y=np.arange(16) % 4)
+    for seed in (0, 1):
+        r = run_cli("generate", "--teacher", "mlp", "--random-teacher", "--seed", str(seed), "--data",
+                    str(tmp_path / "x.npz"), "--out", str(tmp_path / f"t{seed}.h5"), "--layout", "topk", "--topk", "2",
+                    "--tail-temperatures", "1,2")
+        assert r.exit_code == 0, r.output
+    merge = ("merge", "--store", str(tmp_path / "t0.h5"), "--store", str(tmp_path / "t1.h5"))
+    refused(run_cli(*merge, "--out", str(tmp_path / "m4.h5"), "--temperature", "4"),
+            "answers only those exactly, not T = 4")
+    assert not (tmp_path / "m4.h5").exists()
+    r = run_cli(*merge, "--out", str(tmp_path / "m2.h5"), "--temperature", "2")
+    assert r.exit_code == 0, r.output
+    with open_store(tmp_path / "m2.h5") as m:
+        assert m.meta.temperatures() == (2.0,)
+    r = run_cli("train", "--student", "mlp", "--store", str(tmp_path / "m2.h5"), "--out", str(tmp_path / "r"),
+                "--epochs", "1", "--no-progress", "--temperature", "1")
+    refused(r, "answers only that T exactly, not T = 1")

@@ -51,6 +51,6 @@ def choose(temperature: float | None, alpha: float | None, *, layout: str | None
     if temperature is not None and alpha is not None:
         return t, a, None
     chosen = [f"T = {t:g}" if temperature is None else "", f"alpha = {a:g}" if alpha is None else ""]
-    kind = f"{'a ' + layout if layout else 'an online-teacher'} {positions or 'sample'} store"
+    kind = f"a {layout} {positions} store" if layout else "an online teacher"
     return t, a, (f"{' and '.join(c for c in chosen if c)}: the default for {kind} "
                   "(docs/EXPERIMENTS.md); pass --temperature / --alpha to choose")
