@@ -37,14 +37,14 @@ from softlabels.teacher.config import (
               help=f"S, the draws per output for --layout sampled (seeded by --seed; default: {DEFAULT_SAMPLES}, "
                    "which Anshumann et al. found enough).")
 @click.option("--tail-temperatures", metavar="T1,T2,...",
-              help="--layout topk: the temperatures at which the tail's logsumexp is stored; training and eval "
+              help="The temperatures at which --layout topk stores its tail's logsumexp; training and eval "
                    "answer exactly these T (default: 1,2,4).")
 @click.option("--sample-temperature", type=float,
-              help="--layout sampled: the draw temperature Td (draws from softmax(z / Td)); the store trains at "
+              help="The draw temperature Td of --layout sampled (draws from softmax(z / Td)); the store trains at "
                    "this T only (default: 1).")
 @click.option("--sampled-ids-only", is_flag=True,
-              help="--layout sampled: store every draw's id only (S x 2 bytes per output when C <= 65,536; no "
-                   "logits, so no exact KL in eval).")
+              help="Store every draw's id only with --layout sampled (S x 2 bytes per output when C <= 65,536; "
+                   "no logits, so no exact KL in eval).")
 @click.option("--views", type=int, help="Store V augmented views per sample, with their parameters "
                                         "(docs/VIEWS.md).")
 @click.option("--augment", metavar="SPEC", help="How each view is drawn, e.g. 'crop(32,padding=4)+flip' (docs/VIEWS.md); "
