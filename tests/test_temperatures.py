@@ -184,7 +184,7 @@ def test_format1_topk_stores_train_at_t1_and_refuse_t2(name: str, tmp_path: Path
     data = ("--data", str(FIXTURES / "inputs.npz"))
     r = _train(store, tmp_path / "a", *data)
     assert r.exit_code == 0, r.output
-    assert "T = 1 and alpha = 0: the default for a topk sample store" in r.output
+    assert "T = 1 and alpha = 0.5: the default for a topk sample store" in r.output
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["config"]["temperature"] == 1.0
     r = _train(store, tmp_path / "b", *data, "--temperature", "2")
     refused(r, f"{store} records its top-k tails at T = 1 and answers only that T exactly, not T = 2",
@@ -231,7 +231,7 @@ def test_generate_records_the_grid_and_draw_temperature_and_refuses_bad_values(t
     refused(r, "pass --temperature 1, 2 or 4")
     r = run_cli("train", "--student", "mlp", "--store", str(tmp_path / "s.h5"), "--out", str(tmp_path / "r2"),
                 "--epochs", "1", "--no-progress")
-    assert r.exit_code == 0 and "T = 2 and alpha = 0" in r.output, r.output
+    assert r.exit_code == 0 and "T = 2 and alpha = 0.5: the default for a sampled sample store" in r.output, r.output
 
 
 def test_merge_answers_the_t_it_was_made_at_and_refuses_what_a_member_cannot_answer(tmp_path: Path) -> None:
