@@ -27,6 +27,7 @@ from softlabels.store.reader import open_store
 from softlabels.store.reader import UnitStore
 from softlabels.student import order as _order
 from softlabels.student.dataset import SoftLabelDataset, SoftLabelMapDataset
+from softlabels.student.losses import as_target
 from tests._student import write_logits
 from tests.conftest import read_plain
 
@@ -197,13 +198,17 @@ def test_topk_store_dtypes_and_values(tmp_path, backend):
     ds = SoftLabelDataset([(path, None)], batch_size=BATCH, rank=1, world_size=2)
     seen = []
     for b in ds:
-        assert set(b) == {"labels", "sample_ids", "source", "topk_values", "topk_indices", "logsumexp"}
-        assert b["topk_indices"].dtype == torch.int64 and b["logsumexp"].dtype == torch.float32
+        # a store without a tail grid: its logsumexp becomes the tail's at T = 1, the one T it answers
+        assert set(b) == {"labels", "sample_ids", "source", "topk_values", "topk_indices", "tail_logsumexp",
+                          "tail_temperatures"}
+        assert b["topk_indices"].dtype == torch.int64 and b["tail_logsumexp"].dtype == torch.float32
+        assert b["tail_temperatures"] == (1.0,)
         assert b["topk_values"].dtype == torch.float16
         rows = row_of[b["sample_ids"].numpy()]
         np.testing.assert_array_equal(b["topk_indices"].numpy(), arrays["topk_indices"][rows])
         np.testing.assert_array_equal(b["topk_values"].numpy(), arrays["topk_values"][rows])
-        np.testing.assert_array_equal(b["logsumexp"].numpy(), arrays["logsumexp"][rows])
+        # float16 values a little above the stored logsumexp leave the tail at its floor: within the values' rounding
+        np.testing.assert_allclose(as_target(b).logsumexp.numpy(), arrays["logsumexp"][rows], rtol=1e-3)
         seen.append(b["sample_ids"])
     assert len(torch.cat(seen)) == N - N // 2
 

@@ -908,6 +908,41 @@ CASES.update({
 })
 
 
+# 26. temperatures of sparse stores
+def _legacy_topk(c: Ctx) -> Path:
+    """A format-2 top-k store written before tails were recorded per T (logsumexp over all C)."""
+    rows = make_rows(N, C, layout="topk", k=2)
+    return write_store(c.tmp / "legacy.h5", rows, num_classes=C, chunk_rows=CHUNK,
+                       source={"spec": str(c.env.data)})
+
+
+def _sampled_at(c: Ctx, td: str) -> Path:
+    out = c.tmp / "s2.h5"
+    r = c.gen("--layout", "sampled", "--sample-temperature", td, out=out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _ids_only(c: Ctx, name: str) -> Path:
+    out = c.tmp / name
+    r = c.gen("--layout", "sampled", "--sampled-ids-only", out=out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+CASES.update({
+    "E2700": lambda c: c.train("--store", c.env.topk, "--temperature", "3"),
+    "E2701": lambda c: c.train("--store", _legacy_topk(c), "--data", c.env.data, "--temperature", "2"),
+    "E2702": lambda c: c.train("--store", _sampled_at(c, "2"), "--temperature", "1"),
+    "E2703": lambda c: c.gen("--layout", "topk", "--topk", "2", "--tail-temperatures", "1,2,2"),
+    "E2704": lambda c: c.gen("--layout", "topk", "--topk", "2", "--tail-temperatures", "0,1"),
+    "E2705": lambda c: c.gen("--layout", "topk", "--topk", "2", "--tail-temperatures", "1,two"),
+    "E2706": lambda c: c.gen("--layout", "sampled", "--sample-temperature", "0"),
+    "E2707": lambda c: c.gen("--tail-temperatures", "1,2"),
+    "E2708": lambda c: _merge(c, _ids_only(c, "a.h5"), _ids_only(c, "b.h5")),
+})
+
+
 # 20. several views per input read
 CASES.update({
     "E1780": lambda c: c.train("--store", _v2(c)[0], "--views-per-sample", "2", student="linear"),
@@ -1298,6 +1333,7 @@ def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L211": lambda c: losses.SkewKL(1.0, alpha=0.0),
         "L212": lambda c: losses.SampledKL(1.0)(torch.zeros(2, C), {"sampled_ids": torch.zeros(2, 3)}),
         "L213": lambda c: losses.TopKKL(1.0)(torch.zeros(3, C), _topk_target()),
+        "L214": lambda c: losses.ReverseKL(1.0)(torch.zeros(2, C), _ids_only_target()),
         "L1751": lambda c: _dataset(c, _lm_token_store(c)),
     }
 
@@ -1305,7 +1341,13 @@ def _library_cases() -> dict[str, Callable[[Ctx], Any]]:
 def _topk_target() -> Any:
     from softlabels.store.layouts import TopKTarget
 
-    return TopKTarget(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2))
+    return TopKTarget(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 1))
+
+
+def _ids_only_target() -> Any:
+    from softlabels.store.layouts import SampledTarget
+
+    return SampledTarget(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[3, 0, 0], [3, 0, 0]]))
 
 
 LIB_CASES = _library_cases()

@@ -63,7 +63,7 @@ def expected(inputs, layout: str, extra: tuple[str, ...], *, views: bool, batch:
              params: np.ndarray | None = None, spec: str = AUG) -> dict[str, np.ndarray]:
     """The store's per-position arrays computed directly: the teacher on the same batches, then encode."""
     torch.set_num_threads(1)
-    kw = {"topk": {"k": 2}, "sampled": {"samples": 6, "seed": SEED}}.get(layout, {})
+    kw = {"topk": {"k": 2, "tail_temperatures": [1, 2, 4]}, "sampled": {"samples": 6, "seed": SEED}}.get(layout, {})
     lay = make_layout(layout, num_classes=C, **kw)
     x, model, out = inputs["x"], inputs["model"], {}
     per = batch // V if views else batch
@@ -399,7 +399,8 @@ def test_compress_stores_the_same_values_in_fewer_bytes(tmp_path, ext, layout_ar
     assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name], b[name]), name
-    layout = make_layout(layout_args[1], num_classes=10, **({"samples": 8} if "sampled" in layout_args else {"k": 4}))
+    layout = make_layout(layout_args[1], num_classes=10, **({"samples": 8} if "sampled" in layout_args
+                                                            else {"k": 4, "tail_temperatures": [1, 2, 4]}))
     for name in layout.arrays():
         if ext == "h5":
             with h5py.File(packed, "r") as f, h5py.File(plain, "r") as g:

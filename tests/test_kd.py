@@ -57,27 +57,31 @@ def logits(*shape: int, seed: int = 0, scale: float = 3.0, dtype=torch.float64) 
     return (scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))).to(dtype)
 
 
+GRID = (0.5, 1.0, 2.0, 3.0)  # the tail temperatures of the top-k targets made here
+
+
 def topk_target(t: torch.Tensor, k: int) -> TopKTarget:
+    """A top-k target with exact float64 tails on :data:`GRID` (what the layout stores, in float64)."""
     values, ids = t.topk(k, -1)
-    return TopKTarget(values, ids, t.logsumexp(-1))
+    rest = t.scatter(1, ids, -torch.inf)
+    return TopKTarget(values, ids, torch.stack([torch.logsumexp(rest / g, -1) for g in GRID], -1), GRID)
 
 
-def sampled_target(t: torch.Tensor, samples: int, seed: int = 0) -> SampledTarget:
-    layout = make_layout("sampled", num_classes=t.shape[1], samples=samples, seed=seed)
+def sampled_target(t: torch.Tensor, samples: int, seed: int = 0, temperature: float = 1.0) -> SampledTarget:
+    layout = make_layout("sampled", num_classes=t.shape[1], samples=samples, seed=seed, temperature=temperature)
     block = layout.encode(t.float(), sample_ids=torch.arange(len(t)), positions=torch.zeros(len(t), dtype=torch.long))
     target = layout.decode({k: to_numpy(v) for k, v in block.items()})
     # float64 logits of the drawn ids, straight from the teacher, for exact references
-    return SampledTarget(target.ids, target.counts, t.gather(1, target.ids), t.logsumexp(-1))
+    return SampledTarget(target.ids, target.counts, t.gather(1, target.ids), (t / temperature).logsumexp(-1),
+                         temperature)
 
 
 def np_buckets(s: np.ndarray, t: np.ndarray, ids: list[np.ndarray], temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher and student probabilities over each row's stored ids plus one tail bucket (module doc of kd)."""
+    """Teacher and student probabilities at T over each row's stored ids plus one tail bucket (module doc of kd)."""
     pb, qb = [], []
     for r, idx in enumerate(ids):
-        lse = np.log(np.exp(t[r]).sum())
-        tail = 1 - np.exp(t[r, idx] - lse).sum()
-        teacher = np.append(t[r, idx], lse + np.log(tail) if tail > 0 else -np.inf)
-        pb.append(np_softmax(teacher, temperature))
+        p = np_softmax(t[r], temperature)
+        pb.append(np.append(p[idx], max(0.0, 1 - p[idx].sum())))
         q = np_softmax(s[r], temperature)
         qb.append(np.append(q[idx], max(0.0, 1 - q[idx].sum())))
     width = max(len(x) for x in pb)
@@ -106,7 +110,7 @@ def test_dense_divergences_equal_numpy(kind: str, temperature: float) -> None:
 @pytest.mark.parametrize("layout", ["topk", "sampled"])
 def test_sparse_divergences_equal_numpy_buckets(kind: str, temperature: float, layout: str) -> None:
     s, t = logits(8, 15, seed=3), logits(8, 15, seed=4)
-    target = topk_target(t, 4) if layout == "topk" else sampled_target(t, 6)
+    target = topk_target(t, 4) if layout == "topk" else sampled_target(t, 6, temperature=temperature)
     if layout == "sampled" and kind == "forward_kl":
         pytest.skip("the sampled layout's forward KL is its own estimator (tested below)")
     ids = [target.ids[r][: int((target.counts[r] > 0).sum())].numpy() if layout == "sampled" else target.ids[r].numpy()
@@ -169,13 +173,16 @@ def test_sampled_kl_is_unbiased_at_t1_value_and_gradient() -> None:
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
-def test_sampled_kl_at_other_t_is_exact_with_expected_counts(temperature: float) -> None:
-    """The importance-weighted estimate is consistent: with counts = S p (their expectation) it equals dense KL."""
+def test_sampled_kl_at_the_draw_t_is_exact_with_expected_counts(temperature: float) -> None:
+    """At the draw temperature, with counts = S p_Td (their expectation), the estimate equals dense KL at Td."""
     s, t = logits(4, 30, seed=13, scale=1.5), logits(4, 30, seed=14, scale=1.5)
     dense = kd.divergence("forward_kl", s, DenseTarget(t), temperature)
     ids = torch.arange(30).expand(4, 30)
-    expected = SampledTarget(ids, 1000 * torch.softmax(t, -1), t, t.logsumexp(-1))
+    expected = SampledTarget(ids, 1000 * torch.softmax(t / temperature, -1), t, (t / temperature).logsumexp(-1),
+                             temperature)
     torch.testing.assert_close(kd.sampled_kl(s, expected, temperature), dense, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match=f"was drawn at T = {temperature:g} and answers only that T exactly"):
+        kd.sampled_kl(s, expected, 1.0 if temperature != 1 else 2.0)
 
 
 # -- fused paths equal the plain computation -----------------------------------------------------------
@@ -212,8 +219,9 @@ def test_fused_dense_kl_and_ce_equal_plain(temperature: float, with_labels: bool
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def batch_for(name: str, t: torch.Tensor) -> dict:
-    target = {"topk_kl": lambda: topk_target(t, 3), "sampled_kl": lambda: sampled_target(t, 8)}.get(
+def batch_for(name: str, t: torch.Tensor, temperature: float = 1.0) -> dict:
+    target = {"topk_kl": lambda: topk_target(t, 3),
+              "sampled_kl": lambda: sampled_target(t, 8, temperature=temperature)}.get(
         name, lambda: DenseTarget(t))()
     return {"labels": torch.tensor([1, -1, 0, 4, 4, -1]), "target": target}
 
@@ -222,7 +230,7 @@ def batch_for(name: str, t: torch.Tensor) -> dict:
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_distillation_loss_fused_equals_separate_terms(name: str, temperature: float) -> None:
     s, t = logits(6, 7, seed=22).requires_grad_(), logits(6, 7, seed=23)
-    batch, alpha = batch_for(name, t), 0.3
+    batch, alpha = batch_for(name, t, temperature), 0.3
     soft = make_soft_loss(name, temperature)
     total = DistillationLoss(soft, alpha)(s, batch)
     (got,) = torch.autograd.grad(total, s)
@@ -236,7 +244,7 @@ def test_distillation_loss_fused_equals_separate_terms(name: str, temperature: f
 @pytest.mark.parametrize("name", ["kl", "topk_kl", "sampled_kl"])
 def test_half_student_gives_float32_loss_and_half_gradient(name: str) -> None:
     s = logits(6, 7, seed=24, dtype=torch.bfloat16).requires_grad_()
-    batch = batch_for(name, logits(6, 7, seed=25, dtype=torch.float32))
+    batch = batch_for(name, logits(6, 7, seed=25, dtype=torch.float32), 2.0)
     loss = DistillationLoss(make_soft_loss(name, 2.0), 0.5)(s, batch)
     loss.backward()
     assert loss.dtype == torch.float32 and s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad).all()
@@ -259,7 +267,7 @@ def test_layout_mismatch_names_the_right_loss() -> None:
 
 def test_store_array_batches_still_work() -> None:
     s, t = logits(4, 9, seed=2), logits(4, 9, seed=3)
-    target = sampled_target(t, 5)
+    target = sampled_target(t, 5, temperature=2.0)
     batch = {"sampled_ids": target.ids, "sampled_counts": target.counts, "sampled_logits": target.logits,
-             "logsumexp": target.logsumexp}
+             "logsumexp": target.logsumexp, "sample_temperature": 2.0}
     torch.testing.assert_close(SampledKL(2.0)(s, batch), SampledKL(2.0)(s, target))

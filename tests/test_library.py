@@ -143,8 +143,9 @@ def test_the_cli_trainers_loss_equals_the_librarys_on_one_batch(stores):
         (x, y), t = sl.collate([mine[int(i)] for i in ids])
         assert torch.equal(x, batch["x"]) and torch.equal(y[batch["labels"] >= 0], batch["labels"][batch["labels"] >= 0])
         s = torch.randn(len(ids), C)
-        cli = DistillationLoss(make_soft_loss(loss, 2.0), 0.5)(s, batch)
-        lib = sl.kd_loss(s, t, temperature=2.0, loss=loss, alpha=0.5, labels=batch["labels"])
+        temp = 2.0 if layout == "dense" else 1.0  # a sparse store answers the temperatures it records
+        cli = DistillationLoss(make_soft_loss(loss, temp), 0.5)(s, batch)
+        lib = sl.kd_loss(s, t, temperature=temp, loss=loss, alpha=0.5, labels=batch["labels"])
         torch.testing.assert_close(lib, cli, rtol=0, atol=0)
 
 
@@ -268,7 +269,7 @@ def test_the_cli_lm_loss_equals_the_librarys_on_one_batch(tmp_path):
     batch = next(iter(sl.SoftLabelDataset([(store, data)], batch_size=5, seed=0, shuffle=False)))
     b, seq = batch["ids"].shape
     logits = torch.randn(b, seq, 13)
-    cli, _, _ = lm_loss(logits, batch, make_soft_loss("topk_kl", 2.0), 0.5)
+    cli, _, _ = lm_loss(logits, batch, make_soft_loss("topk_kl", 1.0), 0.5)
     cli = cli / batch["loss_mask"].sum()
     seqs = [{"input_ids": data.get_batch(np.array([i])).ids[0]} for i in range(5)]
     mine = sl.with_targets(seqs, store)
@@ -277,7 +278,7 @@ def test_the_cli_lm_loss_equals_the_librarys_on_one_batch(tmp_path):
     labels = torch.full((b, seq), -100)
     for row, (p, _) in enumerate(pairs):
         labels[row, : len(p["input_ids"])] = p["input_ids"]
-    lib = sl.kd_loss(logits, targets, temperature=2.0, loss="topk_kl", alpha=0.5, labels=labels)
+    lib = sl.kd_loss(logits, targets, temperature=1.0, loss="topk_kl", alpha=0.5, labels=labels)
     torch.testing.assert_close(lib, cli, rtol=1e-6, atol=1e-7)
 
 

@@ -47,14 +47,28 @@ def logits(*shape: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
     return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def topk_batch(teacher: torch.Tensor, k: int, index_dtype: torch.dtype = torch.int64) -> dict[str, torch.Tensor]:
+GRID = (0.5, 1.0, 2.0, 3.0, 4.0)
+
+
+def topk_batch(teacher: torch.Tensor, k: int, index_dtype: torch.dtype = torch.int64,
+               grid: tuple[float, ...] = GRID) -> dict:
+    """A top-k batch as a store gives it: the tail's logsumexp at each T of ``grid``."""
     values, indices = teacher.topk(k, -1)
+    rest = teacher.scatter(1, indices, -torch.inf)
     return {
         "labels": torch.full((len(teacher),), -1),
         "topk_values": values,
         "topk_indices": indices.to(index_dtype),
-        "logsumexp": teacher.logsumexp(-1),
+        "tail_logsumexp": torch.stack([torch.logsumexp(rest / t, -1) for t in grid], -1),
+        "tail_temperatures": grid,
     }
+
+
+def legacy_topk_batch(teacher: torch.Tensor, k: int) -> dict:
+    """A top-k batch of a store written before tails were recorded per T: the logsumexp over all C at T = 1."""
+    values, indices = teacher.topk(k, -1)
+    return {"labels": torch.full((len(teacher),), -1), "topk_values": values, "topk_indices": indices,
+            "logsumexp": teacher.logsumexp(-1)}
 
 
 def f64(x: torch.Tensor) -> np.ndarray:
@@ -119,17 +133,18 @@ def test_topk_at_t1_is_exact_bucketed_kl(k: int) -> None:
 
 
 def test_topk_at_other_t_matches_numpy_bucket_formula() -> None:
+    """At a grid T the teacher's buckets are exact: p_T of each stored class and the true tail of p_T."""
     s, t, temperature, k = logits(6, 15, seed=13), logits(6, 15, seed=14), 3.0, 4
     batch = topk_batch(t, k)
     sn, tn, idx = f64(s), f64(t), batch["topk_indices"].numpy()
-    lse = np.log(np.exp(tn).sum(-1))
-    vals = np.take_along_axis(tn, idx, 1)
-    teacher_b = np.concatenate([vals, (lse + np.log(1 - np.exp(vals - lse[:, None]).sum(-1)))[:, None]], 1)
+    p = np_softmax(tn, temperature)
+    pk = np.take_along_axis(p, idx, 1)
+    teacher_p = np.concatenate([pk, 1 - pk.sum(-1, keepdims=True)], 1)
     rest = np.ones_like(sn, dtype=bool)
     np.put_along_axis(rest, idx, False, 1)
     student_tail = np.log(np.where(rest, np.exp(sn / temperature), 0).sum(-1))
     student_b = np.concatenate([np.take_along_axis(sn, idx, 1) / temperature, student_tail[:, None]], 1)
-    expected = temperature**2 * np_kl(np_softmax(teacher_b, temperature), np_softmax(student_b))
+    expected = temperature**2 * np_kl(teacher_p, np_softmax(student_b))
     np.testing.assert_allclose(f64(TopKKL(temperature)(s, batch)), expected, rtol=1e-4, atol=1e-6)
 
 
@@ -147,7 +162,7 @@ def test_topk_k_equal_c_tolerates_inconsistent_logsumexp() -> None:
     # A stored lse a little below the top-k lse (rounding) must not create a tail.
     s, t = logits(4, 6, seed=17).requires_grad_(), logits(4, 6, seed=18)
     for shift in (-1e-4, 1e-4):
-        batch = topk_batch(t, 6)
+        batch = legacy_topk_batch(t, 6)
         batch["logsumexp"] = batch["logsumexp"] + shift
         loss = TopKKL(1.0)(s, batch)
         torch.testing.assert_close(loss, KLDivergence(1.0)(s, {"logits": t}), rtol=1e-5, atol=1e-6)
@@ -276,7 +291,7 @@ def test_kl_is_nonnegative_and_zero_for_identical_logits(
 def test_topk_full_k_equals_dense_kl_property(shape: tuple[int, int], temperature: float, seed: int) -> None:
     s, t = logits(*shape, seed=seed), logits(*shape, seed=seed + 1)
     torch.testing.assert_close(
-        TopKKL(temperature)(s, topk_batch(t, shape[1])),
+        TopKKL(temperature)(s, topk_batch(t, shape[1], grid=(temperature,))),
         KLDivergence(temperature)(s, {"logits": t}),
         rtol=1e-4,
         atol=1e-5,

@@ -80,7 +80,10 @@ def test_sampled_validate_matches_plain_checks(corrupt: str) -> None:
         block["sampled_counts"][row] = np.sort(block["sampled_counts"][row])
     elif corrupt == "id":
         block["sampled_ids"][row, 0] = 50
-    elif corrupt == "unused-id":  # an id past C in a slot with count 0 is not a problem
-        block["sampled_ids"][row, -1] = 60000
+    elif corrupt == "unused-id":  # a slot with count 0 is padding, which holds id 0 (docs/FORMAT.md)
+        block["sampled_ids"][row, -1] = 7
+    if corrupt == "unused-id":
+        assert layout.validate(block) == ["padding slots (count 0) must hold id 0 and logit 0"]
+        return
     assert layout.validate(block) == _reference_problems(layout, block)
-    assert (layout.validate(block) == []) == (corrupt in ("none", "unused-id"))
+    assert (layout.validate(block) == []) == (corrupt == "none")

@@ -7,6 +7,8 @@ docs/FORMAT.md's version-2 description, and compared with what was written.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import h5py
 import numpy as np
 import pytest
@@ -176,6 +178,7 @@ def test_format_doc_snippets_read_v2_stores(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     lengths = np.array([2, 5, 0, 3], np.int64)
     meta = _meta("tokens", "topk", 4, 70_000, "float16", 2, 1, lengths)  # 3-byte ids
+    meta = replace(meta, layout_params={**meta.layout_params, "tail_temperatures": [1.0, 2.0, 4.0]})
     with UnitWriter.create(tmp_path / "tokens.h5", meta, lengths=lengths) as w:
         tokens_units = {u: _unit_arrays(w, u, rng) for u in range(w.num_units)}
         for u, arrays in tokens_units.items():
@@ -192,8 +195,7 @@ def test_format_doc_snippets_read_v2_stores(tmp_path, monkeypatch):
     layout = meta.layout_obj()
     target = layout.decode({k: v[2:7] for k, v in tokens_units[0].items() if k in layout.arrays()})  # sample 1
     np.testing.assert_array_equal(ns["ids"], target.ids.numpy())
-    np.testing.assert_allclose(ns["p_topk"], np.exp(target.values.float().numpy() - target.logsumexp.numpy()[:, None]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(ns["p_topk"], target.log_probs(2.0).exp().numpy(), rtol=1e-5)  # exact at T = 2
     ns = {}
     exec(compile(views_snippet, "FORMAT.md", "exec"), ns)
     np.testing.assert_array_equal(ns["params"], views_units[0]["view_params"][0])

@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from softlabels.cli import main
+from softlabels.errors import ConfigError
 from softlabels.inputs.fingerprints import fingerprint
 from softlabels.inputs.spec import resolve_data
 from softlabels.student.trainer import TrainConfig, train
@@ -139,7 +140,10 @@ def test_student_learns_the_teacher(problem, tmp_path):
 
 def test_topk_store_default_loss(problem, tmp_path):
     store = write_teacher_store(tmp_path / "k.zarr", problem["spec"], problem["teacher"], topk=2, dtype="float16")
-    summary = train(base(problem, tmp_path / "run", stores=(store,), alpha=0.0))
+    # a store written without a tail grid (logsumexp over all C) answers T = 1 only
+    with pytest.raises(ConfigError, match="answers only that T exactly, not T = 2"):
+        train(base(problem, tmp_path / "refused", stores=(store,), alpha=0.0))
+    summary = train(base(problem, tmp_path / "run", stores=(store,), alpha=0.0, temperature=1.0))
     assert summary["config"]["loss"] == "topk_kl" and summary["config"]["layout"] == "topk"
     recs = metrics(tmp_path / "run")
     assert recs[-1]["loss"] < recs[0]["loss"] and recs[-1]["loss_hard"] == 0

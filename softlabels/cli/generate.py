@@ -37,6 +37,15 @@ from softlabels.teacher.config import (
 @click.option("--samples", type=int,
               help=f"S, the draws per output for --layout sampled (seeded by --seed; default: {DEFAULT_SAMPLES}, "
                    "which Anshumann et al. found enough).")
+@click.option("--tail-temperatures", metavar="T1,T2,...",
+              help="The temperatures at which --layout topk stores its tail's logsumexp; training and eval "
+                   "answer exactly these T (default: 1,2,4).")
+@click.option("--sample-temperature", type=float,
+              help="The draw temperature Td of --layout sampled (draws from softmax(z / Td)); the store trains at "
+                   "this T only (default: 1).")
+@click.option("--sampled-ids-only", is_flag=True,
+              help="Store every draw's id only with --layout sampled (S x 2 bytes per output when C <= 65,536; "
+                   "no logits, so no exact KL in eval).")
 @click.option("--views", type=int, help="Store V augmented views per sample, with their parameters "
                                         "(docs/VIEWS.md).")
 @click.option("--augment", metavar="SPEC", help="How each view is drawn, e.g. 'crop(32,padding=4)+flip' (docs/VIEWS.md); "
@@ -77,7 +86,8 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
             augment: str | None, views_from: str | None, dtype: str, batch_size: int, num_workers: int, device: str,
             threads: int, amp: str, chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
             on_nonfinite: str, repair: bool, no_progress: bool, seq_len: int | None, tokenizer: str | None,
-            compress: bool) -> None:
+            compress: bool, tail_temperatures: str | None, sample_temperature: float | None,
+            sampled_ids_only: bool) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
 
     Rerunning the same command resumes an interrupted job (and says so when the
@@ -96,6 +106,8 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
             threads=threads, amp=amp, chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
             on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,
             echo=lambda line: click.echo(line, err=True), seq_len=seq_len, tokenizer=tokenizer, compress=compress,
+            tail_temperatures=tail_temperatures, sample_temperature=sample_temperature,
+            sampled_ids_only=sampled_ids_only,
         )
     except SoftLabelsError:
         if not main_rank:  # rank 0 reports it; the other ranks only fail

@@ -30,6 +30,8 @@ def command(store: str, as_json: bool, verify: bool) -> None:
         ("store", f"{info['path']}  ({info['backend']}, format v{info['format_version']})"),
         ("status", info["status"] + (f"  missing chunks: {chunk_list(info['missing_chunks'])}" if info["missing_chunks"] else "")),
         ("layout", f"{info['layout']}  {info['logits_dtype']}  N={info['num_samples']}  C={info['num_classes']}{k}"),
+        ("temperatures", "any T" if info.get("temperatures") is None else
+         "T = " + ", ".join(f"{t:g}" for t in info["temperatures"]) + " only (exactly what the store records)"),
         ("chunking", f"{info['chunk_rows']} samples per chunk, {info['num_chunks']} write units"
                      + (f", shards of {info['shard_rows']} rows" if info["shard_rows"] else "")),
         *_position_rows(info),

@@ -30,8 +30,8 @@ def parse_weights(text: str | None, flag: str) -> tuple[float, ...] | None:
               help="Arithmetic: the mean of probabilities at T; geometric: the mean of log-probabilities.")
 @click.option("--weights", metavar="W1,W2,...", help="Per-store weights, in --store order [default: equal].")
 @click.option("--temperature", type=float,
-              help=f"T of the arithmetic mean; train at this T [default: {DEFAULT_TEMPERATURE}; 1 for sampled "
-                   "stores].")
+              help=f"T of the arithmetic mean; train at this T [default: {DEFAULT_TEMPERATURE} for dense classifier "
+                   "stores; the T the members answer (1 by default) for token stores and top-k / sampled layouts].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @storage_option
 def command(stores, out, mode, weights, temperature, overwrite) -> None:

@@ -6,7 +6,7 @@ import click
 
 from softlabels._runtime.options import DEVICE_HELP, THREADS_HELP
 from softlabels.cli.storage import storage_option
-from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, SPARSE_ALPHA
 from softlabels.student.config import LOSS_NAMES, OPTIMIZERS, SCHEDULES, TrainConfig
 from softlabels.teacher.config import ENSEMBLE_MODES
 
@@ -27,9 +27,13 @@ D = TrainConfig  # defaults: the dataclass's field defaults
               help="The inputs, once per --store in the same order (default: the data spec each store recorded, "
                    "with absolute paths); without --store, the labeled data to train on.")
 @click.option("--loss", help=f"The soft loss: {', '.join(LOSS_NAMES)} [default: kl, or topk_kl for top-k stores].")
-@click.option("--temperature", type=float, help=f"The distillation temperature T [default: {DEFAULT_TEMPERATURE}].")
+@click.option("--temperature", type=float,
+              help=f"The distillation temperature T [default: {DEFAULT_TEMPERATURE} for dense classifier stores; for "
+                   "token stores and top-k / sampled layouts, the T the store answers (1 by default)]; sparse "
+                   "stores answer only the T they record.")
 @click.option("--alpha", type=float,
-              help=f"The weight of the hard-label loss, 0 to 1; it needs labeled rows [default: {DEFAULT_ALPHA}].")
+              help=f"The weight of the hard-label loss, 0 to 1; it needs labeled rows [default: {DEFAULT_ALPHA} for "
+                   f"dense classifier stores, {SPARSE_ALPHA} for token stores and sparse layouts].")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True, help="Passes over the training rows.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows per batch and rank.")
 @click.option("--lr", type=float, default=D.lr, show_default=True, help="The peak learning rate.")

@@ -191,6 +191,7 @@ def _lm_metrics(model: nn.Module, data: Any, store: Any, batch_size: int, dev: t
     from softlabels.student.losses import as_target
 
     acc, sums = LMEvalAccumulator(), {"n": 0, "agree": 0.0, "kl": 0.0, "estimate": 0.0}
+    kl_t: float | None = 1.0
     if store is None:
         for lo in range(0, len(data), batch_size):
             b = data.get_batch(np.arange(lo, min(lo + batch_size, len(data))))
@@ -198,24 +199,29 @@ def _lm_metrics(model: nn.Module, data: Any, store: Any, batch_size: int, dev: t
         return {"sequences": len(data), **acc.compute()}
     layout = store.meta.layout
     for batch in SoftLabelDataset([(store, data)], batch_size=batch_size, shuffle=False, rank=0, world_size=1):
-        batch = {k: v.to(dev) for k, v in batch.items()}
+        batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         logits = model(batch["ids"])
         acc.update(logits, batch["ids"], lengths=batch["lengths"], mask=batch["loss_mask"].roll(1, 1))  # t+1: a target
         keep = batch["loss_mask"].reshape(-1)[batch["index"]]  # the counted positions, against the teacher
         s = logits.reshape(-1, logits.shape[-1])[batch["index"][keep]].float()
         target = select_rows(as_target(batch), keep)
-        sums["kl"] += float(kd.divergence("forward_kl", s, target, 1.0).double().sum())
+        kl, kl_t = kd.reported_kl(s, target)  # at T = 1 where the store answers it, else at its own T
+        sums["kl"] += float(kl.double().sum()) if kl is not None else math.nan
         if isinstance(target, SampledTarget):
-            sums["estimate"] += float(kd.sampled_kl(s, target, 1.0).double().sum())
+            sums["estimate"] += float(kd.sampled_kl(s, target, target.temperature).double().sum())
         sums["n"] += int(keep.sum())
         sums["agree"] += float((s.argmax(-1) == target.top1()).sum())
     out: dict[str, Any] = {"sequences": len(data), **acc.compute()}
     if sums["n"]:
-        out.update(agreement=sums["agree"] / sums["n"], kl_to_teacher=sums["kl"] / sums["n"],
-                   kl_to_teacher_kind="exact" if layout == "dense" else "lower bound (stored ids + tail)",
-                   teacher_layout=layout)
-        if layout == "sampled":
-            out["kl_to_teacher_estimate"] = sums["estimate"] / sums["n"]
+        ids_only = layout == "sampled" and kl_t is None
+        out.update(agreement=sums["agree"] / sums["n"], kl_to_teacher=None if ids_only else sums["kl"] / sums["n"],
+                   kl_to_teacher_kind="exact" if layout == "dense" else
+                   "not available (an ids-only sampled store holds no teacher logits)" if ids_only else
+                   "lower bound (stored ids + tail)", teacher_layout=layout)
+        if kl_t not in (1.0, None):
+            out["kl_to_teacher_temperature"] = kl_t
+        if layout == "sampled":  # ids only: the soft cross-entropy estimate (the KL plus the teacher's entropy)
+            out["soft_ce_estimate" if ids_only else "kl_to_teacher_estimate"] = sums["estimate"] / sums["n"]
     return out
 
 
@@ -239,7 +245,9 @@ _ROWS = (
     ("accuracy", "accuracy", "pct"), ("ece", "ECE", "f4"),
     ("teacher_accuracy", "teacher accuracy", "pct"), ("agreement", "top-1 agreement", "pct"),
     ("kl_to_teacher", "KL to teacher", "f4"), ("kl_to_teacher_kind", "KL to teacher is", "str"),
-    ("kl_to_teacher_estimate", "KL to teacher, sampled estimate", "f4"), ("correlation", "logit correlation (CORR)", "f4"),
+    ("kl_to_teacher_estimate", "KL to teacher, sampled estimate", "f4"),
+    ("kl_to_teacher_temperature", "KL to teacher at T", "f4"),
+    ("soft_ce_estimate", "soft CE to teacher, estimate", "f4"), ("correlation", "logit correlation (CORR)", "f4"),
     ("teacher_ece", "teacher ECE", "f4"), ("n", "samples", "int"), ("n_labeled", "labeled", "int"),
     ("num_parameters", "parameters", "int"), ("flops", "MACs / sample", "int"),
     ("nonfinite_rows", "NaN/inf rows", "int"),

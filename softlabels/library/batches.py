@@ -8,7 +8,7 @@ of the layout ([B, ...]). Token targets (one row per token, a different count pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -68,7 +68,7 @@ class PairedItems(Sequence):
 
     def __getitem__(self, i: int) -> tuple[Any, Any]:  # type: ignore[override]
         t = self.targets
-        return self.items[i], type(t)(*(getattr(t, f.name)[i] for f in fields(t)))
+        return self.items[i], t.select(i)
 
 
 def stack_targets(targets: Sequence[Any]) -> Any:
@@ -77,13 +77,19 @@ def stack_targets(targets: Sequence[Any]) -> Any:
     kind = type(first)
     if any(type(t) is not kind for t in targets):
         raise ConfigError("collate got targets of several layouts in one batch; pair each store separately")
-    names = [f.name for f in fields(first)]
-    return kind(*(torch.stack([getattr(t, n) for t in targets]) for n in names))
+    return _join(targets, torch.stack)
 
 
 def _cat_targets(targets: Sequence[Any]) -> Any:
-    names = [f.name for f in fields(targets[0])]
-    return type(targets[0])(*(torch.cat([getattr(t, n) for t in targets]) for n in names))
+    return _join(targets, torch.cat)
+
+
+def _join(targets: Sequence[Any], op: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
+    """One target of ``targets``' tensors joined by ``op``; what is not a tensor (a target's temperatures,
+    an absent array) is the first target's, as it is every target's of one store."""
+    first = targets[0]
+    return replace(first, **{f.name: op([getattr(t, f.name) for t in targets]) for f in fields(first)
+                             if isinstance(getattr(first, f.name), torch.Tensor)})
 
 
 def collate(batch: Sequence[tuple[Any, Any]], collate_items: Callable[[list[Any]], Any] = default_collate

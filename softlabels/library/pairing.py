@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,8 @@ class TargetDataset(Dataset):
         self._unit_samples = meta.geometry.unit_samples
         self.epoch = int(epoch)
         self.rows = _rows_of(dataset, self.store, ids)
-        self._fields = tuple(f.name for f in fields(self.layout.decode(_empty_block(self.layout))))
+        empty = self.layout.decode(_empty_block(self.layout))  # its tensors are cut per row; numbers kept
+        self._fields = tuple(f.name for f in fields(empty) if isinstance(getattr(empty, f.name), torch.Tensor))
         unit_bytes = meta.geometry.unit_samples * self.layout.bytes_per_position * _positions_per_sample(self.store)
         self._keep = max(1, int(cache_mib * 2**20 // max(1, unit_bytes)))
         self._cache: OrderedDict[int, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
@@ -129,12 +130,12 @@ class TargetDataset(Dataset):
         if self.kind == "tokens":
             off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
             _check_tokens(item, n, index, self.store.path)
-            return item, type(target)(*(getattr(target, f)[off:off + n] for f in self._fields))
+            return item, replace(target, **{f: getattr(target, f)[off:off + n] for f in self._fields})
         if self.kind == "views":
             view = int(_choose(self.store, extra["sample_ids"][r:r + 1], self.epoch)[0])
             item = self._replay(item, extra["view_params"][r, view])
-            return item, type(target)(*(getattr(target, f)[r, view] for f in self._fields))
-        return item, type(target)(*(getattr(target, f)[r] for f in self._fields))
+            return item, replace(target, **{f: getattr(target, f)[r, view] for f in self._fields})
+        return item, replace(target, **{f: getattr(target, f)[r] for f in self._fields})
 
     def __getitems__(self, indices: list[int]) -> Any:
         """A batch of pairs for a ``DataLoader``: the targets gathered with one index per array (and unit)."""
@@ -166,7 +167,7 @@ class TargetDataset(Dataset):
             params = [np.concatenate(params)[back]] if params else params
         if self.kind == "views":
             items = [self._replay(item, p) for item, p in zip(items, np.concatenate(params))]
-        return PairedItems(items, type(groups[0][1])(*gathered))
+        return PairedItems(items, replace(groups[0][1], **dict(zip(self._fields, gathered))))
 
     def _whole(self) -> tuple[Any, dict[str, np.ndarray]]:
         """Every unit decoded into one target over the store's rows (once per process; it fits the cache)."""

@@ -140,6 +140,31 @@ class StoreMetaV2:
         return make_layout(self.layout, num_classes=self.num_classes, logits_dtype=self.logits_dtype,
                            **self.layout_params)
 
+    def temperatures(self) -> tuple[float, ...] | None:
+        """The distillation temperatures this store answers exactly (``None``: every T).
+
+        The layout's (top-k: its tail grid, or T = 1 for a store written before the grid; sampled: its
+        draw temperature), intersected with the T of a merged arithmetic ensemble.
+        """
+        from softlabels.store.temperatures import intersect
+
+        return intersect(self.layout_obj().temperatures(), self._ensemble_temperatures())
+
+    def _ensemble_temperatures(self) -> tuple[float, ...] | None:
+        ensemble = self.teacher.get("ensemble") if isinstance(self.teacher, dict) else None
+        made = ensemble.get("temperature") if isinstance(ensemble, dict) and ensemble.get("mode") == "arithmetic" \
+            else None
+        return (float(made),) if isinstance(made, (int, float)) and not isinstance(made, bool) else None
+
+    def require_temperature(self, temperature: float, where: str) -> None:
+        """Refuse, in one line naming ``where`` (the store), a T it does not answer exactly (the one check the
+        trainer, ``eval``, ``merge`` and the losses share)."""
+        from softlabels.store.temperatures import require_temperature
+
+        layout = self.layout_obj()
+        require_temperature(layout.temperatures(), temperature, where, layout.temperature_kind)
+        require_temperature(self._ensemble_temperatures(), temperature, where, "ensemble")
+
     # -- geometry -------------------------------------------------------------------------
     @property
     def geometry(self) -> UnitGeometry:

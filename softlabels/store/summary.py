@@ -45,6 +45,7 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
             "num_samples": meta.num_samples,
             "num_classes": meta.num_classes,
             "topk": meta.layout_params.get("k") if meta.layout == "topk" else None,
+            "temperatures": _temperatures(meta),
             "chunk_rows": meta.chunk_samples,
             "num_chunks": meta.num_units,
             "shard_rows": meta.chunk_samples * shard if shard > 1 else None,
@@ -158,3 +159,9 @@ def diff_stores(a: str | Path, b: str | Path, *, ignore: tuple[str, ...] = ("tim
             rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1)) if x.shape == y.shape else []
             found.append(f"array {name} differs" + (f" in rows {fmt.chunk_list(rows)}" if len(rows) else ""))
     return found
+
+
+def _temperatures(meta: Any) -> list[float] | None:
+    """The distillation temperatures the store answers exactly (None: every T)."""
+    t = meta.temperatures()
+    return None if t is None else [float(x) for x in t]

@@ -18,10 +18,9 @@ from torch import nn
 
 from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.inputs.arrays import class_count
-from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from softlabels.student.config import TrainConfig
 from softlabels.student.losses import DistillationLoss, as_target, make_soft_loss
-from softlabels.student.trainutil import IndexBatches
+from softlabels.student.trainutil import IndexBatches, distillation_settings
 
 __all__ = ["Classifier"]
 
@@ -89,8 +88,8 @@ class Classifier:
             # -- loss ----------------------------------------------------------------------------
             self.teacher = None if teacher is None else teacher.to(env.device).eval()
             distil = bool(config.stores or config.ensemble) or teacher is not None
-            temperature = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
-            alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
+            temperature, alpha = distillation_settings(config.temperature, config.alpha, self.stores, log) \
+                if distil else (None, 0.0)
             loss_name = None
             if distil:
                 layout = "dense" if teacher is not None else layout
@@ -252,7 +251,14 @@ def _ensemble(config: TrainConfig):
     """The --ensemble stores as one store source, combined at the training temperature (exact there)."""
     from softlabels.store.ensemble import EnsembleStore
 
-    t = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
+    t = config.temperature
+    if t is None:  # the members' default, which the ensemble then answers exactly
+        from softlabels.store.defaults import default_temperature
+        from softlabels.store.reader import open_store
+
+        with open_store(config.ensemble[0]) as first:
+            m = first.meta
+            t = default_temperature(m.layout, m.positions, m.temperatures())
     return EnsembleStore(config.ensemble, mode=config.ensemble_mode, weights=config.ensemble_weights, temperature=t)
 
 

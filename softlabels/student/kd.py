@@ -4,23 +4,20 @@ Every function returns a [B] tensor *without* the T^2 factor (the loss modules
 in :mod:`softlabels.student.losses` apply it). Teacher targets are data: no gradient
 flows into them.
 
-Dense targets are exact. Sparse targets (top-k, sampled) know the teacher's
-exact probability of each stored class (logit - logsumexp) and the exact total
-of the rest (the tail), so every divergence is computed over the stored classes
-plus one tail *bucket*, for teacher and student alike. At T = 1 that is the
-exact divergence between the two bucketed distributions, which by the data
-processing inequality is a lower bound of the full one; with all C classes
-stored it equals the dense divergence for any T. At T != 1 the teacher's tail
-bucket is softened as if it were one class with logit ``lse + log(tail mass)``.
-A tail mass below :data:`TAIL_FLOOR` (float32's resolution, that of the stored
-logsumexp) is taken as the floor, so reverse-type divergences stay finite.
+Dense targets are exact. Sparse targets know the teacher's exact probability of
+each stored class and the exact total of the rest (the tail) at the temperatures
+they answer, so every divergence is computed over the stored classes plus one tail
+*bucket*, for teacher and student alike: the exact divergence between the two
+bucketed distributions at T (by the data processing inequality a lower bound of the
+full one; with all C classes stored it equals the dense divergence). A top-k
+target answers the T of its tail grid, ``p_T(i) = exp(z_i / T - L_T)`` and
+``p_T(tail) = exp(tail_T - L_T)`` with ``L_T = logaddexp(logsumexp(z_S / T), tail_T)``;
+a sampled target answers its draw temperature Td. Any other T is refused in one
+line (:func:`softlabels.store.temperatures.require_temperature`), never approximated.
 
 The sampled layout's forward KL is instead the estimator of Anshumann et al.
-(2025): at T = 1, sum_j (c_j / S) (log p_j - log q_j), an unbiased estimate of
-KL(p || q) and of its gradient. At T != 1 the draws (from p at T = 1) are
-reweighted to p_T by self-normalised importance sampling, w_j ~ c_j exp(z_j (1/T - 1)),
-and log p_T(j) uses the same estimate of the partition function; this is
-consistent (S -> inf) but not unbiased, and reduces to the T = 1 estimator at T = 1.
+(2025) at Td: sum_j (c_j / S) (log p_Td(j) - log q_Td(j)), an unbiased estimate of
+KL(p_Td || q_Td) and of its gradient.
 
 The student's side of a sparse divergence needs only its logits at the stored
 ids and one logsumexp over all C (:class:`_GatherLSE`: no [B, C] temporaries
@@ -45,7 +42,8 @@ from softlabels.store.layouts.targets import (
     TopKTarget,
 )
 
-__all__ = ["DIVERGENCES", "compute_dtype", "dense_kl_and_ce", "divergence", "from_log_probs", "gather_lse", "sampled_kl"]
+__all__ = ["DIVERGENCES", "compute_dtype", "dense_kl_and_ce", "divergence", "from_log_probs", "gather_lse",
+           "reported_kl", "sampled_kl"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
 # rows per block: about this many elements of [rows, C] live at once in the fused paths; 1 MiB of
@@ -217,50 +215,74 @@ def dense_kl_and_ce(s: Tensor, target: DenseTarget, labels: Tensor | None, tempe
 
 
 # -- sparse targets: stored support plus one tail bucket -------------------------------------------
-def _support(target: TopKTarget | SampledTarget, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(ids, raw teacher logits with padding at -inf, valid mask or None) of a sparse target."""
+def _teacher_buckets(target: TopKTarget | SampledTarget, num_classes: int, temperature: float, dt: torch.dtype
+                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(ids, the teacher's exact log p_T [B, W + 1] over the stored ids plus the tail, valid mask or None,
+    whether there is no tail) of a sparse target; a T it does not answer is refused in one line."""
     if isinstance(target, TopKTarget):
-        return target.ids.long(), target.values.to(dt), None
+        k = target.ids.shape[-1]
+        no_tail = torch.as_tensor(k >= num_classes, device=target.ids.device)
+        return target.ids.long(), target.bucket_log_probs(temperature, num_classes, dt), None, no_tail
+    _require_draw_temperature(target, temperature)
     valid = target.valid
-    return target.ids.long(), target.logits.to(dt).masked_fill(~valid, -math.inf), valid
+    lp = target.log_probs(dt)  # exact at Td; -inf on padding
+    no_tail = valid.sum(-1) >= num_classes
+    # the tail mass is known to the float32 logsumexp's resolution: below it, take that resolution, so a
+    # student tail over a rounded-to-zero teacher tail is not an infinite reverse KL
+    tail = (-torch.expm1(lp.logsumexp(-1).clamp_max(0))).clamp_min(TAIL_FLOOR).log()
+    tail = torch.where(no_tail, torch.full_like(tail, -math.inf), tail)
+    return target.ids.long(), torch.cat([lp, tail[:, None]], 1), valid, no_tail
 
 
-def _buckets(g: Tensor, lse_s: Tensor, v: Tensor, lse_t: Tensor, valid: Tensor | None, num_classes: int,
-             temperature: float) -> tuple[Tensor, Tensor]:
-    """Teacher and student log-probs [B, W + 1] over the stored classes plus the tail, at T."""
-    stored = v.shape[-1] if valid is None else valid.sum(-1)
-    no_tail = torch.as_tensor(stored >= num_classes, device=g.device)
+def _require_draw_temperature(target: SampledTarget, temperature: float) -> None:
+    from softlabels.store.temperatures import require_temperature
+
+    require_temperature(target.temperatures, temperature, "this sampled target", "sampled")
+
+
+def _student_buckets(g: Tensor, lse_s: Tensor, valid: Tensor | None, no_tail: Tensor) -> Tensor:
+    """The student's log q_T [B, W + 1] at the stored ids (its gathered logits / T) plus its tail."""
     lq = g - lse_s[:, None]  # the student's exact log q_T at the stored ids
     if valid is not None:
         lq = lq.masked_fill(~valid, -math.inf)
     # the student's tail from its one logsumexp: log(1 - sum q); clamped so rounding never gives log(<= 0)
     tail_q = (-torch.expm1(lq.logsumexp(-1).clamp_max(0))).clamp_min(torch.finfo(g.dtype).tiny).log()
     lq_tail = torch.where(no_tail, torch.full_like(tail_q, -math.inf), tail_q)
-    # the teacher's tail mass is known only to the float32 logsumexp's resolution: below it, take that
-    # resolution, so a student tail over a rounded-to-zero teacher tail is not an infinite reverse KL
-    tail_mass = (-torch.expm1(v.logsumexp(-1) - lse_t)).clamp_min(TAIL_FLOOR)
-    t_tail = torch.where(no_tail, torch.full_like(lse_t, -math.inf), lse_t + tail_mass.log())
-    lp = torch.log_softmax(torch.cat([v, t_tail[:, None]], 1) / temperature, -1)
-    return lp, torch.cat([lq, lq_tail[:, None]], 1)
+    return torch.cat([lq, lq_tail[:, None]], 1)
 
 
 def sampled_kl(s: Tensor, target: SampledTarget, temperature: float, block: int = BLOCK_ELEMENTS,
                student: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Per-row estimate of KL(p_T || q_T) from S draws (see the module doc); no T^2."""
+    """Per-row estimate of KL(p_Td || q_Td) from S draws at the draw temperature Td (no T^2).
+
+    ``(1/S) sum_d [log p_Td(i_d) - log q_Td(i_d)]``: unbiased, as is its gradient. An ids-only
+    target gives the soft cross-entropy estimate ``-(1/S) sum_d log q_Td(i_d)`` instead (the KL
+    estimate plus the teacher's entropy, which it cannot know; the same gradient). Any T other
+    than Td is refused in one line.
+    """
+    _require_draw_temperature(target, temperature)
     dt = compute_dtype(s)
-    ids, v, valid = _support(target, dt)
+    ids, valid = target.ids.long(), target.valid
     g, lse_s = student or gather_lse(s, ids, temperature, block)
-    lse_t = target.logsumexp.to(dt)
-    log_c = target.counts.to(dt).log()  # -inf on padding
-    # log importance weights of p_T against p (the draws' distribution); 0 at T = 1
-    log_w = log_c + (0 if temperature == 1 else v.masked_fill(~valid, 0) * (1 / temperature - 1))
-    w = torch.softmax(log_w, -1)
-    samples = target.counts.sum(-1, keepdim=True).to(dt)
-    log_z = lse_t + (log_w - samples.log()).logsumexp(-1)  # estimate of log sum exp(z / T)
-    lp = v / temperature - log_z[:, None]
+    counts = target.counts.to(dt)
+    w = counts / counts.sum(-1, keepdim=True).clamp_min(1)
     lq = g - lse_s[:, None]
+    if not target.has_logits:
+        return -(w * lq.masked_fill(~valid, 0)).sum(-1)
     lo = torch.finfo(dt).min
-    return (w * (lp.clamp_min(lo) - lq)).sum(-1)
+    return (w * (target.log_probs(dt).clamp_min(lo) - lq)).sum(-1)
+
+
+def reported_kl(s: Tensor, target: DenseTarget | TopKTarget | SampledTarget) -> tuple[Tensor | None, float | None]:
+    """(per-row forward KL, no T^2, the T it is at) as metrics report it: at T = 1 where the target answers
+    it, else at the smallest T it answers; (None, None) for an ids-only sampled target, which cannot answer."""
+    from softlabels.store.temperatures import supports
+
+    temps = target.temperatures
+    if isinstance(target, SampledTarget) and not target.has_logits:
+        return None, None
+    t = 1.0 if supports(temps, 1.0) else float(temps[0])
+    return divergence("forward_kl", s, target, t), t
 
 
 # -- every divergence from log-probs ------------------------------------------------------------------
@@ -311,7 +333,6 @@ def divergence(kind: str, s: Tensor, target: DenseTarget | TopKTarget | SampledT
     if isinstance(target, DenseTarget):
         lp = torch.log_softmax(target.logits.to(dt) / temperature, -1)
         return from_log_probs(kind, lp, torch.log_softmax(s.to(dt) / temperature, -1), alpha, beta)
-    ids, v, valid = _support(target, dt)
+    ids, lp, valid, no_tail = _teacher_buckets(target, s.shape[-1], temperature, dt)
     g, lse_s = student or gather_lse(s, ids, temperature, block)
-    lp, lq = _buckets(g, lse_s, v, target.logsumexp.to(dt), valid, s.shape[-1], temperature)
-    return from_log_probs(kind, lp, lq, alpha, beta)
+    return from_log_probs(kind, lp, _student_buckets(g, lse_s, valid, no_tail), alpha, beta)

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from softlabels.errors import ConfigError
-from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from softlabels.student.config import TrainConfig
 from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
 from softlabels.student.losses import make_soft_loss
+from softlabels.student.trainutil import distillation_settings
 
 __all__ = ["Language", "is_language_run", "resolve_store_data"]
 
@@ -140,8 +140,8 @@ class Language:
                 layout, vocab = self.batches.layout, self.batches.num_classes
                 _check_tokenizers(self.stores[0], config)
             context = int(data.lengths().max())
-            temperature = DEFAULT_TEMPERATURE if config.temperature is None else config.temperature
-            self.alpha = 1.0 if not self.stores else DEFAULT_ALPHA if config.alpha is None else config.alpha
+            temperature, self.alpha = distillation_settings(config.temperature, config.alpha, self.stores, log) \
+                if self.stores else (None, 1.0)
             loss_name = config.loss or (self.stores[0].meta.layout_obj().default_loss if self.stores else "hard_ce")
             self.soft = make_soft_loss(loss_name, temperature) if self.stores else None
             if loss_name in ("soft_ce", "mse"):
@@ -169,7 +169,8 @@ class Language:
         return batch["ids"].shape[0] == 0  # this rank's slice of the last global batch
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     def loss(self, model: nn.Module, batch: dict[str, Any], weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss to back-propagate (its position sum over the global batch's positions, times the

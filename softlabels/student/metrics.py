@@ -9,6 +9,7 @@ changes the results only by float64 rounding.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -103,9 +104,9 @@ class EvalAccumulator:
         target = None if batch is None else as_target(batch)
         if target is None:
             return
-        target = dataclasses.replace(target, **{  # on the CPU in float64, ids int64
+        target = dataclasses.replace(target, **{  # on the CPU in float64, ids int64 (temperatures stay numbers)
             f.name: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.int64)
-            for f in dataclasses.fields(target) for v in (getattr(target, f.name),)})
+            for f in dataclasses.fields(target) for v in (getattr(target, f.name),) if isinstance(v, Tensor)})
         t_top = target.top1()
         sums["n_teacher"] += len(y)
         sums["n_teacher_labeled"] += float(labeled.sum())
@@ -116,8 +117,9 @@ class EvalAccumulator:
             corr = _pearson_rows(s, target.logits)
             sums["n_dense"] += len(y)
             self._add_bins("teacher", target.logits, y, labeled)
-        else:  # over the stored ids plus one tail bucket: a lower bound of the full KL
-            sums["kl"] += float(kd.divergence("forward_kl", s, target, 1.0).sum())
+        else:  # over the stored ids plus one tail bucket: a lower bound of the full KL (at a T the store answers)
+            kl, self.kl_temperature = kd.reported_kl(s, target)
+            sums["kl"] += float(kl.sum()) if kl is not None else math.nan
             corr = _pearson_rows(s.gather(1, target.ids), target.values) if isinstance(target, TopKTarget) \
                 else s.new_zeros(0)
         sums["corr"] += float(corr.sum())
@@ -149,7 +151,10 @@ class EvalAccumulator:
             ntl = sums["n_teacher_labeled"]
             out["teacher_accuracy"] = sums["teacher_correct"] / ntl if ntl else None
             out["agreement"] = sums["agree"] / sums["n_teacher"]
-            out["kl_to_teacher"] = sums["kl"] / sums["n_teacher"]
+            kl = sums["kl"] / sums["n_teacher"]
+            out["kl_to_teacher"] = None if math.isnan(kl) else kl  # None: an ids-only sampled store cannot say
+            if getattr(self, "kl_temperature", 1.0) not in (1.0, None):
+                out["kl_to_teacher_temperature"] = self.kl_temperature
             if sums["n_corr"]:
                 out["correlation"] = sums["corr"] / sums["n_corr"]
         if sums["n_dense"]:

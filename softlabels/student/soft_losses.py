@@ -10,9 +10,11 @@ holding one under ``"target"``, or a dict of the store's arrays (:func:`as_targe
 into one; :func:`target_arrays` is its inverse):
 
 * dense: ``"logits"`` [B, C] raw teacher logits;
-* top-k: ``"topk_values"`` [B, K] (largest raw logits, descending),
-  ``"topk_indices"`` [B, K] and ``"logsumexp"`` [B] over all C raw logits;
-* sampled: ``"sampled_ids"``, ``"sampled_counts"``, ``"sampled_logits"`` [B, S] and ``"logsumexp"`` [B].
+* top-k: ``"topk_values"`` [B, K] (largest raw logits, descending), ``"topk_indices"`` [B, K],
+  ``"tail_logsumexp"`` [B, G] with ``"tail_temperatures"`` (a tuple of G floats; absent: (1,)), or
+  a store's from before the grid, ``"logsumexp"`` [B] over all C raw logits (T = 1 only);
+* sampled: ``"sampled_ids"``, ``"sampled_counts"`` [B, S], ``"sampled_logits"`` [B, S] and ``"logsumexp"`` [B]
+  (= logsumexp(z / Td); both absent for an ids-only store) and ``"sample_temperature"`` (Td; absent: 1).
 
 Forward KL has one loss per layout: dense (``kl``, and ``soft_ce`` and ``mse`` beside it),
 sparse (``topk_kl``, ``sampled_kl``); the other divergences (``reverse_kl``, ``skew_kl``,
@@ -24,7 +26,6 @@ copies to the host, so the losses add no CUDA synchronisation.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -37,22 +38,18 @@ from softlabels.store.layouts.targets import DenseTarget, SampledTarget, TopKTar
 from softlabels.student import kd
 
 __all__ = [
-    "Batch", "TOPK_KEYS", "SAMPLED_KEYS", "as_target", "target_arrays",
+    "Batch", "TOPK_KEYS", "LEGACY_TOPK_KEYS", "SAMPLED_KEYS", "as_target", "target_arrays",
     "KLDivergence", "SoftCrossEntropy", "LogitsMSE", "TopKKL", "SampledKL",
     "ReverseKL", "SkewKL", "SkewReverseKL", "JSD",
 ]
 
 Batch = dict[str, Any]
-TOPK_KEYS = ("topk_values", "topk_indices", "logsumexp")
+TOPK_KEYS = ("topk_values", "topk_indices", "tail_logsumexp")
+LEGACY_TOPK_KEYS = ("topk_values", "topk_indices", "logsumexp")
 SAMPLED_KEYS = ("sampled_ids", "sampled_counts", "sampled_logits", "logsumexp")
 _DENSE_LOSS_NAMES = "kl, soft_ce or mse"
 _LAYOUT_WORDS = {DenseTarget: "dense", TopKTarget: "top-k", SampledTarget: "sampled"}
 _DEFAULT_LOSS = {DenseTarget: "kl", TopKTarget: "topk_kl", SampledTarget: "sampled_kl"}
-
-
-# a typed target's fields, in order, as the stored arrays' names under which its tensors travel in a batch
-_ARRAYS = {DenseTarget: ("logits",), SampledTarget: SAMPLED_KEYS, TopKTarget: TOPK_KEYS}
-_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _ARRAYS}
 
 
 def as_target(batch: Any) -> DenseTarget | TopKTarget | SampledTarget | None:
@@ -61,19 +58,43 @@ def as_target(batch: Any) -> DenseTarget | TopKTarget | SampledTarget | None:
         return batch
     if batch.get("target") is not None:
         return batch["target"]
-    for cls, names in _ARRAYS.items():  # dense and sampled are named by their first array, top-k by any
-        if (names[0] in batch) if cls is not TopKTarget else any(k in batch for k in names):
-            missing = [k for k in names if k not in batch]
-            if missing:
-                raise DataError(f"{_LAYOUT_WORDS[cls]} batch lacks {', '.join(missing)}; rebuild the batch with all "
-                                f"of {', '.join(names)}")
-            return cls(*(batch[k] for k in names))
+    if "logits" in batch:
+        return DenseTarget(batch["logits"])
+    if "sampled_ids" in batch:
+        _require(batch, SAMPLED_KEYS[:2], "sampled")
+        if "sampled_logits" in batch or "logsumexp" in batch:
+            _require(batch, SAMPLED_KEYS, "sampled")
+        return SampledTarget(batch["sampled_ids"], batch["sampled_counts"], batch.get("sampled_logits"),
+                             batch.get("logsumexp"), float(batch.get("sample_temperature", 1.0)))
+    if any(k in batch for k in TOPK_KEYS + LEGACY_TOPK_KEYS):
+        if "tail_logsumexp" in batch:
+            _require(batch, TOPK_KEYS, "top-k")
+            grid = tuple(float(t) for t in batch.get("tail_temperatures", (1.0,)))
+            return TopKTarget(batch["topk_values"], batch["topk_indices"], batch["tail_logsumexp"], grid)
+        _require(batch, LEGACY_TOPK_KEYS, "top-k")
+        return TopKTarget.from_logsumexp(batch["topk_values"], batch["topk_indices"], batch["logsumexp"])
     return None
 
 
-def target_arrays(target: DenseTarget | TopKTarget | SampledTarget) -> dict[str, Tensor]:
-    """A typed target's tensors under the stored arrays' names (what a batch carries; :func:`as_target` inverts it)."""
-    return {name: getattr(target, f) for name, f in zip(_ARRAYS[type(target)], _FIELDS[type(target)])}
+def _require(batch: Batch, names: tuple[str, ...], word: str) -> None:
+    missing = [k for k in names if k not in batch]
+    if missing:
+        raise DataError(f"{word} batch lacks {', '.join(missing)}; rebuild the batch with all of {', '.join(names)}")
+
+
+def target_arrays(target: DenseTarget | TopKTarget | SampledTarget) -> dict[str, Any]:
+    """A typed target's tensors under the stored arrays' names, and its temperatures (what a batch carries;
+    :func:`as_target` inverts it)."""
+    if isinstance(target, DenseTarget):
+        return {"logits": target.logits}
+    if isinstance(target, TopKTarget):
+        return {"topk_values": target.values, "topk_indices": target.ids, "tail_logsumexp": target.tails,
+                "tail_temperatures": target.temperatures}
+    out: dict[str, Any] = {"sampled_ids": target.ids, "sampled_counts": target.counts,
+                           "sample_temperature": target.temperature}
+    if target.has_logits:
+        out.update(sampled_logits=target.logits, logsumexp=target.logsumexp)
+    return out
 
 
 _compute_dtype = kd.compute_dtype
@@ -118,12 +139,14 @@ def _target(name: str, student_logits: Tensor, batch: Batch, want: type | None =
             raise ModelMismatch(f"student logits have shape {tuple(student_logits.shape)} but teacher logits "
                                 f"{tuple(target.logits.shape)}; the student's class count must match the store's")
         return target
-    values = target.values if isinstance(target, TopKTarget) else target.logits
+    values = target.values if isinstance(target, TopKTarget) else target.counts
+    lse = target.tails if isinstance(target, TopKTarget) else target.logsumexp
     b, c = student_logits.shape
-    if values.shape != target.ids.shape or values.shape[0] != b or target.logsumexp.shape != (b,) \
+    bad_lse = lse is not None and (lse.shape[0] != b if isinstance(target, TopKTarget) else lse.shape != (b,))
+    if values.shape != target.ids.shape or values.shape[0] != b or bad_lse \
             or (isinstance(target, TopKTarget) and values.shape[1] > c):
         raise ModelMismatch(f"{word} batch shapes values {tuple(values.shape)}, indices {tuple(target.ids.shape)}, "
-                            f"logsumexp {tuple(target.logsumexp.shape)} do not fit student logits "
+                            f"logsumexp {tuple(lse.shape) if lse is not None else None} do not fit student logits "
                             f"{tuple(student_logits.shape)}; the student's class count must match the store's")
     return target
 
@@ -218,15 +241,15 @@ class _Sparse(_Softened):
 
 
 class TopKKL(_Sparse):
-    """T^2 * KL over K+1 buckets (the K stored classes plus one tail) for top-k stores.
+    """T^2 * KL over K+1 buckets (the K stored classes plus one tail) for top-k stores, at a T of the tail grid.
 
-    Teacher bucket logits are the K stored values plus
-    ``z_tail = lse + log(1 - sum_topk exp(z_i - lse))``; student bucket log-probs are
-    its exact log-softmax at the K indices plus the log of the rest, both at T
-    (the student's tail comes from its one logsumexp over all C). At T = 1 this is
-    the exact KL between the bucketed teacher and student distributions; with
-    K = C it equals :class:`KLDivergence` for any T. Top-k indices within a row are
-    assumed distinct (not checked: that would sync).
+    Teacher bucket log-probs are exact at T: ``z_i / T - L_T`` for the stored ids and
+    ``tail_T - L_T`` for the rest, ``L_T = logaddexp(logsumexp(z_S / T), tail_T)``; the
+    student's are its exact log-softmax at T at the K indices plus the log of the rest
+    (from its one logsumexp over all C). So this is the exact KL between the bucketed
+    teacher and student distributions at T; with K = C it equals :class:`KLDivergence`.
+    A T off the grid is refused in one line. Top-k indices within a row are assumed
+    distinct (not checked: that would sync; the store's validator checks them).
     """
 
     name = "topk_kl"
@@ -238,7 +261,11 @@ class TopKKL(_Sparse):
 
 
 class SampledKL(_Sparse):
-    """T^2 * the sampled layout's forward-KL estimate: unbiased at T = 1, self-normalised IS otherwise."""
+    """T^2 * the sampled layout's forward-KL estimate at its draw temperature Td (any other T: refused).
+
+    Unbiased; an ids-only store gives the soft cross-entropy estimate (the KL estimate plus the
+    teacher's entropy at Td, which it cannot know), with the same gradient.
+    """
 
     name = "sampled_kl"
     target_type = SampledTarget

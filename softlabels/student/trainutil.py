@@ -78,3 +78,27 @@ def weights_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def distillation_settings(temperature: float | None, alpha: float | None, stores: list,
+                          log: Callable[[str], None] | None) -> tuple[float, float]:
+    """T and alpha for distilling from ``stores`` (empty: an online teacher's dense logits).
+
+    Given values are kept; missing ones are the store kind's defaults
+    (:func:`softlabels.store.defaults.choose`), and the choice is logged. T is then checked
+    against every store: one it does not answer exactly is refused in one line.
+    """
+    from softlabels.store.defaults import choose
+    from softlabels.store.temperatures import intersect
+
+    meta = stores[0].meta if stores else None
+    supported = None
+    for s in stores:
+        supported = intersect(supported, s.meta.temperatures())
+    t, a, note = choose(temperature, alpha, layout=meta.layout if meta else None,
+                        positions=meta.positions if meta else None, supported=supported)
+    for s in stores:
+        s.meta.require_temperature(t, str(s.path))
+    if note and log is not None:
+        log(note)
+    return t, a

@@ -72,6 +72,10 @@ class GenerateConfig:
     seq_len: int | None = None
     tokenizer: str | None = None
     compress: bool = False  # zstd (Zarr) / gzip + shuffle (HDF5) on the sparse layouts' arrays
+    # top-k: the temperatures whose tail logsumexp is recorded ("1,2,4" or a tuple; None: the default grid)
+    tail_temperatures: str | tuple[float, ...] | None = None
+    sample_temperature: float | None = None  # sampled: the draw temperature Td (None: 1)
+    sampled_ids_only: bool = False  # sampled: store every draw's id only (no counts, logits, logsumexp)
 
     def __post_init__(self) -> None:
         if self.layout == "sampled" and self.samples is None:
@@ -134,17 +138,61 @@ class GenerateConfig:
             p.append(f"--samples must be >= 1 (draws per output; default {DEFAULT_SAMPLES}), got {self.samples}")
         if self.samples is not None and self.layout != "sampled":
             p.append("--samples is only for --layout sampled")
+        return p + self._temperature_problems()
+
+    def _temperature_problems(self) -> list[str]:
+        from softlabels.errors import ConfigError
+
+        p = []
+        if self.tail_temperatures is not None:
+            if self.layout != "topk":
+                p.append("--tail-temperatures is only for --layout topk")
+            try:
+                self.grid()
+            except ConfigError as err:
+                p += err.problems
+        t = self.sample_temperature
+        if t is not None:
+            if self.layout != "sampled":
+                p.append("--sample-temperature is only for --layout sampled")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+                p.append(f"--sample-temperature must be a finite number > 0, got {t!r}; pass e.g. 1")
+        if self.sampled_ids_only and self.layout != "sampled":
+            p.append("--sampled-ids-only is only for --layout sampled")
         return p
+
+    def grid(self) -> tuple[float, ...]:
+        """The top-k tail grid: ``--tail-temperatures`` parsed, or the default (1, 2, 4)."""
+        from softlabels.store.temperatures import DEFAULT_TAIL_TEMPERATURES, grid_problems, parse_grid
+
+        g = self.tail_temperatures
+        if g is None:
+            return DEFAULT_TAIL_TEMPERATURES
+        if isinstance(g, str):
+            return parse_grid(g)
+        if problems := grid_problems(list(g)):
+            from softlabels.errors import ConfigError
+
+            raise ConfigError(problems)
+        return tuple(float(t) for t in g)
 
     @property
     def viewed(self) -> bool:
         return self.views is not None or self.views_from is not None
 
     def layout_params(self, default_k: int | None = None) -> dict[str, Any]:
-        """``make_layout``'s parameters for ``--layout``: K (``default_k`` when ``--topk`` is not given), or
-        S and the draws' seed."""
-        return {"topk": {"k": self.topk or default_k},
-                "sampled": {"samples": self.samples, "seed": self.seed}}.get(self.layout or "dense", {})
+        """``make_layout``'s parameters for ``--layout``: K (``default_k`` when ``--topk`` is not given) and the
+        tail grid, or S, the draws' seed, the draw temperature and whether logits are kept."""
+        if self.layout == "topk":
+            return {"k": self.topk or default_k, "tail_temperatures": list(self.grid())}
+        if self.layout == "sampled":
+            out: dict[str, Any] = {"samples": self.samples, "seed": self.seed}
+            if self.sample_temperature not in (None, 1):  # absent: T = 1, as stores written before it
+                out["temperature"] = float(self.sample_temperature)
+            if self.sampled_ids_only:
+                out["logits"] = False
+            return out
+        return {}
 
 
 # -- ensembles (softlabels.store.ensemble; docs/ENSEMBLES.md) ------------------------------------------

@@ -40,7 +40,8 @@ def generate(teacher: str, data: str, out: str | Path, *, weights: str | Path | 
         shard_chunks: int | None = None, num_classes: int | None = None, overwrite: bool = False,
         on_nonfinite: str = "error", repair: bool = False, progress: bool | None = None,
         echo: Callable[[str], None] | None = None, seq_len: int | None = None, tokenizer: str | Path | None = None,
-        compress: bool = False) -> GenerateResult:
+        compress: bool = False, tail_temperatures: str | tuple[float, ...] | None = None,
+        sample_temperature: float | None = None, sampled_ids_only: bool = False) -> GenerateResult:
     """Run ``teacher`` over ``data`` and write its raw logits to the store ``out`` (format 2).
 
     Reruns resume an unfinished store (same settings required; ``chunk_rows`` and
@@ -55,6 +56,9 @@ def generate(teacher: str, data: str, out: str | Path, *, weights: str | Path | 
     and their meaning: :class:`softlabels.teacher.config.GenerateConfig`. Views
     (``views``/``augment``/``views_from``): :mod:`softlabels.teacher.classify`. Token data
     (``text:``, ``tokenizer``, ``seq_len``, an LM teacher): :mod:`softlabels.teacher.tokens`.
+    Temperatures (docs/FORMAT.md): ``tail_temperatures`` is the top-k tail grid ("1,2,4" by
+    default), ``sample_temperature`` the sampled draw temperature (1), ``sampled_ids_only``
+    keeps only the draws' ids.
     """
     if layout is None:  # views: top-k with a small K (docs/VIEWS.md); else every logit
         layout = "topk" if views is not None or views_from is not None else "dense"
@@ -65,7 +69,8 @@ def generate(teacher: str, data: str, out: str | Path, *, weights: str | Path | 
         dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device, threads=threads, amp=amp,
         chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
         on_nonfinite=on_nonfinite, repair=repair, progress=progress, seq_len=seq_len,
-        tokenizer=None if tokenizer is None else str(tokenizer), compress=compress)
+        tokenizer=None if tokenizer is None else str(tokenizer), compress=compress,
+        tail_temperatures=tail_temperatures, sample_temperature=sample_temperature, sampled_ids_only=sampled_ids_only)
     if problems := config.problems():
         raise ConfigError(problems)
     set_threads(threads)

@@ -18,7 +18,7 @@ from typing import Callable
 from softlabels._version import __version__
 from softlabels.errors import ConfigError, IncompleteStore, UnsupportedFormat
 from softlabels.store import format as fmt
-from softlabels.store.defaults import DEFAULT_TEMPERATURE
+from softlabels.store.defaults import default_temperature
 from softlabels.store.ensemble import EnsembleStore
 from softlabels.store.location import resolved, store_location
 from softlabels.store.positions import group_units_for
@@ -35,9 +35,10 @@ def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path
     if problems := config.problems():
         raise ConfigError(problems)
     t = config.temperature
-    if t is None:  # the training default; sampled draws are at T = 1
+    if t is None:  # the training default of the members' kind, which every member must answer
         with open_store(config.stores[0], allow_partial=True) as first:
-            t = 1.0 if first.meta.layout == "sampled" else DEFAULT_TEMPERATURE
+            m = first.meta
+            t = default_temperature(m.layout, m.positions, m.temperatures())
     with EnsembleStore(config.stores, mode=config.mode, weights=config.weights, temperature=t) as ensemble:
         meta = replace(ensemble.meta, status=fmt.STATUS_WRITING,
                        created_by={"command": "merge", "version": __version__})

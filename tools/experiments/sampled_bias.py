@@ -1,4 +1,4 @@
-"""Bias of sparse KD targets against dense KL: sampled (unbiased at T = 1) vs top-k at the same bytes.
+"""Bias of sparse KD targets against dense KL: sampled (unbiased at its draw T) vs top-k at the same bytes.
 
     python tools/experiments/sampled_bias.py [--classes 1000] [--rows 256] [--samples 12] [--seeds 200]
 
@@ -10,10 +10,10 @@ The student is a cooler model of the same kind, with noise of its own. Teacher l
 rounded to float16 (the store dtype) before anything else.
 
 For one batch of ``--rows`` rows, the dense forward KL (mean over rows) and its
-gradient are the reference. The sampled layout with S draws is encoded with
+gradient at T are the reference. The sampled layout with S draws at Td = T is encoded with
 ``--seeds`` different seeds; the mean of its batch loss and gradient over seeds is
 compared with the reference in units of the standard error (|z| < ~3 means no
-bias detectable). Top-k is deterministic: its bias is compared with the same
+bias detectable). Top-k (with its exact tail at T) is deterministic: its bias is compared with the same
 standard error. K is chosen so that a top-k row takes no more bytes than a
 sampled row (float16 logits, uint16 ids, uint8 counts, float32 logsumexp).
 
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for softlabels
 
-from softlabels.store.layouts import DenseTarget, SampledTarget, make_layout, to_numpy  # noqa: E402
+from softlabels.store.layouts import DenseTarget, SampledTarget, TopKTarget, make_layout, to_numpy  # noqa: E402
 from softlabels.student import kd  # noqa: E402
 
 
@@ -82,17 +82,26 @@ def main() -> None:
            "bytes_per_row": {"dense": make_layout("dense", num_classes=c, logits_dtype="float16").bytes_per_position,
                              f"sampled S={s_draws}": sampled_layout.bytes_per_position,
                              f"topk K={k}": topk_layout.bytes_per_position}}
-    targets = [encode(make_layout("sampled", num_classes=c, logits_dtype="float16", samples=s_draws, seed=seed),
-                      teacher) for seed in range(args.seeds)]
+    def drawn(temperature: float) -> list[SampledTarget]:
+        """The sampled targets of every seed, drawn at Td = ``temperature`` (the only T a sampled store answers)."""
+        out = [encode(make_layout("sampled", num_classes=c, logits_dtype="float16", samples=s_draws, seed=seed,
+                                  temperature=temperature), teacher) for seed in range(args.seeds)]
+        # the store's float16 logits of the drawn ids equal the teacher's (already float16): exact references
+        return [SampledTarget(t.ids, t.counts, teacher.gather(1, t.ids), (teacher / temperature).logsumexp(-1),
+                              temperature) for t in out]
+
+    targets = drawn(1.0)
     out["mean_unique_ids"] = torch.stack([t.valid.sum(-1).double() for t in targets]).mean().item()
-    # the store's float16 logits of the drawn ids equal the teacher's (already float16): exact references
-    targets = [SampledTarget(t.ids, t.counts, teacher.gather(1, t.ids), teacher.logsumexp(-1)) for t in targets]
-    topk = type(topk)(teacher.gather(1, topk.ids), topk.ids, teacher.logsumexp(-1))
+    # top-k with exact tails at T = 1 and 2, in float64 (what the layout stores, in float32)
+    rest = teacher.scatter(1, topk.ids, -torch.inf)
+    topk = TopKTarget(teacher.gather(1, topk.ids), topk.ids,
+                      torch.stack([torch.logsumexp(rest / t, -1) for t in (1.0, 2.0)], -1), (1.0, 2.0))
     forward = []
     for temperature in (1.0, 2.0):
+        per_seed = targets if temperature == 1 else drawn(temperature)
         dense_l, dense_g = loss_and_grad(lambda s: kd.divergence("forward_kl", s, DenseTarget(teacher), temperature),
                                          student)
-        runs = [loss_and_grad(lambda s, t=t: kd.sampled_kl(s, t, temperature), student) for t in targets]
+        runs = [loss_and_grad(lambda s, t=t: kd.sampled_kl(s, t, temperature), student) for t in per_seed]
         losses = torch.tensor([r[0] for r in runs], dtype=torch.float64)
         grads = torch.stack([r[1] for r in runs])
         se = (losses.std() / len(losses) ** 0.5).item()

@@ -36,12 +36,12 @@ from torch import Tensor
 
 from softlabels.errors import ConfigError
 from softlabels.store.layouts.targets import (
-    TAIL_FLOOR,
     DenseTarget,
     SampledTarget,
     Target,
     TopKTarget,
 )
+from softlabels.store.temperatures import require_temperature
 
 __all__ = ["MODES", "Combination", "check_temperature", "combine"]
 
@@ -57,8 +57,9 @@ class Combination:
     weights: tuple[float, ...] | None = None
     temperature: float = 1.0
 
-    def problems(self, members: int, layout: str) -> list[str]:
-        """Every problem with these settings for ``members`` teachers of one ``layout``."""
+    def problems(self, members: int, layout: str, draw_temperature: float = 1.0) -> list[str]:
+        """Every problem with these settings for ``members`` teachers of one ``layout`` (sampled: drawn at
+        ``draw_temperature``)."""
         p = []
         if self.mode not in MODES:
             p.append(f"ensemble mode {self.mode!r} is not one of {', '.join(MODES)}")
@@ -78,12 +79,13 @@ class Combination:
                          f"numbers (draw multiplicities), got {', '.join(map(str, w))}")
         if layout == "sampled" and self.mode == "geometric":
             p.append("the geometric mean has no estimator from sampled draws; use --mode arithmetic for sampled stores")
-        if layout == "sampled" and isinstance(t, (int, float)) and t != 1:
-            p.append(f"sampled stores hold draws at T = 1, so they combine at temperature 1 only, got {t}")
+        if layout == "sampled" and isinstance(t, (int, float)) and t != draw_temperature:
+            p.append(f"sampled stores hold draws at T = {draw_temperature:g}, so they combine at temperature "
+                     f"{draw_temperature:g} only, got {t}")
         return p
 
-    def check(self, members: int, layout: str) -> None:
-        if problems := self.problems(members, layout):
+    def check(self, members: int, layout: str, draw_temperature: float = 1.0) -> None:
+        if problems := self.problems(members, layout, draw_temperature):
             raise ConfigError(problems)
 
     def normalised(self, members: int) -> Tensor:
@@ -146,15 +148,9 @@ def _union_ids(ids: Sequence[Tensor], width: int, num_classes: int) -> Tensor:
 
 
 def _teacher_buckets(t: TopKTarget, temperature: float, num_classes: int) -> tuple[Tensor, Tensor, int]:
-    """Bucket log-probs at T as kd softens them: ([B, K] stored classes, [B] tail, K)."""
-    v, lse = t.values.to(_F64), t.logsumexp.to(_F64)
-    k = v.shape[1]
-    if k >= num_classes:
-        tail = torch.full_like(lse, -math.inf)
-    else:
-        mass = (-torch.expm1(v.logsumexp(-1) - lse)).clamp_min(TAIL_FLOOR)
-        tail = lse + mass.log()
-    lp = torch.log_softmax(torch.cat([v, tail[:, None]], 1) / temperature, -1)
+    """The teacher's exact bucket log-probs at T, as the losses see them: ([B, K] stored classes, [B] tail, K)."""
+    k = t.ids.shape[1]
+    lp = t.bucket_log_probs(temperature, num_classes, _F64)
     return lp[:, :k], lp[:, k], k
 
 
@@ -191,9 +187,9 @@ def _topk(targets: Sequence[TopKTarget], how: Combination, num_classes: int) -> 
         values = torch.einsum("n,nbk->bk", w, lp)
         share = torch.einsum("n,nb->b", w, torch.stack(spreads))
         rest = share + math.log(c - width) if c > width else torch.full_like(share, -math.inf)
-    lse = torch.logsumexp(torch.cat([values, rest[:, None]], 1), -1)
     values, order = values.sort(dim=-1, descending=True, stable=True)
-    return TopKTarget(values.float(), cand.gather(1, order), lse.float())
+    # values / t and rest / t are the mixture's log-probabilities at t (up to one constant): its grid is (t,)
+    return TopKTarget(values.float(), cand.gather(1, order), (rest / t).float()[:, None], (t,))
 
 
 # -- sampled ----------------------------------------------------------------------------------------
@@ -239,7 +235,9 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
         ids_o = torch.cat([ids_o, ids_o.new_zeros(rows, pad)], 1)
         counts_o = torch.cat([counts_o, counts_o.new_zeros(rows, pad)], 1)
         logits_o = torch.cat([logits_o, logits_o.new_zeros(rows, pad)], 1)
-    return SampledTarget(ids_o, counts_o, logits_o.float(), torch.zeros(rows, dtype=torch.float32))
+    # logits / Td - 0 is the mixture's log-probability at the members' draw temperature Td
+    td = float(targets[0].temperature)
+    return SampledTarget(ids_o, counts_o, (td * logits_o).float(), torch.zeros(rows, dtype=torch.float32), td)
 
 
 def check_temperature(meta: object, temperature: float, where: str) -> None:
@@ -247,13 +245,12 @@ def check_temperature(meta: object, temperature: float, where: str) -> None:
 
     Its logits are ``T log mean softmax(z_i / T)``: at T' != T a loss would see the mixture
     raised to T / T' and renormalised, not the mixture at T'. Geometric ones hold at every T.
+    The check :meth:`softlabels.store.schema.StoreMetaV2.require_temperature` makes for every store.
     """
     teacher = getattr(meta, "teacher", None)
     ensemble = teacher.get("ensemble") if isinstance(teacher, dict) else None
     if not isinstance(ensemble, dict) or ensemble.get("mode") != "arithmetic":
         return
     made = ensemble.get("temperature")
-    if isinstance(made, (int, float)) and not math.isclose(float(made), float(temperature), rel_tol=1e-9):
-        raise ConfigError(f"{where} is an arithmetic ensemble made at T = {made:g}, so it is exact only when "
-                          f"trained at T = {made:g}, not {temperature:g}; pass --temperature {made:g}, or merge "
-                          f"again with --temperature {temperature:g}")
+    if isinstance(made, (int, float)):
+        require_temperature((float(made),), temperature, where, "ensemble")

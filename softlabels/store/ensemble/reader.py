@@ -50,7 +50,9 @@ class EnsembleStore(Units):
             for s in stores:
                 self.members.append(open_store(s, allow_partial=allow_partial) if not hasattr(s, "read_unit") else s)
             self._check_same()
-            self.how.check(len(self.members), self.members[0].meta.layout)
+            first = self.members[0].meta.layout_obj()
+            self.how.check(len(self.members), first.name, getattr(first, "temperature", 1.0))
+            self._check_temperatures()
             self.meta = self._combined_meta()
         except BaseException:
             self.close()
@@ -68,6 +70,18 @@ class EnsembleStore(Units):
         for b in self.members[1:]:
             for what, detail, cls in self._differences(a, b):
                 raise cls(f"{str(a.path)!r} and {str(b.path)!r} {what} ({detail}); {_FIX[cls]}")
+
+    def _check_temperatures(self) -> None:
+        """Every member must answer the T the combination is made at (sampled: their draw T; top-k: a tail
+        grid holding it); ids-only sampled stores hold no logits to mix."""
+        how = self.how
+        t = float(how.temperature) if how.mode == "arithmetic" else 1.0
+        for m in self.members:
+            if m.meta.layout == "sampled" and m.meta.layout_params.get("logits", True) is False:
+                raise ConfigError(f"{m.path} is an ids-only sampled store: it holds no logits, so the mixture's "
+                                  "probabilities are unknown; merge sampled stores generated with their logits")
+            if m.meta.layout != "dense" or how.mode == "arithmetic":
+                m.meta.require_temperature(t, str(m.path))
 
     @staticmethod
     def _differences(a: Any, b: Any):
@@ -103,11 +117,16 @@ class EnsembleStore(Units):
         if layout == "dense":
             params: dict[str, Any] = {}
         elif layout == "topk":
-            params = {"k": min(sum(int(m.meta.layout_params["k"]) for m in self.members), first.num_classes)}
+            made = float(self.how.temperature) if self.how.mode == "arithmetic" else 1.0
+            params = {"k": min(sum(int(m.meta.layout_params["k"]) for m in self.members), first.num_classes),
+                      "tail_temperatures": [made]}  # the combined tails answer the T they were made at
         else:
             mult = self.how.multiplicities(n)
             params = {"samples": sum(w * int(m.meta.layout_params["samples"]) for w, m in zip(mult, self.members)),
                       "seed": 0}
+            td = float(first.layout_obj().temperature)
+            if td != 1:
+                params["temperature"] = td
         ensemble = {**self.how.to_attrs(n),
                     "members": [{"store": str(Path(m.path).resolve()), "layout": m.meta.layout,
                                  "layout_params": m.meta.layout_params, "teacher": m.meta.teacher}
@@ -172,7 +191,7 @@ def _encode(layout: Layout, target: Any) -> dict[str, np.ndarray]:
     if layout.name == "dense":
         values = [target.logits.numpy()]
     elif layout.name == "topk":
-        values = [target.values.numpy(), encode_ids(target.ids, c).numpy(), target.logsumexp.numpy()]
+        values = [target.values.numpy(), encode_ids(target.ids, c).numpy(), target.tails.numpy()]
     else:
         values = [encode_ids(target.ids, c).numpy(), target.counts.numpy().astype(specs[names[1]].dtype),
                   target.logits.numpy(), target.logsumexp.numpy()]

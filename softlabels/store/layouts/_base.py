@@ -85,6 +85,8 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
             inf = 0x7F80 if a.dtype == np.uint16 else 0x7C00  # bfloat16 bits, float16
             bits = np.bitwise_and(a.view(np.uint16), 0x7FFF).reshape(len(a), math.prod(a.shape[1:]))
             rows = bits.max(axis=1, initial=0) < inf
+        elif a.dtype.kind == "f" and name in _NEG_INF_OK:  # -inf: an empty tail, a valid value
+            rows = ~(np.isnan(a) | np.isposinf(a)).reshape(len(a), math.prod(a.shape[1:])).any(axis=1)
         elif a.dtype.kind == "f":
             rows = np.isfinite(a).reshape(len(a), math.prod(a.shape[1:])).all(axis=1)
         else:
@@ -98,6 +100,8 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
 
 # arrays whose uint16 dtype means bfloat16 logits (ids are uint16 too)
 _BF16_ARRAYS = frozenset({fmt.LOGITS, fmt.TOPK_VALUES, "sampled_logits"})
+# float arrays where -inf is a value (the logsumexp of an empty top-k tail), NaN and +inf are not
+_NEG_INF_OK = frozenset({"tail_logsumexp"})
 
 
 def row_chunks(rows: int, cols: int, budget: int = 1 << 23) -> list[slice]:
@@ -151,6 +155,18 @@ class Layout:
         """What a store records to rebuild this layout (besides num_classes and logits_dtype): the
         keyword arguments of :func:`softlabels.store.layouts.make_layout`, so a store's ``layout_params`` round-trip."""
         return {}
+
+    def temperatures(self) -> tuple[float, ...] | None:
+        """The distillation temperatures this layout's stores answer exactly; ``None``: every T (dense)."""
+        return None
+
+    temperature_kind: ClassVar[str] = ""  # why a T is refused (softlabels.store.temperatures)
+
+    def require_temperature(self, temperature: float, where: str) -> None:
+        """Refuse, in one line naming ``where``, a T this layout's stores do not answer exactly."""
+        from softlabels.store.temperatures import require_temperature
+
+        require_temperature(self.temperatures(), temperature, where, self.temperature_kind)
 
     def validate(self, block: Mapping[str, np.ndarray]) -> list[str]:
         """Problems with stored content (shapes, dtypes, ids < C, ...); empty when valid."""

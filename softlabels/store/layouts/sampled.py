@@ -1,10 +1,15 @@
-"""The ``sampled`` layout: S draws from the teacher's T = 1 distribution, as unique ids and counts.
+"""The ``sampled`` layout: S draws from the teacher's distribution at a draw temperature Td.
 
 Anshumann et al. ("Sparse Logit Sampling", ACL 2025): cross-entropy against
-counts / S is an unbiased estimate of the full KD target at T = 1, where top-k
-is biased. Each position stores S slots: the unique ids drawn (by count,
-descending; ties by id), their counts, their raw logits and the row's logsumexp;
-unused slots hold id 0, count 0 and logit 0.
+counts / S is an unbiased estimate of the full KD target at the T the draws were
+taken at (``temperature``, Td; 1 by default), where top-k is biased; at any other T
+it is not, so a sampled store answers Td only. Each position stores S slots: the
+unique ids drawn (by count, descending; ties by id), their counts, their raw logits
+and the row's ``logsumexp(z / Td)``; unused slots hold id 0, count 0 and logit 0.
+With ``logits=False`` (ids only) it stores every draw, sorted ascending (repeats are
+the counts), and nothing else: S id bytes per position. The gradient of the estimator
+needs ids and counts only; what needs the teacher's probabilities (the KL value, the
+tail mass) is then unknown and said so.
 
 Draws are reproducible: the uniform number of draw d of a position comes from
 splitmix64 over (seed, sample id, position index, d), a counter-based hash, so
@@ -15,6 +20,7 @@ a CPU and a GPU, which can move a draw across a class boundary).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -80,13 +86,21 @@ def _count_dtype(samples: int) -> np.dtype:
 
 @dataclass(frozen=True, kw_only=True)
 class Sampled(Layout):
-    """``sampled_ids`` [S] (ids), ``sampled_counts`` [S] (uint8 for S <= 255), ``sampled_logits`` [S], ``logsumexp`` []."""
+    """``sampled_ids`` [S] (ids), ``sampled_counts`` [S] (uint8 for S <= 255), ``sampled_logits`` [S], ``logsumexp`` []
+    (= logsumexp(z / Td)); with ``logits=False`` only ``sampled_ids`` [S], every draw sorted ascending."""
 
     samples: int
     seed: int = 0
+    temperature: float = 1.0
+    logits: bool = True
 
     name = "sampled"
     default_loss = "sampled_kl"
+    temperature_kind = "sampled"
+
+    def temperatures(self) -> tuple[float, ...]:
+        """The one T a sampled store answers: its draw temperature."""
+        return (float(self.temperature),)
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -94,14 +108,26 @@ class Sampled(Layout):
             p.append(f"samples must be an integer in 1..65536, got {self.samples!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 1 << 63:
             p.append(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+            p.append(f"the draw temperature must be a finite number > 0, got {t!r}; pass e.g. --sample-temperature 1")
+        if not isinstance(self.logits, bool):
+            p.append(f"logits must be true or false, got {self.logits!r}")
         return p
 
     def params(self) -> dict[str, Any]:
-        return {"samples": int(self.samples), "seed": int(self.seed)}
+        out: dict[str, Any] = {"samples": int(self.samples), "seed": int(self.seed)}
+        if self.temperature != 1:  # absent: draws at T = 1 (every store written before Td was recorded)
+            out["temperature"] = float(self.temperature)
+        if not self.logits:  # absent: with logits
+            out["logits"] = False
+        return out
 
     def arrays(self) -> dict[str, fmt.ArraySpec]:
         s = self.samples
         ids, tail = id_dtype(self.num_classes)
+        if not self.logits:
+            return {SAMPLED_IDS: fmt.ArraySpec((s, *tail), ids)}
         return {
             SAMPLED_IDS: fmt.ArraySpec((s, *tail), ids),
             SAMPLED_COUNTS: fmt.ArraySpec((s,), _count_dtype(s)),
@@ -113,8 +139,13 @@ class Sampled(Layout):
         p = super().validate(block)
         if p:
             return p
-        # on the stored dtypes, no int64 copies: a unit is checked on every read (a third of the token
-        # stream's time was these copies)
+        if not self.logits:
+            self._check_ids(p, SAMPLED_IDS, block)
+            ids = decode_ids(block[SAMPLED_IDS]).numpy()
+            if ids.shape[-1] > 1 and (np.diff(ids, axis=-1) < 0).any():
+                p.append("sampled_ids of an ids-only store are not in ascending order within a row")
+            return p
+        # on the stored dtypes, no int64 copies: a unit is checked on every read
         counts = block[SAMPLED_COUNTS]
         sums = counts.sum(-1, dtype=np.int64)
         if len(sums) and (sums != self.samples).any():
@@ -122,13 +153,25 @@ class Sampled(Layout):
                      f"samples={self.samples}")
         if counts.shape[-1] > 1 and (counts[:, 1:] > counts[:, :-1]).any():
             p.append("sampled_counts are not in descending order")
-        ids = block[SAMPLED_IDS]
-        if not p and ids.dtype.kind == "u" and ids.ndim == 2:  # the largest id drawn (unused slots count as 0)
-            top = int(np.where(counts > 0, ids, 0).max(initial=0))
-            if top >= self.num_classes:
-                p.append(f"{SAMPLED_IDS} holds class id {top} but there are {self.num_classes} classes")
-        else:  # packed 3-byte ids, or v1's int32
-            self._check_ids(p, SAMPLED_IDS, block, counts > 0)
+        self._check_ids(p, SAMPLED_IDS, block, counts > 0)
+        if p or not len(counts):
+            return p
+        ids = decode_ids(block[SAMPLED_IDS]).numpy()
+        logits = self._decode_logits(block[SAMPLED_LOGITS]).double().numpy()
+        pad = counts == 0
+        if (ids[pad] != 0).any() or (logits[pad] != 0).any():
+            p.append("padding slots (count 0) must hold id 0 and logit 0")
+        keyed = np.where(pad, -1 - np.arange(counts.shape[-1]), ids)  # padding never repeats
+        if counts.shape[-1] > 1 and (np.diff(np.sort(keyed, -1), axis=-1) == 0).any():
+            p.append("sampled_ids name a class twice within a row")
+        lse = block[LOGSUMEXP].astype(np.float64)
+        if not np.isfinite(lse).all():
+            p.append("logsumexp holds NaN or inf")
+        elif np.isfinite(logits).all():
+            top = np.where(pad, -np.inf, logits).max(-1) / self.temperature
+            eps = float(torch.finfo(self.store_dtype).eps)
+            if (lse < top - (np.abs(top) * eps + 1e-4)).any():
+                p.append("logsumexp is below a stored logit / Td (the logsumexp covers every class)")
         return p
 
     def encode(self, logits: Tensor, *, sample_ids: Tensor | None = None, positions: Tensor | None = None
@@ -138,6 +181,9 @@ class Sampled(Layout):
                 or positions.shape != (len(logits),):
             raise ConfigError("the sampled layout needs sample_ids [B] and positions [B] (int64) to seed its "
                               "draws; pass both")
+        raw = logits
+        if self.temperature != 1:  # draws from softmax(z / Td): scaled in float32, recorded as Td
+            logits = logits.float() / self.temperature
         n = len(logits)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         u = uniforms(self.seed, sample_ids.to(logits.device), positions.to(logits.device), self.samples)
@@ -155,26 +201,32 @@ class Sampled(Layout):
             # scale by the row total so rounding of the sum never pushes a draw past the last class
             found = torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True)
             draws[rows] = found.clamp_(max=self.num_classes - 1)
+        if not self.logits:  # ids only: every draw, sorted (repeats are the counts)
+            return {SAMPLED_IDS: encode_ids(draws.sort(-1).values, self.num_classes)}
         ids, counts = _unique_counts(draws)
-        picked = logits.gather(1, ids).masked_fill(counts == 0, 0)
+        picked = raw.gather(1, ids).masked_fill(counts == 0, 0)
         return {SAMPLED_IDS: encode_ids(ids, self.num_classes),
                 SAMPLED_COUNTS: counts.to(_TORCH_COUNTS[_count_dtype(self.samples)]),
                 SAMPLED_LOGITS: picked.to(self.store_dtype), LOGSUMEXP: lse}
 
     def decode(self, block: Mapping[str, np.ndarray]) -> SampledTarget:
+        if not self.logits:
+            ids, counts = _unique_counts(decode_ids(block[SAMPLED_IDS]))
+            return SampledTarget(ids, counts.int(), None, None, float(self.temperature))
         return SampledTarget(decode_ids(block[SAMPLED_IDS]), torch.from_numpy(block[SAMPLED_COUNTS].astype(np.int32)),
-                             self._decode_logits(block[SAMPLED_LOGITS]), torch.from_numpy(block[LOGSUMEXP]))
+                             self._decode_logits(block[SAMPLED_LOGITS]), torch.from_numpy(block[LOGSUMEXP]),
+                             float(self.temperature))
 
     def inspect(self, target: SampledTarget) -> dict[str, Tensor]:
-        """Unique ids, the teacher's exact mass on them, and the entropy of the empirical distribution."""
+        """Unique ids, the teacher's exact mass on them at Td (not for ids only: unknown), and the entropy of the
+        empirical distribution."""
         freq = target.counts.float() / target.counts.sum(-1, keepdim=True).clamp_min(1)
-        return {"unique_ids": target.valid.sum(-1).float(),
-                "tail_mass": tail_mass(target.log_probs()),
-                "empirical_entropy": -(freq * freq.log()).nan_to_num().sum(-1)}
+        out = {"unique_ids": target.valid.sum(-1).float(),
+               "empirical_entropy": -(freq * freq.log()).nan_to_num().sum(-1)}
+        if target.has_logits:
+            out["tail_mass"] = tail_mass(target.log_probs())
+        return out
 
-
-_DRAW_BLOCK = {"cpu": 1 << 17, "cuda": 1 << 22}
-"""Elements of [rows, C] per block of the draw kernel, by device type (others: the cuda figure)."""
 
 _TORCH_COUNTS = {np.dtype("uint8"): torch.uint8, np.dtype("uint16"): torch.uint16, np.dtype("uint32"): torch.uint32}
 
@@ -193,3 +245,7 @@ def _unique_counts(draws: Tensor) -> tuple[Tensor, Tensor]:
     counts, order = counts.sort(dim=-1, descending=True, stable=True)  # runs are in id order: ties keep it
     ids = ids.gather(1, order).masked_fill_(counts == 0, 0)
     return ids, counts
+
+
+_DRAW_BLOCK = {"cpu": 1 << 17, "cuda": 1 << 22}
+"""Elements of [rows, C] per block of the draw kernel, by device type (others: the cuda figure)."""

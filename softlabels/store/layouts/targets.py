@@ -21,9 +21,14 @@ TAIL_FLOOR = torch.finfo(torch.float32).eps
 
 class _Target:
     def to(self, device: torch.device | str, non_blocking: bool = False):
-        """The same target with every tensor on ``device``."""
+        """The same target with every tensor on ``device`` (its temperatures stay Python numbers)."""
         return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                for f in fields(self)})
+                                for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
+
+    def select(self, rows: Tensor):
+        """The same target restricted to ``rows`` (an index or bool mask over its rows)."""
+        return replace(self, **{f.name: getattr(self, f.name)[rows]
+                                for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
 
     def __len__(self) -> int:
         return len(getattr(self, fields(self)[0].name))
@@ -39,9 +44,10 @@ class _Target:
 
 @dataclass(frozen=True)
 class DenseTarget(_Target):
-    """``logits`` [B, C]: the teacher's raw logits."""
+    """``logits`` [B, C]: the teacher's raw logits (they answer every T)."""
 
     logits: Tensor
+    temperatures = None
 
     def probs(self, temperature: float = 1.0) -> Tensor:
         """Teacher probabilities softmax(logits / T) [B, C], float32: exact at any T."""
@@ -57,15 +63,57 @@ class DenseTarget(_Target):
 
 @dataclass(frozen=True)
 class TopKTarget(_Target):
-    """``values`` [B, K] largest raw logits (descending), ``ids`` [B, K] int64, ``logsumexp`` [B] over all C."""
+    """The K largest raw logits and the tail's logsumexp on a temperature grid.
+
+    ``values`` [B, K] largest raw logits (descending), ``ids`` [B, K] int64, ``tails`` [B, G]:
+    ``logsumexp_{j not stored}(z_j / T_g)`` for each ``T_g`` of ``temperatures`` (-inf: no tail).
+    A store written before tails were recorded per T decodes to ``temperatures = (1.0,)``
+    (:meth:`from_logsumexp`).
+    """
 
     values: Tensor
     ids: Tensor
-    logsumexp: Tensor
+    tails: Tensor
+    temperatures: tuple[float, ...] = (1.0,)
 
-    def log_probs(self) -> Tensor:
-        """Exact teacher log-probabilities of the K stored classes at T = 1, float32 [B, K]."""
-        return self.values.float() - self.logsumexp.float().unsqueeze(-1)
+    @classmethod
+    def from_logsumexp(cls, values: Tensor, ids: Tensor, logsumexp: Tensor) -> TopKTarget:
+        """A target from the logsumexp over all C at T = 1 (the legacy top-k arrays): it answers T = 1 only.
+
+        The tail is ``lse + log(1 - sum_K exp(z_i - lse))``, its mass floored at :data:`TAIL_FLOOR`
+        (the stored float32 logsumexp's resolution).
+        """
+        lse = logsumexp.float()
+        mass = (-torch.expm1(values.float().logsumexp(-1) - lse)).clamp_min(TAIL_FLOOR)
+        return cls(values, ids, (lse + mass.log()).unsqueeze(-1), (1.0,))
+
+    def tail(self, temperature: float) -> Tensor:
+        """[B] the tail's logsumexp of z / T at a grid T (refused off the grid, in one line)."""
+        from softlabels.store.temperatures import require_temperature
+
+        require_temperature(self.temperatures, temperature, "this top-k target", "topk")
+        return self.tails[..., _grid_index(self.temperatures, temperature)]
+
+    @property
+    def logsumexp(self) -> Tensor:
+        """[B] float32 logsumexp of the raw logits over all C, at T = 1 (refused when 1 is not on the grid)."""
+        return torch.logaddexp(self.values.float().logsumexp(-1), self.tail(1.0).float())
+
+    def bucket_log_probs(self, temperature: float = 1.0, num_classes: int | None = None,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
+        """Exact teacher log-probabilities of p_T over K + 1 buckets (K stored ids, then the tail), [B, K + 1].
+
+        ``num_classes == K`` (all classes stored) makes the tail bucket -inf whatever is stored.
+        """
+        tail = self.tail(temperature).to(dtype)
+        if num_classes is not None and self.ids.shape[-1] >= num_classes:
+            tail = torch.full_like(tail, -math.inf)
+        v = self.values.to(dtype) / temperature
+        return torch.log_softmax(torch.cat([v, tail.unsqueeze(-1)], -1), -1)
+
+    def log_probs(self, temperature: float = 1.0) -> Tensor:
+        """Exact teacher log-probabilities of the K stored classes at a grid T, float32 [B, K]."""
+        return self.bucket_log_probs(temperature)[:, :-1]
 
     def probs(self, temperature: float = 1.0) -> Tensor:
         """The teacher's exact probabilities of the K stored classes [B, K] at T = 1 (other T: refused)."""
@@ -74,7 +122,7 @@ class TopKTarget(_Target):
 
     def densify(self, num_classes: int) -> Tensor:
         """[B, C] log-probs at T = 1: exact for the K stored classes, the tail mass spread evenly over the rest."""
-        return _spread(self.log_probs(), self.ids, num_classes)
+        return _spread(self.log_probs(1.0), self.ids, num_classes)
 
     def top1(self) -> Tensor:
         return self.ids[:, 0]
@@ -82,16 +130,18 @@ class TopKTarget(_Target):
 
 @dataclass(frozen=True)
 class SampledTarget(_Target):
-    """S draws from softmax(logits) at T = 1, as unique ids with counts (padding: count 0).
+    """S draws from softmax(z / Td) (``temperature`` = Td), as unique ids with counts (padding: count 0).
 
-    ``ids`` [B, S] int64, ``counts`` [B, S] int (descending; their row sum is S),
-    ``logits`` [B, S] the raw teacher logits of those ids, ``logsumexp`` [B] over all C.
+    ``ids`` [B, S] int64, ``counts`` [B, S] int (their row sum is S), ``logits`` [B, S] the raw
+    teacher logits of those ids and ``logsumexp`` [B] = logsumexp(z / Td) over all C; both None
+    for an ids-only store, which knows the draws but not the teacher's probabilities.
     """
 
     ids: Tensor
     counts: Tensor
-    logits: Tensor
-    logsumexp: Tensor
+    logits: Tensor | None = None
+    logsumexp: Tensor | None = None
+    temperature: float = 1.0
 
     @property
     def samples(self) -> int:
@@ -101,9 +151,27 @@ class SampledTarget(_Target):
     def valid(self) -> Tensor:
         return self.counts > 0
 
-    def log_probs(self) -> Tensor:
-        """Exact teacher log-probabilities of the sampled ids at T = 1, float32 [B, S] (padding: -inf)."""
-        lp = self.logits.float() - self.logsumexp.float().unsqueeze(-1)
+    @property
+    def has_logits(self) -> bool:
+        return self.logits is not None and self.logsumexp is not None
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """The one T this target answers: its draw temperature."""
+        return (float(self.temperature),)
+
+    def log_probs(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Exact teacher log-probabilities of the sampled ids at Td, [B, S] in ``dtype`` (padding: -inf).
+
+        An ids-only target cannot answer: refused in one line.
+        """
+        if not self.has_logits:
+            from softlabels.errors import ConfigError
+
+            raise ConfigError("an ids-only sampled store holds the draws but not the teacher's logits, so the "
+                              "teacher's probabilities (an exact KL, the tail mass) are unknown; regenerate with "
+                              "'softlabels generate --layout sampled' without --sampled-ids-only to get them")
+        lp = self.logits.to(dtype) / self.temperature - self.logsumexp.to(dtype).unsqueeze(-1)
         return lp.masked_fill(~self.valid, -math.inf)
 
     def probs(self, temperature: float = 1.0) -> Tensor:
@@ -119,8 +187,13 @@ class SampledTarget(_Target):
         return out.scatter_reduce(1, self.ids, freq.log(), reduce="amax")
 
     def top1(self) -> Tensor:
-        """The most probable drawn id (by the teacher's exact probability, not the count)."""
-        return self.ids.gather(1, self.log_probs().argmax(-1, keepdim=True)).squeeze(-1)
+        """The most probable drawn id (by the teacher's exact probability; ids-only: the most drawn)."""
+        score = self.log_probs() if self.has_logits else self.counts.float()
+        return self.ids.gather(1, score.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _grid_index(grid: tuple[float, ...], temperature: float) -> int:
+    return min(range(len(grid)), key=lambda i: abs(grid[i] - float(temperature)))
 
 
 def _spread(logp_k: Tensor, ids: Tensor, num_classes: int) -> Tensor:

@@ -189,7 +189,8 @@ def spread_views(batch: dict[str, Any], k: int, layout: Any) -> dict[str, Any]:
     """A batch of B samples with k views each (``[B, k, ...]`` teacher arrays, ``view``, ``view_params``) as
     B·k rows, sample by sample: the per-view arrays flattened, everything per sample (``x``, labels, ids)
     repeated k times. Done on the device, so the input crosses from the loader once per sample."""
-    per_view = {*layout.arrays(), VIEW_PARAMS, VIEW}
+    # the target's arrays (a top-k store without a tail grid decodes its logsumexp to tail_logsumexp)
+    per_view = {*layout.arrays(), "tail_logsumexp", VIEW_PARAMS, VIEW}
     out = {}
     for key, v in batch.items():
         if not isinstance(v, torch.Tensor):

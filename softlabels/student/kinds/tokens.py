@@ -24,6 +24,7 @@ same batches of token data alone, for hard next-token CE without a store.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -53,7 +54,7 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def select_rows(target: Any, rows: torch.Tensor) -> Any:
     """The same target restricted to ``rows`` (an index or bool mask over its rows)."""
-    return dataclasses.replace(target, **{f.name: getattr(target, f.name)[rows] for f in dataclasses.fields(target)})
+    return target.select(rows)
 
 
 class TokenRows:
@@ -152,7 +153,8 @@ class TokenRows:
             batch = {"ids": _owned(tokens.ids[a:b, :width]), "targets": _owned(targets[a:b, :width]),
                      "loss_mask": _owned(loss_mask[a:b, :width]), "lengths": tokens.lengths[a:b],
                      "sample_ids": ids[a:b], "index": index[p0:p1]}
-            batch.update({k: v[p0:p1] for k, v in teacher.items()})
+            # tensors per position; the temperatures of the target are numbers, alike for every batch
+            batch.update({k: v[p0:p1] if isinstance(v, torch.Tensor) else v for k, v in teacher.items()})
             out.append(batch)
         return out
 
@@ -276,8 +278,8 @@ def lm_loss(logits: torch.Tensor, batch: dict[str, Any], soft: nn.Module | None,
         ce = F.cross_entropy(s.float(), labels, reduction="sum")
         return alpha * ce if soft is not None else ce, ce.detach(), zero
     target = select_rows(as_target(batch), keep)
-    if renormalize and isinstance(target, TopKTarget):
-        target = dataclasses.replace(target, logsumexp=target.values.float().logsumexp(-1))
+    if renormalize and isinstance(target, TopKTarget):  # no tail bucket: every T of the grid sees an empty tail
+        target = dataclasses.replace(target, tails=torch.full_like(target.tails.float(), -math.inf))
     fused = getattr(soft, "rows_with_ce", None) if alpha > 0 else None
     if fused is not None:  # one pass over the student's logits for both terms
         soft_rows, ce_rows = fused(s, target, labels)
