@@ -48,7 +48,6 @@ COVERED_ELSEWHERE = {
     "E1419": "tests/test_augment.py::test_errors_match_the_catalogue",
     # token generate (softlabels.teacher.tokens)
     "E1800": "tests/test_token_producer.py::test_token_producer_refusals",
-    "E1911": "tests/test_ensemble.py::test_refusals_in_the_library",  # readers of merged stores call it
     "E1782": "tests/test_augment.py::test_errors_match_the_catalogue",  # a user op module on sys.path
     "E1541": "tests/test_hf_cli.py::test_a_broken_torchvision_is_named_with_its_fix",  # a broken package, in a subprocess
 }
@@ -890,7 +889,20 @@ CASES.update({
     "E1909": lambda c: _merge(c, _sampled(c, "a.zarr", 0), _sampled(c, "b.zarr", 1), extra=("--temperature", "2")),
     "E1910": lambda c: _merge(c, c.env.h5, c.env.zarr, extra=("--weights", "0,1")),
     "E1912": lambda c: c.train("--ensemble", c.env.h5, "--ensemble", c.env.zarr, "--store", c.env.h5),
+    "E1911": lambda c: c.train("--store", _merged(c), "--temperature", "4"),
+    "E1913": lambda c: c.cli("merge", "--store", c.env.h5, "--store", _merged(c), "--temperature", "3",
+                             "--out", c.tmp / "again.zarr"),
+    "E1914": lambda c: _merge(c, c.env.h5, c.env.zarr, extra=("--weights", "1e308,1e308")),
+    "E1915": lambda c: c.cli("eval", "--checkpoint", c.env.run, "--data", c.env.data, "--store", _merged(c)),
 })
+
+
+def _merged(c: Ctx) -> Path:
+    """An arithmetic ensemble store merged at T = 2."""
+    r = _merge(c, c.env.h5, c.env.zarr)
+    assert r.exit_code == 0, r.output
+    return c.tmp / "merged.zarr"
+
 
 
 # 20. several views per input read

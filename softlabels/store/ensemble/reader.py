@@ -19,7 +19,7 @@ import torch
 
 from softlabels.errors import ConfigError, StoreMismatch
 from softlabels.store import format as fmt
-from softlabels.store.ensemble.combination import Combination, combine
+from softlabels.store.ensemble.combination import Combination, check_member, combine
 from softlabels.store.handle import Units
 from softlabels.store.layouts import Layout, encode_ids
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS
@@ -51,6 +51,8 @@ class EnsembleStore(Units):
                 self.members.append(open_store(s, allow_partial=allow_partial) if not hasattr(s, "read_unit") else s)
             self._check_same()
             self.how.check(len(self.members), self.members[0].meta.layout)
+            for m in self.members:
+                check_member(m.meta, self.how, str(m.path))
             self.meta = self._combined_meta()
         except BaseException:
             self.close()
