@@ -310,20 +310,26 @@ def damage_chunk(store: Path, damage: Callable[[bytes], bytes]) -> Path:
 
 
 def set_value(store: Path, name: str, row: int, value: int) -> Path:
-    """Write one value into an HDF5 sample store and re-checksum its unit: damage that checksums cannot see."""
+    """Write one value into a sample or views store (HDF5 or Zarr) and re-checksum its unit: damage that
+    checksums cannot see."""
     from softlabels.store.backend import open_backend
     from softlabels.store.schema import StoreMetaV2, unit_checksum
 
-    with h5py.File(store, "r+") as f:
-        f[name][row] = value
+    def edit(set_row: Callable[[Any], None]) -> None:
+        if store.suffix == ".zarr":
+            set_row(zarr.open_group(str(store), mode="r+"))
+            return
+        with h5py.File(store, "r+") as f:
+            set_row(f)
+
+    edit(lambda f: f[name].__setitem__(row, value))
     b = open_backend(store, "r")
     meta = StoreMetaV2.from_attrs(b.attrs())
     u = row // meta.geometry.unit_samples
     s0, s1 = meta.geometry.unit_samples_range(u)
     block = {k: b.read(k, s0, s1) for k in meta.checksum_order()}
     b.close()
-    with h5py.File(store, "r+") as f:
-        f["unit_checksums"][u] = unit_checksum(meta, block)
+    edit(lambda f: f["unit_checksums"].__setitem__(u, unit_checksum(meta, block)))
     return store
 
 
@@ -812,6 +818,14 @@ CASES.update({
 })
 
 
+@case("E1714")
+def _(c):
+    store = views_store(c, augment="crop(8,padding=1)")  # 8x8 inputs: offsets 0..2
+    g = zarr.open_group(str(store), mode="r+")
+    g.attrs["source"] = {k: v for k, v in g.attrs["source"].items() if k != "input_shape"}  # as older stores
+    return c.gen("--views-from", set_value(store, "view_params", 3, 7), data=image_npz(c), out=c.tmp / "again.zarr")
+
+
 @case("E1711")
 def _(c):
     (c.tmp / "errcat_aug.py").write_text("from softlabels.inputs.augment import RandomHorizontalFlip\n"
@@ -903,6 +917,11 @@ def _merged(c: Ctx) -> Path:
     assert r.exit_code == 0, r.output
     return c.tmp / "merged.zarr"
 
+
+@case("E1304")
+def _(c):
+    store = set_value(_v2(c, positions="views")[0], "view_params", 3, 7)  # flip = 7, and crop offsets of 7
+    return c.train("--store", store, student="linear")
 
 
 # 20. several views per input read
