@@ -467,6 +467,8 @@ CASES: dict[str, Callable[[Ctx], Any]] = {
     "E1302": lambda c: c.train("--store", set_value(c.copy(c.env.topk), "topk_indices", 20, C + 3),
                                "--loss", "topk_kl"),
     "E1303": lambda c: c.train("--data", "errcat_data:worker_only", "--num-workers", "2"),
+    "E1111": lambda c: c.train("--store", set_value(c.copy(c.env.h5), "sample_ids", 1, 20)),
+    "E1112": lambda c: c.train("--store", set_value(c.copy(c.env.h5), "sample_ids", 1, -5)),
 }
 
 

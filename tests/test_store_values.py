@@ -132,9 +132,14 @@ def test_duplicate_sample_ids_are_listed_with_their_units(tmp_path):
     assert f"sample id {sid} is also in unit(s) 2" in r.stdout and f"sample id {sid} is also in unit(s) 0" in r.stdout
     info = json.loads(run_cli("inspect", "--verify", "--json", str(path)).stdout)
     assert info["corrupt_chunks"] == [0, 2] and set(info["corrupt_reasons"]) == {"0", "2"}
-    _set(path, "sample_ids", 2, arrays["sample_ids"][20])  # twice within unit 0: the unit's own check
-    with UnitStore(path, allow_partial=True) as store, pytest.raises(CorruptStore, match="appears 2 times"):
-        store.read_unit(0)
+    _set(path, "sample_ids", 2, arrays["sample_ids"][20])  # now twice within unit 0 as well
+    with pytest.raises(CorruptStore, match=f"holds sample id {sid} 3 times"):  # read whole: refused when opened
+        open_store(path)
+    _set(path, "sample_ids", slice(None), -1 - np.arange(len(arrays["sample_ids"])))
+    with pytest.raises(CorruptStore, match="negative sample id"):
+        open_store(path)
+    with UnitStore(path, allow_partial=True) as store, pytest.raises(CorruptStore, match="is negative"):
+        store.read_unit(0)  # each unit read checks it too
 
 
 def test_a_store_with_every_unit_written_but_not_finished_says_so(tmp_path):

@@ -128,7 +128,12 @@ class ReadHandle(Units):
                      f"all {meta.num_units} units written but the store never marked complete")
             raise IncompleteStore(f"{self.path} is incomplete (status {meta.status!r}, {state}); finish it by "
                                   f"{self._rerun}")
-        if len(dup := duplicates(ids := self.whole("sample_ids"))):
+        ids = self.whole("sample_ids")
+        if len(ids) and ids.min() < 0:
+            self.close()
+            raise CorruptStore(f"{self.path} holds the negative sample id {int(ids.min())} (row "
+                               f"{int(ids.argmin())}); sample ids index the data: {self._fix}")
+        if len(dup := duplicates(ids)):
             rows = np.flatnonzero(np.isin(ids, dup[:1]))
             self.close()
             raise CorruptStore(f"{self.path} holds sample id {int(dup[0])} {len(rows)} times (rows "
@@ -187,8 +192,9 @@ class ReadHandle(Units):
             for d in duplicates(all_ids):
                 shared = np.unique(units[all_ids == d]).tolist()
                 for u in shared:
-                    others = chunk_list([x for x in shared if x != u]) or "this one"
-                    why.setdefault(u, f"sample id {int(d)} is also in unit(s) {others}")
+                    others = chunk_list([x for x in shared if x != u])
+                    why.setdefault(u, f"sample id {int(d)} is also in unit(s) {others}" if others else
+                                   f"sample id {int(d)} appears more than once")
         return sorted(why)
 
     def size_on_disk(self) -> int:

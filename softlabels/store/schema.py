@@ -9,6 +9,7 @@ through :mod:`softlabels.store.v1`, which presents it in these terms.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -249,10 +250,23 @@ def check_unit(meta: StoreMetaV2, block: Mapping[str, np.ndarray], *, where: str
                            f"outside -1..{c - 1}; {fix}")
     if positions is not None and (problems := positions.value_problems(block)):
         raise CorruptStore(f"{where} holds invalid {positions.kind} values ({'; '.join(problems)}); {fix}")
-    layout = layout or meta.layout_obj()
+    if layout is None:
+        try:
+            layout = _layout(meta.layout, meta.num_classes, meta.logits_dtype,
+                             tuple(sorted(meta.layout_params.items())))
+        except TypeError:  # a parameter value that cannot be a cache key
+            layout = meta.layout_obj()
     problems = layout.validate({k: block[k].reshape(-1, *s.shape) for k, s in layout.arrays().items()})
     if problems:
         raise CorruptStore(f"{where} holds invalid {layout.name} arrays ({'; '.join(problems)}); {fix}")
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(name: str, num_classes: int, logits_dtype: str, params: tuple) -> Layout:
+    """The layout a unit is checked with, made once per store (not per unit)."""
+    from softlabels.store.layouts import make_layout
+
+    return make_layout(name, num_classes=num_classes, logits_dtype=logits_dtype, **dict(params))
 
 
 def duplicates(ids: np.ndarray) -> np.ndarray:

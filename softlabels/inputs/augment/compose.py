@@ -81,22 +81,30 @@ class ParamRanges:
                    tuple(sums))
 
     def problems(self, params: np.ndarray, names: Sequence[str] = ()) -> list[str]:
-        """What is wrong with ``params`` [..., P] (empty when every value lies in its range)."""
+        """What is wrong with ``params`` [..., P] (empty when every value lies in its range).
+
+        One min and one max per column (a NaN or an infinity shows in them), and for float
+        params one pass over the whole-number columns: no per-row Python. The columns are
+        reduced from a transposed copy (numpy reduces a long contiguous axis ~8x faster than
+        the leading axis of a narrow array).
+        """
         p = np.asarray(params).reshape(-1, len(self.low))
         if not len(p):
             return []
         name = lambda i: names[i] if i < len(names) else f"parameter {i}"  # noqa: E731
-        if not np.isfinite(p).all():
-            return [f"{name(int(np.flatnonzero(~np.isfinite(p).all(0))[0]))} holds NaN or inf"]
-        lo, hi = p.min(0), p.max(0)
+        cols = np.ascontiguousarray(p.T)
+        lo, hi = cols.min(1), cols.max(1)
+        if p.dtype.kind == "f" and not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            bad = ~(np.isfinite(lo) & np.isfinite(hi))
+            return [f"{name(int(np.flatnonzero(bad)[0]))} holds NaN or inf"]
         out = [f"{name(i)} is {lo[i] if lo[i] < self.low[i] else hi[i]:g}, outside "
                f"{self.low[i]:g}..{self.high[i]:g}" for i in np.flatnonzero((lo < self.low) | (hi > self.high))]
-        if self.whole.any():
-            w = p[:, self.whole]
-            for i in np.flatnonzero(self.whole)[(w != np.floor(w)).any(0)]:
+        if p.dtype.kind == "f" and self.whole.any():
+            w = cols[self.whole]
+            for i in np.flatnonzero(self.whole)[(w != np.floor(w)).any(1)]:
                 out.append(f"{name(i)} holds a fraction, but its values are whole numbers")
         for i, j, limit in self.sums:
-            if (p[:, i] + p[:, j] > limit).any():
+            if (cols[i].astype(np.float64) + cols[j] > limit).any():
                 out.append(f"{name(i)} + {name(j)} exceeds {limit:g}")
         return out
 

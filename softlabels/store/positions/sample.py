@@ -37,5 +37,5 @@ class SamplePositions:
         return {}
 
     def value_problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
-        """Sample ids >= 0, none twice in the unit."""
+        """Sample ids >= 0."""
         return sample_id_problems(block)

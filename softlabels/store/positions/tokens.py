@@ -114,8 +114,8 @@ class TokenPositions:
                            "axis_length": self.axis_length}}
 
     def value_problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
-        """Sample ids >= 0, none twice in the unit. (Offsets and lengths are checked against each other
-        once, when the store is opened: every unit's come from them.)"""
+        """Sample ids >= 0. (Offsets and lengths are checked against each other once, when the store is
+        opened: every unit's come from them.)"""
         return sample_id_problems(block)
 
 
