@@ -48,7 +48,6 @@ COVERED_ELSEWHERE = {
     "E1419": "tests/test_augment.py::test_errors_match_the_catalogue",
     # token generate (softlabels.teacher.tokens)
     "E1800": "tests/test_token_producer.py::test_token_producer_refusals",
-    "E1911": "tests/test_ensemble.py::test_refusals_in_the_library",  # readers of merged stores call it
     "E1782": "tests/test_augment.py::test_errors_match_the_catalogue",  # a user op module on sys.path
     "E1541": "tests/test_hf_cli.py::test_a_broken_torchvision_is_named_with_its_fix",  # a broken package, in a subprocess
     "E1430": "tests/test_torchvision_names.py::test_what_cannot_replay_is_refused_in_one_line",
@@ -320,20 +319,26 @@ def damage_chunk(store: Path, damage: Callable[[bytes], bytes]) -> Path:
 
 
 def set_value(store: Path, name: str, row: int, value: int) -> Path:
-    """Write one value into an HDF5 sample store and re-checksum its unit: damage that checksums cannot see."""
+    """Write one value into a sample or views store (HDF5 or Zarr) and re-checksum its unit: damage that
+    checksums cannot see."""
     from softlabels.store.backend import open_backend
     from softlabels.store.schema import StoreMetaV2, unit_checksum
 
-    with h5py.File(store, "r+") as f:
-        f[name][row] = value
+    def edit(set_row: Callable[[Any], None]) -> None:
+        if store.suffix == ".zarr":
+            set_row(zarr.open_group(str(store), mode="r+"))
+            return
+        with h5py.File(store, "r+") as f:
+            set_row(f)
+
+    edit(lambda f: f[name].__setitem__(row, value))
     b = open_backend(store, "r")
     meta = StoreMetaV2.from_attrs(b.attrs())
     u = row // meta.geometry.unit_samples
     s0, s1 = meta.geometry.unit_samples_range(u)
     block = {k: b.read(k, s0, s1) for k in meta.checksum_order()}
     b.close()
-    with h5py.File(store, "r+") as f:
-        f["unit_checksums"][u] = unit_checksum(meta, block)
+    edit(lambda f: f["unit_checksums"].__setitem__(u, unit_checksum(meta, block)))
     return store
 
 
@@ -471,6 +476,8 @@ CASES: dict[str, Callable[[Ctx], Any]] = {
     "E1302": lambda c: c.train("--store", set_value(c.copy(c.env.topk), "topk_indices", 20, C + 3),
                                "--loss", "topk_kl"),
     "E1303": lambda c: c.train("--data", "errcat_data:worker_only", "--num-workers", "2"),
+    "E1111": lambda c: c.train("--store", set_value(c.copy(c.env.h5), "sample_ids", 1, 20)),
+    "E1112": lambda c: c.train("--store", set_value(c.copy(c.env.h5), "sample_ids", 1, -5)),
 }
 
 
@@ -828,6 +835,14 @@ CASES.update({
 })
 
 
+@case("E1714")
+def _(c):
+    store = views_store(c, augment="crop(8,padding=1)")  # 8x8 inputs: offsets 0..2
+    g = zarr.open_group(str(store), mode="r+")
+    g.attrs["source"] = {k: v for k, v in g.attrs["source"].items() if k != "input_shape"}  # as older stores
+    return c.gen("--views-from", set_value(store, "view_params", 3, 7), data=image_npz(c), out=c.tmp / "again.zarr")
+
+
 @case("E1711")
 def _(c):
     (c.tmp / "errcat_aug.py").write_text("from softlabels.inputs.augment import RandomHorizontalFlip\n"
@@ -905,6 +920,11 @@ CASES.update({
     "E1909": lambda c: _merge(c, _sampled(c, "a.zarr", 0), _sampled(c, "b.zarr", 1), extra=("--temperature", "2")),
     "E1910": lambda c: _merge(c, c.env.h5, c.env.zarr, extra=("--weights", "0,1")),
     "E1912": lambda c: c.train("--ensemble", c.env.h5, "--ensemble", c.env.zarr, "--store", c.env.h5),
+    "E1911": lambda c: c.train("--store", _merged(c), "--temperature", "4"),
+    "E1913": lambda c: c.cli("merge", "--store", c.env.h5, "--store", _merged(c), "--temperature", "3",
+                             "--out", c.tmp / "again.zarr"),
+    "E1914": lambda c: _merge(c, c.env.h5, c.env.zarr, extra=("--weights", "1e308,1e308")),
+    "E1915": lambda c: c.cli("eval", "--checkpoint", c.env.run, "--data", c.env.data, "--store", _merged(c)),
 })
 
 
@@ -941,6 +961,19 @@ CASES.update({
     "E2707": lambda c: c.gen("--tail-temperatures", "1,2"),
     "E2708": lambda c: _merge(c, _ids_only(c, "a.h5"), _ids_only(c, "b.h5")),
 })
+
+
+def _merged(c: Ctx) -> Path:
+    """An arithmetic ensemble store merged at T = 2."""
+    r = _merge(c, c.env.h5, c.env.zarr)
+    assert r.exit_code == 0, r.output
+    return c.tmp / "merged.zarr"
+
+
+@case("E1304")
+def _(c):
+    store = set_value(_v2(c, positions="views")[0], "view_params", 3, 7)  # flip = 7, and crop offsets of 7
+    return c.train("--store", store, student="linear")
 
 
 # 20. several views per input read
@@ -1171,10 +1204,6 @@ def _(c):
     return _resume_with(c, model=lambda ck: {k: torch.zeros(2) for k in ck["model"]})
 
 
-@case("E1111")
-def _(c):
-    p = edit_h5(c.copy(c.env.h5), lambda f: f["sample_ids"].__setitem__(slice(0, 2), [5, 5]))
-    return c.train("--store", p)
 
 
 def claimed_store(path: Path, *, num_samples: int, num_classes: int, chunk_rows: int, done=()) -> Path:

@@ -60,7 +60,7 @@ def _unit_arrays(w: UnitWriter, u: int, rng: np.random.Generator) -> dict[str, n
         a = a.view(torch.int16).numpy().view(np.uint16) if a.dtype == torch.bfloat16 else a.numpy()
         out[k] = a.reshape((rows, *arrays[k].shape[1:]))
     if meta.positions == "views":
-        out["view_params"] = rng.integers(0, 3, size=(s1 - s0, *arrays["view_params"].shape[1:])).astype(np.float32)
+        out["view_params"] = rng.integers(0, 2, size=(s1 - s0, *arrays["view_params"].shape[1:])).astype(np.float32)
     out["labels"] = rng.integers(-1, meta.num_classes, size=s1 - s0)
     out["sample_ids"] = np.arange(s0, s1) * 10
     return out

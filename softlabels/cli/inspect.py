@@ -9,11 +9,15 @@ import click
 from softlabels.cli.storage import storage_option
 
 
+_REASONS = 20  # bad units listed in the table
+
+
 @click.command("inspect", short_help="Describe a store: status, sizes, labels and teacher statistics.")
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--verify", is_flag=True,
-              help="Read every chunk and check its checksum; exit status 1 when any chunk is corrupt.")
+              help="Read every chunk and check its checksum and values; list each bad one with its problem, "
+                   "and exit with status 1 when any is bad.")
 @storage_option
 def command(store: str, as_json: bool, verify: bool) -> None:
     """Describe STORE: format, layout, sizes, status, labels and teacher statistics."""
@@ -55,6 +59,10 @@ def command(store: str, as_json: bool, verify: bool) -> None:
                                   "--repair with the original arguments)" if bad else "all chunks verified"))
     elif info["unreadable_chunks"]:
         rows.append(("damaged", f"chunks {chunk_list(info['unreadable_chunks'])} cannot be read (run with --verify)"))
+    if verify:  # one row per bad unit, with its first problem
+        rows += [(f"  unit {u}", why) for u, why in list(info["corrupt_reasons"].items())[:_REASONS]]
+        if len(info["corrupt_reasons"]) > _REASONS:
+            rows.append(("  ...", f"{len(info['corrupt_reasons']) - _REASONS} more (--json lists every one)"))
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")

@@ -132,6 +132,10 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     data, num_classes = _data(data_spec, config, lm), int(config["num_classes"])
     opened = None if store is None else open_store(store)
     try:
+        if opened is not None:  # the teacher metrics compare at T = 1
+            from softlabels.store.ensemble import check_temperature
+
+            check_temperature(opened.meta, 1.0, str(store), command="eval")
         if opened is not None and opened.meta.num_classes != num_classes:
             raise ModelMismatch(
                 f"the student has a vocabulary of {num_classes} but store {str(store)!r} has "

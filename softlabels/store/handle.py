@@ -9,6 +9,7 @@ h5py files are opened in the process that reads them.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,12 @@ __all__ = ["ReadHandle", "Units"]
 _OPENING = threading.RLock()
 os.register_at_fork(after_in_child=lambda: globals().update(_OPENING=threading.RLock()))  # never held across a fork
 Expected = dict[str, tuple[tuple[int, ...], np.dtype, int | None, bool]]  # name -> shape, dtype, chunk, backed
+
+
+def _reason(message: str) -> str:
+    """A unit's problem without the unit, the path and the fix: what ``inspect --verify`` lists."""
+    body = re.sub(r"^(unit|chunk) \d+ \((samples|rows) \d+\.\.\d+\) of .+? (?=holds |fails |names |is )", "", message)
+    return body.split("; regenerate")[0].split("; repair")[0]
 
 
 class Units:
@@ -121,9 +128,16 @@ class ReadHandle(Units):
             return
         if not meta.complete:
             self.close()
-            raise IncompleteStore(f"{self.path} is incomplete (status {meta.status!r}, {len(missing)} of "
-                                  f"{meta.num_units} units missing: {chunk_list(missing)}); finish it by {self._rerun}")
-        if len(dup := duplicates(ids := self.whole("sample_ids"))):
+            state = (f"{len(missing)} of {meta.num_units} units missing: {chunk_list(missing)}" if missing else
+                     f"all {meta.num_units} units written but the store never marked complete")
+            raise IncompleteStore(f"{self.path} is incomplete (status {meta.status!r}, {state}); finish it by "
+                                  f"{self._rerun}")
+        ids = self.whole("sample_ids")
+        if len(ids) and ids.min() < 0:
+            self.close()
+            raise CorruptStore(f"{self.path} holds the negative sample id {int(ids.min())} (row "
+                               f"{int(ids.argmin())}); sample ids index the data: {self._fix}")
+        if len(dup := duplicates(ids)):
             rows = np.flatnonzero(np.isin(ids, dup[:1]))
             self.close()
             raise CorruptStore(f"{self.path} holds sample id {int(dup[0])} {len(rows)} times (rows "
@@ -153,33 +167,41 @@ class ReadHandle(Units):
         """A whole per-sample array (``labels``, ``sample_ids``, ``view_params``), in sample order."""
         return self._handle().read(name, 0, self.meta.num_samples)
 
-    def verify(self, each: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> list[int]:
-        """Finished units that cannot be read, fail their checksum or value checks, name a class twice
-        in a top-k row, or share a sample id with another unit (every copy is listed).
+    def verify(self, each: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+               reasons: dict[int, str] | None = None) -> list[int]:
+        """Finished units that cannot be read, fail their checksum or any value check (labels, the position
+        kind's values, the layout's arrays), name a class twice in a top-k row, or share a sample id with
+        another unit (every copy is listed).
 
-        ``each(unit, block)`` is called with every unit that passes the per-unit checks."""
+        ``each(unit, block)`` is called with every unit that passes the per-unit checks; ``reasons``, when
+        given, receives each bad unit's first problem."""
         from softlabels.store.layouts import decode_ids
 
-        bad, ids, owner = [], [], []
+        why: dict[int, str] = {} if reasons is None else reasons
+        ids, owner = [], []
         k = self.meta.layout_params.get("k") if self.meta.layout == "topk" else None
         for u in map(int, np.flatnonzero(self.unit_done())):
             try:
                 block = self.read_unit(u, verify=True)
-            except CorruptStore:
-                bad.append(u)
+            except CorruptStore as err:
+                why[u] = _reason(str(err))
                 continue
             if k and repeated_in_rows(decode_ids(block["topk_indices"]).numpy().reshape(-1, k)).any():
-                bad.append(u)
+                why[u] = "a top-k row names a class twice"
                 continue
             if each is not None:
                 each(u, block)
             ids.append(block["sample_ids"])
             owner.append(np.full(len(ids[-1]), u, dtype=np.int64))
         if ids:
-            all_ids = np.concatenate(ids)
-            if len(dup := duplicates(all_ids)):
-                bad += np.unique(np.concatenate(owner)[np.isin(all_ids, dup)]).tolist()
-        return sorted(set(bad))
+            all_ids, units = np.concatenate(ids), np.concatenate(owner)
+            for d in duplicates(all_ids):
+                shared = np.unique(units[all_ids == d]).tolist()
+                for u in shared:
+                    others = chunk_list([x for x in shared if x != u])
+                    why.setdefault(u, f"sample id {int(d)} is also in unit(s) {others}" if others else
+                                   f"sample id {int(d)} appears more than once")
+        return sorted(why)
 
     def size_on_disk(self) -> int:
         return self._handle().size_on_disk()

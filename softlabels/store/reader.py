@@ -141,7 +141,7 @@ class UnitStore(ReadHandle):
         if verify and unit_checksum(self.meta, block) != int(recorded[0]):
             raise CorruptStore(f"{where} fails its checksum (the data on disk changed after it was written); "
                                f"{_REPAIR}")
-        check_unit(self.meta, block, where=where, fix=_REPAIR)
+        check_unit(self.meta, block, where=where, fix=_REPAIR, positions=self.positions)
         if isinstance(self.positions, TokenPositions):
             block[OFFSETS] = block[OFFSETS] - a0
         return block

@@ -9,6 +9,7 @@ through :mod:`softlabels.store.v1`, which presents it in these terms.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -24,8 +25,8 @@ from softlabels.store.positions import (
     UnitGeometry,
     ViewPositions,
 )
-from softlabels.store.positions.tokens import LENGTHS, OFFSETS
-from softlabels.store.positions.views import PARAM_DTYPES, VIEW_PARAMS
+from softlabels.store.positions.tokens import LENGTHS, OFFSETS, token_attr_problems
+from softlabels.store.positions.views import PARAM_DTYPES, VIEW_PARAMS, view_attr_problems
 
 if TYPE_CHECKING:
     from softlabels.store.layouts import Layout
@@ -118,11 +119,9 @@ class StoreMetaV2:
             dtype = v.get("param_dtype", "float32")
             if not isinstance(dtype, str) or dtype not in PARAM_DTYPES:
                 p.append(f"views' param_dtype {dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
+            p += view_attr_problems(v, self.source.get("input_shape") if isinstance(self.source, dict) else None)
         if self.tokens is not None:
-            t = self.tokens
-            if not fmt.is_int(t.get("chunk_positions")) or t["chunk_positions"] < 1 \
-                    or not fmt.is_int(t.get("axis_length")) or t["axis_length"] < 0:
-                p.append("tokens needs integers 'chunk_positions' >= 1 and 'axis_length' >= 0")
+            p += token_attr_problems(self.tokens, fmt.is_int)
         if not p and self.num_units > fmt.MAX_UNITS:
             p.append(f"num_samples {self.num_samples} in units of {self.geometry.unit_samples} samples make "
                      f"{self.num_units:,} units, over the limit of {fmt.MAX_UNITS:,}")
@@ -184,13 +183,17 @@ class StoreMetaV2:
         if self.positions == "sample":
             return SamplePositions(g)
         if self.positions == "views":
-            return ViewPositions.from_attrs(g, {"views": self.views})
+            return ViewPositions.from_attrs(g, {"views": self.views}, self.source.get("input_shape"))
         if lengths is None:
             raise ValueError("tokens positions need the per-sample lengths")
+        if len(lengths) and lengths.max() > self.tokens["axis_length"]:  # before any sum could overflow
+            raise CorruptStore(f"the stored lengths hold {int(lengths.max())}, more than the token axis of "
+                               f"{self.tokens['axis_length']} positions; regenerate the store")
         pos = TokenPositions(g, lengths, int(self.tokens["chunk_positions"]))
-        if pos.axis_length != self.tokens["axis_length"]:
-            raise CorruptStore(f"the stored lengths give a token axis of {pos.axis_length} positions but the "
-                               f"attributes say {self.tokens['axis_length']}; regenerate the store")
+        for name, got in (("axis_length", pos.axis_length), ("num_positions", pos.num_positions)):
+            if got != self.tokens[name]:
+                raise CorruptStore(f"the stored lengths give {got} for tokens' {name} but the attributes say "
+                                   f"{self.tokens[name]}; regenerate the store")
         return pos
 
     def _axis(self) -> tuple[int, int, tuple[int, ...]]:
@@ -261,17 +264,34 @@ def unit_checksum(meta: StoreMetaV2, block: Mapping[str, np.ndarray]) -> int:
     return fmt.checksum_of((block[key] for key in meta.checksum_order()), meta.checksum)
 
 
-def check_unit(meta: StoreMetaV2, block: Mapping[str, np.ndarray], *, where: str, fix: str) -> None:
-    """The values of a unit as read: labels in -1..C-1, the layout's arrays valid (ids < C, counts sum
-    to S, ...); a bad one would crash, or silently skew, a loss. Raises CorruptStore naming ``where``."""
+def check_unit(meta: StoreMetaV2, block: Mapping[str, np.ndarray], *, where: str, fix: str,
+               positions: Positions | None = None, layout: Layout | None = None) -> None:
+    """The values of a unit as read: labels in -1..C-1, the position kind's per-sample values (sample
+    ids, view parameters in their declared ranges), the layout's arrays valid (ids < C, counts sum to S,
+    ...); a bad one would crash, or silently skew, a loss. Raises CorruptStore naming ``where``."""
     c, labels = meta.num_classes, block[fmt.LABELS]
     if labels.size and (labels.min() < -1 or labels.max() >= c):
         raise CorruptStore(f"{where} holds label {int(labels.min() if labels.min() < -1 else labels.max())}, "
                            f"outside -1..{c - 1}; {fix}")
-    layout = meta.layout_obj()
+    if positions is not None and (problems := positions.value_problems(block)):
+        raise CorruptStore(f"{where} holds invalid {positions.kind} values ({'; '.join(problems)}); {fix}")
+    if layout is None:
+        try:
+            layout = _layout(meta.layout, meta.num_classes, meta.logits_dtype,
+                             tuple(sorted(meta.layout_params.items())))
+        except TypeError:  # a parameter value that cannot be a cache key
+            layout = meta.layout_obj()
     problems = layout.validate({k: block[k].reshape(-1, *s.shape) for k, s in layout.arrays().items()})
     if problems:
         raise CorruptStore(f"{where} holds invalid {layout.name} arrays ({'; '.join(problems)}); {fix}")
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(name: str, num_classes: int, logits_dtype: str, params: tuple) -> Layout:
+    """The layout a unit is checked with, made once per store (not per unit)."""
+    from softlabels.store.layouts import make_layout
+
+    return make_layout(name, num_classes=num_classes, logits_dtype=logits_dtype, **dict(params))
 
 
 def duplicates(ids: np.ndarray) -> np.ndarray:

@@ -21,7 +21,8 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
     teacher statistics, per write unit (a format-1 store's units are its chunks).
 
     Incomplete stores are described too (statistics cover the units done so far). With
-    ``verify``, every finished unit is read and checked (checksum, values, repeated ids).
+    ``verify``, every finished unit is read and checked (checksum, every value check, repeated ids);
+    ``corrupt_reasons`` maps each bad unit to its first problem.
     ``num_positions`` counts stored teacher outputs (N x V for views); ``bytes_per_position``
     is the layout's per-output size, and a views store adds ``bytes_per_view`` (with the
     view's parameters).
@@ -70,8 +71,9 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
                 block = {**{k: block[k] for k in layout.arrays()}, fmt.LABELS: np.full(n, -1, np.int64)}
             stats.add(block)
 
+        reasons: dict[int, str] = {}
         if verify:
-            damaged = store.verify(add)
+            damaged = store.verify(add, reasons)
         else:
             damaged = []
             for u in map(int, np.flatnonzero(done)):
@@ -87,6 +89,8 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
     info["labeled"] //= views  # each sample's label was counted once per view
     info["unlabeled"] //= views
     info["corrupt_chunks" if verify else "unreadable_chunks"] = damaged
+    if verify:
+        info["corrupt_reasons"] = {str(u): reasons.get(u, "") for u in damaged}
     info["teacher"], info["source"], info["created_by"] = meta.teacher, meta.source, meta.created_by
     return info
 

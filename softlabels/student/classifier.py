@@ -95,6 +95,11 @@ class Classifier:
                 layout = "dense" if teacher is not None else layout
                 loss_name = check_loss(config.loss, layout, ", ".join(config.stores or config.ensemble))
             self.loss_fn = DistillationLoss(make_soft_loss(loss_name, temperature) if distil else None, alpha)
+            if loss_name not in (None, "mse") and alpha < 1:  # a merged arithmetic store is exact at its T only
+                from softlabels.store.ensemble import check_temperature
+
+                for s in self.stores:
+                    check_temperature(s.meta, temperature, str(s.path))
             for line in self._without_effect(distil, loss_name, alpha):
                 log(f"warning: {line}")
             # -- student -------------------------------------------------------------------------

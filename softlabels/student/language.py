@@ -144,6 +144,10 @@ class Language:
                 if self.stores else (None, 1.0)
             loss_name = config.loss or (self.stores[0].meta.layout_obj().default_loss if self.stores else "hard_ce")
             self.soft = make_soft_loss(loss_name, temperature) if self.stores else None
+            if self.soft is not None and self.alpha < 1:  # a merged arithmetic store is exact at its T only
+                from softlabels.store.ensemble import check_temperature
+
+                check_temperature(self.stores[0].meta, temperature, str(self.stores[0].path))
             if loss_name in ("soft_ce", "mse"):
                 raise ConfigError(f"loss {loss_name!r} is not available for language models; use kl, topk_kl, "
                                   "sampled_kl, reverse_kl, skew_kl, skew_reverse_kl or jsd")

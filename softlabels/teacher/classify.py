@@ -105,6 +105,12 @@ def view_plan(*, views: int | None, augment: str | None, views_from: str | None,
         params = np.concatenate([b[VIEW_PARAMS] for b in units]).astype(np.float32)
         aug = parse_augment(recorded)
         view_shape(aug, input_shape)
+        ranges = aug.param_ranges(tuple(input_shape[1:]))  # the data's size, recorded or not
+        if ranges is not None and len(ranges.low) == params.shape[-1] and \
+                (bad := ranges.problems(params, m.views["param_names"])):
+            raise DataError(f"--views-from '{views_from}' holds view parameters that '{recorded}' never draws for "
+                            f"inputs of {input_shape[1]}x{input_shape[2]} ({bad[0]}); regenerate it with "
+                            "'softlabels generate --views'")
         # the recorded dtype holds these params exactly, whatever this version would choose
         return ViewPlan(aug, count, int(m.views["seed"]), str(m.views.get("param_dtype", "float32")), params)
 

@@ -205,6 +205,10 @@ def ensemble_problems(stores: tuple[str, ...], mode: str, weights: tuple[float, 
         p.append(f"unknown ensemble mode {mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
     if weights is not None and len(weights) != len(stores):
         p.append(f"{len(weights)} ensemble weights for {len(stores)} stores; give one weight per store, in order")
+    elif weights is not None:
+        from softlabels.store.ensemble.combination import weight_problems
+
+        p += weight_problems(weights)
     return p
 
 

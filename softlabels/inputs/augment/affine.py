@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from softlabels.inputs.augment.compose import Size, _num
+from softlabels.inputs.augment.compose import ParamRanges, Size, _num
 from softlabels.inputs.augment.rng import ViewRandom, _half_within
 
 __all__ = ["RandomAffine"]
@@ -62,6 +62,14 @@ class RandomAffine:
         reach = max(round(self.translate[0] * size[1]), round(self.translate[1] * size[0])) + 1
         return "float16" if reach <= 2048 else "float32"
 
+    def param_ranges(self, size: Size | None) -> ParamRanges:
+        """``angle`` in degrees, ``scale`` in scale (each to float16's rounding), whole ``|tx|, |ty|`` up to
+        ``round(translate * W)``, ``round(translate * H)``."""
+        tx, ty = (math.inf, math.inf) if size is None else \
+            (round(self.translate[0] * size[1]), round(self.translate[1] * size[0]))
+        return ParamRanges.of([(*_widened(self.degrees), False), (-tx, tx, True), (-ty, ty, True),
+                               (*_widened(self.scale), False)])
+
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         p = params.to(torch.float64)
@@ -85,3 +93,9 @@ class RandomAffine:
         if self.interpolation == "nearest":
             return torch.where(mask < 0.5, torch.full_like(out, self.fill), out)
         return (out - self.fill) * mask + self.fill
+
+
+def _widened(bounds: tuple[float, float]) -> tuple[float, float]:
+    """A range widened by float16's rounding (a range holding no float16 value gets its nearest)."""
+    lo, hi = bounds
+    return lo - abs(lo) * 2**-10 - 2**-24, hi + abs(hi) * 2**-10 + 2**-24

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from softlabels.errors import DataError
-from softlabels.inputs.augment.compose import Size, _int_dtype, _num, _size
+from softlabels.inputs.augment.compose import ParamRanges, Size, _int_dtype, _num, _size
 from softlabels.inputs.augment.rng import ViewRandom, _randint
 
 __all__ = ["PADDING_MODES", "RandomCrop", "RandomHorizontalFlip"]
@@ -82,6 +83,11 @@ class RandomCrop:
     def param_dtype(self, size: Size) -> str:
         return _int_dtype(0, max(s + 2 * self.padding - c for s, c in zip(size, self.size)))
 
+    def param_ranges(self, size: Size | None) -> ParamRanges:
+        """``top`` in 0..H + 2 padding - h, ``left`` in 0..W + 2 padding - w, whole numbers."""
+        room = [math.inf] * 2 if size is None else [s + 2 * self.padding - c for s, c in zip(size, self.size)]
+        return ParamRanges.of([(0, room[0], True), (0, room[1], True)])
+
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return _crop(x, params[:, 0], params[:, 1], self.size, self.padding, self.padding_mode, self.fill)
 
@@ -105,6 +111,10 @@ class RandomHorizontalFlip:
 
     def param_dtype(self, size: Size) -> str:
         return "uint8"
+
+    def param_ranges(self, size: Size | None) -> ParamRanges:
+        """``flip`` is 0 or 1."""
+        return ParamRanges.of([(0, 1, True)])
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         w = torch.arange(x.shape[-1], device=x.device)

@@ -51,10 +51,17 @@ def _float(v: str) -> float:
     return x
 
 
-def _int(v: str, low: int) -> int:
+MAX_SIDE = 1 << 14
+"""The largest view side and padding, in pixels: larger ones are typos or hostile (a crop of 1e8 pixels
+a side would allocate 1e16 values per image), refused when parsed."""
+
+
+def _int(v: str, low: int, high: int = MAX_SIDE) -> int:
     x = _float(v)
     if not x.is_integer() or x < low:
         raise _Bad(f"'{v}' is not a whole number >= {low}")
+    if x > high:
+        raise _Bad(f"'{v}' is over {high:,} pixels, the largest view side or padding")
     return int(x)
 
 

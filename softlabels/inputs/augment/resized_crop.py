@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softlabels.inputs.augment.compose import Size, _int_dtype, _num, _size
+from softlabels.inputs.augment.compose import ParamRanges, Size, _int_dtype, _num, _size
 from softlabels.inputs.augment.rng import ViewRandom, _exp, _randint
 
 __all__ = ["RandomResizedCrop"]
@@ -69,6 +69,12 @@ class RandomResizedCrop:
 
     def param_dtype(self, size: Size) -> str:
         return _int_dtype(0, max(size))
+
+    def param_ranges(self, size: Size | None) -> ParamRanges:
+        """Whole numbers: ``1 <= height <= H``, ``0 <= top <= H - height`` (the same for columns)."""
+        h, w = (math.inf, math.inf) if size is None else size
+        return ParamRanges.of([(0, h - 1, True), (0, w - 1, True), (1, h, True), (1, w, True)],
+                              sums=[(0, 2, h), (1, 3, w)])
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         wy = _resample_weights(params[:, 0], params[:, 2], x.shape[-2], self.size[0])

@@ -43,10 +43,21 @@ from softlabels.store.layouts.targets import (
 )
 from softlabels.store.temperatures import require_temperature
 
-__all__ = ["MODES", "Combination", "check_temperature", "combine"]
+__all__ = ["MODES", "Combination", "check_member", "check_temperature", "combine", "weight_problems"]
 
 MODES = ("arithmetic", "geometric")
 _F64 = torch.float64
+
+
+def weight_problems(weights: Sequence[float]) -> list[str]:
+    """Ensemble weights that cannot be normalised: not finite numbers > 0, or a sum that overflows."""
+    shown = ", ".join(map(str, weights))
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+               for x in weights):
+        return [f"ensemble weights must be finite numbers > 0, got {shown}"]
+    if not math.isfinite(sum(float(x) for x in weights)):
+        return [f"ensemble weights must have a finite sum (they are divided by it), got {shown}; scale them down"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -72,8 +83,8 @@ class Combination:
         if w is not None:
             if len(w) != members:
                 p.append(f"{len(w)} ensemble weights for {members} stores; give one weight per store")
-            elif not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in w):
-                p.append(f"ensemble weights must be finite numbers > 0, got {', '.join(map(str, w))}")
+            elif bad := weight_problems(w):
+                p += bad
             elif layout == "sampled" and not all(float(x).is_integer() for x in w):
                 p.append("sampled stores combine by pooling draws, so their ensemble weights must be whole "
                          f"numbers (draw multiplicities), got {', '.join(map(str, w))}")
@@ -240,17 +251,50 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
     return SampledTarget(ids_o, counts_o, (td * logits_o).float(), torch.zeros(rows, dtype=torch.float32), td)
 
 
-def check_temperature(meta: object, temperature: float, where: str) -> None:
-    """Refuse training an arithmetic ensemble store at a T other than the one it was combined at.
-
-    Its logits are ``T log mean softmax(z_i / T)``: at T' != T a loss would see the mixture
-    raised to T / T' and renormalised, not the mixture at T'. Geometric ones hold at every T.
-    The check :meth:`softlabels.store.schema.StoreMetaV2.require_temperature` makes for every store.
-    """
+def _made_at(meta: object, where: str) -> float | None:
+    """The T of an arithmetic ensemble store (None for any other store)."""
     teacher = getattr(meta, "teacher", None)
     ensemble = teacher.get("ensemble") if isinstance(teacher, dict) else None
     if not isinstance(ensemble, dict) or ensemble.get("mode") != "arithmetic":
-        return
+        return None
     made = ensemble.get("temperature")
-    if isinstance(made, (int, float)):
-        require_temperature((float(made),), temperature, where, "ensemble")
+    if isinstance(made, bool) or not isinstance(made, (int, float)) or not math.isfinite(made) or made <= 0:
+        from softlabels.errors import CorruptStore
+
+        raise CorruptStore(f"{where}: its teacher.ensemble.temperature is {made!r}, not a finite number > 0; merge the "
+                           "stores again")
+    return float(made)
+
+
+def check_temperature(meta: object, temperature: float, where: str, *, command: str = "train") -> None:
+    """Refuse reading an arithmetic ensemble store at a T other than the one it was combined at.
+
+    Its logits are ``T log mean softmax(z_i / T)``: at T' != T a loss would see the mixture
+    raised to T / T' and renormalised, not the mixture at T'. Geometric ones hold at every T.
+    The check :meth:`softlabels.store.schema.StoreMetaV2.require_temperature` makes for every store;
+    ``command`` "eval" (which compares with the teacher at T = 1) words the fix for it.
+    """
+    made = _made_at(meta, where)
+    if made is None or math.isclose(made, float(temperature), rel_tol=1e-9):
+        return
+    if command == "eval":
+        raise ConfigError(f"{where} is an arithmetic ensemble made at T = {made:g}, so it is exact only at T = "
+                          f"{made:g}, but eval compares the student with the teacher at T = {temperature:g}; merge "
+                          f"again with --temperature {temperature:g} to evaluate against it")
+    require_temperature((made,), temperature, where, "ensemble")  # the one check's refusal (E1911)
+
+
+def check_member(meta: object, how: Combination, where: str) -> None:
+    """Refuse an ensemble member that is itself an arithmetic ensemble unless combining it is exact.
+
+    Its stored logits give the mixture at its own T0 only: an arithmetic combination at T0 is
+    the mixture of mixtures, exactly; at another T, or geometrically (which holds at every T),
+    it would not be.
+    """
+    made = _made_at(meta, where)
+    if made is None or (how.mode == "arithmetic" and math.isclose(made, float(how.temperature), rel_tol=1e-9)):
+        return
+    at = f"at T = {how.temperature:g}" if how.mode == "arithmetic" else "in a geometric mean (used at every T)"
+    raise ConfigError(f"{where} is an arithmetic ensemble made at T = {made:g}, so it combines exactly only "
+                      f"arithmetically at T = {made:g}, not {at}; combine at --temperature {made:g}, or combine "
+                      "the stores it was merged from")

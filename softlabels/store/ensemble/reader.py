@@ -19,7 +19,7 @@ import torch
 
 from softlabels.errors import ConfigError, StoreMismatch
 from softlabels.store import format as fmt
-from softlabels.store.ensemble.combination import Combination, combine
+from softlabels.store.ensemble.combination import Combination, check_member, combine
 from softlabels.store.handle import Units
 from softlabels.store.layouts import Layout, encode_ids
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS
@@ -52,6 +52,8 @@ class EnsembleStore(Units):
             self._check_same()
             first = self.members[0].meta.layout_obj()
             self.how.check(len(self.members), first.name, getattr(first, "temperature", 1.0))
+            for m in self.members:  # a merged member first: its refusal names what combining it needs
+                check_member(m.meta, self.how, str(m.path))
             self._check_temperatures()
             self.meta = self._combined_meta()
         except BaseException:

@@ -10,14 +10,15 @@ one entry in :data:`POSITION_KINDS`:
   mapped by ``offsets`` [N + 1], fixed when the store is created.
 
 Every kind answers the same questions through :class:`Positions`: the shapes of its
-arrays, and where write unit ``u`` lies — its samples ``[s0, s1)`` and its range along
-the per-position arrays' first axis. Units are what one writer writes whole, then
+arrays, where write unit ``u`` lies — its samples ``[s0, s1)`` and its range along
+the per-position arrays' first axis — and what is wrong with a unit's per-sample values
+(``value_problems``: sample ids, view parameters outside their op's declared ranges). Units are what one writer writes whole, then
 checksums, then flags done; no two units share a chunk or shard file of any array.
 """
 
 from __future__ import annotations
 
-from softlabels.store.positions.base import Positions, UnitGeometry, group_units_for
+from softlabels.store.positions.base import Positions, UnitGeometry, group_units_for, sample_id_problems
 from softlabels.store.positions.sample import SamplePositions
 from softlabels.store.positions.tokens import TokenPositions
 from softlabels.store.positions.views import ViewPositions
@@ -30,6 +31,7 @@ __all__ = [
     "UnitGeometry",
     "ViewPositions",
     "group_units_for",
+    "sample_id_problems",
 ]
 
 POSITION_KINDS: dict[str, type[Positions]] = {

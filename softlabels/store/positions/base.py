@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Mapping, Protocol
 
-__all__ = ["Positions", "UnitGeometry", "group_units_for"]
+import numpy as np
+
+__all__ = ["Positions", "UnitGeometry", "group_units_for", "sample_id_problems"]
 
 MAX_BOOKKEEPING_CHUNKS = 1024
 """Default cap on bookkeeping chunks (files, in Zarr) per bookkeeping array."""
@@ -86,6 +88,15 @@ class UnitGeometry:
         return range(start, start + base + (rank < extra))
 
 
+def sample_id_problems(block: Mapping[str, np.ndarray]) -> list[str]:
+    """A unit's ``sample_ids`` are >= 0 (one min). That no id appears twice is checked over the whole
+    store, once: when a store to be read whole is opened, and by ``inspect --verify``."""
+    ids = block.get("sample_ids")
+    if ids is not None and len(ids) and ids.min() < 0:
+        return [f"sample id {int(ids.min())} is negative"]
+    return []
+
+
 class Positions(Protocol):
     """One position kind: shapes, attributes and the unit -> position-axis map."""
 
@@ -108,3 +119,6 @@ class Positions(Protocol):
 
     def to_attrs(self) -> dict[str, Any]:
         """Kind-specific root attributes (JSON values)."""
+
+    def value_problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
+        """What is wrong with the values of one unit's per-sample arrays as read (empty when valid)."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
-from softlabels.store.positions.base import UnitGeometry
+import numpy as np
+
+from softlabels.store.positions.base import UnitGeometry, sample_id_problems
 
 __all__ = ["SamplePositions"]
 
@@ -33,3 +35,7 @@ class SamplePositions:
 
     def to_attrs(self) -> dict[str, Any]:
         return {}
+
+    def value_problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
+        """Sample ids >= 0."""
+        return sample_id_problems(block)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from softlabels.store.positions.base import UnitGeometry
+from softlabels.store.positions.base import UnitGeometry, sample_id_problems
 
 __all__ = ["LENGTHS", "OFFSETS", "TokenPositions", "default_chunk_positions"]
 
@@ -112,3 +112,18 @@ class TokenPositions:
     def to_attrs(self) -> dict[str, Any]:
         return {"tokens": {"chunk_positions": int(self.chunk_positions), "num_positions": self.num_positions,
                            "axis_length": self.axis_length}}
+
+    def value_problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
+        """Sample ids >= 0. (Offsets and lengths are checked against each other once, when the store is
+        opened: every unit's come from them.)"""
+        return sample_id_problems(block)
+
+
+def token_attr_problems(tokens: Mapping[str, Any], is_int: Any) -> list[str]:
+    """The ``tokens`` root attribute: whole ``chunk_positions`` >= 1, ``0 <= num_positions <= axis_length``."""
+    c, a, n = tokens.get("chunk_positions"), tokens.get("axis_length"), tokens.get("num_positions")
+    if not is_int(c) or c < 1 or not is_int(a) or a < 0:
+        return ["tokens needs integers 'chunk_positions' >= 1 and 'axis_length' >= 0"]
+    if not is_int(n) or not 0 <= n <= a:
+        return [f"tokens' num_positions {n!r} is not a whole number in 0..axis_length ({a})"]
+    return []

@@ -13,15 +13,16 @@ batch composition, rank or resume draws the same views).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from softlabels.inputs.augment.compose import PARAM_DTYPES
-from softlabels.store.positions.base import UnitGeometry
+from softlabels.errors import SoftLabelsError
+from softlabels.inputs.augment.compose import PARAM_DTYPES, ParamRanges
+from softlabels.store.positions.base import UnitGeometry, sample_id_problems
 from softlabels.store.positions.sample import SamplePositions
 
-__all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views"]
+__all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views", "view_attr_problems"]
 
 VIEW_PARAMS = "view_params"
 
@@ -80,6 +81,7 @@ class ViewPositions(SamplePositions):
     seed: int = 0
     param_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
+    ranges: ParamRanges | None = field(default=None, compare=False, repr=False)
     kind: ClassVar[str] = "views"
 
     def __post_init__(self) -> None:
@@ -94,12 +96,74 @@ class ViewPositions(SamplePositions):
         return {"views": {"count": self.num_views, "augment": self.augment, "seed": self.seed,
                           "param_names": list(self.param_names), "param_dtype": self.param_dtype, **self.extra}}
 
+    def value_problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
+        """Sample ids as for ``sample`` positions; every view parameter finite and (for built-in ops)
+        within the range its op declares for the recorded input size."""
+        p = sample_id_problems(block)
+        params = block.get(VIEW_PARAMS)
+        if params is None or not params.size:
+            return p
+        if self.ranges is not None:
+            return p + self.ranges.problems(params, self.param_names)
+        if params.dtype.kind == "f" and not np.isfinite(params).all():
+            p.append("view_params holds NaN or inf")
+        return p
+
     @classmethod
-    def from_attrs(cls, geometry: UnitGeometry, attrs: dict[str, Any]) -> ViewPositions:
-        """Rebuild from the ``views`` root attribute (JSON data, never evaluated)."""
+    def from_attrs(cls, geometry: UnitGeometry, attrs: dict[str, Any],
+                   input_shape: Any = None) -> ViewPositions:
+        """Rebuild from the ``views`` root attribute (JSON data, never evaluated; checked by
+        :func:`view_attr_problems`) and the recorded ``input_shape`` [C, H, W] (None: unknown)."""
         v = dict(attrs["views"])
         known = ("count", "augment", "seed", "param_names", "param_dtype")
+        augment = str(v.get("augment", ""))
         return cls(geometry, num_views=int(v["count"]), param_names=tuple(str(n) for n in v["param_names"]),
-                   augment=str(v.get("augment", "")), seed=int(v.get("seed", 0)),
-                   param_dtype=str(v.get("param_dtype", "float32")),
-                   extra={k: val for k, val in v.items() if k not in known})
+                   augment=augment, seed=int(v.get("seed", 0)), param_dtype=str(v.get("param_dtype", "float32")),
+                   extra={k: val for k, val in v.items() if k not in known},
+                   ranges=_ranges(augment, _input_size(input_shape), len(v["param_names"])))
+
+
+def _input_size(input_shape: Any) -> tuple[int, int] | None:
+    """(H, W) of a recorded ``input_shape`` [C, H, W] of whole numbers >= 1; None when absent or not that."""
+    if isinstance(input_shape, list) and len(input_shape) == 3 and all(
+            isinstance(d, int) and not isinstance(d, bool) and 1 <= d < 2**31 for d in input_shape):
+        return input_shape[1], input_shape[2]
+    return None
+
+
+def _ranges(augment: str, size: tuple[int, int] | None, count: int) -> ParamRanges | None:
+    """The declared ranges of a recorded built-in augmentation of ``count`` parameters (None for one
+    naming code, never imported, or of another count)."""
+    from softlabels.inputs.augment import parse_augment
+
+    if not augment or ":" in augment:
+        return None
+    ranges = parse_augment(augment).param_ranges(size)
+    return ranges if ranges is not None and len(ranges.low) == count else None
+
+
+def view_attr_problems(views: Mapping[str, Any], input_shape: Any) -> list[str]:
+    """The ``views`` root attribute's values: ``seed`` a whole number in 0..2**63 - 1, ``param_names``
+    strings, and a built-in ``augment`` that parses and fits the recorded input size. (A
+    ``package.module:factory`` term is never imported from a store; a parameter count that differs
+    from the names is refused where the views are replayed.)"""
+    seed, names, augment = views.get("seed", 0), views.get("param_names"), views.get("augment", "")
+    p = []
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        p.append(f"views' seed {seed!r} is not a whole number in 0..2**63 - 1")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        p.append("views' param_names is not a list of strings")
+    if not isinstance(augment, str):
+        p.append(f"views' augment {augment!r} is not a string")
+    if p or not augment or ":" in augment:
+        return p
+    from softlabels.inputs.augment import parse_augment
+
+    try:
+        aug = parse_augment(augment)
+        size = _input_size(input_shape)
+        if size is not None:
+            aug.output_size(size)
+    except SoftLabelsError as err:
+        return [f"views' augment: {err}"]
+    return p
