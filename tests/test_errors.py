@@ -1448,6 +1448,7 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
     from softlabels.inputs.text import resolve_token_data, train_bpe
     from softlabels.inputs.tokens import open_token_file, pack_stream
     from softlabels.inputs.vocabulary import check_same_tokenizer
+    from softlabels.student.language import check_student_width
     from softlabels.student.lm_metrics import LMEvalAccumulator, next_token_ce
     from softlabels.teacher.lm import GPT, GPTConfig, build_lm, resolve_lm
 
@@ -1513,6 +1514,7 @@ def _lm_cases() -> dict[str, Callable[[Ctx], Any]]:
         "E1547": lambda c: resolve_lm(f"hf:{_hf_model(c, 'llama')}", context=65),
         "E1548": lambda c: resolve_lm(f"hf:{_hf_model(c, 'llama')}", weights=f"hf:{_hf_model(c, 'gpt2')}"),
         "E1549": lambda c: check_same_tokenizer("sha256:00", _hf_model(c, "llama"), what="--tokenizer", store="s.zarr"),
+        "E1550": lambda c: check_student_width("hf:wide", 256, "s.zarr", 200),
     }
 
 

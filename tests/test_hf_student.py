@@ -96,7 +96,8 @@ def test_init_from_a_pretrained_checkpoint(dirs, tmp_path):
     r = train(dirs, tmp_path / "run", "--student", f"hf:{dirs / 'student'}", "--init", f"hf:{dirs / 'pretrained'}")
     assert r.exit_code == 0, r.output
     assert f"starting from the weights of hf:{dirs / 'pretrained'}" in r.output
-    r = train(dirs, tmp_path / "bad", "--student", f"hf:{dirs / 'student'}", "--init", f"hf:{dirs / 'gpt2'}")
+    r = train(dirs, tmp_path / "bad", "--student", f"hf:{dirs / 'student'}", "--init", f"hf:{dirs / 'gpt2'}",
+              "--temperature", "1", "--alpha", "0.5")  # T and alpha given: no line saying which defaults it chose
     assert_one_line_error(r, f"hf:{dirs / 'gpt2'} does not fit student", "pass --init a checkpoint")
     assert not (tmp_path / "bad" / "model.pt").exists()
 

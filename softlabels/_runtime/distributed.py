@@ -12,6 +12,7 @@ the others waiting on a barrier.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -91,8 +92,18 @@ def init(device_type: str) -> Dist:
 
 
 def _destroy() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """At exit: wait (briefly) for every rank, then take the group down together; a rank tearing
+    gloo down while a peer still uses it could abort the process (``terminate called ...``)."""
+    if not torch.distributed.is_initialized():
+        return
+    try:
+        if torch.distributed.get_backend() == "gloo":
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+        else:
+            torch.distributed.barrier()
+    except Exception:  # a peer is gone (it failed, or was stopped): nothing to wait for
+        pass
+    torch.distributed.destroy_process_group()
 
 
 def pack_error(exc: BaseException) -> tuple[str, str]:

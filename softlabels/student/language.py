@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from softlabels.errors import ConfigError
+from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.student.config import TrainConfig
 from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
 from softlabels.student.losses import make_soft_loss
 from softlabels.student.trainutil import distillation_settings
 
-__all__ = ["Language", "is_language_run", "resolve_store_data"]
+__all__ = ["Language", "check_student_width", "is_language_run", "resolve_store_data"]
 
 
 def is_language_run(config: TrainConfig, *, online: bool = False) -> bool:
@@ -155,6 +155,8 @@ class Language:
                 else config.student_weights
             torch.manual_seed(config.seed)
             self.info = resolve_lm(config.student, vocab_size=vocab, context=context, seed=config.seed, weights=init)
+            if self.stores:
+                check_student_width(config.student, self.info.vocab_size, self.stores[0].path, vocab)
         except BaseException:
             self.close()
             raise
@@ -209,3 +211,11 @@ class Language:
     def close(self) -> None:
         for s in self.stores:
             s.close()
+
+
+def check_student_width(spec: str, width: int, store: object, classes: int) -> None:
+    """A student distils a store only over the store's classes: every layout needs its output width to be
+    the store's C (a wider, padded head would hide probability mass in ids no target names)."""
+    if width != classes:
+        raise ModelMismatch(f"student '{spec}' outputs {width} logits per token but {store} holds {classes} "
+                            "classes; distil into a student with the teacher's output width (its vocabulary)")
