@@ -130,12 +130,12 @@ class TargetDataset(Dataset):
         if self.kind == "tokens":
             off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
             _check_tokens(item, n, index, self.store.path)
-            return item, replace(target, **{f: getattr(target, f)[off:off + n] for f in self._fields})
+            return item, target.select(slice(off, off + n))
         if self.kind == "views":
             view = int(_choose(self.store, extra["sample_ids"][r:r + 1], self.epoch)[0])
             item = self._replay(item, extra["view_params"][r, view])
-            return item, replace(target, **{f: getattr(target, f)[r, view] for f in self._fields})
-        return item, replace(target, **{f: getattr(target, f)[r] for f in self._fields})
+            return item, target.select((r, view))
+        return item, target.select(r)
 
     def __getitems__(self, indices: list[int]) -> Any:
         """A batch of pairs for a ``DataLoader``: the targets gathered with one index per array (and unit)."""
