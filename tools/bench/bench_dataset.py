@@ -67,21 +67,63 @@ def write_store(path: Path, data: dict[str, np.ndarray], c: int, batch: int) -> 
     return time.perf_counter() - t
 
 
-def per_sample_files(tmp: Path, data: dict[str, np.ndarray], count: int) -> tuple[float, float]:
-    """samples/s of writing and of reading (shuffled) one torch.save file per sample."""
-    d = tmp / "per-sample"
+def write_sample_files(d: Path, data: dict[str, np.ndarray], count: int) -> float:
+    """Seconds to write the per-sample-file cache: one ``torch.save`` file per sample (the peer design)."""
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
     t = time.perf_counter()
     for i in range(count):
         torch.save({"logits": torch.from_numpy(data["logits"][i].copy()), "label": int(data["labels"][i])},
                    d / f"{i}.pt")
-    write = count / (time.perf_counter() - t)
-    order = np.random.default_rng(2).permutation(count)
-    t = time.perf_counter()
-    for i in order:
+    return time.perf_counter() - t
+
+
+def read_sample_files(d: Path, count: int, seed: int = 2) -> int:
+    """Read the per-sample-file cache back in shuffled order; samples read."""
+    for i in np.random.default_rng(seed).permutation(count):
         torch.load(d / f"{i}.pt", weights_only=True)
+    return count
+
+
+def per_sample_files(tmp: Path, data: dict[str, np.ndarray], count: int) -> tuple[float, float]:
+    """samples/s of writing and of reading (shuffled) one torch.save file per sample."""
+    write = count / write_sample_files(tmp / "per-sample", data, count)
+    t = time.perf_counter()
+    read_sample_files(tmp / "per-sample", count)
     return write, count / (time.perf_counter() - t)
+
+def chunk_buffers(data: dict[str, np.ndarray], chunk_rows: int) -> dict[str, np.ndarray]:
+    """One chunk-sized output buffer per array of ``data``."""
+    return {k: np.empty((chunk_rows,) + v.shape[1:], v.dtype) for k, v in data.items()}
+
+
+def memcpy_pass(data: dict[str, np.ndarray], bufs: dict[str, np.ndarray]) -> int:
+    """Chunk-sized copies of every array of ``data`` into ``bufs`` (the memcpy baseline); rows copied."""
+    n, cr = len(data["labels"]), len(bufs["labels"])
+    for a in range(0, n, cr):
+        for k, v in data.items():
+            np.copyto(bufs[k][:min(cr, n - a)], v[a:a + cr])
+    return n
+
+
+def plain_pass(path: Path, n: int, bufs: dict[str, np.ndarray]) -> int:
+    """The storage library's own whole-chunk reads of ``KEYS`` into ``bufs`` (h5py ``read_direct``; zarr
+    ``get_basic_selection(out=)``), no checksums: the plain-read baseline; rows read."""
+    cr = len(bufs["labels"])
+    if path.suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            ds = [(f[k], bufs[k]) for k in KEYS]
+            for a in range(0, n, cr):
+                b = min(n, a + cr)
+                for d, out in ds:
+                    d.read_direct(out, np.s_[a:b], np.s_[0:b - a])
+    else:
+        ds = [(zarr.open_array(str(path), path=k, mode="r"), bufs[k]) for k in KEYS]
+        for a in range(0, n, cr):
+            b = min(n, a + cr)
+            for d, out in ds:
+                d.get_basic_selection(slice(a, b), out=NDBuffer.from_numpy_array(out[:b - a]))
+    return n
 
 
 def checksum_rates(nbytes: int = 1 << 20, rounds: int = 300) -> dict[str, float]:
@@ -113,29 +155,13 @@ def bench(path: Path, data: dict[str, np.ndarray], batch: int, repeats: int) -> 
     n = len(data["labels"])
     store = UnitStore(path)
     cr = store.meta.chunk_samples
-    bufs = {k: np.empty((cr,) + v.shape[1:], v.dtype) for k, v in data.items()}
+    bufs = chunk_buffers(data, cr)
 
     def memcpy() -> int:
-        for a in range(0, n, cr):
-            for k, v in data.items():
-                np.copyto(bufs[k][:min(cr, n - a)], v[a:a + cr])
-        return n
+        return memcpy_pass(data, bufs)
 
     def plain() -> int:
-        if path.suffix == ".h5":
-            with h5py.File(path, "r") as f:
-                ds = [(f[k], bufs[k]) for k in KEYS]
-                for a in range(0, n, cr):
-                    b = min(n, a + cr)
-                    for d, out in ds:
-                        d.read_direct(out, np.s_[a:b], np.s_[0:b - a])
-        else:
-            ds = [(zarr.open_array(str(path), path=k, mode="r"), bufs[k]) for k in KEYS]
-            for a in range(0, n, cr):
-                b = min(n, a + cr)
-                for d, out in ds:
-                    d.get_basic_selection(slice(a, b), out=NDBuffer.from_numpy_array(out[:b - a]))
-        return n
+        return plain_pass(path, n, bufs)
 
     def units() -> int:
         for u in range(store.num_units):

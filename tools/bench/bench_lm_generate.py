@@ -159,42 +159,50 @@ def overhead(args: argparse.Namespace, tmp: Path) -> None:
               f"{mj:.2f} ({mc:.2f}) | {mq / mb:.3f} | {mj / mb:.3f} | {(mj - mc) / mb:.3f} | {tokens / mj:,.0f} |", flush=True)
 
 
+STORES = (("h5", False), ("h5", True), ("zarr", False), ("zarr", True))  # (backend, compressed)
+
+
+def layout_bytes(teacher: nn.Module, layout, seqs: int, seq_len: int, batch: int, tmp: Path,
+                 stores=STORES) -> tuple[list[float], float | None]:
+    """Bytes on disk per real token of ``seqs`` sequences written in ``layout`` to each of ``stores``,
+    and the mean number of distinct ids per token (sampled layouts with logits; else None)."""
+    sub = data(seqs, seq_len, layout.num_classes)
+    # units of exactly one chunk of whole sequences: no unit padding, so the figure is per real token
+    per_chunk = min(seqs, max(1, 2048 // seq_len))
+    p = TokenProducer(sub, teacher, layout, batch_size=batch, chunk_samples=per_chunk,
+                      chunk_positions=per_chunk * seq_len)
+    pieces = list(p.batches([(0, seqs)]))
+    uniq = None
+    if "sampled_counts" in pieces[0][1]:
+        uniq = float((np.concatenate([a["sampled_counts"] for _, a in pieces]) > 0).sum(-1).mean())
+    out = []
+    for backend, compress in stores:
+        path = tmp / f"b.{backend}"
+        w = UnitWriter.create(path, p.meta(), lengths=p.lengths(), overwrite=True,
+                              compress=compress and layout.name != "dense")
+        for start, arrays in pieces:
+            w.write(start, **arrays)
+        w.finish()
+        w.close()
+        out.append(size(path) / (seqs * seq_len))
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return out, uniq
+
+
 def bytes_per_token(args: argparse.Namespace, tmp: Path) -> None:
     print(f"\n## Bytes per token (on disk / real tokens; mean teacher entropy ~{args.entropy} nats)\n", flush=True)
     print("| V | layout | logits | B/token layout | hdf5 | hdf5 gzip | zarr | zarr zstd | unique ids / token |")
     print("|---|---|---|---|---|---|---|---|---|")
     for vocab in (args.vocab, 128_256):
         seqs = args.bytes_seqs if vocab <= 65_536 else max(2, args.bytes_seqs // 4)
-        ds = data(seqs, args.seq_len, vocab)
-        teacher, _ = calibrated(vocab, args.seq_len, args.entropy, ds.get_batch(np.arange(2)).ids)
+        teacher, _ = calibrated(vocab, args.seq_len, args.entropy, data(seqs, args.seq_len, vocab).get_batch(np.arange(2)).ids)
         for name, params, dtype in LAYOUTS:
             layout = make_layout(name, num_classes=vocab, logits_dtype=dtype, **params)
             n = seqs if name != "dense" else max(1, seqs // 16)
-            sub = data(n, args.seq_len, vocab)
-            # units of exactly one chunk of whole sequences: no unit padding, so the figure is per real token
-            per_chunk = min(n, max(1, 2048 // args.seq_len))
-            p = TokenProducer(sub, teacher, layout, batch_size=args.batch, chunk_samples=per_chunk,
-                              chunk_positions=per_chunk * args.seq_len)
-            pieces = list(p.batches([(0, n)]))
-            uniq = ""
-            if name == "sampled":
-                counts = np.concatenate([a["sampled_counts"] for _, a in pieces])
-                uniq = f"{(counts > 0).sum(-1).mean():.1f}"
-            real = n * args.seq_len
-            row = []
-            for backend, compress in (("h5", False), ("h5", True), ("zarr", False), ("zarr", True)):
-                path = tmp / f"b.{backend}"
-                w = UnitWriter.create(path, p.meta(), lengths=p.lengths(), overwrite=True,
-                                      compress=compress and name != "dense")
-                for start, arrays in pieces:
-                    w.write(start, **arrays)
-                w.finish()
-                w.close()
-                row.append(f"{size(path) / real:,.1f}")
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            row, uniq = layout_bytes(teacher, layout, n, args.seq_len, args.batch, tmp)
             label = f"{name} {params.get('k') or params.get('samples') or ''}".strip()
-            print(f"| {vocab:,} | {label} | {dtype} | {layout.bytes_per_position:,} | {' | '.join(row)} | {uniq} |")
-
+            print(f"| {vocab:,} | {label} | {dtype} | {layout.bytes_per_position:,} | "
+                  f"{' | '.join(f'{v:,.1f}' for v in row)} | {'' if uniq is None else f'{uniq:.1f}'} |")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
