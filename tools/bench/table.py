@@ -1,6 +1,7 @@
 """The performance table: every row's candidate against its honest baseline, side by side, one run.
 
     tools/bench/run [--size small|large] [--rounds 5] [--only kd,workers,...] [--json FILE]
+    tools/bench/run --scale ...    (scale.py: generate and the reader at 1x, 10x, 100x)
 
 Each row builds its data once, then runs the candidate and the baseline alternately
 (``--rounds`` interleaved pairs, after one warm-up pair), so load from other jobs on a
@@ -23,6 +24,13 @@ Rows (goal in brackets):
   S = 12, V = 4,096, ``gpt-medium`` [<= 1.05]
 * ``classifier``: ``generate`` at C = 32,768 dense float16 (HDF5) / the bare teacher loop
   over the same batches [<= 1.2]
+* ``online``: one KD epoch with the teacher in the loop / one KD epoch from the float16 store,
+  the ``kd`` row's data, student and teacher (~30x the student) [>= 3]
+* ``reader`` (three rows), ``cache``, ``bytes`` (three rows): :mod:`rows_store`: the reader against
+  plain h5py, plain zarr and memcpy; against one ``torch.save`` file per sample; bytes on disk per
+  token of each sparse layout against dense float16.
+
+A row function returns one result, or several keyed by their row names.
 """
 
 from __future__ import annotations
