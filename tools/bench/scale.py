@@ -15,9 +15,10 @@ Cases (the base size is the 1x one):
 The input file is written by this process; then one fresh process runs ``generate`` (HDF5) and
 another reads the finished store once with ``SoftLabelDataset`` (shuffled, checksums on; token
 stores joined with their token file), so each one's memory is its own. Each child reports its CPU
-seconds (``time.process_time``), its peak RSS (``ru_maxrss``) and its peak anonymous memory (RssAnon
-of /proc/self/status, polled every 10 ms: memory-mapped input pages are file-backed and do not
-count there), both also before the work starts (the imports and the model). Throughput is rows or
+seconds (``time.process_time``), its peak RSS (VmHWM of /proc/self/status: ``ru_maxrss`` would keep
+this parent's peak across fork and exec) and its peak anonymous memory (RssAnon, polled every 10 ms:
+memory-mapped input pages are file-backed and do not count there), both also before the work
+starts (the imports and the model). Throughput is rows or
 positions per CPU second; the table gives it as a ratio to the next smaller size's (fixed costs,
 the imports excluded, still weigh on the 1x run). Flat means: that ratio near 1 and the peak
 anonymous memory above the start not growing with the size. The JSON keeps each child's
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,12 +49,18 @@ MAX_FACTOR = {"c128k-topk": 10, "c128k-sampled": 10}  # 100x at C = 128k: minute
 SEQ_LEN, FEATURES = 128, 64
 
 
-def _rss_anon_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A KiB field of /proc/self/status (``RssAnon``, ``VmHWM``: this process's own, reset by exec, where
+    ``ru_maxrss`` keeps the parent's peak across fork and exec)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _rss_anon_kib() -> int:
+    return _status_kib("RssAnon")
 
 
 class Peak:
@@ -123,7 +129,7 @@ def child(step: str, case: str, d: Path) -> dict:
     kind, _, classes, batch, opts = CASES[case]
     store = d / "out.h5"
     tokens = kind == "tokens"
-    start_rss, start_anon = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _rss_anon_kib()
+    start_rss, start_anon = _status_kib("VmHWM"), _rss_anon_kib()
     peak = Peak()
     t0 = time.process_time()
     if step == "generate":
@@ -138,7 +144,7 @@ def child(step: str, case: str, d: Path) -> dict:
         done = sum(int(b["loss_mask"].sum()) if tokens else len(b["labels"]) for b in ds)
     cpu = time.process_time() - t0
     anon = peak.stop()
-    return {"cpu_s": cpu, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    return {"cpu_s": cpu, "maxrss_kib": _status_kib("VmHWM"),
             "start_maxrss_kib": start_rss, "peak_anon_kib": anon, "start_anon_kib": start_anon, "items": done,
             "anon_deciles_kib": peak.deciles(),
             "store_bytes": sum(p.stat().st_size for p in [store]) if store.exists() else 0}
