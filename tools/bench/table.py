@@ -59,11 +59,12 @@ SIZES = {  # per row: the small and the large size's knobs
     "tokens": {"small": {"seqs": 512}, "large": {"seqs": 4096}},
     "lm": {"small": {"seqs": 32}, "large": {"seqs": 128}},
     "classifier": {"small": {"rows": 1024}, "large": {"rows": 4096}},
-    "online": {"small": {"rows": 20_000}, "large": {"rows": 50_000}},
-    "reader": {"small": {"rows": 20_000}, "large": {"rows": 100_000}},
-    "cache": {"small": {"rows": 20_000, "files": 2000}, "large": {"rows": 100_000, "files": 5000}},
-    "bytes": {"small": {"seqs": 64}, "large": {"seqs": 256}},
-}
+    "online": {"small": {"rows": 20_000}, "large": {"rows": 50_000}, "tiny": {"rows": 1024}},
+    "reader": {"small": {"rows": 20_000}, "large": {"rows": 100_000}, "tiny": {"rows": 2048}},
+    "cache": {"small": {"rows": 20_000, "files": 2000}, "large": {"rows": 100_000, "files": 5000},
+              "tiny": {"rows": 2048, "files": 64}},
+    "bytes": {"small": {"seqs": 64}, "large": {"seqs": 256}, "tiny": {"seqs": 2}},
+}  # "tiny": a smoke test's size (tests/test_bench_table.py), for the rows that have one
 
 
 # -- rows ---------------------------------------------------------------------------------------
@@ -253,11 +254,14 @@ ROWS = {"kd": ("KD epoch from a float16 store / plain hard-label epoch", row_kd)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=("small", "large"), default="small")
+    ap.add_argument("--size", choices=("small", "large", "tiny"), default="small")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default=",".join(ROWS), help="comma-separated rows: " + ", ".join(ROWS))
     ap.add_argument("--json", default="bench-table.json", help="where to write the figures")
     args = ap.parse_args()
+    if missing := [k for k in args.only.split(",") if k not in ROWS or args.size not in SIZES[k]]:
+        ap.error(f"no row {', '.join(missing)} at size {args.size}; rows: {', '.join(ROWS)} (tiny: "
+                 f"{', '.join(k for k in ROWS if 'tiny' in SIZES[k])})")
     torch.set_num_threads(1)
     import softlabels
 
