@@ -25,11 +25,13 @@ itself, anything else (a user dataset's own exception) as :class:`DataError`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
@@ -147,8 +149,8 @@ class _Ring:
             self.busy[where[0], where[1]] = 0
         elif self.pin_memory:
             buf = buf.pin_memory()
-        views = [buf[off:off + dtype.itemsize * _numel(shape)].view(dtype).view(shape) for off, dtype, shape in specs]
-        return worker, last, [_fill(item, views) for item in template]
+        views = [buf[off:off + dtype.itemsize * math.prod(shape)].view(dtype).view(shape) for off, dtype, shape in specs]
+        return worker, last, [_walk(item, lambda v: views[v.index] if isinstance(v, _Slot) else v) for item in template]
 
 
 @dataclass
@@ -247,14 +249,29 @@ def _round_robin(messages: Iterator, workers: int, ring: _Ring) -> Iterator[Any]
 
 
 # -- packing: any nest of dicts, tuples and lists of tensors and plain values ---------------
-def _nbytes(item: Any) -> int:
-    if isinstance(item, torch.Tensor):
-        return item.nbytes
+def _walk(item: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``item`` rebuilt with ``leaf`` applied to each value that is no dict, tuple or list."""
     if isinstance(item, dict):
-        return sum(_nbytes(v) for v in item.values())
+        return {k: _walk(v, leaf) for k, v in item.items()}
     if isinstance(item, (tuple, list)):
-        return sum(_nbytes(v) for v in item)
-    return 0
+        return type(item)(_walk(v, leaf) for v in item)
+    return leaf(item)
+
+
+def _template(item: Any, tensors: list[torch.Tensor]) -> Any:
+    """``item`` with each tensor appended to ``tensors`` and replaced by its :class:`_Slot`."""
+    def slot(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        tensors.append(value)
+        return _Slot(len(tensors) - 1)
+    return _walk(item, slot)
+
+
+def _nbytes(item: Any) -> int:
+    tensors: list[torch.Tensor] = []
+    _template(item, tensors)
+    return sum(t.nbytes for t in tensors)
 
 
 def _offsets(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
@@ -270,34 +287,6 @@ def _shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)))
 
 
-def _template(item: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(item, torch.Tensor):
-        tensors.append(item)
-        return _Slot(len(tensors) - 1)
-    if isinstance(item, dict):
-        return {k: _template(v, tensors) for k, v in item.items()}
-    if isinstance(item, (tuple, list)):
-        return type(item)(_template(v, tensors) for v in item)
-    return item
-
-
 @dataclass(frozen=True)
 class _Slot:
     index: int
-
-
-def _fill(item: Any, views: list[torch.Tensor]) -> Any:
-    if isinstance(item, _Slot):
-        return views[item.index]
-    if isinstance(item, dict):
-        return {k: _fill(v, views) for k, v in item.items()}
-    if isinstance(item, (tuple, list)):
-        return type(item)(_fill(v, views) for v in item)
-    return item
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
