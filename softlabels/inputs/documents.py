@@ -29,7 +29,7 @@ import numpy as np
 
 from softlabels.errors import DataError, SpecError
 from softlabels.inputs.records import RECORD_KINDS, read_column
-from softlabels.inputs.tokens import RaggedTokens, check_seq_len, offsets_of, window_offsets
+from softlabels.inputs.tokens import RaggedTokens, check_seq_len, window_offsets
 from softlabels.inputs.vocabulary import TOKENIZER_JSON, open_tokenizer
 
 __all__ = [
@@ -89,29 +89,27 @@ def needs_seq_len(spec: str) -> bool:
     return spec.startswith("text:") or is_document_spec(spec)
 
 
-def is_chat_spec(spec: str) -> bool:
-    """Whether ``spec`` is a document spec of chat conversations (``messages=``)."""
+def _parsed(spec: str) -> DocumentSpec | None:
     try:
-        return is_document_spec(spec) and parse_document_spec(spec).chat
-    except SpecError:
-        return False
-
-
-def document_spec_path(spec: str) -> str | None:
-    """The file or directory a document spec reads, or None when it does not parse."""
-    try:
-        return parse_document_spec(spec).path
+        return parse_document_spec(spec)
     except SpecError:
         return None
 
 
+def is_chat_spec(spec: str) -> bool:
+    """Whether ``spec`` is a document spec of chat conversations (``messages=``)."""
+    return getattr(_parsed(spec), "chat", False)
+
+
+def document_spec_path(spec: str) -> str | None:
+    """The file or directory a document spec reads, or None when it does not parse."""
+    return getattr(_parsed(spec), "path", None)
+
+
 def absolute_document_spec(spec: str) -> str:
     """``spec`` with its path made absolute (as stores record it), or ``spec`` itself when it does not parse."""
-    try:
-        s = parse_document_spec(spec)
-    except SpecError:
-        return spec
-    return f"{s.kind}:{os.path.abspath(s.path)}?{s.options()}"
+    s = _parsed(spec)
+    return spec if s is None else f"{s.kind}:{os.path.abspath(s.path)}?{s.options()}"
 
 
 def teacher_tokenizer(teacher: str, data: str | None = None) -> str | None:
@@ -133,9 +131,9 @@ class DocumentWindows(RaggedTokens):
     """Windows of documents: a :class:`RaggedTokens` whose window ``i`` lies inside document
     ``document_of[i]`` (the index among the source's records, empty ones counted)."""
 
-    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, document_of: np.ndarray, mask: np.ndarray | None,
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, document_of: np.ndarray, mask: np.ndarray | None,
                  *, source: str, vocab_size: int | None) -> None:
-        super().__init__(tokens, offsets_of(lengths), mask, source=source, vocab_size=vocab_size)
+        super().__init__(tokens, offsets, mask, source=source, vocab_size=vocab_size)
         self.document_of = document_of
         self.document_of.flags.writeable = False
 
@@ -162,7 +160,7 @@ def window_documents(documents: Iterable[tuple[np.ndarray, np.ndarray | None]], 
         raise DataError(f"{source}: target flags were given for some documents only; give them for all or none")
     sizes = np.array([len(i) for i in ids], dtype=np.int64)
     per = -(-sizes // seq_len)  # windows per document
-    return DocumentWindows(np.concatenate(ids), np.diff(window_offsets(sizes, seq_len)),
+    return DocumentWindows(np.concatenate(ids), window_offsets(sizes, seq_len),
                            np.repeat(np.array(owners, dtype=np.int64), per),
                            np.concatenate(flags) if flags else None, source=source, vocab_size=vocab_size)
 

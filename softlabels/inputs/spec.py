@@ -81,16 +81,16 @@ def _call_factory(spec: str, what: str, wanted: type) -> Any:
 # ------------------------------------------------------------------- recorded specs
 
 
-def _split_options(spec: str) -> str:
-    """``SPEC?unlabeled`` -> ``SPEC`` (a path that exists with a '?' in its name is kept whole)."""
-    return spec.rpartition("?")[0] if "?" in spec and not Path(spec).exists() else spec
+def _split_options(spec: str) -> tuple[str, str, str]:
+    """``SPEC?unlabeled`` -> ``(SPEC, "?", "unlabeled")`` (a path that exists with a '?' in its name is kept whole)."""
+    return spec.rpartition("?") if "?" in spec and not Path(spec).exists() else (spec, "", "")
 
 
 def data_spec_path(spec: str) -> str | None:
     """The file a ``--data`` spec reads (``x.h5:X,Y?unlabeled`` -> ``x.h5``), or None (built-in, factory)."""
     if is_document_spec(spec):  # jsonl:, parquet:, hfds: (plain records, never code)
         return document_spec_path(spec)
-    match = _DATA_FILE.fullmatch(_split_options(spec))
+    match = _DATA_FILE.fullmatch(_split_options(spec)[0])
     return match["path"] if match else None
 
 
@@ -157,19 +157,18 @@ class _MapDataset(InputDataset):
 
 def resolve_data(spec: str) -> InputDataset:
     """Resolve a ``--data`` spec (see the module docstring for the grammar) to a dataset."""
-    base, options = _split_options(spec), ""
-    if base != spec:
-        options = spec.rpartition("?")[2]
-        unknown = [o for o in options.split(",") if o not in _DATA_OPTIONS and not base.startswith("imagefolder:")]
+    base, sep, options = _split_options(spec)
+    terms = options.split(",") if sep else []
+    if base.startswith("imagefolder:"):
+        own = [o for o in terms if o and o not in _DATA_OPTIONS]
+        ds: InputDataset = open_imagefolder(base.partition(":")[2], own, spec)
+    else:
+        unknown = [o for o in terms if o not in _DATA_OPTIONS]
         if unknown:
             raise SpecError(f"unknown data option '{unknown[0]}' in '{spec}'; "
                             f"supported: {', '.join('?' + o for o in _DATA_OPTIONS)}")
-    if base.startswith("imagefolder:"):
-        own = [o for o in options.split(",") if o and o not in _DATA_OPTIONS]
-        ds: InputDataset = open_imagefolder(base.partition(":")[2], own, spec)
-    else:
         ds = _resolve_base(base)
-    return ds.without_labels() if "unlabeled" in options.split(",") else ds
+    return ds.without_labels() if "unlabeled" in terms else ds
 
 
 def absolute_data_spec(spec: str) -> str:
@@ -184,9 +183,7 @@ def absolute_data_spec(spec: str) -> str:
         return absolute_document_spec(spec)
     if spec.startswith("text:"):  # the token grammar's text:PATH takes no options: all of it is the path
         return "text:" + os.path.abspath(spec.removeprefix("text:"))
-    base, sep, options = spec, "", ""
-    if "?" in spec and not Path(spec).exists():
-        base, sep, options = spec.rpartition("?")
+    base, sep, options = _split_options(spec)
     if base.startswith("imagefolder:"):
         return "imagefolder:" + os.path.abspath(base.removeprefix("imagefolder:")) + sep + options
     match = None if base.startswith("digits:") else _DATA_FILE.fullmatch(base)
