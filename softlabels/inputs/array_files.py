@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import zarr
 
-from softlabels.errors import DataError
+from softlabels.errors import DataError, one_line
 from softlabels.inputs.files import require_regular
 from softlabels.inputs.arrays import ArrayDataset
 
@@ -48,11 +48,6 @@ def _read_rows(array: Any, idx: np.ndarray) -> np.ndarray:
 
 # What parsing a damaged numpy/HDF5/Zarr file raises (a zip member cut short, a bad header ...).
 _GARBAGE = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
-
-
-def _reason(err: BaseException) -> str:
-    text = " ".join(str(err).split())[:200]
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _array_names(path: str, kind: str) -> list[str]:
@@ -95,7 +90,7 @@ class LazyArray:
             array = self._open()
             self.shape, self.dtype = tuple(int(s) for s in array.shape), np.dtype(array.dtype)
         except _GARBAGE as err:
-            raise DataError(f"cannot read '{path}' as {kind} ({_reason(err)}); check that the file is "
+            raise DataError(f"cannot read '{path}' as {kind} ({one_line(err)}); check that the file is "
                             "intact and written by numpy.save, h5py or zarr") from err
         finally:
             self.close()  # never hold an open handle across a fork
@@ -169,7 +164,7 @@ def open_array_file(path: str | os.PathLike[str], name: str | None = None, label
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
         except _GARBAGE as err:
-            raise DataError(f"cannot read '{path}' as .npz ({_reason(err)}); write it with numpy.savez") from err
+            raise DataError(f"cannot read '{path}' as .npz ({one_line(err)}); write it with numpy.savez") from err
         found = list(arrays)
     elif kind != "npy" and name is None:
         found = _array_names(path, kind)

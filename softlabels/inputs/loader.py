@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from softlabels.errors import DataError, SoftLabelsError
+from softlabels.errors import DataError, SoftLabelsError, one_line
 
 __all__ = ["batch_loader"]
 
@@ -149,7 +149,8 @@ class _Ring:
             self.busy[where[0], where[1]] = 0
         elif self.pin_memory:
             buf = buf.pin_memory()
-        views = [buf[off:off + dtype.itemsize * math.prod(shape)].view(dtype).view(shape) for off, dtype, shape in specs]
+        views = [buf[off:off + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
+                 for off, dtype, shape in specs]
         return worker, last, [_walk(item, lambda v: views[v.index] if isinstance(v, _Slot) else v) for item in template]
 
 
@@ -164,8 +165,7 @@ class _Failure:
     def of(cls, err: Exception) -> _Failure:
         if isinstance(err, SoftLabelsError):
             return cls(type(err), str(err))
-        text = " ".join(str(err).split())[:500]
-        return cls(DataError, f"a DataLoader worker failed: {type(err).__name__}: {text}; fix the dataset, or "
+        return cls(DataError, f"a DataLoader worker failed: {one_line(err, 500)}; fix the dataset, or "
                               "rerun with --num-workers 0 to see where it is raised")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from softlabels.errors import DataError, SpecError
+from softlabels.errors import DataError, SpecError, one_line
 from softlabels.inputs.array_files import open_array_file
 from softlabels.inputs.arrays import InputDataset
 from softlabels.inputs.digits import DIGITS_SPLITS, load_digits_split
@@ -40,9 +40,8 @@ _DATA_OPTIONS = ("unlabeled",)
 
 
 def _one_line(err: BaseException) -> str:
-    """``Type: message`` of an exception squeezed onto one line."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
+    """User code's exception on one line (the teacher's specs quote it the same way)."""
+    return one_line(err, 300)
 
 
 def _load_object(spec: str, what: str) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from softlabels.errors import DataError, SpecError
+from softlabels.errors import DataError, SpecError, one_line
 from softlabels.inputs.files import require_regular
 from softlabels.inputs.documents import is_document_spec, resolve_documents
 from softlabels.inputs.tokens import TokenDataset, open_token_file, pack_stream
@@ -53,9 +53,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # Exception subclasses, and pyo3's PanicException (a BaseException)
-        text = _reason(err)
         raise DataError(
-            f"cannot read tokenizer '{path}' ({text}); pass a tokenizer.json saved by "
+            f"cannot read tokenizer '{path}' ({one_line(err, typed=False)}); pass a tokenizer.json saved by "
             "tokenizers.Tokenizer.save (for Hugging Face models, the tokenizer.json beside the weights)"
         ) from err
 
@@ -76,15 +75,11 @@ def encode_text(text: str, tokenizer: Any, *, tokenizer_path: str | os.PathLike[
     except BaseException as err:  # Exception subclasses, and pyo3's PanicException (a BaseException)
         name = "the tokenizer" if tokenizer_path is None else f"tokenizer '{tokenizer_path}'"
         raise DataError(
-            f"{name} cannot encode {source} ({_reason(err)}); fix the tokenizer.json (a WordLevel vocabulary needs "
-            "its unknown token; a normalizer or pre-tokenizer regex must not backtrack without end), or pass "
+            f"{name} cannot encode {source} ({one_line(err, typed=False)}); fix the tokenizer.json (a WordLevel "
+            "vocabulary needs its unknown token; a normalizer or pre-tokenizer regex must not backtrack without end), or pass "
             "another tokenizer"
         ) from err
     return np.asarray(encoding.ids, dtype=np.int64)
-
-
-def _reason(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def _rust_call(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -74,13 +74,14 @@ class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     vocab_size: int | None = None
     has_mask: bool = False
     source: str = "tokens"
+    _lengths: np.ndarray
 
     def __len__(self) -> int:
         return int(self.lengths().size)
 
     def lengths(self) -> np.ndarray:
-        """Tokens per sequence, int64 [N], without reading any token."""
-        raise NotImplementedError
+        """Tokens per sequence, int64 [N], without reading any token (``_lengths``, set by the subclass)."""
+        return self._lengths
 
     def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Concatenated ids and mask of ``indices`` (in that order)."""
@@ -124,9 +125,6 @@ class PackedTokens(TokenDataset):
         self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
         self._lengths = np.full(tokens.shape[0], tokens.shape[1], dtype=np.int64)
         self._lengths.flags.writeable = False
-
-    def lengths(self) -> np.ndarray:
-        return self._lengths
 
     def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(self._tokens[indices]).reshape(-1)
@@ -180,9 +178,6 @@ class RaggedTokens(TokenDataset):
         self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
         self._offsets = off.astype(np.int64)
         self._lengths.flags.writeable = self._offsets.flags.writeable = False
-
-    def lengths(self) -> np.ndarray:
-        return self._lengths
 
     def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         starts, stops = self._offsets[indices], self._offsets[indices + 1]

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from softlabels.errors import DataError, ModelMismatch
+from softlabels.errors import DataError, ModelMismatch, one_line
 from softlabels.inputs.records import optional_module
 
 __all__ = ["TOKENIZER_JSON", "check_same_tokenizer", "open_tokenizer", "tokenizer_file", "tokenizer_fingerprint"]
@@ -44,9 +44,8 @@ def open_tokenizer(path: str | os.PathLike[str]) -> Any:
     try:
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exception subclasses
-        text = " ".join(str(err).split())[:200]
-        raise DataError(f"cannot read tokenizer '{file}' ({text}); pass a tokenizer.json saved by "
-                        "tokenizers.Tokenizer.save or a Hugging Face tokenizer's save_pretrained") from None
+        raise DataError(f"cannot read tokenizer '{file}' ({one_line(err, typed=False)}); pass a tokenizer.json "
+                        "saved by tokenizers.Tokenizer.save or a Hugging Face tokenizer's save_pretrained") from None
 
 
 def tokenizer_fingerprint(tokenizer: str | os.PathLike[str] | Any) -> str:
