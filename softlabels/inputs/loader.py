@@ -1,26 +1,15 @@
 """DataLoader transport for batch datasets: few messages, no per-tensor shared memory, one-line errors.
 
-torch sends each tensor a worker yields as a fresh shared-memory segment, passed
-by file descriptor and faulted in page by page on both sides: with four tensors
-per batch that made streaming with workers 7-15x slower than in-process. Here
-each worker packs several batches into one slot of a ring of shared memory that
-is mapped before the workers start (so its pages are faulted in once), and sends
-only the slot number and a small template; the main process copies the slot out
-(one memcpy, into pinned memory when asked), frees it, and restores the
-DataLoader's round-robin order batch by batch. A loop therefore sees exactly the
-batches, in the order, of a plain ``DataLoader(ds, batch_size=None)``
-(:mod:`softlabels.student.order`'s resume math relies on that order). A message larger
-than a slot goes as one fresh shared tensor instead. A worker's first message of an epoch holds
-one batch (then 2, 4, ... up to MESSAGE_BATCHES), so the loop starts after one batch.
-
-Workers of an iterable dataset that has ``worker_state()`` / ``set_worker_state(state)`` (a
-few ints that fix an epoch's order) live across epochs: before each epoch the state goes to
-their copies of the dataset through shared memory, instead of a fork, a DataLoader start-up
-and a store opened again per epoch. An epoch not read to its end gets fresh workers.
-
-An exception in a worker comes back as the same one-line error instead of
-torch's "Caught ... in DataLoader worker" traceback: a softlabels error as
-itself, anything else (a user dataset's own exception) as :class:`DataError`.
+torch sends each tensor a worker yields as a fresh shared-memory segment, faulted in page
+by page on both sides: with four tensors per batch, streaming with workers was 7-15x slower
+than in-process. Here each worker packs several batches into one slot of a ring of shared
+memory mapped before the workers start, and sends only the slot number and a template; the
+main process copies the slot out (into pinned memory when asked), frees it, and restores
+the round-robin order, so a loop sees exactly the batches, in the order, of a plain
+``DataLoader(ds, batch_size=None)`` (:mod:`softlabels.student.order`'s resume math relies
+on it). Workers of a dataset with ``worker_state()`` live across epochs (:meth:`_Loader._persistent`).
+A worker's exception comes back as the same one-line error (anything not a softlabels error
+as :class:`DataError`), not torch's "Caught ... in DataLoader worker" traceback.
 """
 
 from __future__ import annotations
