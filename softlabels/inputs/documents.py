@@ -8,12 +8,10 @@ Grammar (options joined by ``,``; exactly one of ``field=`` and ``messages=``)::
     parquet:PATH?field=NAME        a string column (pyarrow) | ?messages=NAME, a list<struct> column
     hfds:DIR?field=NAME[,split=S]  a Dataset (or DatasetDict) written by save_to_disk (needs `datasets`)
 
-A text document is encoded as its tokenizer encodes one text, with the special tokens the
-tokenizer's post-processor adds (a Llama BOS; none for GPT-2). A conversation is rendered
-with the chat template of the tokenizer directory (:mod:`softlabels.inputs.chat`), its
-assistant tokens the only targets. Each document is cut into consecutive windows of
-``seq_len`` tokens (the last shorter); no window holds tokens of two documents, so no
-next-token target crosses a document boundary. Documents without tokens are skipped.
+A text is encoded with the special tokens its tokenizer's post-processor adds (a Llama BOS);
+a conversation with the tokenizer directory's chat template (:mod:`softlabels.inputs.chat`).
+Each document is cut into ``seq_len`` windows (:func:`window_documents`), so no next-token
+target crosses a document boundary (docs/TOKENS.md).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import torch
 
 from softlabels.errors import DataError
 from softlabels.inputs.array_files import LazyArray, _array_names, file_kind
+from softlabels.inputs.fingerprints import spread_ids
 
 __all__ = ["TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
            "check_seq_len", "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets"]
@@ -279,7 +280,7 @@ def token_fingerprint(ds: TokenDataset) -> str:
     """Cheap, content-sensitive fingerprint ``"sha256:<hex>"`` of token data.
 
     Hashes every sequence length (so the offsets are covered exactly) and the ids and
-    mask of a deterministic sample: the first, the last and ~64 evenly spaced sequences.
+    mask of the sequences :func:`~softlabels.inputs.fingerprints.spread_ids` picks.
     """
     lengths = ds.lengths()
     n = lengths.size
@@ -287,8 +288,7 @@ def token_fingerprint(ds: TokenDataset) -> str:
     digest.update(f"softlabels-token-fingerprint-v1|n={n}|".encode())
     digest.update(np.ascontiguousarray(lengths, dtype="<i8").tobytes())
     if n:
-        idx = np.unique(np.concatenate([[0, n - 1], np.linspace(0, n - 1, 64).round()])).astype(np.int64)
-        batch = ds.get_batch(idx)
+        batch = ds.get_batch(spread_ids(n))
         digest.update(np.ascontiguousarray(batch.ids.numpy(), dtype="<i8").tobytes())
         digest.update(np.ascontiguousarray(batch.mask.numpy(), dtype="u1").tobytes())
     return f"sha256:{digest.hexdigest()}"
