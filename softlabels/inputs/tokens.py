@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from softlabels.errors import DataError
-from softlabels.inputs.array_files import LazyArray, _array_names, file_kind
+from softlabels.inputs.array_files import LazyArray, _array_names, file_kind, read_npz
 from softlabels.inputs.fingerprints import spread_ids
 
 __all__ = ["TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
@@ -255,11 +255,7 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
     if kind == "npy":
         arrays = {"tokens": np.load(path, mmap_mode="r", allow_pickle=False)}
     elif kind == "npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read '{path}' as .npz ({err}); write it with numpy.savez") from err
+        arrays = read_npz(path)
     else:
         found = _array_names(path, kind)
         arrays = {name: LazyArray(path, kind, name) for name in ("tokens", "offsets", "mask") if name in found}
