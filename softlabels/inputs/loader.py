@@ -58,13 +58,12 @@ class _Loader:
 
     def __iter__(self) -> Iterator:
         options = {"num_workers": self.workers, "prefetch_factor": self.prefetch}  # pinning: see _Ring.take
-        if isinstance(self.dataset, IterableDataset):
-            if not hasattr(self.dataset, "worker_state"):
-                ring = _Ring(self.workers, self.prefetch + 2, self.pin_memory)
-                loader = DataLoader(_PackedStream(self.dataset, ring), batch_size=None, **options)
-                return _round_robin(iter(loader), self.workers, ring)
+        if isinstance(self.dataset, IterableDataset) and hasattr(self.dataset, "worker_state"):
             return self._persistent(options)
         ring = _Ring(self.workers, self.prefetch + 2, self.pin_memory)
+        if isinstance(self.dataset, IterableDataset):
+            loader = DataLoader(_PackedStream(self.dataset, ring), batch_size=None, **options)
+            return _round_robin(iter(loader), self.workers, ring)
         sampler = self.sampler if self.sampler is not None else range(len(self.dataset))  # type: ignore[arg-type]
         loader = DataLoader(_PackedItems(self.dataset, ring), batch_size=None, sampler=sampler, **options)
         return (ring.take(message)[2][0] for message in loader)

@@ -171,13 +171,9 @@ def resolve_data(spec: str) -> InputDataset:
 
 
 def absolute_data_spec(spec: str) -> str:
-    """``spec`` with its file or folder path made absolute, so that it resolves from any working directory.
-
-    Stores and eval results record their data this way: ``imagefolder:imgs?size=12`` becomes
-    ``imagefolder:/abs/imgs?size=12``, ``text:t.txt`` (token data) ``text:/abs/t.txt``.
-    Built-in and ``module:factory`` specs are returned as they are (a factory's module is
-    found on ``PYTHONPATH``).
-    """
+    """``spec`` with its file or folder path made absolute, as stores and eval results record it
+    (``imagefolder:imgs?size=12`` -> ``imagefolder:/abs/imgs?size=12``); built-in and
+    ``module:factory`` specs stay as they are."""
     if is_document_spec(spec):
         return absolute_document_spec(spec)
     if spec.startswith("text:"):  # the token grammar's text:PATH takes no options: all of it is the path

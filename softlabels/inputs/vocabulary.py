@@ -49,14 +49,9 @@ def open_tokenizer(path: str | os.PathLike[str]) -> Any:
 
 
 def tokenizer_fingerprint(tokenizer: str | os.PathLike[str] | Any) -> str:
-    """``"sha256:<hex>"`` over the vocabulary (every token and its id, added tokens included) and
-    which ids are special tokens.
-
-    ``tokenizer`` is a ``tokenizer.json``, a directory holding one, a loaded
-    ``tokenizers.Tokenizer`` or a transformers fast tokenizer. The digest is taken over the parsed vocabulary, not the file's
-    bytes, so re-saving or re-indenting ``tokenizer.json`` keeps it; two tokenizers with the
-    same ids for the same token strings and the same special tokens share it.
-    """
+    """``"sha256:<hex>"`` over the parsed vocabulary (every token and its id, added tokens included)
+    and which ids are special, so re-saving ``tokenizer.json`` keeps it. ``tokenizer``: a file, a
+    directory holding one, a ``tokenizers.Tokenizer`` or a transformers fast tokenizer."""
     if isinstance(tokenizer, str | os.PathLike):
         tok = open_tokenizer(tokenizer)
     else:  # a tokenizers.Tokenizer, or a transformers fast tokenizer around one
