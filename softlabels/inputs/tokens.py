@@ -65,11 +65,10 @@ def _check_ids(ids: np.ndarray, source: str, where: str) -> np.ndarray:
 
 
 class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Map-style dataset of token sequences; subclasses implement ``_read(indices)``.
+    """Map-style dataset of token sequences; subclasses set ``_lengths`` and implement ``_read(indices)``.
 
-    ``vocab_size`` is the tokenizer's vocabulary when known (text specs, or any spec given a
-    tokenizer), else ``None``;
-    ``has_mask`` is False when every token is a target; ``source`` names the data.
+    ``vocab_size`` is the tokenizer's vocabulary when known, else ``None``; ``has_mask`` is False
+    when every token is a target; ``source`` names the data.
     """
 
     vocab_size: int | None = None
@@ -81,7 +80,7 @@ class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return int(self.lengths().size)
 
     def lengths(self) -> np.ndarray:
-        """Tokens per sequence, int64 [N], without reading any token (``_lengths``, set by the subclass)."""
+        """Tokens per sequence, int64 [N], without reading any token."""
         return self._lengths
 
     def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
