@@ -23,9 +23,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from softlabels._runtime import startup as _startup
+from softlabels._runtime import signals as _signals
 
-_startup.begin()  # first: Ctrl-C while a command starts is one line (started as the CLI only)
+_signals.begin()  # first: Ctrl-C while a command starts is one line (started as the CLI only)
 
 from softlabels._version import __version__  # noqa: E402
 

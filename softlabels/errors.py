@@ -4,7 +4,7 @@ Every error softlabels raises on purpose is a :class:`SoftLabelsError`. Most als
 subclass the matching built-in, so callers can catch either
 (``except FileNotFoundError`` still works for a missing store). The CLI prints
 ``str(err)`` on one line and exits non-zero; messages therefore name the problem
-*and* the fix.
+*and* the fix; :func:`one_line` quotes a foreign exception inside one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 __all__ = ["SoftLabelsError", "StoreError", "StoreNotFound", "NotAStore", "UnsupportedFormat", "CorruptStore",
            "IncompleteStore", "StoreLimitExceeded", "StoreExists", "StoreMismatch", "StoreLocked", "StoreWriteError",
            "StorageUnavailable", "SpecError", "DataError", "FingerprintMismatch", "ModelMismatch", "NonFiniteOutputs", "ConfigError",
-           "CheckpointError", "CheckpointNotFound", "RunNotFound", "Interrupted"]
+           "CheckpointError", "CheckpointNotFound", "RunNotFound", "Interrupted", "one_line"]
 
 
 class SoftLabelsError(Exception):
@@ -112,3 +112,12 @@ class RunNotFound(SoftLabelsError, FileNotFoundError):
 
 class Interrupted(SoftLabelsError):
     """The user stopped a job (Ctrl-C); every finished unit or epoch is kept."""
+
+
+def one_line(err: BaseException, limit: int = 200, *, typed: bool = True) -> str:
+    """``Type: text`` of a foreign exception (the text alone unless ``typed``; the type when it has none),
+    on one line and cut at ``limit`` characters, to quote inside a message."""
+    text = " ".join(str(err).split())[:limit]
+    if not text:
+        return type(err).__name__
+    return f"{type(err).__name__}: {text}" if typed else text

@@ -38,12 +38,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_threads(threads: int) -> None:
-    """Apply ``--threads`` to torch's intra-op pool (0 leaves torch's default: one per core).
-
-    One thread is the default: on a 2-core machine shared with other jobs, a small
-    student trained 10x faster with 1 thread than with 2 (docs/BENCHMARKS.md), and
-    CPU results do not depend on the machine's core count.
-    """
+    """Apply ``--threads`` to torch's intra-op pool (0 leaves torch's default: one per core; why one is
+    the default: :data:`softlabels._runtime.options.THREADS_HELP`, docs/BENCHMARKS.md)."""
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

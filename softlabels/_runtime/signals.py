@@ -7,16 +7,23 @@ raising from whatever bytecode runs next, and some code swallows what it raises
 (a C extension's module init during a lazy import, seen with ``numpy.random``), so
 the handler also records the signal, and the job loops call :func:`check` once
 per batch or step to raise it again.
+
+Before that, while the command line starts (``softlabels/__init__`` imports the library,
+seconds of torch, before the CLI can catch anything), a process started as the
+``softlabels`` command gets a SIGINT handler that prints one line (:func:`begin`); the
+CLI's own handling replaces it once a command starts (:func:`end`).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["check", "stop_signals_as_ctrl_c"]
+__all__ = ["begin", "check", "end", "stop_signals_as_ctrl_c"]
 
 _pending = False
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -49,3 +56,27 @@ def stop_signals_as_ctrl_c() -> Iterator[None]:
         _pending = False
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+STARTING = "error: interrupted while starting; nothing was done, rerun the command\n"
+
+
+def _starting(signum: int, frame: object) -> None:
+    sys.stderr.write(STARTING)
+    sys.stderr.flush()
+    os._exit(2)  # mid-import: nothing to clean up, and unwinding would print the import's traceback
+
+
+def begin() -> None:
+    """Ctrl-C while the command line starts: one line and exit 2 (only when started as ``softlabels``)."""
+    argv = getattr(sys, "argv", None) or [""]
+    # "-m" while the package itself is imported: "python -m softlabels"; else the console script
+    as_cli = argv[0] == "-m" or os.path.basename(argv[0]) in ("softlabels", "softlabels.exe")
+    if as_cli and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _starting)
+
+
+def end() -> None:
+    """Back to Python's KeyboardInterrupt, which the CLI turns into its own one-line hint."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

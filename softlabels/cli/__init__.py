@@ -20,8 +20,7 @@ import sys
 import click
 from click.exceptions import NoArgsIsHelpError
 
-from softlabels._runtime import startup as _startup
-from softlabels._runtime.signals import stop_signals_as_ctrl_c
+from softlabels._runtime import signals as _signals
 from softlabels._version import __version__
 from softlabels.errors import SoftLabelsError
 
@@ -40,12 +39,12 @@ class _Group(click.Group):
             raise _usage_error(err) from None
 
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
-        _startup.end()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
+        _signals.end()  # from here on Ctrl-C is a KeyboardInterrupt, handled below
         # zarr writes through asyncio: after an error (a full disk, say) that we report in one line,
         # asyncio would log the same error again with a traceback when its future is collected
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         try:
-            with stop_signals_as_ctrl_c():  # SIGTERM (a scheduler's stop) is Ctrl-C too
+            with _signals.stop_signals_as_ctrl_c():  # SIGTERM (a scheduler's stop) is Ctrl-C too
                 result = super().invoke(ctx)
                 sys.stdout.flush()  # a closed stdout shows here, not in the interpreter's exit
                 return result

@@ -27,15 +27,13 @@ from softlabels.evaluation.config import EvalConfig as D  # defaults: the datacl
 @click.option("--device", default=D.device, show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=int, default=D.threads, show_default=True, help=THREADS_HELP)
 @storage_option
-def command(checkpoint: str, data_spec: str, store: str | None, student: str | None, as_json: bool, batch_size: int,
-            device: str, threads: int) -> None:
+def command(checkpoint: str, data_spec: str, store: str | None, as_json: bool, **options) -> None:
     """Evaluate the student of CHECKPOINT on --data: accuracy and calibration, and
     with --store also its agreement with the teacher that made the store.
     """
     from softlabels.evaluation.evaluator import evaluate, format_table
 
-    result = evaluate(checkpoint, data_spec, store, batch_size=batch_size, device=device, threads=threads,
-                      student=student)
+    result = evaluate(checkpoint, data_spec, store, **options)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True, allow_nan=False))  # evaluate() already nulled NaN
         return

@@ -81,13 +81,7 @@ from softlabels.teacher.config import (
               help="Token data: the tokenizer.json of text:FILE (and the vocabulary of a built-in LM teacher); "
                    "for jsonl:/parquet:/hfds: data also a tokenizer directory, which chat data (messages=) needs.")
 @storage_option
-def command(teacher: str, weights: str | None, allow_pickle: bool, random_teacher: bool, seed: int, data: str,
-            out: str, layout: str | None, topk: int | None, samples: int | None, views: int | None,
-            augment: str | None, views_from: str | None, dtype: str, batch_size: int, num_workers: int, device: str,
-            threads: int, amp: str, chunk_rows: int | None, shard_chunks: int | None, num_classes: int | None, overwrite: bool,
-            on_nonfinite: str, repair: bool, no_progress: bool, seq_len: int | None, tokenizer: str | None,
-            compress: bool, tail_temperatures: str | None, sample_temperature: float | None,
-            sampled_ids_only: bool) -> None:
+def command(out: str, no_progress: bool, **options) -> None:
     """Run TEACHER over DATA once and write its raw logits to the store OUT.
 
     Rerunning the same command resumes an interrupted job (and says so when the
@@ -99,16 +93,8 @@ def command(teacher: str, weights: str | None, allow_pickle: bool, random_teache
 
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        result = generate(
-            teacher, data, out, weights=weights, allow_pickle=allow_pickle, random_teacher=random_teacher,
-            seed=seed, layout=layout, topk=topk, samples=samples, views=views, augment=augment,
-            views_from=views_from, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device,
-            threads=threads, amp=amp, chunk_rows=chunk_rows, shard_chunks=shard_chunks, num_classes=num_classes, overwrite=overwrite,
-            on_nonfinite=on_nonfinite, repair=repair, progress=False if no_progress else None,
-            echo=lambda line: click.echo(line, err=True), seq_len=seq_len, tokenizer=tokenizer, compress=compress,
-            tail_temperatures=tail_temperatures, sample_temperature=sample_temperature,
-            sampled_ids_only=sampled_ids_only,
-        )
+        result = generate(out=out, progress=False if no_progress else None,
+                          echo=lambda line: click.echo(line, err=True), **options)
     except SoftLabelsError:
         if not main_rank:  # rank 0 reports it; the other ranks only fail
             raise SystemExit(2) from None

@@ -17,11 +17,11 @@ import h5py
 import numpy as np
 import zarr
 
-from softlabels.errors import DataError
+from softlabels.errors import DataError, one_line
 from softlabels.inputs.files import require_regular
 from softlabels.inputs.arrays import ArrayDataset
 
-__all__ = ["FileKind", "LazyArray", "file_kind", "open_array_file"]
+__all__ = ["FileKind", "LazyArray", "file_kind", "open_array_file", "read_npz"]
 
 FileKind = Literal["npy", "hdf5", "zarr"]
 """Array files read lazily by :class:`LazyArray`."""
@@ -48,11 +48,6 @@ def _read_rows(array: Any, idx: np.ndarray) -> np.ndarray:
 
 # What parsing a damaged numpy/HDF5/Zarr file raises (a zip member cut short, a bad header ...).
 _GARBAGE = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
-
-
-def _reason(err: BaseException) -> str:
-    text = " ".join(str(err).split())[:200]
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _array_names(path: str, kind: str) -> list[str]:
@@ -95,7 +90,7 @@ class LazyArray:
             array = self._open()
             self.shape, self.dtype = tuple(int(s) for s in array.shape), np.dtype(array.dtype)
         except _GARBAGE as err:
-            raise DataError(f"cannot read '{path}' as {kind} ({_reason(err)}); check that the file is "
+            raise DataError(f"cannot read '{path}' as {kind} ({one_line(err)}); check that the file is "
                             "intact and written by numpy.save, h5py or zarr") from err
         finally:
             self.close()  # never hold an open handle across a fork
@@ -151,6 +146,15 @@ def file_kind(path: str, what: str, suffixes: str) -> str:
     return kind
 
 
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of a ``.npz`` file, read now (an object array is refused, never unpickled)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except _GARBAGE as err:
+        raise DataError(f"cannot read '{path}' as .npz ({one_line(err)}); write it with numpy.savez") from err
+
+
 def open_array_file(path: str | os.PathLike[str], name: str | None = None, labels_name: str | None = None, *,
                     num_classes: int | None = None) -> ArrayDataset:
     """Open inputs stored in a ``.npz``, ``.npy``, HDF5 (``.h5``/``.hdf5``) or ``.zarr`` file.
@@ -163,22 +167,13 @@ def open_array_file(path: str | os.PathLike[str], name: str | None = None, label
     kind = file_kind(path, "data file", ".npz, .npy, .h5/.hdf5 or .zarr")
     if kind == "npy" and (name is not None or labels_name is not None):
         raise DataError(f"'{path}' is a .npy file holding only inputs; drop ':{name}' from the spec")
-    found: list[str] = []
-    if kind == "npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except _GARBAGE as err:
-            raise DataError(f"cannot read '{path}' as .npz ({_reason(err)}); write it with numpy.savez") from err
-        found = list(arrays)
-    elif kind != "npy" and name is None:
-        found = _array_names(path, kind)
+    arrays = read_npz(path) if kind == "npz" else None
+    found = [""] if kind == "npy" else list(arrays) if arrays is not None else _array_names(path, kind)
     if name is None:  # defaults: arrays x and (if present) y, a Zarr store that is one array, or the .npy
-        name, labels_name = ("", None) if found == [""] or kind == "npy" else ("x", "y" if "y" in found else None)
-    if kind != "npy":
-        _require_arrays(path, found or _array_names(path, kind), name, labels_name)
+        name, labels_name = ("", None) if found == [""] else ("x", "y" if "y" in found else None)
+    _require_arrays(path, found, name, labels_name)
     source = f"{path}:{name}" if name else path
-    if kind == "npz":
+    if arrays is not None:
         x, labels = arrays[name], None if labels_name is None else arrays[labels_name]
     else:  # the inputs stay in the file; labels (small) are read now
         x = LazyArray(path, kind, name)

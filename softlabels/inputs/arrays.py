@@ -115,26 +115,14 @@ class ArrayDataset(InputDataset):
     def __init__(self, x: np.ndarray, y: np.ndarray | None = None, *, num_classes: int | None = None,
                  source: str = "array") -> None:
         _check_inputs(np.dtype(x.dtype), tuple(x.shape), source)
-        self._x = x
-        self._init_labels(int(x.shape[0]), tuple(x.shape[1:]), y, num_classes, source)
-
-    def _init_labels(self, n: int, input_shape: tuple[int, ...], y: np.ndarray | None, num_classes: int | None,
-                     source: str) -> None:
-        self._n = n
-        self.input_shape = input_shape
-        self._y = np.full(n, -1, np.int64) if y is None else _check_labels(y, n, source)
+        self._x, self._n, self.input_shape = x, int(x.shape[0]), tuple(x.shape[1:])
+        self._y = np.full(self._n, -1, np.int64) if y is None else _check_labels(y, self._n, source)
         self.has_labels = bool((self._y >= 0).any())
         seen = int(self._y.max()) + 1 if self.has_labels else None
         if num_classes is not None and seen is not None and num_classes < seen:
             raise DataError(f"{source} has label {seen - 1} but num_classes={num_classes}; "
                             f"pass num_classes >= {seen} or fix the labels")
         self.num_classes = num_classes if num_classes is not None else seen
-
-    def _inputs(self) -> Any:
-        return self._x
-
-    def _read(self, indices: np.ndarray) -> np.ndarray:
-        return self._inputs()[indices]
 
     def __len__(self) -> int:
         return self._n
@@ -143,10 +131,10 @@ class ArrayDataset(InputDataset):
         i = int(index)
         if not -self._n <= i < self._n:
             raise IndexError(f"index {i} out of range for a dataset of {self._n} items")
-        x = np.asarray(self._inputs()[i], dtype=np.float32)
+        x = np.asarray(self._x[i], dtype=np.float32)
         return torch.tensor(x), torch.tensor(self._y[i])
 
     def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        x = np.ascontiguousarray(self._read(idx), dtype=np.float32)  # fancy indexing: a fresh copy
+        x = np.ascontiguousarray(self._x[idx], dtype=np.float32)  # fancy indexing: a fresh copy
         return torch.from_numpy(x), torch.from_numpy(self._y[idx])

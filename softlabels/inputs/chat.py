@@ -1,20 +1,11 @@
 """Chat conversations as token data: rendered with the tokenizer's own chat template, with the
 assistant's tokens as the only targets.
 
-A conversation is a list of ``{"role": str, "content": str}`` messages with at least one
-``assistant`` turn. It is rendered and tokenized as ``apply_chat_template`` does
-(transformers' sandboxed Jinja; no special tokens added beyond what the template writes)
-and every token gets a *target* flag (docs/TOKENS.md, "Chat conversations"):
-
-- a template with ``{% generation %}`` markers: the flags are transformers' own assistant
-  mask (``return_assistant_tokens_mask=True``), the tokens the markers enclose;
-- any other template: **role spans**. Assistant turn ``i`` spans the text between
-  ``render(messages[:i], add_generation_prompt=True)`` (everything up to and including its
-  role header) and ``render(messages[:i + 1])`` (its content and the template's end-of-turn
-  text). Renders must extend each other; a template that rewrites earlier turns, or ignores
-  ``add_generation_prompt``, is refused rather than guessed.
-
-A token is a target when it overlaps an assistant span (transformers' rule for its mask).
+A conversation (``[{"role", "content"}, ...]``, one ``assistant`` turn at least) is rendered
+and tokenized as ``apply_chat_template`` does (transformers' sandboxed Jinja). A token is a
+target when it overlaps an assistant span: the ``{% generation %}`` markers of a template that
+has them (transformers' own assistant mask), else **role spans** from renders that must
+extend each other (:meth:`ChatTemplate._role_spans`; docs/TOKENS.md, "Chat conversations").
 """
 
 from __future__ import annotations
@@ -94,6 +85,8 @@ class ChatTemplate:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
 
     def _role_spans(self, messages: list[dict[str, Any]], where: str) -> tuple[list[int], list[int]]:
+        """Assistant turn ``i`` spans ``render(messages[:i], add_generation_prompt=True)`` (up to its role
+        header) .. ``render(messages[:i + 1])``; a template that rewrites earlier turns is refused."""
         full = self._render(messages, False)
         spans = []
         for i, m in enumerate(messages):

@@ -64,8 +64,5 @@ def load_digits_split(split: str) -> ArrayDataset:
     if split not in DIGITS_SPLITS:
         raise DataError(f"unknown digits split '{split}'; use one of: {', '.join(DIGITS_SPLITS)}")
     x, y = _digits_arrays()
-    source = f"digits:{split}"
-    if split == "all":
-        return ArrayDataset(x, y, num_classes=10, source=source)
-    idx = _digits_split_indices()[split]
-    return ArrayDataset(x[idx], y[idx], num_classes=10, source=source)
+    idx = slice(None) if split == "all" else _digits_split_indices()[split]
+    return ArrayDataset(x[idx], y[idx], num_classes=10, source=f"digits:{split}")

@@ -8,12 +8,10 @@ Grammar (options joined by ``,``; exactly one of ``field=`` and ``messages=``)::
     parquet:PATH?field=NAME        a string column (pyarrow) | ?messages=NAME, a list<struct> column
     hfds:DIR?field=NAME[,split=S]  a Dataset (or DatasetDict) written by save_to_disk (needs `datasets`)
 
-A text document is encoded as its tokenizer encodes one text, with the special tokens the
-tokenizer's post-processor adds (a Llama BOS; none for GPT-2). A conversation is rendered
-with the chat template of the tokenizer directory (:mod:`softlabels.inputs.chat`), its
-assistant tokens the only targets. Each document is cut into consecutive windows of
-``seq_len`` tokens (the last shorter); no window holds tokens of two documents, so no
-next-token target crosses a document boundary. Documents without tokens are skipped.
+A text is encoded with the special tokens its tokenizer's post-processor adds (a Llama BOS);
+a conversation with the tokenizer directory's chat template (:mod:`softlabels.inputs.chat`).
+Each document is cut into ``seq_len`` windows (:func:`window_documents`), so no next-token
+target crosses a document boundary (docs/TOKENS.md).
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ import numpy as np
 
 from softlabels.errors import DataError, SpecError
 from softlabels.inputs.records import RECORD_KINDS, read_column
-from softlabels.inputs.tokens import RaggedTokens, check_seq_len, offsets_of, window_offsets
+from softlabels.inputs.tokens import RaggedTokens, check_seq_len, window_offsets
 from softlabels.inputs.vocabulary import TOKENIZER_JSON, open_tokenizer
 
 __all__ = [
@@ -89,29 +87,27 @@ def needs_seq_len(spec: str) -> bool:
     return spec.startswith("text:") or is_document_spec(spec)
 
 
-def is_chat_spec(spec: str) -> bool:
-    """Whether ``spec`` is a document spec of chat conversations (``messages=``)."""
+def _parsed(spec: str) -> DocumentSpec | None:
     try:
-        return is_document_spec(spec) and parse_document_spec(spec).chat
-    except SpecError:
-        return False
-
-
-def document_spec_path(spec: str) -> str | None:
-    """The file or directory a document spec reads, or None when it does not parse."""
-    try:
-        return parse_document_spec(spec).path
+        return parse_document_spec(spec)
     except SpecError:
         return None
 
 
+def is_chat_spec(spec: str) -> bool:
+    """Whether ``spec`` is a document spec of chat conversations (``messages=``)."""
+    return getattr(_parsed(spec), "chat", False)
+
+
+def document_spec_path(spec: str) -> str | None:
+    """The file or directory a document spec reads, or None when it does not parse."""
+    return getattr(_parsed(spec), "path", None)
+
+
 def absolute_document_spec(spec: str) -> str:
     """``spec`` with its path made absolute (as stores record it), or ``spec`` itself when it does not parse."""
-    try:
-        s = parse_document_spec(spec)
-    except SpecError:
-        return spec
-    return f"{s.kind}:{os.path.abspath(s.path)}?{s.options()}"
+    s = _parsed(spec)
+    return spec if s is None else f"{s.kind}:{os.path.abspath(s.path)}?{s.options()}"
 
 
 def teacher_tokenizer(teacher: str, data: str | None = None) -> str | None:
@@ -133,9 +129,9 @@ class DocumentWindows(RaggedTokens):
     """Windows of documents: a :class:`RaggedTokens` whose window ``i`` lies inside document
     ``document_of[i]`` (the index among the source's records, empty ones counted)."""
 
-    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, document_of: np.ndarray, mask: np.ndarray | None,
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, document_of: np.ndarray, mask: np.ndarray | None,
                  *, source: str, vocab_size: int | None) -> None:
-        super().__init__(tokens, offsets_of(lengths), mask, source=source, vocab_size=vocab_size)
+        super().__init__(tokens, offsets, mask, source=source, vocab_size=vocab_size)
         self.document_of = document_of
         self.document_of.flags.writeable = False
 
@@ -162,7 +158,7 @@ def window_documents(documents: Iterable[tuple[np.ndarray, np.ndarray | None]], 
         raise DataError(f"{source}: target flags were given for some documents only; give them for all or none")
     sizes = np.array([len(i) for i in ids], dtype=np.int64)
     per = -(-sizes // seq_len)  # windows per document
-    return DocumentWindows(np.concatenate(ids), np.diff(window_offsets(sizes, seq_len)),
+    return DocumentWindows(np.concatenate(ids), window_offsets(sizes, seq_len),
                            np.repeat(np.array(owners, dtype=np.int64), per),
                            np.concatenate(flags) if flags else None, source=source, vocab_size=vocab_size)
 

@@ -90,13 +90,9 @@ def _check_link(entry: os.DirEntry, root: Path, real_root: str, keep: Callable[[
 
 
 def scan_folder(root: Path, top: Path, keep: Callable[[str], bool]) -> list[str]:
-    """Paths of the files under ``top`` (a folder inside ``root``) whose names ``keep`` accepts.
-
-    In ``sorted(os.walk(top))`` order: folders sorted by path, files by name within each,
-    as torchvision's ImageFolder lists them. Links follow the module's rules (directory
-    links refused, file links read only inside ``root``) and every kept file must be
-    regular; files not kept are never opened or checked.
-    """
+    """Paths of the files under ``top`` (a folder inside ``root``) whose names ``keep`` accepts, in
+    ``sorted(os.walk(top))`` order (torchvision ImageFolder's); links as the module says, and every
+    kept file regular (files not kept are never opened)."""
     real_root = os.path.realpath(root)
     if os.path.islink(top):
         raise _directory_link(root, str(top))

@@ -1,31 +1,11 @@
 """``--data imagefolder:DIR[?size=S][,gray]``: the torchvision ImageFolder layout, decoded lazily.
 
-``DIR/<class>/**/<image>`` with classes sorted by name and files sorted within
-each class, exactly as ``torchvision.datasets.ImageFolder`` orders them (so sample
-ids agree with it). Images are decoded with Pillow when an item is read (in
-DataLoader workers), converted to RGB (or ``gray``: one channel), and with
-``size=S`` resized so the shorter side is S and centre-cropped to S x S
-(``Resize(S)`` + ``CenterCrop(S)``); without it every image must have the first
-one's size. Items are float32 ``[C, H, W]`` in [0, 1].
-
-Pixels reach [0, 1] with their bit depth respected, by Pillow mode:
-
-* 8-bit modes (``L``, ``RGB``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ...): Pillow's own
-  conversion to ``RGB`` (or ``L`` for ``gray``), then / 255, as torchvision's loader does.
-  ``1`` becomes 0 or 1; ``P`` its palette colours; ``CMYK`` Pillow's profile-free formula;
-  ``gray`` of colour is the ITU-R 601-2 luma (Pillow's ``L``). Alpha (``RGBA``, ``LA``,
-  ``PA``, a palette's transparency) is dropped: the colour stored under a transparent
-  pixel is kept, with no background blended in.
-* 16-bit gray (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``): value / 65535, exactly (a
-  plain RGB conversion would clip it to white); resized in floating point; for RGB the
-  one channel is repeated. ``I`` (32-bit integers; older Pillow opens 16-bit PNGs so) is
-  read the same way when every value lies in 0..65535, and refused otherwise.
-* ``F`` (floating point) has no known range and is refused, as is an ``I`` beyond 16 bits.
-  (Pillow reads 16-bit RGB files as 8-bit ``RGB``: their top 8 bits.)
-
-The scan reads regular files only and follows no link to a directory; a link to an
-image is read only when it leads to a file inside ``DIR`` (:mod:`softlabels.inputs.files`
-says why).
+``DIR/<class>/**/<image>``, classes and files in ``torchvision.datasets.ImageFolder``'s order
+(so sample ids agree with it). Pillow decodes an image when its item is read (in DataLoader
+workers) to float32 ``[C, H, W]`` in [0, 1], RGB or ``gray``, its bit depth respected (16-bit
+gray: value / 65535); ``size=S`` is ``Resize(S)`` + ``CenterCrop(S)``, and without it every
+image must have the first one's size. docs/VIEWS.md, "Image folders", has each Pillow mode's
+rule; :mod:`softlabels.inputs.files` which files and links the scan reads.
 """
 
 from __future__ import annotations
@@ -127,7 +107,7 @@ class ImageFolderDataset(InputDataset):
 
 def _convert(img, gray: bool, path: str):  # noqa: ANN001, ANN202 - PIL types stay optional
     """``(image, full scale)``: ``img`` in mode L or RGB (full scale 255), or F holding 16-bit values
-    (full scale 65535, one channel); the module docstring says how each Pillow mode gets there."""
+    (full scale 65535, one channel); docs/VIEWS.md says how each Pillow mode gets there."""
     if img.mode in _SIXTEEN_BIT or img.mode == "I":
         if img.mode == "I":  # 32 bits; older Pillow opened 16-bit PNGs so: read as 16-bit when it fits
             lo, hi = img.getextrema()

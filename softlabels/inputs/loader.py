@@ -1,40 +1,31 @@
 """DataLoader transport for batch datasets: few messages, no per-tensor shared memory, one-line errors.
 
-torch sends each tensor a worker yields as a fresh shared-memory segment, passed
-by file descriptor and faulted in page by page on both sides: with four tensors
-per batch that made streaming with workers 7-15x slower than in-process. Here
-each worker packs several batches into one slot of a ring of shared memory that
-is mapped before the workers start (so its pages are faulted in once), and sends
-only the slot number and a small template; the main process copies the slot out
-(one memcpy, into pinned memory when asked), frees it, and restores the
-DataLoader's round-robin order batch by batch. A loop therefore sees exactly the
-batches, in the order, of a plain ``DataLoader(ds, batch_size=None)``
-(:mod:`softlabels.student.order`'s resume math relies on that order). A message larger
-than a slot goes as one fresh shared tensor instead. A worker's first message of an epoch holds
-one batch (then 2, 4, ... up to MESSAGE_BATCHES), so the loop starts after one batch.
-
-Workers of an iterable dataset that has ``worker_state()`` / ``set_worker_state(state)`` (a
-few ints that fix an epoch's order) live across epochs: before each epoch the state goes to
-their copies of the dataset through shared memory, instead of a fork, a DataLoader start-up
-and a store opened again per epoch. An epoch not read to its end gets fresh workers.
-
-An exception in a worker comes back as the same one-line error instead of
-torch's "Caught ... in DataLoader worker" traceback: a softlabels error as
-itself, anything else (a user dataset's own exception) as :class:`DataError`.
+torch sends each tensor a worker yields as a fresh shared-memory segment, faulted in page
+by page on both sides: with four tensors per batch, streaming with workers was 7-15x slower
+than in-process. Here each worker packs several batches into one slot of a ring of shared
+memory mapped before the workers start, and sends only the slot number and a template; the
+main process copies the slot out (into pinned memory when asked), frees it, and restores
+the round-robin order, so a loop sees exactly the batches, in the order, of a plain
+``DataLoader(ds, batch_size=None)`` (:mod:`softlabels.student.order`'s resume math relies
+on it). Workers of a dataset with ``worker_state()`` live across epochs (:meth:`_Loader._persistent`).
+A worker's exception comes back as the same one-line error (anything not a softlabels error
+as :class:`DataError`), not torch's "Caught ... in DataLoader worker" traceback.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from softlabels.errors import DataError, SoftLabelsError
+from softlabels.errors import DataError, SoftLabelsError, one_line
 
 __all__ = ["batch_loader"]
 
@@ -67,13 +58,12 @@ class _Loader:
 
     def __iter__(self) -> Iterator:
         options = {"num_workers": self.workers, "prefetch_factor": self.prefetch}  # pinning: see _Ring.take
-        if isinstance(self.dataset, IterableDataset):
-            if not hasattr(self.dataset, "worker_state"):
-                ring = _Ring(self.workers, self.prefetch + 2, self.pin_memory)
-                loader = DataLoader(_PackedStream(self.dataset, ring), batch_size=None, **options)
-                return _round_robin(iter(loader), self.workers, ring)
+        if isinstance(self.dataset, IterableDataset) and hasattr(self.dataset, "worker_state"):
             return self._persistent(options)
         ring = _Ring(self.workers, self.prefetch + 2, self.pin_memory)
+        if isinstance(self.dataset, IterableDataset):
+            loader = DataLoader(_PackedStream(self.dataset, ring), batch_size=None, **options)
+            return _round_robin(iter(loader), self.workers, ring)
         sampler = self.sampler if self.sampler is not None else range(len(self.dataset))  # type: ignore[arg-type]
         loader = DataLoader(_PackedItems(self.dataset, ring), batch_size=None, sampler=sampler, **options)
         return (ring.take(message)[2][0] for message in loader)
@@ -147,8 +137,9 @@ class _Ring:
             self.busy[where[0], where[1]] = 0
         elif self.pin_memory:
             buf = buf.pin_memory()
-        views = [buf[off:off + dtype.itemsize * _numel(shape)].view(dtype).view(shape) for off, dtype, shape in specs]
-        return worker, last, [_fill(item, views) for item in template]
+        views = [buf[off:off + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
+                 for off, dtype, shape in specs]
+        return worker, last, [_walk(item, lambda v: views[v.index] if isinstance(v, _Slot) else v) for item in template]
 
 
 @dataclass
@@ -162,8 +153,7 @@ class _Failure:
     def of(cls, err: Exception) -> _Failure:
         if isinstance(err, SoftLabelsError):
             return cls(type(err), str(err))
-        text = " ".join(str(err).split())[:500]
-        return cls(DataError, f"a DataLoader worker failed: {type(err).__name__}: {text}; fix the dataset, or "
+        return cls(DataError, f"a DataLoader worker failed: {one_line(err, 500)}; fix the dataset, or "
                               "rerun with --num-workers 0 to see where it is raised")
 
 
@@ -247,14 +237,29 @@ def _round_robin(messages: Iterator, workers: int, ring: _Ring) -> Iterator[Any]
 
 
 # -- packing: any nest of dicts, tuples and lists of tensors and plain values ---------------
-def _nbytes(item: Any) -> int:
-    if isinstance(item, torch.Tensor):
-        return item.nbytes
+def _walk(item: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``item`` rebuilt with ``leaf`` applied to each value that is no dict, tuple or list."""
     if isinstance(item, dict):
-        return sum(_nbytes(v) for v in item.values())
+        return {k: _walk(v, leaf) for k, v in item.items()}
     if isinstance(item, (tuple, list)):
-        return sum(_nbytes(v) for v in item)
-    return 0
+        return type(item)(_walk(v, leaf) for v in item)
+    return leaf(item)
+
+
+def _template(item: Any, tensors: list[torch.Tensor]) -> Any:
+    """``item`` with each tensor appended to ``tensors`` and replaced by its :class:`_Slot`."""
+    def slot(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        tensors.append(value)
+        return _Slot(len(tensors) - 1)
+    return _walk(item, slot)
+
+
+def _nbytes(item: Any) -> int:
+    tensors: list[torch.Tensor] = []
+    _template(item, tensors)
+    return sum(t.nbytes for t in tensors)
 
 
 def _offsets(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
@@ -270,34 +275,6 @@ def _shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)))
 
 
-def _template(item: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(item, torch.Tensor):
-        tensors.append(item)
-        return _Slot(len(tensors) - 1)
-    if isinstance(item, dict):
-        return {k: _template(v, tensors) for k, v in item.items()}
-    if isinstance(item, (tuple, list)):
-        return type(item)(_template(v, tensors) for v in item)
-    return item
-
-
 @dataclass(frozen=True)
 class _Slot:
     index: int
-
-
-def _fill(item: Any, views: list[torch.Tensor]) -> Any:
-    if isinstance(item, _Slot):
-        return views[item.index]
-    if isinstance(item, dict):
-        return {k: _fill(v, views) for k, v in item.items()}
-    if isinstance(item, (tuple, list)):
-        return type(item)(_fill(v, views) for v in item)
-    return item
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from softlabels.errors import DataError
+from softlabels.errors import DataError, one_line
 
 __all__ = ["RECORD_KINDS", "Column", "optional_module", "read_column"]
 
@@ -102,8 +102,7 @@ def optional_module(name: str, what: str, install: str) -> Any:
         top = name.partition(".")[0]
         if isinstance(err, ImportError) and (err.name or "").partition(".")[0] == top:
             raise DataError(f"{what} needs '{top}', which is not installed; {install}") from err
-        text = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        raise DataError(f"{what} needs '{top}', which is installed but cannot be imported ({text}); "
+        raise DataError(f"{what} needs '{top}', which is installed but cannot be imported ({one_line(err)}); "
                         f"reinstall it: {install}") from err
 
 
@@ -137,7 +136,7 @@ def _parquet_column(path: str, key: str, text: bool) -> Column:
         names = pf.schema_arrow.names
         table = pf.read(columns=[key]) if key in names else None
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"cannot read '{path}' as Parquet ({' '.join(str(err).split())[:200]}); "
+        raise DataError(f"cannot read '{path}' as Parquet ({one_line(err, typed=False)}); "
                         "write it with pyarrow.parquet.write_table or pandas.DataFrame.to_parquet") from None
     if table is None:
         raise DataError(f"'{path}' has no column '{key}' (columns: {', '.join(names[:20])}); "
@@ -180,8 +179,8 @@ def _hfds_column(path: str, key: str, text: bool, split: str | None) -> Column:
     try:
         ds = datasets.load_from_disk(str(directory), keep_in_memory=False)
     except Exception as err:  # noqa: BLE001 - the library raises many kinds; one line says which
-        raise DataError(f"cannot load datasets directory '{path}' ({type(err).__name__}: "
-                        f"{' '.join(str(err).split())[:200]}); save it again with save_to_disk") from None
+        raise DataError(f"cannot load datasets directory '{path}' ({one_line(err)}); "
+                        "save it again with save_to_disk") from None
     finally:
         if bars:
             datasets.enable_progress_bars()

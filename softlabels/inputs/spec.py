@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from softlabels.errors import DataError, SpecError
+from softlabels.errors import DataError, SpecError, one_line
 from softlabels.inputs.array_files import open_array_file
 from softlabels.inputs.arrays import InputDataset
 from softlabels.inputs.digits import DIGITS_SPLITS, load_digits_split
@@ -40,9 +40,8 @@ _DATA_OPTIONS = ("unlabeled",)
 
 
 def _one_line(err: BaseException) -> str:
-    """``Type: message`` of an exception squeezed onto one line."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
+    """User code's exception on one line (the teacher's specs quote it the same way)."""
+    return one_line(err, 300)
 
 
 def _load_object(spec: str, what: str) -> Any:
@@ -81,16 +80,16 @@ def _call_factory(spec: str, what: str, wanted: type) -> Any:
 # ------------------------------------------------------------------- recorded specs
 
 
-def _split_options(spec: str) -> str:
-    """``SPEC?unlabeled`` -> ``SPEC`` (a path that exists with a '?' in its name is kept whole)."""
-    return spec.rpartition("?")[0] if "?" in spec and not Path(spec).exists() else spec
+def _split_options(spec: str) -> tuple[str, str, str]:
+    """``SPEC?unlabeled`` -> ``(SPEC, "?", "unlabeled")`` (a path that exists with a '?' in its name is kept whole)."""
+    return spec.rpartition("?") if "?" in spec and not Path(spec).exists() else (spec, "", "")
 
 
 def data_spec_path(spec: str) -> str | None:
     """The file a ``--data`` spec reads (``x.h5:X,Y?unlabeled`` -> ``x.h5``), or None (built-in, factory)."""
     if is_document_spec(spec):  # jsonl:, parquet:, hfds: (plain records, never code)
         return document_spec_path(spec)
-    match = _DATA_FILE.fullmatch(_split_options(spec))
+    match = _DATA_FILE.fullmatch(_split_options(spec)[0])
     return match["path"] if match else None
 
 
@@ -157,36 +156,29 @@ class _MapDataset(InputDataset):
 
 def resolve_data(spec: str) -> InputDataset:
     """Resolve a ``--data`` spec (see the module docstring for the grammar) to a dataset."""
-    base, options = _split_options(spec), ""
-    if base != spec:
-        options = spec.rpartition("?")[2]
-        unknown = [o for o in options.split(",") if o not in _DATA_OPTIONS and not base.startswith("imagefolder:")]
+    base, sep, options = _split_options(spec)
+    terms = options.split(",") if sep else []
+    if base.startswith("imagefolder:"):
+        own = [o for o in terms if o and o not in _DATA_OPTIONS]
+        ds: InputDataset = open_imagefolder(base.partition(":")[2], own, spec)
+    else:
+        unknown = [o for o in terms if o not in _DATA_OPTIONS]
         if unknown:
             raise SpecError(f"unknown data option '{unknown[0]}' in '{spec}'; "
                             f"supported: {', '.join('?' + o for o in _DATA_OPTIONS)}")
-    if base.startswith("imagefolder:"):
-        own = [o for o in options.split(",") if o and o not in _DATA_OPTIONS]
-        ds: InputDataset = open_imagefolder(base.partition(":")[2], own, spec)
-    else:
         ds = _resolve_base(base)
-    return ds.without_labels() if "unlabeled" in options.split(",") else ds
+    return ds.without_labels() if "unlabeled" in terms else ds
 
 
 def absolute_data_spec(spec: str) -> str:
-    """``spec`` with its file or folder path made absolute, so that it resolves from any working directory.
-
-    Stores and eval results record their data this way: ``imagefolder:imgs?size=12`` becomes
-    ``imagefolder:/abs/imgs?size=12``, ``text:t.txt`` (token data) ``text:/abs/t.txt``.
-    Built-in and ``module:factory`` specs are returned as they are (a factory's module is
-    found on ``PYTHONPATH``).
-    """
+    """``spec`` with its file or folder path made absolute, as stores and eval results record it
+    (``imagefolder:imgs?size=12`` -> ``imagefolder:/abs/imgs?size=12``); built-in and
+    ``module:factory`` specs stay as they are."""
     if is_document_spec(spec):
         return absolute_document_spec(spec)
     if spec.startswith("text:"):  # the token grammar's text:PATH takes no options: all of it is the path
         return "text:" + os.path.abspath(spec.removeprefix("text:"))
-    base, sep, options = spec, "", ""
-    if "?" in spec and not Path(spec).exists():
-        base, sep, options = spec.rpartition("?")
+    base, sep, options = _split_options(spec)
     if base.startswith("imagefolder:"):
         return "imagefolder:" + os.path.abspath(base.removeprefix("imagefolder:")) + sep + options
     match = None if base.startswith("digits:") else _DATA_FILE.fullmatch(base)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from softlabels.errors import DataError, SpecError
+from softlabels.errors import DataError, SpecError, one_line
 from softlabels.inputs.files import require_regular
 from softlabels.inputs.documents import is_document_spec, resolve_documents
 from softlabels.inputs.tokens import TokenDataset, open_token_file, pack_stream
@@ -48,16 +48,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     if not Path(path).exists():
         raise DataError(f"tokenizer file '{path}' does not exist; pass a tokenizer.json saved by 'tokenizers'")
     require_regular(path)
-    try:
-        return _rust_call(tokenizers.Tokenizer.from_file, str(path))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:  # Exception subclasses, and pyo3's PanicException (a BaseException)
-        text = _reason(err)
-        raise DataError(
-            f"cannot read tokenizer '{path}' ({text}); pass a tokenizer.json saved by "
-            "tokenizers.Tokenizer.save (for Hugging Face models, the tokenizer.json beside the weights)"
-        ) from err
+    return _rust_call(lambda reason: f"cannot read tokenizer '{path}' ({reason}); pass a tokenizer.json saved by "
+                      "tokenizers.Tokenizer.save (for Hugging Face models, the tokenizer.json beside the weights)",
+                      tokenizers.Tokenizer.from_file, str(path))
 
 
 def encode_text(text: str, tokenizer: Any, *, tokenizer_path: str | os.PathLike[str] | None = None,
@@ -69,26 +62,17 @@ def encode_text(text: str, tokenizer: Any, *, tokenizer_path: str | os.PathLike[
     a regex beyond the regex engine's limits) raises :class:`DataError` naming
     ``tokenizer_path`` and ``source``.
     """
-    try:
-        encoding = _rust_call(tokenizer.encode, text, add_special_tokens=False)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:  # Exception subclasses, and pyo3's PanicException (a BaseException)
-        name = "the tokenizer" if tokenizer_path is None else f"tokenizer '{tokenizer_path}'"
-        raise DataError(
-            f"{name} cannot encode {source} ({_reason(err)}); fix the tokenizer.json (a WordLevel vocabulary needs "
-            "its unknown token; a normalizer or pre-tokenizer regex must not backtrack without end), or pass "
-            "another tokenizer"
-        ) from err
+    name = "the tokenizer" if tokenizer_path is None else f"tokenizer '{tokenizer_path}'"
+    encoding = _rust_call(lambda reason: f"{name} cannot encode {source} ({reason}); fix the tokenizer.json (a "
+                          "WordLevel vocabulary needs its unknown token; a normalizer or pre-tokenizer regex must not "
+                          "backtrack without end), or pass another tokenizer",
+                          tokenizer.encode, text, add_special_tokens=False)
     return np.asarray(encoding.ids, dtype=np.int64)
 
 
-def _reason(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__
-
-
-def _rust_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` into the ``tokenizers`` bindings, with fd 2 held back while it runs.
+def _rust_call(refusal: Callable[[str], str], fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` into the ``tokenizers`` bindings, with fd 2 held back while it runs; a
+    failure raises ``DataError(refusal(its reason))``.
 
     A Rust panic prints its message (and, under ``RUST_BACKTRACE``, a backtrace) straight to
     fd 2 before it becomes a ``PanicException``; the one-line error says it instead, so the
@@ -98,18 +82,19 @@ def _rust_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
-        ok = False
         try:
             result = fn(*args, **kwargs)
-            ok = True
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # Exception subclasses, and pyo3's PanicException (a BaseException)
+            raise DataError(refusal(one_line(err, typed=False))) from err
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            if ok:
-                held.seek(0)
-                text = memoryview(held.read())
-                while text:
-                    text = text[os.write(2, text):]
+        held.seek(0)
+        text = memoryview(held.read())
+        while text:
+            text = text[os.write(2, text):]
     return result
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from softlabels.errors import DataError
-from softlabels.inputs.array_files import LazyArray, _array_names, file_kind
+from softlabels.inputs.array_files import LazyArray, _array_names, file_kind, read_npz
+from softlabels.inputs.fingerprints import spread_ids
 
 __all__ = ["TokenBatch", "TokenDataset", "PackedTokens", "RaggedTokens",
            "check_seq_len", "open_token_file", "pack_stream", "token_fingerprint", "offsets_of", "window_offsets"]
@@ -64,23 +65,23 @@ def _check_ids(ids: np.ndarray, source: str, where: str) -> np.ndarray:
 
 
 class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Map-style dataset of token sequences; subclasses implement ``_read(indices)``.
+    """Map-style dataset of token sequences; subclasses set ``_lengths`` and implement ``_read(indices)``.
 
-    ``vocab_size`` is the tokenizer's vocabulary when known (text specs, or any spec given a
-    tokenizer), else ``None``;
-    ``has_mask`` is False when every token is a target; ``source`` names the data.
+    ``vocab_size`` is the tokenizer's vocabulary when known, else ``None``; ``has_mask`` is False
+    when every token is a target; ``source`` names the data.
     """
 
     vocab_size: int | None = None
     has_mask: bool = False
     source: str = "tokens"
+    _lengths: np.ndarray
 
     def __len__(self) -> int:
         return int(self.lengths().size)
 
     def lengths(self) -> np.ndarray:
         """Tokens per sequence, int64 [N], without reading any token."""
-        raise NotImplementedError
+        return self._lengths
 
     def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Concatenated ids and mask of ``indices`` (in that order)."""
@@ -124,9 +125,6 @@ class PackedTokens(TokenDataset):
         self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
         self._lengths = np.full(tokens.shape[0], tokens.shape[1], dtype=np.int64)
         self._lengths.flags.writeable = False
-
-    def lengths(self) -> np.ndarray:
-        return self._lengths
 
     def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(self._tokens[indices]).reshape(-1)
@@ -180,9 +178,6 @@ class RaggedTokens(TokenDataset):
         self._tokens, self._mask, self.has_mask = tokens, mask, mask is not None
         self._offsets = off.astype(np.int64)
         self._lengths.flags.writeable = self._offsets.flags.writeable = False
-
-    def lengths(self) -> np.ndarray:
-        return self._lengths
 
     def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         starts, stops = self._offsets[indices], self._offsets[indices + 1]
@@ -259,11 +254,7 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
     if kind == "npy":
         arrays = {"tokens": np.load(path, mmap_mode="r", allow_pickle=False)}
     elif kind == "npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read '{path}' as .npz ({err}); write it with numpy.savez") from err
+        arrays = read_npz(path)
     else:
         found = _array_names(path, kind)
         arrays = {name: LazyArray(path, kind, name) for name in ("tokens", "offsets", "mask") if name in found}
@@ -284,7 +275,7 @@ def token_fingerprint(ds: TokenDataset) -> str:
     """Cheap, content-sensitive fingerprint ``"sha256:<hex>"`` of token data.
 
     Hashes every sequence length (so the offsets are covered exactly) and the ids and
-    mask of a deterministic sample: the first, the last and ~64 evenly spaced sequences.
+    mask of the sequences :func:`~softlabels.inputs.fingerprints.spread_ids` picks.
     """
     lengths = ds.lengths()
     n = lengths.size
@@ -292,8 +283,7 @@ def token_fingerprint(ds: TokenDataset) -> str:
     digest.update(f"softlabels-token-fingerprint-v1|n={n}|".encode())
     digest.update(np.ascontiguousarray(lengths, dtype="<i8").tobytes())
     if n:
-        idx = np.unique(np.concatenate([[0, n - 1], np.linspace(0, n - 1, 64).round()])).astype(np.int64)
-        batch = ds.get_batch(idx)
+        batch = ds.get_batch(spread_ids(n))
         digest.update(np.ascontiguousarray(batch.ids.numpy(), dtype="<i8").tobytes())
         digest.update(np.ascontiguousarray(batch.mask.numpy(), dtype="u1").tobytes())
     return f"sha256:{digest.hexdigest()}"

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from softlabels.errors import DataError, ModelMismatch
+from softlabels.errors import DataError, ModelMismatch, one_line
 from softlabels.inputs.records import optional_module
 
 __all__ = ["TOKENIZER_JSON", "check_same_tokenizer", "open_tokenizer", "tokenizer_file", "tokenizer_fingerprint"]
@@ -44,20 +44,14 @@ def open_tokenizer(path: str | os.PathLike[str]) -> Any:
     try:
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exception subclasses
-        text = " ".join(str(err).split())[:200]
-        raise DataError(f"cannot read tokenizer '{file}' ({text}); pass a tokenizer.json saved by "
-                        "tokenizers.Tokenizer.save or a Hugging Face tokenizer's save_pretrained") from None
+        raise DataError(f"cannot read tokenizer '{file}' ({one_line(err, typed=False)}); pass a tokenizer.json "
+                        "saved by tokenizers.Tokenizer.save or a Hugging Face tokenizer's save_pretrained") from None
 
 
 def tokenizer_fingerprint(tokenizer: str | os.PathLike[str] | Any) -> str:
-    """``"sha256:<hex>"`` over the vocabulary (every token and its id, added tokens included) and
-    which ids are special tokens.
-
-    ``tokenizer`` is a ``tokenizer.json``, a directory holding one, a loaded
-    ``tokenizers.Tokenizer`` or a transformers fast tokenizer. The digest is taken over the parsed vocabulary, not the file's
-    bytes, so re-saving or re-indenting ``tokenizer.json`` keeps it; two tokenizers with the
-    same ids for the same token strings and the same special tokens share it.
-    """
+    """``"sha256:<hex>"`` over the parsed vocabulary (every token and its id, added tokens included)
+    and which ids are special, so re-saving ``tokenizer.json`` keeps it. ``tokenizer``: a file, a
+    directory holding one, a ``tokenizers.Tokenizer`` or a transformers fast tokenizer."""
     if isinstance(tokenizer, str | os.PathLike):
         tok = open_tokenizer(tokenizer)
     else:  # a tokenizers.Tokenizer, or a transformers fast tokenizer around one

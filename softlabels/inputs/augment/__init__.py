@@ -17,9 +17,9 @@ from softlabels.inputs.augment.affine import RandomAffine
 from softlabels.inputs.augment.compose import PARAM_DTYPES, Augmentation, Compose, param_dtype
 from softlabels.inputs.augment.crop import RandomCrop, RandomHorizontalFlip
 from softlabels.inputs.augment.grammar import BUILTIN_OPS, parse_augment
-from softlabels.inputs.augment.random_data import refuse_random_data
 from softlabels.inputs.augment.resized_crop import RandomResizedCrop
 from softlabels.inputs.augment.rng import ViewRandom
+from softlabels.inputs.fingerprints import refuse_random_data
 
 __all__ = [
     "BUILTIN_OPS", "PARAM_DTYPES", "Augmentation", "Compose", "RandomAffine", "RandomCrop", "RandomHorizontalFlip",

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from softlabels.inputs.augment.compose import ParamRanges, Size, _num
+from softlabels.inputs.augment.compose import BuiltinOp, ParamRanges, Size, _num
 from softlabels.inputs.augment.rng import ViewRandom, _half_within
 
 __all__ = ["RandomAffine"]
 
 
 @dataclass(frozen=True)
-class RandomAffine:
+class RandomAffine(BuiltinOp):
     """``RandomAffine(degrees, translate, scale, interpolation, fill)`` without shear.
 
     Params (4): ``angle`` (degrees, counter-clockwise), ``tx, ty`` (whole pixels,
@@ -44,9 +44,6 @@ class RandomAffine:
         opts += [f"interpolation={self.interpolation}"] * (self.interpolation != "nearest")
         opts += [f"fill={_num(self.fill)}"] * (self.fill != 0)
         return f"affine({','.join(opts)})"
-
-    def output_size(self, size: Size) -> Size:
-        return size
 
     def draw(self, rng: ViewRandom, size: Size) -> torch.Tensor:
         u = rng.uniform(4)

@@ -19,7 +19,7 @@ import torch
 from softlabels.errors import DataError
 from softlabels.inputs.augment.rng import ViewRandom
 
-__all__ = ["PARAM_DTYPES", "Augmentation", "Compose", "ParamRanges", "param_dtype"]
+__all__ = ["PARAM_DTYPES", "Augmentation", "BuiltinOp", "Compose", "ParamRanges", "param_dtype"]
 
 Size = tuple[int, int]
 
@@ -107,6 +107,18 @@ class ParamRanges:
             if (cols[i].astype(np.float64) + cols[j] > limit).any():
                 out.append(f"{name(i)} + {name(j)} exceeds {limit:g}")
         return out
+
+
+class BuiltinOp:
+    """What the built-in ops share: a view the input's size, and :meth:`param_dtype` from their
+    :meth:`param_ranges` (whole numbers in those ranges)."""
+
+    def output_size(self, size: Size) -> Size:
+        return size
+
+    def param_dtype(self, size: Size) -> str:
+        ranges = self.param_ranges(size)  # type: ignore[attr-defined]
+        return _int_dtype(float(ranges.low.min()), float(ranges.high.max()))
 
 
 @runtime_checkable

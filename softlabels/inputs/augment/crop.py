@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from softlabels.errors import DataError
-from softlabels.inputs.augment.compose import ParamRanges, Size, _int_dtype, _num, _size
+from softlabels.inputs.augment.compose import BuiltinOp, ParamRanges, Size, _num, _size
 from softlabels.inputs.augment.rng import ViewRandom, _randint
 
 __all__ = ["PADDING_MODES", "RandomCrop", "RandomHorizontalFlip"]
@@ -43,7 +43,7 @@ def _crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: Size, pa
 
 
 @dataclass(frozen=True)
-class RandomCrop:
+class RandomCrop(BuiltinOp):
     """``RandomCrop(size, padding, fill, padding_mode)``: pad every side, then crop ``size``.
 
     Params (2): ``top, left`` of the crop in the padded image (whole numbers,
@@ -80,9 +80,6 @@ class RandomCrop:
         left = _randint(u[:, 1], size[1] + 2 * self.padding - self.size[1] + 1)
         return torch.stack([top, left], 1).float()
 
-    def param_dtype(self, size: Size) -> str:
-        return _int_dtype(0, max(s + 2 * self.padding - c for s, c in zip(size, self.size)))
-
     def param_ranges(self, size: Size | None) -> ParamRanges:
         """``top`` in 0..H + 2 padding - h, ``left`` in 0..W + 2 padding - w, whole numbers."""
         room = [math.inf] * 2 if size is None else [s + 2 * self.padding - c for s, c in zip(size, self.size)]
@@ -93,7 +90,7 @@ class RandomCrop:
 
 
 @dataclass(frozen=True)
-class RandomHorizontalFlip:
+class RandomHorizontalFlip(BuiltinOp):
     """``RandomHorizontalFlip(p)``. Params (1): ``flip``, 1.0 (mirror left-right) or 0.0."""
 
     p: float = 0.5
@@ -103,14 +100,8 @@ class RandomHorizontalFlip:
     def spec(self) -> str:
         return "flip" if self.p == 0.5 else f"flip(p={_num(self.p)})"
 
-    def output_size(self, size: Size) -> Size:
-        return size
-
     def draw(self, rng: ViewRandom, size: Size) -> torch.Tensor:
         return (rng.uniform(1) < self.p).float()
-
-    def param_dtype(self, size: Size) -> str:
-        return "uint8"
 
     def param_ranges(self, size: Size | None) -> ParamRanges:
         """``flip`` is 0 or 1."""

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from softlabels.inputs.augment.compose import ParamRanges, Size, _int_dtype, _num, _size
+from softlabels.inputs.augment.compose import BuiltinOp, ParamRanges, Size, _num, _size
 from softlabels.inputs.augment.rng import ViewRandom, _exp, _randint
 
 __all__ = ["RandomResizedCrop"]
 
 
 @dataclass(frozen=True)
-class RandomResizedCrop:
+class RandomResizedCrop(BuiltinOp):
     """``RandomResizedCrop(size, scale, ratio)``, bilinear with antialiasing (torchvision's default).
 
     Params (4): ``top, left, height, width`` of the crop box in the input (whole
@@ -66,9 +66,6 @@ class RandomResizedCrop:
         elif ratio > max(self.ratio):
             w = max(1, int(round(h * max(self.ratio))))
         return h, w, (height - h) // 2, (width - w) // 2
-
-    def param_dtype(self, size: Size) -> str:
-        return _int_dtype(0, max(size))
 
     def param_ranges(self, size: Size | None) -> ParamRanges:
         """Whole numbers: ``1 <= height <= H``, ``0 <= top <= H - height`` (the same for columns)."""
