@@ -121,21 +121,14 @@ class TargetDataset(Dataset):
         return state
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if self.kind != "tokens":  # a batch of one: the same gather as a DataLoader's
+            return self.__getitems__([index])[0]
         item = self.dataset[index]
         row = int(self.rows[index])
-        if -1 in self._cache:  # the whole store, decoded
-            (target, extra), r = self._cache[-1], row
-        else:
-            (target, extra), r = self._unit(row // self._unit_samples), row % self._unit_samples
-        if self.kind == "tokens":
-            off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
-            _check_tokens(item, n, index, self.store.path)
-            return item, target.select(slice(off, off + n))
-        if self.kind == "views":
-            view = int(_choose(self.store, extra["sample_ids"][r:r + 1], self.epoch)[0])
-            item = self._replay(item, extra["view_params"][r, view])
-            return item, target.select((r, view))
-        return item, target.select(r)
+        (target, extra), r = self._unit(row // self._unit_samples), row % self._unit_samples
+        off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
+        _check_tokens(item, n, index, self.store.path)
+        return item, target.select(slice(off, off + n))
 
     def __getitems__(self, indices: list[int]) -> Any:
         """A batch of pairs for a ``DataLoader``: the targets gathered with one index per array (and unit)."""

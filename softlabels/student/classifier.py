@@ -20,21 +20,17 @@ from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.inputs.arrays import class_count
 from softlabels.student.config import TrainConfig
 from softlabels.student.losses import DistillationLoss, as_target, make_soft_loss
-from softlabels.student.trainutil import IndexBatches, distillation_settings
+from softlabels.student.trainutil import IndexBatches, Task, distillation_settings
 
 __all__ = ["Classifier"]
 
 
-class Classifier:
+class Classifier(Task):
     """Data, student and loss of a classifier run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
     unit = "samples"  # what the metrics count
     resume_keys = ("online_teacher", "augment")
     resume_defaults = {"views_per_sample": 1}  # runs before the option trained on one view
-
-    @staticmethod
-    def problems(config: TrainConfig, *, online: bool) -> list[str]:
-        return config.problems(online=online)
 
     def __init__(self, config: TrainConfig, env: Any, log, *, teacher: nn.Module | None = None,
                  student: nn.Module | None = None) -> None:
@@ -180,16 +176,11 @@ class Classifier:
         self.log(f"inputs for {store.path}: {spec} (the store's recorded source.spec)")
         return spec
 
-    # -- what the trainer asks per batch ----------------------------------------------------------
-    @staticmethod
-    def empty(batch: dict[str, Any]) -> bool:
-        return False  # a rank out of rows gets no batch at all
-
+    # -- what the trainer asks per batch (a rank out of rows gets no batch at all) ---------------------------
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         from softlabels.store.layouts import DenseTarget
 
-        batch = {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
+        batch = super().to_device(batch)
         if self.config.views_per_sample > 1:  # k views of each input read: B·k rows, the input copied on the device
             from softlabels.student.kinds.sample import spread_views
 
@@ -236,9 +227,6 @@ class Classifier:
                            batch_size=max(self.config.batch_size, 256), device=self.env.device)
         record.update(val_accuracy=m["accuracy"], val_ece=m["ece"], val_n=m["n"], val_seconds=time.perf_counter() - t0)
 
-    def export(self, out: str) -> None:
-        pass  # model.pt is a classifier's only form
-
     def describe(self) -> str:
         return f"from {len(self.stores)} store(s), loss {self.run_config['loss']}" if self.stores else "on hard labels"
 
@@ -246,10 +234,6 @@ class Classifier:
         from softlabels.teacher.models import count_flops
 
         return {"flops": count_flops(self.student, self.input_shape)}
-
-    def close(self) -> None:
-        for s in self.stores:
-            s.close()
 
 
 def _ensemble(config: TrainConfig):

@@ -23,7 +23,7 @@ from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.student.config import TrainConfig
 from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
 from softlabels.student.losses import make_soft_loss
-from softlabels.student.trainutil import distillation_settings
+from softlabels.student.trainutil import Task, distillation_settings
 
 __all__ = ["Language", "check_student_width", "is_language_run", "resolve_store_data"]
 
@@ -91,7 +91,7 @@ def _check_tokenizers(store: Any, config: TrainConfig) -> None:
                                  store=str(store.path))
 
 
-class Language:
+class Language(Task):
     """Data, student and loss of a language-model run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
     unit = "positions"
@@ -100,7 +100,7 @@ class Language:
 
     @staticmethod
     def problems(config: TrainConfig, *, online: bool = False) -> list[str]:
-        problems = config.problems()
+        problems = Task.problems(config)
         if len(config.stores) > 1 or (not config.stores and len(config.data) != 1):
             problems.append(f"a language model trains from one token store, or from one --data on hard next-token "
                             f"CE alone; got {len(config.stores)} --store and {len(config.data)} --data")
@@ -174,10 +174,6 @@ class Language:
     def empty(batch: dict[str, Any]) -> bool:
         return batch["ids"].shape[0] == 0  # this rank's slice of the last global batch
 
-    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
-
     def loss(self, model: nn.Module, batch: dict[str, Any], weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss to back-propagate (its position sum over the global batch's positions, times the
         world size), and its (total, hard, soft, positions) sums for the metrics."""
@@ -192,9 +188,6 @@ class Language:
                           * weight, count.reshape(1)])
         return total * scale, sums.to(env.device)
 
-    def validate(self, record: dict[str, Any]) -> None:
-        pass  # --val-data is refused: 'softlabels eval' measures a language model
-
     def export(self, out: str) -> None:
         """With an ``hf:`` student: ``out/hf``, loadable by ``AutoModelForCausalLM.from_pretrained``."""
         if self.info.kind == "hf":
@@ -204,13 +197,6 @@ class Language:
 
     def describe(self) -> str:
         return f"from {self.source}, loss {self.run_config['loss']}, alpha {self.alpha}"
-
-    def summary(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        for s in self.stores:
-            s.close()
 
 
 def check_student_width(spec: str, width: int, store: object, classes: int) -> None:

@@ -1,11 +1,10 @@
-"""Pieces of the student trainer: hard-label batches, the LR schedule, a weights digest.
-"""
+"""Pieces of the student trainer: the task base, hard-label batches, the LR schedule, a weights digest."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -59,6 +58,43 @@ def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]) 
         for o, t in zip(out, tensors):
             o[torch.from_numpy(m)] = t
     return out
+
+
+class Task:
+    """What :mod:`softlabels.student.trainer` asks of a task besides its data, student and loss; the defaults."""
+
+    env: Any
+    stores: list
+
+    @staticmethod
+    def problems(config: Any, *, online: bool = False) -> list[str]:
+        """Every invalid option of ``config`` for this task (empty when all are valid)."""
+        return config.problems(online=online)
+
+    @staticmethod
+    def empty(batch: dict[str, Any]) -> bool:
+        """Whether this rank's batch holds no rows (a zero-weight step then keeps the ranks in lockstep)."""
+        return False
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the run's device."""
+        return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def validate(self, record: dict[str, Any]) -> None:
+        """Add validation metrics to an epoch's record (rank 0)."""
+
+    def export(self, out: str) -> None:
+        """Write the student's other forms beside ``model.pt``."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the task adds to ``summary.json``."""
+        return {}
+
+    def close(self) -> None:
+        """Close the task's stores."""
+        for s in self.stores:
+            s.close()
 
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
