@@ -220,15 +220,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
                           "or choose another directory")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an old ``out`` is removed only once the new one is whole."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
     from softlabels.inputs.spec import resolve_data
@@ -269,7 +260,7 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
 def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module, small: nn.Module,
            info: dict[str, Any], teacher_run, teacher: nn.Module | None, dataset, store, log) -> dict[str, Any]:
     """Prune, fine-tune, quantize, export and measure into a temporary directory, then rename it to ``out``."""
-    from softlabels.student.checkpoint import atomic_save
+    from softlabels.student.checkpoint import atomic_save, replace_dir
 
     x = dataset.get_batch(torch.arange(min(config.batch_size, len(dataset))).numpy())[0].float()
 
@@ -307,7 +298,7 @@ def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module
                   "torch": torch.__version__}
         (tmp / "compress.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / "compress.md").write_text(format_markdown(result) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result

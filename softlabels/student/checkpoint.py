@@ -30,7 +30,7 @@ from softlabels.errors import CheckpointError, CheckpointNotFound, ConfigError
 
 __all__ = [
     "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
-    "HF_DIR", "atomic_save", "save_hf", "save_run",
+    "HF_DIR", "atomic_save", "replace_dir", "save_hf", "save_run",
     "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
     "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics",
 ]
@@ -46,35 +46,38 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 """A tokenizer directory's files that ``RUN/hf`` copies (what a fast tokenizer's ``save_pretrained`` writes)."""
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+def _atomic(path: str | Path, write: Any) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, fsync, then rename over it (readers see old or new)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        torch.save(obj, tmp)
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_text(text)
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``text`` to ``path`` atomically."""
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``; an old ``final`` is removed only once the new one is in
+    place (a reader finds the old one or the new one; at worst, after a kill between the two renames, none)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_run(out: str | Path, model: Any, optimizer: Any, scheduler: Any, *, epoch: int, step: int,
@@ -89,15 +92,10 @@ def save_run(out: str | Path, model: Any, optimizer: Any, scheduler: Any, *, epo
 
 def save_hf(model: Any, out: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Write ``out/hf``: ``model.save_pretrained`` (safetensors) plus the tokenizer files beside ``tokenizer``
-    (a ``tokenizer.json`` or a directory; its ``tokenizer_config.json`` carries the chat template).
-
-    Written into a temp directory, then renamed over the previous ``hf/``: a reader finds the old one or
-    the new one, never a half-written one (at worst, after a kill between the two renames, none).
-    """
-    out = Path(out)
-    final, tmp, old = out / HF_DIR, out / f".{HF_DIR}.tmp-{os.getpid()}", out / f".{HF_DIR}.old-{os.getpid()}"
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
+    (a ``tokenizer.json`` or a directory; its ``tokenizer_config.json`` carries the chat template), in a temp
+    directory renamed over the previous ``hf/`` (:func:`replace_dir`)."""
+    final, tmp = Path(out) / HF_DIR, Path(out) / f".{HF_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -107,12 +105,9 @@ def save_hf(model: Any, out: str | Path, tokenizer: str | Path | None = None) ->
                 src = source if name == TOKENIZER_FILES[0] and source.is_file() else folder / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

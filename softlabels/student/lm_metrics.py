@@ -1,4 +1,5 @@
-"""Next-token cross-entropy and token-level evaluation metrics for causal LMs.
+"""Next-token cross-entropy and token-level evaluation metrics for causal LMs, and the confidence bins
+that the classifier metrics (:mod:`softlabels.student.metrics`) share.
 
 The prediction made at position ``t`` is for token ``t + 1``; it counts when ``t + 1`` is
 inside the sequence and ``mask[t + 1]`` is set (token ``t + 1`` is a target). The last
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from softlabels.errors import ConfigError, ModelMismatch
 
-__all__ = ["next_token_targets", "next_token_ce", "LMEvalAccumulator", "IGNORE"]
+__all__ = ["next_token_targets", "next_token_ce", "CalibrationBins", "LMEvalAccumulator", "IGNORE"]
 
 IGNORE = -100
 """Target id of positions that do not count (PyTorch's and Hugging Face's ``ignore_index``)."""
@@ -61,6 +62,35 @@ def next_token_ce(logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengt
     return total / valid.sum().clamp(min=1)
 
 
+class CalibrationBins:
+    """Per-bin [count, correct, confidence] sums over ``n_bins`` equal-width confidence bins closed on the right."""
+
+    def __init__(self, n_bins: int) -> None:
+        self.edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+        self.sums = torch.zeros(3, n_bins, dtype=torch.float64)
+
+    def add(self, conf: Tensor, correct: Tensor) -> None:
+        """Add top-1 confidences and whether each prediction was right (float64 [N], on the CPU)."""
+        idx = torch.bucketize(conf, self.edges[1:-1])  # bin i holds edge_i < c <= edge_{i+1}
+        self.sums.index_add_(1, idx, torch.stack([torch.ones_like(conf), correct, conf]))
+
+    def ece(self) -> float | None:
+        """``sum_b |B_b|/n |acc_b - conf_b|`` (None before any row)."""
+        count, correct, conf = self.sums
+        n = float(count.sum())
+        return float((correct - conf).abs().sum()) / n if n else None
+
+    def reliability(self) -> dict[str, list]:
+        """Per bin: ``bin_lower``, ``bin_upper``, ``count`` and the mean ``accuracy`` and ``confidence`` (None
+        for an empty bin)."""
+        count, correct, conf = self.sums
+        return {"bin_lower": self.edges[:-1].tolist(),
+                "bin_upper": self.edges[1:].tolist(),
+                "count": [int(c) for c in count.tolist()],
+                "accuracy": [a / c if c else None for a, c in zip(correct.tolist(), count.tolist())],
+                "confidence": [f / c if c else None for f, c in zip(conf.tolist(), count.tolist())]}
+
+
 _SUMS = ("n", "nll", "correct", "n_teacher", "teacher_nll", "agree", "kl")
 
 
@@ -82,9 +112,8 @@ class LMEvalAccumulator:
         if not (isinstance(n_bins, int) and n_bins >= 1):
             raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}; the usual choice is 15")
         self.n_bins = n_bins
-        self._edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
         self._sums = dict.fromkeys(_SUMS, 0.0)
-        self._bins = torch.zeros(2, n_bins, dtype=torch.float64)  # per bin: correct, confidence sums
+        self._bins = CalibrationBins(n_bins)
 
     def update(self, logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
                teacher_logits: Tensor | None = None) -> None:
@@ -102,10 +131,7 @@ class LMEvalAccumulator:
             conf, pred = logp.max(-1)
             correct = (pred == y).double().cpu()
             self._add(n=y.numel(), nll=nll.double().sum(), correct=correct.sum())
-            conf = conf.exp().double().cpu()
-            idx = torch.bucketize(conf, self._edges[1:-1])  # bin i holds edge_i < c <= edge_{i+1}
-            for row, values in enumerate((correct, conf)):
-                self._bins[row].index_add_(0, idx, values)
+            self._bins.add(conf.exp().double().cpu(), correct)
             if teacher_logits is not None:
                 t_logp = F.log_softmax(teacher_logits.detach()[valid].float(), dim=-1)
                 kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
@@ -122,11 +148,10 @@ class LMEvalAccumulator:
         n, nt = int(s["n"]), int(s["n_teacher"])
         out: dict[str, float | int | None] = {"positions": n}
         loss = s["nll"] / n if n else None
-        correct, conf = self._bins
         out.update(loss=loss,
                    perplexity=math.exp(loss) if loss is not None else None,
                    accuracy=s["correct"] / n if n else None,
-                   ece=float((correct - conf).abs().sum() / n) if n else None)
+                   ece=self._bins.ece())
         if nt:
             teacher_loss = s["teacher_nll"] / nt
             out.update(agreement=s["agree"] / nt, kl_to_teacher=s["kl"] / nt,

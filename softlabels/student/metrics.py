@@ -21,6 +21,7 @@ from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.inputs.arrays import InputDataset
 from softlabels.store.layouts.targets import DenseTarget, TopKTarget
 from softlabels.student import kd
+from softlabels.student.lm_metrics import CalibrationBins
 from softlabels.student.losses import Batch, KLDivergence, as_target
 
 __all__ = ["EvalAccumulator"]
@@ -74,10 +75,8 @@ class EvalAccumulator:
             raise ConfigError(problems)
         self.num_classes = num_classes
         self.n_bins = n_bins
-        self._edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
         self._sums = dict.fromkeys(_SUM_KEYS, 0.0)
-        # Per-bin [count, correct, confidence] sums for the student and the dense teacher.
-        self._bins = {who: torch.zeros(3, n_bins, dtype=torch.float64) for who in ("student", "teacher")}
+        self._bins = {who: CalibrationBins(n_bins) for who in ("student", "teacher")}  # the teacher's: dense only
 
     def update(self, student_logits: Tensor, labels: Tensor, batch: Batch | None = None) -> None:
         """Add a batch: student logits [B, C], labels [B] (-1 = unlabeled), teacher targets in ``batch``."""
@@ -127,15 +126,7 @@ class EvalAccumulator:
 
     def _add_bins(self, who: str, logits: Tensor, y: Tensor, labeled: Tensor) -> None:
         conf, pred = F.softmax(logits[labeled], -1).max(-1)
-        # bucketize(right=False) puts c in bin i when edge_i < c <= edge_{i+1}.
-        idx = torch.bucketize(conf, self._edges[1:-1])
-        stats = torch.stack([torch.ones_like(conf), (pred == y[labeled]).double(), conf])
-        self._bins[who].index_add_(1, idx, stats)
-
-    def _ece(self, who: str) -> float | None:
-        count, correct, conf = self._bins[who]
-        n = float(count.sum())
-        return float((correct - conf).abs().sum()) / n if n else None
+        self._bins[who].add(conf, (pred == y[labeled]).double())
 
     def compute(self) -> Metrics:
         """The metrics so far (see the class docstring for keys and when they are absent)."""
@@ -144,7 +135,7 @@ class EvalAccumulator:
         out: Metrics = {"n": int(sums["n"]),
                         "n_labeled": int(nl),
                         "accuracy": sums["correct"] / nl if nl else None,
-                        "ece": self._ece("student")}
+                        "ece": self._bins["student"].ece()}
         if sums["nonfinite"]:
             out["nonfinite_rows"] = int(sums["nonfinite"])
         if sums["n_teacher"]:
@@ -158,21 +149,13 @@ class EvalAccumulator:
             if sums["n_corr"]:
                 out["correlation"] = sums["corr"] / sums["n_corr"]
         if sums["n_dense"]:
-            out["teacher_ece"] = self._ece("teacher")
+            out["teacher_ece"] = self._bins["teacher"].ece()
         return out
 
     def reliability(self, teacher: bool = False) -> dict[str, list]:
-        """Reliability-diagram data per confidence bin, for the student (or the dense teacher).
-
-        Keys: ``bin_lower``, ``bin_upper``, ``count`` (labeled rows in the bin) and
-        the bin's mean ``accuracy`` and ``confidence`` (None for an empty bin).
-        """
-        count, correct, conf = self._bins["teacher" if teacher else "student"]
-        return {"bin_lower": self._edges[:-1].tolist(),
-                "bin_upper": self._edges[1:].tolist(),
-                "count": [int(c) for c in count.tolist()],
-                "accuracy": [a / c if c else None for a, c in zip(correct.tolist(), count.tolist())],
-                "confidence": [f / c if c else None for f, c in zip(conf.tolist(), count.tolist())]}
+        """Reliability-diagram data per confidence bin, for the student (or the dense teacher): see
+        :meth:`~.lm_metrics.CalibrationBins.reliability` (``count``: labeled rows in the bin)."""
+        return self._bins["teacher" if teacher else "student"].reliability()
 
 
 def _batches_from_data(dataset: InputDataset, batch_size: int):
