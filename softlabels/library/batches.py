@@ -67,21 +67,14 @@ class PairedItems(Sequence):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[Any, Any]:  # type: ignore[override]
-        t = self.targets
-        return self.items[i], t.select(i)
+        return self.items[i], self.targets.select(i)
 
 
 def stack_targets(targets: Sequence[Any]) -> Any:
     """Per-item typed targets (one layout) stacked into one batch target."""
-    first = targets[0]
-    kind = type(first)
-    if any(type(t) is not kind for t in targets):
+    if len({type(t) for t in targets}) > 1:
         raise ConfigError("collate got targets of several layouts in one batch; pair each store separately")
     return _join(targets, torch.stack)
-
-
-def _cat_targets(targets: Sequence[Any]) -> Any:
-    return _join(targets, torch.cat)
 
 
 def _join(targets: Sequence[Any], op: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
@@ -105,13 +98,12 @@ def collate(batch: Sequence[tuple[Any, Any]], collate_items: Callable[[list[Any]
         raise ConfigError("collate= takes the items of softlabels.with_targets (pairs of item and target); "
                           "pass collate_fn=softlabels.collate to a DataLoader over with_targets(...)")
     items, targets = [b[0] for b in batch], [b[1] for b in batch]
-    lead = getattr(targets[0], fields(targets[0])[0].name)
     first_field = fields(targets[0])[0].name
-    if any(getattr(t, first_field).ndim != lead.ndim for t in targets):
+    if len({getattr(t, first_field).ndim for t in targets}) > 1:
         raise ConfigError("collate got targets of several position kinds in one batch; pair each store separately")
     if _is_token_row(targets[0]):
         lengths = torch.tensor([len(getattr(t, first_field)) for t in targets], dtype=torch.int64)
-        return collate_items(items), TokenTargets(_cat_targets(targets), lengths)
+        return collate_items(items), TokenTargets(_join(targets, torch.cat), lengths)
     return collate_items(items), stack_targets(targets)
 
 
