@@ -1,18 +1,14 @@
 """Evaluate a trained student: accuracy and calibration, and agreement with its teacher.
 
-:func:`evaluate` loads a ``softlabels train`` run (its checkpoint's config names the student
-spec, input shape and class count) and runs it over a ``--data`` spec; given the store of
-teacher outputs for exactly that data, it compares student and teacher row by row (rows
-joined by ``sample_ids`` through the one streaming dataset; the store's fingerprint of its
-inputs must match the data). A classifier is measured per sample
-(:func:`~softlabels.student.metrics.evaluate_model`, shared with the trainer's per-epoch
-validation); a language model per counted position: next-token loss, perplexity, accuracy
-and ECE, and against a ``tokens`` store the top-1 agreement and KL(teacher || student) at
-T = 1, with its kind: exact for dense stores; for top-k and sampled stores over the stored
-ids plus one tail bucket, a lower bound of the full KL that is never negative (the log-sum
-inequality). A sampled store also gets ``kl_to_teacher_estimate``, the layout's unbiased
-estimate: right on average, but one token's estimate can be negative, and so can a mean
-over few tokens of a student close to its teacher.
+:func:`evaluate` loads a ``softlabels train`` run and runs it over a ``--data`` spec; given the store
+of teacher outputs for that data (rows joined by ``sample_ids``, the fingerprint of its inputs
+checked), it compares student and teacher. A classifier is measured per sample
+(:func:`~softlabels.student.metrics.evaluate_model`, shared with the trainer's validation); a language
+model per counted position: next-token loss, perplexity, accuracy and ECE, and against a ``tokens``
+store the top-1 agreement and KL(teacher || student) at T = 1: exact for dense stores; for top-k and
+sampled ones over the stored ids plus one tail bucket, a lower bound that is never negative (the
+log-sum inequality). A sampled store also gets ``kl_to_teacher_estimate``, the layout's unbiased
+estimate, which for one token, or a few of a student close to its teacher, can be negative.
 """
 
 from __future__ import annotations
@@ -104,18 +100,14 @@ def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | Non
 def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = None, *,
              batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
              threads: int = EvalConfig.threads, student: str | None = None) -> dict[str, Any]:
-    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher).
+    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher); a flat dict.
 
-    ``student`` overrides the checkpoint's recorded architecture spec (see :func:`load_student`).
-
-    Returns a flat dict. A classifier: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store
-    also ``teacher_accuracy``, ``agreement``, ``kl_to_teacher`` (over the stored ids plus the tail
-    for top-k and sampled stores: a lower bound), ``correlation`` (dense and top-k stores) and
-    (dense stores) ``teacher_ece``; and ``flops`` (multiply-accumulates per sample). A language model:
-    ``loss``, ``perplexity``, ``accuracy``, ``ece``, ``positions``, ``sequences``; with a store
-    also ``agreement``, ``kl_to_teacher`` and its kind (see the module doc). Both: the student,
-    ``num_parameters`` and what was evaluated. ``threads`` sets torch's CPU threads (0: torch's
-    default); defaults as in :class:`softlabels.evaluation.config.EvalConfig`.
+    ``student`` overrides the checkpoint's recorded architecture spec (:func:`load_student`); ``threads``
+    sets torch's CPU threads (0: torch's default). A classifier: ``accuracy``, ``ece``, ``n``,
+    ``n_labeled``, ``flops``, and with a store the teacher metrics of
+    :class:`~softlabels.student.metrics.EvalAccumulator`. A language model: ``loss``, ``perplexity``,
+    ``accuracy``, ``ece``, ``positions``, ``sequences``, and with a store ``agreement``, ``kl_to_teacher``
+    and its kind (module doc). Both: the student, ``num_parameters`` and what was evaluated.
     """
     from softlabels._runtime.device import resolve_device, set_threads
     from softlabels.inputs.spec import absolute_data_spec
@@ -129,7 +121,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         load_checkpoint(find_checkpoint(checkpoint))["config"].get("task") == "lm"
     model, config = _load_lm(checkpoint, device=dev, student=student) if lm else \
         load_student(checkpoint, device=dev, student=student)
-    data, num_classes = _data(data_spec, config, lm), int(config["num_classes"])
+    data, num_classes = eval_data(data_spec, config, lm), int(config["num_classes"])
     opened = None if store is None else open_store(store)
     try:
         if opened is not None:  # the teacher metrics compare at T = 1
@@ -165,7 +157,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     })
 
 
-def _data(spec: str, config: dict[str, Any], lm: bool):
+def eval_data(spec: str, config: dict[str, Any], lm: bool) -> Any:
     """The data to evaluate on, checked against what the student was trained on."""
     if lm:
         from softlabels.inputs.text import resolve_token_data

@@ -29,7 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softlabels.errors import ConfigError, DataError, FingerprintMismatch, UnsupportedFormat
+from softlabels.errors import (
+    ConfigError,
+    DataError,
+    FingerprintMismatch,
+    UnsupportedFormat,
+)
 from softlabels.library.batches import PairedItems
 
 __all__ = ["TargetDataset", "with_targets"]

@@ -165,14 +165,6 @@ def _batches_from_data(dataset: InputDataset, batch_size: int):
         yield {"x": x, "labels": y}
 
 
-def _batches_from_store(store: Any, dataset: InputDataset, batch_size: int):
-    from softlabels.student.dataset import SoftLabelDataset
-
-    # In order, one rank: every row exactly once; SoftLabelDataset joins by sample_ids
-    # and refuses data whose fingerprint differs from the one the store recorded.
-    yield from SoftLabelDataset([(store, dataset)], batch_size=batch_size, shuffle=False, rank=0, world_size=1)
-
-
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int, batch_size: int = 512,
                    device: str | torch.device = "cpu", store: Any = None,
@@ -184,8 +176,12 @@ def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int,
     was_training = model.training
     model.eval()
     try:
-        batches = _batches_from_data(dataset, batch_size) if store is None else \
-            _batches_from_store(store, dataset, batch_size)
+        if store is None:
+            batches: Any = _batches_from_data(dataset, batch_size)
+        else:  # in order, one rank: every row once, joined by sample_ids, the data's fingerprint checked
+            from softlabels.student.dataset import SoftLabelDataset
+
+            batches = SoftLabelDataset([(store, dataset)], batch_size=batch_size, shuffle=False, rank=0, world_size=1)
         for batch in batches:
             logits = model(batch["x"].to(device, non_blocking=True))
             acc.update(logits, batch["labels"], batch)  # with a store, the batch holds the teacher's target
