@@ -63,11 +63,8 @@ def _check_packages(config: CompressConfig) -> None:
 
 # -- the transformations ---------------------------------------------------------------------------
 def prune_unstructured(model: nn.Module, amount: float) -> dict[nn.Parameter, torch.Tensor]:
-    """Zero the ``amount`` fraction of smallest-magnitude weights over every Linear/Conv (global L1).
-
-    The pruning is made permanent (plain weights, no masks left); returns each pruned
-    weight's keep mask (True = kept), for masking gradients while fine-tuning.
-    """
+    """Zero the ``amount`` fraction of smallest-magnitude weights over every Linear/Conv (global L1, made
+    permanent); return each pruned weight's keep mask, for masking gradients while fine-tuning."""
     from torch.nn.utils import prune
 
     params = [(m, "weight") for m in model.modules() if isinstance(m, _PRUNABLE)]
@@ -81,12 +78,8 @@ def prune_unstructured(model: nn.Module, amount: float) -> dict[nn.Parameter, to
 
 
 def prune_hidden_units(model: nn.Module, amount: float) -> tuple[nn.Module, list[list[int]]]:
-    """A smaller built-in MLP without ``amount`` of each hidden layer's units (lowest L1 norm of incoming weights).
-
-    Returns the new model and, per hidden layer, the indices of the kept units. Its
-    outputs equal those of ``model`` with the removed units' incoming weights and
-    biases set to zero (a removed unit would output ReLU(0) = 0).
-    """
+    """A smaller built-in MLP without ``amount`` of each hidden layer's units (lowest L1 norm of incoming weights),
+    and the kept units per hidden layer: its outputs are ``model``'s with the removed units zeroed."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)] if isinstance(model, MLP) else []
     if len(linears) < 2:
         raise ConfigError("--prune-structured removes hidden units of a built-in MLP student ('mlp', 'mlp-large'), "
@@ -140,10 +133,8 @@ def count_nonzero(model: nn.Module) -> int:
 def latencies_ms(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
     """Median and fastest wall time of a forward pass of each model on ``x``, one CPU thread, in ms.
 
-    The models take turns, so a change in machine load during the measurement hits
-    every model alike; each turn starts with an untimed pass, so no model is timed
-    with caches just filled by another. On a shared machine the fastest pass is the
-    steadier figure: other processes only ever add time.
+    The models take turns (a change in load hits all alike), each turn after an untimed pass (no model
+    timed with caches another filled); the fastest pass is the steadier figure on a shared machine.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

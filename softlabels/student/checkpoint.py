@@ -1,15 +1,12 @@
-"""A training run's directory: checkpoint, weights, metrics log, summary.
+"""A training run's directory, every file replaced atomically (temp file, fsync, ``os.replace``)::
 
-Layout of ``--out DIR`` (every file replaced atomically: temp file + ``os.replace``)::
-
-    checkpoint.pt   {"format": 1, "model", "optimizer", "scheduler", "epoch" (completed),
-                     "step", "rng", "config"}; plain tensors/containers, loadable with
-                     torch.load(weights_only=True)
+    checkpoint.pt   {"format": 1, "model", "optimizer", "scheduler", "epoch" (completed), "step", "rng",
+                     "config"}: plain tensors and containers, loadable with torch.load(weights_only=True)
     model.pt        the student's plain state_dict (``--weights`` for generate/eval)
     metrics.jsonl   one JSON object per completed epoch
     summary.json    written once, after the last epoch
-    hf/             a Hugging Face student only: save_pretrained (config.json, model.safetensors) and its
-                    tokenizer files, rewritten with model.pt; AutoModelForCausalLM.from_pretrained loads it
+    hf/             a Hugging Face student only: save_pretrained and its tokenizer files, rewritten with
+                    model.pt; AutoModelForCausalLM.from_pretrained loads it
 
 A killed run leaves at worst a stale temp file; the files it names are always whole.
 """

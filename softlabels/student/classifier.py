@@ -1,12 +1,10 @@
 """The classifier task of the trainer: ``sample``/``views`` stores, or the hard labels of ``--data``.
 
-With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` (inputs
-joined to teacher targets by ``sample_ids``) goes through the student and a
-:class:`~softlabels.student.losses.DistillationLoss`; without stores the student learns the
-hard labels of ``--data`` (how teachers and baselines are trained), or a live ``teacher``'s
-logits (online distillation). A views store's inputs are augmented on the device with each
-batch's ``view_params``; ``--augment`` draws a fresh view per sample and epoch instead. The
-loop, checkpoints and DDP are :mod:`softlabels.student.trainer`'s.
+With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` goes through the
+student and a :class:`~softlabels.student.losses.DistillationLoss`; without, the student learns the
+hard labels of ``--data`` (teachers and baselines) or a live ``teacher``'s logits. A views store's
+inputs are augmented on the device with each batch's ``view_params``; ``--augment`` draws a fresh
+view per sample and epoch instead.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """The language-model task of the trainer: a ``tokens`` store, or token data alone (hard next-token CE).
 
-Per batch, over the positions that count (``loss_mask``: inside the sequence, next token a
-target), the loss is ``alpha * CE + (1 - alpha) * T^2 * D(teacher || student)`` averaged over
-the *global* batch's positions; D is a loss of :data:`softlabels.student.losses.LOSSES` on the
-layout's typed target (forward KL with the layout's estimator by default). Under torchrun every
-rank takes its slice of each global batch (:mod:`softlabels.student.kinds.tokens`) and scales its
-position sum by ``world / global positions``, so DDP's gradient mean equals the one-process
-gradient of the same global batch. The loop, checkpoints and DDP are
-:mod:`softlabels.student.trainer`'s; what is saved is the model's own ``state_dict``, which
-:func:`~softlabels.teacher.lm.resolve_lm` loads.
+Per batch, over the positions that count (``loss_mask``), the loss is ``alpha * CE + (1 - alpha) *
+T^2 * D(teacher || student)`` averaged over the *global* batch's positions, D a loss of
+:data:`softlabels.student.losses.LOSSES` on the layout's typed target. Each rank takes its slice of
+each global batch (:mod:`softlabels.student.kinds.tokens`) and scales its position sum by ``world /
+global positions``, so DDP's gradient mean is the one-process gradient of the global batch. What is
+saved is the model's own ``state_dict``, which :func:`~softlabels.teacher.lm.resolve_lm` loads.
 """
 
 from __future__ import annotations

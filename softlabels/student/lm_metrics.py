@@ -1,9 +1,8 @@
 """Next-token cross-entropy and token-level evaluation metrics for causal LMs, and the confidence bins
 that the classifier metrics (:mod:`softlabels.student.metrics`) share.
 
-The prediction made at position ``t`` is for token ``t + 1``; it counts when ``t + 1`` is
-inside the sequence and ``mask[t + 1]`` is set (token ``t + 1`` is a target). The last
-position of every sequence and every padding position never count.
+The prediction at position ``t`` is for token ``t + 1``; it counts when ``t + 1`` is inside the
+sequence and ``mask[t + 1]`` is set, so the last position and padding never count.
 """
 
 from __future__ import annotations
@@ -23,11 +22,8 @@ IGNORE = -100
 
 
 def next_token_targets(ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Shifted targets for ids [B, L]: ``(targets [B, L] int64, valid [B, L] bool)``.
-
-    ``targets[b, t] = ids[b, t + 1]`` where ``valid``, else :data:`IGNORE`. ``mask`` (bool
-    [B, L], token is a target) and ``lengths`` [B] (real tokens; the rest is padding) are optional.
-    """
+    """Shifted targets for ids [B, L]: ``targets[b, t] = ids[b, t + 1]`` where ``valid``, else :data:`IGNORE`
+    (``mask`` [B, L]: token is a target; ``lengths`` [B]: real tokens, the rest is padding)."""
     b, length = ids.shape
     valid = torch.zeros((b, length), dtype=torch.bool, device=ids.device)
     valid[:, :-1] = True if mask is None else mask[:, 1:].to(torch.bool)
@@ -46,11 +42,8 @@ def _check_logits(logits: Tensor, ids: Tensor) -> None:
 
 def next_token_ce(logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
                   *, reduction: str = "mean") -> Tensor:
-    """Hard next-token cross-entropy of logits [B, L, V] against ids [B, L], masked and shifted.
-
-    ``reduction="mean"`` averages over the positions that count (0 when none does, keeping
-    the graph); ``"sum"`` sums them, for callers that divide by a total across batches or ranks.
-    """
+    """Hard next-token cross-entropy of logits [B, L, V] against ids [B, L], masked and shifted: the mean
+    over the positions that count (0 when none does, keeping the graph), or their ``"sum"``."""
     _check_logits(logits, ids)
     if reduction not in ("mean", "sum"):
         raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}; pass one of them")
@@ -95,17 +88,12 @@ _SUMS = ("n", "nll", "correct", "n_teacher", "teacher_nll", "agree", "kl")
 
 
 class LMEvalAccumulator:
-    """Accumulates next-token metrics over batches; :meth:`compute` returns:
+    """Accumulates next-token metrics: ``positions`` (that count), ``loss`` (mean CE, nats), ``perplexity``,
+    ``accuracy`` and ``ece`` (:class:`~softlabels.student.metrics.CalibrationBins`); with teacher logits
+    also ``agreement``, ``kl_to_teacher`` (at T = 1), ``teacher_loss`` and ``teacher_perplexity``.
 
-    * ``positions`` (that count), ``loss`` (mean next-token CE, nats), ``perplexity``
-      (``exp(loss)``), ``accuracy`` (student top-1 == next token), ``ece`` (expected
-      calibration error of the student's top-1 over ``n_bins`` equal-width confidence
-      bins, closed on the right);
-    * with teacher logits: ``agreement`` (student top-1 == teacher top-1), ``kl_to_teacher``
-      (mean KL(teacher || student) at T = 1), ``teacher_loss`` and ``teacher_perplexity``.
-
-    Per-position values are computed where the logits are (float32), and only [P]-sized
-    vectors move to the CPU (float64 sums), so V = 128k costs no host copy of the logits.
+    Per-position values are computed where the logits are (float32); only [P]-sized vectors move to
+    the CPU (float64 sums), so V = 128k costs no host copy of the logits.
     """
 
     def __init__(self, n_bins: int = 15) -> None:

@@ -1,9 +1,7 @@
 """Streaming evaluation metrics for a student, optionally against its teacher.
 
-:class:`EvalAccumulator` takes batches on any device, moves them to the CPU in
-float64 and keeps only running sums, so evaluating a whole split costs O(C)
-memory whatever its size, and splitting the data into more or fewer batches
-changes the results only by float64 rounding.
+:class:`EvalAccumulator` moves each batch to the CPU in float64 and keeps only running sums: a whole
+split costs O(C) memory, and how it is cut into batches changes the results only by rounding.
 """
 
 from __future__ import annotations
@@ -43,26 +41,18 @@ def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
 
 
 class EvalAccumulator:
-    """Accumulates accuracy, calibration and teacher-agreement metrics over batches.
+    """Accumulates accuracy, calibration and teacher-agreement metrics: :meth:`update` per batch, then
+    :meth:`compute`, whose keys are
 
-    Call :meth:`update` per batch, then :meth:`compute`. Its keys:
-
-    * always: ``n`` (rows), ``n_labeled`` (rows with label >= 0), ``accuracy`` (student argmax == label) and ``ece`` (student expected calibration error,
-      ``sum_b |B_b|/n |acc_b - conf_b|`` over ``n_bins`` equal-width confidence bins
-      closed on the right); both over labeled rows, None when there are none;
-    * once any row of student logits held NaN/inf: ``nonfinite_rows`` (such rows count
-      as wrong and stay out of the ECE bins);
-    * once any batch carried a teacher (a typed target, or a batch dict holding one):
-      ``agreement`` (student top-1 == teacher top-1, all teacher rows), ``kl_to_teacher``
-      (mean KL(teacher || student) at T = 1; for top-k and sampled targets over the stored
-      ids plus one tail bucket, :func:`softlabels.student.kd.divergence`: a lower bound of the
-      full KL), ``teacher_accuracy`` (teacher top-1, for top-k the first stored index, for
-      sampled the most drawn; None without labeled rows) and ``correlation`` (mean per-row
-      Pearson correlation of student and teacher logits: all C for dense, the K stored
-      classes for top-k, none for sampled; rows where either vector is constant are skipped,
-      and the key is absent if every row was);
-    * once any batch carried dense teacher logits: ``teacher_ece`` (None without
-      labeled rows).
+    * ``n``, ``n_labeled`` (label >= 0), and over the labeled rows (None without) ``accuracy`` and ``ece``
+      (:class:`CalibrationBins`); ``nonfinite_rows`` once a row of student logits held NaN/inf (it
+      counts as wrong and stays out of the bins);
+    * once a batch carried a teacher target: ``agreement`` (top-1), ``kl_to_teacher`` (mean KL(teacher ||
+      student) at T = 1; for top-k and sampled targets over the stored ids plus one tail bucket, a lower
+      bound), ``teacher_accuracy`` (top-1: top-k's first stored index, sampled's most drawn) and
+      ``correlation`` (mean per-row Pearson correlation of the logits: all C for dense, the K stored for
+      top-k; rows where either is constant are skipped, and the key is absent if all were);
+    * once a batch carried dense teacher logits: ``teacher_ece``.
     """
 
     def __init__(self, num_classes: int, n_bins: int = 15) -> None:

@@ -1,10 +1,8 @@
 """A finished training run as an input: its weights and its recorded config.
 
-``softlabels compress RUN`` and ``softlabels train --init RUN`` start from the
-``model.pt`` of a ``softlabels train --out`` directory. The run's checkpoint records
-the student spec, input shape and class count; that record is data, so only a
-built-in model name is rebuilt from it (a ``module:factory`` or model file named
-there is never imported or loaded); anything else needs the spec on the command line.
+``softlabels compress RUN`` and ``softlabels train --init RUN`` start from a run's ``model.pt``. Its
+checkpoint records the student spec, input shape and class count; that record is data, so only a
+built-in model name is rebuilt from it: anything else needs the spec on the command line.
 """
 
 from __future__ import annotations

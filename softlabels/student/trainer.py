@@ -1,17 +1,13 @@
 """The student trainer: one loop for classifiers and language models, from stores or on hard labels.
 
-:func:`train` picks the *task* the config describes (:mod:`softlabels.student.classifier`:
-``sample``/``views`` stores, or the labels of ``--data``; :mod:`softlabels.student.language`:
-a ``tokens`` store, or token data alone) and runs it: the task owns the data, the student and
-the loss of one batch; everything else is here, the same for both. Under ``torchrun`` the
-student is wrapped in DDP and each rank streams its share of the batches; only rank 0 writes
-files or prints. See :mod:`softlabels.student.checkpoint` for ``--out``.
-
-Ranks may hold one batch more or less than each other (or an empty slice of the last global
-batch). Every rank therefore runs the same number of optimizer steps per epoch: a rank out
-of data repeats its last batch with loss weight 0. DDP's ``Join`` would instead skip the
-optimizer step on the early rank, so Adam's moments and the LR schedule would drift apart
-between ranks; with equal step counts the weights stay bit-identical.
+:func:`train` runs the *task* the config describes (:mod:`~softlabels.student.classifier`: ``sample``/
+``views`` stores or labeled ``--data``; :mod:`~softlabels.student.language`: a ``tokens`` store or token
+data alone), which owns the data, the student and the loss of one batch; the rest is here. Under
+``torchrun`` the student is wrapped in DDP, each rank streams its share of the batches, and only rank
+0 writes files (:mod:`softlabels.student.checkpoint`) or prints. Every rank runs the same number of
+optimizer steps per epoch, a rank out of data repeating its last batch with loss weight 0: with
+DDP's ``Join`` the early rank would skip steps, and Adam's moments and the LR schedule would drift
+apart between ranks.
 """
 
 from __future__ import annotations
@@ -130,12 +126,12 @@ class _Run:
             self._check_resume(self.state["config"])
 
     def _check_resume(self, old: dict[str, Any]) -> None:
-        keys = (*RESUME_KEYS, *self.task.resume_keys)
-        if not isinstance(old.get("store_identity"), list):  # runs before stores had an identity: their paths
-            keys = ("stores", *keys)
-        diffs = [f"{k}: {old.get(k)!r} -> {self.run_config[k]!r}" for k in keys if old.get(k) != self.run_config[k]]
-        diffs += [f"{k}: {old.get(k, v)!r} -> {self.run_config[k]!r}"  # options added later: their default then
-                  for k, v in self.task.resume_defaults.items() if old.get(k, v) != self.run_config[k]]
+        # each key with its value in runs from before it existed; runs before stores had an identity: their paths
+        keys = dict.fromkeys((*RESUME_KEYS, *self.task.resume_keys)) | self.task.resume_defaults
+        if not isinstance(old.get("store_identity"), list):
+            keys = {"stores": None, **keys}
+        diffs = [f"{k}: {old.get(k, v)!r} -> {self.run_config[k]!r}" for k, v in keys.items()
+                 if old.get(k, v) != self.run_config[k]]
         if isinstance(old.get("store_identity"), list):
             _check_same_stores(old["store_identity"], self.run_config["store_identity"], self.config.out)
         if diffs:

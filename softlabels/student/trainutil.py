@@ -15,12 +15,8 @@ from softlabels.inputs.arrays import all_labels
 
 
 class IndexBatches(Dataset):
-    """Batches of rows of one or more InputDatasets, shuffled per epoch, this rank's share.
-
-    Item ``i`` is batch ``i`` of the epoch: whole index blocks through ``get_batch``
-    (one vectorised read each), so it also runs in DataLoader workers. ``sample_ids``
-    are the rows' indices over all the datasets (what ``--augment`` draws views from).
-    """
+    """Batches of rows of one or more InputDatasets, shuffled per epoch, this rank's share: item ``i`` is batch
+    ``i``, one ``get_batch`` per dataset; ``sample_ids`` index the rows over all the datasets (for ``--augment``)."""
 
     def __init__(self, datasets: list, *, labeled_only: bool, batch_size: int, seed: int, rank: int,
                  world: int) -> None:
@@ -44,10 +40,10 @@ class IndexBatches(Dataset):
         ids = self.share[i * self.batch_size:(i + 1) * self.batch_size]
         if len(self.datasets) == 1:
             x, y = self.datasets[0].get_batch(ids)
-            return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
-        which = np.searchsorted(self.offsets, ids, side="right") - 1
-        x, y = join_rows(len(ids), [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
-                                    for j in range(len(self.datasets)) if (m := which == j).any()])
+        else:
+            which = np.searchsorted(self.offsets, ids, side="right") - 1
+            x, y = join_rows(len(ids), [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
+                                        for j in range(len(self.datasets)) if (m := which == j).any()])
         return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
 
 
@@ -118,12 +114,8 @@ def weights_digest(model: nn.Module) -> str:
 
 def distillation_settings(temperature: float | None, alpha: float | None, stores: list,
                           log: Callable[[str], None] | None) -> tuple[float, float]:
-    """T and alpha for distilling from ``stores`` (empty: an online teacher's dense logits).
-
-    Given values are kept; missing ones are the store kind's defaults
-    (:func:`softlabels.store.defaults.choose`), and the choice is logged. T is then checked
-    against every store: one it does not answer exactly is refused in one line.
-    """
+    """T and alpha for distilling from ``stores`` (empty: an online teacher's dense logits): given values, else
+    the store kind's defaults (logged); a T that a store does not answer exactly is refused in one line."""
     from softlabels.store.defaults import choose
     from softlabels.store.temperatures import intersect
 
