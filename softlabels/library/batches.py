@@ -22,11 +22,8 @@ __all__ = ["PairedItems", "TokenTargets", "collate"]
 
 @dataclass(frozen=True)
 class TokenTargets:
-    """A batch of token targets: ``target`` holds the rows of sequence 0's tokens, then sequence 1's, ...
-
-    ``lengths`` int64 [B]: how many positions (tokens) each sequence has in the store; position
-    ``t`` of sequence ``b`` is the teacher's output at token ``t`` (its next-token distribution).
-    """
+    """A batch of token targets: ``target`` holds the rows of sequence 0's tokens, then sequence 1's, ...; row
+    ``t`` of sequence ``b`` is the teacher's output at token ``t``; ``lengths`` int64 [B] counts each one's."""
 
     target: Any
     lengths: Tensor
@@ -42,10 +39,9 @@ class TokenTargets:
 
     def index(self, seq_len: int) -> Tensor:
         """Flat index ``b * seq_len + t`` of every row, for logits reshaped to [B * seq_len, C]."""
-        b = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device), self.lengths)
-        starts = torch.cumsum(self.lengths, 0) - self.lengths
-        t = torch.arange(int(self.lengths.sum()), device=self.lengths.device) - torch.repeat_interleave(starts,
-                                                                                                        self.lengths)
+        n, device = self.lengths, self.lengths.device
+        b = torch.repeat_interleave(torch.arange(len(n), device=device), n)
+        t = torch.arange(int(n.sum()), device=device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
         return b * seq_len + t
 
     def __len__(self) -> int:
@@ -53,12 +49,9 @@ class TokenTargets:
 
 
 class PairedItems(Sequence):
-    """A fetched batch of ``(item, target)`` pairs whose targets were gathered at once (one index per array).
-
-    What :meth:`TargetDataset.__getitems__ <softlabels.library.pairing.TargetDataset.__getitems__>`
-    returns to a ``DataLoader``: :func:`collate` takes ``items`` and ``targets`` as they are; any
-    other ``collate_fn`` sees the same pairs as a plain list of them would give.
-    """
+    """A fetched batch of ``(item, target)`` pairs, the targets gathered at once (what
+    :meth:`~softlabels.library.pairing.TargetDataset.__getitems__` gives a ``DataLoader``): :func:`collate`
+    takes ``items`` and ``targets`` as they are, any other ``collate_fn`` sees the pairs."""
 
     def __init__(self, items: list[Any], targets: Any) -> None:
         self.items, self.targets = items, targets

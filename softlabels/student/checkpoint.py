@@ -109,10 +109,8 @@ def save_hf(model: Any, out: str | Path, tokenizer: str | Path | None = None) ->
 
 
 def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Check ``out`` for a previous run (read-only); return its checkpoint when resuming, else None.
-
-    Refuses a directory holding run files unless ``resume`` or ``overwrite``.
-    """
+    """Check ``out`` for a previous run (read-only): its checkpoint when resuming, else None; a directory holding
+    run files is refused unless ``resume`` or ``overwrite``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; pass a directory")

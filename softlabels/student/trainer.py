@@ -48,12 +48,10 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
           student: nn.Module | None = None) -> dict[str, Any]:
     """Train the student described by ``config``; return the run summary (also in ``summary.json``).
 
-    ``teacher``: run this module live on each batch's inputs and use its logits instead
-    of the store's (online distillation of a classifier; for tests and benchmarks). ``log``
-    receives progress lines (rank 0 only). ``on_epoch_end(record)`` is called on every rank
-    after each epoch's checkpoint is written; an exception there stops training. ``student``:
-    train this classifier (e.g. a pruned one, see :mod:`softlabels.evaluation.compression`)
-    instead of building ``config.student``, which then only names it in the run.
+    ``teacher``: distil from this module's logits on each batch (online, a classifier). ``log``: progress
+    lines (rank 0). ``on_epoch_end(record)``: called on every rank after each epoch's checkpoint; an
+    exception there stops training. ``student``: train this classifier (a pruned one, say) instead of
+    building ``config.student``, which then only names it.
     """
     from softlabels.student.language import is_language_run
 
