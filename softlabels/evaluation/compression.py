@@ -203,7 +203,7 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
     from softlabels.evaluation.evaluator import eval_data
     from softlabels.store.reader import open_store
-    from softlabels.student.runs import open_run
+    from softlabels.student.checkpoint import open_run
 
     log = log or (lambda _msg: None)
     if problems := config.problems():

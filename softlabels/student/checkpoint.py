@@ -8,7 +8,10 @@
     hf/             a Hugging Face student only: save_pretrained and its tokenizer files, rewritten with
                     model.pt; AutoModelForCausalLM.from_pretrained loads it
 
-A killed run leaves at worst a stale temp file; the files it names are always whole.
+A killed run leaves at worst a stale temp file; the files it names are always whole. A finished run is
+also an input (:func:`open_run`: ``softlabels compress RUN``, ``softlabels train --init RUN``); what it
+records is data, so only a built-in model name is rebuilt from it (anything else needs the spec on the
+command line).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from softlabels.errors import CheckpointError, CheckpointNotFound, ConfigError
 
@@ -29,7 +34,8 @@ __all__ = [
     "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
     "HF_DIR", "atomic_save", "replace_dir", "save_hf", "save_run",
     "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
-    "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics",
+    "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics", "Run", "open_run",
+    "run_weights",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -280,3 +286,62 @@ def truncate_metrics(out: str | Path, epochs_done: int) -> None:
     if path.exists():
         keep = [r for r in read_metrics(out) if r.get("epoch", 0) <= epochs_done]
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+
+# -- a finished run as an input ---------------------------------------------------------------
+def run_weights(run: str | Path) -> Path:
+    """The ``model.pt`` of a training run directory (RunNotFound if there is none)."""
+    from softlabels.errors import RunNotFound
+
+    path = Path(run)
+    if not path.is_dir():
+        raise RunNotFound(f"run {str(run)!r} does not exist or is no directory; "
+                          "pass a 'softlabels train --out' directory")
+    weights = path / MODEL
+    if not weights.is_file():
+        raise RunNotFound(f"run {str(run)!r} holds no {MODEL}; pass a 'softlabels train --out' directory "
+                          "with at least one finished epoch")
+    return weights
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run opened for reuse: where its weights are and what it recorded."""
+
+    path: Path
+    weights: Path
+    config: dict[str, Any]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.config["input_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    def student_spec(self, override: str | None = None, *, flag: str = "--student") -> str:
+        """The spec to rebuild the student from: ``override``, else the recorded name if it is a built-in."""
+        from softlabels.teacher.models import BUILTIN_MODELS
+
+        if override:
+            return override
+        spec = self.config.get("student")
+        if isinstance(spec, str) and spec in BUILTIN_MODELS:
+            return spec
+        raise ConfigError(f"run {str(self.path)!r} records student {spec!r}, which is not a built-in model and is "
+                          f"not loaded from a run's record; pass {flag} SPEC to name its architecture")
+
+    def build(self, override: str | None = None, *, flag: str = "--student") -> nn.Module:
+        """The run's student with its trained weights (eval mode, CPU; loaded with ``weights_only=True``)."""
+        from softlabels.teacher.spec import resolve_model
+
+        info = resolve_model(self.student_spec(override, flag=flag), input_shape=self.input_shape,
+                             num_classes=self.num_classes, weights=self.weights)
+        return info.module
+
+
+def open_run(run: str | Path) -> Run:
+    """Open a ``softlabels train --out`` directory: its ``model.pt`` and its checkpoint's config."""
+    weights = run_weights(run)
+    return Run(Path(run), weights, load_checkpoint(run)["config"])

@@ -109,7 +109,7 @@ class Classifier(Task):
 
     def _student(self, student: nn.Module | None):
         """The student (seeded from --seed; --init or --student-weights, or a caller's module), checked."""
-        from softlabels.student.runs import run_weights
+        from softlabels.student.checkpoint import run_weights
         from softlabels.teacher.models import count_parameters
         from softlabels.teacher.spec import ModelInfo, resolve_model
 

@@ -110,8 +110,8 @@ class Language(Task):
         from softlabels.inputs.documents import teacher_tokenizer
         from softlabels.inputs.text import resolve_token_data
         from softlabels.store.reader import open_store
+        from softlabels.student.checkpoint import run_weights
         from softlabels.student.dataset import SoftLabelDataset
-        from softlabels.student.runs import run_weights
         from softlabels.teacher.lm import resolve_lm
 
         self.config, self.env, self.epoch = config, env, 0
