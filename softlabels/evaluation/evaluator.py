@@ -32,11 +32,8 @@ __all__ = ["evaluate", "finite_json", "load_student", "format_table"]
 
 def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu",
                  student: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained classifier (eval mode) and the run's config, from a run directory or checkpoint file.
-
-    ``student`` is the architecture spec; by default the checkpoint's recorded one, which
-    is data and so must be a built-in name (:func:`~softlabels.teacher.spec.recorded_spec`).
-    """
+    """The trained classifier (eval mode) and the run's config, from a run directory or checkpoint file;
+    ``student``: the architecture spec, by default the recorded one (data: a built-in name only)."""
     from softlabels.teacher.spec import recorded_spec, resolve_model
 
     ckpt_path = find_checkpoint(checkpoint)
@@ -63,9 +60,8 @@ def _hf_directory(checkpoint: str | Path) -> Path | None:
 def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | None) -> tuple[nn.Module, dict]:
     """The trained language model (eval mode) and the run's config; code is never taken from a checkpoint.
 
-    A run of an ``hf:`` student is read from its ``hf/`` (the same weights as its ``model.pt``); a Hugging
-    Face directory given as ``checkpoint`` is evaluated as it is, with the config of the run it lies in, if
-    any (else its own tokenizer, and windows of its maximum positions where the data needs a length).
+    An ``hf:`` student's run is read from its ``hf/``; a Hugging Face directory is evaluated as it is, with
+    the config of the run it lies in, else its own tokenizer and its maximum positions as windows.
     """
     from softlabels.teacher.hf import max_positions
     from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm

@@ -111,11 +111,9 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, fmt: str
                  compute_missing: bool = True) -> dict[str, Any]:
     """Write the report of ``run_dir`` and its PNGs; return ``{"report": path, "plots": [paths], "models": [...]}``.
 
-    ``out`` defaults to ``RUN_DIR/report.<fmt>``; the PNGs go beside it, named
-    ``<stem>-curves.png``, ``<stem>-accuracy.png``, ``<stem>-reliability.png``.
-    ``fmt`` (md or html) defaults to the suffix of ``out``, else md. With
-    ``compute_missing``, reliability bins absent from the eval JSON are computed
-    from each model's checkpoint.
+    ``out`` (default ``RUN_DIR/report.<fmt>``) gets the PNGs beside it as ``<stem>-{curves,accuracy,reliability}.png``;
+    ``fmt`` (md or html) defaults to its suffix, else md. ``compute_missing``: compute reliability bins absent
+    from the eval JSON from each model's checkpoint.
     """
     if fmt is None:
         fmt = "html" if out is not None and Path(out).suffix.lower() in (".html", ".htm") else "md"

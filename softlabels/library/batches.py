@@ -80,11 +80,8 @@ def _join(targets: Sequence[Any], op: Callable[[list[torch.Tensor]], torch.Tenso
 
 def collate(batch: Sequence[tuple[Any, Any]], collate_items: Callable[[list[Any]], Any] = default_collate
             ) -> tuple[Any, Any]:
-    """``[(item, target), ...]`` -> ``(collate_items(items), typed targets)`` (a ``DataLoader`` ``collate_fn``).
-
-    ``collate_items``: how the user's items batch (``default_collate``, or e.g. a tokenizer's
-    padding collator; wrap it with ``functools.partial(softlabels.collate, collate_items=...)``).
-    """
+    """``[(item, target), ...]`` -> ``(collate_items(items), typed targets)`` (a ``DataLoader`` ``collate_fn``);
+    ``collate_items``, e.g. a tokenizer's padding collator, is given with ``functools.partial``."""
     if isinstance(batch, PairedItems):
         return collate_items(batch.items), batch.targets
     if not batch or not all(isinstance(b, tuple) and len(b) == 2 for b in batch):

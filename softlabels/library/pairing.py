@@ -49,11 +49,9 @@ def with_targets(dataset: Any, store: Any, ids: IdSpec = None, *,
                  check: bool = True, cache_mib: float = 256) -> TargetDataset:
     """``dataset`` (map-style: ``len`` and ``[i]``) paired with ``store`` (a path or an opened store) by sample id.
 
-    ``ids``: item ``i``'s sample id is ``i`` (None), ``dataset[i][ids]`` (a column name; a
-    ``datasets.Dataset`` column is read at once), ``ids(i)`` (a function) or ``ids[i]`` (a
-    sequence). ``check``: compare the dataset with what the store recorded where that can be
-    computed (a softlabels ``InputDataset`` or ``TokenDataset``: its fingerprint; other datasets:
-    a few items' labels against the stored labels). See the module doc for views and tokens.
+    ``ids``: item ``i``'s sample id is ``i`` (None), ``dataset[i][ids]`` (a column name), ``ids(i)`` (a
+    function) or ``ids[i]`` (a sequence). ``check``: compare the dataset with what the store recorded (a
+    softlabels ``InputDataset`` or ``TokenDataset``: its fingerprint; others: a few items' labels).
     """
     return TargetDataset(dataset, store, ids, view_transform=view_transform, epoch=epoch, check=check,
                          cache_mib=cache_mib)

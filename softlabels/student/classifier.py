@@ -42,7 +42,6 @@ class Classifier(Task):
         self.sl = None
         self.augment = None  # a views store's augmentation, replayed on the device from each batch's view_params
         try:
-            # -- data --------------------------------------------------------------------------
             if config.stores or config.ensemble:
                 self.stores = [open_store(p) for p in config.stores] or [_ensemble(config)]
                 specs = list(config.data) or [self._recorded_spec(s) for s in self.stores]
@@ -79,7 +78,6 @@ class Classifier(Task):
             if self.val is not None and tuple(self.val.input_shape) != self.input_shape:
                 raise DataError(f"--val-data {config.val_data!r} has inputs of shape {tuple(self.val.input_shape)}, "
                                 f"the training data {self.input_shape}; validate on data of the same kind")
-            # -- loss ----------------------------------------------------------------------------
             self.teacher = None if teacher is None else teacher.to(env.device).eval()
             distil = bool(config.stores or config.ensemble) or teacher is not None
             temperature, alpha = distillation_settings(config.temperature, config.alpha, self.stores, log) \
@@ -96,7 +94,6 @@ class Classifier(Task):
                     check_temperature(s.meta, temperature, str(s.path))
             for line in self._without_effect(distil, loss_name, alpha):
                 log(f"warning: {line}")
-            # -- student -------------------------------------------------------------------------
             self.info = self._student(student)
         except BaseException:
             self.close()

@@ -70,10 +70,6 @@ def resolve_store_data(store: Any, spec: str | None = None, *, tokenizer: str | 
     return spec, tokenizer, seq_len, resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
 
 
-def _is_hf(spec: str | None) -> bool:
-    return bool(spec) and spec.startswith("hf:")
-
-
 def _check_tokenizers(store: Any, config: TrainConfig) -> None:
     """The tokenizers a run names (``--tokenizer``, an ``hf:`` student's or ``--init``'s own) against the
     one ``store`` was generated with (its recorded fingerprint)."""
@@ -83,7 +79,7 @@ def _check_tokenizers(store: Any, config: TrainConfig) -> None:
     expected = store.meta.source.get("tokenizer_fingerprint")
     check_same_tokenizer(expected, config.tokenizer, what="--tokenizer", store=str(store.path))
     for spec in (config.student, config.init):
-        if _is_hf(spec):
+        if str(spec).startswith("hf:"):
             check_same_tokenizer(expected, teacher_tokenizer(spec), what=f"the tokenizer of {spec}",
                                  store=str(store.path))
 
@@ -148,7 +144,7 @@ class Language(Task):
             if loss_name in ("soft_ce", "mse"):
                 raise ConfigError(f"loss {loss_name!r} is not available for language models; use kl, topk_kl, "
                                   "sampled_kl, reverse_kl, skew_kl, skew_reverse_kl or jsd")
-            init = config.init if _is_hf(config.init) else run_weights(config.init) if config.init \
+            init = config.init if str(config.init).startswith("hf:") else run_weights(config.init) if config.init \
                 else config.student_weights
             torch.manual_seed(config.seed)
             self.info = resolve_lm(config.student, vocab_size=vocab, context=context, seed=config.seed, weights=init)

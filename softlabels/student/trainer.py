@@ -30,12 +30,11 @@ from softlabels._runtime.progress import progress_bar, wants_bar
 from softlabels.errors import CheckpointError, ConfigError, DataError, NonFiniteOutputs, StoreMismatch
 from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
-from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from softlabels.student import checkpoint as ckpt_io
 from softlabels.student.config import TrainConfig
 from softlabels.student.trainutil import lr_factor, weights_digest
 
-__all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"]
+__all__ = ["TrainConfig", "train", "weights_digest"]
 
 # options that must equal the checkpoint's for --resume to continue the same run (each task adds its
 # own; the stores are compared by identity, not path: see store_identity)
