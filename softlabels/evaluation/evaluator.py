@@ -13,6 +13,7 @@ estimate, which for one token, or a few of a student close to its teacher, can b
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -118,18 +119,17 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     model, config = _load_lm(checkpoint, device=dev, student=student) if lm else \
         load_student(checkpoint, device=dev, student=student)
     data, num_classes = eval_data(data_spec, config, lm), int(config["num_classes"])
-    opened = None if store is None else open_store(store)
-    try:
+    with contextlib.nullcontext() if store is None else open_store(store) as opened:
         if opened is not None:  # the teacher metrics compare at T = 1
             from softlabels.store.ensemble import check_temperature
 
             check_temperature(opened.meta, 1.0, str(store), command="eval")
-        if opened is not None and opened.meta.num_classes != num_classes:
-            raise ModelMismatch(
-                f"the student has a vocabulary of {num_classes} but store {str(store)!r} has "
-                f"{opened.meta.num_classes}; pass the store of this student's teacher (cross-tokenizer distillation "
-                "is not supported)" if lm else f"the student has {num_classes} classes but store {str(store)!r} "
-                f"has {opened.meta.num_classes}; pass the store of this student's teacher")
+            if opened.meta.num_classes != num_classes:
+                raise ModelMismatch(
+                    f"the student has a vocabulary of {num_classes} but store {str(store)!r} has "
+                    f"{opened.meta.num_classes}; pass the store of this student's teacher (cross-tokenizer "
+                    "distillation is not supported)" if lm else f"the student has {num_classes} classes but store "
+                    f"{str(store)!r} has {opened.meta.num_classes}; pass the store of this student's teacher")
         if lm:
             if opened is not None:  # the same size is not the same vocabulary
                 from softlabels.inputs.vocabulary import check_same_tokenizer
@@ -143,9 +143,6 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
             metrics = evaluate_model(model, data, num_classes=num_classes, batch_size=batch_size, device=dev,
                                      store=opened)
             metrics["flops"] = count_flops(model, tuple(config["input_shape"]))
-    finally:
-        if opened is not None:
-            opened.close()
     return finite_json({
         "checkpoint": str(checkpoint), "data": absolute_data_spec(data_spec), "store": None if store is None else str(store),
         "student": config["student"], "weights_sha256": config["weights_sha256"],

@@ -10,6 +10,7 @@ saved is the model's own ``state_dict``, which :func:`~softlabels.teacher.lm.res
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,8 @@ def _is_token_store(path: str | Path) -> bool:
     from softlabels.store.backend import open_backend
 
     try:
-        backend = open_backend(path, "r")
-        try:
+        with contextlib.closing(open_backend(path, "r")) as backend:
             attrs = backend.attrs()
-        finally:
-            backend.close()
     except Exception:  # noqa: BLE001 - not ours to report: the classifier path says what is wrong
         return False
     return attrs.get("softlabels_format") == 2 and attrs.get("positions") == "tokens"

@@ -301,13 +301,10 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 def _check_same_stores(old: list[dict[str, Any]], new: list[dict[str, Any]], out: str) -> None:
     """--resume: the stores must be the ones the run trained on (same teacher, dtype, layout, bytes)."""
     diffs = [] if len(old) == len(new) else [f"{len(old)} store(s) in the run, {len(new)} given"]
-    for i, (a, b) in enumerate(zip(old, new)):
-        flat_a, flat_b = _flat(a), _flat(b)
-        for key in sorted(set(flat_a) | set(flat_b)):
-            x, y = flat_a.get(key), flat_b.get(key)
-            if x != y:
-                diffs.append(f"store {i + 1}: " + ("checksums differ" if key == "checksums_sha256" else
-                                                    f"{key} {x!r} -> {y!r}"))
+    for i, (a, b) in enumerate(zip(map(_flat, old), map(_flat, new))):
+        diffs += [f"store {i + 1}: checksums differ" if k == "checksums_sha256" else
+                  f"store {i + 1}: {k} {a.get(k)!r} -> {b.get(k)!r}"
+                  for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diffs:
         raise StoreMismatch(f"--resume: the stores are not the ones the run in {str(out)!r} trained on "
                             f"({'; '.join(diffs)}); pass those stores, or --overwrite to start a new run")
