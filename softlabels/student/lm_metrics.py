@@ -89,7 +89,7 @@ _SUMS = ("n", "nll", "correct", "n_teacher", "teacher_nll", "agree", "kl")
 
 class LMEvalAccumulator:
     """Accumulates next-token metrics: ``positions`` (that count), ``loss`` (mean CE, nats), ``perplexity``,
-    ``accuracy`` and ``ece`` (:class:`~softlabels.student.metrics.CalibrationBins`); with teacher logits
+    ``accuracy`` and ``ece`` (:class:`CalibrationBins`); with teacher logits
     also ``agreement``, ``kl_to_teacher`` (at T = 1), ``teacher_loss`` and ``teacher_perplexity``.
 
     Per-position values are computed where the logits are (float32); only [P]-sized vectors move to

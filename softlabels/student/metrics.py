@@ -45,7 +45,7 @@ class EvalAccumulator:
     :meth:`compute`, whose keys are
 
     * ``n``, ``n_labeled`` (label >= 0), and over the labeled rows (None without) ``accuracy`` and ``ece``
-      (:class:`CalibrationBins`); ``nonfinite_rows`` once a row of student logits held NaN/inf (it
+      (:class:`~.lm_metrics.CalibrationBins`); ``nonfinite_rows`` once a row of student logits held NaN/inf (it
       counts as wrong and stays out of the bins);
     * once a batch carried a teacher target: ``agreement`` (top-1), ``kl_to_teacher`` (mean KL(teacher ||
       student) at T = 1; for top-k and sampled targets over the stored ids plus one tail bucket, a lower
