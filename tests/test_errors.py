@@ -1317,6 +1317,8 @@ def _seam_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L2409": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=2, alpha=0.5),
         "L2410": lambda c: topk.probs(2.0),
         "L2411": lambda c: sl.kd_loss(torch.zeros(2, 2, C), topk, temperature=2),
+        "L2412": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=1, alpha=0.5, labels=torch.tensor([0, C])),
+        "L2413": lambda c: sl.kd_loss(torch.zeros(2, 1), topk, temperature=1),
     }
 
 

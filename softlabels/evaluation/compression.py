@@ -3,25 +3,19 @@
 ``compress(CompressConfig(run=RUN, out=OUT, data=SPEC, ...))`` takes the student of a
 ``softlabels train`` run and, in this order:
 
-1. ``prune_structured`` — removes that fraction of the hidden units of each hidden
-   layer of a built-in MLP (lowest L1 norm of their incoming weights first): the
-   matrices really shrink, so size and latency drop;
-2. ``prune`` — global unstructured L1 magnitude pruning of every Linear/Conv weight
-   (``torch.nn.utils.prune``, made permanent). The zeros stay stored as dense
-   float32: the file is as large and the forward pass as slow as before (the table
-   measures it); only a compressor (the gzip column) or a sparse kernel gains;
-3. ``finetune_stores`` — "prune, then distil": a short ``softlabels.student.trainer`` run from
-   the same stores, with gradients of pruned weights masked to zero so they stay 0;
-4. ``quantize`` — int8 weights of every Linear with torchao (``int8-weight``: weight
-   only; ``int8-dynamic``: int8 activations too), post-training;
+1. ``prune_structured``: drops that fraction of each hidden layer's units of a built-in MLP (lowest
+   L1 norm of their incoming weights): the matrices shrink, so size and latency drop;
+2. ``prune``: global unstructured L1 magnitude pruning of every Linear/Conv weight, made permanent;
+   the zeros stay dense float32, so only a compressor (the gzip column) or a sparse kernel gains;
+3. ``finetune_stores``: "prune, then distil", a short training run from the stores with the pruned
+   weights' gradients masked to zero;
+4. ``quantize``: int8 weights of every Linear with torchao (``int8-dynamic``: int8 activations too);
 5. export with ``torch.export`` (``model.pt2``) and optionally ONNX (``model.onnx``).
 
-It then measures the teacher (``teacher`` run and/or ``store``), the student and the
-compressed student the same way (size on disk, parameters, accuracy and agreement,
-KL and correlation with the teacher on ``data``, CPU latency per batch on one thread)
-and writes ``compress.json`` and ``compress.md`` beside the model files. Everything is
-built in a temporary directory next to ``out`` and renamed into place at the end, so
-a failed run leaves no half-written ``out``.
+It then measures the teacher (a ``teacher`` run and/or a ``store``), the student and the compressed
+student alike (size, parameters, accuracy, agreement, KL and correlation with the teacher on
+``data``, CPU latency per batch on one thread) into ``compress.json`` and ``compress.md``, built in a
+temporary directory renamed to ``out`` at the end: a failed run leaves no half-written ``out``.
 """
 
 from __future__ import annotations
@@ -69,11 +63,8 @@ def _check_packages(config: CompressConfig) -> None:
 
 # -- the transformations ---------------------------------------------------------------------------
 def prune_unstructured(model: nn.Module, amount: float) -> dict[nn.Parameter, torch.Tensor]:
-    """Zero the ``amount`` fraction of smallest-magnitude weights over every Linear/Conv (global L1).
-
-    The pruning is made permanent (plain weights, no masks left); returns each pruned
-    weight's keep mask (True = kept), for masking gradients while fine-tuning.
-    """
+    """Zero the ``amount`` fraction of smallest-magnitude weights over every Linear/Conv (global L1, made
+    permanent); return each pruned weight's keep mask, for masking gradients while fine-tuning."""
     from torch.nn.utils import prune
 
     params = [(m, "weight") for m in model.modules() if isinstance(m, _PRUNABLE)]
@@ -87,12 +78,8 @@ def prune_unstructured(model: nn.Module, amount: float) -> dict[nn.Parameter, to
 
 
 def prune_hidden_units(model: nn.Module, amount: float) -> tuple[nn.Module, list[list[int]]]:
-    """A smaller built-in MLP without ``amount`` of each hidden layer's units (lowest L1 norm of incoming weights).
-
-    Returns the new model and, per hidden layer, the indices of the kept units. Its
-    outputs equal those of ``model`` with the removed units' incoming weights and
-    biases set to zero (a removed unit would output ReLU(0) = 0).
-    """
+    """A smaller built-in MLP without ``amount`` of each hidden layer's units (lowest L1 norm of incoming weights),
+    and the kept units per hidden layer: its outputs are ``model``'s with the removed units zeroed."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)] if isinstance(model, MLP) else []
     if len(linears) < 2:
         raise ConfigError("--prune-structured removes hidden units of a built-in MLP student ('mlp', 'mlp-large'), "
@@ -146,10 +133,8 @@ def count_nonzero(model: nn.Module) -> int:
 def latencies_ms(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
     """Median and fastest wall time of a forward pass of each model on ``x``, one CPU thread, in ms.
 
-    The models take turns, so a change in machine load during the measurement hits
-    every model alike; each turn starts with an untimed pass, so no model is timed
-    with caches just filled by another. On a shared machine the fastest pass is the
-    steadier figure: other processes only ever add time.
+    The models take turns (a change in load hits all alike), each turn after an untimed pass (no model
+    timed with caches another filled); the fastest pass is the steadier figure on a shared machine.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -214,33 +199,20 @@ def _export(model: nn.Module, x: torch.Tensor, tmp: Path, onnx: bool) -> dict[st
     return files
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out {str(out)!r} already exists; pass --overwrite to replace it, "
-                          "or choose another directory")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an old ``out`` is removed only once the new one is whole."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
-    from softlabels.inputs.spec import resolve_data
+    from softlabels.evaluation.evaluator import eval_data
     from softlabels.store.reader import open_store
-    from softlabels.student.runs import open_run
+    from softlabels.student.checkpoint import open_run
 
     log = log or (lambda _msg: None)
     if problems := config.problems():
         raise ConfigError(problems)
     _check_packages(config)
     out = Path(config.out)
-    _check_out(out, config.overwrite)
+    if out.exists() and not config.overwrite:
+        raise ConfigError(f"--out {str(out)!r} already exists; pass --overwrite to replace it, "
+                          "or choose another directory")
     run = open_run(config.run)
     spec = run.student_spec(config.student)
     student = run.build(spec)
@@ -250,17 +222,11 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
         info["hidden_units"] = [len(k) for k in kept]
     teacher_run = open_run(config.teacher) if config.teacher else None
     teacher = teacher_run.build(config.teacher_spec, flag="--teacher-spec") if teacher_run else None
-    dataset = resolve_data(config.data)
-    if tuple(dataset.input_shape) != run.input_shape:
-        raise ModelMismatch(f"the student was trained on inputs of shape {run.input_shape} but {config.data!r} has "
-                            f"{tuple(dataset.input_shape)}; evaluate on data of the kind it was trained on")
-    with contextlib.ExitStack() as stack:
-        store = open_store(config.store) if config.store else None
-        if store is not None:
-            stack.callback(store.close)
-            if store.meta.num_classes != run.num_classes:
-                raise ModelMismatch(f"the student has {run.num_classes} classes but store {config.store!r} has "
-                                    f"{store.meta.num_classes}; pass the store of this student's teacher")
+    dataset = eval_data(config.data, {"input_shape": run.input_shape}, lm=False)
+    with open_store(config.store) if config.store else contextlib.nullcontext() as store:
+        if store is not None and store.meta.num_classes != run.num_classes:
+            raise ModelMismatch(f"the student has {run.num_classes} classes but store {config.store!r} has "
+                                f"{store.meta.num_classes}; pass the store of this student's teacher")
         result = _write(config, out, spec, run, student, small, info, teacher_run, teacher, dataset, store, log)
     log(f"wrote {', '.join(f'{out}/{f}' for f in result['files'].values())}, {out}/compress.json and compress.md")
     return result
@@ -269,7 +235,7 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
 def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module, small: nn.Module,
            info: dict[str, Any], teacher_run, teacher: nn.Module | None, dataset, store, log) -> dict[str, Any]:
     """Prune, fine-tune, quantize, export and measure into a temporary directory, then rename it to ``out``."""
-    from softlabels.student.checkpoint import atomic_save
+    from softlabels.student.checkpoint import atomic_save, replace_dir
 
     x = dataset.get_batch(torch.arange(min(config.batch_size, len(dataset))).numpy())[0].float()
 
@@ -307,7 +273,7 @@ def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module
                   "torch": torch.__version__}
         (tmp / "compress.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / "compress.md").write_text(format_markdown(result) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result

@@ -1,22 +1,19 @@
 """Evaluate a trained student: accuracy and calibration, and agreement with its teacher.
 
-:func:`evaluate` loads a ``softlabels train`` run (its checkpoint's config names the student
-spec, input shape and class count) and runs it over a ``--data`` spec; given the store of
-teacher outputs for exactly that data, it compares student and teacher row by row (rows
-joined by ``sample_ids`` through the one streaming dataset; the store's fingerprint of its
-inputs must match the data). A classifier is measured per sample
-(:func:`~softlabels.student.metrics.evaluate_model`, shared with the trainer's per-epoch
-validation); a language model per counted position: next-token loss, perplexity, accuracy
-and ECE, and against a ``tokens`` store the top-1 agreement and KL(teacher || student) at
-T = 1, with its kind: exact for dense stores; for top-k and sampled stores over the stored
-ids plus one tail bucket, a lower bound of the full KL that is never negative (the log-sum
-inequality). A sampled store also gets ``kl_to_teacher_estimate``, the layout's unbiased
-estimate: right on average, but one token's estimate can be negative, and so can a mean
-over few tokens of a student close to its teacher.
+:func:`evaluate` loads a ``softlabels train`` run and runs it over a ``--data`` spec; given the store
+of teacher outputs for that data (rows joined by ``sample_ids``, the fingerprint of its inputs
+checked), it compares student and teacher. A classifier is measured per sample
+(:func:`~softlabels.student.metrics.evaluate_model`, shared with the trainer's validation); a language
+model per counted position: next-token loss, perplexity, accuracy and ECE, and against a ``tokens``
+store the top-1 agreement and KL(teacher || student) at T = 1: exact for dense stores; for top-k and
+sampled ones over the stored ids plus one tail bucket, a lower bound that is never negative (the
+log-sum inequality). A sampled store also gets ``kl_to_teacher_estimate``, the layout's unbiased
+estimate, which for one token, or a few of a student close to its teacher, can be negative.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -36,11 +33,8 @@ __all__ = ["evaluate", "finite_json", "load_student", "format_table"]
 
 def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu",
                  student: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained classifier (eval mode) and the run's config, from a run directory or checkpoint file.
-
-    ``student`` is the architecture spec; by default the checkpoint's recorded one, which
-    is data and so must be a built-in name (:func:`~softlabels.teacher.spec.recorded_spec`).
-    """
+    """The trained classifier (eval mode) and the run's config, from a run directory or checkpoint file;
+    ``student``: the architecture spec, by default the recorded one (data: a built-in name only)."""
     from softlabels.teacher.spec import recorded_spec, resolve_model
 
     ckpt_path = find_checkpoint(checkpoint)
@@ -67,9 +61,8 @@ def _hf_directory(checkpoint: str | Path) -> Path | None:
 def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | None) -> tuple[nn.Module, dict]:
     """The trained language model (eval mode) and the run's config; code is never taken from a checkpoint.
 
-    A run of an ``hf:`` student is read from its ``hf/`` (the same weights as its ``model.pt``); a Hugging
-    Face directory given as ``checkpoint`` is evaluated as it is, with the config of the run it lies in, if
-    any (else its own tokenizer, and windows of its maximum positions where the data needs a length).
+    An ``hf:`` student's run is read from its ``hf/``; a Hugging Face directory is evaluated as it is, with
+    the config of the run it lies in, else its own tokenizer and its maximum positions as windows.
     """
     from softlabels.teacher.hf import max_positions
     from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
@@ -104,18 +97,14 @@ def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | Non
 def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = None, *,
              batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
              threads: int = EvalConfig.threads, student: str | None = None) -> dict[str, Any]:
-    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher).
+    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher); a flat dict.
 
-    ``student`` overrides the checkpoint's recorded architecture spec (see :func:`load_student`).
-
-    Returns a flat dict. A classifier: ``accuracy``, ``ece``, ``n``, ``n_labeled``; with a store
-    also ``teacher_accuracy``, ``agreement``, ``kl_to_teacher`` (over the stored ids plus the tail
-    for top-k and sampled stores: a lower bound), ``correlation`` (dense and top-k stores) and
-    (dense stores) ``teacher_ece``; and ``flops`` (multiply-accumulates per sample). A language model:
-    ``loss``, ``perplexity``, ``accuracy``, ``ece``, ``positions``, ``sequences``; with a store
-    also ``agreement``, ``kl_to_teacher`` and its kind (see the module doc). Both: the student,
-    ``num_parameters`` and what was evaluated. ``threads`` sets torch's CPU threads (0: torch's
-    default); defaults as in :class:`softlabels.evaluation.config.EvalConfig`.
+    ``student`` overrides the checkpoint's recorded architecture spec (:func:`load_student`); ``threads``
+    sets torch's CPU threads (0: torch's default). A classifier: ``accuracy``, ``ece``, ``n``,
+    ``n_labeled``, ``flops``, and with a store the teacher metrics of
+    :class:`~softlabels.student.metrics.EvalAccumulator`. A language model: ``loss``, ``perplexity``,
+    ``accuracy``, ``ece``, ``positions``, ``sequences``, and with a store ``agreement``, ``kl_to_teacher``
+    and its kind (module doc). Both: the student, ``num_parameters`` and what was evaluated.
     """
     from softlabels._runtime.device import resolve_device, set_threads
     from softlabels.inputs.spec import absolute_data_spec
@@ -129,19 +118,18 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
         load_checkpoint(find_checkpoint(checkpoint))["config"].get("task") == "lm"
     model, config = _load_lm(checkpoint, device=dev, student=student) if lm else \
         load_student(checkpoint, device=dev, student=student)
-    data, num_classes = _data(data_spec, config, lm), int(config["num_classes"])
-    opened = None if store is None else open_store(store)
-    try:
+    data, num_classes = eval_data(data_spec, config, lm), int(config["num_classes"])
+    with contextlib.nullcontext() if store is None else open_store(store) as opened:
         if opened is not None:  # the teacher metrics compare at T = 1
             from softlabels.store.ensemble import check_temperature
 
             check_temperature(opened.meta, 1.0, str(store), command="eval")
-        if opened is not None and opened.meta.num_classes != num_classes:
-            raise ModelMismatch(
-                f"the student has a vocabulary of {num_classes} but store {str(store)!r} has "
-                f"{opened.meta.num_classes}; pass the store of this student's teacher (cross-tokenizer distillation "
-                "is not supported)" if lm else f"the student has {num_classes} classes but store {str(store)!r} "
-                f"has {opened.meta.num_classes}; pass the store of this student's teacher")
+            if opened.meta.num_classes != num_classes:
+                raise ModelMismatch(
+                    f"the student has a vocabulary of {num_classes} but store {str(store)!r} has "
+                    f"{opened.meta.num_classes}; pass the store of this student's teacher (cross-tokenizer "
+                    "distillation is not supported)" if lm else f"the student has {num_classes} classes but store "
+                    f"{str(store)!r} has {opened.meta.num_classes}; pass the store of this student's teacher")
         if lm:
             if opened is not None:  # the same size is not the same vocabulary
                 from softlabels.inputs.vocabulary import check_same_tokenizer
@@ -155,9 +143,6 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
             metrics = evaluate_model(model, data, num_classes=num_classes, batch_size=batch_size, device=dev,
                                      store=opened)
             metrics["flops"] = count_flops(model, tuple(config["input_shape"]))
-    finally:
-        if opened is not None:
-            opened.close()
     return finite_json({
         "checkpoint": str(checkpoint), "data": absolute_data_spec(data_spec), "store": None if store is None else str(store),
         "student": config["student"], "weights_sha256": config["weights_sha256"],
@@ -165,7 +150,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     })
 
 
-def _data(spec: str, config: dict[str, Any], lm: bool):
+def eval_data(spec: str, config: dict[str, Any], lm: bool) -> Any:
     """The data to evaluate on, checked against what the student was trained on."""
     if lm:
         from softlabels.inputs.text import resolve_token_data

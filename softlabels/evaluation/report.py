@@ -1,21 +1,12 @@
 """Turn a run directory into a small Markdown or HTML report with PNG plots.
 
-A *run directory* is either one ``softlabels train --out`` directory (it holds
-``metrics.jsonl``) or a directory of them, such as the demo's ``RUN`` (one
-sub-directory per model, plus ``results.json``). What the report shows:
-
-* **training curves**: loss and validation accuracy per epoch, from every model's
-  ``metrics.jsonl``;
-* **accuracy vs teacher**: one bar per student, the teacher's accuracy as a line
-  (needs test metrics: ``results.json`` or a model's ``eval.json``);
-* **reliability diagram**: accuracy against confidence per bin, one panel per
-  model. Bins come from an eval JSON's ``reliability`` section
-  (:meth:`softlabels.student.metrics.EvalAccumulator.reliability`) or, when it has none,
-  are computed here from the model's checkpoint and the eval's ``data`` spec.
-
-The models and their numbers are found by :mod:`softlabels.evaluation.report_runs`, the
-plots drawn by :mod:`softlabels.evaluation.report_plots` (matplotlib, optional: ``pip install
-'softlabels[demo]'``); this module writes the document.
+A *run directory* is one ``softlabels train --out`` directory or a directory of them (the demo's
+``RUN``: one per model, plus ``results.json``). The report shows training curves (loss and validation
+accuracy per epoch, from each ``metrics.jsonl``), accuracy against the teacher (from ``results.json``
+or a model's ``eval.json``) and a reliability diagram per model (an eval JSON's ``reliability``
+section, else computed from the checkpoint and the eval's ``data`` spec). The models are found by
+:mod:`~softlabels.evaluation.report_runs` and the plots drawn by
+:mod:`~softlabels.evaluation.report_plots` (matplotlib: ``pip install 'softlabels[demo]'``).
 """
 
 from __future__ import annotations
@@ -120,11 +111,9 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, fmt: str
                  compute_missing: bool = True) -> dict[str, Any]:
     """Write the report of ``run_dir`` and its PNGs; return ``{"report": path, "plots": [paths], "models": [...]}``.
 
-    ``out`` defaults to ``RUN_DIR/report.<fmt>``; the PNGs go beside it, named
-    ``<stem>-curves.png``, ``<stem>-accuracy.png``, ``<stem>-reliability.png``.
-    ``fmt`` (md or html) defaults to the suffix of ``out``, else md. With
-    ``compute_missing``, reliability bins absent from the eval JSON are computed
-    from each model's checkpoint.
+    ``out`` (default ``RUN_DIR/report.<fmt>``) gets the PNGs beside it as ``<stem>-{curves,accuracy,reliability}.png``;
+    ``fmt`` (md or html) defaults to its suffix, else md. ``compute_missing``: compute reliability bins absent
+    from the eval JSON from each model's checkpoint.
     """
     if fmt is None:
         fmt = "html" if out is not None and Path(out).suffix.lower() in (".html", ".htm") else "md"

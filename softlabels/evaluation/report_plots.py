@@ -1,8 +1,6 @@
-"""The report's PNG plots, drawn with matplotlib (optional; imported only here, when plotting).
-
-Each plot has a fixed size in pixels (:func:`plot_size`), so a report's images are
-the same size on every machine: training curves, accuracy against the teacher, and
-a reliability diagram per model with the share of rows in each confidence bin.
+"""The report's PNG plots, drawn with matplotlib (optional; imported only here, when plotting): training
+curves, accuracy against the teacher, and a reliability diagram per model with the share of rows in each
+confidence bin, each of a fixed size in pixels (:func:`plot_size`) on every machine.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The models of a run directory for a report: their training logs, test metrics and reliability bins.
 
-Where the numbers come from, first found wins: ``results.json`` (the demo's schema:
-``{"teacher": NAME, "models": [{"name", "dir", "role", "arch", "description", "accuracy",
-..., "eval": {...}}], "stages": [...]}``), then ``<model dir>/eval.json`` (``softlabels
-eval --json`` output), then the model's ``summary.json``. Reliability bins missing from
-an eval JSON are computed from the model's checkpoint and the eval's data spec.
+The numbers come from, first found first: ``results.json`` (the demo's schema: ``{"teacher", "models":
+[{"name", "dir", "role", "arch", "description", "accuracy", ..., "eval"}], "stages"}``), a model's
+``eval.json`` (``softlabels eval --json``), its ``summary.json``. Reliability bins missing from an eval
+JSON are computed from the model's checkpoint and the eval's data spec.
 """
 
 from __future__ import annotations

@@ -22,11 +22,8 @@ __all__ = ["PairedItems", "TokenTargets", "collate"]
 
 @dataclass(frozen=True)
 class TokenTargets:
-    """A batch of token targets: ``target`` holds the rows of sequence 0's tokens, then sequence 1's, ...
-
-    ``lengths`` int64 [B]: how many positions (tokens) each sequence has in the store; position
-    ``t`` of sequence ``b`` is the teacher's output at token ``t`` (its next-token distribution).
-    """
+    """A batch of token targets: ``target`` holds the rows of sequence 0's tokens, then sequence 1's, ...; row
+    ``t`` of sequence ``b`` is the teacher's output at token ``t``; ``lengths`` int64 [B] counts each one's."""
 
     target: Any
     lengths: Tensor
@@ -42,10 +39,9 @@ class TokenTargets:
 
     def index(self, seq_len: int) -> Tensor:
         """Flat index ``b * seq_len + t`` of every row, for logits reshaped to [B * seq_len, C]."""
-        b = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device), self.lengths)
-        starts = torch.cumsum(self.lengths, 0) - self.lengths
-        t = torch.arange(int(self.lengths.sum()), device=self.lengths.device) - torch.repeat_interleave(starts,
-                                                                                                        self.lengths)
+        n, device = self.lengths, self.lengths.device
+        b = torch.repeat_interleave(torch.arange(len(n), device=device), n)
+        t = torch.arange(int(n.sum()), device=device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
         return b * seq_len + t
 
     def __len__(self) -> int:
@@ -53,12 +49,9 @@ class TokenTargets:
 
 
 class PairedItems(Sequence):
-    """A fetched batch of ``(item, target)`` pairs whose targets were gathered at once (one index per array).
-
-    What :meth:`TargetDataset.__getitems__ <softlabels.library.pairing.TargetDataset.__getitems__>`
-    returns to a ``DataLoader``: :func:`collate` takes ``items`` and ``targets`` as they are; any
-    other ``collate_fn`` sees the same pairs as a plain list of them would give.
-    """
+    """A fetched batch of ``(item, target)`` pairs, the targets gathered at once (what
+    :meth:`~softlabels.library.pairing.TargetDataset.__getitems__` gives a ``DataLoader``): :func:`collate`
+    takes ``items`` and ``targets`` as they are, any other ``collate_fn`` sees the pairs."""
 
     def __init__(self, items: list[Any], targets: Any) -> None:
         self.items, self.targets = items, targets
@@ -67,21 +60,14 @@ class PairedItems(Sequence):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[Any, Any]:  # type: ignore[override]
-        t = self.targets
-        return self.items[i], t.select(i)
+        return self.items[i], self.targets.select(i)
 
 
 def stack_targets(targets: Sequence[Any]) -> Any:
     """Per-item typed targets (one layout) stacked into one batch target."""
-    first = targets[0]
-    kind = type(first)
-    if any(type(t) is not kind for t in targets):
+    if len({type(t) for t in targets}) > 1:
         raise ConfigError("collate got targets of several layouts in one batch; pair each store separately")
     return _join(targets, torch.stack)
-
-
-def _cat_targets(targets: Sequence[Any]) -> Any:
-    return _join(targets, torch.cat)
 
 
 def _join(targets: Sequence[Any], op: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
@@ -94,24 +80,20 @@ def _join(targets: Sequence[Any], op: Callable[[list[torch.Tensor]], torch.Tenso
 
 def collate(batch: Sequence[tuple[Any, Any]], collate_items: Callable[[list[Any]], Any] = default_collate
             ) -> tuple[Any, Any]:
-    """``[(item, target), ...]`` -> ``(collate_items(items), typed targets)`` (a ``DataLoader`` ``collate_fn``).
-
-    ``collate_items``: how the user's items batch (``default_collate``, or e.g. a tokenizer's
-    padding collator; wrap it with ``functools.partial(softlabels.collate, collate_items=...)``).
-    """
+    """``[(item, target), ...]`` -> ``(collate_items(items), typed targets)`` (a ``DataLoader`` ``collate_fn``);
+    ``collate_items``, e.g. a tokenizer's padding collator, is given with ``functools.partial``."""
     if isinstance(batch, PairedItems):
         return collate_items(batch.items), batch.targets
     if not batch or not all(isinstance(b, tuple) and len(b) == 2 for b in batch):
         raise ConfigError("collate= takes the items of softlabels.with_targets (pairs of item and target); "
                           "pass collate_fn=softlabels.collate to a DataLoader over with_targets(...)")
     items, targets = [b[0] for b in batch], [b[1] for b in batch]
-    lead = getattr(targets[0], fields(targets[0])[0].name)
     first_field = fields(targets[0])[0].name
-    if any(getattr(t, first_field).ndim != lead.ndim for t in targets):
+    if len({getattr(t, first_field).ndim for t in targets}) > 1:
         raise ConfigError("collate got targets of several position kinds in one batch; pair each store separately")
     if _is_token_row(targets[0]):
         lengths = torch.tensor([len(getattr(t, first_field)) for t in targets], dtype=torch.int64)
-        return collate_items(items), TokenTargets(_cat_targets(targets), lengths)
+        return collate_items(items), TokenTargets(_join(targets, torch.cat), lengths)
     return collate_items(items), stack_targets(targets)
 
 

@@ -100,8 +100,10 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
         raise ConfigError(f"student_logits= must be a tensor, got {type(student_logits).__name__}")
     if isinstance(targets, TokenTargets):
         name = _loss_name(loss, targets.target)
+        _check_classes(student_logits, targets.target, labels, ignore=-100)
         return _token_loss(student_logits, targets, _soft_module(name, t, skew), a, labels)
     name = _loss_name(loss, targets)
+    _check_classes(student_logits, targets, labels, ignore=-1)
     if student_logits.ndim != 2:
         raise ModelMismatch(f"student_logits= has shape {tuple(student_logits.shape)} but per-sample targets "
                             "take [batch, classes]; pass the classifier's logits (token targets: use a token store)")
@@ -111,6 +113,25 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
         raise ModelMismatch(f"labels= has shape {tuple(labels.shape)}, student_logits= {tuple(student_logits.shape)}; "
                             "pass one label per row (-1: unlabeled)")
     return _mixed(name, t, skew, a)(student_logits, {"labels": labels, "target": targets})
+
+
+def _check_classes(logits: Tensor, target: Any, labels: Tensor | None, ignore: int) -> None:
+    """Refuse labels and stored ids the student's last dimension cannot index (one sync per call)."""
+    c = logits.shape[-1] if logits.ndim else 0
+    ids = getattr(target, "ids", None)
+    if ids is not None and ids.numel() and (high := int(ids.max())) >= c:
+        raise ModelMismatch(f"targets= hold class id {high} but student_logits= has {c} classes; the student must "
+                            "output the store's class count (its num_classes)")
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise ConfigError(f"labels= must be an integer tensor of class ids, got {got}; pass e.g. "
+                          f"labels=y.long() ({ignore}: no label)")
+    bad = (labels != ignore) & ((labels < 0) | (labels >= c))
+    if labels.numel() and bool(bad.any()):
+        raise ConfigError(f"labels= holds {int(labels[bad][0])}, outside 0..{c - 1} (the student's classes; "
+                          f"{ignore}: no label); pass class ids the student outputs")
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,29 +1,19 @@
 """Pair a user's own map-style dataset with its stored teacher targets, item by item, by sample id.
 
-``with_targets(dataset, store)[i]`` is ``(dataset[i], target)``: the user's item unchanged (their
-transforms, their Hugging Face ``datasets`` row) and the typed teacher target of the sample whose
-id the item carries (the index by default; an id column or a function otherwise). Targets come
-from whole write units decoded once per process and kept in a small LRU cache, so a
-``DataLoader`` with workers, ``shuffle=True`` or a ``DistributedSampler`` reads each unit once
-per process as long as the cache holds the store (``cache_mib``; a store larger than the cache
-is read a unit per item under a random sampler: use a block-shuffling sampler or
-:class:`softlabels.SoftLabelDataset` then). The store handle opens lazily in each process.
+``with_targets(dataset, store)[i]`` is ``(dataset[i], target)``: the user's item unchanged and the
+typed teacher target of the sample whose id the item carries (the index, an id column or a function).
+Targets come from whole write units decoded once per process into a small LRU cache (``cache_mib``),
+so any sampler reads each unit once per process while the cache holds the store; a store that fits
+it is read, checked and decoded when the pairing is made, and forked workers share it. A larger
+store is read a unit per item under a random sampler: use a block-shuffling sampler or
+:class:`softlabels.SoftLabelDataset` then. Per position kind:
 
-Per position kind:
-
-A store that fits the cache is read, checked and decoded once, when the pairing is made: forked
-workers share it (spawned ones read it again).
-
-* ``sample``: one target per item (a row of a :class:`~softlabels.store.layouts.targets.DenseTarget`,
-  ``TopKTarget`` or ``SampledTarget``);
-* ``views``: the store holds V augmented views per sample; item ``i`` in epoch ``e`` is the view
-  :func:`~softlabels.store.positions.views.choose_views` picks (the one ``softlabels train``
-  picks), and the item is made that view by ``view_transform(item, params)`` (the stored
-  parameters by name) or by ``view_transform="replay"`` (the store's built-in augmentation
-  replayed on the item's input tensor);
-* ``tokens``: the target is the sequence's per-token rows, checked against the item's
-  ``input_ids`` (its ``attention_mask``'s count where present); :func:`softlabels.collate` lays them
-  out beside the padded batch.
+* ``sample``: one target per item (a row of a ``DenseTarget``, ``TopKTarget`` or ``SampledTarget``);
+* ``views``: item ``i`` in epoch ``e`` is the view ``softlabels train`` picks
+  (:func:`~softlabels.store.positions.views.choose_views`), made so by ``view_transform(item, params
+  by name)`` or ``view_transform="replay"`` (the store's built-in augmentation on the input tensor);
+* ``tokens``: the sequence's per-token rows, checked against the item's ``input_ids`` (or its
+  ``attention_mask``'s count); :func:`softlabels.collate` lays them out beside the padded batch.
 """
 
 from __future__ import annotations
@@ -59,11 +49,9 @@ def with_targets(dataset: Any, store: Any, ids: IdSpec = None, *,
                  check: bool = True, cache_mib: float = 256) -> TargetDataset:
     """``dataset`` (map-style: ``len`` and ``[i]``) paired with ``store`` (a path or an opened store) by sample id.
 
-    ``ids``: item ``i``'s sample id is ``i`` (None), ``dataset[i][ids]`` (a column name; a
-    ``datasets.Dataset`` column is read at once), ``ids(i)`` (a function) or ``ids[i]`` (a
-    sequence). ``check``: compare the dataset with what the store recorded where that can be
-    computed (a softlabels ``InputDataset`` or ``TokenDataset``: its fingerprint; other datasets:
-    a few items' labels against the stored labels). See the module doc for views and tokens.
+    ``ids``: item ``i``'s sample id is ``i`` (None), ``dataset[i][ids]`` (a column name), ``ids(i)`` (a
+    function) or ``ids[i]`` (a sequence). ``check``: compare the dataset with what the store recorded (a
+    softlabels ``InputDataset`` or ``TokenDataset``: its fingerprint; others: a few items' labels).
     """
     return TargetDataset(dataset, store, ids, view_transform=view_transform, epoch=epoch, check=check,
                          cache_mib=cache_mib)
@@ -90,7 +78,7 @@ class TargetDataset(Dataset):
         self._unit_samples = meta.geometry.unit_samples
         self.epoch = int(epoch)
         self.rows = _rows_of(dataset, self.store, ids)
-        empty = self.layout.decode(_empty_block(self.layout))  # its tensors are cut per row; numbers kept
+        empty = self.layout.decode({k: np.zeros((0, *a.shape), a.dtype) for k, a in self.layout.arrays().items()})
         self._fields = tuple(f.name for f in fields(empty) if isinstance(getattr(empty, f.name), torch.Tensor))
         unit_bytes = meta.geometry.unit_samples * self.layout.bytes_per_position * _positions_per_sample(self.store)
         self._keep = max(1, int(cache_mib * 2**20 // max(1, unit_bytes)))
@@ -121,21 +109,14 @@ class TargetDataset(Dataset):
         return state
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if self.kind != "tokens":  # a batch of one: the same gather as a DataLoader's
+            return self.__getitems__([index])[0]
         item = self.dataset[index]
         row = int(self.rows[index])
-        if -1 in self._cache:  # the whole store, decoded
-            (target, extra), r = self._cache[-1], row
-        else:
-            (target, extra), r = self._unit(row // self._unit_samples), row % self._unit_samples
-        if self.kind == "tokens":
-            off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
-            _check_tokens(item, n, index, self.store.path)
-            return item, target.select(slice(off, off + n))
-        if self.kind == "views":
-            view = int(_choose(self.store, extra["sample_ids"][r:r + 1], self.epoch)[0])
-            item = self._replay(item, extra["view_params"][r, view])
-            return item, target.select((r, view))
-        return item, target.select(r)
+        (target, extra), r = self._unit(row // self._unit_samples), row % self._unit_samples
+        off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
+        _check_tokens(item, n, index, self.store.path)
+        return item, target.select(slice(off, off + n))
 
     def __getitems__(self, indices: list[int]) -> Any:
         """A batch of pairs for a ``DataLoader``: the targets gathered with one index per array (and unit)."""
@@ -338,10 +319,6 @@ def _view_replay(store: Any, view_transform: Any) -> Callable[[Any, np.ndarray],
         raise UnsupportedFormat(f"{store.path} records the augmentation '{p.augment}', whose term '{user[0]}' names "
                                 "code that is never imported from a store; pass view_transform=f that applies it")
     return _Replay(p.augment)
-
-
-def _empty_block(layout: Any) -> dict[str, np.ndarray]:
-    return {k: np.zeros((0, *s.shape), s.dtype) for k, s in layout.arrays().items()}
 
 
 def _positions_per_sample(store: Any) -> float:

@@ -1,17 +1,17 @@
-"""A training run's directory: checkpoint, weights, metrics log, summary.
+"""A training run's directory, every file replaced atomically (temp file, fsync, ``os.replace``)::
 
-Layout of ``--out DIR`` (every file replaced atomically: temp file + ``os.replace``)::
-
-    checkpoint.pt   {"format": 1, "model", "optimizer", "scheduler", "epoch" (completed),
-                     "step", "rng", "config"}; plain tensors/containers, loadable with
-                     torch.load(weights_only=True)
+    checkpoint.pt   {"format": 1, "model", "optimizer", "scheduler", "epoch" (completed), "step", "rng",
+                     "config"}: plain tensors and containers, loadable with torch.load(weights_only=True)
     model.pt        the student's plain state_dict (``--weights`` for generate/eval)
     metrics.jsonl   one JSON object per completed epoch
     summary.json    written once, after the last epoch
-    hf/             a Hugging Face student only: save_pretrained (config.json, model.safetensors) and its
-                    tokenizer files, rewritten with model.pt; AutoModelForCausalLM.from_pretrained loads it
+    hf/             a Hugging Face student only: save_pretrained and its tokenizer files, rewritten with
+                    model.pt; AutoModelForCausalLM.from_pretrained loads it
 
-A killed run leaves at worst a stale temp file; the files it names are always whole.
+A killed run leaves at worst a stale temp file; the files it names are always whole. A finished run is
+also an input (:func:`open_run`: ``softlabels compress RUN``, ``softlabels train --init RUN``); what it
+records is data, so only a built-in model name is rebuilt from it (anything else needs the spec on the
+command line).
 """
 
 from __future__ import annotations
@@ -20,19 +20,22 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from softlabels.errors import CheckpointError, CheckpointNotFound, ConfigError
 
 __all__ = [
     "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
-    "HF_DIR", "atomic_save", "save_hf", "save_run",
+    "HF_DIR", "atomic_save", "replace_dir", "save_hf", "save_run",
     "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
-    "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics",
+    "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics", "Run", "open_run",
+    "run_weights",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,35 +49,38 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 """A tokenizer directory's files that ``RUN/hf`` copies (what a fast tokenizer's ``save_pretrained`` writes)."""
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+def _atomic(path: str | Path, write: Any) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, fsync, then rename over it (readers see old or new)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        torch.save(obj, tmp)
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_text(text)
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``text`` to ``path`` atomically."""
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``; an old ``final`` is removed only once the new one is in
+    place (a reader finds the old one or the new one; at worst, after a kill between the two renames, none)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_run(out: str | Path, model: Any, optimizer: Any, scheduler: Any, *, epoch: int, step: int,
@@ -89,15 +95,10 @@ def save_run(out: str | Path, model: Any, optimizer: Any, scheduler: Any, *, epo
 
 def save_hf(model: Any, out: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Write ``out/hf``: ``model.save_pretrained`` (safetensors) plus the tokenizer files beside ``tokenizer``
-    (a ``tokenizer.json`` or a directory; its ``tokenizer_config.json`` carries the chat template).
-
-    Written into a temp directory, then renamed over the previous ``hf/``: a reader finds the old one or
-    the new one, never a half-written one (at worst, after a kill between the two renames, none).
-    """
-    out = Path(out)
-    final, tmp, old = out / HF_DIR, out / f".{HF_DIR}.tmp-{os.getpid()}", out / f".{HF_DIR}.old-{os.getpid()}"
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
+    (a ``tokenizer.json`` or a directory; its ``tokenizer_config.json`` carries the chat template), in a temp
+    directory renamed over the previous ``hf/`` (:func:`replace_dir`)."""
+    final, tmp = Path(out) / HF_DIR, Path(out) / f".{HF_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -107,20 +108,15 @@ def save_hf(model: Any, out: str | Path, tokenizer: str | Path | None = None) ->
                 src = source if name == TOKENIZER_FILES[0] and source.is_file() else folder / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Check ``out`` for a previous run (read-only); return its checkpoint when resuming, else None.
-
-    Refuses a directory holding run files unless ``resume`` or ``overwrite``.
-    """
+    """Check ``out`` for a previous run (read-only): its checkpoint when resuming, else None; a directory holding
+    run files is refused unless ``resume`` or ``overwrite``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; pass a directory")
@@ -290,3 +286,62 @@ def truncate_metrics(out: str | Path, epochs_done: int) -> None:
     if path.exists():
         keep = [r for r in read_metrics(out) if r.get("epoch", 0) <= epochs_done]
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+
+# -- a finished run as an input ---------------------------------------------------------------
+def run_weights(run: str | Path) -> Path:
+    """The ``model.pt`` of a training run directory (RunNotFound if there is none)."""
+    from softlabels.errors import RunNotFound
+
+    path = Path(run)
+    if not path.is_dir():
+        raise RunNotFound(f"run {str(run)!r} does not exist or is no directory; "
+                          "pass a 'softlabels train --out' directory")
+    weights = path / MODEL
+    if not weights.is_file():
+        raise RunNotFound(f"run {str(run)!r} holds no {MODEL}; pass a 'softlabels train --out' directory "
+                          "with at least one finished epoch")
+    return weights
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run opened for reuse: where its weights are and what it recorded."""
+
+    path: Path
+    weights: Path
+    config: dict[str, Any]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.config["input_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    def student_spec(self, override: str | None = None, *, flag: str = "--student") -> str:
+        """The spec to rebuild the student from: ``override``, else the recorded name if it is a built-in."""
+        from softlabels.teacher.models import BUILTIN_MODELS
+
+        if override:
+            return override
+        spec = self.config.get("student")
+        if isinstance(spec, str) and spec in BUILTIN_MODELS:
+            return spec
+        raise ConfigError(f"run {str(self.path)!r} records student {spec!r}, which is not a built-in model and is "
+                          f"not loaded from a run's record; pass {flag} SPEC to name its architecture")
+
+    def build(self, override: str | None = None, *, flag: str = "--student") -> nn.Module:
+        """The run's student with its trained weights (eval mode, CPU; loaded with ``weights_only=True``)."""
+        from softlabels.teacher.spec import resolve_model
+
+        info = resolve_model(self.student_spec(override, flag=flag), input_shape=self.input_shape,
+                             num_classes=self.num_classes, weights=self.weights)
+        return info.module
+
+
+def open_run(run: str | Path) -> Run:
+    """Open a ``softlabels train --out`` directory: its ``model.pt`` and its checkpoint's config."""
+    weights = run_weights(run)
+    return Run(Path(run), weights, load_checkpoint(run)["config"])

@@ -1,12 +1,10 @@
 """The classifier task of the trainer: ``sample``/``views`` stores, or the hard labels of ``--data``.
 
-With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` (inputs
-joined to teacher targets by ``sample_ids``) goes through the student and a
-:class:`~softlabels.student.losses.DistillationLoss`; without stores the student learns the
-hard labels of ``--data`` (how teachers and baselines are trained), or a live ``teacher``'s
-logits (online distillation). A views store's inputs are augmented on the device with each
-batch's ``view_params``; ``--augment`` draws a fresh view per sample and epoch instead. The
-loop, checkpoints and DDP are :mod:`softlabels.student.trainer`'s.
+With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` goes through the
+student and a :class:`~softlabels.student.losses.DistillationLoss`; without, the student learns the
+hard labels of ``--data`` (teachers and baselines) or a live ``teacher``'s logits. A views store's
+inputs are augmented on the device with each batch's ``view_params``; ``--augment`` draws a fresh
+view per sample and epoch instead.
 """
 
 from __future__ import annotations
@@ -20,21 +18,17 @@ from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.inputs.arrays import class_count
 from softlabels.student.config import TrainConfig
 from softlabels.student.losses import DistillationLoss, as_target, make_soft_loss
-from softlabels.student.trainutil import IndexBatches, distillation_settings
+from softlabels.student.trainutil import IndexBatches, Task, distillation_settings
 
 __all__ = ["Classifier"]
 
 
-class Classifier:
+class Classifier(Task):
     """Data, student and loss of a classifier run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
     unit = "samples"  # what the metrics count
     resume_keys = ("online_teacher", "augment")
     resume_defaults = {"views_per_sample": 1}  # runs before the option trained on one view
-
-    @staticmethod
-    def problems(config: TrainConfig, *, online: bool) -> list[str]:
-        return config.problems(online=online)
 
     def __init__(self, config: TrainConfig, env: Any, log, *, teacher: nn.Module | None = None,
                  student: nn.Module | None = None) -> None:
@@ -48,7 +42,6 @@ class Classifier:
         self.sl = None
         self.augment = None  # a views store's augmentation, replayed on the device from each batch's view_params
         try:
-            # -- data --------------------------------------------------------------------------
             if config.stores or config.ensemble:
                 self.stores = [open_store(p) for p in config.stores] or [_ensemble(config)]
                 specs = list(config.data) or [self._recorded_spec(s) for s in self.stores]
@@ -85,7 +78,6 @@ class Classifier:
             if self.val is not None and tuple(self.val.input_shape) != self.input_shape:
                 raise DataError(f"--val-data {config.val_data!r} has inputs of shape {tuple(self.val.input_shape)}, "
                                 f"the training data {self.input_shape}; validate on data of the same kind")
-            # -- loss ----------------------------------------------------------------------------
             self.teacher = None if teacher is None else teacher.to(env.device).eval()
             distil = bool(config.stores or config.ensemble) or teacher is not None
             temperature, alpha = distillation_settings(config.temperature, config.alpha, self.stores, log) \
@@ -102,7 +94,6 @@ class Classifier:
                     check_temperature(s.meta, temperature, str(s.path))
             for line in self._without_effect(distil, loss_name, alpha):
                 log(f"warning: {line}")
-            # -- student -------------------------------------------------------------------------
             self.info = self._student(student)
         except BaseException:
             self.close()
@@ -115,7 +106,7 @@ class Classifier:
 
     def _student(self, student: nn.Module | None):
         """The student (seeded from --seed; --init or --student-weights, or a caller's module), checked."""
-        from softlabels.student.runs import run_weights
+        from softlabels.student.checkpoint import run_weights
         from softlabels.teacher.models import count_parameters
         from softlabels.teacher.spec import ModelInfo, resolve_model
 
@@ -180,16 +171,11 @@ class Classifier:
         self.log(f"inputs for {store.path}: {spec} (the store's recorded source.spec)")
         return spec
 
-    # -- what the trainer asks per batch ----------------------------------------------------------
-    @staticmethod
-    def empty(batch: dict[str, Any]) -> bool:
-        return False  # a rank out of rows gets no batch at all
-
+    # -- what the trainer asks per batch (a rank out of rows gets no batch at all) ---------------------------
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         from softlabels.store.layouts import DenseTarget
 
-        batch = {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
+        batch = super().to_device(batch)
         if self.config.views_per_sample > 1:  # k views of each input read: B·k rows, the input copied on the device
             from softlabels.student.kinds.sample import spread_views
 
@@ -236,9 +222,6 @@ class Classifier:
                            batch_size=max(self.config.batch_size, 256), device=self.env.device)
         record.update(val_accuracy=m["accuracy"], val_ece=m["ece"], val_n=m["n"], val_seconds=time.perf_counter() - t0)
 
-    def export(self, out: str) -> None:
-        pass  # model.pt is a classifier's only form
-
     def describe(self) -> str:
         return f"from {len(self.stores)} store(s), loss {self.run_config['loss']}" if self.stores else "on hard labels"
 
@@ -246,10 +229,6 @@ class Classifier:
         from softlabels.teacher.models import count_flops
 
         return {"flops": count_flops(self.student, self.input_shape)}
-
-    def close(self) -> None:
-        for s in self.stores:
-            s.close()
 
 
 def _ensemble(config: TrainConfig):

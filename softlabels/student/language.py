@@ -1,18 +1,16 @@
 """The language-model task of the trainer: a ``tokens`` store, or token data alone (hard next-token CE).
 
-Per batch, over the positions that count (``loss_mask``: inside the sequence, next token a
-target), the loss is ``alpha * CE + (1 - alpha) * T^2 * D(teacher || student)`` averaged over
-the *global* batch's positions; D is a loss of :data:`softlabels.student.losses.LOSSES` on the
-layout's typed target (forward KL with the layout's estimator by default). Under torchrun every
-rank takes its slice of each global batch (:mod:`softlabels.student.kinds.tokens`) and scales its
-position sum by ``world / global positions``, so DDP's gradient mean equals the one-process
-gradient of the same global batch. The loop, checkpoints and DDP are
-:mod:`softlabels.student.trainer`'s; what is saved is the model's own ``state_dict``, which
-:func:`~softlabels.teacher.lm.resolve_lm` loads.
+Per batch, over the positions that count (``loss_mask``), the loss is ``alpha * CE + (1 - alpha) *
+T^2 * D(teacher || student)`` averaged over the *global* batch's positions, D a loss of
+:data:`softlabels.student.losses.LOSSES` on the layout's typed target. Each rank takes its slice of
+each global batch (:mod:`softlabels.student.kinds.tokens`) and scales its position sum by ``world /
+global positions``, so DDP's gradient mean is the one-process gradient of the global batch. What is
+saved is the model's own ``state_dict``, which :func:`~softlabels.teacher.lm.resolve_lm` loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.student.config import TrainConfig
 from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
 from softlabels.student.losses import make_soft_loss
-from softlabels.student.trainutil import distillation_settings
+from softlabels.student.trainutil import Task, distillation_settings
 
 __all__ = ["Language", "check_student_width", "is_language_run", "resolve_store_data"]
 
@@ -48,11 +46,8 @@ def _is_token_store(path: str | Path) -> bool:
     from softlabels.store.backend import open_backend
 
     try:
-        backend = open_backend(path, "r")
-        try:
+        with contextlib.closing(open_backend(path, "r")) as backend:
             attrs = backend.attrs()
-        finally:
-            backend.close()
     except Exception:  # noqa: BLE001 - not ours to report: the classifier path says what is wrong
         return False
     return attrs.get("softlabels_format") == 2 and attrs.get("positions") == "tokens"
@@ -73,10 +68,6 @@ def resolve_store_data(store: Any, spec: str | None = None, *, tokenizer: str | 
     return spec, tokenizer, seq_len, resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
 
 
-def _is_hf(spec: str | None) -> bool:
-    return bool(spec) and spec.startswith("hf:")
-
-
 def _check_tokenizers(store: Any, config: TrainConfig) -> None:
     """The tokenizers a run names (``--tokenizer``, an ``hf:`` student's or ``--init``'s own) against the
     one ``store`` was generated with (its recorded fingerprint)."""
@@ -86,12 +77,12 @@ def _check_tokenizers(store: Any, config: TrainConfig) -> None:
     expected = store.meta.source.get("tokenizer_fingerprint")
     check_same_tokenizer(expected, config.tokenizer, what="--tokenizer", store=str(store.path))
     for spec in (config.student, config.init):
-        if _is_hf(spec):
+        if str(spec).startswith("hf:"):
             check_same_tokenizer(expected, teacher_tokenizer(spec), what=f"the tokenizer of {spec}",
                                  store=str(store.path))
 
 
-class Language:
+class Language(Task):
     """Data, student and loss of a language-model run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
     unit = "positions"
@@ -100,7 +91,7 @@ class Language:
 
     @staticmethod
     def problems(config: TrainConfig, *, online: bool = False) -> list[str]:
-        problems = config.problems()
+        problems = Task.problems(config)
         if len(config.stores) > 1 or (not config.stores and len(config.data) != 1):
             problems.append(f"a language model trains from one token store, or from one --data on hard next-token "
                             f"CE alone; got {len(config.stores)} --store and {len(config.data)} --data")
@@ -113,8 +104,8 @@ class Language:
         from softlabels.inputs.documents import teacher_tokenizer
         from softlabels.inputs.text import resolve_token_data
         from softlabels.store.reader import open_store
+        from softlabels.student.checkpoint import run_weights
         from softlabels.student.dataset import SoftLabelDataset
-        from softlabels.student.runs import run_weights
         from softlabels.teacher.lm import resolve_lm
 
         self.config, self.env, self.epoch = config, env, 0
@@ -151,7 +142,7 @@ class Language:
             if loss_name in ("soft_ce", "mse"):
                 raise ConfigError(f"loss {loss_name!r} is not available for language models; use kl, topk_kl, "
                                   "sampled_kl, reverse_kl, skew_kl, skew_reverse_kl or jsd")
-            init = config.init if _is_hf(config.init) else run_weights(config.init) if config.init \
+            init = config.init if str(config.init).startswith("hf:") else run_weights(config.init) if config.init \
                 else config.student_weights
             torch.manual_seed(config.seed)
             self.info = resolve_lm(config.student, vocab_size=vocab, context=context, seed=config.seed, weights=init)
@@ -174,10 +165,6 @@ class Language:
     def empty(batch: dict[str, Any]) -> bool:
         return batch["ids"].shape[0] == 0  # this rank's slice of the last global batch
 
-    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
-
     def loss(self, model: nn.Module, batch: dict[str, Any], weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss to back-propagate (its position sum over the global batch's positions, times the
         world size), and its (total, hard, soft, positions) sums for the metrics."""
@@ -192,9 +179,6 @@ class Language:
                           * weight, count.reshape(1)])
         return total * scale, sums.to(env.device)
 
-    def validate(self, record: dict[str, Any]) -> None:
-        pass  # --val-data is refused: 'softlabels eval' measures a language model
-
     def export(self, out: str) -> None:
         """With an ``hf:`` student: ``out/hf``, loadable by ``AutoModelForCausalLM.from_pretrained``."""
         if self.info.kind == "hf":
@@ -204,13 +188,6 @@ class Language:
 
     def describe(self) -> str:
         return f"from {self.source}, loss {self.run_config['loss']}, alpha {self.alpha}"
-
-    def summary(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        for s in self.stores:
-            s.close()
 
 
 def check_student_width(spec: str, width: int, store: object, classes: int) -> None:

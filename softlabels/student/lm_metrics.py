@@ -1,8 +1,8 @@
-"""Next-token cross-entropy and token-level evaluation metrics for causal LMs.
+"""Next-token cross-entropy and token-level evaluation metrics for causal LMs, and the confidence bins
+that the classifier metrics (:mod:`softlabels.student.metrics`) share.
 
-The prediction made at position ``t`` is for token ``t + 1``; it counts when ``t + 1`` is
-inside the sequence and ``mask[t + 1]`` is set (token ``t + 1`` is a target). The last
-position of every sequence and every padding position never count.
+The prediction at position ``t`` is for token ``t + 1``; it counts when ``t + 1`` is inside the
+sequence and ``mask[t + 1]`` is set, so the last position and padding never count.
 """
 
 from __future__ import annotations
@@ -15,18 +15,15 @@ from torch import Tensor
 
 from softlabels.errors import ConfigError, ModelMismatch
 
-__all__ = ["next_token_targets", "next_token_ce", "LMEvalAccumulator", "IGNORE"]
+__all__ = ["next_token_targets", "next_token_ce", "CalibrationBins", "LMEvalAccumulator", "IGNORE"]
 
 IGNORE = -100
 """Target id of positions that do not count (PyTorch's and Hugging Face's ``ignore_index``)."""
 
 
 def next_token_targets(ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Shifted targets for ids [B, L]: ``(targets [B, L] int64, valid [B, L] bool)``.
-
-    ``targets[b, t] = ids[b, t + 1]`` where ``valid``, else :data:`IGNORE`. ``mask`` (bool
-    [B, L], token is a target) and ``lengths`` [B] (real tokens; the rest is padding) are optional.
-    """
+    """Shifted targets for ids [B, L]: ``targets[b, t] = ids[b, t + 1]`` where ``valid``, else :data:`IGNORE`
+    (``mask`` [B, L]: token is a target; ``lengths`` [B]: real tokens, the rest is padding)."""
     b, length = ids.shape
     valid = torch.zeros((b, length), dtype=torch.bool, device=ids.device)
     valid[:, :-1] = True if mask is None else mask[:, 1:].to(torch.bool)
@@ -45,11 +42,8 @@ def _check_logits(logits: Tensor, ids: Tensor) -> None:
 
 def next_token_ce(logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
                   *, reduction: str = "mean") -> Tensor:
-    """Hard next-token cross-entropy of logits [B, L, V] against ids [B, L], masked and shifted.
-
-    ``reduction="mean"`` averages over the positions that count (0 when none does, keeping
-    the graph); ``"sum"`` sums them, for callers that divide by a total across batches or ranks.
-    """
+    """Hard next-token cross-entropy of logits [B, L, V] against ids [B, L], masked and shifted: the mean
+    over the positions that count (0 when none does, keeping the graph), or their ``"sum"``."""
     _check_logits(logits, ids)
     if reduction not in ("mean", "sum"):
         raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}; pass one of them")
@@ -61,30 +55,53 @@ def next_token_ce(logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengt
     return total / valid.sum().clamp(min=1)
 
 
+class CalibrationBins:
+    """Per-bin [count, correct, confidence] sums over ``n_bins`` equal-width confidence bins closed on the right."""
+
+    def __init__(self, n_bins: int) -> None:
+        self.edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+        self.sums = torch.zeros(3, n_bins, dtype=torch.float64)
+
+    def add(self, conf: Tensor, correct: Tensor) -> None:
+        """Add top-1 confidences and whether each prediction was right (float64 [N], on the CPU)."""
+        idx = torch.bucketize(conf, self.edges[1:-1])  # bin i holds edge_i < c <= edge_{i+1}
+        self.sums.index_add_(1, idx, torch.stack([torch.ones_like(conf), correct, conf]))
+
+    def ece(self) -> float | None:
+        """``sum_b |B_b|/n |acc_b - conf_b|`` (None before any row)."""
+        count, correct, conf = self.sums
+        n = float(count.sum())
+        return float((correct - conf).abs().sum()) / n if n else None
+
+    def reliability(self) -> dict[str, list]:
+        """Per bin: ``bin_lower``, ``bin_upper``, ``count`` and the mean ``accuracy`` and ``confidence`` (None
+        for an empty bin)."""
+        count, correct, conf = self.sums
+        return {"bin_lower": self.edges[:-1].tolist(),
+                "bin_upper": self.edges[1:].tolist(),
+                "count": [int(c) for c in count.tolist()],
+                "accuracy": [a / c if c else None for a, c in zip(correct.tolist(), count.tolist())],
+                "confidence": [f / c if c else None for f, c in zip(conf.tolist(), count.tolist())]}
+
+
 _SUMS = ("n", "nll", "correct", "n_teacher", "teacher_nll", "agree", "kl")
 
 
 class LMEvalAccumulator:
-    """Accumulates next-token metrics over batches; :meth:`compute` returns:
+    """Accumulates next-token metrics: ``positions`` (that count), ``loss`` (mean CE, nats), ``perplexity``,
+    ``accuracy`` and ``ece`` (:class:`CalibrationBins`); with teacher logits
+    also ``agreement``, ``kl_to_teacher`` (at T = 1), ``teacher_loss`` and ``teacher_perplexity``.
 
-    * ``positions`` (that count), ``loss`` (mean next-token CE, nats), ``perplexity``
-      (``exp(loss)``), ``accuracy`` (student top-1 == next token), ``ece`` (expected
-      calibration error of the student's top-1 over ``n_bins`` equal-width confidence
-      bins, closed on the right);
-    * with teacher logits: ``agreement`` (student top-1 == teacher top-1), ``kl_to_teacher``
-      (mean KL(teacher || student) at T = 1), ``teacher_loss`` and ``teacher_perplexity``.
-
-    Per-position values are computed where the logits are (float32), and only [P]-sized
-    vectors move to the CPU (float64 sums), so V = 128k costs no host copy of the logits.
+    Per-position values are computed where the logits are (float32); only [P]-sized vectors move to
+    the CPU (float64 sums), so V = 128k costs no host copy of the logits.
     """
 
     def __init__(self, n_bins: int = 15) -> None:
         if not (isinstance(n_bins, int) and n_bins >= 1):
             raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}; the usual choice is 15")
         self.n_bins = n_bins
-        self._edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
         self._sums = dict.fromkeys(_SUMS, 0.0)
-        self._bins = torch.zeros(2, n_bins, dtype=torch.float64)  # per bin: correct, confidence sums
+        self._bins = CalibrationBins(n_bins)
 
     def update(self, logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
                teacher_logits: Tensor | None = None) -> None:
@@ -102,10 +119,7 @@ class LMEvalAccumulator:
             conf, pred = logp.max(-1)
             correct = (pred == y).double().cpu()
             self._add(n=y.numel(), nll=nll.double().sum(), correct=correct.sum())
-            conf = conf.exp().double().cpu()
-            idx = torch.bucketize(conf, self._edges[1:-1])  # bin i holds edge_i < c <= edge_{i+1}
-            for row, values in enumerate((correct, conf)):
-                self._bins[row].index_add_(0, idx, values)
+            self._bins.add(conf.exp().double().cpu(), correct)
             if teacher_logits is not None:
                 t_logp = F.log_softmax(teacher_logits.detach()[valid].float(), dim=-1)
                 kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
@@ -122,11 +136,10 @@ class LMEvalAccumulator:
         n, nt = int(s["n"]), int(s["n_teacher"])
         out: dict[str, float | int | None] = {"positions": n}
         loss = s["nll"] / n if n else None
-        correct, conf = self._bins
         out.update(loss=loss,
                    perplexity=math.exp(loss) if loss is not None else None,
                    accuracy=s["correct"] / n if n else None,
-                   ece=float((correct - conf).abs().sum() / n) if n else None)
+                   ece=self._bins.ece())
         if nt:
             teacher_loss = s["teacher_nll"] / nt
             out.update(agreement=s["agree"] / nt, kl_to_teacher=s["kl"] / nt,

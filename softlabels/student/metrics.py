@@ -1,9 +1,7 @@
 """Streaming evaluation metrics for a student, optionally against its teacher.
 
-:class:`EvalAccumulator` takes batches on any device, moves them to the CPU in
-float64 and keeps only running sums, so evaluating a whole split costs O(C)
-memory whatever its size, and splitting the data into more or fewer batches
-changes the results only by float64 rounding.
+:class:`EvalAccumulator` moves each batch to the CPU in float64 and keeps only running sums: a whole
+split costs O(C) memory, and how it is cut into batches changes the results only by rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.inputs.arrays import InputDataset
 from softlabels.store.layouts.targets import DenseTarget, TopKTarget
 from softlabels.student import kd
+from softlabels.student.lm_metrics import CalibrationBins
 from softlabels.student.losses import Batch, KLDivergence, as_target
 
 __all__ = ["EvalAccumulator"]
@@ -42,26 +41,18 @@ def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
 
 
 class EvalAccumulator:
-    """Accumulates accuracy, calibration and teacher-agreement metrics over batches.
+    """Accumulates accuracy, calibration and teacher-agreement metrics: :meth:`update` per batch, then
+    :meth:`compute`, whose keys are
 
-    Call :meth:`update` per batch, then :meth:`compute`. Its keys:
-
-    * always: ``n`` (rows), ``n_labeled`` (rows with label >= 0), ``accuracy`` (student argmax == label) and ``ece`` (student expected calibration error,
-      ``sum_b |B_b|/n |acc_b - conf_b|`` over ``n_bins`` equal-width confidence bins
-      closed on the right); both over labeled rows, None when there are none;
-    * once any row of student logits held NaN/inf: ``nonfinite_rows`` (such rows count
-      as wrong and stay out of the ECE bins);
-    * once any batch carried a teacher (a typed target, or a batch dict holding one):
-      ``agreement`` (student top-1 == teacher top-1, all teacher rows), ``kl_to_teacher``
-      (mean KL(teacher || student) at T = 1; for top-k and sampled targets over the stored
-      ids plus one tail bucket, :func:`softlabels.student.kd.divergence`: a lower bound of the
-      full KL), ``teacher_accuracy`` (teacher top-1, for top-k the first stored index, for
-      sampled the most drawn; None without labeled rows) and ``correlation`` (mean per-row
-      Pearson correlation of student and teacher logits: all C for dense, the K stored
-      classes for top-k, none for sampled; rows where either vector is constant are skipped,
-      and the key is absent if every row was);
-    * once any batch carried dense teacher logits: ``teacher_ece`` (None without
-      labeled rows).
+    * ``n``, ``n_labeled`` (label >= 0), and over the labeled rows (None without) ``accuracy`` and ``ece``
+      (:class:`~.lm_metrics.CalibrationBins`); ``nonfinite_rows`` once a row of student logits held NaN/inf (it
+      counts as wrong and stays out of the bins);
+    * once a batch carried a teacher target: ``agreement`` (top-1), ``kl_to_teacher`` (mean KL(teacher ||
+      student) at T = 1; for top-k and sampled targets over the stored ids plus one tail bucket, a lower
+      bound), ``teacher_accuracy`` (top-1: top-k's first stored index, sampled's most drawn) and
+      ``correlation`` (mean per-row Pearson correlation of the logits: all C for dense, the K stored for
+      top-k; rows where either is constant are skipped, and the key is absent if all were);
+    * once a batch carried dense teacher logits: ``teacher_ece``.
     """
 
     def __init__(self, num_classes: int, n_bins: int = 15) -> None:
@@ -74,10 +65,8 @@ class EvalAccumulator:
             raise ConfigError(problems)
         self.num_classes = num_classes
         self.n_bins = n_bins
-        self._edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
         self._sums = dict.fromkeys(_SUM_KEYS, 0.0)
-        # Per-bin [count, correct, confidence] sums for the student and the dense teacher.
-        self._bins = {who: torch.zeros(3, n_bins, dtype=torch.float64) for who in ("student", "teacher")}
+        self._bins = {who: CalibrationBins(n_bins) for who in ("student", "teacher")}  # the teacher's: dense only
 
     def update(self, student_logits: Tensor, labels: Tensor, batch: Batch | None = None) -> None:
         """Add a batch: student logits [B, C], labels [B] (-1 = unlabeled), teacher targets in ``batch``."""
@@ -127,15 +116,7 @@ class EvalAccumulator:
 
     def _add_bins(self, who: str, logits: Tensor, y: Tensor, labeled: Tensor) -> None:
         conf, pred = F.softmax(logits[labeled], -1).max(-1)
-        # bucketize(right=False) puts c in bin i when edge_i < c <= edge_{i+1}.
-        idx = torch.bucketize(conf, self._edges[1:-1])
-        stats = torch.stack([torch.ones_like(conf), (pred == y[labeled]).double(), conf])
-        self._bins[who].index_add_(1, idx, stats)
-
-    def _ece(self, who: str) -> float | None:
-        count, correct, conf = self._bins[who]
-        n = float(count.sum())
-        return float((correct - conf).abs().sum()) / n if n else None
+        self._bins[who].add(conf, (pred == y[labeled]).double())
 
     def compute(self) -> Metrics:
         """The metrics so far (see the class docstring for keys and when they are absent)."""
@@ -144,7 +125,7 @@ class EvalAccumulator:
         out: Metrics = {"n": int(sums["n"]),
                         "n_labeled": int(nl),
                         "accuracy": sums["correct"] / nl if nl else None,
-                        "ece": self._ece("student")}
+                        "ece": self._bins["student"].ece()}
         if sums["nonfinite"]:
             out["nonfinite_rows"] = int(sums["nonfinite"])
         if sums["n_teacher"]:
@@ -158,21 +139,13 @@ class EvalAccumulator:
             if sums["n_corr"]:
                 out["correlation"] = sums["corr"] / sums["n_corr"]
         if sums["n_dense"]:
-            out["teacher_ece"] = self._ece("teacher")
+            out["teacher_ece"] = self._bins["teacher"].ece()
         return out
 
     def reliability(self, teacher: bool = False) -> dict[str, list]:
-        """Reliability-diagram data per confidence bin, for the student (or the dense teacher).
-
-        Keys: ``bin_lower``, ``bin_upper``, ``count`` (labeled rows in the bin) and
-        the bin's mean ``accuracy`` and ``confidence`` (None for an empty bin).
-        """
-        count, correct, conf = self._bins["teacher" if teacher else "student"]
-        return {"bin_lower": self._edges[:-1].tolist(),
-                "bin_upper": self._edges[1:].tolist(),
-                "count": [int(c) for c in count.tolist()],
-                "accuracy": [a / c if c else None for a, c in zip(correct.tolist(), count.tolist())],
-                "confidence": [f / c if c else None for f, c in zip(conf.tolist(), count.tolist())]}
+        """Reliability-diagram data per confidence bin, for the student (or the dense teacher): see
+        :meth:`~.lm_metrics.CalibrationBins.reliability` (``count``: labeled rows in the bin)."""
+        return self._bins["teacher" if teacher else "student"].reliability()
 
 
 def _batches_from_data(dataset: InputDataset, batch_size: int):
@@ -180,14 +153,6 @@ def _batches_from_data(dataset: InputDataset, batch_size: int):
         idx = np.arange(start, min(start + batch_size, len(dataset)), dtype=np.int64)
         x, y = dataset.get_batch(idx)
         yield {"x": x, "labels": y}
-
-
-def _batches_from_store(store: Any, dataset: InputDataset, batch_size: int):
-    from softlabels.student.dataset import SoftLabelDataset
-
-    # In order, one rank: every row exactly once; SoftLabelDataset joins by sample_ids
-    # and refuses data whose fingerprint differs from the one the store recorded.
-    yield from SoftLabelDataset([(store, dataset)], batch_size=batch_size, shuffle=False, rank=0, world_size=1)
 
 
 @torch.no_grad()
@@ -201,8 +166,12 @@ def evaluate_model(model: nn.Module, dataset: InputDataset, *, num_classes: int,
     was_training = model.training
     model.eval()
     try:
-        batches = _batches_from_data(dataset, batch_size) if store is None else \
-            _batches_from_store(store, dataset, batch_size)
+        if store is None:
+            batches: Any = _batches_from_data(dataset, batch_size)
+        else:  # in order, one rank: every row once, joined by sample_ids, the data's fingerprint checked
+            from softlabels.student.dataset import SoftLabelDataset
+
+            batches = SoftLabelDataset([(store, dataset)], batch_size=batch_size, shuffle=False, rank=0, world_size=1)
         for batch in batches:
             logits = model(batch["x"].to(device, non_blocking=True))
             acc.update(logits, batch["labels"], batch)  # with a store, the batch holds the teacher's target

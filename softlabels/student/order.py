@@ -1,29 +1,22 @@
 """Epoch order of :class:`~softlabels.student.dataset.SoftLabelDataset`: pure index math, no I/O.
 
-The rows of all sources form one list of *global chunks* (source 0's chunks in
-order, then source 1's, ...). An epoch's order is built in four steps:
+The rows of all sources form one list of *global chunks* (source 0's in order, then source 1's, ...).
+An epoch's order is built in four steps:
 
-1. the global chunks are permuted with an RNG seeded from ``(seed, epoch)``
-   (identity without shuffling); concatenated, they form the epoch's *row stream*
-   of ``T`` rows;
-2. rank ``r`` of ``P`` takes rows ``[r*T//P, (r+1)*T//P)`` of the stream, so ranks
-   differ by at most one row and only the two ends of a rank cut a chunk;
-3. the rank's ``ceil(L/B)`` batches are split into contiguous, balanced runs, one
-   per DataLoader worker; a worker's rows are therefore whole batches except the
-   rank's final one, and the number of batches a rank yields does not depend on
-   the number of workers;
-4. a worker's chunk pieces are grouped into windows of ``window_chunks``; each
-   window's rows are permuted with an RNG seeded from
-   ``(seed, epoch, rank, worker, window)``, and the worker's stream of windows is
-   cut into batches of ``B`` rows (a batch may straddle windows).
+1. the global chunks are permuted with an RNG seeded from ``(seed, epoch)`` (identity without
+   shuffling); concatenated, they form the epoch's *row stream* of ``T`` rows;
+2. rank ``r`` of ``P`` takes rows ``[r*T//P, (r+1)*T//P)``: ranks differ by at most one row and only
+   a rank's two ends cut a chunk;
+3. the rank's ``ceil(L/B)`` batches are split into balanced contiguous runs, one per DataLoader
+   worker, so the batches a rank yields do not depend on the number of workers;
+4. a worker's chunk pieces are grouped into windows of ``window_chunks``, each window's rows permuted
+   with an RNG seeded from ``(seed, epoch, rank, worker, window)``, and the stream of windows cut into
+   batches of ``B`` rows (a batch may straddle windows). Resuming skips whole windows by arithmetic.
 
-Resuming skips whole windows by arithmetic; only units holding a row still to come are read.
-
-That is how ranks share an epoch of ``sample`` and ``views`` rows (``share="rows"``). Token
-stores share it by *global batches* (``share="batches"``): one stream, the windows of rank 0
-of 1, cut into batches of ``B * P`` rows, rank ``r`` taking the ``r``-th balanced slice of each
-and DataLoader worker ``w`` every ``W``-th batch, so the batches do not depend on the number
-of ranks or workers (:func:`loader_batches`).
+That is ``share="rows"`` (``sample`` and ``views`` rows). Token stores share an epoch by *global
+batches* (``share="batches"``): the windows of rank 0 of 1 cut into batches of ``B * P`` rows, rank
+``r`` taking the ``r``-th balanced slice of each and worker ``w`` every ``W``-th batch, so the batches
+do not depend on the number of ranks or workers.
 """
 
 from __future__ import annotations
@@ -60,7 +53,6 @@ def split(total: int, parts: int, i: int) -> tuple[int, int]:
     return i * total // parts, (i + 1) * total // parts
 
 
-
 def chunk_order(num_chunks: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """Global chunk ids in this epoch's stream order."""
     if not shuffle:
@@ -83,15 +75,11 @@ def worker_batch_counts(total: int, batch_size: int, rank: int, world: int, work
 
 
 def resume_point(counts: Sequence[int] | np.ndarray, k: int) -> tuple[np.ndarray, int]:
-    """Where each worker stands after the loop has consumed ``k`` batches.
+    """The batches taken from each worker after the loop consumed ``k``, and the worker due next.
 
-    A DataLoader delivers batches round-robin from workers 0, 1, ..., W-1,
-    skipping exhausted workers: after ``j`` full rounds worker ``w`` has given
-    ``min(counts[w], j)``; the remainder comes from the first workers still going.
-    Returns the batches taken from each worker and the worker due next. A new
-    DataLoader starts its round-robin at worker 0, so resumed DataLoader worker
-    ``p`` must serve stream ``(next + p) % W`` for the order to continue unchanged
-    (a rotation of the cycle visits the workers in the same order).
+    A DataLoader takes batches round-robin from workers 0, 1, ..., W-1, skipping exhausted ones:
+    after ``j`` full rounds worker ``w`` has given ``min(counts[w], j)``, the rest comes from the
+    first workers still going.
     """
     counts = np.asarray(counts, dtype=np.int64)
     if not 0 <= k <= int(counts.sum()):
@@ -112,12 +100,8 @@ def resume_point(counts: Sequence[int] | np.ndarray, k: int) -> tuple[np.ndarray
 
 def plan_windows(sizes: np.ndarray, order: np.ndarray, lo: int, hi: int, window_chunks: int,
                  skip: int = 0) -> tuple[list[Window], int]:
-    """Windows of stream rows ``[lo, hi)``, minus the first ``skip`` rows.
-
-    ``sizes[g]`` is the number of rows of global chunk ``g``. Returns the windows
-    still (partly) needed and how many rows of the first one are already consumed;
-    windows wholly inside the skipped prefix are dropped without being read.
-    """
+    """The windows of stream rows ``[lo, hi)`` still (partly) needed after the first ``skip`` rows, and how
+    many rows of the first one are consumed (``sizes[g]``: the rows of global chunk ``g``)."""
     if hi <= lo:
         return [], 0
     cum = np.concatenate([[0], np.cumsum(sizes[order])]).astype(np.int64)
@@ -148,11 +132,8 @@ def window_perm(rows: int, *, shuffle: bool, seed: int, epoch: int, rank: int, w
 
 
 def batch_pieces(window_rows: Sequence[int], batch_size: int, skip: int = 0) -> Iterator[list[tuple[int, int, int]]]:
-    """Cut a stream of windows into batches: each batch is a list of (window, a, b) pieces.
-
-    Rows ``[a, b)`` are positions in the window's shuffled order; the first
-    ``skip`` rows of window 0 are left out; the last batch may be short.
-    """
+    """Cut a stream of windows into batches of (window, a, b) pieces: rows ``[a, b)`` of the window's shuffled
+    order, without the first ``skip`` rows of window 0; the last batch may be short."""
     pieces: list[tuple[int, int, int]] = []
     need = batch_size
     for w, rows in enumerate(window_rows):
@@ -172,11 +153,8 @@ def batch_pieces(window_rows: Sequence[int], batch_size: int, skip: int = 0) -> 
 def chunk_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, seed: int, epoch: int,
                   shuffle: bool, rank: int, world: int, worker: int, workers: int,
                   skip_batches: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Each batch one (rank, worker) stream yields, as the global chunk and the row within it of every row.
-
-    A window's shuffled rows are computed when its first batch is, so an epoch of any size
-    costs the index math of one window at a time, and a batch is slices of it (no I/O).
-    """
+    """Each batch one (rank, worker) stream yields, as the global chunk and the row within it of every row
+    (the index math of one window at a time, whatever the epoch's size)."""
     order = chunk_order(len(sizes), seed=seed, epoch=epoch, shuffle=shuffle)
     lo, hi = worker_range(int(sizes.sum()), batch_size, rank, world, worker, workers)
     windows, offset = plan_windows(sizes, order, lo, hi, window_chunks, skip_batches * batch_size)
@@ -213,15 +191,8 @@ def batches_per_epoch(total: int, batch_size: int, rank: int, world: int, share:
 def loader_batches(sizes: np.ndarray, *, share: str, batch_size: int, window_chunks: int, seed: int, epoch: int,
                    shuffle: bool, rank: int, world: int, worker: int, workers: int,
                    done: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Each batch DataLoader worker ``worker`` of ``workers`` yields for ``rank``, after the loop has consumed
-    ``done`` batches of the epoch, as in :func:`chunk_batches`.
-
-    ``share="rows"``: rank ``r`` streams rows ``[r*T//P, (r+1)*T//P)`` of the epoch stream, its workers
-    balanced runs of its batches (steps 2-4 of the module doc). ``share="batches"``: one stream of
-    global batches of ``batch_size * world`` rows (the windows of rank 0 of 1), rank ``r`` taking the
-    ``r``-th balanced slice of each and worker ``w`` the global batches ``done + w, done + w + W, ...``:
-    the batches a rank sees then do not depend on the world size or the number of workers.
-    """
+    """Each batch DataLoader worker ``worker`` of ``workers`` yields for ``rank`` after the loop consumed ``done``
+    batches of the epoch, as in :func:`chunk_batches`, shared by ``rows`` or by global ``batches`` (module doc)."""
     kw = {"window_chunks": window_chunks, "seed": seed, "epoch": epoch, "shuffle": shuffle}
     if share == "rows":
         counts = worker_batch_counts(int(sizes.sum()), batch_size, rank, world, workers)
@@ -238,11 +209,8 @@ def loader_batches(sizes: np.ndarray, *, share: str, batch_size: int, window_chu
 
 
 class EpochState:
-    """``set_epoch`` / ``state_dict`` / ``load_state_dict`` of a streaming dataset (mix-in).
-
-    The dataset has ``epoch``, ``seed``, ``_resume`` (``(epoch, batches_done)`` or None) and
-    ``len()`` (batches this rank yields per epoch); its iterator skips what ``_resume`` says.
-    """
+    """``set_epoch`` / ``state_dict`` / ``load_state_dict`` of a streaming dataset (mix-in): its iterator skips
+    what ``_resume`` (``(epoch, batches_done)`` or None) says; ``len()`` is the batches a rank yields per epoch."""
 
     epoch: int
     seed: int

@@ -1,10 +1,8 @@
 """What training needs from a store beyond its batches: the loss check and the views replay.
 
-- :func:`check_loss`: the loss a run uses on a layout (``--loss`` or the layout's
-  ``default_loss``), refused when it does not fit the layout's targets.
-- :func:`replay_op`: a views store's recorded augmentation, built from its spec (built-in
-  ops only: a store is data, and code it names is never imported), which the trainer
-  applies on the device to each batch's inputs with its ``view_params``.
+:func:`check_loss` refuses a loss that does not fit a layout's targets; :func:`replay_op` builds a
+views store's recorded augmentation (built-in ops only: code a store names is never imported), which
+the trainer applies on the device to each batch's inputs with their ``view_params``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,13 @@
 """The student trainer: one loop for classifiers and language models, from stores or on hard labels.
 
-:func:`train` picks the *task* the config describes (:mod:`softlabels.student.classifier`:
-``sample``/``views`` stores, or the labels of ``--data``; :mod:`softlabels.student.language`:
-a ``tokens`` store, or token data alone) and runs it: the task owns the data, the student and
-the loss of one batch; everything else is here, the same for both. Under ``torchrun`` the
-student is wrapped in DDP and each rank streams its share of the batches; only rank 0 writes
-files or prints. See :mod:`softlabels.student.checkpoint` for ``--out``.
-
-Ranks may hold one batch more or less than each other (or an empty slice of the last global
-batch). Every rank therefore runs the same number of optimizer steps per epoch: a rank out
-of data repeats its last batch with loss weight 0. DDP's ``Join`` would instead skip the
-optimizer step on the early rank, so Adam's moments and the LR schedule would drift apart
-between ranks; with equal step counts the weights stay bit-identical.
+:func:`train` runs the *task* the config describes (:mod:`~softlabels.student.classifier`: ``sample``/
+``views`` stores or labeled ``--data``; :mod:`~softlabels.student.language`: a ``tokens`` store or token
+data alone), which owns the data, the student and the loss of one batch; the rest is here. Under
+``torchrun`` the student is wrapped in DDP, each rank streams its share of the batches, and only rank
+0 writes files (:mod:`softlabels.student.checkpoint`) or prints. Every rank runs the same number of
+optimizer steps per epoch, a rank out of data repeating its last batch with loss weight 0: with
+DDP's ``Join`` the early rank would skip steps, and Adam's moments and the LR schedule would drift
+apart between ranks.
 """
 
 from __future__ import annotations
@@ -34,12 +30,11 @@ from softlabels._runtime.progress import progress_bar, wants_bar
 from softlabels.errors import CheckpointError, ConfigError, DataError, NonFiniteOutputs, StoreMismatch
 from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
-from softlabels.store.defaults import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from softlabels.student import checkpoint as ckpt_io
 from softlabels.student.config import TrainConfig
 from softlabels.student.trainutil import lr_factor, weights_digest
 
-__all__ = ["TrainConfig", "train", "weights_digest", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA"]
+__all__ = ["TrainConfig", "train", "weights_digest"]
 
 # options that must equal the checkpoint's for --resume to continue the same run (each task adds its
 # own; the stores are compared by identity, not path: see store_identity)
@@ -52,12 +47,10 @@ def train(config: TrainConfig, *, teacher: nn.Module | None = None, log: Callabl
           student: nn.Module | None = None) -> dict[str, Any]:
     """Train the student described by ``config``; return the run summary (also in ``summary.json``).
 
-    ``teacher``: run this module live on each batch's inputs and use its logits instead
-    of the store's (online distillation of a classifier; for tests and benchmarks). ``log``
-    receives progress lines (rank 0 only). ``on_epoch_end(record)`` is called on every rank
-    after each epoch's checkpoint is written; an exception there stops training. ``student``:
-    train this classifier (e.g. a pruned one, see :mod:`softlabels.evaluation.compression`)
-    instead of building ``config.student``, which then only names it in the run.
+    ``teacher``: distil from this module's logits on each batch (online, a classifier). ``log``: progress
+    lines (rank 0). ``on_epoch_end(record)``: called on every rank after each epoch's checkpoint; an
+    exception there stops training. ``student``: train this classifier (a pruned one, say) instead of
+    building ``config.student``, which then only names it.
     """
     from softlabels.student.language import is_language_run
 
@@ -130,12 +123,12 @@ class _Run:
             self._check_resume(self.state["config"])
 
     def _check_resume(self, old: dict[str, Any]) -> None:
-        keys = (*RESUME_KEYS, *self.task.resume_keys)
-        if not isinstance(old.get("store_identity"), list):  # runs before stores had an identity: their paths
-            keys = ("stores", *keys)
-        diffs = [f"{k}: {old.get(k)!r} -> {self.run_config[k]!r}" for k in keys if old.get(k) != self.run_config[k]]
-        diffs += [f"{k}: {old.get(k, v)!r} -> {self.run_config[k]!r}"  # options added later: their default then
-                  for k, v in self.task.resume_defaults.items() if old.get(k, v) != self.run_config[k]]
+        # each key with its value in runs from before it existed; runs before stores had an identity: their paths
+        keys = dict.fromkeys((*RESUME_KEYS, *self.task.resume_keys)) | self.task.resume_defaults
+        if not isinstance(old.get("store_identity"), list):
+            keys = {"stores": None, **keys}
+        diffs = [f"{k}: {old.get(k, v)!r} -> {self.run_config[k]!r}" for k, v in keys.items()
+                 if old.get(k, v) != self.run_config[k]]
         if isinstance(old.get("store_identity"), list):
             _check_same_stores(old["store_identity"], self.run_config["store_identity"], self.config.out)
         if diffs:
@@ -308,13 +301,10 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 def _check_same_stores(old: list[dict[str, Any]], new: list[dict[str, Any]], out: str) -> None:
     """--resume: the stores must be the ones the run trained on (same teacher, dtype, layout, bytes)."""
     diffs = [] if len(old) == len(new) else [f"{len(old)} store(s) in the run, {len(new)} given"]
-    for i, (a, b) in enumerate(zip(old, new)):
-        flat_a, flat_b = _flat(a), _flat(b)
-        for key in sorted(set(flat_a) | set(flat_b)):
-            x, y = flat_a.get(key), flat_b.get(key)
-            if x != y:
-                diffs.append(f"store {i + 1}: " + ("checksums differ" if key == "checksums_sha256" else
-                                                    f"{key} {x!r} -> {y!r}"))
+    for i, (a, b) in enumerate(zip(map(_flat, old), map(_flat, new))):
+        diffs += [f"store {i + 1}: checksums differ" if k == "checksums_sha256" else
+                  f"store {i + 1}: {k} {a.get(k)!r} -> {b.get(k)!r}"
+                  for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diffs:
         raise StoreMismatch(f"--resume: the stores are not the ones the run in {str(out)!r} trained on "
                             f"({'; '.join(diffs)}); pass those stores, or --overwrite to start a new run")

@@ -1,11 +1,10 @@
-"""Pieces of the student trainer: hard-label batches, the LR schedule, a weights digest.
-"""
+"""Pieces of the student trainer: the task base, hard-label batches, the LR schedule, a weights digest."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,12 +15,8 @@ from softlabels.inputs.arrays import all_labels
 
 
 class IndexBatches(Dataset):
-    """Batches of rows of one or more InputDatasets, shuffled per epoch, this rank's share.
-
-    Item ``i`` is batch ``i`` of the epoch: whole index blocks through ``get_batch``
-    (one vectorised read each), so it also runs in DataLoader workers. ``sample_ids``
-    are the rows' indices over all the datasets (what ``--augment`` draws views from).
-    """
+    """Batches of rows of one or more InputDatasets, shuffled per epoch, this rank's share: item ``i`` is batch
+    ``i``, one ``get_batch`` per dataset; ``sample_ids`` index the rows over all the datasets (for ``--augment``)."""
 
     def __init__(self, datasets: list, *, labeled_only: bool, batch_size: int, seed: int, rank: int,
                  world: int) -> None:
@@ -45,10 +40,10 @@ class IndexBatches(Dataset):
         ids = self.share[i * self.batch_size:(i + 1) * self.batch_size]
         if len(self.datasets) == 1:
             x, y = self.datasets[0].get_batch(ids)
-            return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
-        which = np.searchsorted(self.offsets, ids, side="right") - 1
-        x, y = join_rows(len(ids), [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
-                                    for j in range(len(self.datasets)) if (m := which == j).any()])
+        else:
+            which = np.searchsorted(self.offsets, ids, side="right") - 1
+            x, y = join_rows(len(ids), [(m, self.datasets[j].get_batch(ids[m] - self.offsets[j]))
+                                        for j in range(len(self.datasets)) if (m := which == j).any()])
         return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
 
 
@@ -59,6 +54,43 @@ def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]) 
         for o, t in zip(out, tensors):
             o[torch.from_numpy(m)] = t
     return out
+
+
+class Task:
+    """What :mod:`softlabels.student.trainer` asks of a task besides its data, student and loss; the defaults."""
+
+    env: Any
+    stores: list
+
+    @staticmethod
+    def problems(config: Any, *, online: bool = False) -> list[str]:
+        """Every invalid option of ``config`` for this task (empty when all are valid)."""
+        return config.problems(online=online)
+
+    @staticmethod
+    def empty(batch: dict[str, Any]) -> bool:
+        """Whether this rank's batch holds no rows (a zero-weight step then keeps the ranks in lockstep)."""
+        return False
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the run's device."""
+        return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def validate(self, record: dict[str, Any]) -> None:
+        """Add validation metrics to an epoch's record (rank 0)."""
+
+    def export(self, out: str) -> None:
+        """Write the student's other forms beside ``model.pt``."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the task adds to ``summary.json``."""
+        return {}
+
+    def close(self) -> None:
+        """Close the task's stores."""
+        for s in self.stores:
+            s.close()
 
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -82,12 +114,8 @@ def weights_digest(model: nn.Module) -> str:
 
 def distillation_settings(temperature: float | None, alpha: float | None, stores: list,
                           log: Callable[[str], None] | None) -> tuple[float, float]:
-    """T and alpha for distilling from ``stores`` (empty: an online teacher's dense logits).
-
-    Given values are kept; missing ones are the store kind's defaults
-    (:func:`softlabels.store.defaults.choose`), and the choice is logged. T is then checked
-    against every store: one it does not answer exactly is refused in one line.
-    """
+    """T and alpha for distilling from ``stores`` (empty: an online teacher's dense logits): given values, else
+    the store kind's defaults (logged); a T that a store does not answer exactly is refused in one line."""
     from softlabels.store.defaults import choose
     from softlabels.store.temperatures import intersect
 
