@@ -219,6 +219,29 @@ def test_fused_dense_kl_and_ce_equal_plain(temperature: float, with_labels: bool
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [0.25, 0.5, 2.0, 4.0, 0.7, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_kl_and_ce_bit_identical_to_division(temperature: float, dtype: torch.dtype) -> None:
+    """A power-of-two T multiplies by 1 / T: values and gradients keep every bit of the plain ops' x / T."""
+    s0, t = logits(64, 100, seed=30, dtype=dtype), logits(64, 100, seed=31, dtype=torch.float16)
+    t[3, 7] = -torch.inf
+    labels = torch.randint(-1, 100, (64,), generator=torch.Generator().manual_seed(32))
+    s = s0.clone().requires_grad_()
+    kl, ce = kd.dense_kl_and_ce(s, DenseTarget(t), labels, temperature)
+    (got,) = torch.autograd.grad(kl.sum() * 0.3 + ce.sum(), s)
+    s2 = s0.clone().requires_grad_()
+    x = s2.float()
+    lq = F.log_softmax(x / temperature, -1)
+    lp = F.log_softmax(t.float() / temperature, -1).clamp_min(torch.finfo(torch.float32).min)
+    kl2 = F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
+    ce2 = F.nll_loss(F.log_softmax(x, -1), labels, ignore_index=-1, reduction="none")
+    (want,) = torch.autograd.grad(kl2.sum() * 0.3 + ce2.sum(), s2)
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16}
+    assert torch.equal(kl.view(torch.int32), kl2.view(torch.int32))
+    assert torch.equal(ce.view(torch.int32), ce2.view(torch.int32))
+    assert got.dtype == dtype and torch.equal(got.view(bits[dtype]), want.view(bits[dtype]))
+
+
 def batch_for(name: str, t: torch.Tensor, temperature: float = 1.0) -> dict:
     target = {"topk_kl": lambda: topk_target(t, 3),
               "sampled_kl": lambda: sampled_target(t, 8, temperature=temperature)}.get(

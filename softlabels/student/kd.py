@@ -204,14 +204,24 @@ def dense_kl_and_ce(s: Tensor, target: DenseTarget, labels: Tensor | None, tempe
         return _DenseKD.apply(s, teacher, labels, float(temperature), block)
     dt = compute_dtype(s)
     x = s.to(dt)
-    lq = torch.log_softmax(x if temperature == 1 else x / temperature, -1)
-    lp = torch.log_softmax(teacher.to(dt) / temperature, -1).clamp_min(torch.finfo(dt).min)
+    lq = torch.log_softmax(_over(x, temperature), -1)
+    lp = torch.log_softmax(_over(teacher.to(dt), temperature), -1).clamp_min_(torch.finfo(dt).min)
     # the fused kl_div is ~30% faster than an explicit select; the clamp keeps 0 log 0 = 0 for -inf logits
     kl = F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
     if labels is None:
         return kl, torch.zeros_like(kl)
     lq1 = lq if temperature == 1 else torch.log_softmax(x, -1)
     return kl, F.nll_loss(lq1, labels.long(), ignore_index=-1, reduction="none")
+
+
+def _over(x: Tensor, temperature: float) -> Tensor:
+    """x / T. A power-of-two T (2^-60..2^60) multiplies by 1 / T instead: the same bits (both round the
+    same real number; so do their gradients, grad / T and grad * (1 / T)), and a CPU multiplies
+    [256, 100] floats in two thirds of a division's time."""
+    if temperature == 1:
+        return x
+    mantissa, exponent = math.frexp(temperature)
+    return x * (1 / temperature) if mantissa == 0.5 and abs(exponent) <= 60 else x / temperature
 
 
 # -- sparse targets: stored support plus one tail bucket -------------------------------------------

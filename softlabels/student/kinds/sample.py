@@ -174,15 +174,20 @@ class Slots:
 
 def _inputs(ids: np.ndarray, source: np.ndarray, stores: list, data: list) -> torch.Tensor:
     """The batch's inputs, joined by sample id (one vectorised read per source)."""
-    for s in np.unique(source):
-        ids_s, n = ids[source == s], len(data[s])
-        if len(ids_s) and (int(ids_s.min()) < 0 or int(ids_s.max()) >= n):
-            raise DataError(f"{stores[s].path} refers to sample id {int(ids_s.max())} but the data has {n} items; "
-                            "pass the --data the store was generated from")
-    if len(data) == 1:
+    if len(data) == 1:  # one source, the common case: no split by source (np.unique was a third of the join)
+        _check_ids(ids, stores[0], len(data[0]))
         return data[0].get_batch(ids)[0]
+    for s in np.unique(source):
+        _check_ids(ids[source == s], stores[s], len(data[s]))
     parts = [(m, data[s].get_batch(ids[m])[:1]) for s in np.unique(source) for m in (source == s,)]
     return join_rows(len(ids), parts)[0]
+
+
+def _check_ids(ids: np.ndarray, store: Any, n: int) -> None:
+    """Refuse sample ids the data does not have (a store generated from other data)."""
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise DataError(f"{store.path} refers to sample id {int(ids.max())} but the data has {n} items; "
+                        "pass the --data the store was generated from")
 
 
 def spread_views(batch: dict[str, Any], k: int, layout: Any) -> dict[str, Any]:
