@@ -39,7 +39,8 @@ class GenerateConfig:
     ``num_classes`` left ``None`` is the teacher's output width; ``progress=None``
     shows a bar on a terminal and periodic one-line progress otherwise. ``layout=None``
     is ``dense``, or ``topk`` with K = 5 for views (docs/VIEWS.md). ``samples=None`` with
-    ``layout="sampled"`` is :data:`DEFAULT_SAMPLES`.
+    ``layout="sampled"`` is :data:`DEFAULT_SAMPLES`. ``threads`` sets torch's CPU threads (0: torch's
+    default). A built-in teacher needs ``weights``, or ``random_teacher`` (seeded by ``seed``, recorded).
     """
 
     teacher: str
