@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from softlabels.errors import ConfigError
+from softlabels.errors import ConfigError, CorruptStore
 from softlabels.store.layouts.targets import (
     DenseTarget,
     SampledTarget,
@@ -230,10 +230,8 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
         drawn = x.valid.sum(-1)
         left = (-torch.expm1(lp.logsumexp(-1).clamp_max(0))).clamp_min(0)
         spread = torch.log(left) - torch.log((num_classes - drawn).clamp_min(1).to(_F64))
-        srt_i, perm_i = torch.where(x.valid, x.ids.long(), torch.full_like(x.ids.long(), -1)).sort(-1)
-        pos = torch.searchsorted(srt_i, u_ids).clamp_max(srt_i.shape[1] - 1)
-        hit = srt_i.gather(1, pos) == u_ids
-        mix.append(torch.where(hit, lp.gather(1, perm_i.gather(1, pos)), spread[:, None].expand(rows, u_ids.shape[1])))
+        drawn_ids = torch.where(x.valid, x.ids.long(), torch.full_like(x.ids.long(), -1))  # padding never matches
+        mix.append(_lookup(u_ids, drawn_ids, lp, spread)[0])
     logits = torch.logsumexp(torch.stack(mix) + w.log()[:, None, None], 0)
     # the layout's order: count descending, ties by id; padding (count 0) last with id 0, logit 0
     u_counts = torch.where(valid, u_counts, torch.zeros_like(u_counts))
@@ -259,8 +257,6 @@ def _made_at(meta: object, where: str) -> float | None:
         return None
     made = ensemble.get("temperature")
     if isinstance(made, bool) or not isinstance(made, (int, float)) or not math.isfinite(made) or made <= 0:
-        from softlabels.errors import CorruptStore
-
         raise CorruptStore(f"{where}: its teacher.ensemble.temperature is {made!r}, not a finite number > 0; merge the "
                            "stores again")
     return float(made)
