@@ -10,6 +10,7 @@ import torch
 
 from softlabels.errors import CorruptStore
 from softlabels.store import format as fmt
+from softlabels.store.backend import open_backend
 from softlabels.store.layouts import Layout
 from softlabels.store.reader import open_store
 
@@ -46,7 +47,7 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
             "num_samples": meta.num_samples,
             "num_classes": meta.num_classes,
             "topk": meta.layout_params.get("k") if meta.layout == "topk" else None,
-            "temperatures": _temperatures(meta),
+            "temperatures": None if (ts := meta.temperatures()) is None else [float(t) for t in ts],
             "chunk_rows": meta.chunk_samples,
             "num_chunks": meta.num_units,
             "shard_rows": meta.chunk_samples * shard if shard > 1 else None,
@@ -137,8 +138,6 @@ def diff_stores(a: str | Path, b: str | Path, *, ignore: tuple[str, ...] = ("tim
     Keys named in ``ignore`` are dropped from ``created_by`` before comparing (by
     default the timings, which differ from run to run). Partial stores compare too.
     """
-    from softlabels.store.backend import open_backend
-
     found: list[str] = []
     sides = []
     for path in (a, b):
@@ -163,9 +162,3 @@ def diff_stores(a: str | Path, b: str | Path, *, ignore: tuple[str, ...] = ("tim
             rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1)) if x.shape == y.shape else []
             found.append(f"array {name} differs" + (f" in rows {fmt.chunk_list(rows)}" if len(rows) else ""))
     return found
-
-
-def _temperatures(meta: Any) -> list[float] | None:
-    """The distillation temperatures the store answers exactly (None: every T)."""
-    t = meta.temperatures()
-    return None if t is None else [float(x) for x in t]
