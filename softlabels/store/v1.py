@@ -23,6 +23,7 @@ from softlabels.errors import CorruptStore, UnsupportedFormat
 from softlabels.store import format as fmt
 from softlabels.store.backend import Backend
 from softlabels.store.handle import ReadHandle
+from softlabels.store.positions import SamplePositions
 from softlabels.store.schema import StoreMetaV2, check_unit
 
 __all__ = ["V1Store"]
@@ -108,8 +109,6 @@ class V1Store(ReadHandle):
     _fix = _FIX
 
     def _open(self, b: Backend) -> None:
-        from softlabels.store.positions import SamplePositions
-
         attrs = b.attrs()
         if attrs.get("softlabels_format") != 1:
             raise UnsupportedFormat(f"softlabels format version {attrs.get('softlabels_format')!r} is not 1; open "

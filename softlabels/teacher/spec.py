@@ -178,8 +178,9 @@ def _read_state_dict(path: str, allow_pickle: bool) -> Mapping[str, Any]:
     return obj
 
 
-def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -> None:
-    """Strictly load the weights in ``path`` into ``module``; ModelMismatch if they do not fit."""
+def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -> str:
+    """Strictly load the weights in ``path`` into ``module`` and return their sha256; ModelMismatch if they
+    do not fit."""
     given = dict(_read_state_dict(path, allow_pickle))
     expected = module.state_dict()
     if given and all(k.startswith("module.") for k in given) and not any(k in expected for k in given):
@@ -203,6 +204,7 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
     if problems:
         raise ModelMismatch(f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
                             "pass weights saved from this architecture")
+    return sha256_file(path)
 
 
 def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: int | None,
@@ -259,8 +261,7 @@ def resolve_model(spec: str, *, input_shape: tuple[int, ...], num_classes: int,
         raise SpecError(f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "
                         "a package.module:factory, a TorchScript file or a .pt2 torch.export file")
     if weights is not None:
-        _load_weights(module, str(weights), spec, allow_pickle)
-        digest = sha256_file(weights)
+        digest = _load_weights(module, str(weights), spec, allow_pickle)
     if kind != "export":  # exported programs refuse eval(); they keep the mode they were exported in
         module.eval()
     return ModelInfo(module, spec, kind, digest, count_parameters(module))

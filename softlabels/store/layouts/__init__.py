@@ -10,6 +10,7 @@ module with a :class:`Layout` subclass and one entry in :data:`LAYOUTS`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from softlabels.errors import ConfigError
@@ -55,7 +56,5 @@ def make_layout(name: str, *, num_classes: int, logits_dtype: str = "float32", *
 
 
 def _params(cls: type[Layout]) -> str:
-    import dataclasses
-
     names = [f.name for f in dataclasses.fields(cls) if f.name not in ("num_classes", "logits_dtype")]
     return ", ".join(names) or "no parameters besides num_classes and logits_dtype"
