@@ -211,32 +211,25 @@ def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: in
                     weights: str | os.PathLike[str] | None = None, allow_pickle: bool = False) -> int | None:
     """The class count to build teacher ``spec`` for, before it runs.
 
-    A built-in with weights: the width its weights were saved with (so unlabeled data
-    needs no class count); a built-in without: ``data_classes``. Other teachers are
-    complete models: ``None``, and their output width gives the count.
+    A built-in with weights: the width its weights were saved with, the one parameter dimension
+    that changes with the class count (found by building the model for 1 and 2 classes), so
+    unlabeled data needs no class count; a built-in without, or whose weights lack that
+    parameter: ``data_classes``. Other teachers are complete models: ``None``, and their output
+    width gives the count.
     """
     if spec not in BUILTIN_MODELS:
         return None
     if weights is None:
         return data_classes
-    return _saved_classes(spec, tuple(input_shape), str(weights), allow_pickle) or data_classes
-
-
-def _saved_classes(spec: str, input_shape: tuple[int, ...], weights: str, allow_pickle: bool) -> int | None:
-    """The class count of built-in ``spec``'s weights: the one parameter dimension that changes with
-    it (found by building the model for 1 and 2 classes); None if the file does not hold that parameter."""
-    one = build_model(spec, input_shape, 1).state_dict()
-    two = build_model(spec, input_shape, 2).state_dict()
-    given = dict(_read_state_dict(weights, allow_pickle))
-    for key, a in one.items():
-        if a.shape == two[key].shape:
-            continue
-        dim = next(i for i, (m, n) in enumerate(zip(a.shape, two[key].shape)) if m != n)
-        saved = given.get(key, given.get(f"module.{key}"))  # a DDP state_dict keeps the wrapper's prefix
-        if isinstance(saved, torch.Tensor) and saved.ndim == a.ndim:
-            return int(saved.shape[dim])
-        return None
-    return None
+    one = build_model(spec, tuple(input_shape), 1).state_dict()
+    two = build_model(spec, tuple(input_shape), 2).state_dict()
+    given = dict(_read_state_dict(str(weights), allow_pickle))
+    key, a = next((k, a) for k, a in one.items() if a.shape != two[k].shape)  # every built-in has a class head
+    dim = next(i for i, (m, n) in enumerate(zip(a.shape, two[key].shape)) if m != n)
+    saved = given.get(key, given.get(f"module.{key}"))  # a DDP state_dict keeps the wrapper's prefix
+    if isinstance(saved, torch.Tensor) and saved.ndim == a.ndim:
+        return int(saved.shape[dim]) or data_classes
+    return data_classes
 
 
 def resolve_model(spec: str, *, input_shape: tuple[int, ...], num_classes: int,
