@@ -52,8 +52,7 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
             "num_chunks": meta.num_units,
             "shard_rows": meta.chunk_samples * shard if shard > 1 else None,
             "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
-            "num_positions": (int(meta.tokens["num_positions"]) if meta.positions == "tokens"
-                              else meta.num_samples * views),
+            "num_positions": store.positions.num_positions,
             "bytes_per_position": layout.bytes_per_position,
             "views": dict(meta.views) if meta.views else None,
             "bytes_per_view": (layout.bytes_per_position + np.dtype(meta.views.get("param_dtype", "float32")).itemsize

@@ -1,13 +1,11 @@
 """Format-1 stores, readable forever: :class:`V1Store` presents one through the unit API.
 
-Format 1 (docs/FORMAT.md, appendix) holds one teacher output per sample, ``dense`` or
-``topk``, in chunks of ``chunk_rows`` rows, each with a checksum and a done flag. softlabels
-no longer writes it. :class:`V1Store` reads it as a ``sample`` store of the same layout, with
-the same write units (its chunks, or its Zarr shards) and ``meta`` a
-:class:`~softlabels.store.schema.StoreMetaV2`,
-so training, ``inspect``, ensembles and ``upgrade`` take it like any other store. Opening
-validates the attributes and every array against them (before anything they claim is
-allocated); reading a unit verifies its checksum on request, gives top-k ids in format 2's
+Format 1 (docs/FORMAT.md, appendix) holds one teacher output per sample, ``dense`` or ``topk``, in
+chunks of ``chunk_rows`` rows, each with a checksum and a done flag; softlabels no longer writes it.
+:class:`V1Store` reads it as a ``sample`` store of the same layout and write units, with ``meta`` a
+:class:`~softlabels.store.schema.StoreMetaV2`, so training, ``inspect``, ensembles and ``upgrade`` take
+it like any other store. Opening validates the attributes and every array against them (before anything
+they claim is allocated); reading a unit verifies its checksum on request, gives top-k ids in format 2's
 stored form, and checks the values as format 2's reader does.
 """
 

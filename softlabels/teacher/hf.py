@@ -187,7 +187,6 @@ def _no_pytree_enum_deprecation():
 
 
 def _combined_sha256(files: list[Path]) -> str:
-
     digest = hashlib.sha256()
     for f in files:
         digest.update(f"{f.name}:{sha256_file(f)}|".encode())

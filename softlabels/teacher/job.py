@@ -1,16 +1,11 @@
 """The teacher job: run a teacher once over a dataset and store its raw outputs.
 
-``generate(teacher, data, out, ...)`` checks the options, then the producer of the job's
-position kind resolves the inputs and the teacher (a classifier over samples or their views:
-:func:`softlabels.teacher.classify.classify_producer`; a causal LM over token data:
-:func:`softlabels.teacher.tokens.token_producer`) and runs the teacher on a first tiny batch,
-so a model that does not fit its inputs fails before any store exists. The job runner
-(:func:`softlabels.teacher.runner.run_job`) then writes the store: lock, create or resume
-(only missing write units are computed), repair, ranks under ``torchrun``, status complete
-last. Batches are ``--batch-size`` samples (views: views; tokens: sequences) on one global
-grid whatever the chunk size, so a resumed or multi-rank store is bit-identical to a
-one-shot one (for a deterministic teacher on the same device type; on CPU, BLAS libraries
-may round differently with another thread count).
+``generate(teacher, data, out, ...)`` checks the options, then the producer of the job's position
+kind (a classifier over samples or their views: :func:`softlabels.teacher.classify.classify_producer`;
+a causal LM over token data: :func:`softlabels.teacher.tokens.token_producer`) resolves the inputs and
+the teacher and runs it on a first tiny batch, so a model that does not fit its inputs fails before any
+store exists. :func:`softlabels.teacher.runner.run_job` then writes the store (lock, resume, repair,
+ranks, bit-identical batches: its module docstring).
 """
 
 from __future__ import annotations
