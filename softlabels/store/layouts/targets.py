@@ -94,7 +94,8 @@ class TopKTarget(_Target):
     def tail(self, temperature: float) -> Tensor:
         """[B] the tail's logsumexp of z / T at a grid T (refused off the grid, in one line)."""
         require_temperature(self.temperatures, temperature, "this top-k target", "topk")
-        return self.tails[..., _grid_index(self.temperatures, temperature)]
+        grid = self.temperatures
+        return self.tails[..., min(range(len(grid)), key=lambda i: abs(grid[i] - float(temperature)))]
 
     @property
     def logsumexp(self) -> Tensor:
@@ -180,10 +181,6 @@ class SampledTarget(_Target):
         """The most probable drawn id (by the teacher's exact probability; ids-only: the most drawn)."""
         score = self.log_probs() if self.has_logits else self.counts.float()
         return self.ids.gather(1, score.argmax(-1, keepdim=True)).squeeze(-1)
-
-
-def _grid_index(grid: tuple[float, ...], temperature: float) -> int:
-    return min(range(len(grid)), key=lambda i: abs(grid[i] - float(temperature)))
 
 
 def _spread(logp_k: Tensor, ids: Tensor, num_classes: int) -> Tensor:
