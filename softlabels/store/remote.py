@@ -70,7 +70,7 @@ def with_retries(where: str, call: Callable[[], T]) -> T:
     for attempt in range(budget):
         try:
             return call()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - _backoff re-raises what is not transient
             time.sleep(_backoff(where, attempt, budget, err))
     raise AssertionError("unreachable")
 
@@ -90,7 +90,7 @@ class CachedRetryStore(WrapperStore):
         for attempt in range(budget):
             try:
                 return await call()
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - _backoff re-raises what is not transient
                 await asyncio.sleep(_backoff(self._where, attempt, budget, err))
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:

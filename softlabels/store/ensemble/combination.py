@@ -1,28 +1,13 @@
-"""Combining several teachers' typed targets for the same positions (docs/ENSEMBLES.md).
+"""Combining several teachers' typed targets for the same positions (docs/ENSEMBLES.md derives each rule).
 
-Two rules, each with per-teacher weights w_i (normalised to sum to 1):
-
-* ``arithmetic`` (default): the mean of the teachers' probabilities at a temperature T,
-  p(c) = sum_i w_i softmax(z_i / T)(c) (Hinton et al. 2015; MEAL V2).
-* ``geometric``: the normalised weighted geometric mean, softmax(sum_i w_i log p_i).
-
-A combined target is a target of the *same type* the losses already take, so every
-loss consumes it unchanged:
-
-* dense, arithmetic: logits ``z' = T log sum_i w_i softmax(z_i / T)``, so softmax(z' / T)
-  is the mixture exactly, at T only (training at T' != T sees the mixture raised to T / T');
-* dense, geometric: logits ``z' = sum_i w_i z_i``, exact at every T;
-* top-k: the union of the teachers' ids (filled up to K' = min(sum K_i, C) ids with the
-  smallest ids outside it), each teacher's bucket log-probs at T (its K stored classes and
-  its tail, softened as :mod:`softlabels.student.kd` softens a single top-k target), a class a
-  teacher did not store given that teacher's tail spread evenly over its C - K_i unstored
-  classes; arithmetic values are stored as T-powered logits as for dense (exact over the
-  K' + 1 buckets at T), geometric ones at T = 1;
-* sampled, arithmetic at T = 1 only: the pooled draws, teacher i's counts multiplied by its
-  integer weight — a stratified sample of the mixture, so counts / S' estimate it without
-  bias; the stored logits are log p(c), each teacher's unsampled mass spread evenly over the
-  classes it did not draw (that only enters loss values and reverse-type divergences).
-  The geometric mean has no estimator from draws and is refused.
+Two rules, each with per-teacher weights w_i (normalised to sum to 1): ``arithmetic`` (default), the
+mean of the teachers' probabilities at a temperature T, p(c) = sum_i w_i softmax(z_i / T)(c) (Hinton et
+al. 2015; MEAL V2), and ``geometric``, the normalised weighted geometric mean softmax(sum_i w_i log p_i).
+A combined target is a target of the *same type* the losses already take, so every loss consumes it
+unchanged: dense logits exact at T (geometric: at every T); top-k over the union of the teachers' ids,
+each teacher's unstored classes given its tail spread evenly; sampled, arithmetic at the members' draw
+temperature only, the pooled draws (a stratified sample of the mixture). The geometric mean has no
+estimator from draws and is refused.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ class EnsembleStore(Units):
                   ("have different class counts", ma.num_classes, mb.num_classes,
                    "an ensemble's teachers must predict the same classes; drop the store of the other model"),
                   ("have different position kinds", ma.positions, mb.positions, _SAME_DATA),
-                  ("have different layouts", ma.layout, mb.layout, "combine stores of one layout (dense, topk or "
-                   "sampled); regenerate the odd one out with the others' --layout"),
+                  ("have different layouts", ma.layout, mb.layout, ("combine stores of one layout (dense, topk or "
+                   "sampled); regenerate the odd one out with the others' --layout")),
                   ("have different write units (chunk_samples x shard_chunks)", ma.geometry.unit_samples,
                    mb.geometry.unit_samples, _SAME_UNITS),
                   ("record different views", ma.views, mb.views, _SAME_DATA),
