@@ -194,16 +194,14 @@ class StoreMetaV2:
                                    f"{self.tokens[name]}; regenerate the store")
         return pos
 
-    def _axis(self) -> tuple[int, int, tuple[int, ...]]:
-        """(position-axis length, its chunk, extra leading dims after it) without reading lengths."""
-        if self.positions == "tokens":
-            return int(self.tokens["axis_length"]), int(self.tokens["chunk_positions"]), ()
-        extra = (int(self.views["count"]),) if self.positions == "views" else ()
-        return self.num_samples, self.chunk_samples, extra
-
     def arrays(self) -> dict[str, V2Array]:
         """Every array: per-position (layout order), per-sample, creation-time, bookkeeping."""
-        length, chunk, extra = self._axis()
+        # the position axis (length, chunk, then any extra dims) from the attributes, without reading lengths
+        length, chunk, extra = self.num_samples, self.chunk_samples, ()
+        if self.positions == "tokens":
+            length, chunk = int(self.tokens["axis_length"]), int(self.tokens["chunk_positions"])
+        elif self.positions == "views":
+            extra = (int(self.views["count"]),)
         out: dict[str, V2Array] = {}
         for name, spec in self.layout_obj().arrays().items():
             out[name] = V2Array((length, *extra, *spec.shape), spec.dtype, chunk, "position")

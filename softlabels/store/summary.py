@@ -62,14 +62,12 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
         stats = _Stats(layout)
 
         def add(_unit: int, block: dict[str, np.ndarray]) -> None:
-            if meta.positions == "views":  # every view of a sample is a row with the sample's label
-                n = len(block[fmt.LABELS])
-                block = {**{k: block[k].reshape(n * views, *block[k].shape[2:]) for k in layout.arrays()},
-                         fmt.LABELS: np.repeat(block[fmt.LABELS], views)}
-            elif meta.positions == "tokens":  # labels are per sequence (-1); per-token outputs have none
-                n = len(block[next(iter(layout.arrays()))])
-                block = {**{k: block[k] for k in layout.arrays()}, fmt.LABELS: np.full(n, -1, np.int64)}
-            stats.add(block)
+            rows = {k: block[k].reshape(-1, *s.shape) for k, s in layout.arrays().items()}  # a view is a row
+            if meta.positions == "tokens":  # labels are per sequence (-1); per-token outputs have none
+                labels = np.full(len(next(iter(rows.values()))), -1, np.int64)
+            else:  # every view of a sample is a row with the sample's label
+                labels = np.repeat(block[fmt.LABELS], views)
+            stats.add({**rows, fmt.LABELS: labels})
 
         reasons: dict[int, str] = {}
         if verify:
