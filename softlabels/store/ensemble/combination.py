@@ -143,13 +143,6 @@ def _union_ids(ids: Sequence[Tensor], width: int, num_classes: int) -> Tensor:
     return cand.gather(1, order[:, :width])
 
 
-def _teacher_buckets(t: TopKTarget, temperature: float, num_classes: int) -> tuple[Tensor, Tensor, int]:
-    """The teacher's exact bucket log-probs at T, as the losses see them: ([B, K] stored classes, [B] tail, K)."""
-    k = t.ids.shape[1]
-    lp = t.bucket_log_probs(temperature, num_classes, _F64)
-    return lp[:, :k], lp[:, k], k
-
-
 def _lookup(cand: Tensor, ids: Tensor, lp: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
     """Per candidate id: the teacher's stored log-prob, else ``spread``; and whether it was stored."""
     srt, perm = ids.long().sort(-1)
@@ -167,7 +160,9 @@ def _topk(targets: Sequence[TopKTarget], how: Combination, num_classes: int) -> 
     cand = _union_ids([x.ids for x in targets], width, c)
     per, outside, spreads = [], [], []
     for x in targets:
-        lp, tail, k = _teacher_buckets(x, t, c)
+        k = x.ids.shape[1]  # the teacher's exact bucket log-probs at T, as the losses see them
+        buckets = x.bucket_log_probs(t, c, _F64)
+        lp, tail = buckets[:, :k], buckets[:, k]
         spread = tail - math.log(c - k) if k < c else torch.full_like(tail, -math.inf)
         lpc, hit = _lookup(cand, x.ids, lp, spread)
         per.append(lpc)
