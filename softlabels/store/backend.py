@@ -56,13 +56,12 @@ def backend_kind(path: str | Path, kind: str | None = None) -> BackendKind:
         return "zarr"
     if kind is not None:
         return kind  # type: ignore[return-value]
-    suffix = Path(path).suffix.lower()
+    suffix = path.suffix.lower()
     if suffix in SUFFIXES:
         return SUFFIXES[suffix]
-    p = Path(path)
-    if p.is_dir() and (p / "zarr.json").exists():
+    if path.is_dir() and (path / "zarr.json").exists():
         return "zarr"
-    if p.is_file():
+    if path.is_file():
         return "hdf5"
     raise ConfigError(
         f"cannot tell the store backend of {str(path)!r} from its suffix; "

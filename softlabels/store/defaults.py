@@ -1,15 +1,10 @@
 """The distillation temperature and hard-label weight a store is trained at when none is given.
 
-One source for the trainer, ``merge`` and the command line's help, by store kind:
-
-* dense classifier stores (``sample``/``views`` positions): T = 2, alpha = 0.5, the demo's sweep
-  (docs/EXPERIMENTS.md);
-* token stores and sparse layouts (top-k, sampled): T = the T the store answers exactly (1 when
-  it answers 1, as every default store does; else the smallest it answers) and alpha =
-  :data:`SPARSE_ALPHA`, what tools/experiments/temperature_experiment.py favours
-  (docs/EXPERIMENTS.md, "Temperatures of sparse stores").
-
-Imports nothing, so the command line's ``--help`` stays light.
+One source for the trainer, ``merge`` and the command line's help: dense classifier stores
+(``sample``/``views`` positions) train at :data:`DEFAULT_TEMPERATURE` and :data:`DEFAULT_ALPHA` (the
+demo's sweep); token stores and sparse layouts at the T the store answers exactly (1 when it answers
+1, else the smallest it answers) and :data:`SPARSE_ALPHA` (docs/EXPERIMENTS.md, "Temperatures of
+sparse stores"). Imports nothing, so the command line's ``--help`` stays light.
 """
 
 from __future__ import annotations

@@ -91,13 +91,6 @@ def load_json(raw: bytes | str, *, where: str, fix: str) -> Any:
     raise CorruptStore(f"{where} is damaged ({reason}); {fix}")
 
 
-def load_json_file(path: Any, *, fix: str) -> Any:
-    """:func:`load_json` of a file, reading at most one byte past the limit."""
-    with open(path, "rb") as f:
-        raw = f.read(MAX_JSON_BYTES + 1)
-    return load_json(raw, where=repr(str(path)), fix=fix)
-
-
 # object-valued root attributes of either version: JSON strings in HDF5
 JSON_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by", "layout_params", "views", "tokens")
 
@@ -108,16 +101,6 @@ class ArraySpec:
 
     shape: tuple[int, ...]
     dtype: np.dtype
-
-
-def decode_logits(stored: np.ndarray, logits_dtype: str):
-    """Stored logits as a torch tensor of the logical dtype (no copy)."""
-    import torch
-
-    t = torch.from_numpy(stored)
-    if logits_dtype == "bfloat16":
-        return t.view(torch.int16).view(torch.bfloat16)
-    return t
 
 
 def checksum_of(parts: Iterable[np.ndarray], algorithm: str = "crc32") -> int:

@@ -74,7 +74,11 @@ class StoreLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                holder = _read_pid(self.path)
+                try:
+                    pid = self.path.read_text().strip()
+                except OSError:
+                    pid = ""
+                holder = f" (pid {pid})" if pid.isdigit() else ""
                 raise StoreLocked(
                     f"{str(self.store)!r} is being written by another job{holder} (lock {str(self.path)!r}); "
                     "wait for it to finish or stop it, then rerun"
@@ -113,11 +117,3 @@ class StoreLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _read_pid(path: Path) -> str:
-    try:
-        pid = path.read_text().strip()
-    except OSError:
-        return ""
-    return f" (pid {pid})" if pid.isdigit() else ""

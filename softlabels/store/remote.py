@@ -52,14 +52,16 @@ def is_transient(err: BaseException) -> bool:
     return type(err) is OSError  # s3fs's translation of a 5xx, SlowDown, ... (others are subclasses)
 
 
-def _delay(attempt: int) -> float:
+def _backoff(where: str, attempt: int, budget: int, err: Exception) -> float:
+    """The delay before retrying after ``err`` failed attempt ``attempt``; raises when there is no retry."""
+    if not is_transient(err):
+        raise err
+    if attempt + 1 == budget:
+        reason = " ".join(str(err).split())[:120]
+        raise StorageUnavailable(f"{where}: object storage failed {budget} times in a row ({type(err).__name__}: "
+                                 f"{reason}); it is unavailable or overloaded: rerun the same command later, it "
+                                 "resumes") from None
     return min(5.0, 0.2 * 2 ** attempt)
-
-
-def _give_up(where: str, attempts: int, err: BaseException) -> StorageUnavailable:
-    reason = " ".join(str(err).split())[:120]
-    return StorageUnavailable(f"{where}: object storage failed {attempts} times in a row ({type(err).__name__}: "
-                              f"{reason}); it is unavailable or overloaded: rerun the same command later, it resumes")
 
 
 def with_retries(where: str, call: Callable[[], T]) -> T:
@@ -68,12 +70,8 @@ def with_retries(where: str, call: Callable[[], T]) -> T:
     for attempt in range(budget):
         try:
             return call()
-        except Exception as err:
-            if not is_transient(err):
-                raise
-            if attempt + 1 == budget:
-                raise _give_up(where, budget, err) from None
-            time.sleep(_delay(attempt))
+        except Exception as err:  # noqa: BLE001 - _backoff re-raises what is not transient
+            time.sleep(_backoff(where, attempt, budget, err))
     raise AssertionError("unreachable")
 
 
@@ -92,12 +90,8 @@ class CachedRetryStore(WrapperStore):
         for attempt in range(budget):
             try:
                 return await call()
-            except Exception as err:
-                if not is_transient(err):
-                    raise
-                if attempt + 1 == budget:
-                    raise _give_up(self._where, budget, err) from None
-                await asyncio.sleep(_delay(attempt))
+            except Exception as err:  # noqa: BLE001 - _backoff re-raises what is not transient
+                await asyncio.sleep(_backoff(self._where, attempt, budget, err))
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         cache = self._cache if byte_range is None and not key.endswith("zarr.json") else None

@@ -9,7 +9,6 @@ through :mod:`softlabels.store.v1`, which presents it in these terms.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -27,6 +26,7 @@ from softlabels.store.positions import (
 )
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS, token_attr_problems
 from softlabels.store.positions.views import PARAM_DTYPES, VIEW_PARAMS, view_attr_problems
+from softlabels.store.temperatures import intersect, require_temperature
 
 if TYPE_CHECKING:
     from softlabels.store.layouts import Layout
@@ -133,11 +133,13 @@ class StoreMetaV2:
         return p
 
     def layout_obj(self) -> Layout:
-        """The layout, configured from ``layout_params`` (JSON data: names and integers only)."""
-        from softlabels.store.layouts import make_layout
+        """The layout, configured from ``layout_params`` (JSON data: names and integers only); made once."""
+        if "_layout" not in self.__dict__:  # a cache, not a field: equality and replace() ignore it
+            from softlabels.store.layouts import make_layout
 
-        return make_layout(self.layout, num_classes=self.num_classes, logits_dtype=self.logits_dtype,
-                           **self.layout_params)
+            object.__setattr__(self, "_layout", make_layout(self.layout, num_classes=self.num_classes,
+                                                            logits_dtype=self.logits_dtype, **self.layout_params))
+        return self.__dict__["_layout"]
 
     def temperatures(self) -> tuple[float, ...] | None:
         """The distillation temperatures this store answers exactly (``None``: every T).
@@ -145,8 +147,6 @@ class StoreMetaV2:
         The layout's (top-k: its tail grid, or T = 1 for a store written before the grid; sampled: its
         draw temperature), intersected with the T of a merged arithmetic ensemble.
         """
-        from softlabels.store.temperatures import intersect
-
         return intersect(self.layout_obj().temperatures(), self._ensemble_temperatures())
 
     def _ensemble_temperatures(self) -> tuple[float, ...] | None:
@@ -158,8 +158,6 @@ class StoreMetaV2:
     def require_temperature(self, temperature: float, where: str) -> None:
         """Refuse, in one line naming ``where`` (the store), a T it does not answer exactly (the one check the
         trainer, ``eval``, ``merge`` and the losses share)."""
-        from softlabels.store.temperatures import require_temperature
-
         layout = self.layout_obj()
         require_temperature(layout.temperatures(), temperature, where, layout.temperature_kind)
         require_temperature(self._ensemble_temperatures(), temperature, where, "ensemble")
@@ -196,16 +194,14 @@ class StoreMetaV2:
                                    f"{self.tokens[name]}; regenerate the store")
         return pos
 
-    def _axis(self) -> tuple[int, int, tuple[int, ...]]:
-        """(position-axis length, its chunk, extra leading dims after it) without reading lengths."""
-        if self.positions == "tokens":
-            return int(self.tokens["axis_length"]), int(self.tokens["chunk_positions"]), ()
-        extra = (int(self.views["count"]),) if self.positions == "views" else ()
-        return self.num_samples, self.chunk_samples, extra
-
     def arrays(self) -> dict[str, V2Array]:
         """Every array: per-position (layout order), per-sample, creation-time, bookkeeping."""
-        length, chunk, extra = self._axis()
+        # the position axis (length, chunk, then any extra dims) from the attributes, without reading lengths
+        length, chunk, extra = self.num_samples, self.chunk_samples, ()
+        if self.positions == "tokens":
+            length, chunk = int(self.tokens["axis_length"]), int(self.tokens["chunk_positions"])
+        elif self.positions == "views":
+            extra = (int(self.views["count"]),)
         out: dict[str, V2Array] = {}
         for name, spec in self.layout_obj().arrays().items():
             out[name] = V2Array((length, *extra, *spec.shape), spec.dtype, chunk, "position")
@@ -265,7 +261,7 @@ def unit_checksum(meta: StoreMetaV2, block: Mapping[str, np.ndarray]) -> int:
 
 
 def check_unit(meta: StoreMetaV2, block: Mapping[str, np.ndarray], *, where: str, fix: str,
-               positions: Positions | None = None, layout: Layout | None = None) -> None:
+               positions: Positions | None = None) -> None:
     """The values of a unit as read: labels in -1..C-1, the position kind's per-sample values (sample
     ids, view parameters in their declared ranges), the layout's arrays valid (ids < C, counts sum to S,
     ...); a bad one would crash, or silently skew, a loss. Raises CorruptStore naming ``where``."""
@@ -275,23 +271,10 @@ def check_unit(meta: StoreMetaV2, block: Mapping[str, np.ndarray], *, where: str
                            f"outside -1..{c - 1}; {fix}")
     if positions is not None and (problems := positions.value_problems(block)):
         raise CorruptStore(f"{where} holds invalid {positions.kind} values ({'; '.join(problems)}); {fix}")
-    if layout is None:
-        try:
-            layout = _layout(meta.layout, meta.num_classes, meta.logits_dtype,
-                             tuple(sorted(meta.layout_params.items())))
-        except TypeError:  # a parameter value that cannot be a cache key
-            layout = meta.layout_obj()
+    layout = meta.layout_obj()
     problems = layout.validate({k: block[k].reshape(-1, *s.shape) for k, s in layout.arrays().items()})
     if problems:
         raise CorruptStore(f"{where} holds invalid {layout.name} arrays ({'; '.join(problems)}); {fix}")
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(name: str, num_classes: int, logits_dtype: str, params: tuple) -> Layout:
-    """The layout a unit is checked with, made once per store (not per unit)."""
-    from softlabels.store.layouts import make_layout
-
-    return make_layout(name, num_classes=num_classes, logits_dtype=logits_dtype, **dict(params))
 
 
 def duplicates(ids: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch
 
 from softlabels.errors import CorruptStore
 from softlabels.store import format as fmt
+from softlabels.store.backend import open_backend
 from softlabels.store.layouts import Layout
 from softlabels.store.reader import open_store
 
@@ -46,13 +47,12 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
             "num_samples": meta.num_samples,
             "num_classes": meta.num_classes,
             "topk": meta.layout_params.get("k") if meta.layout == "topk" else None,
-            "temperatures": _temperatures(meta),
+            "temperatures": None if (ts := meta.temperatures()) is None else [float(t) for t in ts],
             "chunk_rows": meta.chunk_samples,
             "num_chunks": meta.num_units,
             "shard_rows": meta.chunk_samples * shard if shard > 1 else None,
             "missing_chunks": [int(i) for i in np.flatnonzero(~done)],
-            "num_positions": (int(meta.tokens["num_positions"]) if meta.positions == "tokens"
-                              else meta.num_samples * views),
+            "num_positions": store.positions.num_positions,
             "bytes_per_position": layout.bytes_per_position,
             "views": dict(meta.views) if meta.views else None,
             "bytes_per_view": (layout.bytes_per_position + np.dtype(meta.views.get("param_dtype", "float32")).itemsize
@@ -62,14 +62,12 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
         stats = _Stats(layout)
 
         def add(_unit: int, block: dict[str, np.ndarray]) -> None:
-            if meta.positions == "views":  # every view of a sample is a row with the sample's label
-                n = len(block[fmt.LABELS])
-                block = {**{k: block[k].reshape(n * views, *block[k].shape[2:]) for k in layout.arrays()},
-                         fmt.LABELS: np.repeat(block[fmt.LABELS], views)}
-            elif meta.positions == "tokens":  # labels are per sequence (-1); per-token outputs have none
-                n = len(block[next(iter(layout.arrays()))])
-                block = {**{k: block[k] for k in layout.arrays()}, fmt.LABELS: np.full(n, -1, np.int64)}
-            stats.add(block)
+            rows = {k: block[k].reshape(-1, *s.shape) for k, s in layout.arrays().items()}  # a view is a row
+            if meta.positions == "tokens":  # labels are per sequence (-1); per-token outputs have none
+                labels = np.full(len(next(iter(rows.values()))), -1, np.int64)
+            else:  # every view of a sample is a row with the sample's label
+                labels = np.repeat(block[fmt.LABELS], views)
+            stats.add({**rows, fmt.LABELS: labels})
 
         reasons: dict[int, str] = {}
         if verify:
@@ -137,8 +135,6 @@ def diff_stores(a: str | Path, b: str | Path, *, ignore: tuple[str, ...] = ("tim
     Keys named in ``ignore`` are dropped from ``created_by`` before comparing (by
     default the timings, which differ from run to run). Partial stores compare too.
     """
-    from softlabels.store.backend import open_backend
-
     found: list[str] = []
     sides = []
     for path in (a, b):
@@ -163,9 +159,3 @@ def diff_stores(a: str | Path, b: str | Path, *, ignore: tuple[str, ...] = ("tim
             rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1)) if x.shape == y.shape else []
             found.append(f"array {name} differs" + (f" in rows {fmt.chunk_list(rows)}" if len(rows) else ""))
     return found
-
-
-def _temperatures(meta: Any) -> list[float] | None:
-    """The distillation temperatures the store answers exactly (None: every T)."""
-    t = meta.temperatures()
-    return None if t is None else [float(x) for x in t]

@@ -1,13 +1,11 @@
 """Format-1 stores, readable forever: :class:`V1Store` presents one through the unit API.
 
-Format 1 (docs/FORMAT.md, appendix) holds one teacher output per sample, ``dense`` or
-``topk``, in chunks of ``chunk_rows`` rows, each with a checksum and a done flag. softlabels
-no longer writes it. :class:`V1Store` reads it as a ``sample`` store of the same layout, with
-the same write units (its chunks, or its Zarr shards) and ``meta`` a
-:class:`~softlabels.store.schema.StoreMetaV2`,
-so training, ``inspect``, ensembles and ``upgrade`` take it like any other store. Opening
-validates the attributes and every array against them (before anything they claim is
-allocated); reading a unit verifies its checksum on request, gives top-k ids in format 2's
+Format 1 (docs/FORMAT.md, appendix) holds one teacher output per sample, ``dense`` or ``topk``, in
+chunks of ``chunk_rows`` rows, each with a checksum and a done flag; softlabels no longer writes it.
+:class:`V1Store` reads it as a ``sample`` store of the same layout and write units, with ``meta`` a
+:class:`~softlabels.store.schema.StoreMetaV2`, so training, ``inspect``, ensembles and ``upgrade`` take
+it like any other store. Opening validates the attributes and every array against them (before anything
+they claim is allocated); reading a unit verifies its checksum on request, gives top-k ids in format 2's
 stored form, and checks the values as format 2's reader does.
 """
 
@@ -23,6 +21,7 @@ from softlabels.errors import CorruptStore, UnsupportedFormat
 from softlabels.store import format as fmt
 from softlabels.store.backend import Backend
 from softlabels.store.handle import ReadHandle
+from softlabels.store.positions import SamplePositions
 from softlabels.store.schema import StoreMetaV2, check_unit
 
 __all__ = ["V1Store"]
@@ -45,26 +44,18 @@ def _meta(attrs: Mapping[str, Any]) -> StoreMetaV2:
         if not isinstance(attrs.get(name, {}), dict):
             raise CorruptStore(f"root attribute {name!r} must be an object, got {type(attrs[name]).__name__}")
     a = {k: attrs.get(k) for k in (*REQUIRED, "topk")}
-    a["checksum"] = attrs.get("checksum", "crc32")  # stores from before the attribute use crc32
-    p: list[str] = []
+    p: list[str] = []  # what format 1 names its own way; StoreMetaV2 checks the rest in the same words
     if a["layout"] not in ("dense", "topk"):
         p.append(f"layout {a['layout']!r} is not one of dense, topk")
-    for name, low in (("num_samples", 0), ("num_classes", 1), ("chunk_rows", 1)):
-        if not fmt.is_int(a[name]) or a[name] < low:
-            p.append(f"{name} must be an integer >= {low}, got {a[name]!r}")
-    if not isinstance(a["logits_dtype"], str) or a["logits_dtype"] not in fmt.LOGITS_DTYPES:
-        p.append(f"logits_dtype {a['logits_dtype']!r} is not one of {', '.join(fmt.LOGITS_DTYPES)}")
+    if not fmt.is_int(a["chunk_rows"]) or a["chunk_rows"] < 1:
+        p.append(f"chunk_rows must be an integer >= 1, got {a['chunk_rows']!r}")
     if a["layout"] == "topk":
         c = a["num_classes"] if fmt.is_int(a["num_classes"]) else 0
         if not fmt.is_int(a["topk"]) or not 1 <= a["topk"] <= c:
             p.append(f"topk must be an integer in 1..num_classes, got {a['topk']!r}")
     elif a["topk"] is not None:
         p.append("topk is set but the layout is not 'topk'")
-    if a["status"] not in (fmt.STATUS_WRITING, fmt.STATUS_COMPLETE):
-        p.append(f"status {a['status']!r} is not 'writing' or 'complete'")
-    if a["checksum"] not in fmt.CHECKSUM_ALGORITHMS:
-        p.append(f"checksum {a['checksum']!r} is not one of {', '.join(fmt.CHECKSUM_ALGORITHMS)}")
-    if not p and math.ceil(a["num_samples"] / a["chunk_rows"]) > fmt.MAX_UNITS:
+    if not p and fmt.is_int(a["num_samples"]) and math.ceil(a["num_samples"] / a["chunk_rows"]) > fmt.MAX_UNITS:
         p.append(f"num_samples {a['num_samples']} in chunks of {a['chunk_rows']} rows make "
                  f"{math.ceil(a['num_samples'] / a['chunk_rows']):,} chunks, over the limit of {fmt.MAX_UNITS:,}")
     if p:
@@ -72,21 +63,18 @@ def _meta(attrs: Mapping[str, Any]) -> StoreMetaV2:
     return StoreMetaV2(positions="sample", layout=a["layout"], num_samples=a["num_samples"],
                        num_classes=a["num_classes"], logits_dtype=a["logits_dtype"], chunk_samples=a["chunk_rows"],
                        layout_params={"k": int(a["topk"])} if a["layout"] == "topk" else {},
-                       checksum=a["checksum"], status=a["status"], teacher=attrs.get("teacher", {}),
-                       source=attrs.get("source", {}), created_by=attrs.get("created_by", {}))
+                       checksum=attrs.get("checksum", "crc32"),  # stores from before the attribute use crc32
+                       status=a["status"], teacher=attrs.get("teacher", {}), source=attrs.get("source", {}),
+                       created_by=attrs.get("created_by", {}))
 
 
 def arrays(meta: StoreMetaV2) -> dict[str, fmt.ArraySpec]:
-    """Every array of the format-1 store ``meta`` describes: per-row arrays, then per-chunk bookkeeping."""
-    n, c = meta.num_samples, meta.num_classes
-    values = fmt.LOGITS_DTYPES[meta.logits_dtype]
-    if meta.layout == "dense":
-        out = {fmt.LOGITS: fmt.ArraySpec((n, c), values)}
-    else:
-        k = int(meta.layout_params["k"])
-        out = {fmt.TOPK_VALUES: fmt.ArraySpec((n, k), values),  # ids: uint16 when every class fits, else int32
-               fmt.TOPK_INDICES: fmt.ArraySpec((n, k), np.dtype("uint16" if c <= 65536 else "int32")),
-               fmt.LOGSUMEXP: fmt.ArraySpec((n,), np.dtype("float32"))}
+    """Every array of the format-1 store ``meta`` describes: the layout's per-row arrays (ids: uint16 when every
+    class fits, else int32), per-sample arrays, then per-chunk bookkeeping."""
+    n = meta.num_samples
+    out = {k: fmt.ArraySpec((n, *s.shape), s.dtype) for k, s in meta.layout_obj().arrays().items()}
+    if fmt.TOPK_INDICES in out and meta.num_classes > 65536:
+        out[fmt.TOPK_INDICES] = fmt.ArraySpec((n, int(meta.layout_params["k"])), np.dtype("int32"))
     out[fmt.LABELS] = fmt.ArraySpec((n,), np.dtype("int64"))
     out[fmt.SAMPLE_IDS] = fmt.ArraySpec((n,), np.dtype("int64"))
     chunks = -(-n // meta.chunk_samples)
@@ -108,8 +96,6 @@ class V1Store(ReadHandle):
     _fix = _FIX
 
     def _open(self, b: Backend) -> None:
-        from softlabels.store.positions import SamplePositions
-
         attrs = b.attrs()
         if attrs.get("softlabels_format") != 1:
             raise UnsupportedFormat(f"softlabels format version {attrs.get('softlabels_format')!r} is not 1; open "

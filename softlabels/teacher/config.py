@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from softlabels._runtime.options import threads_problem
+from softlabels._runtime.paths import out_overlaps
+from softlabels.errors import ConfigError
+from softlabels.store.temperatures import DEFAULT_TAIL_TEMPERATURES, grid_problems, parse_grid
 
 # Choices. LAYOUTS equals softlabels.store.layouts.LAYOUTS' keys and LOGITS_DTYPES softlabels.store.format's
 # (tests/test_firstuse.py checks both): those modules need numpy and torch.
@@ -39,7 +42,8 @@ class GenerateConfig:
     ``num_classes`` left ``None`` is the teacher's output width; ``progress=None``
     shows a bar on a terminal and periodic one-line progress otherwise. ``layout=None``
     is ``dense``, or ``topk`` with K = 5 for views (docs/VIEWS.md). ``samples=None`` with
-    ``layout="sampled"`` is :data:`DEFAULT_SAMPLES`.
+    ``layout="sampled"`` is :data:`DEFAULT_SAMPLES`. ``threads`` sets torch's CPU threads (0: torch's
+    default). A built-in teacher needs ``weights``, or ``random_teacher`` (seeded by ``seed``, recorded).
     """
 
     teacher: str
@@ -141,8 +145,6 @@ class GenerateConfig:
         return p + self._temperature_problems()
 
     def _temperature_problems(self) -> list[str]:
-        from softlabels.errors import ConfigError
-
         p = []
         if self.tail_temperatures is not None:
             if self.layout != "topk":
@@ -163,16 +165,12 @@ class GenerateConfig:
 
     def grid(self) -> tuple[float, ...]:
         """The top-k tail grid: ``--tail-temperatures`` parsed, or the default (1, 2, 4)."""
-        from softlabels.store.temperatures import DEFAULT_TAIL_TEMPERATURES, grid_problems, parse_grid
-
         g = self.tail_temperatures
         if g is None:
             return DEFAULT_TAIL_TEMPERATURES
         if isinstance(g, str):
             return parse_grid(g)
         if problems := grid_problems(list(g)):
-            from softlabels.errors import ConfigError
-
             raise ConfigError(problems)
         return tuple(float(t) for t in g)
 
@@ -249,10 +247,6 @@ class UpgradeConfig:
 
 def out_problems(out: str | Path, inputs: list[tuple[str, str | None]]) -> list[str]:
     """A store ``--out``: its suffix names a backend, and it is not, holds or lies inside an input."""
-    from softlabels._runtime.paths import (
-        out_overlaps,  # the library's, at call time: --help stays light
-    )
-
     p = [] if Path(out).suffix.lower() in (".h5", ".hdf5", ".zarr") else \
         [f"--out must end in .h5, .hdf5 or .zarr, got {str(out)!r}"]
     return p + [clash] if (clash := out_overlaps(out, inputs)) else p

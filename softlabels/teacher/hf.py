@@ -167,13 +167,9 @@ def _refuse_broken_dependency(directory: str, err: BaseException) -> None:
 
 @contextlib.contextmanager
 def _no_pytree_enum_deprecation():
-    """Hide torch's ``register_constant()`` deprecation while transformers loads a model.
-
-    Its lazy model imports bring in torchao, which registers Enum classes as pytree
-    constants; this torch logs a warning per class on stderr ("... Calling register_constant()
-    on Enum subclasses is deprecated ..."). Only that logger's records naming
-    ``register_constant()`` are dropped, and only during the load.
-    """
+    """Drop, during a load only, the ``torch.utils._pytree`` records naming ``register_constant()``: torchao,
+    which transformers' lazy model imports bring in, registers Enum classes as pytree constants and this
+    torch warns once per class on stderr."""
     logger = logging.getLogger("torch.utils._pytree")
 
     def keep(record: logging.LogRecord) -> bool:
@@ -187,7 +183,6 @@ def _no_pytree_enum_deprecation():
 
 
 def _combined_sha256(files: list[Path]) -> str:
-
     digest = hashlib.sha256()
     for f in files:
         digest.update(f"{f.name}:{sha256_file(f)}|".encode())

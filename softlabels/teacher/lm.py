@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from softlabels.errors import DataError, ModelMismatch, SpecError
 from softlabels.inputs.spec import _one_line
 from softlabels.teacher.hf import load_hf, load_hf_init, max_positions
 from softlabels.teacher.models import count_parameters
-from softlabels.teacher.spec import _load_weights, factory_module, sha256_file
+from softlabels.teacher.spec import ModelInfo, _load_weights, factory_module
 
 __all__ = ["GPTConfig", "GPT", "BUILTIN_LMS", "CALL_LOGITS_BYTES", "CausalLM", "LMInfo", "build_lm", "call_tokens",
            "resolve_lm"]
@@ -116,13 +115,15 @@ BUILTIN_LMS: dict[str, tuple[int, int, int]] = {
 ``gpt-medium`` has over 10x its parameters at vocabularies up to ~12k (17x at 4,096)."""
 
 
+def _unknown(spec: str) -> SpecError:
+    return SpecError(f"unknown language model '{spec}'; use one of: {', '.join(BUILTIN_LMS)}, "
+                     "a package.module:factory or hf:DIR")
+
+
 def build_lm(name: str, vocab_size: int, context: int, *, seed: int = 0) -> GPT:
     """The built-in GPT ``name`` for ``vocab_size`` tokens and sequences up to ``context``."""
     if name not in BUILTIN_LMS:
-        raise SpecError(
-            f"unknown language model '{name}'; use one of: {', '.join(BUILTIN_LMS)}, "
-            "a package.module:factory or hf:DIR"
-        )
+        raise _unknown(name)
     if not (vocab_size >= 1 and context >= 1):
         raise ModelMismatch(
             f"cannot build '{name}' for vocabulary {vocab_size} and context {context}; pass both >= 1"
@@ -188,10 +189,7 @@ class LMInfo:
     weights_sha256: str | None
     num_parameters: int
 
-    def metadata(self) -> dict[str, Any]:
-        """JSON-serialisable description (everything but the module)."""
-        return {"spec": self.spec, "kind": self.kind, "vocab_size": self.vocab_size,
-                "weights_sha256": self.weights_sha256, "num_parameters": self.num_parameters}
+    metadata = ModelInfo.metadata  # JSON-serialisable description (everything but the module)
 
 
 def _probe_vocab(module: nn.Module, spec: str) -> int:
@@ -208,14 +206,8 @@ def _probe_vocab(module: nn.Module, spec: str) -> int:
     return int(logits.shape[-1])
 
 
-def resolve_lm(
-    spec: str,
-    *,
-    vocab_size: int | None = None,
-    context: int | None = None,
-    seed: int = 0,
-    weights: str | os.PathLike[str] | None = None,
-) -> LMInfo:
+def resolve_lm(spec: str, *, vocab_size: int | None = None, context: int | None = None, seed: int = 0,
+               weights: str | os.PathLike[str] | None = None) -> LMInfo:
     """Resolve a causal-LM spec (grammar in the module docstring) to a model in eval mode.
 
     Built-ins need ``vocab_size`` and are built for sequences up to ``context`` (default 1024),
@@ -236,18 +228,14 @@ def resolve_lm(
     elif ":" in spec:
         module, kind = factory_module(spec), "factory"
     else:
-        raise SpecError(
-            f"unknown language model '{spec}'; use one of: {', '.join(BUILTIN_LMS)}, "
-            "a package.module:factory or hf:DIR"
-        )
+        raise _unknown(spec)
     if kind == "hf" and context is not None and context > (most := max_positions(module) or context):
         raise ModelMismatch(f"sequences of {context} tokens exceed the {most} positions of '{spec}' "
                             f"(max_position_embeddings); pass --seq-len {most} or less")
     if isinstance(weights, str) and weights.startswith("hf:"):
         digest = load_hf_init(module, spec, weights.removeprefix("hf:"))
     elif weights is not None:
-        _load_weights(module, str(weights), spec, allow_pickle=False)
-        digest = sha256_file(weights)
+        digest = _load_weights(module, str(weights), spec, allow_pickle=False)
     module.eval()
     width = _probe_vocab(module, spec)
     if vocab_size is not None and width != vocab_size and not (kind == "hf" and width > vocab_size):

@@ -178,8 +178,9 @@ def _read_state_dict(path: str, allow_pickle: bool) -> Mapping[str, Any]:
     return obj
 
 
-def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -> None:
-    """Strictly load the weights in ``path`` into ``module``; ModelMismatch if they do not fit."""
+def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -> str:
+    """Strictly load the weights in ``path`` into ``module`` and return their sha256; ModelMismatch if they
+    do not fit."""
     given = dict(_read_state_dict(path, allow_pickle))
     expected = module.state_dict()
     if given and all(k.startswith("module.") for k in given) and not any(k in expected for k in given):
@@ -203,38 +204,32 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
     if problems:
         raise ModelMismatch(f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
                             "pass weights saved from this architecture")
+    return sha256_file(path)
 
 
 def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: int | None,
                     weights: str | os.PathLike[str] | None = None, allow_pickle: bool = False) -> int | None:
     """The class count to build teacher ``spec`` for, before it runs.
 
-    A built-in with weights: the width its weights were saved with (so unlabeled data
-    needs no class count); a built-in without: ``data_classes``. Other teachers are
-    complete models: ``None``, and their output width gives the count.
+    A built-in with weights: the width its weights were saved with, the one parameter dimension
+    that changes with the class count (found by building the model for 1 and 2 classes), so
+    unlabeled data needs no class count; a built-in without, or whose weights lack that
+    parameter: ``data_classes``. Other teachers are complete models: ``None``, and their output
+    width gives the count.
     """
     if spec not in BUILTIN_MODELS:
         return None
     if weights is None:
         return data_classes
-    return _saved_classes(spec, tuple(input_shape), str(weights), allow_pickle) or data_classes
-
-
-def _saved_classes(spec: str, input_shape: tuple[int, ...], weights: str, allow_pickle: bool) -> int | None:
-    """The class count of built-in ``spec``'s weights: the one parameter dimension that changes with
-    it (found by building the model for 1 and 2 classes); None if the file does not hold that parameter."""
-    one = build_model(spec, input_shape, 1).state_dict()
-    two = build_model(spec, input_shape, 2).state_dict()
-    given = dict(_read_state_dict(weights, allow_pickle))
-    for key, a in one.items():
-        if a.shape == two[key].shape:
-            continue
-        dim = next(i for i, (m, n) in enumerate(zip(a.shape, two[key].shape)) if m != n)
-        saved = given.get(key, given.get(f"module.{key}"))  # a DDP state_dict keeps the wrapper's prefix
-        if isinstance(saved, torch.Tensor) and saved.ndim == a.ndim:
-            return int(saved.shape[dim])
-        return None
-    return None
+    one = build_model(spec, tuple(input_shape), 1).state_dict()
+    two = build_model(spec, tuple(input_shape), 2).state_dict()
+    given = dict(_read_state_dict(str(weights), allow_pickle))
+    key, a = next((k, a) for k, a in one.items() if a.shape != two[k].shape)  # every built-in has a class head
+    dim = next(i for i, (m, n) in enumerate(zip(a.shape, two[key].shape)) if m != n)
+    saved = given.get(key, given.get(f"module.{key}"))  # a DDP state_dict keeps the wrapper's prefix
+    if isinstance(saved, torch.Tensor) and saved.ndim == a.ndim:
+        return int(saved.shape[dim]) or data_classes
+    return data_classes
 
 
 def resolve_model(spec: str, *, input_shape: tuple[int, ...], num_classes: int,
@@ -259,8 +254,7 @@ def resolve_model(spec: str, *, input_shape: tuple[int, ...], num_classes: int,
         raise SpecError(f"unknown model '{spec}'; use one of: {', '.join(BUILTIN_MODELS)}, "
                         "a package.module:factory, a TorchScript file or a .pt2 torch.export file")
     if weights is not None:
-        _load_weights(module, str(weights), spec, allow_pickle)
-        digest = sha256_file(weights)
+        digest = _load_weights(module, str(weights), spec, allow_pickle)
     if kind != "export":  # exported programs refuse eval(); they keep the mode they were exported in
         module.eval()
     return ModelInfo(module, spec, kind, digest, count_parameters(module))

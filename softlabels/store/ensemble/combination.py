@@ -1,28 +1,13 @@
-"""Combining several teachers' typed targets for the same positions (docs/ENSEMBLES.md).
+"""Combining several teachers' typed targets for the same positions (docs/ENSEMBLES.md derives each rule).
 
-Two rules, each with per-teacher weights w_i (normalised to sum to 1):
-
-* ``arithmetic`` (default): the mean of the teachers' probabilities at a temperature T,
-  p(c) = sum_i w_i softmax(z_i / T)(c) (Hinton et al. 2015; MEAL V2).
-* ``geometric``: the normalised weighted geometric mean, softmax(sum_i w_i log p_i).
-
-A combined target is a target of the *same type* the losses already take, so every
-loss consumes it unchanged:
-
-* dense, arithmetic: logits ``z' = T log sum_i w_i softmax(z_i / T)``, so softmax(z' / T)
-  is the mixture exactly, at T only (training at T' != T sees the mixture raised to T / T');
-* dense, geometric: logits ``z' = sum_i w_i z_i``, exact at every T;
-* top-k: the union of the teachers' ids (filled up to K' = min(sum K_i, C) ids with the
-  smallest ids outside it), each teacher's bucket log-probs at T (its K stored classes and
-  its tail, softened as :mod:`softlabels.student.kd` softens a single top-k target), a class a
-  teacher did not store given that teacher's tail spread evenly over its C - K_i unstored
-  classes; arithmetic values are stored as T-powered logits as for dense (exact over the
-  K' + 1 buckets at T), geometric ones at T = 1;
-* sampled, arithmetic at T = 1 only: the pooled draws, teacher i's counts multiplied by its
-  integer weight — a stratified sample of the mixture, so counts / S' estimate it without
-  bias; the stored logits are log p(c), each teacher's unsampled mass spread evenly over the
-  classes it did not draw (that only enters loss values and reverse-type divergences).
-  The geometric mean has no estimator from draws and is refused.
+Two rules, each with per-teacher weights w_i (normalised to sum to 1): ``arithmetic`` (default), the
+mean of the teachers' probabilities at a temperature T, p(c) = sum_i w_i softmax(z_i / T)(c) (Hinton et
+al. 2015; MEAL V2), and ``geometric``, the normalised weighted geometric mean softmax(sum_i w_i log p_i).
+A combined target is a target of the *same type* the losses already take, so every loss consumes it
+unchanged: dense logits exact at T (geometric: at every T); top-k over the union of the teachers' ids,
+each teacher's unstored classes given its tail spread evenly; sampled, arithmetic at the members' draw
+temperature only, the pooled draws (a stratified sample of the mixture). The geometric mean has no
+estimator from draws and is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from softlabels.errors import ConfigError
+from softlabels.errors import ConfigError, CorruptStore
 from softlabels.store.layouts.targets import (
     DenseTarget,
     SampledTarget,
@@ -158,13 +143,6 @@ def _union_ids(ids: Sequence[Tensor], width: int, num_classes: int) -> Tensor:
     return cand.gather(1, order[:, :width])
 
 
-def _teacher_buckets(t: TopKTarget, temperature: float, num_classes: int) -> tuple[Tensor, Tensor, int]:
-    """The teacher's exact bucket log-probs at T, as the losses see them: ([B, K] stored classes, [B] tail, K)."""
-    k = t.ids.shape[1]
-    lp = t.bucket_log_probs(temperature, num_classes, _F64)
-    return lp[:, :k], lp[:, k], k
-
-
 def _lookup(cand: Tensor, ids: Tensor, lp: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
     """Per candidate id: the teacher's stored log-prob, else ``spread``; and whether it was stored."""
     srt, perm = ids.long().sort(-1)
@@ -182,7 +160,9 @@ def _topk(targets: Sequence[TopKTarget], how: Combination, num_classes: int) -> 
     cand = _union_ids([x.ids for x in targets], width, c)
     per, outside, spreads = [], [], []
     for x in targets:
-        lp, tail, k = _teacher_buckets(x, t, c)
+        k = x.ids.shape[1]  # the teacher's exact bucket log-probs at T, as the losses see them
+        buckets = x.bucket_log_probs(t, c, _F64)
+        lp, tail = buckets[:, :k], buckets[:, k]
         spread = tail - math.log(c - k) if k < c else torch.full_like(tail, -math.inf)
         lpc, hit = _lookup(cand, x.ids, lp, spread)
         per.append(lpc)
@@ -230,10 +210,8 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
         drawn = x.valid.sum(-1)
         left = (-torch.expm1(lp.logsumexp(-1).clamp_max(0))).clamp_min(0)
         spread = torch.log(left) - torch.log((num_classes - drawn).clamp_min(1).to(_F64))
-        srt_i, perm_i = torch.where(x.valid, x.ids.long(), torch.full_like(x.ids.long(), -1)).sort(-1)
-        pos = torch.searchsorted(srt_i, u_ids).clamp_max(srt_i.shape[1] - 1)
-        hit = srt_i.gather(1, pos) == u_ids
-        mix.append(torch.where(hit, lp.gather(1, perm_i.gather(1, pos)), spread[:, None].expand(rows, u_ids.shape[1])))
+        drawn_ids = torch.where(x.valid, x.ids.long(), torch.full_like(x.ids.long(), -1))  # padding never matches
+        mix.append(_lookup(u_ids, drawn_ids, lp, spread)[0])
     logits = torch.logsumexp(torch.stack(mix) + w.log()[:, None, None], 0)
     # the layout's order: count descending, ties by id; padding (count 0) last with id 0, logit 0
     u_counts = torch.where(valid, u_counts, torch.zeros_like(u_counts))
@@ -259,8 +237,6 @@ def _made_at(meta: object, where: str) -> float | None:
         return None
     made = ensemble.get("temperature")
     if isinstance(made, bool) or not isinstance(made, (int, float)) or not math.isfinite(made) or made <= 0:
-        from softlabels.errors import CorruptStore
-
         raise CorruptStore(f"{where}: its teacher.ensemble.temperature is {made!r}, not a finite number > 0; merge the "
                            "stores again")
     return float(made)

@@ -29,7 +29,9 @@ from softlabels.store.schema import StoreMetaV2
 
 __all__ = ["EnsembleStore"]
 
-
+_SAME_DATA = ("an ensemble combines stores generated from the same --data with the same positions; regenerate the "
+              "odd one out")
+_SAME_UNITS = "combine stores written with the same --chunk-rows (and shards); regenerate the odd one out"
 
 
 def _brief(value: Any) -> str:
@@ -70,8 +72,8 @@ class EnsembleStore(Units):
             raise ConfigError(f"an ensemble needs at least 2 stores, got {len(self.members)}; pass more stores")
         a = self.members[0]
         for b in self.members[1:]:
-            for what, detail, cls in self._differences(a, b):
-                raise cls(f"{str(a.path)!r} and {str(b.path)!r} {what} ({detail}); {_FIX[cls]}")
+            for what, detail, fix in self._differences(a, b):
+                raise StoreMismatch(f"{str(a.path)!r} and {str(b.path)!r} {what} ({detail}); {fix}")
 
     def _check_temperatures(self) -> None:
         """Every member must answer the T the combination is made at (sampled: their draw T; top-k: a tail
@@ -87,22 +89,24 @@ class EnsembleStore(Units):
 
     @staticmethod
     def _differences(a: Any, b: Any):
-        """Yield (what differs, how, error class) for each difference, the cheapest checks first."""
+        """Yield (what differs, how, the fix) for each difference, the cheapest checks first."""
         ma, mb = a.meta, b.meta
-        values = [("hold different numbers of samples", ma.num_samples, mb.num_samples, StoreMismatch),
-                  ("have different class counts", ma.num_classes, mb.num_classes, _ClassMismatch),
-                  ("have different position kinds", ma.positions, mb.positions, StoreMismatch),
-                  ("have different layouts", ma.layout, mb.layout, _LayoutMismatch),
+        values = [("hold different numbers of samples", ma.num_samples, mb.num_samples, _SAME_DATA),
+                  ("have different class counts", ma.num_classes, mb.num_classes,
+                   "an ensemble's teachers must predict the same classes; drop the store of the other model"),
+                  ("have different position kinds", ma.positions, mb.positions, _SAME_DATA),
+                  ("have different layouts", ma.layout, mb.layout, ("combine stores of one layout (dense, topk or "
+                   "sampled); regenerate the odd one out with the others' --layout")),
                   ("have different write units (chunk_samples x shard_chunks)", ma.geometry.unit_samples,
-                   mb.geometry.unit_samples, _UnitMismatch),
-                  ("record different views", ma.views, mb.views, StoreMismatch),
-                  ("have different token chunking", ma.tokens, mb.tokens, _UnitMismatch)]
+                   mb.geometry.unit_samples, _SAME_UNITS),
+                  ("record different views", ma.views, mb.views, _SAME_DATA),
+                  ("have different token chunking", ma.tokens, mb.tokens, _SAME_UNITS)]
         fa, fb = ma.source.get("fingerprint"), mb.source.get("fingerprint")
         if fa and fb:  # both record what their inputs were
-            values.insert(1, ("were generated from different data (input fingerprints)", fa, fb, StoreMismatch))
-        for what, x, y, cls in values:
+            values.insert(1, ("were generated from different data (input fingerprints)", fa, fb, _SAME_DATA))
+        for what, x, y, fix in values:
             if x != y:
-                yield what, f"{_brief(x)} vs {_brief(y)}", cls
+                yield what, f"{_brief(x)} vs {_brief(y)}", fix
         arrays = [("token counts (offsets)", a.positions.lengths, b.positions.lengths)] \
             if ma.positions == "tokens" else []
         names = [fmt.SAMPLE_IDS, fmt.LABELS] + ([VIEW_PARAMS] if ma.positions == "views" else [])
@@ -111,7 +115,7 @@ class EnsembleStore(Units):
             rows = np.flatnonzero((x != y).reshape(len(x), -1).any(1))
             if len(rows):
                 yield f"hold different {what}", f"{len(rows)} of {len(x)} samples, the first at row {rows[0]}", \
-                    StoreMismatch
+                    _SAME_DATA
 
     def _combined_meta(self) -> StoreMetaV2:
         first = self.members[0].meta
@@ -156,10 +160,8 @@ class EnsembleStore(Units):
     def read_unit(self, unit: int, *, verify: bool = True) -> dict[str, np.ndarray]:
         """The combined unit: the combined layout's arrays (float32 values), the first member's per-sample arrays."""
         blocks = [m.read_unit(unit, verify=verify) for m in self.members]
-        targets = []
-        for layout, block in zip(self._layouts, blocks):
-            flat = {k: _rows(block[k], spec.shape) for k, spec in layout.arrays().items()}
-            targets.append(layout.decode(flat))
+        targets = [layout.decode({k: block[k].reshape(-1, *spec.shape) for k, spec in layout.arrays().items()})
+                   for layout, block in zip(self._layouts, blocks)]  # leading axes (samples, views) flattened
         with torch.no_grad():
             arrays = _encode(self._layout, combine(targets, self.how, self.meta.num_classes))
         key, spec = next(iter(self._layouts[0].arrays().items()))
@@ -180,16 +182,10 @@ class EnsembleStore(Units):
                 m.close()
 
 
-def _rows(a: np.ndarray, per_position: tuple[int, ...]) -> np.ndarray:
-    """A per-position array with its leading axes (samples, views) flattened to rows."""
-    return a.reshape(-1, *per_position)
-
-
 def _encode(layout: Layout, target: Any) -> dict[str, np.ndarray]:
     """A combined target as ``layout``'s stored arrays (float32 values; ids and counts in stored form)."""
-    c = layout.num_classes
-    names = list(layout.arrays())
-    specs = layout.arrays()
+    c, specs = layout.num_classes, layout.arrays()
+    names = list(specs)
     if layout.name == "dense":
         values = [target.logits.numpy()]
     elif layout.name == "topk":
@@ -198,25 +194,3 @@ def _encode(layout: Layout, target: Any) -> dict[str, np.ndarray]:
         values = [encode_ids(target.ids, c).numpy(), target.counts.numpy().astype(specs[names[1]].dtype),
                   target.logits.numpy(), target.logsumexp.numpy()]
     return {k: np.ascontiguousarray(v, dtype=specs[k].dtype) for k, v in zip(names, values)}
-
-
-class _ClassMismatch(StoreMismatch):
-    pass
-
-
-class _LayoutMismatch(StoreMismatch):
-    pass
-
-
-class _UnitMismatch(StoreMismatch):
-    pass
-
-
-_FIX = {
-    StoreMismatch: "an ensemble combines stores generated from the same --data with the same positions; "
-                   "regenerate the odd one out",
-    _ClassMismatch: "an ensemble's teachers must predict the same classes; drop the store of the other model",
-    _LayoutMismatch: "combine stores of one layout (dense, topk or sampled); regenerate the odd one out "
-                     "with the others' --layout",
-    _UnitMismatch: "combine stores written with the same --chunk-rows (and shards); regenerate the odd one out",
-}

@@ -10,6 +10,7 @@ module with a :class:`Layout` subclass and one entry in :data:`LAYOUTS`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from softlabels.errors import ConfigError
@@ -51,11 +52,6 @@ def make_layout(name: str, *, num_classes: int, logits_dtype: str = "float32", *
     try:
         return cls(num_classes=num_classes, logits_dtype=logits_dtype, **params)
     except TypeError as err:  # a parameter this layout does not take
-        raise ConfigError(f"{name} layout: {err}; it takes {_params(cls)}") from None
-
-
-def _params(cls: type[Layout]) -> str:
-    import dataclasses
-
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("num_classes", "logits_dtype")]
-    return ", ".join(names) or "no parameters besides num_classes and logits_dtype"
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("num_classes", "logits_dtype")]
+        takes = ", ".join(names) or "no parameters besides num_classes and logits_dtype"
+        raise ConfigError(f"{name} layout: {err}; it takes {takes}") from None

@@ -162,12 +162,6 @@ class Layout:
 
     temperature_kind: ClassVar[str] = ""  # why a T is refused (softlabels.store.temperatures)
 
-    def require_temperature(self, temperature: float, where: str) -> None:
-        """Refuse, in one line naming ``where``, a T this layout's stores do not answer exactly."""
-        from softlabels.store.temperatures import require_temperature
-
-        require_temperature(self.temperatures(), temperature, where, self.temperature_kind)
-
     def validate(self, block: Mapping[str, np.ndarray]) -> list[str]:
         """Problems with stored content (shapes, dtypes, ids < C, ...); empty when valid."""
         p = []
@@ -224,4 +218,6 @@ class Layout:
         raise NotImplementedError
 
     def _decode_logits(self, stored: np.ndarray) -> Tensor:
-        return fmt.decode_logits(stored, self.logits_dtype)
+        """Stored logits as a torch tensor of the logical dtype (no copy)."""
+        t = torch.from_numpy(stored)
+        return t.view(torch.int16).view(torch.bfloat16) if self.logits_dtype == "bfloat16" else t

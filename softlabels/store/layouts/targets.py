@@ -13,6 +13,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from softlabels.errors import ConfigError
+from softlabels.store.temperatures import require_temperature
+
 __all__ = ["DenseTarget", "TopKTarget", "SampledTarget", "Target", "TAIL_FLOOR"]
 
 # smallest teacher tail mass a sparse target is taken to have (when some classes are not stored)
@@ -33,13 +36,14 @@ class _Target:
     def __len__(self) -> int:
         return len(getattr(self, fields(self)[0].name))
 
-    def _exact_at_one(self, temperature: float) -> None:
+    def probs(self, temperature: float = 1.0) -> Tensor:
+        """The teacher's exact probabilities of the stored (top-k: [B, K]) or sampled (padding 0: [B, S]) ids
+        at T = 1; other T: refused."""
         if float(temperature) != 1.0:
-            from softlabels.errors import ConfigError
-
             raise ConfigError(f"a {type(self).__name__} knows the teacher's exact probabilities at temperature 1 only "
                               f"(got temperature={temperature!r}): its stored logits are a subset of the classes; "
                               "pass temperature=1, or generate a dense store for other temperatures")
+        return self.log_probs().exp()
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,9 @@ class TopKTarget(_Target):
 
     def tail(self, temperature: float) -> Tensor:
         """[B] the tail's logsumexp of z / T at a grid T (refused off the grid, in one line)."""
-        from softlabels.store.temperatures import require_temperature
-
         require_temperature(self.temperatures, temperature, "this top-k target", "topk")
-        return self.tails[..., _grid_index(self.temperatures, temperature)]
+        grid = self.temperatures
+        return self.tails[..., min(range(len(grid)), key=lambda i: abs(grid[i] - float(temperature)))]
 
     @property
     def logsumexp(self) -> Tensor:
@@ -114,11 +117,6 @@ class TopKTarget(_Target):
     def log_probs(self, temperature: float = 1.0) -> Tensor:
         """Exact teacher log-probabilities of the K stored classes at a grid T, float32 [B, K]."""
         return self.bucket_log_probs(temperature)[:, :-1]
-
-    def probs(self, temperature: float = 1.0) -> Tensor:
-        """The teacher's exact probabilities of the K stored classes [B, K] at T = 1 (other T: refused)."""
-        self._exact_at_one(temperature)
-        return self.log_probs().exp()
 
     def densify(self, num_classes: int) -> Tensor:
         """[B, C] log-probs at T = 1: exact for the K stored classes, the tail mass spread evenly over the rest."""
@@ -166,18 +164,11 @@ class SampledTarget(_Target):
         An ids-only target cannot answer: refused in one line.
         """
         if not self.has_logits:
-            from softlabels.errors import ConfigError
-
             raise ConfigError("an ids-only sampled store holds the draws but not the teacher's logits, so the "
                               "teacher's probabilities (an exact KL, the tail mass) are unknown; regenerate with "
                               "'softlabels generate --layout sampled' without --sampled-ids-only to get them")
         lp = self.logits.to(dtype) / self.temperature - self.logsumexp.to(dtype).unsqueeze(-1)
         return lp.masked_fill(~self.valid, -math.inf)
-
-    def probs(self, temperature: float = 1.0) -> Tensor:
-        """The teacher's exact probabilities of the sampled ids [B, S] at T = 1 (padding 0; other T: refused)."""
-        self._exact_at_one(temperature)
-        return self.log_probs().exp()
 
     def densify(self, num_classes: int) -> Tensor:
         """[B, C] log-probs of the empirical distribution counts / S (-inf for ids never drawn)."""
@@ -190,10 +181,6 @@ class SampledTarget(_Target):
         """The most probable drawn id (by the teacher's exact probability; ids-only: the most drawn)."""
         score = self.log_probs() if self.has_logits else self.counts.float()
         return self.ids.gather(1, score.argmax(-1, keepdim=True)).squeeze(-1)
-
-
-def _grid_index(grid: tuple[float, ...], temperature: float) -> int:
-    return min(range(len(grid)), key=lambda i: abs(grid[i] - float(temperature)))
 
 
 def _spread(logp_k: Tensor, ids: Tensor, num_classes: int) -> Tensor:

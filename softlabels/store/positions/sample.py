@@ -30,8 +30,7 @@ class SamplePositions:
     def unit_axis_range(self, unit: int) -> tuple[int, int]:
         return self.geometry.unit_samples_range(unit)
 
-    def unit_written_range(self, unit: int) -> tuple[int, int]:
-        return self.geometry.unit_samples_range(unit)
+    unit_written_range = unit_axis_range  # a unit's samples are whole chunks (or shards)
 
     def to_attrs(self) -> dict[str, Any]:
         return {}

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from softlabels.errors import SoftLabelsError
+from softlabels.inputs.augment import parse_augment
 from softlabels.inputs.augment.compose import PARAM_DTYPES, ParamRanges
 from softlabels.store.positions.base import UnitGeometry, sample_id_problems
 from softlabels.store.positions.sample import SamplePositions
@@ -134,8 +135,6 @@ def _input_size(input_shape: Any) -> tuple[int, int] | None:
 def _ranges(augment: str, size: tuple[int, int] | None, count: int) -> ParamRanges | None:
     """The declared ranges of a recorded built-in augmentation of ``count`` parameters (None for one
     naming code, never imported, or of another count)."""
-    from softlabels.inputs.augment import parse_augment
-
     if not augment or ":" in augment:
         return None
     ranges = parse_augment(augment).param_ranges(size)
@@ -157,8 +156,6 @@ def view_attr_problems(views: Mapping[str, Any], input_shape: Any) -> list[str]:
         p.append(f"views' augment {augment!r} is not a string")
     if p or not augment or ":" in augment:
         return p
-    from softlabels.inputs.augment import parse_augment
-
     try:
         aug = parse_augment(augment)
         size = _input_size(input_shape)
