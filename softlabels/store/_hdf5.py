@@ -47,6 +47,7 @@ class HDF5Backend:
             ) from err
         self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
         self._raw: dict[str, int] = {}  # see _raw_rows
+        self._whole: dict[str, tuple] = {}  # see write
         self._reserve = False  # arrays created without HDF5's zero-fill: reserve their space at the next flush
         if mode != "w":
             escape = _escape(self._f)
@@ -162,8 +163,21 @@ class HDF5Backend:
         return rows
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
+        d = self._dataset(name)
+        stop = start + len(data)
         with self._writing():
-            self._dataset(name)[start:start + len(data)] = data
+            whole = self._whole.get(name)
+            if whole is None:  # h5py's shape and dtype properties cost more than a chunk's write
+                whole = self._whole[name] = (self._raw_rows(name, d), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
+            rows, n, dtype, rest = whole
+            if (rows and stop - start == rows and start % rows == 0 and stop <= n and data.dtype == dtype
+                    and data.flags.c_contiguous):
+                # one whole uncompressed chunk: its rows are its stored bytes (H5Dwrite_chunk, no chunk
+                # cache, no selection: ~2.5x H5Dwrite). The chunk is allocated at creation and unfiltered,
+                # so HDF5 overwrites it in place: the file's bytes are those H5Dwrite would leave.
+                d.id.write_direct_chunk((start, *rest), data)
+            else:
+                d[start:stop] = data
 
     def flush(self) -> None:
         with self._writing():
@@ -177,6 +191,7 @@ class HDF5Backend:
     def close(self) -> None:
         self._datasets.clear()
         self._raw.clear()
+        self._whole.clear()
         if self._f.id.valid:
             with self._writing():  # closing flushes: a full disk can fail here too
                 self._f.close()
