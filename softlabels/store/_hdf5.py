@@ -170,14 +170,16 @@ class HDF5Backend:
             if whole is None:  # h5py's shape and dtype properties cost more than a chunk's write
                 whole = self._whole[name] = (self._raw_rows(name, d), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
             rows, n, dtype, rest = whole
-            if (rows and stop - start == rows and start % rows == 0 and stop <= n and data.dtype == dtype
-                    and data.flags.c_contiguous):
-                # one whole uncompressed chunk: its rows are its stored bytes (H5Dwrite_chunk, no chunk
-                # cache, no selection: ~2.5x H5Dwrite). The chunk is allocated at creation and unfiltered,
-                # so HDF5 overwrites it in place: the file's bytes are those H5Dwrite would leave.
-                d.id.write_direct_chunk((start, *rest), data)
-            else:
-                d[start:stop] = data
+            whole_rows = 0  # the rows written as whole chunks
+            if rows and start % rows == 0 and data.dtype == dtype and data.flags.c_contiguous:
+                # whole uncompressed chunks: their rows are their stored bytes (H5Dwrite_chunk, no chunk
+                # cache, no selection: ~2.5x H5Dwrite). Chunks are allocated at creation and unfiltered,
+                # so HDF5 overwrites each in place: the file's bytes are those H5Dwrite would leave.
+                whole_rows = (min(stop, n) - start) // rows * rows
+                for at in range(0, whole_rows, rows):
+                    d.id.write_direct_chunk((start + at, *rest), data[at:at + rows])
+            if whole_rows < len(data):  # the rest (a partial or edge chunk, a filtered or converted array)
+                d[start + whole_rows:stop] = data[whole_rows:]
 
     def flush(self) -> None:
         with self._writing():
