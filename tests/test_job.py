@@ -408,3 +408,26 @@ def test_compress_stores_the_same_values_in_fewer_bytes(tmp_path, ext, layout_ar
         else:
             codecs = [c.to_dict()["name"] for c in zarr.open_array(str(packed / name), mode="r").metadata.codecs]
             assert "zstd" in codecs, (name, codecs)
+
+
+def test_a_batch_over_several_units_names_every_nonfinite_sample_of_the_batch(tmp_path):
+    """The writer thread checks a batch unit by unit; the error still names every bad sample of the batch,
+    and no unit holding one is flagged."""
+    from softlabels.errors import NonFiniteOutputs
+    from softlabels.store.reader import UnitStore
+    from softlabels.teacher.runner import run_job
+
+    class TwoBad(_TokenProducer):
+        def logits(self, lo, hi):
+            z = super().logits(lo, hi)
+            for s in (5, 6):  # batch (5, 10): sample 5 ends unit 1, sample 6 starts unit 2
+                if lo <= s < hi and self.cum[s + 1] > self.cum[s]:
+                    z[self.cum[s] - self.cum[lo]] = np.inf
+            return z
+
+    lengths = np.array([3, 0, 7, 1, 2, 9, 4, 0, 5, 6, 2], np.int64)
+    with pytest.raises(NonFiniteOutputs, match="sample ids 5, 6;"):
+        run_job(TwoBad(_token_meta(lengths), lengths), tmp_path / "n.h5", batch_size=5)
+    with UnitStore(tmp_path / "n.h5", allow_partial=True) as store:
+        done = store.unit_done()
+    assert not done[1] and not done[2]  # the units of samples 5 and 6

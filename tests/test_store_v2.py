@@ -242,3 +242,51 @@ def test_layout_params_round_trip_through_make_layout(layout):
     lay = make_layout(layout, num_classes=9, logits_dtype="float16", **LAYOUT_PARAMS[layout])
     assert make_layout(layout, num_classes=9, logits_dtype="float16", **lay.params()) == lay
     assert lay.params() == LAYOUT_PARAMS[layout]
+
+
+@pytest.mark.parametrize("positions,layout,dtype", [("sample", "dense", "float16"), ("views", "topk", "bfloat16"),
+                                                    ("tokens", "sampled", "float32"), ("tokens", "dense", "float16")])
+def test_hdf5_whole_chunk_writes_leave_the_bytes_of_plain_h5py_writes(tmp_path, monkeypatch, positions, layout, dtype):
+    """Whole uncompressed chunks are written with H5Dwrite_chunk; the file must be byte for byte the one
+    h5py's ordinary writes (``dataset[a:b] = rows``) make, and read back equal through plain h5py."""
+    from softlabels.store._hdf5 import HDF5Backend
+
+    lengths = np.array([3, 0, 7, 2, 9, 1, 4, 4, 0, 5, 2, 6, 1], np.int64) if positions == "tokens" else None
+    meta = _meta(positions, layout, 13, 6, dtype, 4, 1, lengths)  # 4 units, the last one an edge chunk
+    calls = {"setitem": 0}
+    setitem = h5py.Dataset.__setitem__
+
+    def counted(self, key, value):
+        calls["setitem"] += 1
+        return setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", counted)
+
+    def write(path: str) -> dict[int, dict[str, np.ndarray]]:
+        rng = np.random.default_rng(5)
+        w = UnitWriter.create(tmp_path / path, meta, lengths=lengths)
+        written = {}
+        for u in rng.permutation(w.num_units):
+            written[int(u)] = _unit_arrays(w, int(u), rng)
+            w.write_unit(int(u), written[int(u)])
+        w.finish()
+        w.close()
+        return written
+
+    written = write("direct.h5")
+    direct_calls = calls["setitem"]
+    with monkeypatch.context() as m:
+        m.setattr(HDF5Backend, "_raw_rows", lambda self, name, d: 0)  # every write through h5py's __setitem__
+        calls["setitem"] = 0
+        write("plain.h5")
+        plain_calls = calls["setitem"]
+    assert direct_calls < plain_calls  # the whole chunks did take the direct path
+    assert (tmp_path / "direct.h5").read_bytes() == (tmp_path / "plain.h5").read_bytes()
+    with UnitStore(tmp_path / "direct.h5") as store:
+        assert store.verify() == []  # every unit's checksum, over the bytes as read
+        for u, arrays in written.items():
+            a0, a1 = store.positions.unit_axis_range(u)
+            s0, s1 = store.meta.geometry.unit_samples_range(u)
+            for k, v in arrays.items():
+                lo, hi = (a0, a1) if meta.arrays()[k].family == "position" else (s0, s1)
+                np.testing.assert_array_equal(_plain_read(tmp_path / "direct.h5", "hdf5", meta, k, lo, hi), v)

@@ -47,6 +47,7 @@ class HDF5Backend:
             ) from err
         self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
         self._raw: dict[str, int] = {}  # see _raw_rows
+        self._whole: dict[str, tuple] = {}  # see write
         self._reserve = False  # arrays created without HDF5's zero-fill: reserve their space at the next flush
         if mode != "w":
             escape = _escape(self._f)
@@ -162,8 +163,23 @@ class HDF5Backend:
         return rows
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
+        d = self._dataset(name)
+        stop = start + len(data)
         with self._writing():
-            self._dataset(name)[start:start + len(data)] = data
+            whole = self._whole.get(name)
+            if whole is None:  # h5py's shape and dtype properties cost more than a chunk's write
+                whole = self._whole[name] = (self._raw_rows(name, d), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
+            rows, n, dtype, rest = whole
+            whole_rows = 0  # the rows written as whole chunks
+            if rows and start % rows == 0 and data.dtype == dtype and data.flags.c_contiguous:
+                # whole uncompressed chunks: their rows are their stored bytes (H5Dwrite_chunk, no chunk
+                # cache, no selection: ~2.5x H5Dwrite). Chunks are allocated at creation and unfiltered,
+                # so HDF5 overwrites each in place: the file's bytes are those H5Dwrite would leave.
+                whole_rows = (min(stop, n) - start) // rows * rows
+                for at in range(0, whole_rows, rows):
+                    d.id.write_direct_chunk((start + at, *rest), data[at:at + rows])
+            if whole_rows < len(data):  # the rest (a partial or edge chunk, a filtered or converted array)
+                d[start + whole_rows:stop] = data[whole_rows:]
 
     def flush(self) -> None:
         with self._writing():
@@ -177,6 +193,7 @@ class HDF5Backend:
     def close(self) -> None:
         self._datasets.clear()
         self._raw.clear()
+        self._whole.clear()
         if self._f.id.valid:
             with self._writing():  # closing flushes: a full disk can fail here too
                 self._f.close()

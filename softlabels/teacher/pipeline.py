@@ -21,6 +21,7 @@ from softlabels.errors import ConfigError, ModelMismatch, NonFiniteOutputs
 from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
 from softlabels.store.layouts import finite_rows
+from softlabels.teacher.producer import slice_samples
 
 __all__ = ["BackgroundWriter", "Teacher", "make_loader", "sample_of_rows"]
 
@@ -169,16 +170,29 @@ class BackgroundWriter:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a killed job, right after a unit
 
     def _write(self, item: tuple[int, dict[str, Any]]) -> None:
+        """Check and write a piece unit by unit: each unit's rows are checked, written and checksummed
+        while they are in the CPU's cache, and the check's temporaries stay one unit large."""
         a, piece = item
+        n = len(piece[fmt.SAMPLE_IDS])
+        step = self.writer.meta.geometry.unit_samples
+        lo = a
+        while lo < a + n:
+            hi = min(a + n, (lo // step + 1) * step)
+            part = piece if (lo, hi) == (a, a + n) else slice_samples(piece, self.position_keys, a, lo, hi, self.cum)
+            if self.on_nonfinite == "error" and not finite_rows({k: part[k] for k in self.position_keys}).all():
+                self._refuse(a, piece)  # "record": written, listed at the end
+            self.writer.write(lo, **part)
+            lo = hi
+
+    def _refuse(self, a: int, piece: dict[str, Any]) -> None:
+        """Raise the error naming every sample of the piece with a non-finite stored value."""
         bad = np.flatnonzero(~finite_rows({k: piece[k] for k in self.position_keys}))
-        if len(bad) and self.on_nonfinite == "error":  # "record": written, listed at the end
-            lengths = None if self.cum is None else np.diff(self.cum[a:a + len(piece[fmt.SAMPLE_IDS]) + 1])
-            ids = np.unique(sample_of_rows(piece[fmt.SAMPLE_IDS], bad, lengths))
-            raise NonFiniteOutputs(
-                f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
-                f"ids {fmt.chunk_list(ids, 5)}; nothing was marked complete; fix the teacher or its inputs, or "
-                "pass --on-nonfinite record to store them as they are")
-        self.writer.write(a, **piece)
+        lengths = None if self.cum is None else np.diff(self.cum[a:a + len(piece[fmt.SAMPLE_IDS]) + 1])
+        ids = np.unique(sample_of_rows(piece[fmt.SAMPLE_IDS], bad, lengths))
+        raise NonFiniteOutputs(
+            f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
+            f"ids {fmt.chunk_list(ids, 5)}; nothing was marked complete; fix the teacher or its inputs, or "
+            "pass --on-nonfinite record to store them as they are")
 
 
 def sample_of_rows(ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
