@@ -16,17 +16,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softlabels.store.layouts import make_layout, to_numpy
+from softlabels.store.layouts import decode_ids, encode_ids, make_layout, to_numpy
 from softlabels.store.layouts.sampled import _valid_fast
 
-CLASSES = [7, 4096, 65_536 - 12, 65_536, (1 << 24) + 5]  # uint16 ids (with and without room for keys), uint32 ids
+CLASSES = [7, 4096, 65_536 - 12, 65_536, 70_000, (1 << 24) + 5]  # uint16 ids (with and without room for keys),
+# packed 3-byte ids, uint32 ids
 
 
 def valid_block(layout, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A valid block made directly (no teacher): distinct ids by count descending, padding 0, lse above the top."""
     arrays = layout.arrays()
     s = layout.samples
-    ids = np.zeros((rows, s), arrays["sampled_ids"].dtype)
+    ids = np.zeros((rows, s), np.int64)
     counts = np.zeros((rows, s), arrays["sampled_counts"].dtype)
     logits = torch.zeros(rows, s)
     for r in range(rows):
@@ -38,7 +39,8 @@ def valid_block(layout, rows: int, rng: np.random.Generator) -> dict[str, np.nda
     stored = to_numpy(logits.to(layout.store_dtype)).copy()
     top = torch.where(torch.from_numpy(counts > 0), logits.to(layout.store_dtype).float(), -torch.inf).amax(-1)
     lse = (top.double() / layout.temperature + torch.from_numpy(rng.uniform(0, 2, rows))).float().numpy()
-    return {"sampled_ids": ids, "sampled_counts": counts, "sampled_logits": stored, "logsumexp": lse}
+    return {"sampled_ids": to_numpy(encode_ids(torch.from_numpy(ids), layout.num_classes)).copy(),
+            "sampled_counts": counts, "sampled_logits": stored, "logsumexp": lse}
 
 
 SPECIAL = [0.0, -0.0, float("nan"), float("inf"), float("-inf"), 1e-7, -1e-7, 65504.0, -3.5, 3.5]
@@ -51,7 +53,7 @@ def mutate(block: dict[str, np.ndarray], layout, data) -> None:
     r = data.draw(st.integers(0, len(counts) - 1))
     pads = np.flatnonzero(counts[r] == 0).tolist()
     j = data.draw(st.sampled_from(pads[:1] + pads[-1:] + [0, counts.shape[1] - 1]))  # padding is often the target
-    if a.ndim == 2 and a.shape[1] > 1 and data.draw(st.booleans()):  # swap two slots: sums stay, order does not
+    if a.ndim >= 2 and a.shape[1] > 1 and data.draw(st.booleans()):  # swap two slots: sums stay, order does not
         k = data.draw(st.integers(0, a.shape[1] - 1))
         a[r, [j, k]] = a[r, [k, j]]
         return
@@ -69,12 +71,14 @@ def mutate(block: dict[str, np.ndarray], layout, data) -> None:
             value = torch.tensor([data.draw(st.sampled_from(SPECIAL))]).to(layout.store_dtype)
             a[r, j] = to_numpy(value)[0]
         return
-    info = np.iinfo(a.dtype)
-    choices = [0, 1, info.max, int(a[r, j]) + 1, int(a[r, j]) - 1, int(a[r, (j + 1) % a.shape[1]]),
-               int(a[r, j - 1])]
+    packed = a.ndim == 3  # 3-byte ids
+    row = decode_ids(a[r:r + 1]).numpy()[0] if name == "sampled_ids" else a[r].astype(np.int64)
+    top = (1 << 24) - 1 if packed else int(np.iinfo(a.dtype).max)
+    choices = [0, 1, top, int(row[j]) + 1, int(row[j]) - 1, int(row[(j + 1) % len(row)]), int(row[j - 1])]
     if name == "sampled_ids":
         choices += [layout.num_classes - 1, layout.num_classes, layout.num_classes + j]
-    a[r, j] = data.draw(st.sampled_from([c for c in choices if info.min <= c <= info.max]))
+    v = data.draw(st.sampled_from([c for c in choices if 0 <= c <= top]))
+    a[r, j] = [(v >> 8 * b) & 0xFF for b in range(3)] if packed else v
 
 
 @settings(max_examples=300, deadline=None)
@@ -117,16 +121,25 @@ def _lse_at_tolerance(block, layout, below: bool) -> None:
     lse[0] = np.nextafter(np.float32(edge), np.float32(-np.inf if below else np.inf))
 
 
+def _set_id(block, at: tuple[int, int], value: int) -> None:
+    a = block["sampled_ids"]
+    a[at] = [(value >> 8 * b) & 0xFF for b in range(3)] if a.ndim == 3 else value
+
+
+def _id(block, at: tuple[int, int]) -> int:
+    return int(decode_ids(block["sampled_ids"]).numpy()[at])
+
+
 CASES = {  # name -> (change, the plain checks refuse it)
     "descending-swap": (lambda b, lay: b["sampled_counts"].__setitem__((1, [0, 3]), b["sampled_counts"][1, [3, 0]]),
                         True),
-    "pad-id": (lambda b, lay: b["sampled_ids"].__setitem__(_first_pad(b), 5), True),
+    "pad-id": (lambda b, lay: _set_id(b, _first_pad(b), 5), True),
     "pad-logit": (lambda b, lay: b["sampled_logits"].__setitem__(_first_pad(b), 1), True),
     "pad-logit-minus-zero": (lambda b, lay: b["sampled_logits"].__setitem__(
         _first_pad(b), to_numpy(torch.tensor([-0.0]).to(lay.store_dtype))[0]), False),
-    "duplicate-id": (lambda b, lay: b["sampled_ids"].__setitem__((0, 1), b["sampled_ids"][0, 0]), True),
-    "id-equal-to-C": (lambda b, lay: b["sampled_ids"].__setitem__((0, 1), lay.num_classes), True),
-    "padding-key-as-id": (lambda b, lay: b["sampled_ids"].__setitem__((0, 1), lay.num_classes + 6), True),
+    "duplicate-id": (lambda b, lay: _set_id(b, (0, 1), _id(b, (0, 0))), True),
+    "id-equal-to-C": (lambda b, lay: _set_id(b, (0, 1), lay.num_classes), True),
+    "padding-key-as-id": (lambda b, lay: _set_id(b, (0, 1), lay.num_classes + 6), True),
     "nan-logit": (lambda b, lay: b["sampled_logits"].__setitem__((0, 0), to_numpy(torch.tensor([float("nan")]).to(
         lay.store_dtype))[0]), False),  # no logsumexp test without finite logits (the plain checks' rule)
     "nan-logsumexp": (lambda b, lay: b["logsumexp"].__setitem__(0, np.nan), True),
@@ -135,10 +148,11 @@ CASES = {  # name -> (change, the plain checks refuse it)
 }
 
 
+@pytest.mark.parametrize("classes", [4096, 70_000])  # uint16 and packed 3-byte ids
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_each_check_refuses_what_the_plain_checks_refuse(case: str, dtype: str) -> None:
-    layout = make_layout("sampled", num_classes=4096, logits_dtype=dtype, samples=12, temperature=0.5)
+def test_each_check_refuses_what_the_plain_checks_refuse(case: str, dtype: str, classes: int) -> None:
+    layout = make_layout("sampled", num_classes=classes, logits_dtype=dtype, samples=12, temperature=0.5)
     block = valid_block(layout, 6, np.random.default_rng(1))
     change, refused = CASES[case]
     change(block, layout)

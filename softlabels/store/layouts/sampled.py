@@ -251,8 +251,12 @@ def _valid_fast(layout: Sampled, block: Mapping[str, np.ndarray]) -> bool:
     """
     ids, counts = block[SAMPLED_IDS], block[SAMPLED_COUNTS]
     rows, slots = counts.shape
-    if ids.ndim != 2 or not rows:  # packed 3-byte ids, or nothing to check: the plain path
+    if not rows:
         return False
+    if ids.ndim == 3:  # packed 3-byte ids: as uint32 (a fourth zero byte, little-endian)
+        wide = np.zeros((rows, slots, 4), np.uint8)
+        wide[..., :3] = ids
+        ids = wide.view("<u4")[..., 0]
     c = np.ascontiguousarray(counts.T)
     wide = {1: np.uint16, 2: np.uint32}.get(c.itemsize, np.uint64)  # S slots of counts never overflow it
     if (np.add.reduce(c, axis=0, dtype=wide) != layout.samples).any() or (c[1:] > c[:-1]).any():
