@@ -46,8 +46,10 @@ class HDF5Backend:
                 f"{str(path)!r} is not a readable HDF5 file ({_first_line(text)}); check the path or regenerate the store"
             ) from err
         self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
+        self._ids: dict[str, h5py.h5d.DatasetID] = {}  # the read functions' datasets, low-level
         self._raw: dict[str, int] = {}  # see _raw_rows
         self._whole: dict[str, tuple] = {}  # see write
+        self._attrs: list[tuple[str, Any]] | None = None  # the root attributes as stored (read-only handles)
         self._reserve = False  # arrays created without HDF5's zero-fill: reserve their space at the next flush
         if mode != "w":
             escape = _escape(self._f)
@@ -68,7 +70,12 @@ class HDF5Backend:
     def attrs(self) -> dict[str, Any]:
         # list() first: raising mid-iteration would leave an h5py generator holding its global
         # lock, and any later HDF5 call from another thread of this process would hang.
-        return {k: decode_h5_attr(k, v) for k, v in list(self._f.attrs.items())}
+        raw = self._attrs
+        if raw is None:
+            raw = list(self._f.attrs.items())
+            if self._f.mode == "r":  # nothing changes them through a read-only handle: read once, decode each call
+                self._attrs = raw
+        return {k: decode_h5_attr(k, v) for k, v in raw}
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         with self._writing():
@@ -83,12 +90,31 @@ class HDF5Backend:
         except (OSError, ValueError, RuntimeError) as err:
             raise _write_error(self.path, err) from err
 
+    # The read functions use h5py's low-level dataset ids: a high-level Dataset costs ~0.1 ms to make
+    # and each property another call layer, which an open (every array checked) pays per array.
+    def _dsid(self, name: str) -> h5py.h5d.DatasetID:
+        d = self._ids.get(name)
+        if d is None:
+            try:
+                d = self._ids[name] = h5py.h5d.open(self._f.id, name.encode())
+            except KeyError:
+                raise CorruptStore(f"array {name!r} is missing from {str(self.path)!r}; regenerate the store") from None
+        return d
+
     def array_names(self) -> list[str]:
-        return [k for k, v in self._f.items() if isinstance(v, h5py.Dataset)]
+        links: list[bytes] = []
+        self._f.id.links.iterate(links.append)
+        names = []
+        for raw in links:
+            obj = h5py.h5o.open(self._f.id, raw)
+            if isinstance(obj, h5py.h5d.DatasetID):
+                names.append(raw.decode("utf-8", "surrogateescape"))
+                self._ids.setdefault(names[-1], obj)
+        return names
 
     def array_info(self, name: str) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
-        d = self._dataset(name)
-        return tuple(d.shape), d.dtype, tuple(d.chunks or d.shape)
+        d = self._dsid(name)
+        return tuple(d.shape), d.dtype, _chunks(d) or tuple(d.shape)
 
     def shard_rows(self, name: str) -> int | None:
         return None  # HDF5 has no shards
@@ -99,12 +125,13 @@ class HDF5Backend:
         Stores allocate every chunk at creation, so a shape the file does not back with
         allocated chunks is a claim only: refused before anything is read or allocated.
         """
-        d = self._dataset(name)
-        if d.chunks is None:
-            held, want = d.id.get_storage_size(), d.nbytes
+        d = self._dsid(name)
+        chunks = _chunks(d)
+        if chunks is None:
+            held, want = d.get_storage_size(), math.prod(d.shape) * d.dtype.itemsize
             return None if held >= want else f"{name} claims {want:,} bytes but the file holds {held:,} for it"
-        want = math.prod(-(-n // c) for n, c in zip(d.shape, d.chunks))
-        held = d.id.get_num_chunks()
+        want = math.prod(-(-n // c) for n, c in zip(d.shape, chunks))
+        held = d.get_num_chunks()
         return None if held >= want else f"{name} claims {want:,} chunks but the file holds {held:,} of them"
 
     def create_array(self, name: str, spec: ArraySpec, *, chunk_rows: int, shard_rows: int | None,
@@ -129,21 +156,21 @@ class HDF5Backend:
         self._reserve |= reserve
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        d = self._dataset(name)
+        d = self._dsid(name)
         shape = d.shape
         if out is None:
-            check_read_size(self.path, name, (max(0, min(stop, d.shape[0]) - start),) + d.shape[1:], d.dtype)
-            out = np.empty((stop - start,) + d.shape[1:], dtype=d.dtype)
+            check_read_size(self.path, name, (max(0, min(stop, shape[0]) - start),) + shape[1:], d.dtype)
+            out = np.empty((stop - start,) + shape[1:], dtype=d.dtype)
         if stop > start:
             try:
                 if self._raw_rows(name, d) == stop - start and start % (stop - start) == 0 and out.flags.c_contiguous:
                     # one whole uncompressed chunk: its bytes are the rows (H5Dread_chunk, ~3x H5Dread here)
-                    d.id.read_direct_chunk((start,) + (0,) * (len(shape) - 1), out=out.reshape(-1).view(np.uint8))
+                    d.read_direct_chunk((start,) + (0,) * (len(shape) - 1), out=out.reshape(-1).view(np.uint8))
                 else:
                     # the low-level read: read_direct's selection logic costs as much as a small array's read
-                    space = d.id.get_space()
+                    space = d.get_space()
                     space.select_hyperslab((start,) + (0,) * (len(shape) - 1), (stop - start,) + shape[1:])
-                    d.id.read(h5py.h5s.create_simple(out.shape), space, out)
+                    d.read(h5py.h5s.create_simple(out.shape), space, out)
             except (OSError, RuntimeError) as err:
                 raise CorruptStore(
                     f"cannot read rows {start}..{stop} of {name!r} in {str(self.path)!r} ({_first_line(str(err))}); "
@@ -151,14 +178,14 @@ class HDF5Backend:
                 ) from err
         return out
 
-    def _raw_rows(self, name: str, d: h5py.Dataset) -> int:
+    def _raw_rows(self, name: str, d: h5py.h5d.DatasetID) -> int:
         """Rows per chunk when a chunk's stored bytes are exactly its rows (no filter, native order,
         chunked along N only), else 0."""
         rows = self._raw.get(name)
         if rows is None:
-            chunks = d.chunks
+            chunks = _chunks(d)
             plain = (chunks is not None and chunks[1:] == d.shape[1:] and d.dtype.isnative
-                     and d.id.get_create_plist().get_nfilters() == 0)
+                     and d.get_create_plist().get_nfilters() == 0)
             rows = self._raw[name] = chunks[0] if plain else 0
         return rows
 
@@ -168,7 +195,7 @@ class HDF5Backend:
         with self._writing():
             whole = self._whole.get(name)
             if whole is None:  # h5py's shape and dtype properties cost more than a chunk's write
-                whole = self._whole[name] = (self._raw_rows(name, d), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
+                whole = self._whole[name] = (self._raw_rows(name, d.id), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
             rows, n, dtype, rest = whole
             whole_rows = 0  # the rows written as whole chunks
             if rows and start % rows == 0 and data.dtype == dtype and data.flags.c_contiguous:
@@ -192,6 +219,7 @@ class HDF5Backend:
 
     def close(self) -> None:
         self._datasets.clear()
+        self._ids.clear()
         self._raw.clear()
         self._whole.clear()
         if self._f.id.valid:
@@ -207,25 +235,41 @@ def _escape(group: h5py.Group, prefix: str = "/") -> str | None:
 
     Refused: external and soft links (h5py would follow them for reads and writes),
     datasets with external raw storage, and virtual datasets; a store makes none of them.
+    Walked with h5py's low-level calls (a hard link's object opened by name, its creation
+    properties read): the high-level objects cost ~0.1 ms per array, and every open walks.
     """
-    for name in list(group):  # link names: listing resolves no link
-        link = group.get(name, getlink=True)
+    gid = group.id
+    names: list[bytes] = []
+    gid.links.iterate(names.append)  # link names: listing resolves no link
+    for raw in names:
+        name = raw.decode("utf-8", "surrogateescape")
         where = f"{prefix}{name}"
-        if isinstance(link, h5py.ExternalLink):
-            return f"{where} is an external link to {link.filename}:{link.path}"
-        if isinstance(link, h5py.SoftLink):
-            return f"{where} is a soft link to {link.path}"
-        obj = group.get(name)
-        if isinstance(obj, h5py.Group):
-            found = _escape(obj, where + "/")
+        if gid.links.get_info(raw).type != h5py.h5l.TYPE_HARD:
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                return f"{where} is an external link to {link.filename}:{link.path}"
+            if isinstance(link, h5py.SoftLink):
+                return f"{where} is a soft link to {link.path}"
+            return f"{where} is a link of an unknown kind"
+        obj = h5py.h5o.open(gid, raw)
+        if isinstance(obj, h5py.h5g.GroupID):
+            found = _escape(h5py.Group(obj), where + "/")
             if found:
                 return found
-        elif isinstance(obj, h5py.Dataset):
-            if obj.is_virtual:
+        elif isinstance(obj, h5py.h5d.DatasetID):
+            dcpl = obj.get_create_plist()
+            if dcpl.get_layout() == h5py.h5d.VIRTUAL:
                 return f"{where} is a virtual dataset (its data comes from other datasets or files)"
-            if obj.external:
-                return f"{where} keeps its data in external file(s) {', '.join(str(e[0]) for e in obj.external)}"
+            if dcpl.get_external_count():
+                files = (dcpl.get_external(i)[0].decode("utf-8", "replace") for i in range(dcpl.get_external_count()))
+                return f"{where} keeps its data in external file(s) {', '.join(files)}"
     return None
+
+
+def _chunks(d: h5py.h5d.DatasetID) -> tuple[int, ...] | None:
+    """A dataset's chunk shape, or None when it is not chunked (h5py's ``Dataset.chunks``)."""
+    dcpl = d.get_create_plist()
+    return dcpl.get_chunk() if dcpl.get_layout() == h5py.h5d.CHUNKED else None
 
 
 def _write_error(path: Path, err: BaseException) -> StoreWriteError:

@@ -76,10 +76,14 @@ class ReadHandle(Units):
     _backend: Backend | None = None
     _pid: int = -1
 
-    def __init__(self, path: str | Path, *, allow_partial: bool = False, backend: str | None = None) -> None:
+    def __init__(self, path: str | Path, *, allow_partial: bool = False, backend: str | None = None,
+                 opened: Backend | None = None) -> None:
+        """``opened``: the store's backend, already opened for reading in this process (adopted, not reopened)."""
         self.path = store_location(path)
         self.backend_kind = backend_kind(self.path, backend)
         self._allow_partial = allow_partial
+        if opened is not None:
+            self._backend, self._pid = opened, os.getpid()
         try:
             self._open(self._handle())
         except SoftLabelsError as err:

@@ -45,13 +45,15 @@ def open_store(path: str | Path, *, allow_partial: bool = False, backend: str | 
         version = b.attrs().get("softlabels_format")
     except SoftLabelsError:  # damaged attributes: the reader names the problem with the path
         version = FORMAT_VERSION_2
-    finally:
+    except BaseException:
         b.close()
+        raise
     if version == 1:
+        b.close()
         from softlabels.store.v1 import V1Store
 
         return V1Store(path, allow_partial=allow_partial, backend=backend)
-    return UnitStore(path, allow_partial=allow_partial, backend=backend)
+    return UnitStore(path, allow_partial=allow_partial, backend=backend, opened=b)  # one open, not two
 
 
 class UnitStore(ReadHandle):

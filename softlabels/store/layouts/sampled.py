@@ -145,7 +145,17 @@ class Sampled(Layout):
             if ids.shape[-1] > 1 and (np.diff(ids, axis=-1) < 0).any():
                 p.append("sampled_ids of an ids-only store are not in ascending order within a row")
             return p
-        # on the stored dtypes, no int64 copies: a unit is checked on every read
+        # every unit read is checked: the common case in a few passes over blocks of rows small enough to
+        # stay in cache (and below malloc's mmap threshold: a unit's worth of temporaries page-faults each time)
+        rows = len(block[SAMPLED_COUNTS])
+        if all(_valid_fast(self, {k: v[a:a + _CHECK_ROWS] for k, v in block.items()})
+               for a in range(0, rows, _CHECK_ROWS)) and rows:
+            return p
+        return self._problems(block)
+
+    def _problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
+        """Every problem of a block with logits (what :meth:`validate` reports), one check at a time."""
+        p: list[str] = []
         counts = block[SAMPLED_COUNTS]
         sums = counts.sum(-1, dtype=np.int64)
         if len(sums) and (sums != self.samples).any():
@@ -232,6 +242,71 @@ class Sampled(Layout):
         return out
 
 
+def _valid_fast(layout: Sampled, block: Mapping[str, np.ndarray]) -> bool:
+    """True only if :meth:`Sampled._problems` finds nothing in ``block`` (a sampled block with logits);
+    False sends it there, which names the problems (or finds none: a store this cannot clear quickly).
+
+    The same checks on slot-major copies ([S, R]: each slot's column contiguous), so every per-row
+    test is an elementwise pass over R values in the stored dtypes (16-bit logits as their bits:
+    numpy converts float16 at ~2 ns a value): counts sum to S and descend, ids < C (all slots:
+    padding must hold 0 anyway), padding holds id 0 and logit 0, no id twice in a row (padding
+    slot j keyed C + j, which no id can equal), logsumexp and logits finite, and logsumexp at
+    least the row's top stored logit / Td (the same float64 expression).
+    """
+    ids, counts = block[SAMPLED_IDS], block[SAMPLED_COUNTS]
+    rows, slots = counts.shape
+    if not rows:
+        return False
+    if ids.ndim == 3:  # packed 3-byte ids: as uint32 (a fourth zero byte, little-endian)
+        wide = np.zeros((rows, slots, 4), np.uint8)
+        wide[..., :3] = ids
+        ids = wide.view("<u4")[..., 0]
+    c = np.ascontiguousarray(counts.T)
+    wide = {1: np.uint16, 2: np.uint32}.get(c.itemsize, np.uint64)  # S slots of counts never overflow it
+    if (np.add.reduce(c, axis=0, dtype=wide) != layout.samples).any() or (c[1:] > c[:-1]).any():
+        return False
+    i = np.ascontiguousarray(ids.T)
+    if int(i.max()) >= layout.num_classes:
+        return False
+    pad = c == 0
+    if ((i != 0) & pad).any():
+        return False
+    top_key = layout.num_classes + slots
+    key = np.uint16 if top_key <= 0xFFFF else np.uint32 if top_key <= 0xFFFFFFFF else np.uint64
+    keys = i.astype(key)
+    np.copyto(keys, (layout.num_classes + np.arange(slots, dtype=key))[:, None], where=pad)
+    if any((keys[:j] == keys[j]).any() for j in range(1, slots)):
+        return False
+    top = _top_logit(np.ascontiguousarray(block[SAMPLED_LOGITS].T), pad, layout.logits_dtype)
+    lse = block[LOGSUMEXP]
+    if top is None or not np.isfinite(lse).all():
+        return False
+    top = top / layout.temperature
+    eps = float(torch.finfo(layout.store_dtype).eps)
+    return not (lse.astype(np.float64) < top - (np.abs(top) * eps + 1e-4)).any()
+
+
+def _top_logit(logits: np.ndarray, pad: np.ndarray, logits_dtype: str) -> np.ndarray | None:
+    """float64 [R]: each row's largest stored logit over its real slots (``logits``, ``pad``: [S, R]); None
+    if a padding slot holds a nonzero logit or any logit is NaN or inf."""
+    if logits_dtype == "float32":
+        if ((logits != 0) & pad).any() or not np.isfinite(logits).all():
+            return None
+        return np.where(pad, np.float32(-np.inf), logits).max(0).astype(np.float64)  # may view the block
+    bits = logits.view(np.uint16)
+    inf = 0x7C00 if logits_dtype == "float16" else 0x7F80  # exponent all ones: inf or NaN
+    if (((bits & 0x7FFF) != 0) & pad).any() or ((bits & inf) == inf).any():
+        return None
+    s = bits.view(np.int16)
+    order = s ^ ((s >> 15) & np.int16(0x7FFF))  # ordered like the values (finite ones; -0 just below +0)
+    np.copyto(order, np.int16(-0x8000), where=pad)
+    m = order.max(0)
+    m ^= (m >> 15) & np.int16(0x7FFF)  # the same map undoes itself: the top logit's bits
+    if logits_dtype == "float16":
+        return m.view(np.float16).astype(np.float64)
+    return (m.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
 _TORCH_COUNTS = {np.dtype("uint8"): torch.uint8, np.dtype("uint16"): torch.uint16, np.dtype("uint32"): torch.uint32}
 
 
@@ -250,6 +325,9 @@ def _unique_counts(draws: Tensor) -> tuple[Tensor, Tensor]:
     ids = ids.gather(1, order).masked_fill_(counts == 0, 0)
     return ids, counts
 
+
+_CHECK_ROWS = 1 << 14
+"""Rows per pass of the fast checks of :meth:`Sampled.validate`."""
 
 _DRAW_BLOCK = {"cpu": 1 << 17, "cuda": 1 << 22}
 """Elements of [rows, C] per block of the draw kernel, by device type (others: the cuda figure)."""
