@@ -1315,7 +1315,7 @@ def _seam_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L2407": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=2, loss="kl"),
         "L2408": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=0),
         "L2409": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=2, alpha=0.5),
-        "L2410": lambda c: topk.probs(2.0),
+        "L2410": lambda c: TopKTarget(topk.values, topk.ids, torch.zeros(2, 2), (1.0, 2.0)).probs(3.0),
         "L2411": lambda c: sl.kd_loss(torch.zeros(2, 2, C), topk, temperature=2),
         "L2412": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=1, alpha=0.5, labels=torch.tensor([0, C])),
         "L2413": lambda c: sl.kd_loss(torch.zeros(2, 1), topk, temperature=1),

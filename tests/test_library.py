@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -158,11 +159,27 @@ def test_loss_refusals_name_python_arguments(stores):
         sl.kd_loss(s, t, temperature=0)
     with pytest.raises(ConfigError, match=r"alpha=0.5 mixes in the hard-label cross-entropy; pass labels="):
         sl.kd_loss(s, t, temperature=2, alpha=0.5)
-    with pytest.raises(ConfigError, match=r"knows the teacher's exact probabilities at temperature 1 only"):
-        t.probs(2.0)
+    with pytest.raises(ConfigError, match=r"not T = 3; pass temperature=1, 2 or 4, or regenerate it with"):
+        t.probs(3.0)
     with pytest.raises(ModelMismatch, match=r"student_logits= has shape"):
         sl.kd_loss(s[None], t, temperature=2)
     torch.testing.assert_close(t.probs(1.0), t.log_probs().exp())
+
+
+def test_probs_are_the_dense_teachers_at_every_temperature_the_target_answers(stores):
+    """probs(T) of a top-k (each T of its tail grid) or sampled (its draw T) target is softmax(z / T) of the
+    same teacher's dense logits at the stored ids; any other T is refused, never answered at another T."""
+    _, dense = _batch(stores, "dense")
+    _, topk = _batch(stores, "topk")
+    _, sampled = _batch(stores, "sampled")
+    for temp in topk.temperatures:
+        want = F.softmax(dense.logits.float() / temp, -1).gather(1, topk.ids)
+        torch.testing.assert_close(topk.probs(temp), want, rtol=0, atol=2e-3)
+    want = F.softmax(dense.logits.float() / sampled.temperature, -1).gather(1, sampled.ids) * sampled.valid
+    torch.testing.assert_close(sampled.probs(), want, rtol=0, atol=2e-3)
+    hot = dataclasses.replace(sampled, temperature=2.0)  # the same draws, said to be at T = 2
+    with pytest.raises(ConfigError, match=r"this sampled target was drawn at T = 2 .* not T = 1; pass temperature=2"):
+        hot.probs(1.0)
 
 
 def test_views_hand_the_transform_the_stored_parameters(tmp_path):

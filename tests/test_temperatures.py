@@ -70,7 +70,7 @@ def test_tail_logsumexp_is_exact_and_minus_inf_without_a_tail() -> None:
 def test_a_t_off_the_grid_is_refused_in_one_line() -> None:
     layout = make_layout("topk", num_classes=10, k=3, tail_temperatures=[1, 2, 4])
     target = layout.decode(stored(layout.encode(torch.randn(4, 10))))
-    with pytest.raises(ConfigError, match=r"answers only those exactly, not T = 3; pass --temperature 1, 2 or 4, "
+    with pytest.raises(ConfigError, match=r"answers only those exactly, not T = 3; pass temperature=1, 2 or 4, "
                                           r"or regenerate it with .*--tail-temperatures 1,2,3,4"):
         make_soft_loss("topk_kl", 3.0)(torch.randn(4, 10), target)
 
@@ -126,7 +126,7 @@ def test_sampled_at_another_t_is_refused_naming_td() -> None:
     target = layout.decode(stored(layout.encode(torch.randn(3, 10), sample_ids=torch.arange(3),
                                                 positions=torch.zeros(3, dtype=torch.long))))
     with pytest.raises(ConfigError, match=r"was drawn at T = 2 and answers only that T exactly, not T = 1; pass "
-                                          r"--temperature 2, or regenerate it with 'softlabels generate --layout "
+                                          r"temperature=2, or regenerate it with 'softlabels generate --layout "
                                           r"sampled --sample-temperature 1'"):
         make_soft_loss("sampled_kl", 1.0)(torch.randn(3, 10), target)
 
@@ -219,10 +219,12 @@ def test_generate_records_the_grid_and_draw_temperature_and_refuses_bad_values(t
     with open_store(tmp_path / "s.h5") as s:
         assert s.meta.layout_params["temperature"] == 2.0 and s.meta.layout_params["logits"] is False
     for bad, needle in ((("--layout", "topk", "--topk", "2", "--tail-temperatures", "1,1"), "twice"),
-                        (("--layout", "topk", "--topk", "2", "--tail-temperatures", "0,1"), "> 0"),
-                        (("--layout", "topk", "--topk", "2", "--tail-temperatures", "1,nan"), "> 0"),
-                        (("--layout", "sampled", "--sample-temperature", "0"), "> 0"),
-                        (("--layout", "sampled", "--sample-temperature", "-inf"), "> 0")):
+                        (("--layout", "topk", "--topk", "2", "--tail-temperatures", "0,1"), "between 0.01 and 1000"),
+                        (("--layout", "topk", "--topk", "2", "--tail-temperatures", "1,nan"), "between 0.01 and 1000"),
+                        (("--layout", "topk", "--topk", "2", "--tail-temperatures", "1,1e300"), "between 0.01 and 1000"),
+                        (("--layout", "sampled", "--sample-temperature", "0"), "between 0.01 and 1000"),
+                        (("--layout", "sampled", "--sample-temperature", "1e-300"), "between 0.01 and 1000"),
+                        (("--layout", "sampled", "--sample-temperature", "-inf"), "between 0.01 and 1000")):
         out = tmp_path / "bad.h5"
         assert_one_line_error(run_cli(*gen, "--out", str(out), *bad), needle)
         assert not out.exists()

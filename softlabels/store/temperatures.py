@@ -14,11 +14,15 @@ from typing import Iterable
 
 from softlabels.errors import ConfigError
 
-__all__ = ["DEFAULT_TAIL_TEMPERATURES", "parse_grid", "grid_problems", "require_temperature", "supports",
+__all__ = ["DEFAULT_TAIL_TEMPERATURES", "TAIL_T_RANGE", "parse_grid", "grid_problems", "require_temperature", "supports",
            "format_grid", "intersect"]
 
 DEFAULT_TAIL_TEMPERATURES = (1.0, 2.0, 4.0)
 """The top-k tail grid ``generate`` records when ``--tail-temperatures`` is not given."""
+
+TAIL_T_RANGE = (0.01, 1000.0)
+"""The bounds of a recorded T (tail grid, draw T): z / T and its logsumexp stay finite in float32 for every
+float16 logit."""
 
 _REGENERATE = {
     "topk": "regenerate it with 'softlabels generate --layout topk --tail-temperatures {grid}'",
@@ -35,15 +39,16 @@ def format_grid(grid: Iterable[float]) -> str:
 
 
 def grid_problems(grid: object, what: str = "--tail-temperatures") -> list[str]:
-    """Every problem with a temperature grid: a non-empty list of finite numbers > 0, ascending, no repeats."""
+    """Every problem with a temperature grid: a non-empty list of numbers in ``TAIL_T_RANGE``, ascending, no repeats."""
     if not isinstance(grid, (list, tuple)) or not grid:
         return [f"{what} must be a non-empty list of temperatures, got {grid!r}"]
     try:
         values = [float(t) for t in grid]
     except (TypeError, ValueError):
         return [f"{what} must hold numbers, got {list(grid)!r}"]
-    if isinstance(grid[0], bool) or not all(math.isfinite(t) and t > 0 for t in values):
-        return [f"{what} must hold finite temperatures > 0, got {format_grid(values)}; pass e.g. 1,2,4"]
+    if isinstance(grid[0], bool) or not all(TAIL_T_RANGE[0] <= t <= TAIL_T_RANGE[1] for t in values):
+        return [f"{what} must hold temperatures between {TAIL_T_RANGE[0]:g} and {TAIL_T_RANGE[1]:g}, got "
+                f"{format_grid(values)}; pass e.g. 1,2,4"]
     if len(set(values)) != len(values):
         return [f"{what} names a temperature twice ({format_grid(values)}); pass each once, e.g. 1,2,4"]
     if values != sorted(values):
@@ -75,11 +80,13 @@ def intersect(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> tuple
     return tuple(t for t in a if supports(b, t))
 
 
-def require_temperature(supported: tuple[float, ...] | None, temperature: float, where: str, kind: str) -> None:
+def require_temperature(supported: tuple[float, ...] | None, temperature: float, where: str, kind: str,
+                        option: str = "--temperature ") -> None:
     """Refuse, in one line, a T the store (or target) ``where`` does not answer exactly.
 
     ``kind`` says why and how to get T: ``topk`` (a tail grid), ``topk-legacy`` (T = 1 only),
-    ``sampled`` (its draw temperature), ``ensemble`` (a merged arithmetic store).
+    ``sampled`` (its draw temperature), ``ensemble`` (a merged arithmetic store). ``option`` is how
+    the caller passes T (the CLI's ``--temperature ``, the library's ``temperature=``).
     """
     if supports(supported, temperature):
         return
@@ -90,4 +97,4 @@ def require_temperature(supported: tuple[float, ...] | None, temperature: float,
     have = [f"{x:g}" for x in supported or ()]
     choice = have[0] if len(have) == 1 else f"{', '.join(have[:-1])} or {have[-1]}"
     raise ConfigError(f"{where} {why} T = {', '.join(have)} and answers only {'that T' if len(have) == 1 else 'those'} "
-                      f"exactly, not T = {t:g}; pass --temperature {choice}, or {fix}")
+                      f"exactly, not T = {t:g}; pass {option}{choice}, or {fix}")

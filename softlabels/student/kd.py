@@ -247,7 +247,7 @@ def _teacher_buckets(target: TopKTarget | SampledTarget, num_classes: int, tempe
 def _require_draw_temperature(target: SampledTarget, temperature: float) -> None:
     from softlabels.store.temperatures import require_temperature
 
-    require_temperature(target.temperatures, temperature, "this sampled target", "sampled")
+    require_temperature(target.temperatures, temperature, "this sampled target", "sampled", option="temperature=")
 
 
 def _student_buckets(g: Tensor, lse_s: Tensor, valid: Tensor | None, no_tail: Tensor) -> Tensor:

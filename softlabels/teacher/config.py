@@ -15,7 +15,7 @@ from typing import Any
 from softlabels._runtime.options import threads_problem
 from softlabels._runtime.paths import out_overlaps
 from softlabels.errors import ConfigError
-from softlabels.store.temperatures import DEFAULT_TAIL_TEMPERATURES, grid_problems, parse_grid
+from softlabels.store.temperatures import DEFAULT_TAIL_TEMPERATURES, TAIL_T_RANGE, grid_problems, parse_grid
 
 # Choices. LAYOUTS equals softlabels.store.layouts.LAYOUTS' keys and LOGITS_DTYPES softlabels.store.format's
 # (tests/test_firstuse.py checks both): those modules need numpy and torch.
@@ -157,8 +157,9 @@ class GenerateConfig:
         if t is not None:
             if self.layout != "sampled":
                 p.append("--sample-temperature is only for --layout sampled")
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
-                p.append(f"--sample-temperature must be a finite number > 0, got {t!r}; pass e.g. 1")
+            low, high = TAIL_T_RANGE
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not low <= t <= high:
+                p.append(f"--sample-temperature must be between {low:g} and {high:g}, got {t!r}; pass e.g. 1")
         if self.sampled_ids_only and self.layout != "sampled":
             p.append("--sampled-ids-only is only for --layout sampled")
         return p

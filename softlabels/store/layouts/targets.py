@@ -36,14 +36,6 @@ class _Target:
     def __len__(self) -> int:
         return len(getattr(self, fields(self)[0].name))
 
-    def probs(self, temperature: float = 1.0) -> Tensor:
-        """The teacher's exact probabilities of the stored (top-k: [B, K]) or sampled (padding 0: [B, S]) ids
-        at T = 1; other T: refused."""
-        if float(temperature) != 1.0:
-            raise ConfigError(f"a {type(self).__name__} knows the teacher's exact probabilities at temperature 1 only "
-                              f"(got temperature={temperature!r}): its stored logits are a subset of the classes; "
-                              "pass temperature=1, or generate a dense store for other temperatures")
-        return self.log_probs().exp()
 
 
 @dataclass(frozen=True)
@@ -93,7 +85,7 @@ class TopKTarget(_Target):
 
     def tail(self, temperature: float) -> Tensor:
         """[B] the tail's logsumexp of z / T at a grid T (refused off the grid, in one line)."""
-        require_temperature(self.temperatures, temperature, "this top-k target", "topk")
+        require_temperature(self.temperatures, temperature, "this top-k target", "topk", option="temperature=")
         grid = self.temperatures
         return self.tails[..., min(range(len(grid)), key=lambda i: abs(grid[i] - float(temperature)))]
 
@@ -117,6 +109,10 @@ class TopKTarget(_Target):
     def log_probs(self, temperature: float = 1.0) -> Tensor:
         """Exact teacher log-probabilities of the K stored classes at a grid T, float32 [B, K]."""
         return self.bucket_log_probs(temperature)[:, :-1]
+
+    def probs(self, temperature: float = 1.0) -> Tensor:
+        """The teacher's exact probabilities of the K stored classes [B, K] at a T of the tail grid (others refused)."""
+        return self.log_probs(temperature).exp()
 
     def densify(self, num_classes: int) -> Tensor:
         """[B, C] log-probs at T = 1: exact for the K stored classes, the tail mass spread evenly over the rest."""
@@ -169,6 +165,13 @@ class SampledTarget(_Target):
                               "'softlabels generate --layout sampled' without --sampled-ids-only to get them")
         lp = self.logits.to(dtype) / self.temperature - self.logsumexp.to(dtype).unsqueeze(-1)
         return lp.masked_fill(~self.valid, -math.inf)
+
+    def probs(self, temperature: float | None = None) -> Tensor:
+        """The teacher's exact probabilities of the sampled ids [B, S] (padding 0) at the draw T (the default;
+        another T: refused)."""
+        t = self.temperature if temperature is None else temperature
+        require_temperature(self.temperatures, t, "this sampled target", "sampled", option="temperature=")
+        return self.log_probs().exp()
 
     def densify(self, num_classes: int) -> Tensor:
         """[B, C] log-probs of the empirical distribution counts / S (-inf for ids never drawn)."""
