@@ -925,7 +925,17 @@ CASES.update({
                              "--out", c.tmp / "again.zarr"),
     "E1914": lambda c: _merge(c, c.env.h5, c.env.zarr, extra=("--weights", "1e308,1e308")),
     "E1915": lambda c: c.cli("eval", "--checkpoint", c.env.run, "--data", c.env.data, "--store", _merged(c)),
+    "E1916": lambda c: _merge(c, _nan_member(c, 0), _nan_member(c, 1)),
 })
+
+
+def _nan_member(c: Ctx, seed: int) -> Path:
+    """A store whose teacher met a NaN input row (the shared data's), written with --on-nonfinite record."""
+    x = np.load(c.env.data)["x"].copy()
+    x[1] = np.nan
+    data = c.npz("nan.npz", x=x, y=np.load(c.env.data)["y"])
+    assert c.gen("--on-nonfinite", "record", "--seed", seed, data=data, out=c.tmp / f"nan{seed}.h5").exit_code == 0
+    return c.tmp / f"nan{seed}.h5"
 
 
 # 26. temperatures of sparse stores

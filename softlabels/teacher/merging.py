@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from softlabels._version import __version__
-from softlabels.errors import ConfigError, IncompleteStore, UnsupportedFormat
+from softlabels.errors import ConfigError, IncompleteStore, NonFiniteOutputs, UnsupportedFormat
 from softlabels.store import format as fmt
 from softlabels.store.defaults import default_temperature
 from softlabels.store.ensemble import EnsembleStore
@@ -42,8 +42,20 @@ def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path
     with EnsembleStore(config.stores, mode=config.mode, weights=config.weights, temperature=t) as ensemble:
         meta = replace(ensemble.meta, status=fmt.STATUS_WRITING,
                        created_by={"command": "merge", "version": __version__})
-        run_job(StoreProducer(ensemble, meta), config.out, batch_size=ensemble.meta.geometry.unit_samples,
-                overwrite=config.overwrite)
+        for m in ensemble.members:  # recorded by 'generate --on-nonfinite record': refused before writing
+            if bad := m.meta.created_by.get("nonfinite_sample_ids"):
+                raise NonFiniteOutputs(
+                    f"{m.path} holds non-finite logits for sample ids {fmt.chunk_list(bad, 5)} (it was generated "
+                    "with --on-nonfinite record), so the merged targets would be too; nothing was written: merge "
+                    "members generated without them")
+        try:
+            run_job(StoreProducer(ensemble, meta), config.out, batch_size=ensemble.meta.geometry.unit_samples,
+                    overwrite=config.overwrite)
+        except NonFiniteOutputs as err:  # the members' values, not a teacher's: say so, and what to do
+            raise NonFiniteOutputs(
+                f"the merged targets are non-finite (too large for the store dtype) for sample ids "
+                f"{fmt.chunk_list(err.sample_ids, 5)}; nothing was marked complete; check the members with "
+                "'softlabels inspect --verify', or merge with smaller --weights") from None
         if log:
             log(f"merged {len(config.stores)} stores ({config.mode}, T = {ensemble.how.temperature}) -> "
                 f"{config.out}: {ensemble.meta.positions} x {ensemble.meta.layout}, {meta.num_samples} samples")

@@ -189,10 +189,12 @@ class BackgroundWriter:
         bad = np.flatnonzero(~finite_rows({k: piece[k] for k in self.position_keys}))
         lengths = None if self.cum is None else np.diff(self.cum[a:a + len(piece[fmt.SAMPLE_IDS]) + 1])
         ids = np.unique(sample_of_rows(piece[fmt.SAMPLE_IDS], bad, lengths))
-        raise NonFiniteOutputs(
+        err = NonFiniteOutputs(
             f"the teacher produced non-finite logits (NaN/inf, or too large for the store dtype) for sample "
             f"ids {fmt.chunk_list(ids, 5)}; nothing was marked complete; fix the teacher or its inputs, or "
             "pass --on-nonfinite record to store them as they are")
+        err.sample_ids = ids  # for a caller whose values did not come from a teacher (merge)
+        raise err
 
 
 def sample_of_rows(ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
