@@ -229,6 +229,26 @@ def test_two_writers_one_store(bucket, tiny):
     lost.release()
 
 
+def test_the_lease_of_a_process_that_exited_here_is_taken_over_at_once():
+    """A fresh heartbeat from a pid of this machine that no longer exists does not hold the store; the same
+    lease from another boot (another machine, as far as pids go) does, until its timeout."""
+    url = "memory://lease-exited/s.zarr"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    holder = Lease(url)
+    body = {**json.loads(holder._body()), "pid": gone.pid}
+    holder._files.fs.pipe_file(holder._key(0), json.dumps(body).encode())
+    said: list[str] = []
+    taker = Lease(url, say=said.append)
+    taker.acquire()
+    assert taker.generation == 1 and f"pid {gone.pid}, the process has exited" in said[0], said
+    taker.release()
+    holder._files.fs.pipe_file(holder._key(0), json.dumps({**body, "boot_id": "another boot"}).encode())
+    with pytest.raises(StoreLocked, match="is being written by another job"):
+        Lease(url).acquire()
+    holder._files.fs.rm(holder._key(0))
+
+
 class FaultyProxy(http.server.ThreadingHTTPServer):
     """Forwards to the S3 server; ``fail(n)`` decides per request number: "500", "stall" or None."""
 

@@ -8,7 +8,10 @@ the holder's clock). To write, a job creates generation 0, or, when the newest
 generation is *stale* (no heartbeat for ``SOFTLABELS_LEASE_TIMEOUT`` seconds, default 60),
 the next one, conditionally: of two jobs racing for one generation exactly one wins, and
 the other is refused. A live holder's lease is refused with its host, pid and age; a stale
-one is taken over and said so. The holder renews its object every quarter of the timeout
+one is taken over and said so. So is, at once, the lease of a holder that has exited on this
+very machine: same host, boot (``/proc/sys/kernel/random/boot_id``) and pid namespace, and no
+process with its pid (a rerun after a kill or a crash need not wait out the timeout; where any
+of the three is unknown or differs, only the timeout decides). The holder renews its object every quarter of the timeout
 and checks that no later generation exists; one that does means its lease was taken over
 (it stalled past the timeout), and its next commit raises instead of writing.
 
@@ -28,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from softlabels.errors import StoreLocked
 from softlabels.store.objects import LEASE_DIR, files_for
@@ -43,6 +47,34 @@ def lease_timeout() -> float:
     except ValueError:
         value = 60.0
     return value if value > 0 else 60.0
+
+
+def _machine() -> dict[str, str | None]:
+    """What makes a holder's pid comparable with this process's: the host, its boot and the pid namespace."""
+    try:
+        boot: str | None = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = None
+    try:
+        namespace: str | None = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = None
+    return {"host": socket.gethostname(), "boot_id": boot, "pid_ns": namespace}
+
+
+def _exited_here(info: dict) -> bool:
+    """Whether the lease's holder was a process of this machine (host, boot, pid namespace) that no longer exists."""
+    here = _machine()
+    pid = info.get("pid")
+    if any(v is None or info.get(k) != v for k, v in here.items()) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, as another user's process
+        return False
+    return False
 
 
 class Lease:
@@ -65,8 +97,8 @@ class Lease:
         return sorted(int(n) for n, is_dir in self._files.listing(LEASE_DIR) if not is_dir and n.isdigit())
 
     def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "renewed_at": time.time(), "timeout_s": self.timeout}).encode()
+        return json.dumps({"owner": self.owner, **_machine(), "pid": os.getpid(), "renewed_at": time.time(),
+                           "timeout_s": self.timeout}).encode()
 
     def _create(self, generation: int) -> bool:
         """Conditionally create the generation's object; False if it exists (another writer won)."""
@@ -105,20 +137,21 @@ class Lease:
                 age = time.time() - float(info.get("renewed_at", 0) or 0)
                 limit = float(info.get("timeout_s", self.timeout) or self.timeout)
                 who = f"host {info.get('host', '?')}, pid {info.get('pid', '?')}"
-                if age < limit:
+                exited = _exited_here(info)
+                if age < limit and not exited:
                     raise StoreLocked(
                         f"{self.url!r} is being written by another job ({who}, heartbeat {max(age, 0):.0f} s ago); "
                         f"wait for it to finish or stop it, then rerun (a lease without a heartbeat for {limit:.0f} s "
                         "is taken over)")
-                stale, generation = (who, age), top + 1
+                why = "the process has exited" if exited else f"no heartbeat for {age:.0f} s"
+                stale, generation = (who, why), top + 1
             else:
                 generation = 0
             if not self._create(generation):
                 continue  # another job took this generation first: look again
             self.generation = generation
             if stale is not None:
-                self.say(f"{self.url}: took over the lease of a writer that stopped ({stale[0]}, no heartbeat for "
-                         f"{stale[1]:.0f} s)")
+                self.say(f"{self.url}: took over the lease of a writer that stopped ({stale[0]}, {stale[1]})")
             self._thread = threading.Thread(target=self._beat, name="softlabels-lease", daemon=True)
             self._thread.start()
             return
