@@ -145,6 +145,8 @@ def test_validator_catches_a_grid_that_disagrees_with_the_arrays_and_impossible_
     swapped = {**block, "topk_indices": block["topk_indices"].copy()}
     swapped["topk_indices"][0, 1] = swapped["topk_indices"][0, 0]
     assert any("twice" in p for p in layout.validate(swapped))
+    with pytest.raises(ConfigError, match=r"tail_temperatures must hold numbers, got \['1', '2'\]"):
+        make_layout("topk", num_classes=12, k=3, tail_temperatures=["1", "2"])  # a hand-edited store's grid
 
 
 @pytest.mark.parametrize("text", ["0,1", "1,nan", "1,inf", "2,2", "-1", "a,b", ""])

@@ -10,6 +10,7 @@ loss functions all call :func:`require_temperature`. Imports nothing heavy.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable
 
 from softlabels.errors import ConfigError
@@ -42,11 +43,10 @@ def grid_problems(grid: object, what: str = "--tail-temperatures") -> list[str]:
     """Every problem with a temperature grid: a non-empty list of numbers in ``TAIL_T_RANGE``, ascending, no repeats."""
     if not isinstance(grid, (list, tuple)) or not grid:
         return [f"{what} must be a non-empty list of temperatures, got {grid!r}"]
-    try:
-        values = [float(t) for t in grid]
-    except (TypeError, ValueError):
+    if not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in grid):
         return [f"{what} must hold numbers, got {list(grid)!r}"]
-    if isinstance(grid[0], bool) or not all(TAIL_T_RANGE[0] <= t <= TAIL_T_RANGE[1] for t in values):
+    values = [float(t) for t in grid]
+    if not all(TAIL_T_RANGE[0] <= t <= TAIL_T_RANGE[1] for t in values):
         return [f"{what} must hold temperatures between {TAIL_T_RANGE[0]:g} and {TAIL_T_RANGE[1]:g}, got "
                 f"{format_grid(values)}; pass e.g. 1,2,4"]
     if len(set(values)) != len(values):
