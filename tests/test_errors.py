@@ -675,6 +675,14 @@ def _(c):
     return c.train("--store", store)
 
 
+@case("E904")
+def _(c):  # a record run that stopped before its last unit, resumed in the default mode
+    store = c.tmp / "nan.h5"
+    assert c.gen("--on-nonfinite", "record", data=c.env.nan, out=store).exit_code == 0
+    edit_h5(store, lambda f: (f["unit_done"].__setitem__(2, 0), f.attrs.__setitem__("status", "writing")))
+    return c.gen(data=c.env.nan, out=store)
+
+
 @case("E952")
 def _(c):  # a second rank with no rows, simulated: a real torchrun run takes ~20 s on 2 cores
     from softlabels._runtime.device import DistEnv
@@ -970,6 +978,8 @@ CASES.update({
     "E2706": lambda c: c.gen("--layout", "sampled", "--sample-temperature", "0"),
     "E2707": lambda c: c.gen("--tail-temperatures", "1,2"),
     "E2708": lambda c: _merge(c, _ids_only(c, "a.h5"), _ids_only(c, "b.h5")),
+    "E2709": lambda c: c.gen("--layout", "sampled", "--sampled-ids-only", data=c.env.nan),
+    "E2710": lambda c: c.gen("--layout", "sampled", "--on-nonfinite", "record", data=c.env.nan),
 })
 
 

@@ -182,6 +182,21 @@ def test_probs_are_the_dense_teachers_at_every_temperature_the_target_answers(st
         hot.probs(1.0)
 
 
+def test_labels_and_class_counts_are_checked_as_class_ids(stores):
+    """uint8 labels are class ids (not wrapped at 256); a student whose width is not the store's C is refused
+    even when a batch's stored ids happen to fit it."""
+    (_, y), t = _batch(stores, "topk")
+    s = torch.randn(len(y), C)
+    torch.testing.assert_close(sl.kd_loss(s, t, temperature=1, alpha=0.5, labels=y.to(torch.uint8)),
+                               sl.kd_loss(s, t, temperature=1, alpha=0.5, labels=y))
+    assert t.num_classes == C
+    narrow = dataclasses.replace(t, ids=t.ids.clamp(max=1))  # ids a 2-class student could index
+    for width in (2, C + 3):
+        with pytest.raises(ModelMismatch, match=rf"targets= come from a store of {C} classes but student_logits= "
+                                                rf"has {width}"):
+            sl.kd_loss(torch.randn(len(y), width), narrow, temperature=1)
+
+
 def test_views_hand_the_transform_the_stored_parameters(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.random((20, 1, 6, 6)).astype(np.float32)

@@ -243,9 +243,10 @@ def test_the_lease_of_a_process_that_exited_here_is_taken_over_at_once():
     taker.acquire()
     assert taker.generation == 1 and f"pid {gone.pid}, the process has exited" in said[0], said
     taker.release()
-    holder._files.fs.pipe_file(holder._key(0), json.dumps({**body, "boot_id": "another boot"}).encode())
-    with pytest.raises(StoreLocked, match="is being written by another job"):
-        Lease(url).acquire()
+    for edited in ({"boot_id": "another boot"}, {"pid": 2**40}, {"pid": os.getpid(), "renewed_at": str(time.time())}):
+        holder._files.fs.pipe_file(holder._key(0), json.dumps({**body, **edited}).encode())
+        with pytest.raises(StoreLocked, match="is being written by another job"):
+            Lease(url).acquire()
     holder._files.fs.rm(holder._key(0))
 
 

@@ -164,7 +164,17 @@ def _virtual(f, outside):
     f.create_virtual_dataset("labels", layout)
 
 
-@pytest.mark.parametrize("edit", [_external_link, _soft_link, _external_storage, _virtual])
+def _group_loop(f, outside):
+    f["loop"] = f["/"]  # a hard link back to the root: walking it never ends
+
+
+def _deep_groups(f, outside):
+    g = f
+    for _ in range(1200):  # deeper than Python's recursion limit
+        g = g.create_group("g")
+
+
+@pytest.mark.parametrize("edit", [_external_link, _soft_link, _external_storage, _virtual, _group_loop, _deep_groups])
 def test_hdf5_store_leading_elsewhere_is_refused(env, tmp_path, edit):
     outside = _outside(tmp_path)
     store = tmp_path / "s.h5"

@@ -101,9 +101,11 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
     if isinstance(targets, TokenTargets):
         name = _loss_name(loss, targets.target)
         _check_classes(student_logits, targets.target, labels, ignore=-100)
+        labels = None if labels is None else labels.long()
         return _token_loss(student_logits, targets, _soft_module(name, t, skew), a, labels)
     name = _loss_name(loss, targets)
     _check_classes(student_logits, targets, labels, ignore=-1)
+    labels = None if labels is None else labels.long()
     if student_logits.ndim != 2:
         raise ModelMismatch(f"student_logits= has shape {tuple(student_logits.shape)} but per-sample targets "
                             "take [batch, classes]; pass the classifier's logits (token targets: use a token store)")
@@ -118,6 +120,9 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
 def _check_classes(logits: Tensor, target: Any, labels: Tensor | None, ignore: int) -> None:
     """Refuse labels and stored ids the student's last dimension cannot index (one sync per call)."""
     c = logits.shape[-1] if logits.ndim else 0
+    if (stored := getattr(target, "num_classes", None)) is not None and stored != c:
+        raise ModelMismatch(f"targets= come from a store of {stored} classes but student_logits= has {c}; the "
+                            "student must output the store's class count (its num_classes)")
     ids = getattr(target, "ids", None)
     if ids is not None and ids.numel() and (high := int(ids.max())) >= c:
         raise ModelMismatch(f"targets= hold class id {high} but student_logits= has {c} classes; the student must "
@@ -128,6 +133,7 @@ def _check_classes(logits: Tensor, target: Any, labels: Tensor | None, ignore: i
         got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise ConfigError(f"labels= must be an integer tensor of class ids, got {got}; pass e.g. "
                           f"labels=y.long() ({ignore}: no label)")
+    labels = labels.long()  # compared as class ids, not in a narrow dtype (uint8 would wrap -1 and C)
     bad = (labels != ignore) & ((labels < 0) | (labels >= c))
     if labels.numel() and bool(bad.any()):
         raise ConfigError(f"labels= holds {int(labels[bad][0])}, outside 0..{c - 1} (the student's classes; "

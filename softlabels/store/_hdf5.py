@@ -230,7 +230,10 @@ class HDF5Backend:
         return self.path.stat().st_size
 
 
-def _escape(group: h5py.Group, prefix: str = "/") -> str | None:
+_MAX_DEPTH = 16  # a store's arrays lie at its root: deeper nesting (or a hard-link loop) is refused
+
+
+def _escape(group: h5py.Group, prefix: str = "/", depth: int = 0) -> str | None:
     """The first link or dataset whose data lies outside this file (or elsewhere in it), or None.
 
     Refused: external and soft links (h5py would follow them for reads and writes),
@@ -238,6 +241,8 @@ def _escape(group: h5py.Group, prefix: str = "/") -> str | None:
     Walked with h5py's low-level calls (a hard link's object opened by name, its creation
     properties read): the high-level objects cost ~0.1 ms per array, and every open walks.
     """
+    if depth > _MAX_DEPTH:
+        return f"{prefix} lies {depth} groups deep (a link loop, or nesting no store has)"
     gid = group.id
     names: list[bytes] = []
     gid.links.iterate(names.append)  # link names: listing resolves no link
@@ -253,7 +258,7 @@ def _escape(group: h5py.Group, prefix: str = "/") -> str | None:
             return f"{where} is a link of an unknown kind"
         obj = h5py.h5o.open(gid, raw)
         if isinstance(obj, h5py.h5g.GroupID):
-            found = _escape(h5py.Group(obj), where + "/")
+            found = _escape(h5py.Group(obj), where + "/", depth + 1)
             if found:
                 return found
         elif isinstance(obj, h5py.h5d.DatasetID):

@@ -62,6 +62,14 @@ def _machine() -> dict[str, str | None]:
     return {"host": socket.gethostname(), "boot_id": boot, "pid_ns": namespace}
 
 
+def _number(value: object, default: float) -> float:
+    """A lease field as a float (a torn or hand-edited one: ``default``)."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
 def _exited_here(info: dict) -> bool:
     """Whether the lease's holder was a process of this machine (host, boot, pid namespace) that no longer exists."""
     here = _machine()
@@ -72,7 +80,7 @@ def _exited_here(info: dict) -> bool:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return True
-    except OSError:  # it exists, as another user's process
+    except (OSError, OverflowError):  # it exists, as another user's process; or no pid of this kernel
         return False
     return False
 
@@ -134,8 +142,9 @@ class Lease:
                 info = self._read(top)
                 if info is None:  # released meanwhile
                     continue
-                age = time.time() - float(info.get("renewed_at", 0) or 0)
-                limit = float(info.get("timeout_s", self.timeout) or self.timeout)
+                age = time.time() - _number(info.get("renewed_at"), 0.0)
+                limit = _number(info.get("timeout_s"), self.timeout)
+                limit = limit if limit > 0 else self.timeout
                 who = f"host {info.get('host', '?')}, pid {info.get('pid', '?')}"
                 exited = _exited_here(info)
                 if age < limit and not exited:

@@ -48,12 +48,17 @@ def open_store(path: str | Path, *, allow_partial: bool = False, backend: str | 
     except BaseException:
         b.close()
         raise
-    if version == 1:
+    if _version_is(version, 1):
         b.close()
         from softlabels.store.v1 import V1Store
 
         return V1Store(path, allow_partial=allow_partial, backend=backend)
     return UnitStore(path, allow_partial=allow_partial, backend=backend, opened=b)  # one open, not two
+
+
+def _version_is(version: object, number: int) -> bool:
+    """Whether a stored ``softlabels_format`` is the integer ``number`` (not an array, a bool or a string)."""
+    return isinstance(version, (int, np.integer)) and not isinstance(version, bool) and version == number
 
 
 class UnitStore(ReadHandle):
@@ -67,8 +72,8 @@ class UnitStore(ReadHandle):
         if version is None:
             raise CorruptStore("root attribute 'softlabels_format' is missing; this is not a softlabels store or "
                                "its metadata was damaged")
-        if version != FORMAT_VERSION_2:
-            raise UnsupportedFormat("a format-1 store; open it with open_store" if version == 1 else
+        if not _version_is(version, FORMAT_VERSION_2):
+            raise UnsupportedFormat("a format-1 store; open it with open_store" if _version_is(version, 1) else
                                     f"unsupported softlabels format version {version!r}; this softlabels reads "
                                     "versions 1 and 2 (upgrade softlabels or regenerate the store)")
         self.meta = StoreMetaV2.from_attrs(attrs)

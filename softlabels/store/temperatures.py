@@ -45,10 +45,12 @@ def grid_problems(grid: object, what: str = "--tail-temperatures") -> list[str]:
         return [f"{what} must be a non-empty list of temperatures, got {grid!r}"]
     if not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in grid):
         return [f"{what} must hold numbers, got {list(grid)!r}"]
-    values = [float(t) for t in grid]
-    if not all(TAIL_T_RANGE[0] <= t <= TAIL_T_RANGE[1] for t in values):
+    if not all(TAIL_T_RANGE[0] <= t <= TAIL_T_RANGE[1] for t in grid):  # before float(): 10**400 overflows it
+        shown = ", ".join("an integer over 1e300" if isinstance(t, int) and abs(t) > 1e300 else f"{t:g}"
+                          for t in grid)
         return [f"{what} must hold temperatures between {TAIL_T_RANGE[0]:g} and {TAIL_T_RANGE[1]:g}, got "
-                f"{format_grid(values)}; pass e.g. 1,2,4"]
+                f"{shown}; pass e.g. 1,2,4"]
+    values = [float(t) for t in grid]
     if len(set(values)) != len(values):
         return [f"{what} names a temperature twice ({format_grid(values)}); pass each once, e.g. 1,2,4"]
     if values != sorted(values):

@@ -112,6 +112,9 @@ class GenerateConfig:
             p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.on_nonfinite not in ON_NONFINITE:
             p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
+        elif self.on_nonfinite == "record" and self.layout == "sampled":
+            p.append("--on-nonfinite record keeps non-finite logits as they are, which a sampled store cannot hold "
+                     "(its draws need a finite distribution); use --layout dense or topk to record them")
         for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:

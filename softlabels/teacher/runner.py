@@ -108,7 +108,8 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
                 lock = store_lock(path, say=say)  # a lease object inside the prefix for a URL
                 lock.acquire()  # before touching (or overwriting) anything
                 # Every rank that writes its own units opens the store, so rank 0 makes it before they start.
-                opened = sink.open(overwrite=overwrite, repair=repair, say=say, world=dist.world)
+                opened = sink.open(overwrite=overwrite, repair=repair, say=say, world=dist.world,
+                                   finite=on_nonfinite == "error")
                 writer = opened.writer
                 if writer is not None:
                     writer.guard = lock.check

@@ -18,6 +18,7 @@ import numpy as np
 from softlabels.errors import (
     ConfigError,
     CorruptStore,
+    NonFiniteOutputs,
     NotAStore,
     SoftLabelsError,
     StoreMismatch,
@@ -55,10 +56,20 @@ class Sink:
     def __init__(self, path: Path, meta: StoreMetaV2, lengths: np.ndarray | None, *, compress: bool = False) -> None:
         self.path, self.meta, self.lengths, self.compress = path, meta, lengths, compress
 
-    def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], world: int) -> Opened:
-        """Rank 0, lock held: create, or check and reopen (and repair) the store; plan its missing units."""
+    def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], world: int,
+             finite: bool = False) -> Opened:
+        """Rank 0, lock held: create, or check and reopen (and repair) the store; plan its missing units.
+        ``finite`` (``--on-nonfinite error``): units an earlier run stored must hold finite values."""
         writer, repaired = self._open(overwrite=overwrite, repair=repair, say=say)
         missing = writer.missing_units()
+        if finite and (done := sorted(set(range(writer.meta.num_units)) - set(missing))):
+            with UnitStore(self.path, allow_partial=True) as store:
+                if bad := nonfinite_ids(store, done):  # written by an earlier run with --on-nonfinite record
+                    writer.close()
+                    raise NonFiniteOutputs(
+                        f"{self.path} already holds non-finite teacher logits for sample ids {fmt.chunk_list(bad, 5)} "
+                        "(an earlier run with --on-nonfinite record stored them); rerun with --on-nonfinite record "
+                        "to keep and list them, or pass --overwrite to start over")
         g = self.meta.geometry
         owner = {u: r for r in range(world) for grp in g.groups_of_rank(r, world) for u in g.group_units_range(grp)}
         return Opened(writer, [g.unit_samples_range(u) for u in missing], [owner[u] for u in missing], repaired,

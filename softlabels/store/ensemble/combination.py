@@ -180,7 +180,7 @@ def _topk(targets: Sequence[TopKTarget], how: Combination, num_classes: int) -> 
         rest = share + math.log(c - width) if c > width else torch.full_like(share, -math.inf)
     values, order = values.sort(dim=-1, descending=True, stable=True)
     # values / t and rest / t are the mixture's log-probabilities at t (up to one constant): its grid is (t,)
-    return TopKTarget(values.float(), cand.gather(1, order), (rest / t).float()[:, None], (t,))
+    return TopKTarget(values.float(), cand.gather(1, order), (rest / t).float()[:, None], (t,), c)
 
 
 # -- sampled ----------------------------------------------------------------------------------------
@@ -226,7 +226,8 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
         logits_o = torch.cat([logits_o, logits_o.new_zeros(rows, pad)], 1)
     # logits / Td - 0 is the mixture's log-probability at the members' draw temperature Td
     td = float(targets[0].temperature)
-    return SampledTarget(ids_o, counts_o, (td * logits_o).float(), torch.zeros(rows, dtype=torch.float32), td)
+    return SampledTarget(ids_o, counts_o, (td * logits_o).float(), torch.zeros(rows, dtype=torch.float32), td,
+                         num_classes)
 
 
 def _made_at(meta: object, where: str) -> float | None:

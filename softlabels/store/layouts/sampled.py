@@ -20,7 +20,6 @@ a CPU and a GPU, which can move a draw across a class boundary).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -28,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softlabels.errors import ConfigError
+from softlabels.errors import ConfigError, NonFiniteOutputs
 from softlabels.store import format as fmt
+from softlabels.store.temperatures import TAIL_T_RANGE
 from softlabels.store.layouts._base import (
     Layout,
     _is_int,
@@ -108,9 +108,10 @@ class Sampled(Layout):
             p.append(f"samples must be an integer in 1..65536, got {self.samples!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 1 << 63:
             p.append(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
-            p.append(f"the draw temperature must be a finite number > 0, got {t!r}; pass e.g. --sample-temperature 1")
+        t, (low, high) = self.temperature, TAIL_T_RANGE
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not low <= t <= high:
+            p.append(f"the draw temperature must be between {low:g} and {high:g}, got {t!r}; pass e.g. "
+                     "--sample-temperature 1")
         if not isinstance(self.logits, bool):
             p.append(f"logits must be true or false, got {self.logits!r}")
         return p
@@ -215,6 +216,12 @@ class Sampled(Layout):
             found = draws[rows]
             torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True, out=found)
             found.clamp_(max=self.num_classes - 1)
+        if not bool(torch.isfinite(lse).all()):  # NaN/inf logits: no distribution to draw from, nothing to store
+            bad = sample_ids[~torch.isfinite(lse).cpu()].unique().tolist()
+            raise NonFiniteOutputs(
+                f"the teacher produced non-finite logits (NaN/inf) for sample ids {fmt.chunk_list(bad, 5)}; nothing "
+                "was marked complete; a sampled store cannot hold them (its draws need a finite distribution): fix "
+                "the teacher or its inputs, or use --layout dense or topk with --on-nonfinite record")
         if not self.logits:  # ids only: every draw, sorted (repeats are the counts)
             return {SAMPLED_IDS: encode_ids(draws.sort(-1).values, self.num_classes)}
         ids, counts = _unique_counts(draws)
@@ -226,10 +233,10 @@ class Sampled(Layout):
     def decode(self, block: Mapping[str, np.ndarray]) -> SampledTarget:
         if not self.logits:
             ids, counts = _unique_counts(decode_ids(block[SAMPLED_IDS]))
-            return SampledTarget(ids, counts.int(), None, None, float(self.temperature))
+            return SampledTarget(ids, counts.int(), None, None, float(self.temperature), self.num_classes)
         return SampledTarget(decode_ids(block[SAMPLED_IDS]), torch.from_numpy(block[SAMPLED_COUNTS].astype(np.int32)),
                              self._decode_logits(block[SAMPLED_LOGITS]), torch.from_numpy(block[LOGSUMEXP]),
-                             float(self.temperature))
+                             float(self.temperature), self.num_classes)
 
     def inspect(self, target: SampledTarget) -> dict[str, Tensor]:
         """Unique ids, the teacher's exact mass on them at Td (not for ids only: unknown), and the entropy of the

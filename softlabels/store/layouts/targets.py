@@ -71,9 +71,11 @@ class TopKTarget(_Target):
     ids: Tensor
     tails: Tensor
     temperatures: tuple[float, ...] = (1.0,)
+    num_classes: int | None = None  # the store's C, when decoded from one (the student must output C)
 
     @classmethod
-    def from_logsumexp(cls, values: Tensor, ids: Tensor, logsumexp: Tensor) -> TopKTarget:
+    def from_logsumexp(cls, values: Tensor, ids: Tensor, logsumexp: Tensor, num_classes: int | None = None
+                       ) -> TopKTarget:
         """A target from the logsumexp over all C at T = 1 (the legacy top-k arrays): it answers T = 1 only.
 
         The tail is ``lse + log(1 - sum_K exp(z_i - lse))``, its mass floored at :data:`TAIL_FLOOR`
@@ -81,7 +83,7 @@ class TopKTarget(_Target):
         """
         lse = logsumexp.float()
         mass = (-torch.expm1(values.float().logsumexp(-1) - lse)).clamp_min(TAIL_FLOOR)
-        return cls(values, ids, (lse + mass.log()).unsqueeze(-1), (1.0,))
+        return cls(values, ids, (lse + mass.log()).unsqueeze(-1), (1.0,), num_classes)
 
     def tail(self, temperature: float) -> Tensor:
         """[B] the tail's logsumexp of z / T at a grid T (refused off the grid, in one line)."""
@@ -136,6 +138,7 @@ class SampledTarget(_Target):
     logits: Tensor | None = None
     logsumexp: Tensor | None = None
     temperature: float = 1.0
+    num_classes: int | None = None  # the store's C, when decoded from one (the student must output C)
 
     @property
     def samples(self) -> int:

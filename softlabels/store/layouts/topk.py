@@ -150,8 +150,8 @@ class TopK(Layout):
     def decode(self, block: Mapping[str, np.ndarray]) -> TopKTarget:
         values, ids = self._decode_logits(block[fmt.TOPK_VALUES]), decode_ids(block[fmt.TOPK_INDICES])
         if self.legacy:
-            return TopKTarget.from_logsumexp(values, ids, torch.from_numpy(block[fmt.LOGSUMEXP]))
-        return TopKTarget(values, ids, torch.from_numpy(block[TAIL_LOGSUMEXP]), self.temperatures())
+            return TopKTarget.from_logsumexp(values, ids, torch.from_numpy(block[fmt.LOGSUMEXP]), self.num_classes)
+        return TopKTarget(values, ids, torch.from_numpy(block[TAIL_LOGSUMEXP]), self.temperatures(), self.num_classes)
 
     def inspect(self, target: TopKTarget) -> dict[str, Tensor]:
         """Entropy over the K classes plus one tail bucket (a lower bound of the full entropy) and the tail
