@@ -346,3 +346,29 @@ def test_teacher_that_fails_mid_run_is_one_line_error(tmp_path, tiny, monkeypatc
     args[2:5] = ["flaky_teacher:make"]  # no weights
     assert_one_line_error(run_cli(*args), "failed on samples 96..100", "boom on the last batch")
     assert status(out) == "writing"
+
+
+def test_a_resume_checks_earlier_units_only_after_a_record_run(tmp_path, tiny, monkeypatch):
+    """A store a record run touched is marked created_by.on_nonfinite and its earlier units are checked when
+    resumed in the default mode (E904); one the default mode wrote is resumed without reading them again."""
+    import softlabels.teacher.sinks as sinks
+
+    def stop_after_one_unit(path: Path) -> None:
+        with h5py.File(path, "r+") as f:
+            f["unit_done"][1:] = 0
+            f.attrs["status"] = "writing"
+
+    def gen(out: Path, *extra: str, data: Path = tiny["nan"]):
+        return run_cli("generate", "--teacher", "mlp", "--weights", str(tiny["w"]), "--data", str(data),
+                       "--out", str(out), "--chunk-rows", "16", "--no-progress", *extra)
+
+    recorded = tmp_path / "recorded.h5"
+    assert gen(recorded, "--on-nonfinite", "record").exit_code == 0
+    stop_after_one_unit(recorded)  # unit 0 holds the NaN of sample 5
+    assert_one_line_error(gen(recorded), "already holds non-finite teacher logits for sample ids 5")
+    read = []
+    monkeypatch.setattr(sinks, "nonfinite_ids", lambda store, units: read.append(list(units)) or [])
+    clean = tmp_path / "clean.h5"
+    assert gen(clean, data=tiny["data"]).exit_code == 0
+    stop_after_one_unit(clean)
+    assert gen(clean, data=tiny["data"]).exit_code == 0 and read == []

@@ -59,10 +59,14 @@ class Sink:
     def open(self, *, overwrite: bool, repair: bool, say: Callable[[str], None], world: int,
              finite: bool = False) -> Opened:
         """Rank 0, lock held: create, or check and reopen (and repair) the store; plan its missing units.
-        ``finite`` (``--on-nonfinite error``): units an earlier run stored must hold finite values."""
+        ``finite`` (``--on-nonfinite error``): units an earlier ``record`` run stored must hold finite values
+        (checked only when one did: a ``record`` run marks the store ``created_by.on_nonfinite``)."""
         writer, repaired = self._open(overwrite=overwrite, repair=repair, say=say)
         missing = writer.missing_units()
-        if finite and (done := sorted(set(range(writer.meta.num_units)) - set(missing))):
+        if not finite and not writer.meta.complete:
+            writer.update_created_by({"on_nonfinite": "record"})  # before any unit: a later resume checks them
+        recorded = writer.meta.created_by.get("on_nonfinite") == "record"
+        if finite and recorded and (done := sorted(set(range(writer.meta.num_units)) - set(missing))):
             with UnitStore(self.path, allow_partial=True) as store:
                 if bad := nonfinite_ids(store, done):  # written by an earlier run with --on-nonfinite record
                     writer.close()
