@@ -100,12 +100,10 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
         raise ConfigError(f"student_logits= must be a tensor, got {type(student_logits).__name__}")
     if isinstance(targets, TokenTargets):
         name = _loss_name(loss, targets.target)
-        _check_classes(student_logits, targets.target, labels, ignore=-100)
-        labels = None if labels is None else labels.long()
+        _check_classes(student_logits, targets.target, labels if a > 0 else None, ignore=-100)
         return _token_loss(student_logits, targets, _soft_module(name, t, skew), a, labels)
     name = _loss_name(loss, targets)
-    _check_classes(student_logits, targets, labels, ignore=-1)
-    labels = None if labels is None else labels.long()
+    _check_classes(student_logits, targets, labels if a > 0 else None, ignore=-1)
     if student_logits.ndim != 2:
         raise ModelMismatch(f"student_logits= has shape {tuple(student_logits.shape)} but per-sample targets "
                             "take [batch, classes]; pass the classifier's logits (token targets: use a token store)")
@@ -118,12 +116,13 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
 
 
 def _check_classes(logits: Tensor, target: Any, labels: Tensor | None, ignore: int) -> None:
-    """Refuse labels and stored ids the student's last dimension cannot index (one sync per call)."""
+    """Refuse labels (given when the hard term uses them) and stored ids the student's last dimension cannot
+    index. A target decoded from a store carries its class count: compared without reading the ids."""
     c = logits.shape[-1] if logits.ndim else 0
     if (stored := getattr(target, "num_classes", None)) is not None and stored != c:
         raise ModelMismatch(f"targets= come from a store of {stored} classes but student_logits= has {c}; the "
                             "student must output the store's class count (its num_classes)")
-    ids = getattr(target, "ids", None)
+    ids = getattr(target, "ids", None) if stored is None else None  # a hand-made target: its ids (one sync)
     if ids is not None and ids.numel() and (high := int(ids.max())) >= c:
         raise ModelMismatch(f"targets= hold class id {high} but student_logits= has {c} classes; the student must "
                             "output the store's class count (its num_classes)")
