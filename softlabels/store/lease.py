@@ -24,6 +24,7 @@ same instant could both proceed; that is said once when the lease is taken.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -49,6 +50,7 @@ def lease_timeout() -> float:
     return value if value > 0 else 60.0
 
 
+@functools.cache  # read once per process, not at every heartbeat
 def _machine() -> dict[str, str | None]:
     """What makes a holder's pid comparable with this process's: the host, its boot and the pid namespace."""
     try:

@@ -217,7 +217,7 @@ class Sampled(Layout):
             torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True, out=found)
             found.clamp_(max=self.num_classes - 1)
         if not bool(torch.isfinite(lse).all()):  # NaN/inf logits: no distribution to draw from, nothing to store
-            bad = sample_ids[~torch.isfinite(lse).cpu()].unique().tolist()
+            bad = sample_ids[(~torch.isfinite(lse)).to(sample_ids.device)].unique().tolist()
             raise NonFiniteOutputs(
                 f"the teacher produced non-finite logits (NaN/inf) for sample ids {fmt.chunk_list(bad, 5)}; nothing "
                 "was marked complete; a sampled store cannot hold them (its draws need a finite distribution): fix "
