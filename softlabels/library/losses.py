@@ -4,7 +4,7 @@
 ``alpha * CE(labels) + (1 - alpha) * soft``, the soft term being T² times a divergence
 (Hinton et al. 2015) chosen from the targets' layout unless ``loss=`` names one of
 :data:`softlabels.student.losses.LOSSES`. The divergences are the loss modules that
-``softlabels train`` uses (:mod:`softlabels.student.soft_losses`), called the way its trainer
+``softlabels train`` uses (:mod:`softlabels.student.losses`), called the way its trainer
 calls them (:class:`~softlabels.student.losses.DistillationLoss` for per-sample targets,
 :func:`~softlabels.student.kinds.tokens.lm_loss` for token targets): one implementation, the
 large-vocabulary ones over bounded blocks of rows. What this layer adds is checking the
@@ -28,6 +28,12 @@ from torch import Tensor, nn
 from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.library.batches import TokenTargets
 from softlabels.store.layouts.targets import DenseTarget, SampledTarget, TopKTarget
+from softlabels.student.losses import (
+    LOSSES,
+    DistillationLoss,
+    check_number,
+    make_soft_loss,
+)
 
 __all__ = [
     "KDLoss", "kd_loss", "kl_loss", "soft_ce_loss", "mse_loss", "topk_kl_loss", "sampled_kl_loss",
@@ -36,18 +42,6 @@ __all__ = [
 
 _OWN = {DenseTarget: ("kl", "soft_ce", "mse"), TopKTarget: ("topk_kl",), SampledTarget: ("sampled_kl",)}
 _ANY_LAYOUT = ("reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
-
-
-def _number(name: str, value: Any, low: float, high: float, closed: bool, example: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    ok = (low <= v <= high) if closed else (low < v and v <= high and math.isfinite(v))
-    if not ok:
-        span = f"between {low:g} and {high:g}" if closed else f"a finite number > {low:g}"
-        raise ConfigError(f"{name} must be {span}, got {value!r}; pass e.g. {name}={example}")
-    return v
 
 
 def _loss_name(loss: str | None, target: Any) -> str:
@@ -59,8 +53,6 @@ def _loss_name(loss: str | None, target: Any) -> str:
         return _OWN[kind][0]
     fits = (*_OWN[kind], *_ANY_LAYOUT)
     if loss not in fits:
-        from softlabels.student.losses import LOSSES
-
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r} is not a loss; pass one of {', '.join(LOSSES)} (or loss=None)")
         raise ConfigError(f"loss={loss!r} does not take {kind.__name__} targets; pass loss={_OWN[kind][0]!r} "
@@ -71,13 +63,11 @@ def _loss_name(loss: str | None, target: Any) -> str:
 @functools.lru_cache(maxsize=64)
 def _soft_module(name: str, temperature: float, skew: float | None) -> nn.Module:
     """The trainer's loss module (stateless: one per name, T and weight is kept)."""
-    from softlabels.student.losses import LOSSES, make_soft_loss
-
     if skew is None:
         return make_soft_loss(name, temperature)
     if name not in _ANY_LAYOUT:
         raise ConfigError(f"skew= weights the mixture of {', '.join(_ANY_LAYOUT[1:])}, not loss={name!r}; drop skew")
-    _number("skew", skew, 0.0, 1.0, True, "0.1")
+    check_number("skew", skew, 0.0, 1.0, True, "skew=0.1")
     if not 0 < float(skew) < 1:
         raise ConfigError(f"skew must lie strictly between 0 and 1, got {skew!r}; pass e.g. skew=0.1")
     return LOSSES[name](temperature, float(skew))
@@ -92,8 +82,8 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
     the layout's own forward KL: ``kl``, ``topk_kl``, ``sampled_kl``). ``alpha`` > 0 needs
     ``labels``. ``skew``: the mixing weight of ``skew_kl``, ``skew_reverse_kl`` (0.1) and ``jsd`` (0.5).
     """
-    t = _number("temperature", temperature, 0.0, math.inf, False, "2")
-    a = _number("alpha", alpha, 0.0, 1.0, True, "0.5")
+    t = check_number("temperature", temperature, 0.0, math.inf, False, "temperature=2")
+    a = check_number("alpha", alpha, 0.0, 1.0, True, "alpha=0.5")
     if a > 0 and labels is None:
         raise ConfigError(f"alpha={alpha!r} mixes in the hard-label cross-entropy; pass labels= too, or alpha=0")
     if not isinstance(student_logits, Tensor):
@@ -141,8 +131,6 @@ def _check_classes(logits: Tensor, target: Any, labels: Tensor | None, ignore: i
 
 @functools.lru_cache(maxsize=64)
 def _mixed(name: str, temperature: float, skew: float | None, alpha: float) -> nn.Module:
-    from softlabels.student.losses import DistillationLoss
-
     return DistillationLoss(_soft_module(name, temperature, skew), alpha)
 
 
@@ -179,8 +167,8 @@ class KDLoss(nn.Module):
                  skew: float | None = None) -> None:
         super().__init__()
         self.loss, self.temperature, self.alpha, self.skew = loss, temperature, alpha, skew
-        _number("temperature", temperature, 0.0, math.inf, False, "2")
-        _number("alpha", alpha, 0.0, 1.0, True, "0.5")
+        check_number("temperature", temperature, 0.0, math.inf, False, "temperature=2")
+        check_number("alpha", alpha, 0.0, 1.0, True, "alpha=0.5")
 
     def forward(self, student_logits: Tensor, targets: Any, labels: Tensor | None = None) -> Tensor:
         """The scalar loss of the batch (see :func:`kd_loss`)."""
