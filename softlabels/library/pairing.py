@@ -91,8 +91,10 @@ class TargetDataset(Dataset):
                               "positions; drop view_transform")
         if check:
             _check_dataset(dataset, self.store, self.rows)
+        self._span = self._unit_samples  # rows per cached block: a write unit, or every row when all fit
         if self.kind != "tokens" and self._keep >= self.store.num_units:
-            self._whole()  # now, so forked DataLoader workers share it instead of each reading it every epoch
+            self._span *= self.store.num_units
+            self._block(0)  # now, so forked DataLoader workers share it instead of each reading it every epoch
 
     num_classes = property(lambda self: self.store.num_classes)
 
@@ -113,7 +115,7 @@ class TargetDataset(Dataset):
             return self.__getitems__([index])[0]
         item = self.dataset[index]
         row = int(self.rows[index])
-        (target, extra), r = self._unit(row // self._unit_samples), row % self._unit_samples
+        (target, extra), r = self._block(row // self._span), row % self._span
         off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
         _check_tokens(item, n, index, self.store.path)
         return item, target.select(slice(off, off + n))
@@ -125,12 +127,9 @@ class TargetDataset(Dataset):
         fetch = getattr(self.dataset, "__getitems__", None)
         items = fetch(list(indices)) if fetch else [self.dataset[i] for i in indices]
         rows = self.rows[np.asarray(indices, dtype=np.int64)]
-        if self._keep >= self.store.num_units:  # the whole store fits the cache: one gather
-            groups = [(None, *self._whole(), rows)]
-        else:
-            units, within = rows // self._unit_samples, rows % self._unit_samples
-            groups = [(pick, *self._unit(int(u)), within[pick])
-                      for u in np.unique(units) for pick in [np.flatnonzero(units == u)]]
+        blocks, within = rows // self._span, rows % self._span
+        groups = [(pick, *self._block(int(b)), within[pick])
+                  for b in np.unique(blocks) for pick in [np.flatnonzero(blocks == b)]]
         parts: dict[str, list[torch.Tensor]] = {f: [] for f in self._fields}
         params = []
         for _, target, extra, r in groups:
@@ -150,23 +149,17 @@ class TargetDataset(Dataset):
             items = [self._replay(item, p) for item, p in zip(items, np.concatenate(params))]
         return PairedItems(items, replace(groups[0][1], **dict(zip(self._fields, gathered))))
 
-    def _whole(self) -> tuple[Any, dict[str, np.ndarray]]:
-        """Every unit decoded into one target over the store's rows (once per process; it fits the cache)."""
-        hit = self._cache.get(-1)
-        if hit is None:
-            units = [self.store.read_unit(u, verify=True) for u in range(self.store.num_units)]
-            block = {k: np.concatenate([b[k] for b in units]) for k in units[0]} if units else {}
-            hit = self._cache[-1] = (self.layout.decode(block), block)
-        return hit
-
-    def _unit(self, unit: int) -> tuple[Any, dict[str, np.ndarray]]:
-        hit = self._cache.get(unit)
+    def _block(self, b: int) -> tuple[Any, dict[str, np.ndarray]]:
+        """Rows ``b * _span`` on decoded (least recently used blocks leave the cache first)."""
+        hit = self._cache.get(b)
         if hit is not None:
-            self._cache.move_to_end(unit)
+            self._cache.move_to_end(b)
             return hit
-        block = self.store.read_unit(unit, verify=True)
-        hit = self.layout.decode(block), block
-        self._cache[unit] = hit
+        first = b * self._span // self._unit_samples
+        units = [self.store.read_unit(u, verify=True)
+                 for u in range(first, min(first + self._span // self._unit_samples, self.store.num_units))]
+        block = {k: np.concatenate([a[k] for a in units]) for k in units[0]} if len(units) > 1 else units[0]
+        hit = self._cache[b] = self.layout.decode(block), block
         if len(self._cache) > self._keep:
             self._cache.popitem(last=False)
         return hit

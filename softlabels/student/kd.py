@@ -59,11 +59,6 @@ def compute_dtype(student_logits: Tensor) -> torch.dtype:
 
 
 # -- the student's side, fused --------------------------------------------------------------------
-def _scaled(s: Tensor, rows: slice, dt: torch.dtype, temperature: float) -> Tensor:
-    x = s[rows].to(dt)
-    return x if temperature == 1 else x / temperature
-
-
 def _blocks(s: Tensor, block: int) -> list[slice]:
     return row_chunks(len(s), s.shape[-1], block)
 
@@ -149,7 +144,7 @@ class _DenseKD(torch.autograd.Function):
         with_ce = labels is not None
         safe = labels.clamp_min(0).long()[:, None] if with_ce else None
         for rows in _blocks(s, block):
-            x, y = _scaled(s, rows, dt, temperature), _scaled(t, rows, dt, temperature)
+            x, y = _over(s[rows].to(dt), temperature), _over(t[rows].to(dt), temperature)
             lq = torch.log_softmax(x, -1)
             # p (log p - log q), with 0 log 0 = 0 for -inf teacher logits (clamped, never NaN)
             diff = torch.log_softmax(y, -1).clamp_min_(lo).sub_(lq)
@@ -177,14 +172,14 @@ class _DenseKD(torch.autograd.Function):
         for rows in _blocks(s, ctx.block):
             # d KL / d s = (q_T - p_T) / T;  d CE / d s = q_1 - onehot
             w = d_kl[rows, None] / temp
-            g = torch.ops.aten._softmax.out(_scaled(s, rows, dt, temp), -1, False, out=grad[rows])
+            g = torch.ops.aten._softmax.out(_over(s[rows].to(dt), temp), -1, False, out=grad[rows])
             if ce_w is not None and temp == 1:
                 g.mul_(w + ce_w[rows])
             else:
                 g.mul_(w)
                 if ce_w is not None:
                     g.add_(torch.softmax(s[rows].to(dt), -1).mul_(ce_w[rows]))
-            g.sub_(torch.softmax(_scaled(t, rows, dt, temp), -1).mul_(w))
+            g.sub_(torch.softmax(_over(t[rows].to(dt), temp), -1).mul_(w))
         if ce_w is not None:
             grad.scatter_add_(1, rest[0].clamp_min(0).long()[:, None], -ce_w)
         return grad.to(s.dtype), None, None, None, None
