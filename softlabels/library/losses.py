@@ -1,19 +1,10 @@
 """KD losses on typed targets for a user's own loop: :func:`kd_loss`, one function per divergence, :class:`KDLoss`.
 
-``kd_loss(student_logits, targets, *, temperature)`` is the scalar a training step minimises:
-``alpha * CE(labels) + (1 - alpha) * soft``, the soft term being T² times a divergence
-(Hinton et al. 2015) chosen from the targets' layout unless ``loss=`` names one of
-:data:`softlabels.student.losses.LOSSES`. The divergences are the loss modules that
-``softlabels train`` uses (:mod:`softlabels.student.losses`), called the way its trainer
-calls them (:class:`~softlabels.student.losses.DistillationLoss` for per-sample targets,
-:func:`~softlabels.student.kinds.tokens.lm_loss` for token targets): one implementation, the
-large-vocabulary ones over bounded blocks of rows. What this layer adds is checking the
-arguments first, so a wrong call is one line naming the Python argument to change.
-
-Per-sample targets take ``student_logits`` [B, C] and ``labels`` [B] (-1: unlabeled). Token
-targets (:class:`~softlabels.library.batches.TokenTargets`) take [B, L, C] logits of the same
-sequences and ``labels`` [B, L] as a causal LM takes them (unshifted; -100: ignored): the loss is
-the mean over positions ``t`` whose next token ``t + 1`` is inside the sequence and not ignored.
+They call the loss modules ``softlabels train`` uses (:mod:`softlabels.student.losses`) the way
+its trainer does (:class:`~softlabels.student.losses.DistillationLoss` per sample,
+:func:`~softlabels.student.kinds.tokens.lm_loss` per token), so both compute the same number.
+This layer checks the arguments first, so a wrong call is one line naming the Python argument to
+change. docs/LIBRARY.md ("Losses") describes the arguments and which positions a token loss counts.
 """
 
 from __future__ import annotations

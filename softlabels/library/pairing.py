@@ -2,18 +2,10 @@
 
 ``with_targets(dataset, store)[i]`` is ``(dataset[i], target)``: the user's item unchanged and the
 typed teacher target of the sample whose id the item carries (the index, an id column or a function).
-Targets come from whole write units decoded once per process into a small LRU cache (``cache_mib``),
-so any sampler reads each unit once per process while the cache holds the store; a store that fits
-it is read, checked and decoded when the pairing is made, and forked workers share it. A larger
-store is read a unit per item under a random sampler: use a block-shuffling sampler or
-:class:`softlabels.SoftLabelDataset` then. Per position kind:
-
-* ``sample``: one target per item (a row of a ``DenseTarget``, ``TopKTarget`` or ``SampledTarget``);
-* ``views``: item ``i`` in epoch ``e`` is the view ``softlabels train`` picks
-  (:func:`~softlabels.store.positions.views.choose_views`), made so by ``view_transform(item, params
-  by name)`` or ``view_transform="replay"`` (the store's built-in augmentation on the input tensor);
-* ``tokens``: the sequence's per-token rows, checked against the item's ``input_ids`` (or its
-  ``attention_mask``'s count); :func:`softlabels.collate` lays them out beside the padded batch.
+Targets come from blocks of rows decoded once per process into a small LRU cache (``cache_mib``): the
+whole store when it fits, read and checked when the pairing is made (forked workers share it), else
+one write unit each. docs/LIBRARY.md ("Pairing a dataset with its store") says what each position
+kind (sample, views, tokens) gives.
 """
 
 from __future__ import annotations

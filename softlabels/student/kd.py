@@ -1,29 +1,13 @@
 """KD divergences between a student's logits and a typed teacher target, per row.
 
-Every function returns a [B] tensor *without* the T^2 factor (the loss modules
-in :mod:`softlabels.student.losses` apply it). Teacher targets are data: no gradient
-flows into them.
-
-Dense targets are exact. Sparse targets know the teacher's exact probability of
-each stored class and the exact total of the rest (the tail) at the temperatures
-they answer, so every divergence is computed over the stored classes plus one tail
-*bucket*, for teacher and student alike: the exact divergence between the two
-bucketed distributions at T (by the data processing inequality a lower bound of the
-full one; with all C classes stored it equals the dense divergence). A top-k
-target answers the T of its tail grid, ``p_T(i) = exp(z_i / T - L_T)`` and
-``p_T(tail) = exp(tail_T - L_T)`` with ``L_T = logaddexp(logsumexp(z_S / T), tail_T)``;
-a sampled target answers its draw temperature Td. Any other T is refused in one
-line (:func:`softlabels.store.temperatures.require_temperature`), never approximated.
-
-The sampled layout's forward KL is instead the estimator of Anshumann et al.
-(2025) at Td: sum_j (c_j / S) (log p_Td(j) - log q_Td(j)), an unbiased estimate of
-KL(p_Td || q_Td) and of its gradient.
-
-The student's side of a sparse divergence needs only its logits at the stored
-ids and one logsumexp over all C (:class:`_GatherLSE`: no [B, C] temporaries
-beyond the gradient itself); dense forward KL and the hard-label CE share one
-fused pass (:class:`_DenseKD`). Both work over bounded blocks of rows, so a
-128k vocabulary never makes a second [B, C] float32 copy.
+Every function returns a [B] tensor *without* the T^2 factor (the loss modules in
+:mod:`softlabels.student.losses` apply it); no gradient flows into a teacher target. Dense
+targets are exact. Sparse ones are computed over the stored classes plus one tail bucket, for
+teacher and student alike, at a T the target answers exactly (any other T is refused in one
+line); the sampled forward KL is the unbiased estimator of Anshumann et al. (2025) at the draw
+temperature. The student's side of a sparse divergence is one gather and one logsumexp
+(:class:`_GatherLSE`), and dense forward KL shares one pass with the hard CE (:class:`_DenseKD`),
+both over bounded blocks of rows. docs/LAYOUTS.md ("KD losses") has the formulas and the why.
 """
 
 from __future__ import annotations

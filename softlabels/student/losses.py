@@ -18,12 +18,9 @@ into one; :func:`target_arrays` is its inverse):
 * sampled: ``"sampled_ids"``, ``"sampled_counts"`` [B, S], ``"sampled_logits"`` [B, S] and ``"logsumexp"`` [B]
   (= logsumexp(z / Td); both absent for an ids-only store) and ``"sample_temperature"`` (Td; absent: 1).
 
-Forward KL has one loss per layout: dense (``kl``, and ``soft_ce`` and ``mse`` beside it),
-sparse (``topk_kl``, ``sampled_kl``); the other divergences (``reverse_kl``, ``skew_kl``,
-``skew_reverse_kl``, ``jsd``) take any layout (:mod:`softlabels.student.kd` says how sparse
-targets are handled). The temperature T is applied here and nowhere else. Half-precision
-inputs are computed in float32 (float64 inputs stay float64). Nothing in a forward pass
-copies to the host, so the losses add no CUDA synchronisation.
+docs/LAYOUTS.md ("KD losses") tabulates the losses per layout. T is applied here and nowhere
+else; half-precision inputs are computed in float32, and nothing in a forward pass copies to the
+host (no CUDA synchronisation).
 """
 
 from __future__ import annotations
@@ -245,15 +242,10 @@ class _Sparse(_Softened):
 
 
 class TopKKL(_Sparse):
-    """T^2 * KL over K+1 buckets (the K stored classes plus one tail) for top-k stores, at a T of the tail grid.
+    """T^2 * the exact KL over K+1 buckets (the K stored classes plus one tail) at a T of the tail grid.
 
-    Teacher bucket log-probs are exact at T: ``z_i / T - L_T`` for the stored ids and
-    ``tail_T - L_T`` for the rest, ``L_T = logaddexp(logsumexp(z_S / T), tail_T)``; the
-    student's are its exact log-softmax at T at the K indices plus the log of the rest
-    (from its one logsumexp over all C). So this is the exact KL between the bucketed
-    teacher and student distributions at T; with K = C it equals :class:`KLDivergence`.
-    A T off the grid is refused in one line. Top-k indices within a row are assumed
-    distinct (not checked: that would sync; the store's validator checks them).
+    With K = C it equals :class:`KLDivergence`; a T off the grid is refused. Top-k ids within a row
+    are assumed distinct (the store's validator checks them; checking here would sync).
     """
 
     name = "topk_kl"
