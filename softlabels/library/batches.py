@@ -89,7 +89,8 @@ def collate(batch: Sequence[tuple[Any, Any]], collate_items: Callable[[list[Any]
         lengths = torch.tensor([len(getattr(t, first_field)) for t in targets], dtype=torch.int64)
         return collate_items(items), TokenTargets(_join(targets, torch.cat), lengths)
     if len({type(t) for t in targets}) > 1:
-        raise ConfigError("collate got targets of several layouts in one batch; pair each store separately")
+        raise ConfigError("collate got targets of several layouts in one batch; pair each store "
+                          "separately")
     return collate_items(items), _join(targets, torch.stack)
 
 

@@ -2,9 +2,9 @@
 
 ``with_targets(dataset, store)[i]`` is ``(dataset[i], target)``: the user's item unchanged and the
 typed teacher target of the sample whose id the item carries (the index, an id column or a function).
-Targets come from blocks of rows decoded once per process into a small LRU cache (``cache_mib``): the
-whole store when it fits, read and checked when the pairing is made (forked workers share it), else
-one write unit each. docs/LIBRARY.md ("Pairing a dataset with its store") says what each position
+Targets come from blocks of rows decoded once per process into a small LRU cache
+(``cache_mib``): the whole store when it fits, read and checked when the pairing is made (forked
+workers share it), else one write unit each. docs/LIBRARY.md ("Pairing a dataset with its store") says what each position
 kind (sample, views, tokens) gives.
 """
 
@@ -83,10 +83,10 @@ class TargetDataset(Dataset):
                               "positions; drop view_transform")
         if check:
             _check_dataset(dataset, self.store, self.rows)
-        self._span = self._unit_samples  # rows per cached block: a write unit, or every row when all fit
+        self._span = self._unit_samples  # rows per cached block (all rows when they fit)
         if self.kind != "tokens" and self._keep >= self.store.num_units:
             self._span *= self.store.num_units
-            self._block(0)  # now, so forked DataLoader workers share it instead of each reading it every epoch
+            self._block(0)  # now: forked DataLoader workers share it, not each reading it per epoch
 
     num_classes = property(lambda self: self.store.num_classes)
 
@@ -147,10 +147,10 @@ class TargetDataset(Dataset):
         if hit is not None:
             self._cache.move_to_end(b)
             return hit
-        first = b * self._span // self._unit_samples
-        units = [self.store.read_unit(u, verify=True)
-                 for u in range(first, min(first + self._span // self._unit_samples, self.store.num_units))]
-        block = {k: np.concatenate([a[k] for a in units]) for k in units[0]} if len(units) > 1 else units[0]
+        per = self._span // self._unit_samples  # write units per block
+        units = range(b * per, min((b + 1) * per, self.store.num_units))
+        arrays = [self.store.read_unit(u, verify=True) for u in units]
+        block = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]} if per > 1 else arrays[0]
         hit = self._cache[b] = self.layout.decode(block), block
         if len(self._cache) > self._keep:
             self._cache.popitem(last=False)
