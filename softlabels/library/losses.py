@@ -127,6 +127,7 @@ def _mixed(name: str, temperature: float, skew: float | None, alpha: float) -> n
 
 def _token_loss(logits: Tensor, targets: TokenTargets, soft: nn.Module, alpha: float, labels: Tensor | None) -> Tensor:
     from softlabels.student.kinds.tokens import lm_loss
+    from softlabels.student.lm_metrics import IGNORE, next_token_targets
 
     if logits.ndim != 3 or logits.shape[0] != len(targets.lengths):
         raise ModelMismatch(f"student_logits= has shape {tuple(logits.shape)} but the token targets are for "
@@ -136,15 +137,12 @@ def _token_loss(logits: Tensor, targets: TokenTargets, soft: nn.Module, alpha: f
     if seq < longest:
         raise ModelMismatch(f"student_logits= has {seq} positions per sequence but the store holds {longest} for "
                             "one of them; pass the logits of the same input_ids the targets were paired with")
-    pos = torch.arange(seq, device=logits.device)
-    keep = pos[None, :] + 1 < targets.lengths.to(logits.device)[:, None]
-    nxt = torch.zeros(b, seq, dtype=torch.long, device=logits.device)
-    if labels is not None:
-        if labels.shape != (b, seq):
-            raise ModelMismatch(f"labels= has shape {tuple(labels.shape)}, student_logits= {tuple(logits.shape)}; "
-                                "pass the causal LM's labels [batch, seq_len] (-100: ignored)")
-        nxt[:, :-1] = labels[:, 1:]
-        keep &= nxt != -100
+    if labels is not None and labels.shape != (b, seq):
+        raise ModelMismatch(f"labels= has shape {tuple(labels.shape)}, student_logits= {tuple(logits.shape)}; "
+                            "pass the causal LM's labels [batch, seq_len] (-100: ignored)")
+    ids = torch.zeros(b, seq, dtype=torch.long) if labels is None else labels.long()
+    nxt, keep = next_token_targets(ids.to(logits.device), lengths=targets.lengths)
+    keep &= nxt != IGNORE
     batch = {"index": targets.index(seq).to(logits.device), "loss_mask": keep, "targets": nxt.masked_fill(~keep, 0),
              "target": targets.target}
     total, _, _ = lm_loss(logits, batch, soft, alpha)

@@ -266,9 +266,11 @@ class SampledKL(_Sparse):
 class _Divergence(_Softened):
     """T^2 * a divergence for any layout: exact on dense targets, over stored ids + tail on sparse ones."""
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.1) -> None:
+    default_alpha = 0.1
+
+    def __init__(self, temperature: float = 1.0, alpha: float | None = None) -> None:
         super().__init__(temperature)
-        a = _as_float(alpha)
+        a = _as_float(self.default_alpha if alpha is None else alpha)
         if not 0.0 < a < 1.0:
             raise ConfigError(f"loss {self.name!r}: alpha must lie strictly between 0 and 1, got {alpha!r}; "
                               "pass e.g. 0.1")
@@ -302,9 +304,7 @@ class JSD(_Divergence):
     """T^2 * (b KL(p || m) + (1 - b) KL(q || m)), m = b p + (1 - b) q; b = ``alpha``, 0.5 by default (plain JSD)."""
 
     name = "jsd"
-
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5) -> None:
-        super().__init__(temperature, alpha)
+    default_alpha = 0.5
 
 
 LOSSES: dict[str, type[nn.Module]] = {cls.name: cls for cls in (
