@@ -25,6 +25,7 @@ from softlabels.store.layouts.targets import (
     SampledTarget,
     TopKTarget,
 )
+from softlabels.store.temperatures import require_temperature, supports
 
 __all__ = ["DIVERGENCES", "compute_dtype", "dense_kl_and_ce", "divergence", "from_log_probs", "gather_lse",
            "reported_kl", "sampled_kl"]
@@ -224,8 +225,6 @@ def _teacher_buckets(target: TopKTarget | SampledTarget, num_classes: int, tempe
 
 
 def _require_draw_temperature(target: SampledTarget, temperature: float) -> None:
-    from softlabels.store.temperatures import require_temperature
-
     require_temperature(target.temperatures, temperature, "this sampled target", "sampled", option="temperature=")
 
 
@@ -265,8 +264,6 @@ def sampled_kl(s: Tensor, target: SampledTarget, temperature: float, block: int 
 def reported_kl(s: Tensor, target: DenseTarget | TopKTarget | SampledTarget) -> tuple[Tensor | None, float | None]:
     """(per-row forward KL, no T^2, the T it is at) as metrics report it: at T = 1 where the target answers
     it, else at the smallest T it answers; (None, None) for an ids-only sampled target, which cannot answer."""
-    from softlabels.store.temperatures import supports
-
     temps = target.temperatures
     if isinstance(target, SampledTarget) and not target.has_logits:
         return None, None
