@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from softlabels.errors import (
     FingerprintMismatch,
     UnsupportedFormat,
 )
-from softlabels.library.batches import PairedItems
+from softlabels.library.batches import PairedItems, join_targets
 
 __all__ = ["TargetDataset", "with_targets"]
 
@@ -70,8 +69,6 @@ class TargetDataset(Dataset):
         self._unit_samples = meta.geometry.unit_samples
         self.epoch = int(epoch)
         self.rows = _rows_of(dataset, self.store, ids)
-        empty = self.layout.decode({k: np.zeros((0, *a.shape), a.dtype) for k, a in self.layout.arrays().items()})
-        self._fields = tuple(f.name for f in fields(empty) if isinstance(getattr(empty, f.name), torch.Tensor))
         unit_bytes = meta.geometry.unit_samples * self.layout.bytes_per_position * _positions_per_sample(self.store)
         self._keep = max(1, int(cache_mib * 2**20 // max(1, unit_bytes)))
         self._cache: OrderedDict[int, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
@@ -122,24 +119,22 @@ class TargetDataset(Dataset):
         blocks, within = rows // self._span, rows % self._span
         groups = [(pick, *self._block(int(b)), within[pick])
                   for b in np.unique(blocks) for pick in [np.flatnonzero(blocks == b)]]
-        parts: dict[str, list[torch.Tensor]] = {f: [] for f in self._fields}
-        params = []
+        picked, params = [], []
         for _, target, extra, r in groups:
             at: Any = torch.from_numpy(r)
             if self.kind == "views":
                 v = _choose(self.store, extra["sample_ids"][r], self.epoch)
                 params.append(extra["view_params"][r, v])
                 at = (at, torch.from_numpy(v))
-            for f in self._fields:
-                parts[f].append(getattr(target, f)[at])
-        gathered = [torch.cat(parts[f]) if len(parts[f]) > 1 else parts[f][0] for f in self._fields]
+            picked.append(target.select(at))
+        target = join_targets(picked, torch.cat) if len(picked) > 1 else picked[0]
         if len(groups) > 1:  # back to the batch's order
             back = np.argsort(np.concatenate([g[0] for g in groups]), kind="stable")
-            gathered = [g[torch.from_numpy(back)] for g in gathered]
+            target = target.select(torch.from_numpy(back))
             params = [np.concatenate(params)[back]] if params else params
         if self.kind == "views":
             items = [self._replay(item, p) for item, p in zip(items, np.concatenate(params))]
-        return PairedItems(items, replace(groups[0][1], **dict(zip(self._fields, gathered))))
+        return PairedItems(items, target)
 
     def _block(self, b: int) -> tuple[Any, dict[str, np.ndarray]]:
         """Rows ``b * _span`` on decoded (least recently used blocks leave the cache first)."""
