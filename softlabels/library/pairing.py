@@ -69,7 +69,8 @@ class TargetDataset(Dataset):
         self._unit_samples = meta.geometry.unit_samples
         self.epoch = int(epoch)
         self.rows = _rows_of(dataset, self.store, ids)
-        unit_bytes = meta.geometry.unit_samples * self.layout.bytes_per_position * _positions_per_sample(self.store)
+        per_sample = math.ceil(self.store.positions.num_positions / max(1, self.store.num_samples))
+        unit_bytes = meta.geometry.unit_samples * self.layout.bytes_per_position * max(1, per_sample)
         self._keep = max(1, int(cache_mib * 2**20 // max(1, unit_bytes)))
         self._cache: OrderedDict[int, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
         self._replay = None
@@ -299,12 +300,3 @@ def _view_replay(store: Any, view_transform: Any) -> Callable[[Any, np.ndarray],
         raise UnsupportedFormat(f"{store.path} records the augmentation '{p.augment}', whose term '{user[0]}' names "
                                 "code that is never imported from a store; pass view_transform=f that applies it")
     return _Replay(p.augment)
-
-
-def _positions_per_sample(store: Any) -> float:
-    p = store.positions
-    if store.meta.positions == "views":
-        return p.num_views
-    if store.meta.positions == "tokens":
-        return max(1.0, math.ceil(p.num_positions / max(1, store.num_samples)))
-    return 1

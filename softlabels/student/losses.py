@@ -367,8 +367,7 @@ class DistillationLoss(nn.Module):
                 soft_rows, ce_rows = fused(student_logits, batch, labels)
                 hard, soft = self.alpha * ce_rows.mean(), (1 - self.alpha) * soft_rows.mean()
             else:
-                hard = zero
-                soft = zero
+                hard = soft = zero
                 if self.alpha > 0:
                     ce_rows = F.cross_entropy(s, labels, ignore_index=-1, reduction="none")
                     hard = self.alpha * ce_rows.mean()
