@@ -8,8 +8,9 @@ of the layout ([B, ...]). Token targets (one row per token, a different count pe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,14 +64,7 @@ class PairedItems(Sequence):
         return self.items[i], self.targets.select(i)
 
 
-def stack_targets(targets: Sequence[Any]) -> Any:
-    """Per-item typed targets (one layout) stacked into one batch target."""
-    if len({type(t) for t in targets}) > 1:
-        raise ConfigError("collate got targets of several layouts in one batch; pair each store separately")
-    return _join(targets, torch.stack)
-
-
-def _join(targets: Sequence[Any], op: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
+def join_targets(targets: Sequence[Any], op: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
     """One target of ``targets``' tensors joined by ``op``; what is not a tensor (a target's temperatures,
     an absent array) is the first target's, as it is every target's of one store."""
     first = targets[0]
@@ -93,8 +87,11 @@ def collate(batch: Sequence[tuple[Any, Any]], collate_items: Callable[[list[Any]
         raise ConfigError("collate got targets of several position kinds in one batch; pair each store separately")
     if _is_token_row(targets[0]):
         lengths = torch.tensor([len(getattr(t, first_field)) for t in targets], dtype=torch.int64)
-        return collate_items(items), TokenTargets(_join(targets, torch.cat), lengths)
-    return collate_items(items), stack_targets(targets)
+        return collate_items(items), TokenTargets(join_targets(targets, torch.cat), lengths)
+    if len({type(t) for t in targets}) > 1:
+        raise ConfigError("collate got targets of several layouts in one batch; pair each store "
+                          "separately")
+    return collate_items(items), join_targets(targets, torch.stack)
 
 
 def _is_token_row(target: Any) -> bool:

@@ -1,19 +1,10 @@
 """KD losses on typed targets for a user's own loop: :func:`kd_loss`, one function per divergence, :class:`KDLoss`.
 
-``kd_loss(student_logits, targets, *, temperature)`` is the scalar a training step minimises:
-``alpha * CE(labels) + (1 - alpha) * soft``, the soft term being T² times a divergence
-(Hinton et al. 2015) chosen from the targets' layout unless ``loss=`` names one of
-:data:`softlabels.student.losses.LOSSES`. The divergences are the loss modules that
-``softlabels train`` uses (:mod:`softlabels.student.soft_losses`), called the way its trainer
-calls them (:class:`~softlabels.student.losses.DistillationLoss` for per-sample targets,
-:func:`~softlabels.student.kinds.tokens.lm_loss` for token targets): one implementation, the
-large-vocabulary ones over bounded blocks of rows. What this layer adds is checking the
-arguments first, so a wrong call is one line naming the Python argument to change.
-
-Per-sample targets take ``student_logits`` [B, C] and ``labels`` [B] (-1: unlabeled). Token
-targets (:class:`~softlabels.library.batches.TokenTargets`) take [B, L, C] logits of the same
-sequences and ``labels`` [B, L] as a causal LM takes them (unshifted; -100: ignored): the loss is
-the mean over positions ``t`` whose next token ``t + 1`` is inside the sequence and not ignored.
+They call the loss modules ``softlabels train`` uses (:mod:`softlabels.student.losses`) the way
+its trainer does (:class:`~softlabels.student.losses.DistillationLoss` per sample,
+:func:`~softlabels.student.kinds.tokens.lm_loss` per token), so both compute the same number.
+This layer checks the arguments first, so a wrong call is one line naming the Python argument to
+change. docs/LIBRARY.md ("Losses") describes the arguments and which positions a token loss counts.
 """
 
 from __future__ import annotations
@@ -28,6 +19,12 @@ from torch import Tensor, nn
 from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.library.batches import TokenTargets
 from softlabels.store.layouts.targets import DenseTarget, SampledTarget, TopKTarget
+from softlabels.student.losses import (
+    LOSSES,
+    DistillationLoss,
+    check_number,
+    make_soft_loss,
+)
 
 __all__ = [
     "KDLoss", "kd_loss", "kl_loss", "soft_ce_loss", "mse_loss", "topk_kl_loss", "sampled_kl_loss",
@@ -36,18 +33,6 @@ __all__ = [
 
 _OWN = {DenseTarget: ("kl", "soft_ce", "mse"), TopKTarget: ("topk_kl",), SampledTarget: ("sampled_kl",)}
 _ANY_LAYOUT = ("reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
-
-
-def _number(name: str, value: Any, low: float, high: float, closed: bool, example: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    ok = (low <= v <= high) if closed else (low < v and v <= high and math.isfinite(v))
-    if not ok:
-        span = f"between {low:g} and {high:g}" if closed else f"a finite number > {low:g}"
-        raise ConfigError(f"{name} must be {span}, got {value!r}; pass e.g. {name}={example}")
-    return v
 
 
 def _loss_name(loss: str | None, target: Any) -> str:
@@ -59,8 +44,6 @@ def _loss_name(loss: str | None, target: Any) -> str:
         return _OWN[kind][0]
     fits = (*_OWN[kind], *_ANY_LAYOUT)
     if loss not in fits:
-        from softlabels.student.losses import LOSSES
-
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r} is not a loss; pass one of {', '.join(LOSSES)} (or loss=None)")
         raise ConfigError(f"loss={loss!r} does not take {kind.__name__} targets; pass loss={_OWN[kind][0]!r} "
@@ -71,13 +54,11 @@ def _loss_name(loss: str | None, target: Any) -> str:
 @functools.lru_cache(maxsize=64)
 def _soft_module(name: str, temperature: float, skew: float | None) -> nn.Module:
     """The trainer's loss module (stateless: one per name, T and weight is kept)."""
-    from softlabels.student.losses import LOSSES, make_soft_loss
-
     if skew is None:
         return make_soft_loss(name, temperature)
     if name not in _ANY_LAYOUT:
         raise ConfigError(f"skew= weights the mixture of {', '.join(_ANY_LAYOUT[1:])}, not loss={name!r}; drop skew")
-    _number("skew", skew, 0.0, 1.0, True, "0.1")
+    check_number("skew", skew, 0.0, 1.0, True, "skew=0.1")
     if not 0 < float(skew) < 1:
         raise ConfigError(f"skew must lie strictly between 0 and 1, got {skew!r}; pass e.g. skew=0.1")
     return LOSSES[name](temperature, float(skew))
@@ -92,8 +73,8 @@ def kd_loss(student_logits: Tensor, targets: Any, *, temperature: float, loss: s
     the layout's own forward KL: ``kl``, ``topk_kl``, ``sampled_kl``). ``alpha`` > 0 needs
     ``labels``. ``skew``: the mixing weight of ``skew_kl``, ``skew_reverse_kl`` (0.1) and ``jsd`` (0.5).
     """
-    t = _number("temperature", temperature, 0.0, math.inf, False, "2")
-    a = _number("alpha", alpha, 0.0, 1.0, True, "0.5")
+    t = check_number("temperature", temperature, 0.0, math.inf, False, "temperature=2")
+    a = check_number("alpha", alpha, 0.0, 1.0, True, "alpha=0.5")
     if a > 0 and labels is None:
         raise ConfigError(f"alpha={alpha!r} mixes in the hard-label cross-entropy; pass labels= too, or alpha=0")
     if not isinstance(student_logits, Tensor):
@@ -141,13 +122,12 @@ def _check_classes(logits: Tensor, target: Any, labels: Tensor | None, ignore: i
 
 @functools.lru_cache(maxsize=64)
 def _mixed(name: str, temperature: float, skew: float | None, alpha: float) -> nn.Module:
-    from softlabels.student.losses import DistillationLoss
-
     return DistillationLoss(_soft_module(name, temperature, skew), alpha)
 
 
 def _token_loss(logits: Tensor, targets: TokenTargets, soft: nn.Module, alpha: float, labels: Tensor | None) -> Tensor:
     from softlabels.student.kinds.tokens import lm_loss
+    from softlabels.student.lm_metrics import IGNORE, next_token_targets
 
     if logits.ndim != 3 or logits.shape[0] != len(targets.lengths):
         raise ModelMismatch(f"student_logits= has shape {tuple(logits.shape)} but the token targets are for "
@@ -157,15 +137,12 @@ def _token_loss(logits: Tensor, targets: TokenTargets, soft: nn.Module, alpha: f
     if seq < longest:
         raise ModelMismatch(f"student_logits= has {seq} positions per sequence but the store holds {longest} for "
                             "one of them; pass the logits of the same input_ids the targets were paired with")
-    pos = torch.arange(seq, device=logits.device)
-    keep = pos[None, :] + 1 < targets.lengths.to(logits.device)[:, None]
-    nxt = torch.zeros(b, seq, dtype=torch.long, device=logits.device)
-    if labels is not None:
-        if labels.shape != (b, seq):
-            raise ModelMismatch(f"labels= has shape {tuple(labels.shape)}, student_logits= {tuple(logits.shape)}; "
-                                "pass the causal LM's labels [batch, seq_len] (-100: ignored)")
-        nxt[:, :-1] = labels[:, 1:]
-        keep &= nxt != -100
+    if labels is not None and labels.shape != (b, seq):
+        raise ModelMismatch(f"labels= has shape {tuple(labels.shape)}, student_logits= {tuple(logits.shape)}; "
+                            "pass the causal LM's labels [batch, seq_len] (-100: ignored)")
+    ids = torch.zeros(b, seq, dtype=torch.long) if labels is None else labels.long()
+    nxt, keep = next_token_targets(ids.to(logits.device), lengths=targets.lengths)
+    keep &= nxt != IGNORE
     batch = {"index": targets.index(seq).to(logits.device), "loss_mask": keep, "targets": nxt.masked_fill(~keep, 0),
              "target": targets.target}
     total, _, _ = lm_loss(logits, batch, soft, alpha)
@@ -179,8 +156,8 @@ class KDLoss(nn.Module):
                  skew: float | None = None) -> None:
         super().__init__()
         self.loss, self.temperature, self.alpha, self.skew = loss, temperature, alpha, skew
-        _number("temperature", temperature, 0.0, math.inf, False, "2")
-        _number("alpha", alpha, 0.0, 1.0, True, "0.5")
+        check_number("temperature", temperature, 0.0, math.inf, False, "temperature=2")
+        check_number("alpha", alpha, 0.0, 1.0, True, "alpha=0.5")
 
     def forward(self, student_logits: Tensor, targets: Any, labels: Tensor | None = None) -> Tensor:
         """The scalar loss of the batch (see :func:`kd_loss`)."""

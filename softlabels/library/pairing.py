@@ -2,18 +2,10 @@
 
 ``with_targets(dataset, store)[i]`` is ``(dataset[i], target)``: the user's item unchanged and the
 typed teacher target of the sample whose id the item carries (the index, an id column or a function).
-Targets come from whole write units decoded once per process into a small LRU cache (``cache_mib``),
-so any sampler reads each unit once per process while the cache holds the store; a store that fits
-it is read, checked and decoded when the pairing is made, and forked workers share it. A larger
-store is read a unit per item under a random sampler: use a block-shuffling sampler or
-:class:`softlabels.SoftLabelDataset` then. Per position kind:
-
-* ``sample``: one target per item (a row of a ``DenseTarget``, ``TopKTarget`` or ``SampledTarget``);
-* ``views``: item ``i`` in epoch ``e`` is the view ``softlabels train`` picks
-  (:func:`~softlabels.store.positions.views.choose_views`), made so by ``view_transform(item, params
-  by name)`` or ``view_transform="replay"`` (the store's built-in augmentation on the input tensor);
-* ``tokens``: the sequence's per-token rows, checked against the item's ``input_ids`` (or its
-  ``attention_mask``'s count); :func:`softlabels.collate` lays them out beside the padded batch.
+Targets come from blocks of rows decoded once per process into a small LRU cache
+(``cache_mib``): the whole store when it fits, read and checked when the pairing is made (forked
+workers share it), else one write unit each. docs/LIBRARY.md ("Pairing a dataset with its store") says what each position
+kind (sample, views, tokens) gives.
 """
 
 from __future__ import annotations
@@ -21,7 +13,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +26,7 @@ from softlabels.errors import (
     FingerprintMismatch,
     UnsupportedFormat,
 )
-from softlabels.library.batches import PairedItems
+from softlabels.library.batches import PairedItems, join_targets
 
 __all__ = ["TargetDataset", "with_targets"]
 
@@ -78,9 +69,8 @@ class TargetDataset(Dataset):
         self._unit_samples = meta.geometry.unit_samples
         self.epoch = int(epoch)
         self.rows = _rows_of(dataset, self.store, ids)
-        empty = self.layout.decode({k: np.zeros((0, *a.shape), a.dtype) for k, a in self.layout.arrays().items()})
-        self._fields = tuple(f.name for f in fields(empty) if isinstance(getattr(empty, f.name), torch.Tensor))
-        unit_bytes = meta.geometry.unit_samples * self.layout.bytes_per_position * _positions_per_sample(self.store)
+        per_sample = math.ceil(self.store.positions.num_positions / max(1, self.store.num_samples))
+        unit_bytes = meta.geometry.unit_samples * self.layout.bytes_per_position * max(1, per_sample)
         self._keep = max(1, int(cache_mib * 2**20 // max(1, unit_bytes)))
         self._cache: OrderedDict[int, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
         self._replay = None
@@ -91,8 +81,10 @@ class TargetDataset(Dataset):
                               "positions; drop view_transform")
         if check:
             _check_dataset(dataset, self.store, self.rows)
+        self._span = self._unit_samples  # rows per cached block (all rows when they fit)
         if self.kind != "tokens" and self._keep >= self.store.num_units:
-            self._whole()  # now, so forked DataLoader workers share it instead of each reading it every epoch
+            self._span *= self.store.num_units
+            self._block(0)  # now: forked DataLoader workers share it, not each reading it per epoch
 
     num_classes = property(lambda self: self.store.num_classes)
 
@@ -113,7 +105,7 @@ class TargetDataset(Dataset):
             return self.__getitems__([index])[0]
         item = self.dataset[index]
         row = int(self.rows[index])
-        (target, extra), r = self._unit(row // self._unit_samples), row % self._unit_samples
+        (target, extra), r = self._block(row // self._span), row % self._span
         off, n = int(extra["offsets"][r]), int(extra["lengths"][r])
         _check_tokens(item, n, index, self.store.path)
         return item, target.select(slice(off, off + n))
@@ -125,48 +117,37 @@ class TargetDataset(Dataset):
         fetch = getattr(self.dataset, "__getitems__", None)
         items = fetch(list(indices)) if fetch else [self.dataset[i] for i in indices]
         rows = self.rows[np.asarray(indices, dtype=np.int64)]
-        if self._keep >= self.store.num_units:  # the whole store fits the cache: one gather
-            groups = [(None, *self._whole(), rows)]
-        else:
-            units, within = rows // self._unit_samples, rows % self._unit_samples
-            groups = [(pick, *self._unit(int(u)), within[pick])
-                      for u in np.unique(units) for pick in [np.flatnonzero(units == u)]]
-        parts: dict[str, list[torch.Tensor]] = {f: [] for f in self._fields}
-        params = []
+        blocks, within = rows // self._span, rows % self._span
+        groups = [(pick, *self._block(int(b)), within[pick])
+                  for b in np.unique(blocks) for pick in [np.flatnonzero(blocks == b)]]
+        picked, params = [], []
         for _, target, extra, r in groups:
             at: Any = torch.from_numpy(r)
             if self.kind == "views":
                 v = _choose(self.store, extra["sample_ids"][r], self.epoch)
                 params.append(extra["view_params"][r, v])
                 at = (at, torch.from_numpy(v))
-            for f in self._fields:
-                parts[f].append(getattr(target, f)[at])
-        gathered = [torch.cat(parts[f]) if len(parts[f]) > 1 else parts[f][0] for f in self._fields]
+            picked.append(target.select(at))
+        target = join_targets(picked, torch.cat) if len(picked) > 1 else picked[0]
         if len(groups) > 1:  # back to the batch's order
             back = np.argsort(np.concatenate([g[0] for g in groups]), kind="stable")
-            gathered = [g[torch.from_numpy(back)] for g in gathered]
+            target = target.select(torch.from_numpy(back))
             params = [np.concatenate(params)[back]] if params else params
         if self.kind == "views":
             items = [self._replay(item, p) for item, p in zip(items, np.concatenate(params))]
-        return PairedItems(items, replace(groups[0][1], **dict(zip(self._fields, gathered))))
+        return PairedItems(items, target)
 
-    def _whole(self) -> tuple[Any, dict[str, np.ndarray]]:
-        """Every unit decoded into one target over the store's rows (once per process; it fits the cache)."""
-        hit = self._cache.get(-1)
-        if hit is None:
-            units = [self.store.read_unit(u, verify=True) for u in range(self.store.num_units)]
-            block = {k: np.concatenate([b[k] for b in units]) for k in units[0]} if units else {}
-            hit = self._cache[-1] = (self.layout.decode(block), block)
-        return hit
-
-    def _unit(self, unit: int) -> tuple[Any, dict[str, np.ndarray]]:
-        hit = self._cache.get(unit)
+    def _block(self, b: int) -> tuple[Any, dict[str, np.ndarray]]:
+        """Rows ``b * _span`` on decoded (least recently used blocks leave the cache first)."""
+        hit = self._cache.get(b)
         if hit is not None:
-            self._cache.move_to_end(unit)
+            self._cache.move_to_end(b)
             return hit
-        block = self.store.read_unit(unit, verify=True)
-        hit = self.layout.decode(block), block
-        self._cache[unit] = hit
+        per = self._span // self._unit_samples  # write units per block
+        units = range(b * per, min((b + 1) * per, self.store.num_units))
+        arrays = [self.store.read_unit(u, verify=True) for u in units]
+        block = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]} if per > 1 else arrays[0]
+        hit = self._cache[b] = self.layout.decode(block), block
         if len(self._cache) > self._keep:
             self._cache.popitem(last=False)
         return hit
@@ -319,12 +300,3 @@ def _view_replay(store: Any, view_transform: Any) -> Callable[[Any, np.ndarray],
         raise UnsupportedFormat(f"{store.path} records the augmentation '{p.augment}', whose term '{user[0]}' names "
                                 "code that is never imported from a store; pass view_transform=f that applies it")
     return _Replay(p.augment)
-
-
-def _positions_per_sample(store: Any) -> float:
-    p = store.positions
-    if store.meta.positions == "views":
-        return p.num_views
-    if store.meta.positions == "tokens":
-        return max(1.0, math.ceil(p.num_positions / max(1, store.num_samples)))
-    return 1

@@ -1,29 +1,13 @@
 """KD divergences between a student's logits and a typed teacher target, per row.
 
-Every function returns a [B] tensor *without* the T^2 factor (the loss modules
-in :mod:`softlabels.student.losses` apply it). Teacher targets are data: no gradient
-flows into them.
-
-Dense targets are exact. Sparse targets know the teacher's exact probability of
-each stored class and the exact total of the rest (the tail) at the temperatures
-they answer, so every divergence is computed over the stored classes plus one tail
-*bucket*, for teacher and student alike: the exact divergence between the two
-bucketed distributions at T (by the data processing inequality a lower bound of the
-full one; with all C classes stored it equals the dense divergence). A top-k
-target answers the T of its tail grid, ``p_T(i) = exp(z_i / T - L_T)`` and
-``p_T(tail) = exp(tail_T - L_T)`` with ``L_T = logaddexp(logsumexp(z_S / T), tail_T)``;
-a sampled target answers its draw temperature Td. Any other T is refused in one
-line (:func:`softlabels.store.temperatures.require_temperature`), never approximated.
-
-The sampled layout's forward KL is instead the estimator of Anshumann et al.
-(2025) at Td: sum_j (c_j / S) (log p_Td(j) - log q_Td(j)), an unbiased estimate of
-KL(p_Td || q_Td) and of its gradient.
-
-The student's side of a sparse divergence needs only its logits at the stored
-ids and one logsumexp over all C (:class:`_GatherLSE`: no [B, C] temporaries
-beyond the gradient itself); dense forward KL and the hard-label CE share one
-fused pass (:class:`_DenseKD`). Both work over bounded blocks of rows, so a
-128k vocabulary never makes a second [B, C] float32 copy.
+Every function returns a [B] tensor *without* the T^2 factor (the loss modules in
+:mod:`softlabels.student.losses` apply it); no gradient flows into a teacher target. Dense
+targets are exact. Sparse ones are computed over the stored classes plus one tail bucket, for
+teacher and student alike, at a T the target answers exactly (any other T is refused in one
+line); the sampled forward KL is the unbiased estimator of Anshumann et al. (2025) at the draw
+temperature. The student's side of a sparse divergence is one gather and one logsumexp
+(:class:`_GatherLSE`), and dense forward KL shares one pass with the hard CE (:class:`_DenseKD`),
+both over bounded blocks of rows. docs/LAYOUTS.md ("KD losses") has the formulas and the why.
 """
 
 from __future__ import annotations
@@ -41,6 +25,7 @@ from softlabels.store.layouts.targets import (
     SampledTarget,
     TopKTarget,
 )
+from softlabels.store.temperatures import require_temperature, supports
 
 __all__ = ["DIVERGENCES", "compute_dtype", "dense_kl_and_ce", "divergence", "from_log_probs", "gather_lse",
            "reported_kl", "sampled_kl"]
@@ -59,11 +44,6 @@ def compute_dtype(student_logits: Tensor) -> torch.dtype:
 
 
 # -- the student's side, fused --------------------------------------------------------------------
-def _scaled(s: Tensor, rows: slice, dt: torch.dtype, temperature: float) -> Tensor:
-    x = s[rows].to(dt)
-    return x if temperature == 1 else x / temperature
-
-
 def _blocks(s: Tensor, block: int) -> list[slice]:
     return row_chunks(len(s), s.shape[-1], block)
 
@@ -149,7 +129,7 @@ class _DenseKD(torch.autograd.Function):
         with_ce = labels is not None
         safe = labels.clamp_min(0).long()[:, None] if with_ce else None
         for rows in _blocks(s, block):
-            x, y = _scaled(s, rows, dt, temperature), _scaled(t, rows, dt, temperature)
+            x, y = _over(s[rows].to(dt), temperature), _over(t[rows].to(dt), temperature)
             lq = torch.log_softmax(x, -1)
             # p (log p - log q), with 0 log 0 = 0 for -inf teacher logits (clamped, never NaN)
             diff = torch.log_softmax(y, -1).clamp_min_(lo).sub_(lq)
@@ -177,14 +157,14 @@ class _DenseKD(torch.autograd.Function):
         for rows in _blocks(s, ctx.block):
             # d KL / d s = (q_T - p_T) / T;  d CE / d s = q_1 - onehot
             w = d_kl[rows, None] / temp
-            g = torch.ops.aten._softmax.out(_scaled(s, rows, dt, temp), -1, False, out=grad[rows])
+            g = torch.ops.aten._softmax.out(_over(s[rows].to(dt), temp), -1, False, out=grad[rows])
             if ce_w is not None and temp == 1:
                 g.mul_(w + ce_w[rows])
             else:
                 g.mul_(w)
                 if ce_w is not None:
                     g.add_(torch.softmax(s[rows].to(dt), -1).mul_(ce_w[rows]))
-            g.sub_(torch.softmax(_scaled(t, rows, dt, temp), -1).mul_(w))
+            g.sub_(torch.softmax(_over(t[rows].to(dt), temp), -1).mul_(w))
         if ce_w is not None:
             grad.scatter_add_(1, rest[0].clamp_min(0).long()[:, None], -ce_w)
         return grad.to(s.dtype), None, None, None, None
@@ -245,8 +225,6 @@ def _teacher_buckets(target: TopKTarget | SampledTarget, num_classes: int, tempe
 
 
 def _require_draw_temperature(target: SampledTarget, temperature: float) -> None:
-    from softlabels.store.temperatures import require_temperature
-
     require_temperature(target.temperatures, temperature, "this sampled target", "sampled", option="temperature=")
 
 
@@ -286,8 +264,6 @@ def sampled_kl(s: Tensor, target: SampledTarget, temperature: float, block: int 
 def reported_kl(s: Tensor, target: DenseTarget | TopKTarget | SampledTarget) -> tuple[Tensor | None, float | None]:
     """(per-row forward KL, no T^2, the T it is at) as metrics report it: at T = 1 where the target answers
     it, else at the smallest T it answers; (None, None) for an ids-only sampled target, which cannot answer."""
-    from softlabels.store.temperatures import supports
-
     temps = target.temperatures
     if isinstance(target, SampledTarget) and not target.has_logits:
         return None, None

@@ -8,6 +8,7 @@ sequence and ``mask[t + 1]`` is set, so the last position and padding never coun
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from softlabels.errors import ConfigError, ModelMismatch
 
-__all__ = ["next_token_targets", "next_token_ce", "CalibrationBins", "LMEvalAccumulator", "IGNORE"]
+__all__ = ["next_token_targets", "next_token_ce", "CalibrationBins", "Sums", "LMEvalAccumulator", "IGNORE"]
 
 IGNORE = -100
 """Target id of positions that do not count (PyTorch's and Hugging Face's ``ignore_index``)."""
@@ -84,7 +85,16 @@ class CalibrationBins:
                 "confidence": [f / c if c else None for f, c in zip(conf.tolist(), count.tolist())]}
 
 
-_SUMS = ("n", "nll", "correct", "n_teacher", "teacher_nll", "agree", "kl")
+class Sums(defaultdict):
+    """Running float64 sums by name (0 until added to); tensors are read as Python floats."""
+
+    def __init__(self) -> None:
+        super().__init__(float)
+
+    def add(self, **values: Tensor | float) -> None:
+        """Add each value to its sum."""
+        for key, value in values.items():
+            self[key] += float(value)
 
 
 class LMEvalAccumulator:
@@ -100,7 +110,7 @@ class LMEvalAccumulator:
         if not (isinstance(n_bins, int) and n_bins >= 1):
             raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}; the usual choice is 15")
         self.n_bins = n_bins
-        self._sums = dict.fromkeys(_SUMS, 0.0)
+        self._sums = Sums()
         self._bins = CalibrationBins(n_bins)
 
     def update(self, logits: Tensor, ids: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None,
@@ -118,17 +128,13 @@ class LMEvalAccumulator:
             nll = -logp.gather(1, y[:, None])[:, 0]
             conf, pred = logp.max(-1)
             correct = (pred == y).double().cpu()
-            self._add(n=y.numel(), nll=nll.double().sum(), correct=correct.sum())
+            self._sums.add(n=y.numel(), nll=nll.double().sum(), correct=correct.sum())
             self._bins.add(conf.exp().double().cpu(), correct)
             if teacher_logits is not None:
                 t_logp = F.log_softmax(teacher_logits.detach()[valid].float(), dim=-1)
                 kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
-                self._add(n_teacher=y.numel(), teacher_nll=-t_logp.gather(1, y[:, None]).double().sum(),
+                self._sums.add(n_teacher=y.numel(), teacher_nll=-t_logp.gather(1, y[:, None]).double().sum(),
                           agree=(t_logp.argmax(-1) == pred).sum(), kl=kl.double().sum())
-
-    def _add(self, **values: Tensor | float | int) -> None:
-        for key, value in values.items():
-            self._sums[key] += float(value)
 
     def compute(self) -> dict[str, float | int | None]:
         """The metrics so far (None where nothing counted yet)."""

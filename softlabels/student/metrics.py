@@ -19,18 +19,12 @@ from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.inputs.arrays import InputDataset
 from softlabels.store.layouts.targets import DenseTarget, TopKTarget
 from softlabels.student import kd
-from softlabels.student.lm_metrics import CalibrationBins
+from softlabels.student.lm_metrics import CalibrationBins, Sums
 from softlabels.student.losses import Batch, KLDivergence, as_target
 
 __all__ = ["EvalAccumulator"]
 
 Metrics = dict[str, float | int | None]
-_SUM_KEYS = (
-    "n", "n_labeled", "correct", "n_teacher", "n_teacher_labeled", "teacher_correct", "agree", "kl", "corr", "n_corr",
-    "n_dense", "nonfinite",
-)  # fmt: skip
-
-
 def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlation of each row of ``a`` with the same row of ``b``, over rows where both vary."""
     # Exact "does the row vary" test: centring a constant row can leave rounding noise.
@@ -65,7 +59,7 @@ class EvalAccumulator:
             raise ConfigError(problems)
         self.num_classes = num_classes
         self.n_bins = n_bins
-        self._sums = dict.fromkeys(_SUM_KEYS, 0.0)
+        self._sums = Sums()
         self._bins = {who: CalibrationBins(n_bins) for who in ("student", "teacher")}  # the teacher's: dense only
 
     def update(self, student_logits: Tensor, labels: Tensor, batch: Batch | None = None) -> None:
@@ -84,10 +78,8 @@ class EvalAccumulator:
         # student could score 100%), so such rows count as wrong and stay out of the calibration bins.
         finite = torch.isfinite(s).all(-1)
         sums = self._sums
-        sums["n"] += len(y)
-        sums["n_labeled"] += float(labeled.sum())
-        sums["nonfinite"] += float((~finite).sum())
-        sums["correct"] += float(((s.argmax(-1) == y) & finite)[labeled].sum())
+        sums.add(n=len(y), n_labeled=labeled.sum(), nonfinite=(~finite).sum(),
+                 correct=((s.argmax(-1) == y) & finite)[labeled].sum())
         self._add_bins("student", s, y, labeled & finite)
 
         target = None if batch is None else as_target(batch)
@@ -97,22 +89,18 @@ class EvalAccumulator:
             f.name: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.int64)
             for f in dataclasses.fields(target) for v in (getattr(target, f.name),) if isinstance(v, Tensor)})
         t_top = target.top1()
-        sums["n_teacher"] += len(y)
-        sums["n_teacher_labeled"] += float(labeled.sum())
-        sums["teacher_correct"] += float((t_top == y)[labeled].sum())
-        sums["agree"] += float((s.argmax(-1) == t_top).sum())
+        sums.add(n_teacher=len(y), n_teacher_labeled=labeled.sum(),
+                 teacher_correct=(t_top == y)[labeled].sum(), agree=(s.argmax(-1) == t_top).sum())
         if isinstance(target, DenseTarget):
-            sums["kl"] += float(KLDivergence(1.0)(s, target).sum())
+            sums.add(kl=KLDivergence(1.0)(s, target).sum(), n_dense=len(y))
             corr = _pearson_rows(s, target.logits)
-            sums["n_dense"] += len(y)
             self._add_bins("teacher", target.logits, y, labeled)
         else:  # over the stored ids plus one tail bucket: a lower bound of the full KL (at a T the store answers)
             kl, self.kl_temperature = kd.reported_kl(s, target)
             sums["kl"] += float(kl.sum()) if kl is not None else math.nan
             corr = _pearson_rows(s.gather(1, target.ids), target.values) if isinstance(target, TopKTarget) \
                 else s.new_zeros(0)
-        sums["corr"] += float(corr.sum())
-        sums["n_corr"] += len(corr)
+        sums.add(corr=corr.sum(), n_corr=len(corr))
 
     def _add_bins(self, who: str, logits: Tensor, y: Tensor, labeled: Tensor) -> None:
         conf, pred = F.softmax(logits[labeled], -1).max(-1)

@@ -19,8 +19,7 @@ _DENSE_ONLY = ("kl", "soft_ce", "mse")
 def valid_losses(layout: str) -> list[str]:
     """Every loss name that takes ``layout``'s targets: its own forward KL (the default) and every divergence."""
     from softlabels.store.layouts import LAYOUTS
-    from softlabels.student.losses import LOSSES
-    from softlabels.student.soft_losses import _Divergence
+    from softlabels.student.losses import LOSSES, _Divergence
 
     divergences = [n for n, cls in LOSSES.items() if issubclass(cls, _Divergence)]
     own = list(_DENSE_ONLY) if layout == "dense" else [LAYOUTS[layout].default_loss]
