@@ -26,6 +26,7 @@ from softlabels.store.layouts.targets import (
     Target,
     TopKTarget,
 )
+from softlabels.store.layouts.sampled import unique_counts
 from softlabels.store.temperatures import require_temperature
 
 __all__ = ["MODES", "Combination", "check_member", "check_temperature", "combine", "weight_problems"]
@@ -191,18 +192,8 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
     w = torch.tensor([m * x.samples for m, x in zip(mult, targets)], dtype=_F64) / slots
     ids = torch.cat([x.ids.long() for x in targets], 1)
     counts = torch.cat([x.counts.long() * m for m, x in zip(mult, targets)], 1)
-    rows = len(ids)
     # sum the counts of each id: padding (count 0) moves to id -1 so it never merges with a real id
-    key = torch.where(counts > 0, ids, torch.full_like(ids, -1))
-    srt, perm = key.sort(-1)
-    cnt = counts.gather(1, perm)
-    start = torch.ones_like(srt, dtype=torch.bool)
-    start[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    run = start.long().cumsum(-1) - 1
-    u_counts = torch.zeros_like(srt).scatter_add_(1, run, cnt)
-    u_ids = torch.full_like(srt, -1).scatter_(1, run, srt)
-    valid = (u_counts > 0) & (u_ids >= 0)
-    u_ids = torch.where(valid, u_ids, torch.zeros_like(u_ids))
+    u_ids, u_counts = unique_counts(torch.where(counts > 0, ids, torch.full_like(ids, -1)), counts)
     # the mixture's log-probability of each id: exact for the teachers that drew it, spread otherwise
     mix = []
     for x in targets:
@@ -212,21 +203,13 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
         spread = torch.log(left) - torch.log((num_classes - drawn).clamp_min(1).to(_F64))
         drawn_ids = torch.where(x.valid, x.ids.long(), torch.full_like(x.ids.long(), -1))  # padding never matches
         mix.append(_lookup(u_ids, drawn_ids, lp, spread)[0])
-    logits = torch.logsumexp(torch.stack(mix) + w.log()[:, None, None], 0)
-    # the layout's order: count descending, ties by id; padding (count 0) last with id 0, logit 0
-    u_counts = torch.where(valid, u_counts, torch.zeros_like(u_counts))
-    order = torch.argsort(-u_counts * (num_classes + 1) + u_ids, dim=1)
-    take = order[:, :slots] if order.shape[1] >= slots else order
-    ids_o, counts_o, logits_o = u_ids.gather(1, take), u_counts.gather(1, take), logits.gather(1, take)
-    logits_o = logits_o.masked_fill(counts_o == 0, 0)
-    if ids_o.shape[1] < slots:
-        pad = slots - ids_o.shape[1]
-        ids_o = torch.cat([ids_o, ids_o.new_zeros(rows, pad)], 1)
-        counts_o = torch.cat([counts_o, counts_o.new_zeros(rows, pad)], 1)
-        logits_o = torch.cat([logits_o, logits_o.new_zeros(rows, pad)], 1)
+    logits = torch.logsumexp(torch.stack(mix) + w.log()[:, None, None], 0).masked_fill(u_counts == 0, 0)
+    # the layout's order (count descending, ties by id; padding id 0, count 0, logit 0), S' slots wide
+    pad = (0, slots - u_ids.shape[1])  # whole multiplicities >= 1: never fewer slots than draws
+    ids, counts, logits = (torch.nn.functional.pad(a, pad) for a in (u_ids, u_counts, logits))
     # logits / Td - 0 is the mixture's log-probability at the members' draw temperature Td
     td = float(targets[0].temperature)
-    return SampledTarget(ids_o, counts_o, (td * logits_o).float(), torch.zeros(rows, dtype=torch.float32), td,
+    return SampledTarget(ids, counts, (td * logits).float(), torch.zeros(len(ids), dtype=torch.float32), td,
                          num_classes)
 
 

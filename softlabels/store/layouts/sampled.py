@@ -41,7 +41,7 @@ from softlabels.store.layouts._base import (
 from softlabels.store.layouts.targets import SampledTarget
 from softlabels.store.layouts.topk import tail_mass
 
-__all__ = ["Sampled", "splitmix64", "uniforms"]
+__all__ = ["Sampled", "splitmix64", "uniforms", "unique_counts"]
 
 SAMPLED_IDS = "sampled_ids"
 SAMPLED_COUNTS = "sampled_counts"
@@ -224,7 +224,7 @@ class Sampled(Layout):
                 "the teacher or its inputs, or use --layout dense or topk with --on-nonfinite record")
         if not self.logits:  # ids only: every draw, sorted (repeats are the counts)
             return {SAMPLED_IDS: encode_ids(draws.sort(-1).values, self.num_classes)}
-        ids, counts = _unique_counts(draws)
+        ids, counts = unique_counts(draws)
         picked = raw.gather(1, ids).masked_fill(counts == 0, 0)
         return {SAMPLED_IDS: encode_ids(ids, self.num_classes),
                 SAMPLED_COUNTS: counts.to(_TORCH_COUNTS[_count_dtype(self.samples)]),
@@ -232,7 +232,7 @@ class Sampled(Layout):
 
     def decode(self, block: Mapping[str, np.ndarray]) -> SampledTarget:
         if not self.logits:
-            ids, counts = _unique_counts(decode_ids(block[SAMPLED_IDS]))
+            ids, counts = unique_counts(decode_ids(block[SAMPLED_IDS]))
             return SampledTarget(ids, counts.int(), None, None, float(self.temperature), self.num_classes)
         return SampledTarget(decode_ids(block[SAMPLED_IDS]), torch.from_numpy(block[SAMPLED_COUNTS].astype(np.int32)),
                              self._decode_logits(block[SAMPLED_LOGITS]), torch.from_numpy(block[LOGSUMEXP]),
@@ -317,16 +317,18 @@ def _top_logit(logits: np.ndarray, pad: np.ndarray, logits_dtype: str) -> np.nda
 _TORCH_COUNTS = {np.dtype("uint8"): torch.uint8, np.dtype("uint16"): torch.uint16, np.dtype("uint32"): torch.uint32}
 
 
-def _unique_counts(draws: Tensor) -> tuple[Tensor, Tensor]:
+def unique_counts(draws: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per row: unique values by count descending (ties: smaller id first), padded with id 0, count 0.
 
-    Vectorised over rows: sort, mark run starts, scatter-add run lengths.
+    ``weights`` (default 1) is what each draw adds to its id's count. Vectorised over rows:
+    sort, mark run starts, scatter-add run lengths.
     """
-    d, _ = draws.sort(-1)
+    d, perm = draws.sort(-1)
+    w = torch.ones_like(d) if weights is None else weights.gather(1, perm)
     start = torch.ones_like(d, dtype=torch.bool)
     start[:, 1:] = d[:, 1:] != d[:, :-1]
     run = start.long().cumsum(-1) - 1  # run index of each draw
-    counts = torch.zeros_like(d).scatter_add_(1, run, torch.ones_like(d))
+    counts = torch.zeros_like(w).scatter_add_(1, run, w)
     ids = torch.zeros_like(d).scatter_(1, run, d)  # every draw of a run has the same id
     counts, order = counts.sort(dim=-1, descending=True, stable=True)  # runs are in id order: ties keep it
     ids = ids.gather(1, order).masked_fill_(counts == 0, 0)
