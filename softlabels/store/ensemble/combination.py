@@ -1,13 +1,7 @@
 """Combining several teachers' typed targets for the same positions (docs/ENSEMBLES.md derives each rule).
 
-Two rules, each with per-teacher weights w_i (normalised to sum to 1): ``arithmetic`` (default), the
-mean of the teachers' probabilities at a temperature T, p(c) = sum_i w_i softmax(z_i / T)(c) (Hinton et
-al. 2015; MEAL V2), and ``geometric``, the normalised weighted geometric mean softmax(sum_i w_i log p_i).
-A combined target is a target of the *same type* the losses already take, so every loss consumes it
-unchanged: dense logits exact at T (geometric: at every T); top-k over the union of the teachers' ids,
-each teacher's unstored classes given its tail spread evenly; sampled, arithmetic at the members' draw
-temperature only, the pooled draws (a stratified sample of the mixture). The geometric mean has no
-estimator from draws and is refused.
+``arithmetic`` (the weighted mean of the teachers' probabilities at a T) or ``geometric`` (the
+normalised weighted geometric mean); a combined target has the type of its members' targets.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """What every layout shares: the layout interface, id widths, stored logits, finite checks.
 
-A layout describes how one position's teacher distribution over C classes is
-stored: its arrays (names, per-position shapes, stored dtypes), how raw teacher
-logits are encoded on the teacher's device, how stored numpy arrays decode to a
-typed target, and what ``inspect`` says about them. Layouts never see labels,
-sample ids or bookkeeping: those belong to the store.
+A layout stores, encodes, decodes and describes one position's teacher distribution over
+C classes (docs/LAYOUTS.md); labels, sample ids and bookkeeping belong to the store.
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
 """The ``sampled`` layout: S draws from the teacher's distribution at a draw temperature Td.
 
-Anshumann et al. ("Sparse Logit Sampling", ACL 2025): cross-entropy against
-counts / S is an unbiased estimate of the full KD target at the T the draws were
-taken at (``temperature``, Td; 1 by default), where top-k is biased; at any other T
-it is not, so a sampled store answers Td only. Each position stores S slots: the
-unique ids drawn (by count, descending; ties by id), their counts, their raw logits
-and the row's ``logsumexp(z / Td)``; unused slots hold id 0, count 0 and logit 0.
-With ``logits=False`` (ids only) it stores every draw, sorted ascending (repeats are
-the counts), and nothing else: S id bytes per position. The gradient of the estimator
-needs ids and counts only; what needs the teacher's probabilities (the KL value, the
-tail mass) is then unknown and said so.
-
-Draws are reproducible: the uniform number of draw d of a position comes from
-splitmix64 over (seed, sample id, position index, d), a counter-based hash, so
-any batch composition, rank, rerun or resume writes the same bytes *on the same
-device type* (the teacher's softmax and its cumulative sum round differently on
-a CPU and a GPU, which can move a draw across a class boundary).
+docs/LAYOUTS.md describes its arrays, its estimator (Anshumann et al., ACL 2025; exact at Td
+only) and its counter-based draws: the same bytes for any batch, rank or resume on one device type.
 """
 
 from __future__ import annotations

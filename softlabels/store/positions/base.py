@@ -1,19 +1,7 @@
 """What every position kind shares: write-unit geometry and the bookkeeping groups.
 
-A v2 store's arrays come in two families:
-
-- *per-sample* arrays (``sample_ids``, ``labels``, ``view_params``), chunked along N by
-  ``chunk_samples``;
-- *per-position* arrays (a layout's ``logits``, ``topk_values``, ...), whose first axis is
-  the *position axis*: N for ``sample`` and ``views`` (views add a second axis V), the
-  flat, padded token axis for ``tokens``.
-
-A *write unit* is ``unit_samples = chunk_samples * shard_chunks`` consecutive samples
-(``shard_chunks`` = 1 without Zarr sharding) and their positions. The bookkeeping arrays
-``unit_done`` and ``unit_checksums`` hold one element per unit and are chunked by
-``group_units`` units, so their file count does not grow with the number of data chunks;
-a writer owns whole groups (under torchrun, ranks split groups, never units), which keeps
-the rule that no two writers share any chunk or shard file.
+docs/FORMAT.md ("Write units") has the rules: a unit is ``chunk_samples * shard_chunks``
+samples with their positions, and a writer owns whole groups of ``group_units`` units.
 """
 
 from __future__ import annotations

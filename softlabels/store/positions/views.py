@@ -1,13 +1,7 @@
 """``views`` positions: ``V`` augmented views per sample, each replayable from its parameters.
 
-Per-position arrays are [N, V, ...] and chunked along N only (a chunk holds every view of
-its samples), so a write unit is whole samples with all their views. ``view_params``
-[N, V, P] holds each view's augmentation parameters, in the dtype ``views.param_dtype``
-(uint8, float16 or float32: the narrowest that holds every parameter of the spec exactly;
-float32 when absent); the root attribute ``views`` records V, the augmentation spec, its
-parameter names, that dtype and the seed the views were drawn
-with (``softlabels.inputs.augment`` draws view ``v`` of sample ``id`` from (seed, id, v), so any
-batch composition, rank or resume draws the same views).
+Per-position arrays are [N, V, ...], chunked along N only; ``view_params`` [N, V, P] and the
+``views`` root attribute replay each view exactly (docs/FORMAT.md, docs/VIEWS.md).
 """
 
 from __future__ import annotations
@@ -44,16 +38,8 @@ def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int, 
                  ) -> np.ndarray:
     """Which stored views each sample trains on in ``epoch``: int64 [B] in ``0..V-1``, or [B, k] with ``per_epoch=k``.
 
-    Every sample walks through a sequence of its V views made of random permutations, a
-    fresh one every V views, so all V views are used before any repeats. The permutation
-    of cycle ``c`` is the argsort of splitmix64(seed, sample id, c, view), so the choice
-    depends on nothing but those numbers: not on batch composition, rank, worker or resume
-    point. One view per epoch (``per_epoch`` None) is the sequence's entry ``epoch``;
-    ``k`` views per epoch (``1 <= k <= V``) are its entries ``epoch·k .. epoch·k + k − 1``,
-    so the first column with ``k = 1`` is exactly the one-view choice, and after ``e``
-    epochs every sample has used ``min(e·k, V)`` distinct views. The k views of one epoch
-    are distinct when k divides V; otherwise an epoch that crosses a cycle boundary takes
-    the end of one permutation and the start of the next, which may share a view.
+    Entries ``epoch·k .. epoch·k + k − 1`` of each sample's sequence of permutations of its V views
+    (cycle ``c`` is the argsort of splitmix64(seed, sample id, c, view)); docs/VIEWS.md has the rules.
     """
     v = int(num_views)
     k = 1 if per_epoch is None else int(per_epoch)
