@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
+import torch
 
 from softlabels.errors import SoftLabelsError
 from softlabels.inputs.augment import parse_augment
 from softlabels.inputs.augment.compose import PARAM_DTYPES, ParamRanges
+from softlabels.store.layouts.sampled import splitmix64
 from softlabels.store.positions.base import UnitGeometry, sample_id_problems
 from softlabels.store.positions.sample import SamplePositions
 
@@ -22,16 +24,9 @@ __all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views", "view
 VIEW_PARAMS = "view_params"
 
 
-_GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 of uint64 arrays (wrapping arithmetic, vectorised)."""
-    with np.errstate(over="ignore"):
-        z = x + _GAMMA
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+    """splitmix64 of uint64 arrays: the sampled layout's hash, on the same bits."""
+    return splitmix64(torch.from_numpy(x.view(np.int64))).numpy().view(np.uint64)
 
 
 def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int, per_epoch: int | None = None
