@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from softlabels.errors import ConfigError, CorruptStore
+from softlabels.store.layouts.sampled import unique_counts
 from softlabels.store.layouts.targets import (
     DenseTarget,
     SampledTarget,
     Target,
     TopKTarget,
 )
-from softlabels.store.layouts.sampled import unique_counts
 from softlabels.store.temperatures import require_temperature
 
 __all__ = ["MODES", "Combination", "check_member", "check_temperature", "combine", "weight_problems"]

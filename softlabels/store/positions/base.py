@@ -1,4 +1,4 @@
-"""What every position kind shares: write-unit geometry and the bookkeeping groups.
+"""What every position kind shares: write-unit geometry, the bookkeeping groups, sample id checks.
 
 docs/FORMAT.md ("Write units") has the rules: a unit is ``chunk_samples * shard_chunks``
 samples with their positions, and a writer owns whole groups of ``group_units`` units.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Protocol
+from typing import Mapping
 
 import numpy as np
 
-__all__ = ["Positions", "UnitGeometry", "group_units_for", "sample_id_problems"]
+__all__ = ["UnitGeometry", "group_units_for", "sample_id_problems"]
 
 MAX_BOOKKEEPING_CHUNKS = 1024
 """Default cap on bookkeeping chunks (files, in Zarr) per bookkeeping array."""
@@ -83,30 +83,3 @@ def sample_id_problems(block: Mapping[str, np.ndarray]) -> list[str]:
     if ids is not None and len(ids) and ids.min() < 0:
         return [f"sample id {int(ids.min())} is negative"]
     return []
-
-
-class Positions(Protocol):
-    """One position kind: shapes, attributes and the unit -> position-axis map."""
-
-    kind: ClassVar[str]
-    geometry: UnitGeometry
-
-    @property
-    def num_positions(self) -> int:
-        """Teacher outputs stored (real positions, padding excluded)."""
-
-    @property
-    def axis_length(self) -> int:
-        """Length of the per-position arrays' first axis (padding included)."""
-
-    def unit_axis_range(self, unit: int) -> tuple[int, int]:
-        """Range along the position axis holding unit ``unit``'s real positions."""
-
-    def unit_written_range(self, unit: int) -> tuple[int, int]:
-        """Range along the position axis the unit's writer writes (whole chunks or shards)."""
-
-    def to_attrs(self) -> dict[str, Any]:
-        """Kind-specific root attributes (JSON values)."""
-
-    def value_problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
-        """What is wrong with the values of one unit's per-sample arrays as read (empty when valid)."""
