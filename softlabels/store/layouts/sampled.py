@@ -23,6 +23,7 @@ from softlabels.store.layouts._base import (
     encode_ids,
     id_dtype,
     row_chunks,
+    unpack_ids,
 )
 from softlabels.store.layouts.targets import SampledTarget
 from softlabels.store.layouts.topk import tail_mass
@@ -250,15 +251,11 @@ def _valid_fast(layout: Sampled, block: Mapping[str, np.ndarray]) -> bool:
     rows, slots = counts.shape
     if not rows:
         return False
-    if ids.ndim == 3:  # packed 3-byte ids: as uint32 (a fourth zero byte, little-endian)
-        wide = np.zeros((rows, slots, 4), np.uint8)
-        wide[..., :3] = ids
-        ids = wide.view("<u4")[..., 0]
     c = np.ascontiguousarray(counts.T)
     wide = {1: np.uint16, 2: np.uint32}.get(c.itemsize, np.uint64)  # S slots of counts never overflow it
     if (np.add.reduce(c, axis=0, dtype=wide) != layout.samples).any() or (c[1:] > c[:-1]).any():
         return False
-    i = np.ascontiguousarray(ids.T)
+    i = np.ascontiguousarray(unpack_ids(ids).T)
     if int(i.max()) >= layout.num_classes:
         return False
     pad = c == 0
