@@ -197,7 +197,7 @@ class Sampled(Layout):
                            device=logits.device)
         for rows in blocks:
             block, lse_rows = logits[rows], lse[rows]
-            torch.logsumexp(block.float(), -1, out=lse_rows)  # float32, as topk.logsumexp_fp32
+            torch.logsumexp(block.float(), -1, out=lse_rows)  # float32, as top-k's tails
             cdf = work[:len(block)].copy_(block).sub_(lse_rows.double()[:, None]).exp_().cumsum_(-1)
             # scale by the row total so rounding of the sum never pushes a draw past the last class
             found = draws[rows]
