@@ -221,12 +221,8 @@ def _made_at(meta: object, where: str) -> float | None:
 
 
 def check_temperature(meta: object, temperature: float, where: str, *, command: str = "train") -> None:
-    """Refuse reading an arithmetic ensemble store at a T other than the one it was combined at.
-
-    Its logits are ``T log mean softmax(z_i / T)``: at T' != T a loss would see the mixture
-    raised to T / T' and renormalised, not the mixture at T'. Geometric ones hold at every T.
-    The check :meth:`softlabels.store.schema.StoreMetaV2.require_temperature` makes for every store;
-    ``command`` "eval" (which compares with the teacher at T = 1) words the fix for it.
+    """Refuse reading an arithmetic ensemble store at a T other than the one it was combined at
+    (docs/ENSEMBLES.md); ``command`` "eval" (which compares with the teacher at T = 1) words the fix for it.
     """
     made = _made_at(meta, where)
     if made is None or math.isclose(made, float(temperature), rel_tol=1e-9):
@@ -239,12 +235,8 @@ def check_temperature(meta: object, temperature: float, where: str, *, command: 
 
 
 def check_member(meta: object, how: Combination, where: str) -> None:
-    """Refuse an ensemble member that is itself an arithmetic ensemble unless combining it is exact.
-
-    Its stored logits give the mixture at its own T0 only: an arithmetic combination at T0 is
-    the mixture of mixtures, exactly; at another T, or geometrically (which holds at every T),
-    it would not be.
-    """
+    """Refuse an ensemble member that is itself an arithmetic ensemble unless combining it is exact:
+    arithmetically at its own T0 (docs/ENSEMBLES.md, "A merged store as a member")."""
     made = _made_at(meta, where)
     if made is None or (how.mode == "arithmetic" and math.isclose(made, float(how.temperature), rel_tol=1e-9)):
         return

@@ -242,10 +242,8 @@ def _valid_fast(layout: Sampled, block: Mapping[str, np.ndarray]) -> bool:
 
     The same checks on slot-major copies ([S, R]: each slot's column contiguous), so every per-row
     test is an elementwise pass over R values in the stored dtypes (16-bit logits as their bits:
-    numpy converts float16 at ~2 ns a value): counts sum to S and descend, ids < C (all slots:
-    padding must hold 0 anyway), padding holds id 0 and logit 0, no id twice in a row (padding
-    slot j keyed C + j, which no id can equal), logsumexp and logits finite, and logsumexp at
-    least the row's top stored logit / Td (the same float64 expression).
+    numpy converts float16 at ~2 ns a value); ids < C is checked in every slot (padding must hold 0
+    anyway), and padding slot j is keyed C + j for the repeat check, which no id can equal.
     """
     ids, counts = block[SAMPLED_IDS], block[SAMPLED_COUNTS]
     rows, slots = counts.shape

@@ -22,10 +22,7 @@ def group_units_for(num_units: int, max_chunks: int = MAX_BOOKKEEPING_CHUNKS) ->
     """The smallest power of two ``G`` with ``ceil(num_units / G) <= max_chunks``."""
     if num_units < 0 or max_chunks < 1:
         raise ValueError("num_units must be >= 0 and max_chunks >= 1")
-    g = 1
-    while math.ceil(num_units / g) > max_chunks:
-        g *= 2
-    return g
+    return 1 << (max(1, math.ceil(num_units / max_chunks)) - 1).bit_length()
 
 
 @dataclass(frozen=True)
