@@ -78,16 +78,6 @@ class TokenPositions:
     def axis_length(self) -> int:
         return int(self.unit_starts[-1])
 
-    @property
-    def padding(self) -> int:
-        """Positions on the token axis that belong to no sample."""
-        return self.axis_length - self.num_positions
-
-    def sample_range(self, sample: int) -> tuple[int, int]:
-        """Token-axis range of one sample's positions."""
-        start = int(self.offsets[sample])
-        return start, start + int(self.lengths[sample])
-
     def unit_axis_range(self, unit: int) -> tuple[int, int]:
         self.geometry.unit_samples_range(unit)  # bounds check
         start = int(self.unit_starts[unit])
