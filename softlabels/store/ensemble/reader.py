@@ -147,10 +147,7 @@ class EnsembleStore(Units):
                 f"{self.meta.positions} x {self.meta.layout}, N={self.meta.num_samples}, C={self.meta.num_classes})")
 
     def unit_done(self) -> np.ndarray:
-        done = self.members[0].unit_done()
-        for m in self.members[1:]:
-            done = done & m.unit_done()
-        return done
+        return np.logical_and.reduce([m.unit_done() for m in self.members])
 
     def read_unit(self, unit: int, *, verify: bool = True) -> dict[str, np.ndarray]:
         """The combined unit: the combined layout's arrays (float32 values), the first member's per-sample arrays."""

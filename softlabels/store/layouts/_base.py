@@ -77,7 +77,7 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     numpy on the bits, not torch: this runs on the writer thread, where a torch op
     would start a second OpenMP team and slow the teacher's own ops down.
     """
-    ok: np.ndarray | None = None
+    ok = np.ones(len(next(iter(arrays.values()))) if arrays else 0, bool)
     for name, a in arrays.items():
         if a.dtype == np.uint16 and name not in _BF16_ARRAYS:
             continue  # uint16 ids
@@ -93,10 +93,7 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
             rows = np.isfinite(a).reshape(len(a), math.prod(a.shape[1:])).all(axis=1)
         else:
             continue
-        ok = rows if ok is None else ok & rows
-    if ok is None:
-        n = len(next(iter(arrays.values()))) if arrays else 0
-        return np.ones(n, bool)
+        ok &= rows
     return ok
 
 
