@@ -98,16 +98,12 @@ def combine(targets: Sequence[Target], how: Combination, num_classes: int) -> Ta
     kinds = {type(t) for t in targets}
     if len(kinds) != 1:
         raise ConfigError(f"an ensemble needs stores of one layout, got {', '.join(sorted(k.__name__ for k in kinds))}")
-    first = targets[0]
-    if isinstance(first, DenseTarget):
-        return _dense(targets, how)
-    if isinstance(first, TopKTarget):
-        return _topk(targets, how, num_classes)
-    return _sampled(targets, how, num_classes)
+    rule = {DenseTarget: _dense, TopKTarget: _topk, SampledTarget: _sampled}[kinds.pop()]
+    return rule(targets, how, num_classes)
 
 
 # -- dense ------------------------------------------------------------------------------------------
-def _dense(targets: Sequence[DenseTarget], how: Combination) -> DenseTarget:
+def _dense(targets: Sequence[DenseTarget], how: Combination, num_classes: int) -> DenseTarget:
     w = how.normalised(len(targets))
     z = torch.stack([t.logits.to(_F64) for t in targets])  # [n, B, C]
     if how.mode == "geometric":
