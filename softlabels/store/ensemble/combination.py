@@ -193,14 +193,15 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
         spread = torch.log(left) - torch.log((num_classes - drawn).clamp_min(1).to(_F64))
         drawn_ids = torch.where(x.valid, x.ids.long(), torch.full_like(x.ids.long(), -1))  # padding never matches
         mix.append(_lookup(u_ids, drawn_ids, lp, spread)[0])
-    logits = torch.logsumexp(torch.stack(mix) + w.log()[:, None, None], 0).masked_fill(u_counts == 0, 0)
-    # the layout's order (count descending, ties by id; padding id 0, count 0, logit 0), S' slots wide
+    logits = torch.logsumexp(torch.stack(mix) + w.log()[:, None, None], 0)
+    logits = logits.masked_fill(u_counts == 0, 0)
+    # the layout's order (count descending, ties by id; padding 0, 0, 0), S' slots wide
     pad = (0, slots - u_ids.shape[1])  # whole multiplicities >= 1: never fewer slots than draws
     ids, counts, logits = (torch.nn.functional.pad(a, pad) for a in (u_ids, u_counts, logits))
     # logits / Td - 0 is the mixture's log-probability at the members' draw temperature Td
     td = float(targets[0].temperature)
-    return SampledTarget(ids, counts, (td * logits).float(), torch.zeros(len(ids), dtype=torch.float32), td,
-                         num_classes)
+    zero = torch.zeros(len(ids), dtype=torch.float32)
+    return SampledTarget(ids, counts, (td * logits).float(), zero, td, num_classes)
 
 
 def _made_at(meta: object, where: str) -> float | None:
@@ -218,7 +219,7 @@ def _made_at(meta: object, where: str) -> float | None:
 
 def check_temperature(meta: object, temperature: float, where: str, *, command: str = "train") -> None:
     """Refuse reading an arithmetic ensemble store at a T other than the one it was combined at
-    (docs/ENSEMBLES.md); ``command`` "eval" (which compares with the teacher at T = 1) words the fix for it.
+    (docs/ENSEMBLES.md); ``command`` "eval" (comparing with the teacher at T = 1) words the fix.
     """
     made = _made_at(meta, where)
     if made is None or math.isclose(made, float(temperature), rel_tol=1e-9):

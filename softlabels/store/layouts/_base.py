@@ -18,7 +18,8 @@ from softlabels.errors import ConfigError, CorruptStore, ModelMismatch
 from softlabels.store import format as fmt
 from softlabels.store.format import is_int as _is_int
 
-__all__ = ["Layout", "id_dtype", "encode_ids", "decode_ids", "unpack_ids", "finite_rows", "to_numpy", "row_chunks"]
+__all__ = ["Layout", "id_dtype", "encode_ids", "decode_ids", "unpack_ids", "finite_rows",
+           "to_numpy", "row_chunks"]
 
 # Largest class count a packed 3-byte id holds; above it ids are uint32 (no cap below 2**32).
 _UINT16_CLASSES = 1 << 16

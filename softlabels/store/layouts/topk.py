@@ -130,7 +130,7 @@ class TopK(Layout):
         top, idx = torch.topk(logits, self.k, dim=1, largest=True, sorted=True)
         out = {fmt.TOPK_VALUES: top.to(self.store_dtype), fmt.TOPK_INDICES: encode_ids(idx, self.num_classes)}
         if self.legacy:
-            out[fmt.LOGSUMEXP] = tail_logsumexp(logits, idx[:, :0], (1.0,))[:, 0]  # no "top": all C at T = 1
+            out[fmt.LOGSUMEXP] = tail_logsumexp(logits, idx[:, :0], (1.0,))[:, 0]  # all C, T = 1
         else:
             out[TAIL_LOGSUMEXP] = tail_logsumexp(logits, idx, self.tail_temperatures)
         return out

@@ -33,8 +33,8 @@ def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int, 
                  ) -> np.ndarray:
     """Which stored views each sample trains on in ``epoch``: int64 [B] in ``0..V-1``, or [B, k] with ``per_epoch=k``.
 
-    Entries ``epoch·k .. epoch·k + k − 1`` of each sample's sequence of permutations of its V views
-    (cycle ``c`` is the argsort of splitmix64(seed, sample id, c, view)); docs/VIEWS.md has the rules.
+    Entries ``epoch·k .. epoch·k + k − 1`` of each sample's sequence of permutations of its
+    V views (cycle ``c``: the argsort of splitmix64(seed, sample id, c, view)); docs/VIEWS.md.
     """
     v = int(num_views)
     k = 1 if per_epoch is None else int(per_epoch)
