@@ -58,7 +58,7 @@ def test_token_units_are_aligned_disjoint_and_hold_their_samples(g, data):
         # every sample of the unit lies inside it, back to back
         expect = a0
         for i in range(s0, s1):
-            assert pos.sample_range(i) == (expect, expect + lengths[i])
+            assert pos.offsets[i] == expect and pos.lengths[i] == lengths[i]
             expect += lengths[i]
         group = u // g.group_units
         for shard in _chunks(w0, w1, pos.alignment):
@@ -99,7 +99,7 @@ def test_axes_and_attributes():
     # units: samples 0-3 (9 tokens -> 12), 4-7 (15 -> 16), 8-9 (1 -> 4)
     assert list(t.unit_starts) == [0, 12, 28, 32]
     assert list(t.offsets) == [0, 3, 3, 8, 12, 21, 23, 25, 28, 28, 32]
-    assert t.axis_length == 32 and t.padding == 32 - 25
+    assert t.axis_length == 32 and t.axis_length - t.num_positions == 32 - 25
     assert set(POSITION_KINDS) == {"sample", "views", "tokens"}
 
 

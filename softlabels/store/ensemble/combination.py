@@ -1,13 +1,7 @@
 """Combining several teachers' typed targets for the same positions (docs/ENSEMBLES.md derives each rule).
 
-Two rules, each with per-teacher weights w_i (normalised to sum to 1): ``arithmetic`` (default), the
-mean of the teachers' probabilities at a temperature T, p(c) = sum_i w_i softmax(z_i / T)(c) (Hinton et
-al. 2015; MEAL V2), and ``geometric``, the normalised weighted geometric mean softmax(sum_i w_i log p_i).
-A combined target is a target of the *same type* the losses already take, so every loss consumes it
-unchanged: dense logits exact at T (geometric: at every T); top-k over the union of the teachers' ids,
-each teacher's unstored classes given its tail spread evenly; sampled, arithmetic at the members' draw
-temperature only, the pooled draws (a stratified sample of the mixture). The geometric mean has no
-estimator from draws and is refused.
+``arithmetic`` (the weighted mean of the teachers' probabilities at a T) or ``geometric`` (the
+normalised weighted geometric mean); a combined target has the type of its members' targets.
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ import torch
 from torch import Tensor
 
 from softlabels.errors import ConfigError, CorruptStore
+from softlabels.store.layouts.sampled import unique_counts
 from softlabels.store.layouts.targets import (
     DenseTarget,
     SampledTarget,
@@ -103,16 +98,12 @@ def combine(targets: Sequence[Target], how: Combination, num_classes: int) -> Ta
     kinds = {type(t) for t in targets}
     if len(kinds) != 1:
         raise ConfigError(f"an ensemble needs stores of one layout, got {', '.join(sorted(k.__name__ for k in kinds))}")
-    first = targets[0]
-    if isinstance(first, DenseTarget):
-        return _dense(targets, how)
-    if isinstance(first, TopKTarget):
-        return _topk(targets, how, num_classes)
-    return _sampled(targets, how, num_classes)
+    rule = {DenseTarget: _dense, TopKTarget: _topk, SampledTarget: _sampled}[kinds.pop()]
+    return rule(targets, how, num_classes)
 
 
 # -- dense ------------------------------------------------------------------------------------------
-def _dense(targets: Sequence[DenseTarget], how: Combination) -> DenseTarget:
+def _dense(targets: Sequence[DenseTarget], how: Combination, num_classes: int) -> DenseTarget:
     w = how.normalised(len(targets))
     z = torch.stack([t.logits.to(_F64) for t in targets])  # [n, B, C]
     if how.mode == "geometric":
@@ -191,18 +182,8 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
     w = torch.tensor([m * x.samples for m, x in zip(mult, targets)], dtype=_F64) / slots
     ids = torch.cat([x.ids.long() for x in targets], 1)
     counts = torch.cat([x.counts.long() * m for m, x in zip(mult, targets)], 1)
-    rows = len(ids)
     # sum the counts of each id: padding (count 0) moves to id -1 so it never merges with a real id
-    key = torch.where(counts > 0, ids, torch.full_like(ids, -1))
-    srt, perm = key.sort(-1)
-    cnt = counts.gather(1, perm)
-    start = torch.ones_like(srt, dtype=torch.bool)
-    start[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    run = start.long().cumsum(-1) - 1
-    u_counts = torch.zeros_like(srt).scatter_add_(1, run, cnt)
-    u_ids = torch.full_like(srt, -1).scatter_(1, run, srt)
-    valid = (u_counts > 0) & (u_ids >= 0)
-    u_ids = torch.where(valid, u_ids, torch.zeros_like(u_ids))
+    u_ids, u_counts = unique_counts(torch.where(counts > 0, ids, torch.full_like(ids, -1)), counts)
     # the mixture's log-probability of each id: exact for the teachers that drew it, spread otherwise
     mix = []
     for x in targets:
@@ -213,21 +194,14 @@ def _sampled(targets: Sequence[SampledTarget], how: Combination, num_classes: in
         drawn_ids = torch.where(x.valid, x.ids.long(), torch.full_like(x.ids.long(), -1))  # padding never matches
         mix.append(_lookup(u_ids, drawn_ids, lp, spread)[0])
     logits = torch.logsumexp(torch.stack(mix) + w.log()[:, None, None], 0)
-    # the layout's order: count descending, ties by id; padding (count 0) last with id 0, logit 0
-    u_counts = torch.where(valid, u_counts, torch.zeros_like(u_counts))
-    order = torch.argsort(-u_counts * (num_classes + 1) + u_ids, dim=1)
-    take = order[:, :slots] if order.shape[1] >= slots else order
-    ids_o, counts_o, logits_o = u_ids.gather(1, take), u_counts.gather(1, take), logits.gather(1, take)
-    logits_o = logits_o.masked_fill(counts_o == 0, 0)
-    if ids_o.shape[1] < slots:
-        pad = slots - ids_o.shape[1]
-        ids_o = torch.cat([ids_o, ids_o.new_zeros(rows, pad)], 1)
-        counts_o = torch.cat([counts_o, counts_o.new_zeros(rows, pad)], 1)
-        logits_o = torch.cat([logits_o, logits_o.new_zeros(rows, pad)], 1)
+    logits = logits.masked_fill(u_counts == 0, 0)
+    # the layout's order (count descending, ties by id; padding 0, 0, 0), S' slots wide
+    pad = (0, slots - u_ids.shape[1])  # whole multiplicities >= 1: never fewer slots than draws
+    ids, counts, logits = (torch.nn.functional.pad(a, pad) for a in (u_ids, u_counts, logits))
     # logits / Td - 0 is the mixture's log-probability at the members' draw temperature Td
     td = float(targets[0].temperature)
-    return SampledTarget(ids_o, counts_o, (td * logits_o).float(), torch.zeros(rows, dtype=torch.float32), td,
-                         num_classes)
+    zero = torch.zeros(len(ids), dtype=torch.float32)
+    return SampledTarget(ids, counts, (td * logits).float(), zero, td, num_classes)
 
 
 def _made_at(meta: object, where: str) -> float | None:
@@ -244,12 +218,8 @@ def _made_at(meta: object, where: str) -> float | None:
 
 
 def check_temperature(meta: object, temperature: float, where: str, *, command: str = "train") -> None:
-    """Refuse reading an arithmetic ensemble store at a T other than the one it was combined at.
-
-    Its logits are ``T log mean softmax(z_i / T)``: at T' != T a loss would see the mixture
-    raised to T / T' and renormalised, not the mixture at T'. Geometric ones hold at every T.
-    The check :meth:`softlabels.store.schema.StoreMetaV2.require_temperature` makes for every store;
-    ``command`` "eval" (which compares with the teacher at T = 1) words the fix for it.
+    """Refuse reading an arithmetic ensemble store at a T other than the one it was combined at
+    (docs/ENSEMBLES.md); ``command`` "eval" (comparing with the teacher at T = 1) words the fix.
     """
     made = _made_at(meta, where)
     if made is None or math.isclose(made, float(temperature), rel_tol=1e-9):
@@ -262,12 +232,8 @@ def check_temperature(meta: object, temperature: float, where: str, *, command: 
 
 
 def check_member(meta: object, how: Combination, where: str) -> None:
-    """Refuse an ensemble member that is itself an arithmetic ensemble unless combining it is exact.
-
-    Its stored logits give the mixture at its own T0 only: an arithmetic combination at T0 is
-    the mixture of mixtures, exactly; at another T, or geometrically (which holds at every T),
-    it would not be.
-    """
+    """Refuse an ensemble member that is itself an arithmetic ensemble unless combining it is exact:
+    arithmetically at its own T0 (docs/ENSEMBLES.md, "A merged store as a member")."""
     made = _made_at(meta, where)
     if made is None or (how.mode == "arithmetic" and math.isclose(made, float(how.temperature), rel_tol=1e-9)):
         return

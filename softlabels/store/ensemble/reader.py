@@ -1,12 +1,7 @@
 """EnsembleStore: several stores of the same data, read as one store of combined targets.
 
-It has UnitStore's public reading API (``path``, ``meta``, ``len()``,
-``unit_done()``, ``missing_units()``, ``read_unit()``, ``verify()``, ``close()``), so every
-reader works on an ensemble unchanged. Each unit is read from every member, decoded,
-combined (:mod:`softlabels.store.ensemble.combination`) and encoded in the combined layout
-(float32 values): exactly the arrays ``softlabels merge`` writes. Members are opened with
-:func:`~softlabels.store.reader.open_store` (either format version) and must agree on
-everything that says which data and which positions they hold; the first difference is refused.
+It has UnitStore's reading API, so every reader works on an ensemble unchanged; each unit is
+read from every member, combined and encoded as ``softlabels merge`` writes it (docs/ENSEMBLES.md).
 """
 
 from __future__ import annotations
@@ -152,10 +147,7 @@ class EnsembleStore(Units):
                 f"{self.meta.positions} x {self.meta.layout}, N={self.meta.num_samples}, C={self.meta.num_classes})")
 
     def unit_done(self) -> np.ndarray:
-        done = self.members[0].unit_done()
-        for m in self.members[1:]:
-            done = done & m.unit_done()
-        return done
+        return np.logical_and.reduce([m.unit_done() for m in self.members])
 
     def read_unit(self, unit: int, *, verify: bool = True) -> dict[str, np.ndarray]:
         """The combined unit: the combined layout's arrays (float32 values), the first member's per-sample arrays."""

@@ -1,10 +1,7 @@
 """What every layout shares: the layout interface, id widths, stored logits, finite checks.
 
-A layout describes how one position's teacher distribution over C classes is
-stored: its arrays (names, per-position shapes, stored dtypes), how raw teacher
-logits are encoded on the teacher's device, how stored numpy arrays decode to a
-typed target, and what ``inspect`` says about them. Layouts never see labels,
-sample ids or bookkeeping: those belong to the store.
+A layout stores, encodes, decodes and describes one position's teacher distribution over
+C classes (docs/LAYOUTS.md); labels, sample ids and bookkeeping belong to the store.
 """
 
 from __future__ import annotations
@@ -21,7 +18,8 @@ from softlabels.errors import ConfigError, CorruptStore, ModelMismatch
 from softlabels.store import format as fmt
 from softlabels.store.format import is_int as _is_int
 
-__all__ = ["Layout", "id_dtype", "encode_ids", "decode_ids", "finite_rows", "to_numpy", "row_chunks"]
+__all__ = ["Layout", "id_dtype", "encode_ids", "decode_ids", "unpack_ids", "finite_rows",
+           "to_numpy", "row_chunks"]
 
 # Largest class count a packed 3-byte id holds; above it ids are uint32 (no cap below 2**32).
 _UINT16_CLASSES = 1 << 16
@@ -52,14 +50,19 @@ def encode_ids(ids: Tensor, num_classes: int) -> Tensor:
     return ids.to(torch.uint16 if dtype == np.uint16 else torch.uint32)
 
 
-def decode_ids(stored: np.ndarray) -> Tensor:
-    """Stored class ids (any of the forms above, or v1's int32) -> int64 torch ids."""
+def unpack_ids(stored: np.ndarray) -> np.ndarray:
+    """Stored class ids with packed 3-byte ids widened to uint32 (other forms as they are)."""
     if stored.dtype == np.uint8 and stored.ndim and stored.shape[-1] == 3:
         # pad each id to 4 bytes and view as little-endian uint32: one vectorised copy
         wide = np.zeros(stored.shape[:-1] + (4,), np.uint8)
         wide[..., :3] = stored
-        return torch.from_numpy(wide.view("<u4")[..., 0].astype(np.int64))
-    return torch.from_numpy(stored.astype(np.int64, copy=False))
+        return wide.view("<u4")[..., 0]
+    return stored
+
+
+def decode_ids(stored: np.ndarray) -> Tensor:
+    """Stored class ids (any of the forms above, or v1's int32) -> int64 torch ids."""
+    return torch.from_numpy(unpack_ids(stored).astype(np.int64, copy=False))
 
 
 def to_numpy(t: Tensor) -> np.ndarray:
@@ -75,7 +78,7 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     numpy on the bits, not torch: this runs on the writer thread, where a torch op
     would start a second OpenMP team and slow the teacher's own ops down.
     """
-    ok: np.ndarray | None = None
+    ok = np.ones(len(next(iter(arrays.values()))) if arrays else 0, bool)
     for name, a in arrays.items():
         if a.dtype == np.uint16 and name not in _BF16_ARRAYS:
             continue  # uint16 ids
@@ -91,10 +94,7 @@ def finite_rows(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
             rows = np.isfinite(a).reshape(len(a), math.prod(a.shape[1:])).all(axis=1)
         else:
             continue
-        ok = rows if ok is None else ok & rows
-    if ok is None:
-        n = len(next(iter(arrays.values()))) if arrays else 0
-        return np.ones(n, bool)
+        ok &= rows
     return ok
 
 
@@ -204,10 +204,6 @@ class Layout:
     def decode(self, block: Mapping[str, np.ndarray]) -> Any:
         """Stored numpy arrays [B, ...] -> the layout's typed target (torch, no copy where possible)."""
         raise NotImplementedError
-
-    def densify(self, target: Any) -> Tensor:
-        """Teacher log-probabilities [B, C] at T = 1 (see each target's ``densify``)."""
-        return target.densify(self.num_classes)
 
     def nonfinite_rows(self, block: Mapping[str, np.ndarray]) -> np.ndarray:
         """Indices of rows holding a NaN or inf value."""

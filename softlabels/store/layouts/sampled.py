@@ -1,21 +1,7 @@
 """The ``sampled`` layout: S draws from the teacher's distribution at a draw temperature Td.
 
-Anshumann et al. ("Sparse Logit Sampling", ACL 2025): cross-entropy against
-counts / S is an unbiased estimate of the full KD target at the T the draws were
-taken at (``temperature``, Td; 1 by default), where top-k is biased; at any other T
-it is not, so a sampled store answers Td only. Each position stores S slots: the
-unique ids drawn (by count, descending; ties by id), their counts, their raw logits
-and the row's ``logsumexp(z / Td)``; unused slots hold id 0, count 0 and logit 0.
-With ``logits=False`` (ids only) it stores every draw, sorted ascending (repeats are
-the counts), and nothing else: S id bytes per position. The gradient of the estimator
-needs ids and counts only; what needs the teacher's probabilities (the KL value, the
-tail mass) is then unknown and said so.
-
-Draws are reproducible: the uniform number of draw d of a position comes from
-splitmix64 over (seed, sample id, position index, d), a counter-based hash, so
-any batch composition, rank, rerun or resume writes the same bytes *on the same
-device type* (the teacher's softmax and its cumulative sum round differently on
-a CPU and a GPU, which can move a draw across a class boundary).
+docs/LAYOUTS.md describes its arrays, its estimator (Anshumann et al., ACL 2025; exact at Td
+only) and its counter-based draws: the same bytes for any batch, rank or resume on one device type.
 """
 
 from __future__ import annotations
@@ -37,11 +23,12 @@ from softlabels.store.layouts._base import (
     encode_ids,
     id_dtype,
     row_chunks,
+    unpack_ids,
 )
 from softlabels.store.layouts.targets import SampledTarget
 from softlabels.store.layouts.topk import tail_mass
 
-__all__ = ["Sampled", "splitmix64", "uniforms"]
+__all__ = ["Sampled", "splitmix64", "uniforms", "unique_counts"]
 
 SAMPLED_IDS = "sampled_ids"
 SAMPLED_COUNTS = "sampled_counts"
@@ -210,7 +197,7 @@ class Sampled(Layout):
                            device=logits.device)
         for rows in blocks:
             block, lse_rows = logits[rows], lse[rows]
-            torch.logsumexp(block.float(), -1, out=lse_rows)  # float32, as topk.logsumexp_fp32
+            torch.logsumexp(block.float(), -1, out=lse_rows)  # float32, as top-k's tails
             cdf = work[:len(block)].copy_(block).sub_(lse_rows.double()[:, None]).exp_().cumsum_(-1)
             # scale by the row total so rounding of the sum never pushes a draw past the last class
             found = draws[rows]
@@ -224,7 +211,7 @@ class Sampled(Layout):
                 "the teacher or its inputs, or use --layout dense or topk with --on-nonfinite record")
         if not self.logits:  # ids only: every draw, sorted (repeats are the counts)
             return {SAMPLED_IDS: encode_ids(draws.sort(-1).values, self.num_classes)}
-        ids, counts = _unique_counts(draws)
+        ids, counts = unique_counts(draws)
         picked = raw.gather(1, ids).masked_fill(counts == 0, 0)
         return {SAMPLED_IDS: encode_ids(ids, self.num_classes),
                 SAMPLED_COUNTS: counts.to(_TORCH_COUNTS[_count_dtype(self.samples)]),
@@ -232,7 +219,7 @@ class Sampled(Layout):
 
     def decode(self, block: Mapping[str, np.ndarray]) -> SampledTarget:
         if not self.logits:
-            ids, counts = _unique_counts(decode_ids(block[SAMPLED_IDS]))
+            ids, counts = unique_counts(decode_ids(block[SAMPLED_IDS]))
             return SampledTarget(ids, counts.int(), None, None, float(self.temperature), self.num_classes)
         return SampledTarget(decode_ids(block[SAMPLED_IDS]), torch.from_numpy(block[SAMPLED_COUNTS].astype(np.int32)),
                              self._decode_logits(block[SAMPLED_LOGITS]), torch.from_numpy(block[LOGSUMEXP]),
@@ -255,24 +242,18 @@ def _valid_fast(layout: Sampled, block: Mapping[str, np.ndarray]) -> bool:
 
     The same checks on slot-major copies ([S, R]: each slot's column contiguous), so every per-row
     test is an elementwise pass over R values in the stored dtypes (16-bit logits as their bits:
-    numpy converts float16 at ~2 ns a value): counts sum to S and descend, ids < C (all slots:
-    padding must hold 0 anyway), padding holds id 0 and logit 0, no id twice in a row (padding
-    slot j keyed C + j, which no id can equal), logsumexp and logits finite, and logsumexp at
-    least the row's top stored logit / Td (the same float64 expression).
+    numpy converts float16 at ~2 ns a value); ids < C is checked in every slot (padding must hold 0
+    anyway), and padding slot j is keyed C + j for the repeat check, which no id can equal.
     """
     ids, counts = block[SAMPLED_IDS], block[SAMPLED_COUNTS]
     rows, slots = counts.shape
     if not rows:
         return False
-    if ids.ndim == 3:  # packed 3-byte ids: as uint32 (a fourth zero byte, little-endian)
-        wide = np.zeros((rows, slots, 4), np.uint8)
-        wide[..., :3] = ids
-        ids = wide.view("<u4")[..., 0]
     c = np.ascontiguousarray(counts.T)
     wide = {1: np.uint16, 2: np.uint32}.get(c.itemsize, np.uint64)  # S slots of counts never overflow it
     if (np.add.reduce(c, axis=0, dtype=wide) != layout.samples).any() or (c[1:] > c[:-1]).any():
         return False
-    i = np.ascontiguousarray(ids.T)
+    i = np.ascontiguousarray(unpack_ids(ids).T)
     if int(i.max()) >= layout.num_classes:
         return False
     pad = c == 0
@@ -317,16 +298,18 @@ def _top_logit(logits: np.ndarray, pad: np.ndarray, logits_dtype: str) -> np.nda
 _TORCH_COUNTS = {np.dtype("uint8"): torch.uint8, np.dtype("uint16"): torch.uint16, np.dtype("uint32"): torch.uint32}
 
 
-def _unique_counts(draws: Tensor) -> tuple[Tensor, Tensor]:
+def unique_counts(draws: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per row: unique values by count descending (ties: smaller id first), padded with id 0, count 0.
 
-    Vectorised over rows: sort, mark run starts, scatter-add run lengths.
+    ``weights`` (default 1) is what each draw adds to its id's count. Vectorised over rows:
+    sort, mark run starts, scatter-add run lengths.
     """
-    d, _ = draws.sort(-1)
+    d, perm = draws.sort(-1)
+    w = torch.ones_like(d) if weights is None else weights.gather(1, perm)
     start = torch.ones_like(d, dtype=torch.bool)
     start[:, 1:] = d[:, 1:] != d[:, :-1]
     run = start.long().cumsum(-1) - 1  # run index of each draw
-    counts = torch.zeros_like(d).scatter_add_(1, run, torch.ones_like(d))
+    counts = torch.zeros_like(w).scatter_add_(1, run, w)
     ids = torch.zeros_like(d).scatter_(1, run, d)  # every draw of a run has the same id
     counts, order = counts.sort(dim=-1, descending=True, stable=True)  # runs are in id order: ties keep it
     ids = ids.gather(1, order).masked_fill_(counts == 0, 0)

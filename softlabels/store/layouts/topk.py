@@ -22,21 +22,9 @@ from softlabels.store.layouts._base import (
 from softlabels.store.layouts.targets import TopKTarget
 from softlabels.store.temperatures import format_grid, grid_problems, supports
 
-__all__ = ["TopK", "TAIL_LOGSUMEXP", "logsumexp_fp32", "tail_logsumexp"]
+__all__ = ["TopK", "TAIL_LOGSUMEXP", "tail_logsumexp"]
 
 TAIL_LOGSUMEXP = "tail_logsumexp"
-
-
-def logsumexp_fp32(logits: Tensor) -> Tensor:
-    """float32 logsumexp over the last axis, [B, C] -> [B], in row chunks.
-
-    A half-precision teacher's logits are upcast one bounded block of rows at a
-    time, so no [B, C] float32 temporary is made at large C.
-    """
-    out = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
-    for rows in row_chunks(len(logits), logits.shape[-1]):
-        out[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
-    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +130,7 @@ class TopK(Layout):
         top, idx = torch.topk(logits, self.k, dim=1, largest=True, sorted=True)
         out = {fmt.TOPK_VALUES: top.to(self.store_dtype), fmt.TOPK_INDICES: encode_ids(idx, self.num_classes)}
         if self.legacy:
-            out[fmt.LOGSUMEXP] = logsumexp_fp32(logits)
+            out[fmt.LOGSUMEXP] = tail_logsumexp(logits, idx[:, :0], (1.0,))[:, 0]  # all C, T = 1
         else:
             out[TAIL_LOGSUMEXP] = tail_logsumexp(logits, idx, self.tail_temperatures)
         return out

@@ -1,30 +1,18 @@
-"""What every position kind shares: write-unit geometry and the bookkeeping groups.
+"""What every position kind shares: write-unit geometry, the bookkeeping groups, sample id checks.
 
-A v2 store's arrays come in two families:
-
-- *per-sample* arrays (``sample_ids``, ``labels``, ``view_params``), chunked along N by
-  ``chunk_samples``;
-- *per-position* arrays (a layout's ``logits``, ``topk_values``, ...), whose first axis is
-  the *position axis*: N for ``sample`` and ``views`` (views add a second axis V), the
-  flat, padded token axis for ``tokens``.
-
-A *write unit* is ``unit_samples = chunk_samples * shard_chunks`` consecutive samples
-(``shard_chunks`` = 1 without Zarr sharding) and their positions. The bookkeeping arrays
-``unit_done`` and ``unit_checksums`` hold one element per unit and are chunked by
-``group_units`` units, so their file count does not grow with the number of data chunks;
-a writer owns whole groups (under torchrun, ranks split groups, never units), which keeps
-the rule that no two writers share any chunk or shard file.
+docs/FORMAT.md ("Write units") has the rules: a unit is ``chunk_samples * shard_chunks``
+samples with their positions, and a writer owns whole groups of ``group_units`` units.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Protocol
+from typing import Mapping
 
 import numpy as np
 
-__all__ = ["Positions", "UnitGeometry", "group_units_for", "sample_id_problems"]
+__all__ = ["UnitGeometry", "group_units_for", "sample_id_problems"]
 
 MAX_BOOKKEEPING_CHUNKS = 1024
 """Default cap on bookkeeping chunks (files, in Zarr) per bookkeeping array."""
@@ -34,10 +22,7 @@ def group_units_for(num_units: int, max_chunks: int = MAX_BOOKKEEPING_CHUNKS) ->
     """The smallest power of two ``G`` with ``ceil(num_units / G) <= max_chunks``."""
     if num_units < 0 or max_chunks < 1:
         raise ValueError("num_units must be >= 0 and max_chunks >= 1")
-    g = 1
-    while math.ceil(num_units / g) > max_chunks:
-        g *= 2
-    return g
+    return 1 << (max(1, math.ceil(num_units / max_chunks)) - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -95,30 +80,3 @@ def sample_id_problems(block: Mapping[str, np.ndarray]) -> list[str]:
     if ids is not None and len(ids) and ids.min() < 0:
         return [f"sample id {int(ids.min())} is negative"]
     return []
-
-
-class Positions(Protocol):
-    """One position kind: shapes, attributes and the unit -> position-axis map."""
-
-    kind: ClassVar[str]
-    geometry: UnitGeometry
-
-    @property
-    def num_positions(self) -> int:
-        """Teacher outputs stored (real positions, padding excluded)."""
-
-    @property
-    def axis_length(self) -> int:
-        """Length of the per-position arrays' first axis (padding included)."""
-
-    def unit_axis_range(self, unit: int) -> tuple[int, int]:
-        """Range along the position axis holding unit ``unit``'s real positions."""
-
-    def unit_written_range(self, unit: int) -> tuple[int, int]:
-        """Range along the position axis the unit's writer writes (whole chunks or shards)."""
-
-    def to_attrs(self) -> dict[str, Any]:
-        """Kind-specific root attributes (JSON values)."""
-
-    def value_problems(self, block: Mapping[str, np.ndarray]) -> list[str]:
-        """What is wrong with the values of one unit's per-sample arrays as read (empty when valid)."""

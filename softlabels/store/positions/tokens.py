@@ -1,19 +1,8 @@
 """``tokens`` positions: a ragged number of positions per sample, one per token.
 
-Per-position arrays are flat along a *token axis* chunked by ``chunk_positions``. Every
-write unit's tokens start on an *alignment* boundary (``chunk_positions * shard_chunks``:
-a chunk, or a whole shard with Zarr sharding), so no two units — and so no two writers —
-share a chunk or shard file. The gap between one unit's last token and the next unit's
-aligned start is padding that no sample refers to.
-
-Two per-sample arrays, written once when the store is created (the lengths are known
-from the data before any teacher runs):
-
-- ``offsets`` [N + 1] int64: sample ``i`` starts at ``offsets[i]``; ``offsets[N]`` is the
-  token axis length (padding included);
-- ``lengths`` [N] int64: sample ``i``'s positions are ``[offsets[i], offsets[i] + lengths[i])``.
-  Within a unit ``offsets[i + 1] == offsets[i] + lengths[i]``; at a unit's last sample the
-  difference is that unit's padding.
+Per-position arrays are flat along a token axis; every unit starts on a chunk (or shard)
+boundary, and ``offsets`` [N + 1] / ``lengths`` [N] map samples to it (docs/FORMAT.md,
+"Tokens and padding").
 """
 
 from __future__ import annotations
@@ -88,16 +77,6 @@ class TokenPositions:
     @property
     def axis_length(self) -> int:
         return int(self.unit_starts[-1])
-
-    @property
-    def padding(self) -> int:
-        """Positions on the token axis that belong to no sample."""
-        return self.axis_length - self.num_positions
-
-    def sample_range(self, sample: int) -> tuple[int, int]:
-        """Token-axis range of one sample's positions."""
-        start = int(self.offsets[sample])
-        return start, start + int(self.lengths[sample])
 
     def unit_axis_range(self, unit: int) -> tuple[int, int]:
         self.geometry.unit_samples_range(unit)  # bounds check

@@ -1,13 +1,7 @@
 """``views`` positions: ``V`` augmented views per sample, each replayable from its parameters.
 
-Per-position arrays are [N, V, ...] and chunked along N only (a chunk holds every view of
-its samples), so a write unit is whole samples with all their views. ``view_params``
-[N, V, P] holds each view's augmentation parameters, in the dtype ``views.param_dtype``
-(uint8, float16 or float32: the narrowest that holds every parameter of the spec exactly;
-float32 when absent); the root attribute ``views`` records V, the augmentation spec, its
-parameter names, that dtype and the seed the views were drawn
-with (``softlabels.inputs.augment`` draws view ``v`` of sample ``id`` from (seed, id, v), so any
-batch composition, rank or resume draws the same views).
+Per-position arrays are [N, V, ...], chunked along N only; ``view_params`` [N, V, P] and the
+``views`` root attribute replay each view exactly (docs/FORMAT.md, docs/VIEWS.md).
 """
 
 from __future__ import annotations
@@ -16,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
+import torch
 
 from softlabels.errors import SoftLabelsError
 from softlabels.inputs.augment import parse_augment
 from softlabels.inputs.augment.compose import PARAM_DTYPES, ParamRanges
+from softlabels.store.layouts.sampled import splitmix64
 from softlabels.store.positions.base import UnitGeometry, sample_id_problems
 from softlabels.store.positions.sample import SamplePositions
 
@@ -28,32 +24,17 @@ __all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views", "view
 VIEW_PARAMS = "view_params"
 
 
-_GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 of uint64 arrays (wrapping arithmetic, vectorised)."""
-    with np.errstate(over="ignore"):
-        z = x + _GAMMA
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+    """splitmix64 of uint64 arrays: the sampled layout's hash, on the same bits."""
+    return splitmix64(torch.from_numpy(x.view(np.int64))).numpy().view(np.uint64)
 
 
 def choose_views(seed: int, sample_ids: np.ndarray, epoch: int, num_views: int, per_epoch: int | None = None
                  ) -> np.ndarray:
     """Which stored views each sample trains on in ``epoch``: int64 [B] in ``0..V-1``, or [B, k] with ``per_epoch=k``.
 
-    Every sample walks through a sequence of its V views made of random permutations, a
-    fresh one every V views, so all V views are used before any repeats. The permutation
-    of cycle ``c`` is the argsort of splitmix64(seed, sample id, c, view), so the choice
-    depends on nothing but those numbers: not on batch composition, rank, worker or resume
-    point. One view per epoch (``per_epoch`` None) is the sequence's entry ``epoch``;
-    ``k`` views per epoch (``1 <= k <= V``) are its entries ``epoch·k .. epoch·k + k − 1``,
-    so the first column with ``k = 1`` is exactly the one-view choice, and after ``e``
-    epochs every sample has used ``min(e·k, V)`` distinct views. The k views of one epoch
-    are distinct when k divides V; otherwise an epoch that crosses a cycle boundary takes
-    the end of one permutation and the start of the next, which may share a view.
+    Entries ``epoch·k .. epoch·k + k − 1`` of each sample's sequence of permutations of its
+    V views (cycle ``c``: the argsort of splitmix64(seed, sample id, c, view)); docs/VIEWS.md.
     """
     v = int(num_views)
     k = 1 if per_epoch is None else int(per_epoch)
