@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels._runtime.options import threads_problem
+from softlabels._runtime.options import bound_problems
 from softlabels.errors import ConfigError, ModelMismatch, SpecError
 from softlabels.evaluation.config import EvalConfig
 from softlabels.student.checkpoint import CHECKPOINT, HF_DIR, MODEL, find_checkpoint, load_checkpoint
@@ -110,7 +110,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     from softlabels.inputs.spec import absolute_data_spec
     from softlabels.store.reader import open_store
 
-    if problems := threads_problem(threads):
+    if problems := bound_problems("an integer >=", 0, {"threads": threads}):
         raise ConfigError(problems)
     set_threads(threads)
     dev = resolve_device(device)  # an unknown or absent device is a one-line error
