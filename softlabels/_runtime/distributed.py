@@ -1,12 +1,5 @@
-"""A small layer over ``torch.distributed`` for the teacher job (and a no-op for one process).
-
-Started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), :func:`init`
-joins the process group: gloo on CPU, nccl on CUDA. The group then stays up for
-later calls in the same process and is destroyed at exit (re-creating a group
-on the same rendezvous store can read the previous group's stale addresses). Errors are agreed on
-collectively: every rank reaches the same collective whether it failed or not,
-so one rank's error stops every rank with the same message instead of leaving
-the others waiting on a barrier.
+"""A small layer over ``torch.distributed`` for the teacher job, a no-op for one process: the group
+``torchrun`` describes, and errors agreed on collectively (docs/ARCHITECTURE.md, Process plumbing).
 """
 
 from __future__ import annotations

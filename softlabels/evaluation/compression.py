@@ -1,21 +1,5 @@
-"""Compress a distilled student: prune, optionally distil again, quantize, export, measure.
-
-``compress(CompressConfig(run=RUN, out=OUT, data=SPEC, ...))`` takes the student of a
-``softlabels train`` run and, in this order:
-
-1. ``prune_structured``: drops that fraction of each hidden layer's units of a built-in MLP (lowest
-   L1 norm of their incoming weights): the matrices shrink, so size and latency drop;
-2. ``prune``: global unstructured L1 magnitude pruning of every Linear/Conv weight, made permanent;
-   the zeros stay dense float32, so only a compressor (the gzip column) or a sparse kernel gains;
-3. ``finetune_stores``: "prune, then distil", a short training run from the stores with the pruned
-   weights' gradients masked to zero;
-4. ``quantize``: int8 weights of every Linear with torchao (``int8-dynamic``: int8 activations too);
-5. export with ``torch.export`` (``model.pt2``) and optionally ONNX (``model.onnx``).
-
-It then measures the teacher (a ``teacher`` run and/or a ``store``), the student and the compressed
-student alike (size, parameters, accuracy, agreement, KL and correlation with the teacher on
-``data``, CPU latency per batch on one thread) into ``compress.json`` and ``compress.md``, built in a
-temporary directory renamed to ``out`` at the end: a failed run leaves no half-written ``out``.
+"""Compress a distilled student: prune, optionally distil again, quantize, export, and measure it
+against its teacher (the steps, the table and the all-or-nothing ``--out``: docs/COMPRESS.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""The frozen configs of ``softlabels eval`` and ``softlabels compress``, and the report formats.
-
-The command line reads its defaults and choices from here. This module imports neither
-torch nor numpy, so ``softlabels --help`` stays fast.
+"""The frozen configs of ``softlabels eval`` and ``compress``, and the report formats (the command
+line reads them from here; no torch or numpy, so ``--help`` stays fast).
 """
 
 from __future__ import annotations

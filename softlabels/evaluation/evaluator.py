@@ -1,14 +1,5 @@
-"""Evaluate a trained student: accuracy and calibration, and agreement with its teacher.
-
-:func:`evaluate` loads a ``softlabels train`` run and runs it over a ``--data`` spec; given the store
-of teacher outputs for that data (rows joined by ``sample_ids``, the fingerprint of its inputs
-checked), it compares student and teacher. A classifier is measured per sample
-(:func:`~softlabels.student.metrics.evaluate_model`, shared with the trainer's validation); a language
-model per counted position: next-token loss, perplexity, accuracy and ECE, and against a ``tokens``
-store the top-1 agreement and KL(teacher || student) at T = 1: exact for dense stores; for top-k and
-sampled ones over the stored ids plus one tail bucket, a lower bound that is never negative (the
-log-sum inequality). A sampled store also gets ``kl_to_teacher_estimate``, the layout's unbiased
-estimate, which for one token, or a few of a student close to its teacher, can be negative.
+"""Evaluate a trained student: accuracy and calibration on ``--data``, and with the store of its
+teacher's outputs for that data their agreement and divergence (language models: docs/TOKENS.md).
 """
 
 from __future__ import annotations

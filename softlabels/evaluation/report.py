@@ -1,12 +1,4 @@
-"""Turn a run directory into a small Markdown or HTML report with PNG plots.
-
-A *run directory* is one ``softlabels train --out`` directory or a directory of them (the demo's
-``RUN``: one per model, plus ``results.json``). The report shows training curves (loss and validation
-accuracy per epoch, from each ``metrics.jsonl``), accuracy against the teacher (from ``results.json``
-or a model's ``eval.json``) and a reliability diagram per model (an eval JSON's ``reliability``
-section, else computed from the checkpoint and the eval's ``data`` spec). The models are found by
-:mod:`~softlabels.evaluation.report_runs` and the plots drawn by
-:mod:`~softlabels.evaluation.report_plots` (matplotlib: ``pip install 'softlabels[demo]'``).
+"""Turn a run directory into a Markdown or HTML report with PNG plots (docs/USAGE.md, Reports).
 """
 
 from __future__ import annotations

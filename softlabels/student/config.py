@@ -1,7 +1,5 @@
-"""The frozen config of ``softlabels train``: every option, its default and its valid choices.
-
-The command line reads its defaults and choices from here. This module imports neither
-torch nor numpy, so ``softlabels --help`` stays fast.
+"""The frozen config of ``softlabels train``: every option, its default and its valid choices, which
+the command line reads from here; it imports neither torch nor numpy, so ``--help`` stays fast.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""The frozen configs of ``softlabels generate`` and ``softlabels merge``: every option, its
-default and its valid choices.
-
-The command line reads its defaults and choices from here (nothing is written twice). This
-module imports neither torch nor numpy, so ``softlabels --help`` stays fast.
+"""The frozen configs of ``softlabels generate``, ``merge`` and ``upgrade``: every option, its
+default and its valid choices, which the command line reads from here; no torch or numpy, so
+``--help`` stays fast.
 """
 
 from __future__ import annotations
