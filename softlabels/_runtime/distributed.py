@@ -21,7 +21,6 @@ __all__ = ["Dist", "init"]
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -81,7 +80,7 @@ def init(device_type: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         atexit.register(_destroy)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def _destroy() -> None:

@@ -46,11 +46,8 @@ def stop_signals_as_ctrl_c() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-STARTING = "error: interrupted while starting; nothing was done, rerun the command\n"
-
-
 def _starting(signum: int, frame: object) -> None:
-    sys.stderr.write(STARTING)
+    sys.stderr.write("error: interrupted while starting; nothing was done, rerun the command\n")
     sys.stderr.flush()
     os._exit(2)  # mid-import: nothing to clean up, and unwinding would print the import's traceback
 

@@ -115,11 +115,8 @@ def count_nonzero(model: nn.Module) -> int:
 
 # -- measuring -------------------------------------------------------------------------------------
 def latencies_ms(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
-    """Median and fastest wall time of a forward pass of each model on ``x``, one CPU thread, in ms.
-
-    The models take turns (a change in load hits all alike), each turn after an untimed pass (no model
-    timed with caches another filled); the fastest pass is the steadier figure on a shared machine.
-    """
+    """Median and fastest wall time of a forward pass of each model on ``x``, one CPU thread, in ms;
+    the models take turns, each after an untimed pass (docs/COMPRESS.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times: list[list[float]] = [[] for _ in models]

@@ -50,11 +50,9 @@ def _hf_directory(checkpoint: str | Path) -> Path | None:
 
 
 def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | None) -> tuple[nn.Module, dict]:
-    """The trained language model (eval mode) and the run's config; code is never taken from a checkpoint.
-
-    An ``hf:`` student's run is read from its ``hf/``; a Hugging Face directory is evaluated as it is, with
-    the config of the run it lies in, else its own tokenizer and its maximum positions as windows.
-    """
+    """The trained language model (eval mode) and the run's config: an ``hf:`` student's from its
+    run's ``hf/``; a Hugging Face directory with its run's config, else its own tokenizer and
+    context."""
     from softlabels.teacher.hf import max_positions
     from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
 
@@ -88,15 +86,9 @@ def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | Non
 def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = None, *,
              batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
              threads: int = EvalConfig.threads, student: str | None = None) -> dict[str, Any]:
-    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher); a flat dict.
-
-    ``student`` overrides the checkpoint's recorded architecture spec (:func:`load_student`); ``threads``
-    sets torch's CPU threads (0: torch's default). A classifier: ``accuracy``, ``ece``, ``n``,
-    ``n_labeled``, ``flops``, and with a store the teacher metrics of
-    :class:`~softlabels.student.metrics.EvalAccumulator`. A language model: ``loss``, ``perplexity``,
-    ``accuracy``, ``ece``, ``positions``, ``sequences``, and with a store ``agreement``, ``kl_to_teacher``
-    and its kind (module doc). Both: the student, ``num_parameters`` and what was evaluated.
-    """
+    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher): a
+    flat dict of :class:`~softlabels.student.metrics.EvalAccumulator`'s metrics, or a language
+    model's (docs/TOKENS.md), with the student, ``num_parameters`` and what was evaluated."""
     from softlabels._runtime.device import resolve_device, set_threads
     from softlabels.inputs.spec import absolute_data_spec
     from softlabels.store.reader import open_store
