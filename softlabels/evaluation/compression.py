@@ -24,6 +24,8 @@ from torch import nn
 
 from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.evaluation.config import QUANTIZE, CompressConfig
+from softlabels.evaluation.evaluator import eval_data
+from softlabels.evaluation.evaluator import format_value as cell
 from softlabels.teacher.models import MLP, count_parameters
 
 __all__ = ["CompressConfig", "compress", "prune_unstructured", "prune_hidden_units", "quantize_int8",
@@ -182,7 +184,6 @@ def _export(model: nn.Module, x: torch.Tensor, tmp: Path, onnx: bool) -> dict[st
 
 def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
-    from softlabels.evaluation.evaluator import eval_data
     from softlabels.store.reader import open_store
     from softlabels.student.checkpoint import open_run
 
@@ -246,8 +247,7 @@ def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module
         for row, (ms, fastest) in zip(rows, times):  # the ratio: fastest passes, timed in the same rounds
             row.update(latency_ms=ms, latency_min_ms=fastest, latency_batch=len(x),
                        latency_vs_student=fastest / times[-2][1])
-        for row in rows:
-            row["file"] = files["model"] if row["model"] == "compressed" else row["file"]
+        rows[-1]["file"] = files["model"]  # the compressed model's, as it lies in out
         result = {"run": str(config.run), "student": spec, "settings": asdict(config), **info, "files": files,
                   "export_bytes": (tmp / "model.pt2").stat().st_size,
                   "teacher_accuracy_from_store": rows[-1]["teacher_accuracy"], "rows": rows,
@@ -262,18 +262,13 @@ def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module
 
 def format_markdown(result: dict[str, Any]) -> str:
     """The rows of a compress result as a Markdown table."""
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f} %"
-
-    def num(v, f="{:.4f}"):
-        return "-" if v is None else f.format(v)
-
     lines = ["| model | size (KiB) | gzip (KiB) | parameters | nonzero | accuracy | agreement | KL to teacher "
              f"| CORR | CPU ms / batch of {result['rows'][0]['latency_batch']}, median (fastest) | fastest vs RUN |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['size_bytes'] / 1024:.1f} | {r['size_gzip_bytes'] / 1024:.1f} "
-                     f"| {r['parameters']:,} | {r['nonzero_parameters']:,} | {pct(r['accuracy'])} "
-                     f"| {pct(r['agreement'])} | {num(r['kl_to_teacher'])} | {num(r['correlation'])} "
+                     f"| {r['parameters']:,} | {r['nonzero_parameters']:,} "
+                     f"| {cell(r['accuracy'], 'pct')} | {cell(r['agreement'], 'pct')} "
+                     f"| {cell(r['kl_to_teacher'], 'f4')} | {cell(r['correlation'], 'f4')} "
                      f"| {r['latency_ms']:.3f} ({r['latency_min_ms']:.3f}) | {r['latency_vs_student']:.2f}x |")
     return "\n".join(lines)

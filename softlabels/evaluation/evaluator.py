@@ -19,7 +19,7 @@ from softlabels.evaluation.config import EvalConfig
 from softlabels.student.checkpoint import CHECKPOINT, HF_DIR, MODEL, find_checkpoint, load_checkpoint
 from softlabels.teacher.models import count_flops, count_parameters
 
-__all__ = ["evaluate", "finite_json", "load_student", "format_table"]
+__all__ = ["evaluate", "finite_json", "load_student", "format_table", "format_value"]
 
 
 def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu",
@@ -226,18 +226,20 @@ _ROWS = (
 )
 
 
+def format_value(value: Any, how: str) -> str:
+    """A metric as a table cell: ``how`` is pct, int, str or f4; ``-`` for a missing one or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if how == "pct":
+        return f"{100 * value:.2f} %"
+    if how == "str":
+        return str(value)
+    return f"{value:,}" if how == "int" else f"{value:.4f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result as an aligned two-column text table (metrics absent from it are skipped)."""
-    def fmt(value: Any, how: str) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        if how == "pct":
-            return f"{100 * value:.2f} %"
-        if how == "str":
-            return str(value)
-        return f"{value:,}" if how == "int" else f"{value:.4f}"
-
-    rows = [(label, fmt(result[key], how)) for key, label, how in _ROWS
+    rows = [(label, format_value(result[key], how)) for key, label, how in _ROWS
             if key in result and (key != "nonfinite_rows" or result[key])]
     width = max(len(label) for label, _ in rows)
     vwidth = max(len(v) for _, v in rows)
