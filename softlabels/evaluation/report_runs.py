@@ -58,9 +58,7 @@ def _load_run(name: str, d: Path | None) -> ModelRun:
     m.metrics = read_metrics(d)
     m.summary = _read_json(d / SUMMARY) or {}
     m.arch = m.summary.get("student") or (m.summary.get("config") or {}).get("student")
-    ev = _read_json(d / EVAL)
-    if ev:
-        m.result = dict(ev)
+    m.result = _read_json(d / EVAL) or {}
     return m
 
 

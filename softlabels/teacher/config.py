@@ -31,6 +31,7 @@ DEFAULT_SAMPLES = 12
 """Draws per output of the sampled layout when ``samples`` is not given: Anshumann et al. found
 S = 12 enough, and here it trained within ~1 % of dense KD at 37.5 B/token (docs/TOKENS.md)."""
 
+_CHOICES = {"layout": LAYOUTS, "dtype": LOGITS_DTYPES, "amp": AMP_MODES, "on_nonfinite": ON_NONFINITE}
 _LAYOUT_ONLY = {"samples": "sampled", "tail_temperatures": "topk", "sample_temperature": "sampled",
                 "sampled_ids_only": "sampled"}
 """Options only one layout reads (``--topk``, which views default, is refused for dense only)."""
@@ -98,8 +99,10 @@ class GenerateConfig:
                      "--random-teacher for a random teacher seeded by --seed (for tests)")
         if self.random_teacher and self.weights is not None:
             p.append("--random-teacher and --weights exclude each other; pick one")
-        if self.layout not in LAYOUTS:
-            p.append(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        for name, choices in _CHOICES.items():
+            if (value := getattr(self, name)) not in choices:
+                flag = name.replace("_", "-")
+                p.append(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
         if self.layout == "topk" and (self.topk < 1 if self.topk is not None else not self.viewed):
             p.append("--layout topk needs --topk K with K >= 1")  # views default to K = min(5, C)
         if self.layout == "dense" and self.topk is not None:
@@ -107,13 +110,7 @@ class GenerateConfig:
         if self.compress and self.layout == "dense":
             p.append("--compress is for the top-k and sampled layouts (dense logits compress ~1.1x); drop --compress")
         p += self._views_problems()
-        if self.dtype not in LOGITS_DTYPES:
-            p.append(f"--dtype must be one of {', '.join(LOGITS_DTYPES)}, got {self.dtype!r}")
-        if self.amp not in AMP_MODES:
-            p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.on_nonfinite not in ON_NONFINITE:
-            p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
-        elif self.on_nonfinite == "record" and self.layout == "sampled":
+        if self.on_nonfinite == "record" and self.layout == "sampled":
             p.append("--on-nonfinite record keeps non-finite logits as they are, which a sampled store cannot hold "
                      "(its draws need a finite distribution); use --layout dense or topk to record them")
         sizes = ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len")
