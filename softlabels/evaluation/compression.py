@@ -89,19 +89,14 @@ def prune_hidden_units(model: nn.Module, amount: float) -> tuple[nn.Module, list
     return small.eval(), kept
 
 
-def _import_torchao():
+def quantize_int8(model: nn.Module, how: str = "int8-weight") -> nn.Module:
+    """Quantize every Linear's weights to int8 in place with torchao (per-channel scales); return the model."""
     # torchao logs a warning for each optional CUDA kernel library it cannot load on a CPU-only torch,
     # and registers an Enum with torch's pytree in a way torch now calls deprecated: noise on every run.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import torchao.quantization
+    import torchao.quantization as ao
 
-    return torchao.quantization
-
-
-def quantize_int8(model: nn.Module, how: str = "int8-weight") -> nn.Module:
-    """Quantize every Linear's weights to int8 in place with torchao (per-channel scales); return the model."""
-    ao = _import_torchao()
     cfg = ao.Int8WeightOnlyConfig() if how == "int8-weight" else ao.Int8DynamicActivationInt8WeightConfig()
     ao.quantize_(model, cfg)
     return model
