@@ -7,7 +7,7 @@ import click
 from softlabels.cli.storage import storage_option
 from softlabels.store.defaults import DEFAULT_TEMPERATURE
 from softlabels.teacher.config import ENSEMBLE_MODES
-from softlabels.teacher.config import MergeConfig as D  # defaults: the dataclass's field defaults
+from softlabels.teacher.config import MergeConfig as D
 
 
 def parse_weights(text: str | None, flag: str) -> tuple[float, ...] | None:
