@@ -1,21 +1,9 @@
 """softlabels: offline knowledge distillation with precomputed teacher outputs.
 
-The pipeline, one package per stage (docs/ARCHITECTURE.md):
-
-- :mod:`softlabels.inputs`: what a teacher or a student reads (arrays, digits, image
-  folders, text and tokens, the ``--data`` grammar, augmentation ops);
-- :mod:`softlabels.teacher`: runs a teacher once (:func:`generate`) into a store, and writes
-  stores from stores (:func:`merge`, :func:`upgrade`);
-- :mod:`softlabels.store`: the format (positions × layouts), its writer and the one reader
-  (:func:`open_store`, either format version);
-- :mod:`softlabels.student`: streams stores into students (:func:`train`, losses);
-- :mod:`softlabels.evaluation`: :func:`evaluate`, reports and compression;
-- :mod:`softlabels.library`: stored targets in your own loop (:func:`with_targets`,
-  :func:`collate`, :func:`kd_loss`; docs/LIBRARY.md);
-- :mod:`softlabels.cli`: the ``softlabels`` command, a thin layer over the above.
-
-The names below are imported on first use (PEP 562), so ``import softlabels`` and
-the command line's ``--help`` do not pay for torch, h5py and zarr.
+One package per pipeline stage (docs/ARCHITECTURE.md); stored targets in your own loop:
+:func:`with_targets`, :func:`collate`, :func:`kd_loss` (docs/LIBRARY.md). The names below are
+imported on first use (PEP 562), so ``import softlabels`` and ``--help`` do not pay for torch,
+h5py and zarr.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Exception hierarchy.
-
-Every error softlabels raises on purpose is a :class:`SoftLabelsError`. Most also
-subclass the matching built-in, so callers can catch either
-(``except FileNotFoundError`` still works for a missing store). The CLI prints
-``str(err)`` on one line and exits non-zero; messages therefore name the problem
-*and* the fix; :func:`one_line` quotes a foreign exception inside one.
+"""Exception hierarchy: every deliberate error is a :class:`SoftLabelsError`, most also the matching
+built-in; each message names the problem and the fix, on one line (docs/ERRORS.md).
 """
 
 from __future__ import annotations
@@ -40,10 +35,8 @@ class CorruptStore(StoreError, ValueError):
 
 
 class StoreLimitExceeded(StoreError, ValueError):
-    """A store's claimed sizes would make a reader allocate more than the documented bound.
-
-    Not a :class:`CorruptStore`: it stops the command instead of marking one chunk damaged.
-    """
+    """A store's claimed sizes would make a reader allocate more than the documented bound (it stops
+    the command, unlike a :class:`CorruptStore`, which marks one chunk damaged)."""
 
 
 class IncompleteStore(StoreError, RuntimeError):

@@ -14,11 +14,8 @@ from softlabels.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device for ``--device`` (auto, cpu, cuda or cuda:N), for every command.
-
-    ``auto`` is a GPU when torch sees one, else the CPU; plain ``cuda`` is this
-    process's GPU under torchrun (``LOCAL_RANK``), else GPU 0.
-    """
+    """The device for ``--device``: ``auto`` is a GPU when torch sees one, else the CPU; plain
+    ``cuda`` is this process's GPU under torchrun (``LOCAL_RANK``), else GPU 0; or cpu, cuda:N."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

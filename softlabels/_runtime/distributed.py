@@ -1,12 +1,5 @@
-"""A small layer over ``torch.distributed`` for the teacher job (and a no-op for one process).
-
-Started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), :func:`init`
-joins the process group: gloo on CPU, nccl on CUDA. The group then stays up for
-later calls in the same process and is destroyed at exit (re-creating a group
-on the same rendezvous store can read the previous group's stale addresses). Errors are agreed on
-collectively: every rank reaches the same collective whether it failed or not,
-so one rank's error stops every rank with the same message instead of leaving
-the others waiting on a barrier.
+"""A small layer over ``torch.distributed`` for the teacher job, a no-op for one process: the group
+``torchrun`` describes, and errors agreed on collectively (docs/ARCHITECTURE.md, Process plumbing).
 """
 
 from __future__ import annotations
@@ -28,7 +21,6 @@ __all__ = ["Dist", "init"]
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -88,7 +80,7 @@ def init(device_type: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         atexit.register(_destroy)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def _destroy() -> None:

@@ -1,8 +1,9 @@
-"""Options every command shares (device, threads): help texts and checks. Imports nothing.
+"""Options every command shares (device, threads): help texts and the bound checks of every config.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 DEVICE_HELP = "Device to run on: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N."
@@ -10,11 +11,18 @@ THREADS_HELP = ("CPU threads torch may use in this process (0: torch's own defau
                 "fastest for small models, above all on a busy machine, and gives the same bits on every machine.")
 
 
-def threads_problem(threads: Any) -> list[str]:
-    return count_problems({"threads": threads}, 0)
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def count_problems(values: dict[str, Any], minimum: int) -> list[str]:
-    """``--name must be an integer >= minimum`` for each of ``values`` (option name -> value) that is not one."""
-    return [f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {v!r}" for name, v in values.items()
-            if not (isinstance(v, int) and v >= minimum)]
+_WITHIN = {">=": lambda v, low: v is None or v >= low,  # None: not given
+           "an integer >=": lambda v, low: isinstance(v, int) and v >= low,
+           "a number >": lambda v, low: _number(v) and v > low,
+           "a number >=": lambda v, low: _number(v) and v >= low}
+
+
+def bound_problems(kind: str, low: int, values: dict[str, Any]) -> list[str]:
+    """``--name must be <kind> <low>, got <value>`` for each of ``values`` (option name -> value)
+    out of bounds; ``kind`` is a key of :data:`_WITHIN` (a number: a finite one)."""
+    return [f"--{name.replace('_', '-')} must be {kind} {low}, got {v!r}"
+            for name, v in values.items() if not _WITHIN[kind](v, low)]

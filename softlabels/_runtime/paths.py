@@ -1,9 +1,5 @@
-"""Where a command writes must not be what it reads: ``--out`` against the inputs.
-
-Compared by real path (symlinks resolved), so a second name for a file or folder
-is caught too; a URL (``s3://bucket/a.zarr``, :func:`is_url`) by its text, its prefix
-against the other's. ``--overwrite`` never lifts this: it replaces a previous output,
-never an input.
+"""Where a command writes must not be what it reads: ``--out`` against the inputs, by real path
+(symlinks resolved) or a URL's text; ``--overwrite`` never lifts this (E1007, E1008).
 """
 
 from __future__ import annotations
@@ -39,12 +35,8 @@ def _real(path: str | os.PathLike[str]) -> PurePosixPath:
 
 def out_overlaps(out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | None]], *,
                  writes: tuple[str, ...] | None = None) -> str | None:
-    """The problem with ``out`` given ``(flag, path)`` inputs, or None.
-
-    ``out`` may not be an input or lie inside one. An input inside ``out`` is refused
-    when the command may replace it: anything in it (``writes=None``, a store replaced
-    whole), or only the listed top-level names (a run directory's own files).
-    """
+    """The problem with ``out`` given ``(flag, path)`` inputs, or None: ``out`` may not be or lie
+    inside an input, nor hold one it may replace (any, or only the top-level names ``writes``)."""
     o = _real(out)
     for flag, path in inputs:
         if not path:

@@ -1,8 +1,5 @@
-"""Progress of long commands: a bar on a terminal, periodic one-line reports in a log.
-
-A tqdm bar redraws itself with carriage returns; written into a log file it becomes
-one ever-growing line. So the bar is shown only when stderr is a terminal (or when
-asked for), and otherwise a plain line goes out every :data:`LINE_EVERY_S` seconds.
+"""Progress of long commands: a tqdm bar on a terminal (or when asked for), else a plain line every
+:data:`LINE_EVERY_S` seconds, since a bar's carriage returns make one ever-growing line in a log.
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
-"""SIGTERM and SIGINT as Ctrl-C, without losing one.
-
-A scheduler's stop (SIGTERM) takes the Ctrl-C path: ``KeyboardInterrupt`` in the
-main thread, so finished units or epochs are kept, locks released, DataLoader
-workers joined, and the command prints one line. Python delivers a signal by
-raising from whatever bytecode runs next, and some code swallows what it raises
-(a C extension's module init during a lazy import, seen with ``numpy.random``), so
-the handler also records the signal, and the job loops call :func:`check` once
-per batch or step to raise it again.
-
-Before that, while the command line starts (``softlabels/__init__`` imports the library,
-seconds of torch, before the CLI can catch anything), a process started as the
-``softlabels`` command gets a SIGINT handler that prints one line (:func:`begin`); the
-CLI's own handling replaces it once a command starts (:func:`end`).
+"""SIGTERM and SIGINT as Ctrl-C, without losing one, from the first import on (docs/ARCHITECTURE.md,
+Process plumbing).
 """
 
 from __future__ import annotations
@@ -58,11 +46,8 @@ def stop_signals_as_ctrl_c() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-STARTING = "error: interrupted while starting; nothing was done, rerun the command\n"
-
-
 def _starting(signum: int, frame: object) -> None:
-    sys.stderr.write(STARTING)
+    sys.stderr.write("error: interrupted while starting; nothing was done, rerun the command\n")
     sys.stderr.flush()
     os._exit(2)  # mid-import: nothing to clean up, and unwinding would print the import's traceback
 

@@ -1,13 +1,7 @@
-"""The ``softlabels`` command line: a thin click layer over the library API.
+"""The ``softlabels`` command line: one thin click module per command over the library API.
 
-Each command lives in its own module and only parses options, calls the library
-and prints. Library errors, and click's own usage errors, become one-line messages
-and exit status 2; nothing deliberate ever reaches the user as a traceback. A reader
-that closes our stdout early (``| head``) ends the command quietly, with status 1.
-
-The command modules import nothing heavy at import time (options, defaults and
-choices come from :mod:`softlabels.config`): ``softlabels --help`` and
-``softlabels CMD --help`` never import torch, h5py or zarr.
+Every error, click's usage errors included, is one ``error:`` line and exit status 2
+(docs/ERRORS.md); ``--help`` imports no torch, h5py or zarr.
 """
 
 from __future__ import annotations
@@ -16,6 +10,7 @@ import logging
 import os
 import select
 import sys
+from importlib import import_module
 
 import click
 from click.exceptions import NoArgsIsHelpError
@@ -113,18 +108,5 @@ def main() -> None:
     """Offline knowledge distillation with precomputed teacher logits."""
 
 
-# Imported here, after ``main`` exists: each command module is a thin layer over the library.
-from softlabels.cli import compress as _compress  # noqa: E402
-from softlabels.cli import eval as _eval  # noqa: E402
-from softlabels.cli import generate as _generate  # noqa: E402
-from softlabels.cli import inspect as _inspect  # noqa: E402
-from softlabels.cli import merge as _merge  # noqa: E402
-from softlabels.cli import report as _report  # noqa: E402
-from softlabels.cli import train as _train  # noqa: E402
-from softlabels.cli import upgrade as _upgrade  # noqa: E402
-
-for _module in (_generate, _train, _eval, _inspect, _report, _compress, _merge, _upgrade):
-    main.add_command(_module.command)
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+for _name in ("generate", "train", "eval", "inspect", "report", "compress", "merge", "upgrade"):
+    main.add_command(import_module(f"softlabels.cli.{_name}").command)

@@ -6,9 +6,8 @@ import click
 
 from softlabels.cli.storage import storage_option
 from softlabels.store.defaults import DEFAULT_TEMPERATURE
-from softlabels.teacher.config import ENSEMBLE_MODES, MergeConfig
-
-D = MergeConfig
+from softlabels.teacher.config import ENSEMBLE_MODES
+from softlabels.teacher.config import MergeConfig as D
 
 
 def parse_weights(text: str | None, flag: str) -> tuple[float, ...] | None:
@@ -34,10 +33,9 @@ def parse_weights(text: str | None, flag: str) -> tuple[float, ...] | None:
                    "stores; the T the members answer (1 by default) for token stores and top-k / sampled layouts].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @storage_option
-def command(stores, out, mode, weights, temperature, overwrite) -> None:
+def command(stores, weights, **options) -> None:
     """Write the combined targets of several teachers' stores as one store (docs/ENSEMBLES.md)."""
     from softlabels.teacher.merging import merge
 
-    config = MergeConfig(stores=tuple(stores), out=out, mode=mode, weights=parse_weights(weights, "--weights"),
-                         temperature=temperature, overwrite=overwrite)
+    config = D(stores=tuple(stores), weights=parse_weights(weights, "--weights"), **options)
     merge(config, log=click.echo)

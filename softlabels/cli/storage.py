@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import click
 
 HELP = ("A keyword argument of the filesystem of a store URL (s3://, gs://, ...), e.g. endpoint_url=http://host:9000, "
@@ -18,7 +15,7 @@ def _apply(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
     set_storage_options(parse_storage_options(value))
 
 
-def storage_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--storage-option`` to a command; its values go to the process's store URLs, not to the command."""
-    return click.option("--storage-option", multiple=True, metavar="KEY=VALUE", help=HELP, callback=_apply,
-                        expose_value=False, is_eager=True)(command)
+storage_option = click.option("--storage-option", multiple=True, metavar="KEY=VALUE", help=HELP,
+                              callback=_apply, expose_value=False, is_eager=True)
+"""Adds ``--storage-option`` to a command: its values go to the process's store URLs, not to the
+command."""

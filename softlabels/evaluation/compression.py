@@ -1,21 +1,5 @@
-"""Compress a distilled student: prune, optionally distil again, quantize, export, measure.
-
-``compress(CompressConfig(run=RUN, out=OUT, data=SPEC, ...))`` takes the student of a
-``softlabels train`` run and, in this order:
-
-1. ``prune_structured``: drops that fraction of each hidden layer's units of a built-in MLP (lowest
-   L1 norm of their incoming weights): the matrices shrink, so size and latency drop;
-2. ``prune``: global unstructured L1 magnitude pruning of every Linear/Conv weight, made permanent;
-   the zeros stay dense float32, so only a compressor (the gzip column) or a sparse kernel gains;
-3. ``finetune_stores``: "prune, then distil", a short training run from the stores with the pruned
-   weights' gradients masked to zero;
-4. ``quantize``: int8 weights of every Linear with torchao (``int8-dynamic``: int8 activations too);
-5. export with ``torch.export`` (``model.pt2``) and optionally ONNX (``model.onnx``).
-
-It then measures the teacher (a ``teacher`` run and/or a ``store``), the student and the compressed
-student alike (size, parameters, accuracy, agreement, KL and correlation with the teacher on
-``data``, CPU latency per batch on one thread) into ``compress.json`` and ``compress.md``, built in a
-temporary directory renamed to ``out`` at the end: a failed run leaves no half-written ``out``.
+"""Compress a distilled student: prune, optionally distil again, quantize, export, and measure it
+against its teacher (the steps, the table and the all-or-nothing ``--out``: docs/COMPRESS.md).
 """
 
 from __future__ import annotations
@@ -40,6 +24,8 @@ from torch import nn
 
 from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.evaluation.config import QUANTIZE, CompressConfig
+from softlabels.evaluation.evaluator import eval_data
+from softlabels.evaluation.evaluator import format_value as cell
 from softlabels.teacher.models import MLP, count_parameters
 
 __all__ = ["CompressConfig", "compress", "prune_unstructured", "prune_hidden_units", "quantize_int8",
@@ -103,19 +89,14 @@ def prune_hidden_units(model: nn.Module, amount: float) -> tuple[nn.Module, list
     return small.eval(), kept
 
 
-def _import_torchao():
+def quantize_int8(model: nn.Module, how: str = "int8-weight") -> nn.Module:
+    """Quantize every Linear's weights to int8 in place with torchao (per-channel scales); return the model."""
     # torchao logs a warning for each optional CUDA kernel library it cannot load on a CPU-only torch,
     # and registers an Enum with torch's pytree in a way torch now calls deprecated: noise on every run.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import torchao.quantization
+    import torchao.quantization as ao
 
-    return torchao.quantization
-
-
-def quantize_int8(model: nn.Module, how: str = "int8-weight") -> nn.Module:
-    """Quantize every Linear's weights to int8 in place with torchao (per-channel scales); return the model."""
-    ao = _import_torchao()
     cfg = ao.Int8WeightOnlyConfig() if how == "int8-weight" else ao.Int8DynamicActivationInt8WeightConfig()
     ao.quantize_(model, cfg)
     return model
@@ -131,11 +112,8 @@ def count_nonzero(model: nn.Module) -> int:
 
 # -- measuring -------------------------------------------------------------------------------------
 def latencies_ms(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
-    """Median and fastest wall time of a forward pass of each model on ``x``, one CPU thread, in ms.
-
-    The models take turns (a change in load hits all alike), each turn after an untimed pass (no model
-    timed with caches another filled); the fastest pass is the steadier figure on a shared machine.
-    """
+    """Median and fastest wall time of a forward pass of each model on ``x``, one CPU thread, in ms;
+    the models take turns, each after an untimed pass (docs/COMPRESS.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times: list[list[float]] = [[] for _ in models]
@@ -201,7 +179,6 @@ def _export(model: nn.Module, x: torch.Tensor, tmp: Path, onnx: bool) -> dict[st
 
 def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress the student of ``config.run``; return the result (also in ``OUT/compress.json``)."""
-    from softlabels.evaluation.evaluator import eval_data
     from softlabels.store.reader import open_store
     from softlabels.student.checkpoint import open_run
 
@@ -265,8 +242,7 @@ def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module
         for row, (ms, fastest) in zip(rows, times):  # the ratio: fastest passes, timed in the same rounds
             row.update(latency_ms=ms, latency_min_ms=fastest, latency_batch=len(x),
                        latency_vs_student=fastest / times[-2][1])
-        for row in rows:
-            row["file"] = files["model"] if row["model"] == "compressed" else row["file"]
+        rows[-1]["file"] = files["model"]  # the compressed model's, as it lies in out
         result = {"run": str(config.run), "student": spec, "settings": asdict(config), **info, "files": files,
                   "export_bytes": (tmp / "model.pt2").stat().st_size,
                   "teacher_accuracy_from_store": rows[-1]["teacher_accuracy"], "rows": rows,
@@ -281,18 +257,13 @@ def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module
 
 def format_markdown(result: dict[str, Any]) -> str:
     """The rows of a compress result as a Markdown table."""
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f} %"
-
-    def num(v, f="{:.4f}"):
-        return "-" if v is None else f.format(v)
-
     lines = ["| model | size (KiB) | gzip (KiB) | parameters | nonzero | accuracy | agreement | KL to teacher "
              f"| CORR | CPU ms / batch of {result['rows'][0]['latency_batch']}, median (fastest) | fastest vs RUN |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['size_bytes'] / 1024:.1f} | {r['size_gzip_bytes'] / 1024:.1f} "
-                     f"| {r['parameters']:,} | {r['nonzero_parameters']:,} | {pct(r['accuracy'])} "
-                     f"| {pct(r['agreement'])} | {num(r['kl_to_teacher'])} | {num(r['correlation'])} "
+                     f"| {r['parameters']:,} | {r['nonzero_parameters']:,} "
+                     f"| {cell(r['accuracy'], 'pct')} | {cell(r['agreement'], 'pct')} "
+                     f"| {cell(r['kl_to_teacher'], 'f4')} | {cell(r['correlation'], 'f4')} "
                      f"| {r['latency_ms']:.3f} ({r['latency_min_ms']:.3f}) | {r['latency_vs_student']:.2f}x |")
     return "\n".join(lines)

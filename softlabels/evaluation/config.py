@@ -1,15 +1,12 @@
-"""The frozen configs of ``softlabels eval`` and ``softlabels compress``, and the report formats.
-
-The command line reads its defaults and choices from here. This module imports neither
-torch nor numpy, so ``softlabels --help`` stays fast.
+"""The frozen configs of ``softlabels eval`` and ``compress``, and the report formats (the command
+line reads them from here; no torch or numpy, so ``--help`` stays fast).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from softlabels._runtime.options import count_problems
+from softlabels._runtime.options import bound_problems
 
 REPORT_FORMATS = ("md", "html")
 QUANTIZE = ("int8-weight", "int8-dynamic")
@@ -59,10 +56,10 @@ class CompressConfig:
                 p.append(f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {v!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             p.append(f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE)}")
-        p += count_problems({"finetune_epochs": self.finetune_epochs, "batch_size": self.batch_size,
-                             "repeats": self.repeats}, 1)
-        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
-            p.append(f"--finetune-lr must be a number > 0, got {self.finetune_lr!r}")
+        counts = {"finetune_epochs": self.finetune_epochs, "batch_size": self.batch_size,
+                  "repeats": self.repeats}
+        p += bound_problems("an integer >=", 1, counts)
+        p += bound_problems("a number >", 0, {"finetune_lr": self.finetune_lr})
         from softlabels._runtime.paths import out_overlaps  # OUT is replaced whole: it may touch no input
         from softlabels.inputs.spec import data_spec_path
 

@@ -1,14 +1,5 @@
-"""Evaluate a trained student: accuracy and calibration, and agreement with its teacher.
-
-:func:`evaluate` loads a ``softlabels train`` run and runs it over a ``--data`` spec; given the store
-of teacher outputs for that data (rows joined by ``sample_ids``, the fingerprint of its inputs
-checked), it compares student and teacher. A classifier is measured per sample
-(:func:`~softlabels.student.metrics.evaluate_model`, shared with the trainer's validation); a language
-model per counted position: next-token loss, perplexity, accuracy and ECE, and against a ``tokens``
-store the top-1 agreement and KL(teacher || student) at T = 1: exact for dense stores; for top-k and
-sampled ones over the stored ids plus one tail bucket, a lower bound that is never negative (the
-log-sum inequality). A sampled store also gets ``kl_to_teacher_estimate``, the layout's unbiased
-estimate, which for one token, or a few of a student close to its teacher, can be negative.
+"""Evaluate a trained student: accuracy and calibration on ``--data``, and with the store of its
+teacher's outputs for that data their agreement and divergence (language models: docs/TOKENS.md).
 """
 
 from __future__ import annotations
@@ -22,13 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels._runtime.options import threads_problem
+from softlabels._runtime.options import bound_problems
 from softlabels.errors import ConfigError, ModelMismatch, SpecError
 from softlabels.evaluation.config import EvalConfig
 from softlabels.student.checkpoint import CHECKPOINT, HF_DIR, MODEL, find_checkpoint, load_checkpoint
 from softlabels.teacher.models import count_flops, count_parameters
 
-__all__ = ["evaluate", "finite_json", "load_student", "format_table"]
+__all__ = ["evaluate", "finite_json", "load_student", "format_table", "format_value"]
 
 
 def load_student(checkpoint: str | Path, *, device: str | torch.device = "cpu",
@@ -59,11 +50,9 @@ def _hf_directory(checkpoint: str | Path) -> Path | None:
 
 
 def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | None) -> tuple[nn.Module, dict]:
-    """The trained language model (eval mode) and the run's config; code is never taken from a checkpoint.
-
-    An ``hf:`` student's run is read from its ``hf/``; a Hugging Face directory is evaluated as it is, with
-    the config of the run it lies in, else its own tokenizer and its maximum positions as windows.
-    """
+    """The trained language model (eval mode) and the run's config: an ``hf:`` student's from its
+    run's ``hf/``; a Hugging Face directory with its run's config, else its own tokenizer and
+    context."""
     from softlabels.teacher.hf import max_positions
     from softlabels.teacher.lm import BUILTIN_LMS, resolve_lm
 
@@ -97,20 +86,14 @@ def _load_lm(checkpoint: str | Path, *, device: torch.device, student: str | Non
 def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = None, *,
              batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
              threads: int = EvalConfig.threads, student: str | None = None) -> dict[str, Any]:
-    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher); a flat dict.
-
-    ``student`` overrides the checkpoint's recorded architecture spec (:func:`load_student`); ``threads``
-    sets torch's CPU threads (0: torch's default). A classifier: ``accuracy``, ``ece``, ``n``,
-    ``n_labeled``, ``flops``, and with a store the teacher metrics of
-    :class:`~softlabels.student.metrics.EvalAccumulator`. A language model: ``loss``, ``perplexity``,
-    ``accuracy``, ``ece``, ``positions``, ``sequences``, and with a store ``agreement``, ``kl_to_teacher``
-    and its kind (module doc). Both: the student, ``num_parameters`` and what was evaluated.
-    """
+    """Evaluate the student of a training run on ``data_spec`` (and against ``store``'s teacher): a
+    flat dict of :class:`~softlabels.student.metrics.EvalAccumulator`'s metrics, or a language
+    model's (docs/TOKENS.md), with the student, ``num_parameters`` and what was evaluated."""
     from softlabels._runtime.device import resolve_device, set_threads
     from softlabels.inputs.spec import absolute_data_spec
     from softlabels.store.reader import open_store
 
-    if problems := threads_problem(threads):
+    if problems := bound_problems("an integer >=", 0, {"threads": threads}):
         raise ConfigError(problems)
     set_threads(threads)
     dev = resolve_device(device)  # an unknown or absent device is a one-line error
@@ -153,9 +136,8 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
 def eval_data(spec: str, config: dict[str, Any], lm: bool) -> Any:
     """The data to evaluate on, checked against what the student was trained on."""
     if lm:
-        from softlabels.inputs.text import resolve_token_data
-
         from softlabels.inputs.documents import needs_seq_len
+        from softlabels.inputs.text import resolve_token_data
 
         # the run's windows: its --seq-len (text, a stream, re-windowed rows, documents), or its context
         seq_len = config.get("seq_len") or (int(config["input_shape"][0]) if needs_seq_len(spec) else None)
@@ -243,18 +225,20 @@ _ROWS = (
 )
 
 
+def format_value(value: Any, how: str) -> str:
+    """A metric as a table cell: ``how`` is pct, int, str or f4; ``-`` for a missing one or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if how == "pct":
+        return f"{100 * value:.2f} %"
+    if how == "str":
+        return str(value)
+    return f"{value:,}" if how == "int" else f"{value:.4f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result as an aligned two-column text table (metrics absent from it are skipped)."""
-    def fmt(value: Any, how: str) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        if how == "pct":
-            return f"{100 * value:.2f} %"
-        if how == "str":
-            return str(value)
-        return f"{value:,}" if how == "int" else f"{value:.4f}"
-
-    rows = [(label, fmt(result[key], how)) for key, label, how in _ROWS
+    rows = [(label, format_value(result[key], how)) for key, label, how in _ROWS
             if key in result and (key != "nonfinite_rows" or result[key])]
     width = max(len(label) for label, _ in rows)
     vwidth = max(len(v) for _, v in rows)

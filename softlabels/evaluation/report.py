@@ -1,12 +1,4 @@
-"""Turn a run directory into a small Markdown or HTML report with PNG plots.
-
-A *run directory* is one ``softlabels train --out`` directory or a directory of them (the demo's
-``RUN``: one per model, plus ``results.json``). The report shows training curves (loss and validation
-accuracy per epoch, from each ``metrics.jsonl``), accuracy against the teacher (from ``results.json``
-or a model's ``eval.json``) and a reliability diagram per model (an eval JSON's ``reliability``
-section, else computed from the checkpoint and the eval's ``data`` spec). The models are found by
-:mod:`~softlabels.evaluation.report_runs` and the plots drawn by
-:mod:`~softlabels.evaluation.report_plots` (matplotlib: ``pip install 'softlabels[demo]'``).
+"""Turn a run directory into a Markdown or HTML report with PNG plots (docs/USAGE.md, Reports).
 """
 
 from __future__ import annotations
@@ -109,12 +101,8 @@ def _html(title: str, models, stages, plots, notes) -> str:
 
 def build_report(run_dir: str | Path, *, out: str | Path | None = None, fmt: str | None = None,
                  compute_missing: bool = True) -> dict[str, Any]:
-    """Write the report of ``run_dir`` and its PNGs; return ``{"report": path, "plots": [paths], "models": [...]}``.
-
-    ``out`` (default ``RUN_DIR/report.<fmt>``) gets the PNGs beside it as ``<stem>-{curves,accuracy,reliability}.png``;
-    ``fmt`` (md or html) defaults to its suffix, else md. ``compute_missing``: compute reliability bins absent
-    from the eval JSON from each model's checkpoint.
-    """
+    """Write the report of ``run_dir`` to ``out`` (``RUN_DIR/report.<fmt>``; ``fmt``: its suffix,
+    else md) and its PNGs beside it as ``<stem>-<plot>.png``; return their paths and the models."""
     if fmt is None:
         fmt = "html" if out is not None and Path(out).suffix.lower() in (".html", ".htm") else "md"
     if fmt not in REPORT_FORMATS:

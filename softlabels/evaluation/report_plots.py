@@ -63,11 +63,11 @@ def plot_curves(models: list[ModelRun], path: Path, plt) -> None:
     colors = _colors(models)
     has_val = False
     for m in models:
-        epochs = [r["epoch"] for r in m.metrics if "epoch" in r and _num(r.get("loss")) is not None]
-        losses = [r["loss"] for r in m.metrics if "epoch" in r and _num(r.get("loss")) is not None]
+        loss = [(r["epoch"], r["loss"]) for r in m.metrics
+                if "epoch" in r and _num(r.get("loss")) is not None]
         style = {"color": colors[m.name], "lw": 2.2 if m.role == "teacher" else 1.5}
-        if epochs:
-            ax_loss.plot(epochs, losses, label=m.name, **style)
+        if loss:
+            ax_loss.plot([e for e, _ in loss], [v for _, v in loss], label=m.name, **style)
         val = [(r["epoch"], r["val_accuracy"]) for r in m.metrics if _num(r.get("val_accuracy")) is not None]
         if val:
             has_val = True

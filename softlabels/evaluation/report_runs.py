@@ -1,9 +1,5 @@
-"""The models of a run directory for a report: their training logs, test metrics and reliability bins.
-
-The numbers come from, first found first: ``results.json`` (the demo's schema: ``{"teacher", "models":
-[{"name", "dir", "role", "arch", "description", "accuracy", ..., "eval"}], "stages"}``), a model's
-``eval.json`` (``softlabels eval --json``), its ``summary.json``. Reliability bins missing from an eval
-JSON are computed from the model's checkpoint and the eval's data spec.
+"""The models of a run directory for a report, and where their numbers come from (docs/USAGE.md,
+Reports).
 """
 
 from __future__ import annotations
@@ -62,9 +58,7 @@ def _load_run(name: str, d: Path | None) -> ModelRun:
     m.metrics = read_metrics(d)
     m.summary = _read_json(d / SUMMARY) or {}
     m.arch = m.summary.get("student") or (m.summary.get("config") or {}).get("student")
-    ev = _read_json(d / EVAL)
-    if ev:
-        m.result = dict(ev)
+    m.result = _read_json(d / EVAL) or {}
     return m
 
 

@@ -1,15 +1,12 @@
-"""The frozen config of ``softlabels train``: every option, its default and its valid choices.
-
-The command line reads its defaults and choices from here. This module imports neither
-torch nor numpy, so ``softlabels --help`` stays fast.
+"""The frozen config of ``softlabels train``: every option, its default and its valid choices, which
+the command line reads from here; it imports neither torch nor numpy, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from softlabels._runtime.options import count_problems
+from softlabels._runtime.options import bound_problems
 from softlabels.teacher.config import DEFAULT_ENSEMBLE_MODE, ensemble_problems
 
 LOSS_NAMES = ("kl", "soft_ce", "mse", "topk_kl", "sampled_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
@@ -70,23 +67,24 @@ class TrainConfig:
 
     def problems(self, *, online: bool = False) -> list[str]:
         """Every invalid option value (empty when all are valid)."""
-        p = count_problems({"epochs": self.epochs, "batch_size": self.batch_size,
-                            "views_per_sample": self.views_per_sample}, 1)
-        p += count_problems({"seq_len": self.seq_len}, 1) if self.seq_len is not None else []
-        p += count_problems({"warmup_steps": self.warmup_steps, "num_workers": self.num_workers,
-                             "threads": self.threads}, 0)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            p.append(f"--lr must be a number > 0, got {self.lr!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            p.append(f"--weight-decay must be a number >= 0, got {self.weight_decay!r}")
+        counts = {"epochs": self.epochs, "batch_size": self.batch_size,
+                  "views_per_sample": self.views_per_sample}
+        if self.seq_len is not None:
+            counts["seq_len"] = self.seq_len
+        p = bound_problems("an integer >=", 1, counts)
+        p += bound_problems("an integer >=", 0, {"warmup_steps": self.warmup_steps,
+                                                 "num_workers": self.num_workers,
+                                                 "threads": self.threads})
+        p += bound_problems("a number >", 0, {"lr": self.lr})
+        p += bound_problems("a number >=", 0, {"weight_decay": self.weight_decay})
         if self.optimizer not in OPTIMIZERS:
             p.append(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             p.append(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.loss is not None and self.loss not in LOSS_NAMES:
             p.append(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
-            p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
+        if self.temperature is not None:
+            p += bound_problems("a number >", 0, {"temperature": self.temperature})
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             p.append(f"--alpha must be between 0 and 1, got {self.alpha!r}")
         if self.stores and self.data and len(self.data) != len(self.stores):

@@ -1,18 +1,15 @@
-"""The frozen configs of ``softlabels generate`` and ``softlabels merge``: every option, its
-default and its valid choices.
-
-The command line reads its defaults and choices from here (nothing is written twice). This
-module imports neither torch nor numpy, so ``softlabels --help`` stays fast.
+"""The frozen configs of ``softlabels generate``, ``merge`` and ``upgrade``: every option, its
+default and its valid choices, which the command line reads from here; no torch or numpy, so
+``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from softlabels._runtime.options import threads_problem
+from softlabels._runtime.options import bound_problems
 from softlabels._runtime.paths import out_overlaps
 from softlabels.errors import ConfigError
 from softlabels.store.temperatures import DEFAULT_TAIL_TEMPERATURES, TAIL_T_RANGE, grid_problems, parse_grid
@@ -33,6 +30,11 @@ MAX_VIEWS = 65_536
 DEFAULT_SAMPLES = 12
 """Draws per output of the sampled layout when ``samples`` is not given: Anshumann et al. found
 S = 12 enough, and here it trained within ~1 % of dense KD at 37.5 B/token (docs/TOKENS.md)."""
+
+_CHOICES = {"layout": LAYOUTS, "dtype": LOGITS_DTYPES, "amp": AMP_MODES, "on_nonfinite": ON_NONFINITE}
+_LAYOUT_ONLY = {"samples": "sampled", "tail_temperatures": "topk", "sample_temperature": "sampled",
+                "sampled_ids_only": "sampled"}
+"""Options only one layout reads (``--topk``, which views default, is refused for dense only)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,8 +99,10 @@ class GenerateConfig:
                      "--random-teacher for a random teacher seeded by --seed (for tests)")
         if self.random_teacher and self.weights is not None:
             p.append("--random-teacher and --weights exclude each other; pick one")
-        if self.layout not in LAYOUTS:
-            p.append(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        for name, choices in _CHOICES.items():
+            if (value := getattr(self, name)) not in choices:
+                flag = name.replace("_", "-")
+                p.append(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
         if self.layout == "topk" and (self.topk < 1 if self.topk is not None else not self.viewed):
             p.append("--layout topk needs --topk K with K >= 1")  # views default to K = min(5, C)
         if self.layout == "dense" and self.topk is not None:
@@ -106,22 +110,13 @@ class GenerateConfig:
         if self.compress and self.layout == "dense":
             p.append("--compress is for the top-k and sampled layouts (dense logits compress ~1.1x); drop --compress")
         p += self._views_problems()
-        if self.dtype not in LOGITS_DTYPES:
-            p.append(f"--dtype must be one of {', '.join(LOGITS_DTYPES)}, got {self.dtype!r}")
-        if self.amp not in AMP_MODES:
-            p.append(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.on_nonfinite not in ON_NONFINITE:
-            p.append(f"--on-nonfinite must be error or record, got {self.on_nonfinite!r}")
-        elif self.on_nonfinite == "record" and self.layout == "sampled":
+        if self.on_nonfinite == "record" and self.layout == "sampled":
             p.append("--on-nonfinite record keeps non-finite logits as they are, which a sampled store cannot hold "
                      "(its draws need a finite distribution); use --layout dense or topk to record them")
-        for name in ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                p.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.num_workers < 0:
-            p.append(f"--num-workers must be >= 0, got {self.num_workers}")
-        p += threads_problem(self.threads)
+        sizes = ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len")
+        p += bound_problems(">=", 1, {name: getattr(self, name) for name in sizes})
+        p += bound_problems(">=", 0, {"num_workers": self.num_workers})
+        p += bound_problems("an integer >=", 0, {"threads": self.threads})
         p += out_problems(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
                                      ("--teacher", self.teacher if is_model_file(self.teacher) else None),
                                      ("--views-from", self.views_from)])
@@ -132,7 +127,7 @@ class GenerateConfig:
         return p
 
     def _views_problems(self) -> list[str]:
-        """The options of views and of the sampled layout, and how they fit together."""
+        """The options of views and of the sparse layouts, and how they fit together."""
         p = []
         if self.views is not None and not 1 <= self.views <= MAX_VIEWS:
             p.append(f"--views must lie in 1..{MAX_VIEWS}, got {self.views}")
@@ -143,28 +138,19 @@ class GenerateConfig:
             p.append("--augment needs --views V (views per sample); e.g. --views 8")
         if self.layout == "sampled" and self.samples < 1:
             p.append(f"--samples must be >= 1 (draws per output; default {DEFAULT_SAMPLES}), got {self.samples}")
-        if self.samples is not None and self.layout != "sampled":
-            p.append("--samples is only for --layout sampled")
-        return p + self._temperature_problems()
-
-    def _temperature_problems(self) -> list[str]:
-        p = []
+        for name, layout in _LAYOUT_ONLY.items():
+            value = getattr(self, name)  # not given: None, or False for a flag
+            if value is not None and value is not False and self.layout != layout:
+                p.append(f"--{name.replace('_', '-')} is only for --layout {layout}")
         if self.tail_temperatures is not None:
-            if self.layout != "topk":
-                p.append("--tail-temperatures is only for --layout topk")
             try:
                 self.grid()
             except ConfigError as err:
                 p += err.problems
-        t = self.sample_temperature
-        if t is not None:
-            if self.layout != "sampled":
-                p.append("--sample-temperature is only for --layout sampled")
-            low, high = TAIL_T_RANGE
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not low <= t <= high:
-                p.append(f"--sample-temperature must be between {low:g} and {high:g}, got {t!r}; pass e.g. 1")
-        if self.sampled_ids_only and self.layout != "sampled":
-            p.append("--sampled-ids-only is only for --layout sampled")
+        t, (low, high) = self.sample_temperature, TAIL_T_RANGE
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
+                              or not low <= t <= high):
+            p.append(f"--sample-temperature must be between {low:g} and {high:g}, got {t!r}; pass e.g. 1")
         return p
 
     def grid(self) -> tuple[float, ...]:
@@ -228,8 +214,8 @@ class MergeConfig:
 
     def problems(self) -> list[str]:
         p = ensemble_problems(self.stores, self.mode, self.weights, "--store")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
-            p.append(f"--temperature must be a number > 0, got {self.temperature!r}")
+        if self.temperature is not None:
+            p += bound_problems("a number >", 0, {"temperature": self.temperature})
         out = Path(self.out).resolve()
         if any(Path(s).resolve() == out for s in self.stores):
             p.append(f"--out {self.out!r} is also a --store; write the merged store to a new path")
