@@ -1,17 +1,8 @@
 """The classifier-teacher producer: ``sample`` and ``views`` stores, any layout.
 
-:func:`classify_producer` resolves the data and the teacher of a ``generate`` job and checks
-the teacher on a first tiny batch (so a model that does not fit its inputs fails before any
-store exists) and describes the store (~1 MiB chunks unless ``--chunk-rows`` is given);
-:class:`ClassifyProducer` then turns each span of samples into the layout's arrays, which
-:func:`softlabels.teacher.runner.run_job` writes.
-
-Views: view ``v`` of sample ``i`` has parameters drawn from ``(seed, i, v)``
-(``softlabels.inputs.augment``), or read from another views store (``--views-from``); the batch
-is repeated ``V`` times on the device, each copy augmented with its own parameters, and
-the teacher runs on the ``n·V`` views (``--batch-size`` counts views, so a span holds
-``batch_size // V`` samples). The ``sampled`` layout seeds its draws per (sample id,
-view index): position 0 for ``sample`` stores.
+:func:`classify_producer` resolves a ``generate`` job's data and teacher and runs the teacher on
+a first tiny batch, so a model that does not fit its inputs fails before any store exists;
+:class:`ClassifyProducer` turns each span into the layout's arrays (views: docs/VIEWS.md).
 """
 
 from __future__ import annotations
@@ -23,11 +14,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from softlabels._runtime.distributed import Dist
-from softlabels.errors import ConfigError, DataError, ModelMismatch, SoftLabelsError
+from softlabels.errors import ConfigError, DataError, ModelMismatch, SoftLabelsError, one_line
 from softlabels.inputs.arrays import class_count
 from softlabels.inputs.fingerprints import fingerprint
+from softlabels.inputs.loader import batch_loader
 from softlabels.inputs.augment import Compose, draw_views, param_dtype, parse_augment, refuse_random_data, view_shape
 from softlabels.inputs.spec import absolute_data_spec, resolve_data
 from softlabels.store import format as fmt
@@ -38,10 +31,11 @@ from softlabels.store.reader import UnitStore
 from softlabels.store.schema import StoreMetaV2
 from softlabels.teacher.config import GenerateConfig
 from softlabels.teacher.models import BUILTIN_MODELS
-from softlabels.teacher.pipeline import Teacher, make_loader
+from softlabels.teacher.producer import autocast
 from softlabels.teacher.spec import resolve_model, teacher_classes
 
-__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "ViewPlan", "classify_producer", "view_plan"]
+__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "Teacher", "ViewPlan", "classify_producer", "make_loader",
+           "view_plan"]
 
 DEFAULT_VIEW_TOPK = 5
 """K of the default layout for views (top-k): docs/VIEWS.md, "Generating views"."""
@@ -113,6 +107,63 @@ def view_plan(*, views: int | None, augment: str | None, views_from: str | None,
                             "'softlabels generate --views'")
         # the recorded dtype holds these params exactly, whatever this version would choose
         return ViewPlan(aug, count, int(m.views["seed"]), str(m.views.get("param_dtype", "float32")), params)
+
+
+class _Batches(Dataset):
+    """Item ``(start, stop)`` -> ``(start, x, y)`` read with the dataset's vectorised ``get_batch``."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:  # pragma: no cover - the sampler decides
+        return len(self.ds)
+
+    def __getitem__(self, span: tuple[int, int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        start, stop = span
+        x, y = self.ds.get_batch(np.arange(start, stop, dtype=np.int64))
+        return start, x, y
+
+
+def make_loader(ds: Any, spans: list[tuple[int, int]], *, num_workers: int, pin_memory: bool) -> Iterator:
+    """An iterator over ``(start, x, y)`` batches, in ``spans`` order.
+
+    Call it *before* starting any thread: worker processes are forked here, and a
+    fork while another thread holds a library lock (h5py's) can deadlock a worker.
+    """
+    loader = batch_loader(_Batches(ds), sampler=spans, num_workers=num_workers, pin_memory=pin_memory,
+                          prefetch_factor=4 if num_workers else None)
+    return iter(loader)
+
+
+class Teacher:
+    """Runs the teacher on a batch, on the device, and checks that it returns [batch, classes] logits."""
+
+    def __init__(self, module: torch.nn.Module, spec: str, *, device: torch.device, amp: str,
+                 num_classes: int | None) -> None:
+        self.module, self.spec, self.device = module, spec, device
+        self.amp, self.num_classes = amp, num_classes
+
+    def forward(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        try:
+            with torch.inference_mode(), autocast(self.device, self.amp):
+                out = self.module(x)
+        except torch.OutOfMemoryError as err:
+            raise ConfigError(f"out of memory running the teacher on {where} ({one_line(err, 300)}); "
+                              "lower --batch-size") from err
+        except Exception as err:  # user models raise anything
+            raise ModelMismatch(f"teacher '{self.spec}' failed on {where} of shape {tuple(x.shape)}: "
+                                f"{one_line(err, 300)}") from err
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+            got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelMismatch(f"teacher '{self.spec}' returned {got} for inputs of shape {tuple(x.shape)}; "
+                                "it must return one row of raw logits per sample, [batch, classes]")
+        if self.num_classes is not None and out.shape[1] != self.num_classes:
+            raise ModelMismatch(
+                f"teacher '{self.spec}' outputs {out.shape[1]} logits per sample but {self.num_classes} classes "
+                f"are expected; pass --num-classes {out.shape[1]} if that is the class count, or use a teacher "
+                f"for {self.num_classes} classes")
+        return out
 
 
 class ClassifyProducer:
@@ -235,3 +286,4 @@ def classify_producer(config: GenerateConfig, device: torch.device, dist: Dist, 
                        source=source, created_by={"settings": {"batch_size": s.batch_size, "amp": s.amp,
                                                                "seed": s.seed, "random_teacher": s.random_teacher}})
     return ClassifyProducer(ds=ds, teacher=teacher, meta=meta, views=views, num_workers=s.num_workers, device=device)
+

@@ -1,15 +1,8 @@
-"""Causal language models: a small built-in GPT, ``package.module:factory`` and ``hf:DIR``.
+"""Causal language models: a small built-in GPT, ``package.module:factory`` and ``hf:DIR``
+(the grammar: docs/TOKENS.md, "Causal language model specs").
 
 Every resolved model is a :class:`CausalLM`: token ids int64 [B, L] → raw logits [B, L, V],
-position ``t`` seeing only tokens ``0..t``. Right padding therefore never changes the
-logits of real tokens.
-
-LM spec grammar::
-
-    gpt-tiny | gpt-small | gpt-medium    built-in GPT, sized by the vocabulary and context
-    package.module:factory               called with no arguments; returns a module whose output
-                                         is the logits or has a .logits (Hugging Face style)
-    hf:DIR                               a local Hugging Face causal LM (safetensors weights only)
+position ``t`` seeing only tokens ``0..t``, so right padding never changes real tokens' logits.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Resolve ``--teacher``/``--student`` model specs to models, and check specs recorded in files.
 
-Model spec grammar: a built-in name (see ``softlabels.teacher.models.BUILTIN_MODELS``),
-``package.module:factory`` (called with no arguments, returns an ``nn.Module``), a
-TorchScript file (``torch.jit.save``) or a ``torch.export`` program (``*.pt2``).
-A file suffix decides between a file and a module spec.
-
-Specs on the command line are trusted: a ``module:factory`` is imported and called, a
-model file is run. Specs *recorded* in a store, checkpoint or ``eval.json`` are data:
-:func:`recorded_spec` lets through only what runs no code from outside the installed
-package (built-in names, plain data files) and asks for the rest on the command line.
+Model spec grammar: a built-in name (``BUILTIN_MODELS``), ``package.module:factory``, a TorchScript
+file or a ``torch.export`` program (``*.pt2``); a file suffix decides between a file and a module.
+Specs on the command line are trusted; specs recorded in files are data (:func:`recorded_spec`,
+docs/SECURITY.md).
 """
 
 from __future__ import annotations
