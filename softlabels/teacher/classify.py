@@ -34,8 +34,7 @@ from softlabels.teacher.models import BUILTIN_MODELS
 from softlabels.teacher.producer import autocast
 from softlabels.teacher.spec import resolve_model, teacher_classes
 
-__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "Teacher", "ViewPlan", "classify_producer", "make_loader",
-           "view_plan"]
+__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "Teacher", "ViewPlan", "classify_producer", "view_plan"]
 
 DEFAULT_VIEW_TOPK = 5
 """K of the default layout for views (top-k): docs/VIEWS.md, "Generating views"."""
@@ -124,17 +123,6 @@ class _Batches(Dataset):
         return start, x, y
 
 
-def make_loader(ds: Any, spans: list[tuple[int, int]], *, num_workers: int, pin_memory: bool) -> Iterator:
-    """An iterator over ``(start, x, y)`` batches, in ``spans`` order.
-
-    Call it *before* starting any thread: worker processes are forked here, and a
-    fork while another thread holds a library lock (h5py's) can deadlock a worker.
-    """
-    loader = batch_loader(_Batches(ds), sampler=spans, num_workers=num_workers, pin_memory=pin_memory,
-                          prefetch_factor=4 if num_workers else None)
-    return iter(loader)
-
-
 class Teacher:
     """Runs the teacher on a batch, on the device, and checks that it returns [batch, classes] logits."""
 
@@ -183,17 +171,10 @@ class ClassifyProducer:
         return None
 
     def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        it = make_loader(self.ds, list(spans), num_workers=self.num_workers if spans else 0,
-                         pin_memory=self.device.type == "cuda")  # forks the workers now, before any thread
+        workers = self.num_workers if spans else 0  # forked now, before any thread starts
+        it = iter(batch_loader(_Batches(self.ds), sampler=list(spans), num_workers=workers,
+                               pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None))
         return ((start, self.encode(start, x, y)) for start, x, y in it)
-
-    def view_params(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32 [n, V, P] on the device: drawn from (seed, id, view), or the reused store's; either way
-        exact in the plan's ``param_dtype`` (draw_views rounds to it), so the teacher sees what is stored."""
-        v = self.views
-        if v.params is not None:
-            return torch.from_numpy(v.params[ids.numpy()]).to(self.device)
-        return draw_views(v.aug, v.seed, ids.to(self.device), v.count, self.input_shape)
 
     def encode(self, start: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
         """One span: teacher logits -> the layout's arrays on the device, then to host numpy."""
@@ -203,22 +184,23 @@ class ClassifyProducer:
             raise DataError(f"rows {start}..{start + n} have label {top_label} but there are {c} classes; pass the "
                             "right --num-classes or fix the labels")
         ids = torch.arange(start, start + n, dtype=torch.int64)
-        where = f"samples {start}..{start + n}"
-        out: dict[str, np.ndarray] = {}
+        where, v, count = f"samples {start}..{start + n}", self.views, 1
         with torch.inference_mode():
-            if self.views is None:
-                z = self.teacher.forward(x, where)
-                enc = self.layout.encode(z, sample_ids=ids.to(z.device), positions=torch.zeros_like(ids, device=z.device))
-                out = {k: to_numpy(t.cpu()) for k, t in enc.items()}
-            else:
-                count = self.views.count
-                params = self.view_params(ids)
+            if v is not None:  # the batch repeated V times, each copy augmented with its own parameters
+                # drawn from (seed, id, view) or the reused store's: exact in the plan's param_dtype either
+                # way (draw_views rounds to it), so the teacher sees what is stored
+                count, where = v.count, f"views of {where}"
+                params = (torch.from_numpy(v.params[ids.numpy()]).to(self.device) if v.params is not None
+                          else draw_views(v.aug, v.seed, ids.to(self.device), count, self.input_shape))
                 xs = x.to(self.device, non_blocking=True).repeat_interleave(count, 0)
-                z = self.teacher.forward(self.views.aug.apply(xs, params.reshape(n * count, -1)), f"views of {where}")
-                enc = self.layout.encode(z, sample_ids=ids.to(z.device).repeat_interleave(count),
-                                         positions=torch.arange(count, device=z.device).repeat(n))
-                out = {k: to_numpy(t.cpu()).reshape(n, count, *t.shape[1:]) for k, t in enc.items()}
-                out[VIEW_PARAMS] = params.cpu().numpy().astype(self.views.param_dtype)
+                x = v.aug.apply(xs, params.reshape(n * count, -1))
+            z = self.teacher.forward(x, where)
+            enc = self.layout.encode(z, sample_ids=ids.to(z.device).repeat_interleave(count),
+                                     positions=torch.arange(count, device=z.device).repeat(n))
+            lead = (n,) if v is None else (n, count)
+            out = {k: to_numpy(t.cpu()).reshape(*lead, *t.shape[1:]) for k, t in enc.items()}
+            if v is not None:
+                out[VIEW_PARAMS] = params.cpu().numpy().astype(v.param_dtype)
         out[fmt.LABELS] = y.numpy().astype(np.int64, copy=False)
         out[fmt.SAMPLE_IDS] = ids.numpy()
         return out

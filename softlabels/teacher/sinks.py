@@ -111,11 +111,16 @@ def _reopen(path: Path, meta: StoreMetaV2, lengths: np.ndarray | None, *, compre
         raise StoreMismatch(f"{str(path)!r} is a format-1 store, which softlabels reads but no longer writes; "
                             "write to another --out (convert this one with 'softlabels upgrade'), or pass "
                             "--overwrite to replace it")
-    status = _reopen_holes(path, status, done)
+    if status == fmt.STATUS_COMPLETE and done is not None and not done.all():  # units invalidated by hand
+        b = open_backend(path, "r+")
+        b.set_attrs({"status": fmt.STATUS_WRITING})  # back to writing
+        b.flush()
+        b.close()
+        status = fmt.STATUS_WRITING
     try:
         reader = UnitStore(path, allow_partial=True)
     except (CorruptStore, NotAStore) as err:
-        if not _creation_interrupted(status, done):
+        if status != fmt.STATUS_WRITING or (done is not None and done.any()):  # else: its creation died
             raise type(err)(str(err) if "--overwrite" in str(err)
                             else f"{err} (or pass --overwrite to replace it)") from None
         say(f"{path}: the previous job died while creating the store; starting over")
@@ -153,22 +158,6 @@ def _read_flags(path: Path) -> tuple[int | None, str | None, np.ndarray | None]:
         return None, None, None
     finally:
         b.close()
-
-
-def _reopen_holes(path: Path, status: str | None, done: np.ndarray | None) -> str | None:
-    """A store marked complete with units unflagged (invalidated by hand) goes back to writing; its status."""
-    if status == fmt.STATUS_COMPLETE and done is not None and not done.all():
-        b = open_backend(path, "r+")
-        b.set_attrs({"status": fmt.STATUS_WRITING})
-        b.flush()
-        b.close()
-        return fmt.STATUS_WRITING
-    return status
-
-
-def _creation_interrupted(status: str | None, done: np.ndarray | None) -> bool:
-    """True when a damaged store never had a unit flagged: its creation died, nothing is lost."""
-    return status == fmt.STATUS_WRITING and (done is None or not done.any())
 
 
 def _diffs(have: StoreMetaV2, want: StoreMetaV2) -> list[str]:

@@ -16,15 +16,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from softlabels._runtime.device import resolve_device
 from softlabels.errors import ConfigError
-from softlabels.inputs.tokens import TokenDataset, offsets_of
+from softlabels.inputs.documents import teacher_tokenizer
+from softlabels.inputs.spec import absolute_data_spec
+from softlabels.inputs.text import resolve_token_data
+from softlabels.inputs.tokens import TokenDataset, offsets_of, token_fingerprint
+from softlabels.inputs.vocabulary import tokenizer_fingerprint
 from softlabels.store import format as fmt
 from softlabels.store.layouts import Layout, make_layout, to_numpy
 from softlabels.store.positions import TokenPositions, UnitGeometry, group_units_for
 from softlabels.store.positions.tokens import default_chunk_positions
 from softlabels.store.schema import StoreMetaV2
 from softlabels.teacher.config import GenerateConfig
-from softlabels.teacher.producer import AMP_DTYPES, autocast
+from softlabels.teacher.lm import BUILTIN_LMS, call_tokens, resolve_lm
+from softlabels.teacher.producer import AMP_DTYPES, autocast, slice_samples
 from softlabels.teacher.runner import sample_ranges
 
 __all__ = ["TokenProducer", "default_chunk_samples", "is_token_job", "token_producer"]
@@ -68,6 +74,7 @@ class TokenProducer:
         if self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
             raise ConfigError("batch_size and max_tokens must be >= 1")
         self._lengths = np.asarray(self.data.lengths(), dtype=np.int64)
+        self._cum = offsets_of(self._lengths)  # the first position of every sample, and the total
         if self.chunk_positions is None:
             self.chunk_positions = default_chunk_positions(self.layout.bytes_per_position)
         if self.chunk_samples is None:
@@ -100,13 +107,9 @@ class TokenProducer:
             for start, stop in self.calls(lo, hi):
                 arrays = self.encode(start, stop)
                 inner = sorted(c for c in cuts if start < c < stop)
-                if not inner:
-                    yield start, arrays
-                    continue
-                rows = offsets_of(self._lengths[start:stop])  # per-position rows before each sample
+                per_position = [k for k in arrays if k not in (fmt.LABELS, fmt.SAMPLE_IDS)]
                 for a, b in zip([start, *inner], [*inner, stop]):
-                    yield a, {k: v[a - start:b - start] if k in _PER_SAMPLE else v[rows[a - start]:rows[b - start]]
-                              for k, v in arrays.items()}
+                    yield a, slice_samples(arrays, per_position, start, a, b, self._cum) if inner else arrays
 
     # -- the work -------------------------------------------------------------------------------
     def calls(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
@@ -159,9 +162,6 @@ class TokenProducer:
         return arrays
 
 
-_PER_SAMPLE = (fmt.LABELS, fmt.SAMPLE_IDS)
-
-
 def is_token_job(config: GenerateConfig) -> bool:
     """Whether ``generate`` runs a causal-LM teacher over token data for these options.
 
@@ -169,8 +169,6 @@ def is_token_job(config: GenerateConfig) -> bool:
     or a ``.npz``/HDF5/Zarr file holding a ``tokens`` array. An integer ``.npy`` with a
     ``module:factory`` teacher stays classifier input (pass ``--seq-len`` or use ``.npz``).
     """
-    from softlabels.teacher.lm import BUILTIN_LMS
-
     spec = config.data
     if spec.startswith("text:") or config.tokenizer is not None or config.seq_len is not None:
         return True
@@ -202,14 +200,6 @@ def token_producer(config: GenerateConfig, device: torch.device | None = None, *
                    geometry: dict[str, int] | None = None) -> TokenProducer:
     """The producer of ``softlabels generate`` for token data (``is_token_job(config)``); ``geometry``:
     the chunking adopted from the store resumed (docs/TOKENS.md, "Generating token stores")."""
-    from softlabels._runtime.device import resolve_device
-    from softlabels.inputs.documents import teacher_tokenizer
-    from softlabels.inputs.spec import absolute_data_spec
-    from softlabels.inputs.text import resolve_token_data
-    from softlabels.inputs.tokens import token_fingerprint
-    from softlabels.inputs.vocabulary import tokenizer_fingerprint
-    from softlabels.teacher.lm import BUILTIN_LMS, call_tokens, resolve_lm
-
     if config.teacher in BUILTIN_LMS and config.weights is None and not config.random_teacher:
         raise ConfigError(f"--teacher {config.teacher} is an architecture without --weights, so it would label "
                           "the tokens with random weights; pass --weights FILE, or --random-teacher (for tests)")
