@@ -34,7 +34,8 @@ from softlabels.teacher.models import BUILTIN_MODELS
 from softlabels.teacher.producer import autocast
 from softlabels.teacher.spec import resolve_model, teacher_classes
 
-__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "Teacher", "ViewPlan", "classify_producer", "view_plan"]
+__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "Teacher", "ViewPlan", "classify_producer",
+           "view_plan"]
 
 DEFAULT_VIEW_TOPK = 5
 """K of the default layout for views (top-k): docs/VIEWS.md, "Generating views"."""
@@ -137,8 +138,8 @@ class Teacher:
             with torch.inference_mode(), autocast(self.device, self.amp):
                 out = self.module(x)
         except torch.OutOfMemoryError as err:
-            raise ConfigError(f"out of memory running the teacher on {where} ({one_line(err, 300)}); "
-                              "lower --batch-size") from err
+            raise ConfigError(f"out of memory running the teacher on {where} "
+                              f"({one_line(err, 300)}); lower --batch-size") from err
         except Exception as err:  # user models raise anything
             raise ModelMismatch(f"teacher '{self.spec}' failed on {where} of shape {tuple(x.shape)}: "
                                 f"{one_line(err, 300)}") from err
@@ -173,7 +174,8 @@ class ClassifyProducer:
     def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         workers = self.num_workers if spans else 0  # forked now, before any thread starts
         it = iter(batch_loader(_Batches(self.ds), sampler=list(spans), num_workers=workers,
-                               pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None))
+                               pin_memory=self.device.type == "cuda",
+                               prefetch_factor=4 if workers else None))
         return ((start, self.encode(start, x, y)) for start, x, y in it)
 
     def encode(self, start: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
@@ -186,12 +188,14 @@ class ClassifyProducer:
         ids = torch.arange(start, start + n, dtype=torch.int64)
         where, v, count = f"samples {start}..{start + n}", self.views, 1
         with torch.inference_mode():
-            if v is not None:  # the batch repeated V times, each copy augmented with its own parameters
-                # drawn from (seed, id, view) or the reused store's: exact in the plan's param_dtype either
-                # way (draw_views rounds to it), so the teacher sees what is stored
+            if v is not None:  # the batch repeated V times, each copy augmented with its parameters
+                # drawn from (seed, id, view) or the reused store's: exact in the plan's param_dtype
+                # either way (draw_views rounds to it), so the teacher sees what is stored
                 count, where = v.count, f"views of {where}"
-                params = (torch.from_numpy(v.params[ids.numpy()]).to(self.device) if v.params is not None
-                          else draw_views(v.aug, v.seed, ids.to(self.device), count, self.input_shape))
+                if v.params is not None:
+                    params = torch.from_numpy(v.params[ids.numpy()]).to(self.device)
+                else:
+                    params = draw_views(v.aug, v.seed, ids.to(self.device), count, self.input_shape)
                 xs = x.to(self.device, non_blocking=True).repeat_interleave(count, 0)
                 x = v.aug.apply(xs, params.reshape(n * count, -1))
             z = self.teacher.forward(x, where)

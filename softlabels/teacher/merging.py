@@ -59,8 +59,8 @@ def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path
 
 
 def upgrade(config: UpgradeConfig) -> GenerateResult:
-    """Write the complete format-1 store ``config.store`` as the format-2 store ``config.out``, its chunking,
-    metadata and non-finite values kept (docs/FORMAT.md, "Appendix: format 1")."""
+    """Write the complete format-1 store ``config.store`` as the format-2 store ``config.out``, its
+    chunking, metadata and non-finite values kept (docs/FORMAT.md, "Appendix: format 1")."""
     if problems := config.problems():
         raise ConfigError(problems)
     with open_store(config.store, allow_partial=True) as old:  # names any damage of the attributes or arrays

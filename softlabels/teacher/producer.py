@@ -31,9 +31,9 @@ class Producer(Protocol):
         """Per-sample position counts (int64 [N]) for a `tokens` store, known before writing; else None."""
 
     def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """For each sample range [lo, hi) of `spans`, in order, yield (start, arrays) pieces covering it in
-        order; `arrays` are what UnitWriter.write(start, **arrays) takes, encoded on the producer's device.
-        Called before the runner starts its writer thread: a producer may fork its input workers here."""
+        """For each range [lo, hi) of `spans`, in order, (start, arrays) pieces covering it in
+        order, what UnitWriter.write(start, **arrays) takes. Called before the runner starts its
+        writer thread, so a producer may fork its input workers here."""
 
 
 class StoreProducer:

@@ -88,9 +88,9 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
                 lock = store_lock(path, say=say)  # a lease object inside the prefix for a URL
                 lock.acquire()  # before touching (or overwriting) anything
                 # Every rank that writes its own units opens the store, so rank 0 makes it before they start.
-                writer, plan = open_for_writing(path, meta, lengths, compress=compress, overwrite=overwrite,
-                                                repair=repair, say=say, world=dist.world,
-                                                finite=on_nonfinite == "error")
+                writer, plan = open_for_writing(path, meta, lengths, compress=compress,
+                                                overwrite=overwrite, repair=repair, say=say,
+                                                world=dist.world, finite=on_nonfinite == "error")
                 writer.guard = lock.check
         plan = dist.broadcast(plan)
         if plan.complete:
@@ -100,11 +100,12 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
         total = sum(b - a for a, b in ranges)
         tokens = None if cum is None else int(sum(cum[b] - cum[a] for a, b in ranges))
         quiet = progress is False or not dist.is_main
+        bar = progress_bar(total=total if cum is None else tokens, desc="generate",
+                           unit="samples" if cum is None else "tokens",
+                           show=False if quiet else progress,
+                           say=(lambda _line: None) if quiet else say, unit_scale=True)
         # agreed: also the barrier, every rank's units are flagged before rank 0 finishes
-        with agreed(dist), progress_bar(total=total if cum is None else tokens, desc="generate",
-                                        unit="samples" if cum is None else "tokens",
-                                        show=False if quiet else progress,
-                                        say=(lambda _line: None) if quiet else say, unit_scale=True) as bar:
+        with agreed(dist), bar:
             job = _Compute(producer, meta, cum, batch_size, on_nonfinite, bar, dist)
             if gather:
                 job.gathered(writer, ranges)
@@ -176,7 +177,8 @@ class _Compute:
         self.position_keys = [k for k, a in meta.arrays().items() if a.family == "position"]
         bytes_per_sample = meta.layout_obj().bytes_per_position * int((meta.views or {}).get("count", 1)) + 16
         self.depth = int(min(1024, max(8, (64 << 20) // (batch_size * bytes_per_sample))))  # ~64 MiB may wait
-        self.delay = float(os.environ.get("SOFTLABELS_TEST_DELAY_PER_UNIT", "0") or 0)  # test hook: s per piece
+        # test hook: seconds of sleep after each piece
+        self.delay = float(os.environ.get("SOFTLABELS_TEST_DELAY_PER_UNIT", "0") or 0)
 
     def _writer(self, target: Any, depth: int) -> BackgroundWriter:
         return BackgroundWriter(target, self.position_keys, self.cum, on_nonfinite=self.on_nonfinite, depth=depth)

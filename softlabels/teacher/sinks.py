@@ -37,7 +37,8 @@ from softlabels.store.schema import UNIT_DONE, StoreMetaV2
 from softlabels.store.writer import UnitWriter
 from softlabels.teacher.producer import slice_samples
 
-__all__ = ["BackgroundWriter", "Plan", "finish_store", "nonfinite_ids", "open_for_writing", "sample_of_rows"]
+__all__ = ["BackgroundWriter", "Plan", "finish_store", "nonfinite_ids", "open_for_writing",
+           "sample_of_rows"]
 
 # the settings a resumed store must share with the request (besides teacher/source/settings entries)
 _SHAPE_KEYS = ("positions", "layout", "num_samples", "num_classes", "logits_dtype", "chunk_samples",
@@ -46,8 +47,8 @@ _SHAPE_KEYS = ("positions", "layout", "num_samples", "num_classes", "logits_dtyp
 
 @dataclass
 class Plan:
-    """Rank 0's plan, sent to every rank: ``bounds[i]``, the samples ``[lo, hi)`` of the i-th missing
-    unit; ``owners[i]``, the rank that writes it when every rank writes its own units."""
+    """Rank 0's plan, sent to every rank: ``bounds[i]``, the samples ``[lo, hi)`` of the i-th
+    missing unit; ``owners[i]``, the rank that writes it when every rank writes its own units."""
 
     bounds: list[tuple[int, int]]
     owners: list[int]
@@ -58,14 +59,15 @@ class Plan:
 def open_for_writing(path: Path, meta: StoreMetaV2, lengths: np.ndarray | None, *, compress: bool,
                      overwrite: bool, repair: bool, say: Callable[[str], None], world: int,
                      finite: bool) -> tuple[UnitWriter, Plan]:
-    """Rank 0, lock held: create, or check and reopen (and repair) the store ``meta`` describes (token
-    stores: with the samples' ``lengths``); plan its missing units. ``finite`` (``--on-nonfinite
-    error``): units an earlier ``record`` run stored must hold finite values (checked only when one
-    did: a ``record`` run marks the store ``created_by.on_nonfinite``)."""
+    """Rank 0, lock held: create, or check and reopen (and repair) the store ``meta`` describes
+    (token stores: with the samples' ``lengths``); plan its missing units. ``finite``
+    (``--on-nonfinite error``): units an earlier ``record`` run stored must hold finite values
+    (checked only when one did: a ``record`` run marks the store ``created_by.on_nonfinite``)."""
     if overwrite or not store_exists(path):
         if repair:
             raise ConfigError(f"--repair: there is no store at {str(path)!r} to repair; drop --repair")
-        writer, repaired = UnitWriter.create(path, meta, lengths=lengths, compress=compress, overwrite=True), []
+        writer = UnitWriter.create(path, meta, lengths=lengths, compress=compress, overwrite=True)
+        repaired = []
     else:
         writer, repaired = _reopen(path, meta, lengths, compress=compress, repair=repair, say=say)
     missing = writer.missing_units()
@@ -77,13 +79,15 @@ def open_for_writing(path: Path, meta: StoreMetaV2, lengths: np.ndarray | None, 
             if bad := nonfinite_ids(store, done):  # written by an earlier run with --on-nonfinite record
                 writer.close()
                 raise NonFiniteOutputs(
-                    f"{path} already holds non-finite teacher logits for sample ids {fmt.chunk_list(bad, 5)} "
-                    "(an earlier run with --on-nonfinite record stored them); rerun with --on-nonfinite record "
-                    "to keep and list them, or pass --overwrite to start over")
+                    f"{path} already holds non-finite teacher logits for sample ids "
+                    f"{fmt.chunk_list(bad, 5)} (an earlier run with --on-nonfinite record stored "
+                    "them); rerun with --on-nonfinite record to keep and list them, or pass "
+                    "--overwrite to start over")
     g = meta.geometry
     owner = {u: r for r in range(world) for grp in g.groups_of_rank(r, world) for u in g.group_units_range(grp)}
-    return writer, Plan([g.unit_samples_range(u) for u in missing], [owner[u] for u in missing], repaired,
-                        writer.meta.complete and not missing)
+    bounds = [g.unit_samples_range(u) for u in missing]
+    complete = writer.meta.complete and not missing
+    return writer, Plan(bounds, [owner[u] for u in missing], repaired, complete)
 
 
 def finish_store(path: Path, writer: UnitWriter, created: dict[str, Any], *, record: bool,
@@ -103,24 +107,24 @@ def finish_store(path: Path, writer: UnitWriter, created: dict[str, Any], *, rec
     return ids
 
 
-def _reopen(path: Path, meta: StoreMetaV2, lengths: np.ndarray | None, *, compress: bool, repair: bool,
-            say: Callable[[str], None]) -> tuple[UnitWriter, list[int]]:
+def _reopen(path: Path, meta: StoreMetaV2, lengths: np.ndarray | None, *, compress: bool,
+            repair: bool, say: Callable[[str], None]) -> tuple[UnitWriter, list[int]]:
     """Check the store at ``path`` against ``meta`` and reopen it (repairing it if asked)."""
     version, status, done = _read_flags(path)
     if version == 1:
         raise StoreMismatch(f"{str(path)!r} is a format-1 store, which softlabels reads but no longer writes; "
                             "write to another --out (convert this one with 'softlabels upgrade'), or pass "
                             "--overwrite to replace it")
-    if status == fmt.STATUS_COMPLETE and done is not None and not done.all():  # units invalidated by hand
-        b = open_backend(path, "r+")
-        b.set_attrs({"status": fmt.STATUS_WRITING})  # back to writing
+    if status == fmt.STATUS_COMPLETE and done is not None and not done.all():
+        b = open_backend(path, "r+")  # units invalidated by hand: back to writing
+        b.set_attrs({"status": fmt.STATUS_WRITING})
         b.flush()
         b.close()
         status = fmt.STATUS_WRITING
     try:
         reader = UnitStore(path, allow_partial=True)
     except (CorruptStore, NotAStore) as err:
-        if status != fmt.STATUS_WRITING or (done is not None and done.any()):  # else: its creation died
+        if status != fmt.STATUS_WRITING or (done is not None and done.any()):  # else creation died
             raise type(err)(str(err) if "--overwrite" in str(err)
                             else f"{err} (or pass --overwrite to replace it)") from None
         say(f"{path}: the previous job died while creating the store; starting over")
@@ -184,11 +188,11 @@ def nonfinite_ids(store: Any, units: Iterable[int]) -> list[int]:
 
 class BackgroundWriter:
     """Writes the job runner's ``(start, arrays)`` pieces to a ``UnitWriter`` on a thread, behind a
-    buffer of ``depth`` pieces, checking the ``position_keys`` arrays for non-finite values (``cum``,
-    tokens only: the samples' first positions). It writes in bursts of ``burst`` pieces, or what is
-    pending after ``linger`` s (docs/FORMAT.md, "How `generate` writes"); an error in the thread is
-    raised at the next :meth:`put` or at :meth:`close`, and the thread drains on without writing.
-    """
+    buffer of ``depth`` pieces, checking the ``position_keys`` arrays for non-finite values
+    (``cum``, tokens only: the samples' first positions). It writes in bursts of ``burst`` pieces,
+    or what is pending after ``linger`` s (docs/FORMAT.md, "How `generate` writes"); an error in the
+    thread is raised at the next :meth:`put` or at :meth:`close`, and the thread drains on without
+    writing."""
 
     def __init__(self, writer: Any, position_keys: list[str], cum: np.ndarray | None, *, on_nonfinite: str,
                  depth: int = 8, burst: int | None = None, linger: float = 0.25) -> None:

@@ -109,13 +109,14 @@ class TokenProducer:
                 inner = sorted(c for c in cuts if start < c < stop)
                 per_position = [k for k in arrays if k not in (fmt.LABELS, fmt.SAMPLE_IDS)]
                 for a, b in zip([start, *inner], [*inner, stop]):
-                    yield a, slice_samples(arrays, per_position, start, a, b, self._cum) if inner else arrays
+                    yield a, (slice_samples(arrays, per_position, start, a, b, self._cum) if inner
+                              else arrays)
 
     # -- the work -------------------------------------------------------------------------------
     def calls(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        """The teacher calls over samples [lo, hi): each write unit cut from its first sample into calls of
-        ``batch_size`` sequences (and ``max_tokens`` padded cells), clipped to [lo, hi); the grid makes a
-        resume bit-identical (docs/TOKENS.md, "Calls")."""
+        """The teacher calls over samples [lo, hi): each write unit cut from its first sample into
+        calls of ``batch_size`` sequences (and ``max_tokens`` padded cells), clipped to [lo, hi);
+        the grid makes a resume bit-identical (docs/TOKENS.md, "Calls")."""
         unit = self._positions.geometry.unit_samples
         pos = lo
         while pos < hi:
@@ -134,25 +135,24 @@ class TokenProducer:
             pos = u1
 
     def encode(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Everything :meth:`UnitWriter.write` takes for samples [start, stop): the teacher's logits at
-        their real positions (empty samples take no part in the call), encoded on the device."""
-        index = np.arange(start, stop, dtype=np.int64)
-        index = index[self._lengths[start:stop] > 0]
-        empty = torch.empty(0, dtype=torch.int64, device=self.device)
-        logits, sample, token = torch.empty((0, self.layout.num_classes), device=self.device), empty, empty
+        """Everything :meth:`UnitWriter.write` takes for samples [start, stop): the teacher's logits
+        at their real positions (empty samples take no part in the call), encoded on the device."""
+        index = np.arange(start, stop, dtype=np.int64)[self._lengths[start:stop] > 0]
+        logits = torch.empty((0, self.layout.num_classes), device=self.device)
+        sample = token = torch.empty(0, dtype=torch.int64, device=self.device)
         if index.size:
             batch = self.data.get_batch(index)
             ids = batch.ids.to(self.device, non_blocking=True)
             with torch.inference_mode(), autocast(self.device, self.amp):
                 out = self.teacher(ids)
-            b, length, v = out.shape
+            b, length, _ = out.shape
             token = torch.arange(length, device=self.device).expand(b, length)
             sample = torch.from_numpy(index).to(self.device)[:, None].expand(b, length)
             lengths = batch.lengths.to(self.device)
             if bool((lengths == length).all()):  # no padding: a view, no copy of [B, L, V]
-                logits, sample, token = out.reshape(b * length, v), sample.reshape(-1), token.reshape(-1)
-            else:
-                valid = token < lengths[:, None]  # row-major True cells: the samples' tokens, concatenated
+                logits, sample, token = out.flatten(0, 1), sample.flatten(), token.flatten()
+            else:  # the row-major True cells: the samples' tokens, concatenated
+                valid = token < lengths[:, None]
                 logits, sample, token = out[valid], sample[valid], token[valid]
         with torch.inference_mode():
             encoded = self.layout.encode(logits, sample_ids=sample, positions=token)
@@ -198,8 +198,8 @@ def _check_vocab(data: Any, info: Any, block: int = 1024) -> None:
 
 def token_producer(config: GenerateConfig, device: torch.device | None = None, *,
                    geometry: dict[str, int] | None = None) -> TokenProducer:
-    """The producer of ``softlabels generate`` for token data (``is_token_job(config)``); ``geometry``:
-    the chunking adopted from the store resumed (docs/TOKENS.md, "Generating token stores")."""
+    """The producer of ``generate`` for token data (``is_token_job``); ``geometry``: the chunking
+    adopted from the store resumed (docs/TOKENS.md, "Generating token stores")."""
     if config.teacher in BUILTIN_LMS and config.weights is None and not config.random_teacher:
         raise ConfigError(f"--teacher {config.teacher} is an architecture without --weights, so it would label "
                           "the tokens with random weights; pass --weights FILE, or --random-teacher (for tests)")
