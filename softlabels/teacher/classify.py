@@ -1,17 +1,8 @@
 """The classifier-teacher producer: ``sample`` and ``views`` stores, any layout.
 
-:func:`classify_producer` resolves the data and the teacher of a ``generate`` job and checks
-the teacher on a first tiny batch (so a model that does not fit its inputs fails before any
-store exists) and describes the store (~1 MiB chunks unless ``--chunk-rows`` is given);
-:class:`ClassifyProducer` then turns each span of samples into the layout's arrays, which
-:func:`softlabels.teacher.runner.run_job` writes.
-
-Views: view ``v`` of sample ``i`` has parameters drawn from ``(seed, i, v)``
-(``softlabels.inputs.augment``), or read from another views store (``--views-from``); the batch
-is repeated ``V`` times on the device, each copy augmented with its own parameters, and
-the teacher runs on the ``n·V`` views (``--batch-size`` counts views, so a span holds
-``batch_size // V`` samples). The ``sampled`` layout seeds its draws per (sample id,
-view index): position 0 for ``sample`` stores.
+:func:`classify_producer` resolves a ``generate`` job's data and teacher and runs the teacher on
+a first tiny batch, so a model that does not fit its inputs fails before any store exists;
+:class:`ClassifyProducer` turns each span into the layout's arrays (views: docs/VIEWS.md).
 """
 
 from __future__ import annotations
@@ -23,11 +14,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from softlabels._runtime.distributed import Dist
-from softlabels.errors import ConfigError, DataError, ModelMismatch, SoftLabelsError
+from softlabels.errors import ConfigError, DataError, ModelMismatch, SoftLabelsError, one_line
 from softlabels.inputs.arrays import class_count
 from softlabels.inputs.fingerprints import fingerprint
+from softlabels.inputs.loader import batch_loader
 from softlabels.inputs.augment import Compose, draw_views, param_dtype, parse_augment, refuse_random_data, view_shape
 from softlabels.inputs.spec import absolute_data_spec, resolve_data
 from softlabels.store import format as fmt
@@ -38,10 +31,11 @@ from softlabels.store.reader import UnitStore
 from softlabels.store.schema import StoreMetaV2
 from softlabels.teacher.config import GenerateConfig
 from softlabels.teacher.models import BUILTIN_MODELS
-from softlabels.teacher.pipeline import Teacher, make_loader
+from softlabels.teacher.producer import autocast
 from softlabels.teacher.spec import resolve_model, teacher_classes
 
-__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "ViewPlan", "classify_producer", "view_plan"]
+__all__ = ["DEFAULT_VIEW_TOPK", "ClassifyProducer", "Teacher", "ViewPlan", "classify_producer",
+           "view_plan"]
 
 DEFAULT_VIEW_TOPK = 5
 """K of the default layout for views (top-k): docs/VIEWS.md, "Generating views"."""
@@ -115,6 +109,52 @@ def view_plan(*, views: int | None, augment: str | None, views_from: str | None,
         return ViewPlan(aug, count, int(m.views["seed"]), str(m.views.get("param_dtype", "float32")), params)
 
 
+class _Batches(Dataset):
+    """Item ``(start, stop)`` -> ``(start, x, y)`` read with the dataset's vectorised ``get_batch``."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:  # pragma: no cover - the sampler decides
+        return len(self.ds)
+
+    def __getitem__(self, span: tuple[int, int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        start, stop = span
+        x, y = self.ds.get_batch(np.arange(start, stop, dtype=np.int64))
+        return start, x, y
+
+
+class Teacher:
+    """Runs the teacher on a batch, on the device, and checks that it returns [batch, classes] logits."""
+
+    def __init__(self, module: torch.nn.Module, spec: str, *, device: torch.device, amp: str,
+                 num_classes: int | None) -> None:
+        self.module, self.spec, self.device = module, spec, device
+        self.amp, self.num_classes = amp, num_classes
+
+    def forward(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        try:
+            with torch.inference_mode(), autocast(self.device, self.amp):
+                out = self.module(x)
+        except torch.OutOfMemoryError as err:
+            raise ConfigError(f"out of memory running the teacher on {where} "
+                              f"({one_line(err, 300)}); lower --batch-size") from err
+        except Exception as err:  # user models raise anything
+            raise ModelMismatch(f"teacher '{self.spec}' failed on {where} of shape {tuple(x.shape)}: "
+                                f"{one_line(err, 300)}") from err
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+            got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelMismatch(f"teacher '{self.spec}' returned {got} for inputs of shape {tuple(x.shape)}; "
+                                "it must return one row of raw logits per sample, [batch, classes]")
+        if self.num_classes is not None and out.shape[1] != self.num_classes:
+            raise ModelMismatch(
+                f"teacher '{self.spec}' outputs {out.shape[1]} logits per sample but {self.num_classes} classes "
+                f"are expected; pass --num-classes {out.shape[1]} if that is the class count, or use a teacher "
+                f"for {self.num_classes} classes")
+        return out
+
+
 class ClassifyProducer:
     """A classifier teacher over samples, or over V views of each sample (the C1 producer protocol)."""
 
@@ -132,17 +172,11 @@ class ClassifyProducer:
         return None
 
     def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        it = make_loader(self.ds, list(spans), num_workers=self.num_workers if spans else 0,
-                         pin_memory=self.device.type == "cuda")  # forks the workers now, before any thread
+        workers = self.num_workers if spans else 0  # forked now, before any thread starts
+        it = iter(batch_loader(_Batches(self.ds), sampler=list(spans), num_workers=workers,
+                               pin_memory=self.device.type == "cuda",
+                               prefetch_factor=4 if workers else None))
         return ((start, self.encode(start, x, y)) for start, x, y in it)
-
-    def view_params(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32 [n, V, P] on the device: drawn from (seed, id, view), or the reused store's; either way
-        exact in the plan's ``param_dtype`` (draw_views rounds to it), so the teacher sees what is stored."""
-        v = self.views
-        if v.params is not None:
-            return torch.from_numpy(v.params[ids.numpy()]).to(self.device)
-        return draw_views(v.aug, v.seed, ids.to(self.device), v.count, self.input_shape)
 
     def encode(self, start: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
         """One span: teacher logits -> the layout's arrays on the device, then to host numpy."""
@@ -152,22 +186,25 @@ class ClassifyProducer:
             raise DataError(f"rows {start}..{start + n} have label {top_label} but there are {c} classes; pass the "
                             "right --num-classes or fix the labels")
         ids = torch.arange(start, start + n, dtype=torch.int64)
-        where = f"samples {start}..{start + n}"
-        out: dict[str, np.ndarray] = {}
+        where, v, count = f"samples {start}..{start + n}", self.views, 1
         with torch.inference_mode():
-            if self.views is None:
-                z = self.teacher.forward(x, where)
-                enc = self.layout.encode(z, sample_ids=ids.to(z.device), positions=torch.zeros_like(ids, device=z.device))
-                out = {k: to_numpy(t.cpu()) for k, t in enc.items()}
-            else:
-                count = self.views.count
-                params = self.view_params(ids)
+            if v is not None:  # the batch repeated V times, each copy augmented with its parameters
+                # drawn from (seed, id, view) or the reused store's: exact in the plan's param_dtype
+                # either way (draw_views rounds to it), so the teacher sees what is stored
+                count, where = v.count, f"views of {where}"
+                if v.params is not None:
+                    params = torch.from_numpy(v.params[ids.numpy()]).to(self.device)
+                else:
+                    params = draw_views(v.aug, v.seed, ids.to(self.device), count, self.input_shape)
                 xs = x.to(self.device, non_blocking=True).repeat_interleave(count, 0)
-                z = self.teacher.forward(self.views.aug.apply(xs, params.reshape(n * count, -1)), f"views of {where}")
-                enc = self.layout.encode(z, sample_ids=ids.to(z.device).repeat_interleave(count),
-                                         positions=torch.arange(count, device=z.device).repeat(n))
-                out = {k: to_numpy(t.cpu()).reshape(n, count, *t.shape[1:]) for k, t in enc.items()}
-                out[VIEW_PARAMS] = params.cpu().numpy().astype(self.views.param_dtype)
+                x = v.aug.apply(xs, params.reshape(n * count, -1))
+            z = self.teacher.forward(x, where)
+            enc = self.layout.encode(z, sample_ids=ids.to(z.device).repeat_interleave(count),
+                                     positions=torch.arange(count, device=z.device).repeat(n))
+            lead = (n,) if v is None else (n, count)
+            out = {k: to_numpy(t.cpu()).reshape(*lead, *t.shape[1:]) for k, t in enc.items()}
+            if v is not None:
+                out[VIEW_PARAMS] = params.cpu().numpy().astype(v.param_dtype)
         out[fmt.LABELS] = y.numpy().astype(np.int64, copy=False)
         out[fmt.SAMPLE_IDS] = ids.numpy()
         return out
@@ -235,3 +272,4 @@ def classify_producer(config: GenerateConfig, device: torch.device, dist: Dist, 
                        source=source, created_by={"settings": {"batch_size": s.batch_size, "amp": s.amp,
                                                                "seed": s.seed, "random_teacher": s.random_teacher}})
     return ClassifyProducer(ds=ds, teacher=teacher, meta=meta, views=views, num_workers=s.num_workers, device=device)
+

@@ -91,8 +91,10 @@ def load_hf(directory: str) -> tuple[nn.Module, str]:
     except Exception as err:  # transformers raises many kinds; all mean "cannot load this here"
         _refuse_broken_dependency(directory, err)
         raise SpecError(f"cannot load hf:{directory} ({_one_line(err)}); check the model directory") from err
-    digest = sha256_file(weights[0]) if len(weights) == 1 else _combined_sha256(weights)
-    return model, digest
+    if len(weights) == 1:
+        return model, sha256_file(weights[0])
+    shards = "".join(f"{f.name}:{sha256_file(f)}|" for f in weights)  # each shard's name and digest
+    return model, hashlib.sha256(shards.encode()).hexdigest()
 
 
 def load_hf_init(module: nn.Module, spec: str, directory: str) -> str:
@@ -180,12 +182,3 @@ def _no_pytree_enum_deprecation():
         yield
     finally:
         logger.removeFilter(keep)
-
-
-def _combined_sha256(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.name}:{sha256_file(f)}|".encode())
-    return digest.hexdigest()
-
-

@@ -1,11 +1,8 @@
 """The teacher job: run a teacher once over a dataset and store its raw outputs.
 
-``generate(teacher, data, out, ...)`` checks the options, then the producer of the job's position
-kind (a classifier over samples or their views: :func:`softlabels.teacher.classify.classify_producer`;
-a causal LM over token data: :func:`softlabels.teacher.tokens.token_producer`) resolves the inputs and
-the teacher and runs it on a first tiny batch, so a model that does not fit its inputs fails before any
-store exists. :func:`softlabels.teacher.runner.run_job` then writes the store (lock, resume, repair,
-ranks, bit-identical batches: its module docstring).
+``generate`` checks the options, builds the producer of the job's position kind (a classifier:
+:mod:`~softlabels.teacher.classify`; a causal LM: :mod:`~softlabels.teacher.tokens`) and
+has :func:`softlabels.teacher.runner.run_job` write the store.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from softlabels.store.objects import store_exists
 from softlabels.store.reader import UnitStore
 from softlabels.teacher.classify import classify_producer
 from softlabels.teacher.config import GenerateConfig
-from softlabels.teacher.runner import GenerateResult, run_job
+from softlabels.teacher.runner import GenerateResult, agreed, run_job
 from softlabels.teacher.tokens import is_token_job, token_producer
 
 __all__ = ["GenerateResult", "generate"]
@@ -50,22 +47,18 @@ def generate(teacher: str, data: str, out: str | Path, *, echo: Callable[[str], 
     dev = resolve_device(config.device)
     dist = _distributed.init(dev.type)
     say = echo if echo is not None and dist.is_main else (lambda _line: None)
-    exc, producer = None, None
-    try:
+    with agreed(dist):
         geometry = {} if config.overwrite else adopted_geometry(config.out)
         if is_token_job(config):
             producer = token_producer(config, dev, geometry=geometry)
         else:
             producer = classify_producer(config, dev, dist, say, geometry=geometry)
-    except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
-        exc = err
-    dist.agree(exc)
     views_attr = producer.meta().views
     batch = config.batch_size  # --batch-size counts views
     span = max(1, batch // int(views_attr["count"])) if views_attr else batch
     return run_job(producer, config.out, batch_size=span, overwrite=config.overwrite, repair=config.repair,
                    on_nonfinite=config.on_nonfinite, dist=dist, say=say, compress=config.compress,
-                   progress=config.progress if dist.is_main and config.progress is not False else False)
+                   progress=config.progress)
 
 
 def adopted_geometry(out: Path | str) -> dict[str, int]:

@@ -1,15 +1,8 @@
-"""Causal language models: a small built-in GPT, ``package.module:factory`` and ``hf:DIR``.
+"""Causal language models: a small built-in GPT, ``package.module:factory`` and ``hf:DIR``
+(the grammar: docs/TOKENS.md, "Causal language model specs").
 
 Every resolved model is a :class:`CausalLM`: token ids int64 [B, L] → raw logits [B, L, V],
-position ``t`` seeing only tokens ``0..t``. Right padding therefore never changes the
-logits of real tokens.
-
-LM spec grammar::
-
-    gpt-tiny | gpt-small | gpt-medium    built-in GPT, sized by the vocabulary and context
-    package.module:factory               called with no arguments; returns a module whose output
-                                         is the logits or has a .logits (Hugging Face style)
-    hf:DIR                               a local Hugging Face causal LM (safetensors weights only)
+position ``t`` seeing only tokens ``0..t``, so right padding never changes real tokens' logits.
 """
 
 from __future__ import annotations
@@ -133,11 +126,8 @@ def build_lm(name: str, vocab_size: int, context: int, *, seed: int = 0) -> GPT:
 
 
 class CausalLM(nn.Module):
-    """Wraps any causal LM so it maps ids [B, L] to logits [B, L, V], checking both ends.
-
-    Token ids outside ``[0, vocab_size)`` are refused with one line rather than the
-    embedding's opaque index error; outputs with a ``.logits`` (Hugging Face) are unwrapped.
-    """
+    """Any causal LM as ids [B, L] -> logits [B, L, V]: ids outside ``[0, vocab_size)`` refused on
+    one line, outputs with a ``.logits`` (Hugging Face) unwrapped."""
 
     def __init__(self, model: nn.Module, spec: str, vocab_size: int | None = None) -> None:
         super().__init__()
@@ -208,15 +198,10 @@ def _probe_vocab(module: nn.Module, spec: str) -> int:
 
 def resolve_lm(spec: str, *, vocab_size: int | None = None, context: int | None = None, seed: int = 0,
                weights: str | os.PathLike[str] | None = None) -> LMInfo:
-    """Resolve a causal-LM spec (grammar in the module docstring) to a model in eval mode.
-
-    Built-ins need ``vocab_size`` and are built for sequences up to ``context`` (default 1024),
-    initialised from ``seed``; an ``hf:`` model must allow ``context`` positions. ``weights`` is a
-    state_dict file loaded strictly (``weights_only=True``), or ``hf:DIR``: the weights of that
-    Hugging Face checkpoint of the same architecture (a pretrained student's starting point).
-    For other specs a given ``vocab_size`` must equal the model's output width; an ``hf:`` model
-    may have more outputs than its tokenizer has tokens (embeddings padded to a multiple, as Qwen2's).
-    """
+    """Resolve a causal-LM spec to a model in eval mode. Built-ins are sized by ``vocab_size`` and
+    ``context`` (default 1024) and seeded by ``seed``; ``weights`` is a state_dict file or
+    ``hf:DIR`` (that checkpoint's weights, same architecture). A given ``vocab_size`` must equal the
+    output width (``hf:``: or be less, embeddings padded to a multiple as Qwen2's)."""
     digest: str | None = None
     if spec in BUILTIN_LMS:
         if vocab_size is None:

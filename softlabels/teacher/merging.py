@@ -1,12 +1,8 @@
 """Stores written from stores: ``merge`` (an ensemble's combined targets) and ``upgrade`` (format 1 to 2).
 
-Both run a :class:`~softlabels.teacher.producer.StoreProducer` on the shared job runner (lock,
-resume of an interrupted job, checksums, status complete last), so an interrupted merge or
-upgrade resumes when rerun. A merged store holds byte for byte what the
-:class:`~softlabels.store.ensemble.EnsembleStore` yields on the fly; an upgraded store holds
-the format-1 store's values, labels and sample ids bit for bit, its top-k ids in format 2's
-id dtype. Every input is opened and checked before the output is created, so a refused
-job writes nothing.
+Both run a :class:`~softlabels.teacher.producer.StoreProducer` on the job runner, so an interrupted
+one resumes when rerun; every input is checked before the output is created, so a refused job
+writes nothing (docs/ENSEMBLES.md, docs/FORMAT.md's appendix).
 """
 
 from __future__ import annotations
@@ -63,13 +59,8 @@ def merge(config: MergeConfig, log: Callable[[str], None] | None = None) -> Path
 
 
 def upgrade(config: UpgradeConfig) -> GenerateResult:
-    """Write the complete format-1 store ``config.store`` as the format-2 store ``config.out``.
-
-    Its chunking is adopted (chunks, and in Zarr its shards: a write unit per shard), and its teacher,
-    source and created_by are kept, with ``created_by.upgraded_from`` naming the original (the
-    original's softlabels version and timings move there). Non-finite values are copied as they are and listed in
-    ``created_by.nonfinite_sample_ids``.
-    """
+    """Write the complete format-1 store ``config.store`` as the format-2 store ``config.out``, its
+    chunking, metadata and non-finite values kept (docs/FORMAT.md, "Appendix: format 1")."""
     if problems := config.problems():
         raise ConfigError(problems)
     with open_store(config.store, allow_partial=True) as old:  # names any damage of the attributes or arrays

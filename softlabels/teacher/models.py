@@ -1,9 +1,5 @@
-"""Small built-in architectures for the demo and the tests.
-
-Every builder takes the per-sample input shape and the class count, so the same
-name works for 8x8 digits, flat feature vectors or small C×H×W images. Weights are
-initialised by PyTorch's default initialisers, hence deterministic under
-``torch.manual_seed``.
+"""Small built-in architectures for the demo and the tests, built for any per-sample input shape
+and class count (8x8 digits, flat vectors, small C×H×W images); seeded by ``torch.manual_seed``.
 """
 
 from __future__ import annotations
@@ -105,12 +101,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates per sample in ``model``'s Linear and Conv layers (biases ignored).
-
-    Measured with forward hooks on one zero input, so only layers that are plain
-    ``nn.Linear``/``nn.Conv*d`` submodules count: opaque TorchScript or exported
-    modules report 0.
-    """
+    """Multiply-accumulates per sample in ``model``'s Linear and Conv layers (biases ignored),
+    hooked on one zero input: opaque TorchScript or exported modules report 0."""
     macs = 0
 
     def hook(module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

@@ -1,22 +1,23 @@
-"""The producer protocol, and the producer that copies a store: what the job runner drives.
+"""The producer protocol, what producers share, and the producer that copies a store.
 
-A *producer* knows what to compute (a classifier teacher over images or their views, a
-token teacher over sequences, the units of another store); the runner
-(:mod:`softlabels.teacher.runner`) knows how to write it safely (lock, create or resume, plan,
-rank split, background writer, non-finite policy, repair, finish). ``generate``, ``merge``
-and ``upgrade`` are producers; the runner is one for all.
+A *producer* knows what to compute (``generate``'s teachers, the units of another store for
+``merge`` and ``upgrade``); the job runner (:mod:`softlabels.teacher.runner`) writes any of them.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+import torch
 
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS
 from softlabels.store.schema import StoreMetaV2
 
-__all__ = ["Producer", "StoreProducer"]
+__all__ = ["AMP_DTYPES", "Producer", "StoreProducer", "autocast", "slice_samples"]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @runtime_checkable
@@ -30,14 +31,9 @@ class Producer(Protocol):
         """Per-sample position counts (int64 [N]) for a `tokens` store, known before writing; else None."""
 
     def batches(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """For each sample range [lo, hi) of `spans`, in order, yield (start, arrays) pieces that cover it in
-        order. `arrays` are exactly what UnitWriter.write(start, **arrays) takes: the layout's per-position
-        arrays for those samples' positions (sample: n rows; views: n rows of V; tokens: sum of lengths rows),
-        plus per-sample `labels`, `sample_ids` and any per-sample arrays of the position kind (`view_params`).
-        Encoding (top-k, sampling) happens on the producer's device before the copy to host.
-
-        The runner calls this *before* it starts its writer thread, so a producer may fork its
-        input workers here (a fork while another thread holds a library lock can deadlock)."""
+        """For each range [lo, hi) of `spans`, in order, (start, arrays) pieces covering it in
+        order, what UnitWriter.write(start, **arrays) takes. Called before the runner starts its
+        writer thread, so a producer may fork its input workers here."""
 
 
 class StoreProducer:
@@ -80,3 +76,9 @@ def slice_samples(arrays: dict[str, Any], position_keys: Sequence[str], start: i
     else:
         p0, p1 = a - start, b - start
     return {k: (v[p0:p1] if k in position_keys else v[a - start:b - start]) for k, v in arrays.items()}
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
+    """The autocast of ``--amp`` (``AMP_DTYPES``) on ``device``, for a teacher's forward."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

@@ -1,37 +1,18 @@
 """The job runner: writes a store from any :class:`~softlabels.teacher.producer.Producer`.
 
-``run_job(producer, out, batch_size=B)`` takes the store's lock (``STORE.lock``), creates the
-store the producer's ``meta()`` describes, or checks and resumes it
-(:mod:`softlabels.teacher.sinks`; a store made with other settings is refused on one line),
-plans the missing units, computes them and marks the store complete last, only when every
-unit is flagged. ``repair=True`` verifies every finished unit first and regenerates the ones
-that fail.
-
-Batches lie on one global grid: batch ``b`` is samples ``[b·B, (b+1)·B)``, whatever the
-chunk size (a batch may span several units; the writer buffers partial units), so the
-teacher's batch size never depends on the chunk size. A sample is always computed in the
-same batch, with the same neighbours, whichever units are missing and whichever rank
-computes it: a resumed or multi-rank store equals a one-shot one bit for bit. A batch
-straddling a unit that is already written (or another rank's) is computed whole and only
-the wanted samples are written.
-
-Under ``torchrun`` rank 0 alone takes the lock and opens the store; errors are agreed on
-collectively, so one rank's failure stops every rank with the same one-line error; rank 0
-finishes the store after every rank is done. Two ways to split the work:
-
-* Zarr: every rank writes the units of its own bookkeeping groups
-  (``UnitGeometry.groups_of_rank``), so no two writers share a chunk, shard or flag file.
-  Rank 0 creates the store first.
-* HDF5 takes one writer (without MPI-IO): the grid's batches are dealt to the ranks in
-  contiguous runs, and the job runs in rounds: in round r every rank computes its r-th
-  batch, sends the wanted samples to rank 0 (``gather_object``), and rank 0's writer
-  thread writes them. Progress is durable unit by unit as in one process; the price is
-  that ranks move in lockstep and every sample crosses the process group once.
+``run_job(producer, out, batch_size=B)`` takes the store's lock, creates the store the
+producer describes or checks and resumes it (:mod:`softlabels.teacher.sinks`), computes the
+missing units on one global grid of batches, so a resumed or multi-rank store equals a
+one-shot one bit for bit, and marks the store complete last. Under ``torchrun`` errors are
+agreed on by every rank; Zarr ranks write their own units, HDF5 ranks send theirs to rank 0.
+The protocol: docs/FORMAT.md, "How `generate` writes".
 """
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,11 +30,11 @@ from softlabels.store.backend import backend_kind
 from softlabels.store.location import store_location
 from softlabels.store.lock import store_lock
 from softlabels.store.schema import StoreMetaV2
-from softlabels.teacher.pipeline import BackgroundWriter, unit_delay_hook
+from softlabels.store.writer import UnitWriter
 from softlabels.teacher.producer import Producer, slice_samples
-from softlabels.teacher.sinks import Sink
+from softlabels.teacher.sinks import BackgroundWriter, finish_store, open_for_writing
 
-__all__ = ["GenerateResult", "run_job"]
+__all__ = ["GenerateResult", "agreed", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -99,71 +80,68 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta, lengths = producer.meta(), producer.lengths()
     cum = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    sink = Sink(path, meta, lengths, compress=compress)
     gather = dist.active and backend_kind(path) != "zarr"  # one writer: rank 0 writes what the ranks send
-    lock, writer, plan, exc = None, None, None, None
+    lock, writer, plan = None, None, None
     try:
-        if dist.is_main:
-            try:
+        with agreed(dist):
+            if dist.is_main:
                 lock = store_lock(path, say=say)  # a lease object inside the prefix for a URL
                 lock.acquire()  # before touching (or overwriting) anything
                 # Every rank that writes its own units opens the store, so rank 0 makes it before they start.
-                opened = sink.open(overwrite=overwrite, repair=repair, say=say, world=dist.world,
-                                   finite=on_nonfinite == "error")
-                writer = opened.writer
-                if writer is not None:
-                    writer.guard = lock.check
-                plan = {"bounds": opened.bounds, "owners": opened.owners, "repaired": opened.repaired,
-                        "complete": opened.complete}
-            except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
-                exc = err
-        dist.agree(exc)
+                writer, plan = open_for_writing(path, meta, lengths, compress=compress,
+                                                overwrite=overwrite, repair=repair, say=say,
+                                                world=dist.world, finite=on_nonfinite == "error")
+                writer.guard = lock.check
         plan = dist.broadcast(plan)
-        if plan["complete"]:
+        if plan.complete:
             return GenerateResult(path, meta.num_samples, 0, time.perf_counter() - t0, already_complete=True,
-                                  repaired_units=tuple(plan["repaired"]), is_main=dist.is_main)
-        bounds = plan["bounds"]
-        ranges = sample_ranges(range(len(bounds)), bounds.__getitem__)
+                                  repaired_units=tuple(plan.repaired), is_main=dist.is_main)
+        ranges = sample_ranges(range(len(plan.bounds)), plan.bounds.__getitem__)
         total = sum(b - a for a, b in ranges)
         tokens = None if cum is None else int(sum(cum[b] - cum[a] for a, b in ranges))
-        show = progress if dist.is_main else False
-        exc = None
-        try:
-            with progress_bar(total=total if cum is None else tokens, desc="generate",
-                              unit="samples" if cum is None else "tokens", show=show,
-                              say=say if show is not False else (lambda _line: None), unit_scale=True) as bar:
-                job = _Compute(producer, meta, cum, batch_size, on_nonfinite, bar, dist)
-                if gather:
-                    job.gathered(writer, ranges)
-                else:
-                    mine = [i for i, r in enumerate(plan["owners"]) if r == dist.rank]
-                    wanted = sample_ranges(mine, bounds.__getitem__)
-                    if wanted:
-                        writer = writer if writer is not None else sink.resume()
-                        job.local(writer, wanted)
-        except Exception as err:  # noqa: BLE001
-            exc = err
-        dist.agree(exc)  # also the barrier: every rank's units are flagged before rank 0 finishes
-        ids, exc = [], None
-        if dist.is_main:
-            try:
+        quiet = progress is False or not dist.is_main
+        bar = progress_bar(total=total if cum is None else tokens, desc="generate",
+                           unit="samples" if cum is None else "tokens",
+                           show=False if quiet else progress,
+                           say=(lambda _line: None) if quiet else say, unit_scale=True)
+        # agreed: also the barrier, every rank's units are flagged before rank 0 finishes
+        with agreed(dist), bar:
+            job = _Compute(producer, meta, cum, batch_size, on_nonfinite, bar, dist)
+            if gather:
+                job.gathered(writer, ranges)
+            else:
+                mine = [i for i, r in enumerate(plan.owners) if r == dist.rank]
+                if wanted := sample_ranges(mine, plan.bounds.__getitem__):
+                    writer = writer if writer is not None else UnitWriter.resume(path)
+                    job.local(writer, wanted)
+        ids: list[int] = []
+        with agreed(dist):
+            if dist.is_main:
                 wall = time.perf_counter() - t0
                 created: dict[str, Any] = {"softlabels": __version__, "timings": {
                     "wall_seconds": round(wall, 3), "samples_per_second": round(total / wall, 1) if wall > 0 else None,
                     "samples_generated": total, "ranks": dist.world, "started_at": started,
                     "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
-                ids = sink.finish(writer, created, record=on_nonfinite == "record", say=say)
-            except Exception as err:  # noqa: BLE001
-                exc = err
-        dist.agree(exc)
+                ids = finish_store(path, writer, created, record=on_nonfinite == "record", say=say)
         return GenerateResult(path, meta.num_samples, total, time.perf_counter() - t0,
-                              repaired_units=tuple(plan["repaired"]), nonfinite_sample_ids=tuple(ids),
+                              repaired_units=tuple(plan.repaired), nonfinite_sample_ids=tuple(ids),
                               is_main=dist.is_main, tokens_generated=tokens)
     finally:
         if writer is not None:
             writer.close()
         if lock is not None:
             lock.release()
+
+
+@contextmanager
+def agreed(dist: Dist) -> Iterator[None]:
+    """Run the body on this rank, then agree: an error of any rank is raised on every rank."""
+    exc = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - agreed on by every rank, then raised
+        exc = err
+    dist.agree(exc)
 
 
 def sample_ranges(units: Sequence[int], bounds: Callable[[int], tuple[int, int]]) -> list[tuple[int, int]]:
@@ -199,6 +177,8 @@ class _Compute:
         self.position_keys = [k for k, a in meta.arrays().items() if a.family == "position"]
         bytes_per_sample = meta.layout_obj().bytes_per_position * int((meta.views or {}).get("count", 1)) + 16
         self.depth = int(min(1024, max(8, (64 << 20) // (batch_size * bytes_per_sample))))  # ~64 MiB may wait
+        # test hook: seconds of sleep after each piece
+        self.delay = float(os.environ.get("SOFTLABELS_TEST_DELAY_PER_UNIT", "0") or 0)
 
     def _writer(self, target: Any, depth: int) -> BackgroundWriter:
         return BackgroundWriter(target, self.position_keys, self.cum, on_nonfinite=self.on_nonfinite, depth=depth)
@@ -214,7 +194,8 @@ class _Compute:
             n = len(arrays[fmt.SAMPLE_IDS])
             done = n if self.cum is None else int(self.cum[start + n] - self.cum[start])
             self.bar.update(min(done * self.dist.world, self.bar.total - self.bar.n))  # ranks progress alike
-            unit_delay_hook()
+            if self.delay > 0:
+                time.sleep(self.delay)
 
     def local(self, writer: Any, wanted: list[tuple[int, int]]) -> None:
         """Compute and write this rank's own units (``wanted`` samples)."""
@@ -225,10 +206,8 @@ class _Compute:
                 for piece in select(start, arrays, wanted, self.position_keys, self.cum):
                     bw.put(piece)
         finally:
-            try:
+            with suppress(Exception):  # the error already being raised wins
                 bw.close()
-            except Exception:  # noqa: BLE001 - the error already being raised wins
-                pass
         bw.check()  # else the writer thread's error, if any
 
     def gathered(self, writer: Any, ranges: list[tuple[int, int]]) -> None:

@@ -1,14 +1,9 @@
 """Resolve ``--teacher``/``--student`` model specs to models, and check specs recorded in files.
 
-Model spec grammar: a built-in name (see ``softlabels.teacher.models.BUILTIN_MODELS``),
-``package.module:factory`` (called with no arguments, returns an ``nn.Module``), a
-TorchScript file (``torch.jit.save``) or a ``torch.export`` program (``*.pt2``).
-A file suffix decides between a file and a module spec.
-
-Specs on the command line are trusted: a ``module:factory`` is imported and called, a
-model file is run. Specs *recorded* in a store, checkpoint or ``eval.json`` are data:
-:func:`recorded_spec` lets through only what runs no code from outside the installed
-package (built-in names, plain data files) and asks for the rest on the command line.
+Model spec grammar: a built-in name (``BUILTIN_MODELS``), ``package.module:factory``, a TorchScript
+file or a ``torch.export`` program (``*.pt2``); a file suffix decides between a file and a module.
+Specs on the command line are trusted; specs recorded in files are data (:func:`recorded_spec`,
+docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -44,14 +39,9 @@ def factory_module(spec: str) -> nn.Module:
 
 
 def recorded_spec(spec: Any, *, kind: Literal["data", "model"], where: str, flag: str) -> str:
-    """A spec read from a file (``where``), checked to run no code: the one rule for recorded specs.
-
-    Data: a built-in dataset, a plain data file (read as arrays, never unpickled) or an
-    image folder (decoded as images).
-    Model: a built-in name only, since a TorchScript or ``.pt2`` file is a program
-    (TorchScript code runs any registered op; ``.pt2`` may hold pickles and native code).
-    Anything else must be named on the command line with ``flag``; it is never imported.
-    """
+    """A spec read from a file (``where``), checked to run no code: a built-in, a plain data file or
+    an image folder for data; a built-in name only for a model (a TorchScript or ``.pt2`` file is a
+    program). Anything else must be named on the command line with ``flag`` (docs/SECURITY.md)."""
     if not isinstance(spec, str) or not spec:
         raise SpecError(f"{where} records no usable {kind} spec ({spec!r}); pass {flag} SPEC")
     ok = (spec.startswith(("digits:", "imagefolder:")) or data_spec_path(spec) is not None) if kind == "data" \
@@ -68,11 +58,8 @@ def recorded_spec(spec: Any, *, kind: Literal["data", "model"], where: str, flag
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A resolved model (in eval mode) and what identifies it in a store's metadata.
-
-    ``weights_sha256`` is the hex sha256 of the weights file when one was given, else
-    of the TorchScript/.pt2 file, else ``None`` (random init).
-    """
+    """A resolved model (in eval mode) and what identifies it in a store's metadata; the sha256 is
+    of the weights file if given, else of the TorchScript/.pt2 file, else ``None``."""
 
     module: nn.Module
     spec: str
@@ -98,11 +85,8 @@ _PT2_UNSAFE = ("data/aotinductor/", "opaque_obj_", "custom_obj_", "data/weights/
 
 
 def _weights_only_loads() -> Any:
-    """Every ``torch.load`` inside (torch.export.load's own, too) with ``weights_only=True``.
-
-    torch.export.load retries its sample inputs, and loads pickled weights and constants,
-    with ``weights_only=False``; torch's documented switch overrides those call sites.
-    """
+    """Every ``torch.load`` inside with ``weights_only=True`` (torch's documented switch), even
+    torch.export.load's own loads of pickled weights, constants and sample inputs."""
     return mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"})
 
 
@@ -209,14 +193,9 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
 
 def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: int | None,
                     weights: str | os.PathLike[str] | None = None, allow_pickle: bool = False) -> int | None:
-    """The class count to build teacher ``spec`` for, before it runs.
-
-    A built-in with weights: the width its weights were saved with, the one parameter dimension
-    that changes with the class count (found by building the model for 1 and 2 classes), so
-    unlabeled data needs no class count; a built-in without, or whose weights lack that
-    parameter: ``data_classes``. Other teachers are complete models: ``None``, and their output
-    width gives the count.
-    """
+    """The class count to build teacher ``spec`` for, before it runs: for a built-in, the width of
+    the class head its weights were saved with (else ``data_classes``); ``None`` for other teachers,
+    complete models whose output width gives the count."""
     if spec not in BUILTIN_MODELS:
         return None
     if weights is None:
@@ -224,7 +203,8 @@ def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: in
     one = build_model(spec, tuple(input_shape), 1).state_dict()
     two = build_model(spec, tuple(input_shape), 2).state_dict()
     given = dict(_read_state_dict(str(weights), allow_pickle))
-    key, a = next((k, a) for k, a in one.items() if a.shape != two[k].shape)  # every built-in has a class head
+    # the class head: the one parameter whose shape changes with the class count
+    key, a = next((k, a) for k, a in one.items() if a.shape != two[k].shape)
     dim = next(i for i, (m, n) in enumerate(zip(a.shape, two[key].shape)) if m != n)
     saved = given.get(key, given.get(f"module.{key}"))  # a DDP state_dict keeps the wrapper's prefix
     if isinstance(saved, torch.Tensor) and saved.ndim == a.ndim:
@@ -234,13 +214,9 @@ def teacher_classes(spec: str, *, input_shape: tuple[int, ...], data_classes: in
 
 def resolve_model(spec: str, *, input_shape: tuple[int, ...], num_classes: int,
                   weights: str | os.PathLike[str] | None = None, allow_pickle: bool = False) -> ModelInfo:
-    """Resolve a ``--teacher``/``--student`` spec to a model in eval mode.
-
-    ``input_shape`` (per sample) and ``num_classes`` size the built-ins. ``weights`` is a
-    state_dict file (or a checkpoint with a ``model`` entry) loaded strictly, with
-    ``weights_only=True`` unless ``allow_pickle`` (trusted files only); a ``.pt2``
-    program holding pickles or compiled code is refused without it too.
-    """
+    """Resolve a ``--teacher``/``--student`` spec to a model in eval mode (``input_shape`` and
+    ``num_classes`` size the built-ins); ``weights`` load strictly, unpickled only with
+    ``allow_pickle`` (trusted files: docs/SECURITY.md)."""
     digest: str | None = None
     kind: ModelKind
     if spec in BUILTIN_MODELS:

@@ -1,27 +1,14 @@
 """The token producer: a causal-LM teacher over token data, one stored output per token.
 
-:class:`TokenProducer` implements :class:`softlabels.teacher.producer.Producer` for a
-``tokens`` store. Each span of samples is cut into teacher calls of at most
-``batch_size`` sequences (and ``max_tokens`` padded cells), right-padded to the call's
-longest sequence; the teacher's logits [B, L, V] are computed under the chosen
-autocast, the padding is dropped on the device, and the real positions are encoded by
-the store's layout there (top-k, sampling) before the copy to host. The pieces come
-out in sample order, exactly as :meth:`UnitWriter.write` takes them.
-
-Sampled draws hash (seed, sample id, token index, draw), so they do not depend on how
-samples are grouped into calls: a resume or another rank draws the same ids from the
-same logits. Whether the *logits* are bit-identical across groupings is the teacher's
-property (see docs/TOKENS.md, "Generating token stores").
-
-:func:`token_producer` builds one from a :class:`~softlabels.teacher.config.GenerateConfig`;
-:func:`is_token_job` tells ``generate`` which jobs it serves.
+:class:`TokenProducer` cuts each span into teacher calls on a grid fixed per write unit, drops
+the padding on the device and encodes the real positions there; :func:`token_producer` builds
+one from a ``GenerateConfig`` (docs/TOKENS.md, "Generating token stores").
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,22 +16,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from softlabels._runtime.device import resolve_device
 from softlabels.errors import ConfigError
-from softlabels.inputs.tokens import TokenDataset, offsets_of
+from softlabels.inputs.documents import teacher_tokenizer
+from softlabels.inputs.spec import absolute_data_spec
+from softlabels.inputs.text import resolve_token_data
+from softlabels.inputs.tokens import TokenDataset, offsets_of, token_fingerprint
+from softlabels.inputs.vocabulary import tokenizer_fingerprint
 from softlabels.store import format as fmt
 from softlabels.store.layouts import Layout, make_layout, to_numpy
 from softlabels.store.positions import TokenPositions, UnitGeometry, group_units_for
 from softlabels.store.positions.tokens import default_chunk_positions
 from softlabels.store.schema import StoreMetaV2
 from softlabels.teacher.config import GenerateConfig
-from softlabels.teacher.pipeline import AMP_DTYPES
+from softlabels.teacher.lm import BUILTIN_LMS, call_tokens, resolve_lm
+from softlabels.teacher.producer import AMP_DTYPES, autocast, slice_samples
 from softlabels.teacher.runner import sample_ranges
 
 __all__ = ["TokenProducer", "default_chunk_samples", "is_token_job", "token_producer"]
 
-_UNIT_CHUNKS = 16
-"""Token chunks per write unit aimed at by :func:`default_chunk_samples`: a unit's padding is under one
-chunk, so ~16 chunks per unit keep the padding near 3 % of the token axis."""
+_UNIT_CHUNKS = 16  # token chunks per write unit: a unit's padding is under one chunk, so ~3 %
 
 
 def default_chunk_samples(lengths: np.ndarray, chunk_positions: int) -> int:
@@ -83,6 +74,7 @@ class TokenProducer:
         if self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
             raise ConfigError("batch_size and max_tokens must be >= 1")
         self._lengths = np.asarray(self.data.lengths(), dtype=np.int64)
+        self._cum = offsets_of(self._lengths)  # the first position of every sample, and the total
         if self.chunk_positions is None:
             self.chunk_positions = default_chunk_positions(self.layout.bytes_per_position)
         if self.chunk_samples is None:
@@ -91,8 +83,6 @@ class TokenProducer:
         units = math.ceil(n / (self.chunk_samples * self.shard_chunks))
         geometry = UnitGeometry(n, self.chunk_samples, self.shard_chunks, self.group_units or group_units_for(units))
         self._positions = TokenPositions(geometry, self._lengths, self.chunk_positions)
-        amp_dtype = AMP_DTYPES[self.amp]
-        self._autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
     # -- the Producer protocol ------------------------------------------------------------------
     def meta(self) -> StoreMetaV2:
@@ -117,23 +107,16 @@ class TokenProducer:
             for start, stop in self.calls(lo, hi):
                 arrays = self.encode(start, stop)
                 inner = sorted(c for c in cuts if start < c < stop)
-                if not inner:
-                    yield start, arrays
-                    continue
-                rows = offsets_of(self._lengths[start:stop])  # per-position rows before each sample
+                per_position = [k for k in arrays if k not in (fmt.LABELS, fmt.SAMPLE_IDS)]
                 for a, b in zip([start, *inner], [*inner, stop]):
-                    yield a, {k: v[a - start:b - start] if k in _PER_SAMPLE else v[rows[a - start]:rows[b - start]]
-                              for k, v in arrays.items()}
+                    yield a, (slice_samples(arrays, per_position, start, a, b, self._cum) if inner
+                              else arrays)
 
     # -- the work -------------------------------------------------------------------------------
     def calls(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        """The teacher calls over samples [lo, hi): a grid fixed per write unit, so a sample's call does
-        not depend on which units are missing (a resume, another rank) and the logits, not only the
-        draws, come out bit-identical even from a teacher whose rounding depends on the batch.
-
-        Each unit is cut from its first sample into calls of ``batch_size`` sequences (fewer when
-        ``max_tokens`` padded cells would be exceeded); calls are then clipped to [lo, hi).
-        """
+        """The teacher calls over samples [lo, hi): each write unit cut from its first sample into
+        calls of ``batch_size`` sequences (and ``max_tokens`` padded cells), clipped to [lo, hi);
+        the grid makes a resume bit-identical (docs/TOKENS.md, "Calls")."""
         unit = self._positions.geometry.unit_samples
         pos = lo
         while pos < hi:
@@ -151,42 +134,32 @@ class TokenProducer:
                 start = stop
             pos = u1
 
-    def logits(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher's logits of samples [start, stop) at their real positions, on the device.
-
-        Returns (logits [P, V] in sample order, sample id [P], token index [P]); P = sum of lengths.
-        Empty samples take no part in the call.
-        """
-        index = np.arange(start, stop, dtype=np.int64)
-        index = index[self._lengths[start:stop] > 0]
-        if index.size == 0:
-            empty = torch.empty(0, dtype=torch.int64, device=self.device)
-            return torch.empty((0, self.layout.num_classes), device=self.device), empty, empty
-        batch = self.data.get_batch(index)
-        ids = batch.ids.to(self.device, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
-            out = self.teacher(ids)
-        b, length, v = out.shape
-        token = torch.arange(length, device=self.device).expand(b, length)
-        sample = torch.from_numpy(index).to(self.device)[:, None].expand(b, length)
-        lengths = batch.lengths.to(self.device)
-        if bool((lengths == length).all()):  # no padding: a view, no copy of [B, L, V]
-            return out.reshape(b * length, v), sample.reshape(-1), token.reshape(-1)
-        valid = token < lengths[:, None]  # row-major True cells: the samples' tokens, concatenated
-        return out[valid], sample[valid], token[valid]
-
     def encode(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Everything :meth:`UnitWriter.write` takes for samples [start, stop)."""
-        logits, sample, token = self.logits(start, stop)
+        """Everything :meth:`UnitWriter.write` takes for samples [start, stop): the teacher's logits
+        at their real positions (empty samples take no part in the call), encoded on the device."""
+        index = np.arange(start, stop, dtype=np.int64)[self._lengths[start:stop] > 0]
+        logits = torch.empty((0, self.layout.num_classes), device=self.device)
+        sample = token = torch.empty(0, dtype=torch.int64, device=self.device)
+        if index.size:
+            batch = self.data.get_batch(index)
+            ids = batch.ids.to(self.device, non_blocking=True)
+            with torch.inference_mode(), autocast(self.device, self.amp):
+                out = self.teacher(ids)
+            b, length, _ = out.shape
+            token = torch.arange(length, device=self.device).expand(b, length)
+            sample = torch.from_numpy(index).to(self.device)[:, None].expand(b, length)
+            lengths = batch.lengths.to(self.device)
+            if bool((lengths == length).all()):  # no padding: a view, no copy of [B, L, V]
+                logits, sample, token = out.flatten(0, 1), sample.flatten(), token.flatten()
+            else:  # the row-major True cells: the samples' tokens, concatenated
+                valid = token < lengths[:, None]
+                logits, sample, token = out[valid], sample[valid], token[valid]
         with torch.inference_mode():
             encoded = self.layout.encode(logits, sample_ids=sample, positions=token)
         arrays = {k: to_numpy(t.cpu()) for k, t in encoded.items()}
         arrays[fmt.LABELS] = np.full(stop - start, -1, dtype=np.int64)  # a sequence has no class label
         arrays[fmt.SAMPLE_IDS] = np.arange(start, stop, dtype=np.int64)
         return arrays
-
-
-_PER_SAMPLE = (fmt.LABELS, fmt.SAMPLE_IDS)
 
 
 def is_token_job(config: GenerateConfig) -> bool:
@@ -196,8 +169,6 @@ def is_token_job(config: GenerateConfig) -> bool:
     or a ``.npz``/HDF5/Zarr file holding a ``tokens`` array. An integer ``.npy`` with a
     ``module:factory`` teacher stays classifier input (pass ``--seq-len`` or use ``.npz``).
     """
-    from softlabels.teacher.lm import BUILTIN_LMS
-
     spec = config.data
     if spec.startswith("text:") or config.tokenizer is not None or config.seq_len is not None:
         return True
@@ -227,20 +198,8 @@ def _check_vocab(data: Any, info: Any, block: int = 1024) -> None:
 
 def token_producer(config: GenerateConfig, device: torch.device | None = None, *,
                    geometry: dict[str, int] | None = None) -> TokenProducer:
-    """The producer of ``softlabels generate`` for token data (``is_token_job(config)``).
-
-    A built-in teacher (``gpt-*``) is sized by ``--num-classes`` or the data's tokenizer
-    and built for the data's longest sequence; ``--batch-size`` counts sequences per call.
-    ``geometry``: the chunking adopted from the store resumed.
-    """
-    from softlabels._runtime.device import resolve_device
-    from softlabels.inputs.documents import teacher_tokenizer
-    from softlabels.inputs.spec import absolute_data_spec
-    from softlabels.inputs.text import resolve_token_data
-    from softlabels.inputs.tokens import token_fingerprint
-    from softlabels.inputs.vocabulary import tokenizer_fingerprint
-    from softlabels.teacher.lm import BUILTIN_LMS, call_tokens, resolve_lm
-
+    """The producer of ``generate`` for token data (``is_token_job``); ``geometry``: the chunking
+    adopted from the store resumed (docs/TOKENS.md, "Generating token stores")."""
     if config.teacher in BUILTIN_LMS and config.weights is None and not config.random_teacher:
         raise ConfigError(f"--teacher {config.teacher} is an architecture without --weights, so it would label "
                           "the tokens with random weights; pass --weights FILE, or --random-teacher (for tests)")

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from softlabels.inputs.spec import resolve_data
-from softlabels.teacher import pipeline as _pipeline
+from softlabels.teacher import classify as _classify
 from softlabels.teacher.job import generate
 from softlabels.teacher.models import build_model
 from softlabels.teacher.spec import resolve_model
@@ -85,7 +85,7 @@ def _counting(forward):
     return wrapped
 
 
-_pipeline.Teacher.forward = _counting(_pipeline.Teacher.forward)
+_classify.Teacher.forward = _counting(_classify.Teacher.forward)
 
 
 def main() -> None:
