@@ -63,8 +63,8 @@ def _load_object(spec: str, what: str) -> Any:
     return obj
 
 
-def _call_factory(spec: str, what: str, wanted: type) -> Any:
-    """Resolve ``spec`` to an instance of ``wanted``, calling it with no arguments if needed."""
+def _call_factory(spec: str, what: str, wanted: type | tuple[type, ...]) -> Any:
+    """Resolve ``spec`` to an instance of ``wanted``, calling it with no arguments if needed (always for ``()``)."""
     obj = _load_object(spec, what)
     if not isinstance(obj, wanted):
         if not callable(obj):
