@@ -28,13 +28,6 @@ PARAM_DTYPES = ("uint8", "float16", "float32")
 of magnitude <= 2048 and float16 values; anything (float32, what an op's ``draw`` returns)."""
 
 
-def _int_dtype(low: float, high: float) -> str:
-    """The narrowest of :data:`PARAM_DTYPES` that holds every whole number in ``[low, high]`` exactly."""
-    if low >= 0 and high <= 255:
-        return "uint8"
-    return "float16" if max(-low, high) <= 2048 else "float32"
-
-
 def param_dtype(op: Augmentation, size: Size) -> str:
     """The narrowest dtype that holds every parameter ``op`` draws for inputs of ``size`` exactly.
 
@@ -117,8 +110,12 @@ class BuiltinOp:
         return size
 
     def param_dtype(self, size: Size) -> str:
+        """The narrowest of :data:`PARAM_DTYPES` that holds every whole number in the ranges exactly."""
         ranges = self.param_ranges(size)  # type: ignore[attr-defined]
-        return _int_dtype(float(ranges.low.min()), float(ranges.high.max()))
+        low, high = float(ranges.low.min()), float(ranges.high.max())
+        if low >= 0 and high <= 255:
+            return "uint8"
+        return "float16" if max(-low, high) <= 2048 else "float32"
 
 
 @runtime_checkable

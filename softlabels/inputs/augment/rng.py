@@ -14,6 +14,7 @@ body and the tail of a CPU kernel: :func:`_randint`, :func:`_exp`, :func:`_half_
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -61,12 +62,6 @@ class ViewRandom:
         self._key = h
         self._used = 0
 
-    @classmethod
-    def _from_key(cls, key: torch.Tensor) -> ViewRandom:
-        rng = cls.__new__(cls)
-        rng._key, rng._used = key, 0
-        return rng
-
     @property
     def n(self) -> int:
         """The number of rows."""
@@ -78,7 +73,9 @@ class ViewRandom:
 
     def stream(self, index: int) -> ViewRandom:
         """An independent generator for the same rows, numbered ``index >= 0``."""
-        return ViewRandom._from_key(_mix(_mix(self._key ^ (int(index) & _MASK)) ^ 0x5BD1E995))
+        rng = copy.copy(self)
+        rng._key, rng._used = _mix(_mix(self._key ^ (int(index) & _MASK)) ^ 0x5BD1E995), 0
+        return rng
 
     def uniform(self, k: int) -> torch.Tensor:
         """float64 ``[n, k]`` in ``[0, 1)``: the row's next ``k`` numbers, multiples of ``2**-24``."""
