@@ -66,13 +66,6 @@ def _array_names(path: str, kind: str) -> list[str]:
     return [name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array)]
 
 
-def _require_arrays(path: str, found: list[str], *wanted: str | None) -> None:
-    for name in wanted:
-        if name is not None and name not in found:
-            raise DataError(f"no array '{name}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
-                            f"name them as {path}:INPUTS[,LABELS]")
-
-
 class LazyArray:
     """A ``.npy`` (memory-mapped), HDF5 or Zarr array opened on first use in each process.
 
@@ -171,7 +164,9 @@ def open_array_file(path: str | os.PathLike[str], name: str | None = None, label
     found = [""] if kind == "npy" else list(arrays) if arrays is not None else _array_names(path, kind)
     if name is None:  # defaults: arrays x and (if present) y, a Zarr store that is one array, or the .npy
         name, labels_name = ("", None) if found == [""] else ("x", "y" if "y" in found else None)
-    _require_arrays(path, found, name, labels_name)
+    if missing := [n for n in (name, labels_name) if n is not None and n not in found]:
+        raise DataError(f"no array '{missing[0]}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
+                        f"name them as {path}:INPUTS[,LABELS]")
     source = f"{path}:{name}" if name else path
     if arrays is not None:
         x, labels = arrays[name], None if labels_name is None else arrays[labels_name]

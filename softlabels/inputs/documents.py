@@ -31,8 +31,8 @@ from softlabels.inputs.tokens import RaggedTokens, check_seq_len, window_offsets
 from softlabels.inputs.vocabulary import TOKENIZER_JSON, open_tokenizer
 
 __all__ = [
-    "DocumentSpec", "DocumentWindows", "absolute_document_spec", "document_spec_path", "is_chat_spec",
-    "is_document_spec", "needs_seq_len", "parse_document_spec", "resolve_documents", "teacher_tokenizer", "window_documents",
+    "DocumentSpec", "DocumentWindows", "absolute_document_spec", "document_spec_path", "is_document_spec",
+    "needs_seq_len", "parse_document_spec", "resolve_documents", "teacher_tokenizer", "window_documents",
 ]
 
 _OPTIONS = ("field", "messages", "split")
@@ -94,11 +94,6 @@ def _parsed(spec: str) -> DocumentSpec | None:
         return None
 
 
-def is_chat_spec(spec: str) -> bool:
-    """Whether ``spec`` is a document spec of chat conversations (``messages=``)."""
-    return getattr(_parsed(spec), "chat", False)
-
-
 def document_spec_path(spec: str) -> str | None:
     """The file or directory a document spec reads, or None when it does not parse."""
     return getattr(_parsed(spec), "path", None)
@@ -122,7 +117,8 @@ def teacher_tokenizer(teacher: str, data: str | None = None) -> str | None:
     directory = Path(teacher.removeprefix("hf:"))
     if not (directory / TOKENIZER_JSON).is_file():
         return None
-    return str(directory) if data is not None and is_chat_spec(data) else str(directory / TOKENIZER_JSON)
+    chat = data is not None and getattr(_parsed(data), "chat", False)
+    return str(directory) if chat else str(directory / TOKENIZER_JSON)
 
 
 class DocumentWindows(RaggedTokens):
