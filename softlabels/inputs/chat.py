@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from softlabels.errors import DataError
+from softlabels.errors import DataError, one_line
 from softlabels.inputs.records import optional_module
 from softlabels.inputs.vocabulary import tokenizer_file
 
@@ -28,14 +28,6 @@ _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _LM_EXTRA = "pip install 'softlabels[lm]'"
 _DIR_HINT = ("a Hugging Face tokenizer directory (tokenizer.json, and a chat template in tokenizer_config.json's "
              "'chat_template' or in chat_template.jinja)")
-
-
-def _one_line(err: BaseException) -> str:
-    """``Type: message`` on one line; a long message is cut after its first sentence."""
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    if len(text) > 160 and ". " in text:
-        text = text[:text.index(". ") + 1]
-    return text[:240]
 
 
 def _show(value: Any) -> str:
@@ -124,7 +116,7 @@ class ChatTemplate:
             raise
         except Exception as err:  # noqa: BLE001 - the template's own raise_exception, or a Jinja error
             raise DataError(f"{where}: the chat template of '{self.directory}' refused the conversation "
-                            f"({_one_line(err)}); fix the row, or the template") from None
+                            f"({one_line(err, 240)}); fix the row, or the template") from None
         return np.asarray(ids, dtype=np.int32), np.asarray(flags, dtype=bool)
 
 
@@ -143,7 +135,7 @@ def load_chat_template(path: str | os.PathLike[str]) -> ChatTemplate:
         tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                                          trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; one line says which
-        raise DataError(f"cannot load tokenizer directory '{path}' ({_one_line(err)}); pass {_DIR_HINT}") from None
+        raise DataError(f"cannot load tokenizer directory '{path}' ({one_line(err, 240)}); pass {_DIR_HINT}") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     return ChatTemplate(tok, str(path))
