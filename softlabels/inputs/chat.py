@@ -1,11 +1,6 @@
 """Chat conversations as token data: rendered with the tokenizer's own chat template, with the
-assistant's tokens as the only targets.
-
-A conversation (``[{"role", "content"}, ...]``, one ``assistant`` turn at least) is rendered
-and tokenized as ``apply_chat_template`` does (transformers' sandboxed Jinja). A token is a
-target when it overlaps an assistant span: the ``{% generation %}`` markers of a template that
-has them (transformers' own assistant mask), else **role spans** from renders that must
-extend each other (:meth:`ChatTemplate._role_spans`; docs/TOKENS.md, "Chat conversations").
+assistant's tokens as the only targets: ``{% generation %}`` markers where the template has them,
+else role spans (:meth:`ChatTemplate._role_spans`; docs/TOKENS.md, "Chat conversations").
 """
 
 from __future__ import annotations

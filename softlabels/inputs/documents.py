@@ -1,17 +1,9 @@
 """Documents as token data: the text or chat conversations of JSON Lines, Parquet and saved
-``datasets`` directories, cut into ``seq_len`` windows that never cross a document.
-
-Grammar (options joined by ``,``; exactly one of ``field=`` and ``messages=``)::
-
-    jsonl:PATH?field=NAME          one JSON object per line; NAME holds one document's text
-    jsonl:PATH?messages=NAME       NAME holds one conversation: a list of {role, content}
-    parquet:PATH?field=NAME        a string column (pyarrow) | ?messages=NAME, a list<struct> column
-    hfds:DIR?field=NAME[,split=S]  a Dataset (or DatasetDict) written by save_to_disk (needs `datasets`)
+``datasets`` directories (``KIND:PATH?field=NAME`` or ``?messages=NAME``, ``hfds:`` also
+``split=S``), cut into ``seq_len`` windows that never cross a document (docs/TOKENS.md).
 
 A text is encoded with the special tokens its tokenizer's post-processor adds (a Llama BOS);
 a conversation with the tokenizer directory's chat template (:mod:`softlabels.inputs.chat`).
-Each document is cut into ``seq_len`` windows (:func:`window_documents`), so no next-token
-target crosses a document boundary (docs/TOKENS.md).
 """
 
 from __future__ import annotations
@@ -170,7 +162,7 @@ def _texts(column: Any, tokenizer: Any) -> Iterator[tuple[np.ndarray, None]]:
 
 def resolve_documents(spec: str, *, tokenizer: str | os.PathLike[str] | None = None,
                       seq_len: int | None = None) -> DocumentWindows:
-    """Resolve a document spec (grammar in the module docstring) to its ``seq_len`` windows.
+    """Resolve a document spec (the module docstring) to its ``seq_len`` windows.
 
     ``tokenizer``: a ``tokenizer.json`` or a directory holding one for text documents; a
     Hugging Face tokenizer directory with a chat template for ``messages=``.

@@ -1,17 +1,9 @@
 """Files read as inputs: regular files only, and links that stay inside an image folder.
 
-Every file an input spec reads (an array file, a token file, a text, a tokenizer, each
-image of a folder) must be a *regular file*, checked with ``os.stat`` before it is
-opened: a FIFO blocks its reader until a writer comes (forever, in a batch job), a
-device may never end, a socket cannot be read. Such a file is refused in one line.
-
-Links. A path named on the command line (``x.npz``, ``text:t.txt``, ``--tokenizer``,
-the folder of ``imagefolder:DIR``) is followed wherever it leads: the user chose it. A
-folder scan (:func:`scan_folder`) follows no link to a *directory* at all, and refuses one:
-a directory link can make a loop (``a/self -> .`` scans forever), repeat part of the
-folder under another class, or lead out of it, and skipping it silently would drop
-images. A link to a *file* is read when its target (every link resolved) lies inside
-the folder, and refused otherwise, so the folder alone decides what is read.
+Every file an input spec reads is checked with ``os.stat`` before it is opened (a FIFO blocks its
+reader, a device may never end). A path named on the command line is followed wherever it leads;
+a folder scan (:func:`scan_folder`) refuses links to directories and reads a link to a file only
+when its target lies inside the folder (docs/VIEWS.md, "Image folders").
 """
 
 from __future__ import annotations

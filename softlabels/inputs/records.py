@@ -1,12 +1,7 @@
 """One column of the records users hold: JSON Lines, Parquet and saved ``datasets`` directories.
 
-:func:`read_column` returns a :class:`Column`: the values of one key of every record, in
-file order, each with where it came from (``line 7 of 'chat.jsonl'``, ``row 7 of
-'data.parquet'``), so an error about a value names its line. A *text* column holds
-strings; any other column is returned as plain Python values (lists, dicts) for the
-caller to check. Nothing read is executed or unpickled: JSON is parsed with :mod:`json`,
-Parquet and Arrow files with pyarrow, and a ``datasets`` directory is opened with
-``datasets.load_from_disk`` after its JSON file list is checked to stay inside it.
+:func:`read_column` returns the values of one key in file order, each with the line or row it
+came from. Nothing read is executed or unpickled (docs/TOKENS.md says how each kind is read).
 """
 
 from __future__ import annotations

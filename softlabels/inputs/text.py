@@ -1,14 +1,6 @@
 """Plain text as token data (a ``tokenizer.json`` for the ``tokenizers`` library), BPE training,
-and the token data spec resolver.
-
-Token data spec grammar::
-
-    PATH.npy                              int [N, L] packed sequences, or a 1-D stream (needs seq_len)
-    PATH.npz | PATH.h5 | PATH.zarr        arrays 'tokens' (+ 'offsets' [N + 1] if ragged, + optional 'mask')
-                                          (with seq_len, each sequence is cut into windows of at most seq_len)
-    text:PATH                             UTF-8 text, tokenized with `tokenizer`, cut into seq_len windows
-    jsonl:PATH?field=NAME | ?messages=NAME, parquet:PATH?..., hfds:DIR?...
-                                          documents or chat conversations: softlabels.inputs.documents
+and the token data spec resolver (token files, ``text:PATH`` and document specs; the grammar is
+in docs/TOKENS.md).
 """
 
 from __future__ import annotations
@@ -111,7 +103,7 @@ def _read_text(path: str) -> str:
 def resolve_token_data(
     spec: str, *, tokenizer: str | os.PathLike[str] | None = None, seq_len: int | None = None
 ) -> TokenDataset:
-    """Resolve a token data spec (grammar in the module docstring) to a :class:`TokenDataset`.
+    """Resolve a token data spec (grammar in docs/TOKENS.md) to a :class:`TokenDataset`.
 
     ``tokenizer`` (a tokenizer.json) is needed by ``text:`` specs and sets the data's
     ``vocab_size`` for any spec; ``seq_len`` cuts a text or a 1-D token stream into

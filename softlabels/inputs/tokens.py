@@ -1,10 +1,7 @@
 """Token datasets: packed [N, L] arrays, ragged flat tokens + offsets, and token windows.
 
-Every dataset is a :class:`TokenDataset`: item ``i`` is ``(ids int64 [L_i], mask bool [L_i])``
-and its sample id is ``i``. :meth:`TokenDataset.lengths` is known without reading any
-token, so a store can fix its ``offsets`` at creation. ``mask[t]`` says whether token
-``t`` is a *target*: the next-token prediction made at position ``t - 1`` is trained
-(Hugging Face's ``labels = -100`` convention, inverted); see docs/TOKENS.md.
+Item ``i`` of a :class:`TokenDataset` is ``(ids int64 [L_i], mask bool [L_i])``, sample id ``i``;
+its lengths are known without reading a token. ``mask[t]`` marks the targets (docs/TOKENS.md).
 """
 
 from __future__ import annotations

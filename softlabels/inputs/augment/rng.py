@@ -1,15 +1,9 @@
 """Counter-based random numbers for views: a pure function of (seed, sample id, view, stream, draw).
 
-A view's parameters must not depend on which batch, rank, worker or resumed run
-draws them, so nothing here has state that advances across rows: every number is
-a hash of its coordinates. The hash works on 32-bit words held in int64 tensors
-and multiplies in 16-bit halves, so no intermediate overflows and every device
-gives the same bits. ``tests/test_augment.py`` checks it against plain Python ints.
-
-The ops turn these uniforms into parameters with exact float64 operations only
-(``+ - * /``, sqrt, floor, round and the series in :func:`_exp`), never a library
-``exp``/``log`` whose last bit may differ between devices or between the vectorised
-body and the tail of a CPU kernel: :func:`_randint`, :func:`_exp`, :func:`_half_within`.
+Nothing advances across rows, and the hash (32-bit words in int64 tensors, multiplied in 16-bit
+halves) gives the same bits on every device; the ops turn the numbers into parameters with exact
+float64 operations only (:func:`_randint`, :func:`_exp`, :func:`_half_within`). docs/VIEWS.md,
+"Seeding", has the design.
 """
 
 from __future__ import annotations
