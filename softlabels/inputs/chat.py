@@ -130,7 +130,8 @@ def load_chat_template(path: str | os.PathLike[str]) -> ChatTemplate:
         tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                                          trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; one line says which
-        raise DataError(f"cannot load tokenizer directory '{path}' ({one_line(err, 240)}); pass {_DIR_HINT}") from None
+        raise DataError(f"cannot load tokenizer directory '{path}' ({one_line(err, 240)}); "
+                        f"pass {_DIR_HINT}") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     return ChatTemplate(tok, str(path))

@@ -98,12 +98,9 @@ def absolute_document_spec(spec: str) -> str:
 
 
 def teacher_tokenizer(teacher: str, data: str | None = None) -> str | None:
-    """The tokenizer an ``hf:DIR`` teacher brings, for a job given no tokenizer; None for other teachers.
-
-    The directory ``DIR`` for chat data (whose template lives beside the tokenizer), else
-    ``DIR/tokenizer.json`` (what ``text:`` data and token files take); None when ``DIR`` holds
-    no ``tokenizer.json``.
-    """
+    """The tokenizer an ``hf:DIR`` teacher brings, for a job given none: ``DIR`` for chat data (its
+    template lives beside the tokenizer), else ``DIR/tokenizer.json``; None for other teachers or
+    without a ``tokenizer.json``."""
     if not teacher.startswith("hf:"):
         return None
     directory = Path(teacher.removeprefix("hf:"))
@@ -126,11 +123,9 @@ class DocumentWindows(RaggedTokens):
 
 def window_documents(documents: Iterable[tuple[np.ndarray, np.ndarray | None]], seq_len: int, *,
                      source: str = "documents", vocab_size: int | None = None) -> DocumentWindows:
-    """Cut each document's ``(ids, target flags or None)`` into ``seq_len`` windows, never across documents.
-
-    A document of ``L`` tokens gives ``ceil(L / seq_len)`` windows, the last holding the
-    remainder; a document of 0 tokens gives none. Pass flags for every document or for none.
-    """
+    """Cut each document's ``(ids, target flags or None)`` into ``seq_len`` windows, never across
+    documents: ``ceil(L / seq_len)`` windows of a document of ``L`` tokens, the last holding the
+    remainder. Pass flags for every document or for none."""
     seq_len = check_seq_len(seq_len)
     ids, flags, owners = [], [], []
     for d, (doc_ids, doc_flags) in enumerate(documents):
@@ -162,10 +157,8 @@ def _texts(column: Any, tokenizer: Any) -> Iterator[tuple[np.ndarray, None]]:
 
 def resolve_documents(spec: str, *, tokenizer: str | os.PathLike[str] | None = None,
                       seq_len: int | None = None) -> DocumentWindows:
-    """Resolve a document spec (the module docstring) to its ``seq_len`` windows.
-
-    ``tokenizer``: a ``tokenizer.json`` or a directory holding one for text documents; a
-    Hugging Face tokenizer directory with a chat template for ``messages=``.
+    """Resolve a document spec to its ``seq_len`` windows; ``tokenizer``: a ``tokenizer.json`` (or a
+    directory holding one) for text, a tokenizer directory with a chat template for ``messages=``.
     """
     from softlabels.inputs.chat import check_conversation, load_chat_template
 

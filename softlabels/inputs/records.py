@@ -199,12 +199,9 @@ def _hfds_column(path: str, key: str, text: bool, split: str | None) -> Column:
 
 def read_column(kind: Literal["jsonl", "parquet", "hfds"], path: str | os.PathLike[str], key: str, *, text: bool,
                 split: str | None = None) -> Column:
-    """Column ``key`` of every record of a ``jsonl``, ``parquet`` or ``hfds`` source, in file order.
-
-    ``text``: the values must be strings (a Parquet or Arrow column of another type is
-    refused by its type; a JSONL value is checked by the caller, which knows the line).
-    ``split`` picks a split of a saved ``DatasetDict``. Refuses a source with no records.
-    """
+    """Column ``key`` of every record of a ``jsonl``, ``parquet`` or ``hfds`` source, in file order;
+    ``text``: strings only (refused by type for Arrow; the caller checks JSONL values by line).
+    ``split`` picks a split of a saved ``DatasetDict``. Refuses a source with no records."""
     path = str(path)
     if kind == "jsonl":
         column = _jsonl_column(path, key)

@@ -64,7 +64,8 @@ def _load_object(spec: str, what: str) -> Any:
 
 
 def _call_factory(spec: str, what: str, wanted: type | tuple[type, ...]) -> Any:
-    """Resolve ``spec`` to an instance of ``wanted``, calling it with no arguments if needed (always for ``()``)."""
+    """Resolve ``spec`` to an instance of ``wanted``, calling it with no arguments if needed (always
+    for ``()``)."""
     obj = _load_object(spec, what)
     if not isinstance(obj, wanted):
         if not callable(obj):

@@ -47,13 +47,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
 def encode_text(text: str, tokenizer: Any, *, tokenizer_path: str | os.PathLike[str] | None = None,
                 source: str = "the text") -> np.ndarray:
-    """Token ids of ``text`` (int64), encoded in one piece so no token is split at a block edge.
-
-    No special tokens are added: the text is one stream, cut into windows afterwards. A
-    tokenizer that loads but cannot encode (a WordLevel vocabulary without its unknown token,
-    a regex beyond the regex engine's limits) raises :class:`DataError` naming
-    ``tokenizer_path`` and ``source``.
-    """
+    """Token ids of ``text`` (int64), encoded in one piece without special tokens (the text is one
+    stream, cut into windows afterwards); a tokenizer that cannot encode it raises
+    :class:`DataError` naming ``tokenizer_path`` and ``source``."""
     name = "the tokenizer" if tokenizer_path is None else f"tokenizer '{tokenizer_path}'"
     encoding = _rust_call(lambda reason: f"{name} cannot encode {source} ({reason}); fix the tokenizer.json (a "
                           "WordLevel vocabulary needs its unknown token; a normalizer or pre-tokenizer regex must not "
@@ -63,13 +59,10 @@ def encode_text(text: str, tokenizer: Any, *, tokenizer_path: str | os.PathLike[
 
 
 def _rust_call(refusal: Callable[[str], str], fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` into the ``tokenizers`` bindings, with fd 2 held back while it runs; a
-    failure raises ``DataError(refusal(its reason))``.
-
-    A Rust panic prints its message (and, under ``RUST_BACKTRACE``, a backtrace) straight to
-    fd 2 before it becomes a ``PanicException``; the one-line error says it instead, so the
-    held text is dropped on a failure and passed on otherwise.
-    """
+    """``fn(*args, **kwargs)`` into the ``tokenizers`` bindings, a failure raised as
+    ``DataError(refusal(its reason))``. A Rust panic prints to fd 2 before it becomes an exception,
+    so fd 2 is held back while it runs: dropped on a failure (the one line says it), passed on
+    otherwise."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
@@ -105,10 +98,9 @@ def resolve_token_data(
 ) -> TokenDataset:
     """Resolve a token data spec (grammar in docs/TOKENS.md) to a :class:`TokenDataset`.
 
-    ``tokenizer`` (a tokenizer.json) is needed by ``text:`` specs and sets the data's
-    ``vocab_size`` for any spec; ``seq_len`` cuts a text or a 1-D token stream into
-    windows of that length, and each sequence of data that holds them into windows of at
-    most that length (none crossing two sequences).
+    ``tokenizer`` (a tokenizer.json) is needed by ``text:`` specs and sets any data's
+    ``vocab_size``; ``seq_len`` cuts a text, a stream or each sequence into windows (none crossing
+    two sequences).
     """
     if is_document_spec(spec):
         return resolve_documents(spec, tokenizer=tokenizer, seq_len=seq_len)

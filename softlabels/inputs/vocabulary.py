@@ -1,9 +1,5 @@
-"""Which tokenizer, and its identity: ``--tokenizer`` as a file or a directory, and a fingerprint
-of the vocabulary that a store can record.
-
-A tokenizer is given as a ``tokenizer.json`` (the ``tokenizers`` library's JSON; nothing in
-it runs) or as a Hugging Face tokenizer directory holding one (plus, for chat data, the
-chat template in ``tokenizer_config.json`` or ``chat_template.jinja``).
+"""Which tokenizer, and its identity: ``--tokenizer`` as a ``tokenizer.json`` or a directory
+holding one, and a fingerprint of the vocabulary that a store can record (docs/TOKENS.md).
 """
 
 from __future__ import annotations

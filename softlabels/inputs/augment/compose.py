@@ -67,8 +67,8 @@ class ParamRanges:
         return cls.of(ranges, sums)
 
     def problems(self, params: np.ndarray, names: Sequence[str] = ()) -> list[str]:
-        """What is wrong with ``params`` [..., P] (empty when every value lies in its range), from one
-        min and max per column of a transposed copy (numpy reduces a long contiguous axis ~8x faster)."""
+        """What is wrong with ``params`` [..., P] (empty when all lie in their ranges): one min
+        and max per column of a transposed copy (numpy reduces a long contiguous axis ~8x faster)"""
         p = np.asarray(params).reshape(-1, len(self.low))
         if not len(p):
             return []
@@ -98,7 +98,7 @@ class BuiltinOp:
         return size
 
     def param_dtype(self, size: Size) -> str:
-        """The narrowest of :data:`PARAM_DTYPES` that holds every whole number in the ranges exactly."""
+        """The narrowest of :data:`PARAM_DTYPES` that holds every whole number in the ranges."""
         ranges = self.param_ranges(size)  # type: ignore[attr-defined]
         low, high = float(ranges.low.min()), float(ranges.high.max())
         if low >= 0 and high <= 255:
@@ -108,8 +108,8 @@ class BuiltinOp:
 
 @runtime_checkable
 class Augmentation(Protocol):
-    """What an augmentation op provides (the protocol of ``package.module:factory`` ops; each attribute
-    is described in docs/VIEWS.md, "Your own ops"; ``param_dtype(size)`` is optional)."""
+    """What an augmentation op provides (the protocol of ``package.module:factory`` ops; each
+    attribute is described in docs/VIEWS.md, "Your own ops"; ``param_dtype(size)`` is optional)."""
 
     num_params: int
     spec: str

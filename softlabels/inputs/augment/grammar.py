@@ -124,8 +124,10 @@ def _affine(degrees: str = "0", translate: str = "0", scale: str = "1", interpol
     return RandomAffine(_range(degrees, symmetric=True), t, s, interpolation, _float(fill))
 
 
-BUILTIN_OPS: dict[str, Callable[..., Augmentation]] = {"crop": _crop, "flip": _flip, "rrc": _rrc, "affine": _affine}
-"""Op name -> its builder, called with the term's arguments as text (the first may be given by position)."""
+BUILTIN_OPS: dict[str, Callable[..., Augmentation]] = {
+    "crop": _crop, "flip": _flip, "rrc": _rrc, "affine": _affine,
+}
+"""Op name -> its builder, called with the term's arguments as text (the first one by position)."""
 
 
 def _names(op: str) -> tuple[str, ...]:
@@ -182,8 +184,8 @@ def _user(term: str, spec: str) -> Augmentation:
 
 def parse_augment(spec: str | list[str] | tuple[str, ...]) -> Compose:
     """Parse an ``--augment`` spec (see the module docstring) into a :class:`Compose`; ``spec`` may
-    also be a list of terms. ``parse_augment(c.spec) == c`` for built-in ops: ``spec`` is the canonical text.
-    """
+    also be a list of terms. ``parse_augment(c.spec) == c`` for built-in ops: ``spec`` is the
+    canonical text."""
     if isinstance(spec, (list, tuple)):
         spec = "+".join(str(t) for t in spec)
     terms = [t.strip() for t in spec.split("+")]
@@ -239,7 +241,8 @@ def _value(op: str, key: str, value: Any, term: str) -> str | None:
 
 
 def _torchvision(term: str, spec: str) -> Augmentation:
-    """A torchvision-spelled term as the grammar's own op (e.g. ``crop(32,padding=4)``), or SpecError."""
+    """A torchvision-spelled term as the grammar's own op (e.g. ``crop(32,padding=4)``), or
+    SpecError."""
     try:
         call = ast.parse(term.strip(), mode="eval").body
     except SyntaxError:

@@ -37,13 +37,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 class ViewRandom:
-    """Uniform numbers for ``n`` rows, row ``r`` keyed by ``(seed, ids[r], views[r])``.
-
-    ``uniform(k)`` returns the next ``k`` numbers of every row: calls continue the
-    row's sequence, so an op that asks twice gets different numbers, and the result
-    for a row never depends on the other rows. ``stream(i)`` is an independent
-    generator for the same rows (one per op of a :class:`~softlabels.inputs.augment.Compose`).
-    """
+    """Uniform numbers for ``n`` rows, row ``r`` keyed by ``(seed, ids[r], views[r])``:
+    ``uniform(k)`` continues each row's own sequence; ``stream(i)`` is an independent one (op ``i``
+    of a ``Compose``)."""
 
     def __init__(self, seed: int, ids: torch.Tensor, views: torch.Tensor | int = 0) -> None:
         if not 0 <= int(seed) < 2**63:
@@ -97,11 +93,9 @@ def _exp(t: torch.Tensor) -> torch.Tensor:
 
 
 def _half_within(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """``x`` rounded to float16 values (as float32), kept in ``[low, high]`` where the range holds one.
-
-    Round to nearest, then one float16 step back inside where that crossed an end (the step
-    is done on the bits, the same on every device).
-    """
+    """``x`` rounded to float16 values (as float32), kept in ``[low, high]`` where the range holds
+    one: round to nearest, then one float16 step back inside, done on the bits (the same on every
+    device)."""
     h = x.to(torch.float16)
     bits = h.view(torch.int16)
     neg = bits < 0  # sign-magnitude: a step towards -inf grows a negative number's bits
