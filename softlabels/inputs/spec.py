@@ -29,7 +29,7 @@ from softlabels.errors import DataError, SpecError, one_line
 from softlabels.inputs.array_files import open_array_file
 from softlabels.inputs.arrays import InputDataset
 from softlabels.inputs.digits import DIGITS_SPLITS, load_digits_split
-from softlabels.inputs.documents import absolute_document_spec, document_spec_path, is_document_spec
+from softlabels.inputs.text import absolute_document_spec, document_spec_path, is_document_spec
 from softlabels.inputs.imagefolder import open_imagefolder
 
 BUILTIN_DATASETS = tuple(f"digits:{split}" for split in DIGITS_SPLITS)

@@ -234,9 +234,8 @@ def token_producer(config: GenerateConfig, device: torch.device | None = None, *
     ``geometry``: the chunking adopted from the store resumed.
     """
     from softlabels._runtime.device import resolve_device
-    from softlabels.inputs.documents import teacher_tokenizer
     from softlabels.inputs.spec import absolute_data_spec
-    from softlabels.inputs.text import resolve_token_data
+    from softlabels.inputs.text import resolve_token_data, teacher_tokenizer
     from softlabels.inputs.tokens import token_fingerprint
     from softlabels.inputs.vocabulary import tokenizer_fingerprint
     from softlabels.teacher.lm import BUILTIN_LMS, call_tokens, resolve_lm
