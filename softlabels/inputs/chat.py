@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import DataError, one_line
-from softlabels.inputs.records import optional_module
+from softlabels.inputs.records import LM_EXTRA, optional_module
 from softlabels.inputs.vocabulary import tokenizer_file
 
 __all__ = ["ChatTemplate", "check_conversation", "load_chat_template"]
 
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_LM_EXTRA = "pip install 'softlabels[lm]'"
 _DIR_HINT = ("a Hugging Face tokenizer directory (tokenizer.json, and a chat template in tokenizer_config.json's "
              "'chat_template' or in chat_template.jinja)")
 
@@ -123,7 +122,7 @@ def load_chat_template(path: str | os.PathLike[str]) -> ChatTemplate:
         raise DataError(f"chat data (messages=) is rendered with a chat template, which the tokenizer '{path}' does "
                         f"not hold; pass --tokenizer DIR, {_DIR_HINT}")
     tokenizer_file(directory)  # a fast tokenizer's tokenizer.json: the vocabulary, and never a pickle
-    transformers = optional_module("transformers", "chat data (messages=)", _LM_EXTRA)
+    transformers = optional_module("transformers", "chat data (messages=)", LM_EXTRA)
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # its advice on tokenizer files is not this command's output
     try:

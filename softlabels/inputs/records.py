@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 from softlabels.errors import DataError, one_line
 
-__all__ = ["RECORD_KINDS", "Column", "optional_module", "read_column"]
+__all__ = ["LM_EXTRA", "RECORD_KINDS", "Column", "optional_module", "read_column"]
 
 RECORD_KINDS = ("jsonl", "parquet", "hfds")
 _DATA_EXTRA = "pip install 'softlabels[data]'"
+LM_EXTRA = "pip install 'softlabels[lm]'"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 from softlabels.errors import DataError, SpecError, one_line
 from softlabels.inputs.files import require_regular
-from softlabels.inputs.records import RECORD_KINDS, read_column
+from softlabels.inputs.records import LM_EXTRA, RECORD_KINDS, read_column
 from softlabels.inputs.tokens import (
     RaggedTokens, TokenDataset, check_seq_len, open_token_file, pack_stream, window_offsets,
 )
@@ -36,7 +36,6 @@ __all__ = [
     "window_documents",
 ]
 
-_INSTALL = "pip install 'softlabels[lm]'"
 END_OF_TEXT = "<|endoftext|>"
 """The one special token :func:`train_bpe` adds (id 0), for separating documents."""
 _OPTIONS = ("field", "messages", "split")
@@ -46,7 +45,7 @@ def _tokenizers() -> Any:
     try:
         import tokenizers
     except ImportError as err:
-        raise DataError(f"text data needs the 'tokenizers' library, which is not installed; {_INSTALL}") from err
+        raise DataError(f"text data needs the 'tokenizers' library, which is not installed; {LM_EXTRA}") from err
     return tokenizers
 
 
