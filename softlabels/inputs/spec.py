@@ -1,13 +1,5 @@
-"""The ``--data`` spec grammar: resolve a spec to an input dataset, and load user factories.
-
-Grammar (``SPEC[?unlabeled]``; the suffix hides every label)::
-
-    digits:train | digits:pool | digits:test | digits:all     built-in (scikit-learn digits)
-    PATH.npz[:X[,Y]]                                          arrays x and y (if present), or X and Y
-    PATH.npy                                                  inputs only
-    PATH.h5[:X[,Y]] | PATH.hdf5[:X[,Y]] | PATH.zarr[:X[,Y]]   as .npz, read lazily
-    imagefolder:DIR[?size=S][,gray]                           DIR/<class>/<image>, see softlabels.inputs.imagefolder
-    package.module:factory                                    callable -> map-style Dataset
+"""The ``--data`` spec grammar (docs/USAGE.md, "Specs"): resolve a spec to an input dataset, and
+load user factories.
 
 Specs on the command line are trusted: a ``module:factory`` is imported and called
 (:func:`_call_factory` is the one place that imports user code). Specs *recorded* in a
@@ -156,7 +148,7 @@ class _MapDataset(InputDataset):
 
 
 def resolve_data(spec: str) -> InputDataset:
-    """Resolve a ``--data`` spec (see the module docstring for the grammar) to a dataset."""
+    """Resolve a ``--data`` spec (grammar in docs/USAGE.md) to a dataset."""
     base, sep, options = _split_options(spec)
     terms = options.split(",") if sep else []
     if base.startswith("imagefolder:"):

@@ -1,20 +1,9 @@
-"""The ``--augment`` grammar: torchvision-like terms joined by ``+``, parsed without eval.
+"""The ``--augment`` grammar (docs/VIEWS.md): terms joined by ``+``, parsed without eval.
 
-    SPEC  := TERM ('+' TERM)*
-    TERM  := NAME ['(' [ARG (',' ARG)*] ')'] | package.module:factory | a torchvision call
-    ARG   := VALUE | KEY '=' VALUE          (positional first, as torchvision's first argument)
-    VALUE := NUMBER | LO '-' HI (a range) | H 'x' W (a size or a pair) | WORD
-
-    crop(32,padding=4)+flip                     RandomCrop(32, padding=4) + RandomHorizontalFlip()
-    rrc(224,scale=0.08-1,ratio=0.75-1.333)+flip RandomResizedCrop(224, scale, ratio) + flip
-    affine(15,translate=0.1,scale=0.9-1.1)      RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1))
-
-A term spelled as torchvision spells it (the right column, optionally prefixed ``T.``) is the
-same op: parsed with :mod:`ast`, its arguments read with ``ast.literal_eval`` (nothing is
-evaluated); arguments without a replayable counterpart (``ColorJitter``, ``pad_if_needed``,
-``interpolation=`` of a crop) are refused in one line. A ``package.module:factory`` term is
-called with no arguments and must return an object with the
-:class:`~softlabels.inputs.augment.compose.Augmentation` protocol (docs/VIEWS.md).
+A term is a built-in op (``crop(32,padding=4)+flip``), the same op spelled as torchvision spells
+it (``RandomCrop(32, padding=4)``, read with :mod:`ast` and ``ast.literal_eval`` only), or a
+``package.module:factory`` called with no arguments that returns an
+:class:`~softlabels.inputs.augment.compose.Augmentation`.
 """
 
 from __future__ import annotations
@@ -183,7 +172,7 @@ def _user(term: str, spec: str) -> Augmentation:
 
 
 def parse_augment(spec: str | list[str] | tuple[str, ...]) -> Compose:
-    """Parse an ``--augment`` spec (see the module docstring) into a :class:`Compose`; ``spec`` may
+    """Parse an ``--augment`` spec (docs/VIEWS.md) into a :class:`Compose`; ``spec`` may
     also be a list of terms. ``parse_augment(c.spec) == c`` for built-in ops: ``spec`` is the
     canonical text."""
     if isinstance(spec, (list, tuple)):
