@@ -157,8 +157,8 @@ def open_array_file(path: str | os.PathLike[str], name: str | None = None, label
     if name is None:  # defaults: arrays x and (if present) y, a Zarr store that is one array, or the .npy
         name, labels_name = ("", None) if found == [""] else ("x", "y" if "y" in found else None)
     if missing := [n for n in (name, labels_name) if n is not None and n not in found]:
-        raise DataError(f"no array '{missing[0]}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
-                        f"name them as {path}:INPUTS[,LABELS]")
+        raise DataError(f"no array '{missing[0]}' in '{path}'; arrays found: "
+                        f"{', '.join(found) or '(none)'}; name them as {path}:INPUTS[,LABELS]")
     source = f"{path}:{name}" if name else path
     if arrays is not None:
         x, labels = arrays[name], None if labels_name is None else arrays[labels_name]

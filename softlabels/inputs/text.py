@@ -30,10 +30,10 @@ from softlabels.inputs.tokens import (
 from softlabels.inputs.vocabulary import TOKENIZER_JSON, open_tokenizer
 
 __all__ = [
-    "END_OF_TEXT", "DocumentSpec", "DocumentWindows", "absolute_document_spec", "document_spec_path",
-    "encode_text", "is_document_spec", "load_tokenizer", "needs_seq_len", "parse_document_spec",
-    "pydoc_topics", "resolve_documents", "resolve_token_data", "teacher_tokenizer", "train_bpe",
-    "window_documents",
+    "END_OF_TEXT", "DocumentSpec", "DocumentWindows", "absolute_document_spec",
+    "document_spec_path", "encode_text", "is_document_spec", "load_tokenizer", "needs_seq_len",
+    "parse_document_spec", "pydoc_topics", "resolve_documents", "resolve_token_data",
+    "teacher_tokenizer", "train_bpe", "window_documents",
 ]
 
 END_OF_TEXT = "<|endoftext|>"
@@ -45,7 +45,8 @@ def _tokenizers() -> Any:
     try:
         import tokenizers
     except ImportError as err:
-        raise DataError(f"text data needs the 'tokenizers' library, which is not installed; {LM_EXTRA}") from err
+        raise DataError("text data needs the 'tokenizers' library, which is not installed; "
+                        f"{LM_EXTRA}") from err
     return tokenizers
 
 
@@ -113,7 +114,8 @@ def _read_text(path: str) -> str:
 
 @dataclass(frozen=True)
 class DocumentSpec:
-    """A parsed document spec: the record ``kind``, its ``path``, the ``key`` read, and whether it is chat."""
+    """A parsed document spec: the record ``kind``, its ``path``, the ``key`` read, whether it is
+    chat, and the ``split``."""
 
     kind: str
     path: str
@@ -132,14 +134,16 @@ def is_document_spec(spec: str) -> bool:
 
 
 def parse_document_spec(spec: str) -> DocumentSpec:
-    """Parse ``KIND:PATH?field=NAME`` / ``?messages=NAME`` (``,split=S`` for ``hfds:``); SpecError otherwise."""
+    """Parse ``KIND:PATH?field=NAME`` or ``?messages=NAME`` (``,split=S`` for ``hfds:``)."""
     kind, _, body = spec.partition(":")
     if kind not in RECORD_KINDS:
-        raise SpecError(f"'{spec}' is not a document spec; use jsonl:, parquet: or hfds: followed by the path")
+        raise SpecError(f"'{spec}' is not a document spec; use jsonl:, parquet: or hfds: followed "
+                        "by the path")
     path, sep, text = body.rpartition("?")
     if not sep or not path:
-        raise SpecError(f"{kind} data '{spec}' names no {'path' if sep else 'key'}; write {kind}:PATH?field=NAME "
-                        "(text documents) or ?messages=NAME (chat conversations)")
+        raise SpecError(f"{kind} data '{spec}' names no {'path' if sep else 'key'}; write "
+                        f"{kind}:PATH?field=NAME (text documents) or ?messages=NAME (chat "
+                        "conversations)")
     options: dict[str, str] = {}
     for term in text.split(","):
         name, eq, value = term.partition("=")
@@ -148,15 +152,16 @@ def parse_document_spec(spec: str) -> DocumentSpec:
             raise SpecError(f"unknown option '{term}' in {kind} data '{spec}'; use {allowed}")
         options[name] = value
     if ("field" in options) == ("messages" in options):
-        raise SpecError(f"{kind} data '{spec}' needs exactly one of field=NAME (text documents) and "
-                        "messages=NAME (chat conversations)")
+        raise SpecError(f"{kind} data '{spec}' needs exactly one of field=NAME (text documents) "
+                        "and messages=NAME (chat conversations)")
     chat = "messages" in options
-    return DocumentSpec(kind, path, options["messages" if chat else "field"], chat, options.get("split"))
+    key = options["messages" if chat else "field"]
+    return DocumentSpec(kind, path, key, chat, options.get("split"))
 
 
 def needs_seq_len(spec: str) -> bool:
-    """Whether token data ``spec`` is cut into windows by ``seq_len`` (``text:`` and document specs), so a
-    consumer re-resolving it must pass the window length it was generated or trained with."""
+    """Whether token data ``spec`` is cut into windows by ``seq_len`` (``text:`` and documents), so
+    a consumer re-resolving it must pass the window length it was generated or trained with."""
     return spec.startswith("text:") or is_document_spec(spec)
 
 
@@ -173,7 +178,7 @@ def document_spec_path(spec: str) -> str | None:
 
 
 def absolute_document_spec(spec: str) -> str:
-    """``spec`` with its path made absolute (as stores record it), or ``spec`` itself when it does not parse."""
+    """``spec`` with its path made absolute (as stores record it); ``spec`` if it does not parse."""
     s = _parsed(spec)
     return spec if s is None else f"{s.kind}:{os.path.abspath(s.path)}?{s.options()}"
 
@@ -195,8 +200,8 @@ class DocumentWindows(RaggedTokens):
     """Windows of documents: a :class:`RaggedTokens` whose window ``i`` lies inside document
     ``document_of[i]`` (the index among the source's records, empty ones counted)."""
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, document_of: np.ndarray, mask: np.ndarray | None,
-                 *, source: str, vocab_size: int | None) -> None:
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, document_of: np.ndarray,
+                 mask: np.ndarray | None, *, source: str, vocab_size: int | None) -> None:
         super().__init__(tokens, offsets, mask, source=source, vocab_size=vocab_size)
         self.document_of = document_of
         self.document_of.flags.writeable = False
@@ -217,21 +222,25 @@ def window_documents(documents: Iterable[tuple[np.ndarray, np.ndarray | None]], 
         if doc_flags is not None:
             flags.append(np.asarray(doc_flags, dtype=bool))
     if not ids:
-        raise DataError(f"{source} holds no tokens (every document is empty); pass documents with text")
+        raise DataError(f"{source} holds no tokens (every document is empty); pass documents with "
+                        "text")
     if flags and len(flags) != len(ids):
-        raise DataError(f"{source}: target flags were given for some documents only; give them for all or none")
+        raise DataError(f"{source}: target flags were given for some documents only; give them for "
+                        "all or none")
     sizes = np.array([len(i) for i in ids], dtype=np.int64)
     per = -(-sizes // seq_len)  # windows per document
     return DocumentWindows(np.concatenate(ids), window_offsets(sizes, seq_len),
                            np.repeat(np.array(owners, dtype=np.int64), per),
-                           np.concatenate(flags) if flags else None, source=source, vocab_size=vocab_size)
+                           np.concatenate(flags) if flags else None, source=source,
+                           vocab_size=vocab_size)
 
 
 def _texts(column: Any, tokenizer: Any) -> Iterator[tuple[np.ndarray, None]]:
     for i, value in enumerate(column.values):
         if not isinstance(value, str):
-            raise DataError(f"{column.where(i)}: '{column.key}' is {json.dumps(value)[:60]}, not text; "
-                            "give every record a string there, or name the text key with field=NAME")
+            raise DataError(f"{column.where(i)}: '{column.key}' is {json.dumps(value)[:60]}, not "
+                            "text; give every record a string there, or name the text key with "
+                            "field=NAME")
         # one text at a time: encode_batch would start the tokenizers thread pool before a fork
         yield np.asarray(tokenizer.encode(value, add_special_tokens=True).ids, dtype=np.int32), None
 
@@ -245,9 +254,9 @@ def resolve_documents(spec: str, *, tokenizer: str | os.PathLike[str] | None = N
 
     s = parse_document_spec(spec)
     if tokenizer is None or seq_len is None:
-        raise DataError(f"{s.kind} data '{spec}' needs a tokenizer and a window length; pass --tokenizer "
-                        f"{'DIR (a tokenizer directory with a chat template)' if s.chat else 'tokenizer.json'} "
-                        "and --seq-len N")
+        wanted = "DIR (a tokenizer directory with a chat template)" if s.chat else "tokenizer.json"
+        raise DataError(f"{s.kind} data '{spec}' needs a tokenizer and a window length; pass "
+                        f"--tokenizer {wanted} and --seq-len N")
     seq_len = check_seq_len(seq_len)
     if s.chat:
         template = load_chat_template(tokenizer)

@@ -151,7 +151,8 @@ def _build(name: str, kwargs: dict[str, str], term: str, spec: str) -> Augmentat
     try:
         return BUILTIN_OPS[name](**kwargs)
     except TypeError:  # the one required argument is missing
-        raise SpecError(f"'{term}' in --augment '{spec}' lacks its {_names(name)[0]}; e.g. {name}(32)") from None
+        raise SpecError(f"'{term}' in --augment '{spec}' lacks its {_names(name)[0]}; "
+                        f"e.g. {name}(32)") from None
     except _Bad as err:
         raise SpecError(f"bad value in '{term}' of --augment '{spec}': {err}; see docs/VIEWS.md for its "
                         "arguments") from None
@@ -193,8 +194,9 @@ TORCHVISION_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "RandomAffine": ("affine", ("degrees", "translate", "scale", "shear", "interpolation", "fill")),
 }
 """torchvision class -> (our op, its positional argument names in torchvision's order)."""
-_NOT_REPLAYABLE = ("ColorJitter", "RandomVerticalFlip", "RandomRotation", "RandomErasing", "GaussianBlur",
-                   "RandomGrayscale", "RandAugment", "TrivialAugmentWide", "AutoAugment")
+_NOT_REPLAYABLE = ("ColorJitter", "RandomVerticalFlip", "RandomRotation", "RandomErasing",
+                   "GaussianBlur", "RandomGrayscale", "RandAugment", "TrivialAugmentWide",
+                   "AutoAugment")
 _HEAD = re.compile(r"\s*(?:[A-Za-z_]\w*\.)*(?P<name>[A-Z]\w*)\s*\(")
 
 
@@ -219,13 +221,14 @@ def _value(op: str, key: str, value: Any, term: str) -> str | None:
             return f"{_fmt(value[0])}-{_fmt(value[1])}"
         if key == "size" and len(value) == 1:
             return str(value[0])
-        raise SpecError(f"'{term}': {key}={value!r} has no replayable counterpart here; pass one number or a pair "
-                        "(docs/VIEWS.md)")
-    if value is None or (key == "pad_if_needed" and value is False) or (key == "shear" and value in (0, None)):
+        raise SpecError(f"'{term}': {key}={value!r} has no replayable counterpart here; pass one "
+                        "number or a pair (docs/VIEWS.md)")
+    if value is None or (key == "pad_if_needed" and value is False) or (key, value) == ("shear", 0):
         return None
-    if key in ("pad_if_needed", "shear", "antialias") or (key == "interpolation" and op != "affine"):
-        raise SpecError(f"'{term}': {key}={value!r} is not replayable from stored parameters here; drop it "
-                        "(docs/VIEWS.md lists each op's arguments)")
+    cropping = key == "interpolation" and op != "affine"  # a crop's interpolation: not replayable
+    if key in ("pad_if_needed", "shear", "antialias") or cropping:
+        raise SpecError(f"'{term}': {key}={value!r} is not replayable from stored parameters here; "
+                        "drop it (docs/VIEWS.md lists each op's arguments)")
     return _fmt(value)
 
 
@@ -237,12 +240,13 @@ def _torchvision(term: str, spec: str) -> Augmentation:
     except SyntaxError:
         call = None
     if not isinstance(call, ast.Call):
-        raise SpecError(f"cannot parse '{term}' as a torchvision transform; write e.g. RandomCrop(32, padding=4)")
+        raise SpecError(f"cannot parse '{term}' as a torchvision transform; "
+                        "write e.g. RandomCrop(32, padding=4)")
     name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
     if name not in TORCHVISION_NAMES:
-        raise SpecError(f"{name} is not replayable from stored view parameters in softlabels (replayable: "
-                        f"{', '.join(TORCHVISION_NAMES)}); apply it in the student's own transforms, or write "
-                        "a package.module:factory op (docs/VIEWS.md)")
+        raise SpecError(f"{name} is not replayable from stored view parameters in softlabels "
+                        f"(replayable: {', '.join(TORCHVISION_NAMES)}); apply it in the student's "
+                        "own transforms, or write a package.module:factory op (docs/VIEWS.md)")
     op, names = TORCHVISION_NAMES[name]
     try:
         given = {names[i]: ast.literal_eval(a) for i, a in enumerate(call.args)}
