@@ -54,10 +54,6 @@ def require_regular(path: str | os.PathLike[str]) -> None:
         raise _not_regular(str(path), kind)
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
 def _directory_link(root: Path, path: str) -> DataError:
     return DataError(f"imagefolder '{root}' holds a link to a directory, '{path}'; directory links are not followed "
                      "(they can loop, or lead out of the folder): replace the link with the directory it names, "
@@ -75,7 +71,7 @@ def _check_link(entry: os.DirEntry, root: Path, real_root: str, keep: Callable[[
     if not keep(entry.name):
         return  # a link to a file that is not read
     target = os.path.realpath(entry.path)
-    if not _inside(target, real_root):
+    if os.path.commonpath([target, real_root]) != real_root:
         raise DataError(f"'{entry.path}' in imagefolder '{root}' links to '{target}', outside the folder; links are "
                         "followed only within the folder: copy the file in, or remove the link")
     require_regular(entry.path)
