@@ -14,8 +14,7 @@ import pytest
 
 from softlabels.errors import DataError
 from softlabels.inputs.chat import load_chat_template
-from softlabels.inputs.documents import resolve_documents
-from softlabels.inputs.text import resolve_token_data
+from softlabels.inputs.text import resolve_documents, resolve_token_data
 from softlabels.student.lm_metrics import next_token_targets
 from tests._chatdata import (
     CONVERSATIONS,

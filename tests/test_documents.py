@@ -1,4 +1,4 @@
-"""Documents as token data (softlabels.inputs.documents): JSON Lines, Parquet and saved ``datasets``
+"""Documents as token data (softlabels.inputs.text): JSON Lines, Parquet and saved ``datasets``
 directories, cut into windows that never cross a document; the tokenizer helpers beside them.
 
 Windows are checked against the tokenizer's own ``encode`` of each document, cut by hand.
@@ -15,15 +15,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from softlabels.errors import DataError, SpecError
-from softlabels.inputs.documents import (
+from softlabels.inputs.spec import absolute_data_spec, data_spec_path
+from softlabels.inputs.text import (
     absolute_document_spec,
     parse_document_spec,
     resolve_documents,
+    resolve_token_data,
     teacher_tokenizer,
     window_documents,
 )
-from softlabels.inputs.spec import absolute_data_spec, data_spec_path
-from softlabels.inputs.text import resolve_token_data
 from softlabels.inputs.tokens import token_fingerprint
 from softlabels.inputs.vocabulary import tokenizer_fingerprint
 from softlabels.student.lm_metrics import next_token_targets

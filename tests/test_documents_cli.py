@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softlabels.inputs.documents import resolve_documents
+from softlabels.inputs.text import resolve_documents
 from softlabels.inputs.tokens import token_fingerprint
 from tests._chatdata import CONVERSATIONS, DOCUMENTS, PLAIN, tokenizer_dir, write_jsonl
 from tests.conftest import assert_one_line_error, run_cli

@@ -1744,7 +1744,7 @@ CASES.update({
 
 
 def _library_document_cases() -> dict[str, Callable[[Ctx], Any]]:
-    from softlabels.inputs.documents import parse_document_spec, window_documents
+    from softlabels.inputs.text import parse_document_spec, window_documents
 
     ids = np.arange(3, dtype=np.int32)
     return {

@@ -17,6 +17,7 @@ SAME = [
     ("RandomCrop(8, padding=1, padding_mode='edge')", "crop(8,padding=1,padding_mode=edge)"),
     ("RandomAffine(15, translate=(0.1, 0.2), scale=(0.9, 1.1))", "affine(15,translate=0.1x0.2,scale=0.9-1.1)"),
     ("RandomCrop(32, padding=4) + flip", "crop(32,padding=4)+flip"),
+    ("flip + T.RandomCrop(32, padding=4)", "flip+crop(32,padding=4)"),
 ]
 
 

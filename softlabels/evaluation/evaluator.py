@@ -136,8 +136,7 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
 def eval_data(spec: str, config: dict[str, Any], lm: bool) -> Any:
     """The data to evaluate on, checked against what the student was trained on."""
     if lm:
-        from softlabels.inputs.documents import needs_seq_len
-        from softlabels.inputs.text import resolve_token_data
+        from softlabels.inputs.text import needs_seq_len, resolve_token_data
 
         # the run's windows: its --seq-len (text, a stream, re-windowed rows, documents), or its context
         seq_len = config.get("seq_len") or (int(config["input_shape"][0]) if needs_seq_len(spec) else None)

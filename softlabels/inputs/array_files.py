@@ -28,11 +28,8 @@ FileKind = Literal["npy", "hdf5", "zarr"]
 
 
 def _read_rows(array: Any, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` (any order, repeats allowed) from an HDF5/Zarr array, with few reads.
-
-    Both need sorted unique coordinates and random row reads are slow, so a
-    dense-enough request becomes one contiguous slab read, sliced in memory.
-    """
+    """Rows ``idx`` (any order, repeats allowed) from an HDF5/Zarr array, which need sorted unique
+    coordinates: a dense-enough request is one contiguous slab read, sliced in memory."""
     if idx.size == 0:
         return np.empty((0, *array.shape[1:]), dtype=array.dtype)
     uniq, inverse = np.unique(idx, return_inverse=True)
@@ -66,20 +63,11 @@ def _array_names(path: str, kind: str) -> list[str]:
     return [name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array)]
 
 
-def _require_arrays(path: str, found: list[str], *wanted: str | None) -> None:
-    for name in wanted:
-        if name is not None and name not in found:
-            raise DataError(f"no array '{name}' in '{path}'; arrays found: {', '.join(found) or '(none)'}; "
-                            f"name them as {path}:INPUTS[,LABELS]")
-
-
 class LazyArray:
-    """A ``.npy`` (memory-mapped), HDF5 or Zarr array opened on first use in each process.
-
-    The handle is dropped when pickled and reopened after a fork, so the array is safe to
-    send to DataLoader workers; rows asked for by an index array are read with
-    :func:`_read_rows`. A damaged file raises :class:`DataError` here, at construction.
-    """
+    """A ``.npy`` (memory-mapped), HDF5 or Zarr array opened on first use in each process (the
+    handle is dropped when pickled), so it is safe to send to DataLoader workers. A damaged file
+    raises :class:`DataError` at construction; rows of an index array are read with
+    :func:`_read_rows`."""
 
     def __init__(self, path: str, kind: FileKind, name: str = "") -> None:
         self.path, self.kind, self.name = path, kind, name
@@ -157,12 +145,9 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 
 def open_array_file(path: str | os.PathLike[str], name: str | None = None, labels_name: str | None = None, *,
                     num_classes: int | None = None) -> ArrayDataset:
-    """Open inputs stored in a ``.npz``, ``.npy``, HDF5 (``.h5``/``.hdf5``) or ``.zarr`` file.
-
-    Without ``name`` the inputs are array ``x`` and the labels array ``y`` when the
-    file has one; with ``name`` labels come only from ``labels_name``. ``.npz`` is
-    loaded eagerly; the others stay in the file (see :class:`LazyArray`).
-    """
+    """Open inputs stored in a ``.npz``, ``.npy``, HDF5 (``.h5``/``.hdf5``) or ``.zarr`` file:
+    arrays ``x`` and ``y`` (when present) by default, else ``name`` and ``labels_name``. ``.npz`` is
+    read now; the others stay in the file (:class:`LazyArray`)."""
     path = str(path)
     kind = file_kind(path, "data file", ".npz, .npy, .h5/.hdf5 or .zarr")
     if kind == "npy" and (name is not None or labels_name is not None):
@@ -171,7 +156,9 @@ def open_array_file(path: str | os.PathLike[str], name: str | None = None, label
     found = [""] if kind == "npy" else list(arrays) if arrays is not None else _array_names(path, kind)
     if name is None:  # defaults: arrays x and (if present) y, a Zarr store that is one array, or the .npy
         name, labels_name = ("", None) if found == [""] else ("x", "y" if "y" in found else None)
-    _require_arrays(path, found, name, labels_name)
+    if missing := [n for n in (name, labels_name) if n is not None and n not in found]:
+        raise DataError(f"no array '{missing[0]}' in '{path}'; arrays found: "
+                        f"{', '.join(found) or '(none)'}; name them as {path}:INPUTS[,LABELS]")
     source = f"{path}:{name}" if name else path
     if arrays is not None:
         x, labels = arrays[name], None if labels_name is None else arrays[labels_name]

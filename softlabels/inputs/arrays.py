@@ -1,9 +1,5 @@
-"""Input datasets: the :class:`InputDataset` protocol and arrays held in memory.
-
-Every dataset is an :class:`InputDataset`: items are ``(x float32 tensor, y int64 scalar)``
-with ``y = -1`` for unlabeled items, plus a vectorised :meth:`InputDataset.get_batch`
-that the student trainer calls for whole chunks of sample ids. Array files are
-:mod:`softlabels.inputs.array_files`, the built-in digits :mod:`softlabels.inputs.digits`.
+"""Input datasets: the :class:`InputDataset` protocol (``(x float32, y int64)`` items, ``y = -1``
+unlabeled, and a vectorised :meth:`InputDataset.get_batch`) and arrays held in memory.
 """
 
 from __future__ import annotations
@@ -22,9 +18,8 @@ __all__ = ["InputDataset", "ArrayDataset", "all_labels", "class_count"]
 class InputDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Map-style dataset of ``(x float32, y int64 scalar)`` items; ``y = -1`` means unlabeled.
 
-    Subclasses set ``input_shape`` (per item), ``num_classes`` (``None`` when unknown)
-    and ``has_labels``, and implement ``__len__``/``__getitem__``; array-backed ones
-    override :meth:`get_batch` with a vectorised read.
+    Subclasses set ``input_shape``, ``num_classes`` (``None`` when unknown) and ``has_labels``, and
+    implement ``__len__``/``__getitem__`` (array-backed ones also a vectorised :meth:`get_batch`).
     """
 
     input_shape: tuple[int, ...]
@@ -106,11 +101,8 @@ def _check_inputs(dtype: np.dtype, shape: tuple[int, ...], source: str) -> None:
 
 
 class ArrayDataset(InputDataset):
-    """Dataset over an array of inputs ``x`` [N, ...] and optional integer labels ``y`` [N].
-
-    ``y=None`` marks every item unlabeled. ``num_classes`` defaults to the largest
-    label + 1 (``None`` without labels); pass it to override.
-    """
+    """Dataset over inputs ``x`` [N, ...] and optional integer labels ``y`` [N] (``None``:
+    unlabeled); ``num_classes`` defaults to the largest label + 1."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray | None = None, *, num_classes: int | None = None,
                  source: str = "array") -> None:

@@ -1,11 +1,6 @@
 """Chat conversations as token data: rendered with the tokenizer's own chat template, with the
-assistant's tokens as the only targets.
-
-A conversation (``[{"role", "content"}, ...]``, one ``assistant`` turn at least) is rendered
-and tokenized as ``apply_chat_template`` does (transformers' sandboxed Jinja). A token is a
-target when it overlaps an assistant span: the ``{% generation %}`` markers of a template that
-has them (transformers' own assistant mask), else **role spans** from renders that must
-extend each other (:meth:`ChatTemplate._role_spans`; docs/TOKENS.md, "Chat conversations").
+assistant's tokens as the only targets: ``{% generation %}`` markers where the template has them,
+else role spans (:meth:`ChatTemplate._role_spans`; docs/TOKENS.md, "Chat conversations").
 """
 
 from __future__ import annotations
@@ -18,24 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from softlabels.errors import DataError
-from softlabels.inputs.records import optional_module
+from softlabels.errors import DataError, one_line
+from softlabels.inputs.records import LM_EXTRA, optional_module
 from softlabels.inputs.vocabulary import tokenizer_file
 
 __all__ = ["ChatTemplate", "check_conversation", "load_chat_template"]
 
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_LM_EXTRA = "pip install 'softlabels[lm]'"
 _DIR_HINT = ("a Hugging Face tokenizer directory (tokenizer.json, and a chat template in tokenizer_config.json's "
              "'chat_template' or in chat_template.jinja)")
-
-
-def _one_line(err: BaseException) -> str:
-    """``Type: message`` on one line; a long message is cut after its first sentence."""
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    if len(text) > 160 and ". " in text:
-        text = text[:text.index(". ") + 1]
-    return text[:240]
 
 
 def _show(value: Any) -> str:
@@ -124,7 +110,7 @@ class ChatTemplate:
             raise
         except Exception as err:  # noqa: BLE001 - the template's own raise_exception, or a Jinja error
             raise DataError(f"{where}: the chat template of '{self.directory}' refused the conversation "
-                            f"({_one_line(err)}); fix the row, or the template") from None
+                            f"({one_line(err, 240)}); fix the row, or the template") from None
         return np.asarray(ids, dtype=np.int32), np.asarray(flags, dtype=bool)
 
 
@@ -136,14 +122,15 @@ def load_chat_template(path: str | os.PathLike[str]) -> ChatTemplate:
         raise DataError(f"chat data (messages=) is rendered with a chat template, which the tokenizer '{path}' does "
                         f"not hold; pass --tokenizer DIR, {_DIR_HINT}")
     tokenizer_file(directory)  # a fast tokenizer's tokenizer.json: the vocabulary, and never a pickle
-    transformers = optional_module("transformers", "chat data (messages=)", _LM_EXTRA)
+    transformers = optional_module("transformers", "chat data (messages=)", LM_EXTRA)
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # its advice on tokenizer files is not this command's output
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                                          trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; one line says which
-        raise DataError(f"cannot load tokenizer directory '{path}' ({_one_line(err)}); pass {_DIR_HINT}") from None
+        raise DataError(f"cannot load tokenizer directory '{path}' ({one_line(err, 240)}); "
+                        f"pass {_DIR_HINT}") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     return ChatTemplate(tok, str(path))

@@ -56,11 +56,8 @@ def _digits_split_indices() -> dict[str, np.ndarray]:
 
 
 def load_digits_split(split: str) -> ArrayDataset:
-    """The built-in digits dataset, split ``train`` (449), ``pool`` (989), ``test`` (359) or ``all``.
-
-    Inputs are flat 64-vectors (8x8 images) scaled to [0, 1]; 10 classes; labels
-    are kept (hide them with :meth:`InputDataset.without_labels`).
-    """
+    """The built-in digits, split ``train`` (449), ``pool`` (989), ``test`` (359) or ``all``: flat
+    8x8 images in [0, 1], 10 classes, labels kept (hide them with ``without_labels()``)."""
     if split not in DIGITS_SPLITS:
         raise DataError(f"unknown digits split '{split}'; use one of: {', '.join(DIGITS_SPLITS)}")
     x, y = _digits_arrays()

@@ -1,17 +1,9 @@
 """Files read as inputs: regular files only, and links that stay inside an image folder.
 
-Every file an input spec reads (an array file, a token file, a text, a tokenizer, each
-image of a folder) must be a *regular file*, checked with ``os.stat`` before it is
-opened: a FIFO blocks its reader until a writer comes (forever, in a batch job), a
-device may never end, a socket cannot be read. Such a file is refused in one line.
-
-Links. A path named on the command line (``x.npz``, ``text:t.txt``, ``--tokenizer``,
-the folder of ``imagefolder:DIR``) is followed wherever it leads: the user chose it. A
-folder scan (:func:`scan_folder`) follows no link to a *directory* at all, and refuses one:
-a directory link can make a loop (``a/self -> .`` scans forever), repeat part of the
-folder under another class, or lead out of it, and skipping it silently would drop
-images. A link to a *file* is read when its target (every link resolved) lies inside
-the folder, and refused otherwise, so the folder alone decides what is read.
+Every file an input spec reads is checked with ``os.stat`` before it is opened (a FIFO blocks its
+reader, a device may never end). A path named on the command line is followed wherever it leads;
+a folder scan (:func:`scan_folder`) refuses links to directories and reads a link to a file only
+when its target lies inside the folder (docs/VIEWS.md, "Image folders").
 """
 
 from __future__ import annotations
@@ -62,10 +54,6 @@ def require_regular(path: str | os.PathLike[str]) -> None:
         raise _not_regular(str(path), kind)
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
 def _directory_link(root: Path, path: str) -> DataError:
     return DataError(f"imagefolder '{root}' holds a link to a directory, '{path}'; directory links are not followed "
                      "(they can loop, or lead out of the folder): replace the link with the directory it names, "
@@ -83,7 +71,7 @@ def _check_link(entry: os.DirEntry, root: Path, real_root: str, keep: Callable[[
     if not keep(entry.name):
         return  # a link to a file that is not read
     target = os.path.realpath(entry.path)
-    if not _inside(target, real_root):
+    if os.path.commonpath([target, real_root]) != real_root:
         raise DataError(f"'{entry.path}' in imagefolder '{root}' links to '{target}', outside the folder; links are "
                         "followed only within the folder: copy the file in, or remove the link")
     require_regular(entry.path)

@@ -34,11 +34,9 @@ def fingerprint(ds: InputDataset) -> str:
 
 
 def refuse_random_data(ds: InputDataset, spec: str, *, count: int = 4) -> None:
-    """Raise :class:`DataError` if reading ``count`` items twice gives different inputs or labels.
-
-    Rows are joined to inputs by index, so a store of a dataset that returns a new random view
-    each read holds logits of views nobody can reproduce; ``generate`` refuses it up front.
-    """
+    """Raise :class:`DataError` if reading ``count`` items twice gives different inputs or labels: a
+    dataset that augments at random would store views nobody can reproduce (rows join inputs by
+    index)."""
     if len(ds) == 0:
         return
     idx = spread_ids(len(ds), count)

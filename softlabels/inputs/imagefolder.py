@@ -1,11 +1,6 @@
-"""``--data imagefolder:DIR[?size=S][,gray]``: the torchvision ImageFolder layout, decoded lazily.
-
-``DIR/<class>/**/<image>``, classes and files in ``torchvision.datasets.ImageFolder``'s order
-(so sample ids agree with it). Pillow decodes an image when its item is read (in DataLoader
-workers) to float32 ``[C, H, W]`` in [0, 1], RGB or ``gray``, its bit depth respected (16-bit
-gray: value / 65535); ``size=S`` is ``Resize(S)`` + ``CenterCrop(S)``, and without it every
-image must have the first one's size. docs/VIEWS.md, "Image folders", has each Pillow mode's
-rule; :mod:`softlabels.inputs.files` which files and links the scan reads.
+"""``--data imagefolder:DIR[?size=S][,gray]``: the torchvision ImageFolder layout, decoded lazily
+by Pillow to float32 ``[C, H, W]`` in [0, 1], in ``ImageFolder``'s order (docs/VIEWS.md, "Image
+folders", has each Pillow mode's rule; :mod:`softlabels.inputs.files` which files the scan reads).
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""DataLoader transport for batch datasets: few messages, no per-tensor shared memory, one-line errors.
-
-torch sends each tensor a worker yields as a fresh shared-memory segment, faulted in page
-by page on both sides: with four tensors per batch, streaming with workers was 7-15x slower
-than in-process. Here each worker packs several batches into one slot of a ring of shared
-memory mapped before the workers start, and sends only the slot number and a template; the
-main process copies the slot out (into pinned memory when asked), frees it, and restores
-the round-robin order, so a loop sees exactly the batches, in the order, of a plain
-``DataLoader(ds, batch_size=None)`` (:mod:`softlabels.student.order`'s resume math relies
-on it). Workers of a dataset with ``worker_state()`` live across epochs (:meth:`_Loader._persistent`).
-A worker's exception comes back as the same one-line error (anything not a softlabels error
-as :class:`DataError`), not torch's "Caught ... in DataLoader worker" traceback.
+"""DataLoader transport for batch datasets: batches cross from workers through a ring of shared
+memory, in the order of a plain ``DataLoader(ds, batch_size=None)``, and a worker's exception
+comes back as one line (docs/ARCHITECTURE.md, "Data flow", says why and how).
 """
 
 from __future__ import annotations

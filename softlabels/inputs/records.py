@@ -1,12 +1,7 @@
 """One column of the records users hold: JSON Lines, Parquet and saved ``datasets`` directories.
 
-:func:`read_column` returns a :class:`Column`: the values of one key of every record, in
-file order, each with where it came from (``line 7 of 'chat.jsonl'``, ``row 7 of
-'data.parquet'``), so an error about a value names its line. A *text* column holds
-strings; any other column is returned as plain Python values (lists, dicts) for the
-caller to check. Nothing read is executed or unpickled: JSON is parsed with :mod:`json`,
-Parquet and Arrow files with pyarrow, and a ``datasets`` directory is opened with
-``datasets.load_from_disk`` after its JSON file list is checked to stay inside it.
+:func:`read_column` returns the values of one key in file order, each with the line or row it
+came from. Nothing read is executed or unpickled (docs/TOKENS.md says how each kind is read).
 """
 
 from __future__ import annotations
@@ -21,10 +16,11 @@ from typing import Any, Literal
 
 from softlabels.errors import DataError, one_line
 
-__all__ = ["RECORD_KINDS", "Column", "optional_module", "read_column"]
+__all__ = ["LM_EXTRA", "RECORD_KINDS", "Column", "optional_module", "read_column"]
 
 RECORD_KINDS = ("jsonl", "parquet", "hfds")
 _DATA_EXTRA = "pip install 'softlabels[data]'"
+LM_EXTRA = "pip install 'softlabels[lm]'"
 
 
 @dataclass(frozen=True)
@@ -204,12 +200,9 @@ def _hfds_column(path: str, key: str, text: bool, split: str | None) -> Column:
 
 def read_column(kind: Literal["jsonl", "parquet", "hfds"], path: str | os.PathLike[str], key: str, *, text: bool,
                 split: str | None = None) -> Column:
-    """Column ``key`` of every record of a ``jsonl``, ``parquet`` or ``hfds`` source, in file order.
-
-    ``text``: the values must be strings (a Parquet or Arrow column of another type is
-    refused by its type; a JSONL value is checked by the caller, which knows the line).
-    ``split`` picks a split of a saved ``DatasetDict``. Refuses a source with no records.
-    """
+    """Column ``key`` of every record of a ``jsonl``, ``parquet`` or ``hfds`` source, in file order;
+    ``text``: strings only (refused by type for Arrow; the caller checks JSONL values by line).
+    ``split`` picks a split of a saved ``DatasetDict``. Refuses a source with no records."""
     path = str(path)
     if kind == "jsonl":
         column = _jsonl_column(path, key)

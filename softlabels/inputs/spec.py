@@ -1,13 +1,5 @@
-"""The ``--data`` spec grammar: resolve a spec to an input dataset, and load user factories.
-
-Grammar (``SPEC[?unlabeled]``; the suffix hides every label)::
-
-    digits:train | digits:pool | digits:test | digits:all     built-in (scikit-learn digits)
-    PATH.npz[:X[,Y]]                                          arrays x and y (if present), or X and Y
-    PATH.npy                                                  inputs only
-    PATH.h5[:X[,Y]] | PATH.hdf5[:X[,Y]] | PATH.zarr[:X[,Y]]   as .npz, read lazily
-    imagefolder:DIR[?size=S][,gray]                           DIR/<class>/<image>, see softlabels.inputs.imagefolder
-    package.module:factory                                    callable -> map-style Dataset
+"""The ``--data`` spec grammar (docs/USAGE.md, "Specs"): resolve a spec to an input dataset, and
+load user factories.
 
 Specs on the command line are trusted: a ``module:factory`` is imported and called
 (:func:`_call_factory` is the one place that imports user code). Specs *recorded* in a
@@ -29,7 +21,7 @@ from softlabels.errors import DataError, SpecError, one_line
 from softlabels.inputs.array_files import open_array_file
 from softlabels.inputs.arrays import InputDataset
 from softlabels.inputs.digits import DIGITS_SPLITS, load_digits_split
-from softlabels.inputs.documents import absolute_document_spec, document_spec_path, is_document_spec
+from softlabels.inputs.text import absolute_document_spec, document_spec_path, is_document_spec
 from softlabels.inputs.imagefolder import open_imagefolder
 
 BUILTIN_DATASETS = tuple(f"digits:{split}" for split in DIGITS_SPLITS)
@@ -63,8 +55,9 @@ def _load_object(spec: str, what: str) -> Any:
     return obj
 
 
-def _call_factory(spec: str, what: str, wanted: type) -> Any:
-    """Resolve ``spec`` to an instance of ``wanted``, calling it with no arguments if needed."""
+def _call_factory(spec: str, what: str, wanted: type | tuple[type, ...]) -> Any:
+    """Resolve ``spec`` to an instance of ``wanted``, calling it with no arguments if needed (always
+    for ``()``)."""
     obj = _load_object(spec, what)
     if not isinstance(obj, wanted):
         if not callable(obj):
@@ -155,7 +148,7 @@ class _MapDataset(InputDataset):
 
 
 def resolve_data(spec: str) -> InputDataset:
-    """Resolve a ``--data`` spec (see the module docstring for the grammar) to a dataset."""
+    """Resolve a ``--data`` spec (grammar in docs/USAGE.md) to a dataset."""
     base, sep, options = _split_options(spec)
     terms = options.split(",") if sep else []
     if base.startswith("imagefolder:"):

@@ -1,10 +1,7 @@
 """Token datasets: packed [N, L] arrays, ragged flat tokens + offsets, and token windows.
 
-Every dataset is a :class:`TokenDataset`: item ``i`` is ``(ids int64 [L_i], mask bool [L_i])``
-and its sample id is ``i``. :meth:`TokenDataset.lengths` is known without reading any
-token, so a store can fix its ``offsets`` at creation. ``mask[t]`` says whether token
-``t`` is a *target*: the next-token prediction made at position ``t - 1`` is trained
-(Hugging Face's ``labels = -100`` convention, inverted); see docs/TOKENS.md.
+Item ``i`` of a :class:`TokenDataset` is ``(ids int64 [L_i], mask bool [L_i])``, sample id ``i``;
+its lengths are known without reading a token. ``mask[t]`` marks the targets (docs/TOKENS.md).
 """
 
 from __future__ import annotations
@@ -66,10 +63,7 @@ def _check_ids(ids: np.ndarray, source: str, where: str) -> np.ndarray:
 
 class TokenDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Map-style dataset of token sequences; subclasses set ``_lengths`` and implement ``_read(indices)``.
-
-    ``vocab_size`` is the tokenizer's vocabulary when known, else ``None``; ``has_mask`` is False
-    when every token is a target; ``source`` names the data.
-    """
+    ``vocab_size``: the tokenizer's, or None; ``has_mask``: False when every token is a target."""
 
     vocab_size: int | None = None
     has_mask: bool = False
@@ -133,11 +127,8 @@ class PackedTokens(TokenDataset):
 
 
 def _spans(array: Any, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """``concat(array[a:b] for a, b)``, reading one slab when the spans are dense enough.
-
-    Random small reads from HDF5/Zarr cost ~1 ms each, so spans covering at least a
-    quarter of their hull are served from one contiguous read.
-    """
+    """``concat(array[a:b] for a, b)``, from one slab read when the spans cover a quarter of their
+    hull (a random small read from HDF5/Zarr costs ~1 ms)."""
     if starts.size == 0:
         return np.empty(0, dtype=array.dtype)
     lo, hi = int(starts.min()), int(stops.max())
@@ -150,11 +141,9 @@ def _spans(array: Any, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
 
 
 class RaggedTokens(TokenDataset):
-    """Sequences of any length: flat ``tokens`` [T], ``offsets`` [N + 1], optional flat ``mask`` [T].
-
-    Sequence ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``. ``offsets`` are read (and
-    checked) eagerly; ``tokens`` and ``mask`` may stay in an HDF5/Zarr file or a memmap.
-    """
+    """Sequences of any length: flat ``tokens`` [T], ``offsets`` [N + 1], optional flat ``mask``
+    [T]; sequence ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``. ``offsets`` are read (and checked)
+    now."""
 
     def __init__(self, tokens: Any, offsets: Any, mask: Any = None, *, source: str = "tokens",
                  vocab_size: int | None = None) -> None:
@@ -242,12 +231,10 @@ def _rewindow(ds: TokenDataset, tokens: Any, mask: Any, seq_len: int, path: str)
 
 
 def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None) -> TokenDataset:
-    """Token ids in a file: ``.npy`` ([N, L] packed, or a 1-D stream cut into ``seq_len``
-    windows), or ``.npz``/HDF5/Zarr with array ``tokens`` and optional ``offsets``, ``mask``.
-
-    ``seq_len`` on data that already holds sequences (packed rows, or ``offsets``) cuts each
-    sequence, a document, into windows of at most ``seq_len`` that never cross two of them;
-    rows of exactly ``seq_len`` tokens are read as they are."""
+    """Token ids in a file: ``.npy`` ([N, L] packed, or a 1-D stream cut into ``seq_len`` windows),
+    or ``.npz``/HDF5/Zarr with array ``tokens`` and optional ``offsets``, ``mask``. ``seq_len`` cuts
+    held sequences into windows of at most ``seq_len`` (rows of exactly ``seq_len`` stay as they
+    are)."""
     path = str(path)
     kind = file_kind(path, "token file", ".npy, .npz, .h5/.hdf5 or .zarr")
     arrays: dict[str, Any]
@@ -272,10 +259,8 @@ def open_token_file(path: str | os.PathLike[str], *, seq_len: int | None = None)
 
 
 def token_fingerprint(ds: TokenDataset) -> str:
-    """Cheap, content-sensitive fingerprint ``"sha256:<hex>"`` of token data.
-
-    Hashes every sequence length (so the offsets are covered exactly) and the ids and
-    mask of the sequences :func:`~softlabels.inputs.fingerprints.spread_ids` picks.
+    """Cheap, content-sensitive fingerprint ``"sha256:<hex>"`` of token data: every sequence length,
+    and the ids and mask of the sequences :func:`~softlabels.inputs.fingerprints.spread_ids` picks.
     """
     lengths = ds.lengths()
     n = lengths.size

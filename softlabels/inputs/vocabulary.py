@@ -1,9 +1,5 @@
-"""Which tokenizer, and its identity: ``--tokenizer`` as a file or a directory, and a fingerprint
-of the vocabulary that a store can record.
-
-A tokenizer is given as a ``tokenizer.json`` (the ``tokenizers`` library's JSON; nothing in
-it runs) or as a Hugging Face tokenizer directory holding one (plus, for chat data, the
-chat template in ``tokenizer_config.json`` or ``chat_template.jinja``).
+"""Which tokenizer, and its identity: ``--tokenizer`` as a ``tokenizer.json`` or a directory
+holding one, and a fingerprint of the vocabulary that a store can record (docs/TOKENS.md).
 """
 
 from __future__ import annotations
@@ -15,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from softlabels.errors import DataError, ModelMismatch, one_line
-from softlabels.inputs.records import optional_module
+from softlabels.inputs.records import LM_EXTRA, optional_module
 
 __all__ = ["TOKENIZER_JSON", "check_same_tokenizer", "open_tokenizer", "tokenizer_file", "tokenizer_fingerprint"]
 
 TOKENIZER_JSON = "tokenizer.json"
-_LM_EXTRA = "pip install 'softlabels[lm]'"
 
 
 def tokenizer_file(path: str | os.PathLike[str]) -> Path:
@@ -39,7 +34,7 @@ def tokenizer_file(path: str | os.PathLike[str]) -> Path:
 
 def open_tokenizer(path: str | os.PathLike[str]) -> Any:
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` or a directory holding one (JSON only; nothing runs)."""
-    tokenizers = optional_module("tokenizers", "token data", _LM_EXTRA)
+    tokenizers = optional_module("tokenizers", "token data", LM_EXTRA)
     file = tokenizer_file(path)
     try:
         return tokenizers.Tokenizer.from_file(str(file))

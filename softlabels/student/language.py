@@ -71,7 +71,7 @@ def resolve_store_data(store: Any, spec: str | None = None, *, tokenizer: str | 
 def _check_tokenizers(store: Any, config: TrainConfig) -> None:
     """The tokenizers a run names (``--tokenizer``, an ``hf:`` student's or ``--init``'s own) against the
     one ``store`` was generated with (its recorded fingerprint)."""
-    from softlabels.inputs.documents import teacher_tokenizer
+    from softlabels.inputs.text import teacher_tokenizer
     from softlabels.inputs.vocabulary import check_same_tokenizer
 
     expected = store.meta.source.get("tokenizer_fingerprint")
@@ -101,8 +101,7 @@ class Language(Task):
         return problems
 
     def __init__(self, config: TrainConfig, env: Any, log, **_: Any) -> None:
-        from softlabels.inputs.documents import teacher_tokenizer
-        from softlabels.inputs.text import resolve_token_data
+        from softlabels.inputs.text import resolve_token_data, teacher_tokenizer
         from softlabels.store.reader import open_store
         from softlabels.student.checkpoint import run_weights
         from softlabels.student.dataset import SoftLabelDataset

@@ -18,9 +18,8 @@ import torch
 
 from softlabels._runtime.device import resolve_device
 from softlabels.errors import ConfigError
-from softlabels.inputs.documents import teacher_tokenizer
 from softlabels.inputs.spec import absolute_data_spec
-from softlabels.inputs.text import resolve_token_data
+from softlabels.inputs.text import resolve_token_data, teacher_tokenizer
 from softlabels.inputs.tokens import TokenDataset, offsets_of, token_fingerprint
 from softlabels.inputs.vocabulary import tokenizer_fingerprint
 from softlabels.store import format as fmt

@@ -1,11 +1,8 @@
 """Augmentation ops whose random parameters are drawn per view and replayed exactly.
 
-A view of sample ``i`` is ``(i, v)``, ``v`` in ``0..V-1``; its parameters are a
-pure function of ``(seed, i, v)`` (:class:`ViewRandom`), so any batch, rank,
-worker or resumed run draws the same ones, and a store keeps them
-(``view_params`` [N, V, P], in the narrowest dtype that holds them exactly:
-:func:`param_dtype`) to replay the exact view at training time.
-See docs/VIEWS.md for the ops, their parameters and the spec grammar.
+View ``v`` of sample ``i`` draws its parameters from ``(seed, i, v)`` alone (:class:`ViewRandom`),
+and a store keeps them (``view_params`` [N, V, P], :func:`param_dtype`) to replay the view at
+training time. docs/VIEWS.md has the ops, their parameters and the spec grammar.
 """
 
 from __future__ import annotations
@@ -37,13 +34,9 @@ def view_shape(aug: Augmentation, input_shape: tuple[int, ...]) -> tuple[int, ..
 
 def draw_views(aug: Augmentation, seed: int, ids: torch.Tensor, views: int | torch.Tensor,
                input_shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 params of views ``(ids[r], views[r])`` (on ids' device).
-
-    ``views`` an int ``V`` draws every view of every id: ``[len(ids), V, P]``, the
-    layout of a store's ``view_params``; a tensor shaped like ``ids`` draws
-    ``[len(ids), P]``. The values are those of :func:`param_dtype` (what a store keeps):
-    a no-op for ops that draw them exactly, as every built-in op does.
-    """
+    """float32 params of views ``(ids[r], views[r])`` (on ids' device), as a store keeps them
+    (:func:`param_dtype`): ``[len(ids), V, P]`` for an int ``views`` ``V`` (every view of every id,
+    the layout of ``view_params``), ``[len(ids), P]`` for a tensor shaped like ``ids``."""
     view_shape(aug, input_shape)  # refuses inputs that are no images, and crops larger than them
     size = (int(input_shape[1]), int(input_shape[2]))
     ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)

@@ -16,13 +16,11 @@ __all__ = ["RandomAffine"]
 
 @dataclass(frozen=True)
 class RandomAffine(BuiltinOp):
-    """``RandomAffine(degrees, translate, scale, interpolation, fill)`` without shear.
+    """``RandomAffine(degrees, translate, scale, interpolation, fill)`` without shear, about the
+    image centre.
 
-    Params (4): ``angle`` (degrees, counter-clockwise), ``tx, ty`` (whole pixels,
-    ``|tx| <= round(translate[0] * W)``), ``scale``. About the image centre, as torchvision.
-    ``angle`` and ``scale`` are drawn as float16 values (in their ranges where a range holds
-    one), so float16 ``view_params`` hold every view exactly: steps of at most 0.125 degrees
-    and 2**-11 of the scale, far below what an augmentation distinguishes.
+    Params (4): ``angle`` (degrees), ``tx, ty`` (whole pixels), ``scale``; ``angle`` and ``scale``
+    are float16 values, so float16 ``view_params`` hold every view exactly (docs/VIEWS.md).
     """
 
     degrees: tuple[float, float] = (0.0, 0.0)

@@ -1,11 +1,8 @@
 """The op protocol, the storage dtypes of view parameters, and :class:`Compose`.
 
-An op (built-in or ``package.module:factory``) draws a fixed number of float32 parameters
-per view and replays them exactly: ``apply(x, params)`` is a pure function of its
-arguments, vectorised over the batch (each row its own parameters, no per-item Python
-loop). The built-in ops are :mod:`.crop` (crop, flip), :mod:`.resized_crop` and
-:mod:`.affine`; their parameters are what torchvision's transforms draw internally, so
-the same numbers passed to ``torchvision.transforms.v2.functional`` give the same image.
+An op (built-in or ``package.module:factory``) draws a fixed number of float32 parameters per
+view and replays them with a pure ``apply`` vectorised over the batch; the built-in ops draw
+what torchvision's transforms draw internally (docs/VIEWS.md).
 """
 
 from __future__ import annotations
@@ -28,19 +25,9 @@ PARAM_DTYPES = ("uint8", "float16", "float32")
 of magnitude <= 2048 and float16 values; anything (float32, what an op's ``draw`` returns)."""
 
 
-def _int_dtype(low: float, high: float) -> str:
-    """The narrowest of :data:`PARAM_DTYPES` that holds every whole number in ``[low, high]`` exactly."""
-    if low >= 0 and high <= 255:
-        return "uint8"
-    return "float16" if max(-low, high) <= 2048 else "float32"
-
-
 def param_dtype(op: Augmentation, size: Size) -> str:
-    """The narrowest dtype that holds every parameter ``op`` draws for inputs of ``size`` exactly.
-
-    An op says so with a ``param_dtype(size)`` method (every built-in op has one); an op
-    without one (a user op) gets float32, which holds whatever ``draw`` returns.
-    """
+    """The narrowest dtype that holds every parameter ``op`` draws for inputs of ``size`` exactly:
+    the op's own ``param_dtype(size)``, else float32 (which holds whatever ``draw`` returns)."""
     own = getattr(op, "param_dtype", None)
     dtype = str(own(size)) if callable(own) else "float32"
     if dtype not in PARAM_DTYPES:
@@ -72,22 +59,16 @@ class ParamRanges:
     @classmethod
     def join(cls, parts: Sequence[ParamRanges]) -> ParamRanges:
         """Ranges side by side, as :class:`Compose` puts its ops' params."""
-        sums, at = [], 0
+        ranges: list[tuple[float, float, bool]] = []
+        sums: list[tuple[int, int, float]] = []
         for part in parts:
-            sums += [(i + at, j + at, limit) for i, j, limit in part.sums]
-            at += len(part.low)
-        cat = lambda name: np.concatenate([getattr(q, name) for q in parts]) if parts else np.empty(0)  # noqa: E731
-        return cls(cat("low").astype(np.float64), cat("high").astype(np.float64), cat("whole").astype(bool),
-                   tuple(sums))
+            sums += [(i + len(ranges), j + len(ranges), limit) for i, j, limit in part.sums]
+            ranges += zip(part.low, part.high, part.whole)
+        return cls.of(ranges, sums)
 
     def problems(self, params: np.ndarray, names: Sequence[str] = ()) -> list[str]:
-        """What is wrong with ``params`` [..., P] (empty when every value lies in its range).
-
-        One min and one max per column (a NaN or an infinity shows in them), and for float
-        params one pass over the whole-number columns: no per-row Python. The columns are
-        reduced from a transposed copy (numpy reduces a long contiguous axis ~8x faster than
-        the leading axis of a narrow array).
-        """
+        """What is wrong with ``params`` [..., P] (empty when all lie in their ranges): one min
+        and max per column of a transposed copy (numpy reduces a long contiguous axis ~8x faster)"""
         p = np.asarray(params).reshape(-1, len(self.low))
         if not len(p):
             return []
@@ -117,20 +98,18 @@ class BuiltinOp:
         return size
 
     def param_dtype(self, size: Size) -> str:
+        """The narrowest of :data:`PARAM_DTYPES` that holds every whole number in the ranges."""
         ranges = self.param_ranges(size)  # type: ignore[attr-defined]
-        return _int_dtype(float(ranges.low.min()), float(ranges.high.max()))
+        low, high = float(ranges.low.min()), float(ranges.high.max())
+        if low >= 0 and high <= 255:
+            return "uint8"
+        return "float16" if max(-low, high) <= 2048 else "float32"
 
 
 @runtime_checkable
 class Augmentation(Protocol):
-    """What an augmentation op provides (the protocol of ``package.module:factory`` ops).
-
-    ``draw`` returns float32 ``[rng.n, num_params]`` for inputs of ``size`` (H, W);
-    ``apply`` maps ``x [B, C, H, W]`` and ``params [B, num_params]`` (on x's device)
-    to ``[B, C, *output_size((H, W))]``; ``spec`` is recorded in stores. Optional:
-    ``param_dtype(size)``, one of :data:`PARAM_DTYPES` that holds every drawn parameter
-    exactly (:func:`param_dtype`; float32 without it).
-    """
+    """What an augmentation op provides (the protocol of ``package.module:factory`` ops; each
+    attribute is described in docs/VIEWS.md, "Your own ops"; ``param_dtype(size)`` is optional)."""
 
     num_params: int
     spec: str

@@ -1,20 +1,15 @@
-"""The ``--augment`` grammar: torchvision-like terms joined by ``+``, parsed without eval.
+"""The ``--augment`` grammar (docs/VIEWS.md): terms joined by ``+``, parsed without eval.
 
-    SPEC  := TERM ('+' TERM)*
-    TERM  := NAME ['(' [ARG (',' ARG)*] ')'] | package.module:factory
-    ARG   := VALUE | KEY '=' VALUE          (positional first, as torchvision's first argument)
-    VALUE := NUMBER | LO '-' HI (a range) | H 'x' W (a size or a pair) | WORD
-
-    crop(32,padding=4)+flip                     RandomCrop(32, padding=4) + RandomHorizontalFlip()
-    rrc(224,scale=0.08-1,ratio=0.75-1.333)+flip RandomResizedCrop(224, scale, ratio) + flip
-    affine(15,translate=0.1,scale=0.9-1.1)      RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1))
-
-A ``package.module:factory`` term is called with no arguments and must return an
-object with the :class:`~softlabels.inputs.augment.compose.Augmentation` protocol (docs/VIEWS.md).
+A term is a built-in op (``crop(32,padding=4)+flip``), the same op spelled as torchvision spells
+it (``RandomCrop(32, padding=4)``, read with :mod:`ast` and ``ast.literal_eval`` only), or a
+``package.module:factory`` called with no arguments that returns an
+:class:`~softlabels.inputs.augment.compose.Augmentation`.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import re
 from typing import Any, Callable
@@ -25,16 +20,12 @@ from softlabels.inputs.augment.compose import Augmentation, Compose
 from softlabels.inputs.augment.crop import PADDING_MODES, RandomCrop, RandomHorizontalFlip
 from softlabels.inputs.augment.resized_crop import RandomResizedCrop
 
-__all__ = ["BUILTIN_OPS", "parse_augment"]
+__all__ = ["BUILTIN_OPS", "TORCHVISION_NAMES", "parse_augment"]
 
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _TERM = re.compile(r"(?P<name>[A-Za-z_]\w*)\s*(?:\((?P<args>[^()]*)\))?")
 _RANGE = re.compile(rf"({_NUMBER})-({_NUMBER})")
 _PAIR = re.compile(rf"({_NUMBER})x({_NUMBER})")
-
-
-class _Never:
-    """No object is one of these, so a factory spec is always called."""
 
 
 class _Bad(ValueError):
@@ -122,13 +113,14 @@ def _affine(degrees: str = "0", translate: str = "0", scale: str = "1", interpol
     return RandomAffine(_range(degrees, symmetric=True), t, s, interpolation, _float(fill))
 
 
-BUILTIN_OPS: dict[str, tuple[Callable[..., Augmentation], tuple[str, ...]]] = {
-    "crop": (_crop, ("size", "padding", "fill", "padding_mode")),
-    "flip": (_flip, ("p",)),
-    "rrc": (_rrc, ("size", "scale", "ratio")),
-    "affine": (_affine, ("degrees", "translate", "scale", "interpolation", "fill")),
+BUILTIN_OPS: dict[str, Callable[..., Augmentation]] = {
+    "crop": _crop, "flip": _flip, "rrc": _rrc, "affine": _affine,
 }
-"""Op name -> (builder, its argument names; the first may be given by position)."""
+"""Op name -> its builder, called with the term's arguments as text (the first one by position)."""
+
+
+def _names(op: str) -> tuple[str, ...]:
+    return tuple(inspect.signature(BUILTIN_OPS[op]).parameters)
 
 
 def _builtin(term: str, spec: str) -> Augmentation:
@@ -140,7 +132,7 @@ def _builtin(term: str, spec: str) -> Augmentation:
     if name not in BUILTIN_OPS:
         raise SpecError(f"unknown augmentation '{name}' in --augment '{spec}'; use one of: "
                         f"{', '.join(BUILTIN_OPS)}, or package.module:factory")
-    build, names = BUILTIN_OPS[name]
+    names = _names(name)
     kwargs: dict[str, str] = {}
     args = [a.strip() for a in m["args"].split(",")] if m["args"] and m["args"].strip() else []
     for i, arg in enumerate(args):
@@ -151,10 +143,16 @@ def _builtin(term: str, spec: str) -> Augmentation:
             raise SpecError(f"'{term}' in --augment '{spec}' {what} argument '{key or arg}'; "
                             f"{name} takes {names[0]} (first) and {', '.join(n + '=' for n in names[1:]) or 'no more'}")
         kwargs[key] = value
+    return _build(name, kwargs, term, spec)
+
+
+def _build(name: str, kwargs: dict[str, str], term: str, spec: str) -> Augmentation:
+    """Built-in op ``name`` from its arguments as text; the term and the spec word the refusals."""
     try:
-        return build(**kwargs)
+        return BUILTIN_OPS[name](**kwargs)
     except TypeError:  # the one required argument is missing
-        raise SpecError(f"'{term}' in --augment '{spec}' lacks its {names[0]}; e.g. {name}(32)") from None
+        raise SpecError(f"'{term}' in --augment '{spec}' lacks its {_names(name)[0]}; "
+                        f"e.g. {name}(32)") from None
     except _Bad as err:
         raise SpecError(f"bad value in '{term}' of --augment '{spec}': {err}; see docs/VIEWS.md for its "
                         "arguments") from None
@@ -165,7 +163,7 @@ def _user(term: str, spec: str) -> Augmentation:
         _call_factory,  # the one place that imports user code
     )
 
-    op: Any = _call_factory(term, "augmentation", _Never)  # always called: a class gives an instance
+    op: Any = _call_factory(term, "augmentation", ())  # always called: a class gives an instance
     missing = [a for a in ("num_params", "spec", "output_size", "draw", "apply") if not hasattr(op, a)]
     if missing or not isinstance(op.num_params, int) or op.num_params < 0:
         lacks = ", ".join(missing) if missing else f"an integer num_params (it has {op.num_params!r})"
@@ -175,19 +173,88 @@ def _user(term: str, spec: str) -> Augmentation:
 
 
 def parse_augment(spec: str | list[str] | tuple[str, ...]) -> Compose:
-    """Parse an ``--augment`` spec (see the module docstring) into a :class:`Compose`.
-
-    ``spec`` may also spell its terms as torchvision does (``RandomCrop(32, padding=4) +
-    RandomHorizontalFlip()``, or a list of terms; :mod:`.torchvision_names`).
-    ``parse_augment(c.spec) == c`` for built-in ops: ``spec`` is the canonical text.
-    """
-    from softlabels.inputs.augment.torchvision_names import is_torchvision_term, translate
-
+    """Parse an ``--augment`` spec (docs/VIEWS.md) into a :class:`Compose`; ``spec`` may
+    also be a list of terms. ``parse_augment(c.spec) == c`` for built-in ops: ``spec`` is the
+    canonical text."""
     if isinstance(spec, (list, tuple)):
         spec = "+".join(str(t) for t in spec)
-    if is_torchvision_term(spec):
-        spec = "+".join(translate(t) if is_torchvision_term(t) else t for t in spec.split("+"))
     terms = [t.strip() for t in spec.split("+")]
     if not spec.strip() or not all(terms):
         raise SpecError(f"--augment '{spec}' has an empty term; join ops with one '+', e.g. crop(32,padding=4)+flip")
-    return Compose([_user(t, spec) if ":" in t else _builtin(t, spec) for t in terms])
+    return Compose([_torchvision(t, spec) if _is_torchvision(t) else _user(t, spec) if ":" in t
+                    else _builtin(t, spec) for t in terms])
+
+
+# -- terms spelled as torchvision spells them ---------------------------------------------------
+
+TORCHVISION_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "RandomCrop": ("crop", ("size", "padding", "pad_if_needed", "fill", "padding_mode")),
+    "RandomHorizontalFlip": ("flip", ("p",)),
+    "RandomResizedCrop": ("rrc", ("size", "scale", "ratio")),
+    "RandomAffine": ("affine", ("degrees", "translate", "scale", "shear", "interpolation", "fill")),
+}
+"""torchvision class -> (our op, its positional argument names in torchvision's order)."""
+_NOT_REPLAYABLE = ("ColorJitter", "RandomVerticalFlip", "RandomRotation", "RandomErasing",
+                   "GaussianBlur", "RandomGrayscale", "RandAugment", "TrivialAugmentWide",
+                   "AutoAugment")
+_HEAD = re.compile(r"\s*(?:[A-Za-z_]\w*\.)*(?P<name>[A-Z]\w*)\s*\(")
+
+
+def _is_torchvision(term: str) -> bool:
+    """Whether ``term`` is spelled as a torchvision transform (a capitalised class called)."""
+    m = _HEAD.match(term)
+    return bool(m) and (m["name"] in TORCHVISION_NAMES or m["name"] in _NOT_REPLAYABLE)
+
+
+def _fmt(value: Any) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _value(op: str, key: str, value: Any, term: str) -> str | None:
+    """One argument in the grammar's spelling (None: leave it at the op's default)."""
+    if isinstance(value, (tuple, list)):
+        if key == "size" and len(value) == 2:
+            return f"{value[0]}x{value[1]}"
+        if key == "translate" and len(value) == 2:
+            return f"{_fmt(value[0])}x{_fmt(value[1])}"
+        if key in ("scale", "ratio", "degrees") and len(value) == 2:
+            return f"{_fmt(value[0])}-{_fmt(value[1])}"
+        if key == "size" and len(value) == 1:
+            return str(value[0])
+        raise SpecError(f"'{term}': {key}={value!r} has no replayable counterpart here; pass one "
+                        "number or a pair (docs/VIEWS.md)")
+    if value is None or (key == "pad_if_needed" and value is False) or (key, value) == ("shear", 0):
+        return None
+    cropping = key == "interpolation" and op != "affine"  # a crop's interpolation: not replayable
+    if key in ("pad_if_needed", "shear", "antialias") or cropping:
+        raise SpecError(f"'{term}': {key}={value!r} is not replayable from stored parameters here; "
+                        "drop it (docs/VIEWS.md lists each op's arguments)")
+    return _fmt(value)
+
+
+def _torchvision(term: str, spec: str) -> Augmentation:
+    """A torchvision-spelled term as the grammar's own op (e.g. ``crop(32,padding=4)``), or
+    SpecError."""
+    try:
+        call = ast.parse(term.strip(), mode="eval").body
+    except SyntaxError:
+        call = None
+    if not isinstance(call, ast.Call):
+        raise SpecError(f"cannot parse '{term}' as a torchvision transform; "
+                        "write e.g. RandomCrop(32, padding=4)")
+    name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+    if name not in TORCHVISION_NAMES:
+        raise SpecError(f"{name} is not replayable from stored view parameters in softlabels "
+                        f"(replayable: {', '.join(TORCHVISION_NAMES)}); apply it in the student's "
+                        "own transforms, or write a package.module:factory op (docs/VIEWS.md)")
+    op, names = TORCHVISION_NAMES[name]
+    try:
+        given = {names[i]: ast.literal_eval(a) for i, a in enumerate(call.args)}
+        given.update({k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg})
+    except (ValueError, IndexError, TypeError):
+        raise SpecError(f"'{term}': arguments must be numbers, strings or tuples of them, at most "
+                        f"{len(names)} by position") from None
+    if unknown := [k for k in given if k not in names and k != "antialias"]:
+        raise SpecError(f"'{term}' has no argument {unknown[0]!r}; {name} takes {', '.join(names)}")
+    kwargs = {k: v for k, value in given.items() if (v := _value(op, k, value, term)) is not None}
+    return _build(op, kwargs, term, spec)

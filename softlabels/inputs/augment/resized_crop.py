@@ -17,10 +17,8 @@ __all__ = ["RandomResizedCrop"]
 class RandomResizedCrop(BuiltinOp):
     """``RandomResizedCrop(size, scale, ratio)``, bilinear with antialiasing (torchvision's default).
 
-    Params (4): ``top, left, height, width`` of the crop box in the input (whole
-    numbers, ``1 <= height <= H``, ``0 <= top <= H - height``; the same for columns).
-    Drawn as torchvision does: up to 10 tries of an area fraction uniform in
-    ``scale`` and a log-uniform aspect ratio in ``ratio``, else a centred crop.
+    Params (4): the crop box ``top, left, height, width`` in the input (whole numbers), drawn as
+    torchvision does: up to 10 tries of area and log-uniform aspect ratio, else a centred crop.
     """
 
     size: Size

@@ -1,19 +1,14 @@
 """Counter-based random numbers for views: a pure function of (seed, sample id, view, stream, draw).
 
-A view's parameters must not depend on which batch, rank, worker or resumed run
-draws them, so nothing here has state that advances across rows: every number is
-a hash of its coordinates. The hash works on 32-bit words held in int64 tensors
-and multiplies in 16-bit halves, so no intermediate overflows and every device
-gives the same bits. ``tests/test_augment.py`` checks it against plain Python ints.
-
-The ops turn these uniforms into parameters with exact float64 operations only
-(``+ - * /``, sqrt, floor, round and the series in :func:`_exp`), never a library
-``exp``/``log`` whose last bit may differ between devices or between the vectorised
-body and the tail of a CPU kernel: :func:`_randint`, :func:`_exp`, :func:`_half_within`.
+Nothing advances across rows, and the hash (32-bit words in int64 tensors, multiplied in 16-bit
+halves) gives the same bits on every device; the ops turn the numbers into parameters with exact
+float64 operations only (:func:`_randint`, :func:`_exp`, :func:`_half_within`). docs/VIEWS.md,
+"Seeding", has the design.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -42,13 +37,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 class ViewRandom:
-    """Uniform numbers for ``n`` rows, row ``r`` keyed by ``(seed, ids[r], views[r])``.
-
-    ``uniform(k)`` returns the next ``k`` numbers of every row: calls continue the
-    row's sequence, so an op that asks twice gets different numbers, and the result
-    for a row never depends on the other rows. ``stream(i)`` is an independent
-    generator for the same rows (one per op of a :class:`~softlabels.inputs.augment.Compose`).
-    """
+    """Uniform numbers for ``n`` rows, row ``r`` keyed by ``(seed, ids[r], views[r])``:
+    ``uniform(k)`` continues each row's own sequence; ``stream(i)`` is an independent one (op ``i``
+    of a ``Compose``)."""
 
     def __init__(self, seed: int, ids: torch.Tensor, views: torch.Tensor | int = 0) -> None:
         if not 0 <= int(seed) < 2**63:
@@ -61,12 +52,6 @@ class ViewRandom:
         self._key = h
         self._used = 0
 
-    @classmethod
-    def _from_key(cls, key: torch.Tensor) -> ViewRandom:
-        rng = cls.__new__(cls)
-        rng._key, rng._used = key, 0
-        return rng
-
     @property
     def n(self) -> int:
         """The number of rows."""
@@ -78,7 +63,9 @@ class ViewRandom:
 
     def stream(self, index: int) -> ViewRandom:
         """An independent generator for the same rows, numbered ``index >= 0``."""
-        return ViewRandom._from_key(_mix(_mix(self._key ^ (int(index) & _MASK)) ^ 0x5BD1E995))
+        rng = copy.copy(self)
+        rng._key, rng._used = _mix(_mix(self._key ^ (int(index) & _MASK)) ^ 0x5BD1E995), 0
+        return rng
 
     def uniform(self, k: int) -> torch.Tensor:
         """float64 ``[n, k]`` in ``[0, 1)``: the row's next ``k`` numbers, multiples of ``2**-24``."""
@@ -106,11 +93,9 @@ def _exp(t: torch.Tensor) -> torch.Tensor:
 
 
 def _half_within(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """``x`` rounded to float16 values (as float32), kept in ``[low, high]`` where the range holds one.
-
-    Round to nearest, then one float16 step back inside where that crossed an end (the step
-    is done on the bits, the same on every device).
-    """
+    """``x`` rounded to float16 values (as float32), kept in ``[low, high]`` where the range holds
+    one: round to nearest, then one float16 step back inside, done on the bits (the same on every
+    device)."""
     h = x.to(torch.float16)
     bits = h.view(torch.int16)
     neg = bits < 0  # sign-magnitude: a step towards -inf grows a negative number's bits
