@@ -68,7 +68,7 @@ class ZarrBackend:
         self.path = path
         self._meta: dict[str, dict[str, Any]] = {}
         if isinstance(path, str):  # a URL (softlabels.store.location)
-            from softlabels.store.objects import open_remote
+            from softlabels.store.remote import open_remote
 
             self._files, store = open_remote(path, mode)
         else:

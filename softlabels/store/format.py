@@ -51,16 +51,16 @@ READ_LIMIT_ENV = "SOFTLABELS_MAX_READ_BYTES"
 DEFAULT_MAX_READ_BYTES = 1 << 30  # one read of one array into memory
 
 
-def max_read_bytes() -> int:
-    """The largest single array read a reader will allocate (``SOFTLABELS_MAX_READ_BYTES`` overrides)."""
-    raw = os.environ.get(READ_LIMIT_ENV, "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_MAX_READ_BYTES
+def env_int(name: str, default: int, low: int = 1) -> int:
+    """The environment variable ``name`` as an integer when it is one >= ``low``, else ``default``."""
+    raw = os.environ.get(name, "")
+    return int(raw) if raw.isdigit() and int(raw) >= low else default
 
 
 def check_read_size(path: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Refuse a read whose result would exceed :func:`max_read_bytes`, before allocating it."""
+    """Refuse a read whose result would exceed ``SOFTLABELS_MAX_READ_BYTES``, before allocating it."""
     nbytes = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
-    limit = max_read_bytes()
+    limit = env_int(READ_LIMIT_ENV, DEFAULT_MAX_READ_BYTES)
     if nbytes > limit:
         raise StoreLimitExceeded(
             f"reading {name} {tuple(int(n) for n in shape)} from {str(path)!r} would allocate {nbytes:,} bytes, over "

@@ -29,9 +29,9 @@ from softlabels.errors import DataError, IncompleteStore, StoreExists, StoreMism
 from softlabels.store import format as fmt
 from softlabels.store.backend import Backend, backend_kind, open_backend
 from softlabels.store.location import store_location
-from softlabels.store.objects import remote_exists
 from softlabels.store.positions import Positions
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS, TokenPositions
+from softlabels.store.remote import remote_exists
 from softlabels.store.schema import (
     UNIT_CHECKSUMS,
     UNIT_DONE,
