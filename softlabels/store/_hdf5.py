@@ -45,7 +45,6 @@ class HDF5Backend:
             raise NotAStore(
                 f"{str(path)!r} is not a readable HDF5 file ({_first_line(text)}); check the path or regenerate the store"
             ) from err
-        self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
         self._ids: dict[str, h5py.h5d.DatasetID] = {}  # the read functions' datasets, low-level
         self._raw: dict[str, int] = {}  # see _raw_rows
         self._whole: dict[str, tuple] = {}  # see write
@@ -57,15 +56,6 @@ class HDF5Backend:
                 self._f.close()
                 raise CorruptStore(f"{str(path)!r}: {escape}, and a store's data must lie inside its own file; "
                                    "nothing was read or written: regenerate the store")
-
-    def _dataset(self, name: str) -> h5py.Dataset:
-        d = self._datasets.get(name)
-        if d is None:
-            try:
-                d = self._datasets[name] = self._f[name]
-            except KeyError:
-                raise CorruptStore(f"array {name!r} is missing from {str(self.path)!r}; regenerate the store") from None
-        return d
 
     def attrs(self) -> dict[str, Any]:
         # list() first: raising mid-iteration would leave an h5py generator holding its global
@@ -190,13 +180,13 @@ class HDF5Backend:
         return rows
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        d = self._dataset(name)
         stop = start + len(data)
+        whole = self._whole.get(name)
+        if whole is None:  # h5py's shape and dtype properties cost more than a chunk's write
+            d = h5py.Dataset(self._dsid(name))
+            whole = self._whole[name] = (d, self._raw_rows(name, d.id), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
+        d, rows, n, dtype, rest = whole
         with self._writing():
-            whole = self._whole.get(name)
-            if whole is None:  # h5py's shape and dtype properties cost more than a chunk's write
-                whole = self._whole[name] = (self._raw_rows(name, d.id), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
-            rows, n, dtype, rest = whole
             whole_rows = 0  # the rows written as whole chunks
             if rows and start % rows == 0 and data.dtype == dtype and data.flags.c_contiguous:
                 # whole uncompressed chunks: their rows are their stored bytes (H5Dwrite_chunk, no chunk
@@ -218,7 +208,6 @@ class HDF5Backend:
             os.fsync(fd)  # "done" must mean on disk, not in the page cache
 
     def close(self) -> None:
-        self._datasets.clear()
         self._ids.clear()
         self._raw.clear()
         self._whole.clear()

@@ -86,10 +86,10 @@ class ReadHandle(Units):
             self._backend, self._pid = opened, os.getpid()
         try:
             self._open(self._handle())
+            self._check_status()
         except SoftLabelsError as err:
             self.close()
             raise type(err)(str(err) if str(self.path) in str(err) else f"{self.path}: {err}") from None
-        self._check_status()
 
     def _open(self, b: Backend) -> None:  # pragma: no cover - each reader's own (and its read_unit, unit_done)
         raise NotImplementedError
@@ -125,25 +125,21 @@ class ReadHandle(Units):
         unfinished one, or one to be read whole that holds a sample id twice."""
         missing, meta = self.missing_units(), self.meta
         if meta.complete and missing:
-            self.close()
             raise CorruptStore(f"{self.path} is marked complete but units {chunk_list(missing)} are not flagged "
                                f"done; regenerate them by {self._rerun}")
         if self._allow_partial:
             return
         if not meta.complete:
-            self.close()
             state = (f"{len(missing)} of {meta.num_units} units missing: {chunk_list(missing)}" if missing else
                      f"all {meta.num_units} units written but the store never marked complete")
             raise IncompleteStore(f"{self.path} is incomplete (status {meta.status!r}, {state}); finish it by "
                                   f"{self._rerun}")
         ids = self.whole("sample_ids")
         if len(ids) and ids.min() < 0:
-            self.close()
             raise CorruptStore(f"{self.path} holds the negative sample id {int(ids.min())} (row "
                                f"{int(ids.argmin())}); sample ids index the data: {self._fix}")
         if len(dup := duplicates(ids)):
             rows = np.flatnonzero(np.isin(ids, dup[:1]))
-            self.close()
             raise CorruptStore(f"{self.path} holds sample id {int(dup[0])} {len(rows)} times (rows "
                                f"{chunk_list(rows)}; {len(dup)} duplicated id(s) in all); each input must appear "
                                f"once: {self._fix}")

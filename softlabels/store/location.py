@@ -101,8 +101,12 @@ def filesystem(url: str) -> tuple[Any, str]:
                               "memory://, file:// or a local path") from None
         raise ConfigError(f"{url!r}: bad storage options ({type(err).__name__}); check --storage-option") from None
     except TypeError:
-        raise ConfigError(f"{url!r}: a --storage-option is not an option of the {scheme(url)}:// filesystem; "
-                          "check their names") from None
+        raise _unknown_option(url) from None
+
+
+def _unknown_option(url: str) -> ConfigError:
+    return ConfigError(f"{url!r}: a --storage-option is not an option of the {scheme(url)}:// filesystem; "
+                       "check their names")
 
 
 def check_root(fs: Any, url: str, root: str) -> None:
@@ -116,8 +120,7 @@ def check_root(fs: Any, url: str, root: str) -> None:
         raise StoreNotFound(f"{url!r}: access to the bucket {bucket!r} is denied; check the credentials "
                             "(AWS_PROFILE, AWS_ACCESS_KEY_ID, --storage-option)") from None
     except TypeError:  # a --storage-option the filesystem's client does not take, met on its first request
-        raise ConfigError(f"{url!r}: a --storage-option is not an option of the {scheme(url)}:// filesystem; "
-                          "check their names") from None
+        raise _unknown_option(url) from None
     except Exception as err:  # noqa: BLE001 - the filesystem's own types (botocore's NoCredentialsError, ...)
         if "Credential" not in type(err).__name__ and "credential" not in str(err).lower():
             raise

@@ -105,14 +105,12 @@ class UnitStore(ReadHandle):
         return self._handle().read(UNIT_CHECKSUMS, 0, self.meta.num_units)
 
     # -- reading --------------------------------------------------------------------------------
-    @property
-    def _remote(self) -> bool:
-        return isinstance(self.path, str)
-
-    def _small(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows of a per-sample array or the checksums of a store at a URL, from the whole array read once
-        (zarr fetches its chunks concurrently): a unit then costs a request per per-position array only.
+    def _small(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of a per-sample array or the checksums; at a URL from the whole array read once (zarr
+        fetches its chunks concurrently): a unit then costs a request per per-position array only.
         Held in memory: 16 B per sample for labels and ids, plus any view parameters, 4 B per unit."""
+        if not isinstance(self.path, str):
+            return self._handle().read(name, start, stop, out)
         cache = self.__dict__.setdefault("_small_arrays", {})
         if name not in cache:
             with _FILLING:  # read-ahead threads: one of them reads it
@@ -138,13 +136,12 @@ class UnitStore(ReadHandle):
             if spec.family == "position":
                 block[name] = b.read(name, a0, a1, out.get(name))
             elif spec.family == "sample":
-                block[name] = self._small(name, s0, s1) if self._remote else b.read(name, s0, s1, out.get(name))
+                block[name] = self._small(name, s0, s1, out.get(name))
         if isinstance(self.positions, TokenPositions):
             block[OFFSETS] = self.positions.offsets[s0:s1]
             block[LENGTHS] = self.positions.lengths[s0:s1]
         where = f"unit {unit} (samples {s0}..{s1}) of {self.path}"
-        recorded = self._small(UNIT_CHECKSUMS, unit, unit + 1) if self._remote else \
-            self._handle().read(UNIT_CHECKSUMS, unit, unit + 1)
+        recorded = self._small(UNIT_CHECKSUMS, unit, unit + 1)
         if verify and unit_checksum(self.meta, block) != int(recorded[0]):
             raise CorruptStore(f"{where} fails its checksum (the data on disk changed after it was written); "
                                f"{_REPAIR}")
