@@ -1,13 +1,10 @@
-"""HDF5 backend (h5py).
-
-Arrays are chunked along N and allocated in full when created
-(``H5D_ALLOC_TIME_EARLY``), so writing a chunk later only writes raw data and
-never touches the file's metadata: a writer killed mid-way leaves a readable
-file. Object-valued root attributes are stored as JSON strings.
+"""HDF5 backend (h5py): arrays chunked along N and allocated in full when created (docs/FORMAT.md,
+"Rules"); object-valued root attributes stored as JSON strings.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -19,12 +16,10 @@ import h5py
 import numpy as np
 
 from softlabels.errors import CorruptStore, NotAStore, StoreLocked, StoreWriteError
-from softlabels.store.format import (
-    ArraySpec,
-    check_read_size,
-    decode_h5_attr,
-    encode_h5_attr,
-)
+from softlabels.store.format import ArraySpec, check_read_size, load_json
+
+# object-valued root attributes of either version, stored as JSON strings
+JSON_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by", "layout_params", "views", "tokens")
 
 
 class HDF5Backend:
@@ -110,11 +105,8 @@ class HDF5Backend:
         return None  # HDF5 has no shards
 
     def unbacked(self, name: str, *, complete: bool = False) -> str | None:
-        """What the array's shape claims beyond the storage the file holds for it (None if backed).
-
-        Stores allocate every chunk at creation, so a shape the file does not back with
-        allocated chunks is a claim only: refused before anything is read or allocated.
-        """
+        """What the array's shape claims beyond the chunks the file has allocated for it (None if backed;
+        docs/FORMAT.md, "Limits")."""
         d = self._dsid(name)
         chunks = _chunks(d)
         if chunks is None:
@@ -219,17 +211,29 @@ class HDF5Backend:
         return self.path.stat().st_size
 
 
+def encode_h5_attr(name: str, value: Any) -> Any:
+    """HDF5 attribute value: objects as JSON strings, scalars as themselves."""
+    return json.dumps(value, sort_keys=True) if name in JSON_ATTRS else value
+
+
+def decode_h5_attr(name: str, value: Any) -> Any:
+    """Inverse of :func:`encode_h5_attr`; parses JSON only (never evaluates)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if name in JSON_ATTRS and isinstance(value, str):
+        return load_json(value, where=f"root attribute {name!r}", fix="regenerate the store")
+    return value
+
+
 _MAX_DEPTH = 16  # a store's arrays lie at its root: deeper nesting (or a hard-link loop) is refused
 
 
 def _escape(group: h5py.Group, prefix: str = "/", depth: int = 0) -> str | None:
-    """The first link or dataset whose data lies outside this file (or elsewhere in it), or None.
-
-    Refused: external and soft links (h5py would follow them for reads and writes),
-    datasets with external raw storage, and virtual datasets; a store makes none of them.
-    Walked with h5py's low-level calls (a hard link's object opened by name, its creation
-    properties read): the high-level objects cost ~0.1 ms per array, and every open walks.
-    """
+    """The first link or dataset whose data lies outside this file (or elsewhere in it), or None
+    (docs/SECURITY.md). Walked with h5py's low-level calls: the high-level objects cost ~0.1 ms per
+    array, and every open walks."""
     if depth > _MAX_DEPTH:
         return f"{prefix} lies {depth} groups deep (a link loop, or nesting no store has)"
     gid = group.id

@@ -1,12 +1,7 @@
 """Reading a store: :func:`open_store` opens either format version through one API.
 
-:class:`UnitStore` reads format 2 (docs/FORMAT.md); :class:`softlabels.store.v1.V1Store`
-presents a format-1 store in the same terms (``sample`` positions × its layout). Opening
-checks the version, the attributes, every array's shape, dtype and chunking against what
-the attributes imply (before anything is allocated from them), the token offsets against
-the lengths, and the status. ``read_unit`` returns one write unit's arrays as numpy,
-checksum-verified on request, with its values checked (labels, ids < C, ...). The backend
-handle opens lazily and reopens after a fork, so a store can be handed to DataLoader workers.
+:class:`UnitStore` reads format 2 (docs/FORMAT.md); :class:`softlabels.store.v1.V1Store` presents a
+format-1 store in the same terms. Opening checks everything the attributes claim (docs/FORMAT.md, "Limits").
 """
 
 from __future__ import annotations
@@ -92,10 +87,6 @@ class UnitStore(ReadHandle):
             raise CorruptStore(f"offsets[{bad}] = {int(offsets[bad])} but the lengths place that sample at "
                                f"{int(planned.offsets[bad])}; regenerate the store")
         return lengths
-
-    def __repr__(self) -> str:
-        return (f"UnitStore({str(self.path)!r}, {self.meta.positions} x {self.meta.layout}, N={self.num_samples}, "
-                f"C={self.num_classes}, {self.meta.logits_dtype}, {self.meta.status})")
 
     def unit_done(self) -> np.ndarray:
         return self._handle().read(UNIT_DONE, 0, self.meta.num_units).astype(bool)

@@ -27,8 +27,7 @@ from softlabels.store.location import (
     store_location,
 )
 
-__all__ = ["CachedRetryStore", "RemoteFiles", "clear_prefix", "open_remote", "remote_exists", "store_exists",
-           "with_retries"]
+__all__ = ["CachedRetryStore", "RemoteFiles", "clear_prefix", "open_remote", "store_exists", "with_retries"]
 
 LEASE_DIR = "_lease"  # the writer's lease objects (softlabels.store.lock); never a zarr node
 
@@ -202,14 +201,14 @@ def files_for(url: str) -> RemoteFiles:
 
 
 def store_exists(path: str | os.PathLike[str]) -> bool:
-    """Whether a store (or anything else) is at ``path``: a local file or folder, or objects under a URL."""
+    """Whether a store (or anything else) is at ``path``: a local file or folder, or objects under a URL
+    (the writer's lease aside)."""
     where = store_location(path)
-    return remote_exists(where) if isinstance(where, str) else where.exists()
+    return bool(_contents(files_for(where))) if isinstance(where, str) else where.exists()
 
 
-def remote_exists(url: str) -> bool:
-    """Whether anything lies under the store's prefix (its lease aside)."""
-    return any(name != LEASE_DIR for name, _ in files_for(url).listing(""))
+def _contents(files: RemoteFiles) -> list[str]:
+    return [name for name, _ in files.listing("") if name != LEASE_DIR]
 
 
 def _holds_a_store(files: RemoteFiles) -> bool:
@@ -226,17 +225,16 @@ def _foreign(url: str, names: list[str]) -> NotAStore:
                      "(nothing there is replaced, with or without --overwrite)")
 
 
-def clear_prefix(url: str) -> None:
-    """Delete the store under ``url`` (its lease kept); refuse a prefix holding anything but a softlabels store."""
-    files = files_for(url)
-    names = [name for name, _ in files.listing("") if name != LEASE_DIR]
+def clear_prefix(files: RemoteFiles) -> None:
+    """Delete the store under the prefix (its lease kept); refuse a prefix holding anything but a softlabels store."""
+    names = _contents(files)
     if not names:
         return
     if not _holds_a_store(files):
-        raise _foreign(url, names)
+        raise _foreign(files.url, names)
     for name in names:
         path = f"{files.root}/{name}"
-        with_retries(url, lambda p=path: files.fs.rm(p, recursive=True))
+        with_retries(files.url, lambda p=path: files.fs.rm(p, recursive=True))
     files.fs.invalidate_cache()
 
 
@@ -247,12 +245,12 @@ def open_remote(url: str, mode: str) -> tuple[RemoteFiles, Any]:
     files = files_for(url)
     cache = None
     if mode == "w":
-        clear_prefix(url)
+        clear_prefix(files)
     else:
         try:
             root_meta = files.read("zarr.json", 1 << 24)
         except FileNotFoundError:
-            names = [name for name, _ in files.listing("") if name != LEASE_DIR]
+            names = _contents(files)
             if not names:
                 raise StoreNotFound(f"no store at {url!r}; check the URL (generate one with 'softlabels generate')") \
                     from None
