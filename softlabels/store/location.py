@@ -1,12 +1,7 @@
 """Where a store lives: a local path, or a URL on object storage (``s3://``, ``gs://``, ``memory://``, ...).
 
-A URL is any ``scheme://...``; ``file://`` URLs are local paths. Every other URL is opened
-through fsspec with *storage options*: the keyword arguments of its filesystem (``s3fs``:
-``endpoint_url``, ``key``, ``secret``, ``profile``, ``anon``, ...). Credentials and the
-endpoint come from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``,
-``~/.aws/credentials``, ...) and from :func:`set_storage_options` (the CLI's
-``--storage-option key=value``). Options live in this process only: they are never
-logged, never written into a store or a run, and messages name the URL, never them.
+A URL is opened through fsspec with *storage options* (docs/FORMAT.md, "Stores at URLs"); they live
+in this process only, and messages name the URL, never them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Local: an ``fcntl.flock`` on the sibling file ``STORE.lock`` (a Zarr store is a directory and an HDF5
 file may not exist yet). The kernel drops a flock when its holder dies, so only a *live* holder blocks;
 forked children (DataLoader workers) close their copy at once. At a URL: the lease protocol of
-docs/FORMAT.md ("Object storage"): a numbered object ``_lease/<generation>`` created conditionally,
+docs/FORMAT.md ("Stores at URLs"): a numbered object ``_lease/<generation>`` created conditionally,
 renewed by a heartbeat, taken over when stale or when its holder has exited on this machine.
 """
 
@@ -51,11 +51,8 @@ def store_lock(store: str | Path, say: Callable[[str], None] | None = None) -> S
 
 
 def lock_path(store: str | Path) -> Path:
-    """``out.zarr`` -> ``out.zarr.lock`` beside the store's *real* path (never inside it).
-
-    Symlinks are resolved first, so every path to one store (a symlink to it, or to a
-    folder above it) names the same lock.
-    """
+    """``out.zarr`` -> ``out.zarr.lock`` beside the store's *real* path (never inside it), so every
+    path to one store (a symlink to it, or to a folder above it) names the same lock."""
     store = Path(os.path.realpath(store))
     return store.with_name(store.name + ".lock")
 
