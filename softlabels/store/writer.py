@@ -136,7 +136,7 @@ class UnitWriter:
                 pend.put(pos, stop, piece)
                 if pend.full:
                     del self._pending[unit]
-                    self.write_unit(unit, pend.arrays())
+                    self.write_unit(unit, pend.arrays)
             pos = stop
 
     def _position_index(self, sample: int) -> int:
@@ -311,24 +311,21 @@ class _Pending:
         self.p0 = self._index(self.s0)
         rows = {"position": self._index(s1) - self.p0, "sample": s1 - self.s0}
         self._sample_keys = {k for k, a in writer._arrays.items() if a.family == "sample"}
-        self._buffers = {k: np.zeros((rows[a.family], *a.shape[1:]), a.dtype)
-                         for k, a in writer._arrays.items() if a.family in rows}
+        self.arrays = {k: np.zeros((rows[a.family], *a.shape[1:]), a.dtype)
+                       for k, a in writer._arrays.items() if a.family in rows}
         self._filled = np.zeros(s1 - self.s0, dtype=bool)
 
     def put(self, lo: int, hi: int, piece: Mapping[str, np.ndarray]) -> None:
         for k, v in piece.items():
             if k in self._sample_keys:
-                self._buffers[k][lo - self.s0:hi - self.s0] = v
+                self.arrays[k][lo - self.s0:hi - self.s0] = v
             else:
-                self._buffers[k][self._index(lo) - self.p0:self._index(hi) - self.p0] = v
+                self.arrays[k][self._index(lo) - self.p0:self._index(hi) - self.p0] = v
         self._filled[lo - self.s0:hi - self.s0] = True
 
     @property
     def full(self) -> bool:
         return bool(self._filled.all())
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return self._buffers
 
 
 def _remove(path: Path) -> None:
