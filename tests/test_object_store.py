@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 from softlabels.errors import StoreLocked
-from softlabels.store.lease import Lease
 from softlabels.store.location import parse_storage_options, set_storage_options
+from softlabels.store.lock import Lease
 from tests.test_errors import ROWS
 from tests.test_generate import assert_same_store, gen_args, tiny  # noqa: F401 - tiny is a fixture
 

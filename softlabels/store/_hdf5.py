@@ -1,13 +1,10 @@
-"""HDF5 backend (h5py).
-
-Arrays are chunked along N and allocated in full when created
-(``H5D_ALLOC_TIME_EARLY``), so writing a chunk later only writes raw data and
-never touches the file's metadata: a writer killed mid-way leaves a readable
-file. Object-valued root attributes are stored as JSON strings.
+"""HDF5 backend (h5py): arrays chunked along N and allocated in full when created (docs/FORMAT.md,
+"Rules"); object-valued root attributes stored as JSON strings.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -19,12 +16,10 @@ import h5py
 import numpy as np
 
 from softlabels.errors import CorruptStore, NotAStore, StoreLocked, StoreWriteError
-from softlabels.store.format import (
-    ArraySpec,
-    check_read_size,
-    decode_h5_attr,
-    encode_h5_attr,
-)
+from softlabels.store.format import ArraySpec, check_read_size, load_json
+
+# object-valued root attributes of either version, stored as JSON strings
+JSON_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by", "layout_params", "views", "tokens")
 
 
 class HDF5Backend:
@@ -45,7 +40,6 @@ class HDF5Backend:
             raise NotAStore(
                 f"{str(path)!r} is not a readable HDF5 file ({_first_line(text)}); check the path or regenerate the store"
             ) from err
-        self._datasets: dict[str, h5py.Dataset] = {}  # name lookups cost more than small reads
         self._ids: dict[str, h5py.h5d.DatasetID] = {}  # the read functions' datasets, low-level
         self._raw: dict[str, int] = {}  # see _raw_rows
         self._whole: dict[str, tuple] = {}  # see write
@@ -57,15 +51,6 @@ class HDF5Backend:
                 self._f.close()
                 raise CorruptStore(f"{str(path)!r}: {escape}, and a store's data must lie inside its own file; "
                                    "nothing was read or written: regenerate the store")
-
-    def _dataset(self, name: str) -> h5py.Dataset:
-        d = self._datasets.get(name)
-        if d is None:
-            try:
-                d = self._datasets[name] = self._f[name]
-            except KeyError:
-                raise CorruptStore(f"array {name!r} is missing from {str(self.path)!r}; regenerate the store") from None
-        return d
 
     def attrs(self) -> dict[str, Any]:
         # list() first: raising mid-iteration would leave an h5py generator holding its global
@@ -120,11 +105,8 @@ class HDF5Backend:
         return None  # HDF5 has no shards
 
     def unbacked(self, name: str, *, complete: bool = False) -> str | None:
-        """What the array's shape claims beyond the storage the file holds for it (None if backed).
-
-        Stores allocate every chunk at creation, so a shape the file does not back with
-        allocated chunks is a claim only: refused before anything is read or allocated.
-        """
+        """What the array's shape claims beyond the chunks the file has allocated for it (None if backed;
+        docs/FORMAT.md, "Limits")."""
         d = self._dsid(name)
         chunks = _chunks(d)
         if chunks is None:
@@ -190,13 +172,13 @@ class HDF5Backend:
         return rows
 
     def write(self, name: str, start: int, data: np.ndarray) -> None:
-        d = self._dataset(name)
         stop = start + len(data)
+        whole = self._whole.get(name)
+        if whole is None:  # h5py's shape and dtype properties cost more than a chunk's write
+            d = h5py.Dataset(self._dsid(name))
+            whole = self._whole[name] = (d, self._raw_rows(name, d.id), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
+        d, rows, n, dtype, rest = whole
         with self._writing():
-            whole = self._whole.get(name)
-            if whole is None:  # h5py's shape and dtype properties cost more than a chunk's write
-                whole = self._whole[name] = (self._raw_rows(name, d.id), d.shape[0], d.dtype, (0,) * (d.ndim - 1))
-            rows, n, dtype, rest = whole
             whole_rows = 0  # the rows written as whole chunks
             if rows and start % rows == 0 and data.dtype == dtype and data.flags.c_contiguous:
                 # whole uncompressed chunks: their rows are their stored bytes (H5Dwrite_chunk, no chunk
@@ -218,7 +200,6 @@ class HDF5Backend:
             os.fsync(fd)  # "done" must mean on disk, not in the page cache
 
     def close(self) -> None:
-        self._datasets.clear()
         self._ids.clear()
         self._raw.clear()
         self._whole.clear()
@@ -230,17 +211,29 @@ class HDF5Backend:
         return self.path.stat().st_size
 
 
+def encode_h5_attr(name: str, value: Any) -> Any:
+    """HDF5 attribute value: objects as JSON strings, scalars as themselves."""
+    return json.dumps(value, sort_keys=True) if name in JSON_ATTRS else value
+
+
+def decode_h5_attr(name: str, value: Any) -> Any:
+    """Inverse of :func:`encode_h5_attr`; parses JSON only (never evaluates)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if name in JSON_ATTRS and isinstance(value, str):
+        return load_json(value, where=f"root attribute {name!r}", fix="regenerate the store")
+    return value
+
+
 _MAX_DEPTH = 16  # a store's arrays lie at its root: deeper nesting (or a hard-link loop) is refused
 
 
 def _escape(group: h5py.Group, prefix: str = "/", depth: int = 0) -> str | None:
-    """The first link or dataset whose data lies outside this file (or elsewhere in it), or None.
-
-    Refused: external and soft links (h5py would follow them for reads and writes),
-    datasets with external raw storage, and virtual datasets; a store makes none of them.
-    Walked with h5py's low-level calls (a hard link's object opened by name, its creation
-    properties read): the high-level objects cost ~0.1 ms per array, and every open walks.
-    """
+    """The first link or dataset whose data lies outside this file (or elsewhere in it), or None
+    (docs/SECURITY.md). Walked with h5py's low-level calls: the high-level objects cost ~0.1 ms per
+    array, and every open walks."""
     if depth > _MAX_DEPTH:
         return f"{prefix} lies {depth} groups deep (a link loop, or nesting no store has)"
     gid = group.id

@@ -1,15 +1,5 @@
-"""Zarr v3 backend (zarr-python 3).
-
-Arrays are chunked ``(chunk_rows, ...)`` along their first axis; with sharding,
-``shard_rows`` rows (a whole number of chunks) share one file, and each writer must own
-whole shards. The bookkeeping arrays are chunked by groups of write units, and writers
-own whole groups, so writers never share a file there. Chunks are always written, even
-when all zeros (``write_empty_chunks``), so a missing chunk file means damage.
-
-New arrays name their chunk files ``c.<i>.0`` beside their ``zarr.json`` (the default
-chunk key encoding with separator ``.``): with ``/`` every chunk of a 2-D array gets a
-directory of its own (``c/<i>/0``), and listing 100k directories made opening a store
-take seconds. Arrays written with ``/`` keys stay readable.
+"""Zarr v3 backend (zarr-python 3): arrays chunked along their first axis, optionally sharded, every
+chunk file written even when all zeros, new chunk files named ``c.<i>.0`` (docs/FORMAT.md, "Rules").
 """
 
 from __future__ import annotations
@@ -68,7 +58,7 @@ class ZarrBackend:
         self.path = path
         self._meta: dict[str, dict[str, Any]] = {}
         if isinstance(path, str):  # a URL (softlabels.store.location)
-            from softlabels.store.objects import open_remote
+            from softlabels.store.remote import open_remote
 
             self._files, store = open_remote(path, mode)
         else:
@@ -147,12 +137,8 @@ class ZarrBackend:
         return None if shards is None else int(shards[0])
 
     def unbacked(self, name: str, *, complete: bool = False) -> str | None:
-        """What a *complete* store's array claims beyond its chunk (or shard) files (None if backed).
-
-        Zarr writes a chunk file as its unit finishes, even all zeros, so while a store is
-        being written absent files are no claim; once it is complete every file must exist.
-        Counting directory entries costs one listing, not a read.
-        """
+        """What a *complete* store's array claims beyond its chunk (or shard) files (None if backed;
+        docs/FORMAT.md, "Limits"), counted from one directory listing."""
         a = self._array(name)
         if not complete or not a.shape or not a.shape[0]:
             return None
@@ -220,11 +206,8 @@ class ZarrBackend:
             ) from err
 
     def _read_sparse(self, name: str, a: Any, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
-        """A bookkeeping array (one element, or one unit group, per file): only the files that exist are read.
-
-        A missing file holds the fill value, so the cost follows the files on disk, not the
-        length the metadata claims (zarr's own loop costs ~0.2-0.5 ms per chunk it claims).
-        """
+        """A bookkeeping array (one element, or one unit group, per file): only the files that exist are read
+        (a missing one holds the fill value), not every chunk the metadata claims (~0.2-0.5 ms each in zarr)."""
         stop = min(stop, a.shape[0])
         result = np.zeros(max(0, stop - start), dtype=a.dtype) if out is None else out
         result[...] = a.fill_value
@@ -277,13 +260,9 @@ def _join(root: Path | str, rel: str) -> str:
 
 
 def _escape(root: Path, *, writing: bool) -> str | None:
-    """The first entry of the store tree that leads outside it, or None.
-
-    zarr opens files by path, so a symlink (to a file or a directory) would take reads
-    and writes anywhere its target is; one resolving outside the store's real root is
-    refused, dangling ones included. Before writing, a file with more than one hard link
-    is refused too: zarr would write through it into the other name's file. The walk
-    uses the directory entries' types, no stat per file when reading (~0.1 s per 20k files).
+    """The first entry of the store tree that leads outside it (docs/SECURITY.md: a symlink resolving
+    outside the store's real root, dangling ones included; before writing, a file with a second hard
+    link), or None. The walk uses the entries' types: no stat per file when reading (~0.1 s per 20k files).
     """
     top = os.path.realpath(root)
     stack = [top]

@@ -73,18 +73,15 @@ def open_backend(path: str | Path, mode: Literal["r", "r+", "w"], kind: str | No
     """Open (``r``, ``r+``) or create (``w``) a store's backend."""
     path = store_location(path)
     which = backend_kind(path, kind)
-    if isinstance(path, str):
-        from softlabels.store._zarr import ZarrBackend
+    if isinstance(path, Path):
+        if mode != "w" and not path.exists():
+            raise StoreNotFound(f"no store at {str(path)!r}; check the path (generate one with 'softlabels generate')")
+        if which == "hdf5":
+            from softlabels.store._hdf5 import HDF5Backend
 
-        return ZarrBackend(path, mode)
-    if mode != "w" and not path.exists():
-        raise StoreNotFound(f"no store at {str(path)!r}; check the path (generate one with 'softlabels generate')")
-    if which == "hdf5":
-        from softlabels.store._hdf5 import HDF5Backend
-
-        return HDF5Backend(path, mode)
+            return HDF5Backend(path, mode)
+        if mode != "w" and not (path / "zarr.json").is_file():
+            raise NotAStore(f"{str(path)!r} is not a Zarr v3 store (no zarr.json); check the path")
     from softlabels.store._zarr import ZarrBackend
 
-    if mode != "w" and not (path / "zarr.json").is_file():
-        raise NotAStore(f"{str(path)!r} is not a Zarr v3 store (no zarr.json); check the path")
     return ZarrBackend(path, mode)

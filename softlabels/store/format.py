@@ -1,10 +1,6 @@
 """What every store shares, whatever its version: names, dtypes, checksums, limits, metadata JSON.
 
-:mod:`softlabels.store.schema` owns the format (version 2: positions × layouts) and
-:mod:`softlabels.store.v1` reads version 1; both build on the primitives here: the array
-names a layout and a store share, the stored logits dtypes, the CRCs a checksum chains, the
-one guarded JSON parser for metadata, and the limits on what a store's claims may make a
-reader allocate (docs/FORMAT.md, "Limits").
+The limits on what a store's claims may make a reader allocate are docs/FORMAT.md's "Limits".
 """
 
 from __future__ import annotations
@@ -51,16 +47,16 @@ READ_LIMIT_ENV = "SOFTLABELS_MAX_READ_BYTES"
 DEFAULT_MAX_READ_BYTES = 1 << 30  # one read of one array into memory
 
 
-def max_read_bytes() -> int:
-    """The largest single array read a reader will allocate (``SOFTLABELS_MAX_READ_BYTES`` overrides)."""
-    raw = os.environ.get(READ_LIMIT_ENV, "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_MAX_READ_BYTES
+def env_int(name: str, default: int, low: int = 1) -> int:
+    """The environment variable ``name`` as an integer when it is one >= ``low``, else ``default``."""
+    raw = os.environ.get(name, "")
+    return int(raw) if raw.isdigit() and int(raw) >= low else default
 
 
 def check_read_size(path: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Refuse a read whose result would exceed :func:`max_read_bytes`, before allocating it."""
+    """Refuse a read whose result would exceed ``SOFTLABELS_MAX_READ_BYTES``, before allocating it."""
     nbytes = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
-    limit = max_read_bytes()
+    limit = env_int(READ_LIMIT_ENV, DEFAULT_MAX_READ_BYTES)
     if nbytes > limit:
         raise StoreLimitExceeded(
             f"reading {name} {tuple(int(n) for n in shape)} from {str(path)!r} would allocate {nbytes:,} bytes, over "
@@ -91,10 +87,6 @@ def load_json(raw: bytes | str, *, where: str, fix: str) -> Any:
     raise CorruptStore(f"{where} is damaged ({reason}); {fix}")
 
 
-# object-valued root attributes of either version: JSON strings in HDF5
-JSON_ATTRS: tuple[str, ...] = ("teacher", "source", "created_by", "layout_params", "views", "tokens")
-
-
 @dataclass(frozen=True)
 class ArraySpec:
     """Shape and stored dtype of one array (per position, or whole)."""
@@ -114,22 +106,6 @@ def checksum_of(parts: Iterable[np.ndarray], algorithm: str = "crc32") -> int:
     for a in parts:
         crc = update(crc, np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # no copy when contiguous
     return crc
-
-
-def encode_h5_attr(name: str, value: Any) -> Any:
-    """HDF5 attribute value: objects as JSON strings, scalars as themselves."""
-    return json.dumps(value, sort_keys=True) if name in JSON_ATTRS else value
-
-
-def decode_h5_attr(name: str, value: Any) -> Any:
-    """Inverse of :func:`encode_h5_attr`; parses JSON only (never evaluates)."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        value = value.item()
-    if name in JSON_ATTRS and isinstance(value, str):
-        return load_json(value, where=f"root attribute {name!r}", fix="regenerate the store")
-    return value
 
 
 def default_chunk_rows(num_classes: int, itemsize: int, target_bytes: int = 1 << 20) -> int:

@@ -1,9 +1,7 @@
 """What both readers share: the read handle, the array and status checks, and the unit API's generic part.
 
-:class:`~softlabels.store.reader.UnitStore` (format 2) and :class:`~softlabels.store.v1.V1Store`
-(format 1) subclass :class:`ReadHandle`. Its backend opens on first use and reopens after a
-fork, so a store object can be handed to DataLoader workers: no handle crosses a fork, and
-h5py files are opened in the process that reads them.
+The backend opens on first use and reopens after a fork, so a store object can be handed to
+DataLoader workers: no handle crosses a fork.
 """
 
 from __future__ import annotations
@@ -86,13 +84,17 @@ class ReadHandle(Units):
             self._backend, self._pid = opened, os.getpid()
         try:
             self._open(self._handle())
+            self._check_status()
         except SoftLabelsError as err:
             self.close()
             raise type(err)(str(err) if str(self.path) in str(err) else f"{self.path}: {err}") from None
-        self._check_status()
 
     def _open(self, b: Backend) -> None:  # pragma: no cover - each reader's own (and its read_unit, unit_done)
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.path)!r}, {self.meta.positions} x {self.meta.layout}, "
+                f"N={self.num_samples}, C={self.num_classes}, {self.meta.logits_dtype}, {self.meta.status})")
 
     # -- validation -----------------------------------------------------------------------------
     def _check_arrays(self, b: Backend, expected: Expected) -> None:
@@ -125,25 +127,21 @@ class ReadHandle(Units):
         unfinished one, or one to be read whole that holds a sample id twice."""
         missing, meta = self.missing_units(), self.meta
         if meta.complete and missing:
-            self.close()
             raise CorruptStore(f"{self.path} is marked complete but units {chunk_list(missing)} are not flagged "
                                f"done; regenerate them by {self._rerun}")
         if self._allow_partial:
             return
         if not meta.complete:
-            self.close()
             state = (f"{len(missing)} of {meta.num_units} units missing: {chunk_list(missing)}" if missing else
                      f"all {meta.num_units} units written but the store never marked complete")
             raise IncompleteStore(f"{self.path} is incomplete (status {meta.status!r}, {state}); finish it by "
                                   f"{self._rerun}")
         ids = self.whole("sample_ids")
         if len(ids) and ids.min() < 0:
-            self.close()
             raise CorruptStore(f"{self.path} holds the negative sample id {int(ids.min())} (row "
                                f"{int(ids.argmin())}); sample ids index the data: {self._fix}")
         if len(dup := duplicates(ids)):
             rows = np.flatnonzero(np.isin(ids, dup[:1]))
-            self.close()
             raise CorruptStore(f"{self.path} holds sample id {int(dup[0])} {len(rows)} times (rows "
                                f"{chunk_list(rows)}; {len(dup)} duplicated id(s) in all); each input must appear "
                                f"once: {self._fix}")
@@ -172,10 +170,11 @@ class ReadHandle(Units):
         return self._handle().read(name, 0, self.meta.num_samples)
 
     def verify(self, each: Callable[[int, dict[str, np.ndarray]], None] | None = None,
-               reasons: dict[int, str] | None = None) -> list[int]:
+               reasons: dict[int, str] | None = None, *, full: bool = True) -> list[int]:
         """Finished units that cannot be read, fail their checksum or any value check (labels, the position
         kind's values, the layout's arrays), name a class twice in a top-k row, or share a sample id with
-        another unit (every copy is listed).
+        another unit (every copy is listed). Without ``full``: only those that cannot be read or fail a
+        value check.
 
         ``each(unit, block)`` is called with every unit that passes the per-unit checks; ``reasons``, when
         given, receives each bad unit's first problem."""
@@ -183,10 +182,10 @@ class ReadHandle(Units):
 
         why: dict[int, str] = {} if reasons is None else reasons
         ids, owner = [], []
-        k = self.meta.layout_params.get("k") if self.meta.layout == "topk" else None
+        k = self.meta.layout_params.get("k") if self.meta.layout == "topk" and full else None
         for u in map(int, np.flatnonzero(self.unit_done())):
             try:
-                block = self.read_unit(u, verify=True)
+                block = self.read_unit(u, verify=full)
             except CorruptStore as err:
                 why[u] = _reason(str(err))
                 continue
@@ -197,7 +196,7 @@ class ReadHandle(Units):
                 each(u, block)
             ids.append(block["sample_ids"])
             owner.append(np.full(len(ids[-1]), u, dtype=np.int64))
-        if ids:
+        if ids and full:
             all_ids, units = np.concatenate(ids), np.concatenate(owner)
             for d in duplicates(all_ids):
                 shared = np.unique(units[all_ids == d]).tolist()

@@ -1,12 +1,7 @@
 """Where a store lives: a local path, or a URL on object storage (``s3://``, ``gs://``, ``memory://``, ...).
 
-A URL is any ``scheme://...``; ``file://`` URLs are local paths. Every other URL is opened
-through fsspec with *storage options*: the keyword arguments of its filesystem (``s3fs``:
-``endpoint_url``, ``key``, ``secret``, ``profile``, ``anon``, ...). Credentials and the
-endpoint come from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``,
-``~/.aws/credentials``, ...) and from :func:`set_storage_options` (the CLI's
-``--storage-option key=value``). Options live in this process only: they are never
-logged, never written into a store or a run, and messages name the URL, never them.
+A URL is opened through fsspec with *storage options* (docs/FORMAT.md, "Stores at URLs"); they live
+in this process only, and messages name the URL, never them.
 """
 
 from __future__ import annotations
@@ -101,8 +96,12 @@ def filesystem(url: str) -> tuple[Any, str]:
                               "memory://, file:// or a local path") from None
         raise ConfigError(f"{url!r}: bad storage options ({type(err).__name__}); check --storage-option") from None
     except TypeError:
-        raise ConfigError(f"{url!r}: a --storage-option is not an option of the {scheme(url)}:// filesystem; "
-                          "check their names") from None
+        raise _unknown_option(url) from None
+
+
+def _unknown_option(url: str) -> ConfigError:
+    return ConfigError(f"{url!r}: a --storage-option is not an option of the {scheme(url)}:// filesystem; "
+                       "check their names")
 
 
 def check_root(fs: Any, url: str, root: str) -> None:
@@ -116,8 +115,7 @@ def check_root(fs: Any, url: str, root: str) -> None:
         raise StoreNotFound(f"{url!r}: access to the bucket {bucket!r} is denied; check the credentials "
                             "(AWS_PROFILE, AWS_ACCESS_KEY_ID, --storage-option)") from None
     except TypeError:  # a --storage-option the filesystem's client does not take, met on its first request
-        raise ConfigError(f"{url!r}: a --storage-option is not an option of the {scheme(url)}:// filesystem; "
-                          "check their names") from None
+        raise _unknown_option(url) from None
     except Exception as err:  # noqa: BLE001 - the filesystem's own types (botocore's NoCredentialsError, ...)
         if "Credential" not in type(err).__name__ and "credential" not in str(err).lower():
             raise

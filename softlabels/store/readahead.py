@@ -1,39 +1,22 @@
-"""Read-ahead for stores on high-latency storage: the units the next batches need, read on a few threads.
-
-A streaming dataset reads one whole unit when a batch first needs it; against object storage
-each read waits a round trip per chunk object. :class:`ReadAhead` looks at the batches to
-come (index arrays, computed anyway), submits the reads of the units they will need, in
-the order they will be needed, to a small thread pool, and hands each one over when the
-dataset asks for it. The batches, their order and their contents are unchanged: only when
-a unit is read moves. Memory: at most ``depth`` units read ahead and not yet handed over
-(``SOFTLABELS_READ_AHEAD``, default 4; 0 turns it off), on ``min(depth, 4)`` threads, on top
-of the dataset's own window; each costs about twice its size while it is read (the object's
-bytes and the decoded arrays: measured +7.9 MiB at depth 4 and +19.8 MiB at depth 8 with
-1 MiB units, ``tools/bench/bench_s3.py``). Local stores are read as before, without it.
-"""
+"""Read-ahead for stores on high-latency storage: the units the next batches need, read on a few threads
+(docs/SCALE.md, "Read-ahead")."""
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from softlabels.store.format import env_int
 from softlabels.store.location import is_url
 
-__all__ = ["ReadAhead", "read_ahead_depth"]
-
-
-def read_ahead_depth() -> int:
-    """Units read ahead per iterator (``SOFTLABELS_READ_AHEAD``; default 4)."""
-    raw = os.environ.get("SOFTLABELS_READ_AHEAD", "")
-    return int(raw) if raw.isdigit() else 4
+__all__ = ["ReadAhead"]
 
 
 class ReadAhead:
-    """Wraps a dataset's ``load(g, out=None)`` and its batches ``(units, rows)`` (module docstring)."""
+    """Wraps a dataset's ``load(g, out=None)`` and its batches ``(units, rows)`` (docs/SCALE.md)."""
 
     def __init__(self, load: Callable[..., dict[str, np.ndarray]], depth: int) -> None:
         self._load, self.depth = load, depth
@@ -44,7 +27,7 @@ class ReadAhead:
     @classmethod
     def for_stores(cls, stores: Iterable[Any], load: Callable[..., dict[str, np.ndarray]]) -> ReadAhead | None:
         """A read-ahead when any store lies at a URL and the depth is > 0, else None (read as before)."""
-        depth = read_ahead_depth()
+        depth = env_int("SOFTLABELS_READ_AHEAD", 4, low=0)
         if depth <= 0 or not any(is_url(getattr(s, "path", None)) for s in stores):
             return None
         return cls(load, depth)

@@ -1,12 +1,7 @@
 """Reading a store: :func:`open_store` opens either format version through one API.
 
-:class:`UnitStore` reads format 2 (docs/FORMAT.md); :class:`softlabels.store.v1.V1Store`
-presents a format-1 store in the same terms (``sample`` positions × its layout). Opening
-checks the version, the attributes, every array's shape, dtype and chunking against what
-the attributes imply (before anything is allocated from them), the token offsets against
-the lengths, and the status. ``read_unit`` returns one write unit's arrays as numpy,
-checksum-verified on request, with its values checked (labels, ids < C, ...). The backend
-handle opens lazily and reopens after a fork, so a store can be handed to DataLoader workers.
+:class:`UnitStore` reads format 2 (docs/FORMAT.md); :class:`softlabels.store.v1.V1Store` presents a
+format-1 store in the same terms. Opening checks everything the attributes claim (docs/FORMAT.md, "Limits").
 """
 
 from __future__ import annotations
@@ -93,10 +88,6 @@ class UnitStore(ReadHandle):
                                f"{int(planned.offsets[bad])}; regenerate the store")
         return lengths
 
-    def __repr__(self) -> str:
-        return (f"UnitStore({str(self.path)!r}, {self.meta.positions} x {self.meta.layout}, N={self.num_samples}, "
-                f"C={self.num_classes}, {self.meta.logits_dtype}, {self.meta.status})")
-
     def unit_done(self) -> np.ndarray:
         return self._handle().read(UNIT_DONE, 0, self.meta.num_units).astype(bool)
 
@@ -105,14 +96,12 @@ class UnitStore(ReadHandle):
         return self._handle().read(UNIT_CHECKSUMS, 0, self.meta.num_units)
 
     # -- reading --------------------------------------------------------------------------------
-    @property
-    def _remote(self) -> bool:
-        return isinstance(self.path, str)
-
-    def _small(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows of a per-sample array or the checksums of a store at a URL, from the whole array read once
-        (zarr fetches its chunks concurrently): a unit then costs a request per per-position array only.
+    def _small(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of a per-sample array or the checksums; at a URL from the whole array read once (zarr
+        fetches its chunks concurrently): a unit then costs a request per per-position array only.
         Held in memory: 16 B per sample for labels and ids, plus any view parameters, 4 B per unit."""
+        if not isinstance(self.path, str):
+            return self._handle().read(name, start, stop, out)
         cache = self.__dict__.setdefault("_small_arrays", {})
         if name not in cache:
             with _FILLING:  # read-ahead threads: one of them reads it
@@ -138,13 +127,12 @@ class UnitStore(ReadHandle):
             if spec.family == "position":
                 block[name] = b.read(name, a0, a1, out.get(name))
             elif spec.family == "sample":
-                block[name] = self._small(name, s0, s1) if self._remote else b.read(name, s0, s1, out.get(name))
+                block[name] = self._small(name, s0, s1, out.get(name))
         if isinstance(self.positions, TokenPositions):
             block[OFFSETS] = self.positions.offsets[s0:s1]
             block[LENGTHS] = self.positions.lengths[s0:s1]
         where = f"unit {unit} (samples {s0}..{s1}) of {self.path}"
-        recorded = self._small(UNIT_CHECKSUMS, unit, unit + 1) if self._remote else \
-            self._handle().read(UNIT_CHECKSUMS, unit, unit + 1)
+        recorded = self._small(UNIT_CHECKSUMS, unit, unit + 1)
         if verify and unit_checksum(self.meta, block) != int(recorded[0]):
             raise CorruptStore(f"{where} fails its checksum (the data on disk changed after it was written); "
                                f"{_REPAIR}")

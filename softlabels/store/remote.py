@@ -1,24 +1,15 @@
-"""Object storage under a Zarr store: retries with backoff, an optional local cache, and file operations.
+"""Zarr stores on object storage: opening one at a URL, retries with backoff, a local cache, file operations.
 
-* **Retries.** Every request (zarr's chunk and metadata GETs and PUTs, and the listings and
-  reads the backend makes itself) is retried on *transient* errors only (5xx and throttling,
-  which s3fs raises as generic ``OSError``; timeouts; dropped connections), with exponential
-  backoff from 0.2 s up to 5 s, ``SOFTLABELS_STORAGE_RETRIES`` attempts in all (default 8).
-  A retry repeats the whole request: an object is read whole or not at all, so a retry
-  can never turn into wrong data (and each unit is checksum-verified as it is read). Past
-  the budget: :class:`~softlabels.errors.StorageUnavailable`, one line; rerunning resumes.
-  A missing object or a denied access is never retried.
-* **Cache** (``SOFTLABELS_CACHE_DIR``, capped at ``SOFTLABELS_CACHE_MAX_BYTES``, default
-  10 GiB): chunk objects of a *complete* store read through it are kept as files named
-  by a hash of (URL, the store's root metadata, key); a store rewritten under the same URL
-  gets new root metadata, so a stale entry is never read. Oldest files go first when the
-  cap is passed.
+A store at a URL is the set of objects under its prefix. Opening it checks the bucket first; creating
+one empties the prefix but for the writer's lease, and only if it holds nothing or a softlabels store.
+The retry and cache rules are in docs/SCALE.md ("Retries and the cache").
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -27,9 +18,18 @@ from typing import Any, TypeVar
 
 from zarr.storage import WrapperStore
 
-from softlabels.errors import StorageUnavailable
+from softlabels.errors import NotAStore, StorageUnavailable, StoreNotFound
+from softlabels.store.format import env_int
+from softlabels.store.location import (
+    check_root,
+    filesystem,
+    storage_options,
+    store_location,
+)
 
-__all__ = ["CachedRetryStore", "RemoteFiles", "is_transient", "with_retries"]
+__all__ = ["CachedRetryStore", "RemoteFiles", "clear_prefix", "open_remote", "store_exists", "with_retries"]
+
+LEASE_DIR = "_lease"  # the writer's lease objects (softlabels.store.lock); never a zarr node
 
 T = TypeVar("T")
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -37,8 +37,7 @@ _TRANSIENT_NAMES = ("Timeout", "Connection", "ServerDisconnected", "ClientPayloa
 
 
 def retry_budget() -> int:
-    raw = os.environ.get("SOFTLABELS_STORAGE_RETRIES", "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else 8
+    return env_int("SOFTLABELS_STORAGE_RETRIES", 8)
 
 
 def is_transient(err: BaseException) -> bool:
@@ -65,7 +64,7 @@ def _backoff(where: str, attempt: int, budget: int, err: Exception) -> float:
 
 
 def with_retries(where: str, call: Callable[[], T]) -> T:
-    """``call()``, repeated on transient errors with backoff (module docstring)."""
+    """``call()``, repeated on transient errors with backoff (docs/SCALE.md)."""
     budget = retry_budget()
     for attempt in range(budget):
         try:
@@ -76,7 +75,7 @@ def with_retries(where: str, call: Callable[[], T]) -> T:
 
 
 class CachedRetryStore(WrapperStore):
-    """A zarr store whose requests are retried (module docstring), and whose reads go through ``cache`` if any."""
+    """A zarr store whose requests are retried (docs/SCALE.md), and whose reads go through ``cache`` if any."""
 
     def __init__(self, store: Any, where: str = "", cache: DiskCache | None = None) -> None:
         super().__init__(store)
@@ -126,8 +125,7 @@ class DiskCache:
         folder = os.environ.get("SOFTLABELS_CACHE_DIR")
         if not folder:
             return None
-        raw = os.environ.get("SOFTLABELS_CACHE_MAX_BYTES", "")
-        cap = int(raw) if raw.isdigit() else 10 << 30
+        cap = env_int("SOFTLABELS_CACHE_MAX_BYTES", 10 << 30, low=0)
         return cls(folder, url + "\0" + hashlib.sha256(root_meta).hexdigest(), cap)
 
     def _file(self, key: str) -> Path:
@@ -193,3 +191,74 @@ class RemoteFiles:
     def total_bytes(self) -> int:
         self.fs.invalidate_cache()
         return int(with_retries(self.url, lambda: self.fs.du(self.root, total=True)))
+
+
+def files_for(url: str) -> RemoteFiles:
+    """The store's :class:`RemoteFiles`, after checking its bucket."""
+    fs, root = filesystem(url)
+    with_retries(url, lambda: check_root(fs, url, root))
+    return RemoteFiles(fs, root, url)
+
+
+def store_exists(path: str | os.PathLike[str]) -> bool:
+    """Whether a store (or anything else) is at ``path``: a local file or folder, or objects under a URL
+    (the writer's lease aside)."""
+    where = store_location(path)
+    return bool(_contents(files_for(where))) if isinstance(where, str) else where.exists()
+
+
+def _contents(files: RemoteFiles) -> list[str]:
+    return [name for name, _ in files.listing("") if name != LEASE_DIR]
+
+
+def _holds_a_store(files: RemoteFiles) -> bool:
+    try:
+        attrs = json.loads(files.read("zarr.json", 1 << 24)).get("attributes") or {}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return False
+    return "softlabels_format" in attrs
+
+
+def _foreign(url: str, names: list[str]) -> NotAStore:
+    shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+    return NotAStore(f"{url!r} holds other objects ({shown}) and no softlabels store; choose an empty prefix "
+                     "(nothing there is replaced, with or without --overwrite)")
+
+
+def clear_prefix(files: RemoteFiles) -> None:
+    """Delete the store under the prefix (its lease kept); refuse a prefix holding anything but a softlabels store."""
+    names = _contents(files)
+    if not names:
+        return
+    if not _holds_a_store(files):
+        raise _foreign(files.url, names)
+    for name in names:
+        path = f"{files.root}/{name}"
+        with_retries(files.url, lambda p=path: files.fs.rm(p, recursive=True))
+    files.fs.invalidate_cache()
+
+
+def open_remote(url: str, mode: str) -> tuple[RemoteFiles, Any]:
+    """``(files, zarr store)`` for the store at ``url``; ``mode`` ``"w"`` empties the prefix (:func:`clear_prefix`)."""
+    from zarr.storage import FsspecStore
+
+    files = files_for(url)
+    cache = None
+    if mode == "w":
+        clear_prefix(files)
+    else:
+        try:
+            root_meta = files.read("zarr.json", 1 << 24)
+        except FileNotFoundError:
+            names = _contents(files)
+            if not names:
+                raise StoreNotFound(f"no store at {url!r}; check the URL (generate one with 'softlabels generate')") \
+                    from None
+            raise _foreign(url, names) from None
+        if mode == "r" and b'"complete"' in root_meta:
+            cache = DiskCache.from_env(url, root_meta)
+    try:
+        store = FsspecStore.from_url(url, storage_options=storage_options(url), read_only=mode == "r")
+    except ImportError as err:  # checked by filesystem() already; an incomplete install of the async stack
+        raise StoreNotFound(f"{url!r}: cannot open its filesystem ({err}); reinstall softlabels[s3]") from None
+    return files, CachedRetryStore(store, url, cache)

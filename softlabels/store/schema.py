@@ -1,10 +1,6 @@
-"""The on-disk format, version 2: positions × layouts (docs/FORMAT.md).
-
-The format separates *what an output belongs to* (a position kind: ``sample``, ``views``,
-``tokens``; see ``softlabels.store.positions``) from *how one output is encoded* (a layout:
-``dense``, ``topk``, ``sampled``; see ``softlabels.store.layouts``). This module owns the
-names, attributes and validation; it knows neither library nor teacher. Version 1 is read
-through :mod:`softlabels.store.v1`, which presents it in these terms.
+"""The on-disk format, version 2: positions × layouts (docs/FORMAT.md): the names, attributes and
+validation, knowing neither storage library nor teacher. Version 1 is read through
+:mod:`softlabels.store.v1`, which presents it in these terms.
 """
 
 from __future__ import annotations

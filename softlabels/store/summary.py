@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from softlabels.errors import CorruptStore
 from softlabels.store import format as fmt
 from softlabels.store.backend import open_backend
 from softlabels.store.layouts import Layout
@@ -18,16 +17,10 @@ __all__ = ["diff_stores", "summarize"]
 
 
 def summarize(path: str | Path, *, verify: bool = False, backend: str | None = None) -> dict[str, Any]:
-    """Describe a store of either format version: layout, positions, sizes, status, label counts and
-    teacher statistics, per write unit (a format-1 store's units are its chunks).
-
-    Incomplete stores are described too (statistics cover the units done so far). With
-    ``verify``, every finished unit is read and checked (checksum, every value check, repeated ids);
-    ``corrupt_reasons`` maps each bad unit to its first problem.
-    ``num_positions`` counts stored teacher outputs (N x V for views); ``bytes_per_position``
-    is the layout's per-output size, and a views store adds ``bytes_per_view`` (with the
-    view's parameters).
-    """
+    """Describe a store of either format version, incomplete ones too: layout, positions, sizes, status,
+    label counts and teacher statistics. With ``verify``, every finished unit is checked
+    (:meth:`~softlabels.store.handle.ReadHandle.verify`) and ``corrupt_reasons`` says why.
+    ``num_positions`` counts stored outputs (N x V for views); ``bytes_per_view`` adds a view's parameters."""
     with open_store(path, allow_partial=True, backend=backend) as store:
         meta = store.meta
         layout = meta.layout_obj()
@@ -70,17 +63,7 @@ def summarize(path: str | Path, *, verify: bool = False, backend: str | None = N
             stats.add({**rows, fmt.LABELS: labels})
 
         reasons: dict[int, str] = {}
-        if verify:
-            damaged = store.verify(add, reasons)
-        else:
-            damaged = []
-            for u in map(int, np.flatnonzero(done)):
-                try:
-                    block = store.read_unit(u, verify=False)
-                except CorruptStore:
-                    damaged.append(u)
-                    continue
-                add(u, block)
+        damaged = store.verify(add, reasons, full=verify)
     info.update(stats.result())
     if meta.positions == "tokens":
         info["labeled"], info["unlabeled"] = 0, meta.num_samples

@@ -1,10 +1,5 @@
-"""Which distillation temperatures a store answers exactly, and the one check that refuses the rest.
-
-A dense store answers every T (``None``). A top-k store answers the temperatures of its tail
-grid (``layout_params["tail_temperatures"]``); one written before the grid was recorded, T = 1
-only. A sampled store answers its draw temperature Td only. A merged arithmetic store answers
-the T it was combined at, intersected with the above. The trainer, ``eval``, ``merge`` and the
-loss functions all call :func:`require_temperature`. Imports nothing heavy.
+"""Which distillation temperatures a store answers exactly (docs/LAYOUTS.md; a merged arithmetic
+store: the T it was combined at), and the one check, :func:`require_temperature`, that refuses the rest.
 """
 
 from __future__ import annotations

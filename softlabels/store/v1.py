@@ -1,12 +1,7 @@
 """Format-1 stores, readable forever: :class:`V1Store` presents one through the unit API.
 
-Format 1 (docs/FORMAT.md, appendix) holds one teacher output per sample, ``dense`` or ``topk``, in
-chunks of ``chunk_rows`` rows, each with a checksum and a done flag; softlabels no longer writes it.
-:class:`V1Store` reads it as a ``sample`` store of the same layout and write units, with ``meta`` a
-:class:`~softlabels.store.schema.StoreMetaV2`, so training, ``inspect``, ensembles and ``upgrade`` take
-it like any other store. Opening validates the attributes and every array against them (before anything
-they claim is allocated); reading a unit verifies its checksum on request, gives top-k ids in format 2's
-stored form, and checks the values as format 2's reader does.
+Format 1 (docs/FORMAT.md, appendix) is read as a ``sample`` store of the same layout and write units,
+so training, ``inspect``, ensembles and ``upgrade`` take it like any other store.
 """
 
 from __future__ import annotations
@@ -109,10 +104,6 @@ class V1Store(ReadHandle):
         if shard % rows == 0 and shard > rows:
             self.meta = replace(self.meta, shard_chunks=shard // rows)
         self.positions = SamplePositions(self.meta.geometry)
-
-    def __repr__(self) -> str:
-        return (f"V1Store({str(self.path)!r}, {self.meta.layout}, N={self.num_samples}, C={self.num_classes}, "
-                f"{self.meta.logits_dtype}, {self.meta.status})")
 
     def unit_done(self) -> np.ndarray:
         """bool [units], read fresh from disk: a unit is done when every chunk of it is."""

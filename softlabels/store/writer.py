@@ -1,18 +1,8 @@
-"""UnitWriter: writes a format-v2 store one whole write unit at a time.
+"""UnitWriter: writes a format-2 store one whole write unit at a time, by docs/FORMAT.md's rules.
 
-A *unit* is ``unit_samples`` consecutive samples with all their positions
-(``softlabels.store.positions``). For each unit the writer writes the per-position and
-per-sample arrays, flushes, then the unit's checksum, then its ``unit_done`` flag;
-inside :meth:`UnitWriter.burst` the flush and the flags wait for the end of the burst:
-one data flush, then the checksums and flags of every unit of the burst, then one more
-flush (two fsyncs per burst instead of two per unit, ~2x the HDF5 write rate). ``finish()``
-sets ``status = "complete"`` last and only when every flag is set. A writer killed at any
-moment leaves a store readers refuse and :meth:`UnitWriter.resume` finishes. A unit
-written again (``--repair``) has its flag cleared first, so a crash mid-rewrite never
-leaves a flag over half-written data.
-
-Creation-time arrays (``offsets`` and ``lengths`` of token stores) are written once, when
-the store is created, before any unit.
+Data, flush, checksum, flag per unit (inside :meth:`UnitWriter.burst`, one data flush and one flag
+flush for all its units); ``status = "complete"`` last. Token stores' ``offsets`` and ``lengths``
+are written when the store is created.
 """
 
 from __future__ import annotations
@@ -29,9 +19,9 @@ from softlabels.errors import DataError, IncompleteStore, StoreExists, StoreMism
 from softlabels.store import format as fmt
 from softlabels.store.backend import Backend, backend_kind, open_backend
 from softlabels.store.location import store_location
-from softlabels.store.objects import remote_exists
 from softlabels.store.positions import Positions
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS, TokenPositions
+from softlabels.store.remote import store_exists
 from softlabels.store.schema import (
     UNIT_CHECKSUMS,
     UNIT_DONE,
@@ -53,7 +43,7 @@ class UnitWriter:
         self._done = backend.read(UNIT_DONE, 0, meta.num_units).astype(bool)
         self._burst: list[tuple[int, int]] | None = None  # (unit, checksum) written, awaiting their flags
         self._pending: dict[int, _Pending] = {}
-        self.guard: Callable[[], None] | None = None  # raises when this writer may no longer commit (a lost lease)
+        self.guard: Callable[[], None] = lambda: None  # raises when this writer may no longer commit (a lost lease)
         if isinstance(positions, TokenPositions):  # real positions before each sample, padding excluded
             self._cum = np.concatenate([[0], np.cumsum(positions.lengths)])
 
@@ -67,7 +57,7 @@ class UnitWriter:
         if meta.shard_chunks > 1 and kind != "zarr":
             raise DataError("sharding needs a Zarr store (*.zarr); drop the shard setting or use *.zarr")
         positions = meta.make_positions(lengths)
-        exists = remote_exists(path) if isinstance(path, str) else path.exists()
+        exists = store_exists(path)
         if exists and not overwrite:
             raise StoreExists(f"{str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it")
         if exists and not isinstance(path, str):
@@ -146,7 +136,7 @@ class UnitWriter:
                 pend.put(pos, stop, piece)
                 if pend.full:
                     del self._pending[unit]
-                    self.write_unit(unit, pend.arrays())
+                    self.write_unit(unit, pend.arrays)
             pos = stop
 
     def _position_index(self, sample: int) -> int:
@@ -224,8 +214,7 @@ class UnitWriter:
         """Flush the units' data, then write their checksums and flags (adjacent units in one write), flush."""
         if not written:
             return
-        if self.guard is not None:
-            self.guard()
+        self.guard()
         self._backend.flush()
         runs: list[list[tuple[int, int]]] = []
         for item in sorted(written):
@@ -290,8 +279,7 @@ class UnitWriter:
         if self._pending or len(missing):
             raise IncompleteStore(f"cannot finish {str(self._backend.path)!r}: {len(missing)} of {self.num_units} "
                                   f"units not written ({fmt.chunk_list(missing)}); write them, then finish")
-        if self.guard is not None:
-            self.guard()
+        self.guard()
         self._backend.set_attrs({"status": fmt.STATUS_COMPLETE})
         self._backend.flush()
         self.meta = replace(self.meta, status=fmt.STATUS_COMPLETE)
@@ -323,24 +311,21 @@ class _Pending:
         self.p0 = self._index(self.s0)
         rows = {"position": self._index(s1) - self.p0, "sample": s1 - self.s0}
         self._sample_keys = {k for k, a in writer._arrays.items() if a.family == "sample"}
-        self._buffers = {k: np.zeros((rows[a.family], *a.shape[1:]), a.dtype)
-                         for k, a in writer._arrays.items() if a.family in rows}
+        self.arrays = {k: np.zeros((rows[a.family], *a.shape[1:]), a.dtype)
+                       for k, a in writer._arrays.items() if a.family in rows}
         self._filled = np.zeros(s1 - self.s0, dtype=bool)
 
     def put(self, lo: int, hi: int, piece: Mapping[str, np.ndarray]) -> None:
         for k, v in piece.items():
             if k in self._sample_keys:
-                self._buffers[k][lo - self.s0:hi - self.s0] = v
+                self.arrays[k][lo - self.s0:hi - self.s0] = v
             else:
-                self._buffers[k][self._index(lo) - self.p0:self._index(hi) - self.p0] = v
+                self.arrays[k][self._index(lo) - self.p0:self._index(hi) - self.p0] = v
         self._filled[lo - self.s0:hi - self.s0] = True
 
     @property
     def full(self) -> bool:
         return bool(self._filled.all())
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return self._buffers
 
 
 def _remove(path: Path) -> None:

@@ -14,8 +14,8 @@ from softlabels._runtime import distributed as _distributed
 from softlabels._runtime.device import resolve_device, set_threads
 from softlabels.errors import ConfigError, SoftLabelsError
 from softlabels.store.location import store_location
-from softlabels.store.objects import store_exists
 from softlabels.store.reader import UnitStore
+from softlabels.store.remote import store_exists
 from softlabels.teacher.classify import classify_producer
 from softlabels.teacher.config import GenerateConfig
 from softlabels.teacher.runner import GenerateResult, agreed, run_job

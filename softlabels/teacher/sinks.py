@@ -31,8 +31,8 @@ from softlabels.errors import (
 from softlabels.store import format as fmt
 from softlabels.store.backend import open_backend
 from softlabels.store.layouts import finite_rows
-from softlabels.store.objects import store_exists
 from softlabels.store.reader import UnitStore
+from softlabels.store.remote import store_exists
 from softlabels.store.schema import UNIT_DONE, StoreMetaV2
 from softlabels.store.writer import UnitWriter
 from softlabels.teacher.producer import slice_samples
