@@ -60,7 +60,7 @@ def _signature(meta: Any) -> dict[str, Any]:
             "views": views.get("count", 0), "view_params": len(views.get("param_names", ()))}
 
 
-class SoftLabelDataset(_order.EpochState, IterableDataset):
+class SoftLabelDataset(IterableDataset):
     """Batches of teacher outputs (and joined inputs) from one or more complete stores.
 
     ``sources`` is a list of ``(store, data)``: ``store`` a path (either format version) or a
@@ -184,6 +184,29 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
         """Batches this rank yields per epoch (whatever the number of DataLoader workers)."""
         return _order.batches_per_epoch(self.num_samples, self.batch_size, self.rank, self.world_size,
                                         self.kind.share)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self._resume is not None and self._resume[0] != self.epoch:
+            self._resume = None
+
+    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
+        """Resume state after the loop consumed ``batches_done`` batches of the current epoch."""
+        if not 0 <= batches_done <= len(self):
+            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got {batches_done}")
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue ``state["epoch"]`` after its first ``state["batches_done"]`` batches."""
+        missing = [k for k in ("epoch", "seed", "batches_done") if k not in state]
+        if missing:
+            raise ConfigError(f"dataset state lacks {', '.join(missing)}; pass a dict from state_dict()")
+        k = int(state["batches_done"])
+        if not 0 <= k <= len(self):
+            raise ConfigError(f"dataset state has batches_done={k} but this rank yields {len(self)} batches per "
+                              "epoch; resume with the same stores, batch size and world size")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume = (self.epoch, k)
 
     # -- iteration -------------------------------------------------------------------------
     def worker_state(self) -> tuple[int, ...]:
