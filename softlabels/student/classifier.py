@@ -9,16 +9,19 @@ view per sample and epoch instead.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from softlabels.errors import ConfigError, DataError, ModelMismatch
-from softlabels.inputs.arrays import class_count
+from softlabels.inputs.arrays import all_labels, class_count
 from softlabels.student.config import TrainConfig
 from softlabels.student.losses import DistillationLoss, as_target, make_soft_loss
-from softlabels.student.trainutil import IndexBatches, Task, distillation_settings
+from softlabels.student.kinds.sample import join_rows
+from softlabels.student.trainutil import Task, distillation_settings
 
 __all__ = ["Classifier"]
 
@@ -34,7 +37,7 @@ class Classifier(Task):
                  student: nn.Module | None = None) -> None:
         from softlabels.inputs.spec import resolve_data
         from softlabels.store.reader import open_store
-        from softlabels.student.dataset import SoftLabelDataset
+        from softlabels.student.dataset import DataBatches, SoftLabelDataset
         from softlabels.student.replay import check_loss, replay_op
 
         self.config, self.env, self.log, self.epoch = config, env, log, 0
@@ -59,8 +62,13 @@ class Classifier(Task):
                 if not counts:
                     raise DataError(f"cannot tell the class count of {', '.join(specs)}; give it labels")
                 num_classes, layout = max(counts), None
-                self.batches = IndexBatches(datasets, labeled_only=teacher is None, batch_size=config.batch_size,
-                                            seed=config.seed, rank=env.rank, world=env.world)
+                offsets = np.cumsum([0] + [len(d) for d in datasets])
+                ids = np.arange(offsets[-1], dtype=np.int64)
+                if teacher is None:  # hard labels: the labeled rows only
+                    ids = ids[np.concatenate([all_labels(d) for d in datasets]) >= 0]
+                self.batches = DataBatches(ids, partial(_data_batch, datasets, offsets), share="rows",
+                                           batch_size=config.batch_size, seed=config.seed, rank=env.rank,
+                                           world=env.world)
             shapes = {tuple(d.input_shape) for d in datasets}
             if len(shapes) > 1:
                 raise DataError(f"the inputs differ in shape ({', '.join(map(str, sorted(shapes)))}); "
@@ -229,6 +237,17 @@ class Classifier(Task):
         from softlabels.teacher.models import count_flops
 
         return {"flops": count_flops(self.student, self.input_shape)}
+
+
+def _data_batch(datasets: list, offsets: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """The batch of rows ``ids`` of ``datasets`` (numbered one after the other), one ``get_batch`` per dataset."""
+    if len(datasets) == 1:
+        x, y = datasets[0].get_batch(ids)
+    else:
+        which = np.searchsorted(offsets, ids, side="right") - 1
+        x, y = join_rows(len(ids), [(m, datasets[j].get_batch(ids[m] - offsets[j]))
+                                    for j in range(len(datasets)) if (m := which == j).any()])
+    return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
 
 
 def _ensemble(config: TrainConfig):

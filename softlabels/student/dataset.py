@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from softlabels.store.readahead import ReadAhead
 from softlabels.student import order as _order
 from softlabels.student.kinds import rows_for
 
-__all__ = ["SoftLabelDataset", "SoftLabelMapDataset", "batch_loader", "open_source"]
+__all__ = ["DataBatches", "SoftLabelDataset", "SoftLabelMapDataset", "batch_loader", "open_source"]
 
 Source = tuple[Any, Any]
 
@@ -302,3 +302,38 @@ class SoftLabelMapDataset(Dataset):
         unit = np.searchsorted(ds._starts, [i], side="right") - 1
         batch = ds.kind.batch(self.held, unit, i - ds._starts[unit], ds._source[unit], ds.stores, ds.data)
         return {k: v[0] for k, v in batch.items()}
+
+
+class DataBatches(Dataset):
+    """Batches of data alone (no store; hard labels), item ``i`` being this rank's batch ``i`` of the epoch.
+
+    Each epoch permutes ``ids`` with an RNG seeded from ``(seed, epoch)``. ``share="rows"``: rank
+    ``r`` takes every ``world``-th row of it (ranks differ by at most one row), in batches of
+    ``batch_size``; ``share="batches"``: it is cut into global batches of ``batch_size * world``
+    rows and rank ``r`` takes the ``r``-th balanced slice of each (which may be empty).
+    ``make(rows)`` builds the batch of the data's rows ``rows``.
+    """
+
+    def __init__(self, ids: np.ndarray, make: Callable[[np.ndarray], dict[str, Any]], *, share: str,
+                 batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.ids, self.make, self.share, self.batch_size, self.seed = ids, make, share, batch_size, seed
+        self.rank, self.world = rank, world
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order = self.ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))]
+        if self.share == "rows":
+            self.order = self.order[self.rank::self.world]
+        self.step = self.batch_size * (self.world if self.share == "batches" else 1)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.step)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        rows = self.order[i * self.step:(i + 1) * self.step]
+        if self.share == "batches":
+            a, b = _order.split(len(rows), self.world, self.rank)
+            rows = rows[a:b]
+        return self.make(rows)

@@ -11,15 +11,17 @@ saved is the model's own ``state_dict``, which :func:`~softlabels.teacher.lm.res
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.student.config import TrainConfig
-from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
+from softlabels.student.kinds.tokens import data_batch, lm_loss
 from softlabels.student.losses import make_soft_loss
 from softlabels.student.trainutil import Task, distillation_settings
 
@@ -104,7 +106,7 @@ class Language(Task):
         from softlabels.inputs.text import resolve_token_data, teacher_tokenizer
         from softlabels.store.reader import open_store
         from softlabels.student.checkpoint import run_weights
-        from softlabels.student.dataset import SoftLabelDataset
+        from softlabels.student.dataset import DataBatches, SoftLabelDataset
         from softlabels.teacher.lm import resolve_lm
 
         self.config, self.env, self.epoch = config, env, 0
@@ -116,9 +118,13 @@ class Language(Task):
                 tokenizer = tokenizer or teacher_tokenizer(config.student, spec)  # an hf: student's own
                 data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
                 tokenizer = tokenizer and str(Path(tokenizer).resolve())  # recorded for eval, from any directory
-                self.batches: Any = TokenDataBatches(data, batch_size=config.batch_size, seed=config.seed,
-                                                     rank=env.rank, world_size=env.world)
-                layout, vocab = None, self.batches.num_classes
+                if data.vocab_size is None:
+                    raise ConfigError(f"the vocabulary size of {data.source} is unknown; pass --tokenizer "
+                                      "tokenizer.json (the tokenizer the ids come from)")
+                self.batches: Any = DataBatches(np.arange(len(data)), partial(data_batch, data), share="batches",
+                                                batch_size=config.batch_size, seed=config.seed, rank=env.rank,
+                                                world=env.world)
+                layout, vocab = None, int(data.vocab_size)
             else:
                 spec, tokenizer, seq_len, data = resolve_store_data(
                     self.stores[0], config.data[0] if config.data else None, tokenizer=tokenizer, seq_len=seq_len)
@@ -160,10 +166,6 @@ class Language(Task):
             "input_shape": [context], "num_classes": vocab, "layout": layout}
 
     # -- what the trainer asks per batch ----------------------------------------------------------
-    @staticmethod
-    def empty(batch: dict[str, Any]) -> bool:
-        return batch["ids"].shape[0] == 0  # this rank's slice of the last global batch
-
     def loss(self, model: nn.Module, batch: dict[str, Any], weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss to back-propagate (its position sum over the global batch's positions, times the
         world size), and its (total, hard, soft, positions) sums for the metrics."""

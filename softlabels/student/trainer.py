@@ -32,7 +32,6 @@ from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
 from softlabels.student import checkpoint as ckpt_io
 from softlabels.student.config import TrainConfig
-from softlabels.student.trainutil import lr_factor, weights_digest
 
 __all__ = ["TrainConfig", "train", "weights_digest"]
 
@@ -192,7 +191,7 @@ class _Run:
             _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             batch = next(it, None)
             weight = 1.0
-            if batch is None or task.empty(batch):  # this rank is out of rows: a zero-weight step keeps lockstep
+            if batch is None or len(batch["sample_ids"]) == 0:  # out of rows: a zero-weight step keeps lockstep
                 batch, weight = last, 0.0
             else:
                 batch = last = task.to_device(batch)
@@ -279,6 +278,25 @@ class _Run:
             raise RuntimeError(f"ranks finished with different weights ({digests}); this is a bug")
         env.barrier()
         return summary
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the state_dict's names and tensor bytes (equal iff the weights are bit-identical)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def store_identity(store: Any) -> dict[str, Any]:

@@ -26,9 +26,8 @@ from softlabels.inputs.fingerprints import fingerprint
 from softlabels.store import format as fmt
 from softlabels.store.positions.views import VIEW_PARAMS, choose_views
 from softlabels.student.losses import target_arrays
-from softlabels.student.trainutil import join_rows
 
-__all__ = ["SampleRows", "VIEW", "same_data", "short", "spread_views"]
+__all__ = ["SampleRows", "VIEW", "join_rows", "same_data", "short", "spread_views"]
 
 VIEW = "view"
 
@@ -181,6 +180,15 @@ def _inputs(ids: np.ndarray, source: np.ndarray, stores: list, data: list) -> to
         _check_ids(ids[source == s], stores[s], len(data[s]))
     parts = [(m, data[s].get_batch(ids[m])[:1]) for s in np.unique(source) for m in (source == s,)]
     return join_rows(len(ids), parts)[0]
+
+
+def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
+    """Tensors of ``n`` rows from ``(mask, tensors)`` parts: each part's rows go where its bool mask is True."""
+    out = tuple(torch.empty((n, *t.shape[1:]), dtype=t.dtype) for t in parts[0][1])
+    for m, tensors in parts:
+        for o, t in zip(out, tensors):
+            o[torch.from_numpy(m)] = t
+    return out
 
 
 def _check_ids(ids: np.ndarray, store: Any, n: int) -> None:

@@ -17,8 +17,8 @@ positions). A batch of ``B`` sequences, ``L`` the longest of them, is a dict of 
 Ranks share an epoch by global batches (``share = "batches"`` in :mod:`softlabels.student.order`):
 rank ``r`` takes the ``r``-th slice of every global batch of ``batch_size * world`` sequences and
 scales its position sum by ``world / global positions`` (:func:`lm_loss`), so DDP's gradient mean
-equals the one-process gradient of the same global batch. :class:`TokenDataBatches` gives the
-same batches of token data alone, for hard next-token CE without a store.
+equals the one-process gradient of the same global batch. :func:`data_batch` gives the same
+batches of token data alone, for hard next-token CE without a store.
 """
 
 from __future__ import annotations
@@ -32,18 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import IterableDataset, get_worker_info
 
 from softlabels.errors import ConfigError, DataError
 from softlabels.inputs.tokens import TokenDataset, offsets_of, token_fingerprint
 from softlabels.store.layouts.targets import TopKTarget
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS
-from softlabels.student import order as _order
 from softlabels.student.kinds.sample import same_data
 from softlabels.student.lm_metrics import next_token_targets
 from softlabels.student.losses import as_target, target_arrays
 
-__all__ = ["Blocks", "TokenRows", "TokenDataBatches", "lm_loss", "select_rows"]
+__all__ = ["Blocks", "TokenRows", "data_batch", "lm_loss", "select_rows"]
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -214,51 +212,16 @@ class Blocks:
         return got
 
 
-def _padded(tokens: Any, sample_ids: np.ndarray) -> dict[str, Any]:
-    """The token part of a batch: ids, next-token targets, the loss mask, lengths, ids, real positions."""
+def data_batch(data: TokenDataset, rows: np.ndarray) -> dict[str, Any]:
+    """The padded batch of sequences ``rows`` of token data alone (no store; hard next-token CE): the
+    items of a token store's batches without the target."""
+    tokens = data.get_batch(rows)
     lens = tokens.lengths
     targets, loss_mask = next_token_targets(tokens.ids, tokens.mask, lens)
     real = torch.arange(tokens.ids.shape[1]) < lens[:, None]
     return {"ids": tokens.ids, "targets": targets, "loss_mask": loss_mask, "lengths": lens,
-            "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
+            "sample_ids": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
             "index": real.reshape(-1).nonzero().reshape(-1)}
-
-
-class TokenDataBatches(IterableDataset):
-    """Padded next-token batches of token data alone (no store): the hard-CE-only language model.
-
-    The items of a token store's batches without the target. Each epoch permutes the
-    sequences with an RNG seeded from ``(seed, epoch)`` and cuts them into global batches of
-    ``batch_size * world_size``; rank ``r`` takes the ``r``-th balanced slice of each.
-    """
-
-    layout = None
-
-    def __init__(self, data: TokenDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
-        super().__init__()
-        if data.vocab_size is None:
-            raise ConfigError(f"the vocabulary size of {data.source} is unknown; pass --tokenizer tokenizer.json "
-                              "(the tokenizer the ids come from)")
-        self.data, self.batch_size, self.seed = data, batch_size, int(seed)
-        self.rank, self.world_size, self.epoch = int(rank), int(world_size), 0
-        self.num_samples, self.num_classes = len(data), int(data.vocab_size)
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // (self.batch_size * self.world_size))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.batch_size * self.world_size
-        for j in range(worker, len(self), workers):
-            rows = order[j * step:(j + 1) * step]
-            a, b = _order.split(len(rows), self.world_size, self.rank)
-            yield _padded(self.data.get_batch(rows[a:b]), rows[a:b])
 
 
 def lm_loss(logits: torch.Tensor, batch: dict[str, Any], soft: nn.Module | None, alpha: float,
