@@ -2,9 +2,11 @@
 
 With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` goes through the
 student and a :class:`~softlabels.student.losses.DistillationLoss`; without, the student learns the
-hard labels of ``--data`` (teachers and baselines) or a live ``teacher``'s logits. A views store's
-inputs are augmented on the device with each batch's ``view_params``; ``--augment`` draws a fresh
-view per sample and epoch instead.
+hard labels of ``--data`` (teachers and baselines) or a live ``teacher``'s logits; :func:`check_loss`
+refuses a loss that does not fit the layout's targets. A views store's inputs are augmented on the
+device with each batch's ``view_params`` by its recorded augmentation, rebuilt from built-in ops only
+(:func:`replay_op`: code a store names is never imported); ``--augment`` draws a fresh view per
+sample and epoch instead.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels.errors import ConfigError, DataError, ModelMismatch
+from softlabels.errors import ConfigError, CorruptStore, DataError, ModelMismatch, UnsupportedFormat
 from softlabels.inputs.arrays import all_labels, class_count
 from softlabels.student.config import TrainConfig
 from softlabels.student.losses import DistillationLoss, as_target, make_soft_loss
 from softlabels.student.kinds.sample import join_rows
 from softlabels.student.trainutil import Task, distillation_settings
 
-__all__ = ["Classifier"]
+__all__ = ["Classifier", "check_loss", "replay_op", "valid_losses"]
 
 
 class Classifier(Task):
@@ -38,7 +40,6 @@ class Classifier(Task):
         from softlabels.inputs.spec import resolve_data
         from softlabels.store.reader import open_store
         from softlabels.student.dataset import DataBatches, SoftLabelDataset
-        from softlabels.student.replay import check_loss, replay_op
 
         self.config, self.env, self.log, self.epoch = config, env, log, 0
         self.stores: list = []
@@ -269,3 +270,58 @@ def _labels(store: Any):
     """A store's labels (None for an ensemble, which has no file of its own)."""
     handle = getattr(store, "_handle", None)
     return None if handle is None else handle().read("labels", 0, store.meta.num_samples)
+
+
+_DENSE_ONLY = ("kl", "soft_ce", "mse")
+
+
+def valid_losses(layout: str) -> list[str]:
+    """Every loss name that takes ``layout``'s targets: its own forward KL (the default) and every divergence."""
+    from softlabels.store.layouts import LAYOUTS
+    from softlabels.student.losses import LOSSES, _Divergence
+
+    divergences = [n for n, cls in LOSSES.items() if issubclass(cls, _Divergence)]
+    own = list(_DENSE_ONLY) if layout == "dense" else [LAYOUTS[layout].default_loss]
+    return own + divergences
+
+
+def check_loss(loss: str | None, layout: str, where: str) -> str:
+    """``loss`` (default: the layout's ``default_loss``) if it fits ``layout``; else a one-line error."""
+    from softlabels.store.layouts import LAYOUTS
+
+    name = loss or LAYOUTS[layout].default_loss
+    if name in valid_losses(layout):
+        return name
+    if layout == "topk" and name in _DENSE_ONLY:
+        raise ConfigError(f"loss {name!r} needs dense teacher logits but {where} holds top-k logits; "
+                          "use --loss topk_kl")
+    if layout == "dense" and name == "topk_kl":
+        raise ConfigError(f"loss 'topk_kl' is for top-k stores but {where or 'the teacher'} gives dense "
+                          "logits; use --loss kl, soft_ce or mse")
+    from softlabels.student.losses import LOSSES
+
+    if name not in LOSSES:
+        return name  # make_soft_loss names the choices
+    raise ConfigError(f"loss {name!r} does not take the {layout} targets of {where or 'the teacher'}; use --loss "
+                      f"{' or '.join(valid_losses(layout))}")
+
+
+def replay_op(dataset: Any, input_shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    """A views dataset's augmentation op (or None for an empty spec) and the shape of one view."""
+    from softlabels.inputs.augment import parse_augment, view_shape
+
+    spec = dataset.augment
+    if not spec:
+        return None, input_shape
+    path = dataset.stores[0].path
+    user = [t.strip() for t in spec.split("+") if ":" in t]
+    if user:
+        raise UnsupportedFormat(f"{path} records the augmentation '{spec}', whose term '{user[0]}' names code; "
+                                "code named in a store is never imported, so training replays built-in ops only; "
+                                "generate the views with built-in ops (docs/VIEWS.md)")
+    aug = parse_augment(spec)
+    params = dataset.kind.params
+    if aug.num_params != params:
+        raise CorruptStore(f"{path} holds {params} view parameters per view but its augmentation '{spec}' takes "
+                           f"{aug.num_params}; regenerate the store")
+    return aug, view_shape(aug, input_shape)

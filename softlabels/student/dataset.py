@@ -29,7 +29,7 @@ from softlabels.errors import ConfigError, IncompleteStore, StoreMismatch
 from softlabels.inputs.loader import batch_loader
 from softlabels.store.readahead import ReadAhead
 from softlabels.student import order as _order
-from softlabels.student.kinds import rows_for
+from softlabels.student.kinds import ROWS
 
 __all__ = ["DataBatches", "SoftLabelDataset", "SoftLabelMapDataset", "batch_loader", "open_source"]
 
@@ -127,7 +127,7 @@ class SoftLabelDataset(IterableDataset):
         self.data = [d for _, d in pairs]
         self._check_stores()
         meta = self.stores[0].meta
-        self.kind = rows_for(meta, views_per_sample)
+        self.kind = ROWS[meta.positions](meta, views_per_sample)
         self.window_chunks = window_chunks or self.kind.window
         self.views_per_sample = views_per_sample
         if views_per_sample > 1:

@@ -13,16 +13,9 @@ every kind. A new kind is one module and one entry in :data:`ROWS`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from softlabels.student.kinds.sample import SampleRows
 from softlabels.student.kinds.tokens import TokenRows
 
-__all__ = ["ROWS", "rows_for"]
+__all__ = ["ROWS"]
 
 ROWS = {"sample": SampleRows, "views": SampleRows, "tokens": TokenRows}
-
-
-def rows_for(meta: Any, views_per_sample: int = 1) -> Any:
-    """The rows object of a store's position kind (``meta``: its StoreMetaV2)."""
-    return ROWS[meta.positions](meta, views_per_sample)

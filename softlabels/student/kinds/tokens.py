@@ -41,18 +41,13 @@ from softlabels.student.kinds.sample import same_data
 from softlabels.student.lm_metrics import next_token_targets
 from softlabels.student.losses import as_target, target_arrays
 
-__all__ = ["Blocks", "TokenRows", "data_batch", "lm_loss", "select_rows"]
+__all__ = ["Blocks", "TokenRows", "data_batch", "lm_loss"]
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """``concat(arange(s, s + n) for s, n)`` without a Python loop."""
     total = int(lengths.sum())
     return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets_of(lengths)[:-1], lengths)
-
-
-def select_rows(target: Any, rows: torch.Tensor) -> Any:
-    """The same target restricted to ``rows`` (an index or bool mask over its rows)."""
-    return target.select(rows)
 
 
 class TokenRows:
@@ -240,7 +235,7 @@ def lm_loss(logits: torch.Tensor, batch: dict[str, Any], soft: nn.Module | None,
     if soft is None or alpha == 1:
         ce = F.cross_entropy(s.float(), labels, reduction="sum")
         return alpha * ce if soft is not None else ce, ce.detach(), zero
-    target = select_rows(as_target(batch), keep)
+    target = as_target(batch).select(keep)
     if renormalize and isinstance(target, TopKTarget):  # no tail bucket: every T of the grid sees an empty tail
         target = dataclasses.replace(target, tails=torch.full_like(target.tails.float(), -math.inf))
     fused = getattr(soft, "rows_with_ce", None) if alpha > 0 else None
