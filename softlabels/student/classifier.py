@@ -32,8 +32,8 @@ class Classifier(Task):
     """Data, student and loss of a classifier run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
     unit = "samples"  # what the metrics count
-    resume_keys = ("online_teacher", "augment")
-    resume_defaults = {"views_per_sample": 1}  # runs before the option trained on one view
+    # runs from before --views-per-sample trained on one view
+    resume_keys = {"online_teacher": None, "augment": None, "views_per_sample": 1}
 
     def __init__(self, config: TrainConfig, env: Any, log, *, teacher: nn.Module | None = None,
                  student: nn.Module | None = None) -> None:

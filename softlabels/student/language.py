@@ -88,8 +88,7 @@ class Language(Task):
     """Data, student and loss of a language-model run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
     unit = "positions"
-    resume_keys = ("topk_renormalize",)
-    resume_defaults: dict[str, Any] = {}
+    resume_keys = {"topk_renormalize": None}
 
     @staticmethod
     def problems(config: TrainConfig, *, online: bool = False) -> list[str]:
@@ -130,9 +129,6 @@ class Language(Task):
                     self.stores[0], config.data[0] if config.data else None, tokenizer=tokenizer, seq_len=seq_len)
                 self.batches = SoftLabelDataset([(self.stores[0], data)], batch_size=config.batch_size,
                                                 seed=config.seed, rank=env.rank, world_size=env.world)
-                if self.batches.positions != "tokens":
-                    raise ConfigError(f"{self.stores[0].path} holds {self.batches.positions!r} positions, not tokens; "
-                                      "train a language model from a store generated on token data")
                 layout, vocab = self.batches.layout, self.batches.num_classes
                 _check_tokenizers(self.stores[0], config)
             context = int(data.lengths().max())

@@ -123,7 +123,7 @@ class _Run:
 
     def _check_resume(self, old: dict[str, Any]) -> None:
         # each key with its value in runs from before it existed; runs before stores had an identity: their paths
-        keys = dict.fromkeys((*RESUME_KEYS, *self.task.resume_keys)) | self.task.resume_defaults
+        keys = dict.fromkeys(RESUME_KEYS) | self.task.resume_keys
         if not isinstance(old.get("store_identity"), list):
             keys = {"stores": None, **keys}
         diffs = [f"{k}: {old.get(k, v)!r} -> {self.run_config[k]!r}" for k, v in keys.items()
