@@ -79,9 +79,13 @@ class Classifier(Task):
                 self.augment, self.input_shape = replay_op(self.sl, self.input_shape)
             self.fresh_views = None  # --augment: the un-augmented input shape, from which each epoch's views are drawn
             if config.augment:
-                self.augment, self.fresh_views = self._fresh_augment(config.augment), self.input_shape
-                from softlabels.inputs.augment import view_shape
+                from softlabels.inputs.augment import parse_augment, view_shape
 
+                if self.sl is not None and self.sl.augment is not None:
+                    raise ConfigError(f"--augment draws new views, but {self.stores[0].path} is a views store that "
+                                      f"replays its own ('{self.sl.augment}') with the teacher's output for each; "
+                                      "drop --augment")
+                self.augment, self.fresh_views = parse_augment(config.augment), self.input_shape
                 self.input_shape = view_shape(self.augment, self.input_shape)
             self.val = resolve_data(config.val_data) if config.val_data else None
             if self.val is not None and tuple(self.val.input_shape) != self.input_shape:
@@ -160,15 +164,6 @@ class Classifier(Task):
                          f"{1 - alpha:g} (the hard-label term is 0 on unlabeled rows); pass --alpha 0, or add a "
                          "labeled store")
         return notes
-
-    def _fresh_augment(self, spec: str):
-        """``--augment``'s op; refused on a views store, which replays the views its teacher saw."""
-        from softlabels.inputs.augment import parse_augment
-
-        if self.sl is not None and self.sl.augment is not None:
-            raise ConfigError(f"--augment draws new views, but {self.stores[0].path} is a views store that replays "
-                              f"its own ('{self.sl.augment}') with the teacher's output for each; drop --augment")
-        return parse_augment(spec)
 
     def _recorded_spec(self, store) -> str:
         from softlabels.teacher.spec import recorded_spec

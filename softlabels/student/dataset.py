@@ -1,18 +1,13 @@
 """Stream stores of any position kind, joined with their inputs, into a training loop.
 
-:class:`SoftLabelDataset` reads whole write units only: random single-row reads are
-400-800x slower than unit-wise streaming (docs/BENCHMARKS.md), so it shuffles units,
-splits the epoch across ranks and DataLoader workers, shuffles rows within windows of a
-few units, and batches itself (the order: :mod:`softlabels.student.order`). What a row and
-a batch are belongs to the position kind (:mod:`softlabels.student.kinds`): a sample (or
-its view) and its input for a classifier, a sequence and its next-token targets for a
-language model. Iterate it directly, or with workers through :func:`batch_loader`
-(``batch_loader(ds, num_workers=W)``: the batches of ``DataLoader(ds, batch_size=None,
-num_workers=W)``, in the same order, 3-4x faster, and worker errors as one line).
-
-Stores are read through the unit API only (``.meta``, ``.read_unit``, ``len``, ``.path``,
-``.close``): a format-2 store, a format-1 store presented as ``sample`` positions, or an
-ensemble of stores.
+:class:`SoftLabelDataset` reads whole write units only (random single-row reads are 400-800x
+slower, docs/BENCHMARKS.md) and batches itself, in the order of :mod:`softlabels.student.order`;
+what a row and a batch are belongs to the position kind (:mod:`softlabels.student.kinds`).
+Iterate it directly, or with workers through :func:`batch_loader` (the batches of
+``DataLoader(ds, batch_size=None, num_workers=W)``, in the same order, 3-4x faster). Stores are
+read through the unit API only (``.meta``, ``.read_unit``, ``len``, ``.path``, ``.close``): a
+format-2 store, a format-1 store presented as ``sample`` positions, or an ensemble of stores.
+:class:`DataBatches` gives batches of data alone (hard labels).
 """
 
 from __future__ import annotations
@@ -61,45 +56,17 @@ def _signature(meta: Any) -> dict[str, Any]:
 
 
 class SoftLabelDataset(IterableDataset):
-    """Batches of teacher outputs (and joined inputs) from one or more complete stores.
+    """Batches of teacher outputs (and joined inputs) from one or more complete stores (docs/LIBRARY.md).
 
-    ``sources`` is a list of ``(store, data)``: ``store`` a path (either format version) or a
-    store with the unit API (``UnitStore``, an ensemble), ``data`` what the store was generated
-    from, joined by sample id: an :class:`~softlabels.inputs.arrays.InputDataset` (into ``"x"``;
-    ``None`` for logits only) for ``sample`` and ``views`` stores, the
-    :class:`~softlabels.inputs.tokens.TokenDataset` for a ``tokens`` store. All sources need the
-    same positions, layout, class count, logits dtype and layout parameters. The batches are
-    the position kind's (:mod:`softlabels.student.kinds.sample`: ``labels``, ``sample_ids``,
-    ``source``, ``x``, the target under the stored arrays' names; a views store adds ``view`` and
-    ``view_params``; :mod:`softlabels.student.kinds.tokens`: padded sequences, next-token targets,
-    masks); ``softlabels.student.losses.as_target(batch)`` gives the typed target.
-
-    Each epoch, every row of every source is yielded exactly once across all ranks and workers
-    (order: :mod:`softlabels.student.order`); the order depends only on ``(seed, epoch, rank,
-    world_size)`` and, for ``sample``/``views`` stores, ``num_workers``. ``sample``/``views``: each
-    rank streams its share of the rows, its last batch may be short. ``tokens``: every rank
-    takes its slice of each global batch of ``batch_size * world_size`` sequences, so the batches
-    do not depend on the world size; a rank's slice of the last one may be empty.
-    ``window_chunks``: units shuffled together (default 8 for ``sample``/``views``, 4 for ``tokens``).
-
-    ``views_per_sample`` k > 1 (views stores only, ``k <= V``): each sample's input is read once
-    and comes with k of its views (``choose_views(..., per_epoch=k)``): ``view`` is [B, k],
-    ``view_params`` [B, k, P] and the teacher's arrays [B, k, ...];
-    :func:`softlabels.student.kinds.sample.spread_views` makes them B·k rows.
-
-    Memory: each worker holds the units of about one window (one more while a batch straddles
-    two). Call :meth:`set_epoch` before each epoch. A plain ``DataLoader`` needs fresh workers each
-    epoch (workers copy the dataset when they start: no ``persistent_workers``); :func:`batch_loader`
-    keeps its workers across epochs and hands them :meth:`worker_state` before each one.
-
-    Resuming mid-epoch: save ``ds.state_dict(batches_done=k)`` where ``k`` counts the batches this
-    rank's loop has consumed since the start of the epoch (including any skipped by an earlier
-    resume); after restarting, call ``ds.load_state_dict(state)`` and iterate with the same world
-    size and ``num_workers``: the epoch continues with batch ``k + 1`` of the uninterrupted order
-    (the new DataLoader's workers take over the streams in the round-robin order where it
-    stopped), and units holding no row still to come are not read. The state's seed and epoch
-    replace the dataset's; the resume point holds until :meth:`set_epoch` moves to another
-    epoch. ``len(ds)`` stays the full epoch's count.
+    ``sources``: ``(store, data)`` pairs, ``store`` a path or a store with the unit API, ``data`` what
+    it was generated from, joined by sample id (an ``InputDataset``, or None, for ``sample`` and
+    ``views`` stores; the ``TokenDataset`` for a ``tokens`` store). The stores must agree in
+    positions, layout, class count, logits dtype and layout parameters. A batch is the position
+    kind's (:mod:`softlabels.student.kinds`); ``as_target(batch)`` gives its typed target. Each
+    epoch yields every row once across ranks and workers (:mod:`softlabels.student.order`): call
+    :meth:`set_epoch` before each; :meth:`state_dict` and :meth:`load_state_dict` resume mid-epoch.
+    ``views_per_sample`` k > 1: each sample's input comes with k of its views (``[B, k, ...]``
+    arrays; :func:`~softlabels.student.kinds.sample.spread_views` makes them B·k rows).
     """
 
     def __init__(self, sources: Sequence[Source], *, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -271,11 +238,8 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 class SoftLabelMapDataset(Dataset):
     """Map-style access to one store: ``ds[i]`` is row ``i`` (store order) as a dict of tensors.
 
-    Rows come from an LRU cache of ``cache_chunks`` whole units (inputs joined per row).
-    Sequential or unit-grouped access is fast; a **random sampler is slow**: each index most
-    likely falls in a unit not in the cache, so every row costs a whole unit read, and
-    single-row reads are 500-1000x slower than streaming. Prefer :class:`SoftLabelDataset`,
-    which shuffles units and rows within windows. Items are the rows of its batches (views
+    Rows come from an LRU cache of ``cache_chunks`` whole units, so a random sampler costs a unit
+    read per row: prefer :class:`SoftLabelDataset` there. Items are the rows of its batches (views
     stores: the view of epoch 0).
     """
 

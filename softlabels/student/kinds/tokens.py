@@ -1,24 +1,11 @@
 """``tokens`` positions as a language model's batches: one target per token, next-token CE beside it.
 
 A unit's rows are its sequences (ragged: ``offsets`` and ``lengths`` place each sequence's
-positions). A batch of ``B`` sequences, ``L`` the longest of them, is a dict of tensors:
-
-* ``ids`` int64 [B, L]: input token ids, right-padded with 0;
-* ``targets`` int64 [B, L]: the next token ``ids[b, t + 1]``, or -100 where the position does
-  not count (``loss_mask`` False);
-* ``loss_mask`` bool [B, L]: position ``t`` counts (``t + 1`` is inside the sequence and a target
-  of the data's mask): where the hard CE and the divergence are taken;
-* ``lengths``, ``sample_ids`` int64 [B];
-* ``index`` int64 [P]: flat index ``b * L + t`` of each of the batch's ``P`` real positions
-  (row-major), the rows of the teacher target;
-* the teacher's target over those ``P`` positions under the stored arrays' names
-  (:func:`~softlabels.student.losses.as_target` rebuilds it).
-
-Ranks share an epoch by global batches (``share = "batches"`` in :mod:`softlabels.student.order`):
-rank ``r`` takes the ``r``-th slice of every global batch of ``batch_size * world`` sequences and
-scales its position sum by ``world / global positions`` (:func:`lm_loss`), so DDP's gradient mean
-equals the one-process gradient of the same global batch. :func:`data_batch` gives the same
-batches of token data alone, for hard next-token CE without a store.
+positions). A batch of ``B`` sequences is padded to the longest, ``L``: ``ids``, ``targets`` and
+``loss_mask`` [B, L], ``lengths`` and ``sample_ids`` [B], ``index`` (``b * L + t`` of each real
+position) and the teacher's target over those positions (docs/TOKENS.md, "The batches"). Ranks
+share an epoch by global batches (``share = "batches"`` in :mod:`softlabels.student.order`);
+:func:`data_batch` gives the same batches of token data alone, for hard next-token CE.
 """
 
 from __future__ import annotations
