@@ -204,12 +204,7 @@ class SoftLabelDataset(IterableDataset):
             batches = ahead.batches(batches)
         held = self.kind.holder(self._load if ahead is None else ahead.load, keep=self.window_chunks + 1,
                                 sizes=self._sizes)  # a window, plus one
-        many = getattr(self.kind, "batches", None)  # a kind that builds several batches at once
-        if many is not None:
-            yield from many(held, batches, self._source, self.stores, self.data)
-            return
-        for unit, local in batches:
-            yield self.kind.batch(held, unit, local, self._source[unit], self.stores, self.data)
+        yield from self.kind.batches(held, batches, self._source, self.stores, self.data)
 
     def _load(self, g: int, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The rows of global unit ``g``, read whole (checksum-verified with ``verify``; into ``out`` if given)."""
@@ -264,7 +259,8 @@ class SoftLabelMapDataset(Dataset):
             raise IndexError(f"row {index} out of range for a store of {n} rows")
         ds = self.ds
         unit = np.searchsorted(ds._starts, [i], side="right") - 1
-        batch = ds.kind.batch(self.held, unit, i - ds._starts[unit], ds._source[unit], ds.stores, ds.data)
+        batch = next(ds.kind.batches(self.held, iter([(unit, i - ds._starts[unit])]), ds._source, ds.stores,
+                                     ds.data))
         return {k: v[0] for k, v in batch.items()}
 
 

@@ -6,7 +6,7 @@ A store's positions decide what a student learns from: ``sample`` and ``views``
 with next-token targets and loss masks. Each kind is one module with a *rows* class: how
 its ranks share an epoch (``share``), how many units a window shuffles (``window``), how a
 unit read whole becomes rows (``unit_rows``: a views store's view of the epoch is picked
-here), and how rows of several units become a batch joined with its inputs (``batch``).
+here), and how rows of several units become batches joined with their inputs (``batches``).
 The streaming dataset (:mod:`softlabels.student.dataset`) and the trainer are the same for
 every kind. A new kind is one module and one entry in :data:`ROWS`.
 """

@@ -16,7 +16,7 @@ rebuilds it).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -96,18 +96,20 @@ class SampleRows:
         return Slots(load, keep, sizes, self.specs, direct=not self.num_views)
 
     # -- a batch ------------------------------------------------------------------------------------
-    def batch(self, held: Slots, unit: np.ndarray, local: np.ndarray, source: np.ndarray, stores: list,
-              data: list) -> dict[str, torch.Tensor]:
-        """The batch of rows ``local`` of global units ``unit`` (in that order), joined with its inputs."""
-        n = len(unit)
-        arrays = {k: np.empty((n, *shape), dtype) for k, (shape, dtype) in self.specs.items()}
-        held.gather(unit, local, arrays)
-        out = {k: torch.from_numpy(v) for k, v in arrays.items() if k not in self.names}
-        out["source"] = torch.from_numpy(source)
-        out.update(target_arrays(self.layout.decode({k: arrays[k] for k in self.names})))
-        if data[0] is not None:
-            out["x"] = _inputs(arrays[fmt.SAMPLE_IDS], source, stores, data)
-        return out
+    def batches(self, held: Slots, batches: Iterator[tuple[np.ndarray, np.ndarray]], source: np.ndarray,
+                stores: list, data: list) -> Iterator[dict[str, torch.Tensor]]:
+        """The batch of rows ``local`` of global units ``unit`` (in that order) for each ``(unit, local)`` of
+        ``batches``, joined with its inputs (``source``: each global unit's source)."""
+        for unit, local in batches:
+            src = source[unit]
+            arrays = {k: np.empty((len(unit), *shape), dtype) for k, (shape, dtype) in self.specs.items()}
+            held.gather(unit, local, arrays)
+            out = {k: torch.from_numpy(v) for k, v in arrays.items() if k not in self.names}
+            out["source"] = torch.from_numpy(src)
+            out.update(target_arrays(self.layout.decode({k: arrays[k] for k in self.names})))
+            if data[0] is not None:
+                out["x"] = _inputs(arrays[fmt.SAMPLE_IDS], src, stores, data)
+            yield out
 
 
 class Slots:

@@ -65,14 +65,10 @@ class TokenRows:
     def holder(load: Callable[[int], dict[str, np.ndarray]], *, keep: int, sizes: np.ndarray) -> Blocks:
         return Blocks(load, keep)
 
-    def batch(self, held: Blocks, unit: np.ndarray, local: np.ndarray, source: np.ndarray, stores: list,
-              data: list) -> dict[str, Any]:
-        """The padded batch of sequences ``local`` of global units ``unit`` (in that order)."""
-        return self._group(held, [(unit, local)], stores, data)[0]
-
     def batches(self, held: Blocks, batches: Iterator[tuple[np.ndarray, np.ndarray]], source: np.ndarray,
                 stores: list, data: list) -> Iterator[dict[str, Any]]:
-        """:meth:`batch` of each ``(unit, local)`` of ``batches``, built :attr:`group` batches at a time.
+        """The padded batch of sequences ``local`` of global units ``unit`` (in that order) for each
+        ``(unit, local)`` of ``batches``, built :attr:`group` batches at a time.
 
         One gather of the group's positions, one decode of its target, one padded array of its
         tokens and their next-token targets; each batch is then cut out of them (built one by one,
