@@ -25,7 +25,7 @@ from softlabels.student.kinds.tokens import data_batch, lm_loss
 from softlabels.student.losses import make_soft_loss
 from softlabels.student.trainutil import Task, distillation_settings
 
-__all__ = ["Language", "check_student_width", "is_language_run", "resolve_store_data"]
+__all__ = ["Language", "check_student_width", "is_language_run"]
 
 
 def is_language_run(config: TrainConfig, *, online: bool = False) -> bool:
@@ -53,21 +53,6 @@ def _is_token_store(path: str | Path) -> bool:
     except Exception:  # noqa: BLE001 - not ours to report: the classifier path says what is wrong
         return False
     return attrs.get("softlabels_format") == 2 and attrs.get("positions") == "tokens"
-
-
-def resolve_store_data(store: Any, spec: str | None = None, *, tokenizer: str | None = None,
-                       seq_len: int | None = None):
-    """The token data of a store: ``spec`` or the store's recorded ``source.spec`` (with its tokenizer and seq_len)."""
-    from softlabels.inputs.text import resolve_token_data
-
-    source = store.meta.source
-    spec = spec or source.get("spec")
-    if not spec:
-        raise ConfigError(f"store {str(store.path)!r} does not record its token data; pass --data for it")
-    tokenizer = tokenizer or source.get("tokenizer")
-    if seq_len is None:  # the windows the store's positions belong to (text, a stream, rows, documents)
-        seq_len = source.get("seq_len")
-    return spec, tokenizer, seq_len, resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
 
 
 def _check_tokenizers(store: Any, config: TrainConfig) -> None:
@@ -125,8 +110,14 @@ class Language(Task):
                                                 world=env.world)
                 layout, vocab = None, int(data.vocab_size)
             else:
-                spec, tokenizer, seq_len, data = resolve_store_data(
-                    self.stores[0], config.data[0] if config.data else None, tokenizer=tokenizer, seq_len=seq_len)
+                source = self.stores[0].meta.source  # the recorded data, its tokenizer and windows
+                spec = (config.data[0] if config.data else None) or source.get("spec")
+                if not spec:
+                    raise ConfigError(f"store {str(self.stores[0].path)!r} does not record its token data; "
+                                      "pass --data for it")
+                tokenizer = tokenizer or source.get("tokenizer")
+                seq_len = source.get("seq_len") if seq_len is None else seq_len
+                data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
                 self.batches = SoftLabelDataset([(self.stores[0], data)], batch_size=config.batch_size,
                                                 seed=config.seed, rank=env.rank, world_size=env.world)
                 layout, vocab = self.batches.layout, self.batches.num_classes
