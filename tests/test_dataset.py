@@ -74,7 +74,7 @@ def round_robin(streams: list[list]) -> list:
 
 
 def stream_batches(sizes: np.ndarray, **kw) -> list[np.ndarray]:
-    """The global row ids of every batch of ``order.chunk_batches``: the pure plan the reads must follow."""
+    """The global row ids of every batch of ``order.chunk_batches``: the plan the reads follow."""
     starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
     return [starts[chunk] + row for chunk, row in _order.chunk_batches(sizes, **kw)]
 
@@ -295,8 +295,9 @@ def test_resume_reads_only_the_units_of_the_batches_to_come(dense, monkeypatch):
     sizes = np.diff(np.r_[0:N:CHUNK, N])
     for workers in (1, 2):
         counts = _order.worker_batch_counts(N, BATCH, 0, 1, workers)
-        full = [stream_batches(sizes, batch_size=BATCH, window_chunks=2, seed=0, epoch=0, shuffle=True,
-                                      rank=0, world=1, worker=w, workers=workers) for w in range(workers)]
+        full = [stream_batches(sizes, batch_size=BATCH, window_chunks=2, seed=0, epoch=0,
+                               shuffle=True, rank=0, world=1, worker=w, workers=workers)
+                for w in range(workers)]
         for k in range(len(ds) + 1):
             ds.load_state_dict({"epoch": 0, "seed": 0, "batches_done": k})
             done, due = _order.resume_point(counts, k)

@@ -1,12 +1,12 @@
 """The classifier task of the trainer: ``sample``/``views`` stores, or the hard labels of ``--data``.
 
-With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` goes through the
-student and a :class:`~softlabels.student.losses.DistillationLoss`; without, the student learns the
-hard labels of ``--data`` (teachers and baselines) or a live ``teacher``'s logits; :func:`check_loss`
-refuses a loss that does not fit the layout's targets. A views store's inputs are augmented on the
-device with each batch's ``view_params`` by its recorded augmentation, rebuilt from built-in ops only
-(:func:`replay_op`: code a store names is never imported); ``--augment`` draws a fresh view per
-sample and epoch instead.
+With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` goes through
+the student and a :class:`~softlabels.student.losses.DistillationLoss`; without, the student
+learns the hard labels of ``--data`` (teachers and baselines) or a live ``teacher``'s logits;
+:func:`check_loss` refuses a loss that does not fit the layout's targets. A views store's inputs
+are augmented on the device with each batch's ``view_params`` by its recorded augmentation,
+rebuilt from built-in ops only (:func:`replay_op`: code a store names is never imported);
+``--augment`` draws a fresh view per sample and epoch instead.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ class Classifier(Task):
                 ids = np.arange(offsets[-1], dtype=np.int64)
                 if teacher is None:  # hard labels: the labeled rows only
                     ids = ids[np.concatenate([all_labels(d) for d in datasets]) >= 0]
-                self.batches = DataBatches(ids, partial(_data_batch, datasets, offsets), share="rows",
-                                           batch_size=config.batch_size, seed=config.seed, rank=env.rank,
-                                           world=env.world)
+                self.batches = DataBatches(ids, partial(_data_batch, datasets, offsets),
+                                           share="rows", batch_size=config.batch_size,
+                                           seed=config.seed, rank=env.rank, world=env.world)
             shapes = {tuple(d.input_shape) for d in datasets}
             if len(shapes) > 1:
                 raise DataError(f"the inputs differ in shape ({', '.join(map(str, sorted(shapes)))}); "
@@ -82,8 +82,9 @@ class Classifier(Task):
                 from softlabels.inputs.augment import parse_augment, view_shape
 
                 if self.sl is not None and self.sl.augment is not None:
-                    raise ConfigError(f"--augment draws new views, but {self.stores[0].path} is a views store that "
-                                      f"replays its own ('{self.sl.augment}') with the teacher's output for each; "
+                    raise ConfigError(f"--augment draws new views, but {self.stores[0].path} is "
+                                      "a views store that replays its own "
+                                      f"('{self.sl.augment}') with the teacher's output for each; "
                                       "drop --augment")
                 self.augment, self.fresh_views = parse_augment(config.augment), self.input_shape
                 self.input_shape = view_shape(self.augment, self.input_shape)
@@ -236,7 +237,7 @@ class Classifier(Task):
 
 
 def _data_batch(datasets: list, offsets: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
-    """The batch of rows ``ids`` of ``datasets`` (numbered one after the other), one ``get_batch`` per dataset."""
+    """The batch of rows ``ids`` of ``datasets`` (numbered on from one to the next)."""
     if len(datasets) == 1:
         x, y = datasets[0].get_batch(ids)
     else:
@@ -271,7 +272,7 @@ _DENSE_ONLY = ("kl", "soft_ce", "mse")
 
 
 def valid_losses(layout: str) -> list[str]:
-    """Every loss name that takes ``layout``'s targets: its own forward KL (the default) and every divergence."""
+    """The losses taking ``layout``'s targets: its forward KL (the default) and the divergences."""
     from softlabels.store.layouts import LAYOUTS
     from softlabels.student.losses import LOSSES, _Divergence
 
@@ -281,24 +282,24 @@ def valid_losses(layout: str) -> list[str]:
 
 
 def check_loss(loss: str | None, layout: str, where: str) -> str:
-    """``loss`` (default: the layout's ``default_loss``) if it fits ``layout``; else a one-line error."""
+    """``loss`` (default: the layout's ``default_loss``) if it fits ``layout``; else one line."""
     from softlabels.store.layouts import LAYOUTS
 
     name = loss or LAYOUTS[layout].default_loss
     if name in valid_losses(layout):
         return name
     if layout == "topk" and name in _DENSE_ONLY:
-        raise ConfigError(f"loss {name!r} needs dense teacher logits but {where} holds top-k logits; "
-                          "use --loss topk_kl")
+        raise ConfigError(f"loss {name!r} needs dense teacher logits but {where} holds top-k "
+                          "logits; use --loss topk_kl")
     if layout == "dense" and name == "topk_kl":
-        raise ConfigError(f"loss 'topk_kl' is for top-k stores but {where or 'the teacher'} gives dense "
-                          "logits; use --loss kl, soft_ce or mse")
+        raise ConfigError(f"loss 'topk_kl' is for top-k stores but {where or 'the teacher'} gives "
+                          "dense logits; use --loss kl, soft_ce or mse")
     from softlabels.student.losses import LOSSES
 
     if name not in LOSSES:
         return name  # make_soft_loss names the choices
-    raise ConfigError(f"loss {name!r} does not take the {layout} targets of {where or 'the teacher'}; use --loss "
-                      f"{' or '.join(valid_losses(layout))}")
+    raise ConfigError(f"loss {name!r} does not take the {layout} targets of "
+                      f"{where or 'the teacher'}; use --loss {' or '.join(valid_losses(layout))}")
 
 
 def replay_op(dataset: Any, input_shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
@@ -311,12 +312,13 @@ def replay_op(dataset: Any, input_shape: tuple[int, ...]) -> tuple[Any, tuple[in
     path = dataset.stores[0].path
     user = [t.strip() for t in spec.split("+") if ":" in t]
     if user:
-        raise UnsupportedFormat(f"{path} records the augmentation '{spec}', whose term '{user[0]}' names code; "
-                                "code named in a store is never imported, so training replays built-in ops only; "
-                                "generate the views with built-in ops (docs/VIEWS.md)")
+        raise UnsupportedFormat(f"{path} records the augmentation '{spec}', whose term '{user[0]}' "
+                                "names code; code named in a store is never imported, so training "
+                                "replays built-in ops only; generate the views with built-in ops "
+                                "(docs/VIEWS.md)")
     aug = parse_augment(spec)
     params = dataset.kind.params
     if aug.num_params != params:
-        raise CorruptStore(f"{path} holds {params} view parameters per view but its augmentation '{spec}' takes "
-                           f"{aug.num_params}; regenerate the store")
+        raise CorruptStore(f"{path} holds {params} view parameters per view but its augmentation "
+                           f"'{spec}' takes {aug.num_params}; regenerate the store")
     return aug, view_shape(aug, input_shape)

@@ -56,11 +56,11 @@ def _signature(meta: Any) -> dict[str, Any]:
 
 
 class SoftLabelDataset(IterableDataset):
-    """Batches of teacher outputs (and joined inputs) from one or more complete stores (docs/LIBRARY.md).
+    """Batches of teacher outputs (and joined inputs) from complete stores (docs/LIBRARY.md).
 
-    ``sources``: ``(store, data)`` pairs, ``store`` a path or a store with the unit API, ``data`` what
-    it was generated from, joined by sample id (an ``InputDataset``, or None, for ``sample`` and
-    ``views`` stores; the ``TokenDataset`` for a ``tokens`` store). The stores must agree in
+    ``sources``: ``(store, data)`` pairs, ``store`` a path or a store with the unit API, ``data``
+    what it was generated from, joined by sample id (an ``InputDataset``, or None, for ``sample``
+    and ``views`` stores; the ``TokenDataset`` for a ``tokens`` store). The stores must agree in
     positions, layout, class count, logits dtype and layout parameters. A batch is the position
     kind's (:mod:`softlabels.student.kinds`); ``as_target(batch)`` gives its typed target. Each
     epoch yields every row once across ranks and workers (:mod:`softlabels.student.order`): call
@@ -160,18 +160,21 @@ class SoftLabelDataset(IterableDataset):
     def state_dict(self, batches_done: int = 0) -> dict[str, int]:
         """Resume state after the loop consumed ``batches_done`` batches of the current epoch."""
         if not 0 <= batches_done <= len(self):
-            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got {batches_done}")
+            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got "
+                              f"{batches_done}")
         return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue ``state["epoch"]`` after its first ``state["batches_done"]`` batches."""
         missing = [k for k in ("epoch", "seed", "batches_done") if k not in state]
         if missing:
-            raise ConfigError(f"dataset state lacks {', '.join(missing)}; pass a dict from state_dict()")
+            raise ConfigError(f"dataset state lacks {', '.join(missing)}; pass a dict from "
+                              "state_dict()")
         k = int(state["batches_done"])
         if not 0 <= k <= len(self):
-            raise ConfigError(f"dataset state has batches_done={k} but this rank yields {len(self)} batches per "
-                              "epoch; resume with the same stores, batch size and world size")
+            raise ConfigError(f"dataset state has batches_done={k} but this rank yields "
+                              f"{len(self)} batches per epoch; resume with the same stores, batch "
+                              "size and world size")
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
         self._resume = (self.epoch, k)
 
@@ -259,13 +262,13 @@ class SoftLabelMapDataset(Dataset):
             raise IndexError(f"row {index} out of range for a store of {n} rows")
         ds = self.ds
         unit = np.searchsorted(ds._starts, [i], side="right") - 1
-        batch = next(ds.kind.batches(self.held, iter([(unit, i - ds._starts[unit])]), ds._source, ds.stores,
-                                     ds.data))
+        rows = iter([(unit, i - ds._starts[unit])])
+        batch = next(ds.kind.batches(self.held, rows, ds._source, ds.stores, ds.data))
         return {k: v[0] for k, v in batch.items()}
 
 
 class DataBatches(Dataset):
-    """Batches of data alone (no store; hard labels), item ``i`` being this rank's batch ``i`` of the epoch.
+    """Batches of data alone (no store; hard labels): item ``i`` is this rank's batch ``i``.
 
     Each epoch permutes ``ids`` with an RNG seeded from ``(seed, epoch)``. ``share="rows"``: rank
     ``r`` takes every ``world``-th row of it (ranks differ by at most one row), in batches of
@@ -276,8 +279,8 @@ class DataBatches(Dataset):
 
     def __init__(self, ids: np.ndarray, make: Callable[[np.ndarray], dict[str, Any]], *, share: str,
                  batch_size: int, seed: int, rank: int, world: int) -> None:
-        self.ids, self.make, self.share, self.batch_size, self.seed = ids, make, share, batch_size, seed
-        self.rank, self.world = rank, world
+        self.ids, self.make, self.share = ids, make, share
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:

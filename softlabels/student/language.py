@@ -103,18 +103,19 @@ class Language(Task):
                 data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
                 tokenizer = tokenizer and str(Path(tokenizer).resolve())  # recorded for eval, from any directory
                 if data.vocab_size is None:
-                    raise ConfigError(f"the vocabulary size of {data.source} is unknown; pass --tokenizer "
-                                      "tokenizer.json (the tokenizer the ids come from)")
-                self.batches: Any = DataBatches(np.arange(len(data)), partial(data_batch, data), share="batches",
-                                                batch_size=config.batch_size, seed=config.seed, rank=env.rank,
-                                                world=env.world)
+                    raise ConfigError(f"the vocabulary size of {data.source} is unknown; pass "
+                                      "--tokenizer tokenizer.json (the tokenizer the ids come "
+                                      "from)")
+                self.batches: Any = DataBatches(np.arange(len(data)), partial(data_batch, data),
+                                                share="batches", batch_size=config.batch_size,
+                                                seed=config.seed, rank=env.rank, world=env.world)
                 layout, vocab = None, int(data.vocab_size)
             else:
                 source = self.stores[0].meta.source  # the recorded data, its tokenizer and windows
                 spec = (config.data[0] if config.data else None) or source.get("spec")
                 if not spec:
-                    raise ConfigError(f"store {str(self.stores[0].path)!r} does not record its token data; "
-                                      "pass --data for it")
+                    raise ConfigError(f"store {str(self.stores[0].path)!r} does not record its "
+                                      "token data; pass --data for it")
                 tokenizer = tokenizer or source.get("tokenizer")
                 seq_len = source.get("seq_len") if seq_len is None else seq_len
                 data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)

@@ -135,7 +135,7 @@ def chunk_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, see
     order = np.arange(len(sizes), dtype=np.int64)
     if shuffle:
         order = np.random.default_rng([_CHUNK_TAG, seed, epoch]).permutation(len(sizes))
-    r0, r1 = split(int(sizes.sum()), world, rank)  # the rank's rows, then the worker's run of its batches
+    r0, r1 = split(int(sizes.sum()), world, rank)  # the rank's rows, the worker's run of batches
     b0, b1 = split(-(-(r1 - r0) // batch_size), workers, worker)
     lo, hi = r0 + b0 * batch_size, min(r1, r0 + b1 * batch_size)
     windows, offset = plan_windows(sizes, order, lo, hi, window_chunks, skip_batches * batch_size)

@@ -191,7 +191,7 @@ class _Run:
             _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             batch = next(it, None)
             weight = 1.0
-            if batch is None or len(batch["sample_ids"]) == 0:  # out of rows: a zero-weight step keeps lockstep
+            if batch is None or len(batch["sample_ids"]) == 0:  # out of rows: a zero-weight step
                 batch, weight = last, 0.0
             else:
                 batch = last = task.to_device(batch)
@@ -291,7 +291,7 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """sha256 over the state_dict's names and tensor bytes (equal iff the weights are bit-identical)."""
+    """sha256 over the state_dict's names and tensor bytes (equal iff the weights are identical)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())

@@ -90,8 +90,8 @@ def _steps(model_dir: Path, tokens: Path, store: Path | None, batch: int) -> Non
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if store is None:
         data.vocab_size = model.vocab_size
-        ds = DataBatches(np.arange(len(data)), partial(data_batch, data), share="batches", batch_size=batch, seed=0,
-                         rank=0, world=1)
+        ds = DataBatches(np.arange(len(data)), partial(data_batch, data), share="batches",
+                         batch_size=batch, seed=0, rank=0, world=1)
         soft, alpha = None, 1.0
     else:
         ds, soft, alpha = SoftLabelDataset([(store, data)], batch_size=batch, seed=0), \

@@ -80,8 +80,8 @@ def _epoch(store: Path | None, tokens: Path, batch: int, vocab: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if store is None:
         data.vocab_size = vocab
-        ds = DataBatches(np.arange(len(data)), partial(data_batch, data), share="batches", batch_size=batch, seed=0,
-                         rank=0, world=1)
+        ds = DataBatches(np.arange(len(data)), partial(data_batch, data), share="batches",
+                         batch_size=batch, seed=0, rank=0, world=1)
         soft, alpha = None, 1.0
     else:
         ds, soft, alpha = (SoftLabelDataset([(store, data)], batch_size=batch, seed=0),

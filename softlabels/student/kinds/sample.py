@@ -96,13 +96,14 @@ class SampleRows:
         return Slots(load, keep, sizes, self.specs, direct=not self.num_views)
 
     # -- a batch ------------------------------------------------------------------------------------
-    def batches(self, held: Slots, batches: Iterator[tuple[np.ndarray, np.ndarray]], source: np.ndarray,
-                stores: list, data: list) -> Iterator[dict[str, torch.Tensor]]:
-        """The batch of rows ``local`` of global units ``unit`` (in that order) for each ``(unit, local)`` of
-        ``batches``, joined with its inputs (``source``: each global unit's source)."""
+    def batches(self, held: Slots, batches: Iterator[tuple[np.ndarray, np.ndarray]],
+                source: np.ndarray, stores: list, data: list) -> Iterator[dict[str, torch.Tensor]]:
+        """For each ``(unit, local)`` of ``batches``, the batch of rows ``local`` of global units
+        ``unit`` (in that order) joined with its inputs (``source``: each global unit's source)."""
         for unit, local in batches:
             src = source[unit]
-            arrays = {k: np.empty((len(unit), *shape), dtype) for k, (shape, dtype) in self.specs.items()}
+            arrays = {k: np.empty((len(unit), *shape), dtype)
+                      for k, (shape, dtype) in self.specs.items()}
             held.gather(unit, local, arrays)
             out = {k: torch.from_numpy(v) for k, v in arrays.items() if k not in self.names}
             out["source"] = torch.from_numpy(src)
@@ -184,8 +185,9 @@ def _inputs(ids: np.ndarray, source: np.ndarray, stores: list, data: list) -> to
     return join_rows(len(ids), parts)[0]
 
 
-def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
-    """Tensors of ``n`` rows from ``(mask, tensors)`` parts: each part's rows go where its bool mask is True."""
+def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]
+              ) -> tuple[torch.Tensor, ...]:
+    """Tensors of ``n`` rows from ``(mask, tensors)`` parts: a part's rows go where its mask is."""
     out = tuple(torch.empty((n, *t.shape[1:]), dtype=t.dtype) for t in parts[0][1])
     for m, tensors in parts:
         for o, t in zip(out, tensors):

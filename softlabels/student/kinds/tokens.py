@@ -191,8 +191,8 @@ class Blocks:
 
 
 def data_batch(data: TokenDataset, rows: np.ndarray) -> dict[str, Any]:
-    """The padded batch of sequences ``rows`` of token data alone (no store; hard next-token CE): the
-    items of a token store's batches without the target."""
+    """The padded batch of sequences ``rows`` of token data alone (hard next-token CE): the items of
+    a token store's batches without the target."""
     tokens = data.get_batch(rows)
     lens = tokens.lengths
     targets, loss_mask = next_token_targets(tokens.ids, tokens.mask, lens)
