@@ -24,11 +24,14 @@ from softlabels.errors import ConfigError, IncompleteStore, StoreMismatch
 from softlabels.inputs.loader import batch_loader
 from softlabels.store.readahead import ReadAhead
 from softlabels.student import order as _order
-from softlabels.student.kinds import ROWS
+from softlabels.student.kinds.sample import SampleRows
+from softlabels.student.kinds.tokens import TokenRows
 
 __all__ = ["DataBatches", "SoftLabelDataset", "SoftLabelMapDataset", "batch_loader", "open_source"]
 
 Source = tuple[Any, Any]
+
+ROWS = {"sample": SampleRows, "views": SampleRows, "tokens": TokenRows}
 
 
 def open_source(store: Any) -> Any:

@@ -13,10 +13,8 @@ An epoch's order is built in four steps:
    with an RNG seeded from ``(seed, epoch, rank, worker, window)``, and the stream of windows cut into
    batches of ``B`` rows (a batch may straddle windows). Resuming skips whole windows by arithmetic.
 
-That is ``share="rows"`` (``sample`` and ``views`` rows). Token stores share an epoch by *global
-batches* (``share="batches"``): the windows of rank 0 of 1 cut into batches of ``B * P`` rows, rank
-``r`` taking the ``r``-th balanced slice of each and worker ``w`` every ``W``-th batch, so the batches
-do not depend on the number of ranks or workers.
+That is ``share="rows"`` (``sample`` and ``views`` rows). Token stores share an epoch by global
+batches (``share="batches"``, docs/TOKENS.md): rank ``r`` takes the ``r``-th slice of each.
 """
 
 from __future__ import annotations

@@ -8,14 +8,5 @@ its ranks share an epoch (``share``), how many units a window shuffles (``window
 unit read whole becomes rows (``unit_rows``: a views store's view of the epoch is picked
 here), and how rows of several units become batches joined with their inputs (``batches``).
 The streaming dataset (:mod:`softlabels.student.dataset`) and the trainer are the same for
-every kind. A new kind is one module and one entry in :data:`ROWS`.
+every kind. A new kind is one module and one entry in the dataset's ``ROWS``.
 """
-
-from __future__ import annotations
-
-from softlabels.student.kinds.sample import SampleRows
-from softlabels.student.kinds.tokens import TokenRows
-
-__all__ = ["ROWS"]
-
-ROWS = {"sample": SampleRows, "views": SampleRows, "tokens": TokenRows}

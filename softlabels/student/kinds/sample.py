@@ -6,12 +6,7 @@ so a unit in memory holds one position per sample whatever V is: the chosen view
 arrays plus ``view`` (its index) and ``view_params``. With ``views_per_sample`` k > 1 a row
 holds the epoch's k chosen views of its sample: each of those arrays gains an axis of k after
 the row axis (the input is still read once; :func:`spread_views` makes them B·k rows on the
-device).
-
-A batch is a dict of tensors: ``labels``, ``sample_ids``, ``source`` (int64 [B]), ``x`` (the
-inputs joined by sample id from each source's :class:`~softlabels.inputs.arrays.InputDataset`)
-and the teacher's target under the stored arrays' names (:func:`~softlabels.student.losses.as_target`
-rebuilds it).
+device). A batch's keys: docs/LIBRARY.md, "Streaming whole stores".
 """
 
 from __future__ import annotations

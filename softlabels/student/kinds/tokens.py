@@ -68,14 +68,11 @@ class TokenRows:
     def batches(self, held: Blocks, batches: Iterator[tuple[np.ndarray, np.ndarray]], source: np.ndarray,
                 stores: list, data: list) -> Iterator[dict[str, Any]]:
         """The padded batch of sequences ``local`` of global units ``unit`` (in that order) for each
-        ``(unit, local)`` of ``batches``, built :attr:`group` batches at a time.
+        ``(unit, local)`` of ``batches``, built :attr:`group` batches at a time (docs/BENCHMARKS.md).
 
-        One gather of the group's positions, one decode of its target, one padded array of its
-        tokens and their next-token targets; each batch is then cut out of them (built one by one,
-        a batch of 16 sequences cost ~0.5 ms of CPU in numpy and torch calls, docs/BENCHMARKS.md).
-        A group stops before it would need more units than ``held`` keeps. A batch's per-position
-        and per-sequence tensors are contiguous, disjoint row slices of its group's arrays (a
-        group's memory is freed with its last batch); its padded ``[B, L]`` tensors are its own.
+        A group (which stops before it needs more units than ``held`` keeps) is gathered, decoded
+        and padded once, and its batches cut out of it: contiguous, disjoint row slices of its
+        arrays (freed with its last batch), with padded ``[B, L]`` tensors of their own.
         """
         group: list[tuple[np.ndarray, np.ndarray]] = []
         units: set[int] = set()
