@@ -11,6 +11,7 @@ rebuilt from built-in ops only (:func:`replay_op`: code a store names is never i
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -218,8 +219,6 @@ class Classifier(Task):
         """Add --val-data's accuracy and ECE to an epoch's record (rank 0)."""
         if self.val is None:
             return
-        import time
-
         from softlabels.student.metrics import evaluate_model
 
         t0 = time.perf_counter()

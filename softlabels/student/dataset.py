@@ -118,11 +118,9 @@ class SoftLabelDataset(IterableDataset):
 
     def _check_stores(self) -> None:
         first = _signature(self.stores[0].meta)
-        problems = []
-        for s in self.stores[1:]:
-            sig = _signature(s.meta)
-            problems += [f"{s.path} has {key} {sig[key]!r} but {self.stores[0].path} has {first[key]!r}"
-                         for key in first if sig[key] != first[key]]
+        problems = [f"{s.path} has {key} {value!r} but {self.stores[0].path} has {first[key]!r}"
+                    for s in self.stores[1:] for key, value in _signature(s.meta).items()
+                    if value != first[key]]
         if problems:
             raise StoreMismatch("stores cannot be mixed in one dataset: " + "; ".join(problems)
                                 + "; use stores generated with the same settings")
@@ -183,8 +181,7 @@ class SoftLabelDataset(IterableDataset):
 
     # -- iteration -------------------------------------------------------------------------
     def worker_state(self) -> tuple[int, ...]:
-        """What an epoch's order depends on besides the construction (epoch, seed, resume point), as ints:
-        :func:`batch_loader` hands it to workers it keeps alive across epochs."""
+        """The epoch, seed and resume point as ints, for :func:`batch_loader`'s long-lived workers."""
         resume = self._resume if self._resume is not None else (-1, -1)
         return (self.epoch, self.seed, *resume)
 

@@ -29,30 +29,25 @@ __all__ = ["Language", "check_student_width", "is_language_run"]
 
 
 def is_language_run(config: TrainConfig, *, online: bool = False) -> bool:
-    """Whether ``config`` trains a language model: its store holds ``tokens`` positions, or its
-    ``--data`` alone is token data (:attr:`TrainConfig.token_data`)."""
+    """Whether ``config`` trains a language model: its store is a format-v2 store of ``tokens``
+    positions, or its ``--data`` alone is token data (:attr:`TrainConfig.token_data`)."""
     if online:
         return False
-    if config.stores:
-        if not _is_token_store(config.stores[0]):
-            return False
-        if config.augment:
-            raise ConfigError(f"--augment draws image views, but {config.stores[0]} holds per-token targets "
-                              "of a language model; drop --augment")
-        return True
-    return config.token_data
-
-
-def _is_token_store(path: str | Path) -> bool:
-    """Whether ``path`` is a format-v2 store of ``tokens`` positions (False for anything unreadable)."""
+    if not config.stores:
+        return config.token_data
     from softlabels.store.backend import open_backend
 
     try:
-        with contextlib.closing(open_backend(path, "r")) as backend:
+        with contextlib.closing(open_backend(config.stores[0], "r")) as backend:
             attrs = backend.attrs()
     except Exception:  # noqa: BLE001 - not ours to report: the classifier path says what is wrong
         return False
-    return attrs.get("softlabels_format") == 2 and attrs.get("positions") == "tokens"
+    if attrs.get("softlabels_format") != 2 or attrs.get("positions") != "tokens":
+        return False
+    if config.augment:
+        raise ConfigError(f"--augment draws image views, but {config.stores[0]} holds per-token targets "
+                          "of a language model; drop --augment")
+    return True
 
 
 def _check_tokenizers(store: Any, config: TrainConfig) -> None:

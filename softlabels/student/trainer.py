@@ -13,6 +13,7 @@ apart between ranks.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import asdict
@@ -124,12 +125,12 @@ class _Run:
     def _check_resume(self, old: dict[str, Any]) -> None:
         # each key with its value in runs from before it existed; runs before stores had an identity: their paths
         keys = dict.fromkeys(RESUME_KEYS) | self.task.resume_keys
-        if not isinstance(old.get("store_identity"), list):
+        if isinstance(old.get("store_identity"), list):
+            _check_same_stores(old["store_identity"], self.run_config["store_identity"], self.config.out)
+        else:
             keys = {"stores": None, **keys}
         diffs = [f"{k}: {old.get(k, v)!r} -> {self.run_config[k]!r}" for k, v in keys.items()
                  if old.get(k, v) != self.run_config[k]]
-        if isinstance(old.get("store_identity"), list):
-            _check_same_stores(old["store_identity"], self.run_config["store_identity"], self.config.out)
         if diffs:
             raise ConfigError(f"--resume with other settings than {self.resume_from} ({'; '.join(diffs)}); "
                               "rerun with the original options, or pass --overwrite to start over")
@@ -266,8 +267,6 @@ class _Run:
                    "first_loss": history[0]["loss"] if history else None,
                    "weights_digest": digest, "weights_digest_per_rank": digests, "config": self.run_config}
         if env.rank == 0:
-            import json
-
             ckpt_io.atomic_write_text(Path(cfg.out) / ckpt_io.SUMMARY,
                                       json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
             final = summary["final"]

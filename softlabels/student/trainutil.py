@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import Any, Callable
 
 import torch
@@ -47,9 +48,7 @@ def distillation_settings(temperature: float | None, alpha: float | None, stores
     from softlabels.store.temperatures import intersect
 
     meta = stores[0].meta if stores else None
-    supported = None
-    for s in stores:
-        supported = intersect(supported, s.meta.temperatures())
+    supported = reduce(intersect, (s.meta.temperatures() for s in stores), None)
     t, a, note = choose(temperature, alpha, layout=meta.layout if meta else None,
                         positions=meta.positions if meta else None, supported=supported)
     for s in stores:

@@ -112,10 +112,9 @@ class Slots:
     """Up to ``keep`` units' rows in one buffer per array, so most batches are one ``np.take`` per array.
 
     A unit is read (``load(g, out=...)``, straight into its slot where its rows are the stored
-    arrays) when a batch first needs it, into a free slot or the one read
-    longest ago (the windows are streamed in order, so that unit's rows are all behind); a batch
-    needing more units than fit (one straddling two windows, or the first after a resume) is
-    gathered in rounds.
+    arrays) when a batch first needs it, into a free slot or the one read longest ago (the windows
+    are streamed in order, so that unit's rows are all behind); a batch needing more units than
+    fit (one straddling two windows, or the first after a resume) is gathered in rounds.
     """
 
     def __init__(self, load: Callable[..., dict[str, np.ndarray]], keep: int, sizes: np.ndarray,
