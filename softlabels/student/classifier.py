@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from softlabels.errors import ConfigError, CorruptStore, DataError, ModelMismatch, UnsupportedFormat
+from softlabels.errors import ConfigError, DataError, ModelMismatch
 from softlabels.inputs.arrays import all_labels, class_count
 from softlabels.student.config import TrainConfig
-from softlabels.student.losses import DistillationLoss, as_target, make_soft_loss
 from softlabels.student.kinds.sample import join_rows
+from softlabels.student.losses import DistillationLoss, as_target, make_soft_loss
 from softlabels.student.trainutil import Task, distillation_settings
 
 __all__ = ["Classifier", "check_loss", "replay_op", "valid_losses"]
@@ -303,6 +303,7 @@ def check_loss(loss: str | None, layout: str, where: str) -> str:
 
 def replay_op(dataset: Any, input_shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
     """A views dataset's augmentation op (or None for an empty spec) and the shape of one view."""
+    from softlabels.errors import CorruptStore, UnsupportedFormat
     from softlabels.inputs.augment import parse_augment, view_shape
 
     spec = dataset.augment
