@@ -73,6 +73,12 @@ def round_robin(streams: list[list]) -> list:
     return out
 
 
+def stream_batches(sizes: np.ndarray, **kw) -> list[np.ndarray]:
+    """The global row ids of every batch of ``order.chunk_batches``: the plan the reads follow."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    return [starts[chunk] + row for chunk, row in _order.chunk_batches(sizes, **kw)]
+
+
 def rank_batches(ds: SoftLabelDataset, workers: int) -> list[dict]:
     """A rank's epoch as a DataLoader with ``workers`` workers delivers it (simulated in-process)."""
     if workers == 0:
@@ -105,7 +111,7 @@ def test_every_row_once_per_epoch_across_ranks_and_workers(dense, world):
                 assert all(1 <= len(b["labels"]) <= BATCH for b in batches)
                 assert sum(len(b["labels"]) < BATCH for b in batches) <= 1  # one short batch per rank
                 # the real reads follow the pure plan exactly
-                ref = round_robin([_order.stream_batches(
+                ref = round_robin([stream_batches(
                     np.diff(np.r_[0:N:CHUNK, N]), batch_size=BATCH, window_chunks=WINDOW, seed=0, epoch=epoch,
                     shuffle=True, rank=rank, world=world, worker=w, workers=max(workers, 1))
                     for w in range(max(workers, 1))])
@@ -289,8 +295,9 @@ def test_resume_reads_only_the_units_of_the_batches_to_come(dense, monkeypatch):
     sizes = np.diff(np.r_[0:N:CHUNK, N])
     for workers in (1, 2):
         counts = _order.worker_batch_counts(N, BATCH, 0, 1, workers)
-        full = [_order.stream_batches(sizes, batch_size=BATCH, window_chunks=2, seed=0, epoch=0, shuffle=True,
-                                      rank=0, world=1, worker=w, workers=workers) for w in range(workers)]
+        full = [stream_batches(sizes, batch_size=BATCH, window_chunks=2, seed=0, epoch=0,
+                               shuffle=True, rank=0, world=1, worker=w, workers=workers)
+                for w in range(workers)]
         for k in range(len(ds) + 1):
             ds.load_state_dict({"epoch": 0, "seed": 0, "batches_done": k})
             done, due = _order.resume_point(counts, k)
@@ -412,7 +419,7 @@ def test_order_property(draw):
               epoch=d(st.integers(0, 3)), shuffle=d(st.booleans()))
     seen, rank_rows = [], []
     for rank in range(world):
-        streams = [_order.stream_batches(sizes, rank=rank, world=world, worker=w, workers=workers, **kw)
+        streams = [stream_batches(sizes, rank=rank, world=world, worker=w, workers=workers, **kw)
                    for w in range(workers)]
         flat = [b for s in streams for b in s]
         assert all(1 <= len(b) <= batch for b in flat)
@@ -426,7 +433,7 @@ def test_order_property(draw):
         k = d(st.integers(0, len(delivered)))
         done, due = _order.resume_point(counts, k)
         logical = [(due + p) % workers for p in range(workers)]  # what the resumed loader's workers serve
-        rest = round_robin([_order.stream_batches(sizes, rank=rank, world=world, worker=w, workers=workers,
+        rest = round_robin([stream_batches(sizes, rank=rank, world=world, worker=w, workers=workers,
                                                   skip_batches=int(done[w]), **kw) for w in logical])
         assert len(rest) == len(delivered) - k
         assert all(np.array_equal(a, b) for a, b in zip(rest, delivered[k:]))

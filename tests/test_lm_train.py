@@ -267,7 +267,7 @@ def test_an_empty_batch_has_every_key_and_no_rows(stores):
     full = next(iter(ds))
     held = ds.kind.holder(ds._load, keep=2, sizes=ds._sizes)
     none = np.empty(0, np.int64)
-    empty = ds.kind.batch(held, none, none, none, ds.stores, ds.data)
+    empty = next(ds.kind.batches(held, iter([(none, none)]), ds._source, ds.stores, ds.data))
     assert empty.keys() == full.keys()
     assert all(len(v) == 0 and v.dtype == full[k].dtype for k, v in empty.items() if isinstance(v, torch.Tensor))
     assert all(v == full[k] for k, v in empty.items() if not isinstance(v, torch.Tensor))  # the temperatures

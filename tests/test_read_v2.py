@@ -217,7 +217,7 @@ def test_cli_train_eval_inspect_on_v2_stores(tmp_path, backend, positions, layou
 
 
 def test_loss_check_per_layout(tmp_path):
-    from softlabels.student.replay import valid_losses
+    from softlabels.student.classifier import valid_losses
 
     assert valid_losses("dense") == ["kl", "soft_ce", "mse", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd"]
     assert valid_losses("topk") == ["topk_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd"]

@@ -156,7 +156,6 @@ def _lm_metrics(model: nn.Module, data: Any, store: Any, batch_size: int, dev: t
     from softlabels.store.layouts.targets import SampledTarget
     from softlabels.student import kd
     from softlabels.student.dataset import SoftLabelDataset
-    from softlabels.student.kinds.tokens import select_rows
     from softlabels.student.lm_metrics import LMEvalAccumulator
     from softlabels.student.losses import as_target
 
@@ -174,7 +173,7 @@ def _lm_metrics(model: nn.Module, data: Any, store: Any, batch_size: int, dev: t
         acc.update(logits, batch["ids"], lengths=batch["lengths"], mask=batch["loss_mask"].roll(1, 1))  # t+1: a target
         keep = batch["loss_mask"].reshape(-1)[batch["index"]]  # the counted positions, against the teacher
         s = logits.reshape(-1, logits.shape[-1])[batch["index"][keep]].float()
-        target = select_rows(as_target(batch), keep)
+        target = as_target(batch).select(keep)
         kl, kl_t = kd.reported_kl(s, target)  # at T = 1 where the store answers it, else at its own T
         sums["kl"] += float(kl.double().sum()) if kl is not None else math.nan
         if isinstance(target, SampledTarget):

@@ -1,41 +1,46 @@
 """The classifier task of the trainer: ``sample``/``views`` stores, or the hard labels of ``--data``.
 
-With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` goes through the
-student and a :class:`~softlabels.student.losses.DistillationLoss`; without, the student learns the
-hard labels of ``--data`` (teachers and baselines) or a live ``teacher``'s logits. A views store's
-inputs are augmented on the device with each batch's ``view_params``; ``--augment`` draws a fresh
-view per sample and epoch instead.
+With stores, each batch of a :class:`~softlabels.student.dataset.SoftLabelDataset` goes through
+the student and a :class:`~softlabels.student.losses.DistillationLoss`; without, the student
+learns the hard labels of ``--data`` (teachers and baselines) or a live ``teacher``'s logits;
+:func:`check_loss` refuses a loss that does not fit the layout's targets. A views store's inputs
+are augmented on the device with each batch's ``view_params`` by its recorded augmentation,
+rebuilt from built-in ops only (:func:`replay_op`: code a store names is never imported);
+``--augment`` draws a fresh view per sample and epoch instead.
 """
 
 from __future__ import annotations
 
+import time
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from softlabels.errors import ConfigError, DataError, ModelMismatch
-from softlabels.inputs.arrays import class_count
+from softlabels.inputs.arrays import all_labels, class_count
 from softlabels.student.config import TrainConfig
+from softlabels.student.kinds.sample import join_rows
 from softlabels.student.losses import DistillationLoss, as_target, make_soft_loss
-from softlabels.student.trainutil import IndexBatches, Task, distillation_settings
+from softlabels.student.trainutil import Task, distillation_settings
 
-__all__ = ["Classifier"]
+__all__ = ["Classifier", "check_loss", "replay_op", "valid_losses"]
 
 
 class Classifier(Task):
     """Data, student and loss of a classifier run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
     unit = "samples"  # what the metrics count
-    resume_keys = ("online_teacher", "augment")
-    resume_defaults = {"views_per_sample": 1}  # runs before the option trained on one view
+    # runs from before --views-per-sample trained on one view
+    resume_keys = {"online_teacher": None, "augment": None, "views_per_sample": 1}
 
     def __init__(self, config: TrainConfig, env: Any, log, *, teacher: nn.Module | None = None,
                  student: nn.Module | None = None) -> None:
         from softlabels.inputs.spec import resolve_data
         from softlabels.store.reader import open_store
-        from softlabels.student.dataset import SoftLabelDataset
-        from softlabels.student.replay import check_loss, replay_op
+        from softlabels.student.dataset import DataBatches, SoftLabelDataset
 
         self.config, self.env, self.log, self.epoch = config, env, log, 0
         self.stores: list = []
@@ -59,8 +64,13 @@ class Classifier(Task):
                 if not counts:
                     raise DataError(f"cannot tell the class count of {', '.join(specs)}; give it labels")
                 num_classes, layout = max(counts), None
-                self.batches = IndexBatches(datasets, labeled_only=teacher is None, batch_size=config.batch_size,
-                                            seed=config.seed, rank=env.rank, world=env.world)
+                offsets = np.cumsum([0] + [len(d) for d in datasets])
+                ids = np.arange(offsets[-1], dtype=np.int64)
+                if teacher is None:  # hard labels: the labeled rows only
+                    ids = ids[np.concatenate([all_labels(d) for d in datasets]) >= 0]
+                self.batches = DataBatches(ids, partial(_data_batch, datasets, offsets),
+                                           share="rows", batch_size=config.batch_size,
+                                           seed=config.seed, rank=env.rank, world=env.world)
             shapes = {tuple(d.input_shape) for d in datasets}
             if len(shapes) > 1:
                 raise DataError(f"the inputs differ in shape ({', '.join(map(str, sorted(shapes)))}); "
@@ -70,9 +80,14 @@ class Classifier(Task):
                 self.augment, self.input_shape = replay_op(self.sl, self.input_shape)
             self.fresh_views = None  # --augment: the un-augmented input shape, from which each epoch's views are drawn
             if config.augment:
-                self.augment, self.fresh_views = self._fresh_augment(config.augment), self.input_shape
-                from softlabels.inputs.augment import view_shape
+                from softlabels.inputs.augment import parse_augment, view_shape
 
+                if self.sl is not None and self.sl.augment is not None:
+                    raise ConfigError(f"--augment draws new views, but {self.stores[0].path} is "
+                                      "a views store that replays its own "
+                                      f"('{self.sl.augment}') with the teacher's output for each; "
+                                      "drop --augment")
+                self.augment, self.fresh_views = parse_augment(config.augment), self.input_shape
                 self.input_shape = view_shape(self.augment, self.input_shape)
             self.val = resolve_data(config.val_data) if config.val_data else None
             if self.val is not None and tuple(self.val.input_shape) != self.input_shape:
@@ -152,15 +167,6 @@ class Classifier(Task):
                          "labeled store")
         return notes
 
-    def _fresh_augment(self, spec: str):
-        """``--augment``'s op; refused on a views store, which replays the views its teacher saw."""
-        from softlabels.inputs.augment import parse_augment
-
-        if self.sl is not None and self.sl.augment is not None:
-            raise ConfigError(f"--augment draws new views, but {self.stores[0].path} is a views store that replays "
-                              f"its own ('{self.sl.augment}') with the teacher's output for each; drop --augment")
-        return parse_augment(spec)
-
     def _recorded_spec(self, store) -> str:
         from softlabels.teacher.spec import recorded_spec
 
@@ -213,8 +219,6 @@ class Classifier(Task):
         """Add --val-data's accuracy and ECE to an epoch's record (rank 0)."""
         if self.val is None:
             return
-        import time
-
         from softlabels.student.metrics import evaluate_model
 
         t0 = time.perf_counter()
@@ -229,6 +233,17 @@ class Classifier(Task):
         from softlabels.teacher.models import count_flops
 
         return {"flops": count_flops(self.student, self.input_shape)}
+
+
+def _data_batch(datasets: list, offsets: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """The batch of rows ``ids`` of ``datasets`` (numbered on from one to the next)."""
+    if len(datasets) == 1:
+        x, y = datasets[0].get_batch(ids)
+    else:
+        which = np.searchsorted(offsets, ids, side="right") - 1
+        x, y = join_rows(len(ids), [(m, datasets[j].get_batch(ids[m] - offsets[j]))
+                                    for j in range(len(datasets)) if (m := which == j).any()])
+    return {"x": x, "labels": y, "sample_ids": torch.from_numpy(ids.copy())}
 
 
 def _ensemble(config: TrainConfig):
@@ -250,3 +265,60 @@ def _labels(store: Any):
     """A store's labels (None for an ensemble, which has no file of its own)."""
     handle = getattr(store, "_handle", None)
     return None if handle is None else handle().read("labels", 0, store.meta.num_samples)
+
+
+_DENSE_ONLY = ("kl", "soft_ce", "mse")
+
+
+def valid_losses(layout: str) -> list[str]:
+    """The losses taking ``layout``'s targets: its forward KL (the default) and the divergences."""
+    from softlabels.store.layouts import LAYOUTS
+    from softlabels.student.losses import LOSSES, _Divergence
+
+    divergences = [n for n, cls in LOSSES.items() if issubclass(cls, _Divergence)]
+    own = list(_DENSE_ONLY) if layout == "dense" else [LAYOUTS[layout].default_loss]
+    return own + divergences
+
+
+def check_loss(loss: str | None, layout: str, where: str) -> str:
+    """``loss`` (default: the layout's ``default_loss``) if it fits ``layout``; else one line."""
+    from softlabels.store.layouts import LAYOUTS
+
+    name = loss or LAYOUTS[layout].default_loss
+    if name in valid_losses(layout):
+        return name
+    if layout == "topk" and name in _DENSE_ONLY:
+        raise ConfigError(f"loss {name!r} needs dense teacher logits but {where} holds top-k "
+                          "logits; use --loss topk_kl")
+    if layout == "dense" and name == "topk_kl":
+        raise ConfigError(f"loss 'topk_kl' is for top-k stores but {where or 'the teacher'} gives "
+                          "dense logits; use --loss kl, soft_ce or mse")
+    from softlabels.student.losses import LOSSES
+
+    if name not in LOSSES:
+        return name  # make_soft_loss names the choices
+    raise ConfigError(f"loss {name!r} does not take the {layout} targets of "
+                      f"{where or 'the teacher'}; use --loss {' or '.join(valid_losses(layout))}")
+
+
+def replay_op(dataset: Any, input_shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    """A views dataset's augmentation op (or None for an empty spec) and the shape of one view."""
+    from softlabels.errors import CorruptStore, UnsupportedFormat
+    from softlabels.inputs.augment import parse_augment, view_shape
+
+    spec = dataset.augment
+    if not spec:
+        return None, input_shape
+    path = dataset.stores[0].path
+    user = [t.strip() for t in spec.split("+") if ":" in t]
+    if user:
+        raise UnsupportedFormat(f"{path} records the augmentation '{spec}', whose term '{user[0]}' "
+                                "names code; code named in a store is never imported, so training "
+                                "replays built-in ops only; generate the views with built-in ops "
+                                "(docs/VIEWS.md)")
+    aug = parse_augment(spec)
+    params = dataset.kind.params
+    if aug.num_params != params:
+        raise CorruptStore(f"{path} holds {params} view parameters per view but its augmentation "
+                           f"'{spec}' takes {aug.num_params}; regenerate the store")
+    return aug, view_shape(aug, input_shape)

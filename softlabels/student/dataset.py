@@ -1,25 +1,20 @@
 """Stream stores of any position kind, joined with their inputs, into a training loop.
 
-:class:`SoftLabelDataset` reads whole write units only: random single-row reads are
-400-800x slower than unit-wise streaming (docs/BENCHMARKS.md), so it shuffles units,
-splits the epoch across ranks and DataLoader workers, shuffles rows within windows of a
-few units, and batches itself (the order: :mod:`softlabels.student.order`). What a row and
-a batch are belongs to the position kind (:mod:`softlabels.student.kinds`): a sample (or
-its view) and its input for a classifier, a sequence and its next-token targets for a
-language model. Iterate it directly, or with workers through :func:`batch_loader`
-(``batch_loader(ds, num_workers=W)``: the batches of ``DataLoader(ds, batch_size=None,
-num_workers=W)``, in the same order, 3-4x faster, and worker errors as one line).
-
-Stores are read through the unit API only (``.meta``, ``.read_unit``, ``len``, ``.path``,
-``.close``): a format-2 store, a format-1 store presented as ``sample`` positions, or an
-ensemble of stores.
+:class:`SoftLabelDataset` reads whole write units only (random single-row reads are 400-800x
+slower, docs/BENCHMARKS.md) and batches itself, in the order of :mod:`softlabels.student.order`;
+what a row and a batch are belongs to the position kind (:mod:`softlabels.student.kinds`).
+Iterate it directly, or with workers through :func:`batch_loader` (the batches of
+``DataLoader(ds, batch_size=None, num_workers=W)``, in the same order, 3-4x faster). Stores are
+read through the unit API only (``.meta``, ``.read_unit``, ``len``, ``.path``, ``.close``): a
+format-2 store, a format-1 store presented as ``sample`` positions, or an ensemble of stores.
+:class:`DataBatches` gives batches of data alone (hard labels).
 """
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,11 +24,14 @@ from softlabels.errors import ConfigError, IncompleteStore, StoreMismatch
 from softlabels.inputs.loader import batch_loader
 from softlabels.store.readahead import ReadAhead
 from softlabels.student import order as _order
-from softlabels.student.kinds import rows_for
+from softlabels.student.kinds.sample import SampleRows
+from softlabels.student.kinds.tokens import TokenRows
 
-__all__ = ["SoftLabelDataset", "SoftLabelMapDataset", "batch_loader", "open_source"]
+__all__ = ["DataBatches", "SoftLabelDataset", "SoftLabelMapDataset", "batch_loader", "open_source"]
 
 Source = tuple[Any, Any]
+
+ROWS = {"sample": SampleRows, "views": SampleRows, "tokens": TokenRows}
 
 
 def open_source(store: Any) -> Any:
@@ -60,46 +58,18 @@ def _signature(meta: Any) -> dict[str, Any]:
             "views": views.get("count", 0), "view_params": len(views.get("param_names", ()))}
 
 
-class SoftLabelDataset(_order.EpochState, IterableDataset):
-    """Batches of teacher outputs (and joined inputs) from one or more complete stores.
+class SoftLabelDataset(IterableDataset):
+    """Batches of teacher outputs (and joined inputs) from complete stores (docs/LIBRARY.md).
 
-    ``sources`` is a list of ``(store, data)``: ``store`` a path (either format version) or a
-    store with the unit API (``UnitStore``, an ensemble), ``data`` what the store was generated
-    from, joined by sample id: an :class:`~softlabels.inputs.arrays.InputDataset` (into ``"x"``;
-    ``None`` for logits only) for ``sample`` and ``views`` stores, the
-    :class:`~softlabels.inputs.tokens.TokenDataset` for a ``tokens`` store. All sources need the
-    same positions, layout, class count, logits dtype and layout parameters. The batches are
-    the position kind's (:mod:`softlabels.student.kinds.sample`: ``labels``, ``sample_ids``,
-    ``source``, ``x``, the target under the stored arrays' names; a views store adds ``view`` and
-    ``view_params``; :mod:`softlabels.student.kinds.tokens`: padded sequences, next-token targets,
-    masks); ``softlabels.student.losses.as_target(batch)`` gives the typed target.
-
-    Each epoch, every row of every source is yielded exactly once across all ranks and workers
-    (order: :mod:`softlabels.student.order`); the order depends only on ``(seed, epoch, rank,
-    world_size)`` and, for ``sample``/``views`` stores, ``num_workers``. ``sample``/``views``: each
-    rank streams its share of the rows, its last batch may be short. ``tokens``: every rank
-    takes its slice of each global batch of ``batch_size * world_size`` sequences, so the batches
-    do not depend on the world size; a rank's slice of the last one may be empty.
-    ``window_chunks``: units shuffled together (default 8 for ``sample``/``views``, 4 for ``tokens``).
-
-    ``views_per_sample`` k > 1 (views stores only, ``k <= V``): each sample's input is read once
-    and comes with k of its views (``choose_views(..., per_epoch=k)``): ``view`` is [B, k],
-    ``view_params`` [B, k, P] and the teacher's arrays [B, k, ...];
-    :func:`softlabels.student.kinds.sample.spread_views` makes them B·k rows.
-
-    Memory: each worker holds the units of about one window (one more while a batch straddles
-    two). Call :meth:`set_epoch` before each epoch. A plain ``DataLoader`` needs fresh workers each
-    epoch (workers copy the dataset when they start: no ``persistent_workers``); :func:`batch_loader`
-    keeps its workers across epochs and hands them :meth:`worker_state` before each one.
-
-    Resuming mid-epoch: save ``ds.state_dict(batches_done=k)`` where ``k`` counts the batches this
-    rank's loop has consumed since the start of the epoch (including any skipped by an earlier
-    resume); after restarting, call ``ds.load_state_dict(state)`` and iterate with the same world
-    size and ``num_workers``: the epoch continues with batch ``k + 1`` of the uninterrupted order
-    (the new DataLoader's workers take over the streams in the round-robin order where it
-    stopped), and units holding no row still to come are not read. The state's seed and epoch
-    replace the dataset's; the resume point holds until :meth:`set_epoch` moves to another
-    epoch. ``len(ds)`` stays the full epoch's count.
+    ``sources``: ``(store, data)`` pairs, ``store`` a path or a store with the unit API, ``data``
+    what it was generated from, joined by sample id (an ``InputDataset``, or None, for ``sample``
+    and ``views`` stores; the ``TokenDataset`` for a ``tokens`` store). The stores must agree in
+    positions, layout, class count, logits dtype and layout parameters. A batch is the position
+    kind's (:mod:`softlabels.student.kinds`); ``as_target(batch)`` gives its typed target. Each
+    epoch yields every row once across ranks and workers (:mod:`softlabels.student.order`): call
+    :meth:`set_epoch` before each; :meth:`state_dict` and :meth:`load_state_dict` resume mid-epoch.
+    ``views_per_sample`` k > 1: each sample's input comes with k of its views (``[B, k, ...]``
+    arrays; :func:`~softlabels.student.kinds.sample.spread_views` makes them B·k rows).
     """
 
     def __init__(self, sources: Sequence[Source], *, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -127,7 +97,7 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
         self.data = [d for _, d in pairs]
         self._check_stores()
         meta = self.stores[0].meta
-        self.kind = rows_for(meta, views_per_sample)
+        self.kind = ROWS[meta.positions](meta, views_per_sample)
         self.window_chunks = window_chunks or self.kind.window
         self.views_per_sample = views_per_sample
         if views_per_sample > 1:
@@ -148,11 +118,9 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
 
     def _check_stores(self) -> None:
         first = _signature(self.stores[0].meta)
-        problems = []
-        for s in self.stores[1:]:
-            sig = _signature(s.meta)
-            problems += [f"{s.path} has {key} {sig[key]!r} but {self.stores[0].path} has {first[key]!r}"
-                         for key in first if sig[key] != first[key]]
+        problems = [f"{s.path} has {key} {value!r} but {self.stores[0].path} has {first[key]!r}"
+                    for s in self.stores[1:] for key, value in _signature(s.meta).items()
+                    if value != first[key]]
         if problems:
             raise StoreMismatch("stores cannot be mixed in one dataset: " + "; ".join(problems)
                                 + "; use stores generated with the same settings")
@@ -185,10 +153,35 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
         return _order.batches_per_epoch(self.num_samples, self.batch_size, self.rank, self.world_size,
                                         self.kind.share)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self._resume is not None and self._resume[0] != self.epoch:
+            self._resume = None
+
+    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
+        """Resume state after the loop consumed ``batches_done`` batches of the current epoch."""
+        if not 0 <= batches_done <= len(self):
+            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got "
+                              f"{batches_done}")
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue ``state["epoch"]`` after its first ``state["batches_done"]`` batches."""
+        missing = [k for k in ("epoch", "seed", "batches_done") if k not in state]
+        if missing:
+            raise ConfigError(f"dataset state lacks {', '.join(missing)}; pass a dict from "
+                              "state_dict()")
+        k = int(state["batches_done"])
+        if not 0 <= k <= len(self):
+            raise ConfigError(f"dataset state has batches_done={k} but this rank yields "
+                              f"{len(self)} batches per epoch; resume with the same stores, batch "
+                              "size and world size")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume = (self.epoch, k)
+
     # -- iteration -------------------------------------------------------------------------
     def worker_state(self) -> tuple[int, ...]:
-        """What an epoch's order depends on besides the construction (epoch, seed, resume point), as ints:
-        :func:`batch_loader` hands it to workers it keeps alive across epochs."""
+        """The epoch, seed and resume point as ints, for :func:`batch_loader`'s long-lived workers."""
         resume = self._resume if self._resume is not None else (-1, -1)
         return (self.epoch, self.seed, *resume)
 
@@ -214,12 +207,7 @@ class SoftLabelDataset(_order.EpochState, IterableDataset):
             batches = ahead.batches(batches)
         held = self.kind.holder(self._load if ahead is None else ahead.load, keep=self.window_chunks + 1,
                                 sizes=self._sizes)  # a window, plus one
-        many = getattr(self.kind, "batches", None)  # a kind that builds several batches at once
-        if many is not None:
-            yield from many(held, batches, self._source, self.stores, self.data)
-            return
-        for unit, local in batches:
-            yield self.kind.batch(held, unit, local, self._source[unit], self.stores, self.data)
+        yield from self.kind.batches(held, batches, self._source, self.stores, self.data)
 
     def _load(self, g: int, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The rows of global unit ``g``, read whole (checksum-verified with ``verify``; into ``out`` if given)."""
@@ -248,11 +236,8 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 class SoftLabelMapDataset(Dataset):
     """Map-style access to one store: ``ds[i]`` is row ``i`` (store order) as a dict of tensors.
 
-    Rows come from an LRU cache of ``cache_chunks`` whole units (inputs joined per row).
-    Sequential or unit-grouped access is fast; a **random sampler is slow**: each index most
-    likely falls in a unit not in the cache, so every row costs a whole unit read, and
-    single-row reads are 500-1000x slower than streaming. Prefer :class:`SoftLabelDataset`,
-    which shuffles units and rows within windows. Items are the rows of its batches (views
+    Rows come from an LRU cache of ``cache_chunks`` whole units, so a random sampler costs a unit
+    read per row: prefer :class:`SoftLabelDataset` there. Items are the rows of its batches (views
     stores: the view of epoch 0).
     """
 
@@ -277,5 +262,41 @@ class SoftLabelMapDataset(Dataset):
             raise IndexError(f"row {index} out of range for a store of {n} rows")
         ds = self.ds
         unit = np.searchsorted(ds._starts, [i], side="right") - 1
-        batch = ds.kind.batch(self.held, unit, i - ds._starts[unit], ds._source[unit], ds.stores, ds.data)
+        rows = iter([(unit, i - ds._starts[unit])])
+        batch = next(ds.kind.batches(self.held, rows, ds._source, ds.stores, ds.data))
         return {k: v[0] for k, v in batch.items()}
+
+
+class DataBatches(Dataset):
+    """Batches of data alone (no store; hard labels): item ``i`` is this rank's batch ``i``.
+
+    Each epoch permutes ``ids`` with an RNG seeded from ``(seed, epoch)``. ``share="rows"``: rank
+    ``r`` takes every ``world``-th row of it (ranks differ by at most one row), in batches of
+    ``batch_size``; ``share="batches"``: it is cut into global batches of ``batch_size * world``
+    rows and rank ``r`` takes the ``r``-th balanced slice of each (which may be empty).
+    ``make(rows)`` builds the batch of the data's rows ``rows``.
+    """
+
+    def __init__(self, ids: np.ndarray, make: Callable[[np.ndarray], dict[str, Any]], *, share: str,
+                 batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.ids, self.make, self.share = ids, make, share
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order = self.ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))]
+        if self.share == "rows":
+            self.order = self.order[self.rank::self.world]
+        self.step = self.batch_size * (self.world if self.share == "batches" else 1)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.step)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        rows = self.order[i * self.step:(i + 1) * self.step]
+        if self.share == "batches":
+            a, b = _order.split(len(rows), self.world, self.rank)
+            rows = rows[a:b]
+        return self.make(rows)

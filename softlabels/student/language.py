@@ -11,61 +11,43 @@ saved is the model's own ``state_dict``, which :func:`~softlabels.teacher.lm.res
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from softlabels.errors import ConfigError, ModelMismatch
 from softlabels.student.config import TrainConfig
-from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
+from softlabels.student.kinds.tokens import data_batch, lm_loss
 from softlabels.student.losses import make_soft_loss
 from softlabels.student.trainutil import Task, distillation_settings
 
-__all__ = ["Language", "check_student_width", "is_language_run", "resolve_store_data"]
+__all__ = ["Language", "check_student_width", "is_language_run"]
 
 
 def is_language_run(config: TrainConfig, *, online: bool = False) -> bool:
-    """Whether ``config`` trains a language model: its store holds ``tokens`` positions, or its
-    ``--data`` alone is token data (:attr:`TrainConfig.token_data`)."""
+    """Whether ``config`` trains a language model: its store is a format-v2 store of ``tokens``
+    positions, or its ``--data`` alone is token data (:attr:`TrainConfig.token_data`)."""
     if online:
         return False
-    if config.stores:
-        if not _is_token_store(config.stores[0]):
-            return False
-        if config.augment:
-            raise ConfigError(f"--augment draws image views, but {config.stores[0]} holds per-token targets "
-                              "of a language model; drop --augment")
-        return True
-    return config.token_data
-
-
-def _is_token_store(path: str | Path) -> bool:
-    """Whether ``path`` is a format-v2 store of ``tokens`` positions (False for anything unreadable)."""
+    if not config.stores:
+        return config.token_data
     from softlabels.store.backend import open_backend
 
     try:
-        with contextlib.closing(open_backend(path, "r")) as backend:
+        with contextlib.closing(open_backend(config.stores[0], "r")) as backend:
             attrs = backend.attrs()
     except Exception:  # noqa: BLE001 - not ours to report: the classifier path says what is wrong
         return False
-    return attrs.get("softlabels_format") == 2 and attrs.get("positions") == "tokens"
-
-
-def resolve_store_data(store: Any, spec: str | None = None, *, tokenizer: str | None = None,
-                       seq_len: int | None = None):
-    """The token data of a store: ``spec`` or the store's recorded ``source.spec`` (with its tokenizer and seq_len)."""
-    from softlabels.inputs.text import resolve_token_data
-
-    source = store.meta.source
-    spec = spec or source.get("spec")
-    if not spec:
-        raise ConfigError(f"store {str(store.path)!r} does not record its token data; pass --data for it")
-    tokenizer = tokenizer or source.get("tokenizer")
-    if seq_len is None:  # the windows the store's positions belong to (text, a stream, rows, documents)
-        seq_len = source.get("seq_len")
-    return spec, tokenizer, seq_len, resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
+    if attrs.get("softlabels_format") != 2 or attrs.get("positions") != "tokens":
+        return False
+    if config.augment:
+        raise ConfigError(f"--augment draws image views, but {config.stores[0]} holds per-token targets "
+                          "of a language model; drop --augment")
+    return True
 
 
 def _check_tokenizers(store: Any, config: TrainConfig) -> None:
@@ -86,8 +68,7 @@ class Language(Task):
     """Data, student and loss of a language-model run (what :class:`~softlabels.student.trainer` asks of a task)."""
 
     unit = "positions"
-    resume_keys = ("topk_renormalize",)
-    resume_defaults: dict[str, Any] = {}
+    resume_keys = {"topk_renormalize": None}
 
     @staticmethod
     def problems(config: TrainConfig, *, online: bool = False) -> list[str]:
@@ -104,7 +85,7 @@ class Language(Task):
         from softlabels.inputs.text import resolve_token_data, teacher_tokenizer
         from softlabels.store.reader import open_store
         from softlabels.student.checkpoint import run_weights
-        from softlabels.student.dataset import SoftLabelDataset
+        from softlabels.student.dataset import DataBatches, SoftLabelDataset
         from softlabels.teacher.lm import resolve_lm
 
         self.config, self.env, self.epoch = config, env, 0
@@ -116,17 +97,25 @@ class Language(Task):
                 tokenizer = tokenizer or teacher_tokenizer(config.student, spec)  # an hf: student's own
                 data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
                 tokenizer = tokenizer and str(Path(tokenizer).resolve())  # recorded for eval, from any directory
-                self.batches: Any = TokenDataBatches(data, batch_size=config.batch_size, seed=config.seed,
-                                                     rank=env.rank, world_size=env.world)
-                layout, vocab = None, self.batches.num_classes
+                if data.vocab_size is None:
+                    raise ConfigError(f"the vocabulary size of {data.source} is unknown; pass "
+                                      "--tokenizer tokenizer.json (the tokenizer the ids come "
+                                      "from)")
+                self.batches: Any = DataBatches(np.arange(len(data)), partial(data_batch, data),
+                                                share="batches", batch_size=config.batch_size,
+                                                seed=config.seed, rank=env.rank, world=env.world)
+                layout, vocab = None, int(data.vocab_size)
             else:
-                spec, tokenizer, seq_len, data = resolve_store_data(
-                    self.stores[0], config.data[0] if config.data else None, tokenizer=tokenizer, seq_len=seq_len)
+                source = self.stores[0].meta.source  # the recorded data, its tokenizer and windows
+                spec = (config.data[0] if config.data else None) or source.get("spec")
+                if not spec:
+                    raise ConfigError(f"store {str(self.stores[0].path)!r} does not record its "
+                                      "token data; pass --data for it")
+                tokenizer = tokenizer or source.get("tokenizer")
+                seq_len = source.get("seq_len") if seq_len is None else seq_len
+                data = resolve_token_data(spec, tokenizer=tokenizer, seq_len=seq_len)
                 self.batches = SoftLabelDataset([(self.stores[0], data)], batch_size=config.batch_size,
                                                 seed=config.seed, rank=env.rank, world_size=env.world)
-                if self.batches.positions != "tokens":
-                    raise ConfigError(f"{self.stores[0].path} holds {self.batches.positions!r} positions, not tokens; "
-                                      "train a language model from a store generated on token data")
                 layout, vocab = self.batches.layout, self.batches.num_classes
                 _check_tokenizers(self.stores[0], config)
             context = int(data.lengths().max())
@@ -160,10 +149,6 @@ class Language(Task):
             "input_shape": [context], "num_classes": vocab, "layout": layout}
 
     # -- what the trainer asks per batch ----------------------------------------------------------
-    @staticmethod
-    def empty(batch: dict[str, Any]) -> bool:
-        return batch["ids"].shape[0] == 0  # this rank's slice of the last global batch
-
     def loss(self, model: nn.Module, batch: dict[str, Any], weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's loss to back-propagate (its position sum over the global batch's positions, times the
         world size), and its (total, hard, soft, positions) sums for the metrics."""

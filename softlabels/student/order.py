@@ -13,10 +13,8 @@ An epoch's order is built in four steps:
    with an RNG seeded from ``(seed, epoch, rank, worker, window)``, and the stream of windows cut into
    batches of ``B`` rows (a batch may straddle windows). Resuming skips whole windows by arithmetic.
 
-That is ``share="rows"`` (``sample`` and ``views`` rows). Token stores share an epoch by *global
-batches* (``share="batches"``): the windows of rank 0 of 1 cut into batches of ``B * P`` rows, rank
-``r`` taking the ``r``-th balanced slice of each and worker ``w`` every ``W``-th batch, so the batches
-do not depend on the number of ranks or workers.
+That is ``share="rows"`` (``sample`` and ``views`` rows). Token stores share an epoch by global
+batches (``share="batches"``, docs/TOKENS.md): rank ``r`` takes the ``r``-th slice of each.
 """
 
 from __future__ import annotations
@@ -26,9 +24,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["EpochState", "Window", "split", "chunk_order", "worker_range", "worker_batch_counts", "resume_point",
-           "plan_windows", "window_perm", "batch_pieces", "stream_batches", "chunk_batches", "batches_per_epoch",
-           "loader_batches"]
+__all__ = ["Window", "split", "worker_batch_counts", "resume_point", "plan_windows", "batch_pieces",
+           "chunk_batches", "batches_per_epoch", "loader_batches"]
 
 _CHUNK_TAG, _WINDOW_TAG = 0, 1  # keep the two RNG families apart
 
@@ -51,20 +48,6 @@ class Window:
 def split(total: int, parts: int, i: int) -> tuple[int, int]:
     """Part ``i`` of ``parts`` balanced contiguous parts of ``range(total)``."""
     return i * total // parts, (i + 1) * total // parts
-
-
-def chunk_order(num_chunks: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """Global chunk ids in this epoch's stream order."""
-    if not shuffle:
-        return np.arange(num_chunks, dtype=np.int64)
-    return np.random.default_rng([_CHUNK_TAG, seed, epoch]).permutation(num_chunks).astype(np.int64)
-
-
-def worker_range(total: int, batch_size: int, rank: int, world: int, worker: int, workers: int) -> tuple[int, int]:
-    """Row range ``[lo, hi)`` of the epoch stream that (rank, worker) yields."""
-    a, b = split(total, world, rank)
-    b0, b1 = split(-(-(b - a) // batch_size), workers, worker)
-    return a + b0 * batch_size, min(b, a + b1 * batch_size)
 
 
 def worker_batch_counts(total: int, batch_size: int, rank: int, world: int, workers: int) -> np.ndarray:
@@ -123,14 +106,6 @@ def plan_windows(sizes: np.ndarray, order: np.ndarray, lo: int, hi: int, window_
     return windows, offset
 
 
-def window_perm(rows: int, *, shuffle: bool, seed: int, epoch: int, rank: int, worker: int,
-                window: int) -> np.ndarray | None:
-    """Row order within one window (``None``: keep store order)."""
-    if not shuffle:
-        return None
-    return np.random.default_rng([_WINDOW_TAG, seed, epoch, rank, worker, window]).permutation(rows)
-
-
 def batch_pieces(window_rows: Sequence[int], batch_size: int, skip: int = 0) -> Iterator[list[tuple[int, int, int]]]:
     """Cut a stream of windows into batches of (window, a, b) pieces: rows ``[a, b)`` of the window's shuffled
     order, without the first ``skip`` rows of window 0; the last batch may be short."""
@@ -155,8 +130,12 @@ def chunk_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, see
                   skip_batches: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each batch one (rank, worker) stream yields, as the global chunk and the row within it of every row
     (the index math of one window at a time, whatever the epoch's size)."""
-    order = chunk_order(len(sizes), seed=seed, epoch=epoch, shuffle=shuffle)
-    lo, hi = worker_range(int(sizes.sum()), batch_size, rank, world, worker, workers)
+    order = np.arange(len(sizes), dtype=np.int64)
+    if shuffle:
+        order = np.random.default_rng([_CHUNK_TAG, seed, epoch]).permutation(len(sizes))
+    r0, r1 = split(int(sizes.sum()), world, rank)  # the rank's rows, the worker's run of batches
+    b0, b1 = split(-(-(r1 - r0) // batch_size), workers, worker)
+    lo, hi = r0 + b0 * batch_size, min(r1, r0 + b1 * batch_size)
     windows, offset = plan_windows(sizes, order, lo, hi, window_chunks, skip_batches * batch_size)
     current, chunk, row = -1, np.empty(0, np.int64), np.empty(0, np.int64)
     for pieces in batch_pieces([w.rows for w in windows], batch_size, offset):
@@ -166,18 +145,12 @@ def chunk_batches(sizes: np.ndarray, *, batch_size: int, window_chunks: int, see
                 win, current = windows[w], w
                 chunk = np.repeat(win.chunks, win.hi - win.lo)
                 row = np.concatenate([np.arange(x, y) for x, y in zip(win.lo, win.hi)])
-                perm = window_perm(len(row), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, worker=worker,
-                                   window=win.index)
-                if perm is not None:
+                if shuffle:
+                    rng = np.random.default_rng([_WINDOW_TAG, seed, epoch, rank, worker, win.index])
+                    perm = rng.permutation(len(row))
                     chunk, row = chunk[perm], row[perm]
             parts.append((chunk[a:b], row[a:b]))
         yield parts[0] if len(parts) == 1 else tuple(np.concatenate(x) for x in zip(*parts))
-
-
-def stream_batches(sizes: np.ndarray, **kw) -> list[np.ndarray]:
-    """The global row ids of every batch of :func:`chunk_batches`: the reference the dataset's tests use."""
-    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
-    return [starts[chunk] + row for chunk, row in chunk_batches(sizes, **kw)]
 
 
 def batches_per_epoch(total: int, batch_size: int, rank: int, world: int, share: str) -> int:
@@ -206,39 +179,3 @@ def loader_batches(sizes: np.ndarray, *, share: str, batch_size: int, window_chu
         if j >= done and (j - done) % workers == worker:
             a, b = split(len(row), world, rank)
             yield chunk[a:b], row[a:b]
-
-
-class EpochState:
-    """``set_epoch`` / ``state_dict`` / ``load_state_dict`` of a streaming dataset (mix-in): its iterator skips
-    what ``_resume`` (``(epoch, batches_done)`` or None) says; ``len()`` is the batches a rank yields per epoch."""
-
-    epoch: int
-    seed: int
-    _resume: tuple[int, int] | None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if self._resume is not None and self._resume[0] != self.epoch:
-            self._resume = None
-
-    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
-        """Resume state after the loop consumed ``batches_done`` batches of the current epoch."""
-        from softlabels.errors import ConfigError
-
-        if not 0 <= batches_done <= len(self):
-            raise ConfigError(f"batches_done must lie in 0..{len(self)} (batches per epoch), got {batches_done}")
-        return {"epoch": self.epoch, "seed": self.seed, "batches_done": int(batches_done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue ``state["epoch"]`` after its first ``state["batches_done"]`` batches."""
-        from softlabels.errors import ConfigError
-
-        missing = [k for k in ("epoch", "seed", "batches_done") if k not in state]
-        if missing:
-            raise ConfigError(f"dataset state lacks {', '.join(missing)}; pass a dict from state_dict()")
-        k = int(state["batches_done"])
-        if not 0 <= k <= len(self):
-            raise ConfigError(f"dataset state has batches_done={k} but this rank yields {len(self)} batches per "
-                              "epoch; resume with the same stores, batch size and world size")
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-        self._resume = (self.epoch, k)

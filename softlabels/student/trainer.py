@@ -13,6 +13,7 @@ apart between ranks.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import asdict
@@ -32,7 +33,6 @@ from softlabels.inputs.loader import batch_loader
 from softlabels.store import format as fmt
 from softlabels.student import checkpoint as ckpt_io
 from softlabels.student.config import TrainConfig
-from softlabels.student.trainutil import lr_factor, weights_digest
 
 __all__ = ["TrainConfig", "train", "weights_digest"]
 
@@ -124,13 +124,13 @@ class _Run:
 
     def _check_resume(self, old: dict[str, Any]) -> None:
         # each key with its value in runs from before it existed; runs before stores had an identity: their paths
-        keys = dict.fromkeys((*RESUME_KEYS, *self.task.resume_keys)) | self.task.resume_defaults
-        if not isinstance(old.get("store_identity"), list):
+        keys = dict.fromkeys(RESUME_KEYS) | self.task.resume_keys
+        if isinstance(old.get("store_identity"), list):
+            _check_same_stores(old["store_identity"], self.run_config["store_identity"], self.config.out)
+        else:
             keys = {"stores": None, **keys}
         diffs = [f"{k}: {old.get(k, v)!r} -> {self.run_config[k]!r}" for k, v in keys.items()
                  if old.get(k, v) != self.run_config[k]]
-        if isinstance(old.get("store_identity"), list):
-            _check_same_stores(old["store_identity"], self.run_config["store_identity"], self.config.out)
         if diffs:
             raise ConfigError(f"--resume with other settings than {self.resume_from} ({'; '.join(diffs)}); "
                               "rerun with the original options, or pass --overwrite to start over")
@@ -192,7 +192,7 @@ class _Run:
             _signals.check()  # a stop signal whose KeyboardInterrupt was swallowed
             batch = next(it, None)
             weight = 1.0
-            if batch is None or task.empty(batch):  # this rank is out of rows: a zero-weight step keeps lockstep
+            if batch is None or len(batch["sample_ids"]) == 0:  # out of rows: a zero-weight step
                 batch, weight = last, 0.0
             else:
                 batch = last = task.to_device(batch)
@@ -267,8 +267,6 @@ class _Run:
                    "first_loss": history[0]["loss"] if history else None,
                    "weights_digest": digest, "weights_digest_per_rank": digests, "config": self.run_config}
         if env.rank == 0:
-            import json
-
             ckpt_io.atomic_write_text(Path(cfg.out) / ckpt_io.SUMMARY,
                                       json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
             final = summary["final"]
@@ -279,6 +277,25 @@ class _Run:
             raise RuntimeError(f"ranks finished with different weights ({digests}); this is a bug")
         env.barrier()
         return summary
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the state_dict's names and tensor bytes (equal iff the weights are identical)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def store_identity(store: Any) -> dict[str, Any]:

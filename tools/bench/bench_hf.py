@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,8 @@ def _bare(model_dir: Path, tokens: Path, vocab: int) -> None:
 def _steps(model_dir: Path, tokens: Path, store: Path | None, batch: int) -> None:
     """One epoch of training steps of the hf: student: KD from ``store``, or hard next-token CE without one."""
     from softlabels.inputs.tokens import open_token_file
-    from softlabels.student.dataset import SoftLabelDataset
-    from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
+    from softlabels.student.dataset import DataBatches, SoftLabelDataset
+    from softlabels.student.kinds.tokens import data_batch, lm_loss
     from softlabels.student.losses import make_soft_loss
     from softlabels.teacher.lm import resolve_lm
 
@@ -89,7 +90,9 @@ def _steps(model_dir: Path, tokens: Path, store: Path | None, batch: int) -> Non
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if store is None:
         data.vocab_size = model.vocab_size
-        ds, soft, alpha = TokenDataBatches(data, batch_size=batch, seed=0), None, 1.0
+        ds = DataBatches(np.arange(len(data)), partial(data_batch, data), share="batches",
+                         batch_size=batch, seed=0, rank=0, world=1)
+        soft, alpha = None, 1.0
     else:
         ds, soft, alpha = SoftLabelDataset([(store, data)], batch_size=batch, seed=0), \
             make_soft_loss("sampled_kl", 1.0), 0.5

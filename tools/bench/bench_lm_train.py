@@ -4,7 +4,7 @@
    against contiguous reads of the same arrays with the storage library alone (every array of
    the store read whole per unit, plus the token ids): tokens/s.
 2. One KD epoch (``sampled_kl``, alpha 0.5, the store streamed) against one hard-CE epoch
-   (``TokenDataBatches``: the same batches without a store), same student, same steps.
+   (``DataBatches`` of ``data_batch``: the same batches without a store), same student, same steps.
 
 Rounds are interleaved; the figures are medians. A random ``gpt-medium`` teacher labels random
 tokens (its logits are all the benchmark needs); the student is ``gpt-tiny``. One thread.
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,8 @@ def _stream(store: Path, tokens: Path, batch: int) -> int:
 def _epoch(store: Path | None, tokens: Path, batch: int, vocab: int) -> float:
     """Seconds of one training epoch of gpt-tiny: KD from ``store``, or hard CE without one."""
     from softlabels.inputs.tokens import open_token_file
-    from softlabels.student.dataset import SoftLabelDataset
-    from softlabels.student.kinds.tokens import TokenDataBatches, lm_loss
+    from softlabels.student.dataset import DataBatches, SoftLabelDataset
+    from softlabels.student.kinds.tokens import data_batch, lm_loss
     from softlabels.student.losses import make_soft_loss
     from softlabels.teacher.lm import resolve_lm
 
@@ -79,7 +80,9 @@ def _epoch(store: Path | None, tokens: Path, batch: int, vocab: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if store is None:
         data.vocab_size = vocab
-        ds, soft, alpha = TokenDataBatches(data, batch_size=batch, seed=0), None, 1.0
+        ds = DataBatches(np.arange(len(data)), partial(data_batch, data), share="batches",
+                         batch_size=batch, seed=0, rank=0, world=1)
+        soft, alpha = None, 1.0
     else:
         ds, soft, alpha = (SoftLabelDataset([(store, data)], batch_size=batch, seed=0),
                            make_soft_loss("sampled_kl", 1.0), 0.5)

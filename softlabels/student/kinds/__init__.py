@@ -6,23 +6,7 @@ A store's positions decide what a student learns from: ``sample`` and ``views``
 with next-token targets and loss masks. Each kind is one module with a *rows* class: how
 its ranks share an epoch (``share``), how many units a window shuffles (``window``), how a
 unit read whole becomes rows (``unit_rows``: a views store's view of the epoch is picked
-here), and how rows of several units become a batch joined with its inputs (``batch``).
+here), and how rows of several units become batches joined with their inputs (``batches``).
 The streaming dataset (:mod:`softlabels.student.dataset`) and the trainer are the same for
-every kind. A new kind is one module and one entry in :data:`ROWS`.
+every kind. A new kind is one module and one entry in the dataset's ``ROWS``.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-from softlabels.student.kinds.sample import SampleRows
-from softlabels.student.kinds.tokens import TokenRows
-
-__all__ = ["ROWS", "rows_for"]
-
-ROWS = {"sample": SampleRows, "views": SampleRows, "tokens": TokenRows}
-
-
-def rows_for(meta: Any, views_per_sample: int = 1) -> Any:
-    """The rows object of a store's position kind (``meta``: its StoreMetaV2)."""
-    return ROWS[meta.positions](meta, views_per_sample)

@@ -6,17 +6,12 @@ so a unit in memory holds one position per sample whatever V is: the chosen view
 arrays plus ``view`` (its index) and ``view_params``. With ``views_per_sample`` k > 1 a row
 holds the epoch's k chosen views of its sample: each of those arrays gains an axis of k after
 the row axis (the input is still read once; :func:`spread_views` makes them B·k rows on the
-device).
-
-A batch is a dict of tensors: ``labels``, ``sample_ids``, ``source`` (int64 [B]), ``x`` (the
-inputs joined by sample id from each source's :class:`~softlabels.inputs.arrays.InputDataset`)
-and the teacher's target under the stored arrays' names (:func:`~softlabels.student.losses.as_target`
-rebuilds it).
+device). A batch's keys: docs/LIBRARY.md, "Streaming whole stores".
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,9 +21,8 @@ from softlabels.inputs.fingerprints import fingerprint
 from softlabels.store import format as fmt
 from softlabels.store.positions.views import VIEW_PARAMS, choose_views
 from softlabels.student.losses import target_arrays
-from softlabels.student.trainutil import join_rows
 
-__all__ = ["SampleRows", "VIEW", "same_data", "short", "spread_views"]
+__all__ = ["SampleRows", "VIEW", "join_rows", "same_data", "short", "spread_views"]
 
 VIEW = "view"
 
@@ -97,28 +91,30 @@ class SampleRows:
         return Slots(load, keep, sizes, self.specs, direct=not self.num_views)
 
     # -- a batch ------------------------------------------------------------------------------------
-    def batch(self, held: Slots, unit: np.ndarray, local: np.ndarray, source: np.ndarray, stores: list,
-              data: list) -> dict[str, torch.Tensor]:
-        """The batch of rows ``local`` of global units ``unit`` (in that order), joined with its inputs."""
-        n = len(unit)
-        arrays = {k: np.empty((n, *shape), dtype) for k, (shape, dtype) in self.specs.items()}
-        held.gather(unit, local, arrays)
-        out = {k: torch.from_numpy(v) for k, v in arrays.items() if k not in self.names}
-        out["source"] = torch.from_numpy(source)
-        out.update(target_arrays(self.layout.decode({k: arrays[k] for k in self.names})))
-        if data[0] is not None:
-            out["x"] = _inputs(arrays[fmt.SAMPLE_IDS], source, stores, data)
-        return out
+    def batches(self, held: Slots, batches: Iterator[tuple[np.ndarray, np.ndarray]],
+                source: np.ndarray, stores: list, data: list) -> Iterator[dict[str, torch.Tensor]]:
+        """For each ``(unit, local)`` of ``batches``, the batch of rows ``local`` of global units
+        ``unit`` (in that order) joined with its inputs (``source``: each global unit's source)."""
+        for unit, local in batches:
+            src = source[unit]
+            arrays = {k: np.empty((len(unit), *shape), dtype)
+                      for k, (shape, dtype) in self.specs.items()}
+            held.gather(unit, local, arrays)
+            out = {k: torch.from_numpy(v) for k, v in arrays.items() if k not in self.names}
+            out["source"] = torch.from_numpy(src)
+            out.update(target_arrays(self.layout.decode({k: arrays[k] for k in self.names})))
+            if data[0] is not None:
+                out["x"] = _inputs(arrays[fmt.SAMPLE_IDS], src, stores, data)
+            yield out
 
 
 class Slots:
     """Up to ``keep`` units' rows in one buffer per array, so most batches are one ``np.take`` per array.
 
     A unit is read (``load(g, out=...)``, straight into its slot where its rows are the stored
-    arrays) when a batch first needs it, into a free slot or the one read
-    longest ago (the windows are streamed in order, so that unit's rows are all behind); a batch
-    needing more units than fit (one straddling two windows, or the first after a resume) is
-    gathered in rounds.
+    arrays) when a batch first needs it, into a free slot or the one read longest ago (the windows
+    are streamed in order, so that unit's rows are all behind); a batch needing more units than
+    fit (one straddling two windows, or the first after a resume) is gathered in rounds.
     """
 
     def __init__(self, load: Callable[..., dict[str, np.ndarray]], keep: int, sizes: np.ndarray,
@@ -181,6 +177,16 @@ def _inputs(ids: np.ndarray, source: np.ndarray, stores: list, data: list) -> to
         _check_ids(ids[source == s], stores[s], len(data[s]))
     parts = [(m, data[s].get_batch(ids[m])[:1]) for s in np.unique(source) for m in (source == s,)]
     return join_rows(len(ids), parts)[0]
+
+
+def join_rows(n: int, parts: list[tuple[np.ndarray, tuple[torch.Tensor, ...]]]
+              ) -> tuple[torch.Tensor, ...]:
+    """Tensors of ``n`` rows from ``(mask, tensors)`` parts: a part's rows go where its mask is."""
+    out = tuple(torch.empty((n, *t.shape[1:]), dtype=t.dtype) for t in parts[0][1])
+    for m, tensors in parts:
+        for o, t in zip(out, tensors):
+            o[torch.from_numpy(m)] = t
+    return out
 
 
 def _check_ids(ids: np.ndarray, store: Any, n: int) -> None:

@@ -1,24 +1,11 @@
 """``tokens`` positions as a language model's batches: one target per token, next-token CE beside it.
 
 A unit's rows are its sequences (ragged: ``offsets`` and ``lengths`` place each sequence's
-positions). A batch of ``B`` sequences, ``L`` the longest of them, is a dict of tensors:
-
-* ``ids`` int64 [B, L]: input token ids, right-padded with 0;
-* ``targets`` int64 [B, L]: the next token ``ids[b, t + 1]``, or -100 where the position does
-  not count (``loss_mask`` False);
-* ``loss_mask`` bool [B, L]: position ``t`` counts (``t + 1`` is inside the sequence and a target
-  of the data's mask): where the hard CE and the divergence are taken;
-* ``lengths``, ``sample_ids`` int64 [B];
-* ``index`` int64 [P]: flat index ``b * L + t`` of each of the batch's ``P`` real positions
-  (row-major), the rows of the teacher target;
-* the teacher's target over those ``P`` positions under the stored arrays' names
-  (:func:`~softlabels.student.losses.as_target` rebuilds it).
-
-Ranks share an epoch by global batches (``share = "batches"`` in :mod:`softlabels.student.order`):
-rank ``r`` takes the ``r``-th slice of every global batch of ``batch_size * world`` sequences and
-scales its position sum by ``world / global positions`` (:func:`lm_loss`), so DDP's gradient mean
-equals the one-process gradient of the same global batch. :class:`TokenDataBatches` gives the
-same batches of token data alone, for hard next-token CE without a store.
+positions). A batch of ``B`` sequences is padded to the longest, ``L``: ``ids``, ``targets`` and
+``loss_mask`` [B, L], ``lengths`` and ``sample_ids`` [B], ``index`` (``b * L + t`` of each real
+position) and the teacher's target over those positions (docs/TOKENS.md, "The batches"). Ranks
+share an epoch by global batches (``share = "batches"`` in :mod:`softlabels.student.order`);
+:func:`data_batch` gives the same batches of token data alone, for hard next-token CE.
 """
 
 from __future__ import annotations
@@ -32,29 +19,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import IterableDataset, get_worker_info
 
 from softlabels.errors import ConfigError, DataError
 from softlabels.inputs.tokens import TokenDataset, offsets_of, token_fingerprint
 from softlabels.store.layouts.targets import TopKTarget
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS
-from softlabels.student import order as _order
 from softlabels.student.kinds.sample import same_data
 from softlabels.student.lm_metrics import next_token_targets
 from softlabels.student.losses import as_target, target_arrays
 
-__all__ = ["Blocks", "TokenRows", "TokenDataBatches", "lm_loss", "select_rows"]
+__all__ = ["Blocks", "TokenRows", "data_batch", "lm_loss"]
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """``concat(arange(s, s + n) for s, n)`` without a Python loop."""
     total = int(lengths.sum())
     return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets_of(lengths)[:-1], lengths)
-
-
-def select_rows(target: Any, rows: torch.Tensor) -> Any:
-    """The same target restricted to ``rows`` (an index or bool mask over its rows)."""
-    return target.select(rows)
 
 
 class TokenRows:
@@ -85,21 +65,14 @@ class TokenRows:
     def holder(load: Callable[[int], dict[str, np.ndarray]], *, keep: int, sizes: np.ndarray) -> Blocks:
         return Blocks(load, keep)
 
-    def batch(self, held: Blocks, unit: np.ndarray, local: np.ndarray, source: np.ndarray, stores: list,
-              data: list) -> dict[str, Any]:
-        """The padded batch of sequences ``local`` of global units ``unit`` (in that order)."""
-        return self._group(held, [(unit, local)], stores, data)[0]
-
     def batches(self, held: Blocks, batches: Iterator[tuple[np.ndarray, np.ndarray]], source: np.ndarray,
                 stores: list, data: list) -> Iterator[dict[str, Any]]:
-        """:meth:`batch` of each ``(unit, local)`` of ``batches``, built :attr:`group` batches at a time.
+        """The padded batch of sequences ``local`` of global units ``unit`` (in that order) for each
+        ``(unit, local)`` of ``batches``, built :attr:`group` batches at a time (docs/BENCHMARKS.md).
 
-        One gather of the group's positions, one decode of its target, one padded array of its
-        tokens and their next-token targets; each batch is then cut out of them (built one by one,
-        a batch of 16 sequences cost ~0.5 ms of CPU in numpy and torch calls, docs/BENCHMARKS.md).
-        A group stops before it would need more units than ``held`` keeps. A batch's per-position
-        and per-sequence tensors are contiguous, disjoint row slices of its group's arrays (a
-        group's memory is freed with its last batch); its padded ``[B, L]`` tensors are its own.
+        A group (which stops before it needs more units than ``held`` keeps) is gathered, decoded
+        and padded once, and its batches cut out of it: contiguous, disjoint row slices of its
+        arrays (freed with its last batch), with padded ``[B, L]`` tensors of their own.
         """
         group: list[tuple[np.ndarray, np.ndarray]] = []
         units: set[int] = set()
@@ -214,51 +187,16 @@ class Blocks:
         return got
 
 
-def _padded(tokens: Any, sample_ids: np.ndarray) -> dict[str, Any]:
-    """The token part of a batch: ids, next-token targets, the loss mask, lengths, ids, real positions."""
+def data_batch(data: TokenDataset, rows: np.ndarray) -> dict[str, Any]:
+    """The padded batch of sequences ``rows`` of token data alone (hard next-token CE): the items of
+    a token store's batches without the target."""
+    tokens = data.get_batch(rows)
     lens = tokens.lengths
     targets, loss_mask = next_token_targets(tokens.ids, tokens.mask, lens)
     real = torch.arange(tokens.ids.shape[1]) < lens[:, None]
     return {"ids": tokens.ids, "targets": targets, "loss_mask": loss_mask, "lengths": lens,
-            "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
+            "sample_ids": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
             "index": real.reshape(-1).nonzero().reshape(-1)}
-
-
-class TokenDataBatches(IterableDataset):
-    """Padded next-token batches of token data alone (no store): the hard-CE-only language model.
-
-    The items of a token store's batches without the target. Each epoch permutes the
-    sequences with an RNG seeded from ``(seed, epoch)`` and cuts them into global batches of
-    ``batch_size * world_size``; rank ``r`` takes the ``r``-th balanced slice of each.
-    """
-
-    layout = None
-
-    def __init__(self, data: TokenDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
-        super().__init__()
-        if data.vocab_size is None:
-            raise ConfigError(f"the vocabulary size of {data.source} is unknown; pass --tokenizer tokenizer.json "
-                              "(the tokenizer the ids come from)")
-        self.data, self.batch_size, self.seed = data, batch_size, int(seed)
-        self.rank, self.world_size, self.epoch = int(rank), int(world_size), 0
-        self.num_samples, self.num_classes = len(data), int(data.vocab_size)
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // (self.batch_size * self.world_size))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.batch_size * self.world_size
-        for j in range(worker, len(self), workers):
-            rows = order[j * step:(j + 1) * step]
-            a, b = _order.split(len(rows), self.world_size, self.rank)
-            yield _padded(self.data.get_batch(rows[a:b]), rows[a:b])
 
 
 def lm_loss(logits: torch.Tensor, batch: dict[str, Any], soft: nn.Module | None, alpha: float,
@@ -277,7 +215,7 @@ def lm_loss(logits: torch.Tensor, batch: dict[str, Any], soft: nn.Module | None,
     if soft is None or alpha == 1:
         ce = F.cross_entropy(s.float(), labels, reduction="sum")
         return alpha * ce if soft is not None else ce, ce.detach(), zero
-    target = select_rows(as_target(batch), keep)
+    target = as_target(batch).select(keep)
     if renormalize and isinstance(target, TopKTarget):  # no tail bucket: every T of the grid sees an empty tail
         target = dataclasses.replace(target, tails=torch.full_like(target.tails.float(), -math.inf))
     fused = getattr(soft, "rows_with_ce", None) if alpha > 0 else None
