@@ -304,6 +304,7 @@ BAD = {
     "missing data file": (lambda t: ["--data", str(t["dir"] / "nope.npz")], "does not exist"),
     "nan outputs": (lambda t: ["--data", str(t["nan"])], "non-finite"),
     "topk without layout": (lambda t: ["--topk", "3"], "--topk is only for --layout topk"),
+    "topk with sampled": (lambda t: ["--layout", "sampled", "--topk", "3"], "--topk is only for --layout topk"),
     "topk too large": (lambda t: ["--layout", "topk", "--topk", "11"], "more than the 10 classes"),
     "no cuda": (lambda t: ["--device", "cuda:7"], "CUDA device"),
     "bad suffix": (lambda t: ["--out", str(t["dir"] / "x.txt")], "--out must end in"),

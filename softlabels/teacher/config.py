@@ -32,9 +32,9 @@ DEFAULT_SAMPLES = 12
 S = 12 enough, and here it trained within ~1 % of dense KD at 37.5 B/token (docs/TOKENS.md)."""
 
 _CHOICES = {"layout": LAYOUTS, "dtype": LOGITS_DTYPES, "amp": AMP_MODES, "on_nonfinite": ON_NONFINITE}
-_LAYOUT_ONLY = {"samples": "sampled", "tail_temperatures": "topk", "sample_temperature": "sampled",
-                "sampled_ids_only": "sampled"}
-"""Options only one layout reads (``--topk``, which views default, is refused for dense only)."""
+_LAYOUT_ONLY = {"topk": "topk", "samples": "sampled", "tail_temperatures": "topk",
+                "sample_temperature": "sampled", "sampled_ids_only": "sampled"}
+"""Options only one layout reads: given with another layout, each is refused, never ignored."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,8 +105,6 @@ class GenerateConfig:
                 p.append(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
         if self.layout == "topk" and (self.topk < 1 if self.topk is not None else not self.viewed):
             p.append("--layout topk needs --topk K with K >= 1")  # views default to K = min(5, C)
-        if self.layout == "dense" and self.topk is not None:
-            p.append("--topk is only for --layout topk")
         if self.compress and self.layout == "dense":
             p.append("--compress is for the top-k and sampled layouts (dense logits compress ~1.1x); drop --compress")
         p += self._views_problems()
