@@ -1339,6 +1339,8 @@ def _seam_cases() -> dict[str, Callable[[Ctx], Any]]:
         "L2411": lambda c: sl.kd_loss(torch.zeros(2, 2, C), topk, temperature=2),
         "L2412": lambda c: sl.kd_loss(torch.zeros(2, C), topk, temperature=1, alpha=0.5, labels=torch.tensor([0, C])),
         "L2413": lambda c: sl.kd_loss(torch.zeros(2, 1), topk, temperature=1),
+        "L2414": lambda c: sl.with_targets(sl.resolve_data(_v2(c, positions="views", views_attrs={
+            "augment": "crop(6,padding=1)+flip+mypkg.augs:jitter"})[1]), c.tmp / "v2.h5", view_transform="replay"),
     }
 
 

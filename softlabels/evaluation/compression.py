@@ -9,8 +9,6 @@ import copy
 import importlib.util
 import json
 import logging
-import os
-import shutil
 import statistics
 import time
 import warnings
@@ -212,14 +210,11 @@ def compress(config: CompressConfig, *, log: Callable[[str], None] | None = None
 def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module, small: nn.Module,
            info: dict[str, Any], teacher_run, teacher: nn.Module | None, dataset, store, log) -> dict[str, Any]:
     """Prune, fine-tune, quantize, export and measure into a temporary directory, then rename it to ``out``."""
-    from softlabels.student.checkpoint import atomic_save, replace_dir
+    from softlabels.student.checkpoint import atomic_save, staged_dir
 
     x = dataset.get_batch(torch.arange(min(config.batch_size, len(dataset))).numpy())[0].float()
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         masks = {}
         if config.prune is not None:
             masks = prune_unstructured(small, config.prune)
@@ -249,9 +244,6 @@ def _write(config: CompressConfig, out: Path, spec: str, run, student: nn.Module
                   "torch": torch.__version__}
         (tmp / "compress.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / "compress.md").write_text(format_markdown(result) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 

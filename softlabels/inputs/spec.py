@@ -31,11 +31,6 @@ _DATA_FILE = re.compile(r"(?P<path>.+?\.(?:npz|npy|h5|hdf5|zarr))/?(?::(?P<names
 _DATA_OPTIONS = ("unlabeled",)
 
 
-def _one_line(err: BaseException) -> str:
-    """User code's exception on one line (the teacher's specs quote it the same way)."""
-    return one_line(err, 300)
-
-
 def _load_object(spec: str, what: str) -> Any:
     """Import ``package.module:attr[.attr]`` and return the attribute; SpecError on failure."""
     module_name, _, attr = spec.partition(":")
@@ -44,7 +39,7 @@ def _load_object(spec: str, what: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as err:  # user code: ImportError, SyntaxError, anything raised at import
-        raise SpecError(f"cannot import module '{module_name}' for {what} spec '{spec}' ({_one_line(err)}); "
+        raise SpecError(f"cannot import module '{module_name}' for {what} spec '{spec}' ({one_line(err, 300)}); "
                         "check that it is installed or on PYTHONPATH") from err
     for part in attr.split("."):
         try:
@@ -66,7 +61,7 @@ def _call_factory(spec: str, what: str, wanted: type | tuple[type, ...]) -> Any:
         try:
             obj = obj()
         except Exception as err:  # user code
-            raise SpecError(f"{what} factory '{spec}' raised {_one_line(err)}; fix the factory") from err
+            raise SpecError(f"{what} factory '{spec}' raised {one_line(err, 300)}; fix the factory") from err
     return obj
 
 
@@ -101,7 +96,7 @@ class _MapDataset(InputDataset):
         try:
             first = dataset[0] if len(dataset) else None
         except Exception as err:  # user code
-            raise DataError(f"dataset '{source}' failed on item 0 ({_one_line(err)}); fix the dataset") from err
+            raise DataError(f"dataset '{source}' failed on item 0 ({one_line(err, 300)}); fix the dataset") from err
         if first is None:
             raise DataError(f"dataset '{source}' is empty; return a dataset with at least one item")
         x, y = self._convert(first, 0)
@@ -120,7 +115,7 @@ class _MapDataset(InputDataset):
             x = torch.as_tensor(x, dtype=torch.float32, device="cpu").detach()
             y = torch.as_tensor(-1 if y is None else y, device="cpu")
         except (TypeError, ValueError, RuntimeError) as err:
-            raise DataError(f"item {index} of '{self.source}' is not numeric ({_one_line(err)}); "
+            raise DataError(f"item {index} of '{self.source}' is not numeric ({one_line(err, 300)}); "
                             "yield tensors or arrays, e.g. via a ToTensor transform") from err
         if y.ndim != 0 or y.is_floating_point() or y.is_complex() or int(y) < -1:
             raise DataError(f"item {index} of '{self.source}' has label {y.tolist()!r}; "
@@ -138,7 +133,7 @@ class _MapDataset(InputDataset):
                 raise  # the sequence protocol's end, not a failure
             raise DataError(f"dataset '{self.source}' failed on item {index} (IndexError); fix the dataset") from None
         except Exception as err:  # user code, any item: one line, not a traceback from generate's or train's loop
-            raise DataError(f"dataset '{self.source}' failed on item {index} ({_one_line(err)}); fix the dataset") \
+            raise DataError(f"dataset '{self.source}' failed on item {index} ({one_line(err, 300)}); fix the dataset") \
                 from err
         x, y = self._convert(item, index)
         if tuple(x.shape) != self.input_shape:

@@ -20,12 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softlabels.errors import (
-    ConfigError,
-    DataError,
-    FingerprintMismatch,
-    UnsupportedFormat,
-)
+from softlabels.errors import ConfigError, DataError, FingerprintMismatch
 from softlabels.library.batches import PairedItems, join_targets
 
 __all__ = ["TargetDataset", "with_targets"]
@@ -288,6 +283,8 @@ class _Replay:
 
 def _view_replay(store: Any, view_transform: Any) -> Callable[[Any, np.ndarray], Any]:
     """``(item, stored params) -> the item as that view``: the user's function or the store's own ops."""
+    from softlabels.store.positions.views import refuse_code_terms
+
     p = store.positions
     if callable(view_transform):
         return _ByName(view_transform, tuple(p.param_names))
@@ -295,8 +292,6 @@ def _view_replay(store: Any, view_transform: Any) -> Callable[[Any, np.ndarray],
         raise ConfigError(f"{store.path} holds {p.num_views} augmented views per sample, each with its own target; "
                           "pass view_transform=f (called as f(item, params by name)) or view_transform='replay' "
                           "so each item is the view its target belongs to")
-    user = [t.strip() for t in p.augment.split("+") if ":" in t]
-    if user:
-        raise UnsupportedFormat(f"{store.path} records the augmentation '{p.augment}', whose term '{user[0]}' names "
-                                "code that is never imported from a store; pass view_transform=f that applies it")
+    refuse_code_terms(store.path, p.augment, "view_transform='replay' replays built-in ops only; pass "
+                      "view_transform=f that applies it")
     return _Replay(p.augment)

@@ -20,6 +20,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from softlabels.errors import CheckpointError, CheckpointNotFound, ConfigError
 
 __all__ = [
     "CHECKPOINT", "MODEL", "METRICS", "SUMMARY", "CHECKPOINT_FORMAT",
-    "HF_DIR", "atomic_save", "replace_dir", "save_hf", "save_run",
+    "HF_DIR", "atomic_save", "save_hf", "save_run", "staged_dir",
     "atomic_write_text", "check_out_dir", "start_out_dir", "load_checkpoint", "find_checkpoint",
     "rng_state", "set_rng_state", "append_metrics", "read_metrics", "truncate_metrics", "Run", "open_run",
     "run_weights",
@@ -72,15 +74,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory ``tmp`` to ``final``; an old ``final`` is removed only once the new one is in
-    place (a reader finds the old one or the new one; at worst, after a kill between the two renames, none)."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A fresh directory beside ``final`` to fill, renamed to ``final`` when the block ends without an error
+    (removed either way); an old ``final`` is removed only once the new one is in place (a reader finds the
+    old one or the new one; at worst, after a kill between the two renames, none)."""
+    tmp, old = (final.with_name(f".{final.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_run(out: str | Path, model: Any, optimizer: Any, scheduler: Any, *, epoch: int, step: int,
@@ -96,10 +106,9 @@ def save_run(out: str | Path, model: Any, optimizer: Any, scheduler: Any, *, epo
 def save_hf(model: Any, out: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Write ``out/hf``: ``model.save_pretrained`` (safetensors) plus the tokenizer files beside ``tokenizer``
     (a ``tokenizer.json`` or a directory; its ``tokenizer_config.json`` carries the chat template), in a temp
-    directory renamed over the previous ``hf/`` (:func:`replace_dir`)."""
-    final, tmp = Path(out) / HF_DIR, Path(out) / f".{HF_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    directory renamed over the previous ``hf/`` (:func:`staged_dir`)."""
+    final = Path(out) / HF_DIR
+    with staged_dir(final) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             source = Path(tokenizer)
@@ -108,9 +117,6 @@ def save_hf(model: Any, out: str | Path, tokenizer: str | Path | None = None) ->
                 src = source if name == TOKENIZER_FILES[0] and source.is_file() else folder / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
-        replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -303,19 +303,16 @@ def check_loss(loss: str | None, layout: str, where: str) -> str:
 
 def replay_op(dataset: Any, input_shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
     """A views dataset's augmentation op (or None for an empty spec) and the shape of one view."""
-    from softlabels.errors import CorruptStore, UnsupportedFormat
+    from softlabels.errors import CorruptStore
     from softlabels.inputs.augment import parse_augment, view_shape
+    from softlabels.store.positions.views import refuse_code_terms
 
     spec = dataset.augment
     if not spec:
         return None, input_shape
     path = dataset.stores[0].path
-    user = [t.strip() for t in spec.split("+") if ":" in t]
-    if user:
-        raise UnsupportedFormat(f"{path} records the augmentation '{spec}', whose term '{user[0]}' "
-                                "names code; code named in a store is never imported, so training "
-                                "replays built-in ops only; generate the views with built-in ops "
-                                "(docs/VIEWS.md)")
+    refuse_code_terms(path, spec, "training replays built-in ops only; generate the views with built-in "
+                      "ops (docs/VIEWS.md)")
     aug = parse_augment(spec)
     params = dataset.kind.params
     if aug.num_params != params:

@@ -12,6 +12,7 @@ from typing import Any
 from softlabels._runtime.options import bound_problems
 from softlabels._runtime.paths import out_overlaps
 from softlabels.errors import ConfigError
+from softlabels.store.location import store_location
 from softlabels.store.temperatures import DEFAULT_TAIL_TEMPERATURES, TAIL_T_RANGE, grid_problems, parse_grid
 
 # Choices. LAYOUTS equals softlabels.store.layouts.LAYOUTS' keys and LOGITS_DTYPES softlabels.store.format's
@@ -50,7 +51,7 @@ class GenerateConfig:
 
     teacher: str
     data: str
-    out: Path
+    out: str | Path  # a local path, or a store's URL
     weights: str | None = None
     allow_pickle: bool = False
     random_teacher: bool = False
@@ -84,8 +85,14 @@ class GenerateConfig:
     sampled_ids_only: bool = False  # sampled: store every draw's id only (no counts, logits, logsumexp)
 
     def __post_init__(self) -> None:
+        if self.layout is None:  # views: top-k with a small K (docs/VIEWS.md); else every logit
+            object.__setattr__(self, "layout", "topk" if self.viewed else "dense")
         if self.layout == "sampled" and self.samples is None:
             object.__setattr__(self, "samples", DEFAULT_SAMPLES)
+        for name in ("weights", "views_from", "tokenizer"):  # paths are recorded as strings
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, str(value))
+        object.__setattr__(self, "out", store_location(self.out))
 
     def problems(self) -> list[str]:
         from softlabels.inputs.spec import data_spec_path

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from softlabels.errors import ModelMismatch, SpecError
-from softlabels.inputs.spec import _one_line
+from softlabels.errors import ModelMismatch, SpecError, one_line
 from softlabels.teacher.spec import sha256_file
 
 __all__ = ["load_hf", "load_hf_init", "max_positions"]
@@ -35,7 +34,7 @@ def _config(directory: str, path: Path) -> dict[str, Any]:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SpecError(f"hf:{directory} has a config.json that is not JSON ({_one_line(err)}); "
+        raise SpecError(f"hf:{directory} has a config.json that is not JSON ({one_line(err, 300)}); "
                         "re-save the model with save_pretrained") from err
     return config if isinstance(config, dict) else {}
 
@@ -90,7 +89,7 @@ def load_hf(directory: str) -> tuple[nn.Module, str]:
             )
     except Exception as err:  # transformers raises many kinds; all mean "cannot load this here"
         _refuse_broken_dependency(directory, err)
-        raise SpecError(f"cannot load hf:{directory} ({_one_line(err)}); check the model directory") from err
+        raise SpecError(f"cannot load hf:{directory} ({one_line(err, 300)}); check the model directory") from err
     if len(weights) == 1:
         return model, sha256_file(weights[0])
     shards = "".join(f"{f.name}:{sha256_file(f)}|" for f in weights)  # each shard's name and digest
@@ -163,7 +162,7 @@ def _refuse_broken_dependency(directory: str, err: BaseException) -> None:
     fix = f"install the {name} built for this torch" if name.startswith("torch") else f"reinstall {name}"
     raise SpecError(
         f"cannot load hf:{directory}: transformers cannot be imported because {name}{version} does not load "
-        f"under torch {torch.__version__} ({_one_line(cause)}); pip uninstall {name}, or {fix}"
+        f"under torch {torch.__version__} ({one_line(cause, 300)}); pip uninstall {name}, or {fix}"
     ) from err
 
 

@@ -13,7 +13,6 @@ from typing import Any, Callable
 from softlabels._runtime import distributed as _distributed
 from softlabels._runtime.device import resolve_device, set_threads
 from softlabels.errors import ConfigError, SoftLabelsError
-from softlabels.store.location import store_location
 from softlabels.store.reader import UnitStore
 from softlabels.store.remote import store_exists
 from softlabels.teacher.classify import classify_producer
@@ -34,13 +33,7 @@ def generate(teacher: str, data: str, out: str | Path, *, echo: Callable[[str], 
     and regenerates bad ones. ``echo`` receives status lines (warnings, repairs, progress) on rank 0. Views:
     :mod:`softlabels.teacher.classify`; token data: :mod:`softlabels.teacher.tokens`.
     """
-    if options.get("layout") is None:  # views: top-k with a small K (docs/VIEWS.md); else every logit
-        viewed = options.get("views") is not None or options.get("views_from") is not None
-        options["layout"] = "topk" if viewed else "dense"
-    for name in ("weights", "views_from", "tokenizer"):  # paths are recorded as strings
-        if options.get(name) is not None:
-            options[name] = str(options[name])
-    config = GenerateConfig(teacher=teacher, data=data, out=store_location(out), **options)
+    config = GenerateConfig(teacher=teacher, data=data, out=out, **options)
     if problems := config.problems():
         raise ConfigError(problems)
     set_threads(config.threads)

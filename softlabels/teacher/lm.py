@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softlabels.errors import DataError, ModelMismatch, SpecError
-from softlabels.inputs.spec import _one_line
+from softlabels.errors import DataError, ModelMismatch, SpecError, one_line
 from softlabels.teacher.hf import load_hf, load_hf_init, max_positions
 from softlabels.teacher.models import count_parameters
 from softlabels.teacher.spec import ModelInfo, _load_weights, factory_module
@@ -192,7 +191,8 @@ def _probe_vocab(module: nn.Module, spec: str) -> int:
     except (ModelMismatch, DataError):
         raise
     except Exception as err:  # user code
-        raise ModelMismatch(f"language model '{spec}' failed on token ids [1, 1] ({_one_line(err)}); fix the model") from err
+        raise ModelMismatch(f"language model '{spec}' failed on token ids [1, 1] ({one_line(err, 300)}); "
+                            "fix the model") from err
     return int(logits.shape[-1])
 
 

@@ -21,8 +21,8 @@ from unittest import mock
 import torch
 from torch import nn
 
-from softlabels.errors import ModelMismatch, SpecError
-from softlabels.inputs.spec import _call_factory, _one_line, data_spec_path
+from softlabels.errors import ModelMismatch, SpecError, one_line
+from softlabels.inputs.spec import _call_factory, data_spec_path
 from softlabels.teacher.models import BUILTIN_MODELS, build_model, count_parameters
 
 ModelKind = Literal["builtin", "factory", "torchscript", "export", "module"]
@@ -123,7 +123,7 @@ def _load_model_file(path: str, allow_pickle: bool = False) -> tuple[nn.Module, 
     except Exception as err:
         raise SpecError(
             f"cannot load '{path}' as {'a torch.export program' if kind == 'export' else 'TorchScript'} "
-            f"({_one_line(err)}); if it holds a state_dict, pass it as weights with an architecture spec"
+            f"({one_line(err, 300)}); if it holds a state_dict, pass it as weights with an architecture spec"
         ) from err
 
 
@@ -144,13 +144,13 @@ def _read_state_dict(path: str, allow_pickle: bool) -> Mapping[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         if allow_pickle:
-            raise SpecError(f"cannot unpickle weights '{path}' ({_one_line(err)}); re-save them") from err
+            raise SpecError(f"cannot unpickle weights '{path}' ({one_line(err, 300)}); re-save them") from err
         raise SpecError(
             f"refusing to unpickle weights '{path}': it holds objects other than tensors; pass "
             "allow_pickle=True (--allow-pickle) only for a file you trust, or save model.state_dict()"
         ) from err
     except Exception as err:
-        raise SpecError(f"cannot read weights '{path}' ({_one_line(err)}); save them with "
+        raise SpecError(f"cannot read weights '{path}' ({one_line(err, 300)}); save them with "
                         "torch.save(model.state_dict(), path)") from err
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
@@ -184,7 +184,7 @@ def _load_weights(module: nn.Module, path: str, spec: str, allow_pickle: bool) -
         try:
             module.load_state_dict(given, strict=True)
         except (RuntimeError, ValueError, TypeError) as err:
-            problems.append(_one_line(err))
+            problems.append(one_line(err, 300))
     if problems:
         raise ModelMismatch(f"weights '{path}' do not fit model '{spec}': {'; '.join(problems)}; "
                             "pass weights saved from this architecture")

@@ -12,14 +12,15 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 import torch
 
-from softlabels.errors import SoftLabelsError
+from softlabels.errors import SoftLabelsError, UnsupportedFormat
 from softlabels.inputs.augment import parse_augment
 from softlabels.inputs.augment.compose import PARAM_DTYPES, ParamRanges
 from softlabels.store.layouts.sampled import splitmix64
 from softlabels.store.positions.base import UnitGeometry, sample_id_problems
 from softlabels.store.positions.sample import SamplePositions
 
-__all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views", "view_attr_problems"]
+__all__ = ["PARAM_DTYPES", "VIEW_PARAMS", "ViewPositions", "choose_views", "refuse_code_terms",
+           "view_attr_problems"]
 
 VIEW_PARAMS = "view_params"
 
@@ -103,6 +104,15 @@ class ViewPositions(SamplePositions):
                    augment=augment, seed=int(v.get("seed", 0)), param_dtype=str(v.get("param_dtype", "float32")),
                    extra={k: val for k, val in v.items() if k not in known},
                    ranges=_ranges(augment, _input_size(input_shape), len(v["param_names"])))
+
+
+def refuse_code_terms(path: Any, augment: str, fix: str) -> None:
+    """Refuse to replay a recorded augmentation with a ``package.module:factory`` term: code named in a
+    store is never imported; ``fix`` says what the caller can do instead (E1751, L2414)."""
+    code = [t.strip() for t in augment.split("+") if ":" in t]
+    if code:
+        raise UnsupportedFormat(f"{path} records the augmentation '{augment}', whose term '{code[0]}' names "
+                                f"code; code named in a store is never imported, so {fix}")
 
 
 def _input_size(input_shape: Any) -> tuple[int, int] | None:
