@@ -107,3 +107,11 @@ def test_eval_errors(run, tmp_path):
         r = runner.invoke(main, ["eval", *args])
         assert r.exit_code == 2, r.output
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("batch_size", [0, 2.5, True])
+def test_library_evaluate_refuses_a_batch_size_that_is_not_a_positive_integer(run, batch_size):
+    from softlabels.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--batch-size must be an integer >= 1"):
+        evaluate(run["out"], run["spec"], batch_size=batch_size)

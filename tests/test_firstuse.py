@@ -355,3 +355,16 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     scope: dict = {}
     exec(_readme_block("The library in your own loop", "python"), scope)  # noqa: S102 - our own documentation
     assert Path("logits.zarr").is_dir() and scope["loss"].ndim == 0 and torch.isfinite(scope["loss"])
+
+
+@pytest.mark.parametrize("bad", [True, 2.5, None, "8", float("nan")])
+def test_every_config_refuses_a_size_that_is_not_an_integer_in_one_line(tmp_path, bad):
+    """One bound check serves every config: a bool is not a count, a float or None is not a size."""
+    gen = gen_config.GenerateConfig(teacher="mlp", data="digits:train", out=str(tmp_path / "s.h5"),
+                                    random_teacher=True, batch_size=bad, num_workers=bad)
+    assert {"--batch-size", "--num-workers"} <= {p.split()[0] for p in gen.problems()}
+    train = train_config.TrainConfig(student="mlp", out=str(tmp_path / "run"), batch_size=bad, threads=bad)
+    assert {"--batch-size", "--threads"} <= {p.split()[0] for p in train.problems()}
+    lr = train_config.TrainConfig(student="mlp", out=str(tmp_path / "run"), lr=True)  # a bool is not a rate
+    assert any(p.startswith("--lr must be a number > 0") for p in lr.problems())
+    assert not list(tmp_path.iterdir())  # refused before anything was written

@@ -11,18 +11,23 @@ THREADS_HELP = ("CPU threads torch may use in this process (0: torch's own defau
                 "fastest for small models, above all on a busy machine, and gives the same bits on every machine.")
 
 
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-_WITHIN = {">=": lambda v, low: v is None or v >= low,  # None: not given
-           "an integer >=": lambda v, low: isinstance(v, int) and v >= low,
+_WITHIN = {">=": lambda v, low: _integer(v) and v >= low,  # generate's wording of the integer kind
+           "an integer >=": lambda v, low: _integer(v) and v >= low,
            "a number >": lambda v, low: _number(v) and v > low,
            "a number >=": lambda v, low: _number(v) and v >= low}
 
 
-def bound_problems(kind: str, low: int, values: dict[str, Any]) -> list[str]:
+def bound_problems(kind: str, low: int, values: dict[str, Any], optional: bool = False) -> list[str]:
     """``--name must be <kind> <low>, got <value>`` for each of ``values`` (option name -> value)
-    out of bounds; ``kind`` is a key of :data:`_WITHIN` (a number: a finite one)."""
+    out of bounds; ``kind`` is a key of :data:`_WITHIN` (a number: a finite one; never a bool).
+    ``optional``: a value of None (not given) passes."""
     return [f"--{name.replace('_', '-')} must be {kind} {low}, got {v!r}"
-            for name, v in values.items() if not _WITHIN[kind](v, low)]
+            for name, v in values.items() if not (optional and v is None or _WITHIN[kind](v, low))]

@@ -93,7 +93,8 @@ def evaluate(checkpoint: str | Path, data_spec: str, store: str | Path | None = 
     from softlabels.inputs.spec import absolute_data_spec
     from softlabels.store.reader import open_store
 
-    if problems := bound_problems("an integer >=", 0, {"threads": threads}):
+    if problems := bound_problems("an integer >=", 0, {"threads": threads}) + \
+            bound_problems("an integer >=", 1, {"batch_size": batch_size}):
         raise ConfigError(problems)
     set_threads(threads)
     dev = resolve_device(device)  # an unknown or absent device is a one-line error

@@ -118,8 +118,9 @@ class GenerateConfig:
         if self.on_nonfinite == "record" and self.layout == "sampled":
             p.append("--on-nonfinite record keeps non-finite logits as they are, which a sampled store cannot hold "
                      "(its draws need a finite distribution); use --layout dense or topk to record them")
-        sizes = ("batch_size", "chunk_rows", "shard_chunks", "num_classes", "seq_len")
-        p += bound_problems(">=", 1, {name: getattr(self, name) for name in sizes})
+        p += bound_problems(">=", 1, {"batch_size": self.batch_size})
+        sizes = ("chunk_rows", "shard_chunks", "num_classes", "seq_len")
+        p += bound_problems(">=", 1, {name: getattr(self, name) for name in sizes}, optional=True)
         p += bound_problems(">=", 0, {"num_workers": self.num_workers})
         p += bound_problems("an integer >=", 0, {"threads": self.threads})
         p += out_problems(self.out, [("--data", data_spec_path(self.data)), ("--weights", self.weights),
@@ -145,7 +146,7 @@ class GenerateConfig:
             p.append(f"--samples must be >= 1 (draws per output; default {DEFAULT_SAMPLES}), got {self.samples}")
         for name, layout in _LAYOUT_ONLY.items():
             value = getattr(self, name)  # not given: None, or False for a flag
-            if value is not None and value is not False and self.layout != layout:
+            if value is not None and value is not False and self.layout in LAYOUTS and self.layout != layout:
                 p.append(f"--{name.replace('_', '-')} is only for --layout {layout}")
         if self.tail_temperatures is not None:
             try:

@@ -69,7 +69,7 @@ class TokenProducer:
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_DTYPES:
-            raise ConfigError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
+            raise ConfigError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
             raise ConfigError("batch_size and max_tokens must be >= 1")
         self._lengths = np.asarray(self.data.lengths(), dtype=np.int64)
