@@ -100,12 +100,13 @@ def run_job(producer: Producer, out: str | Path, *, batch_size: int, overwrite: 
         total = sum(b - a for a, b in ranges)
         tokens = None if cum is None else int(sum(cum[b] - cum[a] for a, b in ranges))
         quiet = progress is False or not dist.is_main
-        bar = progress_bar(total=total if cum is None else tokens, desc="generate",
-                           unit="samples" if cum is None else "tokens",
-                           show=False if quiet else progress,
-                           say=(lambda _line: None) if quiet else say, unit_scale=True)
-        # agreed: also the barrier, every rank's units are flagged before rank 0 finishes
-        with agreed(dist), bar:
+        # agreed: also the barrier, every rank's units are flagged before rank 0 finishes; the bar
+        # is made inside it, so a rank that cannot make it stops every rank
+        with agreed(dist), progress_bar(total=total if cum is None else tokens, desc="generate",
+                                        unit="samples" if cum is None else "tokens",
+                                        show=False if quiet else progress,
+                                        say=(lambda _line: None) if quiet else say,
+                                        unit_scale=True) as bar:
             job = _Compute(producer, meta, cum, batch_size, on_nonfinite, bar, dist)
             if gather:
                 job.gathered(writer, ranges)
