@@ -406,6 +406,19 @@ def test_map_dataset_rows_and_cache(dense):
     assert set(batch) == {"labels", "sample_ids", "source", "x", "logits"}
 
 
+def test_map_dataset_rows_of_a_sparse_store_keep_their_temperatures(tmp_path):
+    path = make_store(tmp_path / "k.h5", layout="topk", k=3, seed=4)
+    arrays = read_plain(path)[0]
+    ds = SoftLabelMapDataset(path)
+    for i in (0, 7, N - 1):
+        item = ds[i]
+        assert item["tail_temperatures"] == (1.0,)  # the store's grid, not its first entry
+        np.testing.assert_array_equal(item["topk_values"].numpy(), arrays["topk_values"][i])
+        target = as_target({k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else v for k, v in item.items()})
+        np.testing.assert_array_equal(target.ids[0].numpy(), arrays["topk_indices"][i])
+        assert target.temperatures == (1.0,)
+
+
 # -- the pure ordering math ----------------------------------------------------------------------
 @settings(max_examples=100, deadline=None)
 @given(st.data())

@@ -234,7 +234,8 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 class SoftLabelMapDataset(Dataset):
-    """Map-style access to one store: ``ds[i]`` is row ``i`` (store order) as a dict of tensors.
+    """Map-style access to one store: ``ds[i]`` is row ``i`` (store order) as a dict of tensors
+    (a sparse layout's temperatures stay as the store's tuple or float).
 
     Rows come from an LRU cache of ``cache_chunks`` whole units, so a random sampler costs a unit
     read per row: prefer :class:`SoftLabelDataset` there. Items are the rows of its batches (views
@@ -264,7 +265,7 @@ class SoftLabelMapDataset(Dataset):
         unit = np.searchsorted(ds._starts, [i], side="right") - 1
         rows = iter([(unit, i - ds._starts[unit])])
         batch = next(ds.kind.batches(self.held, rows, ds._source, ds.stores, ds.data))
-        return {k: v[0] for k, v in batch.items()}
+        return {k: v[0] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # temperatures: kept
 
 
 class DataBatches(Dataset):
