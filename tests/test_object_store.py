@@ -419,3 +419,19 @@ def test_memory_and_file_urls(tiny, tmp_path):
             for other in (m, f):
                 got = other.read_unit(u)
                 assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("raw", ["٣", "²", "-1", "1e3", " 7", ""])
+def test_environment_integers_are_ascii_digits_or_the_default(monkeypatch, raw):
+    from softlabels.store.format import env_int
+
+    monkeypatch.setenv("SOFTLABELS_TEST_INT", raw)
+    assert env_int("SOFTLABELS_TEST_INT", 5) == 5  # Unicode digits once gave 3, or a traceback for '²'
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "1e300", "-5", "soon"])
+def test_a_lease_timeout_that_no_heartbeat_can_hold_is_the_default(monkeypatch, raw):
+    from softlabels.store.lock import lease_timeout
+
+    monkeypatch.setenv("SOFTLABELS_LEASE_TIMEOUT", raw)
+    assert lease_timeout() == 60.0  # inf once killed the heartbeat thread with OverflowError

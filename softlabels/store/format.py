@@ -50,7 +50,7 @@ DEFAULT_MAX_READ_BYTES = 1 << 30  # one read of one array into memory
 def env_int(name: str, default: int, low: int = 1) -> int:
     """The environment variable ``name`` as an integer when it is one >= ``low``, else ``default``."""
     raw = os.environ.get(name, "")
-    return int(raw) if raw.isdigit() and int(raw) >= low else default
+    return int(raw) if raw.isascii() and raw.isdigit() and int(raw) >= low else default
 
 
 def check_read_size(path: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:

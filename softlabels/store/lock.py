@@ -123,12 +123,13 @@ class StoreLock(_Guard):
 
 
 def lease_timeout() -> float:
-    """Seconds without a heartbeat after which a lease is stale (``SOFTLABELS_LEASE_TIMEOUT``, default 60)."""
+    """Seconds without a heartbeat after which a lease is stale (``SOFTLABELS_LEASE_TIMEOUT``, default 60;
+    a value that is not a number in (0, 1e9) is the default)."""
     try:
         value = float(os.environ.get("SOFTLABELS_LEASE_TIMEOUT", "60"))
     except ValueError:
         value = 60.0
-    return value if value > 0 else 60.0
+    return value if 0 < value < 1e9 else 60.0  # NaN and inf fail too: a heartbeat's timestamp must exist
 
 
 @functools.cache  # read once per process, not at every heartbeat
