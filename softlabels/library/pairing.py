@@ -4,8 +4,8 @@
 typed teacher target of the sample whose id the item carries (the index, an id column or a function).
 Targets come from blocks of rows decoded once per process into a small LRU cache
 (``cache_mib``): the whole store when it fits, read and checked when the pairing is made (forked
-workers share it), else one write unit each. docs/LIBRARY.md ("Pairing a dataset with its store") says what each position
-kind (sample, views, tokens) gives.
+workers share it), else one write unit each. docs/LIBRARY.md ("Pairing a dataset with its store")
+says what each position kind (sample, views, tokens) gives.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from softlabels.student.losses import Batch, KLDivergence, as_target
 __all__ = ["EvalAccumulator"]
 
 Metrics = dict[str, float | int | None]
+
+
 def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlation of each row of ``a`` with the same row of ``b``, over rows where both vary."""
     # Exact "does the row vary" test: centring a constant row can leave rounding noise.
