@@ -15,14 +15,15 @@ def _integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 _WITHIN = {">=": lambda v, low: _integer(v) and v >= low,  # generate's wording of the integer kind
            "an integer >=": lambda v, low: _integer(v) and v >= low,
-           "a number >": lambda v, low: _number(v) and v > low,
-           "a number >=": lambda v, low: _number(v) and v >= low}
+           "a number >": lambda v, low: is_number(v) and v > low,
+           "a number >=": lambda v, low: is_number(v) and v >= low}
 
 
 def bound_problems(kind: str, low: int, values: dict[str, Any], optional: bool = False) -> list[str]:

@@ -5,11 +5,11 @@ Reports).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from softlabels._runtime.options import is_number
 from softlabels.errors import RunNotFound, SoftLabelsError
 from softlabels.student.checkpoint import CHECKPOINT, METRICS, SUMMARY, read_metrics
 
@@ -48,7 +48,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+    return float(x) if is_number(x) else None
 
 
 def _load_run(name: str, d: Path | None) -> ModelRun:

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from softlabels.errors import ConfigError, DataError, FingerprintMismatch
 from softlabels.library.batches import PairedItems, join_targets
+from softlabels.store.format import is_int
 
 __all__ = ["TargetDataset", "with_targets"]
 
@@ -203,7 +204,7 @@ def _label(item: Any) -> int | None:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         return int(value)
-    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+    return int(value) if is_int(value) else None
 
 
 def _check_dataset(dataset: Any, store: Any, rows: np.ndarray) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from softlabels.errors import CorruptStore, SoftLabelsError, UnsupportedFormat
 from softlabels.store.backend import Backend, open_backend
+from softlabels.store.format import is_int
 from softlabels.store.handle import ReadHandle
 from softlabels.store.positions.tokens import LENGTHS, OFFSETS, TokenPositions
 from softlabels.store.schema import (
@@ -53,7 +54,7 @@ def open_store(path: str | Path, *, allow_partial: bool = False, backend: str | 
 
 def _version_is(version: object, number: int) -> bool:
     """Whether a stored ``softlabels_format`` is the integer ``number`` (not an array, a bool or a string)."""
-    return isinstance(version, (int, np.integer)) and not isinstance(version, bool) and version == number
+    return is_int(version) and version == number
 
 
 class UnitStore(ReadHandle):

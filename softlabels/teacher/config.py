@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from softlabels._runtime.options import bound_problems
+from softlabels._runtime.options import bound_problems, is_number
 from softlabels._runtime.paths import out_overlaps
 from softlabels.errors import ConfigError
 from softlabels.store.location import store_location
@@ -154,8 +154,7 @@ class GenerateConfig:
             except ConfigError as err:
                 p += err.problems
         t, (low, high) = self.sample_temperature, TAIL_T_RANGE
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
-                              or not low <= t <= high):
+        if t is not None and (not is_number(t) or not low <= t <= high):
             p.append(f"--sample-temperature must be between {low:g} and {high:g}, got {t!r}; pass e.g. 1")
         return p
 

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from softlabels._runtime.options import is_number
 from softlabels.errors import ConfigError, CorruptStore
 from softlabels.store.layouts.sampled import unique_counts
 from softlabels.store.layouts.targets import (
@@ -32,8 +33,7 @@ _F64 = torch.float64
 def weight_problems(weights: Sequence[float]) -> list[str]:
     """Ensemble weights that cannot be normalised: not finite numbers > 0, or a sum that overflows."""
     shown = ", ".join(map(str, weights))
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-               for x in weights):
+    if not all(is_number(x) and x > 0 for x in weights):
         return [f"ensemble weights must be finite numbers > 0, got {shown}"]
     if not math.isfinite(sum(float(x) for x in weights)):
         return [f"ensemble weights must have a finite sum (they are divided by it), got {shown}; scale them down"]
@@ -211,7 +211,7 @@ def _made_at(meta: object, where: str) -> float | None:
     if not isinstance(ensemble, dict) or ensemble.get("mode") != "arithmetic":
         return None
     made = ensemble.get("temperature")
-    if isinstance(made, bool) or not isinstance(made, (int, float)) or not math.isfinite(made) or made <= 0:
+    if not is_number(made) or made <= 0:
         raise CorruptStore(f"{where}: its teacher.ensemble.temperature is {made!r}, not a finite number > 0; merge the "
                            "stores again")
     return float(made)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softlabels._runtime.options import is_number
 from softlabels.errors import ConfigError, NonFiniteOutputs
 from softlabels.store import format as fmt
 from softlabels.store.temperatures import TAIL_T_RANGE
@@ -96,7 +97,7 @@ class Sampled(Layout):
         if not _is_int(self.seed) or not 0 <= self.seed < 1 << 63:
             p.append(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
         t, (low, high) = self.temperature, TAIL_T_RANGE
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not low <= t <= high:
+        if not is_number(t) or not low <= t <= high:
             p.append(f"the draw temperature must be between {low:g} and {high:g}, got {t!r}; pass e.g. "
                      "--sample-temperature 1")
         if not isinstance(self.logits, bool):
